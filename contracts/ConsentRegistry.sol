@@ -1,0 +1,190 @@
+// SPDX-License-Identifier: MIT
+pragma solidity ^0.8.24;
+
+import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
+import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
+import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
+import {Nonces} from "@openzeppelin/contracts/utils/Nonces.sol";
+import {IConsentRegistry} from "./IConsentRegistry.sol";
+
+/**
+ * @dev See {IConsentRegistry}. Checks of a signed change return the revert data instead of
+ * reverting, so that a batch can name the failing item's index and its reason without an external
+ * self-call per item.
+ */
+contract ConsentRegistry is IConsentRegistry, AccessControl, EIP712, Nonces {
+    bytes32 public constant OPERATOR_ROLE = keccak256("OPERATOR_ROLE");
+    bytes32 public constant PARTNER_ROLE = keccak256("PARTNER_ROLE");
+
+    bytes32 public constant CONSENT_GRANT_TYPEHASH = keccak256(
+        "ConsentGrant(bytes32 subject,address partner,bytes32 purpose,uint256 attributes,uint64 validUntil,uint256 nonce,uint256 deadline)"
+    );
+    bytes32 public constant CONSENT_REVOKE_TYPEHASH = keccak256(
+        "ConsentRevoke(bytes32 subject,address partner,bytes32 purpose,uint256 attributes,uint256 nonce,uint256 deadline)"
+    );
+    bytes32 public constant CONTROLLER_CHANGE_TYPEHASH =
+        keccak256("ControllerChange(bytes32 subject,address newController,uint256 nonce,uint256 deadline)");
+
+    mapping(bytes32 subject => address controller) private _controllers;
+    mapping(bytes32 subject => mapping(address partner => mapping(bytes32 purpose => Consent))) private _consents;
+
+    /**
+     * @dev Grants the admin role to `admin` and the operator role to `operator`.
+     *
+     * Requirements:
+     * - neither is the zero address.
+     */
+    constructor(address admin, address operator) EIP712("ConsentRegistry", "1") {
+        if (admin == address(0) || operator == address(0)) revert ConsentRegistryZeroAddress();
+        _grantRole(DEFAULT_ADMIN_ROLE, admin);
+        _grantRole(OPERATOR_ROLE, operator);
+    }
+
+    /// @inheritdoc IConsentRegistry
+    function bindController(bytes32 subject, address controller) external onlyRole(OPERATOR_ROLE) {
+        if (controller == address(0)) revert ConsentRegistryInvalidController(controller);
+        address current = _controllers[subject];
+        if (current != address(0)) revert ConsentRegistryControllerAlreadyBound(subject, current);
+        _controllers[subject] = controller;
+        emit ControllerBound(subject, address(0), controller);
+    }
+
+    /// @inheritdoc IConsentRegistry
+    function rebindController(
+        bytes32 subject,
+        address newController,
+        uint256 nonce,
+        uint256 deadline,
+        uint8 v,
+        bytes32 r,
+        bytes32 s
+    ) external onlyRole(OPERATOR_ROLE) {
+        if (block.timestamp > deadline) revert ConsentRegistryExpiredSignature(deadline);
+        if (newController == address(0)) revert ConsentRegistryInvalidController(newController);
+        address current = _controllers[subject];
+        if (current == address(0)) revert ConsentRegistryUnboundSubject(subject);
+        _useCheckedNonce(current, nonce);
+        bytes32 structHash = keccak256(abi.encode(CONTROLLER_CHANGE_TYPEHASH, subject, newController, nonce, deadline));
+        address signer = ECDSA.recover(_hashTypedDataV4(structHash), v, r, s);
+        if (signer != current) revert ConsentRegistryInvalidSigner(signer, current);
+        _controllers[subject] = newController;
+        emit ControllerBound(subject, current, newController);
+    }
+
+    /// @inheritdoc IConsentRegistry
+    function applyChange(SignedChange calldata change) external onlyRole(OPERATOR_ROLE) {
+        bytes memory failure = _apply(change);
+        if (failure.length != 0) {
+            assembly ("memory-safe") {
+                revert(add(failure, 0x20), mload(failure))
+            }
+        }
+    }
+
+    /// @inheritdoc IConsentRegistry
+    function applyBatch(SignedChange[] calldata changes) external onlyRole(OPERATOR_ROLE) {
+        for (uint256 i = 0; i < changes.length; ++i) {
+            bytes memory failure = _apply(changes[i]);
+            if (failure.length != 0) revert ConsentRegistryBatchItemFailed(i, failure);
+        }
+    }
+
+    /// @inheritdoc IConsentRegistry
+    function controllerOf(bytes32 subject) external view returns (address) {
+        return _controllers[subject];
+    }
+
+    /// @inheritdoc IConsentRegistry
+    function consentOf(bytes32 subject, address partner, bytes32 purpose) external view returns (Consent memory) {
+        return _consents[subject][partner][purpose];
+    }
+
+    /// @inheritdoc IConsentRegistry
+    function isPermitted(bytes32 subject, address partner, bytes32 purpose, uint256 attributes)
+        external
+        view
+        returns (bool)
+    {
+        if (attributes == 0 || !hasRole(PARTNER_ROLE, partner)) return false;
+        Consent storage consent = _consents[subject][partner][purpose];
+        if (consent.validUntil != 0 && consent.validUntil <= block.timestamp) return false;
+        return consent.attributes & attributes == attributes;
+    }
+
+    /// @dev The EIP-712 domain separator of this contract on this chain.
+    // solhint-disable-next-line func-name-mixedcase
+    function DOMAIN_SEPARATOR() external view returns (bytes32) {
+        return _domainSeparatorV4();
+    }
+
+    /**
+     * @dev Checks and applies one change. Returns empty bytes on success, otherwise the revert data
+     * of the first failed check (and changes nothing).
+     */
+    function _apply(SignedChange calldata c) private returns (bytes memory) {
+        if (block.timestamp > c.deadline) {
+            return abi.encodeWithSelector(ConsentRegistryExpiredSignature.selector, c.deadline);
+        }
+        if (c.attributes == 0) return abi.encodeWithSelector(ConsentRegistryEmptyAttributes.selector);
+        address controller = _controllers[c.subject];
+        if (controller == address(0)) {
+            return abi.encodeWithSelector(ConsentRegistryUnboundSubject.selector, c.subject);
+        }
+        uint256 expectedNonce = nonces(controller);
+        if (c.nonce != expectedNonce) {
+            return abi.encodeWithSelector(InvalidAccountNonce.selector, controller, expectedNonce);
+        }
+        address signer = _signer(c);
+        if (signer != controller) {
+            return abi.encodeWithSelector(ConsentRegistryInvalidSigner.selector, signer, controller);
+        }
+        if (c.kind == ChangeKind.Grant) {
+            if (!hasRole(PARTNER_ROLE, c.partner)) {
+                return abi.encodeWithSelector(ConsentRegistryUnknownPartner.selector, c.partner);
+            }
+            if (c.validUntil != 0 && c.validUntil <= block.timestamp) {
+                return abi.encodeWithSelector(ConsentRegistryInvalidValidity.selector, c.validUntil);
+            }
+            _useNonce(controller);
+            _grant(c);
+        } else {
+            if (c.validUntil != 0) {
+                return abi.encodeWithSelector(ConsentRegistryInvalidValidity.selector, c.validUntil);
+            }
+            _useNonce(controller);
+            _revoke(c);
+        }
+        return "";
+    }
+
+    /// @dev The signer of `c`'s EIP-712 message, or zero for a malformed signature.
+    function _signer(SignedChange calldata c) private view returns (address) {
+        bytes32 structHash = c.kind == ChangeKind.Grant
+            ? keccak256(
+                abi.encode(
+                    CONSENT_GRANT_TYPEHASH, c.subject, c.partner, c.purpose, c.attributes, c.validUntil, c.nonce, c.deadline
+                )
+            )
+            : keccak256(
+                abi.encode(CONSENT_REVOKE_TYPEHASH, c.subject, c.partner, c.purpose, c.attributes, c.nonce, c.deadline)
+            );
+        (address signer, ECDSA.RecoverError err,) = ECDSA.tryRecover(_hashTypedDataV4(structHash), c.v, c.r, c.s);
+        return err == ECDSA.RecoverError.NoError ? signer : address(0);
+    }
+
+    function _grant(SignedChange calldata c) private {
+        Consent storage consent = _consents[c.subject][c.partner][c.purpose];
+        bool lapsed = consent.validUntil != 0 && consent.validUntil <= block.timestamp;
+        uint256 attributes = (lapsed ? 0 : consent.attributes) | c.attributes;
+        consent.attributes = attributes;
+        consent.validUntil = c.validUntil;
+        emit ConsentGranted(c.subject, c.partner, c.purpose, c.attributes, attributes, c.validUntil, c.nonce);
+    }
+
+    function _revoke(SignedChange calldata c) private {
+        Consent storage consent = _consents[c.subject][c.partner][c.purpose];
+        uint256 attributes = consent.attributes & ~c.attributes;
+        consent.attributes = attributes;
+        emit ConsentRevoked(c.subject, c.partner, c.purpose, c.attributes, attributes, c.nonce);
+    }
+}

@@ -1,0 +1,166 @@
+// SPDX-License-Identifier: MIT
+pragma solidity ^0.8.24;
+
+/**
+ * @dev Consent of pseudonymous subjects to partners, per purpose and attribute set.
+ *
+ * A subject is a 32-byte keyed hash of a person's identifier: no personal data is ever passed to
+ * or stored by this contract. Each subject has one controller key; only EIP-712 signatures of that
+ * key change the subject's consents. The operator relays the signed messages and pays for gas, so
+ * it can delay a change but never forge one.
+ */
+interface IConsentRegistry {
+    /// @dev A consent as stored: the granted attribute bits and when they lapse (0 = until revoked).
+    struct Consent {
+        uint256 attributes;
+        uint64 validUntil;
+    }
+
+    /// @dev Which signed message a {SignedChange} carries.
+    enum ChangeKind {
+        Grant,
+        Revoke
+    }
+
+    /**
+     * @dev A `ConsentGrant` or `ConsentRevoke` message of the subject's controller with its ECDSA
+     * signature. One struct for both kinds so that a batch keeps the order in which the changes were
+     * signed (a controller's nonces are sequential). `validUntil` is part of grants only and must be
+     * 0 in a revocation.
+     */
+    struct SignedChange {
+        ChangeKind kind;
+        bytes32 subject;
+        address partner;
+        bytes32 purpose;
+        uint256 attributes;
+        uint64 validUntil;
+        uint256 nonce;
+        uint256 deadline;
+        uint8 v;
+        bytes32 r;
+        bytes32 s;
+    }
+
+    /// @dev The subject has no controller key yet, so nothing can be signed for it.
+    error ConsentRegistryUnboundSubject(bytes32 subject);
+
+    /// @dev The subject already has a controller; a change needs the current controller's signature.
+    error ConsentRegistryControllerAlreadyBound(bytes32 subject, address controller);
+
+    /// @dev The admin and the operator must be real accounts.
+    error ConsentRegistryZeroAddress();
+
+    /// @dev The zero address cannot control a subject.
+    error ConsentRegistryInvalidController(address controller);
+
+    /// @dev The message was signed by `signer`, but the subject's controller is `expected`.
+    error ConsentRegistryInvalidSigner(address signer, address expected);
+
+    /// @dev The signature's deadline has passed.
+    error ConsentRegistryExpiredSignature(uint256 deadline);
+
+    /// @dev `partner` does not hold the partner role.
+    error ConsentRegistryUnknownPartner(address partner);
+
+    /// @dev A grant or revocation must name at least one attribute.
+    error ConsentRegistryEmptyAttributes();
+
+    /// @dev A grant's `validUntil` is already in the past.
+    error ConsentRegistryInvalidValidity(uint64 validUntil);
+
+    /// @dev Item `index` of a batch failed with `reason` (the inner revert data); nothing in the batch was applied.
+    error ConsentRegistryBatchItemFailed(uint256 index, bytes reason);
+
+    /// @dev `controller` now controls `subject` (`previous` is zero on the first binding).
+    event ControllerBound(bytes32 indexed subject, address indexed previous, address indexed controller);
+
+    /// @dev `granted` bits were granted; `attributes` is the resulting set, valid until `validUntil`.
+    event ConsentGranted(
+        bytes32 indexed subject,
+        address indexed partner,
+        bytes32 indexed purpose,
+        uint256 granted,
+        uint256 attributes,
+        uint64 validUntil,
+        uint256 nonce
+    );
+
+    /// @dev `revoked` bits were revoked; `attributes` is the resulting set.
+    event ConsentRevoked(
+        bytes32 indexed subject,
+        address indexed partner,
+        bytes32 indexed purpose,
+        uint256 revoked,
+        uint256 attributes,
+        uint256 nonce
+    );
+
+    /**
+     * @dev Binds `controller` to a subject that has none yet.
+     *
+     * Requirements:
+     * - the caller has the operator role;
+     * - `subject` has no controller and `controller` is not zero.
+     */
+    function bindController(bytes32 subject, address controller) external;
+
+    /**
+     * @dev Moves control of `subject` to `newController`, authorised by the current controller's
+     * `ControllerChange` signature.
+     *
+     * Requirements:
+     * - the caller has the operator role;
+     * - `deadline` has not passed, `nonce` is the current controller's next nonce;
+     * - the signature is the current controller's.
+     */
+    function rebindController(
+        bytes32 subject,
+        address newController,
+        uint256 nonce,
+        uint256 deadline,
+        uint8 v,
+        bytes32 r,
+        bytes32 s
+    ) external;
+
+    /**
+     * @dev Applies one signed grant or revocation. A grant adds its bits to the subject's consent
+     * for (partner, purpose) and sets when the whole consent lapses; a consent that has lapsed
+     * starts again from nothing. A revocation removes its bits; revoking bits that were never
+     * granted is allowed (the subject's intent is recorded all the same).
+     *
+     * Requirements:
+     * - the caller has the operator role;
+     * - `deadline` has not passed and `attributes` is not empty;
+     * - the subject is bound, `nonce` is its controller's next nonce and the signature is the
+     *   controller's over this contract's EIP-712 domain;
+     * - for a grant: the partner holds the partner role and `validUntil` is 0 or in the future;
+     * - for a revocation: `validUntil` is 0.
+     */
+    function applyChange(SignedChange calldata change) external;
+
+    /**
+     * @dev Applies signed changes in order, all or nothing.
+     *
+     * Requirements: each item meets the requirements of {applyChange}; the first that does not
+     * reverts the whole call with {ConsentRegistryBatchItemFailed} naming its index and reason.
+     */
+    function applyBatch(SignedChange[] calldata changes) external;
+
+    /// @dev The controller of `subject`, or zero.
+    function controllerOf(bytes32 subject) external view returns (address);
+
+    /// @dev The stored consent, expired or not.
+    function consentOf(bytes32 subject, address partner, bytes32 purpose) external view returns (Consent memory);
+
+    /**
+     * @dev Whether `partner` may now use every attribute in `attributes` of `subject` for `purpose`:
+     * all bits granted, not expired, and the partner still holds the partner role. An empty
+     * `attributes` is never permitted.
+     */
+    function isPermitted(bytes32 subject, address partner, bytes32 purpose, uint256 attributes)
+        external
+        view
+        returns (bool);
+}

@@ -1,0 +1,183 @@
+"""A managed anvil node: started and stopped by the service, its state kept in the data dir.
+
+anvil comes from the npm package `@foundry-rs/anvil` (a platform binary inside a registry package).
+It always runs with interval mining and a high block gas limit: in automine mode (a block per
+transaction) it collapses under load on this machine kind (DESIGN.md, measured facts).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from ledger.errors import NodeStartError
+
+log = logging.getLogger(__name__)
+
+_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+_OS = {"linux": "linux", "darwin": "darwin", "win32": "win32"}
+
+
+def find_anvil(node_modules: Path) -> Path:
+    """The anvil binary npm installed for this platform."""
+    os_name = _OS.get(sys.platform)
+    arch = _ARCH.get(platform.machine().lower())
+    if os_name is None or arch is None:
+        raise NodeStartError(f"no anvil build for {sys.platform}/{platform.machine()}")
+    exe = "anvil.exe" if os_name == "win32" else "anvil"
+    binary = node_modules / "@foundry-rs" / f"anvil-{os_name}-{arch}" / "bin" / exe
+    if not binary.is_file():
+        raise NodeStartError(
+            f"anvil is not installed ({binary} is missing): run `make setup` (or `npm ci`) in "
+            f"{node_modules.parent}, or set CONSENT_LEDGER_CHAIN_ANVIL_PATH"
+        )
+    return binary
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class AnvilNode:
+    """One anvil process with interval mining and state persisted to `state_dir/state.json`."""
+
+    def __init__(
+        self,
+        binary: Path,
+        state_dir: Path,
+        *,
+        chain_id: int,
+        block_time: float,
+        gas_limit: int,
+        port: int = 0,
+        state_interval: int = 1,
+        start_timeout: float = 30.0,
+    ) -> None:
+        self.binary = binary
+        self.state_dir = state_dir
+        self.chain_id = chain_id
+        self.block_time = block_time
+        self.gas_limit = gas_limit
+        self.requested_port = port
+        self.state_interval = state_interval
+        self.start_timeout = start_timeout
+        self.port = 0
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / "state.json"
+
+    @property
+    def log_file(self) -> Path:
+        return self.state_dir / "anvil.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def _command(self) -> list[str]:
+        return [
+            str(self.binary),
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--chain-id", str(self.chain_id),
+            "--block-time", f"{self.block_time:g}",
+            "--gas-limit", str(self.gas_limit),
+            "--base-fee", "0",
+            "--no-priority-fee",
+            "--accounts", "1",
+            "--no-request-size-limit",
+            "--disable-code-size-limit",
+            "--state", str(self.state_file),
+            "--state-interval", str(self.state_interval),
+        ]  # fmt: skip
+
+    def start(self) -> str:
+        """Start the node and wait until it answers; returns its URL."""
+        if self.running:
+            return self.url
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        attempts = 1 if self.requested_port else 3  # a free port can be taken before anvil binds it
+        last_error = ""
+        for _ in range(attempts):
+            self.port = self.requested_port or free_port()
+            with self.log_file.open("ab") as log_handle:
+                self._process = subprocess.Popen(  # noqa: S603 - our own binary and arguments
+                    self._command(),
+                    stdout=log_handle,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop anvil in order
+                )
+            try:
+                self._wait_ready()
+            except NodeStartError as exc:
+                last_error = str(exc)
+                self.kill()
+                continue
+            log.info("anvil %s running at %s (state %s)", self.binary, self.url, self.state_file)
+            return self.url
+        raise NodeStartError(f"anvil did not start: {last_error}; see {self.log_file}")
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}).encode()
+        while time.monotonic() < deadline:
+            assert self._process is not None
+            if self._process.poll() is not None:
+                raise NodeStartError(f"anvil exited with status {self._process.returncode}: {self._log_tail()}")
+            request = urllib.request.Request(  # noqa: S310 - loopback URL we built
+                self.url, data=body, headers={"Content-Type": "application/json"}
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=2) as response:  # noqa: S310
+                    if int(json.loads(response.read())["result"], 16) == self.chain_id:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, KeyError, ValueError):
+                time.sleep(0.05)
+        raise NodeStartError(f"anvil did not answer within {self.start_timeout:g}s: {self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        try:
+            return self.log_file.read_text(errors="replace")[-2000:].strip()
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop gracefully: anvil writes its state file on SIGINT."""
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            self._process.send_signal(signal.SIGINT)
+            try:
+                self._process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("anvil did not stop within %ss; killing it", timeout)
+                self.kill()
+        self._process = None
+
+    def kill(self) -> None:
+        """Kill at once (state since the last periodic dump is lost, as in a crash)."""
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            os.kill(self._process.pid, signal.SIGKILL)
+            self._process.wait()
+        self._process = None

@@ -1,0 +1,201 @@
+"""Chain backends behind one interface, chosen by settings (`CONSENT_LEDGER_CHAIN_BACKEND`).
+
+- `InProcessBackend`: eth-tester with py-evm; no server, slow; unit tests.
+- `AnvilBackend`: a managed anvil node (interval mining, state in the data dir); the default for `serve`.
+- `RpcBackend`: any Ethereum JSON-RPC endpoint (Besu or GoQuorum with QBFT in production).
+
+The conformance suite in `tests/ledger/` runs the same tests against every one of them.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from pathlib import Path
+from types import TracebackType
+from typing import Any, ClassVar, Self
+
+from eth_account.signers.local import LocalAccount
+from eth_typing import ChecksumAddress
+from web3 import EthereumTesterProvider, Web3
+from web3.providers.rpc import HTTPProvider
+from web3.types import RPCEndpoint
+
+from ledger.anvil import AnvilNode, find_anvil
+from ledger.errors import ChainError
+from ledger.settings import ChainSettings, ToolchainSettings, get_toolchain_settings
+
+log = logging.getLogger(__name__)
+
+DEV_FUNDING_WEI = 10**24  # a million ether: dev chains only
+
+
+class ChainBackend(ABC):
+    """A chain the service can deploy to and transact on, with the operator's key."""
+
+    name: ClassVar[str]
+    persistent: ClassVar[bool] = False
+    """Whether the chain's state survives `stop()` and a later `start()`."""
+
+    def __init__(self, settings: ChainSettings, operator: LocalAccount) -> None:
+        self.settings = settings
+        self.operator = operator
+        self._w3: Web3 | None = None
+
+    @property
+    def w3(self) -> Web3:
+        if self._w3 is None:
+            raise ChainError(f"the {self.name} backend is not started")
+        return self._w3
+
+    @abstractmethod
+    def _connect(self) -> Web3:
+        """Start or reach the chain and return a connected Web3."""
+
+    def start(self) -> Web3:
+        if self._w3 is None:
+            self._w3 = self._connect()
+            self._prepare_operator()
+        return self._w3
+
+    def stop(self) -> None:
+        self._w3 = None
+
+    def _prepare_operator(self) -> None:
+        """Make sure the operator can pay for gas (dev chains fund it; production chains must)."""
+
+    def fund(self, address: ChecksumAddress, wei: int = DEV_FUNDING_WEI) -> None:
+        """Give `address` ether (development chains only)."""
+        raise ChainError(f"the {self.name} backend cannot mint ether; fund {address} on the chain itself")
+
+    def increase_time(self, seconds: int) -> None:
+        """Move the chain's clock forward and mine a block (development chains only)."""
+        raise ChainError(f"the {self.name} backend cannot move time")
+
+    def rpc(self, method: str, *params: Any) -> Any:
+        response = self.w3.provider.make_request(RPCEndpoint(method), list(params))
+        if "error" in response:
+            raise ChainError(f"{method} failed: {response['error']}")
+        return response["result"]
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class InProcessBackend(ChainBackend):
+    """eth-tester with py-evm, in this process. Blocks are mined per transaction."""
+
+    name = "inprocess"
+
+    def __init__(self, settings: ChainSettings, operator: LocalAccount) -> None:
+        super().__init__(settings, operator)
+        self.tester: Any = None
+
+    def _connect(self) -> Web3:
+        from eth_tester import EthereumTester, PyEVMBackend
+
+        genesis = PyEVMBackend.generate_genesis_params(overrides={"gas_limit": self.settings.gas_limit})
+        self.tester = EthereumTester(backend=PyEVMBackend(genesis_parameters=genesis))
+        return Web3(EthereumTesterProvider(self.tester))
+
+    def _prepare_operator(self) -> None:
+        self.fund(self.operator.address)
+
+    def fund(self, address: ChecksumAddress, wei: int = DEV_FUNDING_WEI) -> None:
+        w3 = self.w3
+        rich = w3.eth.accounts[0]
+        amount = min(wei, w3.eth.get_balance(rich) // 4)
+        w3.eth.wait_for_transaction_receipt(w3.eth.send_transaction({"from": rich, "to": address, "value": amount}))
+
+    def increase_time(self, seconds: int) -> None:
+        latest = self.w3.eth.get_block("latest")
+        self.tester.time_travel(int(latest["timestamp"]) + seconds)
+        self.tester.mine_blocks(1)
+
+
+class AnvilBackend(ChainBackend):
+    """A managed anvil node whose state lives in `data_dir/chain/`."""
+
+    name = "anvil"
+    persistent = True
+
+    def __init__(
+        self,
+        settings: ChainSettings,
+        operator: LocalAccount,
+        data_dir: Path,
+        toolchain: ToolchainSettings | None = None,
+    ) -> None:
+        super().__init__(settings, operator)
+        toolchain = toolchain or get_toolchain_settings()
+        self.node = AnvilNode(
+            settings.anvil_path or find_anvil(toolchain.node_modules),
+            data_dir / "chain",
+            chain_id=settings.chain_id,
+            block_time=settings.block_time,
+            gas_limit=settings.gas_limit,
+            port=settings.anvil_port,
+            state_interval=settings.state_interval,
+            start_timeout=settings.start_timeout,
+        )
+
+    @property
+    def url(self) -> str:
+        return self.node.url
+
+    def _connect(self) -> Web3:
+        url = self.node.start()
+        return Web3(HTTPProvider(url, request_kwargs={"timeout": 60}))
+
+    def _prepare_operator(self) -> None:
+        if self.w3.eth.get_balance(self.operator.address) < DEV_FUNDING_WEI // 2:
+            self.fund(self.operator.address)
+
+    def fund(self, address: ChecksumAddress, wei: int = DEV_FUNDING_WEI) -> None:
+        self.rpc("anvil_setBalance", address, hex(wei))
+
+    def increase_time(self, seconds: int) -> None:
+        self.rpc("evm_increaseTime", seconds)
+        self.rpc("evm_mine")
+
+    def stop(self) -> None:
+        super().stop()
+        self.node.stop()
+
+    def kill(self) -> None:
+        """Kill the node as a crash would (tests)."""
+        super().stop()
+        self.node.kill()
+
+
+class RpcBackend(ChainBackend):
+    """An external JSON-RPC node; the operator account must already be funded (or gas be free)."""
+
+    name = "rpc"
+    persistent = True
+
+    def _connect(self) -> Web3:
+        if not self.settings.rpc_url:
+            raise ChainError("backend rpc needs CONSENT_LEDGER_CHAIN_RPC_URL")
+        w3 = Web3(HTTPProvider(self.settings.rpc_url, request_kwargs={"timeout": 60}))
+        try:
+            chain_id = w3.eth.chain_id
+        except Exception as exc:  # noqa: BLE001 - any transport failure means the same to the operator
+            raise ChainError(f"cannot reach the node at {self.settings.rpc_url}: {exc}") from exc
+        log.info("connected to chain %s at %s", chain_id, self.settings.rpc_url)
+        return w3
+
+
+def create_backend(settings: ChainSettings, operator: LocalAccount, data_dir: Path) -> ChainBackend:
+    """The backend `settings.backend` names."""
+    if settings.backend == "inprocess":
+        return InProcessBackend(settings, operator)
+    if settings.backend == "anvil":
+        return AnvilBackend(settings, operator, data_dir)
+    return RpcBackend(settings, operator)

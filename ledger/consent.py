@@ -1,0 +1,120 @@
+"""Typed client of `ConsentRegistry`: signed grants and revocations, single or batched, and reads."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from eth_typing import ChecksumAddress
+from eth_utils import keccak
+from web3 import Web3
+
+from ledger.compiler import Artifact
+from ledger.contracts import ContractClient, RevertDecoder
+from ledger.eip712 import ChangeKind, ConsentChange, ControllerChange, Domain, Signature
+from ledger.tx import Receipt, TxSender
+from ledger.types import Purpose, Subject
+
+CONTRACT_NAME = "ConsentRegistry"
+OPERATOR_ROLE = keccak(text="OPERATOR_ROLE")
+PARTNER_ROLE = keccak(text="PARTNER_ROLE")
+DEFAULT_ADMIN_ROLE = b"\x00" * 32
+
+# Upper bounds measured by tests/ledger (test_gas_bounds): a change costs < 70k gas once warm.
+GAS_PER_CHANGE = 90_000
+GAS_PER_BATCH = 60_000
+
+
+@dataclass(frozen=True)
+class SignedChange:
+    change: ConsentChange
+    signature: Signature
+
+    def as_abi(self) -> tuple[Any, ...]:
+        c = self.change
+        return (
+            int(c.kind), c.subject, c.partner, c.purpose, c.attributes, c.valid_until, c.nonce, c.deadline,
+            self.signature.v, self.signature.r, self.signature.s,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Consent:
+    attributes: int
+    valid_until: int
+
+
+def batch_gas(count: int) -> int:
+    """Gas limit for a batch of `count` changes (a bound, not an estimate: no pre-flight per batch)."""
+    return GAS_PER_BATCH + GAS_PER_CHANGE * count
+
+
+class ConsentRegistryClient(ContractClient):
+    """Operator-side client. Customers sign; the operator relays."""
+
+    def __init__(self, w3: Web3, address: ChecksumAddress, artifact: Artifact, sender: TxSender,
+                 decoder: RevertDecoder) -> None:  # fmt: skip
+        super().__init__(w3, address, artifact, sender, decoder)
+        self.domain = Domain(name=CONTRACT_NAME, chain_id=sender.chain_id, verifying_contract=address)
+
+    # reads -------------------------------------------------------------------------------------
+
+    def controller_of(self, subject: Subject) -> ChecksumAddress | None:
+        address = self.call("controllerOf", subject)
+        return None if int(address, 16) == 0 else Web3.to_checksum_address(address)
+
+    def nonce_of(self, controller: ChecksumAddress) -> int:
+        return int(self.call("nonces", controller))
+
+    def consent_of(self, subject: Subject, partner: ChecksumAddress, purpose: Purpose) -> Consent:
+        attributes, valid_until = self.call("consentOf", subject, partner, purpose)
+        return Consent(attributes=int(attributes), valid_until=int(valid_until))
+
+    def is_permitted(self, subject: Subject, partner: ChecksumAddress, purpose: Purpose, attributes: int) -> bool:
+        return bool(self.call("isPermitted", subject, partner, purpose, attributes))
+
+    def has_role(self, role: bytes, account: ChecksumAddress) -> bool:
+        return bool(self.call("hasRole", role, account))
+
+    # messages for customers to sign ------------------------------------------------------------
+
+    def grant_message(self, subject: Subject, partner: ChecksumAddress, purpose: Purpose, attributes: int, *,
+                      valid_until: int = 0, nonce: int, deadline: int) -> ConsentChange:  # fmt: skip
+        return ConsentChange(ChangeKind.GRANT, subject, partner, purpose, attributes, nonce, deadline, valid_until)
+
+    def revoke_message(self, subject: Subject, partner: ChecksumAddress, purpose: Purpose, attributes: int, *,
+                       nonce: int, deadline: int) -> ConsentChange:  # fmt: skip
+        return ConsentChange(ChangeKind.REVOKE, subject, partner, purpose, attributes, nonce, deadline)
+
+    # operator actions --------------------------------------------------------------------------
+
+    def bind_controller(self, subject: Subject, controller: ChecksumAddress) -> Receipt:
+        return self.transact(self.encode("bindController", subject, controller))
+
+    def rebind_controller(self, change: ControllerChange, signature: Signature) -> Receipt:
+        return self.transact(
+            self.encode("rebindController", change.subject, change.new_controller, change.nonce, change.deadline,
+                        signature.v, signature.r, signature.s)  # fmt: skip
+        )
+
+    def add_partner(self, partner: ChecksumAddress) -> Receipt:
+        return self.transact(self.encode("grantRole", PARTNER_ROLE, partner))
+
+    def remove_partner(self, partner: ChecksumAddress) -> Receipt:
+        return self.transact(self.encode("revokeRole", PARTNER_ROLE, partner))
+
+    def apply(self, signed: SignedChange) -> Receipt:
+        """Relay one signed change; a failure raises its decoded error and nothing is sent."""
+        return self.transact(self.encode("applyChange", signed.as_abi()))
+
+    def encode_batch(self, changes: Sequence[SignedChange]) -> bytes:
+        return self.encode("applyBatch", [c.as_abi() for c in changes])
+
+    def apply_batch(self, changes: Sequence[SignedChange], *, preflight: bool = True) -> Receipt:
+        """Relay many signed changes in one transaction, all or nothing.
+
+        A failing item raises `BatchItemFailed` naming its index (with `preflight`, before sending).
+        """
+        data = self.encode_batch(changes)
+        return self.transact(data, gas=None if preflight else batch_gas(len(changes)))

@@ -1,0 +1,274 @@
+"""Deploying contracts, decoding reverts into our exceptions, and the deployment record."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from eth_abi import decode as abi_decode
+from eth_typing import ChecksumAddress
+from eth_utils import keccak
+from web3 import Web3
+from web3.exceptions import ContractLogicError
+
+try:  # eth-tester is the in-process backend's only; it raises its own class for reverts
+    from eth_tester.exceptions import TransactionFailed as _TesterFailed
+except ImportError:  # pragma: no cover
+    _TesterFailed = ContractLogicError
+
+_REVERTS = (ContractLogicError, _TesterFailed)
+
+from ledger import errors
+from ledger.compiler import Artifact, _write_atomically
+from ledger.errors import ContractRevert, DeploymentError, TransactionFailed
+from ledger.tx import Receipt, TxRequest, TxSender
+
+_PANIC = keccak(text="Panic(uint256)")[:4]
+_ERROR_STRING = keccak(text="Error(string)")[:4]
+
+_ERROR_CLASSES: dict[str, type[ContractRevert]] = {
+    "AccessControlUnauthorizedAccount": errors.Unauthorized,
+    "ConsentRegistryInvalidSigner": errors.InvalidSignature,
+    "ECDSAInvalidSignature": errors.InvalidSignature,
+    "ECDSAInvalidSignatureS": errors.InvalidSignature,
+    "ECDSAInvalidSignatureLength": errors.InvalidSignature,
+    "ConsentRegistryExpiredSignature": errors.SignatureExpired,
+    "InvalidAccountNonce": errors.NonceMismatch,
+    "ConsentRegistryUnboundSubject": errors.ConsentRejected,
+    "ConsentRegistryControllerAlreadyBound": errors.ConsentRejected,
+    "ConsentRegistryInvalidController": errors.ConsentRejected,
+    "ConsentRegistryUnknownPartner": errors.ConsentRejected,
+    "ConsentRegistryEmptyAttributes": errors.ConsentRejected,
+    "ConsentRegistryInvalidValidity": errors.ConsentRejected,
+}
+
+
+def _abi_type(param: dict[str, Any]) -> str:
+    if param["type"].startswith("tuple"):
+        inner = ",".join(_abi_type(c) for c in param["components"])
+        return f"({inner}){param['type'][5:]}"
+    return str(param["type"])
+
+
+class RevertDecoder:
+    """Turns revert data into the matching `ContractRevert` subclass, using every known error ABI."""
+
+    def __init__(self, artifacts: Sequence[Artifact]) -> None:
+        self._errors: dict[bytes, tuple[str, list[str], list[str]]] = {}
+        for artifact in artifacts:
+            for entry in artifact.abi:
+                if entry["type"] != "error":
+                    continue
+                types = [_abi_type(p) for p in entry["inputs"]]
+                selector = keccak(text=f"{entry['name']}({','.join(types)})")[:4]
+                self._errors[selector] = (entry["name"], [p["name"] for p in entry["inputs"]], types)
+
+    def decode(self, data: bytes) -> ContractRevert:
+        selector, body = data[:4], data[4:]
+        if selector == _ERROR_STRING:
+            return errors.UnknownRevert("Error", {"message": abi_decode(["string"], body)[0]}, data=data)
+        if selector == _PANIC:
+            return errors.UnknownRevert("Panic", {"code": abi_decode(["uint256"], body)[0]}, data=data)
+        known = self._errors.get(selector)
+        if known is None:
+            return errors.UnknownRevert("UnknownError", {"data": data}, data=data)
+        name, names, types = known
+        values = dict(zip(names, abi_decode(types, body), strict=True))
+        if name == "ConsentRegistryBatchItemFailed":
+            return errors.BatchItemFailed(int(values["index"]), self.decode(bytes(values["reason"])), data=data)
+        return _ERROR_CLASSES.get(name, ContractRevert)(name, values, data=data)
+
+    def from_exception(self, exc: BaseException) -> ContractRevert | None:
+        """Decode the revert data a failed call carries: web3 puts it in `.data`; eth-tester in the
+        bytes argument of an exception further down the chain."""
+        seen: BaseException | None = exc
+        while seen is not None:
+            data = getattr(seen, "data", None)
+            if isinstance(data, str) and data.startswith("0x") and len(data) >= 10:
+                return self.decode(bytes.fromhex(data[2:]))
+            if isinstance(data, (bytes, bytearray)) and len(data) >= 4:
+                return self.decode(bytes(data))
+            if seen.args and isinstance(seen.args[0], (bytes, bytearray)) and len(seen.args[0]) >= 4:
+                return self.decode(bytes(seen.args[0]))
+            seen = seen.__cause__ or seen.__context__
+        return None
+
+
+class ContractClient:
+    """Base of the typed clients: encodes calls, pre-flights them, sends, and decodes failures."""
+
+    def __init__(self, w3: Web3, address: ChecksumAddress, artifact: Artifact, sender: TxSender,
+                 decoder: RevertDecoder) -> None:  # fmt: skip
+        self.w3 = w3
+        self.address = address
+        self.sender = sender
+        self.decoder = decoder
+        self.contract = w3.eth.contract(address=address, abi=artifact.abi)
+
+    def encode(self, function: str, *args: Any) -> bytes:
+        return bytes.fromhex(self.contract.encode_abi(function, args=list(args))[2:])
+
+    def call(self, function: str, *args: Any) -> Any:
+        try:
+            return getattr(self.contract.functions, function)(*args).call()
+        except _REVERTS as exc:
+            raise self._translate(exc) from exc
+
+    def estimate(self, data: bytes) -> int:
+        """Gas for `data` from the operator; raises the decoded revert if it would fail."""
+        try:
+            return int(self.w3.eth.estimate_gas({"from": self.sender.account.address, "to": self.address,
+                                                 "data": data}))  # fmt: skip
+        except _REVERTS as exc:
+            raise self._translate(exc) from exc
+
+    def transact(self, data: bytes, *, gas: int | None = None) -> Receipt:
+        """Send one call and wait for it. Without `gas`, pre-flight it first (a revert is raised unsent)."""
+        if gas is None:
+            gas = self.estimate(data) * 5 // 4 + 10_000
+        (tx_hash,) = self.sender.send([TxRequest(to=self.address, data=data, gas=gas)])
+        (receipt,) = self.sender.wait([tx_hash])
+        if receipt.status != 1:
+            raise self.revert_reason(data, receipt)
+        return receipt
+
+    def revert_reason(self, data: bytes, receipt: Receipt) -> Exception:
+        """Replay a failed transaction against the state before its block to learn why it reverted."""
+        try:
+            self.w3.eth.call({"from": self.sender.account.address, "to": self.address, "data": data,
+                              "gas": receipt.gas_used * 2 + 100_000},  # fmt: skip
+                             block_identifier=receipt.block_number - 1)
+        except _REVERTS as exc:
+            decoded = self._translate(exc)
+            decoded.tx_hash = receipt.tx_hash  # type: ignore[attr-defined]
+            return decoded
+        return TransactionFailed(f"transaction {receipt.tx_hash} reverted", tx_hash=receipt.tx_hash)
+
+    def _translate(self, exc: BaseException) -> Exception:
+        decoded = self.decoder.from_exception(exc)
+        return decoded if decoded is not None else TransactionFailed(str(exc))
+
+    def events(self, receipt: Receipt, event: str) -> list[dict[str, Any]]:
+        """The `event` logs of this contract in `receipt`, decoded (args by name)."""
+        handler = getattr(self.contract.events, event)()
+        topic = "0x" + bytes(handler.topic).hex() if not isinstance(handler.topic, str) else handler.topic
+        decoded = []
+        for log in receipt.logs:
+            topics = [t if isinstance(t, str) else "0x" + bytes(t).hex() for t in log["topics"]]
+            if topics and topics[0].lower() == topic.lower() and Web3.to_checksum_address(log["address"]) == self.address:
+                decoded.append(dict(handler.process_log(_normalise_log(log))["args"]))
+        return decoded
+
+
+def _normalise_log(log: dict[str, Any]) -> dict[str, Any]:
+    from hexbytes import HexBytes
+
+    out = dict(log)
+    out["topics"] = [HexBytes(t) for t in log["topics"]]
+    out["data"] = HexBytes(log["data"])
+    for key in ("blockHash", "transactionHash"):
+        if key in out and out[key] is not None:
+            out[key] = HexBytes(out[key])
+    for key in ("logIndex", "transactionIndex", "blockNumber"):
+        if isinstance(out.get(key), str):
+            out[key] = int(out[key], 16)
+    return out
+
+
+@dataclass
+class DeployedContract:
+    address: str
+    block_number: int
+    tx_hash: str
+    code_hash: str
+    input_hash: str
+
+
+@dataclass
+class Deployment:
+    """What is deployed where: written to `data_dir/deployment.json`, reused on restart."""
+
+    chain_id: int
+    operator: str
+    contracts: dict[str, DeployedContract] = field(default_factory=dict)
+
+    @property
+    def deploy_block(self) -> int:
+        return min((c.block_number for c in self.contracts.values()), default=0)
+
+    def address(self, name: str) -> ChecksumAddress:
+        return Web3.to_checksum_address(self.contracts[name].address)
+
+    def save(self, path: Path) -> None:
+        _write_atomically(path, json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> Deployment:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return cls(
+            chain_id=raw["chain_id"],
+            operator=raw["operator"],
+            contracts={n: DeployedContract(**c) for n, c in raw["contracts"].items()},
+        )
+
+
+ConstructorArgs = Callable[[Deployment], list[Any]]
+
+
+def deploy_contract(w3: Web3, sender: TxSender, artifact: Artifact, args: list[Any]) -> DeployedContract:
+    factory = w3.eth.contract(abi=artifact.abi, bytecode=artifact.bytecode)
+    data = bytes.fromhex(factory.constructor(*args).data_in_transaction[2:])
+    gas = int(w3.eth.estimate_gas({"from": sender.account.address, "data": data})) * 5 // 4
+    (tx_hash,) = sender.send([TxRequest(to=None, data=data, gas=gas)])
+    (receipt,) = sender.wait([tx_hash])
+    if receipt.status != 1 or receipt.contract_address is None:
+        raise DeploymentError(f"deploying {artifact.name} failed in {tx_hash}")
+    code = bytes(w3.eth.get_code(receipt.contract_address))
+    return DeployedContract(
+        address=receipt.contract_address,
+        block_number=receipt.block_number,
+        tx_hash=tx_hash,
+        code_hash="0x" + keccak(code).hex(),
+        input_hash=artifact.input_hash,
+    )
+
+
+def ensure_deployed(
+    w3: Web3,
+    sender: TxSender,
+    artifacts: dict[str, Artifact],
+    plan: Sequence[tuple[str, ConstructorArgs]],
+    record: Path | None,
+) -> Deployment:
+    """Deploy what `plan` names (in order) unless `record` shows it deployed on this chain already.
+
+    A record whose contracts have no code on the chain means the chain lost its state (or this is
+    another chain): that is refused rather than silently deploying afresh, which would orphan every
+    consent recorded so far.
+    """
+    chain_id = w3.eth.chain_id
+    if record is not None and record.is_file():
+        deployment = Deployment.load(record)
+        if deployment.chain_id != chain_id:
+            raise DeploymentError(
+                f"{record} is for chain {deployment.chain_id}, but the node is chain {chain_id}"
+            )
+        for name, contract in deployment.contracts.items():
+            code = bytes(w3.eth.get_code(Web3.to_checksum_address(contract.address)))
+            if "0x" + keccak(code).hex() != contract.code_hash:
+                raise DeploymentError(
+                    f"{record} says {name} is at {contract.address}, but the chain has "
+                    f"{'no' if not code else 'other'} code there: the chain's state was lost or replaced. "
+                    f"Restore the chain state, or move {record} away to deploy afresh."
+                )
+    else:
+        deployment = Deployment(chain_id=chain_id, operator=sender.account.address)
+    for name, args in plan:
+        if name not in deployment.contracts:
+            deployment.contracts[name] = deploy_contract(w3, sender, artifacts[name], args(deployment))
+            if record is not None:
+                deployment.save(record)
+    return deployment

@@ -1,0 +1,249 @@
+"""EIP-712 typed data for the messages customers sign (DESIGN.md, Interfaces).
+
+`typed_data()` gives the complete JSON that `eth_signTypedData_v4` takes, so any standard wallet
+can sign it unchanged. The digest of our fixed message types is computed directly (keccak of the
+ABI-encoded struct) because the generic encoder in eth-account is too slow for the relayer's hot
+path; `tests/ledger/test_eip712.py` checks both give the same digest for arbitrary values.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from coincurve import PrivateKey, PublicKey
+from eth_abi import encode as abi_encode
+from eth_typing import ChecksumAddress
+from eth_utils import keccak, to_checksum_address
+
+from ledger.types import Purpose, Subject
+
+DOMAIN_VERSION = "1"
+# secp256k1 order / 2: signatures with a larger s are malleable copies, refused here as by ECDSA.sol.
+_HALF_ORDER = 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0
+
+EIP712_DOMAIN_FIELDS = [
+    {"name": "name", "type": "string"},
+    {"name": "version", "type": "string"},
+    {"name": "chainId", "type": "uint256"},
+    {"name": "verifyingContract", "type": "address"},
+]
+_DOMAIN_TYPEHASH = keccak(b"EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)")
+
+MESSAGE_FIELDS: dict[str, list[tuple[str, str]]] = {
+    "ConsentGrant": [
+        ("subject", "bytes32"),
+        ("partner", "address"),
+        ("purpose", "bytes32"),
+        ("attributes", "uint256"),
+        ("validUntil", "uint64"),
+        ("nonce", "uint256"),
+        ("deadline", "uint256"),
+    ],
+    "ConsentRevoke": [
+        ("subject", "bytes32"),
+        ("partner", "address"),
+        ("purpose", "bytes32"),
+        ("attributes", "uint256"),
+        ("nonce", "uint256"),
+        ("deadline", "uint256"),
+    ],
+    "ControllerChange": [
+        ("subject", "bytes32"),
+        ("newController", "address"),
+        ("nonce", "uint256"),
+        ("deadline", "uint256"),
+    ],
+}
+
+
+def _type_string(primary: str) -> str:
+    return primary + "(" + ",".join(f"{kind} {name}" for name, kind in MESSAGE_FIELDS[primary]) + ")"
+
+
+TYPEHASHES = {primary: keccak(text=_type_string(primary)) for primary in MESSAGE_FIELDS}
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The EIP-712 domain of one deployed contract."""
+
+    name: str
+    chain_id: int
+    verifying_contract: ChecksumAddress
+    version: str = DOMAIN_VERSION
+
+    def separator(self) -> bytes:
+        return keccak(
+            abi_encode(
+                ["bytes32", "bytes32", "bytes32", "uint256", "address"],
+                [
+                    _DOMAIN_TYPEHASH,
+                    keccak(text=self.name),
+                    keccak(text=self.version),
+                    self.chain_id,
+                    self.verifying_contract,
+                ],
+            )
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "chainId": self.chain_id,
+            "verifyingContract": self.verifying_contract,
+        }
+
+
+class ChangeKind(enum.IntEnum):
+    """Matches `IConsentRegistry.ChangeKind`."""
+
+    GRANT = 0
+    REVOKE = 1
+
+
+@dataclass(frozen=True)
+class Signature:
+    v: int
+    r: bytes
+    s: bytes
+
+    @classmethod
+    def from_bytes(cls, signature: bytes) -> Signature:
+        if len(signature) != 65:
+            raise ValueError(f"a signature is 65 bytes, got {len(signature)}")
+        v = signature[64]
+        return cls(v=v + 27 if v < 27 else v, r=signature[:32], s=signature[32:64])
+
+    def to_bytes(self) -> bytes:
+        return self.r + self.s + bytes([self.v])
+
+
+@dataclass(frozen=True)
+class ConsentChange:
+    """A `ConsentGrant` or `ConsentRevoke` message (a revocation has `valid_until` 0)."""
+
+    kind: ChangeKind
+    subject: Subject
+    partner: ChecksumAddress
+    purpose: Purpose
+    attributes: int
+    nonce: int
+    deadline: int
+    valid_until: int = 0
+
+    @property
+    def primary_type(self) -> str:
+        return "ConsentGrant" if self.kind is ChangeKind.GRANT else "ConsentRevoke"
+
+    def message(self) -> dict[str, Any]:
+        values: dict[str, Any] = {
+            "subject": "0x" + bytes(self.subject).hex(),
+            "partner": self.partner,
+            "purpose": "0x" + bytes(self.purpose).hex(),
+            "attributes": self.attributes,
+            "validUntil": self.valid_until,
+            "nonce": self.nonce,
+            "deadline": self.deadline,
+        }
+        return {name: values[name] for name, _ in MESSAGE_FIELDS[self.primary_type]}
+
+    def struct_hash(self) -> bytes:
+        if self.kind is ChangeKind.GRANT:
+            types = ["bytes32", "bytes32", "address", "bytes32", "uint256", "uint64", "uint256", "uint256"]
+            values: list[Any] = [
+                TYPEHASHES["ConsentGrant"],
+                self.subject,
+                self.partner,
+                self.purpose,
+                self.attributes,
+                self.valid_until,
+                self.nonce,
+                self.deadline,
+            ]
+        else:
+            types = ["bytes32", "bytes32", "address", "bytes32", "uint256", "uint256", "uint256"]
+            values = [
+                TYPEHASHES["ConsentRevoke"],
+                self.subject,
+                self.partner,
+                self.purpose,
+                self.attributes,
+                self.nonce,
+                self.deadline,
+            ]
+        return keccak(abi_encode(types, values))
+
+
+@dataclass(frozen=True)
+class ControllerChange:
+    """A `ControllerChange` message: the current controller hands a subject to a new key."""
+
+    subject: Subject
+    new_controller: ChecksumAddress
+    nonce: int
+    deadline: int
+    primary_type = "ControllerChange"
+
+    def message(self) -> dict[str, Any]:
+        return {
+            "subject": "0x" + bytes(self.subject).hex(),
+            "newController": self.new_controller,
+            "nonce": self.nonce,
+            "deadline": self.deadline,
+        }
+
+    def struct_hash(self) -> bytes:
+        return keccak(
+            abi_encode(
+                ["bytes32", "bytes32", "address", "uint256", "uint256"],
+                [TYPEHASHES["ControllerChange"], self.subject, self.new_controller, self.nonce, self.deadline],
+            )
+        )
+
+
+Message = ConsentChange | ControllerChange
+
+
+def digest(domain: Domain, message: Message) -> bytes:
+    """The 32 bytes that are signed: keccak256(0x1901 ‖ domainSeparator ‖ structHash)."""
+    return keccak(b"\x19\x01" + domain.separator() + message.struct_hash())
+
+
+def typed_data(domain: Domain, message: Message) -> dict[str, Any]:
+    """The complete typed data, as `eth_signTypedData_v4` takes it."""
+    primary = message.primary_type
+    return {
+        "types": {
+            "EIP712Domain": EIP712_DOMAIN_FIELDS,
+            primary: [{"name": name, "type": kind} for name, kind in MESSAGE_FIELDS[primary]],
+        },
+        "primaryType": primary,
+        "domain": domain.as_json(),
+        "message": message.message(),
+    }
+
+
+def sign(private_key: bytes, domain: Domain, message: Message) -> Signature:
+    """Sign as a wallet would (low-s, v in {27, 28}); libsecp256k1 through coincurve."""
+    raw = PrivateKey(private_key).sign_recoverable(digest(domain, message), hasher=None)
+    return Signature(v=raw[64] + 27, r=raw[:32], s=raw[32:64])
+
+
+def recover(domain: Domain, message: Message, signature: Signature) -> ChecksumAddress:
+    """The address whose key made `signature` over `message` (raises ValueError if malformed)."""
+    if signature.v not in (27, 28):
+        raise ValueError(f"signature v must be 27 or 28, got {signature.v}")
+    if int.from_bytes(signature.s, "big") > _HALF_ORDER:
+        raise ValueError("signature s is in the upper half of the curve order (malleable)")
+    public = PublicKey.from_signature_and_message(
+        signature.r + signature.s + bytes([signature.v - 27]), digest(domain, message), hasher=None
+    )
+    return to_checksum_address(keccak(public.format(compressed=False)[1:])[-20:])
+
+
+def purpose_id(key: str) -> Purpose:
+    """keccak256 of a purpose key such as ``marketing.email``."""
+    return Purpose(keccak(text=key))

@@ -1,0 +1,92 @@
+"""The ledger package's exceptions: one root, families under it.
+
+Errors raised by web3, eth-tester, solc or the node are translated here, once, at the boundary;
+callers above `ledger` catch these classes only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class LedgerError(Exception):
+    """Raised for any failure inside the ledger package."""
+
+
+class ToolchainError(LedgerError):
+    """Raised when the Solidity toolchain (Node.js, solc-js, OpenZeppelin) is missing or broken."""
+
+
+class CompilationError(ToolchainError):
+    """Raised when solc reports errors in the contract sources."""
+
+
+class ChainError(LedgerError):
+    """Raised when a chain backend cannot be started, reached or used."""
+
+
+class NodeStartError(ChainError):
+    """Raised when the managed node does not come up."""
+
+
+class DeploymentError(LedgerError):
+    """Raised when the contracts cannot be deployed or the deployment record does not match the chain."""
+
+
+class TransactionFailed(LedgerError):
+    """Raised when a transaction was mined but reverted, or was never mined in time."""
+
+    def __init__(self, message: str, *, tx_hash: str | None = None) -> None:
+        super().__init__(message)
+        self.tx_hash = tx_hash
+
+
+class ContractRevert(LedgerError):
+    """Raised when a contract call reverts with a custom error (decoded into `error` and `args`)."""
+
+    def __init__(self, error: str, args: dict[str, Any], *, data: bytes = b"") -> None:
+        rendered = ", ".join(f"{k}={_render(v)}" for k, v in args.items())
+        super().__init__(f"{error}({rendered})")
+        self.error = error
+        self.args_by_name = args
+        self.data = data
+
+
+class Unauthorized(ContractRevert):
+    """Raised when the sender lacks the role a function requires (AccessControlUnauthorizedAccount)."""
+
+
+class InvalidSignature(ContractRevert):
+    """Raised when a signed message was not signed by the subject's controller."""
+
+
+class SignatureExpired(ContractRevert):
+    """Raised when a signed message's deadline has passed."""
+
+
+class NonceMismatch(ContractRevert):
+    """Raised when a signed message's nonce is not the signer's next nonce (replayed or out of order)."""
+
+
+class ConsentRejected(ContractRevert):
+    """Raised when a consent change is well signed but not acceptable (unknown partner, empty attributes,
+    a validity in the past, an unbound subject, a controller already bound)."""
+
+
+class BatchItemFailed(ContractRevert):
+    """Raised when one item of a batch failed; `index` names it and `cause` is that item's own error."""
+
+    def __init__(self, index: int, cause: ContractRevert, *, data: bytes = b"") -> None:
+        super().__init__("ConsentRegistryBatchItemFailed", {"index": index, "reason": cause.error}, data=data)
+        self.index = index
+        self.cause = cause
+
+
+class UnknownRevert(ContractRevert):
+    """Raised when revert data matches no error in the contracts' ABIs."""
+
+
+def _render(value: Any) -> str:
+    if isinstance(value, bytes):
+        return "0x" + value.hex()
+    return str(value)

@@ -1,0 +1,85 @@
+"""Settings of the chain connection (environment variables prefixed ``CONSENT_LEDGER_CHAIN_``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+Backend = Literal["anvil", "inprocess", "rpc"]
+
+
+class ToolchainSettings(BaseSettings):
+    """Where the Solidity sources and the npm toolchain live, and how they are compiled."""
+
+    model_config = SettingsConfigDict(env_prefix="CONSENT_LEDGER_SOLC_", extra="ignore")
+
+    project_root: Path = Field(
+        default=PROJECT_ROOT,
+        description="Directory holding contracts/, package.json and node_modules/.",
+    )
+    build_dir: Path | None = Field(
+        default=None, description="Where compiled artifacts are cached (default: PROJECT_ROOT/build)."
+    )
+    evm_version: str = Field(
+        default="shanghai",
+        description="EVM version to compile for; shanghai runs on anvil, eth-tester, Besu and GoQuorum 24+.",
+    )
+    optimizer_runs: int = Field(default=10_000, description="solc optimizer runs (favour cheap calls).")
+
+    @property
+    def contracts_dir(self) -> Path:
+        return self.project_root / "contracts"
+
+    @property
+    def node_modules(self) -> Path:
+        return self.project_root / "node_modules"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.build_dir or self.project_root / "build"
+
+
+class ChainSettings(BaseSettings):
+    """Which chain to use and how to reach it."""
+
+    model_config = SettingsConfigDict(env_prefix="CONSENT_LEDGER_CHAIN_", extra="ignore")
+
+    backend: Backend = Field(
+        default="anvil",
+        description="anvil: a node managed by the service; inprocess: eth-tester (tests); rpc: an external node.",
+    )
+    rpc_url: str | None = Field(default=None, description="JSON-RPC URL of the external node (backend=rpc).")
+    operator_key: SecretStr | None = Field(
+        default=None,
+        description="Hex private key of the operator (relayer) account. Required outside development mode.",
+    )
+    chain_id: int = Field(default=31337, description="Chain id of the managed anvil node.")
+    block_time: float = Field(
+        default=0.2, gt=0, description="Seconds between blocks of the managed node (interval mining, never automine)."
+    )
+    gas_limit: int = Field(default=2_000_000_000, description="Block gas limit of the managed node.")
+    anvil_path: Path | None = Field(
+        default=None, description="anvil binary (default: the one npm installed under node_modules)."
+    )
+    anvil_port: int = Field(default=0, ge=0, lt=65536, description="Port of the managed node; 0 picks a free one.")
+    state_interval: int = Field(
+        default=1, ge=1, description="Seconds between the managed node's state dumps to the data dir."
+    )
+    start_timeout: float = Field(default=30.0, description="Seconds to wait for the managed node to answer.")
+    receipt_timeout: float = Field(default=60.0, description="Seconds to wait for a transaction to be mined.")
+
+
+@lru_cache
+def get_chain_settings() -> ChainSettings:
+    return ChainSettings()
+
+
+@lru_cache
+def get_toolchain_settings() -> ToolchainSettings:
+    return ToolchainSettings()

@@ -1,0 +1,156 @@
+"""Sending the operator's transactions: local signing, a local nonce, JSON-RPC batches.
+
+One `TxSender` per operator key and process: it is the single writer of that key's nonce, so it
+never asks the node for a nonce per transaction. Raw transactions and receipt polls go to the node
+in JSON-RPC batches where the provider supports them (HTTP), one by one otherwise (eth-tester).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from eth_account.signers.local import LocalAccount
+from eth_typing import ChecksumAddress
+from hexbytes import HexBytes
+from web3 import Web3
+from web3.providers.rpc import HTTPProvider
+from web3.types import RPCEndpoint
+
+from ledger.errors import ChainError, TransactionFailed
+
+
+@dataclass(frozen=True)
+class TxRequest:
+    to: ChecksumAddress | None
+    data: bytes
+    gas: int
+    value: int = 0
+
+
+@dataclass(frozen=True)
+class Receipt:
+    tx_hash: str
+    status: int
+    block_number: int
+    block_hash: str
+    gas_used: int
+    contract_address: ChecksumAddress | None
+    logs: list[dict[str, Any]]
+
+    @classmethod
+    def from_rpc(cls, raw: dict[str, Any]) -> Receipt:
+        def num(v: Any) -> int:
+            return int(v, 16) if isinstance(v, str) else int(v)
+
+        def hexstr(v: Any) -> str:
+            return v if isinstance(v, str) else "0x" + bytes(v).hex()
+
+        address = raw.get("contractAddress")
+        return cls(
+            tx_hash=hexstr(raw["transactionHash"]),
+            status=num(raw["status"]),
+            block_number=num(raw["blockNumber"]),
+            block_hash=hexstr(raw["blockHash"]),
+            gas_used=num(raw["gasUsed"]),
+            contract_address=Web3.to_checksum_address(address) if address else None,
+            logs=list(raw.get("logs") or []),
+        )
+
+
+class TxSender:
+    """Signs with `account`, tracks its nonce locally, and sends in batches."""
+
+    def __init__(self, w3: Web3, account: LocalAccount, *, receipt_timeout: float = 60.0) -> None:
+        self.w3 = w3
+        self.account = account
+        self.receipt_timeout = receipt_timeout
+        self.chain_id = w3.eth.chain_id
+        self._lock = threading.Lock()
+        self._nonce = w3.eth.get_transaction_count(account.address, "pending")
+        self._gas_price = self._fetch_gas_price()
+        self._batching = isinstance(w3.provider, HTTPProvider)
+
+    def _fetch_gas_price(self) -> int:
+        # Private chains run with free or fixed gas; twice the node's price leaves room for base-fee drift.
+        return 2 * int(self.w3.eth.gas_price)
+
+    def resync_nonce(self) -> None:
+        """Take the node's pending nonce again (after a send failed or the node restarted)."""
+        with self._lock:
+            self._nonce = self.w3.eth.get_transaction_count(self.account.address, "pending")
+
+    def sign(self, requests: Sequence[TxRequest]) -> list[tuple[str, bytes]]:
+        """Sign `requests` with consecutive nonces; returns (tx hash, raw) pairs."""
+        signed: list[tuple[str, bytes]] = []
+        with self._lock:
+            for req in requests:
+                tx: dict[str, Any] = {
+                    "chainId": self.chain_id,
+                    "nonce": self._nonce,
+                    "gas": req.gas,
+                    "gasPrice": self._gas_price,
+                    "data": req.data,
+                    "value": req.value,
+                }
+                if req.to is not None:
+                    tx["to"] = req.to
+                raw = self.account.sign_transaction(tx)
+                signed.append(("0x" + bytes(raw.hash).hex(), bytes(raw.raw_transaction)))
+                self._nonce += 1
+        return signed
+
+    def send(self, requests: Sequence[TxRequest]) -> list[str]:
+        """Sign and send; returns the transaction hashes once the node has accepted them all."""
+        signed = self.sign(requests)
+        responses = self._call_many([("eth_sendRawTransaction", ["0x" + raw.hex()]) for _, raw in signed])
+        errors = [r["error"] for r in responses if "error" in r]
+        if errors:
+            self.resync_nonce()
+            raise ChainError(f"the node refused {len(errors)} of {len(signed)} transactions: {errors[0]}")
+        return [tx_hash for tx_hash, _ in signed]
+
+    def wait(self, tx_hashes: Sequence[str], *, poll_interval: float = 0.02) -> list[Receipt]:
+        """Wait until every transaction is mined; receipts in the order of `tx_hashes`."""
+        deadline = time.monotonic() + self.receipt_timeout
+        receipts: dict[str, Receipt] = {}
+        while True:
+            missing = [h for h in tx_hashes if h not in receipts]
+            if not missing:
+                return [receipts[h] for h in tx_hashes]
+            responses = self._call_many([("eth_getTransactionReceipt", [h]) for h in missing])
+            for tx_hash, response in zip(missing, responses, strict=True):
+                if response.get("result"):
+                    receipts[tx_hash] = Receipt.from_rpc(dict(response["result"]))
+            if len(receipts) == len(tx_hashes):
+                continue
+            if time.monotonic() > deadline:
+                raise TransactionFailed(
+                    f"{len(tx_hashes) - len(receipts)} transactions not mined within {self.receipt_timeout:g}s",
+                    tx_hash=missing[0],
+                )
+            time.sleep(poll_interval)
+
+    def _call_many(self, calls: Sequence[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
+        provider = self.w3.provider
+        if self._batching and len(calls) > 1:
+            assert isinstance(provider, HTTPProvider)
+            batch = provider.make_batch_request([(RPCEndpoint(m), p) for m, p in calls])
+            if not isinstance(batch, list):
+                raise ChainError(f"the node refused a JSON-RPC batch: {batch.get('error')}")
+            return [dict(r) for r in batch]
+        # eth-tester's provider speaks Python, not JSON-RPC: go through web3's formatters one by one.
+        responses: list[dict[str, Any]] = []
+        for method, params in calls:
+            try:
+                result = self.w3.manager.request_blocking(RPCEndpoint(method), params)
+            except Exception as exc:  # noqa: BLE001 - reported per call like a JSON-RPC error object
+                responses.append({"error": {"message": str(exc)}})
+                continue
+            if isinstance(result, (bytes, HexBytes)):
+                result = "0x" + bytes(result).hex()
+            responses.append({"result": result})
+        return responses
