@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -76,7 +78,10 @@ class RevertDecoder:
         if known is None:
             return errors.UnknownRevert("UnknownError", {"data": data}, data=data)
         name, names, types = known
-        values = dict(zip(names, abi_decode(types, body), strict=True))
+        values = {
+            n: Web3.to_checksum_address(v) if t == "address" else v
+            for n, t, v in zip(names, types, abi_decode(types, body), strict=True)
+        }
         if name == "ConsentRegistryBatchItemFailed":
             return errors.BatchItemFailed(int(values["index"]), self.decode(bytes(values["reason"])), data=data)
         return _ERROR_CLASSES.get(name, ContractRevert)(name, values, data=data)
@@ -84,17 +89,34 @@ class RevertDecoder:
     def from_exception(self, exc: BaseException) -> ContractRevert | None:
         """Decode the revert data a failed call carries: web3 puts it in `.data`; eth-tester in the
         bytes argument of an exception further down the chain."""
-        seen: BaseException | None = exc
-        while seen is not None:
+        pending: list[BaseException] = [exc]
+        visited: set[int] = set()
+        while pending:
+            seen = pending.pop(0)
+            if id(seen) in visited:
+                continue
+            visited.add(id(seen))
             data = getattr(seen, "data", None)
             if isinstance(data, str) and data.startswith("0x") and len(data) >= 10:
                 return self.decode(bytes.fromhex(data[2:]))
             if isinstance(data, (bytes, bytearray)) and len(data) >= 4:
                 return self.decode(bytes(data))
-            if seen.args and isinstance(seen.args[0], (bytes, bytearray)) and len(seen.args[0]) >= 4:
-                return self.decode(bytes(seen.args[0]))
-            seen = seen.__cause__ or seen.__context__
+            first = seen.args[0] if seen.args else None
+            if isinstance(first, str):
+                first = _bytes_in_message(first)
+            if isinstance(first, (bytes, bytearray)) and len(first) >= 4:
+                return self.decode(bytes(first))
+            pending.extend(e for e in (first, seen.__cause__, seen.__context__) if isinstance(e, BaseException))
         return None
+
+
+def _bytes_in_message(message: str) -> bytes | None:
+    """eth-tester sometimes keeps revert data only as the repr in its message: `execution reverted: b'...'`."""
+    match = re.fullmatch(r"execution reverted: (b'.*'|b\".*\")", message, flags=re.DOTALL)
+    if match is None:
+        return None
+    value = ast.literal_eval(match.group(1))
+    return value if isinstance(value, bytes) else None
 
 
 class ContractClient:

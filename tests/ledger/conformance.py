@@ -1,0 +1,290 @@
+"""The chain conformance suite: every chain behaviour, run against every backend.
+
+Subclasses provide class-scoped `backend` and `accounts` fixtures (see test_backend_*.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+from eth_account import Account
+from eth_account.messages import encode_typed_data
+from web3 import Web3
+
+from ledger import eip712
+from ledger.consent import PARTNER_ROLE, SignedChange, batch_gas
+from ledger.contracts import ensure_deployed
+from ledger.eip712 import ChangeKind, ControllerChange, Domain, Signature
+from ledger.errors import (
+    BatchItemFailed,
+    ConsentRejected,
+    DeploymentError,
+    InvalidSignature,
+    NonceMismatch,
+    SignatureExpired,
+    Unauthorized,
+)
+from ledger.types import Purpose
+from tests.ledger.conftest import Ledger, registry_plan
+
+EMAIL, PHONE, NAME = 1 << 0, 1 << 1, 1 << 2
+
+
+class ChainConformance:
+    # roles -------------------------------------------------------------------------------------
+
+    def test_only_the_operator_relays_changes(self, ledger: Ledger) -> None:
+        stranger = ledger.client(ledger.accounts.stranger)
+        with pytest.raises(Unauthorized) as refused:
+            stranger.apply(ledger.grant(EMAIL))
+        assert refused.value.args_by_name["account"] == ledger.accounts.stranger.address
+        assert refused.value.args_by_name["neededRole"] == eip712.keccak(text="OPERATOR_ROLE")
+        assert not ledger.registry.is_permitted(ledger.subject, ledger.partner, ledger.purpose, EMAIL)
+
+    def test_the_chain_itself_refuses_a_wrong_sender(self, ledger: Ledger) -> None:
+        # No pre-flight: the transaction is mined and reverts on-chain.
+        stranger = ledger.client(ledger.accounts.stranger)
+        with pytest.raises(Unauthorized):
+            stranger.apply_batch([ledger.grant(EMAIL)], preflight=False)
+        assert ledger.registry.nonce_of(ledger.customer.address) == 0
+
+    def test_only_the_operator_binds_controllers(self, ledger: Ledger) -> None:
+        with pytest.raises(Unauthorized):
+            ledger.client(ledger.accounts.stranger).bind_controller(
+                eip712.keccak(b"someone"), ledger.accounts.stranger.address
+            )
+        assert ledger.registry.controller_of(eip712.keccak(b"someone")) is None
+
+    def test_only_the_admin_manages_partners(self, ledger: Ledger) -> None:
+        newcomer = Account.create().address
+        with pytest.raises(Unauthorized):
+            ledger.registry.add_partner(newcomer)  # the operator is not the admin
+        assert not ledger.registry.has_role(PARTNER_ROLE, newcomer)
+        ledger.admin.add_partner(newcomer)
+        assert ledger.registry.has_role(PARTNER_ROLE, newcomer)
+
+    # signatures --------------------------------------------------------------------------------
+
+    def test_a_grant_signed_by_the_controller_is_recorded(self, ledger: Ledger) -> None:
+        signed = ledger.grant(EMAIL | NAME)
+        receipt = ledger.registry.apply(signed)
+        assert ledger.registry.events(receipt, "ConsentGranted") == [
+            {
+                "subject": ledger.subject,
+                "partner": ledger.partner,
+                "purpose": ledger.purpose,
+                "granted": EMAIL | NAME,
+                "attributes": EMAIL | NAME,
+                "validUntil": 0,
+                "nonce": 0,
+            }
+        ]
+        assert ledger.registry.is_permitted(ledger.subject, ledger.partner, ledger.purpose, EMAIL | NAME)
+        assert not ledger.registry.is_permitted(ledger.subject, ledger.partner, ledger.purpose, EMAIL | PHONE)
+        assert not ledger.registry.is_permitted(ledger.subject, ledger.partner, eip712.purpose_id("x"), EMAIL)
+        assert not ledger.registry.is_permitted(ledger.subject, ledger.partner, ledger.purpose, 0)
+        assert ledger.registry.nonce_of(ledger.customer.address) == 1
+
+    def test_a_wallet_signature_of_the_typed_data_is_accepted(self, ledger: Ledger) -> None:
+        # What a customer's wallet does with eth_signTypedData_v4: sign the JSON unchanged.
+        change = ledger.change(ChangeKind.GRANT, PHONE)
+        typed = eip712.typed_data(ledger.registry.domain, change)
+        signed = Account.sign_message(encode_typed_data(full_message=typed), ledger.customer.key)
+        ledger.registry.apply(SignedChange(change, Signature.from_bytes(bytes(signed.signature))))
+        assert ledger.registry.is_permitted(ledger.subject, ledger.partner, ledger.purpose, PHONE)
+
+    def test_a_forged_signature_is_refused(self, ledger: Ledger) -> None:
+        forger = Account.create()
+        change = ledger.change(ChangeKind.GRANT, EMAIL)
+        with pytest.raises(InvalidSignature) as refused:
+            ledger.registry.apply(ledger.sign(change, key=bytes(forger.key)))
+        assert refused.value.args_by_name == {"signer": forger.address, "expected": ledger.customer.address}
+        assert not ledger.registry.is_permitted(ledger.subject, ledger.partner, ledger.purpose, EMAIL)
+
+    def test_a_malleated_signature_is_refused(self, ledger: Ledger) -> None:
+        signed = ledger.grant(EMAIL)
+        n = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+        high_s = (n - int.from_bytes(signed.signature.s, "big")).to_bytes(32, "big")
+        flipped = Signature(v=55 - signed.signature.v, r=signed.signature.r, s=high_s)
+        with pytest.raises(InvalidSignature):
+            ledger.registry.apply(SignedChange(signed.change, flipped))
+
+    def test_a_replayed_signature_is_refused(self, ledger: Ledger) -> None:
+        signed = ledger.grant(EMAIL)
+        ledger.registry.apply(signed)
+        ledger.registry.apply(ledger.revoke(EMAIL))
+        with pytest.raises(NonceMismatch) as refused:
+            ledger.registry.apply(signed)
+        assert refused.value.args_by_name == {"account": ledger.customer.address, "currentNonce": 2}
+        assert not ledger.registry.is_permitted(ledger.subject, ledger.partner, ledger.purpose, EMAIL)
+
+    def test_an_expired_deadline_is_refused(self, ledger: Ledger) -> None:
+        deadline = ledger.now() - 1
+        with pytest.raises(SignatureExpired) as refused:
+            ledger.registry.apply(ledger.grant(EMAIL, deadline=deadline))
+        assert refused.value.args_by_name == {"deadline": deadline}
+
+    def test_a_signature_for_another_chain_is_refused(self, ledger: Ledger) -> None:
+        domain = ledger.registry.domain
+        other_chain = Domain(domain.name, domain.chain_id + 1, domain.verifying_contract)
+        with pytest.raises(InvalidSignature):
+            ledger.registry.apply(ledger.sign(ledger.change(ChangeKind.GRANT, EMAIL), domain=other_chain))
+
+    def test_a_signature_for_another_contract_is_refused(self, ledger: Ledger) -> None:
+        # A second real registry on the same chain: its signatures must not work here.
+        other = ensure_deployed(
+            ledger.backend.w3, ledger.accounts.senders[ledger.accounts.operator.address], ledger.artifacts,
+            registry_plan(ledger.accounts), record=None,
+        ).address("ConsentRegistry")  # fmt: skip
+        domain = Domain(ledger.registry.domain.name, ledger.registry.domain.chain_id, other)
+        with pytest.raises(InvalidSignature):
+            ledger.registry.apply(ledger.sign(ledger.change(ChangeKind.GRANT, EMAIL), domain=domain))
+
+    # consent semantics -------------------------------------------------------------------------
+
+    def test_revoke_wins_over_an_earlier_grant(self, ledger: Ledger) -> None:
+        ledger.registry.apply(ledger.grant(EMAIL | PHONE | NAME))
+        receipt = ledger.registry.apply(ledger.revoke(PHONE))
+        assert ledger.registry.events(receipt, "ConsentRevoked") == [
+            {
+                "subject": ledger.subject,
+                "partner": ledger.partner,
+                "purpose": ledger.purpose,
+                "revoked": PHONE,
+                "attributes": EMAIL | NAME,
+                "nonce": 1,
+            }
+        ]
+        assert not ledger.registry.is_permitted(ledger.subject, ledger.partner, ledger.purpose, PHONE)
+        assert ledger.registry.is_permitted(ledger.subject, ledger.partner, ledger.purpose, EMAIL | NAME)
+
+    def test_grant_then_revoke_in_one_batch_ends_revoked(self, ledger: Ledger) -> None:
+        grant = ledger.grant(EMAIL, nonce=0)
+        revoke = ledger.sign(ledger.change(ChangeKind.REVOKE, EMAIL, nonce=1))
+        ledger.registry.apply_batch([grant, revoke])
+        assert not ledger.registry.is_permitted(ledger.subject, ledger.partner, ledger.purpose, EMAIL)
+
+    def test_expiry_is_honoured(self, ledger: Ledger) -> None:
+        valid_until = ledger.now() + 600
+        ledger.registry.apply(ledger.grant(EMAIL | PHONE, valid_until=valid_until))
+        assert ledger.registry.is_permitted(ledger.subject, ledger.partner, ledger.purpose, EMAIL)
+        ledger.backend.increase_time(1200)
+        assert not ledger.registry.is_permitted(ledger.subject, ledger.partner, ledger.purpose, EMAIL)
+        assert ledger.registry.consent_of(ledger.subject, ledger.partner, ledger.purpose).valid_until == valid_until
+        # A new grant after the lapse starts from nothing: PHONE does not come back.
+        ledger.registry.apply(ledger.grant(NAME))
+        assert ledger.registry.consent_of(ledger.subject, ledger.partner, ledger.purpose).attributes == NAME
+
+    def test_a_validity_in_the_past_is_refused(self, ledger: Ledger) -> None:
+        past = ledger.now() - 10
+        with pytest.raises(ConsentRejected) as refused:
+            ledger.registry.apply(ledger.grant(EMAIL, valid_until=past))
+        assert refused.value.error == "ConsentRegistryInvalidValidity"
+
+    def test_an_unknown_partner_cannot_be_granted(self, ledger: Ledger) -> None:
+        stranger = Account.create().address
+        with pytest.raises(ConsentRejected) as refused:
+            ledger.registry.apply(ledger.grant(EMAIL, partner=stranger))
+        assert refused.value.args_by_name == {"partner": stranger}
+
+    def test_a_removed_partner_loses_access(self, ledger: Ledger) -> None:
+        ledger.registry.apply(ledger.grant(EMAIL))
+        ledger.admin.remove_partner(ledger.partner)
+        assert not ledger.registry.is_permitted(ledger.subject, ledger.partner, ledger.purpose, EMAIL)
+
+    def test_empty_attributes_are_refused(self, ledger: Ledger) -> None:
+        with pytest.raises(ConsentRejected) as refused:
+            ledger.registry.apply(ledger.revoke(0))
+        assert refused.value.error == "ConsentRegistryEmptyAttributes"
+
+    def test_an_unbound_subject_cannot_consent(self, ledger: Ledger) -> None:
+        unbound = eip712.keccak(b"nobody")
+        with pytest.raises(ConsentRejected) as refused:
+            ledger.registry.apply(ledger.grant(EMAIL, subject=unbound, nonce=0))
+        assert refused.value.args_by_name == {"subject": unbound}
+
+    # controllers -------------------------------------------------------------------------------
+
+    def test_a_controller_is_bound_once(self, ledger: Ledger) -> None:
+        with pytest.raises(ConsentRejected) as refused:
+            ledger.registry.bind_controller(ledger.subject, Account.create().address)
+        assert refused.value.args_by_name == {"subject": ledger.subject, "controller": ledger.customer.address}
+
+    def test_rebinding_needs_the_current_controllers_signature(self, ledger: Ledger) -> None:
+        new_key = Account.create()
+        change = ControllerChange(ledger.subject, new_key.address, nonce=0, deadline=ledger.now() + 600)
+        with pytest.raises(InvalidSignature):
+            ledger.registry.rebind_controller(change, eip712.sign(bytes(new_key.key), ledger.registry.domain, change))
+        receipt = ledger.registry.rebind_controller(
+            change, eip712.sign(bytes(ledger.customer.key), ledger.registry.domain, change)
+        )
+        assert ledger.registry.events(receipt, "ControllerBound") == [
+            {"subject": ledger.subject, "previous": ledger.customer.address, "controller": new_key.address}
+        ]
+        assert ledger.registry.controller_of(ledger.subject) == new_key.address
+        # The old key no longer speaks for the subject; the new one does.
+        with pytest.raises(InvalidSignature):
+            ledger.registry.apply(ledger.grant(EMAIL, controller=new_key.address))
+        ledger.registry.apply(
+            ledger.sign(ledger.change(ChangeKind.GRANT, EMAIL, controller=new_key.address), key=bytes(new_key.key))
+        )
+        assert ledger.registry.is_permitted(ledger.subject, ledger.partner, ledger.purpose, EMAIL)
+
+    # batches -----------------------------------------------------------------------------------
+
+    def test_a_batch_of_500_grants_fits_one_transaction(self, ledger: Ledger) -> None:
+        purposes = [Purpose(eip712.purpose_id(f"analytics.p{i}")) for i in range(500)]
+        batch = [ledger.grant(EMAIL, purpose=p, nonce=i) for i, p in enumerate(purposes)]
+        receipt = ledger.registry.apply_batch(batch, preflight=False)
+        assert receipt.status == 1
+        events = ledger.registry.events(receipt, "ConsentGranted")
+        assert [e["purpose"] for e in events] == purposes
+        assert receipt.gas_used <= batch_gas(500)
+        block_gas_limit = ledger.backend.w3.eth.get_block(receipt.block_number)["gasLimit"]
+        assert receipt.gas_used < block_gas_limit
+        assert ledger.registry.nonce_of(ledger.customer.address) == 500
+        assert all(ledger.registry.is_permitted(ledger.subject, ledger.partner, p, EMAIL) for p in purposes[::97])
+
+    def test_a_bad_item_fails_the_batch_and_names_its_index(self, ledger: Ledger) -> None:
+        forger = Account.create()
+        batch = [ledger.grant(1 << i, nonce=i) for i in range(5)]
+        batch[3] = ledger.sign(batch[3].change, key=bytes(forger.key))
+        with pytest.raises(BatchItemFailed) as refused:
+            ledger.registry.apply_batch(batch)
+        assert refused.value.index == 3
+        assert isinstance(refused.value.cause, InvalidSignature)
+        assert refused.value.cause.args_by_name["signer"] == forger.address
+        # All or nothing: not even the items before it were applied.
+        assert ledger.registry.nonce_of(ledger.customer.address) == 0
+        assert ledger.registry.consent_of(ledger.subject, ledger.partner, ledger.purpose).attributes == 0
+
+    def test_a_batch_failing_on_chain_is_decoded_too(self, ledger: Ledger) -> None:
+        batch = [ledger.grant(EMAIL, nonce=0), ledger.grant(PHONE, nonce=0)]
+        with pytest.raises(BatchItemFailed) as refused:
+            ledger.registry.apply_batch(batch, preflight=False)
+        assert refused.value.index == 1
+        assert isinstance(refused.value.cause, NonceMismatch)
+
+    # deployment --------------------------------------------------------------------------------
+
+    def test_a_deployment_record_is_reused_and_checked(self, ledger: Ledger, tmp_path: object) -> None:
+        from pathlib import Path
+
+        record = Path(str(tmp_path)) / "deployment.json"
+        sender = ledger.accounts.senders[ledger.accounts.operator.address]
+        w3 = ledger.backend.w3
+        first = ensure_deployed(w3, sender, ledger.artifacts, registry_plan(ledger.accounts), record)
+        again = ensure_deployed(w3, sender, ledger.artifacts, registry_plan(ledger.accounts), record)
+        assert again.contracts == first.contracts
+        assert first.deploy_block > 0
+        # A record pointing at an address without that code is refused, not silently redeployed.
+        text = record.read_text().replace(first.contracts["ConsentRegistry"].address, Account.create().address)
+        record.write_text(text)
+        with pytest.raises(DeploymentError, match="state was lost or replaced"):
+            ensure_deployed(w3, sender, ledger.artifacts, registry_plan(ledger.accounts), record)
+
+    def test_the_domain_matches_the_contract(self, ledger: Ledger) -> None:
+        separator = ledger.registry.call("DOMAIN_SEPARATOR")
+        assert bytes(separator) == ledger.registry.domain.separator()
+        fields = ledger.registry.call("eip712Domain")
+        assert list(fields[1:4]) == ["ConsentRegistry", "1", ledger.registry.domain.chain_id]
+        assert Web3.to_checksum_address(fields[4]) == ledger.deployment.address("ConsentRegistry")

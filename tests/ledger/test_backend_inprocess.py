@@ -1,0 +1,25 @@
+"""The conformance suite on the in-process chain (eth-tester with py-evm)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from ledger.backends import ChainBackend, InProcessBackend
+from ledger.settings import ChainSettings
+from tests.ledger.conformance import ChainConformance
+from tests.ledger.conftest import Accounts
+
+
+class TestInProcess(ChainConformance):
+    @pytest.fixture(scope="class")
+    @classmethod
+    def accounts(cls) -> Accounts:
+        return Accounts()
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def backend(cls, accounts: Accounts) -> Iterator[ChainBackend]:
+        with InProcessBackend(ChainSettings(backend="inprocess"), accounts.operator) as backend:
+            yield backend
