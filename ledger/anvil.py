@@ -44,6 +44,14 @@ def find_anvil(node_modules: Path) -> Path:
     return binary
 
 
+def _stop_with_parent() -> None:
+    """In the child before exec: get SIGINT (a graceful stop, state written) if the service dies."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGINT)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -85,6 +93,10 @@ class AnvilNode:
         return self.state_dir / "anvil.log"
 
     @property
+    def pid_file(self) -> Path:
+        return self.state_dir / "anvil.pid"
+
+    @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
@@ -114,6 +126,7 @@ class AnvilNode:
         if self.running:
             return self.url
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._stop_orphan()
         attempts = 1 if self.requested_port else 3  # a free port can be taken before anvil binds it
         last_error = ""
         for _ in range(attempts):
@@ -125,7 +138,9 @@ class AnvilNode:
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
                     start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop anvil in order
+                    preexec_fn=_stop_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
                 )
+            self.pid_file.write_text(str(self._process.pid))
             try:
                 self._wait_ready()
             except NodeStartError as exc:
@@ -135,6 +150,30 @@ class AnvilNode:
             log.info("anvil %s running at %s (state %s)", self.binary, self.url, self.state_file)
             return self.url
         raise NodeStartError(f"anvil did not start: {last_error}; see {self.log_file}")
+
+    def _stop_orphan(self) -> None:
+        """Stop an anvil left running on this state dir by a service that was killed (SIGKILL).
+
+        SIGINT lets it write its state first, so nothing it had mined is lost; two nodes must never
+        share one state file.
+        """
+        try:
+            pid = int(self.pid_file.read_text())
+        except (OSError, ValueError):
+            return
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return  # gone (or not Linux: the parent-death signal covers it there)
+        if b"anvil" not in cmdline or str(self.state_file).encode() not in cmdline:
+            return
+        log.warning("stopping anvil %s left running by an earlier service on %s", pid, self.state_dir)
+        os.kill(pid, signal.SIGINT)
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.start_timeout

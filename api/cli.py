@@ -1,0 +1,83 @@
+"""`consent-ledger`: the one command line of the service."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from api.secrets import SecretsError, load_secrets
+from api.settings import ServiceSettings
+from ledger.errors import LedgerError
+from ledger.settings import ChainSettings, ToolchainSettings
+
+log = logging.getLogger("consent_ledger")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.main import create_app
+    from api.runtime import Runtime
+
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "data_dir": args.data_dir}.items() if v}
+    service = ServiceSettings(**overrides)
+    chain = ChainSettings()
+    secrets = load_secrets(service, chain)
+    runtime = Runtime(service=service, chain=chain, toolchain=ToolchainSettings(), secrets=secrets)
+    log.info("starting in %s mode, data in %s", service.mode, service.data_dir.resolve())
+    runtime.start()
+    try:
+        config = uvicorn.Config(
+            create_app(runtime), host=service.host, port=service.port, log_level="info", lifespan="off"
+        )
+        uvicorn.Server(config).run()
+    except KeyboardInterrupt:
+        pass  # uvicorn shut down gracefully, then re-raised the Ctrl-C; stopping is what was asked
+    finally:
+        runtime.stop()
+        log.info("stopped; all state is in %s", service.data_dir.resolve())
+    return 0
+
+
+def _compile(_args: argparse.Namespace) -> int:
+    from ledger.compiler import compile_contracts
+
+    for name, artifact in compile_contracts(ToolchainSettings()).items():
+        print(f"{name}: {len(artifact.bytecode) // 2 - 1} bytes, solc {artifact.compiler_version}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="consent-ledger", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the chain, the contracts and the API")
+    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default 8000)")
+    serve.add_argument("--data-dir", type=Path, help="state directory (default ./var)")
+    serve.set_defaults(handler=_serve)
+
+    compile_ = commands.add_parser("compile", help="compile the contracts (cached) and list them")
+    compile_.set_defaults(handler=_compile)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.handler(args))
+    except (SecretsError, LedgerError) as exc:
+        print(f"consent-ledger: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

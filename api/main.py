@@ -1,0 +1,25 @@
+"""The FastAPI application: routers gathered under /api/v1."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, FastAPI
+
+from api.routers import system
+from api.runtime import Runtime
+
+API_PREFIX = "/api/v1"
+
+
+def create_app(runtime: Runtime) -> FastAPI:
+    app = FastAPI(
+        title="Consent & loyalty ledger",
+        version="0.1.0",
+        openapi_url=f"{API_PREFIX}/openapi.json",
+        docs_url=f"{API_PREFIX}/docs",
+        redoc_url=None,
+    )
+    app.state.runtime = runtime
+    v1 = APIRouter(prefix=API_PREFIX)
+    v1.include_router(system.router)
+    app.include_router(v1)
+    return app

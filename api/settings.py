@@ -1,0 +1,31 @@
+"""Service settings (environment variables prefixed ``CONSENT_LEDGER_``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CONSENT_LEDGER_", extra="ignore")
+
+    mode: Literal["development", "production"] = Field(
+        default="development",
+        description="development creates missing secrets in the data dir; production refuses to start without them.",
+    )
+    data_dir: Path = Field(default=Path("var"), description="All state: chain, deployment record, databases.")
+    host: str = Field(default="127.0.0.1", description="Address the HTTP API listens on.")
+    port: int = Field(default=8000, ge=0, lt=65536, description="Port the HTTP API listens on.")
+
+    @property
+    def development(self) -> bool:
+        return self.mode == "development"
+
+
+@lru_cache
+def get_service_settings() -> ServiceSettings:
+    return ServiceSettings()

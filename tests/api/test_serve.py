@@ -1,0 +1,116 @@
+"""`consent-ledger serve` as a user runs it: a real process tree (service + anvil), Ctrl-C, restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ledger.anvil import free_port
+
+pytestmark = pytest.mark.anvil
+CLI = [sys.executable, "-m", "api.cli"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSENT_LEDGER_")}
+    env.update({"CONSENT_LEDGER_CHAIN_BLOCK_TIME": "0.1", **extra})
+    return env
+
+
+def _health(port: int, process: subprocess.Popen[str], timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"serve exited early with {process.returncode}: {process.communicate()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/health", timeout=2) as response:
+                return dict(json.loads(response.read()))
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError("serve did not answer in time")
+
+
+def _interrupt(process: subprocess.Popen[str]) -> str:
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    return output
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+def _serve(data_dir: Path, port: int, **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*CLI, "serve", "--port", str(port), "--data-dir", str(data_dir)],
+        env=_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_serve_starts_stops_on_ctrl_c_and_finds_its_state_again(tmp_path: Path) -> None:
+    port = free_port()
+    first = _serve(tmp_path, port)
+    try:
+        health = _health(port, first)
+    finally:
+        output = _interrupt(first)
+    assert first.returncode == 0, output
+    assert "created a new operator key" in output
+    assert health["status"] == "ok" and health["backend"] == "anvil"
+    (registry,) = health["contracts"]
+    anvil_pid = int((tmp_path / "chain" / "anvil.pid").read_text())
+    assert not _alive(anvil_pid), "anvil must stop with the service"
+    assert (tmp_path / "chain" / "state.json").is_file()
+
+    second = _serve(tmp_path, port)
+    try:
+        again = _health(port, second)
+    finally:
+        output = _interrupt(second)
+    assert second.returncode == 0, output
+    assert "created a new operator key" not in output
+    assert again["contracts"] == [registry]  # the same deployment, not a new one
+    assert again["block_number"] >= health["block_number"]
+
+
+def test_a_killed_service_leaves_no_node_behind(tmp_path: Path) -> None:
+    port = free_port()
+    service = _serve(tmp_path, port)
+    _health(port, service)
+    anvil_pid = int((tmp_path / "chain" / "anvil.pid").read_text())
+    service.kill()
+    service.communicate(timeout=30)
+    deadline = time.monotonic() + 30
+    while _alive(anvil_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(anvil_pid), "anvil must not outlive a killed service"
+
+
+def test_production_mode_refuses_to_start_without_secrets(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*CLI, "serve", "--port", str(free_port()), "--data-dir", str(tmp_path)],
+        env=_env(CONSENT_LEDGER_MODE="production"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "CONSENT_LEDGER_CHAIN_OPERATOR_KEY is not set" in result.stderr
+    assert not (tmp_path / "chain").exists()

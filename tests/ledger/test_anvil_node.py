@@ -1,0 +1,51 @@
+"""The managed anvil process: clear errors when it cannot start, interval mining, clean stops."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from ledger.anvil import AnvilNode, find_anvil
+from ledger.errors import NodeStartError
+from ledger.settings import PROJECT_ROOT
+
+pytestmark = pytest.mark.anvil
+
+
+def node(tmp_path: Path, **overrides: object) -> AnvilNode:
+    options: dict[str, object] = {"chain_id": 31337, "block_time": 0.1, "gas_limit": 10**9, "start_timeout": 10}
+    options.update(overrides)
+    return AnvilNode(find_anvil(PROJECT_ROOT / "node_modules"), tmp_path, **options)  # type: ignore[arg-type]
+
+
+def test_a_missing_binary_names_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(NodeStartError, match=r"anvil is not installed.*make setup"):
+        find_anvil(tmp_path / "node_modules")
+
+
+def test_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        anvil = node(tmp_path, port=port)
+        with pytest.raises(NodeStartError, match="anvil did not start") as failed:
+            anvil.start()
+    assert str(anvil.log_file) in str(failed.value)
+    assert not anvil.running
+
+
+def test_it_never_automines_and_stops_cleanly(tmp_path: Path) -> None:
+    anvil = node(tmp_path)
+    command = anvil._command()
+    assert command[command.index("--block-time") + 1] == "0.1"
+    assert "--no-mining" not in command
+    anvil.start()
+    try:
+        assert anvil.running
+    finally:
+        anvil.stop()
+    assert not anvil.running
+    assert anvil.state_file.is_file()  # written on the graceful stop
