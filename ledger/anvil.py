@@ -138,7 +138,7 @@ class AnvilNode:
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
                     start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop anvil in order
-                    preexec_fn=_stop_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+                    preexec_fn=_stop_with_parent if sys.platform == "linux" else None,
                 )
             self.pid_file.write_text(str(self._process.pid))
             try:

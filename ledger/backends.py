@@ -19,7 +19,7 @@ from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
 from web3 import EthereumTesterProvider, Web3
 from web3.providers.rpc import HTTPProvider
-from web3.types import RPCEndpoint
+from web3.types import RPCEndpoint, Wei
 
 from ledger.anvil import AnvilNode, find_anvil
 from ledger.errors import ChainError
@@ -61,7 +61,7 @@ class ChainBackend(ABC):
     def stop(self) -> None:
         self._w3 = None
 
-    def _prepare_operator(self) -> None:
+    def _prepare_operator(self) -> None:  # noqa: B027 - optional hook; production chains fund the operator
         """Make sure the operator can pay for gas (dev chains fund it; production chains must)."""
 
     def fund(self, address: ChecksumAddress, wei: int = DEV_FUNDING_WEI) -> None:
@@ -111,7 +111,9 @@ class InProcessBackend(ChainBackend):
         w3 = self.w3
         rich = w3.eth.accounts[0]
         amount = min(wei, w3.eth.get_balance(rich) // 4)
-        w3.eth.wait_for_transaction_receipt(w3.eth.send_transaction({"from": rich, "to": address, "value": amount}))
+        w3.eth.wait_for_transaction_receipt(
+            w3.eth.send_transaction({"from": rich, "to": address, "value": Wei(amount)})
+        )
 
     def increase_time(self, seconds: int) -> None:
         latest = self.w3.eth.get_block("latest")
@@ -186,7 +188,7 @@ class RpcBackend(ChainBackend):
         w3 = Web3(HTTPProvider(self.settings.rpc_url, request_kwargs={"timeout": 60}))
         try:
             chain_id = w3.eth.chain_id
-        except Exception as exc:  # noqa: BLE001 - any transport failure means the same to the operator
+        except Exception as exc:
             raise ChainError(f"cannot reach the node at {self.settings.rpc_url}: {exc}") from exc
         log.info("connected to chain %s at %s", chain_id, self.settings.rpc_url)
         return w3

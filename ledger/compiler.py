@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import solcx.wrapper
 from solcx.exceptions import SolcError
 
 from ledger.errors import CompilationError, ToolchainError
+from ledger.files import write_atomically
 from ledger.settings import ToolchainSettings, get_toolchain_settings
 
 SHIM = Path(__file__).resolve().parent / "solc_shim.cjs"
@@ -124,11 +123,9 @@ def compile_contracts(settings: ToolchainSettings | None = None) -> dict[str, Ar
                 compiler_version=version,
                 input_hash=input_hash,
             )
-    _write_atomically(
+    write_atomically(
         cache,
-        json.dumps(
-            {"input_hash": input_hash, "artifacts": {n: a.__dict__ for n, a in artifacts.items()}}, indent=1
-        ),
+        json.dumps({"input_hash": input_hash, "artifacts": {n: a.__dict__ for n, a in artifacts.items()}}, indent=1),
     )
     return artifacts
 
@@ -141,11 +138,3 @@ def error_abis(settings: ToolchainSettings | None = None) -> list[dict[str, Any]
             if entry["type"] == "error":
                 seen.setdefault(entry["name"], entry)
     return list(seen.values())
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)

@@ -10,23 +10,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eth_abi import decode as abi_decode
+from eth_abi.abi import decode as abi_decode
+from eth_tester.exceptions import TransactionFailed as TesterTransactionFailed
 from eth_typing import ChecksumAddress
-from eth_utils import keccak
+from eth_utils.crypto import keccak
 from web3 import Web3
 from web3.exceptions import ContractLogicError
 
-try:  # eth-tester is the in-process backend's only; it raises its own class for reverts
-    from eth_tester.exceptions import TransactionFailed as _TesterFailed
-except ImportError:  # pragma: no cover
-    _TesterFailed = ContractLogicError
-
-_REVERTS = (ContractLogicError, _TesterFailed)
-
 from ledger import errors
-from ledger.compiler import Artifact, _write_atomically
+from ledger.compiler import Artifact
 from ledger.errors import ContractRevert, DeploymentError, TransactionFailed
+from ledger.files import write_atomically
 from ledger.tx import Receipt, TxRequest, TxSender
+
+# web3 raises ContractLogicError (revert data in `.data`); eth-tester, the in-process backend, its own class.
+_REVERTS = (ContractLogicError, TesterTransactionFailed)
 
 _PANIC = keccak(text="Panic(uint256)")[:4]
 _ERROR_STRING = keccak(text="Error(string)")[:4]
@@ -78,12 +76,12 @@ class RevertDecoder:
         if known is None:
             return errors.UnknownRevert("UnknownError", {"data": data}, data=data)
         name, names, types = known
-        values = {
+        values: dict[str, Any] = {
             n: Web3.to_checksum_address(v) if t == "address" else v
             for n, t, v in zip(names, types, abi_decode(types, body), strict=True)
         }
         if name == "ConsentRegistryBatchItemFailed":
-            return errors.BatchItemFailed(int(values["index"]), self.decode(bytes(values["reason"])), data=data)
+            return errors.BatchItemFailed(int(values["index"]), self.decode(values["reason"]), data=data)
         return _ERROR_CLASSES.get(name, ContractRevert)(name, values, data=data)
 
     def from_exception(self, exc: BaseException) -> ContractRevert | None:
@@ -160,9 +158,15 @@ class ContractClient:
     def revert_reason(self, data: bytes, receipt: Receipt) -> Exception:
         """Replay a failed transaction against the state before its block to learn why it reverted."""
         try:
-            self.w3.eth.call({"from": self.sender.account.address, "to": self.address, "data": data,
-                              "gas": receipt.gas_used * 2 + 100_000},  # fmt: skip
-                             block_identifier=receipt.block_number - 1)
+            self.w3.eth.call(
+                {
+                    "from": self.sender.account.address,
+                    "to": self.address,
+                    "data": data,
+                    "gas": receipt.gas_used * 2 + 100_000,
+                },
+                block_identifier=receipt.block_number - 1,
+            )
         except _REVERTS as exc:
             decoded = self._translate(exc)
             decoded.tx_hash = receipt.tx_hash  # type: ignore[attr-defined]
@@ -180,7 +184,11 @@ class ContractClient:
         decoded = []
         for log in receipt.logs:
             topics = [t if isinstance(t, str) else "0x" + bytes(t).hex() for t in log["topics"]]
-            if topics and topics[0].lower() == topic.lower() and Web3.to_checksum_address(log["address"]) == self.address:
+            if (
+                topics
+                and topics[0].lower() == topic.lower()
+                and Web3.to_checksum_address(log["address"]) == self.address
+            ):
                 decoded.append(dict(handler.process_log(_normalise_log(log))["args"]))
         return decoded
 
@@ -225,7 +233,7 @@ class Deployment:
         return Web3.to_checksum_address(self.contracts[name].address)
 
     def save(self, path: Path) -> None:
-        _write_atomically(path, json.dumps(asdict(self), indent=2))
+        write_atomically(path, json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, path: Path) -> Deployment:
@@ -275,9 +283,7 @@ def ensure_deployed(
     if record is not None and record.is_file():
         deployment = Deployment.load(record)
         if deployment.chain_id != chain_id:
-            raise DeploymentError(
-                f"{record} is for chain {deployment.chain_id}, but the node is chain {chain_id}"
-            )
+            raise DeploymentError(f"{record} is for chain {deployment.chain_id}, but the node is chain {chain_id}")
         for name, contract in deployment.contracts.items():
             code = bytes(w3.eth.get_code(Web3.to_checksum_address(contract.address)))
             if "0x" + keccak(code).hex() != contract.code_hash:

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from coincurve import PrivateKey, PublicKey
-from eth_abi import encode as abi_encode
+from eth_abi.abi import encode as abi_encode
 from eth_typing import ChecksumAddress
-from eth_utils import keccak, to_checksum_address
+from eth_utils.address import to_checksum_address
+from eth_utils.crypto import keccak
 
 from ledger.types import Purpose, Subject
 
@@ -199,7 +200,13 @@ class ControllerChange:
         return keccak(
             abi_encode(
                 ["bytes32", "bytes32", "address", "uint256", "uint256"],
-                [TYPEHASHES["ControllerChange"], self.subject, self.new_controller, self.nonce, self.deadline],
+                [
+                    TYPEHASHES["ControllerChange"],
+                    self.subject,
+                    self.new_controller,
+                    self.nonce,
+                    self.deadline,
+                ],
             )
         )
 

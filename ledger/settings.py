@@ -61,7 +61,9 @@ class ChainSettings(BaseSettings):
     )
     chain_id: int = Field(default=31337, description="Chain id of the managed anvil node.")
     block_time: float = Field(
-        default=0.2, gt=0, description="Seconds between blocks of the managed node (interval mining, never automine)."
+        default=0.2,
+        gt=0,
+        description="Seconds between blocks of the managed node (interval mining, never automine).",
     )
     gas_limit: int = Field(default=2_000_000_000, description="Block gas limit of the managed node.")
     anvil_path: Path | None = Field(

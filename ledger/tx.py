@@ -70,7 +70,7 @@ class TxSender:
         self.receipt_timeout = receipt_timeout
         self.chain_id = w3.eth.chain_id
         self._lock = threading.Lock()
-        self._nonce = w3.eth.get_transaction_count(account.address, "pending")
+        self._nonce: int = w3.eth.get_transaction_count(account.address, "pending")
         self._gas_price = self._fetch_gas_price()
         self._batching = isinstance(w3.provider, HTTPProvider)
 
@@ -81,7 +81,7 @@ class TxSender:
     def resync_nonce(self) -> None:
         """Take the node's pending nonce again (after a send failed or the node restarted)."""
         with self._lock:
-            self._nonce = self.w3.eth.get_transaction_count(self.account.address, "pending")
+            self._nonce = int(self.w3.eth.get_transaction_count(self.account.address, "pending"))
 
     def sign(self, requests: Sequence[TxRequest]) -> list[tuple[str, bytes]]:
         """Sign `requests` with consecutive nonces; returns (tx hash, raw) pairs."""
@@ -147,7 +147,7 @@ class TxSender:
         for method, params in calls:
             try:
                 result = self.w3.manager.request_blocking(RPCEndpoint(method), params)
-            except Exception as exc:  # noqa: BLE001 - reported per call like a JSON-RPC error object
+            except Exception as exc:
                 responses.append({"error": {"message": str(exc)}})
                 continue
             if isinstance(result, (bytes, HexBytes)):

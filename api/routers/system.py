@@ -27,7 +27,8 @@ class HealthPublic(BaseModel):
 @router.get("/health", response_model=HealthPublic)
 def health(request: Request) -> HealthPublic:
     runtime: Runtime = request.app.state.runtime
-    assert runtime.backend is not None and runtime.deployment is not None
+    assert runtime.backend is not None
+    assert runtime.deployment is not None
     return HealthPublic(
         status="ok",
         backend=runtime.backend.name,

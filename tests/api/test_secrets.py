@@ -16,9 +16,7 @@ from ledger.settings import ChainSettings
 ANVIL_ACCOUNT_0 = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
 
 
-def test_development_creates_an_operator_key_once_and_says_so(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_development_creates_an_operator_key_once_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     service = ServiceSettings(mode="development", data_dir=tmp_path)
     with caplog.at_level(logging.WARNING):
         first = load_secrets(service, ChainSettings())

@@ -72,7 +72,8 @@ def test_serve_starts_stops_on_ctrl_c_and_finds_its_state_again(tmp_path: Path) 
         output = _interrupt(first)
     assert first.returncode == 0, output
     assert "created a new operator key" in output
-    assert health["status"] == "ok" and health["backend"] == "anvil"
+    assert health["status"] == "ok"
+    assert health["backend"] == "anvil"
     (registry,) = health["contracts"]
     anvil_pid = int((tmp_path / "chain" / "anvil.pid").read_text())
     assert not _alive(anvil_pid), "anvil must stop with the service"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +9,7 @@ import pytest
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
+from eth_utils.crypto import keccak
 
 from ledger import eip712
 from ledger.backends import ChainBackend
@@ -120,7 +120,7 @@ def make_ledger(backend: ChainBackend, artifacts: dict[str, Artifact], accounts:
         deployment=deployment,
         partner=Account.create().address,
         customer=customer,
-        subject=Subject(eip712.keccak(customer.key)),
+        subject=Subject(keccak(customer.key)),
     )
     ledger.admin.add_partner(ledger.partner)
     ledger.registry.bind_controller(ledger.subject, customer.address)
@@ -128,5 +128,5 @@ def make_ledger(backend: ChainBackend, artifacts: dict[str, Artifact], accounts:
 
 
 @pytest.fixture
-def ledger(backend: ChainBackend, artifacts: dict[str, Artifact], accounts: Accounts) -> Iterator[Ledger]:
-    yield make_ledger(backend, artifacts, accounts)
+def ledger(backend: ChainBackend, artifacts: dict[str, Artifact], accounts: Accounts) -> Ledger:
+    return make_ledger(backend, artifacts, accounts)

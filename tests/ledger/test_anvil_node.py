@@ -15,7 +15,12 @@ pytestmark = pytest.mark.anvil
 
 
 def node(tmp_path: Path, **overrides: object) -> AnvilNode:
-    options: dict[str, object] = {"chain_id": 31337, "block_time": 0.1, "gas_limit": 10**9, "start_timeout": 10}
+    options: dict[str, object] = {
+        "chain_id": 31337,
+        "block_time": 0.1,
+        "gas_limit": 10**9,
+        "start_timeout": 10,
+    }
     options.update(overrides)
     return AnvilNode(find_anvil(PROJECT_ROOT / "node_modules"), tmp_path, **options)  # type: ignore[arg-type]
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,12 +57,20 @@ def test_restart_keeps_blocks_logs_and_deployment(tmp_path: Path, artifacts: dic
         for account in (accounts.admin, accounts.operator, accounts.stranger):
             accounts.senders[account.address] = TxSender(backend.w3, account)
         again = ensure_deployed(
-            backend.w3, accounts.senders[accounts.operator.address], ledger.artifacts, registry_plan(accounts), record
+            backend.w3,
+            accounts.senders[accounts.operator.address],
+            ledger.artifacts,
+            registry_plan(accounts),
+            record,
         )
         assert again.contracts == deployment.contracts  # reused, not redeployed
         assert ledger.registry.is_permitted(ledger.subject, ledger.partner, ledger.purpose, EMAIL)
         logs = backend.w3.eth.get_logs(
-            {"address": deployment.address("ConsentRegistry"), "fromBlock": deployment.deploy_block, "toBlock": "latest"}
+            {
+                "address": deployment.address("ConsentRegistry"),
+                "fromBlock": deployment.deploy_block,
+                "toBlock": "latest",
+            }
         )
         assert receipt.tx_hash in {"0x" + bytes(log["transactionHash"]).hex() for log in logs}
         # The node keeps mining (interval mining, not automine): blocks appear with no transactions.

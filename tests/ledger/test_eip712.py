@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from eth_account import Account
 from eth_account.messages import _hash_eip191_message, encode_typed_data
-from eth_utils import to_checksum_address
+from eth_utils.address import to_checksum_address
+from eth_utils.crypto import keccak
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -91,4 +92,4 @@ def test_typed_data_is_what_a_wallet_takes() -> None:
 
 
 def test_purpose_ids_are_keccak_of_the_key() -> None:
-    assert eip712.purpose_id("marketing.email").hex() == eip712.keccak(b"marketing.email").hex()
+    assert eip712.purpose_id("marketing.email").hex() == keccak(b"marketing.email").hex()
