@@ -1,0 +1,39 @@
+"""Dependencies point one way (DESIGN.md): api -> crm_bridge -> ledger -> identity."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from ledger.settings import PROJECT_ROOT
+
+ALLOWED = {
+    "identity": set(),
+    "ledger": {"identity"},
+    "crm_bridge": {"ledger", "identity"},
+    "api": {"crm_bridge", "ledger", "identity"},
+}
+
+
+def _imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_packages_import_only_downwards(package: str) -> None:
+    ours = set(ALLOWED)
+    violations = {
+        f"{path.relative_to(PROJECT_ROOT)} imports {name}"
+        for path in (PROJECT_ROOT / package).rglob("*.py")
+        for name in _imports(path) & ours
+        if name != package and name not in ALLOWED[package]
+    }
+    assert not violations
