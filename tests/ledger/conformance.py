@@ -25,12 +25,19 @@ from ledger.errors import (
     Unauthorized,
 )
 from ledger.types import Purpose, Subject
-from tests.ledger.conftest import Ledger, registry_plan
+from tests.ledger.conftest import Accounts, Ledger, registry_plan
 
 EMAIL, PHONE, NAME = 1 << 0, 1 << 1, 1 << 2
 
 
 class ChainConformance:
+    """Subclasses add a class-scoped `backend` fixture started with `accounts.operator`."""
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def accounts(cls) -> Accounts:
+        return Accounts()
+
     # roles -------------------------------------------------------------------------------------
 
     def test_only_the_operator_relays_changes(self, ledger: Ledger) -> None:

@@ -24,11 +24,6 @@ def anvil_settings(**overrides: object) -> ChainSettings:
 class TestAnvil(ChainConformance):
     @pytest.fixture(scope="class")
     @classmethod
-    def accounts(cls) -> Accounts:
-        return Accounts()
-
-    @pytest.fixture(scope="class")
-    @classmethod
     def backend(cls, accounts: Accounts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChainBackend]:
         with AnvilBackend(anvil_settings(), accounts.operator, tmp_path_factory.mktemp("anvil")) as backend:
             yield backend

@@ -15,11 +15,6 @@ from tests.ledger.conftest import Accounts
 class TestInProcess(ChainConformance):
     @pytest.fixture(scope="class")
     @classmethod
-    def accounts(cls) -> Accounts:
-        return Accounts()
-
-    @pytest.fixture(scope="class")
-    @classmethod
     def backend(cls, accounts: Accounts) -> Iterator[ChainBackend]:
         with InProcessBackend(ChainSettings(backend="inprocess"), accounts.operator) as backend:
             yield backend
