@@ -6,8 +6,9 @@ from typing import NewType
 
 from eth_typing import ChecksumAddress
 
-Subject = NewType("Subject", bytes)
-"""A 32-byte keyed pseudonym of a person (never PII)."""
+from identity.types import Subject
+
+__all__ = ["Address", "Purpose", "Subject"]
 
 Purpose = NewType("Purpose", bytes)
 """keccak256 of a purpose key such as ``marketing.email``."""

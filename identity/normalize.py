@@ -1,0 +1,88 @@
+"""Normalising PII so that equivalent spellings give one pseudonym.
+
+- e-mail: trimmed, validated and normalised by `email-validator` (IDNA domain, Unicode NFC), then
+  lower-cased whole (mail providers treat local parts case-insensitively in practice);
+- phone: parsed by `phonenumbers` (a default region for national numbers) and formatted E.164;
+- name: Unicode NFKC, case-folded, whitespace collapsed.
+
+Errors name the field, never the value (the value is PII and must not reach logs).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import phonenumbers
+from email_validator import EmailNotValidError, validate_email
+
+from identity.errors import InvalidPII
+
+_SPACE = re.compile(r"\s+")
+
+
+def normalize_email(value: str) -> str:
+    candidate = value.strip()
+    if not candidate:
+        raise InvalidPII("email", "empty")
+    try:
+        result = validate_email(candidate, check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise InvalidPII("email", "not a valid e-mail address") from exc
+    return str(result.normalized).lower()
+
+
+def normalize_phone(value: str, default_region: str | None = None) -> str:
+    candidate = value.strip()
+    if not candidate:
+        raise InvalidPII("phone", "empty")
+    try:
+        number = phonenumbers.parse(candidate, None if candidate.startswith("+") else default_region)
+    except phonenumbers.NumberParseException as exc:
+        raise InvalidPII("phone", "not a phone number (international numbers start with +)") from exc
+    if not phonenumbers.is_valid_number(number):
+        raise InvalidPII("phone", "not a valid phone number")
+    return str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
+
+
+def normalize_name(value: str) -> str:
+    folded = _SPACE.sub(" ", unicodedata.normalize("NFKC", value).casefold()).strip()
+    if not folded:
+        raise InvalidPII("name", "empty")
+    if any(unicodedata.category(ch).startswith("C") for ch in folded):
+        raise InvalidPII("name", "contains control characters")
+    return folded
+
+
+@dataclass(frozen=True)
+class PII:
+    """Normalised personal data of one person. Never logged, never sent to the chain."""
+
+    email: str | None = None
+    phone: str | None = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.email is None and self.phone is None:
+            raise InvalidPII("email", "an e-mail address or a phone number is required")
+
+    def __repr__(self) -> str:  # keep PII out of tracebacks and logs
+        present = [f for f in ("email", "phone", "name") if getattr(self, f) is not None]
+        return f"PII(<redacted: {', '.join(present)}>)"
+
+    __str__ = __repr__
+
+    def fields(self) -> dict[str, str]:
+        return {f: v for f in ("email", "phone", "name") if (v := getattr(self, f)) is not None}
+
+
+def normalize_pii(raw: Mapping[str, str | None], default_region: str | None = None) -> PII:
+    """Normalise a record with optional `email`, `phone` and `name`."""
+    email, phone, name = (raw.get(k) for k in ("email", "phone", "name"))
+    return PII(
+        email=normalize_email(email) if email else None,
+        phone=normalize_phone(phone, default_region) if phone else None,
+        name=normalize_name(name) if name else None,
+    )
