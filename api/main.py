@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI
 
-from api.routers import system
+from api.routers import dids, system
 from api.runtime import Runtime
 
 API_PREFIX = "/api/v1"
@@ -21,5 +21,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.state.runtime = runtime
     v1 = APIRouter(prefix=API_PREFIX)
     v1.include_router(system.router)
+    v1.include_router(dids.router)
     app.include_router(v1)
+    app.include_router(dids.did_web)
     return app

@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 
 from api.secrets import Secrets
 from api.settings import ServiceSettings
+from identity.did import DidWeb, Resolver
+from identity.pseudonym import Pseudonymizer
+from identity.settings import IdentitySettings
+from identity.vault import Vault, make_engine
 from ledger.backends import ChainBackend, create_backend
 from ledger.compiler import Artifact, compile_contracts
 from ledger.consent import ConsentRegistryClient
@@ -23,13 +27,22 @@ class Runtime:
     chain: ChainSettings
     toolchain: ToolchainSettings
     secrets: Secrets
+    identity: IdentitySettings = field(default_factory=IdentitySettings)
     backend: ChainBackend | None = None
+    vault: Vault | None = None
+    dids: DidWeb | None = None
+    resolver: Resolver | None = None
     deployment: Deployment | None = None
     artifacts: dict[str, Artifact] = field(default_factory=dict)
     consent: ConsentRegistryClient | None = None
 
     def start(self) -> None:
         self.service.data_dir.mkdir(parents=True, exist_ok=True)
+        url = self.identity.database_url or f"sqlite:///{(self.service.data_dir / 'identity.db').resolve()}"
+        self.vault = Vault(make_engine(url), self.secrets.master_keys, Pseudonymizer(self.secrets.peppers))
+        self.vault.create_schema()
+        self.dids = self.identity.did_method(f"{self.service.host}%3A{self.service.port}")
+        self.resolver = Resolver(self.dids, self.vault)
         self.artifacts = compile_contracts(self.toolchain)
         self.backend = create_backend(self.chain, self.secrets.operator, self.service.data_dir)
         w3 = self.backend.start()
@@ -58,3 +71,6 @@ class Runtime:
         if self.backend is not None:
             self.backend.stop()
             self.backend = None
+        if self.vault is not None:
+            self.vault.engine.dispose()
+            self.vault = None

@@ -1,9 +1,13 @@
-"""Secrets come from settings, never from code. In development mode the service creates the missing
-ones in the data dir (and says so); in production it refuses to start without them, or with a
-well-known key such as anvil's or Hardhat's default accounts."""
+"""Secrets come from settings, never from code.
+
+In development mode the service creates the missing ones in `DATA_DIR/secrets/` (mode 0600) and
+says so; in production it refuses to start without them, or with a publicly known or weak one
+(anvil's and Hardhat's default accounts; a pepper or key with hardly any distinct bytes).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -15,16 +19,21 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
 from api.settings import ServiceSettings
+from identity.errors import IdentityError
+from identity.keys import FileKeyProvider, KeyProvider, decode_key
+from identity.pseudonym import PepperRing
+from identity.settings import IdentitySettings
 from ledger.settings import ChainSettings
 
 log = logging.getLogger(__name__)
 
 # The mnemonic anvil, Hardhat and Ganache ship with: keys derived from it are public knowledge.
 _PUBLIC_MNEMONIC = "test test test test test test test test test test test junk"
+_MIN_DISTINCT_BYTES = 12  # 32 random bytes have ~25 distinct values; "0000…" or "abab…" have 1 or 2
 
 
 class SecretsError(Exception):
-    """Raised when a required secret is missing or is a publicly known value outside development."""
+    """Raised when a required secret is missing, malformed, or a publicly known or weak value outside development."""
 
 
 @cache
@@ -39,33 +48,81 @@ def _public_keys() -> frozenset[str]:
 @dataclass(frozen=True)
 class Secrets:
     operator: LocalAccount
+    peppers: PepperRing
+    master_keys: KeyProvider
 
 
-def _read_or_create(path: Path, make: str, what: str) -> str:
-    if path.is_file():
-        return path.read_text(encoding="utf-8").strip()
+def _create_private(path: Path, text: str, what: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(make + "\n")
+        handle.write(text)
     log.warning("development mode: created a new %s in %s (set it in the environment in production)", what, path)
-    return make
 
 
-def load_secrets(service: ServiceSettings, chain: ChainSettings) -> Secrets:
+def _weak(material: bytes) -> bool:
+    return len(set(material)) < _MIN_DISTINCT_BYTES
+
+
+def _operator(service: ServiceSettings, chain: ChainSettings) -> LocalAccount:
     key = chain.operator_key.get_secret_value().strip() if chain.operator_key else None
     if key is None:
         if not service.development:
             raise SecretsError(
                 "CONSENT_LEDGER_CHAIN_OPERATOR_KEY is not set: production mode needs the operator's private key"
             )
-        key = _read_or_create(
-            service.data_dir / "secrets" / "operator.key", "0x" + secrets.token_hex(32), "operator key"
-        )
+        path = service.data_dir / "secrets" / "operator.key"
+        if not path.is_file():
+            _create_private(path, "0x" + secrets.token_hex(32) + "\n", "operator key")
+        key = path.read_text(encoding="utf-8").strip()
     try:
         operator: LocalAccount = Account.from_key(key)
     except (ValueError, TypeError) as exc:
         raise SecretsError("the operator key is not a valid secp256k1 private key") from exc
     if not service.development and key.lower().removeprefix("0x") in _public_keys():
         raise SecretsError("the operator key is a publicly known development key; refusing to start in production")
-    return Secrets(operator=operator)
+    return operator
+
+
+def _peppers(service: ServiceSettings, identity: IdentitySettings) -> PepperRing:
+    if identity.peppers:
+        ring = identity.pepper_ring()
+    elif not service.development:
+        raise SecretsError("CONSENT_LEDGER_IDENTITY_PEPPERS is not set: production mode needs the pseudonym pepper")
+    else:
+        path = service.data_dir / "secrets" / "peppers.json"
+        if not path.is_file():
+            _create_private(path, json.dumps({"current": 1, "peppers": {"1": secrets.token_hex(32)}}), "pepper")
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        ring = PepperRing({int(v): decode_key(p) for v, p in raw["peppers"].items()}, int(raw["current"]))
+    if not service.development and any(_weak(p) for p in ring.peppers.values()):
+        raise SecretsError("a pepper is a default or low-entropy value; refusing to start in production")
+    return ring
+
+
+def _master_keys(service: ServiceSettings, identity: IdentitySettings) -> KeyProvider:
+    if identity.master_keys:
+        if not service.development and any(
+            _weak(decode_key(k.get_secret_value())) for k in identity.master_keys.values()
+        ):
+            raise SecretsError("a master key is a default or low-entropy value; refusing to start in production")
+        return identity.key_provider()
+    if not service.development:
+        raise SecretsError("CONSENT_LEDGER_IDENTITY_MASTER_KEYS is not set: production mode needs the vault master key")
+    path = service.data_dir / "secrets" / "master-keys.json"
+    if not path.is_file():
+        FileKeyProvider.create(path)
+        log.warning("development mode: created a new vault master key in %s", path)
+    return FileKeyProvider(path)
+
+
+def load_secrets(service: ServiceSettings, chain: ChainSettings, identity: IdentitySettings | None = None) -> Secrets:
+    identity = identity or IdentitySettings()
+    try:
+        return Secrets(
+            operator=_operator(service, chain),
+            peppers=_peppers(service, identity),
+            master_keys=_master_keys(service, identity),
+        )
+    except IdentityError as exc:
+        raise SecretsError(str(exc)) from exc

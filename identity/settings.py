@@ -34,8 +34,9 @@ class IdentitySettings(BaseSettings):
     default_region: str | None = Field(
         default=None, description="ISO 3166 region for phone numbers written without +country code (e.g. GB)."
     )
-    did_web_host: str = Field(
-        default="localhost%3A8000", description="Public host of this service in did:web DIDs (port as %3A)."
+    did_web_host: str | None = Field(
+        default=None,
+        description="Public host of this service in did:web DIDs, port as %3A (default: the API's host and port).",
     )
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL of the vault (default: SQLite in the data dir)."
@@ -53,5 +54,5 @@ class IdentitySettings(BaseSettings):
         keys = {k: decode_key(s.get_secret_value()) for k, s in self.master_keys.items()}
         return StaticKeyProvider(keys, self.master_key_id or list(keys)[-1])
 
-    def did_method(self) -> DidWeb:
-        return DidWeb(self.did_web_host)
+    def did_method(self, fallback_host: str) -> DidWeb:
+        return DidWeb(self.did_web_host or fallback_host)

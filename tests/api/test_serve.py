@@ -8,9 +8,11 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -115,3 +117,58 @@ def test_production_mode_refuses_to_start_without_secrets(tmp_path: Path) -> Non
     assert result.returncode == 2
     assert "CONSENT_LEDGER_CHAIN_OPERATOR_KEY is not set" in result.stderr
     assert not (tmp_path / "chain").exists()
+
+
+def _get(url: str) -> tuple[int, dict[str, Any], str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, dict(json.loads(response.read())), response.headers["Content-Type"]
+    except urllib.error.HTTPError as error:
+        return error.code, dict(json.loads(error.read())), error.headers["Content-Type"]
+
+
+def test_dids_resolve_over_http_and_deactivate_on_erasure(tmp_path: Path) -> None:
+    from api.secrets import load_secrets
+    from api.settings import ServiceSettings
+    from identity.did import DidWeb
+    from identity.normalize import normalize_pii
+    from identity.pseudonym import Pseudonymizer
+    from identity.settings import IdentitySettings
+    from identity.vault import Vault, make_engine
+    from ledger.settings import ChainSettings
+
+    port = free_port()
+    service = _serve(tmp_path, port)
+    try:
+        _health(port, service)
+        # The operator's side of enrolment, on the service's own vault file and development secrets.
+        secrets = load_secrets(ServiceSettings(data_dir=tmp_path), ChainSettings(operator_key=None), IdentitySettings())
+        vault = Vault(make_engine(f"sqlite:///{tmp_path / 'identity.db'}"), secrets.master_keys,
+                      Pseudonymizer(secrets.peppers))  # fmt: skip
+        subject, _ = vault.enrol(normalize_pii({"email": "Ann.Lee@Example.com"}))
+        methods = DidWeb(f"127.0.0.1%3A{port}")
+        did = methods.did(subject)
+        base = f"http://127.0.0.1:{port}"
+
+        status, result, media = _get(f"{base}/api/v1/dids/{quote(did, safe='')}")  # a DID in a path is escaped
+        assert status == 200
+        assert media.startswith("application/ld+json")
+        assert result["didDocument"]["id"] == did
+        status, document, media = _get(f"{base}{methods.document_path(subject)}")
+        assert (status, media) == (200, "application/did+json")
+        assert document == result["didDocument"]
+
+        status, result, _ = _get(f"{base}/api/v1/dids/did:web:127.0.0.1%253A{port}:dids:{'00' * 32}")
+        assert (status, result["didResolutionMetadata"]["error"]) == (404, "notFound")
+        status, result, _ = _get(f"{base}/api/v1/dids/not-a-did")
+        assert (status, result["didResolutionMetadata"]["error"]) == (400, "invalidDid")
+
+        vault.erase(subject)
+        status, result, _ = _get(f"{base}/api/v1/dids/{quote(did, safe='')}")
+        assert status == 410
+        assert result["didDocumentMetadata"]["deactivated"] is True
+        assert _get(f"{base}{methods.document_path(subject)}")[0] == 410
+        assert b"ann" not in (tmp_path / "identity.db").read_bytes().lower()
+        vault.engine.dispose()
+    finally:
+        _interrupt(service)

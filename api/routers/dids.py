@@ -1,0 +1,58 @@
+"""DIDs: W3C DID resolution under /api/v1, and did:web documents where did:web resolvers look."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from api.runtime import Runtime
+from identity.errors import InvalidDid
+
+RESOLUTION_MEDIA_TYPE = 'application/ld+json;profile="https://w3id.org/did-resolution"'
+# W3C DID Resolution, HTTP(S) binding: status codes by resolution error.
+_STATUS = {"invalidDid": 400, "notFound": 404}
+
+router = APIRouter(prefix="/dids", tags=["dids"])
+did_web = APIRouter(tags=["dids"])
+
+
+def _runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+@router.get(
+    "/{did}",
+    summary="Resolve a DID (W3C DID Resolution result)",
+    responses={
+        400: {"description": "invalidDid"},
+        404: {"description": "notFound"},
+        410: {"description": "deactivated"},
+    },
+)
+def resolve(did: str, request: Request) -> JSONResponse:
+    runtime = _runtime(request)
+    assert runtime.resolver is not None
+    result: dict[str, Any] = runtime.resolver.resolve(did)
+    error = result["didResolutionMetadata"].get("error")
+    status = _STATUS.get(error, 200) if error else (410 if result["didDocumentMetadata"].get("deactivated") else 200)
+    return JSONResponse(result, status_code=status, media_type=RESOLUTION_MEDIA_TYPE)
+
+
+@did_web.get("/dids/{subject_hex}/did.json", summary="did:web document", responses={404: {}, 410: {}})
+def did_document(subject_hex: str, request: Request) -> JSONResponse:
+    runtime = _runtime(request)
+    assert runtime.dids is not None
+    assert runtime.vault is not None
+    try:
+        subject = runtime.dids.subject(runtime.dids.prefix + subject_hex)
+    except InvalidDid:
+        return JSONResponse({"error": "notFound"}, status_code=404)
+    record = runtime.vault.record(subject)
+    if record is None:
+        return JSONResponse({"error": "notFound"}, status_code=404)
+    if record.erased_at is not None:  # did:web deactivation: the document is gone
+        return JSONResponse({"error": "deactivated"}, status_code=410)
+    return JSONResponse(runtime.dids.document(record), media_type="application/did+json")
