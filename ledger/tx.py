@@ -78,6 +78,11 @@ class TxSender:
         # Private chains run with free or fixed gas; twice the node's price leaves room for base-fee drift.
         return 2 * int(self.w3.eth.gas_price)
 
+    @property
+    def next_nonce(self) -> int:
+        """The nonce the next signed transaction gets."""
+        return self._nonce
+
     def resync_nonce(self) -> None:
         """Take the node's pending nonce again (after a send failed or the node restarted)."""
         with self._lock:
@@ -106,12 +111,26 @@ class TxSender:
     def send(self, requests: Sequence[TxRequest]) -> list[str]:
         """Sign and send; returns the transaction hashes once the node has accepted them all."""
         signed = self.sign(requests)
-        responses = self._call_many([("eth_sendRawTransaction", ["0x" + raw.hex()]) for _, raw in signed])
+        try:
+            self.send_raw([raw for _, raw in signed])
+        except ChainError:
+            self.resync_nonce()
+            raise
+        return [tx_hash for tx_hash, _ in signed]
+
+    def send_raw(self, raws: Sequence[bytes]) -> None:
+        """Send already signed transactions (see `sign`)."""
+        responses = self._call_many([("eth_sendRawTransaction", ["0x" + raw.hex()]) for raw in raws])
         errors = [r["error"] for r in responses if "error" in r]
         if errors:
-            self.resync_nonce()
-            raise ChainError(f"the node refused {len(errors)} of {len(signed)} transactions: {errors[0]}")
-        return [tx_hash for tx_hash, _ in signed]
+            raise ChainError(f"the node refused {len(errors)} of {len(raws)} transactions: {errors[0]}")
+
+    def receipts(self, tx_hashes: Sequence[str]) -> list[Receipt | None]:
+        """Receipts of mined transactions, None for those not mined (yet)."""
+        if not tx_hashes:
+            return []
+        responses = self._call_many([("eth_getTransactionReceipt", [h]) for h in tx_hashes])
+        return [Receipt.from_rpc(dict(r["result"])) if r.get("result") else None for r in responses]
 
     def wait(self, tx_hashes: Sequence[str], *, poll_interval: float = 0.02) -> list[Receipt]:
         """Wait until every transaction is mined; receipts in the order of `tx_hashes`."""
@@ -121,10 +140,9 @@ class TxSender:
             missing = [h for h in tx_hashes if h not in receipts]
             if not missing:
                 return [receipts[h] for h in tx_hashes]
-            responses = self._call_many([("eth_getTransactionReceipt", [h]) for h in missing])
-            for tx_hash, response in zip(missing, responses, strict=True):
-                if response.get("result"):
-                    receipts[tx_hash] = Receipt.from_rpc(dict(response["result"]))
+            for tx_hash, receipt in zip(missing, self.receipts(missing), strict=True):
+                if receipt is not None:
+                    receipts[tx_hash] = receipt
             if len(receipts) == len(tx_hashes):
                 continue
             if time.monotonic() > deadline:

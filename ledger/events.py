@@ -1,0 +1,71 @@
+"""Decoding ConsentRegistry's logs straight from JSON-RPC (fixed layouts; no ABI machinery per log)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from eth_utils.address import to_checksum_address
+from eth_utils.crypto import keccak
+
+GRANTED = "0x" + keccak(text="ConsentGranted(bytes32,address,bytes32,uint256,uint256,uint64,uint256)").hex()
+REVOKED = "0x" + keccak(text="ConsentRevoked(bytes32,address,bytes32,uint256,uint256,uint256)").hex()
+BOUND = "0x" + keccak(text="ControllerBound(bytes32,address,address)").hex()
+TOPICS = [GRANTED, REVOKED, BOUND]
+
+KIND_GRANT, KIND_REVOKE, KIND_BIND = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class RegistryEvent:
+    kind: int
+    block_number: int
+    block_hash: str
+    log_index: int
+    tx_hash: str
+    subject: bytes
+    partner: str  # the controller for KIND_BIND
+    purpose: bytes
+    changed: int
+    attributes: int
+    valid_until: int
+    nonce: int
+
+
+def _hex(value: Any) -> str:
+    return value if isinstance(value, str) else "0x" + bytes(value).hex()
+
+
+def _int(value: Any) -> int:
+    return int(value, 16) if isinstance(value, str) else int(value)
+
+
+def _bytes(value: Any) -> bytes:
+    return bytes.fromhex(value[2:]) if isinstance(value, str) else bytes(value)
+
+
+def decode(log: dict[str, Any]) -> RegistryEvent | None:
+    topics = [_hex(t) for t in log["topics"]]
+    if not topics or topics[0] not in TOPICS:
+        return None
+    data = _bytes(log["data"])
+    words = [int.from_bytes(data[i : i + 32], "big") for i in range(0, len(data), 32)]
+    common: dict[str, Any] = {
+        "block_number": _int(log["blockNumber"]),
+        "block_hash": _hex(log["blockHash"]),
+        "log_index": _int(log["logIndex"]),
+        "tx_hash": _hex(log["transactionHash"]),
+        "subject": bytes.fromhex(topics[1][2:]),
+    }
+    if topics[0] == BOUND:
+        return RegistryEvent(KIND_BIND, partner=to_checksum_address("0x" + topics[3][-40:]), purpose=b"",
+                             changed=0, attributes=0, valid_until=0, nonce=0, **common)  # fmt: skip
+    partner = to_checksum_address("0x" + topics[2][-40:])
+    purpose = bytes.fromhex(topics[3][2:])
+    if topics[0] == GRANTED:
+        changed, attributes, valid_until, nonce = words
+        return RegistryEvent(KIND_GRANT, partner=partner, purpose=purpose, changed=changed, attributes=attributes,
+                             valid_until=valid_until, nonce=nonce, **common)  # fmt: skip
+    changed, attributes, nonce = words
+    return RegistryEvent(KIND_REVOKE, partner=partner, purpose=purpose, changed=changed, attributes=attributes,
+                         valid_until=0, nonce=nonce, **common)  # fmt: skip

@@ -1,0 +1,232 @@
+"""The event indexer: follows ConsentRegistry's logs from the deploy block into the read model.
+
+It resumes from its cursor after a restart, and tolerates reorganisations up to `reorg_depth`
+blocks: before going on it checks that the block it stopped at is still on the chain, and if not it
+rolls the read model back to the last block both agree on and re-indexes from there. Requests whose
+confirming event was rolled back go back to the relayer's queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from sqlalchemy import Engine, delete, select, update
+from sqlalchemy.orm import Session
+from web3 import Web3
+from web3.types import RPCEndpoint
+
+from ledger import events
+from ledger.errors import ChainError
+from ledger.events import KIND_BIND, RegistryEvent
+from ledger.store import (
+    ConsentEvent,
+    ConsentRequest,
+    ConsentState,
+    ControllerState,
+    IndexedBlock,
+    IndexerCursor,
+    RequestStatus,
+    sessions,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+CURSOR = "consent_registry"
+
+
+class Indexer:
+    def __init__(
+        self,
+        w3: Web3,
+        engine: Engine,
+        registry: str,
+        deploy_block: int,
+        *,
+        reorg_depth: int = 64,
+        chunk: int = 5_000,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.w3 = w3
+        self.registry = Web3.to_checksum_address(registry)
+        self.deploy_block = deploy_block
+        self.reorg_depth = reorg_depth
+        self.chunk = chunk
+        self.on_change = on_change
+        self._sessions = sessions(engine)
+        self.wake = threading.Event()
+
+    # chain access --------------------------------------------------------------------------------
+
+    def _rpc(self, method: str, params: list[Any]) -> Any:
+        response = self.w3.provider.make_request(RPCEndpoint(method), params)
+        if "error" in response:
+            raise ChainError(f"{method}: {response['error']}")
+        return response["result"]
+
+    def _block(self, number: int) -> dict[str, Any] | None:
+        block = self._rpc("eth_getBlockByNumber", [hex(number), False])
+        return dict(block) if block else None
+
+    def _timestamp(self, number: int) -> int:
+        block = self._block(number)
+        if block is None:
+            raise ChainError(f"block {number} vanished while indexing it")
+        return events._int(block["timestamp"])
+
+    def _hash_of(self, number: int) -> str | None:
+        block = self._block(number)
+        return events._hex(block["hash"]) if block else None
+
+    # state ---------------------------------------------------------------------------------------
+
+    def cursor(self) -> int:
+        with self._sessions() as session:
+            row = session.get(IndexerCursor, CURSOR)
+            return row.block_number if row else self.deploy_block - 1
+
+    def step(self) -> int:
+        """Index what is new; returns how many events were applied (negative after a rollback)."""
+        cursor = self.cursor()
+        rolled_back = self._check_reorg(cursor)
+        if rolled_back is not None:
+            return -rolled_back
+        head = int(self._rpc("eth_blockNumber", []), 16)
+        if head <= cursor:
+            return 0
+        to = min(head, cursor + self.chunk)
+        logs = self._rpc(
+            "eth_getLogs",
+            [{"address": self.registry, "fromBlock": hex(cursor + 1), "toBlock": hex(to), "topics": [events.TOPICS]}],
+        )
+        decoded = [e for e in (events.decode(dict(item)) for item in logs) if e is not None]
+        times = {n: self._timestamp(n) for n in {e.block_number for e in decoded}}
+        to_hash = self._hash_of(to)
+        if to_hash is None:
+            return 0  # the head moved back under us; the next step sees the reorg
+        with self._sessions.begin() as session:
+            for event in decoded:
+                self._apply(session, event, times[event.block_number])
+            self._set_cursor(session, to, to_hash)
+        if decoded and self.on_change is not None:
+            self.on_change()
+        return len(decoded)
+
+    def _set_cursor(self, session: Session, number: int, block_hash: str) -> None:
+        session.merge(IndexerCursor(name=CURSOR, block_number=number))
+        session.merge(IndexedBlock(number=number, hash=block_hash))
+        session.execute(delete(IndexedBlock).where(IndexedBlock.number < number - self.reorg_depth))
+
+    def _apply(self, session: Session, event: RegistryEvent, block_time: int) -> None:
+        session.add(
+            ConsentEvent(
+                block_number=event.block_number, block_hash=event.block_hash, log_index=event.log_index,
+                tx_hash=event.tx_hash, block_time=block_time, kind=event.kind, subject=event.subject,
+                partner=event.partner, purpose=event.purpose, changed=str(event.changed),
+                attributes=str(event.attributes), valid_until=event.valid_until, nonce=event.nonce,
+            )
+        )  # fmt: skip
+        session.merge(IndexedBlock(number=event.block_number, hash=event.block_hash))
+        if event.kind == KIND_BIND:
+            session.merge(
+                ControllerState(subject=event.subject, controller=event.partner, block_number=event.block_number)
+            )
+            return
+        state = session.get(ConsentState, (event.subject, event.partner, event.purpose))
+        valid_until = event.valid_until if event.kind == events.KIND_GRANT else (state.valid_until if state else 0)
+        session.merge(
+            ConsentState(subject=event.subject, partner=event.partner, purpose=event.purpose,
+                         attributes=str(event.attributes), valid_until=valid_until,
+                         block_number=event.block_number, tx_hash=event.tx_hash)
+        )  # fmt: skip
+        session.execute(
+            update(ConsentRequest)
+            .where(ConsentRequest.subject == event.subject, ConsentRequest.nonce == event.nonce,
+                   ConsentRequest.kind == event.kind, ConsentRequest.status != RequestStatus.CONFIRMED)
+            .values(status=RequestStatus.CONFIRMED, tx_hash=event.tx_hash, block_number=event.block_number,
+                    error_code=None, error_detail=None, updated_at=utcnow())
+        )  # fmt: skip
+
+    # reorganisations ----------------------------------------------------------------------------
+
+    def _check_reorg(self, cursor: int) -> int | None:
+        """None when the cursor block is still canonical; else roll back and return the depth."""
+        if cursor < self.deploy_block:
+            return None
+        with self._sessions() as session:
+            known = list(session.scalars(select(IndexedBlock).order_by(IndexedBlock.number.desc())))
+        if not known or known[0].number != cursor:
+            return None
+        if self._hash_of(cursor) == known[0].hash:
+            return None
+        ancestor = self.deploy_block - 1
+        for block in known[1:]:
+            if self._hash_of(block.number) == block.hash:
+                ancestor = block.number
+                break
+        else:
+            ancestor = max(self.deploy_block - 1, cursor - self.reorg_depth)
+        log.warning("chain reorganised below block %s: rolling the read model back to %s", cursor, ancestor)
+        self.rollback(ancestor)
+        return cursor - ancestor
+
+    def rollback(self, ancestor: int) -> None:
+        with self._sessions.begin() as session:
+            gone = list(session.scalars(select(ConsentEvent).where(ConsentEvent.block_number > ancestor)))
+            session.execute(delete(ConsentEvent).where(ConsentEvent.block_number > ancestor))
+            session.execute(delete(IndexedBlock).where(IndexedBlock.number > ancestor))
+            session.merge(IndexerCursor(name=CURSOR, block_number=ancestor))
+            self._refold(session, gone)
+            # What the chain no longer has must be sent again (the signatures are still valid).
+            session.execute(
+                update(ConsentRequest)
+                .where(ConsentRequest.status == RequestStatus.CONFIRMED, ConsentRequest.block_number > ancestor)
+                .values(status=RequestStatus.PENDING, tx_hash=None, block_number=None, batch_id=None,
+                        updated_at=utcnow())
+            )  # fmt: skip
+        if self.on_change is not None:
+            self.on_change()
+
+    def _refold(self, session: Session, gone: Iterable[ConsentEvent]) -> None:
+        keys = {(e.subject, e.partner, e.purpose) for e in gone if e.kind != KIND_BIND}
+        subjects = {e.subject for e in gone if e.kind == KIND_BIND}
+        for subject, partner, purpose in keys:
+            session.execute(delete(ConsentState).where(ConsentState.subject == subject, ConsentState.partner == partner,
+                                                       ConsentState.purpose == purpose))  # fmt: skip
+            remaining = session.scalars(
+                select(ConsentEvent).where(ConsentEvent.subject == subject, ConsentEvent.partner == partner,
+                                           ConsentEvent.purpose == purpose)
+                .order_by(ConsentEvent.block_number, ConsentEvent.log_index)
+            )  # fmt: skip
+            state: ConsentState | None = None
+            for e in remaining:
+                valid_until = e.valid_until if e.kind == events.KIND_GRANT else (state.valid_until if state else 0)
+                state = ConsentState(
+                    subject=subject, partner=partner, purpose=purpose, attributes=e.attributes,
+                    valid_until=valid_until, block_number=e.block_number, tx_hash=e.tx_hash,
+                )  # fmt: skip
+            if state is not None:
+                session.add(state)
+        for subject in subjects:
+            session.execute(delete(ControllerState).where(ControllerState.subject == subject))
+            last = session.scalars(
+                select(ConsentEvent).where(ConsentEvent.subject == subject, ConsentEvent.kind == KIND_BIND)
+                .order_by(ConsentEvent.block_number.desc(), ConsentEvent.log_index.desc()).limit(1)
+            ).first()  # fmt: skip
+            if last is not None:
+                session.add(ControllerState(subject=subject, controller=last.partner, block_number=last.block_number))
+
+    # running -------------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, interval: float = 0.05) -> None:
+        while not stop.is_set():
+            try:
+                while self.step() != 0 and not stop.is_set():
+                    pass
+            except Exception:  # a node hiccup must not kill the indexer; it resumes from its cursor
+                log.exception("indexer step failed; retrying")
+                stop.wait(1.0)
+            self.wake.wait(interval)
+            self.wake.clear()

@@ -1,0 +1,268 @@
+"""The relayer: the single writer for the operator key, putting accepted consent requests on-chain.
+
+Group commit: requests that arrive within `linger` seconds of each other, up to `max_batch`, share
+one `applyBatch` transaction; several batches may be in flight at once (local nonce, no waiting).
+Crash safety: a batch is recorded (its hash and operator nonce, and its requests marked submitted)
+before it is sent. After a restart a recorded batch is either mined (settled from its receipt),
+still known to the node (waited for), or lost (its requests go back to the queue). A request is
+confirmed only by the indexer, from the chain's own event, so nothing is counted twice.
+
+A reverted batch is diagnosed by replaying it: the contract names the failing item and its reason;
+that request fails alone, and the others go back to the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from sqlalchemy import Engine, func, select, update
+from sqlalchemy.orm import Session
+
+from ledger.consent import ConsentRegistryClient, SignedChange, batch_gas
+from ledger.eip712 import ChangeKind, ConsentChange, Signature
+from ledger.errors import BatchItemFailed, ChainError, ContractRevert, LedgerError, NonceMismatch
+from ledger.store import ConsentRequest, RelayBatch, RequestStatus, sessions, utcnow
+from ledger.tx import Receipt, TxRequest
+from ledger.types import Purpose, Subject
+
+log = logging.getLogger(__name__)
+
+ERROR_CODES = {
+    "ConsentRegistryInvalidSigner": "invalid_signature",
+    "ConsentRegistryExpiredSignature": "signature_expired",
+    "InvalidAccountNonce": "nonce_mismatch",
+    "ConsentRegistryUnknownPartner": "unknown_partner",
+    "ConsentRegistryEmptyAttributes": "empty_attributes",
+    "ConsentRegistryInvalidValidity": "invalid_validity",
+    "ConsentRegistryUnboundSubject": "unbound_subject",
+}
+
+
+class _Raced(Exception):
+    """Raised inside a transaction to abandon a batch whose requests changed under it."""
+
+
+def signed_change(request: ConsentRequest) -> SignedChange:
+    change = ConsentChange(
+        kind=ChangeKind(request.kind),
+        subject=Subject(request.subject),
+        partner=request.partner,  # type: ignore[arg-type]
+        purpose=Purpose(request.purpose),
+        attributes=int(request.attributes),
+        nonce=request.nonce,
+        deadline=request.deadline,
+        valid_until=request.valid_until,
+    )
+    return SignedChange(change, Signature(v=request.v, r=request.r, s=request.s))
+
+
+class Relayer:
+    def __init__(
+        self,
+        engine: Engine,
+        registry: ConsentRegistryClient,
+        *,
+        max_batch: int = 500,
+        linger: float = 0.005,
+        max_in_flight: int = 16,
+        on_mined: Callable[[], None] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.sender = registry.sender
+        self.max_batch = max_batch
+        self.linger = linger
+        self.max_in_flight = max_in_flight
+        self.on_mined = on_mined
+        self._sessions = sessions(engine)
+        self._in_flight: dict[int, str] = {}  # batch id -> tx hash
+        self.wake = threading.Event()
+
+    # start-up ------------------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Settle what a previous run left: mined, still pending in the node, or lost."""
+        self.sender.resync_nonce()
+        pending_nonce = self.sender.next_nonce
+        with self._sessions() as session:
+            batches = list(session.scalars(select(RelayBatch).where(RelayBatch.status == "sent")))
+        for batch in batches:
+            (receipt,) = self.sender.receipts([batch.tx_hash])
+            if receipt is not None:
+                self._settle(batch.id, receipt)
+            elif batch.operator_nonce < pending_nonce:
+                self._in_flight[batch.id] = batch.tx_hash  # the node has it; wait for it
+            else:
+                self._drop(batch.id, "not known to the node after a restart")
+        log.info("relayer recovered: %d batches in flight", len(self._in_flight))
+
+    # the loop ------------------------------------------------------------------------------------
+
+    def step(self) -> int:
+        """Settle mined batches and send new ones; returns how many requests moved."""
+        moved = self._poll()
+        while len(self._in_flight) < self.max_in_flight:
+            sent = self._send_next()
+            if not sent:
+                break
+            moved += sent
+        return moved
+
+    def run(self, stop: threading.Event, idle: float = 0.02) -> None:
+        while not stop.is_set():
+            try:
+                moved = self.step()
+            except LedgerError:
+                log.exception("relayer step failed; retrying")
+                stop.wait(0.5)
+                continue
+            if moved == 0:
+                if self.wake.wait(idle if self._in_flight else 0.25):
+                    time.sleep(self.linger)  # group commit: let requests arriving together share a batch
+                self.wake.clear()
+
+    # sending -------------------------------------------------------------------------------------
+
+    def _send_next(self) -> int:
+        with self._sessions() as session:
+            requests = list(
+                session.scalars(
+                    select(ConsentRequest)
+                    .where(ConsentRequest.status == RequestStatus.PENDING)
+                    .order_by(ConsentRequest.seq)
+                    .limit(self.max_batch)
+                )
+            )
+        if not requests:
+            return 0
+        data = self.registry.encode_batch([signed_change(r) for r in requests])
+        nonce = self.sender.next_nonce
+        ((tx_hash, raw),) = self.sender.sign(
+            [TxRequest(to=self.registry.address, data=data, gas=batch_gas(len(requests)))]
+        )
+        try:
+            with self._sessions.begin() as session:
+                batch = RelayBatch(tx_hash=tx_hash, operator_nonce=nonce, size=len(requests))
+                session.add(batch)
+                session.flush()
+                claimed = session.execute(
+                    update(ConsentRequest)
+                    .where(
+                        ConsentRequest.seq.in_([r.seq for r in requests]),
+                        ConsentRequest.status == RequestStatus.PENDING,
+                    )
+                    .values(status=RequestStatus.SUBMITTED, batch_id=batch.id, tx_hash=tx_hash, updated_at=utcnow())
+                ).rowcount  # type: ignore[attr-defined]  # an UPDATE returns a CursorResult
+                if claimed != len(requests):
+                    raise _Raced  # something else moved them meanwhile (rolls the batch record back)
+                batch_id = batch.id
+        except _Raced:
+            self.sender.resync_nonce()
+            return 0
+        try:
+            self.sender.send_raw([raw])
+        except ChainError as exc:
+            log.warning("sending batch %s failed: %s", tx_hash, exc)
+            self._drop(batch_id, str(exc))
+            self.sender.resync_nonce()
+            return 0
+        self._in_flight[batch_id] = tx_hash
+        return len(requests)
+
+    # settling ------------------------------------------------------------------------------------
+
+    def _poll(self) -> int:
+        if not self._in_flight:
+            return 0
+        ids = list(self._in_flight)
+        receipts = self.sender.receipts([self._in_flight[i] for i in ids])
+        settled = 0
+        for batch_id, receipt in zip(ids, receipts, strict=True):
+            if receipt is not None:
+                settled += self._settle(batch_id, receipt)
+        if settled and self.on_mined is not None:
+            self.on_mined()
+        return settled
+
+    def _settle(self, batch_id: int, receipt: Receipt) -> int:
+        self._in_flight.pop(batch_id, None)
+        with self._sessions.begin() as session:
+            batch = session.get(RelayBatch, batch_id)
+            assert batch is not None
+            batch.status = "mined" if receipt.status == 1 else "reverted"
+            requests = self._batch_requests(session, batch_id)
+        if receipt.status != 1:
+            self._diagnose(batch_id, requests)
+        return max(1, len(requests))
+
+    def _batch_requests(self, session: Session, batch_id: int) -> list[ConsentRequest]:
+        return list(
+            session.scalars(
+                select(ConsentRequest).where(ConsentRequest.batch_id == batch_id).order_by(ConsentRequest.seq)
+            )
+        )
+
+    def _diagnose(self, batch_id: int, requests: Sequence[ConsentRequest]) -> None:
+        """Find the item that made the batch revert; it fails alone, the rest are queued again."""
+        live = [r for r in requests if r.status == RequestStatus.SUBMITTED]
+        culprit: tuple[ConsentRequest, ContractRevert] | None = None
+        if live:
+            try:
+                self.registry.estimate(self.registry.encode_batch([signed_change(r) for r in live]))
+            except BatchItemFailed as failure:
+                culprit = (live[failure.index], failure.cause)
+            except LedgerError as exc:
+                log.warning("could not diagnose batch %s: %s", batch_id, exc)
+        with self._sessions.begin() as session:
+            for request in live:
+                if culprit is not None and request.seq == culprit[0].seq:
+                    self._fail(session, request, culprit[1])
+                else:
+                    self._requeue(session, request.seq)
+
+    def _fail(self, session: Session, request: ConsentRequest, cause: ContractRevert) -> None:
+        if isinstance(cause, NonceMismatch):
+            current = int(cause.args_by_name["currentNonce"])
+            if current > request.nonce:
+                # That nonce was used: by this very change in an earlier (reorganised or resent)
+                # transaction. The indexer confirms it from the chain's event.
+                session.execute(
+                    update(ConsentRequest)
+                    .where(ConsentRequest.seq == request.seq)
+                    .values(status=RequestStatus.SUBMITTED, batch_id=None, updated_at=utcnow())
+                )
+                return
+            earlier = session.scalar(
+                select(func.count()).select_from(ConsentRequest).where(
+                    ConsentRequest.controller == request.controller, ConsentRequest.nonce < request.nonce,
+                    ConsentRequest.status.in_([RequestStatus.PENDING, RequestStatus.SUBMITTED]))
+            )  # fmt: skip
+            if earlier:
+                self._requeue(session, request.seq)
+                return
+        session.execute(
+            update(ConsentRequest)
+            .where(ConsentRequest.seq == request.seq)
+            .values(status=RequestStatus.FAILED, batch_id=None, error_code=ERROR_CODES.get(cause.error, "rejected"),
+                    error_detail=str(cause)[:500], updated_at=utcnow())
+        )  # fmt: skip
+        log.info("consent request %s failed on-chain: %s", request.id, cause)
+
+    def _requeue(self, session: Session, seq: int) -> None:
+        session.execute(
+            update(ConsentRequest)
+            .where(ConsentRequest.seq == seq, ConsentRequest.status == RequestStatus.SUBMITTED)
+            .values(status=RequestStatus.PENDING, batch_id=None, tx_hash=None, updated_at=utcnow())
+        )
+
+    def _drop(self, batch_id: int, reason: str) -> None:
+        self._in_flight.pop(batch_id, None)
+        with self._sessions.begin() as session:
+            batch = session.get(RelayBatch, batch_id)
+            assert batch is not None
+            batch.status = "dropped"
+            for request in self._batch_requests(session, batch_id):
+                self._requeue(session, request.seq)
+        log.warning("batch %s dropped (%s); its requests are queued again", batch_id, reason)

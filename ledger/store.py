@@ -1,0 +1,181 @@
+"""The relayer's outbox and the indexer's read model, in one service database (SQLAlchemy).
+
+SQLite by default (WAL, one writer at a time), PostgreSQL by URL. Accepted consent requests are
+committed here before the API acknowledges them; the relayer puts them on-chain; the indexer
+records what the chain says and is the only writer of the read model.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Engine,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    UniqueConstraint,
+    create_engine,
+    event,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class RequestStatus(enum.StrEnum):
+    PENDING = "pending"  # accepted, not yet sent
+    SUBMITTED = "submitted"  # in a sent batch transaction
+    CONFIRMED = "confirmed"  # its event is on-chain (read model)
+    FAILED = "failed"  # the chain refused it; `error_code` says why
+
+
+class ConsentRequest(Base):
+    """One accepted, signed consent change (the outbox)."""
+
+    __tablename__ = "consent_requests"
+    __table_args__ = (
+        # A controller's nonce is used by one live request at most; a failed one frees it for a re-signed change.
+        Index(
+            "uq_live_request_nonce",
+            "controller",
+            "nonce",
+            unique=True,
+            sqlite_where=text("status != 'failed'"),
+            postgresql_where=text("status != 'failed'"),
+        ),
+        Index("ix_requests_status_seq", "status", "seq"),
+        Index("ix_requests_subject", "subject"),
+    )
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(36), unique=True)
+    kind: Mapped[int] = mapped_column(Integer)
+    subject: Mapped[bytes] = mapped_column(LargeBinary(32))
+    partner: Mapped[str] = mapped_column(String(42))
+    purpose: Mapped[bytes] = mapped_column(LargeBinary(32))
+    attributes: Mapped[str] = mapped_column(String(80))  # uint256 as decimal
+    valid_until: Mapped[int] = mapped_column(BigInteger)
+    nonce: Mapped[int] = mapped_column(BigInteger)
+    deadline: Mapped[int] = mapped_column(BigInteger)
+    controller: Mapped[str] = mapped_column(String(42))
+    v: Mapped[int] = mapped_column(Integer)
+    r: Mapped[bytes] = mapped_column(LargeBinary(32))
+    s: Mapped[bytes] = mapped_column(LargeBinary(32))
+    status: Mapped[str] = mapped_column(String(16), default=RequestStatus.PENDING)
+    batch_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    tx_hash: Mapped[str | None] = mapped_column(String(66), default=None)
+    block_number: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    error_code: Mapped[str | None] = mapped_column(String(64), default=None)
+    error_detail: Mapped[str | None] = mapped_column(String(500), default=None)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class RelayBatch(Base):
+    """A batch transaction the relayer signed: written before it is sent, so a restart can find it."""
+
+    __tablename__ = "relay_batches"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # Not unique: after a reorganisation the same signed transaction may be sent again.
+    tx_hash: Mapped[str] = mapped_column(String(66), index=True)
+    operator_nonce: Mapped[int] = mapped_column(BigInteger)
+    size: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default="sent")  # sent, mined, reverted, dropped
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ConsentEvent(Base):
+    """A ConsentGranted / ConsentRevoked log as indexed (the read model's history)."""
+
+    __tablename__ = "consent_events"
+    __table_args__ = (
+        UniqueConstraint("block_hash", "log_index", name="uq_event_position"),
+        Index("ix_events_key", "subject", "partner", "purpose"),
+        Index("ix_events_block", "block_number"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    block_number: Mapped[int] = mapped_column(BigInteger)
+    block_hash: Mapped[str] = mapped_column(String(66))
+    log_index: Mapped[int] = mapped_column(Integer)
+    tx_hash: Mapped[str] = mapped_column(String(66))
+    block_time: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[int] = mapped_column(Integer)
+    subject: Mapped[bytes] = mapped_column(LargeBinary(32))
+    partner: Mapped[str] = mapped_column(String(42))
+    purpose: Mapped[bytes] = mapped_column(LargeBinary(32))
+    changed: Mapped[str] = mapped_column(String(80))
+    attributes: Mapped[str] = mapped_column(String(80))
+    valid_until: Mapped[int] = mapped_column(BigInteger)
+    nonce: Mapped[int] = mapped_column(BigInteger)
+
+
+class ConsentState(Base):
+    """Current on-chain consent per (subject, partner, purpose), as of the indexed head."""
+
+    __tablename__ = "consent_state"
+
+    subject: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    partner: Mapped[str] = mapped_column(String(42), primary_key=True)
+    purpose: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    attributes: Mapped[str] = mapped_column(String(80))
+    valid_until: Mapped[int] = mapped_column(BigInteger)
+    block_number: Mapped[int] = mapped_column(BigInteger)
+    tx_hash: Mapped[str] = mapped_column(String(66))
+
+
+class ControllerState(Base):
+    __tablename__ = "controller_state"
+
+    subject: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    controller: Mapped[str] = mapped_column(String(42), index=True)
+    block_number: Mapped[int] = mapped_column(BigInteger)
+
+
+class IndexedBlock(Base):
+    """Hashes of recently indexed blocks, to notice a reorganisation."""
+
+    __tablename__ = "indexed_blocks"
+
+    number: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    hash: Mapped[str] = mapped_column(String(66))
+
+
+class IndexerCursor(Base):
+    __tablename__ = "indexer_cursor"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    block_number: Mapped[int] = mapped_column(BigInteger)
+
+
+def make_engine(url: str) -> Engine:
+    engine = create_engine(url, future=True, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode = WAL")  # readers never wait for the writer
+            cursor.execute("PRAGMA synchronous = FULL")  # an acknowledged request survives power loss
+            cursor.execute("PRAGMA busy_timeout = 10000")
+            cursor.close()
+
+    return engine
+
+
+def sessions(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)

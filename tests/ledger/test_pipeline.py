@@ -1,0 +1,231 @@
+"""Outbox → relayer → chain → indexer → read model, on a real anvil node and a real SQLite file."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from eth_utils.crypto import keccak
+from sqlalchemy import Engine, func, select
+
+from ledger import eip712
+from ledger.backends import AnvilBackend
+from ledger.compiler import Artifact
+from ledger.consent import ConsentRegistryClient, SignedChange
+from ledger.contracts import RevertDecoder, ensure_deployed
+from ledger.eip712 import ChangeKind, ConsentChange
+from ledger.indexer import Indexer
+from ledger.outbox import NonceConflict, Outbox
+from ledger.relayer import Relayer
+from ledger.settings import ChainSettings
+from ledger.store import Base, ConsentEvent, ConsentRequest, RelayBatch, RequestStatus, make_engine, sessions
+from ledger.tx import TxSender
+from ledger.types import Subject
+
+pytestmark = pytest.mark.anvil
+PURPOSE = eip712.purpose_id("marketing.communications.email")
+EMAIL, PHONE = 1, 2
+
+
+@dataclass
+class Pipeline:
+    backend: AnvilBackend
+    registry: ConsentRegistryClient
+    engine: Engine
+    outbox: Outbox
+    relayer: Relayer
+    indexer: Indexer
+    partner: str
+    artifacts: dict[str, Artifact]
+    deploy_block: int
+
+    def customer(self) -> tuple[LocalAccount, Subject]:
+        account = Account.create()
+        subject = Subject(keccak(bytes(account.key)))
+        self.registry.bind_controller(subject, account.address)
+        return account, subject
+
+    def accept(self, account: LocalAccount, subject: Subject, kind: ChangeKind, bits: int, *,
+               key: bytes | None = None) -> ConsentRequest:  # fmt: skip
+        chain_nonce = self.registry.nonce_of(account.address)
+        change = ConsentChange(kind, subject, self.partner, PURPOSE, bits,  # type: ignore[arg-type]
+                               nonce=self.outbox.next_nonce(account.address, chain_nonce),
+                               deadline=int(time.time()) + 3600)  # fmt: skip
+        signed = SignedChange(change, eip712.sign(key or bytes(account.key), self.registry.domain, change))
+        return self.outbox.accept(signed, account.address, chain_nonce)
+
+    def settle(self, until: Callable[[], bool], timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not until():
+            assert time.monotonic() < deadline, "the pipeline did not settle"
+            self.relayer.step()
+            self.indexer.step()
+            time.sleep(0.02)
+
+    def statuses(self, *requests: ConsentRequest) -> list[str]:
+        return [self.outbox.request(r.id).status for r in requests]  # type: ignore[union-attr]
+
+    def events(self) -> list[ConsentEvent]:
+        with sessions(self.engine)() as session:
+            return list(session.scalars(select(ConsentEvent).where(ConsentEvent.kind != 2)))
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path, artifacts: dict[str, Artifact]) -> Iterator[Pipeline]:
+    operator = Account.create()
+    backend = AnvilBackend(ChainSettings(backend="anvil", block_time=0.05), operator, tmp_path)
+    backend.start()
+    sender = TxSender(backend.w3, operator)
+    deployment = ensure_deployed(backend.w3, sender, artifacts,
+                                 [("ConsentRegistry", lambda _d: [operator.address, operator.address])], None)  # fmt: skip
+    registry = ConsentRegistryClient(backend.w3, deployment.address("ConsentRegistry"), artifacts["ConsentRegistry"],
+                                     sender, RevertDecoder(list(artifacts.values())))  # fmt: skip
+    partner = Account.create().address
+    registry.add_partner(partner)
+    engine = make_engine(f"sqlite:///{tmp_path / 'service.db'}")
+    Base.metadata.create_all(engine)
+    yield Pipeline(
+        backend=backend, registry=registry, engine=engine, outbox=Outbox(engine),
+        relayer=Relayer(engine, registry, linger=0), partner=partner, artifacts=artifacts,
+        indexer=Indexer(backend.w3, engine, registry.address, deployment.deploy_block),
+        deploy_block=deployment.deploy_block,
+    )  # fmt: skip
+    engine.dispose()
+    backend.stop()
+
+
+def test_accepted_changes_are_confirmed_exactly_once_in_shared_batches(pipeline: Pipeline) -> None:
+    customers = [pipeline.customer() for _ in range(10)]
+    requests = [
+        pipeline.accept(account, subject, ChangeKind.GRANT, bit)
+        for account, subject in customers
+        for bit in (EMAIL, PHONE, 4)
+    ]
+    pipeline.settle(lambda: set(pipeline.statuses(*requests)) == {RequestStatus.CONFIRMED})
+    events = pipeline.events()
+    assert sorted((e.subject, e.nonce) for e in events) == sorted((r.subject, r.nonce) for r in requests)
+    with sessions(pipeline.engine)() as session:
+        batches = session.scalar(select(func.count()).select_from(RelayBatch))
+    assert batches is not None
+    assert batches < len(requests)  # group commit: many changes per transaction
+    for request in requests:
+        stored = pipeline.outbox.request(request.id)
+        assert stored is not None
+        assert stored.tx_hash is not None
+        assert stored.block_number is not None
+    for account, subject in customers:
+        assert pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, EMAIL | PHONE | 4)  # type: ignore[arg-type]
+        assert pipeline.outbox.effective(subject, pipeline.partner, PURPOSE) == EMAIL | PHONE | 4
+        del account
+
+
+def test_a_bad_request_fails_alone_with_its_reason(pipeline: Pipeline) -> None:
+    good = [pipeline.customer() for _ in range(4)]
+    forged_account, forged_subject = pipeline.customer()
+    first = [pipeline.accept(a, s, ChangeKind.GRANT, EMAIL) for a, s in good[:2]]
+    bad = pipeline.accept(forged_account, forged_subject, ChangeKind.GRANT, EMAIL, key=bytes(Account.create().key))
+    rest = [pipeline.accept(a, s, ChangeKind.GRANT, EMAIL) for a, s in good[2:]]
+    pipeline.settle(lambda: RequestStatus.PENDING not in pipeline.statuses(*first, bad, *rest)
+                    and RequestStatus.SUBMITTED not in pipeline.statuses(*first, bad, *rest))  # fmt: skip
+    assert pipeline.statuses(*first, *rest) == [RequestStatus.CONFIRMED] * 4
+    failed = pipeline.outbox.request(bad.id)
+    assert failed is not None
+    assert (failed.status, failed.error_code) == (RequestStatus.FAILED, "invalid_signature")
+    assert not pipeline.registry.is_permitted(forged_subject, pipeline.partner, PURPOSE, EMAIL)  # type: ignore[arg-type]
+    # Its nonce is free again: the customer can sign anew.
+    again = pipeline.accept(forged_account, forged_subject, ChangeKind.GRANT, EMAIL)
+    assert again.nonce == bad.nonce
+
+
+def test_a_revocation_takes_effect_when_accepted_and_a_grant_when_on_chain(pipeline: Pipeline) -> None:
+    account, subject = pipeline.customer()
+    grant = pipeline.accept(account, subject, ChangeKind.GRANT, EMAIL | PHONE)
+    assert pipeline.outbox.effective(subject, pipeline.partner, PURPOSE) == 0  # not on-chain yet
+    (status,) = pipeline.outbox.consents_of(subject)
+    assert (status.status, status.pending_grant) == ("pending", EMAIL | PHONE)
+    pipeline.settle(lambda: pipeline.statuses(grant) == [RequestStatus.CONFIRMED])
+    assert pipeline.outbox.effective(subject, pipeline.partner, PURPOSE) == EMAIL | PHONE
+    revoke = pipeline.accept(account, subject, ChangeKind.REVOKE, PHONE)
+    assert pipeline.outbox.effective(subject, pipeline.partner, PURPOSE) == EMAIL  # deny wins while pending
+    assert pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, PHONE)  # type: ignore[arg-type]
+    pipeline.settle(lambda: pipeline.statuses(revoke) == [RequestStatus.CONFIRMED])
+    assert not pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, PHONE)  # type: ignore[arg-type]
+    (status,) = pipeline.outbox.consents_of(subject)
+    assert (status.status, status.attributes, status.on_chain) == ("active", EMAIL, EMAIL)
+
+
+def test_a_replayed_or_out_of_order_nonce_is_refused_at_acceptance(pipeline: Pipeline) -> None:
+    account, subject = pipeline.customer()
+    pipeline.accept(account, subject, ChangeKind.GRANT, EMAIL)
+    change = ConsentChange(ChangeKind.GRANT, subject, pipeline.partner, PURPOSE, PHONE, nonce=0,  # type: ignore[arg-type]
+                           deadline=int(time.time()) + 60)  # fmt: skip
+    signed = SignedChange(change, eip712.sign(bytes(account.key), pipeline.registry.domain, change))
+    with pytest.raises(NonceConflict, match="not the next one"):
+        pipeline.outbox.accept(signed, account.address, 0)
+
+
+def test_the_indexer_resumes_where_it_stopped(pipeline: Pipeline) -> None:
+    account, subject = pipeline.customer()
+    first = pipeline.accept(account, subject, ChangeKind.GRANT, EMAIL)
+    pipeline.settle(lambda: pipeline.statuses(first) == [RequestStatus.CONFIRMED])
+    cursor = pipeline.indexer.cursor()
+    pipeline.indexer = Indexer(pipeline.backend.w3, pipeline.engine, pipeline.registry.address, pipeline.deploy_block)
+    assert pipeline.indexer.cursor() == cursor
+    second = pipeline.accept(account, subject, ChangeKind.GRANT, PHONE)
+    pipeline.settle(lambda: pipeline.statuses(second) == [RequestStatus.CONFIRMED])
+    assert sorted(e.nonce for e in pipeline.events()) == [0, 1]  # nothing indexed twice
+
+
+def test_a_reorganisation_is_rolled_back_and_the_change_sent_again(pipeline: Pipeline) -> None:
+    account, subject = pipeline.customer()
+    before = pipeline.backend.rpc("evm_snapshot")
+    request = pipeline.accept(account, subject, ChangeKind.GRANT, EMAIL)
+    pipeline.settle(lambda: pipeline.statuses(request) == [RequestStatus.CONFIRMED])
+    (first,) = pipeline.events()
+    # The chain drops the block with our transaction (and its mempool): a reorganisation.
+    assert pipeline.backend.rpc("evm_revert", before) is True
+    pipeline.relayer.sender.resync_nonce()
+    pipeline.backend.rpc("anvil_mine", hex(30))
+    assert pipeline.indexer.step() < 0  # rolled back
+    assert pipeline.statuses(request) == [RequestStatus.PENDING]
+    assert pipeline.outbox.effective(subject, pipeline.partner, PURPOSE) == 0
+    pipeline.settle(lambda: pipeline.statuses(request) == [RequestStatus.CONFIRMED])
+    (again,) = pipeline.events()  # exactly once, in a block of the new chain
+    assert (again.subject, again.nonce) == (subject, 0)
+    assert again.block_hash != first.block_hash
+    assert pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, EMAIL)  # type: ignore[arg-type]
+
+
+def test_a_relayer_that_dies_before_sending_loses_nothing(pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    account, subject = pipeline.customer()
+    request = pipeline.accept(account, subject, ChangeKind.GRANT, EMAIL)
+
+    def crash(_raws: object) -> None:
+        raise KeyboardInterrupt  # the process dies between recording the batch and sending it
+
+    monkeypatch.setattr(pipeline.relayer.sender, "send_raw", crash)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.relayer.step()
+    monkeypatch.undo()
+    assert pipeline.statuses(request) == [RequestStatus.SUBMITTED]
+    pipeline.relayer = Relayer(pipeline.engine, pipeline.registry, linger=0)
+    pipeline.relayer.recover()
+    pipeline.settle(lambda: pipeline.statuses(request) == [RequestStatus.CONFIRMED])
+    assert [(e.subject, e.nonce) for e in pipeline.events()] == [(subject, 0)]
+
+
+def test_a_relayer_that_dies_after_sending_settles_the_batch_on_restart(pipeline: Pipeline) -> None:
+    account, subject = pipeline.customer()
+    request = pipeline.accept(account, subject, ChangeKind.GRANT, EMAIL)
+    assert pipeline.relayer.step() == 1  # sent, never polled: the process is gone
+    pipeline.relayer = Relayer(pipeline.engine, pipeline.registry, linger=0)
+    pipeline.relayer.recover()
+    pipeline.settle(lambda: pipeline.statuses(request) == [RequestStatus.CONFIRMED])
+    assert [(e.subject, e.nonce) for e in pipeline.events()] == [(subject, 0)]
+    with sessions(pipeline.engine)() as session:
+        assert [b.status for b in session.scalars(select(RelayBatch))] == ["mined"]
