@@ -81,8 +81,8 @@ def pipeline(tmp_path: Path, artifacts: dict[str, Artifact]) -> Iterator[Pipelin
     backend = AnvilBackend(ChainSettings(backend="anvil", block_time=0.05), operator, tmp_path)
     backend.start()
     sender = TxSender(backend.w3, operator)
-    deployment = ensure_deployed(backend.w3, sender, artifacts,
-                                 [("ConsentRegistry", lambda _d: [operator.address, operator.address])], None)  # fmt: skip
+    plan = [("ConsentRegistry", lambda _d: [operator.address, operator.address])]
+    deployment = ensure_deployed(backend.w3, sender, artifacts, plan, None)
     registry = ConsentRegistryClient(backend.w3, deployment.address("ConsentRegistry"), artifacts["ConsentRegistry"],
                                      sender, RevertDecoder(list(artifacts.values())))  # fmt: skip
     partner = Account.create().address
