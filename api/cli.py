@@ -42,6 +42,42 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _principals_add(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import IntegrityError
+    from web3 import Web3
+
+    import api.models  # noqa: F401 - the principals table
+    from api.auth import PrincipalExists, create_principal, new_address
+    from api.models import Partner
+    from ledger.store import Base, make_engine, sessions
+
+    overrides = {"data_dir": args.data_dir} if args.data_dir else {}
+    service = ServiceSettings(**overrides)
+    service.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(service.database_url or f"sqlite:///{(service.data_dir / 'service.db').resolve()}")
+    Base.metadata.create_all(engine)
+    address: str | None = Web3.to_checksum_address(args.address) if args.address else None
+    private_key: str | None = None
+    if args.role == "partner" and address is None:
+        address, private_key = new_address()
+    try:
+        with sessions(engine).begin() as session:
+            _principal, key = create_principal(session, args.name, args.role, address)
+            if args.role == "partner":
+                session.add(Partner(address=address, name=args.name, on_chain=False))
+    except (PrincipalExists, IntegrityError):
+        print(f"consent-ledger: a principal or partner named {args.name!r} exists already", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    print(f"name:    {args.name}\nrole:    {args.role}\napi key: {key}   (shown once; only its hash is stored)")
+    if address:
+        print(f"address: {address}   (gets the partner role on-chain when the service runs)")
+    if private_key:
+        print(f"partner private key: {private_key}   (shown once; the service does not keep it)")
+    return 0
+
+
 def _compile(_args: argparse.Namespace) -> int:
     from ledger.compiler import compile_contracts
 
@@ -60,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="listen port (default 8000)")
     serve.add_argument("--data-dir", type=Path, help="state directory (default ./var)")
     serve.set_defaults(handler=_serve)
+
+    principals = commands.add_parser("principals", help="service accounts (API keys)")
+    principal_commands = principals.add_subparsers(dest="principal_command", required=True)
+    add = principal_commands.add_parser("add", help="create a principal and print its API key once")
+    add.add_argument("--role", required=True, choices=["operator", "issuer", "partner", "auditor"])
+    add.add_argument("--name", required=True)
+    add.add_argument("--address", help="partner's own address (default: a new one is made)")
+    add.add_argument("--data-dir", type=Path, help="state directory (default ./var)")
+    add.set_defaults(handler=_principals_add)
 
     compile_ = commands.add_parser("compile", help="compile the contracts (cached) and list them")
     compile_.set_defaults(handler=_compile)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI
 
-from api.routers import dids, system
+from api import errors
+from api.routers import auth, consents, customers, dids, reference, system
 from api.runtime import Runtime
 
 API_PREFIX = "/api/v1"
@@ -19,9 +20,14 @@ def create_app(runtime: Runtime) -> FastAPI:
         redoc_url=None,
     )
     app.state.runtime = runtime
+    errors.install(app)
     v1 = APIRouter(prefix=API_PREFIX)
     v1.include_router(system.router)
     v1.include_router(dids.router)
+    v1.include_router(auth.router)
+    v1.include_router(customers.router)
+    v1.include_router(consents.router)
+    v1.include_router(reference.router)
     app.include_router(v1)
     app.include_router(dids.did_web)
     return app

@@ -1,21 +1,35 @@
-"""The running service's parts, started and stopped in order: chain, contracts, clients."""
+"""The running service's parts, started and stopped in order: vault, chain, contracts, service
+database, relayer and indexer threads."""
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session, sessionmaker
+
+import api.models  # noqa: F401 - registers the API's tables on the shared metadata
+from api import reference
 from api.secrets import Secrets
 from api.settings import ServiceSettings
 from identity.did import DidWeb, Resolver
 from identity.pseudonym import Pseudonymizer
 from identity.settings import IdentitySettings
-from identity.vault import Vault, make_engine
+from identity.vault import Vault
+from identity.vault import make_engine as make_vault_engine
 from ledger.backends import ChainBackend, create_backend
 from ledger.compiler import Artifact, compile_contracts
-from ledger.consent import ConsentRegistryClient
+from ledger.consent import PARTNER_ROLE, ConsentRegistryClient
 from ledger.contracts import Deployment, RevertDecoder, ensure_deployed
+from ledger.indexer import Indexer
+from ledger.outbox import Outbox
+from ledger.relayer import Relayer
 from ledger.settings import ChainSettings, ToolchainSettings
+from ledger.store import Base, ControllerState, make_engine, sessions
 from ledger.tx import TxSender
 
 log = logging.getLogger(__name__)
@@ -29,22 +43,41 @@ class Runtime:
     secrets: Secrets
     identity: IdentitySettings = field(default_factory=IdentitySettings)
     backend: ChainBackend | None = None
-    vault: Vault | None = None
-    dids: DidWeb | None = None
-    resolver: Resolver | None = None
     deployment: Deployment | None = None
     artifacts: dict[str, Artifact] = field(default_factory=dict)
     consent: ConsentRegistryClient | None = None
+    vault: Vault | None = None
+    dids: DidWeb | None = None
+    resolver: Resolver | None = None
+    engine: Engine | None = None
+    outbox: Outbox | None = None
+    relayer: Relayer | None = None
+    indexer: Indexer | None = None
+    _sessions: sessionmaker[Session] | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
 
-    def start(self) -> None:
-        self.service.data_dir.mkdir(parents=True, exist_ok=True)
-        url = self.identity.database_url or f"sqlite:///{(self.service.data_dir / 'identity.db').resolve()}"
-        self.vault = Vault(make_engine(url), self.secrets.master_keys, Pseudonymizer(self.secrets.peppers))
+    def sessions(self) -> AbstractContextManager[Session]:
+        assert self._sessions is not None, "the runtime is not started"
+        return self._sessions.begin()
+
+    def start(self, *, workers: bool = True) -> None:
+        data_dir = self.service.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        vault_url = self.identity.database_url or f"sqlite:///{(data_dir / 'identity.db').resolve()}"
+        self.vault = Vault(make_vault_engine(vault_url), self.secrets.master_keys, Pseudonymizer(self.secrets.peppers))
         self.vault.create_schema()
         self.dids = self.identity.did_method(f"{self.service.host}%3A{self.service.port}")
         self.resolver = Resolver(self.dids, self.vault)
+
+        self.engine = make_engine(self.service.database_url or f"sqlite:///{(data_dir / 'service.db').resolve()}")
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessions(self.engine)
+        with self.sessions() as session:
+            reference.seed(session)
+
         self.artifacts = compile_contracts(self.toolchain)
-        self.backend = create_backend(self.chain, self.secrets.operator, self.service.data_dir)
+        self.backend = create_backend(self.chain, self.secrets.operator, data_dir)
         w3 = self.backend.start()
         sender = TxSender(w3, self.secrets.operator, receipt_timeout=self.chain.receipt_timeout)
         operator = self.secrets.operator.address
@@ -53,24 +86,77 @@ class Runtime:
             sender,
             self.artifacts,
             [("ConsentRegistry", lambda _d: [operator, operator])],
-            self.service.data_dir / "deployment.json",
+            data_dir / "deployment.json",
         )
         decoder = RevertDecoder(list(self.artifacts.values()))
         self.consent = ConsentRegistryClient(
             w3, self.deployment.address("ConsentRegistry"), self.artifacts["ConsentRegistry"], sender, decoder
         )
+        self.outbox = Outbox(self.engine)
+        self.indexer = Indexer(w3, self.engine, self.consent.address, self.deployment.deploy_block)
+        self.relayer = Relayer(self.engine, self.consent, on_mined=self.indexer.wake.set)
+        self.sync_partners()
         log.info(
             "chain %s (%s backend), ConsentRegistry at %s since block %s",
             self.deployment.chain_id,
             self.backend.name,
-            self.deployment.address("ConsentRegistry"),
+            self.consent.address,
             self.deployment.deploy_block,
         )
+        if workers:
+            self.relayer.recover()
+            self._spawn("indexer", self.indexer.run)
+            self._spawn("relayer", self.relayer.run)
+            self._spawn("partners", self._partner_sync)
+
+    def _partner_sync(self, stop: threading.Event) -> None:
+        """Partners added by `principals add` while the service runs get their role within seconds."""
+        while not stop.wait(2.0):
+            try:
+                self.sync_partners()
+            except Exception:  # the chain may be briefly unavailable; try again later
+                log.exception("partner sync failed")
+
+    def _spawn(self, name: str, target: object) -> None:
+        thread = threading.Thread(target=target, args=(self._stop,), name=name, daemon=True)  # type: ignore[arg-type]
+        thread.start()
+        self._threads.append(thread)
+
+    def sync_partners(self) -> None:
+        """Give every registered partner the partner role on-chain (the operator is the registry's admin here)."""
+        from api.models import Partner
+
+        assert self.consent is not None
+        with self.sessions() as session:
+            for partner in session.scalars(select(Partner).where(Partner.on_chain.is_(False))):
+                if not self.consent.has_role(PARTNER_ROLE, partner.address):  # type: ignore[arg-type]
+                    self.consent.add_partner(partner.address)  # type: ignore[arg-type]
+                partner.on_chain = True
+
+    def wait_for_controller(self, subject: bytes, timeout: float = 30.0) -> None:
+        """Block until the indexer has seen the subject's controller binding."""
+        assert self.indexer is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.sessions() as session:
+                if session.get(ControllerState, subject) is not None:
+                    return
+            self.indexer.wake.set()
+            time.sleep(0.02)
+        raise TimeoutError("the controller binding was not indexed in time")
 
     def stop(self) -> None:
+        self._stop.set()
+        for worker in (self.relayer, self.indexer):
+            if worker is not None:
+                worker.wake.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self._threads.clear()
         if self.backend is not None:
             self.backend.stop()
             self.backend = None
-        if self.vault is not None:
-            self.vault.engine.dispose()
-            self.vault = None
+        for engine in (self.engine, self.vault.engine if self.vault else None):
+            if engine is not None:
+                engine.dispose()
+        self.vault = None

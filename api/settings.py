@@ -20,6 +20,11 @@ class ServiceSettings(BaseSettings):
     data_dir: Path = Field(default=Path("var"), description="All state: chain, deployment record, databases.")
     host: str = Field(default="127.0.0.1", description="Address the HTTP API listens on.")
     port: int = Field(default=8000, ge=0, lt=65536, description="Port the HTTP API listens on.")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL of the service database (default: SQLite in the data dir)."
+    )
+    company_name: str = Field(default="Example Retail Ltd", description="The data controller, named in receipts.")
+    company_contact: str = Field(default="privacy@example.com", description="The controller's privacy contact.")
 
     @property
     def development(self) -> bool:

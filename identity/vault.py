@@ -231,8 +231,11 @@ class Vault:
                 session.scalars(select(SubjectLinkRow.new_subject).where(SubjectLinkRow.old_subject == subject))
             )
             for target in [subject, *successors]:
-                session.execute(delete(SubjectLinkRow).where(
-                    or_(SubjectLinkRow.old_subject == target, SubjectLinkRow.new_subject == target)))  # fmt: skip
+                session.execute(
+                    delete(SubjectLinkRow).where(
+                        or_(SubjectLinkRow.old_subject == target, SubjectLinkRow.new_subject == target)
+                    )
+                )
                 session.execute(delete(PiiRow).where(PiiRow.subject == target))
                 session.execute(delete(DataKeyRow).where(DataKeyRow.subject == target))
                 session.execute(delete(BlindIndexRow).where(BlindIndexRow.subject == target))
@@ -261,9 +264,15 @@ class Vault:
         current = self.pseudonymizer.ring.current
         links: dict[Subject, Subject] = {}
         with self._session() as session:
-            old_rows = list(session.scalars(select(SubjectRow).where(
-                SubjectRow.pepper_version != current, SubjectRow.erased_at.is_(None),
-                SubjectRow.superseded_at.is_(None))))  # fmt: skip
+            old_rows = list(
+                session.scalars(
+                    select(SubjectRow).where(
+                        SubjectRow.pepper_version != current,
+                        SubjectRow.erased_at.is_(None),
+                        SubjectRow.superseded_at.is_(None),
+                    )
+                )
+            )
             for old in old_rows:
                 pii = self._decrypt(session, old.subject)
                 new_subject = self.pseudonymizer.subject(pii)

@@ -107,19 +107,28 @@ class AnvilNode:
     def _command(self) -> list[str]:
         return [
             str(self.binary),
-            "--host", "127.0.0.1",
-            "--port", str(self.port),
-            "--chain-id", str(self.chain_id),
-            "--block-time", f"{self.block_time:g}",
-            "--gas-limit", str(self.gas_limit),
-            "--base-fee", "0",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--chain-id",
+            str(self.chain_id),
+            "--block-time",
+            f"{self.block_time:g}",
+            "--gas-limit",
+            str(self.gas_limit),
+            "--base-fee",
+            "0",
             "--no-priority-fee",
-            "--accounts", "1",
+            "--accounts",
+            "1",
             "--no-request-size-limit",
             "--disable-code-size-limit",
-            "--state", str(self.state_file),
-            "--state-interval", str(self.state_interval),
-        ]  # fmt: skip
+            "--state",
+            str(self.state_file),
+            "--state-interval",
+            str(self.state_interval),
+        ]
 
     def start(self) -> str:
         """Start the node and wait until it answers; returns its URL."""

@@ -34,9 +34,18 @@ class SignedChange:
     def as_abi(self) -> tuple[Any, ...]:
         c = self.change
         return (
-            int(c.kind), c.subject, c.partner, c.purpose, c.attributes, c.valid_until, c.nonce, c.deadline,
-            self.signature.v, self.signature.r, self.signature.s,
-        )  # fmt: skip
+            int(c.kind),
+            c.subject,
+            c.partner,
+            c.purpose,
+            c.attributes,
+            c.valid_until,
+            c.nonce,
+            c.deadline,
+            self.signature.v,
+            self.signature.r,
+            self.signature.s,
+        )
 
 
 @dataclass(frozen=True)
@@ -93,8 +102,9 @@ def batch_gas(count: int) -> int:
 class ConsentRegistryClient(ContractClient):
     """Operator-side client. Customers sign; the operator relays."""
 
-    def __init__(self, w3: Web3, address: ChecksumAddress, artifact: Artifact, sender: TxSender,
-                 decoder: RevertDecoder) -> None:  # fmt: skip
+    def __init__(
+        self, w3: Web3, address: ChecksumAddress, artifact: Artifact, sender: TxSender, decoder: RevertDecoder
+    ) -> None:
         super().__init__(w3, address, artifact, sender, decoder)
         self.domain = Domain(name=CONTRACT_NAME, chain_id=sender.chain_id, verifying_contract=address)
 
@@ -119,12 +129,29 @@ class ConsentRegistryClient(ContractClient):
 
     # messages for customers to sign ------------------------------------------------------------
 
-    def grant_message(self, subject: Subject, partner: ChecksumAddress, purpose: Purpose, attributes: int, *,
-                      valid_until: int = 0, nonce: int, deadline: int) -> ConsentChange:  # fmt: skip
+    def grant_message(
+        self,
+        subject: Subject,
+        partner: ChecksumAddress,
+        purpose: Purpose,
+        attributes: int,
+        *,
+        valid_until: int = 0,
+        nonce: int,
+        deadline: int,
+    ) -> ConsentChange:
         return ConsentChange(ChangeKind.GRANT, subject, partner, purpose, attributes, nonce, deadline, valid_until)
 
-    def revoke_message(self, subject: Subject, partner: ChecksumAddress, purpose: Purpose, attributes: int, *,
-                       nonce: int, deadline: int) -> ConsentChange:  # fmt: skip
+    def revoke_message(
+        self,
+        subject: Subject,
+        partner: ChecksumAddress,
+        purpose: Purpose,
+        attributes: int,
+        *,
+        nonce: int,
+        deadline: int,
+    ) -> ConsentChange:
         return ConsentChange(ChangeKind.REVOKE, subject, partner, purpose, attributes, nonce, deadline)
 
     # operator actions --------------------------------------------------------------------------

@@ -120,8 +120,9 @@ def _bytes_in_message(message: str) -> bytes | None:
 class ContractClient:
     """Base of the typed clients: encodes calls, pre-flights them, sends, and decodes failures."""
 
-    def __init__(self, w3: Web3, address: ChecksumAddress, artifact: Artifact, sender: TxSender,
-                 decoder: RevertDecoder) -> None:  # fmt: skip
+    def __init__(
+        self, w3: Web3, address: ChecksumAddress, artifact: Artifact, sender: TxSender, decoder: RevertDecoder
+    ) -> None:
         self.w3 = w3
         self.address = address
         self.sender = sender
@@ -140,8 +141,9 @@ class ContractClient:
     def estimate(self, data: bytes) -> int:
         """Gas for `data` from the operator; raises the decoded revert if it would fail."""
         try:
-            return int(self.w3.eth.estimate_gas({"from": self.sender.account.address, "to": self.address,
-                                                 "data": data}))  # fmt: skip
+            return int(
+                self.w3.eth.estimate_gas({"from": self.sender.account.address, "to": self.address, "data": data})
+            )
         except _REVERTS as exc:
             raise self._translate(exc) from exc
 

@@ -56,6 +56,13 @@ MESSAGE_FIELDS: dict[str, list[tuple[str, str]]] = {
         ("nonce", "uint256"),
         ("deadline", "uint256"),
     ],
+    # Off-chain only: a new customer proves they hold the key they bind, with their claim code.
+    "ControllerBinding": [
+        ("subject", "bytes32"),
+        ("controller", "address"),
+        ("claim", "bytes32"),
+        ("deadline", "uint256"),
+    ],
 }
 
 
@@ -211,7 +218,116 @@ class ControllerChange:
         )
 
 
-Message = ConsentChange | ControllerChange
+@dataclass(frozen=True)
+class ControllerBinding:
+    """`ControllerBinding`: signed off-chain by a new customer's key; `claim` is keccak256 of the claim code."""
+
+    subject: Subject
+    controller: ChecksumAddress
+    claim: bytes
+    deadline: int
+    primary_type = "ControllerBinding"
+
+    def message(self) -> dict[str, Any]:
+        return {
+            "subject": "0x" + bytes(self.subject).hex(),
+            "controller": self.controller,
+            "claim": "0x" + self.claim.hex(),
+            "deadline": self.deadline,
+        }
+
+    def struct_hash(self) -> bytes:
+        return keccak(
+            abi_encode(
+                ["bytes32", "bytes32", "address", "bytes32", "uint256"],
+                [TYPEHASHES["ControllerBinding"], self.subject, self.controller, self.claim, self.deadline],
+            )
+        )
+
+
+Message = ConsentChange | ControllerChange | ControllerBinding
+
+
+class TypedDataError(ValueError):
+    """Raised when submitted typed data is not exactly a message this service issues."""
+
+
+def _uint(value: Any, bits: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypedDataError(f"{name} must be an integer")
+    try:
+        number = int(value, 0) if isinstance(value, str) else value
+    except ValueError:
+        raise TypedDataError(f"{name} must be an integer") from None
+    if not 0 <= number < 2**bits:
+        raise TypedDataError(f"{name} is out of range for uint{bits}")
+    return number
+
+
+def _bytes32(value: Any, name: str) -> bytes:
+    if not isinstance(value, str) or not value.startswith("0x") or len(value) != 66:
+        raise TypedDataError(f"{name} must be 32 bytes as 0x-hex")
+    try:
+        return bytes.fromhex(value[2:])
+    except ValueError:
+        raise TypedDataError(f"{name} must be 32 bytes as 0x-hex") from None
+
+
+def _address(value: Any, name: str) -> ChecksumAddress:
+    if not isinstance(value, str) or len(value) != 42:
+        raise TypedDataError(f"{name} must be an address")
+    try:
+        return to_checksum_address(value)
+    except ValueError:
+        raise TypedDataError(f"{name} must be an address") from None
+
+
+def parse(typed: Any, domain: Domain, allowed: tuple[str, ...]) -> Message:
+    """The message in submitted typed data, checked to be exactly what `typed_data` would produce
+    for this domain (so the signature is over what we will act on)."""
+    if not isinstance(typed, dict):
+        raise TypedDataError("typed_data must be an object")
+    primary = typed.get("primaryType")
+    if primary not in allowed:
+        raise TypedDataError(f"primaryType must be one of {', '.join(allowed)}")
+    message = typed.get("message")
+    if not isinstance(message, dict) or set(message) != {n for n, _ in MESSAGE_FIELDS[primary]}:
+        raise TypedDataError(f"message must have exactly the fields of {primary}")
+    parsed: Message
+    if primary in ("ConsentGrant", "ConsentRevoke"):
+        parsed = ConsentChange(
+            kind=ChangeKind.GRANT if primary == "ConsentGrant" else ChangeKind.REVOKE,
+            subject=Subject(_bytes32(message["subject"], "subject")),
+            partner=_address(message["partner"], "partner"),
+            purpose=Purpose(_bytes32(message["purpose"], "purpose")),
+            attributes=_uint(message["attributes"], 256, "attributes"),
+            nonce=_uint(message["nonce"], 256, "nonce"),
+            deadline=_uint(message["deadline"], 256, "deadline"),
+            valid_until=_uint(message.get("validUntil", 0), 64, "validUntil"),
+        )
+    elif primary == "ControllerBinding":
+        parsed = ControllerBinding(
+            subject=Subject(_bytes32(message["subject"], "subject")),
+            controller=_address(message["controller"], "controller"),
+            claim=_bytes32(message["claim"], "claim"),
+            deadline=_uint(message["deadline"], 256, "deadline"),
+        )
+    else:
+        parsed = ControllerChange(
+            subject=Subject(_bytes32(message["subject"], "subject")),
+            new_controller=_address(message["newController"], "newController"),
+            nonce=_uint(message["nonce"], 256, "nonce"),
+            deadline=_uint(message["deadline"], 256, "deadline"),
+        )
+    expected = typed_data(domain, parsed)
+    submitted_domain = typed.get("domain")
+    if not isinstance(submitted_domain, dict) or {k: str(v).lower() for k, v in submitted_domain.items()} != {
+        k: str(v).lower() for k, v in expected["domain"].items()
+    }:
+        raise TypedDataError("domain is not this service's (name, version, chainId, verifyingContract)")
+    if typed.get("types") != expected["types"]:
+        raise TypedDataError("types do not match the message type")
+    return parsed
 
 
 def digest(domain: Domain, message: Message) -> bytes:
@@ -248,6 +364,17 @@ def recover(domain: Domain, message: Message, signature: Signature) -> ChecksumA
     public = PublicKey.from_signature_and_message(
         signature.r + signature.s + bytes([signature.v - 27]), digest(domain, message), hasher=None
     )
+    return to_checksum_address(keccak(public.format(compressed=False)[1:])[-20:])
+
+
+def personal_signer(message: str, signature: bytes) -> ChecksumAddress:
+    """The signer of an EIP-191 `personal_sign` message (what wallets do for Sign-In with Ethereum)."""
+    data = message.encode("utf-8")
+    prefixed = keccak(b"\x19Ethereum Signed Message:\n" + str(len(data)).encode() + data)
+    sig = Signature.from_bytes(signature)
+    if sig.v not in (27, 28) or int.from_bytes(sig.s, "big") > _HALF_ORDER:
+        raise ValueError("malformed signature")
+    public = PublicKey.from_signature_and_message(sig.r + sig.s + bytes([sig.v - 27]), prefixed, hasher=None)
     return to_checksum_address(keccak(public.format(compressed=False)[1:])[-20:])
 
 

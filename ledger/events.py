@@ -58,14 +58,38 @@ def decode(log: dict[str, Any]) -> RegistryEvent | None:
         "subject": bytes.fromhex(topics[1][2:]),
     }
     if topics[0] == BOUND:
-        return RegistryEvent(KIND_BIND, partner=to_checksum_address("0x" + topics[3][-40:]), purpose=b"",
-                             changed=0, attributes=0, valid_until=0, nonce=0, **common)  # fmt: skip
+        return RegistryEvent(
+            KIND_BIND,
+            partner=to_checksum_address("0x" + topics[3][-40:]),
+            purpose=b"",
+            changed=0,
+            attributes=0,
+            valid_until=0,
+            nonce=0,
+            **common,
+        )
     partner = to_checksum_address("0x" + topics[2][-40:])
     purpose = bytes.fromhex(topics[3][2:])
     if topics[0] == GRANTED:
         changed, attributes, valid_until, nonce = words
-        return RegistryEvent(KIND_GRANT, partner=partner, purpose=purpose, changed=changed, attributes=attributes,
-                             valid_until=valid_until, nonce=nonce, **common)  # fmt: skip
+        return RegistryEvent(
+            KIND_GRANT,
+            partner=partner,
+            purpose=purpose,
+            changed=changed,
+            attributes=attributes,
+            valid_until=valid_until,
+            nonce=nonce,
+            **common,
+        )
     changed, attributes, nonce = words
-    return RegistryEvent(KIND_REVOKE, partner=partner, purpose=purpose, changed=changed, attributes=attributes,
-                         valid_until=0, nonce=nonce, **common)  # fmt: skip
+    return RegistryEvent(
+        KIND_REVOKE,
+        partner=partner,
+        purpose=purpose,
+        changed=changed,
+        attributes=attributes,
+        valid_until=0,
+        nonce=nonce,
+        **common,
+    )

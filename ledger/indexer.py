@@ -122,12 +122,21 @@ class Indexer:
     def _apply(self, session: Session, event: RegistryEvent, block_time: int) -> None:
         session.add(
             ConsentEvent(
-                block_number=event.block_number, block_hash=event.block_hash, log_index=event.log_index,
-                tx_hash=event.tx_hash, block_time=block_time, kind=event.kind, subject=event.subject,
-                partner=event.partner, purpose=event.purpose, changed=str(event.changed),
-                attributes=str(event.attributes), valid_until=event.valid_until, nonce=event.nonce,
+                block_number=event.block_number,
+                block_hash=event.block_hash,
+                log_index=event.log_index,
+                tx_hash=event.tx_hash,
+                block_time=block_time,
+                kind=event.kind,
+                subject=event.subject,
+                partner=event.partner,
+                purpose=event.purpose,
+                changed=str(event.changed),
+                attributes=str(event.attributes),
+                valid_until=event.valid_until,
+                nonce=event.nonce,
             )
-        )  # fmt: skip
+        )
         session.merge(IndexedBlock(number=event.block_number, hash=event.block_hash))
         if event.kind == KIND_BIND:
             session.merge(
@@ -137,17 +146,33 @@ class Indexer:
         state = session.get(ConsentState, (event.subject, event.partner, event.purpose))
         valid_until = event.valid_until if event.kind == events.KIND_GRANT else (state.valid_until if state else 0)
         session.merge(
-            ConsentState(subject=event.subject, partner=event.partner, purpose=event.purpose,
-                         attributes=str(event.attributes), valid_until=valid_until,
-                         block_number=event.block_number, tx_hash=event.tx_hash)
-        )  # fmt: skip
+            ConsentState(
+                subject=event.subject,
+                partner=event.partner,
+                purpose=event.purpose,
+                attributes=str(event.attributes),
+                valid_until=valid_until,
+                block_number=event.block_number,
+                tx_hash=event.tx_hash,
+            )
+        )
         session.execute(
             update(ConsentRequest)
-            .where(ConsentRequest.subject == event.subject, ConsentRequest.nonce == event.nonce,
-                   ConsentRequest.kind == event.kind, ConsentRequest.status != RequestStatus.CONFIRMED)
-            .values(status=RequestStatus.CONFIRMED, tx_hash=event.tx_hash, block_number=event.block_number,
-                    error_code=None, error_detail=None, updated_at=utcnow())
-        )  # fmt: skip
+            .where(
+                ConsentRequest.subject == event.subject,
+                ConsentRequest.nonce == event.nonce,
+                ConsentRequest.kind == event.kind,
+                ConsentRequest.status != RequestStatus.CONFIRMED,
+            )
+            .values(
+                status=RequestStatus.CONFIRMED,
+                tx_hash=event.tx_hash,
+                block_number=event.block_number,
+                error_code=None,
+                error_detail=None,
+                updated_at=utcnow(),
+            )
+        )
 
     # reorganisations ----------------------------------------------------------------------------
 
@@ -183,9 +208,10 @@ class Indexer:
             session.execute(
                 update(ConsentRequest)
                 .where(ConsentRequest.status == RequestStatus.CONFIRMED, ConsentRequest.block_number > ancestor)
-                .values(status=RequestStatus.PENDING, tx_hash=None, block_number=None, batch_id=None,
-                        updated_at=utcnow())
-            )  # fmt: skip
+                .values(
+                    status=RequestStatus.PENDING, tx_hash=None, block_number=None, batch_id=None, updated_at=utcnow()
+                )
+            )
         if self.on_change is not None:
             self.on_change()
 
@@ -193,28 +219,40 @@ class Indexer:
         keys = {(e.subject, e.partner, e.purpose) for e in gone if e.kind != KIND_BIND}
         subjects = {e.subject for e in gone if e.kind == KIND_BIND}
         for subject, partner, purpose in keys:
-            session.execute(delete(ConsentState).where(ConsentState.subject == subject, ConsentState.partner == partner,
-                                                       ConsentState.purpose == purpose))  # fmt: skip
+            session.execute(
+                delete(ConsentState).where(
+                    ConsentState.subject == subject, ConsentState.partner == partner, ConsentState.purpose == purpose
+                )
+            )
             remaining = session.scalars(
-                select(ConsentEvent).where(ConsentEvent.subject == subject, ConsentEvent.partner == partner,
-                                           ConsentEvent.purpose == purpose)
+                select(ConsentEvent)
+                .where(
+                    ConsentEvent.subject == subject, ConsentEvent.partner == partner, ConsentEvent.purpose == purpose
+                )
                 .order_by(ConsentEvent.block_number, ConsentEvent.log_index)
-            )  # fmt: skip
+            )
             state: ConsentState | None = None
             for e in remaining:
                 valid_until = e.valid_until if e.kind == events.KIND_GRANT else (state.valid_until if state else 0)
                 state = ConsentState(
-                    subject=subject, partner=partner, purpose=purpose, attributes=e.attributes,
-                    valid_until=valid_until, block_number=e.block_number, tx_hash=e.tx_hash,
-                )  # fmt: skip
+                    subject=subject,
+                    partner=partner,
+                    purpose=purpose,
+                    attributes=e.attributes,
+                    valid_until=valid_until,
+                    block_number=e.block_number,
+                    tx_hash=e.tx_hash,
+                )
             if state is not None:
                 session.add(state)
         for subject in subjects:
             session.execute(delete(ControllerState).where(ControllerState.subject == subject))
             last = session.scalars(
-                select(ConsentEvent).where(ConsentEvent.subject == subject, ConsentEvent.kind == KIND_BIND)
-                .order_by(ConsentEvent.block_number.desc(), ConsentEvent.log_index.desc()).limit(1)
-            ).first()  # fmt: skip
+                select(ConsentEvent)
+                .where(ConsentEvent.subject == subject, ConsentEvent.kind == KIND_BIND)
+                .order_by(ConsentEvent.block_number.desc(), ConsentEvent.log_index.desc())
+                .limit(1)
+            ).first()
             if last is not None:
                 session.add(ControllerState(subject=subject, controller=last.partner, block_number=last.block_number))
 

@@ -62,11 +62,21 @@ class Outbox:
         if change.nonce != expected:
             raise NonceConflict(f"nonce {change.nonce} is not the next one ({expected}); prepare the change again")
         request = ConsentRequest(
-            id=str(uuid.uuid4()), kind=int(change.kind), subject=bytes(change.subject), partner=change.partner,
-            purpose=bytes(change.purpose), attributes=str(change.attributes), valid_until=change.valid_until,
-            nonce=change.nonce, deadline=change.deadline, controller=controller, v=sig.v, r=sig.r, s=sig.s,
+            id=str(uuid.uuid4()),
+            kind=int(change.kind),
+            subject=bytes(change.subject),
+            partner=change.partner,
+            purpose=bytes(change.purpose),
+            attributes=str(change.attributes),
+            valid_until=change.valid_until,
+            nonce=change.nonce,
+            deadline=change.deadline,
+            controller=controller,
+            v=sig.v,
+            r=sig.r,
+            s=sig.s,
             status=RequestStatus.PENDING,
-        )  # fmt: skip
+        )
         try:
             with self._sessions.begin() as session:
                 session.add(request)
@@ -81,24 +91,31 @@ class Outbox:
     def event_for(self, request: ConsentRequest) -> ConsentEvent | None:
         with self._sessions() as session:
             return session.scalar(
-                select(ConsentEvent).where(ConsentEvent.subject == request.subject,
-                                           ConsentEvent.nonce == request.nonce, ConsentEvent.kind == request.kind)
-            )  # fmt: skip
+                select(ConsentEvent).where(
+                    ConsentEvent.subject == request.subject,
+                    ConsentEvent.nonce == request.nonce,
+                    ConsentEvent.kind == request.kind,
+                )
+            )
 
     def requests_of(self, subject: bytes, limit: int = 200) -> list[ConsentRequest]:
         with self._sessions() as session:
             return list(
                 session.scalars(
-                    select(ConsentRequest).where(ConsentRequest.subject == subject)
-                    .order_by(ConsentRequest.seq.desc()).limit(limit)
+                    select(ConsentRequest)
+                    .where(ConsentRequest.subject == subject)
+                    .order_by(ConsentRequest.seq.desc())
+                    .limit(limit)
                 )
-            )  # fmt: skip
+            )
 
     def consents_of(self, subject: bytes, now: int | None = None) -> list[ConsentStatus]:
         now = int(time.time()) if now is None else now
         with self._sessions() as session:
-            states = {(s.partner, s.purpose): s for s in session.scalars(
-                select(ConsentState).where(ConsentState.subject == subject))}  # fmt: skip
+            states = {
+                (s.partner, s.purpose): s
+                for s in session.scalars(select(ConsentState).where(ConsentState.subject == subject))
+            }
             pending = _pending(session, subject)
         keys = set(states) | set(pending)
         result = []
@@ -118,11 +135,19 @@ class Outbox:
             else:
                 status = "revoked"
             result.append(
-                ConsentStatus(partner=key[0], purpose=key[1], attributes=effective, on_chain=on_chain,
-                              pending_grant=grant, pending_revoke=revoke, valid_until=valid_until, status=status,
-                              tx_hash=state.tx_hash if state else None,
-                              block_number=state.block_number if state else None)
-            )  # fmt: skip
+                ConsentStatus(
+                    partner=key[0],
+                    purpose=key[1],
+                    attributes=effective,
+                    on_chain=on_chain,
+                    pending_grant=grant,
+                    pending_revoke=revoke,
+                    valid_until=valid_until,
+                    status=status,
+                    tx_hash=state.tx_hash if state else None,
+                    block_number=state.block_number if state else None,
+                )
+            )
         return result
 
     def effective(self, subject: bytes, partner: str, purpose: bytes, now: int | None = None) -> int:

@@ -235,19 +235,28 @@ class Relayer:
                 )
                 return
             earlier = session.scalar(
-                select(func.count()).select_from(ConsentRequest).where(
-                    ConsentRequest.controller == request.controller, ConsentRequest.nonce < request.nonce,
-                    ConsentRequest.status.in_([RequestStatus.PENDING, RequestStatus.SUBMITTED]))
-            )  # fmt: skip
+                select(func.count())
+                .select_from(ConsentRequest)
+                .where(
+                    ConsentRequest.controller == request.controller,
+                    ConsentRequest.nonce < request.nonce,
+                    ConsentRequest.status.in_([RequestStatus.PENDING, RequestStatus.SUBMITTED]),
+                )
+            )
             if earlier:
                 self._requeue(session, request.seq)
                 return
         session.execute(
             update(ConsentRequest)
             .where(ConsentRequest.seq == request.seq)
-            .values(status=RequestStatus.FAILED, batch_id=None, error_code=ERROR_CODES.get(cause.error, "rejected"),
-                    error_detail=str(cause)[:500], updated_at=utcnow())
-        )  # fmt: skip
+            .values(
+                status=RequestStatus.FAILED,
+                batch_id=None,
+                error_code=ERROR_CODES.get(cause.error, "rejected"),
+                error_detail=str(cause)[:500],
+                updated_at=utcnow(),
+            )
+        )
         log.info("consent request %s failed on-chain: %s", request.id, cause)
 
     def _requeue(self, session: Session, seq: int) -> None:

@@ -59,8 +59,9 @@ def _subject(customer: LocalAccount) -> Subject:
     return Subject(keccak(bytes(customer.key)))
 
 
-def sign_grants(registry: ConsentRegistryClient, customers: Sequence[LocalAccount], partner: str,
-                deadline: int) -> list[SignedChange]:  # fmt: skip
+def sign_grants(
+    registry: ConsentRegistryClient, customers: Sequence[LocalAccount], partner: str, deadline: int
+) -> list[SignedChange]:
     signed = []
     for customer in customers:
         change = registry.grant_message(_subject(customer), partner, PURPOSE, 0b111, nonce=0, deadline=deadline)  # type: ignore[arg-type]
@@ -68,8 +69,13 @@ def sign_grants(registry: ConsentRegistryClient, customers: Sequence[LocalAccoun
     return signed
 
 
-def run_batched(registry: ConsentRegistryClient, sender: TxSender, grants: Sequence[SignedChange],
-                batch_size: int, txs_per_request: int) -> tuple[float, int]:  # fmt: skip
+def run_batched(
+    registry: ConsentRegistryClient,
+    sender: TxSender,
+    grants: Sequence[SignedChange],
+    batch_size: int,
+    txs_per_request: int,
+) -> tuple[float, int]:
     started = time.perf_counter()
     hashes: list[str] = []
     pending: list[TxRequest] = []
@@ -133,9 +139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 None,
             )
             registry = ConsentRegistryClient(
-                w3, deployment.address("ConsentRegistry"), artifacts["ConsentRegistry"], sender,
+                w3,
+                deployment.address("ConsentRegistry"),
+                artifacts["ConsentRegistry"],
+                sender,
                 RevertDecoder(list(artifacts.values())),
-            )  # fmt: skip
+            )
             partner = Account.create().address
             registry.add_partner(partner)
             print(f"set-up: binding {args.grants + args.baseline} customers and signing their grants ...")
@@ -161,10 +170,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "baseline_grants_per_s": round(baseline_rate, 1),
         "ratio": round(batched_rate / baseline_rate, 1),
     }
-    print(f"batched : {args.grants} grants in {elapsed:.2f}s = {batched_rate:,.0f} grants/s confirmed, "
-          f"{figures['gas_per_grant']:,} gas/grant")  # fmt: skip
-    print(f"baseline: {args.baseline} grants in {baseline_elapsed:.2f}s = {baseline_rate:,.0f} grants/s "
-          f"(one transact() each)")  # fmt: skip
+    print(
+        f"batched : {args.grants} grants in {elapsed:.2f}s = {batched_rate:,.0f} grants/s confirmed, "
+        f"{figures['gas_per_grant']:,} gas/grant"
+    )
+    print(
+        f"baseline: {args.baseline} grants in {baseline_elapsed:.2f}s = {baseline_rate:,.0f} grants/s "
+        f"(one transact() each)"
+    )
     print(f"ratio   : {figures['ratio']}x")
     print(json.dumps(figures))
     return 0

@@ -39,19 +39,42 @@ def postgres_server() -> Iterator[str]:
     data, port = root / "data", free_port()
     as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     try:
-        subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "test", "--auth=trust", "-E", "UTF8"],
-                       check=True, capture_output=True)  # fmt: skip
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "log"),
-                        "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"],
-                       check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "test", "--auth=trust", "-E", "UTF8"],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [
+                *as_user,
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-w",
+                "-l",
+                str(root / "log"),
+                "-o",
+                f"-p {port} -k {root} -c listen_addresses=127.0.0.1",
+                "start",
+            ],
+            check=True,
+            capture_output=True,
+        )
         deadline = time.monotonic() + 30
-        while subprocess.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
-                             capture_output=True, check=False).returncode != 0:  # fmt: skip
+        while (
+            subprocess.run(
+                [str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)], capture_output=True, check=False
+            ).returncode
+            != 0
+        ):
             if time.monotonic() > deadline:
                 raise RuntimeError("PostgreSQL did not become ready")
             time.sleep(0.1)
         yield f"postgresql+psycopg://test@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True, check=False)  # fmt: skip
+        subprocess.run(
+            [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+            capture_output=True,
+            check=False,
+        )
         shutil.rmtree(root, ignore_errors=True)

@@ -143,8 +143,9 @@ def test_dids_resolve_over_http_and_deactivate_on_erasure(tmp_path: Path) -> Non
         _health(port, service)
         # The operator's side of enrolment, on the service's own vault file and development secrets.
         secrets = load_secrets(ServiceSettings(data_dir=tmp_path), ChainSettings(operator_key=None), IdentitySettings())
-        vault = Vault(make_engine(f"sqlite:///{tmp_path / 'identity.db'}"), secrets.master_keys,
-                      Pseudonymizer(secrets.peppers))  # fmt: skip
+        vault = Vault(
+            make_engine(f"sqlite:///{tmp_path / 'identity.db'}"), secrets.master_keys, Pseudonymizer(secrets.peppers)
+        )
         subject, _ = vault.enrol(normalize_pii({"email": "Ann.Lee@Example.com"}))
         methods = DidWeb(f"127.0.0.1%3A{port}")
         did = methods.did(subject)

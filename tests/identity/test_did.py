@@ -15,18 +15,33 @@ HOST = "ledger.example.com%3A8443"
 
 @pytest.mark.parametrize(
     "did",
-    ["did:web:example.com", "did:web:localhost%3A8000:dids:00ff", "did:example:123456789abcdefghi",
-     "did:ethr:0x1:0xb9c5714089478a327f09197987f16f9e5d936e8a", "did:a1:b:c:d"],
-)  # fmt: skip
+    [
+        "did:web:example.com",
+        "did:web:localhost%3A8000:dids:00ff",
+        "did:example:123456789abcdefghi",
+        "did:ethr:0x1:0xb9c5714089478a327f09197987f16f9e5d936e8a",
+        "did:a1:b:c:d",
+    ],
+)
 def test_valid_did_syntax(did: str) -> None:
     assert is_did(did)
 
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "did:", "did:web:", "did:Web:example.com", "did:web:exa mple.com", "did:web:example.com:",
-     "did:web:example.com#key", "did:web:example.com/path", "did:web:%zz", "urn:web:example.com"],
-)  # fmt: skip
+    [
+        "",
+        "did:",
+        "did:web:",
+        "did:Web:example.com",
+        "did:web:exa mple.com",
+        "did:web:example.com:",
+        "did:web:example.com#key",
+        "did:web:example.com/path",
+        "did:web:%zz",
+        "urn:web:example.com",
+    ],
+)
 def test_invalid_did_syntax(bad: str) -> None:
     assert not is_did(bad)
 
@@ -45,10 +60,13 @@ def test_did_web_round_trip_and_document_path() -> None:
 
 @pytest.mark.parametrize(
     ("did", "reason"),
-    [("not a did", "W3C DID Core syntax"), ("did:web:other.example:dids:" + "00" * 32, "not a DID issued here"),
-     (f"did:web:{HOST}:dids:" + "0" * 63, "64 lower-case hex"),
-     (f"did:web:{HOST}:dids:" + "AB" * 32, "64 lower-case hex")],
-)  # fmt: skip
+    [
+        ("not a did", "W3C DID Core syntax"),
+        ("did:web:other.example:dids:" + "00" * 32, "not a DID issued here"),
+        (f"did:web:{HOST}:dids:" + "0" * 63, "64 lower-case hex"),
+        (f"did:web:{HOST}:dids:" + "AB" * 32, "64 lower-case hex"),
+    ],
+)
 def test_foreign_or_malformed_dids_are_refused(did: str, reason: str) -> None:
     with pytest.raises(InvalidDid, match=reason):
         DidWeb(HOST).subject(did)

@@ -44,9 +44,14 @@ def test_unicode_domains_are_normalised() -> None:
 
 @pytest.mark.parametrize(
     ("spelling", "region"),
-    [("+44 20 7946 0958", None), ("+442079460958", None), ("020 7946 0958", "GB"), ("(020) 7946-0958", "GB"),
-     ("0044 20 7946 0958", "GB")],
-)  # fmt: skip
+    [
+        ("+44 20 7946 0958", None),
+        ("+442079460958", None),
+        ("020 7946 0958", "GB"),
+        ("(020) 7946-0958", "GB"),
+        ("0044 20 7946 0958", "GB"),
+    ],
+)
 def test_phone_spellings_give_e164(spelling: str, region: str | None) -> None:
     assert normalize_phone(spelling, region) == "+442079460958"
 
@@ -56,8 +61,9 @@ def test_phone_normalisation_is_idempotent(number: str) -> None:
     assert normalize_phone(normalize_phone(number)) == normalize_phone(number)
 
 
-@pytest.mark.parametrize(("bad", "region"), [("", None), ("12345", None), ("+44 12", None), ("call me", "GB"),
-                                              ("020 7946 0958", None)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("bad", "region"), [("", None), ("12345", None), ("+44 12", None), ("call me", "GB"), ("020 7946 0958", None)]
+)
 def test_invalid_phone_names_the_field(bad: str, region: str | None) -> None:
     with pytest.raises(InvalidPII) as refused:
         normalize_phone(bad, region)

@@ -81,15 +81,17 @@ def test_a_ciphertext_swapped_between_subjects_or_fields_is_refused(vault: Vault
     with vault._session() as session:
         bobs = session.get(PiiRow, (bob, "email"))
         assert bobs is not None
-        session.execute(update(PiiRow).where(PiiRow.subject == ann, PiiRow.field == "email")
-                        .values(ciphertext=bobs.ciphertext))  # fmt: skip
+        session.execute(
+            update(PiiRow).where(PiiRow.subject == ann, PiiRow.field == "email").values(ciphertext=bobs.ciphertext)
+        )
     with pytest.raises(TamperedCiphertext):
         vault.pii(ann)
     with vault._session() as session:
         name = session.get(PiiRow, (bob, "name"))
         assert name is not None
-        session.execute(update(PiiRow).where(PiiRow.subject == bob, PiiRow.field == "phone")
-                        .values(ciphertext=name.ciphertext))  # fmt: skip
+        session.execute(
+            update(PiiRow).where(PiiRow.subject == bob, PiiRow.field == "phone").values(ciphertext=name.ciphertext)
+        )
     with pytest.raises(TamperedCiphertext):
         vault.pii(bob)
 

@@ -140,9 +140,12 @@ class ChainConformance:
     def test_a_signature_for_another_contract_is_refused(self, ledger: Ledger) -> None:
         # A second real registry on the same chain: its signatures must not work here.
         other = ensure_deployed(
-            ledger.backend.w3, ledger.accounts.senders[ledger.accounts.operator.address], ledger.artifacts,
-            registry_plan(ledger.accounts), record=None,
-        ).address("ConsentRegistry")  # fmt: skip
+            ledger.backend.w3,
+            ledger.accounts.senders[ledger.accounts.operator.address],
+            ledger.artifacts,
+            registry_plan(ledger.accounts),
+            record=None,
+        ).address("ConsentRegistry")
         domain = Domain(ledger.registry.domain.name, ledger.registry.domain.chain_id, other)
         with pytest.raises(InvalidSignature):
             ledger.registry.apply(ledger.sign(ledger.change(ChangeKind.GRANT, EMAIL), domain=domain))

@@ -60,9 +60,12 @@ class Ledger:
     def client(self, account: LocalAccount) -> ConsentRegistryClient:
         sender = self.accounts.senders[account.address]
         return ConsentRegistryClient(
-            self.backend.w3, self.deployment.address("ConsentRegistry"), self.artifacts["ConsentRegistry"],
-            sender, self.decoder,
-        )  # fmt: skip
+            self.backend.w3,
+            self.deployment.address("ConsentRegistry"),
+            self.artifacts["ConsentRegistry"],
+            sender,
+            self.decoder,
+        )
 
     @property
     def registry(self) -> ConsentRegistryClient:
@@ -75,10 +78,19 @@ class Ledger:
     def now(self) -> int:
         return int(self.backend.w3.eth.get_block("latest")["timestamp"])
 
-    def change(self, kind: ChangeKind, attributes: int, *, subject: Subject | None = None,
-               partner: ChecksumAddress | None = None, purpose: Purpose | None = None,
-               nonce: int | None = None, deadline: int | None = None, valid_until: int = 0,
-               controller: ChecksumAddress | None = None) -> ConsentChange:  # fmt: skip
+    def change(
+        self,
+        kind: ChangeKind,
+        attributes: int,
+        *,
+        subject: Subject | None = None,
+        partner: ChecksumAddress | None = None,
+        purpose: Purpose | None = None,
+        nonce: int | None = None,
+        deadline: int | None = None,
+        valid_until: int = 0,
+        controller: ChecksumAddress | None = None,
+    ) -> ConsentChange:
         controller = controller or self.customer.address
         return ConsentChange(
             kind=kind,

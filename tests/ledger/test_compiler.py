@@ -39,8 +39,13 @@ def test_artifacts_hold_abi_bytecode_version_and_hash(project: ToolchainSettings
     artifacts = compile_contracts(project)
     registry = artifacts["ConsentRegistry"]
     assert {e["name"] for e in registry.abi if e["type"] == "function"} >= {
-        "applyChange", "applyBatch", "bindController", "rebindController", "isPermitted", "consentOf",
-    }  # fmt: skip
+        "applyChange",
+        "applyBatch",
+        "bindController",
+        "rebindController",
+        "isPermitted",
+        "consentOf",
+    }
     assert registry.bytecode.startswith("0x")
     assert len(registry.bytecode) > 1000
     assert registry.compiler_version.startswith("0.8.30+commit")

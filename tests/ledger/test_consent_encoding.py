@@ -42,15 +42,17 @@ def test_direct_encoding_equals_eth_abi(changes: list[SignedChange]) -> None:
 
 def test_the_calldata_is_what_web3_encodes_for_apply_batch(artifacts: dict[str, Artifact]) -> None:
     contract = Web3().eth.contract(abi=artifacts["ConsentRegistry"].abi)
-    change = ConsentChange(ChangeKind.REVOKE, Subject(b"\x01" * 32), to_checksum_address(b"\x02" * 20),
-                           Purpose(b"\x03" * 32), 5, 6, 7)  # fmt: skip
+    change = ConsentChange(
+        ChangeKind.REVOKE, Subject(b"\x01" * 32), to_checksum_address(b"\x02" * 20), Purpose(b"\x03" * 32), 5, 6, 7
+    )
     signed = SignedChange(change, Signature(28, b"\x04" * 32, b"\x05" * 32))
     expected = contract.encode_abi("applyBatch", args=[[signed.as_abi()]])
     assert "0x" + (APPLY_BATCH_SELECTOR + encode_changes([signed])).hex() == expected
 
 
 def test_out_of_range_values_are_refused() -> None:
-    change = ConsentChange(ChangeKind.GRANT, Subject(b"\x00" * 31), to_checksum_address(b"\x01" * 20),
-                           Purpose(b"\x00" * 32), 1, 0, 0)  # fmt: skip
+    change = ConsentChange(
+        ChangeKind.GRANT, Subject(b"\x00" * 31), to_checksum_address(b"\x01" * 20), Purpose(b"\x00" * 32), 1, 0, 0
+    )
     with pytest.raises(ValueError, match="32 bytes"):
         encode_changes([SignedChange(change, Signature(27, b"\x00" * 32, b"\x00" * 32))])

@@ -73,8 +73,13 @@ def test_typed_data_is_what_a_wallet_takes() -> None:
     typed = eip712.typed_data(domain, change)
     assert typed["primaryType"] == "ConsentRevoke"
     assert [f["name"] for f in typed["types"]["ConsentRevoke"]] == [
-        "subject", "partner", "purpose", "attributes", "nonce", "deadline",
-    ]  # fmt: skip
+        "subject",
+        "partner",
+        "purpose",
+        "attributes",
+        "nonce",
+        "deadline",
+    ]
     assert typed["message"] == {
         "subject": "0x" + "03" * 32,
         "partner": KEY.address,

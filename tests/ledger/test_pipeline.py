@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
+from eth_typing import ChecksumAddress
 from eth_utils.crypto import keccak
 from sqlalchemy import Engine, func, select
 
@@ -40,7 +41,7 @@ class Pipeline:
     outbox: Outbox
     relayer: Relayer
     indexer: Indexer
-    partner: str
+    partner: ChecksumAddress
     artifacts: dict[str, Artifact]
     deploy_block: int
 
@@ -50,12 +51,19 @@ class Pipeline:
         self.registry.bind_controller(subject, account.address)
         return account, subject
 
-    def accept(self, account: LocalAccount, subject: Subject, kind: ChangeKind, bits: int, *,
-               key: bytes | None = None) -> ConsentRequest:  # fmt: skip
+    def accept(
+        self, account: LocalAccount, subject: Subject, kind: ChangeKind, bits: int, *, key: bytes | None = None
+    ) -> ConsentRequest:
         chain_nonce = self.registry.nonce_of(account.address)
-        change = ConsentChange(kind, subject, self.partner, PURPOSE, bits,  # type: ignore[arg-type]
-                               nonce=self.outbox.next_nonce(account.address, chain_nonce),
-                               deadline=int(time.time()) + 3600)  # fmt: skip
+        change = ConsentChange(
+            kind,
+            subject,
+            self.partner,
+            PURPOSE,
+            bits,
+            nonce=self.outbox.next_nonce(account.address, chain_nonce),
+            deadline=int(time.time()) + 3600,
+        )
         signed = SignedChange(change, eip712.sign(key or bytes(account.key), self.registry.domain, change))
         return self.outbox.accept(signed, account.address, chain_nonce)
 
@@ -83,18 +91,28 @@ def pipeline(tmp_path: Path, artifacts: dict[str, Artifact]) -> Iterator[Pipelin
     sender = TxSender(backend.w3, operator)
     plan = [("ConsentRegistry", lambda _d: [operator.address, operator.address])]
     deployment = ensure_deployed(backend.w3, sender, artifacts, plan, None)
-    registry = ConsentRegistryClient(backend.w3, deployment.address("ConsentRegistry"), artifacts["ConsentRegistry"],
-                                     sender, RevertDecoder(list(artifacts.values())))  # fmt: skip
+    registry = ConsentRegistryClient(
+        backend.w3,
+        deployment.address("ConsentRegistry"),
+        artifacts["ConsentRegistry"],
+        sender,
+        RevertDecoder(list(artifacts.values())),
+    )
     partner = Account.create().address
     registry.add_partner(partner)
     engine = make_engine(f"sqlite:///{tmp_path / 'service.db'}")
     Base.metadata.create_all(engine)
     yield Pipeline(
-        backend=backend, registry=registry, engine=engine, outbox=Outbox(engine),
-        relayer=Relayer(engine, registry, linger=0), partner=partner, artifacts=artifacts,
+        backend=backend,
+        registry=registry,
+        engine=engine,
+        outbox=Outbox(engine),
+        relayer=Relayer(engine, registry, linger=0),
+        partner=partner,
+        artifacts=artifacts,
         indexer=Indexer(backend.w3, engine, registry.address, deployment.deploy_block),
         deploy_block=deployment.deploy_block,
-    )  # fmt: skip
+    )
     engine.dispose()
     backend.stop()
 
@@ -119,7 +137,7 @@ def test_accepted_changes_are_confirmed_exactly_once_in_shared_batches(pipeline:
         assert stored.tx_hash is not None
         assert stored.block_number is not None
     for account, subject in customers:
-        assert pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, EMAIL | PHONE | 4)  # type: ignore[arg-type]
+        assert pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, EMAIL | PHONE | 4)
         assert pipeline.outbox.effective(subject, pipeline.partner, PURPOSE) == EMAIL | PHONE | 4
         del account
 
@@ -130,13 +148,17 @@ def test_a_bad_request_fails_alone_with_its_reason(pipeline: Pipeline) -> None:
     first = [pipeline.accept(a, s, ChangeKind.GRANT, EMAIL) for a, s in good[:2]]
     bad = pipeline.accept(forged_account, forged_subject, ChangeKind.GRANT, EMAIL, key=bytes(Account.create().key))
     rest = [pipeline.accept(a, s, ChangeKind.GRANT, EMAIL) for a, s in good[2:]]
-    pipeline.settle(lambda: RequestStatus.PENDING not in pipeline.statuses(*first, bad, *rest)
-                    and RequestStatus.SUBMITTED not in pipeline.statuses(*first, bad, *rest))  # fmt: skip
+    pipeline.settle(
+        lambda: (
+            RequestStatus.PENDING not in pipeline.statuses(*first, bad, *rest)
+            and RequestStatus.SUBMITTED not in pipeline.statuses(*first, bad, *rest)
+        )
+    )
     assert pipeline.statuses(*first, *rest) == [RequestStatus.CONFIRMED] * 4
     failed = pipeline.outbox.request(bad.id)
     assert failed is not None
     assert (failed.status, failed.error_code) == (RequestStatus.FAILED, "invalid_signature")
-    assert not pipeline.registry.is_permitted(forged_subject, pipeline.partner, PURPOSE, EMAIL)  # type: ignore[arg-type]
+    assert not pipeline.registry.is_permitted(forged_subject, pipeline.partner, PURPOSE, EMAIL)
     # Its nonce is free again: the customer can sign anew.
     again = pipeline.accept(forged_account, forged_subject, ChangeKind.GRANT, EMAIL)
     assert again.nonce == bad.nonce
@@ -152,9 +174,9 @@ def test_a_revocation_takes_effect_when_accepted_and_a_grant_when_on_chain(pipel
     assert pipeline.outbox.effective(subject, pipeline.partner, PURPOSE) == EMAIL | PHONE
     revoke = pipeline.accept(account, subject, ChangeKind.REVOKE, PHONE)
     assert pipeline.outbox.effective(subject, pipeline.partner, PURPOSE) == EMAIL  # deny wins while pending
-    assert pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, PHONE)  # type: ignore[arg-type]
+    assert pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, PHONE)
     pipeline.settle(lambda: pipeline.statuses(revoke) == [RequestStatus.CONFIRMED])
-    assert not pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, PHONE)  # type: ignore[arg-type]
+    assert not pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, PHONE)
     (status,) = pipeline.outbox.consents_of(subject)
     assert (status.status, status.attributes, status.on_chain) == ("active", EMAIL, EMAIL)
 
@@ -162,8 +184,15 @@ def test_a_revocation_takes_effect_when_accepted_and_a_grant_when_on_chain(pipel
 def test_a_replayed_or_out_of_order_nonce_is_refused_at_acceptance(pipeline: Pipeline) -> None:
     account, subject = pipeline.customer()
     pipeline.accept(account, subject, ChangeKind.GRANT, EMAIL)
-    change = ConsentChange(ChangeKind.GRANT, subject, pipeline.partner, PURPOSE, PHONE, nonce=0,  # type: ignore[arg-type]
-                           deadline=int(time.time()) + 60)  # fmt: skip
+    change = ConsentChange(
+        ChangeKind.GRANT,
+        subject,
+        pipeline.partner,
+        PURPOSE,
+        PHONE,
+        nonce=0,
+        deadline=int(time.time()) + 60,
+    )
     signed = SignedChange(change, eip712.sign(bytes(account.key), pipeline.registry.domain, change))
     with pytest.raises(NonceConflict, match="not the next one"):
         pipeline.outbox.accept(signed, account.address, 0)
@@ -198,7 +227,7 @@ def test_a_reorganisation_is_rolled_back_and_the_change_sent_again(pipeline: Pip
     (again,) = pipeline.events()  # exactly once, in a block of the new chain
     assert (again.subject, again.nonce) == (subject, 0)
     assert again.block_hash != first.block_hash
-    assert pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, EMAIL)  # type: ignore[arg-type]
+    assert pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, EMAIL)
 
 
 def test_a_relayer_that_dies_before_sending_loses_nothing(pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,85 @@
+"""Errors as RFC 9457 problem details (application/problem+json) with a stable `code`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, plus `code`: a stable, machine-readable error name."""
+
+    type: str = Field(description="URI naming the problem type")
+    title: str
+    status: int
+    detail: str | None = None
+    instance: str | None = None
+    code: str = Field(description="stable error code, e.g. invalid_signature")
+    errors: list[dict[str, Any]] | None = Field(default=None, description="field errors, for validation_error")
+
+
+class ApiError(Exception):
+    """Raised by route handlers; rendered as problem+json."""
+
+    def __init__(self, status: int, code: str, title: str, detail: str | None = None, **extra: Any) -> None:
+        super().__init__(detail or title)
+        self.status = status
+        self.code = code
+        self.title = title
+        self.detail = detail
+        self.extra = extra
+
+
+def problem_response(
+    request: Request, status: int, code: str, title: str, detail: str | None = None, **extra: Any
+) -> JSONResponse:
+    body = {
+        "type": f"urn:consent-ledger:problem:{code}",
+        "title": title,
+        "status": status,
+        "code": code,
+        "instance": request.url.path,
+    }
+    if detail:
+        body["detail"] = detail
+    body.update({k: v for k, v in extra.items() if v is not None})
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
+
+
+_HTTP_CODES = {401: "unauthenticated", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return problem_response(request, exc.status, exc.code, exc.title, exc.detail, **exc.extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        return problem_response(
+            request,
+            422,
+            "validation_error",
+            "The request is not valid",
+            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors),
+            errors=errors,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        return problem_response(request, exc.status_code, code, str(exc.detail))
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for error statuses, all problem+json."""
+    return {s: {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}} for s in statuses}

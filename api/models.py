@@ -1,0 +1,86 @@
+"""The API's own tables (in the service database beside the ledger's outbox and read model)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import DateTime, Integer, LargeBinary, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from ledger.store import Base, utcnow
+
+
+class Principal(Base):
+    """A service account: operator, issuer, partner or auditor. Only the key's SHA-256 is stored."""
+
+    __tablename__ = "principals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    scopes: Mapped[str] = mapped_column(String(300))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    address: Mapped[str | None] = mapped_column(String(42), default=None)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ClaimCode(Base):
+    """A one-time code the operator hands a newly enrolled customer to bind their key."""
+
+    __tablename__ = "claim_codes"
+
+    code_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    subject: Mapped[bytes] = mapped_column(LargeBinary(32), index=True)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+
+
+class SignInChallenge(Base):
+    """An EIP-4361 message issued for one sign-in; usable once, until it expires."""
+
+    __tablename__ = "signin_challenges"
+
+    nonce: Mapped[str] = mapped_column(String(32), primary_key=True)
+    address: Mapped[str] = mapped_column(String(42))
+    message: Mapped[str] = mapped_column(String(2000))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+
+
+class CustomerSession(Base):
+    """A customer's bearer token (only its SHA-256), short-lived."""
+
+    __tablename__ = "customer_sessions"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    subject: Mapped[bytes] = mapped_column(LargeBinary(32), index=True)
+    address: Mapped[str] = mapped_column(String(42))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Partner(Base):
+    __tablename__ = "partners"
+
+    address: Mapped[str] = mapped_column(String(42), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    on_chain: Mapped[bool] = mapped_column(default=False)
+
+
+class PurposeRow(Base):
+    """A purpose of processing, named by a Fideslang data use key."""
+
+    __tablename__ = "purposes"
+
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str] = mapped_column(String(500), default="")
+
+
+class AttributeRow(Base):
+    """An attribute category, named by a Fideslang data category key; `bit` is its place in the bitmask."""
+
+    __tablename__ = "attributes"
+
+    bit: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(100), unique=True)
+    name: Mapped[str] = mapped_column(String(200))

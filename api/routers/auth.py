@@ -1,0 +1,47 @@
+"""Sign-In with Ethereum (EIP-4361) for customers, with the key bound to their DID."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, status
+
+from api import auth
+from api.deps import RuntimeDep
+from api.errors import ApiError, responses
+from api.schemas import ChallengeCreate, ChallengePublic, SignIn, TokenPublic
+from identity.types import Subject
+
+router = APIRouter(prefix="/auth", tags=["auth"])
+
+
+@router.post(
+    "/siwe/challenge", response_model=ChallengePublic, status_code=status.HTTP_201_CREATED, responses=responses(422)
+)
+def challenge(body: ChallengeCreate, request: Request, runtime: RuntimeDep) -> ChallengePublic:
+    """An EIP-4361 message for `address` to sign with personal_sign (valid 5 minutes, once)."""
+    from web3 import Web3
+
+    assert runtime.deployment is not None
+    with runtime.sessions() as session:
+        issued = auth.issue_challenge(
+            session,
+            address=Web3.to_checksum_address(body.address),
+            domain=request.url.netloc,
+            uri=str(request.base_url).rstrip("/"),
+            chain_id=runtime.deployment.chain_id,
+        )
+        return ChallengePublic(message=issued.message, expires_at=issued.expires_at.isoformat())
+
+
+@router.post("/siwe", response_model=TokenPublic, responses=responses(401, 422))
+def sign_in(body: SignIn, runtime: RuntimeDep) -> TokenPublic:
+    """Exchange the signed message for a bearer token (15 minutes)."""
+    assert runtime.dids is not None
+    try:
+        with runtime.sessions() as session:
+            token, row = auth.sign_in(session, body.message, bytes.fromhex(body.signature[2:]))
+            subject = Subject(row.subject)
+    except auth.SignInFailed as exc:
+        raise ApiError(401, "sign_in_failed", "Sign-in refused", str(exc)) from exc
+    return TokenPublic(
+        access_token=token, expires_in=int(auth.TOKEN_LIFETIME.total_seconds()), did=runtime.dids.did(subject)
+    )

@@ -1,0 +1,221 @@
+"""Consent changes: prepared as EIP-712 typed data, signed by the customer, accepted into the outbox."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, status
+
+from api.auth import Caller
+from api.deps import CallerDep, ConsentWriter, RuntimeDep
+from api.errors import ApiError, responses
+from api.reference import Catalogue
+from api.runtime import Runtime
+from api.schemas import ConsentAccepted, ConsentPrepare, ConsentPreparePublic, ConsentRequestPublic, TypedDataSubmission
+from identity.types import Subject
+from ledger import eip712
+from ledger.eip712 import ChangeKind, ConsentChange
+from ledger.outbox import NonceConflict
+from ledger.store import ConsentRequest, RequestStatus
+
+router = APIRouter(prefix="/consents", tags=["consents"], responses=responses(401, 403))
+DEADLINE = 15 * 60  # seconds a prepared change may wait to be signed and relayed
+
+
+def _controller(runtime: Runtime, caller: Caller) -> str:
+    assert caller.address is not None
+    return caller.address
+
+
+@router.post("/prepare", response_model=ConsentPreparePublic, responses=responses(422))
+def prepare(body: ConsentPrepare, runtime: RuntimeDep, caller: ConsentWriter) -> ConsentPreparePublic:
+    """The complete EIP-712 typed data of a grant or revocation, with the next nonce and a deadline."""
+    assert runtime.consent is not None and runtime.outbox is not None and caller.subject is not None
+    with runtime.sessions() as session:
+        catalogue = Catalogue(session)
+    partner = catalogue.partner(body.partner)
+    if partner is None:
+        raise ApiError(422, "unknown_partner", "No such partner", body.partner)
+    if body.purpose not in catalogue.purposes:
+        raise ApiError(422, "unknown_purpose", "No such purpose", body.purpose)
+    mask, unknown = catalogue.mask(body.attributes)
+    if unknown:
+        raise ApiError(422, "unknown_attribute", "No such attribute", ", ".join(unknown))
+    if body.action == "revoke" and body.valid_until:
+        raise ApiError(422, "invalid_validity", "A revocation has no valid_until")
+    if body.valid_until and body.valid_until <= time.time():
+        raise ApiError(422, "invalid_validity", "valid_until is in the past")
+    controller = _controller(runtime, caller)
+    nonce = runtime.outbox.next_nonce(controller, runtime.consent.nonce_of(controller))  # type: ignore[arg-type]
+    change = ConsentChange(
+        kind=ChangeKind.GRANT if body.action == "grant" else ChangeKind.REVOKE,
+        subject=Subject(caller.subject),
+        partner=partner,  # type: ignore[arg-type]
+        purpose=eip712.purpose_id(body.purpose),
+        attributes=mask,
+        nonce=nonce,
+        deadline=int(time.time()) + DEADLINE,
+        valid_until=body.valid_until,
+    )
+    return ConsentPreparePublic(
+        typed_data=eip712.typed_data(runtime.consent.domain, change), nonce=nonce, deadline=change.deadline
+    )
+
+
+@router.post("", response_model=ConsentAccepted, status_code=status.HTTP_202_ACCEPTED, responses=responses(409, 422))
+def submit(body: TypedDataSubmission, runtime: RuntimeDep, caller: ConsentWriter) -> ConsentAccepted:
+    """Check the customer's signature and store the change durably; it is on-chain shortly after."""
+    assert runtime.consent is not None and runtime.outbox is not None and runtime.relayer is not None
+    try:
+        change = eip712.parse(body.typed_data, runtime.consent.domain, ("ConsentGrant", "ConsentRevoke"))
+        signature = eip712.Signature.from_bytes(bytes.fromhex(body.signature[2:]))
+        signer = eip712.recover(runtime.consent.domain, change, signature)
+    except ValueError as exc:
+        raise ApiError(
+            422, "invalid_typed_data", "The signed data is not a consent change of this ledger", str(exc)
+        ) from exc
+    assert isinstance(change, ConsentChange)
+    if change.subject != caller.subject:
+        raise ApiError(403, "not_your_data", "Customers change only their own consent")
+    controller = _controller(runtime, caller)
+    if signer != controller:
+        raise ApiError(
+            422,
+            "invalid_signature",
+            "The change was not signed by your bound key",
+            f"signed by {signer}, bound key is {controller}",
+        )
+    if change.deadline <= time.time():
+        raise ApiError(422, "signature_expired", "The signed change has expired; prepare it again")
+    with runtime.sessions() as session:
+        catalogue = Catalogue(session)
+    if change.partner not in catalogue.partners:
+        raise ApiError(422, "unknown_partner", "No such partner", change.partner)
+    if change.attributes == 0:
+        raise ApiError(422, "empty_attributes", "A change names at least one attribute")
+    try:
+        accepted = runtime.outbox.accept(
+            eip712_signed(change, signature),
+            controller,
+            runtime.consent.nonce_of(controller),  # type: ignore[arg-type]
+        )
+    except NonceConflict as exc:
+        raise ApiError(409, "nonce_mismatch", "The change's nonce is not the next one", str(exc)) from exc
+    runtime.relayer.wake.set()
+    return ConsentAccepted(id=accepted.id, status=RequestStatus.PENDING)
+
+
+def eip712_signed(change: ConsentChange, signature: eip712.Signature) -> Any:
+    from ledger.consent import SignedChange
+
+    return SignedChange(change, signature)
+
+
+def public_status(request: ConsentRequest) -> str:
+    if request.status == RequestStatus.FAILED:
+        return "failed"
+    if request.status != RequestStatus.CONFIRMED:
+        return "pending"
+    if request.kind == ChangeKind.REVOKE:
+        return "revoked"
+    if request.valid_until and request.valid_until <= time.time():
+        return "expired"
+    return "active"
+
+
+@router.get("/{request_id}", response_model=ConsentRequestPublic, responses=responses(404))
+def get(request_id: str, runtime: RuntimeDep, caller: CallerDep) -> ConsentRequestPublic:
+    """A consent change's status, transaction and block, and its consent receipt once on-chain."""
+    assert runtime.outbox is not None and runtime.dids is not None
+    request = runtime.outbox.request(request_id)
+    visible = request is not None and (
+        (caller.kind == "customer" and caller.subject == request.subject)
+        or (caller.kind == "service" and "consents:read" in caller.scopes)
+    )
+    if request is None or not visible:  # the same answer for "not yours" and "none": ids are not probed
+        raise ApiError(404, "unknown_consent_request", "No such consent request")
+    with runtime.sessions() as session:
+        catalogue = Catalogue(session)
+    attributes = catalogue.names(int(request.attributes))
+    purpose = catalogue.purpose_key(request.purpose)
+    receipt = None
+    if request.status == RequestStatus.CONFIRMED:
+        event = runtime.outbox.event_for(request)
+        receipt = consent_receipt(
+            runtime, request, catalogue, purpose, attributes, event.block_time if event else int(time.time())
+        )
+    return ConsentRequestPublic(
+        id=request.id,
+        action="grant" if request.kind == ChangeKind.GRANT else "revoke",
+        status=public_status(request),  # type: ignore[arg-type]
+        partner=request.partner,
+        purpose=purpose,
+        attributes=attributes,
+        valid_until=request.valid_until,
+        tx_hash=request.tx_hash,
+        block_number=request.block_number,
+        error={"code": request.error_code, "detail": request.error_detail or ""} if request.error_code else None,
+        receipt=receipt,
+    )
+
+
+def consent_receipt(
+    runtime: Runtime,
+    request: ConsentRequest,
+    catalogue: Catalogue,
+    purpose: str,
+    attributes: list[str],
+    block_time: int,
+) -> dict[str, Any]:
+    """A Kantara Initiative Consent Receipt (v1.1) for the change, with the chain as evidence."""
+    assert runtime.dids is not None and runtime.deployment is not None and runtime.consent is not None
+    granted = request.kind == ChangeKind.GRANT
+    return {
+        "version": "KI-CR-v1.1.0",
+        "jurisdiction": "EU",
+        "consentTimestamp": block_time,
+        "collectionMethod": "web form signed with the customer's key (EIP-712)",
+        "consentReceiptID": request.id,
+        "language": "en",
+        "piiPrincipalId": runtime.dids.did(Subject(request.subject)),
+        "piiControllers": [
+            {
+                "piiController": runtime.service.company_name,
+                "contact": runtime.service.company_contact,
+                "email": runtime.service.company_contact,
+            }
+        ],
+        "policyUrl": "/privacy",
+        "services": [
+            {
+                "service": catalogue.partners.get(request.partner, request.partner),
+                "purposes": [
+                    {
+                        "purpose": purpose,
+                        "purposeCategory": [purpose],
+                        "consentType": "EXPLICIT",
+                        "piiCategory": attributes,
+                        "primaryPurpose": False,
+                        "termination": "until revoked"
+                        if not request.valid_until
+                        else datetime.fromtimestamp(request.valid_until, UTC).isoformat(),
+                        "thirdPartyDisclosure": True,
+                        "thirdPartyName": request.partner,
+                    }
+                ],
+            }
+        ],
+        "sensitive": False,
+        "spiCat": [],
+        "action": "grant" if granted else "revoke",
+        "evidence": {
+            "chainId": runtime.deployment.chain_id,
+            "contract": runtime.consent.address,
+            "txHash": request.tx_hash,
+            "blockNumber": request.block_number,
+            "signer": request.controller,
+            "nonce": request.nonce,
+        },
+    }

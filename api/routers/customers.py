@@ -1,0 +1,173 @@
+"""Customers: enrolment from PII (operator), key binding with a claim code, consent listing."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from datetime import timedelta
+
+from eth_utils.crypto import keccak
+from fastapi import APIRouter, status
+from sqlalchemy import update
+from web3 import Web3
+
+from api import auth
+from api.deps import CallerDep, OperatorWrite, RuntimeDep
+from api.errors import ApiError, responses
+from api.models import ClaimCode
+from api.reference import Catalogue
+from api.runtime import Runtime
+from api.schemas import (
+    ConsentPublic,
+    ControllerPrepare,
+    ControllerPublic,
+    ControllerSubmit,
+    CustomerCreate,
+    CustomerCreated,
+    TypedDataPublic,
+)
+from identity.errors import InvalidDid, InvalidPII, SubjectErased
+from identity.normalize import normalize_pii
+from identity.types import Subject
+from ledger import eip712
+from ledger.errors import ConsentRejected, LedgerError
+
+router = APIRouter(prefix="/customers", tags=["customers"], responses=responses(401, 403))
+CLAIM_LIFETIME = timedelta(days=7)
+BIND_DEADLINE = 15 * 60
+
+
+def subject_of(runtime: Runtime, did: str) -> Subject:
+    assert runtime.dids is not None
+    try:
+        return runtime.dids.subject(did)
+    except InvalidDid as exc:
+        raise ApiError(404, "unknown_customer", "No such customer", str(exc)) from exc
+
+
+@router.post("", response_model=CustomerCreated, status_code=status.HTTP_201_CREATED, responses=responses(409, 422))
+def enrol(body: CustomerCreate, runtime: RuntimeDep, _caller: OperatorWrite) -> CustomerCreated:
+    """Enrol a customer from CRM PII: the PII goes to the vault encrypted; only the pseudonym is used beyond it."""
+    assert runtime.vault is not None and runtime.dids is not None
+    try:
+        pii = normalize_pii(body.model_dump(), runtime.identity.default_region)
+        subject, _created = runtime.vault.enrol(pii)
+    except InvalidPII as exc:
+        raise ApiError(422, "invalid_pii", "Invalid personal data", str(exc), field=exc.field) from exc
+    except SubjectErased as exc:
+        raise ApiError(409, "customer_erased", "This customer's data was erased", str(exc)) from exc
+    record = runtime.vault.record(subject)
+    if record is not None and record.controller:
+        raise ApiError(
+            409, "already_enrolled", "This customer is enrolled and has bound a key", did=runtime.dids.did(subject)
+        )
+    code = secrets.token_urlsafe(12)
+    with runtime.sessions() as session:
+        session.execute(update(ClaimCode).where(ClaimCode.subject == subject, ClaimCode.used_at.is_(None))
+                        .values(used_at=auth.now()))  # fmt: skip  # one live code per customer
+        session.add(ClaimCode(code_hash=auth.digest(code), subject=subject, expires_at=auth.now() + CLAIM_LIFETIME))
+    return CustomerCreated(did=runtime.dids.did(subject), claim_code=code)
+
+
+def _claim(runtime: Runtime, subject: Subject, code: str) -> None:
+    with runtime.sessions() as session:
+        claim = session.get(ClaimCode, auth.digest(code))
+        if claim is None or claim.subject != subject or claim.used_at is not None:
+            raise ApiError(403, "invalid_claim_code", "The claim code is not valid for this customer")
+        if auth._aware(claim.expires_at) <= auth.now():
+            raise ApiError(403, "claim_code_expired", "The claim code has expired; ask for a new one")
+
+
+@router.post("/{did}/controller/prepare", response_model=TypedDataPublic, responses=responses(404, 409, 422))
+def prepare_binding(did: str, body: ControllerPrepare, runtime: RuntimeDep) -> TypedDataPublic:
+    """Typed data binding `address` to the customer, for their key to sign (the claim code authenticates)."""
+    assert runtime.consent is not None
+    subject = subject_of(runtime, did)
+    _claim(runtime, subject, body.claim_code)
+    binding = eip712.ControllerBinding(
+        subject=subject,
+        controller=Web3.to_checksum_address(body.address),
+        claim=keccak(text=body.claim_code),
+        deadline=int(time.time()) + BIND_DEADLINE,
+    )
+    return TypedDataPublic(typed_data=eip712.typed_data(runtime.consent.domain, binding))
+
+
+@router.post("/{did}/controller", response_model=ControllerPublic, responses=responses(404, 409, 422))
+def bind(did: str, body: ControllerSubmit, runtime: RuntimeDep) -> ControllerPublic:
+    """Bind the key on-chain, once its holder has signed the prepared typed data."""
+    assert runtime.consent is not None and runtime.vault is not None and runtime.deployment is not None
+    subject = subject_of(runtime, did)
+    _claim(runtime, subject, body.claim_code)
+    try:
+        binding = eip712.parse(body.typed_data, runtime.consent.domain, ("ControllerBinding",))
+        signer = eip712.recover(
+            runtime.consent.domain, binding, eip712.Signature.from_bytes(bytes.fromhex(body.signature[2:]))
+        )
+    except ValueError as exc:
+        raise ApiError(422, "invalid_typed_data", "The signed data is not what was prepared", str(exc)) from exc
+    assert isinstance(binding, eip712.ControllerBinding)
+    if binding.subject != subject or binding.claim != keccak(text=body.claim_code):
+        raise ApiError(422, "invalid_typed_data", "The signed data is for another customer or claim code")
+    if binding.deadline < time.time():
+        raise ApiError(422, "signature_expired", "The signed binding has expired; prepare it again")
+    if signer != binding.controller:
+        raise ApiError(422, "invalid_signature", "The binding was not signed by the key it binds")
+    with runtime.sessions() as session:
+        used = session.execute(
+            update(ClaimCode)
+            .where(ClaimCode.code_hash == auth.digest(body.claim_code), ClaimCode.used_at.is_(None))
+            .values(used_at=auth.now())
+        ).rowcount  # type: ignore[attr-defined]
+    if used != 1:
+        raise ApiError(409, "claim_code_used", "The claim code was used already")
+    try:
+        receipt = runtime.consent.bind_controller(subject, binding.controller)
+    except ConsentRejected as exc:
+        raise ApiError(409, "already_bound", "This customer has bound a key already", str(exc)) from exc
+    except LedgerError as exc:
+        with runtime.sessions() as session:  # the code was not spent: let the customer try again
+            session.execute(
+                update(ClaimCode).where(ClaimCode.code_hash == auth.digest(body.claim_code)).values(used_at=None)
+            )
+        raise ApiError(503, "chain_unavailable", "The ledger could not record the binding", str(exc)) from exc
+    runtime.vault.set_controller(subject, binding.controller, runtime.deployment.chain_id)
+    runtime.wait_for_controller(subject)
+    return ControllerPublic(
+        did=did, controller=binding.controller, tx_hash=receipt.tx_hash, block_number=receipt.block_number
+    )
+
+
+def own_subject(runtime: Runtime, caller: auth.Caller, did: str, operator_scope: str) -> Subject:
+    """The subject of `did`, if the caller may see it: that customer, or a service with `operator_scope`."""
+    subject = subject_of(runtime, did)
+    if caller.kind == "customer":
+        if caller.subject != subject:
+            raise ApiError(403, "not_your_data", "Customers see only their own data")
+    elif operator_scope not in caller.scopes:
+        raise ApiError(403, "insufficient_scope", "Not allowed", f"this route needs the {operator_scope} scope")
+    return subject
+
+
+@router.get("/{did}/consents", response_model=list[ConsentPublic], responses=responses(404))
+def consents(did: str, runtime: RuntimeDep, caller: CallerDep) -> list[ConsentPublic]:
+    """Current consents: per partner and purpose, what is permitted now and what is pending."""
+    assert runtime.outbox is not None
+    subject = own_subject(runtime, caller, did, "consents:read")
+    with runtime.sessions() as session:
+        catalogue = Catalogue(session)
+    return [
+        ConsentPublic(
+            partner=c.partner,
+            partner_name=catalogue.partners.get(c.partner),
+            purpose=catalogue.purpose_key(c.purpose),
+            attributes=catalogue.names(c.attributes),
+            pending_grant=catalogue.names(c.pending_grant),
+            pending_revoke=catalogue.names(c.pending_revoke),
+            valid_until=c.valid_until,
+            status=c.status,  # type: ignore[arg-type]
+            tx_hash=c.tx_hash,
+            block_number=c.block_number,
+        )
+        for c in runtime.outbox.consents_of(subject)
+    ]

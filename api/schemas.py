@@ -1,0 +1,147 @@
+"""Request and response models. Separate in and out models: PII appears only in `CustomerCreate`."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TypedDataSubmission(BaseModel):
+    """What a wallet signed: the typed data exactly as prepared, and its 65-byte signature (0x-hex)."""
+
+    typed_data: dict[str, Any]
+    signature: str = Field(pattern=r"^0x[0-9a-fA-F]{130}$")
+
+
+class CustomerCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    email: str | None = Field(default=None, max_length=320)
+    phone: str | None = Field(default=None, max_length=40)
+    name: str | None = Field(default=None, max_length=200)
+
+
+class CustomerCreated(BaseModel):
+    did: str
+    claim_code: str = Field(description="one-time code the customer uses to bind their key")
+
+
+class ControllerPrepare(BaseModel):
+    claim_code: str = Field(min_length=8, max_length=64)
+    address: str = Field(pattern=r"^0x[0-9a-fA-F]{40}$", description="the customer's key address")
+
+
+class TypedDataPublic(BaseModel):
+    typed_data: dict[str, Any] = Field(description="pass unchanged to eth_signTypedData_v4")
+
+
+class ControllerSubmit(TypedDataSubmission):
+    claim_code: str = Field(min_length=8, max_length=64)
+
+
+class ControllerPublic(BaseModel):
+    did: str
+    controller: str
+    tx_hash: str
+    block_number: int
+
+
+class ChallengeCreate(BaseModel):
+    address: str = Field(pattern=r"^0x[0-9a-fA-F]{40}$")
+
+
+class ChallengePublic(BaseModel):
+    message: str = Field(description="EIP-4361 message: sign it with personal_sign")
+    expires_at: str
+
+
+class SignIn(BaseModel):
+    message: str = Field(max_length=2000)
+    signature: str = Field(pattern=r"^0x[0-9a-fA-F]{130}$")
+
+
+class TokenPublic(BaseModel):
+    access_token: str
+    token_type: Literal["Bearer"] = "Bearer"  # noqa: S105 - the scheme's name, not a secret
+    expires_in: int
+    did: str
+
+
+class ConsentPrepare(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    action: Literal["grant", "revoke"]
+    partner: str = Field(description="partner name or address")
+    purpose: str = Field(description="purpose key (Fideslang data use)")
+    attributes: list[str] = Field(min_length=1, description="attribute keys (Fideslang data categories)")
+    valid_until: int = Field(default=0, ge=0, lt=2**63, description="unix time the grant lapses; 0 = until revoked")
+
+
+class ConsentPreparePublic(TypedDataPublic):
+    nonce: int
+    deadline: int
+
+
+class ConsentAccepted(BaseModel):
+    id: str
+    status: str
+
+
+class ConsentRequestPublic(BaseModel):
+    id: str
+    action: Literal["grant", "revoke"]
+    status: Literal["pending", "active", "revoked", "expired", "failed"]
+    partner: str
+    purpose: str
+    attributes: list[str]
+    valid_until: int
+    tx_hash: str | None
+    block_number: int | None
+    error: dict[str, str] | None = None
+    receipt: dict[str, Any] | None = Field(default=None, description="Kantara Consent Receipt v1.1 (once on-chain)")
+
+
+class ConsentPublic(BaseModel):
+    partner: str
+    partner_name: str | None
+    purpose: str
+    attributes: list[str]
+    pending_grant: list[str]
+    pending_revoke: list[str]
+    valid_until: int
+    status: Literal["pending", "active", "revoked", "expired"]
+    tx_hash: str | None
+    block_number: int | None
+
+
+class PartnerCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=100)
+    address: str = Field(pattern=r"^0x[0-9a-fA-F]{40}$")
+
+
+class PartnerPublic(BaseModel):
+    name: str
+    address: str
+
+
+class PurposeCreate(BaseModel):
+    key: str = Field(pattern=r"^[a-z0-9_]+(\.[a-z0-9_]+)*$", max_length=100)
+    name: str = Field(min_length=1, max_length=200)
+    description: str = Field(default="", max_length=500)
+
+
+class PurposePublic(BaseModel):
+    key: str
+    id: str = Field(description="keccak256 of the key, as on-chain")
+    name: str
+    description: str
+
+
+class AttributeCreate(BaseModel):
+    key: str = Field(pattern=r"^[a-z0-9_]+(\.[a-z0-9_]+)*$", max_length=100)
+    name: str = Field(min_length=1, max_length=200)
+
+
+class AttributePublic(BaseModel):
+    bit: int
+    key: str
+    name: str

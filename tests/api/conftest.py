@@ -1,0 +1,169 @@
+"""A real service for API tests: managed anvil, the runtime's threads, uvicorn on a free port."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import pytest
+import uvicorn
+from eth_account import Account
+from eth_account.messages import encode_defunct, encode_typed_data
+from eth_account.signers.local import LocalAccount
+
+from api.auth import create_principal
+from api.main import create_app
+from api.models import Partner
+from api.runtime import Runtime
+from api.secrets import load_secrets
+from api.settings import ServiceSettings
+from identity.settings import IdentitySettings
+from ledger.anvil import free_port
+from ledger.settings import ChainSettings, ToolchainSettings
+
+
+def q(did: str) -> str:
+    """A DID in a URL path is percent-encoded (did:web DIDs contain %3A themselves)."""
+    return quote(did, safe="")
+
+
+@dataclass
+class Customer:
+    account: LocalAccount
+    did: str
+    token: str = ""
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+@dataclass
+class Service:
+    runtime: Runtime
+    client: httpx.Client
+    operator_key: str
+    partner_key: str
+    auditor_key: str
+    partner_address: str
+    customers: list[Customer] = field(default_factory=list)
+
+    def operator(self) -> dict[str, str]:
+        return {"X-API-Key": self.operator_key}
+
+    def sign_typed(self, account: LocalAccount, typed: dict[str, Any]) -> str:
+        return "0x" + bytes(account.sign_message(encode_typed_data(full_message=typed)).signature).hex()
+
+    def enrol(self, email: str) -> tuple[str, str]:
+        response = self.client.post(
+            "/api/v1/customers", json={"email": email, "name": "Test Person"}, headers=self.operator()
+        )
+        assert response.status_code == 201, response.text
+        return response.json()["did"], response.json()["claim_code"]
+
+    def bind(self, did: str, claim: str, account: LocalAccount) -> httpx.Response:
+        prepared = self.client.post(
+            f"/api/v1/customers/{q(did)}/controller/prepare", json={"claim_code": claim, "address": account.address}
+        )
+        assert prepared.status_code == 200, prepared.text
+        typed = prepared.json()["typed_data"]
+        return self.client.post(
+            f"/api/v1/customers/{q(did)}/controller",
+            json={"claim_code": claim, "typed_data": typed, "signature": self.sign_typed(account, typed)},
+        )
+
+    def sign_in(self, account: LocalAccount) -> httpx.Response:
+        challenge = self.client.post("/api/v1/auth/siwe/challenge", json={"address": account.address})
+        assert challenge.status_code == 201, challenge.text
+        message = challenge.json()["message"]
+        signature = "0x" + bytes(account.sign_message(encode_defunct(text=message)).signature).hex()
+        return self.client.post("/api/v1/auth/siwe", json={"message": message, "signature": signature})
+
+    def new_customer(self) -> Customer:
+        account = Account.create()
+        did, claim = self.enrol(f"user{len(self.customers)}.{account.address[2:10].lower()}@example.com")
+        bound = self.bind(did, claim, account)
+        assert bound.status_code == 200, bound.text
+        signed_in = self.sign_in(account)
+        assert signed_in.status_code == 200, signed_in.text
+        customer = Customer(account=account, did=did, token=signed_in.json()["access_token"])
+        self.customers.append(customer)
+        return customer
+
+    def prepare(self, customer: Customer, **body: Any) -> httpx.Response:
+        body.setdefault("partner", "acme")
+        body.setdefault("purpose", "marketing.communications.email")
+        return self.client.post("/api/v1/consents/prepare", json=body, headers=customer.headers)
+
+    def change(self, customer: Customer, **body: Any) -> httpx.Response:
+        prepared = self.prepare(customer, **body)
+        assert prepared.status_code == 200, prepared.text
+        typed = prepared.json()["typed_data"]
+        return self.client.post(
+            "/api/v1/consents",
+            json={"typed_data": typed, "signature": self.sign_typed(customer.account, typed)},
+            headers=customer.headers,
+        )
+
+    def wait_status(self, customer: Customer, request_id: str, wanted: str, timeout: float = 30) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            response = self.client.get(f"/api/v1/consents/{request_id}", headers=customer.headers)
+            assert response.status_code == 200, response.text
+            if response.json()["status"] == wanted:
+                return dict(response.json())
+            assert time.monotonic() < deadline, f"still {response.json()['status']}"
+            time.sleep(0.05)
+
+
+def start_service(data_dir: Path, **chain: Any) -> tuple[Runtime, uvicorn.Server, threading.Thread, int]:
+    port = free_port()
+    service = ServiceSettings(data_dir=data_dir, port=port)
+    chain_settings = ChainSettings(backend="anvil", block_time=0.05, **chain)
+    runtime = Runtime(
+        service=service,
+        chain=chain_settings,
+        toolchain=ToolchainSettings(),
+        secrets=load_secrets(service, chain_settings, IdentitySettings()),
+    )
+    runtime.start()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(runtime), host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    return runtime, server, thread, port
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    runtime, server, thread, port = start_service(tmp_path_factory.mktemp("service"))
+    partner = Account.create().address
+    with runtime.sessions() as session:
+        _, operator_key = create_principal(session, "crm-operator", "operator")
+        _, partner_key = create_principal(session, "acme", "partner", partner)
+        _, auditor_key = create_principal(session, "audit-firm", "auditor")
+        session.add(Partner(address=partner, name="acme", on_chain=False))
+    runtime.sync_partners()
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        yield Service(
+            runtime=runtime,
+            client=client,
+            operator_key=operator_key,
+            partner_key=partner_key,
+            auditor_key=auditor_key,
+            partner_address=partner,
+        )
+    server.should_exit = True
+    thread.join(timeout=10)
+    runtime.stop()

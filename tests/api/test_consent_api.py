@@ -1,0 +1,263 @@
+"""The consent path through HTTP on a real node: enrol, bind, sign in, grant, revoke, status, receipts."""
+
+from __future__ import annotations
+
+import copy
+from urllib.parse import quote
+
+from eth_account import Account
+
+from tests.api.conftest import Service, q
+
+PROBLEM = "application/problem+json"
+
+
+def _problem(response: object, status: int, code: str) -> dict[str, object]:
+    import httpx
+
+    assert isinstance(response, httpx.Response)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == PROBLEM
+    body = dict(response.json())
+    assert body["code"] == code
+    assert body["status"] == status
+    assert body["type"] == f"urn:consent-ledger:problem:{code}"
+    return body
+
+
+def test_grant_then_revoke_end_to_end(service: Service) -> None:
+    customer = service.new_customer()
+    accepted = service.change(customer, action="grant", attributes=["user.contact.email", "user.name"])
+    assert accepted.status_code == 202, accepted.text
+    assert accepted.json()["status"] == "pending"
+    done = service.wait_status(customer, accepted.json()["id"], "active")
+    assert done["tx_hash"].startswith("0x")
+    assert done["block_number"] > 0
+    assert done["attributes"] == ["user.contact.email", "user.name"]
+    receipt = done["receipt"]
+    assert receipt["version"] == "KI-CR-v1.1.0"
+    assert receipt["piiPrincipalId"] == customer.did
+    assert receipt["services"][0]["purposes"][0]["piiCategory"] == ["user.contact.email", "user.name"]
+    assert receipt["evidence"]["txHash"] == done["tx_hash"]
+    assert receipt["evidence"]["signer"] == customer.account.address
+
+    listing = service.client.get(f"/api/v1/customers/{q(customer.did)}/consents", headers=customer.headers).json()
+    assert [(c["partner_name"], c["purpose"], c["status"], c["attributes"]) for c in listing] == [
+        ("acme", "marketing.communications.email", "active", ["user.contact.email", "user.name"])
+    ]
+
+    revoked = service.change(customer, action="revoke", attributes=["user.name"])
+    assert revoked.status_code == 202
+    # Deny wins at once, before the chain has it.
+    (now,) = service.client.get(f"/api/v1/customers/{q(customer.did)}/consents", headers=customer.headers).json()
+    assert now["attributes"] == ["user.contact.email"]
+    assert now["pending_revoke"] == ["user.name"]
+    service.wait_status(customer, revoked.json()["id"], "revoked")
+    registry = service.runtime.consent
+    assert registry is not None
+    from ledger.eip712 import purpose_id
+
+    subject = service.runtime.dids.subject(customer.did)  # type: ignore[union-attr]
+    assert registry.is_permitted(subject, service.partner_address, purpose_id("marketing.communications.email"), 1)  # type: ignore[arg-type]
+    assert not registry.is_permitted(subject, service.partner_address, purpose_id("marketing.communications.email"), 4)  # type: ignore[arg-type]
+    # The operator sees the same consents.
+    as_operator = service.client.get(f"/api/v1/customers/{q(customer.did)}/consents", headers=service.operator())
+    assert as_operator.status_code == 200
+    assert as_operator.json()[0]["attributes"] == ["user.contact.email"]
+
+
+def test_the_did_lists_the_bound_key(service: Service) -> None:
+    customer = service.customers[0] if service.customers else service.new_customer()
+    result = service.client.get(f"/api/v1/dids/{quote(customer.did, safe='')}").json()
+    (method,) = result["didDocument"]["verificationMethod"]
+    assert method["blockchainAccountId"].endswith(customer.account.address)
+
+
+def test_customers_cannot_touch_each_others_data(service: Service) -> None:
+    alice, bob = service.new_customer(), service.new_customer()
+    accepted = service.change(alice, action="grant", attributes=["user.contact.email"])
+    request_id = accepted.json()["id"]
+    _problem(
+        service.client.get(f"/api/v1/customers/{q(alice.did)}/consents", headers=bob.headers), 403, "not_your_data"
+    )
+    _problem(service.client.get(f"/api/v1/consents/{request_id}", headers=bob.headers), 404, "unknown_consent_request")
+    # Bob submits a change signed by Alice for Alice's subject: refused, even with a valid signature.
+    prepared = service.prepare(alice, action="grant", attributes=["user.location"]).json()["typed_data"]
+    signature = service.sign_typed(alice.account, prepared)
+    _problem(
+        service.client.post(
+            "/api/v1/consents", json={"typed_data": prepared, "signature": signature}, headers=bob.headers
+        ),
+        403,
+        "not_your_data",
+    )
+
+
+def test_services_need_the_right_role(service: Service) -> None:
+    partner = {"X-API-Key": service.partner_key}
+    _problem(
+        service.client.post("/api/v1/customers", json={"email": "x@example.com"}, headers=partner),
+        403,
+        "insufficient_scope",
+    )
+    _problem(service.client.post("/api/v1/customers", json={"email": "x@example.com"}), 401, "unauthenticated")
+    _problem(
+        service.client.post("/api/v1/customers", json={"email": "x@example.com"}, headers={"X-API-Key": "clk_nope"}),
+        401,
+        "invalid_api_key",
+    )
+    _problem(service.client.get("/api/v1/partners", headers={"Authorization": "Bearer nope"}), 401, "invalid_token")
+    # A partner may not read a customer's consents; a service may not prepare a customer's change.
+    customer = service.customers[0] if service.customers else service.new_customer()
+    _problem(
+        service.client.get(f"/api/v1/customers/{q(customer.did)}/consents", headers=partner), 403, "insufficient_scope"
+    )
+    _problem(
+        service.client.post(
+            "/api/v1/consents/prepare",
+            headers=service.operator(),
+            json={"action": "grant", "partner": "acme", "purpose": "analytics.reporting", "attributes": ["user.name"]},
+        ),
+        403,
+        "insufficient_scope",
+    )
+    _problem(
+        service.client.post("/api/v1/partners", headers=partner, json={"name": "x", "address": "0x" + "1" * 40}),
+        403,
+        "insufficient_scope",
+    )
+
+
+def test_forged_tampered_and_replayed_changes_are_refused(service: Service) -> None:
+    customer = service.new_customer()
+    typed = service.prepare(customer, action="grant", attributes=["user.contact.email"]).json()["typed_data"]
+    forged = service.sign_typed(Account.create(), typed)
+    _problem(
+        service.client.post(
+            "/api/v1/consents", json={"typed_data": typed, "signature": forged}, headers=customer.headers
+        ),
+        422,
+        "invalid_signature",
+    )
+    signature = service.sign_typed(customer.account, typed)
+    tampered = copy.deepcopy(typed)
+    tampered["message"]["attributes"] = 255
+    _problem(
+        service.client.post(
+            "/api/v1/consents", json={"typed_data": tampered, "signature": signature}, headers=customer.headers
+        ),
+        422,
+        "invalid_signature",
+    )
+    other_chain = copy.deepcopy(typed)
+    other_chain["domain"]["chainId"] = 1
+    _problem(
+        service.client.post(
+            "/api/v1/consents", json={"typed_data": other_chain, "signature": signature}, headers=customer.headers
+        ),
+        422,
+        "invalid_typed_data",
+    )
+    first = service.client.post(
+        "/api/v1/consents", json={"typed_data": typed, "signature": signature}, headers=customer.headers
+    )
+    assert first.status_code == 202
+    _problem(
+        service.client.post(
+            "/api/v1/consents", json={"typed_data": typed, "signature": signature}, headers=customer.headers
+        ),
+        409,
+        "nonce_mismatch",
+    )
+
+
+def test_bad_input_gets_a_clear_problem(service: Service) -> None:
+    body = _problem(
+        service.client.post("/api/v1/customers", json={"email": "not-an-address"}, headers=service.operator()),
+        422,
+        "invalid_pii",
+    )
+    assert body["field"] == "email"
+    assert "not-an-address" not in str(body)
+    body = _problem(
+        service.client.post("/api/v1/customers", json={"email": 5}, headers=service.operator()), 422, "validation_error"
+    )
+    assert body["errors"]
+    customer = service.customers[0] if service.customers else service.new_customer()
+    _problem(
+        service.prepare(customer, action="grant", purpose="nope", attributes=["user.name"]), 422, "unknown_purpose"
+    )
+    _problem(service.prepare(customer, action="grant", attributes=["user.ssn"]), 422, "unknown_attribute")
+    _problem(
+        service.prepare(customer, action="grant", partner="nobody", attributes=["user.name"]), 422, "unknown_partner"
+    )
+
+
+def test_claim_codes_work_once_and_only_for_their_customer(service: Service) -> None:
+    did, claim = service.enrol("claims@example.com")
+    other_did, _ = service.enrol("claims2@example.com")
+    key = Account.create()
+    _problem(
+        service.client.post(
+            f"/api/v1/customers/{q(other_did)}/controller/prepare", json={"claim_code": claim, "address": key.address}
+        ),
+        403,
+        "invalid_claim_code",
+    )
+    assert service.bind(did, claim, key).status_code == 200
+    _problem(
+        service.client.post(
+            f"/api/v1/customers/{q(did)}/controller/prepare", json={"claim_code": claim, "address": key.address}
+        ),
+        403,
+        "invalid_claim_code",
+    )
+    _problem(
+        service.client.post("/api/v1/customers", json={"email": "claims@example.com"}, headers=service.operator()),
+        409,
+        "already_enrolled",
+    )
+
+
+def test_sign_in_needs_a_bound_key_and_a_fresh_message(service: Service) -> None:
+    stranger = Account.create()
+    _problem(service.sign_in(stranger), 401, "sign_in_failed")
+    customer = service.customers[0] if service.customers else service.new_customer()
+    challenge = service.client.post("/api/v1/auth/siwe/challenge", json={"address": customer.account.address})
+    message = challenge.json()["message"]
+    assert "wants you to sign in with your Ethereum account:" in message
+    from eth_account.messages import encode_defunct
+
+    signature = "0x" + bytes(customer.account.sign_message(encode_defunct(text=message)).signature).hex()
+    assert (
+        service.client.post("/api/v1/auth/siwe", json={"message": message, "signature": signature}).status_code == 200
+    )
+    _problem(
+        service.client.post("/api/v1/auth/siwe", json={"message": message, "signature": signature}),
+        401,
+        "sign_in_failed",
+    )
+
+
+def test_reference_data_uses_the_fideslang_taxonomy(service: Service) -> None:
+    headers = {"X-API-Key": service.auditor_key}
+    purposes = {p["key"] for p in service.client.get("/api/v1/purposes", headers=headers).json()}
+    assert {"marketing.communications.email", "analytics.reporting", "essential.service"} <= purposes
+    attributes = service.client.get("/api/v1/attributes", headers=headers).json()
+    assert attributes[0] == {"bit": 0, "key": "user.contact.email", "name": "E-mail address"}
+    created = service.client.post(
+        "/api/v1/attributes", json={"key": "user.financial", "name": "Financial"}, headers=service.operator()
+    )
+    assert created.status_code == 201
+    assert created.json()["bit"] == len(attributes)
+
+
+def test_openapi_documents_every_route_with_problem_responses(service: Service) -> None:
+    spec = service.client.get("/api/v1/openapi.json").json()
+    operations = [(path, method, op) for path, item in spec["paths"].items() for method, op in item.items()]
+    assert len(operations) >= 14
+    for path, method, op in operations:
+        assert "200" in op["responses"] or "201" in op["responses"] or "202" in op["responses"], (path, method)
+        errors = [code for code in op["responses"] if code.startswith("4")]
+        if path not in ("/api/v1/health", "/dids/{subject_hex}/did.json", "/api/v1/dids/{did}"):
+            assert errors, f"{method} {path} documents no error responses"
