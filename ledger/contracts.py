@@ -14,12 +14,13 @@ from eth_abi.abi import decode as abi_decode
 from eth_tester.exceptions import TransactionFailed as TesterTransactionFailed
 from eth_typing import ChecksumAddress
 from eth_utils.crypto import keccak
+from requests.exceptions import RequestException
 from web3 import Web3
 from web3.exceptions import ContractLogicError
 
 from ledger import errors
 from ledger.compiler import Artifact
-from ledger.errors import ContractRevert, DeploymentError, TransactionFailed
+from ledger.errors import ChainError, ContractRevert, DeploymentError, TransactionFailed
 from ledger.files import write_atomically
 from ledger.tx import Receipt, TxRequest, TxSender
 
@@ -137,6 +138,8 @@ class ContractClient:
             return getattr(self.contract.functions, function)(*args).call()
         except _REVERTS as exc:
             raise self._translate(exc) from exc
+        except (RequestException, OSError) as exc:
+            raise ChainError(f"the node did not answer {function}: {exc.__class__.__name__}") from exc
 
     def estimate(self, data: bytes) -> int:
         """Gas for `data` from the operator; raises the decoded revert if it would fail."""
@@ -146,6 +149,8 @@ class ContractClient:
             )
         except _REVERTS as exc:
             raise self._translate(exc) from exc
+        except (RequestException, OSError) as exc:
+            raise ChainError(f"the node did not answer eth_estimateGas: {exc.__class__.__name__}") from exc
 
     def transact(self, data: bytes, *, gas: int | None = None) -> Receipt:
         """Send one call and wait for it. Without `gas`, pre-flight it first (a revert is raised unsent)."""

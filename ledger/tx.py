@@ -16,6 +16,7 @@ from typing import Any
 from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
 from hexbytes import HexBytes
+from requests.exceptions import RequestException
 from web3 import Web3
 from web3.providers.rpc import HTTPProvider
 from web3.types import RPCEndpoint
@@ -153,6 +154,12 @@ class TxSender:
             time.sleep(poll_interval)
 
     def _call_many(self, calls: Sequence[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
+        try:
+            return self._call_many_unguarded(calls)
+        except (RequestException, OSError) as exc:
+            raise ChainError(f"the node did not answer: {exc.__class__.__name__}") from exc
+
+    def _call_many_unguarded(self, calls: Sequence[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
         provider = self.w3.provider
         if self._batching and len(calls) > 1:
             assert isinstance(provider, HTTPProvider)

@@ -1,0 +1,255 @@
+"""Nothing acknowledged is lost: kill -9 the service, or the node, while consent changes are in flight;
+after a restart every acknowledged change is on-chain exactly once and the read model matches the chain."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from eth_account import Account
+from eth_account.messages import encode_defunct, encode_typed_data
+from eth_account.signers.local import LocalAccount
+from sqlalchemy import select
+
+from ledger import events
+from ledger.anvil import free_port
+from ledger.backends import AnvilBackend
+from ledger.compiler import compile_contracts
+from ledger.consent import ConsentRegistryClient
+from ledger.contracts import Deployment, RevertDecoder
+from ledger.settings import ChainSettings
+from ledger.store import ConsentRequest, ConsentState, RequestStatus, make_engine, sessions
+from ledger.tx import TxSender
+from tests.api.conftest import q
+
+pytestmark = [pytest.mark.anvil, pytest.mark.slow]
+CLI = [sys.executable, "-m", "api.cli"]
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("CONSENT_LEDGER_")} | {
+    "CONSENT_LEDGER_CHAIN_BLOCK_TIME": "0.1"
+}
+
+
+class Serve:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.env = ENV | {"CONSENT_LEDGER_PORT": str(self.port)}
+        out = subprocess.run(
+            [*CLI, "principals", "add", "--role", "operator", "--name", "op", "--data-dir", str(data_dir)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        self.operator_key = next(line.split()[2] for line in out.splitlines() if line.startswith("api key:"))
+        self.process: subprocess.Popen[bytes] | None = None
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
+
+    def start(self) -> None:
+        with (self.data_dir / "serve.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [*CLI, "serve", "--data-dir", str(self.data_dir)], env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.process.poll() is None, "serve exited"
+            try:
+                if self.client.get("/api/v1/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "serve did not come up"
+            time.sleep(0.1)
+
+    def stop(self, sig: int = signal.SIGINT) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+        self.process.wait(timeout=60)
+
+    def anvil_pid(self) -> int:
+        return int((self.data_dir / "chain" / "anvil.pid").read_text())
+
+
+def _customer(serve: Serve, n: int) -> tuple[LocalAccount, str, dict[str, str]]:
+    account = Account.create()
+    enrolled = serve.client.post(
+        "/api/v1/customers", json={"email": f"crash{n}@example.com"}, headers={"X-API-Key": serve.operator_key}
+    ).json()
+    did, claim = enrolled["did"], enrolled["claim_code"]
+    typed = serve.client.post(
+        f"/api/v1/customers/{q(did)}/controller/prepare", json={"claim_code": claim, "address": account.address}
+    ).json()["typed_data"]
+    signature = "0x" + bytes(account.sign_message(encode_typed_data(full_message=typed)).signature).hex()
+    bound = serve.client.post(
+        f"/api/v1/customers/{q(did)}/controller",
+        json={"claim_code": claim, "typed_data": typed, "signature": signature},
+    )
+    assert bound.status_code == 200, bound.text
+    message = serve.client.post("/api/v1/auth/siwe/challenge", json={"address": account.address}).json()["message"]
+    signature = "0x" + bytes(account.sign_message(encode_defunct(text=message)).signature).hex()
+    token = serve.client.post("/api/v1/auth/siwe", json={"message": message, "signature": signature}).json()
+    return account, did, {"Authorization": f"Bearer {token['access_token']}"}
+
+
+def _load(
+    serve: Serve,
+    customers: list[tuple[LocalAccount, str, dict[str, str]]],
+    stop: threading.Event,
+    acknowledged: list[str],
+) -> list[threading.Thread]:
+    def one(account: LocalAccount, headers: dict[str, str]) -> None:
+        client = httpx.Client(base_url=str(serve.client.base_url), timeout=10)
+        i = 0
+        while not stop.is_set():
+            action = "grant" if i % 2 == 0 else "revoke"
+            try:
+                prepared = client.post(
+                    "/api/v1/consents/prepare",
+                    headers=headers,
+                    json={
+                        "action": action,
+                        "partner": "acme",
+                        "purpose": "analytics.reporting",
+                        "attributes": ["user.contact.email"],
+                    },
+                )
+                if prepared.status_code != 200:
+                    time.sleep(0.05)
+                    continue
+                typed = prepared.json()["typed_data"]
+                signature = "0x" + bytes(account.sign_message(encode_typed_data(full_message=typed)).signature).hex()
+                response = client.post(
+                    "/api/v1/consents", headers=headers, json={"typed_data": typed, "signature": signature}
+                )
+            except httpx.TransportError:
+                time.sleep(0.05)  # the service is down: not acknowledged, try again later
+                continue
+            if response.status_code == 202:
+                acknowledged.append(response.json()["id"])
+                i += 1
+
+    threads = [threading.Thread(target=one, args=(a, h), daemon=True) for a, _, h in customers]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def _verify_exactly_once(serve: Serve, acknowledged: list[str]) -> None:
+    engine = make_engine(f"sqlite:///{serve.data_dir / 'service.db'}")
+    deadline = time.monotonic() + 120
+    while True:
+        with sessions(engine)() as session:
+            rows = list(session.scalars(select(ConsentRequest).where(ConsentRequest.id.in_(acknowledged))))
+        statuses = Counter(r.status for r in rows)
+        if statuses == Counter({RequestStatus.CONFIRMED: len(acknowledged)}):
+            break
+        assert time.monotonic() < deadline, f"not all acknowledged changes were confirmed: {statuses}"
+        time.sleep(0.2)
+    assert len(rows) == len(acknowledged)
+    serve.stop()  # graceful: the node writes its state; now read the chain itself
+    backend = AnvilBackend(ChainSettings(backend="anvil", block_time=0.1), Account.create(), serve.data_dir)
+    w3 = backend.start()
+    try:
+        deployment = Deployment.load(serve.data_dir / "deployment.json")
+        registry_address = deployment.address("ConsentRegistry")
+        logs = w3.eth.get_logs(
+            {
+                "address": registry_address,
+                "fromBlock": deployment.deploy_block,
+                "toBlock": "latest",
+                "topics": [[events.GRANTED, events.REVOKED]],
+            }
+        )
+        on_chain: Counter[tuple[bytes, int]] = Counter()
+        for log in logs:
+            event = events.decode(dict(log))
+            assert event is not None
+            on_chain[(event.subject, event.nonce)] += 1
+        for row in rows:
+            assert on_chain[(row.subject, row.nonce)] == 1, "an acknowledged change must be on-chain exactly once"
+        artifacts = compile_contracts()
+        registry = ConsentRegistryClient(
+            w3,
+            registry_address,
+            artifacts["ConsentRegistry"],
+            TxSender(w3, Account.create()),
+            RevertDecoder(list(artifacts.values())),
+        )
+        with sessions(engine)() as session:
+            for state in session.scalars(select(ConsentState)):
+                consent = registry.consent_of(state.subject, state.partner, state.purpose)  # type: ignore[arg-type]
+                assert (consent.attributes, consent.valid_until) == (int(state.attributes), state.valid_until)
+    finally:
+        backend.stop()
+        engine.dispose()
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Serve]:
+    instance = Serve(tmp_path)
+    instance.client.headers["X-API-Key"] = ""
+    yield instance
+    if instance.process is not None and instance.process.poll() is None:
+        instance.stop(signal.SIGKILL)
+    instance.client.close()
+
+
+def _prepare(serve: Serve) -> list[tuple[LocalAccount, str, dict[str, str]]]:
+    serve.start()
+    del serve.client.headers["X-API-Key"]
+    created = serve.client.post(
+        "/api/v1/partners",
+        json={"name": "acme", "address": Account.create().address},
+        headers={"X-API-Key": serve.operator_key},
+    )
+    assert created.status_code == 201, created.text
+    return [_customer(serve, n) for n in range(12)]
+
+
+def test_kill_9_of_the_service_loses_no_acknowledged_change(serve: Serve) -> None:
+    customers = _prepare(serve)
+    stop, acknowledged = threading.Event(), []  # type: ignore[var-annotated]
+    threads = _load(serve, customers, stop, acknowledged)
+    time.sleep(2.0)
+    serve.stop(signal.SIGKILL)  # mid-flight: requests accepted, batches unsent, sent, or mined
+    killed_at = len(acknowledged)
+    serve.start()
+    time.sleep(1.0)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert killed_at > 20, "the load did not get going before the kill"
+    _verify_exactly_once(serve, acknowledged)
+
+
+def test_kill_9_of_the_node_loses_no_acknowledged_change(serve: Serve) -> None:
+    customers = _prepare(serve)
+    stop, acknowledged = threading.Event(), []  # type: ignore[var-annotated]
+    threads = _load(serve, customers, stop, acknowledged)
+    time.sleep(2.0)
+    os.kill(serve.anvil_pid(), signal.SIGKILL)  # blocks mined since the last state dump are gone
+    time.sleep(0.5)
+    _account, _did, headers = customers[0]
+    down = serve.client.post(
+        "/api/v1/consents/prepare",
+        headers=headers,
+        json={"action": "grant", "partner": "acme", "purpose": "analytics.reporting", "attributes": ["user.name"]},
+    )
+    assert (down.status_code, down.json()["code"]) == (503, "chain_unavailable")
+    assert down.headers["content-type"] == "application/problem+json"
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    serve.stop()
+    serve.start()
+    assert len(acknowledged) > 20, "the load did not get going before the kill"
+    _verify_exactly_once(serve, acknowledged)
