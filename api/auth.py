@@ -51,6 +51,7 @@ class Caller:
     scopes: frozenset[str]
     subject: bytes | None = None
     address: str | None = None
+    expires_at: datetime | None = None
 
 
 class PrincipalExists(Exception):
@@ -97,6 +98,7 @@ def customer_caller(session: Session, token: str) -> Caller | None:
         scopes=CUSTOMER_SCOPES,
         subject=row.subject,
         address=row.address,
+        expires_at=_aware(row.expires_at),
     )
 
 

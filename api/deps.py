@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
 from fastapi.security import APIKeyHeader, HTTPBearer
 
-from api.auth import Caller, customer_caller, service_caller
+from api.auth import Caller, customer_caller, now, service_caller
 from api.errors import ApiError
 from api.runtime import Runtime
 
@@ -25,6 +26,24 @@ def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
+_TOKENS: dict[str, tuple[Caller, float]] = {}  # bearer token -> (caller, monotonic expiry): one DB read per token
+
+
+def _cached_customer(runtime: Runtime, token: str) -> Caller | None:
+    hit = _TOKENS.get(token)
+    if hit is not None and hit[1] > time.monotonic():
+        return hit[0]
+    with runtime.sessions() as session:
+        caller = customer_caller(session, token)
+    if caller is not None:
+        if len(_TOKENS) > 100_000:
+            _TOKENS.clear()
+        assert caller.expires_at is not None
+        ttl = min(30.0, (caller.expires_at - now()).total_seconds())  # never past the token's own expiry
+        _TOKENS[token] = (caller, time.monotonic() + ttl)
+    return caller
+
+
 def current_caller(
     runtime: RuntimeDep,
     _key: Annotated[str | None, Depends(_api_key_scheme)] = None,
@@ -32,19 +51,19 @@ def current_caller(
     x_api_key: Annotated[str | None, Header()] = None,
     authorization: Annotated[str | None, Header()] = None,
 ) -> Caller:
-    with runtime.sessions() as session:
-        if x_api_key:
-            caller = service_caller(session, x_api_key)
-            if caller is None:
-                raise ApiError(401, "invalid_api_key", "Unknown API key")
-            return caller
-        if authorization and authorization.lower().startswith("bearer "):
-            caller = customer_caller(session, authorization[7:].strip())
-            if caller is None:
-                raise ApiError(
-                    401, "invalid_token", "The bearer token is unknown or has expired", "Sign in again with your key."
-                )
-            return caller
+    if x_api_key:
+        with runtime.sessions() as session:
+            service = service_caller(session, x_api_key)
+        if service is None:
+            raise ApiError(401, "invalid_api_key", "Unknown API key")
+        return service
+    if authorization and authorization.lower().startswith("bearer "):
+        caller = _cached_customer(runtime, authorization[7:].strip())
+        if caller is None:
+            raise ApiError(
+                401, "invalid_token", "The bearer token is unknown or has expired", "Sign in again with your key."
+            )
+        return caller
     raise ApiError(
         401,
         "unauthenticated",

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import api.models  # noqa: F401 - registers the API's tables on the shared metadata
 from api import reference
+from api.reference import Catalogue
 from api.secrets import Secrets
 from api.settings import ServiceSettings
 from identity.did import DidWeb, Resolver
@@ -26,7 +27,7 @@ from ledger.compiler import Artifact, compile_contracts
 from ledger.consent import PARTNER_ROLE, ConsentRegistryClient
 from ledger.contracts import Deployment, RevertDecoder, ensure_deployed
 from ledger.indexer import Indexer
-from ledger.outbox import Outbox
+from ledger.outbox import Outbox, OutboxWriter
 from ledger.relayer import Relayer
 from ledger.settings import ChainSettings, ToolchainSettings
 from ledger.store import Base, ControllerState, make_engine, sessions
@@ -51,6 +52,8 @@ class Runtime:
     resolver: Resolver | None = None
     engine: Engine | None = None
     outbox: Outbox | None = None
+    writer: OutboxWriter | None = None
+    _catalogue: Catalogue | None = None
     relayer: Relayer | None = None
     indexer: Indexer | None = None
     _sessions: sessionmaker[Session] | None = None
@@ -93,8 +96,16 @@ class Runtime:
             w3, self.deployment.address("ConsentRegistry"), self.artifacts["ConsentRegistry"], sender, decoder
         )
         self.outbox = Outbox(self.engine)
+        self.writer = OutboxWriter(self.engine)
         self.indexer = Indexer(w3, self.engine, self.consent.address, self.deployment.deploy_block)
-        self.relayer = Relayer(self.engine, self.consent, on_mined=self.indexer.wake.set)
+        self.relayer = Relayer(
+            self.engine,
+            self.consent,
+            max_batch=self.service.relayer_max_batch,
+            linger=self.service.relayer_linger,
+            max_in_flight=self.service.relayer_max_in_flight,
+            on_mined=self.indexer.wake.set,
+        )
         self.sync_partners()
         log.info(
             "chain %s (%s backend), ConsentRegistry at %s since block %s",
@@ -122,6 +133,17 @@ class Runtime:
         thread.start()
         self._threads.append(thread)
 
+    def catalogue(self) -> Catalogue:
+        """Reference data, cached until an operator changes it."""
+        catalogue = self._catalogue
+        if catalogue is None:
+            with self.sessions() as session:
+                catalogue = self._catalogue = Catalogue(session)
+        return catalogue
+
+    def invalidate_catalogue(self) -> None:
+        self._catalogue = None
+
     def sync_partners(self) -> None:
         """Give every registered partner the partner role on-chain (the operator is the registry's admin here)."""
         from api.models import Partner
@@ -132,6 +154,7 @@ class Runtime:
                 if not self.consent.has_role(PARTNER_ROLE, partner.address):  # type: ignore[arg-type]
                     self.consent.add_partner(partner.address)  # type: ignore[arg-type]
                 partner.on_chain = True
+                self.invalidate_catalogue()
 
     def wait_for_controller(self, subject: bytes, timeout: float = 30.0) -> None:
         """Block until the indexer has seen the subject's controller binding."""
@@ -147,6 +170,8 @@ class Runtime:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.writer is not None:
+            self.writer.close()
         for worker in (self.relayer, self.indexer):
             if worker is not None:
                 worker.wake.set()

@@ -23,6 +23,9 @@ class ServiceSettings(BaseSettings):
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL of the service database (default: SQLite in the data dir)."
     )
+    relayer_max_batch: int = Field(default=500, ge=1, le=2000, description="Most consent changes in one transaction.")
+    relayer_linger: float = Field(default=0.005, ge=0, description="Seconds the relayer waits to fill a batch.")
+    relayer_max_in_flight: int = Field(default=16, ge=1, description="Batch transactions sent and not yet mined.")
     company_name: str = Field(default="Example Retail Ltd", description="The data controller, named in receipts.")
     company_contact: str = Field(default="privacy@example.com", description="The controller's privacy contact.")
 

@@ -7,8 +7,12 @@ its event is on-chain.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, func, select
@@ -172,3 +176,119 @@ def _pending(session: Session, subject: bytes) -> dict[tuple[str, bytes], tuple[
             revoke |= bits
         pending[(row.partner, row.purpose)] = (grant, revoke)
     return pending
+
+
+@dataclass
+class _Pending:
+    signed: SignedChange
+    controller: str
+    chain_nonce: Callable[[], int]
+    done: Future[ConsentRequest]
+
+
+class OutboxWriter:
+    """Group commit for acceptance: one writer thread stores the changes that arrive together in one
+    transaction (one fsync), and answers each caller when it is durable.
+
+    It is the only writer of new requests, so the nonce check needs no lock: each controller's next
+    nonce is cached and re-read from the database when a change does not match it (a failed request
+    frees its nonce). The chain is asked only for a controller the outbox has never seen.
+    """
+
+    def __init__(self, engine: Engine, *, max_batch: int = 1000, linger: float = 0.001) -> None:
+        self._sessions = sessions(engine)
+        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._next: dict[str, int] = {}
+        self.max_batch = max_batch
+        self.linger = linger
+        self._thread = threading.Thread(target=self._run, name="outbox-writer", daemon=True)
+        self._thread.start()
+
+    def accept(self, signed: SignedChange, controller: str, chain_nonce: Callable[[], int]) -> Future[ConsentRequest]:
+        done: Future[ConsentRequest] = Future()
+        self._queue.put(_Pending(signed, controller, chain_nonce, done))
+        return done
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _expected(self, session: Session, controller: str, chain_nonce: Callable[[], int], fresh: bool) -> int:
+        if fresh or controller not in self._next:
+            highest = session.scalar(
+                select(func.max(ConsentRequest.nonce)).where(
+                    ConsentRequest.controller == controller, ConsentRequest.status != RequestStatus.FAILED
+                )
+            )
+            self._next[controller] = chain_nonce() if highest is None else highest + 1
+        return self._next[controller]
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.linger
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)
+                    break
+                batch.append(item)
+            self._write(batch)
+
+    def _write(self, batch: list[_Pending]) -> None:
+        accepted: list[tuple[_Pending, ConsentRequest]] = []
+        refused: list[tuple[_Pending, BaseException]] = []
+        try:
+            with self._sessions.begin() as session:
+                for item in batch:
+                    try:
+                        expected = self._expected(session, item.controller, item.chain_nonce, fresh=False)
+                        if item.signed.change.nonce != expected:
+                            expected = self._expected(session, item.controller, item.chain_nonce, fresh=True)
+                        if item.signed.change.nonce != expected:
+                            raise NonceConflict(
+                                f"nonce {item.signed.change.nonce} is not the next one ({expected}); "
+                                "prepare the change again"
+                            )
+                    except LedgerError as exc:
+                        refused.append((item, exc))
+                        continue
+                    request = _row(item.signed, item.controller)
+                    session.add(request)
+                    self._next[item.controller] = expected + 1
+                    accepted.append((item, request))
+        except Exception as exc:  # nothing of this batch was stored: every caller hears it
+            self._next.clear()
+            for item in batch:
+                item.done.set_exception(exc)
+            return
+        for item, request in accepted:
+            item.done.set_result(request)
+        for item, error in refused:
+            item.done.set_exception(error)
+
+
+def _row(signed: SignedChange, controller: str) -> ConsentRequest:
+    change, sig = signed.change, signed.signature
+    return ConsentRequest(
+        id=str(uuid.uuid4()),
+        kind=int(change.kind),
+        subject=bytes(change.subject),
+        partner=change.partner,
+        purpose=bytes(change.purpose),
+        attributes=str(change.attributes),
+        valid_until=change.valid_until,
+        nonce=change.nonce,
+        deadline=change.deadline,
+        controller=controller,
+        v=sig.v,
+        r=sig.r,
+        s=sig.s,
+        status=RequestStatus.PENDING,
+    )

@@ -8,6 +8,9 @@ records what the chain says and is the only writer of the read model.
 from __future__ import annotations
 
 import enum
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -163,7 +166,10 @@ class IndexerCursor(Base):
 
 
 def make_engine(url: str) -> Engine:
-    engine = create_engine(url, future=True, pool_pre_ping=True)
+    sqlite = url.startswith("sqlite")
+    # Request threads each hold a connection briefly; SQLite connections are cheap, so allow many.
+    pool = {"pool_size": 32, "max_overflow": 64} if sqlite else {"pool_size": 16, "max_overflow": 16}
+    engine = create_engine(url, future=True, pool_pre_ping=True, **pool)
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine, "connect")
@@ -177,5 +183,32 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-def sessions(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
+class Sessions(sessionmaker[Session]):
+    """A sessionmaker whose `begin()` first takes this process's write lock when the database is SQLite.
+
+    SQLite has one writer at a time; when several threads (outbox writer, relayer, indexer) contend,
+    its busy handler sleeps in steps of up to 100 ms. Queueing on a Python lock instead keeps write
+    latency at the cost of the write itself. Reads (`Sessions()`) take no lock: WAL readers never wait.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine, expire_on_commit=False)
+        self._lock = (
+            _WRITE_LOCKS.setdefault(str(engine.url), threading.RLock()) if engine.dialect.name == "sqlite" else None
+        )
+
+    @contextmanager
+    def begin(self) -> Iterator[Session]:
+        if self._lock is None:
+            with super().begin() as session:
+                yield session
+            return
+        with self._lock, super().begin() as session:
+            yield session
+
+
+_WRITE_LOCKS: dict[str, threading.RLock] = {}
+
+
+def sessions(engine: Engine) -> Sessions:
+    return Sessions(engine)

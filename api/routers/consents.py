@@ -16,6 +16,7 @@ from api.runtime import Runtime
 from api.schemas import ConsentAccepted, ConsentPrepare, ConsentPreparePublic, ConsentRequestPublic, TypedDataSubmission
 from identity.types import Subject
 from ledger import eip712
+from ledger.consent import SignedChange
 from ledger.eip712 import ChangeKind, ConsentChange
 from ledger.outbox import NonceConflict
 from ledger.store import ConsentRequest, RequestStatus
@@ -33,8 +34,7 @@ def _controller(runtime: Runtime, caller: Caller) -> str:
 def prepare(body: ConsentPrepare, runtime: RuntimeDep, caller: ConsentWriter) -> ConsentPreparePublic:
     """The complete EIP-712 typed data of a grant or revocation, with the next nonce and a deadline."""
     assert runtime.consent is not None and runtime.outbox is not None and caller.subject is not None
-    with runtime.sessions() as session:
-        catalogue = Catalogue(session)
+    catalogue = runtime.catalogue()
     partner = catalogue.partner(body.partner)
     if partner is None:
         raise ApiError(422, "unknown_partner", "No such partner", body.partner)
@@ -89,28 +89,20 @@ def submit(body: TypedDataSubmission, runtime: RuntimeDep, caller: ConsentWriter
         )
     if change.deadline <= time.time():
         raise ApiError(422, "signature_expired", "The signed change has expired; prepare it again")
-    with runtime.sessions() as session:
-        catalogue = Catalogue(session)
+    catalogue = runtime.catalogue()
     if change.partner not in catalogue.partners:
         raise ApiError(422, "unknown_partner", "No such partner", change.partner)
     if change.attributes == 0:
         raise ApiError(422, "empty_attributes", "A change names at least one attribute")
+    assert runtime.writer is not None
+    registry = runtime.consent
+    pending = runtime.writer.accept(SignedChange(change, signature), controller, lambda: registry.nonce_of(controller))  # type: ignore[arg-type]
     try:
-        accepted = runtime.outbox.accept(
-            eip712_signed(change, signature),
-            controller,
-            runtime.consent.nonce_of(controller),  # type: ignore[arg-type]
-        )
+        accepted = pending.result(timeout=30)  # durable (committed) when this returns
     except NonceConflict as exc:
         raise ApiError(409, "nonce_mismatch", "The change's nonce is not the next one", str(exc)) from exc
     runtime.relayer.wake.set()
     return ConsentAccepted(id=accepted.id, status=RequestStatus.PENDING)
-
-
-def eip712_signed(change: ConsentChange, signature: eip712.Signature) -> Any:
-    from ledger.consent import SignedChange
-
-    return SignedChange(change, signature)
 
 
 def public_status(request: ConsentRequest) -> str:
@@ -136,8 +128,7 @@ def get(request_id: str, runtime: RuntimeDep, caller: CallerDep) -> ConsentReque
     )
     if request is None or not visible:  # the same answer for "not yours" and "none": ids are not probed
         raise ApiError(404, "unknown_consent_request", "No such consent request")
-    with runtime.sessions() as session:
-        catalogue = Catalogue(session)
+    catalogue = runtime.catalogue()
     attributes = catalogue.names(int(request.attributes))
     purpose = catalogue.purpose_key(request.purpose)
     receipt = None

@@ -15,7 +15,6 @@ from api import auth
 from api.deps import CallerDep, OperatorWrite, RuntimeDep
 from api.errors import ApiError, responses
 from api.models import ClaimCode
-from api.reference import Catalogue
 from api.runtime import Runtime
 from api.schemas import (
     ConsentPublic,
@@ -154,8 +153,7 @@ def consents(did: str, runtime: RuntimeDep, caller: CallerDep) -> list[ConsentPu
     """Current consents: per partner and purpose, what is permitted now and what is pending."""
     assert runtime.outbox is not None
     subject = own_subject(runtime, caller, did, "consents:read")
-    with runtime.sessions() as session:
-        catalogue = Catalogue(session)
+    catalogue = runtime.catalogue()
     return [
         ConsentPublic(
             partner=c.partner,

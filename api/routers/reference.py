@@ -36,6 +36,7 @@ def create_partner(body: PartnerCreate, runtime: RuntimeDep, _caller: ReferenceW
             session.add(Partner(address=address, name=body.name, on_chain=False))
     except IntegrityError as exc:
         raise ApiError(409, "partner_exists", "A partner with that name or address exists") from exc
+    runtime.invalidate_catalogue()
     runtime.sync_partners()
     return PartnerPublic(name=body.name, address=address)
 
@@ -58,6 +59,7 @@ def create_purpose(body: PurposeCreate, runtime: RuntimeDep, _caller: ReferenceW
             session.add(PurposeRow(key=body.key, name=body.name, description=body.description))
     except IntegrityError as exc:
         raise ApiError(409, "purpose_exists", "A purpose with that key exists") from exc
+    runtime.invalidate_catalogue()
     return PurposePublic(
         key=body.key, id="0x" + bytes(purpose_id(body.key)).hex(), name=body.name, description=body.description
     )
@@ -85,4 +87,5 @@ def create_attribute(body: AttributeCreate, runtime: RuntimeDep, _caller: Refere
             session.add(AttributeRow(bit=bit, key=body.key, name=body.name))
     except IntegrityError as exc:
         raise ApiError(409, "attribute_exists", "An attribute with that key exists") from exc
+    runtime.invalidate_catalogue()
     return AttributePublic(bit=bit, key=body.key, name=body.name)

@@ -1,0 +1,302 @@
+"""Benchmark: concurrent HTTP clients posting signed consent changes to a running `consent-ledger serve`.
+
+    python scripts/bench_api.py             # 100,000 changes (the target run)
+    python scripts/bench_api.py --quick     # a small run for CI
+
+Two services are started in turn, each with its own data dir and managed anvil node: the real one
+(group commit: many changes per transaction) and a baseline whose relayer sends one transaction per
+change. Customers are enrolled, bind keys and sign in over HTTP first (untimed); each customer's
+changes are signed in advance with consecutive nonces, as their wallets would. Then client processes
+post them (one customer's changes in order) and time each acknowledgement. Confirmation times come
+from the service's own database: when the indexer saw each change's event on-chain. Prints the
+figures, then one line of JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from eth_account import Account
+from eth_account.messages import encode_defunct, encode_typed_data
+from sqlalchemy import create_engine, text
+from web3 import Web3
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ledger import eip712
+from ledger.anvil import free_port
+from ledger.eip712 import ChangeKind, ConsentChange, Domain
+from ledger.types import Subject
+
+CLI = [sys.executable, "-m", "api.cli"]
+PURPOSE = "analytics.reporting"
+
+
+class Service:
+    def __init__(self, data_dir: Path, **settings: str) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CONSENT_LEDGER_")}
+        self.env |= {"CONSENT_LEDGER_PORT": str(self.port), "CONSENT_LEDGER_DATA_DIR": str(data_dir), **settings}
+        out = subprocess.run(
+            [*CLI, "principals", "add", "--role", "operator", "--name", "bench"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        self.operator = {"X-API-Key": next(line.split()[2] for line in out.splitlines() if line.startswith("api key:"))}
+        self.log = (data_dir / "serve.log").open("ab")
+        self.process = subprocess.Popen([*CLI, "serve"], env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = httpx.Client(base_url=self.url, timeout=60)
+        deadline = time.monotonic() + 120
+        while True:
+            if self.process.poll() is not None:
+                raise SystemExit(f"serve exited; see {data_dir / 'serve.log'}")
+            try:
+                if self.client.get("/api/v1/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("serve did not start")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGINT)
+        self.process.wait(timeout=120)
+        self.client.close()
+        self.log.close()
+
+
+def enrol(service: Service, n: int) -> dict[str, Any]:
+    account = Account.create()
+    client = httpx.Client(base_url=service.url, timeout=60)
+    created = client.post("/api/v1/customers", json={"email": f"bench{n}@example.com"}, headers=service.operator)
+    did, claim = created.json()["did"], created.json()["claim_code"]
+    typed = client.post(
+        f"/api/v1/customers/{quote(did, safe='')}/controller/prepare",
+        json={"claim_code": claim, "address": account.address},
+    ).json()["typed_data"]
+    signature = "0x" + bytes(account.sign_message(encode_typed_data(full_message=typed)).signature).hex()
+    bound = client.post(
+        f"/api/v1/customers/{quote(did, safe='')}/controller",
+        json={"claim_code": claim, "typed_data": typed, "signature": signature},
+    )
+    assert bound.status_code == 200, bound.text
+    message = client.post("/api/v1/auth/siwe/challenge", json={"address": account.address}).json()["message"]
+    signature = "0x" + bytes(account.sign_message(encode_defunct(text=message)).signature).hex()
+    token = client.post("/api/v1/auth/siwe", json={"message": message, "signature": signature}).json()
+    client.close()
+    return {"key": bytes(account.key).hex(), "subject": did.rsplit(":", 1)[1], "token": token["access_token"]}
+
+
+def presign(customers: list[dict[str, Any]], per_customer: int, domain: Domain, partner: str) -> list[list[str]]:
+    """Each customer's changes as JSON bodies, nonces 0.. in order (grant and revoke alternately)."""
+    bodies = []
+    deadline = int(time.time()) + 6 * 3600
+    for customer in customers:
+        own = []
+        for nonce in range(per_customer):
+            change = ConsentChange(
+                ChangeKind.GRANT if nonce % 2 == 0 else ChangeKind.REVOKE,
+                Subject(bytes.fromhex(customer["subject"])),
+                Web3.to_checksum_address(partner),
+                eip712.purpose_id(PURPOSE),
+                1 << (nonce // 2 % 8),
+                nonce,
+                deadline,
+            )
+            signature = eip712.sign(bytes.fromhex(customer["key"]), domain, change)
+            own.append(
+                json.dumps(
+                    {"typed_data": eip712.typed_data(domain, change), "signature": "0x" + signature.to_bytes().hex()}
+                )
+            )
+        bodies.append(own)
+    return bodies
+
+
+def client_process(url: str, work: list[tuple[str, list[str]]], threads: int, start_at: float, results: Any) -> None:
+    """Post each customer's changes in order; customers spread over `threads` connections."""
+    latencies: list[float] = []
+    ids: list[str] = []
+    errors = 0
+    lock = threading.Lock()
+
+    def run(share: list[tuple[str, list[str]]]) -> None:
+        nonlocal errors
+        local_lat, local_ids, local_err = [], [], 0
+        with httpx.Client(base_url=url, timeout=60) as client:
+            cursors = [0] * len(share)
+            remaining = sum(len(bodies) for _, bodies in share)
+            while remaining:
+                for i, (token, bodies) in enumerate(share):
+                    if cursors[i] >= len(bodies):
+                        continue
+                    started = time.perf_counter()
+                    response = client.post(
+                        "/api/v1/consents",
+                        content=bodies[cursors[i]],
+                        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+                    )
+                    elapsed = time.perf_counter() - started
+                    cursors[i] += 1
+                    remaining -= 1
+                    if response.status_code == 202:
+                        local_lat.append(elapsed)
+                        local_ids.append(response.json()["id"])
+                    else:
+                        local_err += 1
+        with lock:
+            latencies.extend(local_lat)
+            ids.extend(local_ids)
+            errors += local_err
+
+    while time.time() < start_at:
+        time.sleep(0.001)
+    shares = [work[i::threads] for i in range(threads)]
+    pool = [threading.Thread(target=run, args=(share,)) for share in shares if share]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    results.put((latencies, ids, errors))
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def run(label: str, requests: int, customers: int, processes: int, threads: int, **settings: str) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix=f"bench-{label}-") as tmp:
+        service = Service(Path(tmp), **settings)
+        try:
+            partner = Account.create().address
+            service.client.post(
+                "/api/v1/partners", json={"name": "bench-partner", "address": partner}, headers=service.operator
+            ).raise_for_status()
+            print(f"[{label}] set-up: {customers} customers enrol, bind keys, sign in ...", flush=True)
+            with ThreadPoolExecutor(16) as pool:
+                people = list(pool.map(lambda n: enrol(service, n), range(customers)))
+            deployment = json.loads((Path(tmp) / "deployment.json").read_text())
+            domain = Domain(
+                "ConsentRegistry", deployment["chain_id"], deployment["contracts"]["ConsentRegistry"]["address"]
+            )
+            per_customer = max(1, requests // customers)
+            bodies = presign(people, per_customer, domain, partner)
+            total = per_customer * customers
+            work = [(p["token"], b) for p, b in zip(people, bodies, strict=True)]
+            print(f"[{label}] posting {total} signed changes from {processes}x{threads} clients ...", flush=True)
+            queue: Any = multiprocessing.Queue()
+            start_at = time.time() + 1.0
+            procs = [
+                multiprocessing.Process(
+                    target=client_process, args=(service.url, work[i::processes], threads, start_at, queue)
+                )
+                for i in range(processes)
+            ]
+            for proc in procs:
+                proc.start()
+            outcomes = [queue.get() for _ in procs]
+            for proc in procs:
+                proc.join()
+            posted_done = time.time()
+            latencies = [x for lat, _, _ in outcomes for x in lat]
+            ids = [x for _, got, _ in outcomes for x in got]
+            errors = sum(e for _, _, e in outcomes)
+            engine = create_engine(f"sqlite:///{tmp}/service.db")
+            deadline = time.time() + 600
+            while True:
+                with engine.connect() as db:
+                    confirmed, failed = db.execute(
+                        text("select sum(status = 'confirmed'), sum(status = 'failed') from consent_requests")
+                    ).one()
+                if (confirmed or 0) + (failed or 0) >= len(ids) or time.time() > deadline:
+                    break
+                time.sleep(0.2)
+            with engine.connect() as db:
+                rows = db.execute(
+                    text("select created_at, updated_at from consent_requests where status = 'confirmed'")
+                ).all()
+            engine.dispose()
+        finally:
+            service.stop()
+
+    def ts(value: Any) -> float:
+        moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+        return float(moment.replace(tzinfo=moment.tzinfo or UTC).timestamp())
+
+    created = [ts(c) for c, _ in rows]
+    updated = [ts(u) for _, u in rows]
+    confirm_latencies = [u - c for c, u in zip(created, updated, strict=True)]
+    ack_span = posted_done - start_at
+    confirm_span = max(updated) - start_at if updated else float("nan")
+    return {
+        "requests": total,
+        "accepted": len(ids),
+        "rejected": errors,
+        "confirmed": len(rows),
+        "accepted_per_s": round(len(ids) / ack_span, 1),
+        "confirmed_per_s": round(len(rows) / confirm_span, 1),
+        "ack_p50_ms": round(statistics.median(latencies) * 1000, 1) if latencies else None,
+        "ack_p99_ms": round(percentile(latencies, 0.99) * 1000, 1),
+        "confirm_p50_s": round(statistics.median(confirm_latencies), 3) if confirm_latencies else None,
+        "confirm_p99_s": round(percentile(confirm_latencies, 0.99), 3),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=100_000)
+    parser.add_argument("--baseline-requests", type=int, default=5_000)
+    parser.add_argument("--customers", type=int, default=400)
+    parser.add_argument("--processes", type=int, default=2, help="client processes")
+    parser.add_argument("--threads", type=int, default=16, help="connections per client process")
+    parser.add_argument("--quick", action="store_true", help="a small run (CI)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.requests, args.baseline_requests, args.customers = 2_000, 400, 40
+    batched = run("batched", args.requests, args.customers, args.processes, args.threads)
+    baseline = run(
+        "baseline",
+        args.baseline_requests,
+        min(args.customers, args.baseline_requests),
+        args.processes,
+        args.threads,
+        CONSENT_LEDGER_RELAYER_MAX_BATCH="1",
+    )
+    for label, figures in (("batched", batched), ("baseline (one tx per change)", baseline)):
+        print(
+            f"{label:>30}: {figures['accepted']} accepted at {figures['accepted_per_s']:,}/s, "
+            f"{figures['confirmed']} confirmed at {figures['confirmed_per_s']:,}/s; ack p50/p99 "
+            f"{figures['ack_p50_ms']}/{figures['ack_p99_ms']} ms; confirmation p50/p99 "
+            f"{figures['confirm_p50_s']}/{figures['confirm_p99_s']} s"
+        )
+    result = {f"batched_{k}": v for k, v in batched.items()} | {f"baseline_{k}": v for k, v in baseline.items()}
+    result["ratio_confirmed"] = round(batched["confirmed_per_s"] / baseline["confirmed_per_s"], 1)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
