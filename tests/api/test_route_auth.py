@@ -1,0 +1,52 @@
+"""Every protected route refuses a caller without credentials (401) and one of the wrong kind (403).
+
+Customer A on customer B's objects is covered in test_consent_api.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.api.conftest import Service, q
+
+NEW_ADDRESS = "0x" + "7" * 40
+CONSENT_BODY = {"action": "grant", "partner": "acme", "purpose": "analytics.reporting", "attributes": ["user.name"]}
+
+# (method, path, body, a caller of the wrong kind: "partner", "auditor" or "customer")
+ROUTES = [
+    ("POST", "/api/v1/customers", {"email": "route@example.com"}, "partner"),
+    ("POST", "/api/v1/customers", {"email": "route@example.com"}, "customer"),
+    ("GET", "/api/v1/customers/{did}/consents", None, "auditor"),
+    ("POST", "/api/v1/consents/prepare", CONSENT_BODY, "auditor"),
+    ("POST", "/api/v1/consents", {"typed_data": {}, "signature": "0x" + "00" * 65}, "partner"),
+    ("POST", "/api/v1/partners", {"name": "p", "address": NEW_ADDRESS}, "customer"),
+    ("POST", "/api/v1/partners", {"name": "p", "address": NEW_ADDRESS}, "auditor"),
+    ("POST", "/api/v1/purposes", {"key": "x.y", "name": "X"}, "partner"),
+    ("POST", "/api/v1/attributes", {"key": "user.x", "name": "X"}, "customer"),
+    ("GET", "/api/v1/partners", None, None),
+    ("GET", "/api/v1/purposes", None, None),
+    ("GET", "/api/v1/attributes", None, None),
+    ("GET", "/api/v1/consents/{request_id}", None, None),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "wrong"), ROUTES)
+def test_protected_routes_refuse_the_wrong_caller(
+    service: Service, method: str, path: str, body: dict[str, object] | None, wrong: str | None
+) -> None:
+    customer = service.customers[0] if service.customers else service.new_customer()
+    path = path.format(did=q(customer.did), request_id="00000000-0000-0000-0000-000000000000")
+    anonymous = service.client.request(method, path, json=body)
+    assert anonymous.status_code == 401, anonymous.text
+    assert anonymous.headers["content-type"] == "application/problem+json"
+    assert anonymous.json()["code"] == "unauthenticated"
+    if wrong is None:
+        return
+    headers = {
+        "partner": {"X-API-Key": service.partner_key},
+        "auditor": {"X-API-Key": service.auditor_key},
+        "customer": customer.headers,
+    }[wrong]
+    refused = service.client.request(method, path, json=body, headers=headers)
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["code"] in {"insufficient_scope", "not_your_data"}
