@@ -22,6 +22,9 @@ def _serve(args: argparse.Namespace) -> int:
     from api.main import create_app
     from api.runtime import Runtime
 
+    # Requests hop between the event loop, the thread pool and the outbox writer; with the default 5 ms
+    # GIL switch interval each hop can wait that long behind the relayer or indexer threads.
+    sys.setswitchinterval(0.0005)
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "data_dir": args.data_dir}.items() if v}
     service = ServiceSettings(**overrides)
     chain = ChainSettings()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from coincurve import PrivateKey, PublicKey
@@ -83,18 +84,7 @@ class Domain:
     version: str = DOMAIN_VERSION
 
     def separator(self) -> bytes:
-        return keccak(
-            abi_encode(
-                ["bytes32", "bytes32", "bytes32", "uint256", "address"],
-                [
-                    _DOMAIN_TYPEHASH,
-                    keccak(text=self.name),
-                    keccak(text=self.version),
-                    self.chain_id,
-                    self.verifying_contract,
-                ],
-            )
-        )
+        return _separator(self)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -103,6 +93,23 @@ class Domain:
             "chainId": self.chain_id,
             "verifyingContract": self.verifying_contract,
         }
+
+
+@lru_cache(maxsize=64)
+def _separator(domain: Domain) -> bytes:
+    """The domain separator (cached: a service has one or two domains and hashes it per signature)."""
+    return keccak(
+        abi_encode(
+            ["bytes32", "bytes32", "bytes32", "uint256", "address"],
+            [
+                _DOMAIN_TYPEHASH,
+                keccak(text=domain.name),
+                keccak(text=domain.version),
+                domain.chain_id,
+                domain.verifying_contract,
+            ],
+        )
+    )
 
 
 class ChangeKind(enum.IntEnum):
