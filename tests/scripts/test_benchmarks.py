@@ -30,3 +30,25 @@ def test_bench_consent_quick_reports_its_figures() -> None:
     assert figures["baseline_grants_per_s"] > 0
     assert figures["ratio"] == pytest.approx(figures["grants_per_s"] / figures["baseline_grants_per_s"], rel=0.01)
     assert 30_000 < figures["gas_per_grant"] < 90_000
+
+
+@pytest.mark.anvil
+@pytest.mark.slow
+def test_bench_api_quick_reports_its_figures() -> None:
+    result = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "scripts" / "bench_api.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=True,
+        cwd=PROJECT_ROOT,
+    )
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    for mode in ("batched", "baseline"):
+        assert figures[f"{mode}_accepted"] == figures[f"{mode}_requests"]  # every signed change was accepted
+        assert figures[f"{mode}_confirmed"] == figures[f"{mode}_accepted"]  # and confirmed on-chain
+        assert figures[f"{mode}_rejected"] == 0
+        assert figures[f"{mode}_ack_p50_ms"] <= figures[f"{mode}_ack_p99_ms"]
+    assert figures["ratio_confirmed"] == pytest.approx(
+        figures["batched_confirmed_per_s"] / figures["baseline_confirmed_per_s"], rel=0.01
+    )
