@@ -61,26 +61,11 @@ class Outbox:
 
     def accept(self, signed: SignedChange, controller: str, chain_nonce: int) -> ConsentRequest:
         """Store a checked, signed change durably (committed before returning); the relayer takes it from here."""
-        change, sig = signed.change, signed.signature
+        change = signed.change
         expected = self.next_nonce(controller, chain_nonce)
         if change.nonce != expected:
             raise NonceConflict(f"nonce {change.nonce} is not the next one ({expected}); prepare the change again")
-        request = ConsentRequest(
-            id=str(uuid.uuid4()),
-            kind=int(change.kind),
-            subject=bytes(change.subject),
-            partner=change.partner,
-            purpose=bytes(change.purpose),
-            attributes=str(change.attributes),
-            valid_until=change.valid_until,
-            nonce=change.nonce,
-            deadline=change.deadline,
-            controller=controller,
-            v=sig.v,
-            r=sig.r,
-            s=sig.s,
-            status=RequestStatus.PENDING,
-        )
+        request = _row(signed, controller)
         try:
             with self._sessions.begin() as session:
                 session.add(request)
