@@ -22,7 +22,7 @@ from identity.pseudonym import Pseudonymizer
 from identity.settings import IdentitySettings
 from identity.vault import Vault
 from identity.vault import make_engine as make_vault_engine
-from ledger.backends import ChainBackend, create_backend
+from ledger.backends import AnvilBackend, ChainBackend, create_backend
 from ledger.compiler import Artifact, compile_contracts
 from ledger.consent import PARTNER_ROLE, ConsentRegistryClient
 from ledger.contracts import Deployment, RevertDecoder, ensure_deployed
@@ -118,15 +118,29 @@ class Runtime:
             self.relayer.recover()
             self._spawn("indexer", self.indexer.run)
             self._spawn("relayer", self.relayer.run)
-            self._spawn("partners", self._partner_sync)
+            self._spawn("maintenance", self._maintain)
 
-    def _partner_sync(self, stop: threading.Event) -> None:
-        """Partners added by `principals add` while the service runs get their role within seconds."""
-        while not stop.wait(2.0):
+    def _maintain(self, stop: threading.Event) -> None:
+        """Every second: restart the managed node if it died; give new partners their on-chain role."""
+        while not stop.wait(1.0):
             try:
+                self.supervise_node()
                 self.sync_partners()
-            except Exception:  # the chain may be briefly unavailable; try again later
-                log.exception("partner sync failed")
+            except Exception:  # the chain may be briefly unavailable; try again next round
+                log.exception("maintenance failed")
+
+    def supervise_node(self) -> None:
+        """A managed anvil that died is started again on the same port and state file. Blocks it mined
+        after its last state dump are gone: the indexer sees that as a reorganisation and the relayer
+        re-sends what was lost."""
+        backend = self.backend
+        if not isinstance(backend, AnvilBackend) or backend.node.running or self._stop.is_set():
+            return
+        log.warning("the managed anvil node is not running; starting it again")
+        backend.node.requested_port = backend.node.port
+        backend.node.start()
+        if self.consent is not None:
+            self.consent.sender.resync_nonce()
 
     def _spawn(self, name: str, target: object) -> None:
         thread = threading.Thread(target=target, args=(self._stop,), name=name, daemon=True)  # type: ignore[arg-type]

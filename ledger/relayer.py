@@ -68,6 +68,7 @@ class Relayer:
         max_batch: int = 500,
         linger: float = 0.005,
         max_in_flight: int = 16,
+        lost_after: float = 10.0,
         on_mined: Callable[[], None] | None = None,
     ) -> None:
         self.registry = registry
@@ -78,6 +79,8 @@ class Relayer:
         self.on_mined = on_mined
         self._sessions = sessions(engine)
         self._in_flight: dict[int, str] = {}  # batch id -> tx hash
+        self._checked_at: dict[int, float] = {}  # batch id -> when it was last known to the node
+        self.lost_after = lost_after
         self.wake = threading.Event()
 
     # start-up ------------------------------------------------------------------------------------
@@ -114,7 +117,7 @@ class Relayer:
         while not stop.is_set():
             try:
                 moved = self.step()
-            except LedgerError:
+            except Exception:  # the node or the database may be away for a while; the relayer must not die
                 log.exception("relayer step failed; retrying")
                 stop.wait(0.5)
                 continue
@@ -179,15 +182,30 @@ class Relayer:
         ids = list(self._in_flight)
         receipts = self.sender.receipts([self._in_flight[i] for i in ids])
         settled = 0
+        now = time.monotonic()
         for batch_id, receipt in zip(ids, receipts, strict=True):
             if receipt is not None:
                 settled += self._settle(batch_id, receipt)
+            elif now - self._checked_at.setdefault(batch_id, now) > self.lost_after:
+                settled += self._check_lost(batch_id)
         if settled and self.on_mined is not None:
             self.on_mined()
         return settled
 
+    def _check_lost(self, batch_id: int) -> int:
+        """A batch long unmined: if the node no longer knows it (it restarted, or evicted it), queue its
+        requests again; the chain's nonces make a late duplicate harmless."""
+        tx_hash = self._in_flight[batch_id]
+        if self.sender.known(tx_hash):
+            self._checked_at[batch_id] = time.monotonic()
+            return 0
+        self._drop(batch_id, "the node no longer knows the transaction")
+        self.sender.resync_nonce()
+        return 1
+
     def _settle(self, batch_id: int, receipt: Receipt) -> int:
         self._in_flight.pop(batch_id, None)
+        self._checked_at.pop(batch_id, None)
         with self._sessions.begin() as session:
             batch = session.get(RelayBatch, batch_id)
             assert batch is not None
@@ -268,6 +286,7 @@ class Relayer:
 
     def _drop(self, batch_id: int, reason: str) -> None:
         self._in_flight.pop(batch_id, None)
+        self._checked_at.pop(batch_id, None)
         with self._sessions.begin() as session:
             batch = session.get(RelayBatch, batch_id)
             assert batch is not None

@@ -86,8 +86,12 @@ class TxSender:
 
     def resync_nonce(self) -> None:
         """Take the node's pending nonce again (after a send failed or the node restarted)."""
+        try:
+            pending = int(self.w3.eth.get_transaction_count(self.account.address, "pending"))
+        except (RequestException, OSError) as exc:
+            raise ChainError(f"the node did not answer eth_getTransactionCount: {exc.__class__.__name__}") from exc
         with self._lock:
-            self._nonce = int(self.w3.eth.get_transaction_count(self.account.address, "pending"))
+            self._nonce = pending
 
     def sign(self, requests: Sequence[TxRequest]) -> list[tuple[str, bytes]]:
         """Sign `requests` with consecutive nonces; returns (tx hash, raw) pairs."""
@@ -132,6 +136,13 @@ class TxSender:
             return []
         responses = self._call_many([("eth_getTransactionReceipt", [h]) for h in tx_hashes])
         return [Receipt.from_rpc(dict(r["result"])) if r.get("result") else None for r in responses]
+
+    def known(self, tx_hash: str) -> bool:
+        """Whether the node has the transaction (mined or in its pool)."""
+        (response,) = self._call_many([("eth_getTransactionByHash", [tx_hash])])
+        if "error" in response:
+            raise ChainError(f"eth_getTransactionByHash failed: {response['error']}")
+        return response.get("result") is not None
 
     def wait(self, tx_hashes: Sequence[str], *, poll_interval: float = 0.02) -> list[Receipt]:
         """Wait until every transaction is mined; receipts in the order of `tx_hashes`."""

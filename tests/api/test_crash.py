@@ -253,3 +253,24 @@ def test_kill_9_of_the_node_loses_no_acknowledged_change(serve: Serve) -> None:
     serve.start()
     assert len(acknowledged) > 20, "the load did not get going before the kill"
     _verify_exactly_once(serve, acknowledged)
+
+
+def test_the_service_restarts_a_killed_node_by_itself(serve: Serve) -> None:
+    customers = _prepare(serve)
+    stop, acknowledged = threading.Event(), []  # type: ignore[var-annotated]
+    threads = _load(serve, customers, stop, acknowledged)
+    time.sleep(2.0)
+    killed = serve.anvil_pid()
+    os.kill(killed, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while serve.anvil_pid() == killed:  # the supervisor starts a new node (same port, same state file)
+        assert time.monotonic() < deadline, "the service did not restart its node"
+        time.sleep(0.1)
+    time.sleep(2.0)  # load goes on against the restarted node
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert serve.process is not None
+    assert serve.process.poll() is None  # the service itself never stopped
+    assert len(acknowledged) > 20, "the load did not get going"
+    _verify_exactly_once(serve, acknowledged)
