@@ -123,6 +123,7 @@ class AnvilNode:
             "--accounts",
             "1",
             "--no-request-size-limit",
+            "--quiet",  # it otherwise logs every RPC call: gigabytes a day under load; errors still show
             "--disable-code-size-limit",
             "--state",
             str(self.state_file),

@@ -39,6 +39,7 @@ def test_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         with pytest.raises(NodeStartError, match="anvil did not start") as failed:
             anvil.start()
     assert str(anvil.log_file) in str(failed.value)
+    assert "Address already in use" in str(failed.value)  # anvil's own words, even with --quiet
     assert not anvil.running
 
 
