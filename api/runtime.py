@@ -134,7 +134,9 @@ class Runtime:
         after its last state dump are gone: the indexer sees that as a reorganisation and the relayer
         re-sends what was lost."""
         backend = self.backend
-        if not isinstance(backend, AnvilBackend) or backend.node.running or self._stop.is_set():
+        if not self.chain.supervise or not isinstance(backend, AnvilBackend):
+            return
+        if backend.node.running or self._stop.is_set():
             return
         log.warning("the managed anvil node is not running; starting it again")
         backend.node.requested_port = backend.node.port

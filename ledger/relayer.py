@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
@@ -39,6 +40,11 @@ ERROR_CODES = {
     "ConsentRegistryInvalidValidity": "invalid_validity",
     "ConsentRegistryUnboundSubject": "unbound_subject",
 }
+
+
+def _aware(value: datetime) -> float:
+    """SQLite hands back naive datetimes; everything stored is UTC."""
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
 
 
 class _Raced(Exception):
@@ -81,6 +87,7 @@ class Relayer:
         self._in_flight: dict[int, str] = {}  # batch id -> tx hash
         self._checked_at: dict[int, float] = {}  # batch id -> when it was last known to the node
         self.lost_after = lost_after
+        self._next_audit = time.monotonic() + lost_after
         self.wake = threading.Event()
 
     # start-up ------------------------------------------------------------------------------------
@@ -106,6 +113,9 @@ class Relayer:
     def step(self) -> int:
         """Settle mined batches and send new ones; returns how many requests moved."""
         moved = self._poll()
+        if time.monotonic() >= self._next_audit:
+            moved += self.audit_submitted()
+            self._next_audit = time.monotonic() + self.lost_after / 2
         while len(self._in_flight) < self.max_in_flight:
             sent = self._send_next()
             if not sent:
@@ -191,6 +201,48 @@ class Relayer:
         if settled and self.on_mined is not None:
             self.on_mined()
         return settled
+
+    def audit_submitted(self) -> int:
+        """Re-queue submitted requests the chain has lost.
+
+        A batch can be mined on a node that then loses those blocks (a crash before its state was
+        written) before the indexer saw them: no reorganisation is visible, yet the changes are gone.
+        So a request submitted for longer than `lost_after` and still unconfirmed is checked: its
+        transaction must still be known to the node; one marked as already applied must show in its
+        controller's on-chain nonce. Otherwise it goes back to the queue (the nonce makes a duplicate
+        impossible).
+        """
+        cutoff = utcnow().timestamp() - self.lost_after
+        with self._sessions() as session:
+            stale = [
+                r
+                for r in session.scalars(
+                    select(ConsentRequest).where(ConsentRequest.status == RequestStatus.SUBMITTED).limit(5000)
+                )
+                if _aware(r.updated_at) < cutoff and r.batch_id not in self._in_flight
+            ]
+        if not stale:
+            return 0
+        lost: list[int] = []
+        known: dict[str, bool] = {}
+        nonces: dict[str, int] = {}
+        for request in stale:
+            if request.tx_hash is not None and request.batch_id is not None:
+                if request.tx_hash not in known:
+                    known[request.tx_hash] = self.sender.known(request.tx_hash)
+                if not known[request.tx_hash]:
+                    lost.append(request.seq)
+            else:  # marked applied by an earlier transaction: the chain's nonce must have moved past it
+                if request.controller not in nonces:
+                    nonces[request.controller] = self.registry.nonce_of(request.controller)  # type: ignore[arg-type]
+                if nonces[request.controller] <= request.nonce:
+                    lost.append(request.seq)
+        if lost:
+            with self._sessions.begin() as session:
+                for seq in lost:
+                    self._requeue(session, seq)
+            log.warning("%d submitted requests were no longer on the chain; queued again", len(lost))
+        return len(lost)
 
     def _check_lost(self, batch_id: int) -> int:
         """A batch long unmined: if the node no longer knows it (it restarted, or evicted it), queue its

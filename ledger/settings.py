@@ -73,6 +73,7 @@ class ChainSettings(BaseSettings):
     state_interval: int = Field(
         default=1, ge=1, description="Seconds between the managed node's state dumps to the data dir."
     )
+    supervise: bool = Field(default=True, description="Start the managed node again if it dies while serving.")
     start_timeout: float = Field(default=30.0, description="Seconds to wait for the managed node to answer.")
     receipt_timeout: float = Field(default=60.0, description="Seconds to wait for a transaction to be mined.")
 

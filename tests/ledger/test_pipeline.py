@@ -258,3 +258,27 @@ def test_a_relayer_that_dies_after_sending_settles_the_batch_on_restart(pipeline
     assert [(e.subject, e.nonce) for e in pipeline.events()] == [(subject, 0)]
     with sessions(pipeline.engine)() as session:
         assert [b.status for b in session.scalars(select(RelayBatch))] == ["mined"]
+
+
+def test_a_batch_mined_then_lost_before_indexing_is_sent_again(pipeline: Pipeline) -> None:
+    account, subject = pipeline.customer()
+    before = pipeline.backend.rpc("evm_snapshot")
+    request = pipeline.accept(account, subject, ChangeKind.GRANT, EMAIL)
+    pipeline.relayer.lost_after = 0.2
+    deadline = time.monotonic() + 30
+    with sessions(pipeline.engine)() as session:
+        while session.scalar(select(func.count()).select_from(RelayBatch).where(RelayBatch.status == "mined")) != 1:
+            assert time.monotonic() < deadline
+            pipeline.relayer.step()  # mined, but the indexer has not run: nothing confirmed yet
+            time.sleep(0.02)
+            session.expire_all()
+    assert pipeline.statuses(request) == [RequestStatus.SUBMITTED]
+    # The node loses the block (a crash before its state was written); the indexer never saw it.
+    assert pipeline.backend.rpc("evm_revert", before) is True
+    pipeline.relayer.sender.resync_nonce()
+    time.sleep(0.3)
+    assert pipeline.relayer.audit_submitted() == 1
+    assert pipeline.statuses(request) == [RequestStatus.PENDING]
+    pipeline.settle(lambda: pipeline.statuses(request) == [RequestStatus.CONFIRMED])
+    assert [(e.subject, e.nonce) for e in pipeline.events()] == [(subject, 0)]
+    assert pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, EMAIL)
