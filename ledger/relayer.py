@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from ledger.consent import ConsentRegistryClient, SignedChange, batch_gas
 from ledger.eip712 import ChangeKind, ConsentChange, Signature
 from ledger.errors import BatchItemFailed, ChainError, ContractRevert, LedgerError, NonceMismatch
-from ledger.store import ConsentRequest, RelayBatch, RequestStatus, sessions, utcnow
+from ledger.store import ConsentEvent, ConsentRequest, RelayBatch, RequestStatus, sessions, utcnow
 from ledger.tx import Receipt, TxRequest
 from ledger.types import Purpose, Subject
 
@@ -224,6 +224,7 @@ class Relayer:
         if not stale:
             return 0
         lost: list[int] = []
+        applied: list[ConsentRequest] = []
         known: dict[str, bool] = {}
         nonces: dict[str, int] = {}
         for request in stale:
@@ -237,10 +238,31 @@ class Relayer:
                     nonces[request.controller] = self.registry.nonce_of(request.controller)  # type: ignore[arg-type]
                 if nonces[request.controller] <= request.nonce:
                     lost.append(request.seq)
+                else:
+                    applied.append(request)
+        with self._sessions.begin() as session:
+            for seq in lost:
+                self._requeue(session, seq)
+            for request in applied:  # on-chain and indexed, but the confirmation was missed: take it from the event
+                event = session.scalar(
+                    select(ConsentEvent).where(
+                        ConsentEvent.subject == request.subject,
+                        ConsentEvent.nonce == request.nonce,
+                        ConsentEvent.kind == request.kind,
+                    )
+                )
+                if event is not None:
+                    session.execute(
+                        update(ConsentRequest)
+                        .where(ConsentRequest.seq == request.seq, ConsentRequest.status == RequestStatus.SUBMITTED)
+                        .values(
+                            status=RequestStatus.CONFIRMED,
+                            tx_hash=event.tx_hash,
+                            block_number=event.block_number,
+                            updated_at=utcnow(),
+                        )
+                    )
         if lost:
-            with self._sessions.begin() as session:
-                for seq in lost:
-                    self._requeue(session, seq)
             log.warning("%d submitted requests were no longer on the chain; queued again", len(lost))
         return len(lost)
 
@@ -298,10 +320,11 @@ class Relayer:
             if current > request.nonce:
                 # That nonce was used: by this very change in an earlier (reorganised or resent)
                 # transaction. The indexer confirms it from the chain's event.
+                # Only while still submitted: the indexer may have confirmed it meanwhile.
                 session.execute(
                     update(ConsentRequest)
-                    .where(ConsentRequest.seq == request.seq)
-                    .values(status=RequestStatus.SUBMITTED, batch_id=None, updated_at=utcnow())
+                    .where(ConsentRequest.seq == request.seq, ConsentRequest.status == RequestStatus.SUBMITTED)
+                    .values(batch_id=None, updated_at=utcnow())
                 )
                 return
             earlier = session.scalar(
@@ -318,7 +341,7 @@ class Relayer:
                 return
         session.execute(
             update(ConsentRequest)
-            .where(ConsentRequest.seq == request.seq)
+            .where(ConsentRequest.seq == request.seq, ConsentRequest.status == RequestStatus.SUBMITTED)
             .values(
                 status=RequestStatus.FAILED,
                 batch_id=None,
