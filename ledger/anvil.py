@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 from ledger.errors import NodeStartError
+from ledger.files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class AnvilNode:
                     start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop anvil in order
                     preexec_fn=_stop_with_parent if sys.platform == "linux" else None,
                 )
-            self.pid_file.write_text(str(self._process.pid))
+            write_atomically(self.pid_file, str(self._process.pid))  # readers never see it half-written
             try:
                 self._wait_ready()
             except NodeStartError as exc:
