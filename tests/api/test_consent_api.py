@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gzip
 from urllib.parse import quote
 
 from eth_account import Account
@@ -261,3 +262,51 @@ def test_openapi_documents_every_route_with_problem_responses(service: Service) 
         errors = [code for code in op["responses"] if code.startswith("4")]
         if path not in ("/api/v1/health", "/dids/{subject_hex}/did.json", "/api/v1/dids/{did}"):
             assert errors, f"{method} {path} documents no error responses"
+
+
+def test_no_pii_reaches_the_chain_or_the_service_database(service: Service) -> None:
+    """E-mail, phone and name go only to the encrypted vault: not calldata, logs, storage or service.db."""
+    response = service.client.post(
+        "/api/v1/customers",
+        json={"email": "Priya.Sharma@Example.org", "phone": "+44 20 7946 0123", "name": "Priya Sharma"},
+        headers=service.operator(),
+    )
+    assert response.status_code == 201, response.text
+    did, claim = response.json()["did"], response.json()["claim_code"]
+    account = Account.create()
+    assert service.bind(did, claim, account).status_code == 200
+    from tests.api.conftest import Customer
+
+    customer = Customer(account=account, did=did, token=service.sign_in(account).json()["access_token"])
+    accepted = service.change(customer, action="grant", attributes=["user.contact.email", "user.contact.phone_number"])
+    service.wait_status(customer, accepted.json()["id"], "active")
+
+    needles = [
+        variant.encode(enc)
+        for value in ("priya.sharma@example.org", "+442079460123", "442079460123", "priya sharma", "priya", "sharma")
+        for variant in (value, value.upper(), value.title())
+        for enc in ("utf-8", "utf-16-le")
+    ]
+    w3 = service.runtime.backend.w3  # type: ignore[union-attr]
+    registry = service.runtime.consent
+    assert registry is not None
+    haystack = bytearray()
+    for number in range(service.runtime.deployment.deploy_block, w3.eth.block_number + 1):  # type: ignore[union-attr]
+        block = w3.eth.get_block(number, full_transactions=True)
+        for tx in block["transactions"]:
+            assert not isinstance(tx, bytes)  # full transactions, not hashes
+            haystack += bytes(tx["input"])
+    for log in w3.eth.get_logs({"address": registry.address, "fromBlock": 0, "toBlock": "latest"}):
+        haystack += bytes(log["data"]) + b"".join(bytes(t) for t in log["topics"])
+    subject = bytes.fromhex(did.rsplit(":", 1)[1])
+    assert subject in haystack  # the pseudonym is there: the scan covers what was written
+    # All storage of all accounts, as the node dumps it (hex inside gzip'd JSON).
+    state = gzip.decompress(bytes.fromhex(service.runtime.backend.rpc("anvil_dumpState")[2:])).lower()  # type: ignore[union-attr]
+    assert b"storage" in state
+    database = (service.runtime.service.data_dir / "service.db").read_bytes()
+    wal = service.runtime.service.data_dir / "service.db-wal"
+    database += wal.read_bytes() if wal.exists() else b""
+    for needle in needles:
+        assert needle not in haystack, f"PII on-chain: {needle!r}"
+        assert needle.hex().encode() not in state, f"PII in contract storage: {needle!r}"
+        assert needle.lower() not in database.lower(), f"PII in service.db: {needle!r}"
