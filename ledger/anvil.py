@@ -7,6 +7,7 @@ transaction) it collapses under load on this machine kind (DESIGN.md, measured f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -45,12 +46,12 @@ def find_anvil(node_modules: Path) -> Path:
     return binary
 
 
-def _stop_with_parent() -> None:
-    """In the child before exec: get SIGINT (a graceful stop, state written) if the service dies."""
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGINT)
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status  # a zombie is dead
 
 
 def free_port() -> int:
@@ -84,6 +85,7 @@ class AnvilNode:
         self.start_timeout = start_timeout
         self.port = 0
         self._process: subprocess.Popen[bytes] | None = None
+        self._adopted: int | None = None  # pid of a node an earlier service left running
 
     @property
     def state_file(self) -> Path:
@@ -103,6 +105,8 @@ class AnvilNode:
 
     @property
     def running(self) -> bool:
+        if self._adopted is not None:
+            return _alive(self._adopted)
         return self._process is not None and self._process.poll() is None
 
     def _command(self) -> list[str]:
@@ -137,7 +141,8 @@ class AnvilNode:
         if self.running:
             return self.url
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self._stop_orphan()
+        if self._adopt():
+            return self.url
         attempts = 1 if self.requested_port else 3  # a free port can be taken before anvil binds it
         last_error = ""
         for _ in range(attempts):
@@ -149,9 +154,8 @@ class AnvilNode:
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
                     start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop anvil in order
-                    preexec_fn=_stop_with_parent if sys.platform == "linux" else None,
                 )
-            write_atomically(self.pid_file, str(self._process.pid))  # readers never see it half-written
+            write_atomically(self.pid_file, f"{self._process.pid} {self.port}")  # never seen half-written
             try:
                 self._wait_ready()
             except NodeStartError as exc:
@@ -162,36 +166,51 @@ class AnvilNode:
             return self.url
         raise NodeStartError(f"anvil did not start: {last_error}; see {self.log_file}")
 
-    def _stop_orphan(self) -> None:
-        """Stop an anvil left running on this state dir by a service that was killed (SIGKILL).
+    def _adopt(self) -> bool:
+        """Take over a node an earlier service left running on this state dir (it was killed).
 
-        SIGINT lets it write its state first, so nothing it had mined is lost; two nodes must never
-        share one state file.
+        The node keeps its chain in memory, so nothing it mined is lost; restarting it from its state
+        file instead could lose the tail of its history. Two nodes never share one state file.
         """
         try:
-            pid = int(self.pid_file.read_text())
+            pid_text, port_text = self.pid_file.read_text().split()
+            pid, port = int(pid_text), int(port_text)
         except (OSError, ValueError):
-            return
+            return False
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
-            return  # gone (or not Linux: the parent-death signal covers it there)
-        if b"anvil" not in cmdline or str(self.state_file).encode() not in cmdline:
+            return False
+        if b"anvil" not in cmdline or str(self.state_file).encode() not in cmdline or not _alive(pid):
+            return False
+        self._adopted, self.port = pid, port
+        try:
+            self._wait_ready()
+        except NodeStartError:
+            self._signal_adopted(signal.SIGKILL)
+            return False
+        log.warning("adopted anvil %s left running on %s by an earlier service", pid, self.state_dir)
+        return True
+
+    def _signal_adopted(self, sig: int, timeout: float = 30.0) -> None:
+        pid = self._adopted
+        if pid is None:
             return
-        log.warning("stopping anvil %s left running by an earlier service on %s", pid, self.state_dir)
-        os.kill(pid, signal.SIGINT)
-        deadline = time.monotonic() + 30
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if Path(f"/proc/{pid}").exists():
-            os.kill(pid, signal.SIGKILL)
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self._adopted = None
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.start_timeout
         body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}).encode()
         while time.monotonic() < deadline:
-            assert self._process is not None
-            if self._process.poll() is not None:
+            if self._process is not None and self._process.poll() is not None:
                 raise NodeStartError(f"anvil exited with status {self._process.returncode}: {self._log_tail()}")
             request = urllib.request.Request(  # noqa: S310 - loopback URL we built
                 self.url, data=body, headers={"Content-Type": "application/json"}
@@ -212,6 +231,9 @@ class AnvilNode:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop gracefully: anvil writes its state file on SIGINT."""
+        if self._adopted is not None:
+            self._signal_adopted(signal.SIGINT, timeout)
+            return
         if self._process is None:
             return
         if self._process.poll() is None:
@@ -225,6 +247,9 @@ class AnvilNode:
 
     def kill(self) -> None:
         """Kill at once (state since the last periodic dump is lost, as in a crash)."""
+        if self._adopted is not None:
+            self._signal_adopted(signal.SIGKILL)
+            return
         if self._process is None:
             return
         if self._process.poll() is None:

@@ -76,7 +76,7 @@ class Serve:
         self.process.wait(timeout=60)
 
     def anvil_pid(self) -> int:
-        return int((self.data_dir / "chain" / "anvil.pid").read_text())
+        return int((self.data_dir / "chain" / "anvil.pid").read_text().split()[0])
 
 
 def _customer(serve: Serve, n: int) -> tuple[LocalAccount, str, dict[str, str]]:

@@ -77,7 +77,7 @@ def test_serve_starts_stops_on_ctrl_c_and_finds_its_state_again(tmp_path: Path) 
     assert health["status"] == "ok"
     assert health["backend"] == "anvil"
     (registry,) = health["contracts"]
-    anvil_pid = int((tmp_path / "chain" / "anvil.pid").read_text())
+    anvil_pid = int((tmp_path / "chain" / "anvil.pid").read_text().split()[0])
     assert not _alive(anvil_pid), "anvil must stop with the service"
     assert (tmp_path / "chain" / "state.json").is_file()
 
@@ -92,17 +92,30 @@ def test_serve_starts_stops_on_ctrl_c_and_finds_its_state_again(tmp_path: Path) 
     assert again["block_number"] >= health["block_number"]
 
 
-def test_a_killed_service_leaves_no_node_behind(tmp_path: Path) -> None:
+def test_a_killed_services_node_is_adopted_by_the_next_start(tmp_path: Path) -> None:
+    # The node keeps its chain in memory while the service is down; the next start takes it over
+    # instead of reloading the state file (which could lose the tail of its history).
     port = free_port()
     service = _serve(tmp_path, port)
-    _health(port, service)
-    anvil_pid = int((tmp_path / "chain" / "anvil.pid").read_text())
+    before = _health(port, service)
+    anvil_pid = int((tmp_path / "chain" / "anvil.pid").read_text().split()[0])
     service.kill()
     service.communicate(timeout=30)
+    assert _alive(anvil_pid)
+    again = _serve(tmp_path, port)
+    try:
+        after = _health(port, again)
+        assert int((tmp_path / "chain" / "anvil.pid").read_text().split()[0]) == anvil_pid
+        assert after["contracts"] == before["contracts"]
+        assert after["block_number"] >= before["block_number"]
+    finally:
+        output = _interrupt(again)
+    assert again.returncode == 0, output
+    assert "adopted anvil" in output
     deadline = time.monotonic() + 30
     while _alive(anvil_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(anvil_pid), "anvil must not outlive a killed service"
+    assert not _alive(anvil_pid), "a graceful stop stops the adopted node too"
 
 
 def test_production_mode_refuses_to_start_without_secrets(tmp_path: Path) -> None:
