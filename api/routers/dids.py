@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 
 from api.runtime import Runtime
 from identity.errors import InvalidDid
@@ -14,6 +15,28 @@ RESOLUTION_MEDIA_TYPE = 'application/ld+json;profile="https://w3id.org/did-resol
 # W3C DID Resolution, HTTP(S) binding: status codes by resolution error.
 _STATUS = {"invalidDid": 400, "notFound": 404}
 
+
+class DidResolutionPublic(BaseModel):
+    """W3C DID Resolution result."""
+
+    didDocument: dict[str, Any] | None  # noqa: N815 - the names the W3C specification gives
+    didResolutionMetadata: dict[str, Any]  # noqa: N815
+    didDocumentMetadata: dict[str, Any]  # noqa: N815
+
+
+class DidDocumentPublic(BaseModel):
+    """A DID document (W3C DID Core), as did:web resolvers fetch it."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    context: list[str] = Field(alias="@context")
+    id: str
+    controller: str
+    verificationMethod: list[dict[str, Any]] | None = None  # noqa: N815
+    authentication: list[str] | None = None
+    assertionMethod: list[str] | None = None  # noqa: N815
+
+
+_RESOLUTION = {"model": DidResolutionPublic, "content": {RESOLUTION_MEDIA_TYPE: {}}}
 router = APIRouter(prefix="/dids", tags=["dids"])
 did_web = APIRouter(tags=["dids"])
 
@@ -41,7 +64,12 @@ def resolve(did: str, request: Request) -> JSONResponse:
     return JSONResponse(result, status_code=status, media_type=RESOLUTION_MEDIA_TYPE)
 
 
-@did_web.get("/dids/{subject_hex}/did.json", summary="did:web document", responses={404: {}, 410: {}})
+@did_web.get(
+    "/dids/{subject_hex}/did.json",
+    summary="did:web document",
+    response_model=DidDocumentPublic,
+    responses={404: {"description": "no such DID"}, 410: {"description": "deactivated (erased)"}},
+)
 def did_document(subject_hex: str, request: Request) -> JSONResponse:
     runtime = _runtime(request)
     assert runtime.dids is not None
