@@ -9,9 +9,16 @@ PY_STAMP := $(VENV)/.installed
 NPM_STAMP := node_modules/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint format bench clean
+.PHONY: setup system-deps run test lint format bench clean
 
-setup: $(PY_STAMP) $(NPM_STAMP)
+setup: $(PY_STAMP) $(NPM_STAMP) system-deps
+
+# PostgreSQL's server binaries: the vault is tested on a real PostgreSQL as well as on SQLite.
+# This machine kind ships them; install them where it does not (as root, as CI runs).
+system-deps:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  echo "installing PostgreSQL (server binaries for the vault tests)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
 
 $(PY_STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required (set PYTHON=...)"; exit 1; }
