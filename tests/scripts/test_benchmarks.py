@@ -49,6 +49,7 @@ def test_bench_api_quick_reports_its_figures() -> None:
         assert figures[f"{mode}_confirmed"] == figures[f"{mode}_accepted"]  # and confirmed on-chain
         assert figures[f"{mode}_rejected"] == 0
         assert figures[f"{mode}_ack_p50_ms"] <= figures[f"{mode}_ack_p99_ms"]
+    # The ratio is printed to one decimal and computed before its inputs were rounded: allow that rounding.
     assert figures["ratio_confirmed"] == pytest.approx(
-        figures["batched_confirmed_per_s"] / figures["baseline_confirmed_per_s"], rel=0.01
+        figures["batched_confirmed_per_s"] / figures["baseline_confirmed_per_s"], abs=0.06
     )
