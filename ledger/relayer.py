@@ -22,10 +22,11 @@ from datetime import UTC, datetime
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
+from ledger import events
 from ledger.consent import ConsentRegistryClient, SignedChange, batch_gas
 from ledger.eip712 import ChangeKind, ConsentChange, Signature
 from ledger.errors import BatchItemFailed, ChainError, ContractRevert, LedgerError, NonceMismatch
-from ledger.store import ConsentEvent, ConsentRequest, RelayBatch, RequestStatus, sessions, utcnow
+from ledger.store import ConsentEvent, ConsentRequest, ConsentState, RelayBatch, RequestStatus, sessions, utcnow
 from ledger.tx import Receipt, TxRequest
 from ledger.types import Purpose, Subject
 
@@ -262,9 +263,55 @@ class Relayer:
                             updated_at=utcnow(),
                         )
                     )
+                elif not self._logged(request):
+                    self._history_lost(session, request)
         if lost:
             log.warning("%d submitted requests were no longer on the chain; queued again", len(lost))
         return len(lost)
+
+    def _logged(self, request: ConsentRequest) -> bool:
+        """Whether the chain's history holds the event of this change (the indexer will pick it up)."""
+        logs = self.registry.w3.eth.get_logs(
+            {
+                "address": self.registry.address,
+                "fromBlock": 0,
+                "toBlock": "latest",
+                "topics": [[events.GRANTED, events.REVOKED], "0x" + bytes(request.subject).hex()],
+            }
+        )
+        decoded = (events.decode(dict(entry)) for entry in logs)
+        return any(e is not None and e.nonce == request.nonce and e.kind == request.kind for e in decoded)
+
+    def _history_lost(self, session: Session, request: ConsentRequest) -> None:
+        """The change's effect is on-chain (its controller's nonce moved past it) but no block holds its
+        transaction any more: a node restored from a state file that was ahead of its block history.
+        Record that plainly, and take the consent from the contract's state, which is the truth."""
+        consent = self.registry.consent_of(Subject(request.subject), request.partner, Purpose(request.purpose))  # type: ignore[arg-type]
+        session.merge(
+            ConsentState(
+                subject=request.subject,
+                partner=request.partner,
+                purpose=request.purpose,
+                attributes=str(consent.attributes),
+                valid_until=consent.valid_until,
+                block_number=self.registry.w3.eth.block_number,
+                tx_hash="",
+            )
+        )
+        session.execute(
+            update(ConsentRequest)
+            .where(ConsentRequest.seq == request.seq, ConsentRequest.status == RequestStatus.SUBMITTED)
+            .values(
+                status=RequestStatus.CONFIRMED,
+                error_code="history_lost",
+                updated_at=utcnow(),
+                error_detail="applied on-chain (the controller's nonce is used) but the node lost the block",
+            )
+        )
+        log.error(
+            "consent request %s: applied on-chain but the node lost its block; state taken from the contract",
+            request.id,
+        )
 
     def _check_lost(self, batch_id: int) -> int:
         """A batch long unmined: if the node no longer knows it (it restarted, or evicted it), queue its
