@@ -8,6 +8,7 @@ transaction) it collapses under load on this machine kind (DESIGN.md, measured f
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -86,6 +88,9 @@ class AnvilNode:
         self.port = 0
         self._process: subprocess.Popen[bytes] | None = None
         self._adopted: int | None = None  # pid of a node an earlier service left running
+        self._mining = threading.Lock()  # a checkpoint never overlaps a block being mined
+        self._stop_workers = threading.Event()
+        self._workers: list[threading.Thread] = []
 
     @property
     def state_file(self) -> Path:
@@ -118,8 +123,7 @@ class AnvilNode:
             str(self.port),
             "--chain-id",
             str(self.chain_id),
-            "--block-time",
-            f"{self.block_time:g}",
+            "--no-mining",  # blocks come from our own interval miner, so that checkpoints never race a block
             "--gas-limit",
             str(self.gas_limit),
             "--base-fee",
@@ -132,8 +136,6 @@ class AnvilNode:
             "--disable-code-size-limit",
             "--state",
             str(self.state_file),
-            "--state-interval",
-            str(self.state_interval),
         ]
 
     def start(self) -> str:
@@ -142,6 +144,7 @@ class AnvilNode:
             return self.url
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if self._adopt():
+            self._start_workers()
             return self.url
         attempts = 1 if self.requested_port else 3  # a free port can be taken before anvil binds it
         last_error = ""
@@ -163,8 +166,71 @@ class AnvilNode:
                 self.kill()
                 continue
             log.info("anvil %s running at %s (state %s)", self.binary, self.url, self.state_file)
+            self._start_workers()
             return self.url
         raise NodeStartError(f"anvil did not start: {last_error}; see {self.log_file}")
+
+    # interval mining and consistent checkpoints ----------------------------------------------------
+
+    def _start_workers(self) -> None:
+        """Interval mining (a block every `block_time`, never automine) and a state checkpoint every
+        `state_interval` seconds, taken while no block is being mined.
+
+        anvil's own `--block-time` with `--state-interval` dumps the state and the block history under
+        separate locks while blocks keep coming, so after a crash its file can hold state effects of
+        blocks it does not contain (seen in our crash tests): changes applied with no transaction or
+        log left. Mining from here lets each checkpoint see a quiet node.
+        """
+        if any(w.is_alive() for w in self._workers):
+            return
+        self._stop_workers.clear()
+        self._workers = [
+            threading.Thread(target=self._mine, name="anvil-miner", daemon=True),
+            threading.Thread(target=self._checkpoint_loop, name="anvil-checkpoint", daemon=True),
+        ]
+        for worker in self._workers:
+            worker.start()
+
+    def _stop_workers_now(self) -> None:
+        self._stop_workers.set()
+        for worker in self._workers:
+            worker.join(timeout=10)
+        self._workers = []
+
+    def _call(self, method: str, params: list[object], timeout: float = 30) -> object:
+        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode()
+        request = urllib.request.Request(  # noqa: S310 - loopback URL we built
+            self.url, data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            answer = json.loads(response.read())
+        if "error" in answer:
+            raise NodeStartError(f"{method}: {answer['error']}")
+        return answer.get("result")
+
+    def _mine(self) -> None:
+        while not self._stop_workers.wait(self.block_time):
+            # A node that is down or restarting is the supervisor's business, not the miner's.
+            with self._mining, contextlib.suppress(OSError, ValueError, NodeStartError):
+                self._call("evm_mine", [])
+
+    def _checkpoint_loop(self) -> None:
+        while not self._stop_workers.wait(self.state_interval):
+            try:
+                self.checkpoint()
+            except (OSError, ValueError, NodeStartError) as exc:
+                log.debug("checkpoint skipped: %s", exc)
+
+    def checkpoint(self) -> None:
+        """Write the node's state and block history to the state file, consistently (mining paused)."""
+        with self._mining:
+            dumped = self._call("anvil_dumpState", [], timeout=120)
+        if not isinstance(dumped, str):
+            raise ValueError("anvil_dumpState returned no data")
+        data = gzip.decompress(bytes.fromhex(dumped.removeprefix("0x")))
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, self.state_file)
 
     def _adopt(self) -> bool:
         """Take over a node an earlier service left running on this state dir (it was killed).
@@ -230,7 +296,8 @@ class AnvilNode:
             return ""
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop gracefully: anvil writes its state file on SIGINT."""
+        """Stop gracefully: mining stops, then anvil writes its state file on SIGINT."""
+        self._stop_workers_now()
         if self._adopted is not None:
             self._signal_adopted(signal.SIGINT, timeout)
             return
@@ -246,7 +313,8 @@ class AnvilNode:
         self._process = None
 
     def kill(self) -> None:
-        """Kill at once (state since the last periodic dump is lost, as in a crash)."""
+        """Kill at once (state since the last checkpoint is lost, as in a crash)."""
+        self._stop_workers_now()
         if self._adopted is not None:
             self._signal_adopted(signal.SIGKILL)
             return

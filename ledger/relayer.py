@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from ledger import events
@@ -374,16 +374,20 @@ class Relayer:
                     .values(batch_id=None, updated_at=utcnow())
                 )
                 return
-            earlier = session.scalar(
-                select(func.count())
-                .select_from(ConsentRequest)
-                .where(
-                    ConsentRequest.controller == request.controller,
-                    ConsentRequest.nonce < request.nonce,
-                    ConsentRequest.status.in_([RequestStatus.PENDING, RequestStatus.SUBMITTED]),
+            # The chain is at `current`, below this change's nonce. If every nonce in between belongs to a
+            # change of ours that has not failed (queued, in flight, or confirmed on a chain the node has
+            # since lost), this one can still apply in turn: queue it again. Only a real gap is final.
+            between = set(
+                session.scalars(
+                    select(ConsentRequest.nonce).where(
+                        ConsentRequest.controller == request.controller,
+                        ConsentRequest.nonce >= current,
+                        ConsentRequest.nonce < request.nonce,
+                        ConsentRequest.status != RequestStatus.FAILED,
+                    )
                 )
             )
-            if earlier:
+            if len(between) == request.nonce - current:
                 self._requeue(session, request.seq)
                 return
         session.execute(
