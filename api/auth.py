@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from api.models import CustomerSession, Principal, SignInChallenge
 from ledger import eip712
-from ledger.store import ControllerState
+from ledger.store import ControllerState, as_utc
 
 ROLE_SCOPES: dict[str, frozenset[str]] = {
     "operator": frozenset({"customers:write", "customers:read", "consents:read", "reference:read", "reference:write"}),
@@ -37,10 +37,6 @@ def digest(secret: str) -> str:
 
 def now() -> datetime:
     return datetime.now(UTC)
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -89,7 +85,7 @@ def service_caller(session: Session, api_key: str) -> Caller | None:
 
 def customer_caller(session: Session, token: str) -> Caller | None:
     row = session.get(CustomerSession, digest(token))
-    if row is None or _aware(row.expires_at) <= now():
+    if row is None or as_utc(row.expires_at) <= now():
         return None
     return Caller(
         kind="customer",
@@ -98,7 +94,7 @@ def customer_caller(session: Session, token: str) -> Caller | None:
         scopes=CUSTOMER_SCOPES,
         subject=row.subject,
         address=row.address,
-        expires_at=_aware(row.expires_at),
+        expires_at=as_utc(row.expires_at),
     )
 
 
@@ -154,7 +150,7 @@ def sign_in(session: Session, message: str, signature: bytes) -> tuple[str, Cust
     challenge = session.get(SignInChallenge, match.group(1)) if match else None
     if challenge is None or challenge.message != message:
         raise SignInFailed("the message is not one this service issued")
-    if challenge.used_at is not None or _aware(challenge.expires_at) <= now():
+    if challenge.used_at is not None or as_utc(challenge.expires_at) <= now():
         raise SignInFailed("the message was used already or has expired; ask for a new one")
     try:
         signer = eip712.personal_signer(message, signature)

@@ -17,7 +17,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
@@ -26,7 +25,7 @@ from ledger import events
 from ledger.consent import ConsentRegistryClient, SignedChange, batch_gas
 from ledger.eip712 import ChangeKind, ConsentChange, Signature
 from ledger.errors import BatchItemFailed, ChainError, ContractRevert, LedgerError, NonceMismatch
-from ledger.store import ConsentEvent, ConsentRequest, ConsentState, RelayBatch, RequestStatus, sessions, utcnow
+from ledger.store import ConsentEvent, ConsentRequest, ConsentState, RelayBatch, RequestStatus, as_utc, sessions, utcnow
 from ledger.tx import Receipt, TxRequest
 from ledger.types import Purpose, Subject
 
@@ -41,11 +40,6 @@ ERROR_CODES = {
     "ConsentRegistryInvalidValidity": "invalid_validity",
     "ConsentRegistryUnboundSubject": "unbound_subject",
 }
-
-
-def _aware(value: datetime) -> float:
-    """SQLite hands back naive datetimes; everything stored is UTC."""
-    return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
 
 
 class _Raced(Exception):
@@ -220,7 +214,7 @@ class Relayer:
                 for r in session.scalars(
                     select(ConsentRequest).where(ConsentRequest.status == RequestStatus.SUBMITTED).limit(5000)
                 )
-                if _aware(r.updated_at) < cutoff and r.batch_id not in self._in_flight
+                if as_utc(r.updated_at).timestamp() < cutoff and r.batch_id not in self._in_flight
             ]
         if not stale:
             return 0

@@ -25,7 +25,7 @@ router = APIRouter(prefix="/consents", tags=["consents"], responses=responses(40
 DEADLINE = 15 * 60  # seconds a prepared change may wait to be signed and relayed
 
 
-def _controller(runtime: Runtime, caller: Caller) -> str:
+def _controller(caller: Caller) -> str:
     assert caller.address is not None
     return caller.address
 
@@ -47,7 +47,7 @@ def prepare(body: ConsentPrepare, runtime: RuntimeDep, caller: ConsentWriter) ->
         raise ApiError(422, "invalid_validity", "A revocation has no valid_until")
     if body.valid_until and body.valid_until <= time.time():
         raise ApiError(422, "invalid_validity", "valid_until is in the past")
-    controller = _controller(runtime, caller)
+    controller = _controller(caller)
     nonce = runtime.outbox.next_nonce(controller, runtime.consent.nonce_of(controller))  # type: ignore[arg-type]
     change = ConsentChange(
         kind=ChangeKind.GRANT if body.action == "grant" else ChangeKind.REVOKE,
@@ -79,7 +79,7 @@ def submit(body: TypedDataSubmission, runtime: RuntimeDep, caller: ConsentWriter
     assert isinstance(change, ConsentChange)
     if change.subject != caller.subject:
         raise ApiError(403, "not_your_data", "Customers change only their own consent")
-    controller = _controller(runtime, caller)
+    controller = _controller(caller)
     if signer != controller:
         raise ApiError(
             422,

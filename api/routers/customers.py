@@ -30,6 +30,7 @@ from identity.normalize import normalize_pii
 from identity.types import Subject
 from ledger import eip712
 from ledger.errors import ConsentRejected, LedgerError
+from ledger.store import as_utc
 
 router = APIRouter(prefix="/customers", tags=["customers"], responses=responses(401, 403))
 CLAIM_LIFETIME = timedelta(days=7)
@@ -73,7 +74,7 @@ def _claim(runtime: Runtime, subject: Subject, code: str) -> None:
         claim = session.get(ClaimCode, auth.digest(code))
         if claim is None or claim.subject != subject or claim.used_at is not None:
             raise ApiError(403, "invalid_claim_code", "The claim code is not valid for this customer")
-        if auth._aware(claim.expires_at) <= auth.now():
+        if as_utc(claim.expires_at) <= auth.now():
             raise ApiError(403, "claim_code_expired", "The claim code has expired; ask for a new one")
 
 
