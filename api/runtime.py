@@ -25,7 +25,7 @@ from identity.vault import make_engine as make_vault_engine
 from ledger.backends import AnvilBackend, ChainBackend, create_backend
 from ledger.compiler import Artifact, compile_contracts
 from ledger.consent import PARTNER_ROLE, ConsentRegistryClient
-from ledger.contracts import Deployment, RevertDecoder, ensure_deployed
+from ledger.contracts import Deployment, RevertDecoder, ensure_deployed, ledger_plan
 from ledger.indexer import Indexer
 from ledger.outbox import Outbox, OutboxWriter
 from ledger.relayer import Relayer
@@ -88,7 +88,7 @@ class Runtime:
             w3,
             sender,
             self.artifacts,
-            [("ConsentRegistry", lambda _d: [operator, operator])],
+            ledger_plan(operator, operator),
             data_dir / "deployment.json",
         )
         decoder = RevertDecoder(list(self.artifacts.values()))

@@ -44,6 +44,16 @@ _ERROR_CLASSES: dict[str, type[ContractRevert]] = {
     "ConsentRegistryUnknownPartner": errors.ConsentRejected,
     "ConsentRegistryEmptyAttributes": errors.ConsentRejected,
     "ConsentRegistryInvalidValidity": errors.ConsentRejected,
+    "LoyaltyPointsInvalidSigner": errors.InvalidSignature,
+    "LoyaltyPointsExpiredSignature": errors.SignatureExpired,
+    "LoyaltyPointsInsufficientBalance": errors.InsufficientPoints,
+    "LoyaltyPointsInvalidAmount": errors.PointsRejected,
+    "LoyaltyPointsInvalidExpiry": errors.PointsRejected,
+    "LoyaltyPointsIssuanceUsed": errors.PointsRejected,
+    "LoyaltyPointsRedemptionUsed": errors.PointsRejected,
+    "LoyaltyPointsUnboundSubject": errors.PointsRejected,
+    "LoyaltyPointsUnknownPartner": errors.PointsRejected,
+    "LoyaltyPointsUnauthorizedSubmitter": errors.PointsRejected,
 }
 
 
@@ -253,6 +263,15 @@ class Deployment:
 
 
 ConstructorArgs = Callable[[Deployment], list[Any]]
+
+
+def ledger_plan(admin: str, operator: str) -> list[tuple[str, ConstructorArgs]]:
+    """The project's contracts in deployment order: the registry first (the points contract reads
+    controllers and partners from it). A deployment that lacks a later contract gets it on the next start."""
+    return [
+        ("ConsentRegistry", lambda _d: [admin, operator]),
+        ("LoyaltyPoints", lambda d: [admin, operator, d.address("ConsentRegistry")]),
+    ]
 
 
 def deploy_contract(w3: Web3, sender: TxSender, artifact: Artifact, args: list[Any]) -> DeployedContract:

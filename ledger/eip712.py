@@ -57,6 +57,14 @@ MESSAGE_FIELDS: dict[str, list[tuple[str, str]]] = {
         ("nonce", "uint256"),
         ("deadline", "uint256"),
     ],
+    "Redemption": [
+        ("subject", "bytes32"),
+        ("partner", "address"),
+        ("amount", "uint256"),
+        ("redemptionId", "bytes32"),
+        ("nonce", "uint256"),
+        ("deadline", "uint256"),
+    ],
     # Off-chain only: a new customer proves they hold the key they bind, with their claim code.
     "ControllerBinding": [
         ("subject", "bytes32"),
@@ -252,7 +260,55 @@ class ControllerBinding:
         )
 
 
-Message = ConsentChange | ControllerChange | ControllerBinding
+@dataclass(frozen=True)
+class Redemption:
+    """A `Redemption` message: the customer lets `partner` spend `amount` points, once (`redemption_id`).
+
+    `nonce` is keyed by the partner (see `redemption_nonce`), so authorisations at different partners
+    are independent of each other.
+    """
+
+    subject: Subject
+    partner: ChecksumAddress
+    amount: int
+    redemption_id: bytes
+    nonce: int
+    deadline: int
+    primary_type = "Redemption"
+
+    def message(self) -> dict[str, Any]:
+        return {
+            "subject": "0x" + bytes(self.subject).hex(),
+            "partner": self.partner,
+            "amount": self.amount,
+            "redemptionId": "0x" + self.redemption_id.hex(),
+            "nonce": self.nonce,
+            "deadline": self.deadline,
+        }
+
+    def struct_hash(self) -> bytes:
+        return keccak(
+            abi_encode(
+                ["bytes32", "bytes32", "address", "uint256", "bytes32", "uint256", "uint256"],
+                [
+                    TYPEHASHES["Redemption"],
+                    self.subject,
+                    self.partner,
+                    self.amount,
+                    self.redemption_id,
+                    self.nonce,
+                    self.deadline,
+                ],
+            )
+        )
+
+
+def redemption_nonce(partner: str, sequence: int) -> int:
+    """The keyed nonce of a redemption: the partner's address in the upper 192 bits, a sequence below."""
+    return (int(partner, 16) << 64) | sequence
+
+
+Message = ConsentChange | ControllerChange | ControllerBinding | Redemption
 
 
 class TypedDataError(ValueError):
@@ -311,6 +367,15 @@ def parse(typed: Any, domain: Domain, allowed: tuple[str, ...]) -> Message:
             nonce=_uint(message["nonce"], 256, "nonce"),
             deadline=_uint(message["deadline"], 256, "deadline"),
             valid_until=_uint(message.get("validUntil", 0), 64, "validUntil"),
+        )
+    elif primary == "Redemption":
+        parsed = Redemption(
+            subject=Subject(_bytes32(message["subject"], "subject")),
+            partner=_address(message["partner"], "partner"),
+            amount=_uint(message["amount"], 256, "amount"),
+            redemption_id=_bytes32(message["redemptionId"], "redemptionId"),
+            nonce=_uint(message["nonce"], 256, "nonce"),
+            deadline=_uint(message["deadline"], 256, "deadline"),
         )
     elif primary == "ControllerBinding":
         parsed = ControllerBinding(

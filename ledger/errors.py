@@ -73,6 +73,15 @@ class ConsentRejected(ContractRevert):
     a validity in the past, an unbound subject, a controller already bound)."""
 
 
+class PointsRejected(ContractRevert):
+    """Raised when an issuance or redemption is well formed but not acceptable (unknown partner, used
+    id, zero amount, an expiry in the past, an unbound subject, a submitter that is not the partner)."""
+
+
+class InsufficientPoints(PointsRejected):
+    """Raised when a redemption asks for more unexpired points than the subject has."""
+
+
 class BatchItemFailed(ContractRevert):
     """Raised when one item of a batch failed; `index` names it and `cause` is that item's own error."""
 

@@ -15,8 +15,9 @@ from ledger import eip712
 from ledger.backends import ChainBackend
 from ledger.compiler import Artifact, compile_contracts
 from ledger.consent import ConsentRegistryClient, SignedChange
-from ledger.contracts import Deployment, RevertDecoder, ensure_deployed
+from ledger.contracts import Deployment, RevertDecoder, ensure_deployed, ledger_plan
 from ledger.eip712 import ChangeKind, ConsentChange, Domain
+from ledger.loyalty import LoyaltyPointsClient
 from ledger.tx import TxSender
 from ledger.types import Purpose, Subject
 
@@ -39,7 +40,7 @@ class Accounts:
 
 
 def registry_plan(accounts: Accounts) -> list[tuple[str, Any]]:
-    return [("ConsentRegistry", lambda _d: [accounts.admin.address, accounts.operator.address])]
+    return ledger_plan(accounts.admin.address, accounts.operator.address)
 
 
 @dataclass
@@ -70,6 +71,19 @@ class Ledger:
     @property
     def registry(self) -> ConsentRegistryClient:
         return self.client(self.accounts.operator)
+
+    def points_client(self, account: LocalAccount) -> LoyaltyPointsClient:
+        return LoyaltyPointsClient(
+            self.backend.w3,
+            self.deployment.address("LoyaltyPoints"),
+            self.artifacts["LoyaltyPoints"],
+            self.accounts.senders[account.address],
+            self.decoder,
+        )
+
+    @property
+    def points(self) -> LoyaltyPointsClient:
+        return self.points_client(self.accounts.operator)
 
     @property
     def admin(self) -> ConsentRegistryClient:

@@ -13,6 +13,7 @@ from ledger.contracts import ensure_deployed
 from ledger.settings import ChainSettings
 from ledger.tx import TxSender
 from tests.ledger.conformance import EMAIL, ChainConformance
+from tests.ledger.loyalty_conformance import LoyaltyConformance
 from tests.ledger.conftest import Accounts, make_ledger, registry_plan
 
 
@@ -21,7 +22,7 @@ def anvil_settings(**overrides: object) -> ChainSettings:
 
 
 @pytest.mark.anvil
-class TestAnvil(ChainConformance):
+class TestAnvil(ChainConformance, LoyaltyConformance):
     @pytest.fixture(scope="class")
     @classmethod
     def backend(cls, accounts: Accounts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChainBackend]:

@@ -9,10 +9,11 @@ import pytest
 from ledger.backends import ChainBackend, InProcessBackend
 from ledger.settings import ChainSettings
 from tests.ledger.conformance import ChainConformance
+from tests.ledger.loyalty_conformance import LoyaltyConformance
 from tests.ledger.conftest import Accounts
 
 
-class TestInProcess(ChainConformance):
+class TestInProcess(ChainConformance, LoyaltyConformance):
     @pytest.fixture(scope="class")
     @classmethod
     def backend(cls, accounts: Accounts) -> Iterator[ChainBackend]:

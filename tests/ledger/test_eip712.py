@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ledger import eip712
-from ledger.eip712 import ChangeKind, ConsentChange, ControllerChange, Domain, Signature
+from ledger.eip712 import ChangeKind, ConsentChange, ControllerChange, Domain, Redemption, Signature
 from ledger.types import Purpose, Subject
 
 KEY = Account.create()
@@ -35,9 +35,19 @@ controller_changes = st.builds(
     ControllerChange, subject=bytes32.map(Subject), new_controller=addresses, nonce=uint256, deadline=uint256
 )
 
+redemptions = st.builds(
+    Redemption,
+    subject=bytes32.map(Subject),
+    partner=addresses,
+    amount=uint256,
+    redemption_id=bytes32,
+    nonce=uint256,
+    deadline=uint256,
+)
+
 
 @settings(max_examples=200, deadline=None)
-@given(domain=domains, message=st.one_of(changes, controller_changes))
+@given(domain=domains, message=st.one_of(changes, controller_changes, redemptions))
 def test_digest_matches_the_reference_encoder(domain: Domain, message: eip712.Message) -> None:
     reference = _hash_eip191_message(encode_typed_data(full_message=eip712.typed_data(domain, message)))
     assert eip712.digest(domain, message) == reference
@@ -98,3 +108,19 @@ def test_typed_data_is_what_a_wallet_takes() -> None:
 
 def test_purpose_ids_are_keccak_of_the_key() -> None:
     assert eip712.purpose_id("marketing.email").hex() == keccak(b"marketing.email").hex()
+
+
+@settings(max_examples=50, deadline=None)
+@given(domain=domains, message=redemptions)
+def test_a_redemption_round_trips_through_its_typed_data(domain: Domain, message: Redemption) -> None:
+    typed = eip712.typed_data(domain, message)
+    assert eip712.parse(typed, domain, ("Redemption",)) == message
+    with pytest.raises(eip712.TypedDataError, match="primaryType"):
+        eip712.parse(typed, domain, ("ConsentGrant",))
+
+
+def test_a_redemption_nonce_carries_the_partner_as_its_key() -> None:
+    partner = to_checksum_address(b"\x05" * 20)
+    nonce = eip712.redemption_nonce(partner, 3)
+    assert nonce >> 64 == int(partner, 16)
+    assert nonce & (2**64 - 1) == 3
