@@ -1,0 +1,560 @@
+"""Loyalty points through the service: the relay lane that puts issuances and redemptions on-chain
+with group commit, the indexer's follower that builds the points read model, and its reads.
+
+A batch transaction applies each item on its own (the contract reports a failed item by an event),
+so a request is settled straight from its batch's receipt: done, with the lot or the new balance, or
+failed, with the contract's reason. Every request carries its on-chain id (issuanceId or
+redemptionId), which the contract applies once: sending a request again after a crash or a lost block
+is always safe, and finds the first result.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy.orm import Session
+
+from ledger import loyalty
+from ledger.contracts import RevertDecoder
+from ledger.eip712 import Redemption, Signature
+from ledger.errors import ChainError
+from ledger.loyalty import EventKind, Issuance, LoyaltyPointsClient, PointsEvent, SignedRedemption
+from ledger.points_store import PointsBatch, PointsHistory, PointsLot, PointsRequest, PointsStatus
+from ledger.store import as_utc, sessions, utcnow
+from ledger.tx import Receipt, TxRequest
+from ledger.types import Subject
+
+log = logging.getLogger(__name__)
+
+ERROR_CODES = {
+    "LoyaltyPointsInsufficientBalance": "insufficient_points",
+    "LoyaltyPointsInvalidSigner": "invalid_signature",
+    "LoyaltyPointsExpiredSignature": "signature_expired",
+    "InvalidAccountNonce": "nonce_mismatch",
+    "LoyaltyPointsUnknownPartner": "unknown_partner",
+    "LoyaltyPointsUnboundSubject": "unbound_subject",
+    "LoyaltyPointsInvalidAmount": "invalid_amount",
+    "LoyaltyPointsInvalidExpiry": "invalid_expiry",
+    "LoyaltyPointsRedemptionUsed": "authorisation_used",
+    "LoyaltyPointsIssuanceUsed": "issuance_used",
+}
+_ALREADY_APPLIED = {"LoyaltyPointsRedemptionUsed", "LoyaltyPointsIssuanceUsed"}
+LIVE = (PointsStatus.PENDING, PointsStatus.SUBMITTED)
+FINAL = (PointsStatus.DONE, PointsStatus.FAILED)
+
+
+class Completions:
+    """Callbacks waiting for requests to reach a final state (the API's synchronous answers)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiters: dict[str, list[Callable[[], None]]] = {}
+
+    def subscribe(self, request_id: str, callback: Callable[[], None]) -> None:
+        with self._lock:
+            self._waiters.setdefault(request_id, []).append(callback)
+
+    def unsubscribe(self, request_id: str, callback: Callable[[], None]) -> None:
+        with self._lock:
+            callbacks = self._waiters.get(request_id, [])
+            if callback in callbacks:
+                callbacks.remove(callback)
+            if not callbacks:
+                self._waiters.pop(request_id, None)
+
+    def notify(self, request_ids: Iterable[str]) -> None:
+        with self._lock:
+            called = [cb for rid in request_ids for cb in self._waiters.pop(rid, [])]
+        for callback in called:
+            callback()
+
+
+def signed_redemption(request: PointsRequest) -> SignedRedemption:
+    assert request.partner is not None and request.nonce is not None
+    return SignedRedemption(
+        Redemption(
+            subject=Subject(request.subject),
+            partner=request.partner,  # type: ignore[arg-type]
+            amount=request.amount,
+            redemption_id=request.ref,
+            nonce=int(request.nonce),
+            deadline=request.deadline,
+        ),
+        Signature(v=request.v, r=request.r, s=request.s),
+    )
+
+
+def issuance(request: PointsRequest) -> Issuance:
+    return Issuance(Subject(request.subject), request.amount, request.expires_at, request.ref)
+
+
+class PointsRelayer:
+    """The points lane of the relayer. It shares the operator key with the consent relayer and runs in
+    the same thread (see `ledger.relayer.run_lanes`), so the local nonce has one writer."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        points: LoyaltyPointsClient,
+        *,
+        max_batch: int = 500,
+        max_in_flight: int = 8,
+        lost_after: float = 10.0,
+        completions: Completions | None = None,
+        wake: threading.Event | None = None,
+    ) -> None:
+        self.points = points
+        self.sender = points.sender
+        self.max_batch = max_batch
+        self.max_in_flight = max_in_flight
+        self.lost_after = lost_after
+        self.completions = completions or Completions()
+        self.wake = wake or threading.Event()
+        self._sessions = sessions(engine)
+        self._in_flight: dict[int, str] = {}
+        self._checked_at: dict[int, float] = {}
+        self._next_audit = time.monotonic() + lost_after
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._in_flight)
+
+    def recover(self) -> None:
+        """Settle what a previous run left: batches mined, still pending in the node, or lost."""
+        pending_nonce = self.sender.next_nonce
+        with self._sessions() as session:
+            batches = list(session.scalars(select(PointsBatch).where(PointsBatch.status == "sent")))
+        for batch in batches:
+            (receipt,) = self.sender.receipts([batch.tx_hash])
+            if receipt is not None:
+                self._settle(batch.id, receipt)
+            elif batch.operator_nonce < pending_nonce:
+                self._in_flight[batch.id] = batch.tx_hash
+            else:
+                self._drop(batch.id, "not known to the node after a restart")
+
+    def step(self) -> int:
+        moved = self._poll()
+        if time.monotonic() >= self._next_audit:
+            moved += self.audit()
+            self._next_audit = time.monotonic() + self.lost_after / 2
+        while len(self._in_flight) < self.max_in_flight:
+            sent = self._send_next()
+            if not sent:
+                break
+            moved += sent
+        return moved
+
+    def run(self, stop: threading.Event, idle: float = 0.02) -> None:
+        from ledger.relayer import run_lanes
+
+        run_lanes([self], self.wake, stop, idle=idle)
+
+    # sending -------------------------------------------------------------------------------------
+
+    def _send_next(self) -> int:
+        with self._sessions() as session:
+            oldest = session.scalars(
+                select(PointsRequest).where(PointsRequest.status == PointsStatus.PENDING).order_by(PointsRequest.seq).limit(1)
+            ).first()
+            if oldest is None:
+                return 0
+            requests = list(
+                session.scalars(
+                    select(PointsRequest)
+                    .where(PointsRequest.status == PointsStatus.PENDING, PointsRequest.kind == oldest.kind)
+                    .order_by(PointsRequest.seq)
+                    .limit(self.max_batch)
+                )
+            )
+        if oldest.kind == "issue":
+            data = self.points.encode_issue_batch([issuance(r) for r in requests])
+            gas = loyalty.issue_gas(len(requests))
+        else:
+            data = self.points.encode_redeem_batch([signed_redemption(r) for r in requests])
+            gas = loyalty.redeem_gas(len(requests))
+        nonce = self.sender.next_nonce
+        ((tx_hash, raw),) = self.sender.sign([TxRequest(to=self.points.address, data=data, gas=gas)])
+        with self._sessions.begin() as session:
+            batch = PointsBatch(tx_hash=tx_hash, kind=oldest.kind, operator_nonce=nonce, size=len(requests))
+            session.add(batch)
+            session.flush()
+            claimed = session.execute(
+                update(PointsRequest)
+                .where(PointsRequest.seq.in_([r.seq for r in requests]), PointsRequest.status == PointsStatus.PENDING)
+                .values(status=PointsStatus.SUBMITTED, batch_id=batch.id, tx_hash=tx_hash, updated_at=utcnow())
+            ).rowcount  # type: ignore[attr-defined]
+            if claimed != len(requests):
+                batch.status = "dropped"  # something else moved them meanwhile; never sent
+                session.execute(
+                    update(PointsRequest)
+                    .where(PointsRequest.batch_id == batch.id, PointsRequest.status == PointsStatus.SUBMITTED)
+                    .values(status=PointsStatus.PENDING, batch_id=None, tx_hash=None)
+                )
+                batch_id = None
+            else:
+                batch_id = batch.id
+        if batch_id is None:
+            self.sender.resync_nonce()
+            return 0
+        try:
+            self.sender.send_raw([raw])
+        except ChainError as exc:
+            log.warning("sending points batch %s failed: %s", tx_hash, exc)
+            self._drop(batch_id, str(exc))
+            self.sender.resync_nonce()
+            return 0
+        self._in_flight[batch_id] = tx_hash
+        return len(requests)
+
+    # settling ------------------------------------------------------------------------------------
+
+    def _poll(self) -> int:
+        if not self._in_flight:
+            return 0
+        ids = list(self._in_flight)
+        receipts = self.sender.receipts([self._in_flight[i] for i in ids])
+        settled = 0
+        now = time.monotonic()
+        for batch_id, receipt in zip(ids, receipts, strict=True):
+            if receipt is not None:
+                settled += self._settle(batch_id, receipt)
+            elif now - self._checked_at.setdefault(batch_id, now) > self.lost_after:
+                if self.sender.known(self._in_flight[batch_id]):
+                    self._checked_at[batch_id] = now
+                else:
+                    self._drop(batch_id, "the node no longer knows the transaction")
+                    self.sender.resync_nonce()
+                    settled += 1
+        return settled
+
+    def _settle(self, batch_id: int, receipt: Receipt) -> int:
+        self._in_flight.pop(batch_id, None)
+        self._checked_at.pop(batch_id, None)
+        outcomes = {e.ref: e for e in self.points.logs(receipt) if e.kind is not EventKind.EXPIRED}
+        finished: list[str] = []
+        with self._sessions.begin() as session:
+            batch = session.get(PointsBatch, batch_id)
+            assert batch is not None
+            batch.status = "mined" if receipt.status == 1 else "reverted"
+            requests = list(session.scalars(select(PointsRequest).where(PointsRequest.batch_id == batch_id)))
+            for request in requests:
+                if request.status != PointsStatus.SUBMITTED:
+                    continue
+                event = outcomes.get(request.ref)
+                if receipt.status != 1 or event is None:
+                    _requeue(session, request)
+                    continue
+                if event.kind in (EventKind.ISSUE_REJECTED, EventKind.REDEEM_REJECTED):
+                    cause = self.points.decoder.decode(event.reason)
+                    if cause.error in _ALREADY_APPLIED:
+                        first = self.first_result(request)
+                        if first is not None:
+                            event = first  # sent again after a crash or a lost block: the first result stands
+                    if event.kind in (EventKind.ISSUE_REJECTED, EventKind.REDEEM_REJECTED):
+                        request.status = PointsStatus.FAILED
+                        request.error_code = ERROR_CODES.get(cause.error, "rejected")
+                        request.error_detail = str(cause)[:500]
+                        request.tx_hash, request.block_number = receipt.tx_hash, receipt.block_number
+                        request.updated_at = utcnow()
+                        finished.append(request.id)
+                        continue
+                _finish(request, event)
+                finished.append(request.id)
+        if receipt.status != 1:
+            log.warning("points batch %s reverted as a whole; its requests are queued again", receipt.tx_hash)
+        self.completions.notify(finished)
+        return len(requests)
+
+    def first_result(self, request: PointsRequest) -> PointsEvent | None:
+        """The event that applied this request's id the first time, from the chain's logs."""
+        kind, position = (loyalty.ISSUED, 2) if request.kind == "issue" else (loyalty.REDEEMED, 3)
+        topics: list[Any] = [kind, None, None, None][: position + 1]
+        topics[position] = "0x" + request.ref.hex()
+        logs = self.points.w3.eth.get_logs(
+            {"address": self.points.address, "fromBlock": 0, "toBlock": "latest", "topics": topics}
+        )
+        decoded = [loyalty.decode(dict(entry)) for entry in logs]
+        return next((e for e in decoded if e is not None), None)
+
+    def audit(self) -> int:
+        """Requeue done requests whose block the node lost before the indexer saw it (a node crash
+        before its state was written): their transaction is no longer known. The contract applies an
+        id once, so this never spends twice."""
+        cutoff = utcnow().timestamp() - self.lost_after
+        with self._sessions() as session:
+            stale = [
+                r
+                for r in session.scalars(
+                    select(PointsRequest)
+                    .where(PointsRequest.status == PointsStatus.DONE, PointsRequest.indexed.is_(False))
+                    .limit(5000)
+                )
+                if as_utc(r.updated_at).timestamp() < cutoff
+            ]
+        lost: list[int] = []
+        known: dict[str, bool] = {}
+        for request in stale:
+            assert request.tx_hash is not None
+            if request.tx_hash not in known:
+                known[request.tx_hash] = self.sender.known(request.tx_hash)
+            if not known[request.tx_hash]:
+                lost.append(request.seq)
+        if lost:
+            with self._sessions.begin() as session:
+                for request in session.scalars(select(PointsRequest).where(PointsRequest.seq.in_(lost))):
+                    _requeue(session, request, status=PointsStatus.DONE)
+            log.warning("%d points requests were no longer on the chain; queued again", len(lost))
+        return len(lost)
+
+    def _drop(self, batch_id: int, reason: str) -> None:
+        self._in_flight.pop(batch_id, None)
+        self._checked_at.pop(batch_id, None)
+        with self._sessions.begin() as session:
+            batch = session.get(PointsBatch, batch_id)
+            assert batch is not None
+            batch.status = "dropped"
+            for request in session.scalars(select(PointsRequest).where(PointsRequest.batch_id == batch_id)):
+                _requeue(session, request)
+        log.warning("points batch %s dropped (%s); its requests are queued again", batch_id, reason)
+
+
+def _requeue(session: Session, request: PointsRequest, status: str = PointsStatus.SUBMITTED) -> None:
+    if request.status != status:
+        return
+    request.status = PointsStatus.PENDING
+    request.batch_id = None
+    request.tx_hash = None
+    request.block_number = None
+    request.updated_at = utcnow()
+
+
+def _finish(request: PointsRequest, event: PointsEvent) -> None:
+    request.status = PointsStatus.DONE
+    request.tx_hash = event.tx_hash
+    request.block_number = event.block_number
+    request.lot_id = event.lot_id if event.kind is EventKind.ISSUED else None
+    request.balance = event.balance if event.kind is EventKind.REDEEMED else None
+    request.error_code = None
+    request.error_detail = None
+    request.updated_at = utcnow()
+
+
+# the read model ------------------------------------------------------------------------------------
+
+
+class PointsFollower:
+    """The indexer's part for `LoyaltyPoints`: history rows, live lots, and requests marked indexed."""
+
+    def __init__(self, address: str, decoder: RevertDecoder) -> None:
+        self.address = address
+        self.topics = loyalty.TOPICS
+        self.decoder = decoder
+
+    def apply(self, session: Session, logs: Sequence[dict[str, Any]], times: dict[int, int]) -> int:
+        decoded = [e for e in (loyalty.decode(dict(item)) for item in logs) if e is not None]
+        if not decoded:
+            return 0
+        session.add_all(
+            PointsHistory(
+                block_number=e.block_number,
+                block_hash=e.block_hash,
+                log_index=e.log_index,
+                tx_hash=e.tx_hash,
+                block_time=times[e.block_number],
+                kind=int(e.kind),
+                subject=e.subject,
+                ref=e.ref or bytes(32),
+                partner=e.partner,
+                lot_id=e.lot_id,
+                amount=e.amount,
+                balance=e.balance,
+                expires_at=e.expires_at,
+                reason=self.decoder.decode(e.reason).error if e.reason else None,
+            )
+            for e in decoded
+        )
+        _fold_lots(session, decoded)
+        applied = [e for e in decoded if e.kind in (EventKind.ISSUED, EventKind.REDEEMED)]
+        if applied:
+            requests = session.scalars(select(PointsRequest).where(PointsRequest.ref.in_([e.ref for e in applied])))
+            by_ref = {e.ref: e for e in applied}
+            for request in requests:
+                request.indexed = True
+                if request.status != PointsStatus.DONE:  # e.g. settled before a restart: the chain says done
+                    _finish(request, by_ref[request.ref])
+        return len(decoded)
+
+    def rollback(self, session: Session, ancestor: int) -> None:
+        gone = list(session.scalars(select(PointsHistory).where(PointsHistory.block_number > ancestor)))
+        session.execute(delete(PointsHistory).where(PointsHistory.block_number > ancestor))
+        for subject in {e.subject for e in gone}:
+            session.execute(delete(PointsLot).where(PointsLot.subject == subject))
+            history = session.scalars(
+                select(PointsHistory)
+                .where(PointsHistory.subject == subject)
+                .order_by(PointsHistory.block_number, PointsHistory.log_index)
+            )
+            session.flush()
+            _fold_lots(session, [_as_event(h) for h in history])
+        # What the chain no longer has is sent again (the contract applies each id once).
+        session.execute(
+            update(PointsRequest)
+            .where(PointsRequest.status == PointsStatus.DONE, PointsRequest.block_number > ancestor)
+            .values(status=PointsStatus.PENDING, tx_hash=None, block_number=None, batch_id=None, indexed=False)
+        )
+
+
+def _as_event(h: PointsHistory) -> PointsEvent:
+    return PointsEvent(
+        kind=EventKind(h.kind),
+        block_number=h.block_number,
+        block_hash=h.block_hash,
+        log_index=h.log_index,
+        tx_hash=h.tx_hash,
+        subject=h.subject,
+        ref=h.ref,
+        partner=h.partner,
+        lot_id=h.lot_id,
+        amount=h.amount,
+        balance=h.balance,
+        expires_at=h.expires_at,
+    )
+
+
+def _fold_lots(session: Session, decoded: Sequence[PointsEvent]) -> None:
+    """Apply events to the live lots as the contract does: issue into a lot, expiry removes a lot, a
+    redemption empties the soonest-expiring lots (expired ones were removed by events before it)."""
+    subjects = {e.subject for e in decoded if e.kind in (EventKind.ISSUED, EventKind.REDEEMED, EventKind.EXPIRED)}
+    if not subjects:
+        return
+    lots: dict[bytes, dict[int, PointsLot]] = {s: {} for s in subjects}
+    for lot in session.scalars(select(PointsLot).where(PointsLot.subject.in_(subjects))):
+        lots[lot.subject][lot.lot_id] = lot
+    for e in decoded:
+        owned = lots.get(e.subject)
+        if owned is None:
+            continue
+        if e.kind is EventKind.ISSUED:
+            lot = owned.get(e.lot_id)
+            if lot is None:
+                lot = owned[e.lot_id] = PointsLot(
+                    subject=e.subject, lot_id=e.lot_id, expires_at=e.expires_at, remaining=0
+                )
+                session.add(lot)
+            lot.remaining += e.amount
+        elif e.kind is EventKind.EXPIRED:
+            lot = owned.pop(e.lot_id, None)
+            if lot is not None:
+                session.delete(lot)
+        elif e.kind is EventKind.REDEEMED:
+            left = e.amount
+            for lot in sorted(owned.values(), key=lambda x: (x.expires_at, x.lot_id)):
+                if left == 0:
+                    break
+                take = min(lot.remaining, left)
+                lot.remaining -= take
+                left -= take
+                if lot.remaining == 0:
+                    del owned[lot.lot_id]
+                    session.delete(lot)
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    earned: int  # points issued in the window
+    next: str | None
+    to_next: int
+
+
+class PointsReader:
+    """Reads for customers and partners, from the read model (and the queue, for nonces)."""
+
+    def __init__(self, engine: Engine, tiers: dict[str, int], tier_window: int = 365 * 86400) -> None:
+        self._sessions = sessions(engine)
+        self.tiers = sorted(tiers.items(), key=lambda item: item[1])
+        self.tier_window = tier_window
+
+    def lots(self, subject: bytes, now: int | None = None) -> list[PointsLot]:
+        now = int(time.time()) if now is None else now
+        with self._sessions() as session:
+            return list(
+                session.scalars(
+                    select(PointsLot)
+                    .where(PointsLot.subject == subject, PointsLot.expires_at > now)
+                    .order_by(PointsLot.expires_at, PointsLot.lot_id)
+                )
+            )
+
+    def balance(self, subject: bytes, now: int | None = None) -> int:
+        return sum(lot.remaining for lot in self.lots(subject, now))
+
+    def history(self, subject: bytes, limit: int = 200) -> list[PointsHistory]:
+        with self._sessions() as session:
+            return list(
+                session.scalars(
+                    select(PointsHistory)
+                    .where(PointsHistory.subject == subject)
+                    .order_by(PointsHistory.block_number.desc(), PointsHistory.log_index.desc())
+                    .limit(limit)
+                )
+            )
+
+    def tier(self, subject: bytes, now: int | None = None) -> Tier:
+        now = int(time.time()) if now is None else now
+        with self._sessions() as session:
+            earned = session.scalar(
+                select(func.coalesce(func.sum(PointsHistory.amount), 0)).where(
+                    PointsHistory.subject == subject,
+                    PointsHistory.kind == int(EventKind.ISSUED),
+                    PointsHistory.block_time > now - self.tier_window,
+                )
+            )
+        earned = int(earned or 0)
+        current = self.tiers[0][0]
+        following: tuple[str, int] | None = None
+        for name, threshold in self.tiers:
+            if earned >= threshold:
+                current = name
+            elif following is None:
+                following = (name, threshold)
+        return Tier(current, earned, following[0] if following else None, following[1] - earned if following else 0)
+
+    def statement(self, partner: str, start: int, end: int) -> list[PointsHistory]:
+        with self._sessions() as session:
+            return list(
+                session.scalars(
+                    select(PointsHistory)
+                    .where(
+                        PointsHistory.partner == partner,
+                        PointsHistory.kind == int(EventKind.REDEEMED),
+                        PointsHistory.block_time >= start,
+                        PointsHistory.block_time < end,
+                    )
+                    .order_by(PointsHistory.block_number, PointsHistory.log_index)
+                )
+            )
+
+    def next_sequence(self, controller: str, partner: str, chain_nonce: int) -> int:
+        """The sequence a new authorisation at `partner` gets: after the chain's and any queued one's."""
+        with self._sessions() as session:
+            queued = session.scalars(
+                select(PointsRequest.nonce).where(
+                    PointsRequest.controller == controller,
+                    PointsRequest.partner == partner,
+                    PointsRequest.status.in_(LIVE),
+                )
+            )
+            highest = max((int(n) & (2**64 - 1) for n in queued if n is not None), default=-1)
+        return max(chain_nonce & (2**64 - 1), highest + 1)
+
+    def request(self, request_id: str) -> PointsRequest | None:
+        with self._sessions() as session:
+            return session.scalar(select(PointsRequest).where(PointsRequest.id == request_id))

@@ -1,0 +1,128 @@
+"""Loyalty points tables in the service database: the relay queue (issuances and redemptions, with
+their idempotency records) and the read model the indexer builds from `LoyaltyPoints` events."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from sqlalchemy import BigInteger, DateTime, Index, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from ledger.store import Base, utcnow
+
+
+class PointsStatus(enum.StrEnum):
+    PENDING = "pending"  # accepted, not yet sent
+    SUBMITTED = "submitted"  # in a sent batch transaction
+    DONE = "done"  # applied on-chain (settled from its transaction's receipt)
+    FAILED = "failed"  # the chain refused it; `error_code` says why
+
+
+class PointsRequest(Base):
+    """One issuance or redemption to put on-chain. `ref` is its on-chain id (issuanceId or
+    redemptionId): the contract applies an id once, so sending a request again is always safe."""
+
+    __tablename__ = "points_requests"
+    __table_args__ = (
+        Index("ix_points_requests_status_seq", "status", "seq"),
+        Index("ix_points_requests_live_nonce", "controller", "partner", "status"),
+    )
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(36), unique=True)
+    kind: Mapped[str] = mapped_column(String(8))  # issue, redeem
+    ref: Mapped[bytes] = mapped_column(LargeBinary(32), unique=True)
+    subject: Mapped[bytes] = mapped_column(LargeBinary(32), index=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[int] = mapped_column(BigInteger, default=0)  # issuances
+    partner: Mapped[str | None] = mapped_column(String(42), default=None)  # redemptions
+    controller: Mapped[str | None] = mapped_column(String(42), default=None)
+    nonce: Mapped[str | None] = mapped_column(String(80), default=None)  # uint256 as decimal (keyed)
+    deadline: Mapped[int] = mapped_column(BigInteger, default=0)
+    v: Mapped[int] = mapped_column(Integer, default=0)
+    r: Mapped[bytes] = mapped_column(LargeBinary(32), default=b"")
+    s: Mapped[bytes] = mapped_column(LargeBinary(32), default=b"")
+    principal: Mapped[str] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(16), default=PointsStatus.PENDING)
+    batch_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    tx_hash: Mapped[str | None] = mapped_column(String(66), default=None)
+    block_number: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    lot_id: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    balance: Mapped[int | None] = mapped_column(BigInteger, default=None)  # after a redemption
+    indexed: Mapped[bool] = mapped_column(default=False)  # the indexer has seen its event
+    error_code: Mapped[str | None] = mapped_column(String(64), default=None)
+    error_detail: Mapped[str | None] = mapped_column(String(500), default=None)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class PointsBatch(Base):
+    """A points batch transaction: recorded before it is sent, so a restart can find it."""
+
+    __tablename__ = "points_batches"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tx_hash: Mapped[str] = mapped_column(String(66), index=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    operator_nonce: Mapped[int] = mapped_column(BigInteger)
+    size: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default="sent")  # sent, mined, reverted, dropped
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class IdempotencyRecord(Base):
+    """What a principal's `Idempotency-Key` was first used for, and the answer it got (errors included)."""
+
+    __tablename__ = "idempotency_records"
+    __table_args__ = (UniqueConstraint("principal", "key", name="uq_idempotency_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    principal: Mapped[str] = mapped_column(String(100))
+    key: Mapped[str] = mapped_column(String(255))
+    route: Mapped[str] = mapped_column(String(100))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    request_ids: Mapped[str] = mapped_column(Text, default="")  # the points requests it made, space-separated
+    status_code: Mapped[int | None] = mapped_column(Integer, default=None)  # None while in progress
+    body: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class PointsLot(Base):
+    """A live lot as of the indexed head: what is left of it and when it expires."""
+
+    __tablename__ = "points_lots"
+
+    subject: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    lot_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    expires_at: Mapped[int] = mapped_column(BigInteger)
+    remaining: Mapped[int] = mapped_column(BigInteger)
+
+
+class PointsHistory(Base):
+    """A `LoyaltyPoints` log as indexed: issued, redeemed, expired, or a rejected batch item."""
+
+    __tablename__ = "points_history"
+    __table_args__ = (
+        UniqueConstraint("block_hash", "log_index", name="uq_points_event_position"),
+        Index("ix_points_history_subject", "subject", "block_number"),
+        Index("ix_points_history_partner", "partner", "block_time"),
+        Index("ix_points_history_block", "block_number"),
+        Index("ix_points_history_ref", "ref"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    block_number: Mapped[int] = mapped_column(BigInteger)
+    block_hash: Mapped[str] = mapped_column(String(66))
+    log_index: Mapped[int] = mapped_column(Integer)
+    tx_hash: Mapped[str] = mapped_column(String(66))
+    block_time: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[int] = mapped_column(Integer)  # ledger.loyalty.EventKind
+    subject: Mapped[bytes] = mapped_column(LargeBinary(32))
+    ref: Mapped[bytes] = mapped_column(LargeBinary(32))
+    partner: Mapped[str | None] = mapped_column(String(42), default=None)
+    lot_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    amount: Mapped[int] = mapped_column(BigInteger, default=0)
+    balance: Mapped[int] = mapped_column(BigInteger, default=0)
+    expires_at: Mapped[int] = mapped_column(BigInteger, default=0)
+    reason: Mapped[str | None] = mapped_column(String(100), default=None)
