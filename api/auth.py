@@ -19,12 +19,14 @@ from ledger import eip712
 from ledger.store import ControllerState, as_utc
 
 ROLE_SCOPES: dict[str, frozenset[str]] = {
-    "operator": frozenset({"customers:write", "customers:read", "consents:read", "reference:read", "reference:write"}),
+    "operator": frozenset(
+        {"customers:write", "customers:read", "consents:read", "points:read", "reference:read", "reference:write"}
+    ),
     "issuer": frozenset({"points:issue", "reference:read"}),
     "partner": frozenset({"points:redeem", "redemptions:read", "reference:read"}),
     "auditor": frozenset({"audit:read", "reference:read"}),
 }
-CUSTOMER_SCOPES = frozenset({"consent:read", "consent:write", "reference:read"})
+CUSTOMER_SCOPES = frozenset({"consent:read", "consent:write", "points:read", "points:authorise", "reference:read"})
 TOKEN_LIFETIME = timedelta(minutes=15)
 CHALLENGE_LIFETIME = timedelta(minutes=5)
 API_KEY_PREFIX = "clk_"

@@ -13,6 +13,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 import api.models  # noqa: F401 - registers the API's tables on the shared metadata
+import ledger.points_store  # noqa: F401 - registers the points tables on the shared metadata
 from api import reference
 from api.reference import Catalogue
 from api.secrets import Secrets
@@ -27,8 +28,10 @@ from ledger.compiler import Artifact, compile_contracts
 from ledger.consent import PARTNER_ROLE, ConsentRegistryClient
 from ledger.contracts import Deployment, RevertDecoder, ensure_deployed, ledger_plan
 from ledger.indexer import Indexer
+from ledger.loyalty import LoyaltyPointsClient
 from ledger.outbox import Outbox, OutboxWriter
-from ledger.relayer import Relayer
+from ledger.points import Completions, PointsFollower, PointsReader, PointsRelayer
+from ledger.relayer import Relayer, run_lanes
 from ledger.settings import ChainSettings, ToolchainSettings
 from ledger.store import Base, ControllerState, make_engine, sessions
 from ledger.tx import TxSender
@@ -55,6 +58,11 @@ class Runtime:
     writer: OutboxWriter | None = None
     _catalogue: Catalogue | None = None
     relayer: Relayer | None = None
+    points: LoyaltyPointsClient | None = None
+    points_relayer: PointsRelayer | None = None
+    points_reader: PointsReader | None = None
+    completions: Completions = field(default_factory=Completions)
+    relay_wake: threading.Event = field(default_factory=threading.Event)
     indexer: Indexer | None = None
     _sessions: sessionmaker[Session] | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -95,9 +103,18 @@ class Runtime:
         self.consent = ConsentRegistryClient(
             w3, self.deployment.address("ConsentRegistry"), self.artifacts["ConsentRegistry"], sender, decoder
         )
+        self.points = LoyaltyPointsClient(
+            w3, self.deployment.address("LoyaltyPoints"), self.artifacts["LoyaltyPoints"], sender, decoder
+        )
         self.outbox = Outbox(self.engine)
         self.writer = OutboxWriter(self.engine)
-        self.indexer = Indexer(w3, self.engine, self.consent.address, self.deployment.deploy_block)
+        self.indexer = Indexer(
+            w3,
+            self.engine,
+            self.consent.address,
+            self.deployment.deploy_block,
+            followers=[PointsFollower(self.points.address, decoder)],
+        )
         self.relayer = Relayer(
             self.engine,
             self.consent,
@@ -105,7 +122,17 @@ class Runtime:
             linger=self.service.relayer_linger,
             max_in_flight=self.service.relayer_max_in_flight,
             on_mined=self.indexer.wake.set,
+            wake=self.relay_wake,
         )
+        self.points_relayer = PointsRelayer(
+            self.engine,
+            self.points,
+            max_batch=self.service.relayer_max_batch,
+            max_in_flight=self.service.relayer_max_in_flight,
+            completions=self.completions,
+            wake=self.relay_wake,
+        )
+        self.points_reader = PointsReader(self.engine, self.service.tiers)
         self.sync_partners()
         log.info(
             "chain %s (%s backend), ConsentRegistry at %s since block %s",
@@ -116,9 +143,14 @@ class Runtime:
         )
         if workers:
             self.relayer.recover()
+            self.points_relayer.recover()
             self._spawn("indexer", self.indexer.run)
-            self._spawn("relayer", self.relayer.run)
+            self._spawn("relayer", self._relay)
             self._spawn("maintenance", self._maintain)
+
+    def _relay(self, stop: threading.Event) -> None:
+        assert self.relayer is not None and self.points_relayer is not None
+        run_lanes([self.relayer, self.points_relayer], self.relay_wake, stop, linger=self.service.relayer_linger)
 
     def _maintain(self, stop: threading.Event) -> None:
         """Every second: restart the managed node if it died; give new partners their on-chain role."""
@@ -188,9 +220,9 @@ class Runtime:
         self._stop.set()
         if self.writer is not None:
             self.writer.close()
-        for worker in (self.relayer, self.indexer):
-            if worker is not None:
-                worker.wake.set()
+        self.relay_wake.set()
+        if self.indexer is not None:
+            self.indexer.wake.set()
         for thread in self._threads:
             thread.join(timeout=10)
         self._threads.clear()

@@ -145,3 +145,121 @@ class AttributePublic(BaseModel):
     bit: int
     key: str
     name: str
+
+
+# loyalty points ------------------------------------------------------------------------------------
+
+MAX_POINTS = 10**15  # fits the service database's 64-bit integers with room for sums
+
+
+class IssuanceItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    did: str = Field(max_length=300)
+    amount: int = Field(gt=0, le=MAX_POINTS)
+    expires_at: int | None = Field(default=None, gt=0, description="unix time; default: now + the points lifetime")
+    reference: str | None = Field(default=None, max_length=100, description="the issuer's own reference, e.g. an order")
+
+
+class IssuanceCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    issuances: list[IssuanceItem] = Field(min_length=1, max_length=1000)
+
+
+class ErrorPublic(BaseModel):
+    code: str
+    detail: str = ""
+
+
+class IssuancePublic(BaseModel):
+    id: str
+    did: str
+    amount: int
+    expires_at: int
+    reference: str | None = None
+    status: Literal["issued", "failed"]
+    lot_id: int | None = None
+    tx_hash: str | None = None
+    block_number: int | None = None
+    error: ErrorPublic | None = None
+
+
+class IssuancesPublic(BaseModel):
+    issuances: list[IssuancePublic]
+
+
+class RedemptionPrepare(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    partner: str = Field(max_length=100, description="partner name or address")
+    amount: int = Field(gt=0, le=MAX_POINTS)
+
+
+class RedemptionPreparePublic(BaseModel):
+    typed_data: dict[str, Any] = Field(description="pass unchanged to eth_signTypedData_v4")
+    redemption_id: str
+    nonce: str = Field(description="keyed nonce (partner address << 64 | sequence), decimal")
+    deadline: int
+
+
+class RedemptionPublic(BaseModel):
+    id: str
+    did: str
+    partner: str
+    amount: int
+    redemption_id: str
+    status: Literal["redeemed"]
+    balance: int = Field(description="the customer's unexpired points after this redemption")
+    tx_hash: str
+    block_number: int
+
+
+class LotPublic(BaseModel):
+    lot_id: int
+    remaining: int
+    expires_at: int
+
+
+class PointsEventPublic(BaseModel):
+    kind: Literal["issued", "redeemed", "expired", "issue_rejected", "redeem_rejected"]
+    amount: int
+    partner: str | None = None
+    partner_name: str | None = None
+    lot_id: int | None = None
+    balance: int | None = None
+    reason: str | None = None
+    tx_hash: str
+    block_number: int
+    block_time: int
+
+
+class TierPublic(BaseModel):
+    name: str
+    earned_12m: int = Field(description="points issued to the customer in the last 12 months")
+    next: str | None
+    points_to_next: int
+
+
+class PointsPublic(BaseModel):
+    did: str
+    balance: int
+    lots: list[LotPublic]
+    history: list[PointsEventPublic]
+    tier: TierPublic
+
+
+class StatementLine(BaseModel):
+    redemption_id: str
+    did: str
+    amount: int
+    tx_hash: str
+    block_number: int
+    block_time: int
+
+
+class StatementPublic(BaseModel):
+    partner: str
+    partner_name: str
+    start: int
+    end: int
+    count: int
+    total_points: int
+    redemptions: list[StatementLine]

@@ -26,6 +26,11 @@ class ServiceSettings(BaseSettings):
     relayer_max_batch: int = Field(default=500, ge=1, le=2000, description="Most consent changes in one transaction.")
     relayer_linger: float = Field(default=0.005, ge=0, description="Seconds the relayer waits to fill a batch.")
     relayer_max_in_flight: int = Field(default=16, ge=1, description="Batch transactions sent and not yet mined.")
+    tiers: dict[str, int] = Field(
+        default={"bronze": 0, "silver": 1_000, "gold": 5_000, "platinum": 20_000},
+        description="Loyalty tiers: the points a customer must have earned in the last 12 months for each.",
+    )
+    points_lifetime_days: int = Field(default=365, ge=1, description="Default validity of issued points.")
     company_name: str = Field(default="Example Retail Ltd", description="The data controller, named in receipts.")
     company_contact: str = Field(default="privacy@example.com", description="The controller's privacy contact.")
 

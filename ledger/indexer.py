@@ -1,4 +1,5 @@
-"""The event indexer: follows ConsentRegistry's logs from the deploy block into the read model.
+"""The event indexer: follows ConsentRegistry's logs (and its followers' contracts, such as
+LoyaltyPoints) from the deploy block into the read model.
 
 It resumes from its cursor after a restart, and tolerates reorganisations up to `reorg_depth`
 blocks: before going on it checks that the block it stopped at is still on the chain, and if not it
@@ -10,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
-from typing import Any, cast
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol, cast
 
 from sqlalchemy import Engine, Table, bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
@@ -37,6 +38,17 @@ log = logging.getLogger(__name__)
 CURSOR = "consent_registry"
 
 
+class Follower(Protocol):
+    """Another contract's logs, indexed in the same pass and rolled back with the same reorganisation."""
+
+    address: str
+    topics: list[str]
+
+    def apply(self, session: Session, logs: Sequence[dict[str, Any]], times: dict[int, int]) -> int: ...
+
+    def rollback(self, session: Session, ancestor: int) -> None: ...
+
+
 class Indexer:
     def __init__(
         self,
@@ -48,8 +60,10 @@ class Indexer:
         reorg_depth: int = 64,
         chunk: int = 5_000,
         on_change: Callable[[], None] | None = None,
+        followers: Sequence[Follower] = (),
     ) -> None:
         self.w3 = w3
+        self.followers = list(followers)
         self.registry = Web3.to_checksum_address(registry)
         self.deploy_block = deploy_block
         self.reorg_depth = reorg_depth
@@ -97,21 +111,31 @@ class Indexer:
         if head <= cursor:
             return 0
         to = min(head, cursor + self.chunk)
+        addresses = [self.registry, *(Web3.to_checksum_address(f.address) for f in self.followers)]
+        topics = [t for f in self.followers for t in f.topics] + events.TOPICS
         logs = self._rpc(
             "eth_getLogs",
-            [{"address": self.registry, "fromBlock": hex(cursor + 1), "toBlock": hex(to), "topics": [events.TOPICS]}],
+            [{"address": addresses, "fromBlock": hex(cursor + 1), "toBlock": hex(to), "topics": [topics]}],
         )
-        decoded = [e for e in (events.decode(dict(item)) for item in logs) if e is not None]
-        times = {n: self._timestamp(n) for n in {e.block_number for e in decoded}}
+        by_address: dict[str, list[dict[str, Any]]] = {}
+        for item in logs:
+            by_address.setdefault(Web3.to_checksum_address(item["address"]), []).append(dict(item))
+        decoded = [e for e in (events.decode(item) for item in by_address.get(self.registry, [])) if e is not None]
+        times = {n: self._timestamp(n) for n in {events._int(item["blockNumber"]) for item in logs}}
         to_hash = self._hash_of(to)
         if to_hash is None:
             return 0  # the head moved back under us; the next step sees the reorg
+        applied = len(decoded)
         with self._sessions.begin() as session:
             self._apply(session, decoded, times)
+            for follower in self.followers:
+                applied += follower.apply(
+                    session, by_address.get(Web3.to_checksum_address(follower.address), []), times
+                )
             self._set_cursor(session, to, to_hash)
-        if decoded and self.on_change is not None:
+        if applied and self.on_change is not None:
             self.on_change()
-        return len(decoded)
+        return applied
 
     def _set_cursor(self, session: Session, number: int, block_hash: str) -> None:
         session.merge(IndexerCursor(name=CURSOR, block_number=number))
@@ -238,6 +262,8 @@ class Indexer:
             session.execute(delete(IndexedBlock).where(IndexedBlock.number > ancestor))
             session.merge(IndexerCursor(name=CURSOR, block_number=ancestor))
             self._refold(session, gone)
+            for follower in self.followers:
+                follower.rollback(session, ancestor)
             # What the chain no longer has must be sent again (the signatures are still valid).
             session.execute(
                 update(ConsentRequest)

@@ -233,7 +233,14 @@ class LoyaltyPointsClient(ContractClient):
         return bool(self.call("hasRole", role, account))
 
     def redemption_message(
-        self, subject: Subject, partner: ChecksumAddress, amount: int, redemption_id: bytes, *, sequence: int, deadline: int
+        self,
+        subject: Subject,
+        partner: ChecksumAddress,
+        amount: int,
+        redemption_id: bytes,
+        *,
+        sequence: int,
+        deadline: int,
     ) -> Redemption:
         return Redemption(subject, partner, amount, redemption_id, redemption_nonce(partner, sequence), deadline)
 

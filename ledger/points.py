@@ -76,7 +76,8 @@ class Completions:
 
 
 def signed_redemption(request: PointsRequest) -> SignedRedemption:
-    assert request.partner is not None and request.nonce is not None
+    assert request.partner is not None
+    assert request.nonce is not None
     return SignedRedemption(
         Redemption(
             subject=Subject(request.subject),
@@ -161,7 +162,10 @@ class PointsRelayer:
     def _send_next(self) -> int:
         with self._sessions() as session:
             oldest = session.scalars(
-                select(PointsRequest).where(PointsRequest.status == PointsStatus.PENDING).order_by(PointsRequest.seq).limit(1)
+                select(PointsRequest)
+                .where(PointsRequest.status == PointsStatus.PENDING)
+                .order_by(PointsRequest.seq)
+                .limit(1)
             ).first()
             if oldest is None:
                 return 0
@@ -179,8 +183,7 @@ class PointsRelayer:
         else:
             data = self.points.encode_redeem_batch([signed_redemption(r) for r in requests])
             gas = loyalty.redeem_gas(len(requests))
-        nonce = self.sender.next_nonce
-        ((tx_hash, raw),) = self.sender.sign([TxRequest(to=self.points.address, data=data, gas=gas)])
+        ((tx_hash, raw, nonce),) = self.sender.sign_with_nonces([TxRequest(to=self.points.address, data=data, gas=gas)])
         with self._sessions.begin() as session:
             batch = PointsBatch(tx_hash=tx_hash, kind=oldest.kind, operator_nonce=nonce, size=len(requests))
             session.add(batch)
@@ -442,17 +445,13 @@ def _fold_lots(session: Session, decoded: Sequence[PointsEvent]) -> None:
         if owned is None:
             continue
         if e.kind is EventKind.ISSUED:
-            lot = owned.get(e.lot_id)
-            if lot is None:
-                lot = owned[e.lot_id] = PointsLot(
-                    subject=e.subject, lot_id=e.lot_id, expires_at=e.expires_at, remaining=0
-                )
-                session.add(lot)
-            lot.remaining += e.amount
+            if e.lot_id not in owned:
+                owned[e.lot_id] = PointsLot(subject=e.subject, lot_id=e.lot_id, expires_at=e.expires_at, remaining=0)
+                session.add(owned[e.lot_id])
+            owned[e.lot_id].remaining += e.amount
         elif e.kind is EventKind.EXPIRED:
-            lot = owned.pop(e.lot_id, None)
-            if lot is not None:
-                session.delete(lot)
+            if e.lot_id in owned:
+                session.delete(owned.pop(e.lot_id))
         elif e.kind is EventKind.REDEEMED:
             left = e.amount
             for lot in sorted(owned.values(), key=lambda x: (x.expires_at, x.lot_id)):

@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
@@ -40,6 +41,35 @@ ERROR_CODES = {
     "ConsentRegistryInvalidValidity": "invalid_validity",
     "ConsentRegistryUnboundSubject": "unbound_subject",
 }
+
+
+class Lane(Protocol):
+    """One kind of work for the operator key: consent changes, or points."""
+
+    @property
+    def busy(self) -> bool: ...
+
+    def step(self) -> int: ...
+
+
+def run_lanes(
+    lanes: Sequence[Lane], wake: threading.Event, stop: threading.Event, *, idle: float = 0.02, linger: float = 0.005
+) -> None:
+    """The relayer thread: every lane in turn, in one thread, so the operator's local nonce has one
+    writer. Idle, it sleeps until a request arrives (`wake`) and then `linger`s so that requests
+    arriving together share a batch (group commit)."""
+    while not stop.is_set():
+        moved = 0
+        for lane in lanes:
+            try:
+                moved += lane.step()
+            except Exception:  # the node or the database may be away for a while; the relayer must not die
+                log.exception("relayer step failed (%s); retrying", type(lane).__name__)
+                stop.wait(0.5)
+        if moved == 0:
+            if wake.wait(idle if any(lane.busy for lane in lanes) else 0.25):
+                time.sleep(linger)
+            wake.clear()
 
 
 class _Raced(Exception):
@@ -71,6 +101,7 @@ class Relayer:
         max_in_flight: int = 16,
         lost_after: float = 10.0,
         on_mined: Callable[[], None] | None = None,
+        wake: threading.Event | None = None,
     ) -> None:
         self.registry = registry
         self.sender = registry.sender
@@ -83,7 +114,11 @@ class Relayer:
         self._checked_at: dict[int, float] = {}  # batch id -> when it was last known to the node
         self.lost_after = lost_after
         self._next_audit = time.monotonic() + lost_after
-        self.wake = threading.Event()
+        self.wake = wake or threading.Event()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._in_flight)
 
     # start-up ------------------------------------------------------------------------------------
 
@@ -119,17 +154,7 @@ class Relayer:
         return moved
 
     def run(self, stop: threading.Event, idle: float = 0.02) -> None:
-        while not stop.is_set():
-            try:
-                moved = self.step()
-            except Exception:  # the node or the database may be away for a while; the relayer must not die
-                log.exception("relayer step failed; retrying")
-                stop.wait(0.5)
-                continue
-            if moved == 0:
-                if self.wake.wait(idle if self._in_flight else 0.25):
-                    time.sleep(self.linger)  # group commit: let requests arriving together share a batch
-                self.wake.clear()
+        run_lanes([self], self.wake, stop, idle=idle, linger=self.linger)
 
     # sending -------------------------------------------------------------------------------------
 
@@ -146,8 +171,7 @@ class Relayer:
         if not requests:
             return 0
         data = self.registry.encode_batch([signed_change(r) for r in requests])
-        nonce = self.sender.next_nonce
-        ((tx_hash, raw),) = self.sender.sign(
+        ((tx_hash, raw, nonce),) = self.sender.sign_with_nonces(
             [TxRequest(to=self.registry.address, data=data, gas=batch_gas(len(requests)))]
         )
         try:

@@ -95,7 +95,11 @@ class TxSender:
 
     def sign(self, requests: Sequence[TxRequest]) -> list[tuple[str, bytes]]:
         """Sign `requests` with consecutive nonces; returns (tx hash, raw) pairs."""
-        signed: list[tuple[str, bytes]] = []
+        return [(tx_hash, raw) for tx_hash, raw, _ in self.sign_with_nonces(requests)]
+
+    def sign_with_nonces(self, requests: Sequence[TxRequest]) -> list[tuple[str, bytes, int]]:
+        """As `sign`, with the nonce each got (several threads may sign: read it here, not before)."""
+        signed: list[tuple[str, bytes, int]] = []
         with self._lock:
             for req in requests:
                 tx: dict[str, Any] = {
@@ -109,7 +113,7 @@ class TxSender:
                 if req.to is not None:
                     tx["to"] = req.to
                 raw = self.account.sign_transaction(tx)
-                signed.append(("0x" + bytes(raw.hash).hex(), bytes(raw.raw_transaction)))
+                signed.append(("0x" + bytes(raw.hash).hex(), bytes(raw.raw_transaction), self._nonce))
                 self._nonce += 1
         return signed
 

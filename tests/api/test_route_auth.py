@@ -27,6 +27,14 @@ ROUTES = [
     ("GET", "/api/v1/purposes", None, None),
     ("GET", "/api/v1/attributes", None, None),
     ("GET", "/api/v1/consents/{request_id}", None, None),
+    ("POST", "/api/v1/points/issuances", {"issuances": [{"did": "x", "amount": 1}]}, "partner"),
+    ("POST", "/api/v1/points/issuances", {"issuances": [{"did": "x", "amount": 1}]}, "customer"),
+    ("POST", "/api/v1/points/redemptions/prepare", {"partner": "acme", "amount": 1}, "partner"),
+    ("POST", "/api/v1/points/redemptions", {"typed_data": {}, "signature": "0x" + "00" * 65}, "customer"),
+    ("POST", "/api/v1/points/redemptions", {"typed_data": {}, "signature": "0x" + "00" * 65}, "auditor"),
+    ("GET", "/api/v1/customers/{did}/points", None, "partner"),
+    ("GET", "/api/v1/partners/me/redemptions?from=2026-01-01T00:00:00Z&to=2027-01-01T00:00:00Z", None, "customer"),
+    ("GET", "/api/v1/partners/me/redemptions?from=2026-01-01T00:00:00Z&to=2027-01-01T00:00:00Z", None, "auditor"),
 ]
 
 

@@ -12,7 +12,14 @@ from eth_utils.crypto import keccak
 
 from ledger import eip712
 from ledger.eip712 import Domain, Redemption, Signature
-from ledger.errors import InsufficientPoints, InvalidSignature, NonceMismatch, PointsRejected, SignatureExpired, Unauthorized
+from ledger.errors import (
+    InsufficientPoints,
+    InvalidSignature,
+    NonceMismatch,
+    PointsRejected,
+    SignatureExpired,
+    Unauthorized,
+)
 from ledger.loyalty import EventKind, Issuance, PointsEvent, SignedRedemption
 from ledger.tx import TxSender
 from ledger.types import Subject
@@ -140,7 +147,10 @@ class LoyaltyConformance:
         assert refused.value.args_by_name == {"subject": ledger.subject, "balance": 30, "amount": 31}
         receipt = ledger.points.redeem(redemption(ledger, 30))
         events = ledger.points.logs(receipt)
-        assert [(e.kind, e.lot_id, e.amount) for e in events] == [(EventKind.EXPIRED, 1, 50), (EventKind.REDEEMED, 0, 30)]
+        assert [(e.kind, e.lot_id, e.amount) for e in events] == [
+            (EventKind.EXPIRED, 1, 50),
+            (EventKind.REDEEMED, 0, 30),
+        ]
         assert ledger.points.totals() == (80, 30, 50)
         assert ledger.points.lots_of(ledger.subject) == []
 

@@ -13,8 +13,8 @@ from ledger.contracts import ensure_deployed
 from ledger.settings import ChainSettings
 from ledger.tx import TxSender
 from tests.ledger.conformance import EMAIL, ChainConformance
-from tests.ledger.loyalty_conformance import LoyaltyConformance
 from tests.ledger.conftest import Accounts, make_ledger, registry_plan
+from tests.ledger.loyalty_conformance import LoyaltyConformance
 
 
 def anvil_settings(**overrides: object) -> ChainSettings:

@@ -9,8 +9,8 @@ import pytest
 from ledger.backends import ChainBackend, InProcessBackend
 from ledger.settings import ChainSettings
 from tests.ledger.conformance import ChainConformance
-from tests.ledger.loyalty_conformance import LoyaltyConformance
 from tests.ledger.conftest import Accounts
+from tests.ledger.loyalty_conformance import LoyaltyConformance
 
 
 class TestInProcess(ChainConformance, LoyaltyConformance):

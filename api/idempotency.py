@@ -1,0 +1,145 @@
+"""`Idempotency-Key` for the points routes (draft-ietf-httpapi-idempotency-key-header).
+
+The first request with a key stores what it did and, when it is finished, the answer it got (errors
+included). The same key with the same body gets that answer again, waiting for it if the first is
+still in progress; the same key with another body is refused (422). Concurrent duplicates race on
+the key's unique index: one of them does the work, the others wait for its answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.errors import ApiError
+from api.runtime import Runtime
+from ledger.points_store import IdempotencyRecord, PointsRequest
+
+MAX_ATTEMPTS = 5
+
+
+def body_hash(body: Any) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass
+class Started:
+    """What a request did: the points requests it queued, or an answer that is already final."""
+
+    request_ids: list[str]
+    status_code: int | None = None
+    body: dict[str, Any] | None = None
+
+
+def problem_body(error: ApiError, path: str) -> dict[str, Any]:
+    body = {
+        "type": f"urn:consent-ledger:problem:{error.code}",
+        "title": error.title,
+        "status": error.status,
+        "code": error.code,
+        "instance": path,
+    }
+    if error.detail:
+        body["detail"] = error.detail
+    body.update({k: v for k, v in error.extra.items() if v is not None})
+    return body
+
+
+def start(
+    runtime: Runtime,
+    *,
+    principal: str,
+    key: str | None,
+    route: str,
+    path: str,
+    digest: str,
+    build: Callable[[Session], Sequence[PointsRequest]],
+    conflict: Callable[[], ApiError],
+) -> Started:
+    """Queue the points requests `build` makes (checked first: it raises ApiError on bad input), under
+    the idempotency key if there is one. Runs in a worker thread (database work)."""
+    for _ in range(MAX_ATTEMPTS):
+        if key is not None:
+            with runtime.sessions() as session:
+                record = session.scalar(
+                    select(IdempotencyRecord).where(
+                        IdempotencyRecord.principal == principal, IdempotencyRecord.key == key
+                    )
+                )
+                if record is not None:
+                    if record.request_hash != digest or record.route != route:
+                        raise ApiError(
+                            422,
+                            "idempotency_key_reused",
+                            "This Idempotency-Key was used for another request",
+                            "use a new key for a new request",
+                        )
+                    body = json.loads(record.body) if record.body is not None else None
+                    return Started(record.request_ids.split(), record.status_code, body)
+        try:
+            with runtime.sessions() as session:
+                try:
+                    rows = list(build(session))
+                except ApiError as error:
+                    if key is None:
+                        raise
+                    failed = problem_body(error, path)
+                    session.add(
+                        IdempotencyRecord(
+                            principal=principal,
+                            key=key,
+                            route=route,
+                            request_hash=digest,
+                            status_code=error.status,
+                            body=json.dumps(failed),
+                        )
+                    )
+                    return Started([], error.status, failed)
+                session.add_all(rows)
+                if key is not None:
+                    session.add(
+                        IdempotencyRecord(
+                            principal=principal,
+                            key=key,
+                            route=route,
+                            request_hash=digest,
+                            request_ids=" ".join(r.id for r in rows),
+                        )
+                    )
+            return Started([r.id for r in rows])
+        except IntegrityError:
+            # Either a concurrent duplicate took the key (look again), or the on-chain id is queued already.
+            if key is not None:
+                with runtime.sessions() as session:
+                    taken = session.scalar(
+                        select(IdempotencyRecord.id).where(
+                            IdempotencyRecord.principal == principal, IdempotencyRecord.key == key
+                        )
+                    )
+                if taken is not None:
+                    continue
+            raise conflict() from None
+    raise ApiError(503, "busy", "Too many concurrent duplicates of this request; retry")
+
+
+def finish(runtime: Runtime, principal: str, key: str | None, status_code: int, body: dict[str, Any]) -> None:
+    """Store the final answer (the first one stored wins; duplicates computed the same)."""
+    if key is None:
+        return
+    with runtime.sessions() as session:
+        session.execute(
+            update(IdempotencyRecord)
+            .where(
+                IdempotencyRecord.principal == principal,
+                IdempotencyRecord.key == key,
+                IdempotencyRecord.status_code.is_(None),
+            )
+            .values(status_code=status_code, body=json.dumps(body))
+        )

@@ -1,0 +1,462 @@
+"""Loyalty points: issuers issue, customers authorise, partners redeem (synchronously, once on-chain),
+customers see balance, lots, history and tier, partners get statements for settlement."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import io
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Query, Request, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api import idempotency
+from api.auth import Caller
+from api.deps import CallerDep, PointsAuthoriser, PointsIssuer, PointsRedeemer, RuntimeDep, StatementReader
+from api.errors import PROBLEM_MEDIA_TYPE, ApiError, responses
+from api.routers.customers import own_subject, subject_of
+from api.runtime import Runtime
+from api.schemas import (
+    ErrorPublic,
+    IssuanceCreate,
+    IssuancePublic,
+    IssuancesPublic,
+    LotPublic,
+    PointsEventPublic,
+    PointsPublic,
+    RedemptionPrepare,
+    RedemptionPreparePublic,
+    RedemptionPublic,
+    StatementLine,
+    StatementPublic,
+    TierPublic,
+    TypedDataSubmission,
+)
+from identity.types import Subject
+from ledger import eip712
+from ledger.eip712 import Redemption
+from ledger.loyalty import EventKind
+from ledger.points_store import PointsRequest, PointsStatus
+from ledger.store import ControllerState
+
+router = APIRouter(tags=["points"], responses=responses(401, 403))
+DEADLINE = 15 * 60  # seconds an authorisation may wait to be used at the partner
+ANSWER_TIMEOUT = 30.0
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        max_length=255,
+        description="a unique key per operation: a retry with the same key and body gets the first answer",
+    ),
+]
+
+# The contract's reasons, as HTTP answers.
+_FAILURES: dict[str, tuple[int, str]] = {
+    "insufficient_points": (409, "Not enough unexpired points"),
+    "authorisation_used": (409, "This authorisation was used already"),
+    "nonce_mismatch": (409, "The authorisation's nonce is not the next one; authorise again"),
+    "invalid_signature": (422, "The authorisation was not signed by the customer's bound key"),
+    "signature_expired": (422, "The authorisation has expired; authorise again"),
+    "unknown_partner": (422, "The partner is not registered on the ledger"),
+    "unbound_subject": (422, "The customer has not bound a key"),
+    "invalid_amount": (422, "Invalid amount"),
+    "invalid_expiry": (422, "The expiry is in the past"),
+}
+
+
+# waiting for the chain -----------------------------------------------------------------------------
+
+
+async def _wait(runtime: Runtime, request_ids: Sequence[str]) -> list[PointsRequest]:
+    """Until every request is done or failed (notified by the relayer; polled as a fallback)."""
+    assert runtime.points_reader is not None
+    reader = runtime.points_reader
+    loop = asyncio.get_running_loop()
+    deadline = time.monotonic() + ANSWER_TIMEOUT
+    runtime.relay_wake.set()
+    while True:
+        event = asyncio.Event()
+
+        def wake(event: asyncio.Event = event) -> None:
+            loop.call_soon_threadsafe(event.set)
+
+        for request_id in request_ids:
+            runtime.completions.subscribe(request_id, wake)
+        try:
+            rows = await run_in_threadpool(lambda: [reader.request(i) for i in request_ids])
+            if all(r is not None and r.status in (PointsStatus.DONE, PointsStatus.FAILED) for r in rows):
+                return [r for r in rows if r is not None]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ApiError(
+                    503,
+                    "still_pending",
+                    "Not on-chain yet",
+                    "the request is queued and will be applied; retry with the same Idempotency-Key for the answer",
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout=min(left, 0.5))
+        finally:
+            for request_id in request_ids:
+                runtime.completions.unsubscribe(request_id, wake)
+
+
+def _answer(status_code: int, body: dict[str, Any]) -> JSONResponse:
+    media = PROBLEM_MEDIA_TYPE if status_code >= 400 else "application/json"
+    return JSONResponse(body, status_code=status_code, media_type=media)
+
+
+def _failure(request: PointsRequest) -> ApiError:
+    code = request.error_code or "rejected"
+    status_code, title = _FAILURES.get(code, (422, "The ledger refused the request"))
+    return ApiError(status_code, code, title, request.error_detail or None, request_id=request.id)
+
+
+# issuance ------------------------------------------------------------------------------------------
+
+
+@router.post(
+    "/points/issuances",
+    response_model=IssuancesPublic,
+    status_code=status.HTTP_201_CREATED,
+    responses=responses(409, 422, 503),
+)
+async def issue(
+    body: IssuanceCreate, request: Request, runtime: RuntimeDep, caller: PointsIssuer, key: IdempotencyKey = None
+) -> JSONResponse:
+    """Issue points (one or many lots). Answers once they are on-chain, with each lot; an item the
+    chain refuses is reported in its place and the others still apply."""
+    now = int(time.time())
+    lifetime = runtime.service.points_lifetime_days * 86400
+    references: dict[str, str | None] = {}
+
+    def build(session: Session) -> list[PointsRequest]:
+        rows = []
+        for index, item in enumerate(body.issuances):
+            try:
+                subject = subject_of(runtime, item.did)
+            except ApiError as exc:
+                raise ApiError(
+                    422, "unknown_customer", "No such customer", f"issuances[{index}]: {exc.detail}"
+                ) from exc
+            expires_at = item.expires_at or now + lifetime
+            if expires_at <= now:
+                raise ApiError(422, "invalid_expiry", "The expiry is in the past", f"issuances[{index}]")
+            row = PointsRequest(
+                id=str(uuid.uuid4()),
+                kind="issue",
+                ref=os.urandom(32),
+                subject=bytes(subject),
+                amount=item.amount,
+                expires_at=expires_at,
+                principal=caller.name,
+            )
+            references[row.id] = item.reference
+            rows.append(row)
+        return rows
+
+    started = await run_in_threadpool(
+        idempotency.start,
+        runtime,
+        principal=caller.name,
+        key=key,
+        route="issue",
+        path=request.url.path,
+        digest=idempotency.body_hash(body.model_dump()),
+        build=build,
+        conflict=lambda: ApiError(409, "conflict", "Conflicting request; retry"),
+    )
+    if started.status_code is not None:
+        assert started.body is not None
+        return _answer(started.status_code, started.body)
+    rows = await _wait(runtime, started.request_ids)
+    assert runtime.dids is not None
+    dids = runtime.dids
+    items = [
+        IssuancePublic(
+            id=r.id,
+            did=dids.did(Subject(r.subject)),
+            amount=r.amount,
+            expires_at=r.expires_at,
+            reference=references.get(r.id, body.issuances[i].reference),
+            status="issued" if r.status == PointsStatus.DONE else "failed",
+            lot_id=r.lot_id,
+            tx_hash=r.tx_hash,
+            block_number=r.block_number,
+            error=ErrorPublic(code=r.error_code, detail=r.error_detail or "") if r.error_code else None,
+        )
+        for i, r in enumerate(rows)
+    ]
+    answer = IssuancesPublic(issuances=items).model_dump(mode="json")
+    await run_in_threadpool(idempotency.finish, runtime, caller.name, key, 201, answer)
+    return _answer(201, answer)
+
+
+# redemption ----------------------------------------------------------------------------------------
+
+
+def _controller(runtime: Runtime, subject: bytes) -> str | None:
+    with runtime.sessions() as session:
+        state = session.get(ControllerState, subject)
+        return state.controller if state else None
+
+
+@router.post("/points/redemptions/prepare", response_model=RedemptionPreparePublic, responses=responses(422))
+def prepare(body: RedemptionPrepare, runtime: RuntimeDep, caller: PointsAuthoriser) -> RedemptionPreparePublic:
+    """The EIP-712 `Redemption` the customer signs to let a partner spend points, once."""
+    assert runtime.points is not None and runtime.points_reader is not None and caller.subject is not None
+    partner = runtime.catalogue().partner(body.partner)
+    if partner is None:
+        raise ApiError(422, "unknown_partner", "No such partner", body.partner)
+    controller = caller.address
+    assert controller is not None
+    sequence = runtime.points_reader.next_sequence(
+        controller,
+        partner,
+        runtime.points.nonce_of(controller, partner),  # type: ignore[arg-type]
+    )
+    message = Redemption(
+        subject=Subject(caller.subject),
+        partner=partner,  # type: ignore[arg-type]
+        amount=body.amount,
+        redemption_id=os.urandom(32),
+        nonce=eip712.redemption_nonce(partner, sequence),
+        deadline=int(time.time()) + DEADLINE,
+    )
+    return RedemptionPreparePublic(
+        typed_data=eip712.typed_data(runtime.points.domain, message),
+        redemption_id="0x" + message.redemption_id.hex(),
+        nonce=str(message.nonce),
+        deadline=message.deadline,
+    )
+
+
+def _redemption_public(runtime: Runtime, row: PointsRequest) -> dict[str, Any]:
+    assert runtime.dids is not None and row.partner is not None
+    assert row.balance is not None and row.tx_hash is not None and row.block_number is not None
+    return RedemptionPublic(
+        id=row.id,
+        did=runtime.dids.did(Subject(row.subject)),
+        partner=row.partner,
+        amount=row.amount,
+        redemption_id="0x" + row.ref.hex(),
+        status="redeemed",
+        balance=row.balance,
+        tx_hash=row.tx_hash,
+        block_number=row.block_number,
+    ).model_dump(mode="json")
+
+
+@router.post("/points/redemptions", response_model=RedemptionPublic, responses=responses(400, 409, 422, 503))
+async def redeem(
+    body: TypedDataSubmission, request: Request, runtime: RuntimeDep, caller: PointsRedeemer, key: IdempotencyKey = None
+) -> JSONResponse:
+    """Redeem with the customer's signed authorisation. Answers when the redemption is on-chain, with
+    the customer's new balance. Send an `Idempotency-Key`: a retry with it gets the first answer."""
+    if not key:
+        raise ApiError(400, "idempotency_key_required", "Send an Idempotency-Key header with each redemption")
+    assert runtime.points is not None
+    domain = runtime.points.domain
+    partner = caller.address
+
+    def build(session: Session) -> list[PointsRequest]:
+        try:
+            message = eip712.parse(body.typed_data, domain, ("Redemption",))
+            signature = eip712.Signature.from_bytes(bytes.fromhex(body.signature[2:]))
+            signer = eip712.recover(domain, message, signature)
+        except ValueError as exc:
+            raise ApiError(
+                422, "invalid_typed_data", "The signed data is not a redemption of this ledger", str(exc)
+            ) from exc
+        assert isinstance(message, Redemption)
+        if partner is None or message.partner != partner:
+            raise ApiError(403, "not_your_authorisation", "This authorisation is for another partner")
+        if message.amount <= 0 or message.amount > 10**15:
+            raise ApiError(422, "invalid_amount", "Invalid amount")
+        if message.deadline <= time.time():
+            raise ApiError(422, "signature_expired", "The authorisation has expired; authorise again")
+        controller = session.get(ControllerState, bytes(message.subject))
+        if controller is None:
+            raise ApiError(422, "unbound_subject", "The customer has not bound a key")
+        if signer != controller.controller:
+            raise ApiError(
+                422,
+                "invalid_signature",
+                "The authorisation was not signed by the customer's bound key",
+                f"signed by {signer}",
+            )
+        if session.scalar(select(PointsRequest.id).where(PointsRequest.ref == message.redemption_id)) is not None:
+            raise ApiError(409, "authorisation_used", "This authorisation was used already")
+        return [
+            PointsRequest(
+                id=str(uuid.uuid4()),
+                kind="redeem",
+                ref=message.redemption_id,
+                subject=bytes(message.subject),
+                amount=message.amount,
+                partner=message.partner,
+                controller=controller.controller,
+                nonce=str(message.nonce),
+                deadline=message.deadline,
+                v=signature.v,
+                r=signature.r,
+                s=signature.s,
+                principal=caller.name,
+            )
+        ]
+
+    started = await run_in_threadpool(
+        idempotency.start,
+        runtime,
+        principal=caller.name,
+        key=key,
+        route="redeem",
+        path=request.url.path,
+        digest=idempotency.body_hash(body.model_dump()),
+        build=build,
+        conflict=lambda: ApiError(409, "authorisation_used", "This authorisation was used already"),
+    )
+    if started.status_code is not None:
+        assert started.body is not None
+        return _answer(started.status_code, started.body)
+    (row,) = await _wait(runtime, started.request_ids)
+    if row.status == PointsStatus.DONE:
+        status_code, answer = 200, _redemption_public(runtime, row)
+    else:
+        status_code, answer = row_failure(row, request.url.path)
+    await run_in_threadpool(idempotency.finish, runtime, caller.name, key, status_code, answer)
+    return _answer(status_code, answer)
+
+
+def row_failure(row: PointsRequest, path: str) -> tuple[int, dict[str, Any]]:
+    error = _failure(row)
+    return error.status, idempotency.problem_body(error, path)
+
+
+# reads ---------------------------------------------------------------------------------------------
+
+_KIND_NAMES: dict[int, Literal["issued", "redeemed", "expired", "issue_rejected", "redeem_rejected"]] = {
+    EventKind.ISSUED: "issued",
+    EventKind.REDEEMED: "redeemed",
+    EventKind.EXPIRED: "expired",
+    EventKind.ISSUE_REJECTED: "issue_rejected",
+    EventKind.REDEEM_REJECTED: "redeem_rejected",
+}
+
+
+@router.get("/customers/{did}/points", response_model=PointsPublic, responses=responses(404))
+def customer_points(did: str, runtime: RuntimeDep, caller: CallerDep) -> PointsPublic:
+    """Balance (unexpired points), live lots with their expiry, history and tier."""
+    assert runtime.points_reader is not None
+    subject = own_subject(runtime, caller, did, "points:read")
+    if caller.kind == "customer" and "points:read" not in caller.scopes:
+        raise ApiError(403, "insufficient_scope", "Not allowed", "this route needs the points:read scope")
+    reader = runtime.points_reader
+    now = int(time.time())
+    lots = reader.lots(subject, now)
+    tier = reader.tier(subject, now)
+    partners = runtime.catalogue().partners
+    return PointsPublic(
+        did=did,
+        balance=sum(lot.remaining for lot in lots),
+        lots=[LotPublic(lot_id=lot.lot_id, remaining=lot.remaining, expires_at=lot.expires_at) for lot in lots],
+        history=[
+            PointsEventPublic(
+                kind=_KIND_NAMES[h.kind],
+                amount=h.amount,
+                partner=h.partner,
+                partner_name=partners.get(h.partner) if h.partner else None,
+                lot_id=h.lot_id or None,
+                balance=h.balance if h.kind == EventKind.REDEEMED else None,
+                reason=h.reason,
+                tx_hash=h.tx_hash,
+                block_number=h.block_number,
+                block_time=h.block_time,
+            )
+            for h in reader.history(subject)
+        ],
+        tier=TierPublic(name=tier.name, earned_12m=tier.earned, next=tier.next, points_to_next=tier.to_next),
+    )
+
+
+@router.get(
+    "/partners/me/redemptions",
+    response_model=StatementPublic,
+    responses={**responses(422), 200: {"content": {"text/csv": {}}}},
+)
+def statement(
+    runtime: RuntimeDep,
+    caller: StatementReader,
+    start: Annotated[datetime, Query(alias="from", description="period start (inclusive), ISO 8601")],
+    end: Annotated[datetime, Query(alias="to", description="period end (exclusive), ISO 8601")],
+    format: Annotated[Literal["json", "csv"], Query(description="json (default) or csv")] = "json",
+) -> Any:
+    """The calling partner's redemptions in a period, for settlement."""
+    assert runtime.points_reader is not None and runtime.dids is not None
+    partner = _partner(caller)
+    first, last = _epoch(start), _epoch(end)
+    if last <= first:
+        raise ApiError(422, "invalid_period", "`to` must be after `from`")
+    rows = runtime.points_reader.statement(partner, first, last)
+    lines = [
+        StatementLine(
+            redemption_id="0x" + h.ref.hex(),
+            did=runtime.dids.did(Subject(h.subject)),
+            amount=h.amount,
+            tx_hash=h.tx_hash,
+            block_number=h.block_number,
+            block_time=h.block_time,
+        )
+        for h in rows
+    ]
+    if format == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\r\n")
+        writer.writerow(["redemption_id", "did", "amount", "block_time", "tx_hash", "block_number"])
+        for line in lines:
+            writer.writerow(
+                [
+                    line.redemption_id,
+                    line.did,
+                    line.amount,
+                    datetime.fromtimestamp(line.block_time, UTC).isoformat(),
+                    line.tx_hash,
+                    line.block_number,
+                ]
+            )
+        return Response(
+            out.getvalue(),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="redemptions-{first}-{last}.csv"'},
+        )
+    return StatementPublic(
+        partner=partner,
+        partner_name=caller.name,
+        start=first,
+        end=last,
+        count=len(lines),
+        total_points=sum(line.amount for line in lines),
+        redemptions=lines,
+    )
+
+
+def _partner(caller: Caller) -> str:
+    if caller.address is None:
+        raise ApiError(403, "not_a_partner", "Only partners have redemption statements")
+    return caller.address
+
+
+def _epoch(value: datetime) -> int:
+    return int((value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp())
