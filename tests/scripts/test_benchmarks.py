@@ -53,3 +53,22 @@ def test_bench_api_quick_reports_its_figures() -> None:
     assert figures["ratio_confirmed"] == pytest.approx(
         figures["batched_confirmed_per_s"] / figures["baseline_confirmed_per_s"], abs=0.06
     )
+
+
+@pytest.mark.anvil
+@pytest.mark.slow
+def test_bench_loyalty_quick_reports_its_figures() -> None:
+    result = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "scripts" / "bench_loyalty.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=True,
+        cwd=PROJECT_ROOT,
+    )
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    for mode in ("batched", "baseline"):
+        assert figures[f"{mode}_redeemed"] == figures[f"{mode}_redemptions"]  # every authorisation was redeemed
+        assert figures[f"{mode}_errors"] == 0
+        assert figures[f"{mode}_p50_ms"] <= figures[f"{mode}_p99_ms"]
+    assert figures["ratio"] == pytest.approx(figures["batched_per_s"] / figures["baseline_per_s"], abs=0.06)
