@@ -76,7 +76,8 @@ def test_serve_starts_stops_on_ctrl_c_and_finds_its_state_again(tmp_path: Path) 
     assert "created a new operator key" in output
     assert health["status"] == "ok"
     assert health["backend"] == "anvil"
-    (registry,) = health["contracts"]
+    contracts = health["contracts"]
+    assert len(contracts) == 2  # ConsentRegistry and LoyaltyPoints
     anvil_pid = int((tmp_path / "chain" / "anvil.pid").read_text().split()[0])
     assert not _alive(anvil_pid), "anvil must stop with the service"
     assert (tmp_path / "chain" / "state.json").is_file()
@@ -88,7 +89,7 @@ def test_serve_starts_stops_on_ctrl_c_and_finds_its_state_again(tmp_path: Path) 
         output = _interrupt(second)
     assert second.returncode == 0, output
     assert "created a new operator key" not in output
-    assert again["contracts"] == [registry]  # the same deployment, not a new one
+    assert again["contracts"] == contracts  # the same deployment, not a new one
     assert again["block_number"] >= health["block_number"]
 
 
