@@ -103,16 +103,21 @@ def partner_process(
                 for bodies in share:
                     for body in bodies:
                         started = time.perf_counter()
-                        response = await client.post(
-                            "/api/v1/points/redemptions",
-                            content=body,
-                            headers={
-                                "X-API-Key": api_key,
-                                "Idempotency-Key": str(uuid.uuid4()),
-                                "Content-Type": "application/json",
-                            },
-                        )
-                        if response.status_code == 200:
+                        headers = {
+                            "X-API-Key": api_key,
+                            "Idempotency-Key": str(uuid.uuid4()),
+                            "Content-Type": "application/json",
+                        }
+                        response = None
+                        for _attempt in range(3):
+                            try:  # a kept-alive connection the server has closed: retry, same key
+                                response = await client.post(
+                                    "/api/v1/points/redemptions", content=body, headers=headers
+                                )
+                                break
+                            except httpx.TransportError:
+                                continue
+                        if response is not None and response.status_code == 200:
                             latencies.append(time.perf_counter() - started)
                         else:
                             errors += 1
