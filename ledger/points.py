@@ -23,9 +23,9 @@ from sqlalchemy.orm import Session
 from ledger import loyalty
 from ledger.contracts import RevertDecoder
 from ledger.eip712 import Redemption, Signature
-from ledger.errors import ChainError
 from ledger.loyalty import EventKind, Issuance, LoyaltyPointsClient, PointsEvent, SignedRedemption
 from ledger.points_store import PointsBatch, PointsHistory, PointsLot, PointsRequest, PointsStatus
+from ledger.relayer import BatchLane
 from ledger.store import as_utc, sessions, utcnow
 from ledger.tx import Receipt, TxRequest
 from ledger.types import Subject
@@ -95,7 +95,7 @@ def issuance(request: PointsRequest) -> Issuance:
     return Issuance(Subject(request.subject), request.amount, request.expires_at, request.ref)
 
 
-class PointsRelayer:
+class PointsRelayer(BatchLane):
     """The points lane of the relayer. It shares the operator key with the consent relayer and runs in
     the same thread (see `ledger.relayer.run_lanes`), so the local nonce has one writer."""
 
@@ -110,52 +110,22 @@ class PointsRelayer:
         completions: Completions | None = None,
         wake: threading.Event | None = None,
     ) -> None:
+        super().__init__(
+            points.sender, linger=0.005, max_in_flight=max_in_flight, lost_after=lost_after, on_mined=None, wake=wake
+        )
         self.points = points
-        self.sender = points.sender
         self.max_batch = max_batch
-        self.max_in_flight = max_in_flight
-        self.lost_after = lost_after
         self.completions = completions or Completions()
-        self.wake = wake or threading.Event()
         self._sessions = sessions(engine)
-        self._in_flight: dict[int, str] = {}
-        self._checked_at: dict[int, float] = {}
-        self._next_audit = time.monotonic() + lost_after
-
-    @property
-    def busy(self) -> bool:
-        return bool(self._in_flight)
 
     def recover(self) -> None:
         """Settle what a previous run left: batches mined, still pending in the node, or lost."""
-        pending_nonce = self.sender.next_nonce
         with self._sessions() as session:
-            batches = list(session.scalars(select(PointsBatch).where(PointsBatch.status == "sent")))
-        for batch in batches:
-            (receipt,) = self.sender.receipts([batch.tx_hash])
-            if receipt is not None:
-                self._settle(batch.id, receipt)
-            elif batch.operator_nonce < pending_nonce:
-                self._in_flight[batch.id] = batch.tx_hash
-            else:
-                self._drop(batch.id, "not known to the node after a restart")
-
-    def step(self) -> int:
-        moved = self._poll()
-        if time.monotonic() >= self._next_audit:
-            moved += self.audit()
-            self._next_audit = time.monotonic() + self.lost_after / 2
-        while len(self._in_flight) < self.max_in_flight:
-            sent = self._send_next()
-            if not sent:
-                break
-            moved += sent
-        return moved
-
-    def run(self, stop: threading.Event, idle: float = 0.02) -> None:
-        from ledger.relayer import run_lanes
-
-        run_lanes([self], self.wake, stop, idle=idle)
+            batches = [
+                (b.id, b.tx_hash, b.operator_nonce)
+                for b in session.scalars(select(PointsBatch).where(PointsBatch.status == "sent"))
+            ]
+        self._recover_batches(batches)
 
     # sending -------------------------------------------------------------------------------------
 
@@ -183,63 +153,36 @@ class PointsRelayer:
         else:
             data = self.points.encode_redeem_batch([signed_redemption(r) for r in requests])
             gas = loyalty.redeem_gas(len(requests))
-        ((tx_hash, raw, nonce),) = self.sender.sign_with_nonces([TxRequest(to=self.points.address, data=data, gas=gas)])
-        with self._sessions.begin() as session:
-            batch = PointsBatch(tx_hash=tx_hash, kind=oldest.kind, operator_nonce=nonce, size=len(requests))
-            session.add(batch)
-            session.flush()
-            claimed = session.execute(
-                update(PointsRequest)
-                .where(PointsRequest.seq.in_([r.seq for r in requests]), PointsRequest.status == PointsStatus.PENDING)
-                .values(status=PointsStatus.SUBMITTED, batch_id=batch.id, tx_hash=tx_hash, updated_at=utcnow())
-            ).rowcount  # type: ignore[attr-defined]
-            if claimed != len(requests):
+
+        def record(tx_hash: str, nonce: int) -> int | None:
+            with self._sessions.begin() as session:
+                batch = PointsBatch(tx_hash=tx_hash, kind=oldest.kind, operator_nonce=nonce, size=len(requests))
+                session.add(batch)
+                session.flush()
+                claimed = session.execute(
+                    update(PointsRequest)
+                    .where(
+                        PointsRequest.seq.in_([r.seq for r in requests]), PointsRequest.status == PointsStatus.PENDING
+                    )
+                    .values(status=PointsStatus.SUBMITTED, batch_id=batch.id, tx_hash=tx_hash, updated_at=utcnow())
+                ).rowcount  # type: ignore[attr-defined]
+                if claimed == len(requests):
+                    return batch.id
                 batch.status = "dropped"  # something else moved them meanwhile; never sent
                 session.execute(
                     update(PointsRequest)
                     .where(PointsRequest.batch_id == batch.id, PointsRequest.status == PointsStatus.SUBMITTED)
                     .values(status=PointsStatus.PENDING, batch_id=None, tx_hash=None)
                 )
-                batch_id = None
-            else:
-                batch_id = batch.id
-        if batch_id is None:
-            self.sender.resync_nonce()
-            return 0
-        try:
-            self.sender.send_raw([raw])
-        except ChainError as exc:
-            log.warning("sending points batch %s failed: %s", tx_hash, exc)
-            self._drop(batch_id, str(exc))
-            self.sender.resync_nonce()
-            return 0
-        self._in_flight[batch_id] = tx_hash
-        return len(requests)
+                return None
+
+        sent = self._submit(TxRequest(to=self.points.address, data=data, gas=gas), record)
+        return len(requests) if sent else 0
 
     # settling ------------------------------------------------------------------------------------
 
-    def _poll(self) -> int:
-        if not self._in_flight:
-            return 0
-        ids = list(self._in_flight)
-        receipts = self.sender.receipts([self._in_flight[i] for i in ids])
-        settled = 0
-        now = time.monotonic()
-        for batch_id, receipt in zip(ids, receipts, strict=True):
-            if receipt is not None:
-                settled += self._settle(batch_id, receipt)
-            elif now - self._checked_at.setdefault(batch_id, now) > self.lost_after:
-                if self.sender.known(self._in_flight[batch_id]):
-                    self._checked_at[batch_id] = now
-                else:
-                    self._drop(batch_id, "the node no longer knows the transaction")
-                    self.sender.resync_nonce()
-                    settled += 1
-        return settled
-
     def _settle(self, batch_id: int, receipt: Receipt) -> int:
-        self._in_flight.pop(batch_id, None)
-        self._checked_at.pop(batch_id, None)
+        self._forget(batch_id)
         outcomes = {e.ref: e for e in self.points.logs(receipt) if e.kind is not EventKind.EXPIRED}
         finished: list[str] = []
         with self._sessions.begin() as session:
@@ -317,8 +260,7 @@ class PointsRelayer:
         return len(lost)
 
     def _drop(self, batch_id: int, reason: str) -> None:
-        self._in_flight.pop(batch_id, None)
-        self._checked_at.pop(batch_id, None)
+        self._forget(batch_id)
         with self._sessions.begin() as session:
             batch = session.get(PointsBatch, batch_id)
             assert batch is not None

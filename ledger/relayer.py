@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -27,7 +28,7 @@ from ledger.consent import ConsentRegistryClient, SignedChange, batch_gas
 from ledger.eip712 import ChangeKind, ConsentChange, Signature
 from ledger.errors import BatchItemFailed, ChainError, ContractRevert, LedgerError, NonceMismatch
 from ledger.store import ConsentEvent, ConsentRequest, ConsentState, RelayBatch, RequestStatus, as_utc, sessions, utcnow
-from ledger.tx import Receipt, TxRequest
+from ledger.tx import Receipt, TxRequest, TxSender
 from ledger.types import Purpose, Subject
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,130 @@ def run_lanes(
             wake.clear()
 
 
+class BatchLane(ABC):
+    """What every relay lane shares: signed batch transactions in flight (batch id -> tx hash), polled
+    for receipts, and given up on when the node no longer knows them. A lane says how to pick and
+    record a batch (`_send_next`, using `_submit`), settle it from its receipt, drop it, and audit."""
+
+    def __init__(
+        self,
+        sender: TxSender,
+        *,
+        linger: float,
+        max_in_flight: int,
+        lost_after: float,
+        on_mined: Callable[[], None] | None,
+        wake: threading.Event | None,
+    ) -> None:
+        self.sender = sender
+        self.linger = linger
+        self.max_in_flight = max_in_flight
+        self.lost_after = lost_after
+        self.on_mined = on_mined
+        self.wake = wake or threading.Event()
+        self._in_flight: dict[int, str] = {}  # batch id -> tx hash
+        self._checked_at: dict[int, float] = {}  # batch id -> when it was last known to the node
+        self._next_audit = time.monotonic() + lost_after
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._in_flight)
+
+    @abstractmethod
+    def _send_next(self) -> int:
+        """Send the next batch of pending requests; returns how many it holds (0: nothing sent)."""
+
+    @abstractmethod
+    def _settle(self, batch_id: int, receipt: Receipt) -> int:
+        """Settle a mined batch (call `_forget` first); returns how many requests moved."""
+
+    @abstractmethod
+    def _drop(self, batch_id: int, reason: str) -> None:
+        """Give a batch up (call `_forget` first) and queue its requests again."""
+
+    @abstractmethod
+    def audit(self) -> int:
+        """Re-queue requests the chain has lost; returns how many."""
+
+    def step(self) -> int:
+        """Settle mined batches and send new ones; returns how many requests moved."""
+        moved = self._poll()
+        if time.monotonic() >= self._next_audit:
+            moved += self.audit()
+            self._next_audit = time.monotonic() + self.lost_after / 2
+        while len(self._in_flight) < self.max_in_flight:
+            sent = self._send_next()
+            if not sent:
+                break
+            moved += sent
+        return moved
+
+    def run(self, stop: threading.Event, idle: float = 0.02) -> None:
+        run_lanes([self], self.wake, stop, idle=idle, linger=self.linger)
+
+    def _recover_batches(self, batches: Sequence[tuple[int, str, int]]) -> None:
+        """Settle the (batch id, tx hash, operator nonce) a previous run left sent: mined, still pending
+        in the node (wait for it), or lost."""
+        pending_nonce = self.sender.next_nonce
+        for batch_id, tx_hash, operator_nonce in batches:
+            (receipt,) = self.sender.receipts([tx_hash])
+            if receipt is not None:
+                self._settle(batch_id, receipt)
+            elif operator_nonce < pending_nonce:
+                self._in_flight[batch_id] = tx_hash  # the node has it; wait for it
+            else:
+                self._drop(batch_id, "not known to the node after a restart")
+
+    def _submit(self, request: TxRequest, record: Callable[[str, int], int | None]) -> bool:
+        """Sign `request`, `record` it (returns the batch id, or None when its requests were taken
+        meanwhile: then nothing is sent), send it, and track it as in flight."""
+        ((tx_hash, raw, nonce),) = self.sender.sign_with_nonces([request])
+        batch_id = record(tx_hash, nonce)
+        if batch_id is None:
+            self.sender.resync_nonce()
+            return False
+        try:
+            self.sender.send_raw([raw])
+        except ChainError as exc:
+            log.warning("sending batch %s failed: %s", tx_hash, exc)
+            self._drop(batch_id, str(exc))
+            self.sender.resync_nonce()
+            return False
+        self._in_flight[batch_id] = tx_hash
+        return True
+
+    def _forget(self, batch_id: int) -> None:
+        self._in_flight.pop(batch_id, None)
+        self._checked_at.pop(batch_id, None)
+
+    def _poll(self) -> int:
+        if not self._in_flight:
+            return 0
+        ids = list(self._in_flight)
+        receipts = self.sender.receipts([self._in_flight[i] for i in ids])
+        settled = 0
+        now = time.monotonic()
+        for batch_id, receipt in zip(ids, receipts, strict=True):
+            if receipt is not None:
+                settled += self._settle(batch_id, receipt)
+            elif now - self._checked_at.setdefault(batch_id, now) > self.lost_after:
+                settled += self._check_lost(batch_id)
+        if settled and self.on_mined is not None:
+            self.on_mined()
+        return settled
+
+    def _check_lost(self, batch_id: int) -> int:
+        """A batch long unmined: if the node no longer knows it (it restarted, or evicted it), queue its
+        requests again; the chain's nonces and ids make a late duplicate harmless."""
+        tx_hash = self._in_flight[batch_id]
+        if self.sender.known(tx_hash):
+            self._checked_at[batch_id] = time.monotonic()
+            return 0
+        self._drop(batch_id, "the node no longer knows the transaction")
+        self.sender.resync_nonce()
+        return 1
+
+
 class _Raced(Exception):
     """Raised inside a transaction to abandon a batch whose requests changed under it."""
 
@@ -90,7 +215,7 @@ def signed_change(request: ConsentRequest) -> SignedChange:
     return SignedChange(change, Signature(v=request.v, r=request.r, s=request.s))
 
 
-class Relayer:
+class Relayer(BatchLane):
     def __init__(
         self,
         engine: Engine,
@@ -103,58 +228,33 @@ class Relayer:
         on_mined: Callable[[], None] | None = None,
         wake: threading.Event | None = None,
     ) -> None:
+        super().__init__(
+            registry.sender,
+            linger=linger,
+            max_in_flight=max_in_flight,
+            lost_after=lost_after,
+            on_mined=on_mined,
+            wake=wake,
+        )
         self.registry = registry
-        self.sender = registry.sender
         self.max_batch = max_batch
-        self.linger = linger
-        self.max_in_flight = max_in_flight
-        self.on_mined = on_mined
         self._sessions = sessions(engine)
-        self._in_flight: dict[int, str] = {}  # batch id -> tx hash
-        self._checked_at: dict[int, float] = {}  # batch id -> when it was last known to the node
-        self.lost_after = lost_after
-        self._next_audit = time.monotonic() + lost_after
-        self.wake = wake or threading.Event()
-
-    @property
-    def busy(self) -> bool:
-        return bool(self._in_flight)
 
     # start-up ------------------------------------------------------------------------------------
 
     def recover(self) -> None:
         """Settle what a previous run left: mined, still pending in the node, or lost."""
         self.sender.resync_nonce()
-        pending_nonce = self.sender.next_nonce
         with self._sessions() as session:
-            batches = list(session.scalars(select(RelayBatch).where(RelayBatch.status == "sent")))
-        for batch in batches:
-            (receipt,) = self.sender.receipts([batch.tx_hash])
-            if receipt is not None:
-                self._settle(batch.id, receipt)
-            elif batch.operator_nonce < pending_nonce:
-                self._in_flight[batch.id] = batch.tx_hash  # the node has it; wait for it
-            else:
-                self._drop(batch.id, "not known to the node after a restart")
+            batches = [
+                (b.id, b.tx_hash, b.operator_nonce)
+                for b in session.scalars(select(RelayBatch).where(RelayBatch.status == "sent"))
+            ]
+        self._recover_batches(batches)
         log.info("relayer recovered: %d batches in flight", len(self._in_flight))
 
-    # the loop ------------------------------------------------------------------------------------
-
-    def step(self) -> int:
-        """Settle mined batches and send new ones; returns how many requests moved."""
-        moved = self._poll()
-        if time.monotonic() >= self._next_audit:
-            moved += self.audit_submitted()
-            self._next_audit = time.monotonic() + self.lost_after / 2
-        while len(self._in_flight) < self.max_in_flight:
-            sent = self._send_next()
-            if not sent:
-                break
-            moved += sent
-        return moved
-
-    def run(self, stop: threading.Event, idle: float = 0.02) -> None:
-        run_lanes([self], self.wake, stop, idle=idle, linger=self.linger)
+    def audit(self) -> int:
+        return self.audit_submitted()
 
     # sending -------------------------------------------------------------------------------------
 
@@ -171,55 +271,31 @@ class Relayer:
         if not requests:
             return 0
         data = self.registry.encode_batch([signed_change(r) for r in requests])
-        ((tx_hash, raw, nonce),) = self.sender.sign_with_nonces(
-            [TxRequest(to=self.registry.address, data=data, gas=batch_gas(len(requests)))]
-        )
-        try:
-            with self._sessions.begin() as session:
-                batch = RelayBatch(tx_hash=tx_hash, operator_nonce=nonce, size=len(requests))
-                session.add(batch)
-                session.flush()
-                claimed = session.execute(
-                    update(ConsentRequest)
-                    .where(
-                        ConsentRequest.seq.in_([r.seq for r in requests]),
-                        ConsentRequest.status == RequestStatus.PENDING,
-                    )
-                    .values(status=RequestStatus.SUBMITTED, batch_id=batch.id, tx_hash=tx_hash, updated_at=utcnow())
-                ).rowcount  # type: ignore[attr-defined]  # an UPDATE returns a CursorResult
-                if claimed != len(requests):
-                    raise _Raced  # something else moved them meanwhile (rolls the batch record back)
-                batch_id = batch.id
-        except _Raced:
-            self.sender.resync_nonce()
-            return 0
-        try:
-            self.sender.send_raw([raw])
-        except ChainError as exc:
-            log.warning("sending batch %s failed: %s", tx_hash, exc)
-            self._drop(batch_id, str(exc))
-            self.sender.resync_nonce()
-            return 0
-        self._in_flight[batch_id] = tx_hash
-        return len(requests)
+
+        def record(tx_hash: str, nonce: int) -> int | None:
+            try:
+                with self._sessions.begin() as session:
+                    batch = RelayBatch(tx_hash=tx_hash, operator_nonce=nonce, size=len(requests))
+                    session.add(batch)
+                    session.flush()
+                    claimed = session.execute(
+                        update(ConsentRequest)
+                        .where(
+                            ConsentRequest.seq.in_([r.seq for r in requests]),
+                            ConsentRequest.status == RequestStatus.PENDING,
+                        )
+                        .values(status=RequestStatus.SUBMITTED, batch_id=batch.id, tx_hash=tx_hash, updated_at=utcnow())
+                    ).rowcount  # type: ignore[attr-defined]  # an UPDATE returns a CursorResult
+                    if claimed != len(requests):
+                        raise _Raced  # something else moved them meanwhile (rolls the batch record back)
+                    return batch.id
+            except _Raced:
+                return None
+
+        sent = self._submit(TxRequest(to=self.registry.address, data=data, gas=batch_gas(len(requests))), record)
+        return len(requests) if sent else 0
 
     # settling ------------------------------------------------------------------------------------
-
-    def _poll(self) -> int:
-        if not self._in_flight:
-            return 0
-        ids = list(self._in_flight)
-        receipts = self.sender.receipts([self._in_flight[i] for i in ids])
-        settled = 0
-        now = time.monotonic()
-        for batch_id, receipt in zip(ids, receipts, strict=True):
-            if receipt is not None:
-                settled += self._settle(batch_id, receipt)
-            elif now - self._checked_at.setdefault(batch_id, now) > self.lost_after:
-                settled += self._check_lost(batch_id)
-        if settled and self.on_mined is not None:
-            self.on_mined()
-        return settled
 
     def audit_submitted(self) -> int:
         """Re-queue submitted requests the chain has lost.
@@ -331,20 +407,8 @@ class Relayer:
             request.id,
         )
 
-    def _check_lost(self, batch_id: int) -> int:
-        """A batch long unmined: if the node no longer knows it (it restarted, or evicted it), queue its
-        requests again; the chain's nonces make a late duplicate harmless."""
-        tx_hash = self._in_flight[batch_id]
-        if self.sender.known(tx_hash):
-            self._checked_at[batch_id] = time.monotonic()
-            return 0
-        self._drop(batch_id, "the node no longer knows the transaction")
-        self.sender.resync_nonce()
-        return 1
-
     def _settle(self, batch_id: int, receipt: Receipt) -> int:
-        self._in_flight.pop(batch_id, None)
-        self._checked_at.pop(batch_id, None)
+        self._forget(batch_id)
         with self._sessions.begin() as session:
             batch = session.get(RelayBatch, batch_id)
             assert batch is not None
@@ -429,8 +493,7 @@ class Relayer:
         )
 
     def _drop(self, batch_id: int, reason: str) -> None:
-        self._in_flight.pop(batch_id, None)
-        self._checked_at.pop(batch_id, None)
+        self._forget(batch_id)
         with self._sessions.begin() as session:
             batch = session.get(RelayBatch, batch_id)
             assert batch is not None
