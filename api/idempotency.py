@@ -85,34 +85,23 @@ def start(
                     return Started(record.request_ids.split(), record.status_code, body)
         try:
             with runtime.sessions() as session:
+
+                def remember(**outcome: Any) -> None:
+                    if key is not None:
+                        session.add(
+                            IdempotencyRecord(principal=principal, key=key, route=route, request_hash=digest, **outcome)
+                        )
+
                 try:
                     rows = list(build(session))
                 except ApiError as error:
                     if key is None:
                         raise
                     failed = problem_body(error, path)
-                    session.add(
-                        IdempotencyRecord(
-                            principal=principal,
-                            key=key,
-                            route=route,
-                            request_hash=digest,
-                            status_code=error.status,
-                            body=json.dumps(failed),
-                        )
-                    )
+                    remember(status_code=error.status, body=json.dumps(failed))
                     return Started([], error.status, failed)
                 session.add_all(rows)
-                if key is not None:
-                    session.add(
-                        IdempotencyRecord(
-                            principal=principal,
-                            key=key,
-                            route=route,
-                            request_hash=digest,
-                            request_ids=" ".join(r.id for r in rows),
-                        )
-                    )
+                remember(request_ids=" ".join(r.id for r in rows))
             return Started([r.id for r in rows])
         except IntegrityError:
             # Either a concurrent duplicate took the key (look again), or the on-chain id is queued already.
