@@ -9,22 +9,30 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
 from ledger.settings import PROJECT_ROOT
 
 
-@pytest.mark.anvil
-def test_bench_consent_quick_reports_its_figures() -> None:
+def quick_figures(script: str, timeout: int) -> dict[str, Any]:
+    """Run a benchmark with --quick from the project root; its figures are the JSON on its last line."""
     result = subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "scripts" / "bench_consent.py"), "--quick"],
+        [sys.executable, str(PROJECT_ROOT / "scripts" / script), "--quick"],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
         check=True,
+        cwd=PROJECT_ROOT,
     )
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    figures: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return figures
+
+
+@pytest.mark.anvil
+def test_bench_consent_quick_reports_its_figures() -> None:
+    figures = quick_figures("bench_consent.py", timeout=600)
     assert figures["grants"] == 2000
     assert figures["grants_per_s"] > 0
     assert figures["baseline_grants_per_s"] > 0
@@ -35,15 +43,7 @@ def test_bench_consent_quick_reports_its_figures() -> None:
 @pytest.mark.anvil
 @pytest.mark.slow
 def test_bench_api_quick_reports_its_figures() -> None:
-    result = subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "scripts" / "bench_api.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=True,
-        cwd=PROJECT_ROOT,
-    )
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    figures = quick_figures("bench_api.py", timeout=900)
     for mode in ("batched", "baseline"):
         assert figures[f"{mode}_accepted"] == figures[f"{mode}_requests"]  # every signed change was accepted
         assert figures[f"{mode}_confirmed"] == figures[f"{mode}_accepted"]  # and confirmed on-chain
@@ -58,15 +58,7 @@ def test_bench_api_quick_reports_its_figures() -> None:
 @pytest.mark.anvil
 @pytest.mark.slow
 def test_bench_loyalty_quick_reports_its_figures() -> None:
-    result = subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "scripts" / "bench_loyalty.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=True,
-        cwd=PROJECT_ROOT,
-    )
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    figures = quick_figures("bench_loyalty.py", timeout=900)
     for mode in ("batched", "baseline"):
         assert figures[f"{mode}_redeemed"] == figures[f"{mode}_redemptions"]  # every authorisation was redeemed
         assert figures[f"{mode}_errors"] == 0
