@@ -90,13 +90,14 @@ class Runtime:
         self.artifacts = compile_contracts(self.toolchain)
         self.backend = create_backend(self.chain, self.secrets.operator, data_dir)
         w3 = self.backend.start()
+        self.backend.prepare_account(self.secrets.accessor.address)
         sender = TxSender(w3, self.secrets.operator, receipt_timeout=self.chain.receipt_timeout)
         operator = self.secrets.operator.address
         self.deployment = ensure_deployed(
             w3,
             sender,
             self.artifacts,
-            ledger_plan(operator, operator),
+            ledger_plan(operator, operator, self.secrets.accessor.address),
             data_dir / "deployment.json",
         )
         decoder = RevertDecoder(list(self.artifacts.values()))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
+from pydantic import SecretStr
 
 from api.settings import ServiceSettings
 from identity.errors import IdentityError
@@ -50,6 +51,7 @@ class Secrets:
     operator: LocalAccount
     peppers: PepperRing
     master_keys: KeyProvider
+    accessor: LocalAccount
 
 
 def _create_private(path: Path, text: str, what: str) -> None:
@@ -64,24 +66,26 @@ def _weak(material: bytes) -> bool:
     return len(set(material)) < _MIN_DISTINCT_BYTES
 
 
-def _operator(service: ServiceSettings, chain: ChainSettings) -> LocalAccount:
-    key = chain.operator_key.get_secret_value().strip() if chain.operator_key else None
+def _account(service: ServiceSettings, key_setting: SecretStr | None, role: str) -> LocalAccount:
+    """The `role` account's key (operator or accessor) from CONSENT_LEDGER_CHAIN_{ROLE}_KEY; in
+    development mode created in the data dir when missing."""
+    key = key_setting.get_secret_value().strip() if key_setting else None
     if key is None:
         if not service.development:
             raise SecretsError(
-                "CONSENT_LEDGER_CHAIN_OPERATOR_KEY is not set: production mode needs the operator's private key"
+                f"CONSENT_LEDGER_CHAIN_{role.upper()}_KEY is not set: production mode needs the {role}'s private key"
             )
-        path = service.data_dir / "secrets" / "operator.key"
+        path = service.data_dir / "secrets" / f"{role}.key"
         if not path.is_file():
-            _create_private(path, "0x" + secrets.token_hex(32) + "\n", "operator key")
+            _create_private(path, "0x" + secrets.token_hex(32) + "\n", f"{role} key")
         key = path.read_text(encoding="utf-8").strip()
     try:
-        operator: LocalAccount = Account.from_key(key)
+        account: LocalAccount = Account.from_key(key)
     except (ValueError, TypeError) as exc:
-        raise SecretsError("the operator key is not a valid secp256k1 private key") from exc
+        raise SecretsError(f"the {role} key is not a valid secp256k1 private key") from exc
     if not service.development and key.lower().removeprefix("0x") in _public_keys():
-        raise SecretsError("the operator key is a publicly known development key; refusing to start in production")
-    return operator
+        raise SecretsError(f"the {role} key is a publicly known development key; refusing to start in production")
+    return account
 
 
 def _peppers(service: ServiceSettings, identity: IdentitySettings) -> PepperRing:
@@ -120,9 +124,10 @@ def load_secrets(service: ServiceSettings, chain: ChainSettings, identity: Ident
     identity = identity or IdentitySettings()
     try:
         return Secrets(
-            operator=_operator(service, chain),
+            operator=_account(service, chain.operator_key, "operator"),
             peppers=_peppers(service, identity),
             master_keys=_master_keys(service, identity),
+            accessor=_account(service, chain.accessor_key, "accessor"),
         )
     except IdentityError as exc:
         raise SecretsError(str(exc)) from exc

@@ -55,14 +55,15 @@ class ChainBackend(ABC):
     def start(self) -> Web3:
         if self._w3 is None:
             self._w3 = self._connect()
-            self._prepare_operator()
+            self.prepare_account(self.operator.address)
         return self._w3
 
     def stop(self) -> None:
         self._w3 = None
 
-    def _prepare_operator(self) -> None:  # noqa: B027 - optional hook; production chains fund the operator
-        """Make sure the operator can pay for gas (dev chains fund it; production chains must)."""
+    def prepare_account(self, address: ChecksumAddress) -> None:  # noqa: B027 - optional hook
+        """Make sure a service account (operator, accessor) can pay for gas: development chains fund
+        it; on production chains it is funded on the chain itself (or gas is free)."""
 
     def fund(self, address: ChecksumAddress, wei: int = DEV_FUNDING_WEI) -> None:
         """Give `address` ether (development chains only)."""
@@ -104,8 +105,8 @@ class InProcessBackend(ChainBackend):
         self.tester = EthereumTester(backend=PyEVMBackend(genesis_parameters=genesis))
         return Web3(EthereumTesterProvider(self.tester))
 
-    def _prepare_operator(self) -> None:
-        self.fund(self.operator.address)
+    def prepare_account(self, address: ChecksumAddress) -> None:
+        self.fund(address)
 
     def fund(self, address: ChecksumAddress, wei: int = DEV_FUNDING_WEI) -> None:
         w3 = self.w3
@@ -155,9 +156,9 @@ class AnvilBackend(ChainBackend):
         url = self.node.start()
         return Web3(HTTPProvider(url, request_kwargs={"timeout": 60}))
 
-    def _prepare_operator(self) -> None:
-        if self.w3.eth.get_balance(self.operator.address) < DEV_FUNDING_WEI // 2:
-            self.fund(self.operator.address)
+    def prepare_account(self, address: ChecksumAddress) -> None:
+        if self.w3.eth.get_balance(address) < DEV_FUNDING_WEI // 2:
+            self.fund(address)
 
     def fund(self, address: ChecksumAddress, wei: int = DEV_FUNDING_WEI) -> None:
         self.rpc("anvil_setBalance", address, hex(wei))

@@ -54,6 +54,7 @@ _ERROR_CLASSES: dict[str, type[ContractRevert]] = {
     "LoyaltyPointsUnboundSubject": errors.PointsRejected,
     "LoyaltyPointsUnknownPartner": errors.PointsRejected,
     "LoyaltyPointsUnauthorizedSubmitter": errors.PointsRejected,
+    "AccessLogEmptyBatch": errors.AccessRejected,
 }
 
 
@@ -265,12 +266,17 @@ class Deployment:
 ConstructorArgs = Callable[[Deployment], list[Any]]
 
 
-def ledger_plan(admin: str, operator: str) -> list[tuple[str, ConstructorArgs]]:
+def ledger_plan(admin: str, operator: str, accessor: str) -> list[tuple[str, ConstructorArgs]]:
     """The project's contracts in deployment order: the registry first (the points contract reads
-    controllers and partners from it). A deployment that lacks a later contract gets it on the next start."""
+    controllers and partners from it, the access log checks consent against it). A deployment that
+    lacks a later contract gets it on the next start.
+
+    `accessor` records data accesses (the CRM bridge). It is its own key, not the operator's: the
+    bridge runs as its own process, and the operator key has one writer (the relayer) with a local nonce."""
     return [
         ("ConsentRegistry", lambda _d: [admin, operator]),
         ("LoyaltyPoints", lambda d: [admin, operator, d.address("ConsentRegistry")]),
+        ("AccessLog", lambda d: [admin, accessor, d.address("ConsentRegistry")]),
     ]
 
 

@@ -78,6 +78,10 @@ class PointsRejected(ContractRevert):
     id, zero amount, an expiry in the past, an unbound subject, a submitter that is not the partner)."""
 
 
+class AccessRejected(ContractRevert):
+    """Raised when the access log refuses a batch as a whole (an empty batch)."""
+
+
 class InsufficientPoints(PointsRejected):
     """Raised when a redemption asks for more unexpired points than the subject has."""
 

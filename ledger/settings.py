@@ -59,6 +59,17 @@ class ChainSettings(BaseSettings):
         default=None,
         description="Hex private key of the operator (relayer) account. Required outside development mode.",
     )
+    accessor_key: SecretStr | None = Field(
+        default=None,
+        description="Hex private key of the accessor account (the CRM bridge records accesses with it). "
+        "Required outside development mode.",
+    )
+    confirmations: int = Field(
+        default=1,
+        ge=1,
+        description="Blocks (counting its own) after which a transaction is final: the bridge releases "
+        "data only then. 1 suits QBFT/IBFT chains, whose blocks are final when made.",
+    )
     chain_id: int = Field(default=31337, description="Chain id of the managed anvil node.")
     block_time: float = Field(
         default=0.2,

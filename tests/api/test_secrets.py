@@ -32,20 +32,23 @@ def _production(tmp_path: Path) -> ServiceSettings:
     return ServiceSettings(mode="production", data_dir=tmp_path)
 
 
-REAL_KEY = ChainSettings(operator_key=SecretStr("0x" + os.urandom(32).hex()))
+REAL_KEY = ChainSettings(
+    operator_key=SecretStr("0x" + os.urandom(32).hex()), accessor_key=SecretStr("0x" + os.urandom(32).hex())
+)
 
 
 def test_development_creates_every_secret_once_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     service = ServiceSettings(mode="development", data_dir=tmp_path)
     with caplog.at_level(logging.WARNING):
         first = load_secrets(service, ChainSettings(), IdentitySettings())
-    for what in ("operator key", "pepper", "vault master key"):
+    for what in ("operator key", "accessor key", "pepper", "vault master key"):
         assert f"created a new {what}" in caplog.text
-    for name in ("operator.key", "peppers.json", "master-keys.json"):
+    for name in ("operator.key", "accessor.key", "peppers.json", "master-keys.json"):
         assert stat.S_IMODE((tmp_path / "secrets" / name).stat().st_mode) == 0o600
     caplog.clear()
     again = load_secrets(service, ChainSettings(), IdentitySettings())
     assert again.operator.address == first.operator.address
+    assert again.accessor.address == first.accessor.address != first.operator.address
     assert again.peppers == first.peppers
     assert again.master_keys.current_key_id == first.master_keys.current_key_id
     assert "created" not in caplog.text
@@ -57,9 +60,18 @@ def test_production_refuses_to_start_without_an_operator_key(tmp_path: Path) -> 
     assert not (tmp_path / "secrets").exists()
 
 
+def test_production_refuses_without_an_accessor_key(tmp_path: Path) -> None:
+    chain = ChainSettings(operator_key=REAL_KEY.operator_key)
+    with pytest.raises(SecretsError, match="CONSENT_LEDGER_CHAIN_ACCESSOR_KEY is not set"):
+        load_secrets(_production(tmp_path), chain, _identity())
+
+
 def test_production_refuses_a_publicly_known_key(tmp_path: Path) -> None:
     chain = ChainSettings(operator_key=SecretStr(ANVIL_ACCOUNT_0))
-    with pytest.raises(SecretsError, match="publicly known"):
+    with pytest.raises(SecretsError, match="operator key is a publicly known"):
+        load_secrets(_production(tmp_path), chain, _identity())
+    chain = ChainSettings(operator_key=REAL_KEY.operator_key, accessor_key=SecretStr(ANVIL_ACCOUNT_0))
+    with pytest.raises(SecretsError, match="accessor key is a publicly known"):
         load_secrets(_production(tmp_path), chain, _identity())
 
 

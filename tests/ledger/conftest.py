@@ -12,6 +12,7 @@ from eth_typing import ChecksumAddress
 from eth_utils.crypto import keccak
 
 from ledger import eip712
+from ledger.access import AccessLogClient
 from ledger.backends import ChainBackend
 from ledger.compiler import Artifact, compile_contracts
 from ledger.consent import ConsentRegistryClient, SignedChange
@@ -36,11 +37,12 @@ class Accounts:
     admin: LocalAccount = field(default_factory=Account.create)
     operator: LocalAccount = field(default_factory=Account.create)
     stranger: LocalAccount = field(default_factory=Account.create)
+    accessor: LocalAccount = field(default_factory=Account.create)
     senders: dict[str, TxSender] = field(default_factory=dict)
 
 
 def registry_plan(accounts: Accounts) -> list[tuple[str, Any]]:
-    return ledger_plan(accounts.admin.address, accounts.operator.address)
+    return ledger_plan(accounts.admin.address, accounts.operator.address, accounts.accessor.address)
 
 
 @dataclass
@@ -84,6 +86,19 @@ class Ledger:
     @property
     def points(self) -> LoyaltyPointsClient:
         return self.points_client(self.accounts.operator)
+
+    def access_client(self, account: LocalAccount) -> AccessLogClient:
+        return AccessLogClient(
+            self.backend.w3,
+            self.deployment.address("AccessLog"),
+            self.artifacts["AccessLog"],
+            self.accounts.senders[account.address],
+            self.decoder,
+        )
+
+    @property
+    def access_log(self) -> AccessLogClient:
+        return self.access_client(self.accounts.accessor)
 
     @property
     def admin(self) -> ConsentRegistryClient:
@@ -131,7 +146,7 @@ class Ledger:
 def make_ledger(backend: ChainBackend, artifacts: dict[str, Artifact], accounts: Accounts) -> Ledger:
     """Deploy a fresh registry with a registered partner and a customer whose key is bound."""
     w3 = backend.w3
-    for account in (accounts.admin, accounts.operator, accounts.stranger):
+    for account in (accounts.admin, accounts.operator, accounts.stranger, accounts.accessor):
         if account.address not in accounts.senders:
             backend.fund(account.address)
             accounts.senders[account.address] = TxSender(w3, account, receipt_timeout=60)

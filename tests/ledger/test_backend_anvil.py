@@ -14,6 +14,7 @@ from ledger.settings import ChainSettings
 from ledger.tx import TxSender
 from tests.ledger.conformance import EMAIL, ChainConformance
 from tests.ledger.conftest import Accounts, make_ledger, registry_plan
+from tests.ledger.access_conformance import AccessLogConformance
 from tests.ledger.loyalty_conformance import LoyaltyConformance
 
 
@@ -22,7 +23,7 @@ def anvil_settings(**overrides: object) -> ChainSettings:
 
 
 @pytest.mark.anvil
-class TestAnvil(ChainConformance, LoyaltyConformance):
+class TestAnvil(ChainConformance, LoyaltyConformance, AccessLogConformance):
     @pytest.fixture(scope="class")
     @classmethod
     def backend(cls, accounts: Accounts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChainBackend]:

@@ -10,10 +10,11 @@ from ledger.backends import ChainBackend, InProcessBackend
 from ledger.settings import ChainSettings
 from tests.ledger.conformance import ChainConformance
 from tests.ledger.conftest import Accounts
+from tests.ledger.access_conformance import AccessLogConformance
 from tests.ledger.loyalty_conformance import LoyaltyConformance
 
 
-class TestInProcess(ChainConformance, LoyaltyConformance):
+class TestInProcess(ChainConformance, LoyaltyConformance, AccessLogConformance):
     @pytest.fixture(scope="class")
     @classmethod
     def backend(cls, accounts: Accounts) -> Iterator[ChainBackend]:

@@ -1,0 +1,427 @@
+"""The access log: typed client of `AccessLog`, its events, the hash chain, the indexer's follower
+and the auditor's verification.
+
+The contract hashes every entry into a running chain (see `contracts/IAccessLog.sol`); `link`
+computes the same step here, so an auditor can recompute the head from the chain's own events and
+compare the read model, entry by entry, with them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from eth_typing import ChecksumAddress, HexStr
+from eth_utils.address import to_checksum_address
+from eth_utils.crypto import keccak
+from requests.exceptions import RequestException
+from sqlalchemy import BigInteger, Boolean, Engine, Index, Integer, LargeBinary, String, delete, insert, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
+from web3 import Web3
+
+from ledger.compiler import Artifact
+from ledger.contracts import ContractClient, RevertDecoder
+from ledger.errors import ChainError, TransactionFailed
+from ledger.events import _bytes, _hex, _int
+from ledger.store import Base, IndexerCursor, sessions
+from ledger.tx import Receipt, TxRequest, TxSender
+
+CONTRACT_NAME = "AccessLog"
+ACCESSOR_ROLE = keccak(text="ACCESSOR_ROLE")
+RECORD_SELECTOR = keccak(text="record((bytes32,address,bytes32,uint256,bytes32)[])")[:4]
+RECORDED = "0x" + keccak(text="AccessRecorded(uint256,bytes32,address,bytes32,uint256,bytes32,bool,bytes32)").hex()
+ZERO_HEAD = bytes(32)
+
+# Gas bound for a batch (no pre-flight): measured by the conformance suite (an entry costs < 20k
+# with a cold consent slot); the margin covers a registry with more roles or a longer revert path.
+GAS_PER_ENTRY = 30_000
+GAS_PER_BATCH = 60_000
+
+
+@dataclass(frozen=True)
+class Access:
+    """One access to one subject's data (what the contract takes)."""
+
+    subject: bytes
+    partner: str
+    purpose: bytes
+    attributes: int
+    request_id: bytes
+
+
+@dataclass(frozen=True)
+class AccessEvent:
+    """An `AccessRecorded` log."""
+
+    index: int
+    subject: bytes
+    partner: str
+    purpose: bytes
+    attributes: int
+    request_id: bytes
+    permitted: bool
+    head: bytes
+    block_number: int
+    block_hash: str
+    log_index: int
+    tx_hash: str
+
+    @property
+    def access(self) -> Access:
+        return Access(self.subject, self.partner, self.purpose, self.attributes, self.request_id)
+
+
+def _word(value: int) -> bytes:
+    return value.to_bytes(32, "big")
+
+
+def _address_word(address: str) -> bytes:
+    raw = bytes.fromhex(address[2:])
+    if len(raw) != 20:
+        raise ValueError("partner must be a 20-byte address")
+    return bytes(12) + raw
+
+
+def _b32(value: bytes, name: str) -> bytes:
+    if len(value) != 32:
+        raise ValueError(f"{name} must be 32 bytes")
+    return value
+
+
+def encode_accesses(entries: Sequence[Access]) -> bytes:
+    """ABI encoding of an `Access[]` argument: five static words per entry (tests compare it with eth_abi)."""
+    parts = [_word(0x20), _word(len(entries))]
+    for e in entries:
+        if not 0 <= e.attributes < 2**256:
+            raise ValueError("attributes must fit uint256")
+        parts += [
+            _b32(e.subject, "subject"),
+            _address_word(e.partner),
+            _b32(e.purpose, "purpose"),
+            _word(e.attributes),
+            _b32(e.request_id, "requestId"),
+        ]
+    return b"".join(parts)
+
+
+def link(head: bytes, index: int, access: Access, permitted: bool) -> bytes:
+    """One step of the contract's hash chain: keccak256(abi.encode(head, index, subject, partner,
+    purpose, attributes, requestId, permitted))."""
+    return keccak(
+        head
+        + _word(index)
+        + access.subject
+        + _address_word(access.partner)
+        + access.purpose
+        + _word(access.attributes)
+        + access.request_id
+        + _word(int(permitted))
+    )
+
+
+def record_gas(count: int) -> int:
+    return GAS_PER_BATCH + GAS_PER_ENTRY * count
+
+
+def decode(log: dict[str, Any]) -> AccessEvent | None:
+    topics = [_hex(t) for t in log["topics"]]
+    if not topics or topics[0] != RECORDED:
+        return None
+    data = _bytes(log["data"])
+    return AccessEvent(
+        index=int(topics[1], 16),
+        subject=bytes.fromhex(topics[2][2:]),
+        partner=to_checksum_address("0x" + topics[3][-40:]),
+        purpose=data[0:32],
+        attributes=int.from_bytes(data[32:64], "big"),
+        request_id=data[64:96],
+        permitted=data[127] == 1,
+        head=data[128:160],
+        block_number=_int(log["blockNumber"]),
+        block_hash=_hex(log["blockHash"]),
+        log_index=_int(log["logIndex"]),
+        tx_hash=_hex(log["transactionHash"]),
+    )
+
+
+class AccessLogClient(ContractClient):
+    """The accessor's client: records batches, reads head and count."""
+
+    def __init__(
+        self, w3: Web3, address: ChecksumAddress, artifact: Artifact, sender: TxSender, decoder: RevertDecoder
+    ) -> None:
+        super().__init__(w3, address, artifact, sender, decoder)
+
+    def head(self, block: int | None = None) -> bytes:
+        return bytes(self.contract.functions.head().call(block_identifier=block))
+
+    def count(self, block: int | None = None) -> int:
+        return int(self.contract.functions.count().call(block_identifier=block))
+
+    def has_role(self, role: bytes, account: ChecksumAddress) -> bool:
+        return bool(self.call("hasRole", role, account))
+
+    def encode_record(self, entries: Sequence[Access]) -> bytes:
+        return RECORD_SELECTOR + encode_accesses(entries)
+
+    def submit(self, entries: Sequence[Access]) -> str:
+        """Send one batch without waiting; returns its transaction hash."""
+        (tx_hash,) = self.sender.send(
+            [TxRequest(to=self.address, data=self.encode_record(entries), gas=record_gas(len(entries)))]
+        )
+        return tx_hash
+
+    def settle(self, tx_hash: str, entries: Sequence[Access]) -> tuple[Receipt, list[AccessEvent]]:
+        """Wait for a batch sent by `submit`; returns its receipt and its events (one per entry, in order)."""
+        (receipt,) = self.sender.wait([tx_hash])
+        if receipt.status != 1:
+            raise self.revert_reason(self.encode_record(entries), receipt)
+        recorded = self.logs(receipt)
+        if [e.access for e in recorded] != list(entries):
+            raise TransactionFailed(f"{tx_hash}: the log does not hold the entries sent", tx_hash=tx_hash)
+        return receipt, recorded
+
+    def record(self, entries: Sequence[Access]) -> list[AccessEvent]:
+        """Record one batch and wait for it; an empty batch or a caller without the role raises unsent."""
+        if not entries:
+            self.estimate(self.encode_record(entries))  # raises the contract's own error
+        return self.settle(self.submit(entries), entries)[1]
+
+    def logs(self, receipt: Receipt) -> list[AccessEvent]:
+        decoded = []
+        for entry in receipt.logs:
+            if Web3.to_checksum_address(entry["address"]) == self.address:
+                event = decode(dict(entry))
+                if event is not None:
+                    decoded.append(event)
+        return decoded
+
+    def wait_final(self, receipt: Receipt, confirmations: int, *, timeout: float = 120.0) -> None:
+        """Block until `receipt`'s block has `confirmations` blocks (itself included) on top and is
+        still canonical; raises if the transaction left the chain meanwhile."""
+        deadline = time.monotonic() + timeout
+        while True:
+            head = int(self.w3.eth.block_number)
+            if head - receipt.block_number + 1 >= confirmations:
+                (again,) = self.sender.receipts([receipt.tx_hash])
+                if again is None or again.block_hash != receipt.block_hash:
+                    raise TransactionFailed(
+                        f"{receipt.tx_hash} left the chain before it was final", tx_hash=receipt.tx_hash
+                    )
+                return
+            if time.monotonic() > deadline:
+                raise TransactionFailed(f"{receipt.tx_hash} not final within {timeout:g}s", tx_hash=receipt.tx_hash)
+            time.sleep(0.02)
+
+
+def fetch_events(
+    w3: Web3, address: str, from_block: int, to_block: int, *, chunk: int = 5_000
+) -> Iterator[AccessEvent]:
+    """Every `AccessRecorded` log of the contract in [from_block, to_block], in chain order."""
+    start = from_block
+    while start <= to_block:
+        end = min(to_block, start + chunk - 1)
+        try:
+            logs = w3.eth.get_logs(
+                {
+                    "address": Web3.to_checksum_address(address),
+                    "fromBlock": start,
+                    "toBlock": end,
+                    "topics": [HexStr(RECORDED)],
+                }
+            )
+        except (RequestException, OSError, ValueError) as exc:
+            raise ChainError(f"eth_getLogs failed: {exc}") from exc
+        for item in logs:
+            event = decode(dict(item))
+            if event is not None:
+                yield event
+        start = end + 1
+
+
+# read model ----------------------------------------------------------------------------------------
+
+
+class AccessEntry(Base):
+    """An `AccessRecorded` log as indexed: the auditor's and the customer's view of the access log."""
+
+    __tablename__ = "access_entries"
+    __table_args__ = (
+        Index("ix_access_subject", "subject", "index"),
+        Index("ix_access_partner_purpose", "partner", "purpose", "block_time"),
+        Index("ix_access_block", "block_number"),
+        Index("ix_access_time", "block_time"),
+    )
+
+    index: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    subject: Mapped[bytes] = mapped_column(LargeBinary(32))
+    partner: Mapped[str] = mapped_column(String(42))
+    purpose: Mapped[bytes] = mapped_column(LargeBinary(32))
+    attributes: Mapped[str] = mapped_column(String(80))  # uint256 as decimal
+    request_id: Mapped[bytes] = mapped_column(LargeBinary(32))
+    permitted: Mapped[bool] = mapped_column(Boolean)
+    head: Mapped[bytes] = mapped_column(LargeBinary(32))
+    block_number: Mapped[int] = mapped_column(BigInteger)
+    block_hash: Mapped[str] = mapped_column(String(66))
+    log_index: Mapped[int] = mapped_column(Integer)
+    tx_hash: Mapped[str] = mapped_column(String(66))
+    block_time: Mapped[int] = mapped_column(BigInteger)
+
+    def event(self) -> AccessEvent:
+        return AccessEvent(
+            index=self.index,
+            subject=bytes(self.subject),
+            partner=self.partner,
+            purpose=bytes(self.purpose),
+            attributes=int(self.attributes),
+            request_id=bytes(self.request_id),
+            permitted=self.permitted,
+            head=bytes(self.head),
+            block_number=self.block_number,
+            block_hash=self.block_hash,
+            log_index=self.log_index,
+            tx_hash=self.tx_hash,
+        )
+
+
+class AccessFollower:
+    """Indexer follower for `AccessLog` (see `ledger.indexer.Follower`)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = Web3.to_checksum_address(address)
+        self.topics = [RECORDED]
+
+    def apply(self, session: Session, logs: Sequence[dict[str, Any]], times: dict[int, int]) -> int:
+        decoded = [e for e in (decode(dict(item)) for item in logs) if e is not None]
+        if decoded:
+            session.execute(
+                insert(AccessEntry),
+                [
+                    {
+                        "index": e.index,
+                        "subject": e.subject,
+                        "partner": e.partner,
+                        "purpose": e.purpose,
+                        "attributes": str(e.attributes),
+                        "request_id": e.request_id,
+                        "permitted": e.permitted,
+                        "head": e.head,
+                        "block_number": e.block_number,
+                        "block_hash": e.block_hash,
+                        "log_index": e.log_index,
+                        "tx_hash": e.tx_hash,
+                        "block_time": times[e.block_number],
+                    }
+                    for e in decoded
+                ],
+            )
+        return len(decoded)
+
+    def rollback(self, session: Session, ancestor: int) -> None:
+        session.execute(delete(AccessEntry).where(AccessEntry.block_number > ancestor))
+
+
+# verification --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Divergence:
+    index: int
+    # A stable code: chain_link, chain_head, chain_count, missing_in_read_model, field_mismatch, extra_in_read_model.
+    what: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Verification:
+    ok: bool
+    block_number: int  # the chain block the check was made at
+    chain_count: int
+    chain_head: str
+    recomputed_head: str
+    read_model_count: int
+    divergence: Divergence | None
+
+
+_FIELDS = ("subject", "partner", "purpose", "attributes", "request_id", "permitted", "head", "tx_hash", "block_number")
+
+
+def _first_field_mismatch(chain: AccessEvent, stored: AccessEvent) -> str | None:
+    for name in _FIELDS:
+        if getattr(chain, name) != getattr(stored, name):
+            return name
+    return None
+
+
+def verify(
+    w3: Web3,
+    client: AccessLogClient,
+    engine: Engine,
+    deploy_block: int,
+    *,
+    indexer_cursor: str = "consent_registry",
+) -> Verification:
+    """Recompute the hash chain from the chain's events, compare it with the contract's head and
+    count, and compare the read model entry by entry; report the first divergence.
+
+    Entries mined after the indexer's cursor are not yet expected in the read model; every entry up
+    to it must be there exactly as the chain has it, and nothing more.
+    """
+    block = int(w3.eth.block_number)
+    chain_head, chain_count = client.head(block), client.count(block)
+    with sessions(engine)() as session:
+        cursor_row = session.get(IndexerCursor, indexer_cursor)
+        cursor = cursor_row.block_number if cursor_row else deploy_block - 1
+        stored_rows: Iterable[AccessEntry] = session.scalars(select(AccessEntry).order_by(AccessEntry.index))
+        stored = iter([row.event() for row in stored_rows])
+
+    head, expected = ZERO_HEAD, 0
+    found: list[Divergence] = []  # only the first is reported; later ones follow from it
+    read_model_count = 0
+    pending = next(stored, None)
+    for event in fetch_events(w3, client.address, deploy_block, block):
+        if found:
+            break
+        if event.index != expected:
+            found.append(Divergence(expected, "chain_link", f"the chain's entry {expected} is missing"))
+        head = link(head, event.index, event.access, event.permitted)
+        if head != event.head:
+            found.append(Divergence(event.index, "chain_link", "the event's head is not the recomputed one"))
+        expected = event.index + 1
+        if found:
+            break
+        if event.block_number > cursor:
+            continue  # not indexed yet
+        while pending is not None and pending.index < event.index:
+            found.append(
+                Divergence(pending.index, "extra_in_read_model", "the read model has an entry the chain lacks")
+            )
+            pending = next(stored, None)
+        if pending is None or pending.index != event.index:
+            found.append(Divergence(event.index, "missing_in_read_model", "the read model lacks this entry"))
+            continue
+        read_model_count += 1
+        mismatch = _first_field_mismatch(event, pending)
+        if mismatch is not None:
+            found.append(Divergence(event.index, "field_mismatch", f"{mismatch} differs from the chain"))
+        pending = next(stored, None)
+    if pending is not None:
+        found.append(Divergence(pending.index, "extra_in_read_model", "the read model has an entry the chain lacks"))
+    divergence = found[0] if found else None
+    if divergence is None and expected != chain_count:
+        divergence = Divergence(
+            expected, "chain_count", f"the contract counts {chain_count} entries, the logs {expected}"
+        )
+    if divergence is None and head != chain_head:
+        divergence = Divergence(expected, "chain_head", "the recomputed head is not the contract's head")
+    return Verification(
+        ok=divergence is None,
+        block_number=block,
+        chain_count=chain_count,
+        chain_head="0x" + chain_head.hex(),
+        recomputed_head="0x" + head.hex(),
+        read_model_count=read_model_count,
+        divergence=divergence,
+    )

@@ -1,0 +1,115 @@
+"""AccessLog behaviour, part of the chain conformance suite (run on every backend)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from eth_abi.abi import encode as abi_encode
+from eth_account import Account
+
+from ledger import eip712
+from ledger.access import ACCESSOR_ROLE, ZERO_HEAD, Access, encode_accesses, fetch_events, link
+from ledger.errors import AccessRejected, Unauthorized
+from ledger.types import Subject
+from tests.ledger.conftest import Ledger
+
+ANALYTICS = eip712.purpose_id("analytics.reporting")
+PURCHASES, DEMOGRAPHICS, LOCATION = 1 << 5, 1 << 4, 1 << 7
+
+
+def access(ledger: Ledger, attributes: int, *, subject: bytes | None = None, purpose: bytes | None = None) -> Access:
+    return Access(subject or ledger.subject, ledger.partner, purpose or ledger.purpose, attributes, os.urandom(32))
+
+
+class AccessLogConformance:
+    def test_only_the_accessor_records(self, ledger: Ledger) -> None:
+        assert ledger.access_log.has_role(ACCESSOR_ROLE, ledger.accounts.accessor.address)
+        for account in (ledger.accounts.operator, ledger.accounts.stranger):
+            with pytest.raises(Unauthorized):
+                ledger.access_client(account).record([access(ledger, PURCHASES)])
+        assert ledger.access_log.count() == 0
+        with pytest.raises(AccessRejected):
+            ledger.access_log.record([])
+
+    def test_each_entry_is_checked_against_consent_in_the_same_transaction(self, ledger: Ledger) -> None:
+        ledger.registry.apply(ledger.grant(PURCHASES | DEMOGRAPHICS))
+        stranger = Subject(os.urandom(32))
+        entries = [
+            access(ledger, PURCHASES),  # granted
+            access(ledger, PURCHASES | DEMOGRAPHICS),  # granted, both
+            access(ledger, PURCHASES | LOCATION),  # one bit not granted
+            access(ledger, PURCHASES, purpose=ANALYTICS),  # another purpose
+            access(ledger, PURCHASES, subject=stranger),  # nobody's consent
+            access(ledger, 0),  # nothing asked is nothing permitted
+        ]
+        recorded = ledger.access_log.record(entries)
+        assert [e.permitted for e in recorded] == [True, True, False, False, False, False]
+        assert [e.index for e in recorded] == list(range(6))
+        assert [e.access for e in recorded] == entries
+        assert ledger.access_log.count() == 6
+
+        ledger.registry.apply(ledger.revoke(DEMOGRAPHICS))
+        (after,) = ledger.access_log.record([access(ledger, DEMOGRAPHICS)])
+        assert after.permitted is False  # the very next access after a revocation is refused
+        (still,) = ledger.access_log.record([access(ledger, PURCHASES)])
+        assert still.permitted is True
+
+    def test_a_partner_that_lost_its_role_is_refused(self, ledger: Ledger) -> None:
+        ledger.registry.apply(ledger.grant(PURCHASES))
+        ledger.admin.remove_partner(ledger.partner)
+        (entry,) = ledger.access_log.record([access(ledger, PURCHASES)])
+        assert entry.permitted is False
+
+    def test_an_expired_consent_is_refused(self, ledger: Ledger) -> None:
+        ledger.registry.apply(ledger.grant(PURCHASES, valid_until=ledger.now() + 100))
+        (before,) = ledger.access_log.record([access(ledger, PURCHASES)])
+        ledger.backend.increase_time(200)
+        (after,) = ledger.access_log.record([access(ledger, PURCHASES)])
+        assert (before.permitted, after.permitted) == (True, False)
+
+    def test_the_hash_chain_over_all_entries_matches_the_contract(self, ledger: Ledger) -> None:
+        ledger.registry.apply(ledger.grant(PURCHASES))
+        batches = [[access(ledger, PURCHASES), access(ledger, LOCATION)], [access(ledger, PURCHASES)] * 3]
+        events = [e for batch in batches for e in ledger.access_log.record(batch)]
+        head = ZERO_HEAD
+        for event in events:
+            head = link(head, event.index, event.access, event.permitted)
+            assert head == event.head
+        assert head == ledger.access_log.head()
+        assert ledger.access_log.count() == 5
+        # The same events fetched from the node's logs (what an auditor does).
+        fetched = list(
+            fetch_events(
+                ledger.backend.w3, ledger.access_log.address, ledger.deployment.deploy_block, events[-1].block_number
+            )
+        )
+        assert fetched == events
+        # Any altered field, a dropped entry or a swapped order no longer reaches the head.
+        altered = [*events[:2], events[2].access.__class__(**{**events[2].access.__dict__, "attributes": LOCATION})]
+        recomputed = ZERO_HEAD
+        for i, entry in enumerate(altered):
+            recomputed = link(recomputed, i, entry, events[i].permitted)
+        assert recomputed != events[2].head
+
+    def test_a_batch_of_many_entries_has_bounded_gas(self, ledger: Ledger) -> None:
+        ledger.registry.apply(ledger.grant(PURCHASES))
+        entries = [access(ledger, PURCHASES, subject=os.urandom(32)) for _ in range(199)] + [access(ledger, PURCHASES)]
+        sent = ledger.access_log.submit(entries)
+        receipt, events = ledger.access_log.settle(sent, entries)
+        assert len(events) == 200 and sum(e.permitted for e in events) == 1
+        assert receipt.gas_used / len(entries) < 20_000  # the bound `record_gas` leaves a margin over
+
+
+def test_the_access_encoding_is_the_abi_encoding() -> None:
+    entries = [
+        Access(os.urandom(32), Account.create().address, os.urandom(32), i * 2**200 + 7, os.urandom(32))
+        for i in range(3)
+    ]
+    expected = abi_encode(
+        ["(bytes32,address,bytes32,uint256,bytes32)[]"],
+        [[(e.subject, e.partner, e.purpose, e.attributes, e.request_id) for e in entries]],
+    )
+    assert encode_accesses(entries) == expected
+    with pytest.raises(ValueError, match="subject"):
+        encode_accesses([Access(b"short", entries[0].partner, os.urandom(32), 1, os.urandom(32))])
