@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 from eth_abi.abi import encode as abi_encode
@@ -86,7 +87,7 @@ class AccessLogConformance:
         )
         assert fetched == events
         # Any altered field, a dropped entry or a swapped order no longer reaches the head.
-        altered = [*events[:2], events[2].access.__class__(**{**events[2].access.__dict__, "attributes": LOCATION})]
+        altered = [*(e.access for e in events[:2]), replace(events[2].access, attributes=LOCATION)]
         recomputed = ZERO_HEAD
         for i, entry in enumerate(altered):
             recomputed = link(recomputed, i, entry, events[i].permitted)
@@ -97,7 +98,8 @@ class AccessLogConformance:
         entries = [access(ledger, PURCHASES, subject=os.urandom(32)) for _ in range(199)] + [access(ledger, PURCHASES)]
         sent = ledger.access_log.submit(entries)
         receipt, events = ledger.access_log.settle(sent, entries)
-        assert len(events) == 200 and sum(e.permitted for e in events) == 1
+        assert len(events) == 200
+        assert sum(e.permitted for e in events) == 1
         assert receipt.gas_used / len(entries) < 20_000  # the bound `record_gas` leaves a margin over
 
 

@@ -12,9 +12,9 @@ from ledger.backends import AnvilBackend, ChainBackend
 from ledger.contracts import ensure_deployed
 from ledger.settings import ChainSettings
 from ledger.tx import TxSender
+from tests.ledger.access_conformance import AccessLogConformance
 from tests.ledger.conformance import EMAIL, ChainConformance
 from tests.ledger.conftest import Accounts, make_ledger, registry_plan
-from tests.ledger.access_conformance import AccessLogConformance
 from tests.ledger.loyalty_conformance import LoyaltyConformance
 
 

@@ -8,9 +8,9 @@ import pytest
 
 from ledger.backends import ChainBackend, InProcessBackend
 from ledger.settings import ChainSettings
+from tests.ledger.access_conformance import AccessLogConformance
 from tests.ledger.conformance import ChainConformance
 from tests.ledger.conftest import Accounts
-from tests.ledger.access_conformance import AccessLogConformance
 from tests.ledger.loyalty_conformance import LoyaltyConformance
 
 
