@@ -10,6 +10,7 @@ from pathlib import Path
 
 from api.secrets import SecretsError, load_secrets
 from api.settings import ServiceSettings
+from crm_bridge.errors import BridgeError
 from ledger.errors import LedgerError
 from ledger.settings import ChainSettings, ToolchainSettings
 
@@ -81,6 +82,36 @@ def _principals_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bridge_export(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from api.offline import Offline, export
+
+    offline = Offline.open(args.data_dir)
+    try:
+        stats = export(offline, args.input, args.mapping, args.partner, args.purpose, args.out, table=args.table)
+    finally:
+        offline.close()
+    print(json.dumps(asdict(stats), indent=2))
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from api.offline import Offline
+
+    offline = Offline.open(args.data_dir)
+    try:
+        result = offline.verify()
+    finally:
+        offline.close()
+    print(json.dumps(asdict(result), indent=2))
+    return 0 if result.ok else 1
+
+
 def _compile(_args: argparse.Namespace) -> int:
     from ledger.compiler import compile_contracts
 
@@ -109,6 +140,28 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--data-dir", type=Path, help="state directory (default ./var)")
     add.set_defaults(handler=_principals_add)
 
+    bridge = commands.add_parser("bridge", help="release consented CRM data (log, then release)")
+    bridge_commands = bridge.add_subparsers(dest="bridge_command", required=True)
+    export = bridge_commands.add_parser(
+        "export", help="CRM export -> Parquet keyed by DID with permitted columns only, each access logged on-chain"
+    )
+    export.add_argument("--input", required=True, help="a CSV file, or a database URL (with --table)")
+    export.add_argument("--table", help="table to read when --input is a database URL")
+    export.add_argument("--mapping", required=True, type=Path, help="TOML: PII columns and attribute categories")
+    export.add_argument("--partner", required=True, help="partner name or address the data is for")
+    export.add_argument("--purpose", required=True, help="purpose key, e.g. analytics.reporting")
+    export.add_argument("--out", required=True, type=Path, help="Parquet file to write")
+    export.add_argument("--data-dir", type=Path, help="state directory of the running service (default ./var)")
+    export.set_defaults(handler=_bridge_export)
+
+    audit = commands.add_parser("audit", help="the on-chain access log")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_commands.add_parser(
+        "verify", help="recompute the hash chain from chain events; compare with the contract and the read model"
+    )
+    verify.add_argument("--data-dir", type=Path, help="state directory of the running service (default ./var)")
+    verify.set_defaults(handler=_audit_verify)
+
     compile_ = commands.add_parser("compile", help="compile the contracts (cached) and list them")
     compile_.set_defaults(handler=_compile)
     return parser
@@ -122,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.handler(args))
-    except (SecretsError, LedgerError) as exc:
+    except (SecretsError, LedgerError, BridgeError) as exc:
         print(f"consent-ledger: {exc}", file=sys.stderr)
         return 2
 

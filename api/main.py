@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, FastAPI
 
 from api import errors
-from api.routers import auth, consents, customers, dids, points, reference, system
+from api.routers import audit, auth, consents, customers, dids, points, reference, system
 from api.runtime import Runtime
 
 API_PREFIX = "/api/v1"
@@ -28,6 +28,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     v1.include_router(customers.router)
     v1.include_router(consents.router)
     v1.include_router(points.router)
+    v1.include_router(audit.router)
     v1.include_router(reference.router)
     app.include_router(v1)
     app.include_router(dids.did_web)

@@ -23,6 +23,7 @@ from identity.pseudonym import Pseudonymizer
 from identity.settings import IdentitySettings
 from identity.vault import Vault
 from identity.vault import make_engine as make_vault_engine
+from ledger.access import AccessFollower, AccessLogClient, AccessReader, Verification, verify
 from ledger.backends import AnvilBackend, ChainBackend, create_backend
 from ledger.compiler import Artifact, compile_contracts
 from ledger.consent import PARTNER_ROLE, ConsentRegistryClient
@@ -61,6 +62,8 @@ class Runtime:
     points: LoyaltyPointsClient | None = None
     points_relayer: PointsRelayer | None = None
     points_reader: PointsReader | None = None
+    access_log: AccessLogClient | None = None
+    access_reader: AccessReader | None = None
     completions: Completions = field(default_factory=Completions)
     relay_wake: threading.Event = field(default_factory=threading.Event)
     indexer: Indexer | None = None
@@ -107,6 +110,14 @@ class Runtime:
         self.points = LoyaltyPointsClient(
             w3, self.deployment.address("LoyaltyPoints"), self.artifacts["LoyaltyPoints"], sender, decoder
         )
+        self.access_log = AccessLogClient(
+            w3,
+            self.deployment.address("AccessLog"),
+            self.artifacts["AccessLog"],
+            TxSender(w3, self.secrets.accessor, receipt_timeout=self.chain.receipt_timeout),
+            decoder,
+        )
+        self.access_reader = AccessReader(self.engine)
         self.outbox = Outbox(self.engine)
         self.writer = OutboxWriter(self.engine)
         self.indexer = Indexer(
@@ -114,7 +125,7 @@ class Runtime:
             self.engine,
             self.consent.address,
             self.deployment.deploy_block,
-            followers=[PointsFollower(self.points.address, decoder)],
+            followers=[PointsFollower(self.points.address, decoder), AccessFollower(self.access_log.address)],
         )
         self.relayer = Relayer(
             self.engine,
@@ -181,6 +192,13 @@ class Runtime:
         thread = threading.Thread(target=target, args=(self._stop,), name=name, daemon=True)  # type: ignore[arg-type]
         thread.start()
         self._threads.append(thread)
+
+    def verify_access_log(self) -> Verification:
+        assert self.backend is not None and self.access_log is not None and self.deployment is not None
+        assert self.engine is not None
+        return verify(
+            self.backend.w3, self.access_log, self.engine, self.deployment.contracts["AccessLog"].block_number
+        )
 
     def catalogue(self) -> Catalogue:
         """Reference data, cached until an operator changes it."""

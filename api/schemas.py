@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ledger.access import DivergenceCode
+
 
 class TypedDataSubmission(BaseModel):
     """What a wallet signed: the typed data exactly as prepared, and its 65-byte signature (0x-hex)."""
@@ -263,3 +265,41 @@ class StatementPublic(BaseModel):
     count: int
     total_points: int
     redemptions: list[StatementLine]
+
+
+class AccessPublic(BaseModel):
+    """One entry of the on-chain access log: who accessed whose data, for what, and whether the
+    consent registry allowed it at that block."""
+
+    index: int = Field(description="position in the log (0-based)")
+    did: str
+    partner: str
+    partner_name: str | None
+    purpose: str
+    attributes: list[str]
+    permitted: bool = Field(description="false: a denied attempt (nothing was released)")
+    request_id: str
+    tx_hash: str
+    block_number: int
+    block_time: int = Field(description="Unix time of the block")
+
+
+class AccessPage(BaseModel):
+    entries: list[AccessPublic]
+    next_after: int | None = Field(description="pass as `after` for the next page; null on the last page")
+
+
+class DivergencePublic(BaseModel):
+    index: int
+    code: DivergenceCode
+    detail: str
+
+
+class VerificationPublic(BaseModel):
+    ok: bool
+    block_number: int = Field(description="the chain block the check was made at")
+    chain_count: int
+    chain_head: str
+    recomputed_head: str
+    read_model_count: int = Field(description="entries compared with the read model (those indexed so far)")
+    divergence: DivergencePublic | None

@@ -10,6 +10,7 @@ Errors name the field, never the value (the value is PII and must not reach logs
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections.abc import Mapping
@@ -23,10 +24,41 @@ from identity.errors import InvalidPII
 _SPACE = re.compile(r"\s+")
 
 
+# An ASCII dot-atom local part (RFC 5322 atext): email-validator leaves it as it is, so for such an
+# address only the domain needs its checks, and those are the same for every address at that domain.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_ATOM = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*")
+
+
+@functools.lru_cache(maxsize=65_536)
+def _ascii_domain(domain: str) -> str | None:
+    """The normalised domain if email-validator accepts addresses there, else None."""
+    try:
+        return str(validate_email("x@" + domain, check_deliverability=False).domain)
+    except EmailNotValidError:
+        return None
+
+
+def _fast_email(candidate: str) -> str | None:
+    """The normalised address for the common case (ASCII, dot-atom local part), without running the
+    whole validator per address; None when the full validator must decide. A property test checks that
+    both give the same answer."""
+    if not candidate.isascii():
+        return None
+    local, at, domain = candidate.rpartition("@")
+    if not at or len(local) > 64 or len(candidate) > 254 or not _DOT_ATOM.fullmatch(local):
+        return None
+    normalised = _ascii_domain(domain.lower())
+    return None if normalised is None else f"{local}@{normalised}".lower()
+
+
 def normalize_email(value: str) -> str:
     candidate = value.strip()
     if not candidate:
         raise InvalidPII("email", "empty")
+    fast = _fast_email(candidate)
+    if fast is not None:
+        return fast
     try:
         result = validate_email(candidate, check_deliverability=False)
     except EmailNotValidError as exc:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from eth_typing import ChecksumAddress, HexStr
 from eth_utils.address import to_checksum_address
@@ -290,7 +290,7 @@ class AccessFollower:
     """Indexer follower for `AccessLog` (see `ledger.indexer.Follower`)."""
 
     def __init__(self, address: str) -> None:
-        self.address = Web3.to_checksum_address(address)
+        self.address: str = Web3.to_checksum_address(address)
         self.topics = [RECORDED]
 
     def apply(self, session: Session, logs: Sequence[dict[str, Any]], times: dict[int, int]) -> int:
@@ -326,11 +326,15 @@ class AccessFollower:
 # verification --------------------------------------------------------------------------------------
 
 
+DivergenceCode = Literal[
+    "chain_link", "chain_head", "chain_count", "missing_in_read_model", "field_mismatch", "extra_in_read_model"
+]
+
+
 @dataclass(frozen=True)
 class Divergence:
     index: int
-    # A stable code: chain_link, chain_head, chain_count, missing_in_read_model, field_mismatch, extra_in_read_model.
-    what: str
+    what: DivergenceCode
     detail: str
 
 
@@ -425,3 +429,40 @@ def verify(
         read_model_count=read_model_count,
         divergence=divergence,
     )
+
+
+class AccessReader:
+    """Queries of the indexed access log (auditors, customers)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._sessions = sessions(engine)
+
+    def entries(
+        self,
+        *,
+        subject: bytes | None = None,
+        partner: str | None = None,
+        purpose: bytes | None = None,
+        start: int | None = None,
+        end: int | None = None,
+        permitted: bool | None = None,
+        after: int = -1,
+        limit: int = 1_000,
+    ) -> list[AccessEntry]:
+        """Entries in log order matching every filter given; `start`/`end` are block times (end
+        exclusive); `after` is the last index of the previous page."""
+        query = select(AccessEntry).where(AccessEntry.index > after)
+        if subject is not None:
+            query = query.where(AccessEntry.subject == subject)
+        if partner is not None:
+            query = query.where(AccessEntry.partner == partner)
+        if purpose is not None:
+            query = query.where(AccessEntry.purpose == purpose)
+        if start is not None:
+            query = query.where(AccessEntry.block_time >= start)
+        if end is not None:
+            query = query.where(AccessEntry.block_time < end)
+        if permitted is not None:
+            query = query.where(AccessEntry.permitted.is_(permitted))
+        with self._sessions() as session:
+            return list(session.scalars(query.order_by(AccessEntry.index).limit(limit)))

@@ -232,23 +232,31 @@ class AnvilNode:
         tmp.write_bytes(data)
         os.replace(tmp, self.state_file)
 
+    def running_node(self) -> tuple[int, int] | None:
+        """(pid, port) of a live anvil serving this state dir (started by a service, maybe another process)."""
+        try:
+            pid_text, port_text = self.pid_file.read_text().split()
+            pid, port = int(pid_text), int(port_text)
+        except (OSError, ValueError):
+            return None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
+        if b"anvil" not in cmdline or str(self.state_file).encode() not in cmdline or not _alive(pid):
+            return None
+        return pid, port
+
     def _adopt(self) -> bool:
         """Take over a node an earlier service left running on this state dir (it was killed).
 
         The node keeps its chain in memory, so nothing it mined is lost; restarting it from its state
         file instead could lose the tail of its history. Two nodes never share one state file.
         """
-        try:
-            pid_text, port_text = self.pid_file.read_text().split()
-            pid, port = int(pid_text), int(port_text)
-        except (OSError, ValueError):
+        found = self.running_node()
+        if found is None:
             return False
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return False
-        if b"anvil" not in cmdline or str(self.state_file).encode() not in cmdline or not _alive(pid):
-            return False
+        pid, port = found
         self._adopted, self.port = pid, port
         try:
             self._wait_ready()

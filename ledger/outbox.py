@@ -146,6 +146,33 @@ class Outbox:
                 return status.attributes
         return 0
 
+    def permissions(self, partner: str, purpose: bytes, now: int | None = None) -> dict[bytes, int]:
+        """Every subject's attributes that `partner` may use now for `purpose`, as `effective` gives
+        them one by one (deny wins while a revocation is pending); subjects with none are left out."""
+        now = int(time.time()) if now is None else now
+        with self._sessions() as session:
+            on_chain = {
+                bytes(subject): 0 if valid_until != 0 and valid_until <= now else int(attributes)
+                for subject, attributes, valid_until in session.execute(
+                    select(ConsentState.subject, ConsentState.attributes, ConsentState.valid_until).where(
+                        ConsentState.partner == partner, ConsentState.purpose == purpose
+                    )
+                )
+            }
+            revoking = session.execute(
+                select(ConsentRequest.subject, ConsentRequest.attributes).where(
+                    ConsentRequest.partner == partner,
+                    ConsentRequest.purpose == purpose,
+                    ConsentRequest.kind == ChangeKind.REVOKE,
+                    ConsentRequest.status.in_(LIVE),
+                )
+            )
+            for subject, attributes in revoking:
+                key = bytes(subject)
+                if key in on_chain:
+                    on_chain[key] &= ~int(attributes)
+        return {subject: bits for subject, bits in on_chain.items() if bits}
+
 
 def _pending(session: Session, subject: bytes) -> dict[tuple[str, bytes], tuple[int, int]]:
     pending: dict[tuple[str, bytes], tuple[int, int]] = {}

@@ -35,6 +35,11 @@ ROUTES = [
     ("GET", "/api/v1/customers/{did}/points", None, "partner"),
     ("GET", "/api/v1/partners/me/redemptions?from=2026-01-01T00:00:00Z&to=2027-01-01T00:00:00Z", None, "customer"),
     ("GET", "/api/v1/partners/me/redemptions?from=2026-01-01T00:00:00Z&to=2027-01-01T00:00:00Z", None, "auditor"),
+    ("GET", "/api/v1/audit/accesses", None, "customer"),
+    ("GET", "/api/v1/audit/accesses?format=csv", None, "partner"),
+    ("POST", "/api/v1/audit/verify", None, "customer"),
+    ("POST", "/api/v1/audit/verify", None, "partner"),
+    ("GET", "/api/v1/customers/{did}/accesses", None, "partner"),
 ]
 
 

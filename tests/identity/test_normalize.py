@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 from hypothesis import assume, given, settings
+from email_validator import EmailNotValidError, validate_email
 from hypothesis import strategies as st
 
+from identity import normalize
 from identity.errors import InvalidPII
 from identity.normalize import PII, normalize_email, normalize_name, normalize_phone, normalize_pii
 
@@ -108,3 +110,35 @@ def test_a_record_needs_an_email_or_a_phone_and_hides_its_values() -> None:
 def test_different_addresses_stay_different(a: str, b: str) -> None:
     assume(a.lower() != b.lower())
     assert normalize_email(a) != normalize_email(b)
+
+
+# Addresses near the fast path's edges: dots, quotes, atext punctuation, special-use and odd domains.
+_LOCAL_CHARS = st.sampled_from(list("aZ09.!#$%&'*+/=?^_`{|}~-\"@ (),:;<>[]\\é"))
+_DOMAINS = st.sampled_from(
+    ["example.com", "EXAMPLE.org", "mail.example", "foo.test", "localhost", "a-.com", "-a.com", "a.b", "xn--bcher-kva.example",
+     "bücher.example", "example..com", "example.com.", "1.2.3.4", "[127.0.0.1]", "a" * 64 + ".com", "ex_ample.com"]
+)  # fmt: skip
+
+
+@given(local=st.text(_LOCAL_CHARS, min_size=0, max_size=70), domain=_DOMAINS, pad=st.sampled_from(["", " ", "\t"]))
+@settings(max_examples=3000)
+def test_the_fast_email_path_agrees_with_the_full_validator(local: str, domain: str, pad: str) -> None:
+    candidate = f"{pad}{local}@{domain}{pad}"
+    fast = normalize._fast_email(candidate.strip())
+    try:
+        full: str | None = str(validate_email(candidate.strip(), check_deliverability=False).normalized).lower()
+    except EmailNotValidError:
+        full = None
+    if fast is not None:
+        assert fast == full
+    try:
+        assert normalize.normalize_email(candidate) == full
+    except InvalidPII:
+        assert full is None
+
+
+def test_the_fast_email_path_takes_common_addresses_and_leaves_the_rest() -> None:
+    assert normalize._fast_email("John.Smith+news@Example.COM") == "john.smith+news@example.com"
+    assert normalize._fast_email("x@foo.test") is None  # special-use domain: the validator refuses it
+    assert normalize._fast_email('"a b"@example.com') is None  # quoted local part: the validator decides
+    assert normalize._fast_email("jörg@example.com") is None  # not ASCII

@@ -1,0 +1,169 @@
+"""Command-line tools that work beside a running `serve`: the bridge export and the audit commands.
+
+They open the service's data dir (database, deployment record, secrets) and talk to the service's
+chain node, but they never start a node of their own: the node's blocks are made by `serve`, and
+the read model they filter by is kept current by its indexer.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import Engine, select
+from web3 import HTTPProvider, Web3
+
+import api.models  # noqa: F401 - registers the API's tables on the shared metadata
+from api.models import AttributeRow
+from api.reference import Catalogue
+from api.secrets import Secrets, load_secrets
+from api.settings import ServiceSettings
+from crm_bridge.bridge import Bridge, ExportStats
+from crm_bridge.mapping import Mapping
+from crm_bridge.sources import read_source
+from identity.did import DidWeb
+from identity.pseudonym import Pseudonymizer
+from identity.settings import IdentitySettings
+from ledger.access import AccessLogClient, Verification, verify
+from ledger.anvil import AnvilNode, find_anvil
+from ledger.compiler import compile_contracts
+from ledger.contracts import Deployment, RevertDecoder
+from ledger.eip712 import purpose_id
+from ledger.errors import ChainError, LedgerError
+from ledger.outbox import Outbox
+from ledger.settings import ChainSettings, ToolchainSettings
+from ledger.store import make_engine, sessions
+from ledger.tx import TxSender
+
+
+class ToolError(LedgerError):
+    """A command-line tool cannot do what it was asked (with the reason, never a secret or PII)."""
+
+
+def chain_url(service: ServiceSettings, chain: ChainSettings) -> str:
+    """The JSON-RPC URL of the service's chain: the external node, or the managed node `serve` runs."""
+    if chain.backend == "rpc":
+        if not chain.rpc_url:
+            raise ToolError("CONSENT_LEDGER_CHAIN_RPC_URL is not set")
+        return chain.rpc_url
+    if chain.backend != "anvil":
+        raise ToolError(f"the {chain.backend} chain lives inside `serve` only; tools need anvil or rpc")
+    node = AnvilNode(
+        chain.anvil_path or find_anvil(ToolchainSettings().node_modules),
+        service.data_dir / "chain",
+        chain_id=chain.chain_id,
+        block_time=chain.block_time,
+        gas_limit=chain.gas_limit,
+    )
+    found = node.running_node()
+    if found is None:
+        raise ToolError(
+            f"no chain node is running for {service.data_dir}: start `consent-ledger serve` first "
+            "(it makes the blocks and keeps the read model current)"
+        )
+    return f"http://127.0.0.1:{found[1]}"
+
+
+@dataclass
+class Offline:
+    """The service's state, opened by a tool."""
+
+    service: ServiceSettings
+    chain: ChainSettings
+    secrets: Secrets
+    identity: IdentitySettings
+    engine: Engine
+    deployment: Deployment
+    w3: Web3
+    access_log: AccessLogClient
+
+    @classmethod
+    def open(cls, data_dir: Path | None = None, *, service: ServiceSettings | None = None) -> Offline:
+        if service is None:
+            service = ServiceSettings(data_dir=data_dir) if data_dir else ServiceSettings()
+        chain, identity = ChainSettings(), IdentitySettings()
+        record = service.data_dir / "deployment.json"
+        if not record.is_file():
+            raise ToolError(f"{record} does not exist: run `consent-ledger serve` once to deploy the contracts")
+        deployment = Deployment.load(record)
+        if "AccessLog" not in deployment.contracts:
+            raise ToolError("the deployment has no AccessLog yet: start `consent-ledger serve` once to deploy it")
+        secrets = load_secrets(service, chain, identity)
+        w3 = Web3(HTTPProvider(chain_url(service, chain), request_kwargs={"timeout": 60}))
+        try:
+            chain_id = w3.eth.chain_id
+        except (OSError, ValueError) as exc:
+            raise ChainError(f"the chain node does not answer: {exc.__class__.__name__}") from exc
+        if chain_id != deployment.chain_id:
+            raise ToolError(f"the node is chain {chain_id}, the deployment record is for chain {deployment.chain_id}")
+        artifacts = compile_contracts(ToolchainSettings())
+        access_log = AccessLogClient(
+            w3,
+            deployment.address("AccessLog"),
+            artifacts["AccessLog"],
+            TxSender(w3, secrets.accessor, receipt_timeout=chain.receipt_timeout),
+            RevertDecoder(list(artifacts.values())),
+        )
+        engine = make_engine(service.database_url or f"sqlite:///{(service.data_dir / 'service.db').resolve()}")
+        return cls(service, chain, secrets, identity, engine, deployment, w3, access_log)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def catalogue(self) -> Catalogue:
+        with sessions(self.engine)() as session:
+            return Catalogue(session)
+
+    def attribute_bits(self) -> dict[str, int]:
+        with sessions(self.engine)() as session:
+            return {row.key: row.bit for row in session.scalars(select(AttributeRow))}
+
+    def dids(self) -> DidWeb:
+        return self.identity.did_method(f"{self.service.host}%3A{self.service.port}")
+
+    def bridge(self) -> Bridge:
+        return Bridge(
+            Pseudonymizer(self.secrets.peppers),
+            self.dids(),
+            self.access_log,
+            confirmations=self.chain.confirmations,
+        )
+
+    def verify(self) -> Verification:
+        return verify(self.w3, self.access_log, self.engine, self.deployment.contracts["AccessLog"].block_number)
+
+
+def export(
+    offline: Offline,
+    source: str,
+    mapping_path: Path,
+    partner: str,
+    purpose: str,
+    out: Path,
+    *,
+    table: str | None = None,
+) -> ExportStats:
+    """`bridge export`: CRM export → consent-filtered, access-logged Parquet file keyed by DID."""
+    mapping = Mapping.load(mapping_path)
+    catalogue = offline.catalogue()
+    partner_address = catalogue.partner(partner)
+    if partner_address is None:
+        raise ToolError(f"no partner named {partner!r}")
+    if purpose not in catalogue.purposes:
+        raise ToolError(f"no purpose {purpose!r} (see GET /api/v1/purposes)")
+    pid = bytes(purpose_id(purpose))
+    permissions = Outbox(offline.engine).permissions(partner_address, pid)
+    text_columns = tuple(mapping.pii.columns().values())
+    if not (isinstance(source, str) and "://" in source) and not os.path.exists(source):
+        raise ToolError(f"no such input file: {source}")
+    run = offline.bridge().export(
+        read_source(source, table=table, text_columns=text_columns),
+        mapping,
+        partner=partner_address,
+        purpose=pid,
+        purpose_key=purpose,
+        attribute_bits=offline.attribute_bits(),
+        permissions=permissions,
+    )
+    return run.to_parquet(out)

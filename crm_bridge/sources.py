@@ -1,0 +1,77 @@
+"""Reading a CRM export in chunks: CSV files (Arrow's streaming CSV reader) and any table SQLAlchemy
+can reach (server-side cursor where the driver has one). Memory is bounded by the chunk, not the export."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+from sqlalchemy import MetaData, Table, create_engine, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from crm_bridge.errors import SourceError
+
+DEFAULT_CHUNK_ROWS = 65_536
+
+
+def is_database_url(value: str) -> bool:
+    return "://" in value
+
+
+def read_csv(path: Path, *, chunk_bytes: int = 8 << 20, text_columns: tuple[str, ...] = ()) -> Iterator[pa.RecordBatch]:
+    """Batches of a CSV file (header row first). `text_columns` are read as text whatever they look
+    like (phone numbers must keep their leading zeros and plus signs)."""
+    try:
+        reader = pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(block_size=chunk_bytes),
+            convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(text_columns, pa.string())),
+        )
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise SourceError(f"cannot read {path}: {exc.__class__.__name__}") from exc
+    while True:
+        try:
+            batch = reader.read_next_batch()
+        except StopIteration:
+            return
+        except pa.ArrowInvalid as exc:
+            # Arrow's message quotes the offending row, which may be PII: say where, not what.
+            raise SourceError(f"{path}: a row does not parse as CSV (or its type changed mid-file)") from exc
+        if batch.num_rows:
+            yield batch
+
+
+def read_table(url: str, table: str, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[pa.RecordBatch]:
+    """Batches of a database table, streamed with a server-side cursor where the driver has one."""
+    try:
+        engine = create_engine(url)
+    except (SQLAlchemyError, ValueError) as exc:
+        raise SourceError(f"not a database URL SQLAlchemy can use: {exc.__class__.__name__}") from exc
+    try:
+        with engine.connect() as connection:
+            try:
+                source = Table(table, MetaData(), autoload_with=connection)
+            except SQLAlchemyError as exc:
+                raise SourceError(f"the database has no readable table {table!r}") from exc
+            result = connection.execution_options(stream_results=True, yield_per=chunk_rows).execute(select(source))
+            names = list(result.keys())
+            for rows in result.partitions(chunk_rows):
+                columns = list(zip(*rows, strict=True)) if rows else [() for _ in names]
+                yield pa.RecordBatch.from_arrays([pa.array(list(c)) for c in columns], names=names)
+    except SQLAlchemyError as exc:
+        raise SourceError(f"reading table {table!r} failed: {exc.__class__.__name__}") from exc
+    finally:
+        engine.dispose()
+
+
+def read_source(
+    source: str | Path, *, table: str | None = None, text_columns: tuple[str, ...] = ()
+) -> Iterator[pa.RecordBatch]:
+    """A CSV path or a database URL (with `table`)."""
+    if isinstance(source, str) and is_database_url(source):
+        if not table:
+            raise SourceError("a database input needs the table to read (--table)")
+        return read_table(source, table)
+    return read_csv(Path(source), text_columns=text_columns)
