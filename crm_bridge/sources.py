@@ -29,8 +29,10 @@ def read_csv(path: Path, *, chunk_bytes: int = 8 << 20, text_columns: tuple[str,
             read_options=pacsv.ReadOptions(block_size=chunk_bytes),
             convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(text_columns, pa.string())),
         )
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise SourceError(f"cannot read {path}: {exc.__class__.__name__}") from exc
+    except pa.ArrowInvalid as exc:  # its message quotes the row, which may be PII
+        raise SourceError(f"{path}: a row does not parse as CSV") from exc
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc.strerror or exc.__class__.__name__}") from exc
     while True:
         try:
             batch = reader.read_next_batch()

@@ -8,6 +8,7 @@ compare the read model, entry by entry, with them.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from requests.exceptions import RequestException
 from sqlalchemy import BigInteger, Boolean, Engine, Index, Integer, LargeBinary, String, delete, insert, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from web3 import Web3
+from web3.types import RPCEndpoint
 
 from ledger.compiler import Artifact
 from ledger.contracts import ContractClient, RevertDecoder
@@ -125,21 +127,32 @@ def record_gas(count: int) -> int:
     return GAS_PER_BATCH + GAS_PER_ENTRY * count
 
 
+@functools.lru_cache(maxsize=4096)
+def _checksum(topic: str) -> str:
+    return to_checksum_address("0x" + topic[-40:])
+
+
 def decode(log: dict[str, Any]) -> AccessEvent | None:
-    topics = [_hex(t) for t in log["topics"]]
-    if not topics or topics[0] != RECORDED:
+    """An `AccessRecorded` log (raw JSON-RPC or web3's decoded form), else None. Called once per entry
+    on the bridge's path, so it avoids generic helpers: a batch's receipt holds thousands of these."""
+    topics = log["topics"]
+    if not topics:
+        return None
+    topics = topics if isinstance(topics[0], str) else [_hex(t) for t in topics]
+    if topics[0] != RECORDED:
         return None
     data = _bytes(log["data"])
+    number = log["blockNumber"]
     return AccessEvent(
         index=int(topics[1], 16),
         subject=bytes.fromhex(topics[2][2:]),
-        partner=to_checksum_address("0x" + topics[3][-40:]),
+        partner=_checksum(topics[3]),
         purpose=data[0:32],
         attributes=int.from_bytes(data[32:64], "big"),
         request_id=data[64:96],
         permitted=data[127] == 1,
         head=data[128:160],
-        block_number=_int(log["blockNumber"]),
+        block_number=int(number, 16) if isinstance(number, str) else int(number),
         block_hash=_hex(log["blockHash"]),
         log_index=_int(log["logIndex"]),
         tx_hash=_hex(log["transactionHash"]),
@@ -190,10 +203,11 @@ class AccessLogClient(ContractClient):
         return self.settle(self.submit(entries), entries)[1]
 
     def logs(self, receipt: Receipt) -> list[AccessEvent]:
+        mine = self.address.lower()
         decoded = []
         for entry in receipt.logs:
-            if Web3.to_checksum_address(entry["address"]) == self.address:
-                event = decode(dict(entry))
+            if str(entry["address"]).lower() == mine:
+                event = decode(entry)
                 if event is not None:
                     decoded.append(event)
         return decoded
@@ -205,8 +219,11 @@ class AccessLogClient(ContractClient):
         while True:
             head = int(self.w3.eth.block_number)
             if head - receipt.block_number + 1 >= confirmations:
-                (again,) = self.sender.receipts([receipt.tx_hash])
-                if again is None or again.block_hash != receipt.block_hash:
+                block = self.w3.provider.make_request(
+                    RPCEndpoint("eth_getBlockByNumber"), [hex(receipt.block_number), False]
+                ).get("result")
+                canonical = _hex(block["hash"]) if block else None
+                if canonical != receipt.block_hash:
                     raise TransactionFailed(
                         f"{receipt.tx_hash} left the chain before it was final", tx_hash=receipt.tx_hash
                     )

@@ -176,6 +176,10 @@ class TxSender:
 
     def _call_many_unguarded(self, calls: Sequence[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
         provider = self.w3.provider
+        if self._batching and len(calls) == 1:
+            # Raw JSON-RPC: web3's middleware would rebuild a big receipt (thousands of logs) as AttributeDicts.
+            method, params = calls[0]
+            return [dict(provider.make_request(RPCEndpoint(method), params))]
         if self._batching and len(calls) > 1:
             assert isinstance(provider, HTTPProvider)
             batch = provider.make_batch_request([(RPCEndpoint(m), p) for m, p in calls])

@@ -77,7 +77,7 @@ def test_serve_starts_stops_on_ctrl_c_and_finds_its_state_again(tmp_path: Path) 
     assert health["status"] == "ok"
     assert health["backend"] == "anvil"
     contracts = health["contracts"]
-    assert len(contracts) == 2  # ConsentRegistry and LoyaltyPoints
+    assert {c["name"] for c in contracts} == {"ConsentRegistry", "LoyaltyPoints", "AccessLog"}
     anvil_pid = int((tmp_path / "chain" / "anvil.pid").read_text().split()[0])
     assert not _alive(anvil_pid), "anvil must stop with the service"
     assert (tmp_path / "chain" / "state.json").is_file()

@@ -1,0 +1,305 @@
+"""Benchmark: the CRM bridge end to end, and on-chain access entries per second.
+
+    python scripts/bench_bridge.py            # 1,000,000 CRM rows (the target run)
+    python scripts/bench_bridge.py --quick    # a small run for CI
+
+Set-up (untimed): a synthetic CRM export (scripts/generate_crm.py), a managed anvil node with the
+contracts, every customer who would consent bound and granted on-chain with their own signature,
+and the read model indexed from the chain's events.
+
+Timed:
+1. **bridge**: read the CSV export, pseudonymise, load the read model's permissions, filter rows and
+   columns, record one access entry per released customer on-chain, wait until each batch is final,
+   write the released rows to Parquet. Run in a fresh process so that its peak memory (ru_maxrss) is
+   the bridge's own. Baseline, same run: the same work done row by row (csv module, each row's PII
+   normalised and hashed, a dict per row, a CSV writer), on a sample, without the chain.
+2. **access entries**: entries recorded on-chain per second, batched and pipelined (`AccessLog.record`
+   with a few thousand entries per transaction) vs one entry per transaction.
+
+Prints the figures, then one line of JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import hmac
+import json
+import multiprocessing
+import os
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from sqlalchemy import create_engine
+from web3 import HTTPProvider, Web3
+
+import api.models  # noqa: F401 - the service's tables
+from api.reference import DEFAULT_ATTRIBUTES
+from crm_bridge.bridge import Bridge
+from crm_bridge.mapping import Mapping
+from crm_bridge.sources import read_csv
+from identity.did import DidWeb
+from identity.normalize import normalize_pii
+from identity.pseudonym import PepperRing, Pseudonymizer
+from ledger import eip712
+from ledger.access import Access, AccessLogClient
+from ledger.backends import AnvilBackend
+from ledger.compiler import compile_contracts
+from ledger.consent import ConsentRegistryClient, SignedChange, batch_gas
+from ledger.contracts import RevertDecoder, ensure_deployed, ledger_plan
+from ledger.indexer import Indexer
+from ledger.outbox import Outbox
+from ledger.settings import ChainSettings
+from ledger.store import Base, make_engine
+from ledger.tx import TxRequest, TxSender
+from scripts import generate_crm
+
+PURPOSE_KEY = "analytics.reporting"
+PURPOSE = eip712.purpose_id(PURPOSE_KEY)
+BITS = {key: bit for bit, (key, _name) in enumerate(DEFAULT_ATTRIBUTES)}
+PEPPER = PepperRing({1: bytes.fromhex(os.environ.setdefault("BENCH_BRIDGE_PEPPER", os.urandom(32).hex()))}, 1)
+# (the spawned export process imports this module again: the environment gives it the same pepper)
+HOST = "ledger.example"
+
+
+def _send_all(sender: TxSender, requests: list[TxRequest], what: str) -> None:
+    hashes: list[str] = []
+    for start in range(0, len(requests), 1000):
+        hashes += sender.send(requests[start : start + 1000])
+    assert all(r.status == 1 for r in sender.wait(hashes)), f"{what} failed"
+
+
+def grant_consents(registry: ConsentRegistryClient, sender: TxSender, customers_csv: Path, partner: str) -> int:
+    """Set-up: every customer who would consent binds a key and grants, signed with that key."""
+    pseudonymizer = Pseudonymizer(PEPPER)
+    consenting: list[tuple[bytes, LocalAccount, int]] = []
+    with customers_csv.open(encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            if row["consent_purchases"] != "true":
+                continue
+            try:
+                pii = normalize_pii({"email": row["email"] or None, "phone": row["phone"] or None}, "GB")
+            except ValueError:
+                continue
+            bits = 1 << BITS["user.behavior.purchase_history"]
+            if row["consent_demographics"] == "true":
+                bits |= 1 << BITS["user.demographic"]
+            consenting.append((bytes(pseudonymizer.subject(pii)), Account.create(), bits))
+    _send_all(
+        sender,
+        [
+            TxRequest(to=registry.address, data=registry.encode("bindController", s, a.address), gas=80_000)
+            for s, a, _ in consenting
+        ],
+        "binding",
+    )
+    deadline = int(time.time()) + 86_400
+    signed = []
+    for subject, account, bits in consenting:
+        change = registry.grant_message(subject, partner, PURPOSE, bits, nonce=0, deadline=deadline)  # type: ignore[arg-type]
+        signed.append(SignedChange(change, eip712.sign(bytes(account.key), registry.domain, change)))
+    _send_all(
+        sender,
+        [
+            TxRequest(to=registry.address, data=registry.encode_batch(signed[i : i + 500]), gas=batch_gas(500))
+            for i in range(0, len(signed), 500)
+        ],
+        "granting",
+    )
+    return len(consenting)
+
+
+def export_process(config: dict[str, Any], results: Any) -> None:
+    """The timed bridge run, in its own process (its peak memory is the bridge's)."""
+    started = time.perf_counter()
+    w3 = Web3(HTTPProvider(config["url"], request_kwargs={"timeout": 120}))
+    artifacts = compile_contracts()
+    accessor = Account.from_key(config["accessor_key"])
+    access_log = AccessLogClient(
+        w3,
+        config["access_log"],
+        artifacts["AccessLog"],
+        TxSender(w3, accessor, receipt_timeout=300),
+        RevertDecoder(list(artifacts.values())),
+    )
+    engine = create_engine(config["db_url"])
+    permissions = Outbox(engine).permissions(config["partner"], PURPOSE)
+    mapping = Mapping.load(Path(config["mapping"]))
+    bridge = Bridge(Pseudonymizer(PEPPER), DidWeb(HOST), access_log)
+    run = bridge.export(
+        read_csv(Path(config["orders"]), text_columns=tuple(mapping.pii.columns().values())),
+        mapping,
+        partner=config["partner"],
+        purpose=bytes(PURPOSE),
+        purpose_key=PURPOSE_KEY,
+        attribute_bits=BITS,
+        permissions=permissions,
+    )
+    stats = run.to_parquet(Path(config["out"]))
+    seconds = time.perf_counter() - started
+    results.put(
+        {
+            "seconds": seconds,
+            "rows": stats.rows_read,
+            "released": stats.rows_released,
+            "entries": stats.entries_recorded,
+            "refused": stats.entries_refused,
+            "transactions": len(stats.transactions),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+    )
+
+
+def baseline_rows_per_s(orders: Path, mapping: Mapping, permissions: dict[bytes, int], sample: int, out: Path) -> float:
+    """Row by row, as a first script would: csv module, PII normalised and hashed per row, dict rows."""
+    pepper = PEPPER.get(1)
+    requested = {column: 1 << BITS[category] for column, category in mapping.columns.items()}
+    started = time.perf_counter()
+    with orders.open(encoding="utf-8") as source, out.open("w", encoding="utf-8", newline="") as sink:
+        writer = csv.DictWriter(sink, fieldnames=["did", *requested])
+        writer.writeheader()
+        for n, row in enumerate(csv.DictReader(source)):
+            if n >= sample:
+                break
+            try:
+                pii = normalize_pii({"email": row["email"] or None, "phone": row["phone"] or None}, "GB")
+            except ValueError:
+                continue
+            kind, value = ("email", pii.email) if pii.email else ("phone", pii.phone)
+            subject = hmac.new(
+                pepper, b"consent-ledger/subject/v1\x00" + kind.encode() + b"\x00" + str(value).encode(), hashlib.sha256
+            ).digest()
+            mask = permissions.get(subject, 0)
+            if mask:
+                released = {c: row[c] if mask & bit else "" for c, bit in requested.items()}
+                writer.writerow({"did": f"did:web:{HOST}:dids:{subject.hex()}", **released})
+    return sample / (time.perf_counter() - started)
+
+
+def entries_per_s(client: AccessLogClient, partner: str, count: int, batch: int) -> float:
+    entries = [Access(os.urandom(32), partner, bytes(PURPOSE), 1 << 5, os.urandom(32)) for _ in range(count)]
+    started = time.perf_counter()
+    pending = [(client.submit(entries[i : i + batch]), entries[i : i + batch]) for i in range(0, count, batch)]
+    for tx_hash, sent in pending:
+        client.settle(tx_hash, sent)
+    return count / (time.perf_counter() - started)
+
+
+def baseline_entries_per_s(client: AccessLogClient, partner: str, count: int) -> float:
+    started = time.perf_counter()
+    for _ in range(count):
+        client.record([Access(os.urandom(32), partner, bytes(PURPOSE), 1 << 5, os.urandom(32))])
+    return count / (time.perf_counter() - started)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a small run (CI)")
+    parser.add_argument("--rows", type=int, help="CRM rows (default 1,000,000; 40,000 with --quick)")
+    args = parser.parse_args(argv)
+    rows = args.rows or (40_000 if args.quick else 1_000_000)
+    entry_count = 20_000 if args.quick else 200_000
+    with tempfile.TemporaryDirectory(prefix="bench-bridge-") as tmp:
+        root = Path(tmp)
+        counts = generate_crm.write(root / "crm", rows, seed=42)
+        operator, accessor, partner = Account.create(), Account.create(), Account.create().address
+        settings = ChainSettings(backend="anvil", block_time=0.2, gas_limit=2_000_000_000, state_interval=3600)
+        with AnvilBackend(settings, operator, root / "chain") as backend:
+            backend.prepare_account(accessor.address)
+            w3 = backend.w3
+            sender = TxSender(w3, operator, receipt_timeout=600)
+            artifacts = compile_contracts()
+            decoder = RevertDecoder(list(artifacts.values()))
+            deployment = ensure_deployed(
+                w3, sender, artifacts, ledger_plan(operator.address, operator.address, accessor.address), None
+            )
+            registry = ConsentRegistryClient(
+                w3, deployment.address("ConsentRegistry"), artifacts["ConsentRegistry"], sender, decoder
+            )
+            registry.add_partner(partner)
+            consenting = grant_consents(registry, sender, root / "crm" / "customers.csv", partner)
+            db_url = f"sqlite:///{root / 'service.db'}"
+            engine = make_engine(db_url)
+            Base.metadata.create_all(engine)
+            indexer = Indexer(w3, engine, registry.address, deployment.deploy_block, chunk=100_000)
+            while indexer.step() > 0:
+                pass
+            permissions = Outbox(engine).permissions(partner, bytes(PURPOSE))
+            engine.dispose()
+            print(
+                f"set-up: {counts['orders']:,} orders of {counts['customers']:,} customers, {consenting:,} consenting"
+            )
+
+            context = multiprocessing.get_context("spawn")
+            results = context.Queue()
+            config = {
+                "url": backend.url,
+                "access_log": deployment.address("AccessLog"),
+                "accessor_key": "0x" + bytes(accessor.key).hex(),
+                "db_url": db_url,
+                "partner": partner,
+                "mapping": str(root / "crm" / "mapping.toml"),
+                "orders": str(root / "crm" / "orders.csv"),
+                "out": str(root / "released.parquet"),
+            }
+            child = context.Process(target=export_process, args=(config, results))
+            child.start()
+            bridge = results.get(timeout=1800)
+            child.join()
+            bridge_rows_per_s = bridge["rows"] / bridge["seconds"]
+
+            mapping = Mapping.load(root / "crm" / "mapping.toml")
+            sample = min(rows, 20_000 if not args.quick else 5_000)
+            base_rows = baseline_rows_per_s(root / "crm" / "orders.csv", mapping, permissions, sample, root / "b.csv")
+
+            access_log = AccessLogClient(
+                w3,
+                deployment.address("AccessLog"),
+                artifacts["AccessLog"],
+                TxSender(w3, accessor, receipt_timeout=600),
+                decoder,
+            )
+            batched_entries = entries_per_s(access_log, partner, entry_count, 5_000)
+            single_entries = baseline_entries_per_s(access_log, partner, 100 if args.quick else 300)
+
+    figures = {
+        "rows": bridge["rows"],
+        "rows_released": bridge["released"],
+        "bridge_rows_per_s": round(bridge_rows_per_s),
+        "bridge_seconds": round(bridge["seconds"], 2),
+        "peak_rss_mb": round(bridge["peak_rss_mb"], 1),
+        "access_entries_in_export": bridge["entries"],
+        "export_transactions": bridge["transactions"],
+        "baseline_rows_per_s": round(base_rows),
+        "rows_ratio": round(bridge_rows_per_s / base_rows, 1),
+        "entries_per_s": round(batched_entries),
+        "baseline_entries_per_s": round(single_entries, 1),
+        "entries_ratio": round(batched_entries / single_entries, 1),
+    }
+    print(
+        f"bridge:   {figures['rows']:,} rows in {figures['bridge_seconds']} s = "
+        f"{figures['bridge_rows_per_s']:,} rows/s "
+        f"({figures['rows_released']:,} released, {figures['access_entries_in_export']:,} access entries in "
+        f"{figures['export_transactions']} transactions), peak memory {figures['peak_rss_mb']} MB"
+    )
+    print(f"baseline: {figures['baseline_rows_per_s']:,} rows/s row by row; ratio {figures['rows_ratio']}")
+    print(
+        f"entries:  {figures['entries_per_s']:,}/s batched vs {figures['baseline_entries_per_s']}/s one per "
+        f"transaction; ratio {figures['entries_ratio']}"
+    )
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The bridge's own rules, with an in-memory access log: log then release, chunking, mapping and sources."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pytest
+from sqlalchemy import create_engine
+
+from crm_bridge.bridge import DID_COLUMN, Bridge, ExportStats
+from crm_bridge.errors import AccessRefused, MappingError, SourceError
+from crm_bridge.mapping import Mapping
+from crm_bridge.sources import read_csv, read_source
+from identity.did import DidWeb
+from identity.normalize import PII, normalize_email
+from identity.pseudonym import PepperRing, Pseudonymizer
+from identity.types import Subject
+from ledger.access import Access, AccessEvent
+from ledger.errors import TransactionFailed
+from ledger.tx import Receipt
+
+BITS = {"user.behavior.purchase_history": 5, "user.demographic": 4}
+MAPPING = Mapping.parse(
+    {
+        "pii": {"email": "email", "phone": "phone", "name": "name"},
+        "columns": {"amount": "user.behavior.purchase_history", "age_band": "user.demographic"},
+    }
+)
+PSEUDONYMS = Pseudonymizer(PepperRing({1: os.urandom(32)}, 1))
+DIDS = DidWeb("ledger.example")
+
+
+def subject(email: str) -> bytes:
+    return bytes(PSEUDONYMS.subject(PII(email=normalize_email(email))))
+
+
+@dataclass
+class MemoryLog:
+    """An access log that refuses the subjects in `refuse` and records the order of events."""
+
+    refuse: set[bytes] = field(default_factory=set)
+    fail: bool = False
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    final: set[bytes] = field(default_factory=set)  # subjects whose entry is final
+    permitted: set[bytes] = field(default_factory=set)
+    entries: list[Access] = field(default_factory=list)
+    _sent: dict[str, list[Access]] = field(default_factory=dict)
+
+    def submit(self, entries: list[Access]) -> str:
+        tx = f"0x{len(self._sent):064x}"
+        self._sent[tx] = entries
+        self.calls.append(("submit", tx))
+        return tx
+
+    def settle(self, tx_hash: str, entries: list[Access]) -> tuple[Receipt, list[AccessEvent]]:
+        self.calls.append(("settle", tx_hash))
+        if self.fail:
+            raise TransactionFailed("reverted", tx_hash=tx_hash)
+        events = []
+        for e in entries:
+            allowed = e.subject not in self.refuse
+            events.append(
+                AccessEvent(len(self.entries), e.subject, e.partner, e.purpose, e.attributes, e.request_id, allowed,
+                            bytes(32), 1, "0x" + "00" * 32, 0, tx_hash)
+            )  # fmt: skip
+            self.entries.append(e)
+        receipt = Receipt(tx_hash, 1, 1, "0x" + "00" * 32, 0, None, [])
+        self._pending = (tx_hash, events)
+        return receipt, events
+
+    def wait_final(self, receipt: Receipt, confirmations: int) -> None:
+        self.calls.append(("final", receipt.tx_hash))
+        tx, events = self._pending
+        assert tx == receipt.tx_hash
+        self.final |= {e.subject for e in events}
+        self.permitted |= {e.subject for e in events if e.permitted}
+
+
+def crm_rows(n_people: int, orders_each: int) -> pa.Table:
+    rows = []
+    for k in range(orders_each):
+        for p in range(n_people):
+            rows.append(
+                {"email": f"Person{p}@Example.com", "phone": f"+44 7400 {p:06d}", "name": f"Person {p}",
+                 "amount": float(p * 10 + k), "age_band": "25-34", "secret_notes": "do not release"}
+            )  # fmt: skip
+    return pa.Table.from_pylist(rows)
+
+
+def run(
+    log: MemoryLog, table: pa.Table, permissions: dict[bytes, int], chunk: int = 7
+) -> tuple[list[pa.RecordBatch], ExportStats]:
+    bridge = Bridge(PSEUDONYMS, DIDS, log, pipeline_depth=2)
+    export = bridge.export(
+        table.to_batches(max_chunksize=chunk), MAPPING, partner="0x" + "11" * 20, purpose=bytes(32),
+        purpose_key="analytics.reporting", attribute_bits=BITS, permissions=permissions,
+    )  # fmt: skip
+    released = []
+    for batch in export:
+        # Log, then release: every DID in a released batch has a final, permitted entry already.
+        for did in batch.column(DID_COLUMN).to_pylist():
+            s = bytes(DIDS.subject(did))
+            assert s in log.final
+            assert s in log.permitted
+        released.append(batch)
+    return released, export.stats
+
+
+def test_only_permitted_rows_and_cells_are_released_after_their_entry_is_final() -> None:
+    purchases, demographic = 1 << 5, 1 << 4
+    permissions = {subject("person0@example.com"): purchases | demographic, subject("person1@example.com"): purchases}
+    log = MemoryLog()
+    released, stats = run(log, crm_rows(5, 6), permissions)
+    table = pa.Table.from_batches(released)
+    assert table.column_names == [DID_COLUMN, "amount", "age_band"]  # no PII, nothing unmapped
+    rows = table.to_pylist()
+    assert len(rows) == 12
+    by_did = {DIDS.did(Subject(s)): bits for s, bits in permissions.items()}
+    for row in rows:
+        assert row["amount"] is not None
+        assert (row["age_band"] is not None) == bool(by_did[row[DID_COLUMN]] & demographic)
+    # One entry per customer per export, though each appears in several chunks.
+    assert sorted(e.subject for e in log.entries) == sorted(permissions)
+    assert stats.entries_recorded == 2
+    assert stats.rows_not_permitted == 18
+    # Pipelined: a later chunk's batch may be sent before an earlier one settles, never released before.
+    kinds = [k for k, _ in log.calls]
+    assert kinds.index("submit") < kinds.index("settle") < kinds.index("final")
+
+
+def test_a_subject_the_chain_refuses_is_never_released_in_any_chunk() -> None:
+    refused = subject("person1@example.com")
+    permissions = {subject(f"person{p}@example.com"): 1 << 5 for p in range(3)}
+    log = MemoryLog(refuse={refused})
+    released, stats = run(log, crm_rows(3, 5), permissions, chunk=2)
+    dids = {d for b in released for d in b.column(DID_COLUMN).to_pylist()}
+    assert DIDS.did(Subject(refused)) not in dids
+    assert len(dids) == 2
+    assert stats.entries_refused == 1
+    assert stats.rows_refused_on_chain == 5
+
+
+def test_a_batch_the_log_did_not_record_stops_the_export_unreleased() -> None:
+    log = MemoryLog(fail=True)
+    bridge = Bridge(PSEUDONYMS, DIDS, log)
+    export = bridge.export(
+        crm_rows(2, 2).to_batches(), MAPPING, partner="0x" + "11" * 20, purpose=bytes(32),
+        purpose_key="p", attribute_bits=BITS, permissions={subject("person0@example.com"): 1 << 5},
+    )  # fmt: skip
+    with pytest.raises(AccessRefused):
+        list(export)
+    assert export.stats.rows_released == 0
+
+
+def test_rows_without_a_valid_identifier_are_counted_not_released() -> None:
+    table = pa.Table.from_pylist(
+        [{"email": "not-an-address", "phone": None, "name": "X", "amount": 1.0, "age_band": "x"},
+         {"email": None, "phone": "+44 7400 000009", "name": "Y", "amount": 2.0, "age_band": "y"}]
+    )  # fmt: skip
+    by_phone = bytes(PSEUDONYMS.subject(PII(phone="+447400000009")))
+    released, stats = run(MemoryLog(), table, {by_phone: 1 << 5})
+    assert [r["amount"] for b in released for r in b.to_pylist()] == [2.0]
+    assert stats.rows_unidentified == 1
+
+
+def test_mapping_errors_are_clear() -> None:
+    with pytest.raises(MappingError, match="PII columns cannot be released: email"):
+        Mapping.parse({"pii": {"email": "email"}, "columns": {"email": "user.contact.email"}})
+    with pytest.raises(MappingError, match="email or a phone"):
+        Mapping.parse({"pii": {"name": "name"}, "columns": {}})
+    with pytest.raises(MappingError, match="colums: Extra inputs are not permitted"):
+        Mapping.parse({"pii": {"email": "e"}, "columns": {}, "colums": {}})
+    bridge = Bridge(PSEUDONYMS, DIDS, MemoryLog())
+    with pytest.raises(MappingError, match=r"not attribute categories of the registry: user\.nope"):
+        bridge.export([], Mapping.parse({"pii": {"email": "e"}, "columns": {"a": "user.nope"}}), partner="0x",
+                      purpose=bytes(32), purpose_key="p", attribute_bits=BITS, permissions={})  # fmt: skip
+    export = bridge.export(
+        crm_rows(1, 1).drop_columns(["age_band"]).to_batches(), MAPPING, partner="0x", purpose=bytes(32),
+        purpose_key="p", attribute_bits=BITS, permissions={},
+    )  # fmt: skip
+    with pytest.raises(MappingError, match="the input has no column age_band"):
+        list(export)
+
+
+def test_sources_stream_csv_and_database_tables_in_chunks(tmp_path: Path) -> None:
+    table = crm_rows(50, 40)  # 2,000 rows
+    pacsv.write_csv(table, tmp_path / "crm.csv")
+    batches = list(read_csv(tmp_path / "crm.csv", chunk_bytes=16_384, text_columns=("phone",)))
+    assert len(batches) > 5  # streamed, not read whole
+    assert sum(b.num_rows for b in batches) == 2_000
+    assert batches[0].schema.field("phone").type == pa.string()
+    engine = create_engine(f"sqlite:///{tmp_path / 'crm.db'}")
+    table.to_pandas().to_sql("orders", engine, index=False)
+    engine.dispose()
+    from_db = list(read_source(f"sqlite:///{tmp_path / 'crm.db'}", table="orders"))
+    assert sum(b.num_rows for b in from_db) == 2_000
+    assert from_db[0].column("email")[0].as_py() == "Person0@Example.com"
+    with pytest.raises(SourceError, match="no readable table 'nope'"):
+        list(read_source(f"sqlite:///{tmp_path / 'crm.db'}", table="nope"))
+    with pytest.raises(SourceError, match="needs the table"):
+        read_source(f"sqlite:///{tmp_path / 'crm.db'}")
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n3\n", encoding="utf-8")
+    with pytest.raises(SourceError, match="does not parse"):
+        list(read_csv(tmp_path / "bad.csv"))
