@@ -279,6 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "bridge_seconds": round(bridge["seconds"], 2),
         "peak_rss_mb": round(bridge["peak_rss_mb"], 1),
         "access_entries_in_export": bridge["entries"],
+        "access_entries_refused": bridge["refused"],
         "export_transactions": bridge["transactions"],
         "baseline_rows_per_s": round(base_rows),
         "rows_ratio": round(bridge_rows_per_s / base_rows, 1),

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from eth_account import Account
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
 from api.offline import Offline, export
 from crm_bridge.bridge import DID_COLUMN
@@ -301,6 +301,15 @@ def test_verify_finds_a_tampered_or_missing_read_model_row(service: Service, crm
     assert dropped["divergence"]["code"] == "missing_in_read_model"
     with db.begin() as session:
         session.add(AccessEntry(**kept))
+    assert service.client.post("/api/v1/audit/verify", headers=auditor).json()["ok"] is True
+    # An entry the chain never had.
+    forged = {**kept, "index": 10_000}
+    with db.begin() as session:
+        session.add(AccessEntry(**forged))
+    extra = service.client.post("/api/v1/audit/verify", headers=auditor).json()["divergence"]
+    assert (extra["index"], extra["code"]) == (10_000, "extra_in_read_model")
+    with db.begin() as session:
+        session.execute(delete(AccessEntry).where(AccessEntry.index == 10_000))
     assert service.client.post("/api/v1/audit/verify", headers=auditor).json()["ok"] is True
 
 

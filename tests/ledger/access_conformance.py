@@ -6,11 +6,9 @@ import os
 from dataclasses import replace
 
 import pytest
-from eth_abi.abi import encode as abi_encode
-from eth_account import Account
 
 from ledger import eip712
-from ledger.access import ACCESSOR_ROLE, ZERO_HEAD, Access, encode_accesses, fetch_events, link
+from ledger.access import ACCESSOR_ROLE, ZERO_HEAD, Access, fetch_events, link
 from ledger.errors import AccessRejected, Unauthorized
 from ledger.types import Subject
 from tests.ledger.conftest import Ledger
@@ -101,17 +99,3 @@ class AccessLogConformance:
         assert len(events) == 200
         assert sum(e.permitted for e in events) == 1
         assert receipt.gas_used / len(entries) < 20_000  # the bound `record_gas` leaves a margin over
-
-
-def test_the_access_encoding_is_the_abi_encoding() -> None:
-    entries = [
-        Access(os.urandom(32), Account.create().address, os.urandom(32), i * 2**200 + 7, os.urandom(32))
-        for i in range(3)
-    ]
-    expected = abi_encode(
-        ["(bytes32,address,bytes32,uint256,bytes32)[]"],
-        [[(e.subject, e.partner, e.purpose, e.attributes, e.request_id) for e in entries]],
-    )
-    assert encode_accesses(entries) == expected
-    with pytest.raises(ValueError, match="subject"):
-        encode_accesses([Access(b"short", entries[0].partner, os.urandom(32), 1, os.urandom(32))])

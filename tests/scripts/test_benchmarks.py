@@ -64,3 +64,20 @@ def test_bench_loyalty_quick_reports_its_figures() -> None:
         assert figures[f"{mode}_errors"] == 0
         assert figures[f"{mode}_p50_ms"] <= figures[f"{mode}_p99_ms"]
     assert figures["ratio"] == pytest.approx(figures["batched_per_s"] / figures["baseline_per_s"], abs=0.06)
+
+
+@pytest.mark.anvil
+@pytest.mark.slow
+def test_bench_bridge_quick_reports_its_figures() -> None:
+    figures = quick_figures("bench_bridge.py", timeout=900)
+    assert figures["rows"] == 40_000
+    assert 0 < figures["rows_released"] < figures["rows"]  # the generator's customers do not all consent
+    assert figures["access_entries_in_export"] > 0
+    assert figures["access_entries_refused"] == 0  # the read model and the chain agree on every consent
+    assert figures["peak_rss_mb"] > 0
+    assert figures["rows_ratio"] == pytest.approx(
+        figures["bridge_rows_per_s"] / figures["baseline_rows_per_s"], abs=0.06
+    )
+    assert figures["entries_ratio"] == pytest.approx(
+        figures["entries_per_s"] / figures["baseline_entries_per_s"], rel=0.01
+    )
