@@ -11,6 +11,7 @@ from pathlib import Path
 from api.secrets import SecretsError, load_secrets
 from api.settings import ServiceSettings
 from crm_bridge.errors import BridgeError
+from identity.errors import IdentityError
 from ledger.errors import LedgerError
 from ledger.settings import ChainSettings, ToolchainSettings
 
@@ -112,6 +113,42 @@ def _audit_verify(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _audit_accesses(args: argparse.Namespace) -> int:
+    import json
+    from datetime import datetime
+
+    from api.offline import Offline, ToolError
+    from api.routers.audit import entries_csv, public_entries
+    from ledger.access import AccessReader
+    from ledger.eip712 import purpose_id
+
+    def epoch(value: str | None) -> int | None:
+        return int(datetime.fromisoformat(value).timestamp()) if value else None
+
+    offline = Offline.open(args.data_dir)
+    try:
+        catalogue, dids = offline.catalogue(), offline.dids()
+        partner = catalogue.partner(args.partner) if args.partner else None
+        if args.partner and partner is None:
+            raise ToolError(f"no partner named {args.partner!r}")
+        rows = AccessReader(offline.engine).entries(
+            subject=dids.subject(args.did) if args.did else None,
+            partner=partner,
+            purpose=purpose_id(args.purpose) if args.purpose else None,
+            start=epoch(args.start),
+            end=epoch(args.end),
+            limit=10**9,
+        )
+        entries = public_entries(dids, catalogue, rows)
+    finally:
+        offline.close()
+    if args.format == "csv":
+        sys.stdout.write(entries_csv(entries))
+    else:
+        print(json.dumps([e.model_dump() for e in entries], indent=2))
+    return 0
+
+
 def _compile(_args: argparse.Namespace) -> int:
     from ledger.compiler import compile_contracts
 
@@ -162,6 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--data-dir", type=Path, help="state directory of the running service (default ./var)")
     verify.set_defaults(handler=_audit_verify)
 
+    listing = audit_commands.add_parser("accesses", help="list the indexed access log, filtered (JSON or CSV)")
+    listing.add_argument("--did", help="only this customer")
+    listing.add_argument("--partner", help="partner name or address")
+    listing.add_argument("--purpose", help="purpose key")
+    listing.add_argument("--from", dest="start", help="from this time (ISO 8601, inclusive)")
+    listing.add_argument("--to", dest="end", help="until this time (ISO 8601, exclusive)")
+    listing.add_argument("--format", choices=["json", "csv"], default="json")
+    listing.add_argument("--data-dir", type=Path, help="state directory of the running service (default ./var)")
+    listing.set_defaults(handler=_audit_accesses)
+
     compile_ = commands.add_parser("compile", help="compile the contracts (cached) and list them")
     compile_.set_defaults(handler=_compile)
     return parser
@@ -175,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.handler(args))
-    except (SecretsError, LedgerError, BridgeError) as exc:
+    except (SecretsError, LedgerError, BridgeError, IdentityError, ValueError) as exc:
         print(f"consent-ledger: {exc}", file=sys.stderr)
         return 2
 

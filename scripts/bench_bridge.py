@@ -227,7 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 w3, deployment.address("ConsentRegistry"), artifacts["ConsentRegistry"], sender, decoder
             )
             registry.add_partner(partner)
+            print("generated; binding and granting ...", file=sys.stderr)
             consenting = grant_consents(registry, sender, root / "crm" / "customers.csv", partner)
+            print("granted; indexing ...", file=sys.stderr)
             db_url = f"sqlite:///{root / 'service.db'}"
             engine = make_engine(db_url)
             Base.metadata.create_all(engine)
@@ -237,7 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             permissions = Outbox(engine).permissions(partner, bytes(PURPOSE))
             engine.dispose()
             print(
-                f"set-up: {counts['orders']:,} orders of {counts['customers']:,} customers, {consenting:,} consenting"
+                f"set-up: {counts['orders']:,} orders of {counts['customers']:,} customers, {consenting:,} consenting, "
+                f"{len(permissions):,} permitted in the read model"
             )
 
             context = multiprocessing.get_context("spawn")
@@ -257,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bridge = results.get(timeout=1800)
             child.join()
             bridge_rows_per_s = bridge["rows"] / bridge["seconds"]
+            print(f"bridge done: {bridge}; baseline ...", file=sys.stderr)
 
             mapping = Mapping.load(root / "crm" / "mapping.toml")
             sample = min(rows, 20_000 if not args.quick else 5_000)
@@ -269,8 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 TxSender(w3, accessor, receipt_timeout=600),
                 decoder,
             )
+            print("baseline bridge done; access entries ...", file=sys.stderr)
             batched_entries = entries_per_s(access_log, partner, entry_count, 5_000)
-            single_entries = baseline_entries_per_s(access_log, partner, 100 if args.quick else 300)
+            print(f"access entries: {entry_count:,} batched ...", file=sys.stderr)
+            single_entries = baseline_entries_per_s(access_log, partner, 100)
 
     figures = {
         "rows": bridge["rows"],

@@ -14,9 +14,11 @@ from fastapi.responses import Response
 from api.auth import Caller
 from api.deps import CallerDep, RuntimeDep, scope
 from api.errors import ApiError, responses
+from api.reference import Catalogue
 from api.routers.customers import own_subject, subject_of
 from api.runtime import Runtime
 from api.schemas import AccessPage, AccessPublic, DivergencePublic, VerificationPublic
+from identity.did import DidWeb
 from identity.types import Subject
 from ledger import eip712
 from ledger.access import AccessEntry
@@ -31,11 +33,15 @@ CSV_COLUMNS = [
 
 def _public(runtime: Runtime, rows: Iterable[AccessEntry]) -> list[AccessPublic]:
     assert runtime.dids is not None
-    catalogue = runtime.catalogue()
+    return public_entries(runtime.dids, runtime.catalogue(), rows)
+
+
+def public_entries(dids: DidWeb, catalogue: Catalogue, rows: Iterable[AccessEntry]) -> list[AccessPublic]:
+    """Log entries as auditors and customers see them (names instead of on-chain ids); the CLI shares it."""
     return [
         AccessPublic(
             index=row.index,
-            did=runtime.dids.did(Subject(bytes(row.subject))),
+            did=dids.did(Subject(bytes(row.subject))),
             partner=row.partner,
             partner_name=catalogue.partners.get(row.partner),
             purpose=catalogue.purpose_key(bytes(row.purpose)),
@@ -51,6 +57,14 @@ def _public(runtime: Runtime, rows: Iterable[AccessEntry]) -> list[AccessPublic]
 
 
 def _csv(entries: list[AccessPublic], filename: str) -> Response:
+    return Response(
+        entries_csv(entries),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+def entries_csv(entries: list[AccessPublic]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow(CSV_COLUMNS)
@@ -70,11 +84,7 @@ def _csv(entries: list[AccessPublic], filename: str) -> Response:
                 e.block_number,
             ]
         )
-    return Response(
-        out.getvalue(),
-        media_type="text/csv; charset=utf-8",
-        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
-    )
+    return out.getvalue()
 
 
 def _epoch(value: datetime | None) -> int | None:

@@ -337,13 +337,28 @@ def test_the_command_line_exports_from_csv_and_from_a_database_and_verifies(
         stats = json.loads(done.stdout)
         table = pq.read_table(out)
         assert stats["rows_released"] == table.num_rows > 0
-        assert set(table.column(DID_COLUMN).to_pylist()) <= {c.did for c in crm.customers[:3]}
+        assert set(table.column(DID_COLUMN).to_pylist()) <= {c.did for c in crm.customers[:4]}  # those who granted
     verified = subprocess.run(
         [*command, "audit", "verify"], env=env, capture_output=True, text=True, timeout=120, check=False,
         cwd=PROJECT_ROOT,
     )  # fmt: skip
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert json.loads(verified.stdout)["ok"] is True
+    listed = subprocess.run(
+        [*command, "audit", "accesses", "--did", crm.customers[0].did, "--partner", "acme", "--format", "csv"],
+        env=env, capture_output=True, text=True, timeout=120, check=False, cwd=PROJECT_ROOT,
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    lines = list(csv.DictReader(io.StringIO(listed.stdout)))
+    assert lines
+    assert {line["did"] for line in lines} == {crm.customers[0].did}
+    assert {line["partner_name"] for line in lines} == {"acme"}
+    as_json = subprocess.run(
+        [*command, "audit", "accesses", "--purpose", PURPOSE, "--from", "2000-01-01T00:00:00+00:00"],
+        env=env, capture_output=True, text=True, timeout=120, check=False, cwd=PROJECT_ROOT,
+    )  # fmt: skip
+    assert as_json.returncode == 0, as_json.stderr
+    assert len(json.loads(as_json.stdout)) >= len(lines)
     bad = subprocess.run(
         [*command, "bridge", "export", "--input", str(tmp_path / "missing.csv"), "--mapping", str(crm.mapping),
          "--partner", "acme", "--purpose", PURPOSE, "--out", str(tmp_path / "x.parquet")],
