@@ -35,13 +35,13 @@ from identity.did import DidWeb
 from identity.errors import InvalidPII
 from identity.normalize import PII, normalize_email, normalize_phone
 from identity.pseudonym import Pseudonymizer
+from identity.types import Subject
 from ledger.access import Access, AccessEvent
 from ledger.errors import LedgerError
 from ledger.tx import Receipt
 
 DID_COLUMN = "did"
 _MAX_ATTRIBUTE_BIT = 62  # row masks are int64 arrays
-_CACHE_LIMIT = 1_000_000  # identities remembered across chunks (about 200 MB at most)
 
 
 class AccessRecorder(Protocol):
@@ -75,9 +75,8 @@ class ExportStats:
 @dataclass
 class _Chunk:
     batch: pa.RecordBatch
-    dids: list[str | None]
-    subjects: list[bytes | None]
-    masks: np.ndarray  # permitted attribute bits per row (0: not permitted)
+    ids: np.ndarray  # per row: the subject's id in this export (0: no valid identifier)
+    masks: np.ndarray  # per row: permitted attribute bits (0: not permitted)
     entries: list[Access]
     tx_hash: str | None
 
@@ -90,55 +89,21 @@ class Bridge:
         access_log: AccessRecorder,
         *,
         confirmations: int = 1,
-        pipeline_depth: int = 2,
+        pipeline_depth: int = 3,
     ) -> None:
         self.pseudonymizer = pseudonymizer
         self.dids = dids
         self.access_log = access_log
         self.confirmations = confirmations
         self.pipeline_depth = pipeline_depth
-        self._identities: dict[tuple[str | None, str | None], tuple[bytes, str] | None] = {}
 
-    # identity ----------------------------------------------------------------------------------
-
-    def _identify(self, email: str | None, phone: str | None, region: str | None) -> tuple[bytes, str] | None:
-        # Only the identifier the subject derives from is normalised (the e-mail address, else the phone).
+    def subject_of(self, kind: str, raw: str, region: str | None) -> bytes | None:
+        """The subject an e-mail address or phone number (as the CRM spells it) derives, or None."""
         try:
-            if email and email.strip():
-                pii = PII(email=normalize_email(email))
-            elif phone and phone.strip():
-                pii = PII(phone=normalize_phone(phone, region))
-            else:
-                return None
+            pii = PII(email=normalize_email(raw)) if kind == "email" else PII(phone=normalize_phone(raw, region))
         except InvalidPII:
             return None
-        subject = self.pseudonymizer.subject(pii)
-        return bytes(subject), self.dids.did(subject)
-
-    def _subjects(self, batch: pa.RecordBatch, mapping: Mapping) -> tuple[list[bytes | None], list[str | None]]:
-        columns = mapping.pii.columns()
-        n = batch.num_rows
-        emails = _texts(batch, columns.get("email"), n)
-        phones = _texts(batch, columns.get("phone"), n)
-        if len(self._identities) > _CACHE_LIMIT:
-            self._identities.clear()
-        cache, region = self._identities, mapping.default_region
-        subjects: list[bytes | None] = []
-        dids: list[str | None] = []
-        for key in zip(emails, phones, strict=True):
-            if key in cache:
-                found = cache[key]
-            else:
-                found = cache[key] = self._identify(key[0], key[1], region)
-            if found is None:
-                subjects.append(None)
-                dids.append(None)
-            else:
-                subjects.append(found[0])
-                dids.append(found[1])
-        return subjects, dids
-
-    # the export --------------------------------------------------------------------------------
+        return bytes(self.pseudonymizer.subject(pii))
 
     def export(
         self,
@@ -154,6 +119,79 @@ class Bridge:
         """Start an export; iterate the result for the released batches (each after its access
         record is final), then read its `stats`."""
         return Export(self, batches, mapping, partner, purpose, purpose_key, attribute_bits, permissions)
+
+
+class _Subjects:
+    """The subjects met in one export, numbered densely from 1 (0: a row with no valid identifier),
+    with per-subject arrays, so that per-row work is numpy indexing rather than Python loops.
+
+    Each distinct spelling of an identifier is normalised and hashed once per export."""
+
+    def __init__(self, bridge: Bridge, permissions: dict[bytes, int], requested: int, region: str | None) -> None:
+        self.bridge, self.permissions, self.requested, self.region = bridge, permissions, requested, region
+        self.ids: dict[bytes, int] = {}
+        self.subjects: list[bytes] = [b""]
+        self.dids: list[str] = [""]
+        self.masks = np.zeros(1, dtype=np.int64)  # permitted bits asked for, per id
+        self.logged = np.zeros(1, dtype=bool)  # has an entry in this export
+        self.refused = np.zeros(1, dtype=bool)  # the chain refused its entry
+        self._spellings: dict[tuple[str, str], int] = {}
+
+    def _id(self, kind: str, raw: str) -> int:
+        known = self._spellings.get((kind, raw))
+        if known is not None:
+            return known
+        subject = self.bridge.subject_of(kind, raw, self.region)
+        if subject is None:
+            found = 0
+        else:
+            found = self.ids.get(subject, 0)
+            if not found:
+                found = self.ids[subject] = len(self.subjects)
+                self.subjects.append(subject)
+                self.dids.append(self.bridge.dids.did(Subject(subject)))
+        self._spellings[(kind, raw)] = found
+        return found
+
+    def _grow(self) -> None:
+        have, need = len(self.masks), len(self.subjects)
+        if need == have:
+            return
+        permissions, requested = self.permissions, self.requested
+        fresh = np.fromiter(
+            (permissions.get(s, 0) & requested for s in self.subjects[have:need]), dtype=np.int64, count=need - have
+        )
+        self.masks = np.concatenate([self.masks, fresh])
+        self.logged = np.concatenate([self.logged, np.zeros(need - have, dtype=bool)])
+        self.refused = np.concatenate([self.refused, np.zeros(need - have, dtype=bool)])
+
+    def _ids(self, values: pa.Array, kind: str) -> tuple[np.ndarray, np.ndarray]:
+        """Per value: the id its `kind` identifier gives, and whether there is one at all. Each
+        distinct spelling is looked up once (dictionary encoding), not each row."""
+        if not pa.types.is_string(values.type):
+            values = pc.cast(values, pa.string())
+        encoded = values.dictionary_encode()
+        spellings = encoded.dictionary.to_pylist()
+        ids = np.fromiter((self._id(kind, v) for v in spellings), dtype=np.int64, count=len(spellings))
+        present = np.fromiter((bool(v.strip()) for v in spellings), dtype=bool, count=len(spellings))
+        # A null cell points past the dictionary: id 0, no identifier.
+        index = encoded.indices.fill_null(len(spellings)).to_numpy(zero_copy_only=False)
+        return np.append(ids, 0)[index], np.append(present, False)[index]
+
+    def rows(self, batch: pa.RecordBatch, mapping: Mapping) -> np.ndarray:
+        """Each row's subject id: from the e-mail address when the row has one, else from the phone
+        (as at enrolment); 0 when that identifier is not valid. Phones are read only where needed."""
+        columns = mapping.pii.columns()
+        n = batch.num_rows
+        ids = np.zeros(n, dtype=np.int64)
+        has_email = np.zeros(n, dtype=bool)
+        if "email" in columns:
+            ids, has_email = self._ids(batch.column(columns["email"]), "email")
+        if "phone" in columns and not has_email.all():
+            rest = np.flatnonzero(~has_email)
+            ids[rest] = self._ids(batch.column(columns["phone"]).take(pa.array(rest)), "phone")[0]
+        self._grow()
+        return ids
 
 
 class Export:
@@ -176,15 +214,14 @@ class Export:
         self.bits = {column: attribute_bits[category] for column, category in mapping.columns.items()}
         if any(bit > _MAX_ATTRIBUTE_BIT for bit in self.bits.values()):
             raise MappingError(f"attribute bits above {_MAX_ATTRIBUTE_BIT} are not supported by the bridge")
-        self.requested = sum({1 << bit for bit in self.bits.values()})
+        requested = sum({1 << bit for bit in self.bits.values()})
         self.bridge, self.batches, self.mapping = bridge, batches, mapping
-        self.partner, self.purpose, self.permissions = partner, purpose, permissions
+        self.partner, self.purpose = partner, purpose
+        self.subjects = _Subjects(bridge, permissions, requested, mapping.default_region)
         self.request_id = os.urandom(32)
         self.stats = ExportStats(request_id="0x" + self.request_id.hex(), partner=partner, purpose=purpose_key)
         self.stats.columns = [DID_COLUMN, *mapping.columns]
-        self._logged: dict[bytes, int] = {}  # subject → attributes recorded in this export
-        self._refused: set[bytes] = set()
-        self._released_subjects: set[bytes] = set()
+        self._released = np.zeros(1, dtype=bool)
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
         started = time.perf_counter()
@@ -199,32 +236,32 @@ class Export:
                 yield from self._release(in_flight.popleft())
         while in_flight:
             yield from self._release(in_flight.popleft())
-        self.stats.subjects_released = len(self._released_subjects)
+        self.stats.subjects_released = int(np.count_nonzero(self._released))
         self.stats.seconds = time.perf_counter() - started
 
     def _prepare(self, batch: pa.RecordBatch) -> _Chunk:
-        subjects, dids = self.bridge._subjects(batch, self.mapping)
-        permissions, requested = self.permissions, self.requested
-        masks = np.fromiter(
-            (permissions.get(s, 0) & requested if s is not None else 0 for s in subjects),
-            dtype=np.int64,
-            count=len(subjects),
-        )
+        subjects = self.subjects
+        ids = subjects.rows(batch, self.mapping)
+        masks = subjects.masks[ids]
+        unidentified = int(np.count_nonzero(ids == 0))
         self.stats.rows_read += batch.num_rows
-        self.stats.rows_unidentified += sum(s is None for s in subjects)
-        self.stats.rows_not_permitted += int(np.count_nonzero(masks == 0)) - sum(s is None for s in subjects)
-        entries: list[Access] = []
-        logged = self._logged
-        for subject, mask in zip(subjects, masks.tolist(), strict=True):
-            if mask and subject is not None and subject not in logged:
-                logged[subject] = mask
-                entries.append(Access(subject, self.partner, self.purpose, mask, self.request_id))
+        self.stats.rows_unidentified += unidentified
+        self.stats.rows_not_permitted += int(np.count_nonzero(masks == 0)) - unidentified
+        # One entry per subject per export, in the chunk where the subject first appears.
+        new = np.unique(ids[masks != 0])
+        new = new[~subjects.logged[new]]
+        subjects.logged[new] = True
+        entries = [
+            Access(subjects.subjects[i], self.partner, self.purpose, int(subjects.masks[i]), self.request_id)
+            for i in new.tolist()
+        ]
         tx_hash = self.bridge.access_log.submit(entries) if entries else None
         if tx_hash is not None:
             self.stats.transactions.append(tx_hash)
-        return _Chunk(batch, dids, subjects, masks, entries, tx_hash)
+        return _Chunk(batch, ids, masks, entries, tx_hash)
 
     def _release(self, chunk: _Chunk) -> Iterator[pa.RecordBatch]:
+        subjects = self.subjects
         if chunk.tx_hash is not None:
             try:
                 receipt, events = self.bridge.access_log.settle(chunk.tx_hash, chunk.entries)
@@ -232,24 +269,30 @@ class Export:
             except LedgerError as exc:
                 raise AccessRefused(f"the access log did not record batch {chunk.tx_hash}: {exc}") from exc
             self.stats.entries_recorded += len(events)
-            for event in events:
-                if not event.permitted:
-                    self._refused.add(event.subject)
-                    self.stats.entries_refused += 1
-        refused = self._refused
-        keep = np.fromiter(
-            (s is not None and s not in refused for s in chunk.subjects), dtype=bool, count=len(chunk.subjects)
-        ) & (chunk.masks != 0)
-        self.stats.rows_refused_on_chain += int(np.count_nonzero((chunk.masks != 0) & ~keep))
+            refused = [subjects.ids[e.subject] for e in events if not e.permitted]
+            subjects.refused[refused] = True
+            self.stats.entries_refused += len(refused)
+        # Entries of earlier chunks were settled before this one's (chunks settle in order), so every
+        # subject in this chunk has a final entry by now.
+        permitted = chunk.masks != 0
+        keep = permitted & ~subjects.refused[chunk.ids]
+        self.stats.rows_refused_on_chain += int(np.count_nonzero(permitted & ~keep))
         if not keep.any():
             return
-        self._released_subjects.update(s for s, k in zip(chunk.subjects, keep.tolist(), strict=True) if k and s)
-        arrays = [pa.array(chunk.dids, pa.string())]
+        if len(self._released) < len(subjects.subjects):
+            self._released = np.concatenate(
+                [self._released, np.zeros(len(subjects.subjects) - len(self._released), dtype=bool)]
+            )
+        self._released[chunk.ids[keep]] = True
+        kept = pa.array(keep)
+        ids = chunk.ids[keep]
+        arrays = [pc.take(pa.array(subjects.dids, pa.string()), pa.array(ids))]
+        masks = chunk.masks[keep]
         for column, bit in self.bits.items():
-            values = chunk.batch.column(column)
-            allowed = pa.array((chunk.masks >> bit) & 1 == 1)
+            values = chunk.batch.column(column).filter(kept)
+            allowed = pa.array((masks >> bit) & 1 == 1)
             arrays.append(pc.if_else(allowed, values, pa.nulls(len(values), values.type)))
-        released = pa.RecordBatch.from_arrays(arrays, names=self.stats.columns).filter(pa.array(keep))
+        released = pa.RecordBatch.from_arrays(arrays, names=self.stats.columns)
         self.stats.rows_released += released.num_rows
         yield released
 
@@ -285,12 +328,3 @@ class Export:
 
     def _empty_schema(self) -> pa.Schema:
         return pa.schema([pa.field(DID_COLUMN, pa.string()), *(pa.field(c, pa.null()) for c in self.mapping.columns)])
-
-
-def _texts(batch: pa.RecordBatch, column: str | None, n: int) -> list[str | None]:
-    if column is None:
-        return [None] * n
-    values = batch.column(column)
-    if not pa.types.is_string(values.type) and not pa.types.is_large_string(values.type):
-        values = pc.cast(values, pa.string())
-    return list(values.to_pylist())

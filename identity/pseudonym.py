@@ -11,7 +11,6 @@ under another domain tag, so an index entry never equals a subject.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from dataclasses import dataclass
 
@@ -46,7 +45,7 @@ class PepperRing:
 
 
 def _mac(key: bytes, tag: bytes, kind: str, value: str) -> bytes:
-    return hmac.new(key, tag + kind.encode() + b"\x00" + value.encode("utf-8"), hashlib.sha256).digest()
+    return hmac.digest(key, tag + kind.encode() + b"\x00" + value.encode("utf-8"), "sha256")
 
 
 class Pseudonymizer:
