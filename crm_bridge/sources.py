@@ -20,29 +20,51 @@ def is_database_url(value: str) -> bool:
     return "://" in value
 
 
-def read_csv(path: Path, *, chunk_bytes: int = 8 << 20, text_columns: tuple[str, ...] = ()) -> Iterator[pa.RecordBatch]:
-    """Batches of a CSV file (header row first). `text_columns` are read as text whatever they look
-    like (phone numbers must keep their leading zeros and plus signs)."""
+def read_csv(
+    path: Path,
+    *,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    block_bytes: int = 1 << 20,
+    text_columns: tuple[str, ...] = (),
+) -> Iterator[pa.RecordBatch]:
+    """Batches of about `chunk_rows` rows of a CSV file (header row first). `text_columns` are read as
+    text whatever they look like (phone numbers must keep their leading zeros and plus signs).
+
+    Arrow's streaming reader parses a fixed number of blocks ahead of the consumer, so memory is
+    bounded by `block_bytes` (small) rather than by the file; blocks are joined into batches of
+    `chunk_rows` because each batch the bridge processes costs one transaction."""
     try:
         reader = pacsv.open_csv(
             path,
-            read_options=pacsv.ReadOptions(block_size=chunk_bytes),
+            read_options=pacsv.ReadOptions(block_size=block_bytes),
             convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(text_columns, pa.string())),
         )
     except pa.ArrowInvalid as exc:  # its message quotes the row, which may be PII
         raise SourceError(f"{path}: a row does not parse as CSV") from exc
     except OSError as exc:
         raise SourceError(f"cannot read {path}: {exc.strerror or exc.__class__.__name__}") from exc
+    pending: list[pa.RecordBatch] = []
+    rows = 0
     while True:
         try:
             batch = reader.read_next_batch()
         except StopIteration:
-            return
+            break
         except pa.ArrowInvalid as exc:
-            # Arrow's message quotes the offending row, which may be PII: say where, not what.
             raise SourceError(f"{path}: a row does not parse as CSV (or its type changed mid-file)") from exc
-        if batch.num_rows:
-            yield batch
+        pending.append(batch)
+        rows += batch.num_rows
+        if rows >= chunk_rows:
+            yield _joined(pending)
+            pending, rows = [], 0
+    if rows:
+        yield _joined(pending)
+
+
+def _joined(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
+    if len(batches) == 1:
+        return batches[0]
+    return pa.Table.from_batches(batches).combine_chunks().to_batches()[0]
 
 
 def read_table(url: str, table: str, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[pa.RecordBatch]:

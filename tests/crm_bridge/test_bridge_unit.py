@@ -189,8 +189,9 @@ def test_mapping_errors_are_clear() -> None:
 def test_sources_stream_csv_and_database_tables_in_chunks(tmp_path: Path) -> None:
     table = crm_rows(50, 40)  # 2,000 rows
     pacsv.write_csv(table, tmp_path / "crm.csv")
-    batches = list(read_csv(tmp_path / "crm.csv", chunk_bytes=16_384, text_columns=("phone",)))
-    assert len(batches) > 5  # streamed, not read whole
+    batches = list(read_csv(tmp_path / "crm.csv", chunk_rows=300, block_bytes=4_096, text_columns=("phone",)))
+    assert len(batches) == 7  # streamed, not read whole: 6 of at least 300 rows, and the rest
+    assert all(b.num_rows >= 300 for b in batches[:-1])
     assert sum(b.num_rows for b in batches) == 2_000
     assert batches[0].schema.field("phone").type == pa.string()
     engine = create_engine(f"sqlite:///{tmp_path / 'crm.db'}")
