@@ -89,7 +89,7 @@ class Bridge:
         access_log: AccessRecorder,
         *,
         confirmations: int = 1,
-        pipeline_depth: int = 3,
+        pipeline_depth: int = 8,
     ) -> None:
         self.pseudonymizer = pseudonymizer
         self.dids = dids
