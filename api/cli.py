@@ -104,11 +104,8 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
     from api.offline import Offline
 
-    offline = Offline.open(args.data_dir)
-    try:
+    with Offline.open(args.data_dir) as offline:
         result = offline.verify()
-    finally:
-        offline.close()
     print(json.dumps(asdict(result), indent=2))
     return 0 if result.ok else 1
 
@@ -125,8 +122,7 @@ def _audit_accesses(args: argparse.Namespace) -> int:
     def epoch(value: str | None) -> int | None:
         return int(datetime.fromisoformat(value).timestamp()) if value else None
 
-    offline = Offline.open(args.data_dir)
-    try:
+    with Offline.open(args.data_dir) as offline:
         catalogue, dids = offline.catalogue(), offline.dids()
         partner = catalogue.partner(args.partner) if args.partner else None
         if args.partner and partner is None:
@@ -140,8 +136,6 @@ def _audit_accesses(args: argparse.Namespace) -> int:
             limit=10**9,
         )
         entries = public_entries(dids, catalogue, rows)
-    finally:
-        offline.close()
     if args.format == "csv":
         sys.stdout.write(entries_csv(entries))
     else:

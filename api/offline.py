@@ -111,6 +111,12 @@ class Offline:
     def close(self) -> None:
         self.engine.dispose()
 
+    def __enter__(self) -> Offline:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
     def catalogue(self) -> Catalogue:
         with sessions(self.engine)() as session:
             return Catalogue(session)
