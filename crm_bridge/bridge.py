@@ -135,6 +135,7 @@ class _Subjects:
         self.masks = np.zeros(1, dtype=np.int64)  # permitted bits asked for, per id
         self.logged = np.zeros(1, dtype=bool)  # has an entry in this export
         self.refused = np.zeros(1, dtype=bool)  # the chain refused its entry
+        self.released = np.zeros(1, dtype=bool)  # some of its rows were released
         self._spellings: dict[tuple[str, str], int] = {}
 
     def _id(self, kind: str, raw: str) -> int:
@@ -164,6 +165,7 @@ class _Subjects:
         self.masks = np.concatenate([self.masks, fresh])
         self.logged = np.concatenate([self.logged, np.zeros(need - have, dtype=bool)])
         self.refused = np.concatenate([self.refused, np.zeros(need - have, dtype=bool)])
+        self.released = np.concatenate([self.released, np.zeros(need - have, dtype=bool)])
 
     def _ids(self, values: pa.Array, kind: str) -> tuple[np.ndarray, np.ndarray]:
         """Per value: the id its `kind` identifier gives, and whether there is one at all. Each
@@ -221,7 +223,6 @@ class Export:
         self.request_id = os.urandom(32)
         self.stats = ExportStats(request_id="0x" + self.request_id.hex(), partner=partner, purpose=purpose_key)
         self.stats.columns = [DID_COLUMN, *mapping.columns]
-        self._released = np.zeros(1, dtype=bool)
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
         started = time.perf_counter()
@@ -236,7 +237,7 @@ class Export:
                 yield from self._release(in_flight.popleft())
         while in_flight:
             yield from self._release(in_flight.popleft())
-        self.stats.subjects_released = int(np.count_nonzero(self._released))
+        self.stats.subjects_released = int(np.count_nonzero(self.subjects.released))
         self.stats.seconds = time.perf_counter() - started
 
     def _prepare(self, batch: pa.RecordBatch) -> _Chunk:
@@ -279,14 +280,12 @@ class Export:
         self.stats.rows_refused_on_chain += int(np.count_nonzero(permitted & ~keep))
         if not keep.any():
             return
-        if len(self._released) < len(subjects.subjects):
-            self._released = np.concatenate(
-                [self._released, np.zeros(len(subjects.subjects) - len(self._released), dtype=bool)]
-            )
-        self._released[chunk.ids[keep]] = True
-        kept = pa.array(keep)
         ids = chunk.ids[keep]
-        arrays = [pc.take(pa.array(subjects.dids, pa.string()), pa.array(ids))]
+        subjects.released[ids] = True
+        kept = pa.array(keep)
+        # The DID column: each distinct subject's DID once, then taken per row.
+        distinct, per_row = np.unique(ids, return_inverse=True)
+        arrays = [pc.take(pa.array([subjects.dids[i] for i in distinct.tolist()], pa.string()), pa.array(per_row))]
         masks = chunk.masks[keep]
         for column, bit in self.bits.items():
             values = chunk.batch.column(column).filter(kept)
