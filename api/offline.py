@@ -21,7 +21,7 @@ from api.secrets import Secrets, load_secrets
 from api.settings import ServiceSettings
 from crm_bridge.bridge import Bridge, ExportStats
 from crm_bridge.mapping import Mapping
-from crm_bridge.sources import read_source
+from crm_bridge.sources import is_database_url, read_source
 from identity.did import DidWeb
 from identity.pseudonym import Pseudonymizer
 from identity.settings import IdentitySettings
@@ -161,7 +161,7 @@ def export(
     pid = bytes(purpose_id(purpose))
     permissions = Outbox(offline.engine).permissions(partner_address, pid)
     text_columns = tuple(mapping.pii.columns().values())
-    if not (isinstance(source, str) and "://" in source) and not os.path.exists(source):
+    if not is_database_url(source) and not os.path.exists(source):
         raise ToolError(f"no such input file: {source}")
     run = offline.bridge().export(
         read_source(source, table=table, text_columns=text_columns),

@@ -23,12 +23,11 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from web3 import Web3
 from web3.types import RPCEndpoint
 
-from ledger.compiler import Artifact
-from ledger.contracts import ContractClient, RevertDecoder
+from ledger.contracts import ContractClient
 from ledger.errors import ChainError, TransactionFailed
 from ledger.events import _bytes, _hex, _int
 from ledger.store import Base, IndexerCursor, sessions
-from ledger.tx import Receipt, TxRequest, TxSender
+from ledger.tx import Receipt, TxRequest
 
 CONTRACT_NAME = "AccessLog"
 ACCESSOR_ROLE = keccak(text="ACCESSOR_ROLE")
@@ -161,11 +160,6 @@ def decode(log: dict[str, Any]) -> AccessEvent | None:
 
 class AccessLogClient(ContractClient):
     """The accessor's client: records batches, reads head and count."""
-
-    def __init__(
-        self, w3: Web3, address: ChecksumAddress, artifact: Artifact, sender: TxSender, decoder: RevertDecoder
-    ) -> None:
-        super().__init__(w3, address, artifact, sender, decoder)
 
     def head(self, block: int | None = None) -> bytes:
         return bytes(self.contract.functions.head().call(block_identifier=block))
