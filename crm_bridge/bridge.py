@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from crm_bridge.errors import AccessRefused, MappingError
 from crm_bridge.mapping import Mapping
+from crm_bridge.release import ReleaseInfo
 from identity.did import DidWeb
 from identity.errors import InvalidPII
 from identity.normalize import PII, normalize_email, normalize_phone
@@ -223,6 +224,10 @@ class Export:
         self.request_id = os.urandom(32)
         self.stats = ExportStats(request_id="0x" + self.request_id.hex(), partner=partner, purpose=purpose_key)
         self.stats.columns = [DID_COLUMN, *mapping.columns]
+        self.release = ReleaseInfo(
+            partner=partner, purpose=purpose_key, request_id=self.stats.request_id, columns=dict(mapping.columns)
+        )
+        self._metadata = self.release.metadata()
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
         started = time.perf_counter()
@@ -291,7 +296,7 @@ class Export:
             values = chunk.batch.column(column).filter(kept)
             allowed = pa.array((masks >> bit) & 1 == 1)
             arrays.append(pc.if_else(allowed, values, pa.nulls(len(values), values.type)))
-        released = pa.RecordBatch.from_arrays(arrays, names=self.stats.columns)
+        released = pa.RecordBatch.from_arrays(arrays, names=self.stats.columns).replace_schema_metadata(self._metadata)
         self.stats.rows_released += released.num_rows
         yield released
 
@@ -326,4 +331,7 @@ class Export:
         return self.stats
 
     def _empty_schema(self) -> pa.Schema:
-        return pa.schema([pa.field(DID_COLUMN, pa.string()), *(pa.field(c, pa.null()) for c in self.mapping.columns)])
+        return pa.schema(
+            [pa.field(DID_COLUMN, pa.string()), *(pa.field(c, pa.null()) for c in self.mapping.columns)],
+            metadata=self._metadata,
+        )

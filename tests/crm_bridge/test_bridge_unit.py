@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import create_engine
 
 from crm_bridge.bridge import DID_COLUMN, Bridge, ExportStats
 from crm_bridge.errors import AccessRefused, MappingError, SourceError
 from crm_bridge.mapping import Mapping
+from crm_bridge.release import ReleaseInfo
 from crm_bridge.sources import read_csv, read_source
 from identity.did import DidWeb
 from identity.normalize import PII, normalize_email
@@ -130,6 +132,31 @@ def test_only_permitted_rows_and_cells_are_released_after_their_entry_is_final()
     # Pipelined: a later chunk's batch may be sent before an earlier one settles, never released before.
     kinds = [k for k, _ in log.calls]
     assert kinds.index("submit") < kinds.index("settle") < kinds.index("final")
+
+
+def test_a_release_says_what_it_carries_through_to_its_parquet_file(tmp_path: Path) -> None:
+    bridge = Bridge(PSEUDONYMS, DIDS, MemoryLog())
+    permissions = {subject("person0@example.com"): 1 << 5}
+    export = bridge.export(
+        crm_rows(3, 2).to_batches(max_chunksize=2), MAPPING, partner="0x" + "11" * 20, purpose=bytes(32),
+        purpose_key="analytics.reporting", attribute_bits=BITS, permissions=permissions,
+    )  # fmt: skip
+    stats = export.to_parquet(tmp_path / "out.parquet")
+    info = ReleaseInfo.of(pq.read_schema(tmp_path / "out.parquet"))
+    assert info == ReleaseInfo(
+        partner="0x" + "11" * 20,
+        purpose="analytics.reporting",
+        request_id=stats.request_id,
+        columns={"amount": "user.behavior.purchase_history", "age_band": "user.demographic"},
+    )
+    assert pq.read_table(tmp_path / "out.parquet").num_rows == 2
+    # An export that releases nothing still says what it is.
+    empty = bridge.export(
+        crm_rows(1, 1).to_batches(), MAPPING, partner="0x" + "11" * 20, purpose=bytes(32),
+        purpose_key="analytics.reporting", attribute_bits=BITS, permissions={},
+    )  # fmt: skip
+    assert ReleaseInfo.of(empty.to_table().schema) == empty.release
+    assert ReleaseInfo.of(pa.schema([("did", pa.string())])) is None
 
 
 def test_a_subject_the_chain_refuses_is_never_released_in_any_chunk() -> None:
