@@ -1,0 +1,29 @@
+"""Analytics settings (environment: CONSENT_LEDGER_ANALYTICS_*)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class AnalyticsSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CONSENT_LEDGER_ANALYTICS_", extra="ignore")
+
+    k: int = Field(
+        default=10, ge=2, description="k-anonymity: no aggregate row describing fewer than k customers is output."
+    )
+    horizon_weeks: int = Field(default=52, ge=1, description="Horizon of expected purchases and lifetime value.")
+    churn_days: int = Field(
+        default=90, ge=7, description="A customer has churned if they make no order in this many days."
+    )
+    rules_sample: int = Field(
+        default=200_000, ge=1_000, description="Baskets mined for frequent itemsets (the rules found are recounted on all)."
+    )
+    min_support: float = Field(default=0.01, gt=0, lt=1, description="Minimum itemset support for rules.")
+
+
+@lru_cache
+def get_settings() -> AnalyticsSettings:
+    return AnalyticsSettings()
