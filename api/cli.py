@@ -143,6 +143,27 @@ def _audit_accesses(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analytics_report(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from crm_bridge.analytics.data import Fields, Released
+    from crm_bridge.analytics.report import METHODS, build, write
+    from crm_bridge.analytics.settings import AnalyticsSettings
+
+    settings = AnalyticsSettings() if args.k is None else AnalyticsSettings(k=args.k)  # the flag wins over the env
+    as_of = None
+    if args.as_of is not None:
+        day = datetime.fromisoformat(args.as_of).replace(tzinfo=UTC)
+        as_of = int(day.timestamp()) + 86_400  # the whole named day is observed
+    fields = Fields(timestamp=args.timestamp, amount=args.amount, basket=args.basket)
+    report = build(Released.read(args.input, fields, as_of=as_of), settings)
+    json_path, html_path = write(report, args.out)
+    for refused in report["refused"]:
+        print(f"not run: {refused['reason']}", file=sys.stderr)
+    print(f"{html_path}\n{json_path}")
+    return 0 if any(name in report for name in METHODS) else 1
+
+
 def _compile(_args: argparse.Namespace) -> int:
     from ledger.compiler import compile_contracts
 
@@ -202,6 +223,20 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--format", choices=["json", "csv"], default="json")
     listing.add_argument("--data-dir", type=Path, help="state directory of the running service (default ./var)")
     listing.set_defaults(handler=_audit_accesses)
+
+    analytics = commands.add_parser("analytics", help="analyses of released data (never raw CRM data)")
+    analytics_commands = analytics.add_subparsers(dest="analytics_command", required=True)
+    report = analytics_commands.add_parser(
+        "report", help="RFM segments, association rules, lifetime value, churn: report.html and report.json"
+    )
+    report.add_argument("--input", required=True, type=Path, help="a Parquet file `bridge export` wrote")
+    report.add_argument("--out", required=True, type=Path, help="directory for report.html and report.json")
+    report.add_argument("--k", type=int, help="k-anonymity of every output row (default: CONSENT_LEDGER_ANALYTICS_K)")
+    report.add_argument("--as-of", help="analyse up to the end of this day (YYYY-MM-DD; default: the last order's)")
+    report.add_argument("--timestamp", default="order_ts", help="column holding the order time")
+    report.add_argument("--amount", default="amount", help="column holding the order value")
+    report.add_argument("--basket", default="products", help="column holding the products (';'-separated)")
+    report.set_defaults(handler=_analytics_report)
 
     compile_ = commands.add_parser("compile", help="compile the contracts (cached) and list them")
     compile_.set_defaults(handler=_compile)

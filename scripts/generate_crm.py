@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 FIRST = [
@@ -162,11 +164,14 @@ def make_orders(rng: np.random.Generator, customers: Customers, first_order: int
     times: list[np.ndarray] = []
     t = first_week.copy()
     alive = np.ones(n, dtype=bool)
+    first = True
     while alive.any():
         idx = np.flatnonzero(alive)
         customer_idx.append(idx)
         times.append(t[idx])
-        leaves = rng.random(len(idx)) < dropout[idx]
+        # BG/NBD: a customer may leave after each repeat purchase (not right after the first).
+        leaves = np.zeros(len(idx), dtype=bool) if first else rng.random(len(idx)) < dropout[idx]
+        first = False
         t[idx] += rng.exponential(1.0 / rate[idx])
         alive[idx] = ~leaves & (t[idx] < WEEKS)
     who = np.concatenate(customer_idx)
@@ -209,21 +214,46 @@ def make_orders(rng: np.random.Generator, customers: Customers, first_order: int
     )
 
 
-def generate(rows: int, seed: int, block_customers: int = 20_000) -> Iterator[tuple[pa.Table, pa.Table]]:
-    """(customers, orders) blocks until `rows` orders are made; the last block is cut to size."""
+def generate(
+    rows: int | None, seed: int, block_customers: int = 20_000, *, customers: int | None = None
+) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """(customers, orders) blocks until `rows` orders are made (the last block is cut to size), or
+    until `customers` customers are made (whole histories)."""
+    if (rows is None) == (customers is None):
+        raise ValueError("give rows or customers")
     rng = np.random.default_rng(seed)
     made, next_customer, next_order = 0, 1, 1
-    while made < rows:
-        customers = make_customers(rng, next_customer, block_customers)
-        orders = make_orders(rng, customers, next_order)
-        orders = orders.slice(0, rows - made)
+    while made < (rows or 0) or next_customer <= (customers or 0):
+        size = block_customers if customers is None else min(block_customers, customers - next_customer + 1)
+        people = make_customers(rng, next_customer, size)
+        orders = make_orders(rng, people, next_order)
+        if rows is not None:
+            orders = orders.slice(0, rows - made)
         buyers = set(orders.column("customer_id").to_pylist())
-        table = customers.table()
+        table = people.table()
         table = table.filter(pa.array([c in buyers for c in table.column("customer_id").to_pylist()]))
         yield table, orders
         made += orders.num_rows
-        next_customer += block_customers
+        next_customer += size
         next_order += orders.num_rows
+
+
+RELEASED = ["order_id", "order_ts", "amount", "products", "channel", "age_band", "gender", "region"]
+
+
+def released(customers: int, seed: int, *, purpose: str = "analytics.reporting") -> Iterator[pa.Table]:
+    """What `bridge export` releases when every customer consented to every mapped column, in blocks:
+    for analytics' tests and benchmarks, without a chain (the bridge itself is tested and measured
+    on one). DIDs are made from the CRM's customer id; no PII column is included."""
+    from crm_bridge.mapping import Mapping
+    from crm_bridge.release import ReleaseInfo
+
+    columns = dict(Mapping.parse(tomllib.loads(MAPPING)).columns)
+    info = ReleaseInfo(partner="0x" + "00" * 19 + "01", purpose=purpose, request_id="0x" + "00" * 32, columns=columns)
+    for _people, orders in generate(None, seed, customers=customers):
+        did = pc.binary_join_element_wise("did:web:crm.example:c", orders.column("customer_id").cast(pa.string()), "")
+        table = pa.table({"did": did, **{c: orders.column(c) for c in RELEASED}})
+        yield table.replace_schema_metadata(info.metadata())
 
 
 def write(out_dir: Path, rows: int, seed: int, *, sqlite: bool = False) -> dict[str, int]:

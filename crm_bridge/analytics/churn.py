@@ -161,7 +161,5 @@ def analyse(released: Released, disclosure: Disclosure, days: int, seed: int = 0
         "recency_roc_auc": figure(recency_auc),
         "brier": figure(brier_score_loss(y, risk)),
         "calibration": disclosure.table(["risk_decile", "customers", "mean_predicted", "observed_rate"], calibration),
-        "gains": disclosure.table(
-            ["top_deciles", "customers", "share_targeted_pct", "share_of_churners_pct"], gains
-        ),
+        "gains": disclosure.table(["top_deciles", "customers", "share_targeted_pct", "share_of_churners_pct"], gains),
     }

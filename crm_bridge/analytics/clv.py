@@ -87,7 +87,7 @@ class BgNbd:
     @classmethod
     def fit(cls, x: np.ndarray, t_x: np.ndarray, T: np.ndarray) -> BgNbd:
         n = len(x)
-        ux, inv, cnt = np.unique(x, return_inverse=True, return_counts=True)
+        ux, cnt = np.unique(x, return_counts=True)
         repeat = x > 0
         bx1_safe = np.where(repeat, x - 1, 0.0)
 
@@ -143,7 +143,8 @@ class BgNbd:
                 * (1 - ((alpha + T) / (alpha + T + t)) ** (r + x) * hyp)
                 / (1 + self._ratio(x, t_x, T))
             )
-        return np.nan_to_num(value, nan=0.0, posinf=0.0)
+        expected: np.ndarray = np.nan_to_num(value, nan=0.0, posinf=0.0)
+        return expected
 
     def expected_new_customer(self, t: float) -> float:
         """E[X(t)] for a new customer (FHL 2005, eq. 7)."""
@@ -166,8 +167,8 @@ class GammaGamma:
         if np.any(x <= 0) or np.any(m <= 0):
             raise ValueError("Gamma-Gamma is fitted on customers with x > 0 and a positive mean value")
         n = len(x)
-        ux, inv, cnt = np.unique(x, return_inverse=True, return_counts=True)
-        ln_m, ln_x, sum_x_ln_xm = np.log(m), np.log(x), x @ (np.log(x) + np.log(m))
+        ux, cnt = np.unique(x, return_counts=True)
+        ln_m, sum_x_ln_xm = np.log(m), x @ (np.log(x) + np.log(m))
         sum_ln_m = ln_m.sum()
 
         def nll(theta: np.ndarray) -> tuple[float, np.ndarray]:
@@ -188,7 +189,6 @@ class GammaGamma:
             grad = np.array([d_p, d_q, d_g]) * np.array([p, q, g])
             return -ll / n, -grad / n
 
-        del ln_x
         (p, q, g), f = _fit(nll, np.zeros(3), "Gamma-Gamma")
         return cls(float(p), float(q), float(g), -f * n, n)
 
@@ -200,7 +200,8 @@ class GammaGamma:
         """E[M | x, m]: a customer's expected transaction value (the population mean where x = 0)."""
         with np.errstate(invalid="ignore", divide="ignore"):
             conditional = self.p * (self.gamma + m * x) / (self.p * x + self.q - 1)
-        return np.where(x > 0, conditional, self.mean_spend())
+        spend: np.ndarray = np.where(x > 0, conditional, self.mean_spend())
+        return spend
 
 
 def requirement(released: Released) -> Requirement:
@@ -280,7 +281,5 @@ def analyse(released: Released, disclosure: Disclosure, horizon_weeks: int) -> d
         "distribution": disclosure.table(
             ["decile", "customers", "min_value", "max_value", "mean_value", "total_value"], distribution
         ),
-        "p_alive": disclosure.table(
-            ["p_alive_from", "p_alive_to", "customers", "mean_expected_purchases"], alive_rows
-        ),
+        "p_alive": disclosure.table(["p_alive_from", "p_alive_to", "customers", "mean_expected_purchases"], alive_rows),
     }

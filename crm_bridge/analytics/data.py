@@ -65,10 +65,12 @@ class Orders:
         return len(self.dids)
 
     def first_ts(self) -> np.ndarray:
-        return self.ts[self.starts]
+        first: np.ndarray = self.ts[self.starts]
+        return first
 
     def last_ts(self) -> np.ndarray:
-        return self.ts[self.starts + self.counts - 1]
+        last: np.ndarray = self.ts[self.starts + self.counts - 1]
+        return last
 
     def total(self) -> np.ndarray:
         return np.bincount(self.customer, weights=self.amount, minlength=self.customers)
@@ -127,7 +129,9 @@ class Released:
             ts_col = pc.cast(ts_col, pa.timestamp("s", ts_col.type.tz)).cast(pa.int64())
         ts = ts_col.to_numpy(zero_copy_only=False)
         amount_col = self.table.column(f.amount)
-        valid = ~(pc.is_null(ts_col).to_numpy(zero_copy_only=False) | pc.is_null(amount_col).to_numpy(zero_copy_only=False))
+        valid = ~(
+            pc.is_null(ts_col).to_numpy(zero_copy_only=False) | pc.is_null(amount_col).to_numpy(zero_copy_only=False)
+        )
         amount = pc.fill_null(pc.cast(amount_col, pa.float64()), 0.0).to_numpy(zero_copy_only=False)
         did = self.table.column(DID)
         if not pa.types.is_dictionary(did.type):

@@ -17,7 +17,12 @@ class ConsentMissing(AnalyticsError):
     """Raised when a method needs attributes (or a purpose) that the release does not carry."""
 
     def __init__(self, method: str, purpose: str, attributes: list[str], released_purpose: str) -> None:
-        self.method, self.purpose, self.attributes, self.released_purpose = method, purpose, attributes, released_purpose
+        self.method, self.purpose, self.attributes, self.released_purpose = (
+            method,
+            purpose,
+            attributes,
+            released_purpose,
+        )
         needs = f"purpose {purpose!r}" + (f" with attributes {', '.join(attributes)}" if attributes else "")
         super().__init__(
             f"{method} needs consent for {needs}; the release (for {released_purpose!r}) does not carry it"

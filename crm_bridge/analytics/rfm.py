@@ -115,4 +115,3 @@ def analyse(released: Released, disclosure: Disclosure) -> dict[str, Any]:
         "segments": segments,
         "heatmap": disclosure.table(["r", "f", "customers", "mean_spend"], heat),
     }
-

@@ -19,7 +19,9 @@ class AnalyticsSettings(BaseSettings):
         default=90, ge=7, description="A customer has churned if they make no order in this many days."
     )
     rules_sample: int = Field(
-        default=200_000, ge=1_000, description="Baskets mined for frequent itemsets (the rules found are recounted on all)."
+        default=200_000,
+        ge=1_000,
+        description="Baskets mined for frequent itemsets (the rules found are recounted on all).",
     )
     min_support: float = Field(default=0.01, gt=0, lt=1, description="Minimum itemset support for rules.")
 
