@@ -1,0 +1,127 @@
+"""The report: report.json holds every number report.html shows; nothing in either describes fewer
+than k customers or names one; the command line writes both and says what it refused."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from crm_bridge.analytics.data import Released
+from crm_bridge.analytics.report import build, write
+from crm_bridge.analytics.settings import AnalyticsSettings
+from ledger.settings import PROJECT_ROOT
+from tests.crm_bridge.analytics.conftest import restrict
+
+
+@pytest.fixture(scope="module")
+def written(generated: pa.Table, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    out = tmp_path_factory.mktemp("report")
+    report = build(Released(generated), AnalyticsSettings(k=25, rules_sample=20_000))
+    write(report, out)
+    return report, out
+
+
+def _numbers(value: Any) -> set[float]:
+    if isinstance(value, bool):
+        return set()
+    if isinstance(value, int | float):
+        return {float(value)}
+    if isinstance(value, dict):
+        return set().union(*(_numbers(v) for v in value.values())) if value else set()
+    if isinstance(value, list):
+        return set().union(*(_numbers(v) for v in value)) if value else set()
+    return set()
+
+
+def _tables(value: Any) -> list[dict[str, Any]]:
+    if isinstance(value, dict):
+        found = [value] if "suppressed_rows" in value else []
+        return found + [t for v in value.values() for t in _tables(v)]
+    if isinstance(value, list):
+        return [t for v in value for t in _tables(v)]
+    return []
+
+
+def test_every_method_runs_and_the_json_is_the_report(written: tuple[dict[str, Any], Path]) -> None:
+    report, out = written
+    assert json.loads((out / "report.json").read_text()) == report
+    assert report["refused"] == []
+    for method in ("rfm", "rules", "clv", "churn"):
+        assert method in report
+    assert report["input"]["customers"] == 5_000
+    assert report["release"]["purpose"] == "analytics.reporting"
+
+
+def test_no_output_row_describes_fewer_than_k_customers_or_names_one(
+    written: tuple[dict[str, Any], Path], generated: pa.Table
+) -> None:
+    report, out = written
+    tables = _tables(report)
+    assert len(tables) == 7  # segments, heat map, rules, CLV deciles, p(alive), churn calibration and gains
+    for table in tables:
+        assert all(row["customers"] >= report["k"] for row in table["rows"])
+    text = (out / "report.json").read_text() + (out / "report.html").read_text()
+    assert "did:" not in text
+    assert not any(did in text for did in generated.column("did").unique().to_pylist()[:500])
+
+
+def test_the_html_shows_the_jsons_numbers_and_its_plots(written: tuple[dict[str, Any], Path]) -> None:
+    report, out = written
+    html = (out / "report.html").read_text()
+    assert html.count("<svg") == 5  # segments, RFM heat map, rules, CLV, churn
+    for caption in ("Customers per RFM segment", "RFM heat map", "Top association rules", "lifetime value", "gains"):
+        assert re.search(f"<figcaption>[^<]*{caption}", html), caption
+    text = re.sub(r"<svg.*?</svg>", "", html, flags=re.S)
+    cells = re.findall(r"<(?:td|dd|span|strong)[^>]*>([^<]*)</", text)
+    numeric = [float(c) for c in cells if re.fullmatch(r"-?\d+(\.\d+)?(e-?\d+)?", c.strip())]
+    assert len(numeric) > 150
+    assert set(numeric) <= _numbers(report)
+    # The fitted parameters are on the page.
+    assert f"<td>{json.dumps(report['clv']['bgnbd']['r'])}</td>" in text
+    assert f"<strong>{json.dumps(report['churn']['roc_auc'])}</strong>" in text
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "api.cli", "analytics", "report", *args],
+        capture_output=True, text=True, timeout=300, check=False, cwd=PROJECT_ROOT,
+    )  # fmt: skip
+
+
+def test_the_command_line_writes_the_report_and_says_what_it_refused(generated: pa.Table, tmp_path: Path) -> None:
+    # Demographics withheld and no basket column: everything runs but association rules.
+    partial = restrict(generated, drop=("products",))
+    pq.write_table(partial, tmp_path / "released.parquet")
+    done = _cli("--input", str(tmp_path / "released.parquet"), "--out", str(tmp_path / "out"), "--k", "20")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(tmp_path / "out" / "report.html"), str(tmp_path / "out" / "report.json")]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["k"] == 20
+    assert [r["method"] for r in report["refused"]] == ["association rules"]
+    assert report["refused"][0]["attributes"] == ["user.behavior.purchase_history"]
+    assert "association rules needs consent" in done.stderr
+    assert "association rules needs consent" in (tmp_path / "out" / "report.html").read_text()
+    assert {"rfm", "clv", "churn"} <= set(report)
+
+
+def test_the_command_line_refuses_what_it_may_not_read(generated: pa.Table, tmp_path: Path) -> None:
+    pq.write_table(restrict(generated, purpose="marketing.communications.email"), tmp_path / "other.parquet")
+    done = _cli("--input", str(tmp_path / "other.parquet"), "--out", str(tmp_path / "out"))
+    assert done.returncode == 1  # nothing ran
+    assert done.stderr.count("needs consent for purpose 'analytics.reporting'") == 4
+    pq.write_table(generated.replace_schema_metadata(None), tmp_path / "raw.parquet")
+    raw = _cli("--input", str(tmp_path / "raw.parquet"), "--out", str(tmp_path / "raw"))
+    assert raw.returncode == 2
+    assert "release metadata" in raw.stderr
+    assert not (tmp_path / "raw").exists()
+    bad_k = _cli("--input", str(tmp_path / "other.parquet"), "--out", str(tmp_path / "k"), "--k", "1")
+    assert bad_k.returncode == 2
+    assert "k" in bad_k.stderr
