@@ -37,3 +37,24 @@ def test_packages_import_only_downwards(package: str) -> None:
         if name != package and name not in ALLOWED[package]
     }
     assert not violations
+
+
+def test_analytics_reads_only_what_the_bridge_released() -> None:
+    """crm_bridge.analytics takes released tables: it may not reach raw CRM data (sources, the bridge),
+    identity (PII) or the ledger."""
+    allowed = {"crm_bridge.release", "crm_bridge.errors"}
+    violations = set()
+    for path in (PROJECT_ROOT / "crm_bridge" / "analytics").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module]
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                else []
+            )
+            for name in names:
+                ours = name.split(".")[0] in ALLOWED
+                if ours and not name.startswith("crm_bridge.analytics") and name not in allowed:
+                    violations.add(f"{path.relative_to(PROJECT_ROOT)} imports {name}")
+    assert not violations

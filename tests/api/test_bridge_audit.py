@@ -323,6 +323,7 @@ def test_the_command_line_exports_from_csv_and_from_a_database_and_verifies(
         "CONSENT_LEDGER_PORT": str(service.runtime.service.port),
     }
     command = [sys.executable, "-m", "api.cli"]
+    exported: dict[str, Any] = {}
     for name, source in (
         ("csv", ["--input", str(crm.orders)]),
         ("db", ["--input", f"sqlite:///{tmp_path / 'db' / 'crm.db'}", "--table", "orders"]),
@@ -334,10 +335,23 @@ def test_the_command_line_exports_from_csv_and_from_a_database_and_verifies(
             env=env, capture_output=True, text=True, timeout=120, check=False, cwd=PROJECT_ROOT,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
-        stats = json.loads(done.stdout)
+        stats = exported[name] = json.loads(done.stdout)
         table = pq.read_table(out)
         assert stats["rows_released"] == table.num_rows > 0
         assert set(table.column(DID_COLUMN).to_pylist()) <= {c.did for c in crm.customers[:4]}  # those who granted
+    # Analytics takes the released file as it is: the release says what it may be used for.
+    analysed = subprocess.run(
+        [*command, "analytics", "report", "--input", str(tmp_path / "csv.parquet"), "--out", str(tmp_path / "report"),
+         "--k", "2"],
+        env=env, capture_output=True, text=True, timeout=300, check=False, cwd=PROJECT_ROOT,
+    )  # fmt: skip
+    assert analysed.returncode == 0, analysed.stderr
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    released = pq.read_table(tmp_path / "csv.parquet")
+    assert report["release"]["request_id"] == exported["csv"]["request_id"]
+    assert report["release"]["purpose"] == PURPOSE
+    assert report["rfm"]["customers"] == len(set(released.column(DID_COLUMN).to_pylist()))
+    assert (tmp_path / "report" / "report.html").read_text().count("<svg") >= 2
     verified = subprocess.run(
         [*command, "audit", "verify"], env=env, capture_output=True, text=True, timeout=120, check=False,
         cwd=PROJECT_ROOT,

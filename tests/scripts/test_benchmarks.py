@@ -81,3 +81,15 @@ def test_bench_bridge_quick_reports_its_figures() -> None:
     assert figures["entries_ratio"] == pytest.approx(
         figures["entries_per_s"] / figures["baseline_entries_per_s"], rel=0.01
     )
+
+
+@pytest.mark.slow
+def test_bench_analytics_quick_reports_its_figures() -> None:
+    figures = quick_figures("bench_analytics.py", timeout=900)
+    assert figures["orders_20k"] > 100_000
+    assert figures["report_seconds_20k"] > 0
+    assert figures["peak_rss_mb_20k"] > 0
+    assert figures["customers_per_s_20k"] == pytest.approx(20_000 / figures["report_seconds_20k"], rel=0.01)
+    assert figures["clv_fit_ratio"] == pytest.approx(
+        figures["baseline_clv_fit_seconds"] / figures["clv_fit_seconds"], rel=0.05
+    )
