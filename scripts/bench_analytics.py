@@ -33,9 +33,9 @@ from scipy.special import betaln, gammaln
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from crm_bridge.analytics import clv  # noqa: E402
-from crm_bridge.analytics.data import Released  # noqa: E402
-from scripts import generate_crm  # noqa: E402
+from crm_bridge.analytics import clv
+from crm_bridge.analytics.data import Released
+from scripts import generate_crm
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -91,13 +91,13 @@ def baseline_clv(release: Path) -> tuple[float, tuple[float, ...]]:
     end = daily["day"].max()
     x = (per["size"] - 1).to_numpy(np.float64)
     t_x = ((per["max"] - per["min"]).dt.days / 7).to_numpy()
-    T = ((end - per["min"]).dt.days / 7).to_numpy()
+    age = ((end - per["min"]).dt.days / 7).to_numpy()
 
     def nll(theta: np.ndarray) -> float:
         r, alpha, a, b = np.exp(theta)
         a1 = gammaln(r + x) - gammaln(r) + r * np.log(alpha)
         a2 = betaln(a, b + x) - betaln(a, b)
-        a3 = -(r + x) * np.log(alpha + T)
+        a3 = -(r + x) * np.log(alpha + age)
         with np.errstate(divide="ignore", invalid="ignore"):
             a4 = np.where(x > 0, np.log(a) - np.log(b + x - 1) - (r + x) * np.log(alpha + t_x), -np.inf)
         return float(-(a1 + a2 + np.logaddexp(a3, a4)).sum() / len(x))
