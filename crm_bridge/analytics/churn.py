@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.frozen import FrozenEstimator
@@ -79,16 +78,12 @@ def _profile(released: Released, orders: Orders) -> tuple[np.ndarray, list[str]]
     columns = released.profile_columns()
     if not columns:
         return np.zeros((orders.customers, 0)), []
-    first_rows = orders.starts
     out = np.full((orders.customers, len(columns)), np.nan)
     for j, name in enumerate(columns):
-        values = released.column_for_orders(name).take(pa.array(first_rows))
-        encoded = values.dictionary_encode() if not pa.types.is_dictionary(values.type) else values
-        if isinstance(encoded, pa.ChunkedArray):
-            encoded = encoded.combine_chunks()
-        codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.float64)
-        codes[np.asarray(encoded.is_null())] = np.nan
-        out[:, j] = codes
+        codes, _values = released.codes_for_orders(name)
+        first = codes[orders.starts].astype(np.float64)  # the customer's value on their first order
+        first[first < 0] = np.nan
+        out[:, j] = first
     return out, columns
 
 

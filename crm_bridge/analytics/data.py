@@ -76,32 +76,63 @@ class Orders:
         return np.bincount(self.customer, weights=self.amount, minlength=self.customers)
 
 
-class Released:
-    """A table the bridge released (Parquet file or Arrow table), checked for its release metadata."""
+def dictionary_codes(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """(per-row code, distinct values) of a column; nulls get code -1. Dictionary-encoded columns
+    (as `Released` reads string columns) are taken as they are, without decoding a string per row."""
+    if isinstance(column, pa.Array):
+        column = pa.chunked_array([column])
+    if not pa.types.is_dictionary(column.type):
+        column = pc.dictionary_encode(column)
+    column = column.unify_dictionaries()
+    if column.num_chunks == 0:
+        return np.zeros(0, np.int64), pa.array([], column.type.value_type)
+    dictionary = column.chunk(0).dictionary
+    codes = np.concatenate(
+        [pc.fill_null(c.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64) for c in column.chunks]
+    )
+    return codes, dictionary
 
-    def __init__(self, table: pa.Table, fields: Fields | None = None, *, as_of: int | None = None) -> None:
-        info = ReleaseInfo.of(table.schema)
+
+class Released:
+    """A table the bridge released (a Parquet file, or an Arrow table), checked for its release
+    metadata. Columns are read when a method needs them, string columns dictionary-encoded: a million
+    customers' orders are a few hundred MB of arrays, not gigabytes of strings."""
+
+    def __init__(self, source: pa.Table | Path, fields: Fields | None = None, *, as_of: int | None = None) -> None:
+        if isinstance(source, pa.Table):
+            schema, self._table, self._path = source.schema, source, None
+        else:
+            try:
+                schema = pq.read_schema(source)
+            except (OSError, pa.ArrowInvalid) as exc:
+                raise NotAReleasedTable(f"cannot read {source}: {exc}") from exc
+            self._table, self._path = None, source
+        info = ReleaseInfo.of(schema)
         if info is None:
             raise NotAReleasedTable(
                 "the input carries no release metadata: analytics takes only tables `bridge export` released"
             )
-        if DID not in table.column_names:
+        if DID not in schema.names:
             raise NotAReleasedTable(f"the input has no {DID!r} column")
-        self.info, self.table, self.fields, self._as_of = info, table, fields or Fields(), as_of
+        self.info, self.schema, self.fields, self._as_of = info, schema, fields or Fields(), as_of
 
     @classmethod
     def read(cls, path: Path, fields: Fields | None = None, *, as_of: int | None = None) -> Released:
-        try:
-            table = pq.read_table(path, read_dictionary=[DID])
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise NotAReleasedTable(f"cannot read {path}: {exc}") from exc
-        return cls(table, fields, as_of=as_of)
+        return cls(path, fields, as_of=as_of)
+
+    def _column(self, name: str) -> pa.ChunkedArray:
+        if self._table is not None:
+            return self._table.column(name)
+        field = self.schema.field(name)
+        text = pa.types.is_string(field.type) or pa.types.is_large_string(field.type)
+        table = pq.read_table(self._path, columns=[name], read_dictionary=[name] if text else None)
+        return table.column(name)
 
     # consent ------------------------------------------------------------------------------------
 
     def released(self, column: str, category: str) -> bool:
         """Whether the release carries `column` as an attribute of `category`."""
-        return self.info.columns.get(column) == category and column in self.table.column_names
+        return self.info.columns.get(column) == category and column in self.schema.names
 
     def require(self, requirement: Requirement) -> None:
         """Raise ConsentMissing unless the release was for an analytics purpose and carries the columns."""
@@ -124,34 +155,27 @@ class Released:
     @cached_property
     def orders(self) -> Orders:
         f = self.fields
-        ts_col = self.table.column(f.timestamp)
+        ts_col = self._column(f.timestamp)
         if pa.types.is_timestamp(ts_col.type):
             ts_col = pc.cast(ts_col, pa.timestamp("s", ts_col.type.tz)).cast(pa.int64())
-        ts = ts_col.to_numpy(zero_copy_only=False)
-        amount_col = self.table.column(f.amount)
-        valid = ~(
-            pc.is_null(ts_col).to_numpy(zero_copy_only=False) | pc.is_null(amount_col).to_numpy(zero_copy_only=False)
-        )
+        valid = ~pc.is_null(ts_col).to_numpy(zero_copy_only=False)
+        ts = pc.fill_null(ts_col, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        del ts_col
+        amount_col = self._column(f.amount)
+        valid &= ~pc.is_null(amount_col).to_numpy(zero_copy_only=False)
         amount = pc.fill_null(pc.cast(amount_col, pa.float64()), 0.0).to_numpy(zero_copy_only=False)
-        did = self.table.column(DID)
-        if not pa.types.is_dictionary(did.type):
-            did = pc.dictionary_encode(did)
-        did = did.unify_dictionaries()
-        dictionary = did.chunk(0).dictionary if did.num_chunks else pa.array([], pa.string())
-        codes = (
-            np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in did.chunks]).astype(np.int64)
-            if did.num_chunks
-            else np.zeros(0, np.int64)
-        )
+        del amount_col
+        codes, dictionary = dictionary_codes(self._column(DID))
+        valid &= codes >= 0
         if self._as_of is not None:
             valid &= ts < self._as_of  # orders after the analysis time are the future
         rows = np.flatnonzero(valid)
-        codes, ts = codes[rows], ts[rows].astype(np.int64)
+        codes, ts, amount = codes[rows], ts[rows], amount[rows]
         # Renumber the customers present (a customer whose cells were all withheld is not one here).
         present, codes = np.unique(codes, return_inverse=True)
         base = int(ts.min()) if len(ts) else 0
         if len(ts) and int(ts.max()) - base < 1 << 32:
-            order = np.argsort((codes << 32) | (ts - base))  # one int64 sort: a lexsort's speed x3
+            order = np.argsort((codes.astype(np.int64) << 32) | (ts - base))  # one int64 sort: a lexsort's speed x3
         else:
             order = np.lexsort((ts, codes))
         as_of = self._as_of if self._as_of is not None else (int(ts.max()) // DAY + 1) * DAY if len(ts) else 0
@@ -159,14 +183,16 @@ class Released:
             dids=dictionary.take(pa.array(present)),
             customer=codes[order],
             ts=ts[order],
-            amount=amount[rows][order],
+            amount=amount[order],
             rows=rows[order],
             as_of=as_of,
         )
 
-    def column_for_orders(self, name: str) -> pa.Array:
-        """A released column, aligned with `orders` (one value per order, in its order)."""
-        return self.table.column(name).take(pa.array(self.orders.rows))
+    def codes_for_orders(self, name: str) -> tuple[np.ndarray, pa.Array]:
+        """A released column aligned with `orders` (one value per order, in its order), as
+        (per-order code into the distinct values, distinct values); -1 for a null."""
+        codes, dictionary = dictionary_codes(self._column(name))
+        return codes[self.orders.rows], dictionary
 
 
 def figure(value: float, digits: int = 4) -> float:

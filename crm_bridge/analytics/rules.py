@@ -9,6 +9,7 @@ candidate rules rests on the sample.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,24 +28,43 @@ def requirement(released: Released) -> Requirement:
     return Requirement("association rules", (released.fields.basket, released.fields.timestamp, released.fields.amount))
 
 
-def baskets(released: Released) -> tuple[np.ndarray, list[str]]:
-    """A boolean matrix (order × product) and the product names."""
-    column = released.column_for_orders(released.fields.basket)
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    lists = pc.split_pattern(pc.fill_null(column.cast(pa.string()), ""), released.fields.basket_separator)
+@dataclass(frozen=True)
+class Baskets:
+    """Each order's basket as an index into the distinct baskets, each of those a row of products."""
+
+    distinct: np.ndarray  # bool (distinct basket × product); the last row is the empty basket
+    of_order: np.ndarray  # per order: its row in `distinct`
+    products: list[str]
+
+    def matrix(self, orders: np.ndarray | None = None) -> np.ndarray:
+        """The (order × product) matrix, for all orders or the given ones."""
+        picked: np.ndarray = self.distinct[self.of_order if orders is None else self.of_order[orders]]
+        return picked
+
+    def containing(self, products: list[str]) -> np.ndarray:
+        """Per order: whether its basket holds every one of `products`."""
+        columns = [self.products.index(p) for p in products]
+        per_basket: np.ndarray = np.all(self.distinct[:, columns], axis=1)
+        hit: np.ndarray = per_basket[self.of_order]
+        return hit
+
+
+def baskets(released: Released) -> Baskets:
+    """The orders' baskets: the products column split once per distinct basket, not once per order."""
+    of_order, dictionary = released.codes_for_orders(released.fields.basket)
+    lists = pc.split_pattern(pc.fill_null(dictionary.cast(pa.string()), ""), released.fields.basket_separator)
     items = pc.utf8_trim_whitespace(lists.flatten())
     encoded = pc.dictionary_encode(items)
     names = encoded.dictionary.to_pylist()
     lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
     row = np.repeat(np.arange(len(lengths)), lengths)
     code = encoded.indices.to_numpy(zero_copy_only=False)
-    keep = np.array([bool(n) for n in names])[code] if len(code) else np.zeros(0, dtype=bool)
-    matrix = np.zeros((len(lengths), len(names)), dtype=bool)
-    matrix[row[keep], code[keep]] = True
-    used = [i for i, n in enumerate(names) if n]
-    order = sorted(used, key=lambda i: names[i])
-    return matrix[:, order], [names[i] for i in order]
+    keep = np.array([bool(n) for n in names], dtype=bool)[code] if len(code) else np.zeros(0, dtype=bool)
+    distinct = np.zeros((len(lengths) + 1, len(names)), dtype=bool)  # + the empty basket (a null cell)
+    distinct[row[keep], code[keep]] = True
+    order = sorted((i for i, n in enumerate(names) if n), key=lambda i: names[i])
+    of_order = np.where(of_order < 0, len(lengths), of_order)
+    return Baskets(distinct[:, order], of_order, [names[i] for i in order])
 
 
 def analyse(
@@ -60,28 +80,28 @@ def analyse(
     released.require(requirement(released))
     orders = released.orders
     disclosure.population("association rules", orders.customers)
-    matrix, names = baskets(released)
-    n = len(matrix)
-    mined = matrix
-    if n > sample:
-        mined = matrix[np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))]
-    frame = pd.DataFrame(mined, columns=names)
+    found_baskets = baskets(released)
+    n = len(found_baskets.of_order)
+    picked = None if n <= sample else np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))
+    frame = pd.DataFrame(found_baskets.matrix(picked), columns=found_baskets.products)
+    mined = len(frame)
     itemsets = fpgrowth(frame, min_support=min_support, use_colnames=True, max_len=4)
+    del frame
     rows: list[dict[str, Any]] = []
     if len(itemsets) and itemsets["itemsets"].map(len).max() > 1:
         found = association_rules(itemsets, metric="confidence", min_threshold=min_confidence)
         found = found.sort_values(["lift", "support"], ascending=False).head(top * 3)
-        column = {name: i for i, name in enumerate(names)}
-        customer = orders.customer
         for antecedents, consequents in zip(found["antecedents"], found["consequents"], strict=True):
-            rows.append(_exact(matrix, customer, orders.customers, column, sorted(antecedents), sorted(consequents)))
+            rows.append(
+                _exact(found_baskets, orders.customer, orders.customers, sorted(antecedents), sorted(consequents))
+            )
     rows.sort(key=lambda r: (-r["lift"], -r["support"], r["antecedents"], r["consequents"]))
     table = disclosure.table(RULE_COLUMNS, rows)
     table["rows"] = table["rows"][:top]
     return {
         "baskets": n,
-        "baskets_mined": len(mined),
-        "products": len(names),
+        "baskets_mined": mined,
+        "products": len(found_baskets.products),
         "min_support": min_support,
         "frequent_itemsets": len(itemsets),
         "rules": table,
@@ -89,18 +109,15 @@ def analyse(
 
 
 def _exact(
-    matrix: np.ndarray,
-    customer: np.ndarray,
-    customers: int,
-    column: dict[str, int],
-    antecedents: list[str],
-    consequents: list[str],
+    found: Baskets, customer: np.ndarray, customers: int, antecedents: list[str], consequents: list[str]
 ) -> dict[str, Any]:
-    both = matrix[:, [column[i] for i in antecedents + consequents]].all(axis=1)
-    lhs = matrix[:, [column[i] for i in antecedents]].all(axis=1)
-    rhs = matrix[:, [column[i] for i in consequents]].all(axis=1)
-    n = len(matrix)
-    n_both, n_lhs, n_rhs = int(both.sum()), int(lhs.sum()), int(rhs.sum())
+    both = found.containing(antecedents + consequents)
+    n = len(both)
+    n_both, n_lhs, n_rhs = (
+        int(both.sum()),
+        int(found.containing(antecedents).sum()),
+        int(found.containing(consequents).sum()),
+    )
     return {
         "antecedents": " + ".join(antecedents),
         "consequents": " + ".join(consequents),

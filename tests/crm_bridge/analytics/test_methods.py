@@ -128,8 +128,8 @@ def test_rules_are_mlxtends_and_find_the_generators_themes(generated: pa.Table) 
     section = rules.analyse(released, Disclosure(10), min_support=0.02, sample=10**9, top=200)
     assert section["baskets_mined"] == section["baskets"] == len(generated)  # no sampling: all mined
     # The same rules, support, confidence and lift as mlxtend's own on the same baskets.
-    matrix, names = rules.baskets(released)
-    frame = pd.DataFrame(matrix, columns=names)
+    found = rules.baskets(released)
+    frame = pd.DataFrame(found.matrix(), columns=found.products)
     theirs = association_rules(fpgrowth(frame, min_support=0.02, use_colnames=True, max_len=4), min_threshold=0.1)
     expected = {
         (" + ".join(sorted(a)), " + ".join(sorted(c))): (s, conf, lift)
