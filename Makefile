@@ -13,12 +13,14 @@ PYTEST_ARGS ?=
 
 setup: $(PY_STAMP) $(NPM_STAMP) system-deps
 
-# PostgreSQL's server binaries: the vault is tested on a real PostgreSQL as well as on SQLite.
-# This machine kind ships them; install them where it does not (as root, as CI runs).
+# System packages the tests use, installed where missing (as root, as CI runs): PostgreSQL's server
+# binaries (the vault is tested on a real PostgreSQL as well as on SQLite) and Debian's Chromium (the
+# portal's end-to-end tests drive it with Playwright; Playwright's own browser download is not used).
+SYSTEM_PACKAGES := $(if $(wildcard /usr/lib/postgresql/*/bin/initdb),,postgresql) $(if $(wildcard /usr/bin/chromium),,chromium)
 system-deps:
-	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
-	  echo "installing PostgreSQL (server binaries for the vault tests)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
+	@if [ -n "$(strip $(SYSTEM_PACKAGES))" ]; then \
+	  echo "installing $(strip $(SYSTEM_PACKAGES))"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; fi
 
 $(PY_STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required (set PYTHON=...)"; exit 1; }

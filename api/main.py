@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, FastAPI
 
 from api import errors
-from api.routers import audit, auth, consents, customers, dids, points, reference, system
+from api.routers import audit, auth, consents, customers, dids, pages, points, reference, system
 from api.runtime import Runtime
 
 API_PREFIX = "/api/v1"
@@ -32,4 +32,5 @@ def create_app(runtime: Runtime) -> FastAPI:
     v1.include_router(reference.router)
     app.include_router(v1)
     app.include_router(dids.did_web)
+    pages.install(app)
     return app

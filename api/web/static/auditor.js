@@ -1,0 +1,165 @@
+// The auditor portal: search the access log, verify it against the chain, export CSV. The API key
+// stays in this tab's sessionStorage (gone when the tab closes).
+import { api, el, fail, onSubmit, say, short, when } from "/static/common.js";
+
+const KEY = "consent-ledger.auditor-key";
+const PAGE = 50;
+const $ = (id) => document.getElementById(id);
+let apiKey = sessionStorage.getItem(KEY);
+let nextAfter = null;
+let purposes = [];
+
+function query(extra = {}) {
+  const form = new FormData($("filters"));
+  const params = new URLSearchParams();
+  for (const name of ["did", "partner", "purpose", "permitted"]) {
+    const value = String(form.get(name) ?? "").trim();
+    if (value) params.set(name, value);
+  }
+  for (const name of ["from", "to"]) {
+    const value = form.get(name);
+    if (value) params.set(name, new Date(value).toISOString());
+  }
+  for (const [name, value] of Object.entries(extra)) params.set(name, String(value));
+  return params.toString();
+}
+
+function purposeName(key) {
+  return purposes.find((p) => p.key === key)?.name ?? key;
+}
+
+function row(entry) {
+  return el(
+    "tr",
+    { "data-index": entry.index },
+    el("td", {}, entry.index),
+    el("td", {}, el("time", { datetime: new Date(entry.block_time * 1000).toISOString() }, when(entry.block_time))),
+    el("td", {}, el("code", { title: entry.did }, short(entry.did.split(":").pop()))),
+    el("td", {}, entry.partner_name ?? short(entry.partner)),
+    el("td", {}, purposeName(entry.purpose)),
+    el("td", {}, entry.attributes.join(", ")),
+    el("td", {}, el("span", { class: `badge ${entry.permitted ? "allowed" : "denied"}` }, entry.permitted ? "allowed" : "denied")),
+    el("td", {}, el("code", { title: entry.tx_hash }, short(entry.tx_hash)), ` (block ${entry.block_number})`),
+  );
+}
+
+async function search(append = false) {
+  const page = await api(`/audit/accesses?${query({ limit: PAGE, after: append ? nextAfter : -1 })}`, { apiKey });
+  const table = $("log");
+  if (!append) {
+    table.replaceChildren(
+      el("caption", {}, "Accesses, in log order"),
+      el(
+        "thead",
+        {},
+        el(
+          "tr",
+          {},
+          ["#", "When", "Customer", "Partner", "Purpose", "Data", "Result", "Transaction"].map((h) =>
+            el("th", { scope: "col" }, h),
+          ),
+        ),
+      ),
+      el("tbody", {}),
+    );
+  }
+  table.querySelector("tbody").append(...page.entries.map(row));
+  nextAfter = page.next_after;
+  $("more").hidden = nextAfter === null;
+  const shown = table.querySelectorAll("tbody tr").length;
+  say(shown ? `${shown} entr${shown === 1 ? "y" : "ies"} shown.` : "No entries match.");
+}
+
+async function verify() {
+  const result = await api("/audit/verify", { method: "POST", apiKey });
+  const box = $("verification");
+  if (result.ok) {
+    box.replaceChildren(
+      el("p", {}, el("span", { class: "badge ok" }, "verified"), ` ${result.chain_count} entries; the chain's head matches.`),
+      el(
+        "dl",
+        { class: "facts" },
+        el("dt", {}, "Head"),
+        el("dd", {}, el("code", {}, result.chain_head)),
+        el("dt", {}, "At block"),
+        el("dd", {}, result.block_number),
+        el("dt", {}, "Entries in this service's copy"),
+        el("dd", {}, result.read_model_count),
+      ),
+    );
+  } else {
+    const d = result.divergence;
+    box.replaceChildren(
+      el("p", {}, el("span", { class: "badge denied" }, "divergence"), ` at entry ${d.index}: ${d.code}`),
+      el("p", {}, d.detail),
+    );
+  }
+  say(result.ok ? "The log verifies against the chain." : "The log does not verify: see the divergence.", result.ok ? "ok" : "error");
+}
+
+async function exportCsv() {
+  const text = await api(`/audit/accesses?${query({ format: "csv", limit: 10000 })}`, { apiKey, raw: true });
+  const link = el("a", { href: URL.createObjectURL(new Blob([text], { type: "text/csv" })), download: "accesses.csv" });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  say("CSV exported.");
+}
+
+async function enter() {
+  const [partners, purposeList] = await Promise.all([api("/partners", { apiKey }), api("/purposes", { apiKey })]);
+  purposes = purposeList;
+  $("filter-partner").replaceChildren(
+    el("option", { value: "" }, "any"),
+    ...partners.map((p) => el("option", { value: p.name }, p.name)),
+  );
+  $("filter-purpose").replaceChildren(
+    el("option", { value: "" }, "any"),
+    ...purposes.map((p) => el("option", { value: p.key }, p.name)),
+  );
+  $("signin").hidden = true;
+  $("audit").hidden = false;
+  $("sign-out").hidden = false;
+  await search();
+  $("verify-title").focus();
+}
+
+function busy(button, action) {
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    try {
+      await action();
+    } catch (error) {
+      fail(error);
+    } finally {
+      button.disabled = false;
+    }
+  });
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  onSubmit($("signin-form"), async (data) => {
+    apiKey = String(data.get("key")).trim();
+    await api("/audit/accesses?limit=1", { apiKey }); // refused unless the key is an auditor's
+    sessionStorage.setItem(KEY, apiKey);
+    $("signin-form").reset();
+    await enter();
+  });
+  onSubmit($("filters"), () => search(false));
+  busy($("more"), () => search(true));
+  busy($("verify"), verify);
+  busy($("export"), exportCsv);
+  $("sign-out").addEventListener("click", () => {
+    sessionStorage.removeItem(KEY);
+    apiKey = null;
+    $("audit").hidden = true;
+    $("signin").hidden = false;
+    $("sign-out").hidden = true;
+    say("Signed out.");
+  });
+  if (apiKey) enter().catch((error) => {
+    sessionStorage.removeItem(KEY);
+    apiKey = null;
+    fail(error);
+  });
+});

@@ -1,0 +1,394 @@
+// The customer portal. The private key is made (or imported) here and kept in localStorage only
+// encrypted (AES-GCM under a PBKDF2-derived key from the customer's passphrase); unlocked, it lives in
+// this page's memory. Every change is an EIP-712 message the customer signs; the API checks it.
+import { ethers } from "/static/vendor/ethers.min.js";
+import { ApiProblem, api, el, fail, onSubmit, say, short, when } from "/static/common.js";
+
+const STORE = "consent-ledger.key";
+const PBKDF2_ROUNDS = 600000; // OWASP's 2023 figure for PBKDF2-HMAC-SHA256
+let wallet = null;
+let session = null; // { token, did }
+let reference = null; // { partners, purposes, attributes }
+let pollTimer = null;
+// Consent changes are signed one after another: each takes the next nonce, so two prepared at once
+// would collide. Queued changes show as the customer set them until they are accepted.
+let queue = Promise.resolve();
+const intents = new Map(); // checkbox id -> checked, while queued or in flight
+
+const $ = (id) => document.getElementById(id);
+const enc = encodeURIComponent;
+const b64 = (bytes) => btoa(String.fromCharCode(...new Uint8Array(bytes)));
+const unb64 = (text) => Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
+
+// key storage ------------------------------------------------------------------------------------
+
+async function wrappingKey(passphrase, salt) {
+  const material = await crypto.subtle.importKey("raw", new TextEncoder().encode(passphrase), "PBKDF2", false, [
+    "deriveKey",
+  ]);
+  return crypto.subtle.deriveKey(
+    { name: "PBKDF2", salt, iterations: PBKDF2_ROUNDS, hash: "SHA-256" },
+    material,
+    { name: "AES-GCM", length: 256 },
+    false,
+    ["encrypt", "decrypt"],
+  );
+}
+
+async function storeKey(privateKey, passphrase) {
+  const salt = crypto.getRandomValues(new Uint8Array(16));
+  const iv = crypto.getRandomValues(new Uint8Array(12));
+  const sealed = await crypto.subtle.encrypt(
+    { name: "AES-GCM", iv },
+    await wrappingKey(passphrase, salt),
+    ethers.getBytes(privateKey),
+  );
+  const address = new ethers.Wallet(privateKey).address;
+  localStorage.setItem(STORE, JSON.stringify({ address, salt: b64(salt), iv: b64(iv), sealed: b64(sealed) }));
+}
+
+function storedKey() {
+  try {
+    return JSON.parse(localStorage.getItem(STORE));
+  } catch {
+    return null;
+  }
+}
+
+async function unlock(passphrase) {
+  const stored = storedKey();
+  let plain;
+  try {
+    const key = await wrappingKey(passphrase, unb64(stored.salt));
+    plain = await crypto.subtle.decrypt({ name: "AES-GCM", iv: unb64(stored.iv) }, key, unb64(stored.sealed));
+  } catch {
+    throw new Error("That passphrase does not unlock the key stored in this browser.");
+  }
+  return new ethers.Wallet(ethers.hexlify(new Uint8Array(plain)));
+}
+
+// signing and calls -------------------------------------------------------------------------------
+
+async function signTyped(signer, typed) {
+  const types = { ...typed.types };
+  delete types.EIP712Domain; // ethers derives the domain type itself
+  return signer.signTypedData(typed.domain, types, typed.message);
+}
+
+async function signIn() {
+  const challenge = await api("/auth/siwe/challenge", { method: "POST", body: { address: wallet.address } });
+  const signature = await wallet.signMessage(challenge.message);
+  const token = await api("/auth/siwe", { method: "POST", body: { message: challenge.message, signature } });
+  session = { token: token.access_token, did: token.did };
+}
+
+// The bearer token lasts minutes; with the key unlocked, sign in again instead of failing.
+async function call(path, options = {}) {
+  try {
+    return await api(path, { ...options, token: session.token });
+  } catch (error) {
+    if (!(error instanceof ApiProblem) || error.status !== 401 || !wallet) throw error;
+    await signIn();
+    return api(path, { ...options, token: session.token });
+  }
+}
+
+// views ---------------------------------------------------------------------------------------------
+
+function showSetup() {
+  $("account").hidden = true;
+  $("sign-out").hidden = true;
+  $("setup").hidden = false;
+  const stored = storedKey();
+  $("unlock-form").hidden = !stored;
+  if (stored) $("stored-address").textContent = stored.address;
+}
+
+async function showAccount() {
+  $("setup").hidden = true;
+  $("account").hidden = false;
+  $("sign-out").hidden = false;
+  $("did").textContent = session.did;
+  $("address").textContent = wallet.address;
+  if (!reference) {
+    const [partners, purposes, attributes] = await Promise.all([
+      call("/partners"),
+      call("/purposes"),
+      call("/attributes"),
+    ]);
+    reference = { partners, purposes, attributes };
+    const select = $("redeem-partner");
+    select.replaceChildren(...partners.map((p) => el("option", { value: p.name }, p.name)));
+  }
+  await refresh();
+  $("identity-title").focus();
+}
+
+async function refresh() {
+  await Promise.all([loadConsents(), loadAccesses(), loadPoints()]);
+}
+
+function purposeName(key) {
+  return reference.purposes.find((p) => p.key === key)?.name ?? key;
+}
+
+function attributeName(key) {
+  return reference.attributes.find((a) => a.key === key)?.name ?? key;
+}
+
+async function loadConsents() {
+  const consents = await call(`/customers/${enc(session.did)}/consents`);
+  const byKey = new Map(consents.map((c) => [`${c.partner.toLowerCase()}|${c.purpose}`, c]));
+  const focused = document.activeElement?.id;
+  const table = $("consents");
+  const head = el(
+    "tr",
+    {},
+    el("th", { scope: "col" }, "Partner"),
+    el("th", { scope: "col" }, "Purpose"),
+    reference.attributes.map((a) => el("th", { scope: "col" }, a.name)),
+    el("th", { scope: "col" }, "Status"),
+  );
+  const rows = [];
+  let pending = false;
+  reference.partners.forEach((partner, i) => {
+    reference.purposes.forEach((purpose, j) => {
+      const consent = byKey.get(`${partner.address.toLowerCase()}|${purpose.key}`);
+      const cells = reference.attributes.map((attribute) => {
+        const key = attribute.key;
+        const granted = consent?.attributes.includes(key) ?? false;
+        const granting = consent?.pending_grant.includes(key) ?? false;
+        const revoking = consent?.pending_revoke.includes(key) ?? false;
+        const id = `consent-${i}-${j}-${attribute.bit}`;
+        const queued = intents.has(id);
+        pending ||= granting || revoking;
+        const input = el("input", {
+          type: "checkbox",
+          id,
+          checked: queued ? intents.get(id) : (granted || granting) && !revoking,
+          "aria-label": `Share ${attribute.name} with ${partner.name} for ${purpose.name}`,
+          "aria-describedby": granting || revoking || queued ? `pending-${i}-${j}-${attribute.bit}` : null,
+          onchange: (event) => {
+            intents.set(id, event.target.checked);
+            const checked = event.target.checked;
+            queue = queue.then(() => toggle(id, checked, partner, purpose, attribute));
+          },
+        });
+        return el(
+          "td",
+          { class: "toggle", "data-label": attribute.name },
+          input,
+          granting || revoking || queued
+            ? el("div", { class: "badge pending", id: `pending-${i}-${j}-${attribute.bit}` }, "pending")
+            : null,
+        );
+      });
+      const status = consent ? consent.status : "not shared";
+      rows.push(
+        el(
+          "tr",
+          { "data-partner": partner.name, "data-purpose": purpose.key },
+          el("th", { scope: "row" }, partner.name),
+          el("td", { "data-label": "Purpose" }, purposeName(purpose.key)),
+          cells,
+          el("td", { "data-label": "Status" }, el("span", { class: `badge ${status.replace(" ", "-")}` }, status)),
+        ),
+      );
+    });
+  });
+  table.replaceChildren(
+    el("caption", {}, "Sharing by partner, purpose and kind of data"),
+    el("thead", {}, head),
+    el("tbody", {}, rows),
+  );
+  if (focused) document.getElementById(focused)?.focus();
+  clearTimeout(pollTimer);
+  if (pending) pollTimer = setTimeout(() => loadConsents().catch(fail), 1000);
+}
+
+async function toggle(id, checked, partner, purpose, attribute) {
+  const action = checked ? "grant" : "revoke";
+  try {
+    const prepared = await call("/consents/prepare", {
+      method: "POST",
+      body: { action, partner: partner.name, purpose: purpose.key, attributes: [attribute.key] },
+    });
+    const signature = await signTyped(wallet, prepared.typed_data);
+    await call("/consents", { method: "POST", body: { typed_data: prepared.typed_data, signature } });
+    say(
+      action === "grant"
+        ? `Signed: share ${attribute.name} with ${partner.name} for ${purpose.name}. Pending until it is on the ledger.`
+        : `Signed: stop sharing ${attribute.name} with ${partner.name} for ${purpose.name}. In effect now.`,
+    );
+  } catch (error) {
+    fail(error);
+  } finally {
+    intents.delete(id);
+  }
+  await loadConsents().catch(fail);
+}
+
+async function loadAccesses() {
+  const page = await call(`/customers/${enc(session.did)}/accesses`);
+  const list = $("accesses");
+  if (!page.entries.length) {
+    list.replaceChildren(el("li", {}, "No one has accessed your data."));
+    return;
+  }
+  list.replaceChildren(
+    ...page.entries
+      .slice()
+      .reverse()
+      .map((entry) =>
+        el(
+          "li",
+          { "data-index": entry.index },
+          el("time", { datetime: new Date(entry.block_time * 1000).toISOString() }, when(entry.block_time)),
+          " — ",
+          el("strong", {}, entry.partner_name ?? short(entry.partner)),
+          ` for ${purposeName(entry.purpose)}: ${entry.attributes.map(attributeName).join(", ")} `,
+          el(
+            "span",
+            { class: `badge ${entry.permitted ? "allowed" : "denied"}` },
+            entry.permitted ? "allowed" : "denied",
+          ),
+          el("div", { class: "muted" }, "transaction ", el("code", { title: entry.tx_hash }, short(entry.tx_hash))),
+        ),
+      ),
+  );
+}
+
+async function loadPoints() {
+  const points = await call(`/customers/${enc(session.did)}/points`);
+  $("balance").textContent = points.balance.toLocaleString("en");
+  const tier = points.tier;
+  $("tier").textContent = tier.next
+    ? `${tier.name} (${tier.earned_12m} earned in 12 months; ${tier.points_to_next} more for ${tier.next})`
+    : `${tier.name} (${tier.earned_12m} earned in 12 months)`;
+  $("lots").replaceChildren(
+    el("caption", {}, "Your points by expiry"),
+    el("thead", {}, el("tr", {}, el("th", { scope: "col" }, "Points"), el("th", { scope: "col" }, "Expire"))),
+    el(
+      "tbody",
+      {},
+      points.lots.length
+        ? points.lots.map((lot) => el("tr", {}, el("td", {}, lot.remaining), el("td", {}, when(lot.expires_at))))
+        : el("tr", {}, el("td", { colspan: 2 }, "No points yet.")),
+    ),
+  );
+  $("history").replaceChildren(
+    el("caption", {}, "History"),
+    el(
+      "thead",
+      {},
+      el(
+        "tr",
+        {},
+        ["When", "What", "Points", "Partner", "Balance after"].map((h) => el("th", { scope: "col" }, h)),
+      ),
+    ),
+    el(
+      "tbody",
+      {},
+      points.history
+        .slice()
+        .reverse()
+        .map((event) =>
+          el(
+            "tr",
+            {},
+            el("td", {}, when(event.block_time)),
+            el("td", {}, event.kind.replace("_", " ")),
+            el("td", {}, event.amount),
+            el("td", {}, event.partner_name ?? (event.partner ? short(event.partner) : "")),
+            el("td", {}, event.balance ?? ""),
+          ),
+        ),
+    ),
+  );
+}
+
+// wiring ------------------------------------------------------------------------------------------
+
+function base64url(text) {
+  return btoa(String.fromCharCode(...new TextEncoder().encode(text)))
+    .replaceAll("+", "-")
+    .replaceAll("/", "_")
+    .replace(/=+$/, "");
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  showSetup();
+
+  onSubmit($("claim-form"), async (data) => {
+    const did = data.get("did").trim();
+    const claim = data.get("claim").trim();
+    const fresh = ethers.Wallet.createRandom();
+    say("Making your key and binding it to your DID…");
+    await storeKey(fresh.privateKey, data.get("passphrase"));
+    const prepared = await api(`/customers/${enc(did)}/controller/prepare`, {
+      method: "POST",
+      body: { claim_code: claim, address: fresh.address },
+    });
+    const signature = await signTyped(fresh, prepared.typed_data);
+    await api(`/customers/${enc(did)}/controller`, {
+      method: "POST",
+      body: { claim_code: claim, typed_data: prepared.typed_data, signature },
+    });
+    wallet = fresh;
+    await signIn();
+    say("Your key is bound to your DID and you are signed in.");
+    await showAccount();
+  });
+
+  onSubmit($("unlock-form"), async (data) => {
+    wallet = await unlock(data.get("passphrase"));
+    await signIn();
+    say("Signed in.");
+    await showAccount();
+  });
+
+  onSubmit($("import-form"), async (data) => {
+    let imported;
+    try {
+      imported = new ethers.Wallet(data.get("key").trim());
+    } catch {
+      throw new Error("That is not a private key (expected 0x and 64 hex digits).");
+    }
+    await storeKey(imported.privateKey, data.get("passphrase"));
+    wallet = imported;
+    await signIn();
+    say("Key imported; signed in.");
+    await showAccount();
+  });
+
+  onSubmit($("redeem-form"), async (data) => {
+    const prepared = await call("/points/redemptions/prepare", {
+      method: "POST",
+      body: { partner: data.get("partner"), amount: Number(data.get("amount")) },
+    });
+    const signature = await signTyped(wallet, prepared.typed_data);
+    $("redemption-code").value = base64url(JSON.stringify({ typed_data: prepared.typed_data, signature }));
+    $("code-label").textContent = `Show this code to ${data.get("partner")}. It works once, until ${when(prepared.deadline)}.`;
+    $("redeem-result").hidden = false;
+    say(`Code created for ${data.get("amount")} points at ${data.get("partner")}; it works once, until ${when(prepared.deadline)}.`);
+    $("redemption-code").focus();
+  });
+
+  $("copy-code").addEventListener("click", async () => {
+    await navigator.clipboard.writeText($("redemption-code").value).catch(() => $("redemption-code").select());
+    say("Code copied.");
+  });
+
+  $("sign-out").addEventListener("click", () => {
+    wallet = null;
+    session = null;
+    clearTimeout(pollTimer);
+    say("Signed out. Your key stays in this browser, locked.");
+    showSetup();
+  });
+
+  setInterval(() => {
+    if (session && !document.hidden) Promise.all([loadAccesses(), loadPoints()]).catch(fail);
+  }, 5000);
+});

@@ -1,0 +1,298 @@
+"""The portal end to end: Playwright drives Debian's headless Chromium (/usr/bin/chromium) against a
+real service (managed anvil, relayer, indexer, uvicorn). A customer claims their DID with a key made
+in the browser, grants and revokes, sees an access appear after a bridge export, and authorises a
+redemption that a partner then redeems; an auditor searches, verifies and exports the log.
+Screenshots are kept in test-artifacts/screenshots/."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser, Page, ViewportSize, expect, sync_playwright
+
+from api.auth import create_principal
+from api.offline import Offline, export
+from ledger.settings import PROJECT_ROOT
+from tests.api.conftest import Service, q
+
+CHROMIUM = Path(os.environ.get("CONSENT_LEDGER_CHROMIUM", "/usr/bin/chromium"))
+SHOTS = PROJECT_ROOT / "test-artifacts" / "screenshots"
+AXE = PROJECT_ROOT / "node_modules" / "axe-core" / "axe.min.js"
+PASSPHRASE = "correct horse battery"
+ANALYTICS = "Analytics reporting"
+PHONE = ViewportSize(width=390, height=844)
+DESKTOP = ViewportSize(width=1280, height=900)
+
+pytestmark = [pytest.mark.anvil, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing (make setup installs Debian's chromium)")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+def _page(browser: Browser, service: Service, *, phone: bool = False, **options: Any) -> Page:
+    context = browser.new_context(
+        base_url=str(service.client.base_url).rstrip("/"),
+        viewport=PHONE if phone else DESKTOP,
+        accept_downloads=True,
+        **options,
+    )
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    return page
+
+
+def _shot(page: Page, name: str) -> None:
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def _accessible(page: Page) -> None:
+    """axe-core (npm) finds no serious or critical WCAG 2 A/AA violation (contrast, labels, ...)."""
+    # Evaluated through the devtools protocol: the page's own CSP (no inline script) stays in force.
+    page.evaluate(AXE.read_text(encoding="utf-8"))
+    result = page.evaluate(
+        "async () => (await axe.run(document, {runOnly: ['wcag2a', 'wcag2aa']})).violations"
+        ".filter(v => ['serious', 'critical'].includes(v.impact)).map(v => v.id + ': ' + v.help)"
+    )
+    assert result == []
+
+
+def _fits(page: Page) -> None:
+    """Nothing overflows a phone-sized screen sideways (wide tables scroll inside their own box)."""
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+
+
+def _enrol(service: Service) -> tuple[str, str, str]:
+    email = f"portal.{uuid.uuid4().hex[:8]}@example.com"
+    response = service.client.post(
+        "/api/v1/customers", json={"email": email, "name": "Portal Person"}, headers=service.operator()
+    )
+    assert response.status_code == 201, response.text
+    return response.json()["did"], response.json()["claim_code"], email
+
+
+def _toggle(page: Page, attribute: str, purpose: str = ANALYTICS) -> Any:
+    return page.get_by_role("checkbox", name=f"Share {attribute} with acme for {purpose}")
+
+
+def _consents(service: Service, did: str) -> list[dict[str, Any]]:
+    with service.runtime.sessions() as session:
+        _, key = create_principal(session, f"op-{uuid.uuid4().hex[:6]}", "operator")
+    response = service.client.get(f"/api/v1/customers/{q(did)}/consents", headers={"X-API-Key": key})
+    assert response.status_code == 200, response.text
+    return list(response.json())
+
+
+def _bridge_export(service: Service, email: str, tmp_path: Path) -> None:
+    crm = tmp_path / "crm.csv"
+    with crm.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["email", "order_ts", "amount", "age_band"])
+        writer.writerow([email.upper(), "2026-01-05T10:00:00Z", "42.50", "25-34"])
+        writer.writerow([email, "2026-02-11T12:30:00Z", "17.25", "25-34"])
+    mapping = tmp_path / "mapping.toml"
+    mapping.write_text(
+        '[pii]\nemail = "email"\n\n[columns]\norder_ts = "user.behavior.purchase_history"\n'
+        'amount = "user.behavior.purchase_history"\nage_band = "user.demographic"\n',
+        encoding="utf-8",
+    )
+    with Offline.open(service=service.runtime.service) as offline:
+        stats = export(offline, str(crm), mapping, "acme", "analytics.reporting", tmp_path / "out.parquet")
+    assert stats.rows_released == 2
+
+
+def test_a_customer_claims_grants_revokes_sees_accesses_and_authorises_a_redemption(
+    service: Service, browser: Browser, tmp_path: Path
+) -> None:
+    did, claim, email = _enrol(service)
+    page = _page(browser, service)
+    page.goto("/")
+    _accessible(page)
+
+    # Claim: the key is made in the browser and bound on-chain; the page signs in with it (EIP-4361).
+    page.get_by_label("Your DID").fill(did)
+    page.get_by_label("Claim code").fill(claim)
+    page.get_by_label("New passphrase").first.fill(PASSPHRASE)
+    page.get_by_role("button", name="Create my key and claim").click()
+    expect(page.locator("#did")).to_have_text(did)
+    address = page.locator("#address").inner_text()
+    stored = json.loads(page.evaluate("localStorage.getItem('consent-ledger.key')"))
+    assert set(stored) == {"address", "salt", "iv", "sealed"}  # the key is stored only sealed
+    assert stored["address"] == address
+    _shot(page, "customer-signed-in")
+
+    # Grant two kinds of data for analytics (the second with the keyboard): pending, then active.
+    _toggle(page, "Purchase history").check()
+    _toggle(page, "Demographic data").focus()
+    page.keyboard.press("Space")
+    row = page.locator("tr[data-partner='acme'][data-purpose='analytics.reporting']")
+    expect(row.locator(".badge.pending")).to_have_count(0, timeout=30_000)
+    expect(row.locator(".badge.active")).to_have_count(1)
+    expect(_toggle(page, "Purchase history")).to_be_checked()
+    expect(_toggle(page, "Demographic data")).to_be_checked()
+    (consent,) = [c for c in _consents(service, did) if c["purpose"] == "analytics.reporting"]
+    assert sorted(consent["attributes"]) == ["user.behavior.purchase_history", "user.demographic"]
+    assert consent["tx_hash"].startswith("0x")
+    _shot(page, "customer-consents-active")
+
+    # Revoke one: in effect at once (deny wins while pending), then on-chain.
+    _toggle(page, "Demographic data").uncheck()
+    expect(page.locator("#status")).to_contain_text("In effect now")
+    expect(row.locator(".badge.pending")).to_have_count(0, timeout=30_000)
+    expect(_toggle(page, "Demographic data")).not_to_be_checked()
+    (consent,) = [c for c in _consents(service, did) if c["purpose"] == "analytics.reporting"]
+    assert consent["attributes"] == ["user.behavior.purchase_history"]
+
+    # A bridge export for analytics: the access appears in the customer's timeline.
+    _bridge_export(service, email, tmp_path)
+    entry = page.locator("#accesses li[data-index]")
+    expect(entry).to_have_count(1, timeout=30_000)
+    expect(entry).to_contain_text("acme")
+    expect(entry).to_contain_text("Analytics reporting")
+    expect(entry).to_contain_text("Purchase history")
+    expect(entry.locator(".badge.allowed")).to_have_count(1)
+    _shot(page, "customer-accesses")
+
+    # Points issued by the company, then a redemption code the customer makes for a partner.
+    with service.runtime.sessions() as session:
+        _, issuer_key = create_principal(session, f"issuer-{uuid.uuid4().hex[:6]}", "issuer")
+    issued = service.client.post(
+        "/api/v1/points/issuances", json={"issuances": [{"did": did, "amount": 500}]}, headers={"X-API-Key": issuer_key}
+    )
+    assert issued.status_code == 201, issued.text
+    expect(page.locator("#balance")).to_have_text("500", timeout=30_000)
+    page.locator("#redeem-partner").select_option("acme")
+    page.get_by_role("spinbutton", name="Points").fill("120")
+    page.get_by_role("button", name="Create code").click()
+    expect(page.locator("#redemption-code")).not_to_have_value("")
+    code = page.locator("#redemption-code").input_value()
+    authorisation = json.loads(base64.urlsafe_b64decode(code + "=" * (-len(code) % 4)))
+    redeemed = service.client.post(
+        "/api/v1/points/redemptions",
+        json=authorisation,
+        headers={"X-API-Key": service.partner_key, "Idempotency-Key": str(uuid.uuid4())},
+    )
+    assert redeemed.status_code == 200, redeemed.text
+    assert redeemed.json()["balance"] == 380
+    expect(page.locator("#balance")).to_have_text("380", timeout=30_000)
+    expect(page.locator("#history")).to_contain_text("redeemed")
+    _shot(page, "customer-points")
+    _accessible(page)
+
+    # Signed out, the key stays sealed in the browser: a wrong passphrase fails, the right one signs in.
+    page.get_by_role("button", name="Sign out").click()
+    page.get_by_label("Passphrase", exact=True).fill("not the passphrase")
+    page.get_by_role("button", name="Unlock and sign in").click()
+    expect(page.locator("#status")).to_contain_text("does not unlock")
+    page.get_by_label("Passphrase", exact=True).fill(PASSPHRASE)
+    page.get_by_role("button", name="Unlock and sign in").click()
+    expect(page.locator("#did")).to_have_text(did)
+    page.context.close()
+
+
+def test_the_customer_pages_work_on_a_phone(service: Service, browser: Browser) -> None:
+    did, claim, _email = _enrol(service)
+    page = _page(browser, service, phone=True)
+    page.goto("/")
+    _fits(page)
+    page.get_by_label("Your DID").fill(did)
+    page.get_by_label("Claim code").fill(claim)
+    page.get_by_label("New passphrase").first.fill(PASSPHRASE)
+    page.get_by_role("button", name="Create my key and claim").click()
+    expect(page.locator("#did")).to_have_text(did)
+    _fits(page)
+    _toggle(page, "Purchase history", "Personalised content").check()
+    expect(page.locator("#status")).to_contain_text("Pending until it is on the ledger")
+    _shot(page, "customer-phone")
+    # A bad claim code is a clear error, not a silent failure.
+    other = _page(browser, service, phone=True)
+    other.goto("/")
+    other.get_by_label("Your DID").fill(did)
+    other.get_by_label("Claim code").fill("WRONG-CODE-123")
+    other.get_by_label("New passphrase").first.fill(PASSPHRASE)
+    other.get_by_role("button", name="Create my key and claim").click()
+    expect(other.locator("#status.error")).to_be_visible()
+    page.context.close()
+    other.context.close()
+
+
+def test_an_auditor_searches_verifies_and_exports(service: Service, browser: Browser, tmp_path: Path) -> None:
+    did, claim, email = _enrol(service)
+    from eth_account import Account
+
+    account = Account.create()
+    assert service.bind(did, claim, account).status_code == 200
+    from tests.api.conftest import Customer
+
+    customer = Customer(account=account, did=did, token=service.sign_in(account).json()["access_token"])
+    granted = service.change(
+        customer, action="grant", purpose="analytics.reporting", attributes=["user.behavior.purchase_history"]
+    )
+    service.wait_status(customer, granted.json()["id"], "active")
+    _bridge_export(service, email, tmp_path)
+
+    page = _page(browser, service)
+    page.goto("/auditor")
+    page.get_by_label("API key").fill("not-a-key")
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator("#status.error")).to_be_visible()
+    page.get_by_label("API key").fill(service.auditor_key)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator("#log tbody tr").first).to_be_visible()
+    _accessible(page)
+
+    page.get_by_role("button", name="Verify the log").click()
+    expect(page.locator("#verification .badge.ok")).to_have_text("verified", timeout=30_000)
+    _shot(page, "auditor-verified")
+
+    page.get_by_label("Customer DID").fill(did)
+    page.get_by_role("button", name="Search").click()
+    rows = page.locator("#log tbody tr")
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_contain_text("allowed")
+    expect(rows.first).to_contain_text("acme")
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Export CSV").click()
+    saved = tmp_path / "accesses.csv"
+    download.value.save_as(saved)
+    lines = list(csv.DictReader(saved.open(encoding="utf-8")))
+    assert [line["did"] for line in lines] == [did]
+    _shot(page, "auditor-search")
+
+    phone = _page(browser, service, phone=True)
+    phone.goto("/auditor")
+    phone.get_by_label("API key").fill(service.auditor_key)
+    phone.get_by_role("button", name="Sign in").click()
+    expect(phone.locator("#log tbody tr").first).to_be_visible()
+    _fits(phone)
+    _shot(phone, "auditor-phone")
+    page.context.close()
+    phone.context.close()
+
+
+def test_pages_load_nothing_from_elsewhere(service: Service) -> None:
+    for path in ("/", "/auditor"):
+        response = service.client.get(path)
+        assert response.status_code == 200
+        assert "default-src 'self'" in response.headers["content-security-policy"]
+        assert "http" not in response.text.replace('lang="en"', "")
+    ethers = service.client.get("/static/vendor/ethers.min.js")
+    assert ethers.status_code == 200
+    assert ethers.headers["content-type"].startswith("text/javascript")
+    assert shutil.which("node") is not None  # the package came from npm at set-up
