@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +33,34 @@ from identity.settings import IdentitySettings
 from ledger.anvil import free_port
 from ledger.settings import ChainSettings, ToolchainSettings
 
+CLI = [sys.executable, "-m", "api.cli"]
+
+
+def serve_env(**extra: str) -> dict[str, str]:
+    """The environment for a `consent-ledger` process: ours cleared, the given settings set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSENT_LEDGER_")}
+    env.update({"CONSENT_LEDGER_CHAIN_BLOCK_TIME": "0.1", **extra})
+    return env
+
+
+def wait_healthy(port: int, process: subprocess.Popen[str], timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"serve exited early with {process.returncode}: {process.communicate()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/health", timeout=2) as response:
+                return dict(json.loads(response.read()))
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError("serve did not answer in time")
+
+
+def interrupt(process: subprocess.Popen[str]) -> str:
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    return output
+
 
 def q(did: str) -> str:
     """A DID in a URL path is percent-encoded (did:web DIDs contain %3A themselves)."""
@@ -45,8 +79,9 @@ class Customer:
 
 
 @dataclass
-class Service:
-    runtime: Runtime
+class ApiClient:
+    """A running service seen over HTTP, with the keys of its principals, and customer helpers."""
+
     client: httpx.Client
     operator_key: str
     partner_key: str
@@ -120,6 +155,13 @@ class Service:
                 return dict(response.json())
             assert time.monotonic() < deadline, f"still {response.json()['status']}"
             time.sleep(0.05)
+
+
+@dataclass
+class Service(ApiClient):
+    """A service run in this process (its runtime is at hand for tests that look inside)."""
+
+    runtime: Runtime = field(kw_only=True)
 
 
 def start_service(data_dir: Path, **chain: Any) -> tuple[Runtime, uvicorn.Server, threading.Thread, int]:

@@ -1,5 +1,6 @@
 """The portal end to end: Playwright drives Debian's headless Chromium (/usr/bin/chromium) against a
-real service (managed anvil, relayer, indexer, uvicorn). A customer claims their DID with a key made
+real `consent-ledger serve` process (managed anvil, relayer, indexer, API and pages); principals and
+the bridge export are made with the command line, as an operator would. A customer claims their DID with a key made
 in the browser, grants and revokes, sees an access appear after a bridge export, and authorises a
 redemption that a partner then redeems; an auditor searches, verifies and exports the log.
 Screenshots are kept in test-artifacts/screenshots/."""
@@ -10,19 +11,23 @@ import base64
 import csv
 import json
 import os
+import re
 import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from eth_account import Account
 from playwright.sync_api import Browser, Page, ViewportSize, expect, sync_playwright
 
-from api.auth import create_principal
-from api.offline import Offline, export
+from ledger.anvil import free_port
 from ledger.settings import PROJECT_ROOT
-from tests.api.conftest import Service, q
+from tests.api.conftest import CLI, ApiClient, Customer, interrupt, q, serve_env, wait_healthy
 
 CHROMIUM = Path(os.environ.get("CONSENT_LEDGER_CHROMIUM", "/usr/bin/chromium"))
 SHOTS = PROJECT_ROOT / "test-artifacts" / "screenshots"
@@ -33,6 +38,55 @@ PHONE = ViewportSize(width=390, height=844)
 DESKTOP = ViewportSize(width=1280, height=900)
 
 pytestmark = [pytest.mark.anvil, pytest.mark.slow]
+
+
+@dataclass
+class Served(ApiClient):
+    """`consent-ledger serve` in its own process, and the command line beside it."""
+
+    env: dict[str, str] = field(kw_only=True)
+
+    def cli(self, *args: str) -> str:
+        done = subprocess.run(
+            [*CLI, *args], env=self.env, capture_output=True, text=True, timeout=300, check=False, cwd=PROJECT_ROOT
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+
+def _principal(env: dict[str, str], role: str, name: str) -> tuple[str, str | None]:
+    done = subprocess.run(
+        [*CLI, "principals", "add", "--role", role, "--name", name],
+        env=env, capture_output=True, text=True, timeout=120, check=True, cwd=PROJECT_ROOT,
+    )  # fmt: skip
+    key = re.search(r"api key: (\S+)", done.stdout)
+    address = re.search(r"address: (0x[0-9a-fA-F]{40})", done.stdout)
+    assert key is not None, done.stdout
+    return key.group(1), address.group(1) if address else None
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    data_dir, port = tmp_path_factory.mktemp("serve"), free_port()
+    env = serve_env(CONSENT_LEDGER_DATA_DIR=str(data_dir), CONSENT_LEDGER_PORT=str(port))
+    operator_key, _ = _principal(env, "operator", "crm-operator")
+    partner_key, partner_address = _principal(env, "partner", "acme")
+    auditor_key, _ = _principal(env, "auditor", "audit-firm")
+    assert partner_address is not None
+    process = subprocess.Popen([*CLI, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_healthy(port, process)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            yield Served(
+                client=client,
+                operator_key=operator_key,
+                partner_key=partner_key,
+                auditor_key=auditor_key,
+                partner_address=partner_address,
+                env=env,
+            )
+    finally:
+        interrupt(process)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +100,7 @@ def browser() -> Iterator[Browser]:
         launched.close()
 
 
-def _page(browser: Browser, service: Service, *, phone: bool = False, **options: Any) -> Page:
+def _page(browser: Browser, service: Served, *, phone: bool = False, **options: Any) -> Page:
     context = browser.new_context(
         base_url=str(service.client.base_url).rstrip("/"),
         viewport=PHONE if phone else DESKTOP,
@@ -78,7 +132,7 @@ def _fits(page: Page) -> None:
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
 
 
-def _enrol(service: Service) -> tuple[str, str, str]:
+def _enrol(service: Served) -> tuple[str, str, str]:
     email = f"portal.{uuid.uuid4().hex[:8]}@example.com"
     response = service.client.post(
         "/api/v1/customers", json={"email": email, "name": "Portal Person"}, headers=service.operator()
@@ -91,15 +145,13 @@ def _toggle(page: Page, attribute: str, purpose: str = ANALYTICS) -> Any:
     return page.get_by_role("checkbox", name=f"Share {attribute} with acme for {purpose}")
 
 
-def _consents(service: Service, did: str) -> list[dict[str, Any]]:
-    with service.runtime.sessions() as session:
-        _, key = create_principal(session, f"op-{uuid.uuid4().hex[:6]}", "operator")
-    response = service.client.get(f"/api/v1/customers/{q(did)}/consents", headers={"X-API-Key": key})
+def _consents(service: Served, did: str) -> list[dict[str, Any]]:
+    response = service.client.get(f"/api/v1/customers/{q(did)}/consents", headers=service.operator())
     assert response.status_code == 200, response.text
     return list(response.json())
 
 
-def _bridge_export(service: Service, email: str, tmp_path: Path) -> None:
+def _bridge_export(service: Served, email: str, tmp_path: Path) -> None:
     crm = tmp_path / "crm.csv"
     with crm.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -112,13 +164,15 @@ def _bridge_export(service: Service, email: str, tmp_path: Path) -> None:
         'amount = "user.behavior.purchase_history"\nage_band = "user.demographic"\n',
         encoding="utf-8",
     )
-    with Offline.open(service=service.runtime.service) as offline:
-        stats = export(offline, str(crm), mapping, "acme", "analytics.reporting", tmp_path / "out.parquet")
-    assert stats.rows_released == 2
+    stats = json.loads(
+        service.cli("bridge", "export", "--input", str(crm), "--mapping", str(mapping), "--partner", "acme",
+                    "--purpose", "analytics.reporting", "--out", str(tmp_path / "out.parquet"))
+    )  # fmt: skip
+    assert stats["rows_released"] == 2
 
 
 def test_a_customer_claims_grants_revokes_sees_accesses_and_authorises_a_redemption(
-    service: Service, browser: Browser, tmp_path: Path
+    service: Served, browser: Browser, tmp_path: Path
 ) -> None:
     did, claim, email = _enrol(service)
     page = _page(browser, service)
@@ -170,8 +224,7 @@ def test_a_customer_claims_grants_revokes_sees_accesses_and_authorises_a_redempt
     _shot(page, "customer-accesses")
 
     # Points issued by the company, then a redemption code the customer makes for a partner.
-    with service.runtime.sessions() as session:
-        _, issuer_key = create_principal(session, f"issuer-{uuid.uuid4().hex[:6]}", "issuer")
+    issuer_key, _ = _principal(service.env, "issuer", "points-issuer")
     issued = service.client.post(
         "/api/v1/points/issuances", json={"issuances": [{"did": did, "amount": 500}]}, headers={"X-API-Key": issuer_key}
     )
@@ -206,7 +259,7 @@ def test_a_customer_claims_grants_revokes_sees_accesses_and_authorises_a_redempt
     page.context.close()
 
 
-def test_the_customer_pages_work_on_a_phone(service: Service, browser: Browser) -> None:
+def test_the_customer_pages_work_on_a_phone(service: Served, browser: Browser) -> None:
     did, claim, _email = _enrol(service)
     page = _page(browser, service, phone=True)
     page.goto("/")
@@ -232,14 +285,10 @@ def test_the_customer_pages_work_on_a_phone(service: Service, browser: Browser) 
     other.context.close()
 
 
-def test_an_auditor_searches_verifies_and_exports(service: Service, browser: Browser, tmp_path: Path) -> None:
+def test_an_auditor_searches_verifies_and_exports(service: Served, browser: Browser, tmp_path: Path) -> None:
     did, claim, email = _enrol(service)
-    from eth_account import Account
-
     account = Account.create()
     assert service.bind(did, claim, account).status_code == 200
-    from tests.api.conftest import Customer
-
     customer = Customer(account=account, did=did, token=service.sign_in(account).json()["access_token"])
     granted = service.change(
         customer, action="grant", purpose="analytics.reporting", attributes=["user.behavior.purchase_history"]
@@ -286,7 +335,7 @@ def test_an_auditor_searches_verifies_and_exports(service: Service, browser: Bro
     phone.context.close()
 
 
-def test_pages_load_nothing_from_elsewhere(service: Service) -> None:
+def test_pages_load_nothing_from_elsewhere(service: Served) -> None:
     for path in ("/", "/auditor"):
         response = service.client.get(path)
         assert response.status_code == 200

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,34 +15,9 @@ from urllib.parse import quote
 import pytest
 
 from ledger.anvil import free_port
+from tests.api.conftest import CLI, interrupt, serve_env, wait_healthy
 
 pytestmark = pytest.mark.anvil
-CLI = [sys.executable, "-m", "api.cli"]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSENT_LEDGER_")}
-    env.update({"CONSENT_LEDGER_CHAIN_BLOCK_TIME": "0.1", **extra})
-    return env
-
-
-def _health(port: int, process: subprocess.Popen[str], timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"serve exited early with {process.returncode}: {process.communicate()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/health", timeout=2) as response:
-                return dict(json.loads(response.read()))
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError("serve did not answer in time")
-
-
-def _interrupt(process: subprocess.Popen[str]) -> str:
-    process.send_signal(signal.SIGINT)
-    output, _ = process.communicate(timeout=60)
-    return output
 
 
 def _alive(pid: int) -> bool:
@@ -58,7 +31,7 @@ def _alive(pid: int) -> bool:
 def _serve(data_dir: Path, port: int, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [*CLI, "serve", "--port", str(port), "--data-dir", str(data_dir)],
-        env=_env(**env),
+        env=serve_env(**env),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -69,9 +42,9 @@ def test_serve_starts_stops_on_ctrl_c_and_finds_its_state_again(tmp_path: Path) 
     port = free_port()
     first = _serve(tmp_path, port)
     try:
-        health = _health(port, first)
+        health = wait_healthy(port, first)
     finally:
-        output = _interrupt(first)
+        output = interrupt(first)
     assert first.returncode == 0, output
     assert "created a new operator key" in output
     assert health["status"] == "ok"
@@ -84,9 +57,9 @@ def test_serve_starts_stops_on_ctrl_c_and_finds_its_state_again(tmp_path: Path) 
 
     second = _serve(tmp_path, port)
     try:
-        again = _health(port, second)
+        again = wait_healthy(port, second)
     finally:
-        output = _interrupt(second)
+        output = interrupt(second)
     assert second.returncode == 0, output
     assert "created a new operator key" not in output
     assert again["contracts"] == contracts  # the same deployment, not a new one
@@ -98,19 +71,19 @@ def test_a_killed_services_node_is_adopted_by_the_next_start(tmp_path: Path) -> 
     # instead of reloading the state file (which could lose the tail of its history).
     port = free_port()
     service = _serve(tmp_path, port)
-    before = _health(port, service)
+    before = wait_healthy(port, service)
     anvil_pid = int((tmp_path / "chain" / "anvil.pid").read_text().split()[0])
     service.kill()
     service.communicate(timeout=30)
     assert _alive(anvil_pid)
     again = _serve(tmp_path, port)
     try:
-        after = _health(port, again)
+        after = wait_healthy(port, again)
         assert int((tmp_path / "chain" / "anvil.pid").read_text().split()[0]) == anvil_pid
         assert after["contracts"] == before["contracts"]
         assert after["block_number"] >= before["block_number"]
     finally:
-        output = _interrupt(again)
+        output = interrupt(again)
     assert again.returncode == 0, output
     assert "adopted anvil" in output
     deadline = time.monotonic() + 30
@@ -122,7 +95,7 @@ def test_a_killed_services_node_is_adopted_by_the_next_start(tmp_path: Path) -> 
 def test_production_mode_refuses_to_start_without_secrets(tmp_path: Path) -> None:
     result = subprocess.run(
         [*CLI, "serve", "--port", str(free_port()), "--data-dir", str(tmp_path)],
-        env=_env(CONSENT_LEDGER_MODE="production"),
+        env=serve_env(CONSENT_LEDGER_MODE="production"),
         capture_output=True,
         text=True,
         timeout=60,
@@ -154,7 +127,7 @@ def test_dids_resolve_over_http_and_deactivate_on_erasure(tmp_path: Path) -> Non
     port = free_port()
     service = _serve(tmp_path, port)
     try:
-        _health(port, service)
+        wait_healthy(port, service)
         # The operator's side of enrolment, on the service's own vault file and development secrets.
         secrets = load_secrets(ServiceSettings(data_dir=tmp_path), ChainSettings(operator_key=None), IdentitySettings())
         vault = Vault(
@@ -186,4 +159,4 @@ def test_dids_resolve_over_http_and_deactivate_on_erasure(tmp_path: Path) -> Non
         assert b"ann" not in (tmp_path / "identity.db").read_bytes().lower()
         vault.engine.dispose()
     finally:
-        _interrupt(service)
+        interrupt(service)
