@@ -141,6 +141,13 @@ def _enrol(service: Served) -> tuple[str, str, str]:
     return response.json()["did"], response.json()["claim_code"], email
 
 
+def _claim(page: Page, did: str, claim: str) -> None:
+    page.get_by_label("Your DID").fill(did)
+    page.get_by_label("Claim code").fill(claim)
+    page.get_by_label("New passphrase").first.fill(PASSPHRASE)
+    page.get_by_role("button", name="Create my key and claim").click()
+
+
 def _toggle(page: Page, attribute: str, purpose: str = ANALYTICS) -> Any:
     return page.get_by_role("checkbox", name=f"Share {attribute} with acme for {purpose}")
 
@@ -180,10 +187,7 @@ def test_a_customer_claims_grants_revokes_sees_accesses_and_authorises_a_redempt
     _accessible(page)
 
     # Claim: the key is made in the browser and bound on-chain; the page signs in with it (EIP-4361).
-    page.get_by_label("Your DID").fill(did)
-    page.get_by_label("Claim code").fill(claim)
-    page.get_by_label("New passphrase").first.fill(PASSPHRASE)
-    page.get_by_role("button", name="Create my key and claim").click()
+    _claim(page, did, claim)
     expect(page.locator("#did")).to_have_text(did)
     address = page.locator("#address").inner_text()
     stored = json.loads(page.evaluate("localStorage.getItem('consent-ledger.key')"))
@@ -264,10 +268,7 @@ def test_the_customer_pages_work_on_a_phone(service: Served, browser: Browser) -
     page = _page(browser, service, phone=True)
     page.goto("/")
     _fits(page)
-    page.get_by_label("Your DID").fill(did)
-    page.get_by_label("Claim code").fill(claim)
-    page.get_by_label("New passphrase").first.fill(PASSPHRASE)
-    page.get_by_role("button", name="Create my key and claim").click()
+    _claim(page, did, claim)
     expect(page.locator("#did")).to_have_text(did)
     _fits(page)
     _toggle(page, "Purchase history", "Personalised content").check()
@@ -276,10 +277,7 @@ def test_the_customer_pages_work_on_a_phone(service: Served, browser: Browser) -
     # A bad claim code is a clear error, not a silent failure.
     other = _page(browser, service, phone=True)
     other.goto("/")
-    other.get_by_label("Your DID").fill(did)
-    other.get_by_label("Claim code").fill("WRONG-CODE-123")
-    other.get_by_label("New passphrase").first.fill(PASSPHRASE)
-    other.get_by_role("button", name="Create my key and claim").click()
+    _claim(other, did, "WRONG-CODE-123")
     expect(other.locator("#status.error")).to_be_visible()
     page.context.close()
     other.context.close()
