@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import csv
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -23,15 +22,13 @@ from typing import Any
 import httpx
 import pytest
 from eth_account import Account
-from playwright.sync_api import Browser, Page, ViewportSize, expect, sync_playwright
+from playwright.sync_api import Browser, Page, ViewportSize, expect
 
 from ledger.anvil import free_port
 from ledger.settings import PROJECT_ROOT
 from tests.api.conftest import CLI, ApiClient, Customer, interrupt, q, serve_env, wait_healthy
+from tests.conftest import SHOTS, accessibility_violations
 
-CHROMIUM = Path(os.environ.get("CONSENT_LEDGER_CHROMIUM", "/usr/bin/chromium"))
-SHOTS = PROJECT_ROOT / "test-artifacts" / "screenshots"
-AXE = PROJECT_ROOT / "node_modules" / "axe-core" / "axe.min.js"
 PASSPHRASE = "correct horse battery"
 ANALYTICS = "Analytics reporting"
 PHONE = ViewportSize(width=390, height=844)
@@ -89,17 +86,6 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         interrupt(process)
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing (make setup installs Debian's chromium)")
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-        yield launched
-        launched.close()
-
-
 def _page(browser: Browser, service: Served, *, phone: bool = False, **options: Any) -> Page:
     context = browser.new_context(
         base_url=str(service.client.base_url).rstrip("/"),
@@ -114,17 +100,6 @@ def _page(browser: Browser, service: Served, *, phone: bool = False, **options: 
 
 def _shot(page: Page, name: str) -> None:
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
-
-
-def _accessible(page: Page) -> None:
-    """axe-core (npm) finds no serious or critical WCAG 2 A/AA violation (contrast, labels, ...)."""
-    # Evaluated through the devtools protocol: the page's own CSP (no inline script) stays in force.
-    page.evaluate(AXE.read_text(encoding="utf-8"))
-    result = page.evaluate(
-        "async () => (await axe.run(document, {runOnly: ['wcag2a', 'wcag2aa']})).violations"
-        ".filter(v => ['serious', 'critical'].includes(v.impact)).map(v => v.id + ': ' + v.help)"
-    )
-    assert result == []
 
 
 def _fits(page: Page) -> None:
@@ -184,7 +159,7 @@ def test_a_customer_claims_grants_revokes_sees_accesses_and_authorises_a_redempt
     did, claim, email = _enrol(service)
     page = _page(browser, service)
     page.goto("/")
-    _accessible(page)
+    assert accessibility_violations(page) == []
 
     # Claim: the key is made in the browser and bound on-chain; the page signs in with it (EIP-4361).
     _claim(page, did, claim)
@@ -250,7 +225,7 @@ def test_a_customer_claims_grants_revokes_sees_accesses_and_authorises_a_redempt
     expect(page.locator("#balance")).to_have_text("380", timeout=30_000)
     expect(page.locator("#history")).to_contain_text("redeemed")
     _shot(page, "customer-points")
-    _accessible(page)
+    assert accessibility_violations(page) == []
 
     # Signed out, the key stays sealed in the browser: a wrong passphrase fails, the right one signs in.
     page.get_by_role("button", name="Sign out").click()
@@ -302,7 +277,7 @@ def test_an_auditor_searches_verifies_and_exports(service: Served, browser: Brow
     page.get_by_label("API key").fill(service.auditor_key)
     page.get_by_role("button", name="Sign in").click()
     expect(page.locator("#log tbody tr").first).to_be_visible()
-    _accessible(page)
+    assert accessibility_violations(page) == []
 
     page.get_by_role("button", name="Verify the log").click()
     expect(page.locator("#verification .badge.ok")).to_have_text("verified", timeout=30_000)
@@ -343,3 +318,21 @@ def test_pages_load_nothing_from_elsewhere(service: Served) -> None:
     assert ethers.status_code == 200
     assert ethers.headers["content-type"].startswith("text/javascript")
     assert shutil.which("node") is not None  # the package came from npm at set-up
+
+
+def test_a_customer_imports_a_key_made_elsewhere(service: Served, browser: Browser) -> None:
+    did, claim, _email = _enrol(service)
+    account = Account.create()  # e.g. a wallet's key, bound through the API
+    assert service.bind(did, claim, account).status_code == 200
+    page = _page(browser, service)
+    page.goto("/")
+    page.get_by_text("Import a key you already have").click()
+    page.get_by_label("Private key (0x…)").fill("0x1234")
+    page.locator("#import-form").get_by_label("New passphrase").fill(PASSPHRASE)
+    page.get_by_role("button", name="Import and sign in").click()
+    expect(page.locator("#status")).to_contain_text("not a private key")
+    page.get_by_label("Private key (0x…)").fill("0x" + bytes(account.key).hex())
+    page.get_by_role("button", name="Import and sign in").click()
+    expect(page.locator("#did")).to_have_text(did)
+    expect(page.locator("#address")).to_have_text(account.address)
+    page.context.close()

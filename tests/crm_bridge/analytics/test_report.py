@@ -13,11 +13,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from playwright.sync_api import Browser, expect
 
 from crm_bridge.analytics.data import Released
 from crm_bridge.analytics.report import build, write
 from crm_bridge.analytics.settings import AnalyticsSettings
 from ledger.settings import PROJECT_ROOT
+from tests.conftest import SHOTS, accessibility_violations
 from tests.crm_bridge.analytics.conftest import restrict
 
 
@@ -87,6 +89,20 @@ def test_the_html_shows_the_jsons_numbers_and_its_plots(written: tuple[dict[str,
     # The fitted parameters are on the page.
     assert f"<td>{json.dumps(report['clv']['bgnbd']['r'])}</td>" in text
     assert f"<strong>{json.dumps(report['churn']['roc_auc'])}</strong>" in text
+
+
+@pytest.mark.slow
+def test_the_report_reads_well_in_a_browser(written: tuple[dict[str, Any], Path], browser: Browser) -> None:
+    _report, out = written
+    for name, viewport in (("analytics-report", (1280, 900)), ("analytics-report-phone", (390, 844))):
+        page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
+        page.goto((out / "report.html").as_uri())
+        expect(page.get_by_role("heading", name="Customer analytics report")).to_be_visible()
+        for caption in ("Customers per RFM segment", "RFM heat map", "Top association rules", "Churn gains"):
+            expect(page.get_by_role("group", name=re.compile(caption))).to_be_visible()
+        assert accessibility_violations(page) == []
+        page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+        page.close()
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
