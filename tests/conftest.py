@@ -35,7 +35,10 @@ def browser() -> Iterator[Browser]:
         pytest.skip(f"{CHROMIUM} is missing (make setup installs Debian's chromium)")
     SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        launched = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=["--no-sandbox", "--disable-dev-shm-usage"],  # root; small /dev/shm in containers
+        )
         yield launched
         launched.close()
 
