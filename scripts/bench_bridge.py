@@ -45,7 +45,7 @@ import api.models  # noqa: F401 - the service's tables
 from api.reference import DEFAULT_ATTRIBUTES
 from crm_bridge.bridge import Bridge
 from crm_bridge.mapping import Mapping
-from crm_bridge.sources import read_csv
+from crm_bridge.sources import DEFAULT_CHUNK_ROWS, read_csv
 from identity.did import DidWeb
 from identity.normalize import normalize_pii
 from identity.pseudonym import PepperRing, Pseudonymizer
@@ -142,9 +142,11 @@ def export_process(config: dict[str, Any], results: Any) -> None:
     engine = create_engine(config["db_url"])
     permissions = Outbox(engine).permissions(config["partner"], PURPOSE)
     mapping = Mapping.load(Path(config["mapping"]))
-    bridge = Bridge(Pseudonymizer(PEPPER), DidWeb(HOST), access_log)
+    bridge = Bridge(Pseudonymizer(PEPPER), DidWeb(HOST), access_log, pipeline_depth=config["pipeline_depth"])
     run = bridge.export(
-        read_csv(Path(config["orders"]), text_columns=tuple(mapping.pii.columns().values())),
+        read_csv(
+            Path(config["orders"]), chunk_rows=config["chunk_rows"], text_columns=tuple(mapping.pii.columns().values())
+        ),
         mapping,
         partner=config["partner"],
         purpose=bytes(PURPOSE),
@@ -210,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small run (CI)")
     parser.add_argument("--rows", type=int, help="CRM rows (default 1,000,000; 40,000 with --quick)")
+    parser.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows per chunk (one transaction)")
+    parser.add_argument("--pipeline-depth", type=int, default=8, help="chunks in flight")
     args = parser.parse_args(argv)
     rows = args.rows or (40_000 if args.quick else 1_000_000)
     entry_count = 20_000 if args.quick else 200_000
@@ -258,6 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "mapping": str(root / "crm" / "mapping.toml"),
                 "orders": str(root / "crm" / "orders.csv"),
                 "out": str(root / "released.parquet"),
+                "chunk_rows": args.chunk_rows,
+                "pipeline_depth": args.pipeline_depth,
             }
             child = context.Process(target=export_process, args=(config, results))
             child.start()
