@@ -147,8 +147,9 @@ def _analytics_report(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
     from crm_bridge.analytics.data import Fields, Released
-    from crm_bridge.analytics.report import METHODS, build, write
+    from crm_bridge.analytics.report import METHODS, build, render
     from crm_bridge.analytics.settings import AnalyticsSettings
+    from ledger.files import write_atomically
 
     settings = AnalyticsSettings() if args.k is None else AnalyticsSettings(k=args.k)  # the flag wins over the env
     as_of = None
@@ -156,11 +157,12 @@ def _analytics_report(args: argparse.Namespace) -> int:
         day = datetime.fromisoformat(args.as_of).replace(tzinfo=UTC)
         as_of = int(day.timestamp()) + 86_400  # the whole named day is observed
     fields = Fields(timestamp=args.timestamp, amount=args.amount, basket=args.basket)
-    report = build(Released.read(args.input, fields, as_of=as_of), settings)
-    json_path, html_path = write(report, args.out)
+    report = build(Released(args.input, fields, as_of=as_of), settings)
+    for name, text in render(report).items():
+        write_atomically(args.out / name, text)
     for refused in report["refused"]:
         print(f"not run: {refused['reason']}", file=sys.stderr)
-    print(f"{html_path}\n{json_path}")
+    print(f"{args.out / 'report.html'}\n{args.out / 'report.json'}")
     return 0 if any(name in report for name in METHODS) else 1
 
 

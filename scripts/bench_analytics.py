@@ -107,7 +107,7 @@ def baseline_clv(release: Path) -> tuple[float, tuple[float, ...]]:
 
 
 def ours_clv(release: Path) -> tuple[float, tuple[float, ...]]:
-    released = Released.read(release)
+    released = Released(release)
     started = time.perf_counter()
     s = clv.summarise(released.orders)
     fit = clv.BgNbd.fit(s.x, s.t_x, s.T)

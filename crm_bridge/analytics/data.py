@@ -116,10 +116,6 @@ class Released:
             raise NotAReleasedTable(f"the input has no {DID!r} column")
         self.info, self.schema, self.fields, self._as_of = info, schema, fields or Fields(), as_of
 
-    @classmethod
-    def read(cls, path: Path, fields: Fields | None = None, *, as_of: int | None = None) -> Released:
-        return cls(path, fields, as_of=as_of)
-
     def _column(self, name: str) -> pa.ChunkedArray:
         if self._table is not None:
             return self._table.column(name)

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
+import numpy as np
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from crm_bridge.analytics import churn, clv, rfm, rules
@@ -59,19 +58,10 @@ def build(released: Released, settings: AnalyticsSettings) -> dict[str, Any]:
     return report
 
 
-def write(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    """Write report.json and report.html (each atomically) into out_dir."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, html_path = out_dir / "report.json", out_dir / "report.html"
-    _atomic(json_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    _atomic(html_path, render_html(report))
-    return json_path, html_path
-
-
-def _atomic(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
+def render(report: dict[str, Any]) -> dict[str, str]:
+    """The report's files: `report.json` (every number) and `report.html` (the same, with plots).
+    Writing them is the caller's (the command line writes each atomically)."""
+    return {"report.json": json.dumps(report, indent=2, ensure_ascii=False) + "\n", "report.html": render_html(report)}
 
 
 def _date(epoch: int) -> str:
@@ -117,8 +107,6 @@ def plots(report: dict[str, Any]) -> dict[str, str]:
         ax.set_xlabel("customers")
         ax.set_title("Customers per RFM segment")
         out["segments"] = svg(fig)
-
-        import numpy as np
 
         grid = np.full((5, 5), np.nan)
         for cell in report["rfm"]["heatmap"]["rows"]:

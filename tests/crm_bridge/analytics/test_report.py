@@ -16,8 +16,9 @@ import pytest
 from playwright.sync_api import Browser, expect
 
 from crm_bridge.analytics.data import Released
-from crm_bridge.analytics.report import build, write
+from crm_bridge.analytics.report import build, render
 from crm_bridge.analytics.settings import AnalyticsSettings
+from ledger.files import write_atomically
 from ledger.settings import PROJECT_ROOT
 from tests.conftest import SHOTS, accessibility_violations
 from tests.crm_bridge.analytics.conftest import restrict
@@ -27,7 +28,8 @@ from tests.crm_bridge.analytics.conftest import restrict
 def written(generated: pa.Table, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     out = tmp_path_factory.mktemp("report")
     report = build(Released(generated), AnalyticsSettings(k=25, rules_sample=20_000))
-    write(report, out)
+    for name, text in render(report).items():
+        write_atomically(out / name, text)
     return report, out
 
 
