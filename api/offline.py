@@ -19,7 +19,7 @@ from api.models import AttributeRow
 from api.reference import Catalogue
 from api.secrets import Secrets, load_secrets
 from api.settings import ServiceSettings
-from crm_bridge.bridge import Bridge, ExportStats
+from crm_bridge.bridge import Bridge, Export, ExportStats
 from crm_bridge.mapping import Mapping
 from crm_bridge.sources import is_database_url, read_source
 from identity.did import DidWeb
@@ -163,7 +163,8 @@ def export(
     text_columns = tuple(mapping.pii.columns().values())
     if not is_database_url(source) and not os.path.exists(source):
         raise ToolError(f"no such input file: {source}")
-    run = offline.bridge().export(
+    run = Export(
+        offline.bridge(),
         read_source(source, table=table, text_columns=text_columns),
         mapping,
         partner=partner_address,

@@ -106,21 +106,6 @@ class Bridge:
             return None
         return bytes(self.pseudonymizer.subject(pii))
 
-    def export(
-        self,
-        batches: Iterable[pa.RecordBatch],
-        mapping: Mapping,
-        *,
-        partner: str,
-        purpose: bytes,
-        purpose_key: str,
-        attribute_bits: dict[str, int],
-        permissions: dict[bytes, int],
-    ) -> Export:
-        """Start an export; iterate the result for the released batches (each after its access
-        record is final), then read its `stats`."""
-        return Export(self, batches, mapping, partner, purpose, purpose_key, attribute_bits, permissions)
-
 
 class _Subjects:
     """The subjects met in one export, numbered densely from 1 (0: a row with no valid identifier),
@@ -198,13 +183,15 @@ class _Subjects:
 
 
 class Export:
-    """One export run: iterate for released batches (`did` + permitted columns, never PII)."""
+    """One export run through `bridge`: iterate for the released batches (`did` + permitted columns,
+    never PII), each after its access record is final; then read `stats`."""
 
     def __init__(
         self,
         bridge: Bridge,
         batches: Iterable[pa.RecordBatch],
         mapping: Mapping,
+        *,
         partner: str,
         purpose: bytes,
         purpose_key: str,

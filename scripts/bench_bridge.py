@@ -43,7 +43,7 @@ from web3 import HTTPProvider, Web3
 
 import api.models  # noqa: F401 - the service's tables
 from api.reference import DEFAULT_ATTRIBUTES
-from crm_bridge.bridge import Bridge
+from crm_bridge.bridge import Bridge, Export
 from crm_bridge.mapping import Mapping
 from crm_bridge.sources import DEFAULT_CHUNK_ROWS, read_csv
 from identity.did import DidWeb
@@ -143,7 +143,8 @@ def export_process(config: dict[str, Any], results: Any) -> None:
     permissions = Outbox(engine).permissions(config["partner"], PURPOSE)
     mapping = Mapping.load(Path(config["mapping"]))
     bridge = Bridge(Pseudonymizer(PEPPER), DidWeb(HOST), access_log, pipeline_depth=config["pipeline_depth"])
-    run = bridge.export(
+    run = Export(
+        bridge,
         read_csv(
             Path(config["orders"]), chunk_rows=config["chunk_rows"], text_columns=tuple(mapping.pii.columns().values())
         ),

@@ -22,7 +22,7 @@ from eth_account import Account
 from sqlalchemy import delete, select, update
 
 from api.offline import Offline, export
-from crm_bridge.bridge import DID_COLUMN
+from crm_bridge.bridge import DID_COLUMN, Export
 from crm_bridge.mapping import Mapping
 from crm_bridge.sources import read_source
 from identity.normalize import normalize_email, normalize_name, normalize_phone
@@ -178,7 +178,8 @@ def test_an_access_the_chain_refuses_is_never_released(service: Service, crm: Cr
     try:
         mapping = Mapping.load(crm.mapping)
         stale = {service.runtime.dids.subject(c.did): 0b1111_1111 for c in crm.customers}  # type: ignore[union-attr]
-        run = offline.bridge().export(
+        run = Export(
+            offline.bridge(),
             read_source(crm.orders, text_columns=("email", "phone")),
             mapping,
             partner=service.partner_address,

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import create_engine
 
-from crm_bridge.bridge import DID_COLUMN, Bridge, ExportStats
+from crm_bridge.bridge import DID_COLUMN, Bridge, Export, ExportStats
 from crm_bridge.errors import AccessRefused, MappingError, SourceError
 from crm_bridge.mapping import Mapping
 from crm_bridge.release import ReleaseInfo
@@ -97,8 +97,8 @@ def run(
     log: MemoryLog, table: pa.Table, permissions: dict[bytes, int], chunk: int = 7
 ) -> tuple[list[pa.RecordBatch], ExportStats]:
     bridge = Bridge(PSEUDONYMS, DIDS, log, pipeline_depth=2)
-    export = bridge.export(
-        table.to_batches(max_chunksize=chunk), MAPPING, partner="0x" + "11" * 20, purpose=bytes(32),
+    export = Export(
+        bridge, table.to_batches(max_chunksize=chunk), MAPPING, partner="0x" + "11" * 20, purpose=bytes(32),
         purpose_key="analytics.reporting", attribute_bits=BITS, permissions=permissions,
     )  # fmt: skip
     released = []
@@ -137,8 +137,8 @@ def test_only_permitted_rows_and_cells_are_released_after_their_entry_is_final()
 def test_a_release_says_what_it_carries_through_to_its_parquet_file(tmp_path: Path) -> None:
     bridge = Bridge(PSEUDONYMS, DIDS, MemoryLog())
     permissions = {subject("person0@example.com"): 1 << 5}
-    export = bridge.export(
-        crm_rows(3, 2).to_batches(max_chunksize=2), MAPPING, partner="0x" + "11" * 20, purpose=bytes(32),
+    export = Export(
+        bridge, crm_rows(3, 2).to_batches(max_chunksize=2), MAPPING, partner="0x" + "11" * 20, purpose=bytes(32),
         purpose_key="analytics.reporting", attribute_bits=BITS, permissions=permissions,
     )  # fmt: skip
     stats = export.to_parquet(tmp_path / "out.parquet")
@@ -151,8 +151,8 @@ def test_a_release_says_what_it_carries_through_to_its_parquet_file(tmp_path: Pa
     )
     assert pq.read_table(tmp_path / "out.parquet").num_rows == 2
     # An export that releases nothing still says what it is.
-    empty = bridge.export(
-        crm_rows(1, 1).to_batches(), MAPPING, partner="0x" + "11" * 20, purpose=bytes(32),
+    empty = Export(
+        bridge, crm_rows(1, 1).to_batches(), MAPPING, partner="0x" + "11" * 20, purpose=bytes(32),
         purpose_key="analytics.reporting", attribute_bits=BITS, permissions={},
     )  # fmt: skip
     assert ReleaseInfo.of(empty.to_table().schema) == empty.release
@@ -174,8 +174,8 @@ def test_a_subject_the_chain_refuses_is_never_released_in_any_chunk() -> None:
 def test_a_batch_the_log_did_not_record_stops_the_export_unreleased() -> None:
     log = MemoryLog(fail=True)
     bridge = Bridge(PSEUDONYMS, DIDS, log)
-    export = bridge.export(
-        crm_rows(2, 2).to_batches(), MAPPING, partner="0x" + "11" * 20, purpose=bytes(32),
+    export = Export(
+        bridge, crm_rows(2, 2).to_batches(), MAPPING, partner="0x" + "11" * 20, purpose=bytes(32),
         purpose_key="p", attribute_bits=BITS, permissions={subject("person0@example.com"): 1 << 5},
     )  # fmt: skip
     with pytest.raises(AccessRefused):
@@ -203,10 +203,10 @@ def test_mapping_errors_are_clear() -> None:
         Mapping.parse({"pii": {"email": "e"}, "columns": {}, "colums": {}})
     bridge = Bridge(PSEUDONYMS, DIDS, MemoryLog())
     with pytest.raises(MappingError, match=r"not attribute categories of the registry: user\.nope"):
-        bridge.export([], Mapping.parse({"pii": {"email": "e"}, "columns": {"a": "user.nope"}}), partner="0x",
+        Export(bridge, [], Mapping.parse({"pii": {"email": "e"}, "columns": {"a": "user.nope"}}), partner="0x",
                       purpose=bytes(32), purpose_key="p", attribute_bits=BITS, permissions={})  # fmt: skip
-    export = bridge.export(
-        crm_rows(1, 1).drop_columns(["age_band"]).to_batches(), MAPPING, partner="0x", purpose=bytes(32),
+    export = Export(
+        bridge, crm_rows(1, 1).drop_columns(["age_band"]).to_batches(), MAPPING, partner="0x", purpose=bytes(32),
         purpose_key="p", attribute_bits=BITS, permissions={},
     )  # fmt: skip
     with pytest.raises(MappingError, match="the input has no column age_band"):
