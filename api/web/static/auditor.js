@@ -1,10 +1,9 @@
 // The auditor portal: search the access log, verify it against the chain, export CSV. The API key
 // stays in this tab's sessionStorage (gone when the tab closes).
-import { api, el, fail, onSubmit, say, short, when } from "/static/common.js";
+import { $, api, el, fail, nameOf, onClick, onSubmit, say, short, verdict, when } from "/static/common.js";
 
 const KEY = "consent-ledger.auditor-key";
 const PAGE = 50;
-const $ = (id) => document.getElementById(id);
 let apiKey = sessionStorage.getItem(KEY);
 let nextAfter = null;
 let purposes = [];
@@ -24,10 +23,6 @@ function query(extra = {}) {
   return params.toString();
 }
 
-function purposeName(key) {
-  return purposes.find((p) => p.key === key)?.name ?? key;
-}
-
 function row(entry) {
   return el(
     "tr",
@@ -36,9 +31,9 @@ function row(entry) {
     el("td", {}, el("time", { datetime: new Date(entry.block_time * 1000).toISOString() }, when(entry.block_time))),
     el("td", {}, el("code", { title: entry.did }, short(entry.did.split(":").pop()))),
     el("td", {}, entry.partner_name ?? short(entry.partner)),
-    el("td", {}, purposeName(entry.purpose)),
+    el("td", {}, nameOf(purposes, entry.purpose)),
     el("td", {}, entry.attributes.join(", ")),
-    el("td", {}, el("span", { class: `badge ${entry.permitted ? "allowed" : "denied"}` }, entry.permitted ? "allowed" : "denied")),
+    el("td", {}, verdict(entry.permitted)),
     el("td", {}, el("code", { title: entry.tx_hash }, short(entry.tx_hash)), ` (block ${entry.block_number})`),
   );
 }
@@ -124,19 +119,6 @@ async function enter() {
   $("verify-title").focus();
 }
 
-function busy(button, action) {
-  button.addEventListener("click", async () => {
-    button.disabled = true;
-    try {
-      await action();
-    } catch (error) {
-      fail(error);
-    } finally {
-      button.disabled = false;
-    }
-  });
-}
-
 document.addEventListener("DOMContentLoaded", () => {
   onSubmit($("signin-form"), async (data) => {
     apiKey = String(data.get("key")).trim();
@@ -146,9 +128,9 @@ document.addEventListener("DOMContentLoaded", () => {
     await enter();
   });
   onSubmit($("filters"), () => search(false));
-  busy($("more"), () => search(true));
-  busy($("verify"), verify);
-  busy($("export"), exportCsv);
+  onClick($("more"), () => search(true));
+  onClick($("verify"), verify);
+  onClick($("export"), exportCsv);
   $("sign-out").addEventListener("click", () => {
     sessionStorage.removeItem(KEY);
     apiKey = null;

@@ -79,18 +79,39 @@ export function short(hex) {
   return hex && hex.length > 14 ? `${hex.slice(0, 8)}…${hex.slice(-6)}` : hex;
 }
 
-// A form's submit handler that disables the submit button while it runs and reports failures.
+// Run `action` with `buttons` disabled, reporting a failure in the status region.
+async function whileBusy(buttons, action) {
+  buttons.forEach((b) => (b.disabled = true));
+  try {
+    await action();
+  } catch (error) {
+    fail(error);
+  } finally {
+    buttons.forEach((b) => (b.disabled = false));
+  }
+}
+
+// A form's submit handler that disables the form's buttons while it runs and reports failures.
 export function onSubmit(form, handler) {
-  form.addEventListener("submit", async (event) => {
+  form.addEventListener("submit", (event) => {
     event.preventDefault();
-    const buttons = form.querySelectorAll("button");
-    buttons.forEach((b) => (b.disabled = true));
-    try {
-      await handler(new FormData(form));
-    } catch (error) {
-      fail(error);
-    } finally {
-      buttons.forEach((b) => (b.disabled = false));
-    }
+    whileBusy(form.querySelectorAll("button"), () => handler(new FormData(form)));
   });
+}
+
+// The same for a button outside a form.
+export function onClick(button, action) {
+  button.addEventListener("click", () => whileBusy([button], action));
+}
+
+export const $ = (id) => document.getElementById(id);
+
+// The display name of a reference-data key (purpose, attribute), or the key itself.
+export function nameOf(items, key) {
+  return items.find((item) => item.key === key)?.name ?? key;
+}
+
+// An access-log entry's outcome as a badge.
+export function verdict(permitted) {
+  return el("span", { class: `badge ${permitted ? "allowed" : "denied"}` }, permitted ? "allowed" : "denied");
 }

@@ -2,7 +2,7 @@
 // encrypted (AES-GCM under a PBKDF2-derived key from the customer's passphrase); unlocked, it lives in
 // this page's memory. Every change is an EIP-712 message the customer signs; the API checks it.
 import { ethers } from "/static/vendor/ethers.min.js";
-import { ApiProblem, api, el, fail, onSubmit, say, short, when } from "/static/common.js";
+import { $, ApiProblem, api, el, fail, nameOf, onSubmit, say, short, verdict, when } from "/static/common.js";
 
 const STORE = "consent-ledger.key";
 const PBKDF2_ROUNDS = 600000; // OWASP's 2023 figure for PBKDF2-HMAC-SHA256
@@ -15,7 +15,6 @@ let pollTimer = null;
 let queue = Promise.resolve();
 const intents = new Map(); // checkbox id -> checked, while queued or in flight
 
-const $ = (id) => document.getElementById(id);
 const enc = encodeURIComponent;
 const b64 = (bytes) => btoa(String.fromCharCode(...new Uint8Array(bytes)));
 const unb64 = (text) => Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
@@ -128,14 +127,6 @@ async function refresh() {
   await Promise.all([loadConsents(), loadAccesses(), loadPoints()]);
 }
 
-function purposeName(key) {
-  return reference.purposes.find((p) => p.key === key)?.name ?? key;
-}
-
-function attributeName(key) {
-  return reference.attributes.find((a) => a.key === key)?.name ?? key;
-}
-
 async function loadConsents() {
   const consents = await call(`/customers/${enc(session.did)}/consents`);
   const byKey = new Map(consents.map((c) => [`${c.partner.toLowerCase()}|${c.purpose}`, c]));
@@ -189,7 +180,7 @@ async function loadConsents() {
           "tr",
           { "data-partner": partner.name, "data-purpose": purpose.key },
           el("th", { scope: "row" }, partner.name),
-          el("td", { "data-label": "Purpose" }, purposeName(purpose.key)),
+          el("td", { "data-label": "Purpose" }, nameOf(reference.purposes, purpose.key)),
           cells,
           el("td", { "data-label": "Status" }, el("span", { class: `badge ${status.replace(" ", "-")}` }, status)),
         ),
@@ -246,12 +237,8 @@ async function loadAccesses() {
           el("time", { datetime: new Date(entry.block_time * 1000).toISOString() }, when(entry.block_time)),
           " — ",
           el("strong", {}, entry.partner_name ?? short(entry.partner)),
-          ` for ${purposeName(entry.purpose)}: ${entry.attributes.map(attributeName).join(", ")} `,
-          el(
-            "span",
-            { class: `badge ${entry.permitted ? "allowed" : "denied"}` },
-            entry.permitted ? "allowed" : "denied",
-          ),
+          ` for ${nameOf(reference.purposes, entry.purpose)}: ${entry.attributes.map((key) => nameOf(reference.attributes, key)).join(", ")} `,
+          verdict(entry.permitted),
           el("div", { class: "muted" }, "transaction ", el("code", { title: entry.tx_hash }, short(entry.tx_hash))),
         ),
       ),
