@@ -26,7 +26,7 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import digamma, gammaln, hyp2f1
 
-from crm_bridge.analytics.data import DAY, Orders, Released, Requirement, figure
+from crm_bridge.analytics.data import DAY, Orders, Released, Requirement, figure, starts_of
 from crm_bridge.analytics.errors import FitFailed
 from crm_bridge.analytics.privacy import Disclosure
 
@@ -53,7 +53,7 @@ def summarise(orders: Orders) -> Summary:
     day_customer, day_number = c[at], day[at]
     day_value = np.add.reduceat(orders.amount, at) if len(at) else np.zeros(0)
     days = np.bincount(day_customer, minlength=orders.customers)
-    first = np.concatenate([[0], np.cumsum(days)[:-1]]).astype(np.int64)
+    first = starts_of(days)
     last = first + days - 1
     end_day = orders.as_of // DAY - 1  # the last day of the observation window
     x = (days - 1).astype(np.float64)

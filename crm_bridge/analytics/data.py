@@ -58,7 +58,7 @@ class Orders:
 
     def __post_init__(self) -> None:
         self.counts = np.bincount(self.customer, minlength=len(self.dids))
-        self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
+        self.starts = starts_of(self.counts)
 
     @property
     def customers(self) -> int:
@@ -74,6 +74,12 @@ class Orders:
 
     def total(self) -> np.ndarray:
         return np.bincount(self.customer, weights=self.amount, minlength=self.customers)
+
+
+def starts_of(counts: np.ndarray) -> np.ndarray:
+    """Where each group starts in an array sorted by group, given the groups' sizes."""
+    starts: np.ndarray = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    return starts
 
 
 def dictionary_codes(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa.Array]:
