@@ -11,7 +11,13 @@ For each chunk of a CRM export the bridge
    the chain refused.
 
 Chunks are pipelined: while one chunk's transaction is being mined the next is prepared, so the
-chain's block time is paid once, not once per chunk. Memory is bounded by a few chunks.
+chain's block time is paid once, not once per chunk. Two background threads talk to the node, each
+in chunk order: one sends the transactions (so the accessor's nonces stay in order), one waits for
+their receipts and reads the entries' verdicts. A node answers `eth_sendRawTransaction` only between
+blocks, and one with a large state takes a while per block, so sending from the preparing thread
+would stall the preparation of the next chunk and leave one chunk per block; and a chunk is released
+as soon as its entries are final, not only when the pipeline is full, so little is left to do once
+the last block is mined. Memory is bounded by `pipeline_depth` chunks.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import Protocol
 
@@ -43,6 +51,10 @@ from ledger.tx import Receipt
 
 DID_COLUMN = "did"
 _MAX_ATTRIBUTE_BIT = 62  # row masks are int64 arrays
+# Codes of identifier spellings besides subject ids (> 0):
+_INVALID = 0  # an identifier that does not normalise: the row has no subject and no fallback
+_BLANK = -1  # no identifier (empty or null): the row may fall back to another identifier
+_UNSEEN = -2  # not met before in this export
 
 
 class AccessRecorder(Protocol):
@@ -79,7 +91,12 @@ class _Chunk:
     ids: np.ndarray  # per row: the subject's id in this export (0: no valid identifier)
     masks: np.ndarray  # per row: permitted attribute bits (0: not permitted)
     entries: list[Access]
-    tx_hash: str | None
+    settled: Future[tuple[str, list[AccessEvent]]] | None  # its transaction and the entries' events, once final
+
+
+def _ready(chunk: _Chunk) -> bool:
+    """Whether a chunk can be released without waiting for the chain."""
+    return chunk.settled is None or chunk.settled.done()
 
 
 class Bridge:
@@ -122,22 +139,21 @@ class _Subjects:
         self.logged = np.zeros(1, dtype=bool)  # has an entry in this export
         self.refused = np.zeros(1, dtype=bool)  # the chain refused its entry
         self.released = np.zeros(1, dtype=bool)  # some of its rows were released
-        self._spellings: dict[tuple[str, str], int] = {}
+        # Per kind of identifier: spelling -> its id (> 0), or _INVALID, or _BLANK (no identifier).
+        self._spellings: dict[str, dict[str, int]] = {"email": {}, "phone": {}}
 
-    def _id(self, kind: str, raw: str) -> int:
-        known = self._spellings.get((kind, raw))
-        if known is not None:
-            return known
+    def _code(self, kind: str, raw: str) -> int:
+        """The code of a spelling met for the first time: normalised and hashed once per export."""
+        if not raw.strip():
+            return _BLANK
         subject = self.bridge.subject_of(kind, raw, self.region)
         if subject is None:
-            found = 0
-        else:
-            found = self.ids.get(subject, 0)
-            if not found:
-                found = self.ids[subject] = len(self.subjects)
-                self.subjects.append(subject)
-                self.dids.append(self.bridge.dids.did(Subject(subject)))
-        self._spellings[(kind, raw)] = found
+            return _INVALID
+        found = self.ids.get(subject, 0)
+        if not found:
+            found = self.ids[subject] = len(self.subjects)
+            self.subjects.append(subject)
+            self.dids.append(self.bridge.dids.did(Subject(subject)))
         return found
 
     def _grow(self) -> None:
@@ -155,16 +171,20 @@ class _Subjects:
 
     def _ids(self, values: pa.Array, kind: str) -> tuple[np.ndarray, np.ndarray]:
         """Per value: the id its `kind` identifier gives, and whether there is one at all. Each
-        distinct spelling is looked up once (dictionary encoding), not each row."""
+        distinct spelling in a chunk is looked up once (dictionary encoding), and only spellings not
+        met before in this export run Python code; the lookup of the others is one C-level pass."""
         if not pa.types.is_string(values.type):
             values = pc.cast(values, pa.string())
         encoded = values.dictionary_encode()
         spellings = encoded.dictionary.to_pylist()
-        ids = np.fromiter((self._id(kind, v) for v in spellings), dtype=np.int64, count=len(spellings))
-        present = np.fromiter((bool(v.strip()) for v in spellings), dtype=bool, count=len(spellings))
-        # A null cell points past the dictionary: id 0, no identifier.
-        index = encoded.indices.fill_null(len(spellings)).to_numpy(zero_copy_only=False)
-        return np.append(ids, 0)[index], np.append(present, False)[index]
+        known = self._spellings[kind]
+        codes = np.fromiter(map(known.get, spellings, repeat(_UNSEEN)), dtype=np.int64, count=len(spellings))
+        for i in np.flatnonzero(codes == _UNSEEN).tolist():
+            codes[i] = known[spellings[i]] = self._code(kind, spellings[i])
+        # A null cell points past the dictionary: no identifier.
+        index = encoded.indices.fill_null(pa.scalar(len(spellings), encoded.indices.type)).to_numpy()
+        codes = np.append(codes, _BLANK)[index]
+        return np.maximum(codes, 0), codes != _BLANK
 
     def rows(self, batch: pa.RecordBatch, mapping: Mapping) -> np.ndarray:
         """Each row's subject id: from the e-mail address when the row has one, else from the phone
@@ -220,19 +240,26 @@ class Export:
         started = time.perf_counter()
         in_flight: deque[_Chunk] = deque()
         checked = False
-        for batch in self.batches:
-            if not checked:
-                self.mapping.check_columns(batch.schema.names)
-                checked = True
-            in_flight.append(self._prepare(batch))
-            while len(in_flight) > self.bridge.pipeline_depth:
+        sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="access-log-sender")
+        settler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="access-log-settler")
+        try:
+            for batch in self.batches:
+                if not checked:
+                    self.mapping.check_columns(batch.schema.names)
+                    checked = True
+                in_flight.append(self._prepare(batch, sender, settler))
+                while in_flight and (len(in_flight) > self.bridge.pipeline_depth or _ready(in_flight[0])):
+                    yield from self._release(in_flight.popleft())
+            while in_flight:
                 yield from self._release(in_flight.popleft())
-        while in_flight:
-            yield from self._release(in_flight.popleft())
+        finally:
+            # An export stopped early sends nothing more (what was sent stays recorded, unreleased).
+            sender.shutdown(cancel_futures=True)
+            settler.shutdown(cancel_futures=True)
         self.stats.subjects_released = int(np.count_nonzero(self.subjects.released))
         self.stats.seconds = time.perf_counter() - started
 
-    def _prepare(self, batch: pa.RecordBatch) -> _Chunk:
+    def _prepare(self, batch: pa.RecordBatch, sender: ThreadPoolExecutor, settler: ThreadPoolExecutor) -> _Chunk:
         subjects = self.subjects
         ids = subjects.rows(batch, self.mapping)
         masks = subjects.masks[ids]
@@ -248,19 +275,26 @@ class Export:
             Access(subjects.subjects[i], self.partner, self.purpose, int(subjects.masks[i]), self.request_id)
             for i in new.tolist()
         ]
-        tx_hash = self.bridge.access_log.submit(entries) if entries else None
-        if tx_hash is not None:
-            self.stats.transactions.append(tx_hash)
-        return _Chunk(batch, ids, masks, entries, tx_hash)
+        if not entries:
+            return _Chunk(batch, ids, masks, entries, None)
+        sent = sender.submit(self.bridge.access_log.submit, entries)
+        return _Chunk(batch, ids, masks, entries, settler.submit(self._settle, sent, entries))
+
+    def _settle(self, sent: Future[str], entries: list[Access]) -> tuple[str, list[AccessEvent]]:
+        """(In the settling thread.) Wait until the batch's entries are final; their events."""
+        tx_hash = sent.result()  # a send that failed raises its own error, as it would have unthreaded
+        try:
+            receipt, events = self.bridge.access_log.settle(tx_hash, entries)
+            self.bridge.access_log.wait_final(receipt, self.bridge.confirmations)
+        except LedgerError as exc:
+            raise AccessRefused(f"the access log did not record batch {tx_hash}: {exc}") from exc
+        return tx_hash, events
 
     def _release(self, chunk: _Chunk) -> Iterator[pa.RecordBatch]:
         subjects = self.subjects
-        if chunk.tx_hash is not None:
-            try:
-                receipt, events = self.bridge.access_log.settle(chunk.tx_hash, chunk.entries)
-                self.bridge.access_log.wait_final(receipt, self.bridge.confirmations)
-            except LedgerError as exc:
-                raise AccessRefused(f"the access log did not record batch {chunk.tx_hash}: {exc}") from exc
+        if chunk.settled is not None:
+            tx_hash, events = chunk.settled.result()
+            self.stats.transactions.append(tx_hash)
             self.stats.entries_recorded += len(events)
             refused = [subjects.ids[e.subject] for e in events if not e.permitted]
             subjects.refused[refused] = True
