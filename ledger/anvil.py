@@ -21,6 +21,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from ledger.errors import NodeStartError
@@ -229,9 +230,15 @@ class AnvilNode:
             except (OSError, ValueError, NodeStartError) as exc:
                 log.debug("checkpoint skipped: %s", exc)
 
+    @contextlib.contextmanager
+    def mining_paused(self) -> Iterator[None]:
+        """No block is mined by the interval miner while inside (a checkpoint, a measurement)."""
+        with self._mining:
+            yield
+
     def checkpoint(self) -> None:
         """Write the node's state and block history to the state file, consistently (mining paused)."""
-        with self._mining:
+        with self.mining_paused():
             dumped = self._call("anvil_dumpState", [], timeout=120)
         if not isinstance(dumped, str):
             raise ValueError("anvil_dumpState returned no data")

@@ -40,6 +40,7 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from sqlalchemy import create_engine
 from web3 import HTTPProvider, Web3
+from web3.types import RPCEndpoint
 
 import api.models  # noqa: F401 - the service's tables
 from api.reference import DEFAULT_ATTRIBUTES
@@ -124,6 +125,28 @@ def peak_rss_mb() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def block_overhead_ms(backend: AnvilBackend) -> float:
+    """How long the node takes to mine an empty block at this state size (median of 5): anvil
+    recomputes the state root and copies the state for its history on every block."""
+    times = []
+    with backend.node.mining_paused():
+        for _ in range(5):
+            started = time.perf_counter()
+            backend.w3.provider.make_request(RPCEndpoint("evm_mine"), [])
+            times.append(time.perf_counter() - started)
+    return sorted(times)[2] * 1000
+
+
+def node_rss_mb(backend: AnvilBackend) -> float:
+    running = backend.node.running_node()
+    if running is None:
+        return 0.0
+    for line in Path(f"/proc/{running[0]}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def export_process(config: dict[str, Any], results: Any) -> None:
@@ -247,9 +270,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 pass
             permissions = Outbox(engine).permissions(partner, bytes(PURPOSE))
             engine.dispose()
+            overhead = block_overhead_ms(backend)
             print(
                 f"set-up: {counts['orders']:,} orders of {counts['customers']:,} customers, {consenting:,} consenting, "
-                f"{len(permissions):,} permitted in the read model"
+                f"{len(permissions):,} permitted in the read model; the node takes {overhead:.0f} ms per (empty) "
+                f"block at this state size and holds {node_rss_mb(backend):,.0f} MB"
             )
 
             context = multiprocessing.get_context("spawn")
@@ -295,6 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "bridge_rows_per_s": round(bridge_rows_per_s),
         "bridge_seconds": round(bridge["seconds"], 2),
         "peak_rss_mb": round(bridge["peak_rss_mb"], 1),
+        "node_block_ms": round(overhead),
         "access_entries_in_export": bridge["entries"],
         "access_entries_refused": bridge["refused"],
         "export_transactions": bridge["transactions"],

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,6 +194,72 @@ def test_rows_without_a_valid_identifier_are_counted_not_released() -> None:
     released, stats = run(MemoryLog(), table, {by_phone: 1 << 5})
     assert [r["amount"] for b in released for r in b.to_pylist()] == [2.0]
     assert stats.rows_unidentified == 1
+
+
+def test_an_identifier_is_an_email_address_else_a_phone_number_in_every_chunk() -> None:
+    """As at enrolment: a blank e-mail cell falls back to the phone; an e-mail address that does not
+    normalise does not (the row has no subject). Each spelling gives the same answer in every chunk
+    it appears in, looked up or first met."""
+    person = {"name": "Z", "amount": 1.0, "age_band": "x"}
+    rows = [
+        {**person, "email": "  ", "phone": "+44 7400 000009"},  # blank: the phone decides
+        {**person, "email": "not-an-address", "phone": "+44 7400 000008"},  # invalid: no fallback
+        {**person, "email": " Person3@EXAMPLE.com ", "phone": "+44 7400 000007"},  # the e-mail decides
+        {**person, "email": None, "phone": "+447400000009"},  # another spelling of the same number
+    ]
+    table = pa.Table.from_pylist(rows * 3)  # chunk=2: every spelling again in later chunks
+    by_phone = {n: bytes(PSEUDONYMS.subject(PII(phone=f"+4474000000{n:02d}"))) for n in (7, 8, 9)}
+    by_email = subject("person3@example.com")
+    permissions = {by_phone[9]: 1 << 5, by_phone[8]: 1 << 5, by_phone[7]: 1 << 5, by_email: 1 << 5}
+    released, stats = run(MemoryLog(), table, permissions, chunk=2)
+    dids = [d for b in released for d in b.column(DID_COLUMN).to_pylist()]
+    assert sorted(dids) == sorted([DIDS.did(Subject(by_phone[9]))] * 6 + [DIDS.did(Subject(by_email))] * 3)
+    assert stats.rows_unidentified == 3
+
+
+def test_a_chunk_is_released_once_its_entries_are_final_not_when_the_pipeline_fills() -> None:
+    log = MemoryLog()
+    permissions = {subject(f"person{p}@example.com"): 1 << 5 for p in range(8)}
+    read: list[int] = []
+
+    def source() -> Iterator[pa.RecordBatch]:
+        for n, batch in enumerate(crm_rows(8, 1).to_batches(max_chunksize=2)):
+            if n == 1:  # let the first chunk's batch become final before the second is read
+                deadline = time.monotonic() + 30
+                while subject("person1@example.com") not in log.final and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                time.sleep(0.2)
+            read.append(n)
+            yield batch
+
+    bridge = Bridge(PSEUDONYMS, DIDS, log, pipeline_depth=8)  # deep enough to hold every chunk
+    export = Export(
+        bridge, source(), MAPPING, partner="0x" + "11" * 20, purpose=bytes(32),
+        purpose_key="analytics.reporting", attribute_bits=BITS, permissions=permissions,
+    )  # fmt: skip
+    batches = iter(export)
+    first = next(batches)
+    assert read in ([0], [0, 1])  # released with at most two of four chunks read, not once all were in flight
+    assert set(first.column(DID_COLUMN).to_pylist()) == {
+        DIDS.did(Subject(subject(f"person{p}@example.com"))) for p in range(2)
+    }
+    assert sum(b.num_rows for b in batches) == 6
+    assert read == [0, 1, 2, 3]
+
+
+def test_a_batch_the_node_would_not_take_stops_the_export_with_its_own_error() -> None:
+    class Refusing(MemoryLog):
+        def submit(self, entries: list[Access]) -> str:
+            raise TransactionFailed("the node refused the transaction", tx_hash="0x")
+
+    bridge = Bridge(PSEUDONYMS, DIDS, Refusing())
+    export = Export(
+        bridge, crm_rows(2, 2).to_batches(), MAPPING, partner="0x" + "11" * 20, purpose=bytes(32),
+        purpose_key="p", attribute_bits=BITS, permissions={subject("person0@example.com"): 1 << 5},
+    )  # fmt: skip
+    with pytest.raises(TransactionFailed, match="refused the transaction"):
+        list(export)
+    assert export.stats.rows_released == 0
 
 
 def test_mapping_errors_are_clear() -> None:
