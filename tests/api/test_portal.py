@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -133,6 +134,21 @@ def _consents(service: Served, did: str) -> list[dict[str, Any]]:
     return list(response.json())
 
 
+def _consent_once(service: Served, did: str, purpose: str, attributes: list[str]) -> dict[str, Any]:
+    """The customer's consent for `purpose`, once the API shows exactly `attributes` active on-chain.
+    The page sends queued changes one after another, so between two of them it shows no pending
+    change for a moment: the API, not the badge, says when both are in."""
+    deadline = time.monotonic() + 30
+    while True:
+        found = [c for c in _consents(service, did) if c["purpose"] == purpose]
+        assert len(found) <= 1, found
+        consent = found[0] if found else None
+        if consent and sorted(consent["attributes"]) == sorted(attributes) and consent["status"] == "active":
+            return consent
+        assert time.monotonic() < deadline, f"consent never became {attributes} active: {consent}"
+        time.sleep(0.2)
+
+
 def _bridge_export(service: Served, email: str, tmp_path: Path) -> None:
     crm = tmp_path / "crm.csv"
     with crm.open("w", newline="", encoding="utf-8") as handle:
@@ -175,13 +191,12 @@ def test_a_customer_claims_grants_revokes_sees_accesses_and_authorises_a_redempt
     _toggle(page, "Demographic data").focus()
     page.keyboard.press("Space")
     row = page.locator("tr[data-partner='acme'][data-purpose='analytics.reporting']")
+    consent = _consent_once(service, did, "analytics.reporting", ["user.behavior.purchase_history", "user.demographic"])
+    assert consent["tx_hash"].startswith("0x")
     expect(row.locator(".badge.pending")).to_have_count(0, timeout=30_000)
     expect(row.locator(".badge.active")).to_have_count(1)
     expect(_toggle(page, "Purchase history")).to_be_checked()
     expect(_toggle(page, "Demographic data")).to_be_checked()
-    (consent,) = [c for c in _consents(service, did) if c["purpose"] == "analytics.reporting"]
-    assert sorted(consent["attributes"]) == ["user.behavior.purchase_history", "user.demographic"]
-    assert consent["tx_hash"].startswith("0x")
     _shot(page, "customer-consents-active")
 
     # Revoke one: in effect at once (deny wins while pending), then on-chain.
