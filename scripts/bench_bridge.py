@@ -118,13 +118,19 @@ def grant_consents(registry: ConsentRegistryClient, sender: TxSender, customers_
     return len(consenting)
 
 
+def status_mb(pid: int | str, field: str) -> float | None:
+    """A memory figure (`VmHWM`, `VmRSS`, ...) of a process from /proc, in MB; None where there is none."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory. VmHWM belongs to the address space, which execve makes
     anew; ru_maxrss would still count the forked parent's memory."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = status_mb("self", "VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def block_overhead_ms(backend: AnvilBackend) -> float:
@@ -141,12 +147,7 @@ def block_overhead_ms(backend: AnvilBackend) -> float:
 
 def node_rss_mb(backend: AnvilBackend) -> float:
     running = backend.node.running_node()
-    if running is None:
-        return 0.0
-    for line in Path(f"/proc/{running[0]}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return (status_mb(running[0], "VmRSS") if running else None) or 0.0
 
 
 def export_process(config: dict[str, Any], results: Any) -> None:
