@@ -142,6 +142,9 @@ contract ConsentRegistry is IConsentRegistry, AccessControl, EIP712, Nonces {
             if (!hasRole(PARTNER_ROLE, c.partner)) {
                 return abi.encodeWithSelector(ConsentRegistryUnknownPartner.selector, c.partner);
             }
+            if (c.attributes > type(uint192).max) {
+                return abi.encodeWithSelector(ConsentRegistryAttributesOutOfRange.selector, c.attributes);
+            }
             if (c.validUntil != 0 && c.validUntil <= block.timestamp) {
                 return abi.encodeWithSelector(ConsentRegistryInvalidValidity.selector, c.validUntil);
             }
@@ -172,18 +175,20 @@ contract ConsentRegistry is IConsentRegistry, AccessControl, EIP712, Nonces {
         return err == ECDSA.RecoverError.NoError ? signer : address(0);
     }
 
+    /// @dev `c.attributes` fits in 192 bits (checked by {_apply}).
     function _grant(SignedChange calldata c) private {
         Consent storage consent = _consents[c.subject][c.partner][c.purpose];
         bool lapsed = consent.validUntil != 0 && consent.validUntil <= block.timestamp;
-        uint256 attributes = (lapsed ? 0 : consent.attributes) | c.attributes;
+        uint192 attributes = (lapsed ? 0 : consent.attributes) | uint192(c.attributes);
         consent.attributes = attributes;
         consent.validUntil = c.validUntil;
         emit ConsentGranted(c.subject, c.partner, c.purpose, c.attributes, attributes, c.validUntil, c.nonce);
     }
 
+    /// @dev Bits above 192 were never granted; revoking them changes nothing (and is recorded).
     function _revoke(SignedChange calldata c) private {
         Consent storage consent = _consents[c.subject][c.partner][c.purpose];
-        uint256 attributes = consent.attributes & ~c.attributes;
+        uint192 attributes = consent.attributes & ~uint192(c.attributes);
         consent.attributes = attributes;
         emit ConsentRevoked(c.subject, c.partner, c.purpose, c.attributes, attributes, c.nonce);
     }

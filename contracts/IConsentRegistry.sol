@@ -10,9 +10,13 @@ pragma solidity ^0.8.24;
  * it can delay a change but never forge one.
  */
 interface IConsentRegistry {
-    /// @dev A consent as stored: the granted attribute bits and when they lapse (0 = until revoked).
+    /**
+     * @dev A consent as stored, in one storage slot: the granted attribute bits (at most
+     * {ATTRIBUTE_BITS} of them) and when they lapse (0 = until revoked). One slot, not two, because
+     * every node keeps, hashes and copies each slot of the world state.
+     */
     struct Consent {
-        uint256 attributes;
+        uint192 attributes;
         uint64 validUntil;
     }
 
@@ -65,6 +69,9 @@ interface IConsentRegistry {
 
     /// @dev A grant or revocation must name at least one attribute.
     error ConsentRegistryEmptyAttributes();
+
+    /// @dev A grant names an attribute bit above the highest a consent can hold (see {Consent}).
+    error ConsentRegistryAttributesOutOfRange(uint256 attributes);
 
     /// @dev A grant's `validUntil` is already in the past.
     error ConsentRegistryInvalidValidity(uint64 validUntil);
@@ -135,7 +142,8 @@ interface IConsentRegistry {
      * - `deadline` has not passed and `attributes` is not empty;
      * - the subject is bound, `nonce` is its controller's next nonce and the signature is the
      *   controller's over this contract's EIP-712 domain;
-     * - for a grant: the partner holds the partner role and `validUntil` is 0 or in the future;
+     * - for a grant: the partner holds the partner role, `attributes` fits in a {Consent}'s 192 bits
+     *   and `validUntil` is 0 or in the future;
      * - for a revocation: `validUntil` is 0.
      */
     function applyChange(SignedChange calldata change) external;

@@ -48,6 +48,11 @@ class SignedChange:
         )
 
 
+# How many attribute bits a consent can hold: `ConsentRegistry` stores a consent's bits and its
+# validity in one storage slot (uint192 + uint64) and refuses a grant of any bit above them.
+ATTRIBUTE_BITS = 192
+
+
 @dataclass(frozen=True)
 class Consent:
     attributes: int

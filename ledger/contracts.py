@@ -43,6 +43,7 @@ _ERROR_CLASSES: dict[str, type[ContractRevert]] = {
     "ConsentRegistryInvalidController": errors.ConsentRejected,
     "ConsentRegistryUnknownPartner": errors.ConsentRejected,
     "ConsentRegistryEmptyAttributes": errors.ConsentRejected,
+    "ConsentRegistryAttributesOutOfRange": errors.ConsentRejected,
     "ConsentRegistryInvalidValidity": errors.ConsentRejected,
     "LoyaltyPointsInvalidSigner": errors.InvalidSignature,
     "LoyaltyPointsExpiredSignature": errors.SignatureExpired,

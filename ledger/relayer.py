@@ -39,6 +39,7 @@ ERROR_CODES = {
     "InvalidAccountNonce": "nonce_mismatch",
     "ConsentRegistryUnknownPartner": "unknown_partner",
     "ConsentRegistryEmptyAttributes": "empty_attributes",
+    "ConsentRegistryAttributesOutOfRange": "attributes_out_of_range",
     "ConsentRegistryInvalidValidity": "invalid_validity",
     "ConsentRegistryUnboundSubject": "unbound_subject",
 }

@@ -10,6 +10,7 @@ from api.deps import ReferenceRead, ReferenceWrite, RuntimeDep
 from api.errors import ApiError, responses
 from api.models import AttributeRow, Partner, PurposeRow
 from api.schemas import AttributeCreate, AttributePublic, PartnerCreate, PartnerPublic, PurposeCreate, PurposePublic
+from ledger.consent import ATTRIBUTE_BITS
 from ledger.eip712 import purpose_id
 
 router = APIRouter(tags=["reference"], responses=responses(401, 403))
@@ -82,8 +83,8 @@ def create_attribute(body: AttributeCreate, runtime: RuntimeDep, _caller: Refere
         with runtime.sessions() as session:
             highest = session.scalar(select(func.max(AttributeRow.bit)))
             bit = 0 if highest is None else highest + 1  # appended: existing bits never move
-            if bit >= 256:
-                raise ApiError(409, "attributes_full", "All 256 attribute bits are in use")
+            if bit >= ATTRIBUTE_BITS:
+                raise ApiError(409, "attributes_full", f"All {ATTRIBUTE_BITS} attribute bits are in use")
             session.add(AttributeRow(bit=bit, key=body.key, name=body.name))
     except IntegrityError as exc:
         raise ApiError(409, "attribute_exists", "An attribute with that key exists") from exc

@@ -12,7 +12,7 @@ from eth_utils.crypto import keccak
 from web3 import Web3
 
 from ledger import eip712
-from ledger.consent import PARTNER_ROLE, SignedChange, batch_gas
+from ledger.consent import ATTRIBUTE_BITS, PARTNER_ROLE, SignedChange, batch_gas
 from ledger.contracts import ensure_deployed
 from ledger.eip712 import ChangeKind, ControllerChange, Domain, Signature
 from ledger.errors import (
@@ -190,6 +190,42 @@ class ChainConformance:
         with pytest.raises(ConsentRejected) as refused:
             ledger.registry.apply(ledger.grant(EMAIL, valid_until=past))
         assert refused.value.error == "ConsentRegistryInvalidValidity"
+
+    def test_the_highest_attribute_bit_is_granted_and_one_above_is_refused(self, ledger: Ledger) -> None:
+        top = 1 << (ATTRIBUTE_BITS - 1)
+        with pytest.raises(ConsentRejected) as refused:
+            ledger.registry.apply(ledger.grant(EMAIL | top << 1))
+        assert refused.value.error == "ConsentRegistryAttributesOutOfRange"
+        assert ledger.registry.nonce_of(ledger.customer.address) == 0  # nothing applied, no nonce used
+        ledger.registry.apply(ledger.grant(EMAIL | top))
+        assert ledger.registry.is_permitted(ledger.subject, ledger.partner, ledger.purpose, EMAIL | top)
+        assert not ledger.registry.is_permitted(ledger.subject, ledger.partner, ledger.purpose, top << 1)
+
+    def test_revoking_bits_above_the_range_is_recorded_and_changes_nothing_else(self, ledger: Ledger) -> None:
+        ledger.registry.apply(ledger.grant(EMAIL | PHONE))
+        high = 1 << ATTRIBUTE_BITS
+        receipt = ledger.registry.apply(ledger.revoke(PHONE | high))
+        (event,) = ledger.registry.events(receipt, "ConsentRevoked")
+        assert (event["revoked"], event["attributes"]) == (PHONE | high, EMAIL)
+        assert ledger.registry.consent_of(ledger.subject, ledger.partner, ledger.purpose).attributes == EMAIL
+
+    def test_a_consent_takes_one_storage_slot(self, ledger: Ledger) -> None:
+        # Every slot of the world state costs a node on every block (anvil hashes and copies them
+        # all), so a consent's bits and validity share one. Layout: AccessControl 0, EIP712 1-2,
+        # Nonces 3, then `_controllers` (4) and `_consents` (5).
+        def slot(key: bytes, base: bytes) -> bytes:
+            return keccak(key.rjust(32, b"\0") + base)
+
+        def word(position: bytes) -> int:
+            return int.from_bytes(ledger.backend.w3.eth.get_storage_at(registry, int.from_bytes(position)))
+
+        registry = ledger.deployment.address("ConsentRegistry")
+        assert word(slot(ledger.subject, (4).to_bytes(32))) == int(ledger.customer.address, 16)  # layout as above
+        valid_until = ledger.now() + 3600
+        ledger.registry.apply(ledger.grant(EMAIL | NAME, valid_until=valid_until))
+        position = slot(ledger.purpose, slot(bytes.fromhex(ledger.partner[2:]), slot(ledger.subject, (5).to_bytes(32))))
+        assert word(position) == valid_until << 192 | EMAIL | NAME
+        assert word((int.from_bytes(position) + 1).to_bytes(32)) == 0
 
     def test_an_unknown_partner_cannot_be_granted(self, ledger: Ledger) -> None:
         stranger = Account.create().address
