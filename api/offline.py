@@ -165,7 +165,7 @@ def export(
         raise ToolError(f"no such input file: {source}")
     run = Export(
         offline.bridge(),
-        read_source(source, table=table, text_columns=text_columns),
+        read_source(source, table=table, text_columns=text_columns, columns=mapping.read_columns()),
         mapping,
         partner=partner_address,
         purpose=pid,

@@ -271,9 +271,10 @@ class Export:
         new = np.unique(ids[masks != 0])
         new = new[~subjects.logged[new]]
         subjects.logged[new] = True
+        known, partner, purpose, request_id = subjects.subjects, self.partner, self.purpose, self.request_id
         entries = [
-            Access(subjects.subjects[i], self.partner, self.purpose, int(subjects.masks[i]), self.request_id)
-            for i in new.tolist()
+            Access(known[i], partner, purpose, mask, request_id)
+            for i, mask in zip(new.tolist(), subjects.masks[new].tolist(), strict=True)
         ]
         if not entries:
             return _Chunk(batch, ids, masks, entries, None)
@@ -338,7 +339,7 @@ class Export:
         try:
             for batch in self:
                 if writer is None:
-                    writer = pq.ParquetWriter(partial, batch.schema, compression="zstd")
+                    writer = pq.ParquetWriter(partial, batch.schema, compression="zstd", **_encodings(batch))
                 writer.write_batch(batch)
             if writer is None:
                 writer = pq.ParquetWriter(partial, self._empty_schema(), compression="zstd")
@@ -356,3 +357,18 @@ class Export:
             [pa.field(DID_COLUMN, pa.string()), *(pa.field(c, pa.null()) for c in self.mapping.columns)],
             metadata=self._metadata,
         )
+
+
+def _encodings(first: pa.RecordBatch) -> dict[str, list[str]]:
+    """Parquet options for a released table, judged on its first batch: dictionary encoding for the
+    DID column (a customer's rows repeat it) and for columns with few distinct values; min/max
+    statistics (for readers that skip row groups) for all but text columns, where they cost time and
+    prune nothing. Arrow would otherwise build a dictionary for every column and drop it when it
+    grows too big: a quarter of the writing time for a smaller file."""
+    few = [
+        f.name
+        for f in first.schema
+        if f.name != DID_COLUMN and pc.count_distinct(first.column(f.name)).as_py() * 4 <= first.num_rows
+    ]
+    texts = {f.name for f in first.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)}
+    return {"use_dictionary": [DID_COLUMN, *few], "write_statistics": [c for c in first.schema.names if c not in texts]}

@@ -68,8 +68,14 @@ class Mapping(BaseModel):
     def categories(self) -> set[str]:
         return set(self.columns.values())
 
+    def read_columns(self) -> tuple[str, ...]:
+        """The CRM columns an export reads: the identifiers a subject derives from (e-mail, phone) and
+        the columns it may release. Anything else (the name, internal ids) is never even parsed."""
+        identifiers = [c for f, c in self.pii.columns().items() if f != "name"]
+        return tuple(dict.fromkeys([*identifiers, *self.columns]))
+
     def check_columns(self, available: list[str]) -> None:
-        missing = sorted((set(self.columns) | set(self.pii.columns().values())) - set(available))
+        missing = sorted(set(self.read_columns()) - set(available))
         if missing:
             raise MappingError(f"the input has no column {', '.join(missing)}")
 

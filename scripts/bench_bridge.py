@@ -170,7 +170,10 @@ def export_process(config: dict[str, Any], results: Any) -> None:
     run = Export(
         bridge,
         read_csv(
-            Path(config["orders"]), chunk_rows=config["chunk_rows"], text_columns=tuple(mapping.pii.columns().values())
+            Path(config["orders"]),
+            chunk_rows=config["chunk_rows"],
+            text_columns=tuple(mapping.pii.columns().values()),
+            columns=mapping.read_columns(),
         ),
         mapping,
         partner=config["partner"],

@@ -302,3 +302,56 @@ def test_sources_stream_csv_and_database_tables_in_chunks(tmp_path: Path) -> Non
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n3\n", encoding="utf-8")
     with pytest.raises(SourceError, match="does not parse"):
         list(read_csv(tmp_path / "bad.csv"))
+
+
+def test_an_export_reads_only_the_identifiers_and_the_columns_it_may_release(tmp_path: Path) -> None:
+    assert MAPPING.read_columns() == ("email", "phone", "amount", "age_band")  # never the name
+    table = crm_rows(5, 2)
+    pacsv.write_csv(table, tmp_path / "crm.csv")
+    engine = create_engine(f"sqlite:///{tmp_path / 'crm.db'}")
+    table.to_pandas().to_sql("orders", engine, index=False)
+    engine.dispose()
+    wanted = {*MAPPING.read_columns(), "not_in_the_file"}
+    for source, table_name in ((str(tmp_path / "crm.csv"), None), (f"sqlite:///{tmp_path / 'crm.db'}", "orders")):
+        batches = list(read_source(source, table=table_name, text_columns=("phone",), columns=wanted))
+        # In the source's order; the name and the notes are never parsed, an unknown name is skipped.
+        assert [b.schema.names for b in batches] == [["email", "phone", "amount", "age_band"]]
+        assert batches[0].num_rows == 10
+    # A source with none of them still reaches the mapping check, which names what is missing
+    # (an empty column list would make Arrow read every column).
+    (tmp_path / "other.csv").write_text("x,y\n1,2\n", encoding="utf-8")
+    export = Export(
+        Bridge(PSEUDONYMS, DIDS, MemoryLog()), read_csv(tmp_path / "other.csv", columns=MAPPING.read_columns()),
+        MAPPING, partner="0x", purpose=bytes(32), purpose_key="p", attribute_bits=BITS, permissions={},
+    )  # fmt: skip
+    with pytest.raises(MappingError, match="the input has no column age_band, amount, email, phone"):
+        list(export)
+    # A CRM export without the name column is complete for the bridge.
+    permissions = {subject("person1@example.com"): 1 << 5}
+    _, stats = run(MemoryLog(), table.drop_columns(["name"]), permissions)
+    assert stats.rows_released == 2
+
+
+def test_the_parquet_file_encodes_the_did_as_a_dictionary_and_keeps_statistics_of_non_text_columns(
+    tmp_path: Path,
+) -> None:
+    table = crm_rows(40, 5).append_column("note", pa.array([f"free text {i}" for i in range(200)]))
+    mapping = Mapping.parse(
+        {
+            "pii": {"email": "email"},
+            "columns": {"amount": "user.behavior.purchase_history", "age_band": "user.demographic",
+                        "note": "user.behavior.purchase_history"},
+        }
+    )  # fmt: skip
+    permissions = {subject(f"person{p}@example.com"): 1 << 5 | 1 << 4 for p in range(40)}
+    export = Export(
+        Bridge(PSEUDONYMS, DIDS, MemoryLog()), table.to_batches(max_chunksize=100), mapping, partner="0x",
+        purpose=bytes(32), purpose_key="p", attribute_bits=BITS, permissions=permissions,
+    )  # fmt: skip
+    export.to_parquet(tmp_path / "out.parquet")
+    meta = pq.ParquetFile(tmp_path / "out.parquet").metadata
+    chunks = {meta.schema.column(i).name: meta.row_group(0).column(i) for i in range(meta.num_columns)}
+    dictionary = {name for name, c in chunks.items() if "RLE_DICTIONARY" in c.encodings}
+    assert dictionary == {"did", "age_band"}  # a customer's rows repeat the DID; "note" is all distinct
+    assert {name for name, c in chunks.items() if c.is_stats_set} == {"amount"}
+    assert pq.read_table(tmp_path / "out.parquet").num_rows == 200
