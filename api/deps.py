@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 from fastapi.security import APIKeyHeader, HTTPBearer
 
-from api.auth import Caller, customer_caller, now, service_caller
+from api.auth import Caller, customer_caller, digest, now, service_caller
 from api.errors import ApiError
 from api.runtime import Runtime
 
@@ -29,21 +29,45 @@ async def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-_TOKENS: dict[str, tuple[Caller, float]] = {}  # bearer token -> (caller, monotonic expiry): one DB read per token
+# Callers by credential, so that a request needs no database read to authenticate: on the event loop,
+# a read would stall every other request for its duration. Entries live 30 s at most (a token never
+# past its own expiry); keyed by the credential's digest, so no plaintext credential is kept.
+_TOKENS: dict[str, tuple[Caller, float]] = {}  # digest of a bearer token -> (caller, monotonic expiry)
+_KEYS: dict[str, tuple[Caller, float]] = {}  # digest of an API key -> (caller, monotonic expiry)
+CACHE_SECONDS = 30.0
+
+
+def _remember(cache: dict[str, tuple[Caller, float]], credential: str, caller: Caller, ttl: float) -> None:
+    if len(cache) > 100_000:
+        cache.clear()
+    cache[digest(credential)] = (caller, time.monotonic() + ttl)
+
+
+def _recall(cache: dict[str, tuple[Caller, float]], credential: str) -> Caller | None:
+    hit = cache.get(digest(credential))
+    return hit[0] if hit is not None and hit[1] > time.monotonic() else None
+
+
+def _cached_service(runtime: Runtime, api_key: str) -> Caller | None:
+    caller = _recall(_KEYS, api_key)
+    if caller is not None:
+        return caller
+    with runtime.reads() as session:
+        caller = service_caller(session, api_key)
+    if caller is not None:  # unknown keys are not cached: a key just added works at once
+        _remember(_KEYS, api_key, caller, CACHE_SECONDS)
+    return caller
 
 
 def _cached_customer(runtime: Runtime, token: str) -> Caller | None:
-    hit = _TOKENS.get(token)
-    if hit is not None and hit[1] > time.monotonic():
-        return hit[0]
-    with runtime.sessions() as session:
+    caller = _recall(_TOKENS, token)
+    if caller is not None:
+        return caller
+    with runtime.reads() as session:
         caller = customer_caller(session, token)
     if caller is not None:
-        if len(_TOKENS) > 100_000:
-            _TOKENS.clear()
         assert caller.expires_at is not None
-        ttl = min(30.0, (caller.expires_at - now()).total_seconds())  # never past the token's own expiry
-        _TOKENS[token] = (caller, time.monotonic() + ttl)
+        _remember(_TOKENS, token, caller, min(CACHE_SECONDS, (caller.expires_at - now()).total_seconds()))
     return caller
 
 
@@ -55,8 +79,7 @@ async def current_caller(
     authorization: Annotated[str | None, Header()] = None,
 ) -> Caller:
     if x_api_key:
-        with runtime.sessions() as session:
-            service = service_caller(session, x_api_key)
+        service = _cached_service(runtime, x_api_key)
         if service is None:
             raise ApiError(401, "invalid_api_key", "Unknown API key")
         return service

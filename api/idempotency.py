@@ -64,10 +64,14 @@ def start(
     conflict: Callable[[], ApiError],
 ) -> Started:
     """Queue the points requests `build` makes (checked first: it raises ApiError on bad input), under
-    the idempotency key if there is one. Runs in a worker thread (database work)."""
+    the idempotency key if there is one. Runs in a worker thread (database work).
+
+    `build` only reads (it checks signatures and looks rows up), so it runs outside the write lock;
+    the write transaction holds just the inserts. A concurrent duplicate that got in between is
+    caught by the unique indexes (key, and the on-chain id) and handled below."""
     for _ in range(MAX_ATTEMPTS):
         if key is not None:
-            with runtime.sessions() as session:
+            with runtime.reads() as session:
                 record = session.scalar(
                     select(IdempotencyRecord).where(
                         IdempotencyRecord.principal == principal, IdempotencyRecord.key == key
@@ -83,30 +87,30 @@ def start(
                         )
                     body = json.loads(record.body) if record.body is not None else None
                     return Started(record.request_ids.split(), record.status_code, body)
+        rows: list[PointsRequest] = []
+        try:
+            with runtime.reads() as session:
+                rows = list(build(session))
+        except ApiError as error:
+            if key is None:
+                raise
+            failed = problem_body(error, path)
+            outcome: dict[str, Any] = {"status_code": error.status, "body": json.dumps(failed)}
+            started = Started([], error.status, failed)
+        else:
+            outcome, started = {"request_ids": " ".join(r.id for r in rows)}, Started([r.id for r in rows])
         try:
             with runtime.sessions() as session:
-
-                def remember(**outcome: Any) -> None:
-                    if key is not None:
-                        session.add(
-                            IdempotencyRecord(principal=principal, key=key, route=route, request_hash=digest, **outcome)
-                        )
-
-                try:
-                    rows = list(build(session))
-                except ApiError as error:
-                    if key is None:
-                        raise
-                    failed = problem_body(error, path)
-                    remember(status_code=error.status, body=json.dumps(failed))
-                    return Started([], error.status, failed)
                 session.add_all(rows)
-                remember(request_ids=" ".join(r.id for r in rows))
-            return Started([r.id for r in rows])
+                if key is not None:
+                    session.add(
+                        IdempotencyRecord(principal=principal, key=key, route=route, request_hash=digest, **outcome)
+                    )
+            return started
         except IntegrityError:
             # Either a concurrent duplicate took the key (look again), or the on-chain id is queued already.
             if key is not None:
-                with runtime.sessions() as session:
+                with runtime.reads() as session:
                     taken = session.scalar(
                         select(IdempotencyRecord.id).where(
                             IdempotencyRecord.principal == principal, IdempotencyRecord.key == key

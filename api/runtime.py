@@ -72,8 +72,14 @@ class Runtime:
     _threads: list[threading.Thread] = field(default_factory=list)
 
     def sessions(self) -> AbstractContextManager[Session]:
+        """A write transaction (it takes the database's write lock: keep it short)."""
         assert self._sessions is not None, "the runtime is not started"
         return self._sessions.begin()
+
+    def reads(self) -> AbstractContextManager[Session]:
+        """A session for reading only: it never waits for a writer (WAL readers see the last commit)."""
+        assert self._sessions is not None, "the runtime is not started"
+        return self._sessions()
 
     def start(self, *, workers: bool = True) -> None:
         data_dir = self.service.data_dir

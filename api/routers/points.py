@@ -205,12 +205,6 @@ async def issue(
 # redemption ----------------------------------------------------------------------------------------
 
 
-def _controller(runtime: Runtime, subject: bytes) -> str | None:
-    with runtime.sessions() as session:
-        state = session.get(ControllerState, subject)
-        return state.controller if state else None
-
-
 @router.post("/points/redemptions/prepare", response_model=RedemptionPreparePublic, responses=responses(422))
 def prepare(body: RedemptionPrepare, runtime: RuntimeDep, caller: PointsAuthoriser) -> RedemptionPreparePublic:
     """The EIP-712 `Redemption` the customer signs to let a partner spend points, once."""
