@@ -42,7 +42,7 @@ from crm_bridge.mapping import Mapping
 from crm_bridge.release import ReleaseInfo
 from identity.did import DidWeb
 from identity.errors import InvalidPII
-from identity.normalize import PII, normalize_email, normalize_phone
+from identity.normalize import normalize_emails, normalize_phone
 from identity.pseudonym import Pseudonymizer
 from identity.types import Subject
 from ledger.access import Access, AccessEvent
@@ -115,13 +115,20 @@ class Bridge:
         self.confirmations = confirmations
         self.pipeline_depth = pipeline_depth
 
-    def subject_of(self, kind: str, raw: str, region: str | None) -> bytes | None:
-        """The subject an e-mail address or phone number (as the CRM spells it) derives, or None."""
-        try:
-            pii = PII(email=normalize_email(raw)) if kind == "email" else PII(phone=normalize_phone(raw, region))
-        except InvalidPII:
-            return None
-        return bytes(self.pseudonymizer.subject(pii))
+    def subjects_of(self, kind: str, raws: list[str], region: str | None) -> list[bytes | None]:
+        """The subject each e-mail address or phone number (as the CRM spells it) derives, or None
+        where it is not valid."""
+        if kind == "email":
+            normalised = normalize_emails(raws)
+        else:
+            normalised = []
+            for raw in raws:
+                try:
+                    normalised.append(normalize_phone(raw, region))
+                except InvalidPII:
+                    normalised.append(None)
+        derived = iter(self.pseudonymizer.subjects(kind, [n for n in normalised if n is not None]))
+        return [None if n is None else bytes(next(derived)) for n in normalised]
 
 
 class _Subjects:
@@ -142,19 +149,27 @@ class _Subjects:
         # Per kind of identifier: spelling -> its id (> 0), or _INVALID, or _BLANK (no identifier).
         self._spellings: dict[str, dict[str, int]] = {"email": {}, "phone": {}}
 
-    def _code(self, kind: str, raw: str) -> int:
-        """The code of a spelling met for the first time: normalised and hashed once per export."""
-        if not raw.strip():
-            return _BLANK
-        subject = self.bridge.subject_of(kind, raw, self.region)
-        if subject is None:
-            return _INVALID
-        found = self.ids.get(subject, 0)
-        if not found:
-            found = self.ids[subject] = len(self.subjects)
-            self.subjects.append(subject)
-            self.dids.append(self.bridge.dids.did(Subject(subject)))
-        return found
+    def _codes(self, kind: str, raws: list[str]) -> list[int]:
+        """The codes of spellings met for the first time: each normalised and hashed once per export."""
+        present = [raw for raw in raws if raw.strip()]
+        derived = iter(self.bridge.subjects_of(kind, present, self.region))
+        ids, subjects, did = self.ids, self.subjects, self.bridge.dids.did
+        codes = []
+        for raw in raws:
+            if not raw.strip():
+                codes.append(_BLANK)
+                continue
+            subject = next(derived)
+            if subject is None:
+                codes.append(_INVALID)
+                continue
+            found = ids.get(subject, 0)
+            if not found:
+                found = ids[subject] = len(subjects)
+                subjects.append(subject)
+                self.dids.append(did(Subject(subject)))
+            codes.append(found)
+        return codes
 
     def _grow(self) -> None:
         have, need = len(self.masks), len(self.subjects)
@@ -179,8 +194,11 @@ class _Subjects:
         spellings = encoded.dictionary.to_pylist()
         known = self._spellings[kind]
         codes = np.fromiter(map(known.get, spellings, repeat(_UNSEEN)), dtype=np.int64, count=len(spellings))
-        for i in np.flatnonzero(codes == _UNSEEN).tolist():
-            codes[i] = known[spellings[i]] = self._code(kind, spellings[i])
+        unseen = np.flatnonzero(codes == _UNSEEN).tolist()
+        if unseen:
+            fresh = [spellings[i] for i in unseen]
+            codes[unseen] = new_codes = self._codes(kind, fresh)
+            known.update(zip(fresh, new_codes, strict=True))
         # A null cell points past the dictionary: no identifier.
         index = encoded.indices.fill_null(pa.scalar(len(spellings), encoded.indices.type)).to_numpy()
         codes = np.append(codes, _BLANK)[index]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import phonenumbers
@@ -64,6 +64,22 @@ def normalize_email(value: str) -> str:
     except EmailNotValidError as exc:
         raise InvalidPII("email", "not a valid e-mail address") from exc
     return str(result.normalized).lower()
+
+
+def normalize_emails(values: Iterable[str]) -> list[str | None]:
+    """`normalize_email` of each value, None where it is not a valid address (many at once: the CRM
+    bridge meets tens of thousands of new addresses per chunk)."""
+    normalised: list[str | None] = []
+    for value in values:
+        candidate = value.strip()
+        fast = _fast_email(candidate) if candidate else None
+        if fast is None and candidate:
+            try:
+                fast = normalize_email(candidate)
+            except InvalidPII:
+                fast = None
+        normalised.append(fast)
+    return normalised
 
 
 def normalize_phone(value: str, default_region: str | None = None) -> str:

@@ -12,6 +12,7 @@ under another domain tag, so an index entry never equals a subject.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from identity.errors import KeyMaterialError
@@ -64,6 +65,20 @@ class Pseudonymizer:
         return Subject(
             _mac(self.ring.get(self.ring.current if version is None else version), _SUBJECT_TAG, kind, value)
         )
+
+    def subjects(self, kind: str, values: Iterable[str], version: int | None = None) -> list[Subject]:
+        """The subjects of many normalised identifiers of one kind ("email" or "phone"), each equal to
+        `subject` of a PII holding it (the key schedule and the domain tag are hashed once)."""
+        if kind not in ("email", "phone"):
+            raise ValueError(f"subjects derive from an email or a phone, not {kind!r}")
+        key = self.ring.get(self.ring.current if version is None else version)
+        prefix = hmac.new(key, _SUBJECT_TAG + kind.encode() + b"\x00", "sha256")
+        derived: list[Subject] = []
+        for value in values:
+            mac = prefix.copy()
+            mac.update(value.encode("utf-8"))
+            derived.append(Subject(mac.digest()))
+        return derived
 
     def blind_index(self, kind: str, value: str, version: int | None = None) -> bytes:
         """Digest to look a subject up by `kind` (email or phone) = normalised `value`."""

@@ -143,3 +143,15 @@ def test_the_fast_email_path_takes_common_addresses_and_leaves_the_rest() -> Non
     assert normalize._fast_email("x@foo.test") is None  # special-use domain: the validator refuses it
     assert normalize._fast_email('"a b"@example.com') is None  # quoted local part: the validator decides
     assert normalize._fast_email("jörg@example.com") is None  # not ASCII
+
+
+def _one(value: str) -> str | None:
+    try:
+        return normalize_email(value)
+    except InvalidPII:
+        return None
+
+
+@given(st.lists(st.one_of(emails, st.text(max_size=40), st.sampled_from(["", "  ", "a@b", "Ana@BÜCHER.example"]))))
+def test_many_emails_normalise_as_each_does_alone(values: list[str]) -> None:
+    assert normalize.normalize_emails(values) == [_one(v) for v in values]

@@ -67,3 +67,13 @@ def test_weak_or_missing_peppers_are_refused() -> None:
         PepperRing({1: b"short"}, current=1)
     with pytest.raises(KeyMaterialError, match="version 3 is not configured"):
         PepperRing({1: b"\x01" * 32}, current=3)
+
+
+@given(st.lists(emails, max_size=20), st.lists(st.sampled_from(["+442079460958", "+4915112345678"]), max_size=3))
+def test_many_subjects_at_once_equal_each_alone(addresses: list[str], phones: list[str]) -> None:
+    p = Pseudonymizer(PepperRing({1: os.urandom(32), 2: os.urandom(32)}, 2))
+    normal = [normalize_email(a) for a in addresses]
+    assert p.subjects("email", normal) == [p.subject(PII(email=a)) for a in normal]
+    assert p.subjects("phone", phones, version=1) == [p.subject(PII(phone=n), version=1) for n in phones]
+    with pytest.raises(ValueError, match="not 'name'"):
+        p.subjects("name", ["x"])
