@@ -76,6 +76,7 @@ def test_bench_bridge_quick_reports_its_figures() -> None:
     assert figures["access_entries_refused"] == 0  # the read model and the chain agree on every consent
     assert figures["peak_rss_mb"] > 0
     assert figures["node_block_ms"] > 0
+    assert figures["bridge_runs_seconds"] == [figures["bridge_seconds"]]  # --quick times one run
     assert figures["rows_ratio"] == pytest.approx(
         figures["bridge_rows_per_s"] / figures["baseline_rows_per_s"], abs=0.06
     )
