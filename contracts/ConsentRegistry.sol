@@ -4,7 +4,6 @@ pragma solidity ^0.8.24;
 import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
-import {Nonces} from "@openzeppelin/contracts/utils/Nonces.sol";
 import {IConsentRegistry} from "./IConsentRegistry.sol";
 
 /**
@@ -12,7 +11,7 @@ import {IConsentRegistry} from "./IConsentRegistry.sol";
  * reverting, so that a batch can name the failing item's index and its reason without an external
  * self-call per item.
  */
-contract ConsentRegistry is IConsentRegistry, AccessControl, EIP712, Nonces {
+contract ConsentRegistry is IConsentRegistry, AccessControl, EIP712 {
     bytes32 public constant OPERATOR_ROLE = keccak256("OPERATOR_ROLE");
     bytes32 public constant PARTNER_ROLE = keccak256("PARTNER_ROLE");
 
@@ -25,7 +24,13 @@ contract ConsentRegistry is IConsentRegistry, AccessControl, EIP712, Nonces {
     bytes32 public constant CONTROLLER_CHANGE_TYPEHASH =
         keccak256("ControllerChange(bytes32 subject,address newController,uint256 nonce,uint256 deadline)");
 
-    mapping(bytes32 subject => address controller) private _controllers;
+    /// @dev A subject's key and the nonce its next signed message must carry, in one storage slot.
+    struct Controller {
+        address key;
+        uint96 nonce;
+    }
+
+    mapping(bytes32 subject => Controller) private _controllers;
     mapping(bytes32 subject => mapping(address partner => mapping(bytes32 purpose => Consent))) private _consents;
 
     /**
@@ -43,9 +48,9 @@ contract ConsentRegistry is IConsentRegistry, AccessControl, EIP712, Nonces {
     /// @inheritdoc IConsentRegistry
     function bindController(bytes32 subject, address controller) external onlyRole(OPERATOR_ROLE) {
         if (controller == address(0)) revert ConsentRegistryInvalidController(controller);
-        address current = _controllers[subject];
+        address current = _controllers[subject].key;
         if (current != address(0)) revert ConsentRegistryControllerAlreadyBound(subject, current);
-        _controllers[subject] = controller;
+        _controllers[subject].key = controller;
         emit ControllerBound(subject, address(0), controller);
     }
 
@@ -61,14 +66,14 @@ contract ConsentRegistry is IConsentRegistry, AccessControl, EIP712, Nonces {
     ) external onlyRole(OPERATOR_ROLE) {
         if (block.timestamp > deadline) revert ConsentRegistryExpiredSignature(deadline);
         if (newController == address(0)) revert ConsentRegistryInvalidController(newController);
-        address current = _controllers[subject];
-        if (current == address(0)) revert ConsentRegistryUnboundSubject(subject);
-        _useCheckedNonce(current, nonce);
+        Controller memory current = _controllers[subject];
+        if (current.key == address(0)) revert ConsentRegistryUnboundSubject(subject);
+        if (nonce != current.nonce) revert InvalidAccountNonce(current.key, current.nonce);
         bytes32 structHash = keccak256(abi.encode(CONTROLLER_CHANGE_TYPEHASH, subject, newController, nonce, deadline));
         address signer = ECDSA.recover(_hashTypedDataV4(structHash), v, r, s);
-        if (signer != current) revert ConsentRegistryInvalidSigner(signer, current);
-        _controllers[subject] = newController;
-        emit ControllerBound(subject, current, newController);
+        if (signer != current.key) revert ConsentRegistryInvalidSigner(signer, current.key);
+        _controllers[subject] = Controller(newController, current.nonce + 1);
+        emit ControllerBound(subject, current.key, newController);
     }
 
     /// @inheritdoc IConsentRegistry
@@ -91,7 +96,12 @@ contract ConsentRegistry is IConsentRegistry, AccessControl, EIP712, Nonces {
 
     /// @inheritdoc IConsentRegistry
     function controllerOf(bytes32 subject) external view returns (address) {
-        return _controllers[subject];
+        return _controllers[subject].key;
+    }
+
+    /// @inheritdoc IConsentRegistry
+    function nonceOf(bytes32 subject) external view returns (uint256) {
+        return _controllers[subject].nonce;
     }
 
     /// @inheritdoc IConsentRegistry
@@ -126,11 +136,11 @@ contract ConsentRegistry is IConsentRegistry, AccessControl, EIP712, Nonces {
             return abi.encodeWithSelector(ConsentRegistryExpiredSignature.selector, c.deadline);
         }
         if (c.attributes == 0) return abi.encodeWithSelector(ConsentRegistryEmptyAttributes.selector);
-        address controller = _controllers[c.subject];
+        Controller storage slot = _controllers[c.subject];
+        (address controller, uint96 expectedNonce) = (slot.key, slot.nonce);
         if (controller == address(0)) {
             return abi.encodeWithSelector(ConsentRegistryUnboundSubject.selector, c.subject);
         }
-        uint256 expectedNonce = nonces(controller);
         if (c.nonce != expectedNonce) {
             return abi.encodeWithSelector(InvalidAccountNonce.selector, controller, expectedNonce);
         }
@@ -148,13 +158,13 @@ contract ConsentRegistry is IConsentRegistry, AccessControl, EIP712, Nonces {
             if (c.validUntil != 0 && c.validUntil <= block.timestamp) {
                 return abi.encodeWithSelector(ConsentRegistryInvalidValidity.selector, c.validUntil);
             }
-            _useNonce(controller);
+            slot.nonce = expectedNonce + 1;
             _grant(c);
         } else {
             if (c.validUntil != 0) {
                 return abi.encodeWithSelector(ConsentRegistryInvalidValidity.selector, c.validUntil);
             }
-            _useNonce(controller);
+            slot.nonce = expectedNonce + 1;
             _revoke(c);
         }
         return "";

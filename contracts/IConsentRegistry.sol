@@ -29,7 +29,7 @@ interface IConsentRegistry {
     /**
      * @dev A `ConsentGrant` or `ConsentRevoke` message of the subject's controller with its ECDSA
      * signature. One struct for both kinds so that a batch keeps the order in which the changes were
-     * signed (a controller's nonces are sequential). `validUntil` is part of grants only and must be
+     * signed (a subject's nonces are sequential). `validUntil` is part of grants only and must be
      * 0 in a revocation.
      */
     struct SignedChange {
@@ -69,6 +69,9 @@ interface IConsentRegistry {
 
     /// @dev A grant or revocation must name at least one attribute.
     error ConsentRegistryEmptyAttributes();
+
+    /// @dev `nonce` is not the subject's next one (`currentNonce`); `account` is the subject's controller.
+    error InvalidAccountNonce(address account, uint256 currentNonce);
 
     /// @dev A grant names an attribute bit above the highest a consent can hold (see {Consent}).
     error ConsentRegistryAttributesOutOfRange(uint256 attributes);
@@ -118,7 +121,7 @@ interface IConsentRegistry {
      *
      * Requirements:
      * - the caller has the operator role;
-     * - `deadline` has not passed, `nonce` is the current controller's next nonce;
+     * - `deadline` has not passed, `nonce` is the subject's next nonce;
      * - the signature is the current controller's.
      */
     function rebindController(
@@ -140,7 +143,7 @@ interface IConsentRegistry {
      * Requirements:
      * - the caller has the operator role;
      * - `deadline` has not passed and `attributes` is not empty;
-     * - the subject is bound, `nonce` is its controller's next nonce and the signature is the
+     * - the subject is bound, `nonce` is the subject's next nonce and the signature is the
      *   controller's over this contract's EIP-712 domain;
      * - for a grant: the partner holds the partner role, `attributes` fits in a {Consent}'s 192 bits
      *   and `validUntil` is 0 or in the future;
@@ -158,6 +161,13 @@ interface IConsentRegistry {
 
     /// @dev The controller of `subject`, or zero.
     function controllerOf(bytes32 subject) external view returns (address);
+
+    /**
+     * @dev The nonce the next signed message about `subject` must carry. Nonces belong to the
+     * subject, not to its key: they count on across a change of controller, and they share the
+     * controller's storage slot (one slot fewer per customer for every node to hash and copy).
+     */
+    function nonceOf(bytes32 subject) external view returns (uint256);
 
     /// @dev The stored consent, expired or not.
     function consentOf(bytes32 subject, address partner, bytes32 purpose) external view returns (Consent memory);

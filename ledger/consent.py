@@ -119,8 +119,9 @@ class ConsentRegistryClient(ContractClient):
         address = self.call("controllerOf", subject)
         return None if int(address, 16) == 0 else Web3.to_checksum_address(address)
 
-    def nonce_of(self, controller: ChecksumAddress) -> int:
-        return int(self.call("nonces", controller))
+    def nonce_of(self, subject: Subject) -> int:
+        """The nonce the subject's next signed change must carry (nonces belong to the subject)."""
+        return int(self.call("nonceOf", subject))
 
     def consent_of(self, subject: Subject, partner: ChecksumAddress, purpose: Purpose) -> Consent:
         attributes, valid_until = self.call("consentOf", subject, partner, purpose)

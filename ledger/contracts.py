@@ -13,6 +13,7 @@ from typing import Any
 from eth_abi.abi import decode as abi_decode
 from eth_tester.exceptions import TransactionFailed as TesterTransactionFailed
 from eth_typing import ChecksumAddress
+from eth_utils.abi import function_abi_to_4byte_selector
 from eth_utils.crypto import keccak
 from requests.exceptions import RequestException
 from web3 import Web3
@@ -299,6 +300,14 @@ def deploy_contract(w3: Web3, sender: TxSender, artifact: Artifact, args: list[A
     )
 
 
+def missing_functions(code: bytes, artifact: Artifact) -> list[str]:
+    """The functions of `artifact`'s ABI that deployed `code` does not dispatch: each external function's
+    4-byte selector is pushed by the contract's dispatcher, so it appears in the code (without its
+    leading zero bytes: the compiler pushes 0x00abcdef as a 3-byte constant)."""
+    functions: list[Any] = [entry for entry in artifact.abi if entry["type"] == "function"]
+    return [f["name"] for f in functions if bytes(function_abi_to_4byte_selector(f)).lstrip(b"\0") not in code]
+
+
 def ensure_deployed(
     w3: Web3,
     sender: TxSender,
@@ -324,6 +333,13 @@ def ensure_deployed(
                     f"{record} says {name} is at {contract.address}, but the chain has "
                     f"{'no' if not code else 'other'} code there: the chain's state was lost or replaced. "
                     f"Restore the chain state, or move {record} away to deploy afresh."
+                )
+            missing = missing_functions(code, artifacts[name]) if name in artifacts else []
+            if missing:
+                raise DeploymentError(
+                    f"{name} at {contract.address} was deployed by an older version of this service: it has no "
+                    f"{', '.join(missing)}. Its data cannot be carried over automatically; start from a new "
+                    f"data dir (or node), or run the version that deployed it."
                 )
     else:
         deployment = Deployment(chain_id=chain_id, operator=sender.account.address)

@@ -49,12 +49,12 @@ class Outbox:
     def __init__(self, engine: Engine) -> None:
         self._sessions = sessions(engine)
 
-    def next_nonce(self, controller: str, chain_nonce: int) -> int:
-        """The nonce the controller's next change must carry: after everything accepted and live."""
+    def next_nonce(self, subject: bytes, chain_nonce: int) -> int:
+        """The nonce the subject's next change must carry: after everything accepted and live."""
         with self._sessions() as session:
             highest = session.scalar(
                 select(func.max(ConsentRequest.nonce)).where(
-                    ConsentRequest.controller == controller, ConsentRequest.status != RequestStatus.FAILED
+                    ConsentRequest.subject == subject, ConsentRequest.status != RequestStatus.FAILED
                 )
             )
         return max(chain_nonce, -1 if highest is None else highest + 1)
@@ -62,7 +62,7 @@ class Outbox:
     def accept(self, signed: SignedChange, controller: str, chain_nonce: int) -> ConsentRequest:
         """Store a checked, signed change durably (committed before returning); the relayer takes it from here."""
         change = signed.change
-        expected = self.next_nonce(controller, chain_nonce)
+        expected = self.next_nonce(bytes(change.subject), chain_nonce)
         if change.nonce != expected:
             raise NonceConflict(f"nonce {change.nonce} is not the next one ({expected}); prepare the change again")
         request = _row(signed, controller)
@@ -202,15 +202,15 @@ class OutboxWriter:
     """Group commit for acceptance: one writer thread stores the changes that arrive together in one
     transaction (one fsync), and answers each caller when it is durable.
 
-    It is the only writer of new requests, so the nonce check needs no lock: each controller's next
+    It is the only writer of new requests, so the nonce check needs no lock: each subject's next
     nonce is cached and re-read from the database when a change does not match it (a failed request
-    frees its nonce). The chain is asked only for a controller the outbox has never seen.
+    frees its nonce). The chain is asked only for a subject the outbox has never seen.
     """
 
     def __init__(self, engine: Engine, *, max_batch: int = 1000, linger: float = 0.001) -> None:
         self._sessions = sessions(engine)
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
-        self._next: dict[str, int] = {}
+        self._next: dict[bytes, int] = {}
         self.max_batch = max_batch
         self.linger = linger
         self._thread = threading.Thread(target=self._run, name="outbox-writer", daemon=True)
@@ -225,15 +225,15 @@ class OutboxWriter:
         self._queue.put(None)
         self._thread.join(timeout=10)
 
-    def _expected(self, session: Session, controller: str, chain_nonce: Callable[[], int], fresh: bool) -> int:
-        if fresh or controller not in self._next:
+    def _expected(self, session: Session, subject: bytes, chain_nonce: Callable[[], int], fresh: bool) -> int:
+        if fresh or subject not in self._next:
             highest = session.scalar(
                 select(func.max(ConsentRequest.nonce)).where(
-                    ConsentRequest.controller == controller, ConsentRequest.status != RequestStatus.FAILED
+                    ConsentRequest.subject == subject, ConsentRequest.status != RequestStatus.FAILED
                 )
             )
-            self._next[controller] = chain_nonce() if highest is None else highest + 1
-        return self._next[controller]
+            self._next[subject] = chain_nonce() if highest is None else highest + 1
+        return self._next[subject]
 
     def _run(self) -> None:
         while True:
@@ -260,9 +260,10 @@ class OutboxWriter:
             with self._sessions.begin() as session:
                 for item in batch:
                     try:
-                        expected = self._expected(session, item.controller, item.chain_nonce, fresh=False)
+                        subject = bytes(item.signed.change.subject)
+                        expected = self._expected(session, subject, item.chain_nonce, fresh=False)
                         if item.signed.change.nonce != expected:
-                            expected = self._expected(session, item.controller, item.chain_nonce, fresh=True)
+                            expected = self._expected(session, subject, item.chain_nonce, fresh=True)
                         if item.signed.change.nonce != expected:
                             raise NonceConflict(
                                 f"nonce {item.signed.change.nonce} is not the next one ({expected}); "
@@ -273,7 +274,7 @@ class OutboxWriter:
                         continue
                     request = _row(item.signed, item.controller)
                     session.add(request)
-                    self._next[item.controller] = expected + 1
+                    self._next[subject] = expected + 1
                     accepted.append((item, request))
         except Exception as exc:  # nothing of this batch was stored: every caller hears it
             self._next.clear()

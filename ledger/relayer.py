@@ -305,7 +305,7 @@ class Relayer(BatchLane):
         written) before the indexer saw them: no reorganisation is visible, yet the changes are gone.
         So a request submitted for longer than `lost_after` and still unconfirmed is checked: its
         transaction must still be known to the node; one marked as already applied must show in its
-        controller's on-chain nonce. Otherwise it goes back to the queue (the nonce makes a duplicate
+        subject's on-chain nonce. Otherwise it goes back to the queue (the nonce makes a duplicate
         impossible).
         """
         cutoff = utcnow().timestamp() - self.lost_after
@@ -322,7 +322,7 @@ class Relayer(BatchLane):
         lost: list[int] = []
         applied: list[ConsentRequest] = []
         known: dict[str, bool] = {}
-        nonces: dict[str, int] = {}
+        nonces: dict[bytes, int] = {}
         for request in stale:
             if request.tx_hash is not None and request.batch_id is not None:
                 if request.tx_hash not in known:
@@ -330,9 +330,9 @@ class Relayer(BatchLane):
                 if not known[request.tx_hash]:
                     lost.append(request.seq)
             else:  # marked applied by an earlier transaction: the chain's nonce must have moved past it
-                if request.controller not in nonces:
-                    nonces[request.controller] = self.registry.nonce_of(request.controller)  # type: ignore[arg-type]
-                if nonces[request.controller] <= request.nonce:
+                if request.subject not in nonces:
+                    nonces[request.subject] = self.registry.nonce_of(Subject(request.subject))
+                if nonces[request.subject] <= request.nonce:
                     lost.append(request.seq)
                 else:
                     applied.append(request)
@@ -463,7 +463,7 @@ class Relayer(BatchLane):
             between = set(
                 session.scalars(
                     select(ConsentRequest.nonce).where(
-                        ConsentRequest.controller == request.controller,
+                        ConsentRequest.subject == request.subject,
                         ConsentRequest.nonce >= current,
                         ConsentRequest.nonce < request.nonce,
                         ConsentRequest.status != RequestStatus.FAILED,

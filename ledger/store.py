@@ -55,10 +55,10 @@ class ConsentRequest(Base):
 
     __tablename__ = "consent_requests"
     __table_args__ = (
-        # A controller's nonce is used by one live request at most; a failed one frees it for a re-signed change.
+        # A subject's nonce is used by one live request at most; a failed one frees it for a re-signed change.
         Index(
-            "uq_live_request_nonce",
-            "controller",
+            "uq_live_subject_nonce",
+            "subject",
             "nonce",
             unique=True,
             sqlite_where=text("status != 'failed'"),

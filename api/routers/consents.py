@@ -47,11 +47,11 @@ def prepare(body: ConsentPrepare, runtime: RuntimeDep, caller: ConsentWriter) ->
         raise ApiError(422, "invalid_validity", "A revocation has no valid_until")
     if body.valid_until and body.valid_until <= time.time():
         raise ApiError(422, "invalid_validity", "valid_until is in the past")
-    controller = _controller(caller)
-    nonce = runtime.outbox.next_nonce(controller, runtime.consent.nonce_of(controller))  # type: ignore[arg-type]
+    subject = Subject(caller.subject)
+    nonce = runtime.outbox.next_nonce(subject, runtime.consent.nonce_of(subject))
     change = ConsentChange(
         kind=ChangeKind.GRANT if body.action == "grant" else ChangeKind.REVOKE,
-        subject=Subject(caller.subject),
+        subject=subject,
         partner=partner,  # type: ignore[arg-type]
         purpose=eip712.purpose_id(body.purpose),
         attributes=mask,
@@ -96,7 +96,9 @@ def submit(body: TypedDataSubmission, runtime: RuntimeDep, caller: ConsentWriter
         raise ApiError(422, "empty_attributes", "A change names at least one attribute")
     assert runtime.writer is not None
     registry = runtime.consent
-    pending = runtime.writer.accept(SignedChange(change, signature), controller, lambda: registry.nonce_of(controller))  # type: ignore[arg-type]
+    pending = runtime.writer.accept(
+        SignedChange(change, signature), controller, lambda: registry.nonce_of(change.subject)
+    )
     try:
         accepted = pending.result(timeout=30)  # durable (committed) when this returns
     except NonceConflict as exc:

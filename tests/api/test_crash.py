@@ -29,6 +29,7 @@ from ledger.contracts import Deployment, RevertDecoder
 from ledger.settings import ChainSettings
 from ledger.store import ConsentRequest, ConsentState, RequestStatus, make_engine, sessions
 from ledger.tx import TxSender
+from ledger.types import Subject
 from tests.api.conftest import q
 
 pytestmark = [pytest.mark.anvil, pytest.mark.slow]
@@ -186,17 +187,17 @@ def _verify_exactly_once(serve: Serve, acknowledged: list[str], *, node_crashed:
             TxSender(w3, Account.create()),
             RevertDecoder(list(artifacts.values())),
         )
-        highest: dict[str, int] = {}
+        highest: dict[bytes, int] = {}
         for row in rows:
-            highest[row.controller] = max(highest.get(row.controller, -1), row.nonce)
+            highest[row.subject] = max(highest.get(row.subject, -1), row.nonce)
             logged = on_chain[(row.subject, row.nonce)]
             assert logged <= 1, "an acknowledged change must never be applied twice"
             if row.error_code == "history_lost":
                 assert node_crashed, "only a crashed node can lose a block"
             else:
                 assert logged == 1, "an acknowledged change must be on-chain (logged) once"
-        for controller, nonce in highest.items():
-            assert registry.nonce_of(controller) == nonce + 1  # type: ignore[arg-type]
+        for subject, nonce in highest.items():
+            assert registry.nonce_of(Subject(subject)) == nonce + 1
         with sessions(engine)() as session:
             for state in session.scalars(select(ConsentState)):
                 consent = registry.consent_of(state.subject, state.partner, state.purpose)  # type: ignore[arg-type]

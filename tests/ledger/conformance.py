@@ -13,7 +13,7 @@ from web3 import Web3
 
 from ledger import eip712
 from ledger.consent import ATTRIBUTE_BITS, PARTNER_ROLE, SignedChange, batch_gas
-from ledger.contracts import ensure_deployed
+from ledger.contracts import ensure_deployed, missing_functions
 from ledger.eip712 import ChangeKind, ControllerChange, Domain, Signature
 from ledger.errors import (
     BatchItemFailed,
@@ -53,7 +53,7 @@ class ChainConformance:
         stranger = ledger.client(ledger.accounts.stranger)
         with pytest.raises(Unauthorized):
             stranger.apply_batch([ledger.grant(EMAIL)], preflight=False)
-        assert ledger.registry.nonce_of(ledger.customer.address) == 0
+        assert ledger.registry.nonce_of(ledger.subject) == 0
 
     def test_only_the_operator_binds_controllers(self, ledger: Ledger) -> None:
         with pytest.raises(Unauthorized):
@@ -90,7 +90,7 @@ class ChainConformance:
         assert not ledger.registry.is_permitted(ledger.subject, ledger.partner, ledger.purpose, EMAIL | PHONE)
         assert not ledger.registry.is_permitted(ledger.subject, ledger.partner, eip712.purpose_id("x"), EMAIL)
         assert not ledger.registry.is_permitted(ledger.subject, ledger.partner, ledger.purpose, 0)
-        assert ledger.registry.nonce_of(ledger.customer.address) == 1
+        assert ledger.registry.nonce_of(ledger.subject) == 1
 
     def test_a_wallet_signature_of_the_typed_data_is_accepted(self, ledger: Ledger) -> None:
         # What a customer's wallet does with eth_signTypedData_v4: sign the JSON unchanged.
@@ -196,7 +196,7 @@ class ChainConformance:
         with pytest.raises(ConsentRejected) as refused:
             ledger.registry.apply(ledger.grant(EMAIL | top << 1))
         assert refused.value.error == "ConsentRegistryAttributesOutOfRange"
-        assert ledger.registry.nonce_of(ledger.customer.address) == 0  # nothing applied, no nonce used
+        assert ledger.registry.nonce_of(ledger.subject) == 0  # nothing applied, no nonce used
         ledger.registry.apply(ledger.grant(EMAIL | top))
         assert ledger.registry.is_permitted(ledger.subject, ledger.partner, ledger.purpose, EMAIL | top)
         assert not ledger.registry.is_permitted(ledger.subject, ledger.partner, ledger.purpose, top << 1)
@@ -209,10 +209,10 @@ class ChainConformance:
         assert (event["revoked"], event["attributes"]) == (PHONE | high, EMAIL)
         assert ledger.registry.consent_of(ledger.subject, ledger.partner, ledger.purpose).attributes == EMAIL
 
-    def test_a_consent_takes_one_storage_slot(self, ledger: Ledger) -> None:
+    def test_a_customer_takes_two_storage_slots(self, ledger: Ledger) -> None:
         # Every slot of the world state costs a node on every block (anvil hashes and copies them
-        # all), so a consent's bits and validity share one. Layout: AccessControl 0, EIP712 1-2,
-        # Nonces 3, then `_controllers` (4) and `_consents` (5).
+        # all), so a subject's key and nonce share one, and a consent's bits and validity another.
+        # Layout: AccessControl 0, EIP712 1-2, then `_controllers` (3) and `_consents` (4).
         def slot(key: bytes, base: bytes) -> bytes:
             return keccak(key.rjust(32, b"\0") + base)
 
@@ -220,10 +220,13 @@ class ChainConformance:
             return int.from_bytes(ledger.backend.w3.eth.get_storage_at(registry, int.from_bytes(position)))
 
         registry = ledger.deployment.address("ConsentRegistry")
-        assert word(slot(ledger.subject, (4).to_bytes(32))) == int(ledger.customer.address, 16)  # layout as above
+        key = int(ledger.customer.address, 16)
+        controller = slot(ledger.subject, (3).to_bytes(32))
+        assert word(controller) == key  # layout as above; nonce 0
         valid_until = ledger.now() + 3600
         ledger.registry.apply(ledger.grant(EMAIL | NAME, valid_until=valid_until))
-        position = slot(ledger.purpose, slot(bytes.fromhex(ledger.partner[2:]), slot(ledger.subject, (5).to_bytes(32))))
+        assert word(controller) == 1 << 160 | key  # the nonce moved on, in the key's slot
+        position = slot(ledger.purpose, slot(bytes.fromhex(ledger.partner[2:]), slot(ledger.subject, (4).to_bytes(32))))
         assert word(position) == valid_until << 192 | EMAIL | NAME
         assert word((int.from_bytes(position) + 1).to_bytes(32)) == 0
 
@@ -271,13 +274,29 @@ class ChainConformance:
             {"subject": ledger.subject, "previous": ledger.customer.address, "controller": new_key.address}
         ]
         assert ledger.registry.controller_of(ledger.subject) == new_key.address
+        # Nonces belong to the subject: they count on across the change of key, so the old key's
+        # signed messages cannot be replayed under the new one.
+        assert ledger.registry.nonce_of(ledger.subject) == 1
+        with pytest.raises(NonceMismatch):
+            ledger.registry.rebind_controller(change, eip712.sign(bytes(new_key.key), ledger.registry.domain, change))
         # The old key no longer speaks for the subject; the new one does.
         with pytest.raises(InvalidSignature):
-            ledger.registry.apply(ledger.grant(EMAIL, controller=new_key.address))
-        ledger.registry.apply(
-            ledger.sign(ledger.change(ChangeKind.GRANT, EMAIL, controller=new_key.address), key=bytes(new_key.key))
-        )
+            ledger.registry.apply(ledger.grant(EMAIL))
+        ledger.registry.apply(ledger.sign(ledger.change(ChangeKind.GRANT, EMAIL), key=bytes(new_key.key)))
         assert ledger.registry.is_permitted(ledger.subject, ledger.partner, ledger.purpose, EMAIL)
+        assert ledger.registry.nonce_of(ledger.subject) == 2
+
+    def test_nonces_belong_to_the_subject_not_to_its_key(self, ledger: Ledger) -> None:
+        # One key bound to two subjects: each subject counts its own messages.
+        other = Subject(keccak(b"second subject of the same key"))
+        ledger.registry.bind_controller(other, ledger.customer.address)
+        ledger.registry.apply(ledger.grant(EMAIL))
+        ledger.registry.apply(ledger.grant(EMAIL, subject=other))
+        assert (ledger.registry.nonce_of(ledger.subject), ledger.registry.nonce_of(other)) == (1, 1)
+        with pytest.raises(NonceMismatch) as refused:  # a message for one subject is no use for the other
+            ledger.registry.apply(ledger.grant(PHONE, subject=other, nonce=0))
+        assert refused.value.args_by_name == {"account": ledger.customer.address, "currentNonce": 1}
+        assert ledger.registry.nonce_of(Subject(keccak(b"never bound"))) == 0
 
     # batches -----------------------------------------------------------------------------------
 
@@ -291,7 +310,7 @@ class ChainConformance:
         assert receipt.gas_used <= batch_gas(500)
         block_gas_limit = ledger.backend.w3.eth.get_block(receipt.block_number)["gasLimit"]
         assert receipt.gas_used < block_gas_limit
-        assert ledger.registry.nonce_of(ledger.customer.address) == 500
+        assert ledger.registry.nonce_of(ledger.subject) == 500
         assert all(ledger.registry.is_permitted(ledger.subject, ledger.partner, p, EMAIL) for p in purposes[::97])
 
     def test_a_bad_item_fails_the_batch_and_names_its_index(self, ledger: Ledger) -> None:
@@ -304,7 +323,7 @@ class ChainConformance:
         assert isinstance(refused.value.cause, InvalidSignature)
         assert refused.value.cause.args_by_name["signer"] == forger.address
         # All or nothing: not even the items before it were applied.
-        assert ledger.registry.nonce_of(ledger.customer.address) == 0
+        assert ledger.registry.nonce_of(ledger.subject) == 0
         assert ledger.registry.consent_of(ledger.subject, ledger.partner, ledger.purpose).attributes == 0
 
     def test_a_batch_failing_on_chain_is_decoded_too(self, ledger: Ledger) -> None:
@@ -331,6 +350,23 @@ class ChainConformance:
         record.write_text(text)
         with pytest.raises(DeploymentError, match="state was lost or replaced"):
             ensure_deployed(w3, sender, ledger.artifacts, registry_plan(ledger.accounts), record)
+
+    def test_contracts_deployed_by_an_older_version_are_refused(self, ledger: Ledger, tmp_path: object) -> None:
+        from dataclasses import replace
+        from pathlib import Path
+
+        record = Path(str(tmp_path)) / "deployment.json"
+        sender = ledger.accounts.senders[ledger.accounts.operator.address]
+        w3 = ledger.backend.w3
+        ensure_deployed(w3, sender, ledger.artifacts, registry_plan(ledger.accounts), record)
+        # This version's code has every function of its ABI; a newer ABI with one more does not match it.
+        registry = ledger.artifacts["ConsentRegistry"]
+        assert missing_functions(bytes(w3.eth.get_code(ledger.deployment.address("ConsentRegistry"))), registry) == []
+        newer = dict(ledger.artifacts)
+        extra = {"type": "function", "name": "nonceOfAll", "inputs": [{"type": "bytes32[]"}], "outputs": []}
+        newer["ConsentRegistry"] = replace(registry, abi=[*registry.abi, extra])
+        with pytest.raises(DeploymentError, match="deployed by an older version of this service: it has no nonceOfAll"):
+            ensure_deployed(w3, sender, newer, registry_plan(ledger.accounts), record)
 
     def test_the_domain_matches_the_contract(self, ledger: Ledger) -> None:
         separator = ledger.registry.call("DOMAIN_SEPARATOR")

@@ -118,16 +118,15 @@ class Ledger:
         nonce: int | None = None,
         deadline: int | None = None,
         valid_until: int = 0,
-        controller: ChecksumAddress | None = None,
     ) -> ConsentChange:
-        controller = controller or self.customer.address
+        subject = subject or self.subject
         return ConsentChange(
             kind=kind,
-            subject=subject or self.subject,
+            subject=subject,
             partner=partner or self.partner,
             purpose=purpose or self.purpose,
             attributes=attributes,
-            nonce=self.registry.nonce_of(controller) if nonce is None else nonce,
+            nonce=self.registry.nonce_of(subject) if nonce is None else nonce,
             deadline=self.now() + 3600 if deadline is None else deadline,
             valid_until=valid_until,
         )

@@ -54,14 +54,14 @@ class Pipeline:
     def accept(
         self, account: LocalAccount, subject: Subject, kind: ChangeKind, bits: int, *, key: bytes | None = None
     ) -> ConsentRequest:
-        chain_nonce = self.registry.nonce_of(account.address)
+        chain_nonce = self.registry.nonce_of(subject)
         change = ConsentChange(
             kind,
             subject,
             self.partner,
             PURPOSE,
             bits,
-            nonce=self.outbox.next_nonce(account.address, chain_nonce),
+            nonce=self.outbox.next_nonce(subject, chain_nonce),
             deadline=int(time.time()) + 3600,
         )
         signed = SignedChange(change, eip712.sign(key or bytes(account.key), self.registry.domain, change))
