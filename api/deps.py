@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 from fastapi.security import APIKeyHeader, HTTPBearer
+from sqlalchemy.orm import Session
 
 from api.auth import Caller, customer_caller, digest, now, service_caller
 from api.errors import ApiError
@@ -37,37 +38,27 @@ _KEYS: dict[str, tuple[Caller, float]] = {}  # digest of an API key -> (caller, 
 CACHE_SECONDS = 30.0
 
 
-def _remember(cache: dict[str, tuple[Caller, float]], credential: str, caller: Caller, ttl: float) -> None:
-    if len(cache) > 100_000:
-        cache.clear()
-    cache[digest(credential)] = (caller, time.monotonic() + ttl)
-
-
-def _recall(cache: dict[str, tuple[Caller, float]], credential: str) -> Caller | None:
-    hit = cache.get(digest(credential))
-    return hit[0] if hit is not None and hit[1] > time.monotonic() else None
-
-
-def _cached_service(runtime: Runtime, api_key: str) -> Caller | None:
-    caller = _recall(_KEYS, api_key)
-    if caller is not None:
-        return caller
+def _cached(
+    runtime: Runtime,
+    cache: dict[str, tuple[Caller, float]],
+    credential: str,
+    lookup: Callable[[Session, str], Caller | None],
+) -> Caller | None:
+    """The caller a credential names, from `cache` or else the database. Unknown credentials are not
+    cached (a key just added works at once); a known one is kept 30 s, never past its own expiry."""
+    key = digest(credential)
+    hit = cache.get(key)
+    if hit is not None and hit[1] > time.monotonic():
+        return hit[0]
     with runtime.reads() as session:
-        caller = service_caller(session, api_key)
-    if caller is not None:  # unknown keys are not cached: a key just added works at once
-        _remember(_KEYS, api_key, caller, CACHE_SECONDS)
-    return caller
-
-
-def _cached_customer(runtime: Runtime, token: str) -> Caller | None:
-    caller = _recall(_TOKENS, token)
+        caller = lookup(session, credential)
     if caller is not None:
-        return caller
-    with runtime.reads() as session:
-        caller = customer_caller(session, token)
-    if caller is not None:
-        assert caller.expires_at is not None
-        _remember(_TOKENS, token, caller, min(CACHE_SECONDS, (caller.expires_at - now()).total_seconds()))
+        ttl = CACHE_SECONDS
+        if caller.expires_at is not None:
+            ttl = min(ttl, (caller.expires_at - now()).total_seconds())
+        if len(cache) > 100_000:
+            cache.clear()
+        cache[key] = (caller, time.monotonic() + ttl)
     return caller
 
 
@@ -79,12 +70,12 @@ async def current_caller(
     authorization: Annotated[str | None, Header()] = None,
 ) -> Caller:
     if x_api_key:
-        service = _cached_service(runtime, x_api_key)
+        service = _cached(runtime, _KEYS, x_api_key, service_caller)
         if service is None:
             raise ApiError(401, "invalid_api_key", "Unknown API key")
         return service
     if authorization and authorization.lower().startswith("bearer "):
-        caller = _cached_customer(runtime, authorization[7:].strip())
+        caller = _cached(runtime, _TOKENS, authorization[7:].strip(), customer_caller)
         if caller is None:
             raise ApiError(
                 401, "invalid_token", "The bearer token is unknown or has expired", "Sign in again with your key."
