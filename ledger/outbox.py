@@ -52,11 +52,7 @@ class Outbox:
     def next_nonce(self, subject: bytes, chain_nonce: int) -> int:
         """The nonce the subject's next change must carry: after everything accepted and live."""
         with self._sessions() as session:
-            highest = session.scalar(
-                select(func.max(ConsentRequest.nonce)).where(
-                    ConsentRequest.subject == subject, ConsentRequest.status != RequestStatus.FAILED
-                )
-            )
+            highest = _highest_live_nonce(session, subject)
         return max(chain_nonce, -1 if highest is None else highest + 1)
 
     def accept(self, signed: SignedChange, controller: str, chain_nonce: int) -> ConsentRequest:
@@ -227,11 +223,7 @@ class OutboxWriter:
 
     def _expected(self, session: Session, subject: bytes, chain_nonce: Callable[[], int], fresh: bool) -> int:
         if fresh or subject not in self._next:
-            highest = session.scalar(
-                select(func.max(ConsentRequest.nonce)).where(
-                    ConsentRequest.subject == subject, ConsentRequest.status != RequestStatus.FAILED
-                )
-            )
+            highest = _highest_live_nonce(session, subject)
             self._next[subject] = chain_nonce() if highest is None else highest + 1
         return self._next[subject]
 
@@ -285,6 +277,15 @@ class OutboxWriter:
             item.done.set_result(request)
         for item, error in refused:
             item.done.set_exception(error)
+
+
+def _highest_live_nonce(session: Session, subject: bytes) -> int | None:
+    """The highest nonce of the subject's requests that have not failed (a failed one frees its nonce)."""
+    return session.scalar(
+        select(func.max(ConsentRequest.nonce)).where(
+            ConsentRequest.subject == subject, ConsentRequest.status != RequestStatus.FAILED
+        )
+    )
 
 
 def _row(signed: SignedChange, controller: str) -> ConsentRequest:

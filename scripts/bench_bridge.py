@@ -12,7 +12,7 @@ Timed:
    columns, record one access entry per released customer on-chain, wait until each batch is final,
    write the released rows to Parquet. Run in a fresh process so that its peak memory (VmHWM) is
    the bridge's own; three times (`--runs`), the median reported, because a run's time depends on
-   where the node is in its block cycle when each batch arrives (runs of one code vary by ±15%).
+   where the node is in its block cycle when each batch arrives (runs of one code vary by up to 30%).
    Baseline, same run: the same work done row by row (csv module, each row's PII normalised and
    hashed, a dict per row, a CSV writer), on a sample, without the chain.
 2. **access entries**: entries recorded on-chain per second, batched and pipelined (`AccessLog.record`
