@@ -5,8 +5,13 @@ Customer A on customer B's objects is covered in test_consent_api.py.
 
 from __future__ import annotations
 
-import pytest
+import secrets
 
+import pytest
+from sqlalchemy import delete
+
+from api.auth import ROLE_SCOPES, digest
+from api.models import Principal
 from tests.api.conftest import Service, q
 
 NEW_ADDRESS = "0x" + "7" * 40
@@ -63,3 +68,18 @@ def test_protected_routes_refuse_the_wrong_caller(
     refused = service.client.request(method, path, json=body, headers=headers)
     assert refused.status_code == 403, refused.text
     assert refused.json()["code"] in {"insufficient_scope", "not_your_data"}
+
+
+def test_an_api_key_works_as_soon_as_it_is_added_and_is_cached_once_known(service: Service) -> None:
+    key = secrets.token_urlsafe(32)
+    headers = {"X-API-Key": key}
+    refused = service.client.get("/api/v1/partners", headers=headers)
+    assert (refused.status_code, refused.json()["code"]) == (401, "invalid_api_key")
+    with service.runtime.sessions() as session:  # added after a refusal: an unknown key is not cached
+        session.add(Principal(name="late-auditor", role="auditor", scopes=" ".join(sorted(ROLE_SCOPES["auditor"])),
+                              key_hash=digest(key)))  # fmt: skip
+    assert service.client.get("/api/v1/partners", headers=headers).status_code == 200
+    # Known now: requests authenticate from the cache (no database read), for up to 30 s.
+    with service.runtime.sessions() as session:
+        session.execute(delete(Principal).where(Principal.name == "late-auditor"))
+    assert service.client.get("/api/v1/partners", headers=headers).status_code == 200
