@@ -29,20 +29,77 @@ contract AccessLog is IAccessLog, AccessControl {
     }
 
     /// @inheritdoc IAccessLog
-    function record(Access[] calldata entries) external onlyRole(ACCESSOR_ROLE) returns (uint256 permitted) {
+    function record(address partner, bytes32 purpose, bytes32 requestId, Entry[] calldata entries)
+        external
+        onlyRole(ACCESSOR_ROLE)
+        returns (uint256 permitted)
+    {
         if (entries.length == 0) revert AccessLogEmptyBatch();
-        bytes32 chain = _head;
-        uint256 index = _count;
-        for (uint256 i = 0; i < entries.length; ++i) {
-            Access calldata e = entries[i];
-            bool allowed = _registry.isPermitted(e.subject, e.partner, e.purpose, e.attributes);
-            chain = keccak256(abi.encode(chain, index, e.subject, e.partner, e.purpose, e.attributes, e.requestId, allowed));
-            emit AccessRecorded(index, e.subject, e.partner, e.purpose, e.attributes, e.requestId, allowed, chain);
-            if (allowed) ++permitted;
-            ++index;
-        }
+        uint256 first = _count;
+        uint256 buffer = _request(partner, purpose, requestId);
+        (bytes32 chain, bytes memory denied, uint256 allowed) = _check(buffer, entries, first);
+        emit AccessBatchRecorded(first, partner, purpose, requestId, _head, chain, entries, denied);
         _head = chain;
-        _count = index;
+        _count = first + entries.length;
+        return allowed;
+    }
+
+    /**
+     * @dev A 256-byte buffer for the hash chain's links, laid out as `abi.encode(head, index, subject,
+     * partner, purpose, attributes, requestId, permitted)`, with the request's fields written once.
+     * One buffer for the whole batch: `abi.encode` would allocate 256 bytes per entry that are never
+     * freed, and memory costs grow with the square of its size.
+     */
+    function _request(address partner, bytes32 purpose, bytes32 requestId) private pure returns (uint256 buffer) {
+        assembly ("memory-safe") {
+            buffer := mload(0x40)
+            mstore(0x40, add(buffer, 0x100))
+            mstore(add(buffer, 0x60), and(partner, 0xffffffffffffffffffffffffffffffffffffffff))
+            mstore(add(buffer, 0x80), purpose)
+            mstore(add(buffer, 0xc0), requestId)
+        }
+    }
+
+    /**
+     * @dev Checks each entry against the registry and extends the hash chain over it (see {_request});
+     * returns the new head, the bitmap of refused entries and how many were permitted.
+     */
+    function _check(uint256 buffer, Entry[] calldata entries, uint256 first)
+        private
+        view
+        returns (bytes32 chain, bytes memory denied, uint256 permitted)
+    {
+        chain = _head;
+        denied = new bytes((entries.length + 7) / 8);
+        for (uint256 i = 0; i < entries.length; ++i) {
+            bytes32 subject = entries[i].subject;
+            uint256 attributes = entries[i].attributes;
+            bool allowed = _permitted(buffer, subject, attributes);
+            assembly ("memory-safe") {
+                mstore(buffer, chain)
+                mstore(add(buffer, 0x20), add(first, i))
+                mstore(add(buffer, 0x40), subject)
+                mstore(add(buffer, 0xa0), attributes)
+                mstore(add(buffer, 0xe0), allowed)
+                chain := keccak256(buffer, 0x100)
+            }
+            if (allowed) {
+                ++permitted;
+            } else {
+                denied[i >> 3] |= bytes1(uint8(1) << uint8(i & 7));
+            }
+        }
+    }
+
+    /// @dev Whether the registry permits `attributes` of `subject` for the request in `buffer`.
+    function _permitted(uint256 buffer, bytes32 subject, uint256 attributes) private view returns (bool) {
+        address partner;
+        bytes32 purpose;
+        assembly ("memory-safe") {
+            partner := mload(add(buffer, 0x60))
+            purpose := mload(add(buffer, 0x80))
+        }
+        return _registry.isPermitted(subject, partner, purpose, attributes);
     }
 
     /// @inheritdoc IAccessLog

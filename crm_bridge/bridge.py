@@ -45,7 +45,7 @@ from identity.errors import InvalidPII
 from identity.normalize import normalize_emails, normalize_phone
 from identity.pseudonym import Pseudonymizer
 from identity.types import Subject
-from ledger.access import Access, AccessEvent
+from ledger.access import Access, AccessBatch
 from ledger.errors import LedgerError
 from ledger.tx import Receipt
 
@@ -62,7 +62,7 @@ class AccessRecorder(Protocol):
 
     def submit(self, entries: list[Access]) -> str: ...
 
-    def settle(self, tx_hash: str, entries: list[Access]) -> tuple[Receipt, list[AccessEvent]]: ...
+    def settle(self, tx_hash: str, entries: list[Access]) -> tuple[Receipt, AccessBatch]: ...
 
     def wait_final(self, receipt: Receipt, confirmations: int) -> None: ...
 
@@ -91,7 +91,7 @@ class _Chunk:
     ids: np.ndarray  # per row: the subject's id in this export (0: no valid identifier)
     masks: np.ndarray  # per row: permitted attribute bits (0: not permitted)
     entries: list[Access]
-    settled: Future[tuple[str, list[AccessEvent]]] | None  # its transaction and the entries' events, once final
+    settled: Future[tuple[str, AccessBatch]] | None  # its transaction and the entries' log, once final
 
 
 def _ready(chunk: _Chunk) -> bool:
@@ -299,23 +299,24 @@ class Export:
         sent = sender.submit(self.bridge.access_log.submit, entries)
         return _Chunk(batch, ids, masks, entries, settler.submit(self._settle, sent, entries))
 
-    def _settle(self, sent: Future[str], entries: list[Access]) -> tuple[str, list[AccessEvent]]:
-        """(In the settling thread.) Wait until the batch's entries are final; their events."""
+    def _settle(self, sent: Future[str], entries: list[Access]) -> tuple[str, AccessBatch]:
+        """(In the settling thread.) Wait until the batch's entries are final; their log."""
         tx_hash = sent.result()  # a send that failed raises its own error, as it would have unthreaded
         try:
-            receipt, events = self.bridge.access_log.settle(tx_hash, entries)
+            receipt, recorded = self.bridge.access_log.settle(tx_hash, entries)
             self.bridge.access_log.wait_final(receipt, self.bridge.confirmations)
         except LedgerError as exc:
             raise AccessRefused(f"the access log did not record batch {tx_hash}: {exc}") from exc
-        return tx_hash, events
+        return tx_hash, recorded
 
     def _release(self, chunk: _Chunk) -> Iterator[pa.RecordBatch]:
         subjects = self.subjects
         if chunk.settled is not None:
-            tx_hash, events = chunk.settled.result()
+            tx_hash, recorded = chunk.settled.result()
             self.stats.transactions.append(tx_hash)
-            self.stats.entries_recorded += len(events)
-            refused = [subjects.ids[e.subject] for e in events if not e.permitted]
+            self.stats.entries_recorded += recorded.count
+            # `settle` checked that the log holds exactly the entries sent, in order.
+            refused = [subjects.ids[chunk.entries[i].subject] for i in recorded.refused()]
             subjects.refused[refused] = True
             self.stats.entries_refused += len(refused)
         # Entries of earlier chunks were settled before this one's (chunks settle in order), so every

@@ -8,7 +8,6 @@ compare the read model, entry by entry, with them.
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,19 +30,26 @@ from ledger.tx import Receipt, TxRequest
 
 CONTRACT_NAME = "AccessLog"
 ACCESSOR_ROLE = keccak(text="ACCESSOR_ROLE")
-RECORD_SELECTOR = keccak(text="record((bytes32,address,bytes32,uint256,bytes32)[])")[:4]
-RECORDED = "0x" + keccak(text="AccessRecorded(uint256,bytes32,address,bytes32,uint256,bytes32,bool,bytes32)").hex()
+RECORD_SELECTOR = keccak(text="record(address,bytes32,bytes32,(bytes32,uint256)[])")[:4]
+RECORDED = (
+    "0x"
+    + keccak(
+        text="AccessBatchRecorded(uint256,address,bytes32,bytes32,bytes32,bytes32,(bytes32,uint256)[],bytes)"
+    ).hex()
+)
 ZERO_HEAD = bytes(32)
+ENTRY_BYTES = 64  # an entry in calldata and in the event: (subject, attributes)
 
-# Gas bound for a batch (no pre-flight): measured by the conformance suite (an entry costs < 20k
+# Gas bound for a batch (no pre-flight): measured by the conformance suite (an entry costs < 12k
 # with a cold consent slot); the margin covers a registry with more roles or a longer revert path.
-GAS_PER_ENTRY = 30_000
-GAS_PER_BATCH = 60_000
+GAS_PER_ENTRY = 20_000
+GAS_PER_BATCH = 80_000
 
 
 @dataclass(frozen=True)
 class Access:
-    """One access to one subject's data (what the contract takes)."""
+    """One access to one subject's data. A batch sent to the contract is one access request: its
+    entries share partner, purpose and request id."""
 
     subject: bytes
     partner: str
@@ -54,7 +60,9 @@ class Access:
 
 @dataclass(frozen=True)
 class AccessEvent:
-    """An `AccessRecorded` log."""
+    """One entry of the log as the chain has it (an entry of an `AccessBatchRecorded` log). `head` is
+    the hash chain's head after it, computed from the batch's `previousHead` (the contract emits the
+    head at the end of each batch; `verify` checks both ends)."""
 
     index: int
     subject: bytes
@@ -74,6 +82,72 @@ class AccessEvent:
         return Access(self.subject, self.partner, self.purpose, self.attributes, self.request_id)
 
 
+@dataclass(frozen=True)
+class AccessBatch:
+    """An `AccessBatchRecorded` log: the entries of one `record` call, kept in their ABI encoding
+    (what the accessor sent, byte for byte) until someone needs them one by one."""
+
+    first_index: int
+    partner: str
+    purpose: bytes
+    request_id: bytes
+    previous_head: bytes
+    head: bytes
+    encoded_entries: bytes  # `ENTRY_BYTES` per entry: subject, attributes
+    denied: bytes  # bitmap: entry i refused <=> bit i % 8 of byte i // 8
+    block_number: int
+    block_hash: str
+    log_index: int
+    tx_hash: str
+
+    @property
+    def count(self) -> int:
+        return len(self.encoded_entries) // ENTRY_BYTES
+
+    def refused(self) -> list[int]:
+        """Positions (0-based, within the batch) of the entries the registry refused."""
+        bits = int.from_bytes(self.denied, "little")
+        positions = []
+        while bits:
+            low = bits & -bits
+            positions.append(low.bit_length() - 1)
+            bits ^= low
+        return positions
+
+    def events(self) -> list[AccessEvent]:
+        """The batch's entries one by one, each with the hash chain's head after it."""
+        refused = set(self.refused())
+        data, head, events = self.encoded_entries, self.previous_head, []
+        for i in range(self.count):
+            offset = i * ENTRY_BYTES
+            access = Access(
+                subject=data[offset : offset + 32],
+                partner=self.partner,
+                purpose=self.purpose,
+                attributes=int.from_bytes(data[offset + 32 : offset + 64], "big"),
+                request_id=self.request_id,
+            )
+            permitted = i not in refused
+            head = link(head, self.first_index + i, access, permitted)
+            events.append(
+                AccessEvent(
+                    index=self.first_index + i,
+                    subject=access.subject,
+                    partner=self.partner,
+                    purpose=self.purpose,
+                    attributes=access.attributes,
+                    request_id=self.request_id,
+                    permitted=permitted,
+                    head=head,
+                    block_number=self.block_number,
+                    block_hash=self.block_hash,
+                    log_index=self.log_index,
+                    tx_hash=self.tx_hash,
+                )
+            )
+        return events
+
+
 def _word(value: int) -> bytes:
     return value.to_bytes(32, "big")
 
@@ -91,20 +165,26 @@ def _b32(value: bytes, name: str) -> bytes:
     return value
 
 
-def encode_accesses(entries: Sequence[Access]) -> bytes:
-    """ABI encoding of an `Access[]` argument: five static words per entry (tests compare it with eth_abi)."""
-    parts = [_word(0x20), _word(len(entries))]
+def encode_entries(entries: Sequence[Access]) -> bytes:
+    """The entries' (subject, attributes) pairs as the ABI lays out an `Entry[]` after its length
+    (and as the event repeats them)."""
+    parts = []
     for e in entries:
         if not 0 <= e.attributes < 2**256:
             raise ValueError("attributes must fit uint256")
-        parts += [
-            _b32(e.subject, "subject"),
-            _address_word(e.partner),
-            _b32(e.purpose, "purpose"),
-            _word(e.attributes),
-            _b32(e.request_id, "requestId"),
-        ]
+        parts += [_b32(e.subject, "subject"), _word(e.attributes)]
     return b"".join(parts)
+
+
+def encode_request(entries: Sequence[Access]) -> bytes:
+    """ABI encoding of `record`'s arguments `(partner, purpose, requestId, Entry[])` for a batch of
+    one access request (tests compare it with eth_abi); an empty batch encodes zeros."""
+    first = entries[0] if entries else Access(bytes(32), "0x" + "00" * 20, bytes(32), 0, bytes(32))
+    request = (first.partner.lower(), first.purpose, first.request_id)
+    if any((e.partner.lower(), e.purpose, e.request_id) != request for e in entries):
+        raise ValueError("a batch is one access request: its entries must share partner, purpose and request id")
+    head = _address_word(first.partner) + _b32(first.purpose, "purpose") + _b32(first.request_id, "requestId")
+    return head + _word(0x80) + _word(len(entries)) + encode_entries(entries)
 
 
 def link(head: bytes, index: int, access: Access, permitted: bool) -> bytes:
@@ -126,14 +206,8 @@ def record_gas(count: int) -> int:
     return GAS_PER_BATCH + GAS_PER_ENTRY * count
 
 
-@functools.lru_cache(maxsize=4096)
-def _checksum(topic: str) -> str:
-    return to_checksum_address("0x" + topic[-40:])
-
-
-def decode(log: dict[str, Any]) -> AccessEvent | None:
-    """An `AccessRecorded` log (raw JSON-RPC or web3's decoded form), else None. Called once per entry
-    on the bridge's path, so it avoids generic helpers: a batch's receipt holds thousands of these."""
+def decode(log: dict[str, Any]) -> AccessBatch | None:
+    """An `AccessBatchRecorded` log (raw JSON-RPC or web3's decoded form), else None."""
     topics = log["topics"]
     if not topics:
         return None
@@ -141,16 +215,20 @@ def decode(log: dict[str, Any]) -> AccessEvent | None:
     if topics[0] != RECORDED:
         return None
     data = _bytes(log["data"])
+    entries_at = int.from_bytes(data[96:128], "big")
+    denied_at = int.from_bytes(data[128:160], "big")
+    count = int.from_bytes(data[entries_at : entries_at + 32], "big")
+    denied_length = int.from_bytes(data[denied_at : denied_at + 32], "big")
     number = log["blockNumber"]
-    return AccessEvent(
-        index=int(topics[1], 16),
-        subject=bytes.fromhex(topics[2][2:]),
-        partner=_checksum(topics[3]),
-        purpose=data[0:32],
-        attributes=int.from_bytes(data[32:64], "big"),
-        request_id=data[64:96],
-        permitted=data[127] == 1,
-        head=data[128:160],
+    return AccessBatch(
+        first_index=int(topics[1], 16),
+        partner=to_checksum_address("0x" + topics[2][-40:]),
+        purpose=bytes.fromhex(topics[3][2:]),
+        request_id=data[0:32],
+        previous_head=data[32:64],
+        head=data[64:96],
+        encoded_entries=data[entries_at + 32 : entries_at + 32 + count * ENTRY_BYTES],
+        denied=data[denied_at + 32 : denied_at + 32 + denied_length],
         block_number=int(number, 16) if isinstance(number, str) else int(number),
         block_hash=_hex(log["blockHash"]),
         log_index=_int(log["logIndex"]),
@@ -171,39 +249,47 @@ class AccessLogClient(ContractClient):
         return bool(self.call("hasRole", role, account))
 
     def encode_record(self, entries: Sequence[Access]) -> bytes:
-        return RECORD_SELECTOR + encode_accesses(entries)
+        return RECORD_SELECTOR + encode_request(entries)
 
     def submit(self, entries: Sequence[Access]) -> str:
-        """Send one batch without waiting; returns its transaction hash."""
+        """Send one batch (one access request) without waiting; returns its transaction hash."""
         (tx_hash,) = self.sender.send(
             [TxRequest(to=self.address, data=self.encode_record(entries), gas=record_gas(len(entries)))]
         )
         return tx_hash
 
-    def settle(self, tx_hash: str, entries: Sequence[Access]) -> tuple[Receipt, list[AccessEvent]]:
-        """Wait for a batch sent by `submit`; returns its receipt and its events (one per entry, in order)."""
+    def settle(self, tx_hash: str, entries: Sequence[Access]) -> tuple[Receipt, AccessBatch]:
+        """Wait for a batch sent by `submit`; returns its receipt and its log, which must hold exactly
+        the entries sent (compared in their encoding: no per-entry decoding on this path)."""
         (receipt,) = self.sender.wait([tx_hash])
         if receipt.status != 1:
             raise self.revert_reason(self.encode_record(entries), receipt)
-        recorded = self.logs(receipt)
-        if [e.access for e in recorded] != list(entries):
+        batches = self.logs(receipt)
+        sent = entries[0] if entries else None
+        if (
+            len(batches) != 1
+            or sent is None
+            or batches[0].encoded_entries != encode_entries(entries)
+            or (batches[0].partner.lower(), batches[0].purpose, batches[0].request_id)
+            != (sent.partner.lower(), sent.purpose, sent.request_id)
+        ):
             raise TransactionFailed(f"{tx_hash}: the log does not hold the entries sent", tx_hash=tx_hash)
-        return receipt, recorded
+        return receipt, batches[0]
 
     def record(self, entries: Sequence[Access]) -> list[AccessEvent]:
         """Record one batch and wait for it; an empty batch or a caller without the role raises unsent."""
         if not entries:
             self.estimate(self.encode_record(entries))  # raises the contract's own error
-        return self.settle(self.submit(entries), entries)[1]
+        return self.settle(self.submit(entries), entries)[1].events()
 
-    def logs(self, receipt: Receipt) -> list[AccessEvent]:
+    def logs(self, receipt: Receipt) -> list[AccessBatch]:
         mine = self.address.lower()
         decoded = []
         for entry in receipt.logs:
             if str(entry["address"]).lower() == mine:
-                event = decode(entry)
-                if event is not None:
-                    decoded.append(event)
+                batch = decode(entry)
+                if batch is not None:
+                    decoded.append(batch)
         return decoded
 
     def wait_final(self, receipt: Receipt, confirmations: int, *, timeout: float = 120.0) -> None:
@@ -227,10 +313,10 @@ class AccessLogClient(ContractClient):
             time.sleep(0.02)
 
 
-def fetch_events(
+def fetch_batches(
     w3: Web3, address: str, from_block: int, to_block: int, *, chunk: int = 5_000
-) -> Iterator[AccessEvent]:
-    """Every `AccessRecorded` log of the contract in [from_block, to_block], in chain order."""
+) -> Iterator[AccessBatch]:
+    """Every `AccessBatchRecorded` log of the contract in [from_block, to_block], in chain order."""
     start = from_block
     while start <= to_block:
         end = min(to_block, start + chunk - 1)
@@ -246,17 +332,26 @@ def fetch_events(
         except (RequestException, OSError, ValueError) as exc:
             raise ChainError(f"eth_getLogs failed: {exc}") from exc
         for item in logs:
-            event = decode(dict(item))
-            if event is not None:
-                yield event
+            batch = decode(dict(item))
+            if batch is not None:
+                yield batch
         start = end + 1
+
+
+def fetch_events(
+    w3: Web3, address: str, from_block: int, to_block: int, *, chunk: int = 5_000
+) -> Iterator[AccessEvent]:
+    """Every entry the contract logged in [from_block, to_block], in log order."""
+    for batch in fetch_batches(w3, address, from_block, to_block, chunk=chunk):
+        yield from batch.events()
 
 
 # read model ----------------------------------------------------------------------------------------
 
 
 class AccessEntry(Base):
-    """An `AccessRecorded` log as indexed: the auditor's and the customer's view of the access log."""
+    """An entry of an `AccessBatchRecorded` log as indexed: the auditor's and the customer's view of the
+    access log."""
 
     __tablename__ = "access_entries"
     __table_args__ = (
@@ -305,7 +400,8 @@ class AccessFollower:
         self.topics = [RECORDED]
 
     def apply(self, session: Session, logs: Sequence[dict[str, Any]], times: dict[int, int]) -> int:
-        decoded = [e for e in (decode(dict(item)) for item in logs) if e is not None]
+        batches = [b for b in (decode(dict(item)) for item in logs) if b is not None]
+        decoded = [e for batch in batches for e in batch.events()]
         if decoded:
             session.execute(
                 insert(AccessEntry),
@@ -396,32 +492,40 @@ def verify(
     found: list[Divergence] = []  # only the first is reported; later ones follow from it
     read_model_count = 0
     pending = next(stored, None)
-    for event in fetch_events(w3, client.address, deploy_block, block):
+    for batch in fetch_batches(w3, client.address, deploy_block, block):
         if found:
             break
-        if event.index != expected:
+        if batch.first_index != expected:
             found.append(Divergence(expected, "chain_link", f"the chain's entry {expected} is missing"))
-        head = link(head, event.index, event.access, event.permitted)
-        if head != event.head:
-            found.append(Divergence(event.index, "chain_link", "the event's head is not the recomputed one"))
-        expected = event.index + 1
+        elif batch.previous_head != head:
+            found.append(
+                Divergence(batch.first_index, "chain_link", "the batch's previous head is not the recomputed one")
+            )
+        events = batch.events()  # each entry's head computed from the batch's previous head
+        if not found and (not events or events[-1].head != batch.head):
+            found.append(
+                Divergence(batch.first_index, "chain_link", "the batch's head is not the one recomputed over it")
+            )
         if found:
             break
-        if event.block_number > cursor:
+        head, expected = batch.head, batch.first_index + len(events)
+        if batch.block_number > cursor:
             continue  # not indexed yet
-        while pending is not None and pending.index < event.index:
-            found.append(
-                Divergence(pending.index, "extra_in_read_model", "the read model has an entry the chain lacks")
-            )
+        for event in events:
+            while pending is not None and pending.index < event.index:
+                found.append(
+                    Divergence(pending.index, "extra_in_read_model", "the read model has an entry the chain lacks")
+                )
+                pending = next(stored, None)
+            if pending is None or pending.index != event.index:
+                found.append(Divergence(event.index, "missing_in_read_model", "the read model lacks this entry"))
+                break
+            read_model_count += 1
+            mismatch = _first_field_mismatch(event, pending)
+            if mismatch is not None:
+                found.append(Divergence(event.index, "field_mismatch", f"{mismatch} differs from the chain"))
+                break
             pending = next(stored, None)
-        if pending is None or pending.index != event.index:
-            found.append(Divergence(event.index, "missing_in_read_model", "the read model lacks this entry"))
-            continue
-        read_model_count += 1
-        mismatch = _first_field_mismatch(event, pending)
-        if mismatch is not None:
-            found.append(Divergence(event.index, "field_mismatch", f"{mismatch} differs from the chain"))
-        pending = next(stored, None)
     if pending is not None:
         found.append(Divergence(pending.index, "extra_in_read_model", "the read model has an entry the chain lacks"))
     divergence = found[0] if found else None

@@ -223,7 +223,8 @@ def baseline_rows_per_s(orders: Path, mapping: Mapping, permissions: dict[bytes,
 
 
 def entries_per_s(client: AccessLogClient, partner: str, count: int, batch: int) -> float:
-    entries = [Access(os.urandom(32), partner, bytes(PURPOSE), 1 << 5, os.urandom(32)) for _ in range(count)]
+    request_id = os.urandom(32)  # one access request, as an export is
+    entries = [Access(os.urandom(32), partner, bytes(PURPOSE), 1 << 5, request_id) for _ in range(count)]
     started = time.perf_counter()
     pending = [(client.submit(entries[i : i + batch]), entries[i : i + batch]) for i in range(0, count, batch)]
     for tx_hash, sent in pending:

@@ -23,7 +23,7 @@ from identity.did import DidWeb
 from identity.normalize import PII, normalize_email
 from identity.pseudonym import PepperRing, Pseudonymizer
 from identity.types import Subject
-from ledger.access import Access, AccessEvent
+from ledger.access import Access, AccessBatch, encode_entries
 from ledger.errors import TransactionFailed
 from ledger.tx import Receipt
 
@@ -60,28 +60,29 @@ class MemoryLog:
         self.calls.append(("submit", tx))
         return tx
 
-    def settle(self, tx_hash: str, entries: list[Access]) -> tuple[Receipt, list[AccessEvent]]:
+    def settle(self, tx_hash: str, entries: list[Access]) -> tuple[Receipt, AccessBatch]:
         self.calls.append(("settle", tx_hash))
         if self.fail:
             raise TransactionFailed("reverted", tx_hash=tx_hash)
-        events = []
-        for e in entries:
-            allowed = e.subject not in self.refuse
-            events.append(
-                AccessEvent(len(self.entries), e.subject, e.partner, e.purpose, e.attributes, e.request_id, allowed,
-                            bytes(32), 1, "0x" + "00" * 32, 0, tx_hash)
-            )  # fmt: skip
-            self.entries.append(e)
+        refused = [i for i, e in enumerate(entries) if e.subject in self.refuse]
+        denied = sum(1 << i for i in refused).to_bytes(len(entries) // 8 + 1, "little")
+        batch = AccessBatch(
+            first_index=len(self.entries), partner=entries[0].partner, purpose=entries[0].purpose,
+            request_id=entries[0].request_id, previous_head=bytes(32), head=bytes(32),
+            encoded_entries=encode_entries(entries), denied=denied,
+            block_number=1, block_hash="0x" + "00" * 32, log_index=0, tx_hash=tx_hash,
+        )  # fmt: skip
+        self.entries.extend(entries)
         receipt = Receipt(tx_hash, 1, 1, "0x" + "00" * 32, 0, None, [])
-        self._pending = (tx_hash, events)
-        return receipt, events
+        self._pending = (tx_hash, [(e.subject, i not in refused) for i, e in enumerate(entries)])
+        return receipt, batch
 
     def wait_final(self, receipt: Receipt, confirmations: int) -> None:
         self.calls.append(("final", receipt.tx_hash))
-        tx, events = self._pending
+        tx, verdicts = self._pending
         assert tx == receipt.tx_hash
-        self.final |= {e.subject for e in events}
-        self.permitted |= {e.subject for e in events if e.permitted}
+        self.final |= {subject for subject, _ in verdicts}
+        self.permitted |= {subject for subject, permitted in verdicts if permitted}
 
 
 def crm_rows(n_people: int, orders_each: int) -> pa.Table:
