@@ -90,6 +90,18 @@ class Indexer:
             raise ChainError(f"block {number} vanished while indexing it")
         return events._int(block["timestamp"])
 
+    def _times(self, logs: Sequence[dict[str, Any]]) -> dict[int, int]:
+        """The timestamp of each block the logs are from: from the logs themselves where the node
+        says (`blockTimestamp`: anvil, geth 1.14+), else asked block by block."""
+        times: dict[int, int] = {}
+        for item in logs:
+            stamp = item.get("blockTimestamp")
+            if stamp is not None:
+                times[events._int(item["blockNumber"])] = events._int(stamp)
+        for number in {events._int(item["blockNumber"]) for item in logs} - times.keys():
+            times[number] = self._timestamp(number)
+        return times
+
     def _hash_of(self, number: int) -> str | None:
         block = self._block(number)
         return events._hex(block["hash"]) if block else None
@@ -121,7 +133,7 @@ class Indexer:
         for item in logs:
             by_address.setdefault(Web3.to_checksum_address(item["address"]), []).append(dict(item))
         decoded = [e for e in (events.decode(item) for item in by_address.get(self.registry, [])) if e is not None]
-        times = {n: self._timestamp(n) for n in {events._int(item["blockNumber"]) for item in logs}}
+        times = self._times(logs)
         to_hash = self._hash_of(to)
         if to_hash is None:
             return 0  # the head moved back under us; the next step sees the reorg
@@ -239,11 +251,13 @@ class Indexer:
         if cursor < self.deploy_block:
             return None
         with self._sessions() as session:
+            latest = session.scalar(select(IndexedBlock).order_by(IndexedBlock.number.desc()).limit(1))
+        if latest is None or latest.number != cursor:
+            return None
+        if self._hash_of(cursor) == latest.hash:
+            return None  # the common case: one row read, one block asked for
+        with self._sessions() as session:
             known = list(session.scalars(select(IndexedBlock).order_by(IndexedBlock.number.desc())))
-        if not known or known[0].number != cursor:
-            return None
-        if self._hash_of(cursor) == known[0].hash:
-            return None
         ancestor = self.deploy_block - 1
         for block in known[1:]:
             if self._hash_of(block.number) == block.hash:

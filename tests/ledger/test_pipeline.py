@@ -287,3 +287,39 @@ def test_a_batch_mined_then_lost_before_indexing_is_sent_again(pipeline: Pipelin
     pipeline.settle(lambda: pipeline.statuses(request) == [RequestStatus.CONFIRMED])
     assert [(e.subject, e.nonce) for e in pipeline.events()] == [(subject, 0)]
     assert pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, EMAIL)
+
+
+def test_the_indexer_takes_block_times_from_the_logs_and_asks_only_where_they_lack_them(pipeline: Pipeline) -> None:
+    customers = [pipeline.customer() for _ in range(3)]
+    requests = []
+    for account, subject in customers:  # one relayer batch each: logs in several blocks
+        requests.append(pipeline.accept(account, subject, ChangeKind.GRANT, EMAIL))
+        deadline = time.monotonic() + 30
+        pipeline.relayer.step()
+        while pipeline.relayer.busy:  # until its batch is mined (the indexer has not run yet)
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+            pipeline.relayer.step()
+    calls: list[str] = []
+    rpc = pipeline.indexer._rpc
+
+    def counted(method: str, params: list[object]) -> object:
+        calls.append(method)
+        return rpc(method, params)
+
+    pipeline.indexer._rpc = counted  # type: ignore[method-assign]
+    while pipeline.indexer.step() > 0:
+        pass
+    w3 = pipeline.backend.w3
+    events = pipeline.events()
+    assert len({e.block_number for e in events}) >= 2
+    for event in events:
+        assert event.block_time == w3.eth.get_block(event.block_number)["timestamp"]
+    # Per step: the cursor block's hash and the new cursor's (and the last step's check), never one call
+    # per block with logs.
+    assert calls.count("eth_getBlockByNumber") <= 2 * calls.count("eth_getLogs") + 1
+    # A node that does not put timestamps in its logs is asked block by block (same answers).
+    logs = w3.provider.make_request("eth_getLogs", [{"fromBlock": "0x0", "toBlock": "latest"}])["result"]  # type: ignore[arg-type]
+    stripped = [{k: v for k, v in log.items() if k != "blockTimestamp"} for log in logs]
+    assert "blockTimestamp" in logs[0]
+    assert pipeline.indexer._times(stripped) == pipeline.indexer._times(logs)
