@@ -214,6 +214,10 @@ class Runtime:
                 catalogue = self._catalogue = Catalogue(session)
         return catalogue
 
+    def cached_catalogue(self) -> Catalogue | None:
+        """The reference data if cached (no database read: for the event loop)."""
+        return self._catalogue
+
     def invalidate_catalogue(self) -> None:
         self._catalogue = None
 
