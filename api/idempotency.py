@@ -1,9 +1,14 @@
 """`Idempotency-Key` for the points routes (draft-ietf-httpapi-idempotency-key-header).
 
-The first request with a key stores what it did and, when it is finished, the answer it got (errors
-included). The same key with the same body gets that answer again, waiting for it if the first is
-still in progress; the same key with another body is refused (422). Concurrent duplicates race on
+The first request with a key stores what it did: the points requests it queued, or the error it
+was refused with. The same key with the same body gets that answer again, waiting for it if the first
+is still in progress; the same key with another body is refused (422). Concurrent duplicates race on
 the key's unique index: one of them does the work, the others wait for its answer.
+
+A queued request's answer is not stored: it is made from the request's final state (its outcome,
+transaction, block and the balance after it), which is what the first caller's answer was made
+from, so a repeat gets the same answer without a second write per request. Should the chain lose
+the block and the request be applied again, a repeat names the transaction that now holds it.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -36,6 +41,7 @@ class Started:
     request_ids: list[str]
     status_code: int | None = None
     body: dict[str, Any] | None = None
+    created: bool = False  # queued by this call (not a repeat): none of them can be final yet
 
 
 def problem_body(error: ApiError, path: str) -> dict[str, Any]:
@@ -98,7 +104,8 @@ def start(
             outcome: dict[str, Any] = {"status_code": error.status, "body": json.dumps(failed)}
             started = Started([], error.status, failed)
         else:
-            outcome, started = {"request_ids": " ".join(r.id for r in rows)}, Started([r.id for r in rows])
+            outcome = {"request_ids": " ".join(r.id for r in rows)}
+            started = Started([r.id for r in rows], created=True)
         try:
             with runtime.sessions() as session:
                 session.add_all(rows)
@@ -120,19 +127,3 @@ def start(
                     continue
             raise conflict() from None
     raise ApiError(503, "busy", "Too many concurrent duplicates of this request; retry")
-
-
-def finish(runtime: Runtime, principal: str, key: str | None, status_code: int, body: dict[str, Any]) -> None:
-    """Store the final answer (the first one stored wins; duplicates computed the same)."""
-    if key is None:
-        return
-    with runtime.sessions() as session:
-        session.execute(
-            update(IdempotencyRecord)
-            .where(
-                IdempotencyRecord.principal == principal,
-                IdempotencyRecord.key == key,
-                IdempotencyRecord.status_code.is_(None),
-            )
-            .values(status_code=status_code, body=json.dumps(body))
-        )

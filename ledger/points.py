@@ -50,17 +50,19 @@ FINAL = (PointsStatus.DONE, PointsStatus.FAILED)
 
 
 class Completions:
-    """Callbacks waiting for requests to reach a final state (the API's synchronous answers)."""
+    """Callbacks waiting for requests to reach a final state (the API's synchronous answers). Each is
+    called once, with the request's final row (detached: read it, do not change it), so that a waiting
+    caller needs no database read for its answer."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._waiters: dict[str, list[Callable[[], None]]] = {}
+        self._waiters: dict[str, list[Callable[[PointsRequest], None]]] = {}
 
-    def subscribe(self, request_id: str, callback: Callable[[], None]) -> None:
+    def subscribe(self, request_id: str, callback: Callable[[PointsRequest], None]) -> None:
         with self._lock:
             self._waiters.setdefault(request_id, []).append(callback)
 
-    def unsubscribe(self, request_id: str, callback: Callable[[], None]) -> None:
+    def unsubscribe(self, request_id: str, callback: Callable[[PointsRequest], None]) -> None:
         with self._lock:
             callbacks = self._waiters.get(request_id, [])
             if callback in callbacks:
@@ -68,11 +70,11 @@ class Completions:
             if not callbacks:
                 self._waiters.pop(request_id, None)
 
-    def notify(self, request_ids: Iterable[str]) -> None:
+    def notify(self, requests: Iterable[PointsRequest]) -> None:
         with self._lock:
-            called = [cb for rid in request_ids for cb in self._waiters.pop(rid, [])]
-        for callback in called:
-            callback()
+            called = [(cb, r) for r in requests for cb in self._waiters.pop(r.id, [])]
+        for callback, request in called:
+            callback(request)
 
 
 def signed_redemption(request: PointsRequest) -> SignedRedemption:
@@ -184,7 +186,7 @@ class PointsRelayer(BatchLane):
     def _settle(self, batch_id: int, receipt: Receipt) -> int:
         self._forget(batch_id)
         outcomes = {e.ref: e for e in self.points.logs(receipt) if e.kind is not EventKind.EXPIRED}
-        finished: list[str] = []
+        finished: list[PointsRequest] = []
         with self._sessions.begin() as session:
             batch = session.get(PointsBatch, batch_id)
             assert batch is not None
@@ -209,10 +211,10 @@ class PointsRelayer(BatchLane):
                         request.error_detail = str(cause)[:500]
                         request.tx_hash, request.block_number = receipt.tx_hash, receipt.block_number
                         request.updated_at = utcnow()
-                        finished.append(request.id)
+                        finished.append(request)
                         continue
                 _finish(request, event)
-                finished.append(request.id)
+                finished.append(request)
         if receipt.status != 1:
             log.warning("points batch %s reverted as a whole; its requests are queued again", receipt.tx_hash)
         self.completions.notify(finished)

@@ -72,7 +72,8 @@ class PointsBatch(Base):
 
 
 class IdempotencyRecord(Base):
-    """What a principal's `Idempotency-Key` was first used for, and the answer it got (errors included)."""
+    """What a principal's `Idempotency-Key` was first used for: the requests it queued, or the error
+    answer it got (see `api.idempotency`)."""
 
     __tablename__ = "idempotency_records"
     __table_args__ = (UniqueConstraint("principal", "key", name="uq_idempotency_key"),)
@@ -83,7 +84,7 @@ class IdempotencyRecord(Base):
     route: Mapped[str] = mapped_column(String(100))
     request_hash: Mapped[str] = mapped_column(String(64))
     request_ids: Mapped[str] = mapped_column(Text, default="")  # the points requests it made, space-separated
-    status_code: Mapped[int | None] = mapped_column(Integer, default=None)  # None while in progress
+    status_code: Mapped[int | None] = mapped_column(Integer, default=None)  # None: answered by its requests
     body: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

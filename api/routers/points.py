@@ -4,7 +4,6 @@ customers see balance, lots, history and tier, partners get statements for settl
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import csv
 import io
 import os
@@ -46,6 +45,7 @@ from identity.types import Subject
 from ledger import eip712
 from ledger.eip712 import Redemption
 from ledger.loyalty import EventKind
+from ledger.points import FINAL, PointsReader
 from ledger.points_store import PointsRequest, PointsStatus
 from ledger.store import ControllerState
 
@@ -79,25 +79,36 @@ _FAILURES: dict[str, tuple[int, str]] = {
 # waiting for the chain -----------------------------------------------------------------------------
 
 
-async def _wait(runtime: Runtime, request_ids: Sequence[str]) -> list[PointsRequest]:
-    """Until every request is done or failed (notified by the relayer; polled as a fallback)."""
+async def _wait(runtime: Runtime, request_ids: Sequence[str], *, created: bool) -> list[PointsRequest]:
+    """Until every request is done or failed. The relayer hands each final row over when it settles
+    it; the database is read for requests that may be final already (a repeat: `created` false) and,
+    as a fallback, after half a second without news."""
     assert runtime.points_reader is not None
     reader = runtime.points_reader
     loop = asyncio.get_running_loop()
     deadline = time.monotonic() + ANSWER_TIMEOUT
+    final: dict[str, PointsRequest] = {}
+    news = asyncio.Event()
+
+    def arrived(row: PointsRequest) -> None:
+        final[row.id] = row
+        news.set()
+
+    def wake(row: PointsRequest) -> None:  # in the relayer's thread
+        loop.call_soon_threadsafe(arrived, row)
+
+    for request_id in request_ids:
+        runtime.completions.subscribe(request_id, wake)
     runtime.relay_wake.set()
-    while True:
-        event = asyncio.Event()
-
-        def wake(event: asyncio.Event = event) -> None:
-            loop.call_soon_threadsafe(event.set)
-
-        for request_id in request_ids:
-            runtime.completions.subscribe(request_id, wake)
-        try:
-            rows = await run_in_threadpool(lambda: [reader.request(i) for i in request_ids])
-            if all(r is not None and r.status in (PointsStatus.DONE, PointsStatus.FAILED) for r in rows):
-                return [r for r in rows if r is not None]
+    read = not created
+    try:
+        while True:
+            if read:
+                missing = [i for i in request_ids if i not in final]
+                rows = await run_in_threadpool(_read, reader, missing)
+                final.update((r.id, r) for r in rows if r is not None and r.status in FINAL)
+            if all(i in final for i in request_ids):
+                return [final[i] for i in request_ids]
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ApiError(
@@ -106,11 +117,19 @@ async def _wait(runtime: Runtime, request_ids: Sequence[str]) -> list[PointsRequ
                     "Not on-chain yet",
                     "the request is queued and will be applied; retry with the same Idempotency-Key for the answer",
                 )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout=min(left, 0.5))
-        finally:
-            for request_id in request_ids:
-                runtime.completions.unsubscribe(request_id, wake)
+            news.clear()
+            try:
+                await asyncio.wait_for(news.wait(), timeout=min(left, 0.5))
+                read = False
+            except TimeoutError:
+                read = True
+    finally:
+        for request_id in request_ids:
+            runtime.completions.unsubscribe(request_id, wake)
+
+
+def _read(reader: PointsReader, request_ids: list[str]) -> list[PointsRequest | None]:
+    return [reader.request(i) for i in request_ids]
 
 
 def _answer(status_code: int, body: dict[str, Any]) -> JSONResponse:
@@ -179,7 +198,7 @@ async def issue(
     if started.status_code is not None:
         assert started.body is not None
         return _answer(started.status_code, started.body)
-    rows = await _wait(runtime, started.request_ids)
+    rows = await _wait(runtime, started.request_ids, created=started.created)
     assert runtime.dids is not None
     dids = runtime.dids
     items = [
@@ -197,9 +216,7 @@ async def issue(
         )
         for i, r in enumerate(rows)
     ]
-    answer = IssuancesPublic(issuances=items).model_dump(mode="json")
-    await run_in_threadpool(idempotency.finish, runtime, caller.name, key, 201, answer)
-    return _answer(201, answer)
+    return _answer(201, IssuancesPublic(issuances=items).model_dump(mode="json"))
 
 
 # redemption ----------------------------------------------------------------------------------------
@@ -323,12 +340,11 @@ async def redeem(
     if started.status_code is not None:
         assert started.body is not None
         return _answer(started.status_code, started.body)
-    (row,) = await _wait(runtime, started.request_ids)
+    (row,) = await _wait(runtime, started.request_ids, created=started.created)
     if row.status == PointsStatus.DONE:
         status_code, answer = 200, _redemption_public(runtime, row)
     else:
         status_code, answer = row_failure(row, request.url.path)
-    await run_in_threadpool(idempotency.finish, runtime, caller.name, key, status_code, answer)
     return _answer(status_code, answer)
 
 

@@ -232,8 +232,13 @@ def test_issuances_in_bulk_and_tiers(service: Service, issuer: dict[str, str]) -
     customers = [service.new_customer() for _ in range(3)]
     body = {"issuances": [{"did": c.did, "amount": 600, "reference": f"order-{i}"} for i, c in enumerate(customers)]}
     body["issuances"].append({"did": customers[0].did, "amount": 500})
-    issued = service.client.post("/api/v1/points/issuances", json=body, headers=issuer)
+    keyed = {**issuer, "Idempotency-Key": str(uuid.uuid4())}
+    issued = service.client.post("/api/v1/points/issuances", json=body, headers=keyed)
     assert issued.status_code == 201, issued.text
+    # A repeat under the key gets the same answer (made again from the requests' final state) and
+    # issues nothing more.
+    again = service.client.post("/api/v1/points/issuances", json=body, headers=keyed)
+    assert (again.status_code, again.json()) == (201, issued.json())
     assert [(i["status"], i["reference"]) for i in issued.json()["issuances"]] == [
         ("issued", "order-0"),
         ("issued", "order-1"),
