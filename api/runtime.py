@@ -131,7 +131,10 @@ class Runtime:
             self.engine,
             self.consent.address,
             self.deployment.deploy_block,
-            followers=[PointsFollower(self.points.address, decoder), AccessFollower(self.access_log.address)],
+            followers=[
+                PointsFollower(self.points.address, decoder, self.completions),
+                AccessFollower(self.access_log.address),
+            ],
         )
         self.relayer = Relayer(
             self.engine,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session
 
 from ledger import loyalty
@@ -299,10 +300,11 @@ def _finish(request: PointsRequest, event: PointsEvent) -> None:
 class PointsFollower:
     """The indexer's part for `LoyaltyPoints`: history rows, live lots, and requests marked indexed."""
 
-    def __init__(self, address: str, decoder: RevertDecoder) -> None:
+    def __init__(self, address: str, decoder: RevertDecoder, completions: Completions | None = None) -> None:
         self.address = address
         self.topics = loyalty.TOPICS
         self.decoder = decoder
+        self.completions = completions
 
     def apply(self, session: Session, logs: Sequence[dict[str, Any]], times: dict[int, int]) -> int:
         decoded = [e for e in (loyalty.decode(dict(item)) for item in logs) if e is not None]
@@ -332,10 +334,16 @@ class PointsFollower:
         if applied:
             requests = session.scalars(select(PointsRequest).where(PointsRequest.ref.in_([e.ref for e in applied])))
             by_ref = {e.ref: e for e in applied}
+            finished = []
             for request in requests:
                 request.indexed = True
-                if request.status != PointsStatus.DONE:  # e.g. settled before a restart: the chain says done
+                if request.status != PointsStatus.DONE:  # the relayer has not settled it yet: the chain says done
                     _finish(request, by_ref[request.ref])
+                    finished.append(request)
+            if finished and self.completions is not None:
+                # Waiting callers hear of it once it is committed (the relayer's settle will skip it).
+                completions = self.completions
+                sa_event.listen(session, "after_commit", lambda _s: completions.notify(finished), once=True)
         return len(decoded)
 
     def rollback(self, session: Session, ancestor: int) -> None:

@@ -79,10 +79,14 @@ _FAILURES: dict[str, tuple[int, str]] = {
 # waiting for the chain -----------------------------------------------------------------------------
 
 
+POLL_SECONDS = 2.0
+
+
 async def _wait(runtime: Runtime, request_ids: Sequence[str], *, created: bool) -> list[PointsRequest]:
     """Until every request is done or failed. The relayer hands each final row over when it settles
     it; the database is read for requests that may be final already (a repeat: `created` false) and,
-    as a fallback, after half a second without news."""
+    as a fallback, after `POLL_SECONDS` without news (longer than an answer takes under load: polling
+    sooner would read every waiting request again)."""
     assert runtime.points_reader is not None
     reader = runtime.points_reader
     loop = asyncio.get_running_loop()
@@ -119,7 +123,7 @@ async def _wait(runtime: Runtime, request_ids: Sequence[str], *, created: bool) 
                 )
             news.clear()
             try:
-                await asyncio.wait_for(news.wait(), timeout=min(left, 0.5))
+                await asyncio.wait_for(news.wait(), timeout=min(left, POLL_SECONDS))
                 read = False
             except TimeoutError:
                 read = True
