@@ -104,6 +104,10 @@ class AccessBatch:
     def count(self) -> int:
         return len(self.encoded_entries) // ENTRY_BYTES
 
+    def encoded_request(self) -> bytes:
+        """The `record` arguments that logged this batch (compare with what was sent)."""
+        return _request_layout(self.partner, self.purpose, self.request_id, self.count, self.encoded_entries)
+
     def refused(self) -> list[int]:
         """Positions (0-based, within the batch) of the entries the registry refused."""
         bits = int.from_bytes(self.denied, "little")
@@ -176,15 +180,20 @@ def encode_entries(entries: Sequence[Access]) -> bytes:
     return b"".join(parts)
 
 
+def _request_layout(partner: str, purpose: bytes, request_id: bytes, count: int, encoded_entries: bytes) -> bytes:
+    """`record`'s arguments `(partner, purpose, requestId, Entry[])` as the ABI lays them out."""
+    head = _address_word(partner) + _b32(purpose, "purpose") + _b32(request_id, "requestId")
+    return head + _word(0x80) + _word(count) + encoded_entries
+
+
 def encode_request(entries: Sequence[Access]) -> bytes:
-    """ABI encoding of `record`'s arguments `(partner, purpose, requestId, Entry[])` for a batch of
-    one access request (tests compare it with eth_abi); an empty batch encodes zeros."""
+    """ABI encoding of `record`'s arguments for a batch of one access request (tests compare it with
+    eth_abi); an empty batch encodes zeros."""
     first = entries[0] if entries else Access(bytes(32), "0x" + "00" * 20, bytes(32), 0, bytes(32))
     request = (first.partner.lower(), first.purpose, first.request_id)
     if any((e.partner.lower(), e.purpose, e.request_id) != request for e in entries):
         raise ValueError("a batch is one access request: its entries must share partner, purpose and request id")
-    head = _address_word(first.partner) + _b32(first.purpose, "purpose") + _b32(first.request_id, "requestId")
-    return head + _word(0x80) + _word(len(entries)) + encode_entries(entries)
+    return _request_layout(first.partner, first.purpose, first.request_id, len(entries), encode_entries(entries))
 
 
 def link(head: bytes, index: int, access: Access, permitted: bool) -> bytes:
@@ -261,18 +270,12 @@ class AccessLogClient(ContractClient):
     def settle(self, tx_hash: str, entries: Sequence[Access]) -> tuple[Receipt, AccessBatch]:
         """Wait for a batch sent by `submit`; returns its receipt and its log, which must hold exactly
         the entries sent (compared in their encoding: no per-entry decoding on this path)."""
+        sent = self.encode_record(entries)
         (receipt,) = self.sender.wait([tx_hash])
         if receipt.status != 1:
-            raise self.revert_reason(self.encode_record(entries), receipt)
+            raise self.revert_reason(sent, receipt)
         batches = self.logs(receipt)
-        sent = entries[0] if entries else None
-        if (
-            len(batches) != 1
-            or sent is None
-            or batches[0].encoded_entries != encode_entries(entries)
-            or (batches[0].partner.lower(), batches[0].purpose, batches[0].request_id)
-            != (sent.partner.lower(), sent.purpose, sent.request_id)
-        ):
+        if len(batches) != 1 or RECORD_SELECTOR + batches[0].encoded_request() != sent:
             raise TransactionFailed(f"{tx_hash}: the log does not hold the entries sent", tx_hash=tx_hash)
         return receipt, batches[0]
 

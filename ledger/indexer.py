@@ -94,11 +94,14 @@ class Indexer:
         """The timestamp of each block the logs are from: from the logs themselves where the node
         says (`blockTimestamp`: anvil, geth 1.14+), else asked block by block."""
         times: dict[int, int] = {}
+        unstamped: set[int] = set()
         for item in logs:
-            stamp = item.get("blockTimestamp")
-            if stamp is not None:
-                times[events._int(item["blockNumber"])] = events._int(stamp)
-        for number in {events._int(item["blockNumber"]) for item in logs} - times.keys():
+            number, stamp = events._int(item["blockNumber"]), item.get("blockTimestamp")
+            if stamp is None:
+                unstamped.add(number)
+            else:
+                times[number] = events._int(stamp)
+        for number in unstamped - times.keys():
             times[number] = self._timestamp(number)
         return times
 
