@@ -6,10 +6,11 @@
 Two services are started in turn, each with its own data dir and managed anvil node: the real one
 (group commit: many changes per transaction) and a baseline whose relayer sends one transaction per
 change. Customers are enrolled, bind keys and sign in over HTTP first (untimed); each customer's
-changes are signed in advance with consecutive nonces, as their wallets would. Then client processes
-post them (one customer's changes in order) and time each acknowledgement. Confirmation times come
-from the service's own database: when the indexer saw each change's event on-chain. Prints the
-figures, then one line of JSON.
+changes are signed in advance with consecutive nonces, as their wallets would. Then keep-alive
+connections (`scripts/loadgen.py`: aiohttp, cheap per request, so the load generator does not take the
+cores the service needs) post them (one customer's changes in order) and time each acknowledgement.
+Confirmation times come from the service's own database: when the indexer saw each change's event
+on-chain. Prints the figures, then one line of JSON.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +44,7 @@ from ledger import eip712
 from ledger.anvil import free_port
 from ledger.eip712 import ChangeKind, ConsentChange, Domain
 from ledger.types import Subject
+from scripts.loadgen import Call, drive
 
 CLI = [sys.executable, "-m", "api.cli"]
 PURPOSE = "analytics.reporting"
@@ -135,51 +136,22 @@ def presign(customers: list[dict[str, Any]], per_customer: int, domain: Domain, 
     return bodies
 
 
-def client_process(url: str, work: list[tuple[str, list[str]]], threads: int, start_at: float, results: Any) -> None:
-    """Post each customer's changes in order; customers spread over `threads` connections."""
-    latencies: list[float] = []
-    ids: list[str] = []
-    errors = 0
-    lock = threading.Lock()
-
-    def run(share: list[tuple[str, list[str]]]) -> None:
-        nonlocal errors
-        local_lat, local_ids, local_err = [], [], 0
-        with httpx.Client(base_url=url, timeout=60) as client:
-            cursors = [0] * len(share)
-            remaining = sum(len(bodies) for _, bodies in share)
-            while remaining:
-                for i, (token, bodies) in enumerate(share):
-                    if cursors[i] >= len(bodies):
-                        continue
-                    started = time.perf_counter()
-                    response = client.post(
-                        "/api/v1/consents",
-                        content=bodies[cursors[i]],
-                        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-                    )
-                    elapsed = time.perf_counter() - started
-                    cursors[i] += 1
-                    remaining -= 1
-                    if response.status_code == 202:
-                        local_lat.append(elapsed)
-                        local_ids.append(response.json()["id"])
-                    else:
-                        local_err += 1
-        with lock:
-            latencies.extend(local_lat)
-            ids.extend(local_ids)
-            errors += local_err
-
-    while time.time() < start_at:
-        time.sleep(0.001)
-    shares = [work[i::threads] for i in range(threads)]
-    pool = [threading.Thread(target=run, args=(share,)) for share in shares if share]
-    for thread in pool:
-        thread.start()
-    for thread in pool:
-        thread.join()
-    results.put((latencies, ids, errors))
+def client_process(url: str, work: list[tuple[str, list[str]]], lanes: int, start_at: float, results: Any) -> None:
+    """Post each customer's changes in order; customers spread over `lanes` connections, each of
+    which takes its customers' changes in turn."""
+    plan: list[list[Call]] = []
+    for i in range(lanes):
+        share = work[i::lanes]
+        calls: list[Call] = []
+        for step in range(max((len(bodies) for _, bodies in share), default=0)):
+            for token, bodies in share:
+                if step < len(bodies):
+                    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+                    calls.append(Call("/api/v1/consents", bodies[step].encode(), headers))
+        plan.append(calls)
+    outcome = drive(url, plan, start_at, expect=202)
+    ids = [json.loads(answer)["id"] for answer in outcome.answers]
+    results.put((outcome.latencies, ids, outcome.errors, outcome.first_error))
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -187,7 +159,7 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def run(label: str, requests: int, customers: int, processes: int, threads: int, **settings: str) -> dict[str, Any]:
+def run(label: str, requests: int, customers: int, processes: int, lanes: int, **settings: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"bench-{label}-") as tmp:
         service = Service(Path(tmp), **settings)
         try:
@@ -206,12 +178,12 @@ def run(label: str, requests: int, customers: int, processes: int, threads: int,
             bodies = presign(people, per_customer, domain, partner)
             total = per_customer * customers
             work = [(p["token"], b) for p, b in zip(people, bodies, strict=True)]
-            print(f"[{label}] posting {total} signed changes from {processes}x{threads} clients ...", flush=True)
+            print(f"[{label}] posting {total} signed changes from {processes}x{lanes} connections ...", flush=True)
             queue: Any = multiprocessing.Queue()
             start_at = time.time() + 1.0
             procs = [
                 multiprocessing.Process(
-                    target=client_process, args=(service.url, work[i::processes], threads, start_at, queue)
+                    target=client_process, args=(service.url, work[i::processes], lanes, start_at, queue)
                 )
                 for i in range(processes)
             ]
@@ -221,9 +193,11 @@ def run(label: str, requests: int, customers: int, processes: int, threads: int,
             for proc in procs:
                 proc.join()
             posted_done = time.time()
-            latencies = [x for lat, _, _ in outcomes for x in lat]
-            ids = [x for _, got, _ in outcomes for x in got]
-            errors = sum(e for _, _, e in outcomes)
+            latencies = [x for lat, _, _, _ in outcomes for x in lat]
+            ids = [x for _, got, _, _ in outcomes for x in got]
+            errors = sum(e for _, _, e, _ in outcomes)
+            for first_error in {first for _, _, _, first in outcomes if first}:
+                print(f"[{label}] refused: {first_error}", flush=True)
             engine = create_engine(f"sqlite:///{tmp}/service.db")
             deadline = time.time() + 600
             while True:
@@ -270,19 +244,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--baseline-requests", type=int, default=5_000)
     parser.add_argument("--customers", type=int, default=400)
-    parser.add_argument("--processes", type=int, default=2, help="client processes")
-    parser.add_argument("--threads", type=int, default=16, help="connections per client process")
+    parser.add_argument("--processes", type=int, default=1, help="client processes")
+    parser.add_argument("--lanes", type=int, default=32, help="connections per client process")
     parser.add_argument("--quick", action="store_true", help="a small run (CI)")
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.baseline_requests, args.customers = 2_000, 400, 40
-    batched = run("batched", args.requests, args.customers, args.processes, args.threads)
+    batched = run("batched", args.requests, args.customers, args.processes, args.lanes)
     baseline = run(
         "baseline",
         args.baseline_requests,
         min(args.customers, args.baseline_requests),
         args.processes,
-        args.threads,
+        args.lanes,
         CONSENT_LEDGER_RELAYER_MAX_BATCH="1",
     )
     for label, figures in (("batched", batched), ("baseline (one tx per change)", baseline)):

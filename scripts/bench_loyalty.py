@@ -15,7 +15,6 @@ Prints the figures, then one line of JSON.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import multiprocessing
 import os
@@ -30,14 +29,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ledger import eip712
 from ledger.eip712 import Domain, Redemption
 from ledger.types import Subject
 from scripts.bench_api import CLI, Service, enrol, percentile
+from scripts.loadgen import Call, drive
 
 POINTS_EACH = 10**9
 
@@ -87,47 +85,24 @@ def partner_process(
     url: str, api_key: str, work: list[tuple[int, str]], lanes: int, start_at: float, results: Any
 ) -> None:
     """One partner: `lanes` concurrent tills; a customer's redemptions at this partner go in order."""
-
-    async def main() -> tuple[list[float], int]:
-        latencies: list[float] = []
-        errors = 0
-        by_customer: dict[int, list[str]] = {}
-        for index, body in work:
-            by_customer.setdefault(index, []).append(body)
-        queues = [list(bodies) for bodies in by_customer.values()]
-        limits = httpx.Limits(max_connections=lanes, max_keepalive_connections=lanes)
-        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-
-            async def till(share: list[list[str]]) -> None:
-                nonlocal errors
-                for bodies in share:
-                    for body in bodies:
-                        started = time.perf_counter()
-                        headers = {
-                            "X-API-Key": api_key,
-                            "Idempotency-Key": str(uuid.uuid4()),
-                            "Content-Type": "application/json",
-                        }
-                        response = None
-                        for _attempt in range(3):
-                            try:  # a kept-alive connection the server has closed: retry, same key
-                                response = await client.post(
-                                    "/api/v1/points/redemptions", content=body, headers=headers
-                                )
-                                break
-                            except httpx.TransportError:
-                                continue
-                        if response is not None and response.status_code == 200:
-                            latencies.append(time.perf_counter() - started)
-                        else:
-                            errors += 1
-
-            while time.time() < start_at:
-                await asyncio.sleep(0.001)
-            await asyncio.gather(*(till(queues[i::lanes]) for i in range(lanes)))
-        return latencies, errors
-
-    results.put(asyncio.run(main()))
+    by_customer: dict[int, list[str]] = {}
+    for index, body in work:
+        by_customer.setdefault(index, []).append(body)
+    queues = list(by_customer.values())
+    plan = [
+        [
+            Call(
+                "/api/v1/points/redemptions",
+                body.encode(),
+                {"X-API-Key": api_key, "Idempotency-Key": str(uuid.uuid4()), "Content-Type": "application/json"},
+            )
+            for bodies in queues[i::lanes]
+            for body in bodies
+        ]
+        for i in range(lanes)
+    ]
+    outcome = drive(url, plan, start_at, expect=200)
+    results.put((outcome.latencies, outcome.errors, outcome.first_error))
 
 
 def run(label: str, redemptions: int, customers: int, partners: int, lanes: int, **settings: str) -> dict[str, Any]:
@@ -178,8 +153,10 @@ def run(label: str, redemptions: int, customers: int, partners: int, lanes: int,
                 proc.join()
         finally:
             service.stop()
-    latencies = [x for lat, _ in outcomes for x in lat]
-    errors = sum(e for _, e in outcomes)
+    latencies = [x for lat, _, _ in outcomes for x in lat]
+    errors = sum(e for _, e, _ in outcomes)
+    for first_error in {first for _, _, first in outcomes if first}:
+        print(f"[{label}] refused: {first_error}", flush=True)
     return {
         "redemptions": total,
         "redeemed": len(latencies),
