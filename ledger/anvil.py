@@ -69,6 +69,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+CHECKPOINT_SHARE = 20  # a checkpoint is followed by at least 20 times its duration without one
+
+
 class AnvilNode:
     """One anvil process with interval mining and state persisted to `state_dir/state.json`."""
 
@@ -227,11 +230,25 @@ class AnvilNode:
                 self._call("evm_mine", [])
 
     def _checkpoint_loop(self) -> None:
-        while not self._stop_workers.wait(self.state_interval):
+        pause = float(self.state_interval)
+        while not self._stop_workers.wait(pause):
+            started = time.monotonic()
             try:
                 self.checkpoint()
             except (OSError, ValueError, NodeStartError) as exc:
                 log.debug("checkpoint skipped: %s", exc)
+            pause = self.checkpoint_pause(time.monotonic() - started)
+
+    def checkpoint_pause(self, took: float) -> float:
+        """Seconds to the next checkpoint after one that took `took`.
+
+        A dump holds every block and transaction (anvil keeps no other history), so it grows with the
+        chain: about 1 MB per thousand consent changes, several seconds at a hundred thousand, with
+        mining paused while the node writes it. Taken every `state_interval` regardless, checkpoints
+        would come to fill the time and blocks would stop. So checkpoints take at most
+        1/CHECKPOINT_SHARE of the time: what a crash of the node can lose grows with the chain (the
+        relayer sends it again; see `Runtime.supervise_node`), block production does not suffer."""
+        return max(float(self.state_interval), took * CHECKPOINT_SHARE)
 
     @contextlib.contextmanager
     def mining_paused(self) -> Iterator[None]:

@@ -82,7 +82,10 @@ class ChainSettings(BaseSettings):
     )
     anvil_port: int = Field(default=0, ge=0, lt=65536, description="Port of the managed node; 0 picks a free one.")
     state_interval: int = Field(
-        default=1, ge=1, description="Seconds between the managed node's state dumps to the data dir."
+        default=1,
+        ge=1,
+        description="Least seconds between the managed node's state dumps to the data dir (a dump that took "
+        "t seconds is followed by at least 20·t: dumps grow with the chain and pause mining).",
     )
     supervise: bool = Field(default=True, description="Start the managed node again if it dies while serving.")
     start_timeout: float = Field(default=30.0, description="Seconds to wait for the managed node to answer.")

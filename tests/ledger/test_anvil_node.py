@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ledger.anvil import AnvilNode, find_anvil
+from ledger.anvil import CHECKPOINT_SHARE, AnvilNode, find_anvil
 from ledger.errors import NodeStartError
 from ledger.settings import PROJECT_ROOT
 
@@ -62,3 +62,30 @@ def test_it_never_automines_and_stops_cleanly(tmp_path: Path) -> None:
         anvil.stop()
     assert not anvil.running
     assert anvil.state_file.is_file()  # written on the graceful stop
+
+
+def test_checkpoints_take_a_bounded_share_of_the_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A growing state makes each dump slower; checkpoints must not come to fill the time (mining
+    is paused while one is written), whatever `state_interval` asks."""
+    anvil = node(tmp_path, state_interval=1)
+    assert anvil.checkpoint_pause(0.01) == 1.0  # a quick dump: the configured interval
+    assert anvil.checkpoint_pause(2.0) == 2.0 * CHECKPOINT_SHARE  # a slow one: that many times its duration
+    spans: list[tuple[float, float]] = []
+
+    def slow_checkpoint() -> None:  # stands in for a large dump: 0.1 s with mining paused
+        started = time.monotonic()
+        with anvil.mining_paused():
+            time.sleep(0.1)
+        spans.append((started, time.monotonic()))
+
+    monkeypatch.setattr(anvil, "checkpoint", slow_checkpoint)
+    monkeypatch.setattr("ledger.anvil.CHECKPOINT_SHARE", 4)  # at most a fifth of the time
+    anvil.state_interval = 0.05  # type: ignore[assignment]  # asks for far more: 2/3 of the time
+    anvil.start()
+    try:
+        time.sleep(2.5)
+    finally:
+        anvil.stop()
+    assert len(spans) >= 3
+    busy = sum(end - start for start, end in spans[:-1])
+    assert busy / (spans[-1][0] - spans[0][0]) <= 0.25
