@@ -76,8 +76,10 @@ def start(
     the write transaction holds just the inserts. A concurrent duplicate that got in between is
     caught by the unique indexes (key, and the on-chain id) and handled below."""
     for _ in range(MAX_ATTEMPTS):
-        if key is not None:
-            with runtime.reads() as session:
+        rows: list[PointsRequest] = []
+        refusal: ApiError | None = None
+        with runtime.reads() as session:  # one read session: the key's record, then the checks
+            if key is not None:
                 record = session.scalar(
                     select(IdempotencyRecord).where(
                         IdempotencyRecord.principal == principal, IdempotencyRecord.key == key
@@ -93,16 +95,16 @@ def start(
                         )
                     body = json.loads(record.body) if record.body is not None else None
                     return Started(record.request_ids.split(), record.status_code, body)
-        rows: list[PointsRequest] = []
-        try:
-            with runtime.reads() as session:
+            try:
                 rows = list(build(session))
-        except ApiError as error:
-            if key is None:
-                raise
-            failed = problem_body(error, path)
-            outcome: dict[str, Any] = {"status_code": error.status, "body": json.dumps(failed)}
-            started = Started([], error.status, failed)
+            except ApiError as error:
+                if key is None:
+                    raise
+                refusal = error
+        if refusal is not None:
+            failed = problem_body(refusal, path)
+            outcome: dict[str, Any] = {"status_code": refusal.status, "body": json.dumps(failed)}
+            started = Started([], refusal.status, failed)
         else:
             outcome = {"request_ids": " ".join(r.id for r in rows)}
             started = Started([r.id for r in rows], created=True)

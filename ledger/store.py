@@ -174,7 +174,9 @@ def make_engine(url: str) -> Engine:
     sqlite = url.startswith("sqlite")
     # Request threads each hold a connection briefly; SQLite connections are cheap, so allow many.
     pool = {"pool_size": 32, "max_overflow": 64} if sqlite else {"pool_size": 16, "max_overflow": 16}
-    engine = create_engine(url, future=True, pool_pre_ping=True, **pool)
+    # A pre-ping (a `SELECT 1` at every checkout) finds server connections that were dropped; a SQLite
+    # file has none, and the ping cost a query per session on the hot paths.
+    engine = create_engine(url, future=True, pool_pre_ping=not sqlite, **pool)
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine, "connect")
