@@ -247,7 +247,10 @@ class AnvilNode:
         mining paused while the node writes it. Taken every `state_interval` regardless, checkpoints
         would come to fill the time and blocks would stop. So checkpoints take at most
         1/CHECKPOINT_SHARE of the time: what a crash of the node can lose grows with the chain (the
-        relayer sends it again; see `Runtime.supervise_node`), block production does not suffer."""
+        relayer sends it again; see `Runtime.supervise_node`), block production does not suffer.
+        Access records the bridge has released on are in that span too: a released access survives a
+        crash of the managed node only once a checkpoint holds its block (a chain with final blocks,
+        such as QBFT, has no such span)."""
         return max(float(self.state_interval), took * CHECKPOINT_SHARE)
 
     @contextlib.contextmanager
