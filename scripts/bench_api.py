@@ -44,7 +44,7 @@ from ledger import eip712
 from ledger.anvil import free_port
 from ledger.eip712 import ChangeKind, ConsentChange, Domain
 from ledger.types import Subject
-from scripts.loadgen import Call, drive
+from scripts.loadgen import Call, Outcome, drive
 
 CLI = [sys.executable, "-m", "api.cli"]
 PURPOSE = "analytics.reporting"
@@ -149,9 +149,7 @@ def client_process(url: str, work: list[tuple[str, list[str]]], lanes: int, star
                     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
                     calls.append(Call("/api/v1/consents", bodies[step].encode(), headers))
         plan.append(calls)
-    outcome = drive(url, plan, start_at, expect=202)
-    ids = [json.loads(answer)["id"] for answer in outcome.answers]
-    results.put((outcome.latencies, ids, outcome.errors, outcome.first_error))
+    results.put(drive(url, plan, start_at, expect=202))
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -193,11 +191,9 @@ def run(label: str, requests: int, customers: int, processes: int, lanes: int, *
             for proc in procs:
                 proc.join()
             posted_done = time.time()
-            latencies = [x for lat, _, _, _ in outcomes for x in lat]
-            ids = [x for _, got, _, _ in outcomes for x in got]
-            errors = sum(e for _, _, e, _ in outcomes)
-            for first_error in {first for _, _, _, first in outcomes if first}:
-                print(f"[{label}] refused: {first_error}", flush=True)
+            outcome = Outcome.merged(outcomes, label)
+            latencies, errors = outcome.latencies, outcome.errors
+            ids = [json.loads(answer)["id"] for answer in outcome.answers]
             engine = create_engine(f"sqlite:///{tmp}/service.db")
             deadline = time.time() + 600
             while True:

@@ -35,7 +35,7 @@ from ledger import eip712
 from ledger.eip712 import Domain, Redemption
 from ledger.types import Subject
 from scripts.bench_api import CLI, Service, enrol, percentile
-from scripts.loadgen import Call, drive
+from scripts.loadgen import Call, Outcome, drive
 
 POINTS_EACH = 10**9
 
@@ -101,8 +101,7 @@ def partner_process(
         ]
         for i in range(lanes)
     ]
-    outcome = drive(url, plan, start_at, expect=200)
-    results.put((outcome.latencies, outcome.errors, outcome.first_error))
+    results.put(drive(url, plan, start_at, expect=200))
 
 
 def run(label: str, redemptions: int, customers: int, partners: int, lanes: int, **settings: str) -> dict[str, Any]:
@@ -153,10 +152,8 @@ def run(label: str, redemptions: int, customers: int, partners: int, lanes: int,
                 proc.join()
         finally:
             service.stop()
-    latencies = [x for lat, _, _ in outcomes for x in lat]
-    errors = sum(e for _, e, _ in outcomes)
-    for first_error in {first for _, _, first in outcomes if first}:
-        print(f"[{label}] refused: {first_error}", flush=True)
+    outcome = Outcome.merged(outcomes, label)
+    latencies, errors = outcome.latencies, outcome.errors
     return {
         "redemptions": total,
         "redeemed": len(latencies),

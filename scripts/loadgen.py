@@ -31,6 +31,18 @@ class Outcome:
     errors: int = 0
     first_error: str | None = None
 
+    @classmethod
+    def merged(cls, outcomes: Sequence[Outcome], label: str) -> Outcome:
+        """The client processes' outcomes as one; prints each distinct first refusal."""
+        total = cls()
+        for outcome in outcomes:
+            total.latencies += outcome.latencies
+            total.answers += outcome.answers
+            total.errors += outcome.errors
+        for first_error in {o.first_error for o in outcomes if o.first_error}:
+            print(f"[{label}] refused: {first_error}", flush=True)
+        return total
+
 
 def drive(url: str, lanes: Sequence[Sequence[Call]], start_at: float, expect: int, retries: int = 2) -> Outcome:
     """Post each lane's calls in order, the lanes concurrently (one connection each), starting at
