@@ -198,9 +198,9 @@ class OutboxWriter:
     """Group commit for acceptance: one writer thread stores the changes that arrive together in one
     transaction (one fsync), and answers each caller when it is durable.
 
-    It is the only writer of new requests, so the nonce check needs no lock: each subject's next
-    nonce is cached and re-read from the database when a change does not match it (a failed request
-    frees its nonce). The chain is asked only for a subject the outbox has never seen.
+    Each subject's next nonce is cached and re-read from the database when a change does not match
+    it (a failed request frees its nonce). The chain is asked only for a subject the outbox has never
+    seen. Other processes may write too (see `_write`).
     """
 
     def __init__(self, engine: Engine, *, max_batch: int = 1000, linger: float = 0.001) -> None:
@@ -245,7 +245,11 @@ class OutboxWriter:
                 batch.append(item)
             self._write(batch)
 
-    def _write(self, batch: list[_Pending]) -> None:
+    def _write(self, batch: list[_Pending], *, fresh: bool = False) -> None:
+        """Store the batch in one transaction. The cached next nonces may be stale when other
+        processes (API workers) accept changes too: the unique index on (subject, nonce) then
+        refuses the batch, and it is written again with every nonce read afresh (inside the
+        transaction, under the database's write lock, so what is read is what the insert meets)."""
         accepted: list[tuple[_Pending, ConsentRequest]] = []
         refused: list[tuple[_Pending, BaseException]] = []
         try:
@@ -253,7 +257,7 @@ class OutboxWriter:
                 for item in batch:
                     try:
                         subject = bytes(item.signed.change.subject)
-                        expected = self._expected(session, subject, item.chain_nonce, fresh=False)
+                        expected = self._expected(session, subject, item.chain_nonce, fresh=fresh)
                         if item.signed.change.nonce != expected:
                             expected = self._expected(session, subject, item.chain_nonce, fresh=True)
                         if item.signed.change.nonce != expected:
@@ -268,6 +272,14 @@ class OutboxWriter:
                     session.add(request)
                     self._next[subject] = expected + 1
                     accepted.append((item, request))
+        except IntegrityError:
+            self._next.clear()
+            if not fresh:
+                self._write(batch, fresh=True)
+                return
+            for item in batch:
+                item.done.set_exception(NonceConflict("a concurrent change took this nonce; prepare the change again"))
+            return
         except Exception as exc:  # nothing of this batch was stored: every caller hears it
             self._next.clear()
             for item in batch:

@@ -8,6 +8,8 @@ records what the chain says and is the only writer of the read model.
 from __future__ import annotations
 
 import enum
+import fcntl
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -190,19 +192,61 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-class Sessions(sessionmaker[Session]):
-    """A sessionmaker whose `begin()` first takes this process's write lock when the database is SQLite.
+class WriteLock:
+    """One writer at a time for a SQLite file: a lock between this process's threads, and a `flock` on
+    a file beside the database between the service's processes (API workers and the supervisor).
 
-    SQLite has one writer at a time; when several threads (outbox writer, relayer, indexer) contend,
-    its busy handler sleeps in steps of up to 100 ms. Queueing on a Python lock instead keeps write
-    latency at the cost of the write itself. Reads (`Sessions()`) take no lock: WAL readers never wait.
-    """
+    SQLite serialises writers itself, but a waiting writer sleeps in its busy handler in steps of up
+    to 100 ms, and a read-then-write transaction that loses the race fails with SQLITE_BUSY instead of
+    waiting. Queueing here, before the transaction begins, costs a writer only the time of the writes
+    ahead of it. Re-entrant within a thread, as the thread lock is."""
+
+    def __init__(self, path: str | None) -> None:
+        self._thread_lock = threading.RLock()
+        self._path = path
+        self._fd: int | None = None
+        self._depth = 0
+
+    def __enter__(self) -> WriteLock:
+        self._thread_lock.acquire()
+        if self._path is not None and self._depth == 0:
+            try:
+                if self._fd is None:
+                    self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            except BaseException:
+                self._thread_lock.release()
+                raise
+        self._depth += 1
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._thread_lock.release()
+
+
+def _write_lock(engine: Engine) -> WriteLock | None:
+    if engine.dialect.name != "sqlite":
+        return None
+    database = engine.url.database
+    on_file = bool(database) and database != ":memory:" and not database.startswith("file:")  # type: ignore[union-attr]
+    key = str(engine.url)
+    with _WRITE_LOCKS_GUARD:
+        lock = _WRITE_LOCKS.get(key)
+        if lock is None:
+            lock = _WRITE_LOCKS[key] = WriteLock(f"{database}-writer.lock" if on_file else None)
+    return lock
+
+
+class Sessions(sessionmaker[Session]):
+    """A sessionmaker whose `begin()` first takes the database's write lock when it is SQLite (see
+    `WriteLock`). Reads (`Sessions()`) take no lock: WAL readers never wait."""
 
     def __init__(self, engine: Engine) -> None:
         super().__init__(engine, expire_on_commit=False)
-        self._lock = (
-            _WRITE_LOCKS.setdefault(str(engine.url), threading.RLock()) if engine.dialect.name == "sqlite" else None
-        )
+        self._lock = _write_lock(engine)
 
     @contextmanager
     def begin(self) -> Iterator[Session]:
@@ -214,7 +258,8 @@ class Sessions(sessionmaker[Session]):
             yield session
 
 
-_WRITE_LOCKS: dict[str, threading.RLock] = {}
+_WRITE_LOCKS: dict[str, WriteLock] = {}
+_WRITE_LOCKS_GUARD = threading.Lock()
 
 
 def sessions(engine: Engine) -> Sessions:

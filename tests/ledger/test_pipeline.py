@@ -21,7 +21,7 @@ from ledger.consent import ConsentRegistryClient, SignedChange
 from ledger.contracts import RevertDecoder, ensure_deployed
 from ledger.eip712 import ChangeKind, ConsentChange
 from ledger.indexer import Indexer
-from ledger.outbox import NonceConflict, Outbox
+from ledger.outbox import NonceConflict, Outbox, OutboxWriter
 from ledger.relayer import Relayer
 from ledger.settings import ChainSettings
 from ledger.store import Base, ConsentEvent, ConsentRequest, RelayBatch, RequestStatus, make_engine, sessions
@@ -323,3 +323,40 @@ def test_the_indexer_takes_block_times_from_the_logs_and_asks_only_where_they_la
     stripped = [{k: v for k, v in log.items() if k != "blockTimestamp"} for log in logs]
     assert "blockTimestamp" in logs[0]
     assert pipeline.indexer._times(stripped) == pipeline.indexer._times(logs)
+
+
+def test_outbox_writers_in_several_processes_share_each_subjects_nonces(pipeline: Pipeline) -> None:
+    # Each API worker process has its own writer, each caching a subject's next nonce. A cache made
+    # stale by the other writer must neither lose nor fail a valid change, and a nonce taken by the
+    # other writer must be refused alone, as one writer refuses it.
+    account, subject = pipeline.customer()
+    first, second = OutboxWriter(pipeline.engine), OutboxWriter(pipeline.engine)
+
+    def signed(nonce: int, bits: int) -> SignedChange:
+        change = ConsentChange(
+            ChangeKind.GRANT, subject, pipeline.partner, PURPOSE, bits, nonce=nonce, deadline=int(time.time()) + 600
+        )
+        return SignedChange(change, eip712.sign(bytes(account.key), pipeline.registry.domain, change))
+
+    def chain_nonce() -> int:
+        return pipeline.registry.nonce_of(subject)
+
+    try:
+        assert first.accept(signed(0, EMAIL), account.address, chain_nonce).result(10).nonce == 0
+        assert second.accept(signed(1, PHONE), account.address, chain_nonce).result(10).nonce == 1
+        # `first` still expects nonce 1 for this subject; the change it gets carries 2.
+        assert first.accept(signed(2, EMAIL), account.address, chain_nonce).result(10).nonce == 2
+        # `second` expects 2, which `first` has stored: its insert meets the unique index, and the
+        # batch is written again with the nonces read afresh: the replay is refused, and the valid
+        # change sent with it (most likely in the same batch) is kept.
+        replay = second.accept(signed(2, PHONE), account.address, chain_nonce)
+        valid = second.accept(signed(3, PHONE), account.address, chain_nonce)
+        with pytest.raises(NonceConflict, match="not the next one"):
+            replay.result(10)
+        assert valid.result(10).nonce == 3
+    finally:
+        first.close()
+        second.close()
+    with sessions(pipeline.engine)() as session:
+        stored = session.scalars(select(ConsentRequest.nonce).where(ConsentRequest.subject == subject)).all()
+    assert sorted(stored) == [0, 1, 2, 3]
