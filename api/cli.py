@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
+import shutil
+import socket
 import sys
+import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,32 +24,132 @@ from ledger.settings import ChainSettings, ToolchainSettings
 log = logging.getLogger("consent_ledger")
 
 
+def _listen(host: str, port: int, patience: float = 10.0) -> socket.socket:
+    """The API's listening socket, shared by the API worker processes. A previous instance's workers
+    may still be closing theirs after it was killed: wait for the port a little."""
+    deadline = time.monotonic() + patience
+    while True:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+            continue
+        sock.listen(2048)
+        sock.set_inheritable(True)
+        return sock
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.main import create_app
     from api.runtime import Runtime
+    from api.workers import WorkerPool
+    from ledger.backends import AnvilBackend, RpcBackend
 
     # Requests hop between the event loop, the thread pool and the outbox writer; with the default 5 ms
     # GIL switch interval each hop can wait that long behind the relayer or indexer threads.
     sys.setswitchinterval(0.0005)
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "data_dir": args.data_dir}.items() if v}
     service = ServiceSettings(**overrides)
+    workers = args.workers or service.api_workers
     chain = ChainSettings()
     secrets = load_secrets(service, chain)
-    runtime = Runtime(service=service, chain=chain, toolchain=ToolchainSettings(), secrets=secrets)
     log.info("starting in %s mode, data in %s", service.mode, service.data_dir.resolve())
-    runtime.start()
+    control_dir = Path(tempfile.mkdtemp(prefix="consent-ledger-"))  # private (0700): the control socket
+    runtime = Runtime(
+        service=service,
+        chain=chain,
+        toolchain=ToolchainSettings(),
+        secrets=secrets,
+        role="supervisor" if workers > 1 else "all",
+        control_address=str(control_dir / "control.sock"),
+        control_key=os.urandom(32),
+    )
+    pool: WorkerPool | None = None
+    sock: socket.socket | None = None
     try:
-        config = uvicorn.Config(
-            create_app(runtime), host=service.host, port=service.port, log_level="info", lifespan="off"
-        )
-        uvicorn.Server(config).run()
+        runtime.start()
+        sock = _listen(service.host, service.port)  # after the start, as before: no connection waits on it
+        if workers > 1:
+            backend = runtime.backend
+            node_url = backend.url if isinstance(backend, AnvilBackend) else chain.rpc_url
+            assert backend is not None and node_url is not None
+            assert isinstance(backend, AnvilBackend | RpcBackend), "API workers need a node they can reach"
+            assert runtime.control_key is not None and runtime.control_address is not None
+            command = [*_cli(), "serve-worker", "--node-url", node_url, "--backend", backend.name]
+            command += ["--host", service.host, "--port", str(service.port), "--data-dir", str(service.data_dir)]
+            env = os.environ | {
+                "CONSENT_LEDGER_CONTROL": runtime.control_address,
+                "CONSENT_LEDGER_CONTROL_KEY": runtime.control_key.hex(),
+            }
+            pool = WorkerPool(command, count=workers - 1, fd=sock.fileno(), env=env)
+            pool.start()
+            log.info("%s API worker processes besides this one: %s", workers - 1, pool.pids)
+        config = uvicorn.Config(create_app(runtime), log_level="info", lifespan="off")
+        uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:
         pass  # uvicorn shut down gracefully, then re-raised the Ctrl-C; stopping is what was asked
     finally:
+        if pool is not None:
+            pool.stop()
+        if sock is not None:
+            sock.close()
         runtime.stop()
+        shutil.rmtree(control_dir, ignore_errors=True)
         log.info("stopped; all state is in %s", service.data_dir.resolve())
+    return 0
+
+
+def _cli() -> list[str]:
+    return [sys.executable, "-m", "api.cli"]
+
+
+def _serve_worker(args: argparse.Namespace) -> int:
+    """An API worker process of `serve` (started by it, not by hand)."""
+    import uvicorn
+
+    from api.main import create_app
+    from api.runtime import Runtime
+
+    sys.setswitchinterval(0.0005)
+    service = ServiceSettings(host=args.host, port=args.port, data_dir=args.data_dir)
+    chain = ChainSettings()
+    runtime = Runtime(
+        service=service,
+        chain=chain,
+        toolchain=ToolchainSettings(),
+        secrets=load_secrets(service, chain),
+        role="worker",
+        control_address=os.environ["CONSENT_LEDGER_CONTROL"],
+        control_key=bytes.fromhex(os.environ["CONSENT_LEDGER_CONTROL_KEY"]),
+        node_url=args.node_url,
+        backend_name=args.backend,
+    )
+    server = uvicorn.Server(uvicorn.Config(create_app(runtime), log_level="info", lifespan="off"))
+
+    def supervisor_gone() -> None:
+        # The supervisor crashed (a graceful stop stops the workers first): so does the service, as one
+        # process would. Serving on would answer health checks for a service that is not there, and hold
+        # the port the next start needs. What was acknowledged is in the database already.
+        logging.shutdown()
+        os._exit(1)
+
+    runtime.on_control_lost = supervisor_gone
+    sock = socket.socket(fileno=args.fd)
+    try:
+        runtime.start()
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+        runtime.stop()
     return 0
 
 
@@ -183,7 +289,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 8000)")
     serve.add_argument("--data-dir", type=Path, help="state directory (default ./var)")
+    serve.add_argument("--workers", type=int, help="API processes (default CONSENT_LEDGER_API_WORKERS)")
     serve.set_defaults(handler=_serve)
+
+    worker = commands.add_parser("serve-worker", help=argparse.SUPPRESS)  # started by `serve`
+    worker.add_argument("--fd", type=int, required=True)
+    worker.add_argument("--node-url", required=True)
+    worker.add_argument("--backend", required=True)
+    worker.add_argument("--host", required=True)
+    worker.add_argument("--port", type=int, required=True)
+    worker.add_argument("--data-dir", type=Path, required=True)
+    worker.set_defaults(handler=_serve_worker)
 
     principals = commands.add_parser("principals", help="service accounts (API keys)")
     principal_commands = principals.add_subparsers(dest="principal_command", required=True)

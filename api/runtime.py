@@ -1,5 +1,10 @@
 """The running service's parts, started and stopped in order: vault, chain, contracts, service
-database, relayer and indexer threads."""
+database, relayer and indexer threads.
+
+A runtime has a role: `all` runs every part in one process (tests, `serve` with one API worker);
+`supervisor` is that plus the control server for API worker processes; `worker` serves the API only,
+over the supervisor's node and database, and asks the supervisor for what needs the operator key
+(see `api.workers`)."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import threading
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -18,16 +24,18 @@ from api import reference
 from api.reference import Catalogue
 from api.secrets import Secrets
 from api.settings import ServiceSettings
+from api.workers import ControlClient, ControlError, ControlServer
 from identity.did import DidWeb, Resolver
 from identity.pseudonym import Pseudonymizer
 from identity.settings import IdentitySettings
 from identity.vault import Vault
 from identity.vault import make_engine as make_vault_engine
 from ledger.access import AccessFollower, AccessLogClient, AccessReader, Verification, verify
-from ledger.backends import AnvilBackend, ChainBackend, create_backend
+from ledger.backends import AnvilBackend, ChainBackend, RpcBackend, create_backend
 from ledger.compiler import Artifact, compile_contracts
 from ledger.consent import PARTNER_ROLE, ConsentRegistryClient
 from ledger.contracts import Deployment, RevertDecoder, ensure_deployed, ledger_plan
+from ledger.errors import ConsentRejected, ContractRevert, LedgerError
 from ledger.indexer import Indexer
 from ledger.loyalty import LoyaltyPointsClient
 from ledger.outbox import Outbox, OutboxWriter
@@ -36,8 +44,11 @@ from ledger.relayer import Relayer, run_lanes
 from ledger.settings import ChainSettings, ToolchainSettings
 from ledger.store import Base, ControllerState, make_engine, sessions
 from ledger.tx import TxSender
+from ledger.types import Subject
 
 log = logging.getLogger(__name__)
+
+Role = Literal["all", "supervisor", "worker"]
 
 
 @dataclass
@@ -66,6 +77,14 @@ class Runtime:
     access_reader: AccessReader | None = None
     completions: Completions = field(default_factory=Completions)
     relay_wake: threading.Event = field(default_factory=threading.Event)
+    role: Role = "all"
+    control_address: str | None = None  # supervisor and workers: the control socket (see api.workers)
+    control_key: bytes | None = None
+    node_url: str | None = None  # worker: the supervisor's node
+    backend_name: str | None = None  # worker: the supervisor's backend, for /health
+    on_control_lost: Any = None  # worker: called when the supervisor is gone
+    control: ControlClient | None = None
+    control_server: ControlServer | None = None
     indexer: Indexer | None = None
     _sessions: sessionmaker[Session] | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -82,33 +101,46 @@ class Runtime:
         return self._sessions()
 
     def start(self, *, workers: bool = True) -> None:
+        worker = self.role == "worker"
         data_dir = self.service.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         vault_url = self.identity.database_url or f"sqlite:///{(data_dir / 'identity.db').resolve()}"
         self.vault = Vault(make_vault_engine(vault_url), self.secrets.master_keys, Pseudonymizer(self.secrets.peppers))
-        self.vault.create_schema()
+        if not worker:
+            self.vault.create_schema()
         self.dids = self.identity.did_method(f"{self.service.host}%3A{self.service.port}")
         self.resolver = Resolver(self.dids, self.vault)
 
         self.engine = make_engine(self.service.database_url or f"sqlite:///{(data_dir / 'service.db').resolve()}")
-        Base.metadata.create_all(self.engine)
         self._sessions = sessions(self.engine)
-        with self.sessions() as session:
-            reference.seed(session)
+        if not worker:
+            Base.metadata.create_all(self.engine)
+            with self.sessions() as session:
+                reference.seed(session)
 
         self.artifacts = compile_contracts(self.toolchain)
-        self.backend = create_backend(self.chain, self.secrets.operator, data_dir)
-        w3 = self.backend.start()
-        self.backend.prepare_account(self.secrets.accessor.address)
-        sender = TxSender(w3, self.secrets.operator, receipt_timeout=self.chain.receipt_timeout)
-        operator = self.secrets.operator.address
-        self.deployment = ensure_deployed(
-            w3,
-            sender,
-            self.artifacts,
-            ledger_plan(operator, operator, self.secrets.accessor.address),
-            data_dir / "deployment.json",
-        )
+        if worker:
+            # The supervisor's node and deployment; this process never sends a transaction.
+            assert self.node_url is not None, "a worker needs the supervisor's node URL"
+            self.backend = RpcBackend(ChainSettings(backend="rpc", rpc_url=self.node_url), self.secrets.operator)
+            w3 = self.backend.start()
+            self.deployment = Deployment.load(data_dir / "deployment.json")
+            sender = TxSender(w3, self.secrets.operator, read_only=True)
+            accessor = TxSender(w3, self.secrets.accessor, read_only=True)
+        else:
+            self.backend = create_backend(self.chain, self.secrets.operator, data_dir)
+            w3 = self.backend.start()
+            self.backend.prepare_account(self.secrets.accessor.address)
+            sender = TxSender(w3, self.secrets.operator, receipt_timeout=self.chain.receipt_timeout)
+            operator = self.secrets.operator.address
+            self.deployment = ensure_deployed(
+                w3,
+                sender,
+                self.artifacts,
+                ledger_plan(operator, operator, self.secrets.accessor.address),
+                data_dir / "deployment.json",
+            )
+            accessor = TxSender(w3, self.secrets.accessor, receipt_timeout=self.chain.receipt_timeout)
         decoder = RevertDecoder(list(self.artifacts.values()))
         self.consent = ConsentRegistryClient(
             w3, self.deployment.address("ConsentRegistry"), self.artifacts["ConsentRegistry"], sender, decoder
@@ -117,15 +149,18 @@ class Runtime:
             w3, self.deployment.address("LoyaltyPoints"), self.artifacts["LoyaltyPoints"], sender, decoder
         )
         self.access_log = AccessLogClient(
-            w3,
-            self.deployment.address("AccessLog"),
-            self.artifacts["AccessLog"],
-            TxSender(w3, self.secrets.accessor, receipt_timeout=self.chain.receipt_timeout),
-            decoder,
+            w3, self.deployment.address("AccessLog"), self.artifacts["AccessLog"], accessor, decoder
         )
         self.access_reader = AccessReader(self.engine)
         self.outbox = Outbox(self.engine)
         self.writer = OutboxWriter(self.engine)
+        self.points_reader = PointsReader(self.engine, self.service.tiers)
+        if worker:
+            assert self.control_address is not None and self.control_key is not None
+            self.control = ControlClient(
+                self.control_address, self.control_key, on_message=self._on_control, on_lost=self._control_lost
+            )
+            return
         self.indexer = Indexer(
             w3,
             self.engine,
@@ -153,7 +188,6 @@ class Runtime:
             completions=self.completions,
             wake=self.relay_wake,
         )
-        self.points_reader = PointsReader(self.engine, self.service.tiers)
         self.sync_partners()
         log.info(
             "chain %s (%s backend), ConsentRegistry at %s since block %s",
@@ -162,12 +196,74 @@ class Runtime:
             self.consent.address,
             self.deployment.deploy_block,
         )
+        if self.role == "supervisor":
+            assert self.control_address is not None and self.control_key is not None
+            self.control_server = ControlServer(
+                self.control_address,
+                self.control_key,
+                on_wake=self.relay_wake.set,
+                on_invalidate=self.invalidate_catalogue,
+                calls={"bind_controller": self._bind_controller, "sync_partners": self.sync_partners},
+                classify=_classify,
+            )
+            server = self.control_server
+            self.completions.listeners.append(lambda ids: server.broadcast(("done", ids)))
         if workers:
             self.relayer.recover()
             self.points_relayer.recover()
             self._spawn("indexer", self.indexer.run)
             self._spawn("relayer", self._relay)
             self._spawn("maintenance", self._maintain)
+
+    # the control connection (role `worker`) ------------------------------------------------------
+
+    def _on_control(self, message: tuple[Any, ...]) -> None:
+        if message[0] == "done":  # points requests settled: hand the final rows to this worker's waiters
+            waiting = self.completions.waiting(message[1])
+            if waiting and self.points_reader is not None:
+                self.completions.notify(self.points_reader.requests(waiting))
+        elif message[0] == "invalidate":
+            self._catalogue = None
+
+    def wake_relayer(self) -> None:
+        """New requests are in the database (the supervisor's relayer, from a worker)."""
+        if self.control is not None:
+            self.control.send(("wake",))
+        else:
+            self.relay_wake.set()
+
+    def _control_lost(self) -> None:
+        if callable(self.on_control_lost):
+            self.on_control_lost()
+
+    @property
+    def chain_backend(self) -> str:
+        """The name of the chain backend (a worker reports the supervisor's)."""
+        if self.backend_name is not None:
+            return self.backend_name
+        assert self.backend is not None
+        return self.backend.name
+
+    def bind_controller(self, subject: bytes, controller: str) -> tuple[str, int]:
+        """Bind the subject's key on-chain with the operator key (the supervisor's, from a worker);
+        returns the transaction hash and block. Raises ConsentRejected or LedgerError."""
+        if self.control is None:
+            return self._bind_controller(subject, controller)
+        try:
+            tx_hash, block_number = self.control.call("bind_controller", subject, controller)
+        except ControlError as exc:
+            if exc.kind == "rejected":
+                error, args = exc.extra
+                raise ConsentRejected(error, args) from exc
+            raise LedgerError(str(exc)) from exc
+        return str(tx_hash), int(block_number)
+
+    def _bind_controller(self, subject: bytes, controller: str) -> tuple[str, int]:
+        assert self.consent is not None
+        receipt = self.consent.bind_controller(Subject(subject), controller)  # type: ignore[arg-type]
+        if self.indexer is not None:
+            self.indexer.wake.set()
+        return receipt.tx_hash, receipt.block_number
 
     def _relay(self, stop: threading.Event) -> None:
         assert self.relayer is not None and self.points_relayer is not None
@@ -222,12 +318,20 @@ class Runtime:
         return self._catalogue
 
     def invalidate_catalogue(self) -> None:
+        """Forget the cached reference data, in every process of the service."""
         self._catalogue = None
+        if self.control is not None:
+            self.control.send(("invalidate",))
+        if self.control_server is not None:
+            self.control_server.broadcast(("invalidate",))
 
     def sync_partners(self) -> None:
         """Give every registered partner the partner role on-chain (the operator is the registry's admin here)."""
         from api.models import Partner
 
+        if self.control is not None:
+            self.control.call("sync_partners")
+            return
         assert self.consent is not None
         with self.sessions() as session:
             for partner in session.scalars(select(Partner).where(Partner.on_chain.is_(False))):
@@ -238,18 +342,22 @@ class Runtime:
 
     def wait_for_controller(self, subject: bytes, timeout: float = 30.0) -> None:
         """Block until the indexer has seen the subject's controller binding."""
-        assert self.indexer is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with self.sessions() as session:
+            with self.reads() as session:
                 if session.get(ControllerState, subject) is not None:
                     return
-            self.indexer.wake.set()
+            if self.indexer is not None:  # a worker's binding woke the supervisor's indexer
+                self.indexer.wake.set()
             time.sleep(0.02)
         raise TimeoutError("the controller binding was not indexed in time")
 
     def stop(self) -> None:
         self._stop.set()
+        if self.control is not None:
+            self.control.close()
+        if self.control_server is not None:
+            self.control_server.close()
         if self.writer is not None:
             self.writer.close()
         self.relay_wake.set()
@@ -265,3 +373,12 @@ class Runtime:
             if engine is not None:
                 engine.dispose()
         self.vault = None
+
+
+def _classify(exc: BaseException) -> tuple[str, str, Any]:
+    """How a failed control call is told to the worker: (kind, message, what it needs to raise it again)."""
+    if isinstance(exc, ConsentRejected):
+        return "rejected", str(exc), (exc.error, exc.args_by_name)
+    if isinstance(exc, ContractRevert | LedgerError):
+        return "ledger", str(exc), None
+    return "error", f"{type(exc).__name__}: {exc}", None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -22,6 +23,13 @@ class ServiceSettings(BaseSettings):
     port: int = Field(default=8000, ge=0, lt=65536, description="Port the HTTP API listens on.")
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL of the service database (default: SQLite in the data dir)."
+    )
+    api_workers: int = Field(
+        default_factory=lambda: max(1, min(4, os.cpu_count() or 1)),
+        ge=1,
+        le=64,
+        description="Processes serving the API (one of them also runs the relayer and indexer); "
+        "default: the number of cores, at most 4.",
     )
     relayer_max_batch: int = Field(default=500, ge=1, le=2000, description="Most consent changes in one transaction.")
     relayer_linger: float = Field(default=0.005, ge=0, description="Seconds the relayer waits to fill a batch.")

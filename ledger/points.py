@@ -58,6 +58,8 @@ class Completions:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._waiters: dict[str, list[Callable[[PointsRequest], None]]] = {}
+        self.listeners: list[Callable[[list[str]], None]] = []
+        """Told the ids of every notification (the supervisor tells its API workers)."""
 
     def subscribe(self, request_id: str, callback: Callable[[PointsRequest], None]) -> None:
         with self._lock:
@@ -72,10 +74,20 @@ class Completions:
                 self._waiters.pop(request_id, None)
 
     def notify(self, requests: Iterable[PointsRequest]) -> None:
+        requests = list(requests)
         with self._lock:
             called = [(cb, r) for r in requests for cb in self._waiters.pop(r.id, [])]
         for callback, request in called:
             callback(request)
+        if self.listeners and requests:
+            ids = [r.id for r in requests]
+            for listener in self.listeners:
+                listener(ids)
+
+    def waiting(self, request_ids: Iterable[str]) -> list[str]:
+        """Those of `request_ids` someone here waits for."""
+        with self._lock:
+            return [i for i in request_ids if i in self._waiters]
 
 
 def signed_redemption(request: PointsRequest) -> SignedRedemption:
@@ -509,3 +521,8 @@ class PointsReader:
     def request(self, request_id: str) -> PointsRequest | None:
         with self._sessions() as session:
             return session.scalar(select(PointsRequest).where(PointsRequest.id == request_id))
+
+    def requests(self, request_ids: Sequence[str]) -> list[PointsRequest]:
+        """The rows of those of `request_ids` that exist, in one read."""
+        with self._sessions() as session:
+            return list(session.scalars(select(PointsRequest).where(PointsRequest.id.in_(request_ids))))

@@ -65,8 +65,11 @@ class Receipt:
 class TxSender:
     """Signs with `account`, tracks its nonce locally, and sends in batches."""
 
-    def __init__(self, w3: Web3, account: LocalAccount, *, receipt_timeout: float = 60.0) -> None:
+    def __init__(
+        self, w3: Web3, account: LocalAccount, *, receipt_timeout: float = 60.0, read_only: bool = False
+    ) -> None:
         self.w3 = w3
+        self.read_only = read_only  # for processes that only read (API workers): signing is refused
         self.account = account
         self.receipt_timeout = receipt_timeout
         self.chain_id = w3.eth.chain_id
@@ -99,6 +102,8 @@ class TxSender:
 
     def sign_with_nonces(self, requests: Sequence[TxRequest]) -> list[tuple[str, bytes, int]]:
         """As `sign`, with the nonce each got (several threads may sign: read it here, not before)."""
+        if self.read_only:
+            raise ChainError("this process does not send transactions (the supervisor holds the key's nonce)")
         signed: list[tuple[str, bytes, int]] = []
         with self._lock:
             for req in requests:

@@ -73,7 +73,7 @@ async def submit(body: TypedDataSubmission, runtime: RuntimeDep, caller: Consent
     On the event loop: the checks are CPU work of a fraction of a millisecond (no database), and the
     outbox writer's group commit is awaited, not waited for in a pool thread (a thread hop and a
     blocked thread per request were most of this route's cost)."""
-    assert runtime.consent is not None and runtime.outbox is not None and runtime.relayer is not None
+    assert runtime.consent is not None and runtime.outbox is not None
     try:
         change = eip712.parse(body.typed_data, runtime.consent.domain, ("ConsentGrant", "ConsentRevoke"))
         signature = eip712.Signature.from_bytes(bytes.fromhex(body.signature[2:]))
@@ -111,7 +111,7 @@ async def submit(body: TypedDataSubmission, runtime: RuntimeDep, caller: Consent
         accepted = await asyncio.wait_for(asyncio.wrap_future(pending), 30)  # durable (committed) when this returns
     except NonceConflict as exc:
         raise ApiError(409, "nonce_mismatch", "The change's nonce is not the next one", str(exc)) from exc
-    runtime.relayer.wake.set()
+    runtime.wake_relayer()
     return ConsentAccepted(id=accepted.id, status=RequestStatus.PENDING)
 
 

@@ -122,7 +122,7 @@ def bind(did: str, body: ControllerSubmit, runtime: RuntimeDep) -> ControllerPub
     if used != 1:
         raise ApiError(409, "claim_code_used", "The claim code was used already")
     try:
-        receipt = runtime.consent.bind_controller(subject, binding.controller)
+        tx_hash, block_number = runtime.bind_controller(subject, binding.controller)
     except ConsentRejected as exc:
         raise ApiError(409, "already_bound", "This customer has bound a key already", str(exc)) from exc
     except LedgerError as exc:
@@ -133,9 +133,7 @@ def bind(did: str, body: ControllerSubmit, runtime: RuntimeDep) -> ControllerPub
         raise ApiError(503, "chain_unavailable", "The ledger could not record the binding", str(exc)) from exc
     runtime.vault.set_controller(subject, binding.controller, runtime.deployment.chain_id)
     runtime.wait_for_controller(subject)
-    return ControllerPublic(
-        did=did, controller=binding.controller, tx_hash=receipt.tx_hash, block_number=receipt.block_number
-    )
+    return ControllerPublic(did=did, controller=binding.controller, tx_hash=tx_hash, block_number=block_number)
 
 
 def own_subject(runtime: Runtime, caller: auth.Caller, did: str, operator_scope: str) -> Subject:

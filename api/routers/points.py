@@ -103,7 +103,7 @@ async def _wait(runtime: Runtime, request_ids: Sequence[str], *, created: bool) 
 
     for request_id in request_ids:
         runtime.completions.subscribe(request_id, wake)
-    runtime.relay_wake.set()
+    runtime.wake_relayer()
     read = not created
     try:
         while True:

@@ -31,7 +31,7 @@ def health(request: Request) -> HealthPublic:
     assert runtime.deployment is not None
     return HealthPublic(
         status="ok",
-        backend=runtime.backend.name,
+        backend=runtime.chain_backend,
         chain_id=runtime.deployment.chain_id,
         block_number=runtime.backend.w3.eth.block_number,
         contracts=[

@@ -164,15 +164,20 @@ class Service(ApiClient):
     runtime: Runtime = field(kw_only=True)
 
 
-def start_service(data_dir: Path, **chain: Any) -> tuple[Runtime, uvicorn.Server, threading.Thread, int]:
+def start_service(
+    data_dir: Path, *, role: dict[str, Any] | None = None, service_port: int | None = None, **chain: Any
+) -> tuple[Runtime, uvicorn.Server, threading.Thread, int]:
+    """A runtime and uvicorn in this process; `role` holds Runtime fields for a supervisor or worker,
+    and `service_port` the port the service says it has (its DIDs name it) if not the one it listens on."""
     port = free_port()
-    service = ServiceSettings(data_dir=data_dir, port=port)
+    service = ServiceSettings(data_dir=data_dir, port=service_port or port)
     chain_settings = ChainSettings(backend="anvil", block_time=0.05, **chain)
     runtime = Runtime(
         service=service,
         chain=chain_settings,
         toolchain=ToolchainSettings(),
         secrets=load_secrets(service, chain_settings, IdentitySettings()),
+        **(role or {}),
     )
     runtime.start()
     server = uvicorn.Server(
