@@ -24,24 +24,41 @@ from ledger.settings import ChainSettings, ToolchainSettings
 log = logging.getLogger("consent_ledger")
 
 
-def _listen(host: str, port: int, patience: float = 10.0) -> socket.socket:
-    """The API's listening socket, shared by the API worker processes. A previous instance's workers
-    may still be closing theirs after it was killed: wait for the port a little."""
+def _listen(host: str, port: int, *, shared: bool, patience: float = 10.0) -> socket.socket:
+    """A listening socket for the API. `shared`: one of several, each process of `serve` binding its
+    own to the same port (SO_REUSEPORT), so that the kernel spreads connections over the processes
+    evenly (one shared socket is accepted from by whichever process wakes first: under a burst of new
+    connections, all of them). The first process checks that the port is free with a plain bind,
+    which any other listener refuses; a previous instance's workers may still be letting go of it
+    after a crash, so it waits a little for the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     deadline = time.monotonic() + patience
     while True:
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((host, port))
+            probe.bind((host, port))
         except OSError as exc:
-            sock.close()
+            probe.close()
             if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
             continue
-        sock.listen(2048)
-        sock.set_inheritable(True)
-        return sock
+        if not shared:
+            probe.listen(2048)
+            return probe
+        port = probe.getsockname()[1]
+        probe.close()
+        return _listen_shared(host, port)
+
+
+def _listen_shared(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    return sock
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -75,7 +92,8 @@ def _serve(args: argparse.Namespace) -> int:
     sock: socket.socket | None = None
     try:
         runtime.start()
-        sock = _listen(service.host, service.port)  # after the start, as before: no connection waits on it
+        # After the start, as before: no connection waits on it meanwhile.
+        sock = _listen(service.host, service.port, shared=workers > 1)
         if workers > 1:
             backend = runtime.backend
             node_url = backend.url if isinstance(backend, AnvilBackend) else chain.rpc_url
@@ -84,11 +102,12 @@ def _serve(args: argparse.Namespace) -> int:
             assert runtime.control_key is not None and runtime.control_address is not None
             command = [*_cli(), "serve-worker", "--node-url", node_url, "--backend", backend.name]
             command += ["--host", service.host, "--port", str(service.port), "--data-dir", str(service.data_dir)]
+            command += ["--listen-port", str(sock.getsockname()[1])]
             env = os.environ | {
                 "CONSENT_LEDGER_CONTROL": runtime.control_address,
                 "CONSENT_LEDGER_CONTROL_KEY": runtime.control_key.hex(),
             }
-            pool = WorkerPool(command, count=workers - 1, fd=sock.fileno(), env=env)
+            pool = WorkerPool(command, count=workers - 1, env=env)
             pool.start()
             log.info("%s API worker processes besides this one: %s", workers - 1, pool.pids)
         config = uvicorn.Config(create_app(runtime), log_level="info", lifespan="off")
@@ -141,7 +160,7 @@ def _serve_worker(args: argparse.Namespace) -> int:
         os._exit(1)
 
     runtime.on_control_lost = supervisor_gone
-    sock = socket.socket(fileno=args.fd)
+    sock = _listen_shared(args.host, args.listen_port)
     try:
         runtime.start()
         server.run(sockets=[sock])
@@ -293,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_serve)
 
     worker = commands.add_parser("serve-worker", help=argparse.SUPPRESS)  # started by `serve`
-    worker.add_argument("--fd", type=int, required=True)
+    worker.add_argument("--listen-port", type=int, required=True)
     worker.add_argument("--node-url", required=True)
     worker.add_argument("--backend", required=True)
     worker.add_argument("--host", required=True)

@@ -1,11 +1,12 @@
 """`serve` in several processes: API workers beside the supervisor.
 
 One Python process serves about 600 signed requests a second here, bound by its interpreter lock,
-while the machine's other core idles. So `serve` runs the API in `api_workers` processes that share
-one listening socket. The supervisor is one of them and alone holds what must have a single writer:
+while the machine's other core idles. So `serve` runs the API in `api_workers` processes, each
+listening on the service's port (SO_REUSEPORT: the kernel spreads connections over them). The
+supervisor is one of them and alone holds what must have a single writer:
 the managed node, the relayer (the operator key and its local nonce), the indexer. Workers accept
 requests into the service database (the outbox, points requests, idempotency records), read the read
-model, and reach the supervisor over a control connection (a Unix socket in the data dir,
+model, and reach the supervisor over a control connection (a Unix socket in a private temp dir,
 authenticated with a key made for this run) for the little that needs it:
 
     worker -> supervisor    ("wake",)                       new work for the relayer
@@ -226,13 +227,13 @@ class ControlClient:
 
 
 class WorkerPool:
-    """The supervisor's API worker processes (`consent-ledger serve-worker`), each started with the
-    listening socket and the control address; one that exits while the service runs is started again."""
+    """The supervisor's API worker processes (`consent-ledger serve-worker`), each listening on the
+    service's port beside it and connected to its control socket; one that exits while the service runs
+    is started again."""
 
-    def __init__(self, command: list[str], *, count: int, fd: int, env: dict[str, str]) -> None:
+    def __init__(self, command: list[str], *, count: int, env: dict[str, str]) -> None:
         self._command = command
         self._count = count
-        self._fd = fd
         self._env = env
         self._processes: list[subprocess.Popen[bytes]] = []
         self._stop = threading.Event()
@@ -244,8 +245,7 @@ class WorkerPool:
 
     def _spawn(self, index: int) -> subprocess.Popen[bytes]:
         env = self._env | {"CONSENT_LEDGER_WORKER_INDEX": str(index)}
-        command = [*self._command, "--fd", str(self._fd)]
-        return subprocess.Popen(command, pass_fds=(self._fd,), env=env)  # noqa: S603 - our own command
+        return subprocess.Popen(self._command, env=env)  # noqa: S603 - our own command
 
     def _watch(self) -> None:
         while not self._stop.wait(1.0):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import time
 import urllib.error
@@ -90,6 +91,65 @@ def test_a_killed_services_node_is_adopted_by_the_next_start(tmp_path: Path) -> 
     while _alive(anvil_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(anvil_pid), "a graceful stop stops the adopted node too"
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _sockets(port: int, state: str) -> set[str]:
+    """Inodes of the TCP sockets on local `port` in `state` (01 established, 0A listening)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == state:
+                inodes.add(fields[9])
+    return inodes
+
+
+def _connections_by_process(pids: list[int], port: int) -> dict[int, int]:
+    """How many established TCP connections to `port` each process holds (from /proc: socket inodes)."""
+    inodes = _sockets(port, "01")
+    counts = {}
+    for pid in pids:
+        fds = Path(f"/proc/{pid}/fd")
+        links = [os.readlink(fd) for fd in fds.iterdir() if fd.is_symlink()]
+        counts[pid] = sum(1 for link in links if link.startswith("socket:[") and link[8:-1] in inodes)
+    return counts
+
+
+def test_api_workers_share_the_port_and_a_second_service_cannot_take_it(tmp_path: Path) -> None:
+    port = free_port()
+    service = _serve(tmp_path / "a", port, CONSENT_LEDGER_API_WORKERS="2")
+    try:
+        wait_healthy(port, service)
+        workers = [c for c in _children(service.pid) if "serve-worker" in Path(f"/proc/{c}/cmdline").read_text()]
+        assert len(workers) == 1
+        deadline = time.monotonic() + 60
+        while len(_sockets(port, "0A")) < 2:  # the worker listens once it has started
+            assert time.monotonic() < deadline, "the API worker did not start listening"
+            time.sleep(0.1)
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(24)]
+        try:
+            for client in clients:  # answered: accepted by whichever process's socket the kernel chose
+                client.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert client.recv(12) == b"HTTP/1.1 200"
+            counts = _connections_by_process([service.pid, *workers], port)
+        finally:
+            for client in clients:
+                client.close()
+        assert sum(counts.values()) == 24, counts
+        assert all(n > 0 for n in counts.values()), f"one process got every connection: {counts}"
+
+        # The workers' SO_REUSEPORT must not let another service (here: another data dir) share the port.
+        other = _serve(tmp_path / "b", port)
+        output, _ = other.communicate(timeout=60)
+        assert other.returncode != 0
+        assert "Address already in use" in output
+    finally:
+        output = interrupt(service)
+    assert service.returncode == 0, output
 
 
 def test_production_mode_refuses_to_start_without_secrets(tmp_path: Path) -> None:
