@@ -7,9 +7,11 @@ import errno
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,41 +26,50 @@ from ledger.settings import ChainSettings, ToolchainSettings
 log = logging.getLogger("consent_ledger")
 
 
-def _listen(host: str, port: int, *, shared: bool, patience: float = 10.0) -> socket.socket:
-    """A listening socket for the API. `shared`: one of several, each process of `serve` binding its
-    own to the same port (SO_REUSEPORT), so that the kernel spreads connections over the processes
-    evenly (one shared socket is accepted from by whichever process wakes first: under a burst of new
-    connections, all of them). The first process checks that the port is free with a plain bind,
-    which any other listener refuses; a previous instance's workers may still be letting go of it
-    after a crash, so it waits a little for the port."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+def _claim_port(host: str, port: int, patience: float = 10.0) -> int:
+    """Check that the port is free with a plain bind, which any other listener refuses (a previous
+    instance's workers may still be letting go of it after a crash: wait a little); returns it."""
     deadline = time.monotonic() + patience
     while True:
-        probe = socket.socket(family, socket.SOCK_STREAM)
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            probe.close()
-            if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-            continue
-        if not shared:
-            probe.listen(2048)
-            return probe
-        port = probe.getsockname()[1]
-        probe.close()
-        return _listen_shared(host, port)
+        with socket.socket(_family(host), socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                    raise
+            else:
+                return int(probe.getsockname()[1])
+        time.sleep(0.2)
 
 
-def _listen_shared(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+def _bind(host: str, port: int, *, shared: bool, listen: bool = True) -> socket.socket:
+    """A socket on the API's port. `shared`: one of several (SO_REUSEPORT), each API worker listening
+    on its own, so that the kernel spreads connections over the processes evenly (one inherited
+    socket is accepted from by whichever process wakes first: under a burst of connections, all of
+    them). The supervisor binds one without listening: no connection goes to it, and while it is
+    bound no other service can bind the port (only sockets with SO_REUSEPORT may share it)."""
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(2048)
+    if listen:
+        sock.listen(2048)
     return sock
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _wait_for_stop() -> None:
+    """Until Ctrl-C or SIGTERM (the supervisor of API workers serves no requests itself)."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -93,25 +104,31 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         runtime.start()
         # After the start, as before: no connection waits on it meanwhile.
-        sock = _listen(service.host, service.port, shared=workers > 1)
-        if workers > 1:
-            backend = runtime.backend
-            node_url = backend.url if isinstance(backend, AnvilBackend) else chain.rpc_url
-            assert backend is not None and node_url is not None
-            assert isinstance(backend, AnvilBackend | RpcBackend), "API workers need a node they can reach"
-            assert runtime.control_key is not None and runtime.control_address is not None
-            command = [*_cli(), "serve-worker", "--node-url", node_url, "--backend", backend.name]
-            command += ["--host", service.host, "--port", str(service.port), "--data-dir", str(service.data_dir)]
-            command += ["--listen-port", str(sock.getsockname()[1])]
-            env = os.environ | {
-                "CONSENT_LEDGER_CONTROL": runtime.control_address,
-                "CONSENT_LEDGER_CONTROL_KEY": runtime.control_key.hex(),
-            }
-            pool = WorkerPool(command, count=workers - 1, env=env)
-            pool.start()
-            log.info("%s API worker processes besides this one: %s", workers - 1, pool.pids)
-        config = uvicorn.Config(create_app(runtime), log_level="info", lifespan="off")
-        uvicorn.Server(config).run(sockets=[sock])
+        port = _claim_port(service.host, service.port)
+        sock = _bind(service.host, port, shared=workers > 1, listen=workers == 1)
+        if workers == 1:
+            config = uvicorn.Config(create_app(runtime), log_level="info", lifespan="off")
+            uvicorn.Server(config).run(sockets=[sock])
+            return 0
+        # Several API processes: this one runs the chain's single writers and supervises them. It
+        # serves no requests itself: in it they would compete for its interpreter lock with the
+        # relayer and indexer, which hold the database's write lock meanwhile.
+        backend = runtime.backend
+        node_url = backend.url if isinstance(backend, AnvilBackend) else chain.rpc_url
+        assert backend is not None and node_url is not None
+        assert isinstance(backend, AnvilBackend | RpcBackend), "API workers need a node they can reach"
+        assert runtime.control_key is not None and runtime.control_address is not None
+        command = [*_cli(), "serve-worker", "--node-url", node_url, "--backend", backend.name]
+        command += ["--host", service.host, "--port", str(service.port), "--data-dir", str(service.data_dir)]
+        command += ["--listen-port", str(port)]
+        env = os.environ | {
+            "CONSENT_LEDGER_CONTROL": runtime.control_address,
+            "CONSENT_LEDGER_CONTROL_KEY": runtime.control_key.hex(),
+        }
+        pool = WorkerPool(command, count=workers, env=env)
+        pool.start()
+        log.info("API on %s:%s in %s worker processes: %s", service.host, port, workers, pool.pids)
+        _wait_for_stop()
     except KeyboardInterrupt:
         pass  # uvicorn shut down gracefully, then re-raised the Ctrl-C; stopping is what was asked
     finally:
@@ -160,7 +177,7 @@ def _serve_worker(args: argparse.Namespace) -> int:
         os._exit(1)
 
     runtime.on_control_lost = supervisor_gone
-    sock = _listen_shared(args.host, args.listen_port)
+    sock = _bind(args.host, args.listen_port, shared=True)
     try:
         runtime.start()
         server.run(sockets=[sock])

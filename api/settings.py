@@ -28,8 +28,8 @@ class ServiceSettings(BaseSettings):
         default_factory=lambda: max(1, min(4, os.cpu_count() or 1)),
         ge=1,
         le=64,
-        description="Processes serving the API (one of them also runs the relayer and indexer); "
-        "default: the number of cores, at most 4.",
+        description="Processes serving the API; with more than one, a supervisor process beside them runs "
+        "the node, relayer and indexer. Default: the number of cores, at most 4.",
     )
     relayer_max_batch: int = Field(default=500, ge=1, le=2000, description="Most consent changes in one transaction.")
     relayer_linger: float = Field(default=0.005, ge=0, description="Seconds the relayer waits to fill a batch.")

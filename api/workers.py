@@ -1,12 +1,13 @@
 """`serve` in several processes: API workers beside the supervisor.
 
 One Python process serves about 600 signed requests a second here, bound by its interpreter lock,
-while the machine's other core idles. So `serve` runs the API in `api_workers` processes, each
+while the machine's other core idles. So `serve` runs the API in `api_workers` worker processes, each
 listening on the service's port (SO_REUSEPORT: the kernel spreads connections over them). The
-supervisor is one of them and alone holds what must have a single writer:
-the managed node, the relayer (the operator key and its local nonce), the indexer. Workers accept
-requests into the service database (the outbox, points requests, idempotency records), read the read
-model, and reach the supervisor over a control connection (a Unix socket in a private temp dir,
+supervisor serves no requests: it holds what must have a single writer (the managed node, the
+relayer with the operator key and its local nonce, the indexer), which in an API process would
+compete for the interpreter lock while holding the database's write lock. Workers accept requests
+into the service database (the outbox, points requests, idempotency records), read the read model,
+and reach the supervisor over a control connection (a Unix socket in a private temp dir,
 authenticated with a key made for this run) for the little that needs it:
 
     worker -> supervisor    ("wake",)                       new work for the relayer
@@ -237,6 +238,7 @@ class WorkerPool:
         self._env = env
         self._processes: list[subprocess.Popen[bytes]] = []
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # restarts and stop() do not cross
         self._thread = threading.Thread(target=self._watch, name="worker-pool", daemon=True)
 
     def start(self) -> None:
@@ -249,10 +251,11 @@ class WorkerPool:
 
     def _watch(self) -> None:
         while not self._stop.wait(1.0):
-            for index, process in enumerate(self._processes):
-                if process.poll() is not None and not self._stop.is_set():
-                    log.warning("API worker %s exited with %s; starting it again", index, process.returncode)
-                    self._processes[index] = self._spawn(index)
+            with self._lock:
+                for index, process in enumerate(self._processes):
+                    if process.poll() is not None and not self._stop.is_set():
+                        log.warning("API worker %s exited with %s; starting it again", index, process.returncode)
+                        self._processes[index] = self._spawn(index)
 
     @property
     def pids(self) -> list[int]:
@@ -260,7 +263,8 @@ class WorkerPool:
 
     def stop(self, timeout: float = 15.0) -> None:
         """Ask every worker to finish its requests and stop (SIGTERM), then wait; kill the late."""
-        self._stop.set()
+        with self._lock:
+            self._stop.set()
         for process in self._processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
