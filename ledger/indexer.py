@@ -210,11 +210,16 @@ class Indexer:
                 "block_number": e.block_number,
                 "tx_hash": e.tx_hash,
             }
-        for subject, partner, purpose in keys & set(stored):
-            session.execute(
-                delete(ConsentState).where(
-                    ConsentState.subject == subject, ConsentState.partner == partner, ConsentState.purpose == purpose
-                )
+        replaced = keys & set(stored)
+        if replaced:  # one executemany (a statement per key held the write lock for tens of ms a block)
+            states = cast(Table, ConsentState.__table__)
+            session.connection().execute(
+                delete(states).where(
+                    states.c.subject == bindparam("k_subject"),
+                    states.c.partner == bindparam("k_partner"),
+                    states.c.purpose == bindparam("k_purpose"),
+                ),
+                [{"k_subject": k[0], "k_partner": k[1], "k_purpose": k[2]} for k in replaced],
             )
         session.execute(insert(ConsentState), list(latest.values()))
         # Requests are confirmed by the chain's own event: (subject, nonce, kind) names one change.

@@ -14,15 +14,17 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ledger.consent import SignedChange
 from ledger.eip712 import ChangeKind
 from ledger.errors import LedgerError
-from ledger.store import ConsentEvent, ConsentRequest, ConsentState, RequestStatus, sessions
+from ledger.store import ConsentEvent, ConsentRequest, ConsentState, RequestStatus, sessions, utcnow
 
 LIVE = (RequestStatus.PENDING, RequestStatus.SUBMITTED)
 
@@ -246,32 +248,39 @@ class OutboxWriter:
             self._write(batch)
 
     def _write(self, batch: list[_Pending], *, fresh: bool = False) -> None:
-        """Store the batch in one transaction. The cached next nonces may be stale when other
-        processes (API workers) accept changes too: the unique index on (subject, nonce) then
-        refuses the batch, and it is written again with every nonce read afresh (inside the
-        transaction, under the database's write lock, so what is read is what the insert meets)."""
-        accepted: list[tuple[_Pending, ConsentRequest]] = []
+        """Store the batch in one transaction: checks from the nonce cache, one bulk insert. The rows
+        are made before the write lock is taken, which every process's writers share.
+
+        The cached next nonces may be stale when other processes (API workers) accept changes too:
+        the unique index on (subject, nonce) then refuses the batch, and it is written again with
+        every nonce read afresh (inside the transaction, under the write lock, so what is read is
+        what the insert meets)."""
+        now = utcnow()
+        prepared = [(item, _values(item.signed, item.controller, now)) for item in batch]
+        accepted: list[tuple[_Pending, dict[str, Any]]] = []
         refused: list[tuple[_Pending, BaseException]] = []
+        in_batch: dict[bytes, int] = {}  # next nonce after this batch's own changes: they are not stored yet
         try:
             with self._sessions.begin() as session:
-                for item in batch:
+                for item, values in prepared:
+                    subject, nonce = values["subject"], values["nonce"]
                     try:
-                        subject = bytes(item.signed.change.subject)
-                        expected = self._expected(session, subject, item.chain_nonce, fresh=fresh)
-                        if item.signed.change.nonce != expected:
-                            expected = self._expected(session, subject, item.chain_nonce, fresh=True)
-                        if item.signed.change.nonce != expected:
+                        expected = in_batch.get(subject)
+                        if expected is None:
+                            expected = self._expected(session, subject, item.chain_nonce, fresh=fresh)
+                            if nonce != expected:
+                                expected = self._expected(session, subject, item.chain_nonce, fresh=True)
+                        if nonce != expected:
                             raise NonceConflict(
-                                f"nonce {item.signed.change.nonce} is not the next one ({expected}); "
-                                "prepare the change again"
+                                f"nonce {nonce} is not the next one ({expected}); prepare the change again"
                             )
                     except LedgerError as exc:
                         refused.append((item, exc))
                         continue
-                    request = _row(item.signed, item.controller)
-                    session.add(request)
-                    self._next[subject] = expected + 1
-                    accepted.append((item, request))
+                    in_batch[subject] = expected + 1
+                    accepted.append((item, values))
+                if accepted:
+                    session.execute(insert(ConsentRequest), [values for _, values in accepted])
         except IntegrityError:
             self._next.clear()
             if not fresh:
@@ -285,8 +294,9 @@ class OutboxWriter:
             for item in batch:
                 item.done.set_exception(exc)
             return
-        for item, request in accepted:
-            item.done.set_result(request)
+        self._next.update(in_batch)
+        for item, values in accepted:
+            item.done.set_result(ConsentRequest(**values))  # as stored (`seq` aside)
         for item, error in refused:
             item.done.set_exception(error)
 
@@ -300,21 +310,27 @@ def _highest_live_nonce(session: Session, subject: bytes) -> int | None:
     )
 
 
-def _row(signed: SignedChange, controller: str) -> ConsentRequest:
+def _values(signed: SignedChange, controller: str, now: datetime) -> dict[str, Any]:
     change, sig = signed.change, signed.signature
-    return ConsentRequest(
-        id=str(uuid.uuid4()),
-        kind=int(change.kind),
-        subject=bytes(change.subject),
-        partner=change.partner,
-        purpose=bytes(change.purpose),
-        attributes=str(change.attributes),
-        valid_until=change.valid_until,
-        nonce=change.nonce,
-        deadline=change.deadline,
-        controller=controller,
-        v=sig.v,
-        r=sig.r,
-        s=sig.s,
-        status=RequestStatus.PENDING,
-    )
+    return {
+        "id": str(uuid.uuid4()),
+        "kind": int(change.kind),
+        "subject": bytes(change.subject),
+        "partner": change.partner,
+        "purpose": bytes(change.purpose),
+        "attributes": str(change.attributes),
+        "valid_until": change.valid_until,
+        "nonce": change.nonce,
+        "deadline": change.deadline,
+        "controller": controller,
+        "v": sig.v,
+        "r": sig.r,
+        "s": sig.s,
+        "status": RequestStatus.PENDING,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def _row(signed: SignedChange, controller: str) -> ConsentRequest:
+    return ConsentRequest(**_values(signed, controller, utcnow()))

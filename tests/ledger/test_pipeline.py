@@ -354,9 +354,13 @@ def test_outbox_writers_in_several_processes_share_each_subjects_nonces(pipeline
         with pytest.raises(NonceConflict, match="not the next one"):
             replay.result(10)
         assert valid.result(10).nonce == 3
+        # A customer's consecutive changes sent together (most likely one batch, none stored before the
+        # insert): each is checked against the one before it.
+        together = [first.accept(signed(n, EMAIL), account.address, chain_nonce) for n in (4, 5, 6)]
+        assert [f.result(10).nonce for f in together] == [4, 5, 6]
     finally:
         first.close()
         second.close()
     with sessions(pipeline.engine)() as session:
         stored = session.scalars(select(ConsentRequest.nonce).where(ConsentRequest.subject == subject)).all()
-    assert sorted(stored) == [0, 1, 2, 3]
+    assert sorted(stored) == [0, 1, 2, 3, 4, 5, 6]
