@@ -73,8 +73,9 @@ def start(
     the idempotency key if there is one. Runs in a worker thread (database work).
 
     `build` only reads (it checks signatures and looks rows up), so it runs outside the write lock;
-    the write transaction holds just the inserts. A concurrent duplicate that got in between is
-    caught by the unique indexes (key, and the on-chain id) and handled below."""
+    the inserts go to the runtime's group commit, which stores concurrent requests' rows in one
+    transaction. A concurrent duplicate that got in between is caught by the unique indexes (key,
+    and the on-chain id) and handled below."""
     for _ in range(MAX_ATTEMPTS):
         rows: list[PointsRequest] = []
         refusal: ApiError | None = None
@@ -108,13 +109,12 @@ def start(
         else:
             outcome = {"request_ids": " ".join(r.id for r in rows)}
             started = Started([r.id for r in rows], created=True)
+        objects: list[object] = list(rows)
+        if key is not None:
+            objects.append(IdempotencyRecord(principal=principal, key=key, route=route, request_hash=digest, **outcome))
+        assert runtime.inserts is not None
         try:
-            with runtime.sessions() as session:
-                session.add_all(rows)
-                if key is not None:
-                    session.add(
-                        IdempotencyRecord(principal=principal, key=key, route=route, request_hash=digest, **outcome)
-                    )
+            runtime.inserts.insert(objects)  # with other requests' rows: one transaction, one fsync
             return started
         except IntegrityError:
             # Either a concurrent duplicate took the key (look again), or the on-chain id is queued already.

@@ -42,7 +42,7 @@ from ledger.outbox import Outbox, OutboxWriter
 from ledger.points import Completions, PointsFollower, PointsReader, PointsRelayer
 from ledger.relayer import Relayer, run_lanes
 from ledger.settings import ChainSettings, ToolchainSettings
-from ledger.store import Base, ControllerState, make_engine, sessions
+from ledger.store import Base, ControllerState, GroupCommit, make_engine, sessions
 from ledger.tx import TxSender
 from ledger.types import Subject
 
@@ -68,6 +68,7 @@ class Runtime:
     engine: Engine | None = None
     outbox: Outbox | None = None
     writer: OutboxWriter | None = None
+    inserts: GroupCommit | None = None  # group commit for the points routes' new rows
     _catalogue: Catalogue | None = None
     relayer: Relayer | None = None
     points: LoyaltyPointsClient | None = None
@@ -154,6 +155,7 @@ class Runtime:
         self.access_reader = AccessReader(self.engine)
         self.outbox = Outbox(self.engine)
         self.writer = OutboxWriter(self.engine)
+        self.inserts = GroupCommit(self.engine, name="points-inserts")
         self.points_reader = PointsReader(self.engine, self.service.tiers)
         if worker:
             assert self.control_address is not None and self.control_key is not None
@@ -360,6 +362,8 @@ class Runtime:
             self.control_server.close()
         if self.writer is not None:
             self.writer.close()
+        if self.inserts is not None:
+            self.inserts.close()
         self.relay_wake.set()
         if self.indexer is not None:
             self.indexer.wake.set()

@@ -10,9 +10,13 @@ from __future__ import annotations
 import enum
 import fcntl
 import os
+import queue
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,6 +33,7 @@ from sqlalchemy import (
     event,
     text,
 )
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 
@@ -264,3 +269,74 @@ _WRITE_LOCKS_GUARD = threading.Lock()
 
 def sessions(engine: Engine) -> Sessions:
     return Sessions(engine)
+
+
+@dataclass
+class _Insert:
+    objects: Sequence[object]
+    done: Future[None]
+
+
+class GroupCommit:
+    """Group commit for inserts from many threads: a writer thread stores what arrives within `linger`
+    in one transaction (one write lock, one fsync) and tells each caller when its rows are durable.
+
+    A batch that breaks a unique constraint is stored again one caller at a time, so that only the
+    caller whose rows conflict hears the IntegrityError (concurrent duplicates are the rare case)."""
+
+    def __init__(
+        self, engine: Engine, *, max_batch: int = 500, linger: float = 0.001, name: str = "group-commit"
+    ) -> None:
+        self._sessions = sessions(engine)
+        self._queue: queue.Queue[_Insert | None] = queue.Queue()
+        self.max_batch = max_batch
+        self.linger = linger
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def insert(self, objects: Sequence[object], timeout: float = 30.0) -> None:
+        """Store `objects` (new ORM rows) durably; raises what storing them raised."""
+        done: Future[None] = Future()
+        self._queue.put(_Insert(objects, done))
+        done.result(timeout)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.linger
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)
+                    break
+                batch.append(item)
+            self._write(batch)
+
+    def _write(self, batch: list[_Insert]) -> None:
+        try:
+            with self._sessions.begin() as session:
+                for item in batch:
+                    session.add_all(item.objects)
+        except IntegrityError as exc:
+            if len(batch) > 1:  # rolled back (the rows are new again): store each caller's alone
+                for item in batch:
+                    self._write([item])
+                return
+            batch[0].done.set_exception(exc)
+            return
+        except Exception as exc:  # nothing of this batch was stored: every caller hears it
+            for item in batch:
+                item.done.set_exception(exc)
+            return
+        for item in batch:
+            item.done.set_result(None)

@@ -1,4 +1,5 @@
-"""The service database's write lock holds between processes (API workers and the supervisor)."""
+"""Writing the service database: the write lock holds between processes (API workers and the
+supervisor); group commit shares transactions between callers."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import sys
 import threading
 from pathlib import Path
 
-from sqlalchemy import text
+from sqlalchemy import event, text
+from sqlalchemy.exc import IntegrityError
 
-from ledger.store import WriteLock, make_engine, sessions
+from ledger.store import Base, GroupCommit, IndexerCursor, WriteLock, make_engine, sessions
 
 HOLDER = """
 import sys
@@ -62,3 +64,41 @@ def test_the_lock_is_reentrant_within_a_thread_and_shared_by_an_engines_sessions
             assert session.execute(text("SELECT count(*) FROM t")).scalar() == 1
     finally:
         engine.dispose()
+
+
+def test_group_commit_shares_transactions_and_fails_only_a_conflicting_caller(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'service.db'}")
+    Base.metadata.create_all(engine)
+    commits: list[int] = []
+    event.listen(engine, "commit", lambda _conn: commits.append(1))
+    writer = GroupCommit(engine, linger=0.2)
+    outcomes: dict[str, str] = {}
+
+    def put(caller: str, name: str) -> None:
+        try:
+            writer.insert([IndexerCursor(name=name, block_number=1)])
+            outcomes[caller] = "stored"
+        except IntegrityError:
+            outcomes[caller] = "conflict"
+
+    def together(calls: list[tuple[str, str]]) -> None:
+        threads = [threading.Thread(target=put, args=call) for call in calls]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+
+    try:
+        together([(f"a{i}", f"a{i}") for i in range(10)])
+        assert outcomes == {f"a{i}": "stored" for i in range(10)}
+        assert len(commits) < 10, "ten callers arriving together did not share a transaction"
+        # Two callers inserting the same key among others: one of the two conflicts, everyone else is stored.
+        outcomes.clear()
+        together([(f"b{i}", f"b{i}") for i in range(6)] + [("dup1", "same"), ("dup2", "same")])
+        assert sorted(outcomes.values()).count("conflict") == 1
+        assert {outcomes["dup1"], outcomes["dup2"]} == {"stored", "conflict"}
+    finally:
+        writer.close()
+    with sessions(engine)() as session:
+        assert session.execute(text("SELECT count(*) FROM indexer_cursor")).scalar() == 17
+    engine.dispose()
