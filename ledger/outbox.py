@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from ledger.consent import SignedChange
 from ledger.eip712 import ChangeKind
 from ledger.errors import LedgerError
-from ledger.store import ConsentEvent, ConsentRequest, ConsentState, RequestStatus, sessions, utcnow
+from ledger.store import ConsentEvent, ConsentRequest, ConsentState, RequestStatus, next_batch, sessions, utcnow
 
 LIVE = (RequestStatus.PENDING, RequestStatus.SUBMITTED)
 
@@ -230,21 +230,7 @@ class OutboxWriter:
         return self._next[subject]
 
     def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            deadline = time.monotonic() + self.linger
-            while len(batch) < self.max_batch:
-                try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._queue.put(None)
-                    break
-                batch.append(item)
+        while (batch := next_batch(self._queue, self.max_batch, self.linger)) is not None:
             self._write(batch)
 
     def _write(self, batch: list[_Pending], *, fresh: bool = False) -> None:

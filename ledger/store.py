@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -44,6 +44,9 @@ def utcnow() -> datetime:
 def as_utc(value: datetime) -> datetime:
     """SQLite hands back naive datetimes; everything stored here is UTC."""
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+T = TypeVar("T")
 
 
 class Base(DeclarativeBase):
@@ -271,6 +274,26 @@ def sessions(engine: Engine) -> Sessions:
     return Sessions(engine)
 
 
+def next_batch(items: queue.Queue[T | None], max_batch: int, linger: float) -> list[T] | None:
+    """For a group-commit thread: the next item, and what else arrives within `linger` after it (at
+    most `max_batch` in all); None once `None` was put (close), after the items before it."""
+    first = items.get()
+    if first is None:
+        return None
+    batch = [first]
+    deadline = time.monotonic() + linger
+    while len(batch) < max_batch:
+        try:
+            item = items.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if item is None:
+            items.put(None)  # seen again by the next call, which ends the thread
+            break
+        batch.append(item)
+    return batch
+
+
 @dataclass
 class _Insert:
     objects: Sequence[object]
@@ -305,21 +328,7 @@ class GroupCommit:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            deadline = time.monotonic() + self.linger
-            while len(batch) < self.max_batch:
-                try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._queue.put(None)
-                    break
-                batch.append(item)
+        while (batch := next_batch(self._queue, self.max_batch, self.linger)) is not None:
             self._write(batch)
 
     def _write(self, batch: list[_Insert]) -> None:
