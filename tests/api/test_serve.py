@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -94,7 +95,8 @@ def test_a_killed_services_node_is_adopted_by_the_next_start(tmp_path: Path) -> 
 
 
 def _children(pid: int) -> list[int]:
-    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    """Child processes of `pid`, whichever of its threads started them."""
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
 
 
 def _sockets(port: int, state: str) -> set[str]:
@@ -150,6 +152,32 @@ def test_api_workers_share_the_port_and_a_second_service_cannot_take_it(tmp_path
     finally:
         output = interrupt(service)
     assert service.returncode == 0, output
+
+
+def test_a_killed_api_worker_is_started_again_and_the_service_serves_on(tmp_path: Path) -> None:
+    port = free_port()
+    service = _serve(tmp_path, port, CONSENT_LEDGER_API_WORKERS="2")
+    try:
+        wait_healthy(port, service)
+        deadline = time.monotonic() + 60
+        while len(workers := _workers(service.pid)) < 2 or len(_sockets(port, "0A")) < 2:
+            assert time.monotonic() < deadline, "the API workers did not start"
+            time.sleep(0.1)
+        os.kill(workers[0], signal.SIGKILL)
+        while (again := _workers(service.pid)) == workers or len(again) < 2 or len(_sockets(port, "0A")) < 2:
+            assert time.monotonic() < deadline, "the killed worker was not started again"
+            time.sleep(0.1)
+        assert workers[0] not in again
+        assert wait_healthy(port, service)["status"] == "ok"
+    finally:
+        output = interrupt(service)
+    assert service.returncode == 0, output
+    assert "starting it again" in output
+
+
+def _workers(pid: int) -> list[int]:
+    children = [c for c in _children(pid) if Path(f"/proc/{c}").exists()]
+    return sorted(c for c in children if "serve-worker" in Path(f"/proc/{c}/cmdline").read_text())
 
 
 def test_production_mode_refuses_to_start_without_secrets(tmp_path: Path) -> None:
