@@ -39,7 +39,7 @@ from ledger.errors import ConsentRejected, ContractRevert, LedgerError
 from ledger.indexer import Indexer
 from ledger.loyalty import LoyaltyPointsClient
 from ledger.outbox import Outbox, OutboxWriter
-from ledger.points import Completions, PointsFollower, PointsReader, PointsRelayer
+from ledger.points import FINAL, Completions, PointsFollower, PointsReader, PointsRelayer
 from ledger.relayer import Relayer, run_lanes
 from ledger.settings import ChainSettings, ToolchainSettings
 from ledger.store import Base, ControllerState, GroupCommit, make_engine, sessions
@@ -222,8 +222,9 @@ class Runtime:
     def _on_control(self, message: tuple[Any, ...]) -> None:
         if message[0] == "done":  # points requests settled: hand the final rows to this worker's waiters
             waiting = self.completions.waiting(message[1])
-            if waiting and self.points_reader is not None:
-                self.completions.notify(self.points_reader.requests(waiting))
+            if waiting and self.points_reader is not None:  # told after the commit: the rows are final
+                rows = self.points_reader.requests(waiting)
+                self.completions.notify([r for r in rows if r.status in FINAL])
         elif message[0] == "invalidate":
             self._catalogue = None
 
@@ -311,7 +312,7 @@ class Runtime:
         """Reference data, cached until an operator changes it."""
         catalogue = self._catalogue
         if catalogue is None:
-            with self.sessions() as session:
+            with self.reads() as session:  # no write lock for a read
                 catalogue = self._catalogue = Catalogue(session)
         return catalogue
 

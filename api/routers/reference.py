@@ -18,7 +18,7 @@ router = APIRouter(tags=["reference"], responses=responses(401, 403))
 
 @router.get("/partners", response_model=list[PartnerPublic])
 def list_partners(runtime: RuntimeDep, _caller: ReferenceRead) -> list[PartnerPublic]:
-    with runtime.sessions() as session:
+    with runtime.reads() as session:
         return [
             PartnerPublic(name=p.name, address=p.address)
             for p in session.scalars(select(Partner).order_by(Partner.name))
@@ -44,7 +44,7 @@ def create_partner(body: PartnerCreate, runtime: RuntimeDep, _caller: ReferenceW
 
 @router.get("/purposes", response_model=list[PurposePublic])
 def list_purposes(runtime: RuntimeDep, _caller: ReferenceRead) -> list[PurposePublic]:
-    with runtime.sessions() as session:
+    with runtime.reads() as session:
         return [
             PurposePublic(key=p.key, id="0x" + bytes(purpose_id(p.key)).hex(), name=p.name, description=p.description)
             for p in session.scalars(select(PurposeRow).order_by(PurposeRow.key))
@@ -68,7 +68,7 @@ def create_purpose(body: PurposeCreate, runtime: RuntimeDep, _caller: ReferenceW
 
 @router.get("/attributes", response_model=list[AttributePublic])
 def list_attributes(runtime: RuntimeDep, _caller: ReferenceRead) -> list[AttributePublic]:
-    with runtime.sessions() as session:
+    with runtime.reads() as session:
         return [
             AttributePublic(bit=a.bit, key=a.key, name=a.name)
             for a in session.scalars(select(AttributeRow).order_by(AttributeRow.bit))
