@@ -409,15 +409,23 @@ class Relayer(BatchLane):
         )
 
     def _settle(self, batch_id: int, receipt: Receipt) -> int:
+        """Mark the batch mined (its requests are confirmed by the indexer, from their events) or find
+        out why it reverted. Two statements under the write lock: loading the batch's requests there
+        held it for milliseconds per batch, and every process's writers wait on it."""
         self._forget(batch_id)
         with self._sessions.begin() as session:
-            batch = session.get(RelayBatch, batch_id)
-            assert batch is not None
-            batch.status = "mined" if receipt.status == 1 else "reverted"
-            requests = self._batch_requests(session, batch_id)
+            session.execute(
+                update(RelayBatch)
+                .where(RelayBatch.id == batch_id)
+                .values(status="mined" if receipt.status == 1 else "reverted")
+            )
+            size = session.scalar(select(RelayBatch.size).where(RelayBatch.id == batch_id))
         if receipt.status != 1:
+            with self._sessions() as session:
+                requests = self._batch_requests(session, batch_id)
             self._diagnose(batch_id, requests)
-        return max(1, len(requests))
+            return max(1, len(requests))
+        return max(1, size or 0)
 
     def _batch_requests(self, session: Session, batch_id: int) -> list[ConsentRequest]:
         return list(
