@@ -56,15 +56,23 @@ class _Peer:
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
         self._lock = threading.Lock()
+        self._close_lock = threading.Lock()
+        self._closed = False
 
     def close(self) -> None:
-        """Shut the connection down (both ends' blocked reads see its end), then close it."""
-        try:
-            with socket.fromfd(self.connection.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as dup:
-                dup.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # closed already
-        self.connection.close()
+        """Shut the connection down (both ends' blocked reads see its end), then close it; once, though
+        the reading thread and a closing one may both call it (a second close of the descriptor could
+        close whatever file reused its number)."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                with socket.fromfd(self.connection.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as dup:
+                    dup.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # the other end is gone already
+            self.connection.close()
 
     def send(self, message: tuple[Any, ...]) -> bool:
         try:
