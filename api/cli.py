@@ -87,6 +87,9 @@ def _serve(args: argparse.Namespace) -> int:
     service = ServiceSettings(**overrides)
     workers = args.workers or service.api_workers
     chain = ChainSettings()
+    if chain.backend == "inprocess" and workers > 1:  # eth-tester lives in this process: nobody else can reach it
+        log.info("the inprocess chain backend serves the API from one process")
+        workers = 1
     secrets = load_secrets(service, chain)
     log.info("starting in %s mode, data in %s", service.mode, service.data_dir.resolve())
     control_dir = Path(tempfile.mkdtemp(prefix="consent-ledger-"))  # private (0700): the control socket

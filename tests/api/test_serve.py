@@ -180,6 +180,19 @@ def _workers(pid: int) -> list[int]:
     return sorted(c for c in children if "serve-worker" in Path(f"/proc/{c}/cmdline").read_text())
 
 
+def test_the_inprocess_backend_serves_from_one_process(tmp_path: Path) -> None:
+    port = free_port()
+    service = _serve(tmp_path, port, CONSENT_LEDGER_CHAIN_BACKEND="inprocess", CONSENT_LEDGER_API_WORKERS="2")
+    try:
+        health = wait_healthy(port, service)
+        assert health["backend"] == "inprocess"
+        assert _workers(service.pid) == []
+    finally:
+        output = interrupt(service)
+    assert service.returncode == 0, output
+    assert "serves the API from one process" in output
+
+
 def test_production_mode_refuses_to_start_without_secrets(tmp_path: Path) -> None:
     result = subprocess.run(
         [*CLI, "serve", "--port", str(free_port()), "--data-dir", str(tmp_path)],
