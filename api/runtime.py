@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -35,7 +36,7 @@ from ledger.backends import AnvilBackend, ChainBackend, RpcBackend, create_backe
 from ledger.compiler import Artifact, compile_contracts
 from ledger.consent import PARTNER_ROLE, ConsentRegistryClient
 from ledger.contracts import Deployment, RevertDecoder, ensure_deployed, ledger_plan
-from ledger.errors import ConsentRejected, ContractRevert, LedgerError
+from ledger.errors import ConsentRejected, LedgerError
 from ledger.indexer import Indexer
 from ledger.loyalty import LoyaltyPointsClient
 from ledger.outbox import Outbox, OutboxWriter
@@ -83,7 +84,7 @@ class Runtime:
     control_key: bytes | None = None
     node_url: str | None = None  # worker: the supervisor's node
     backend_name: str | None = None  # worker: the supervisor's backend, for /health
-    on_control_lost: Any = None  # worker: called when the supervisor is gone
+    on_control_lost: Callable[[], None] | None = None  # worker: called when the supervisor is gone
     control: ControlClient | None = None
     control_server: ControlServer | None = None
     indexer: Indexer | None = None
@@ -236,7 +237,7 @@ class Runtime:
             self.relay_wake.set()
 
     def _control_lost(self) -> None:
-        if callable(self.on_control_lost):
+        if self.on_control_lost is not None:
             self.on_control_lost()
 
     @property
@@ -384,6 +385,6 @@ def _classify(exc: BaseException) -> tuple[str, str, Any]:
     """How a failed control call is told to the worker: (kind, message, what it needs to raise it again)."""
     if isinstance(exc, ConsentRejected):
         return "rejected", str(exc), (exc.error, exc.args_by_name)
-    if isinstance(exc, ContractRevert | LedgerError):
+    if isinstance(exc, LedgerError):
         return "ledger", str(exc), None
     return "error", f"{type(exc).__name__}: {exc}", None
