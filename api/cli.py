@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from api.secrets import SecretsError, load_secrets
 from api.settings import ServiceSettings
@@ -22,6 +23,11 @@ from crm_bridge.errors import BridgeError
 from identity.errors import IdentityError
 from ledger.errors import LedgerError
 from ledger.settings import ChainSettings, ToolchainSettings
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from api.runtime import Runtime
 
 log = logging.getLogger("consent_ledger")
 
@@ -72,10 +78,17 @@ def _wait_for_stop() -> None:
         pass
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _uvicorn_config(runtime: Runtime, service: ServiceSettings) -> uvicorn.Config:
     import uvicorn
 
     from api.main import create_app
+
+    return uvicorn.Config(create_app(runtime), log_level="info", lifespan="off", access_log=service.access_log)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
     from api.runtime import Runtime
     from api.workers import WorkerPool
     from ledger.backends import AnvilBackend, RpcBackend
@@ -110,8 +123,7 @@ def _serve(args: argparse.Namespace) -> int:
         port = _claim_port(service.host, service.port)
         sock = _bind(service.host, port, shared=workers > 1, listen=workers == 1)
         if workers == 1:
-            config = uvicorn.Config(create_app(runtime), log_level="info", lifespan="off")
-            uvicorn.Server(config).run(sockets=[sock])
+            uvicorn.Server(_uvicorn_config(runtime, service)).run(sockets=[sock])
             return 0
         # Several API processes: this one runs the chain's single writers and supervises them. It
         # serves no requests itself: in it they would compete for its interpreter lock with the
@@ -153,7 +165,6 @@ def _serve_worker(args: argparse.Namespace) -> int:
     """An API worker process of `serve` (started by it, not by hand)."""
     import uvicorn
 
-    from api.main import create_app
     from api.runtime import Runtime
 
     sys.setswitchinterval(0.0005)
@@ -170,7 +181,7 @@ def _serve_worker(args: argparse.Namespace) -> int:
         node_url=args.node_url,
         backend_name=args.backend,
     )
-    server = uvicorn.Server(uvicorn.Config(create_app(runtime), log_level="info", lifespan="off"))
+    server = uvicorn.Server(_uvicorn_config(runtime, service))
 
     def supervisor_gone() -> None:
         # The supervisor crashed (a graceful stop stops the workers first): so does the service, as one

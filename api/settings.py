@@ -31,6 +31,11 @@ class ServiceSettings(BaseSettings):
         description="Processes serving the API; with more than one, a supervisor process beside them runs "
         "the node, relayer and indexer. Default: the number of cores, at most 4.",
     )
+    access_log: bool = Field(
+        default=False,
+        description="Log every HTTP request (uvicorn's access log). Off by default, as in gunicorn: a line per "
+        "request cost ~3 % of an API process's CPU under load, and a reverse proxy usually logs them.",
+    )
     relayer_max_batch: int = Field(default=500, ge=1, le=2000, description="Most consent changes in one transaction.")
     relayer_linger: float = Field(default=0.005, ge=0, description="Seconds the relayer waits to fill a batch.")
     relayer_max_in_flight: int = Field(default=16, ge=1, description="Batch transactions sent and not yet mined.")

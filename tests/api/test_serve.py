@@ -49,6 +49,7 @@ def test_serve_starts_stops_on_ctrl_c_and_finds_its_state_again(tmp_path: Path) 
         output = interrupt(first)
     assert first.returncode == 0, output
     assert "created a new operator key" in output
+    assert '"GET /api/v1/health HTTP/1.1" 200' not in output  # no access log unless asked for
     assert health["status"] == "ok"
     assert health["backend"] == "anvil"
     contracts = health["contracts"]
@@ -123,7 +124,7 @@ def _connections_by_process(pids: list[int], port: int) -> dict[int, int]:
 
 def test_api_workers_share_the_port_and_a_second_service_cannot_take_it(tmp_path: Path) -> None:
     port = free_port()
-    service = _serve(tmp_path / "a", port, CONSENT_LEDGER_API_WORKERS="2")
+    service = _serve(tmp_path / "a", port, CONSENT_LEDGER_API_WORKERS="2", CONSENT_LEDGER_ACCESS_LOG="true")
     try:
         wait_healthy(port, service)
         workers = [c for c in _children(service.pid) if "serve-worker" in Path(f"/proc/{c}/cmdline").read_text()]
@@ -152,6 +153,7 @@ def test_api_workers_share_the_port_and_a_second_service_cannot_take_it(tmp_path
     finally:
         output = interrupt(service)
     assert service.returncode == 0, output
+    assert output.count('"GET /api/v1/health HTTP/1.1" 200') >= 24  # the workers' access log, as asked
 
 
 def test_a_killed_api_worker_is_started_again_and_the_service_serves_on(tmp_path: Path) -> None:

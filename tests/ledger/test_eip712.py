@@ -11,7 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ledger import eip712
-from ledger.eip712 import ChangeKind, ConsentChange, ControllerChange, Domain, Redemption, Signature
+from ledger.eip712 import (
+    ChangeKind,
+    ConsentChange,
+    ControllerBinding,
+    ControllerChange,
+    Domain,
+    Redemption,
+    Signature,
+)
 from ledger.types import Purpose, Subject
 
 KEY = Account.create()
@@ -44,10 +52,13 @@ redemptions = st.builds(
     nonce=uint256,
     deadline=uint256,
 )
+bindings = st.builds(
+    ControllerBinding, subject=bytes32.map(Subject), controller=addresses, claim=bytes32, deadline=uint256
+)
 
 
 @settings(max_examples=200, deadline=None)
-@given(domain=domains, message=st.one_of(changes, controller_changes, redemptions))
+@given(domain=domains, message=st.one_of(changes, controller_changes, redemptions, bindings))
 def test_digest_matches_the_reference_encoder(domain: Domain, message: eip712.Message) -> None:
     reference = _hash_eip191_message(encode_typed_data(full_message=eip712.typed_data(domain, message)))
     assert eip712.digest(domain, message) == reference
@@ -124,3 +135,24 @@ def test_a_redemption_nonce_carries_the_partner_as_its_key() -> None:
     nonce = eip712.redemption_nonce(partner, 3)
     assert nonce >> 64 == int(partner, 16)
     assert nonce & (2**64 - 1) == 3
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        ConsentChange(
+            ChangeKind.GRANT, Subject(bytes(32)), to_checksum_address(bytes(20)), Purpose(bytes(32)), 1, 0, 0, 2**64
+        ),
+        ConsentChange(
+            ChangeKind.REVOKE, Subject(bytes(31)), to_checksum_address(bytes(20)), Purpose(bytes(32)), 1, 0, 0
+        ),
+        Redemption(Subject(bytes(32)), to_checksum_address(bytes(20)), -1, bytes(32), 0, 0),
+        Redemption(Subject(bytes(32)), to_checksum_address(bytes(20)), 1, bytes(32), 2**256, 0),
+        ControllerChange(Subject(bytes(32)), "0x1234", 0, 0),  # type: ignore[arg-type]
+    ],
+)
+def test_values_outside_their_types_are_refused_not_hashed(message: eip712.Message) -> None:
+    """The direct encoding checks what eth_abi checked: sizes and ranges (a wrong value must not be
+    hashed into some other message's digest)."""
+    with pytest.raises(ValueError, match=r"out of range|is 32 bytes|not an address"):
+        message.struct_hash()
