@@ -19,13 +19,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from api.errors import ApiError
 from api.runtime import Runtime
-from ledger.points_store import IdempotencyRecord, PointsRequest
+from ledger.points_store import IDEMPOTENCY_RECORD, IdempotencyRecord, PointsRequest
 
 MAX_ATTEMPTS = 5
 
@@ -66,26 +65,24 @@ def start(
     route: str,
     path: str,
     digest: str,
-    build: Callable[[Session], Sequence[PointsRequest]],
+    build: Callable[[Connection], Sequence[PointsRequest]],
     conflict: Callable[[], ApiError],
 ) -> Started:
     """Queue the points requests `build` makes (checked first: it raises ApiError on bad input), under
     the idempotency key if there is one. Runs in a worker thread (database work).
 
-    `build` only reads (it checks signatures and looks rows up), so it runs outside the write lock;
+    `build` only reads (it checks signatures and looks rows up, on a read connection: Core statements
+    built once, see `ledger.points_store`), so it runs outside the write lock;
     the inserts go to the runtime's group commit, which stores concurrent requests' rows in one
     transaction. A concurrent duplicate that got in between is caught by the unique indexes (key,
     and the on-chain id) and handled below."""
     for _ in range(MAX_ATTEMPTS):
         rows: list[PointsRequest] = []
         refusal: ApiError | None = None
-        with runtime.reads() as session:  # one read session: the key's record, then the checks
+        assert runtime.engine is not None
+        with runtime.engine.connect() as connection:  # one read transaction: the key's record, then the checks
             if key is not None:
-                record = session.scalar(
-                    select(IdempotencyRecord).where(
-                        IdempotencyRecord.principal == principal, IdempotencyRecord.key == key
-                    )
-                )
+                record = connection.execute(IDEMPOTENCY_RECORD, {"principal": principal, "key": key}).first()
                 if record is not None:
                     if record.request_hash != digest or record.route != route:
                         raise ApiError(
@@ -97,7 +94,7 @@ def start(
                     body = json.loads(record.body) if record.body is not None else None
                     return Started(record.request_ids.split(), record.status_code, body)
             try:
-                rows = list(build(session))
+                rows = list(build(connection))
             except ApiError as error:
                 if key is None:
                     raise

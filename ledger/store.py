@@ -29,8 +29,10 @@ from sqlalchemy import (
     LargeBinary,
     String,
     UniqueConstraint,
+    bindparam,
     create_engine,
     event,
+    select,
     text,
 )
 from sqlalchemy.exc import IntegrityError
@@ -162,6 +164,9 @@ class ControllerState(Base):
     subject: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
     controller: Mapped[str] = mapped_column(String(42), index=True)
     block_number: Mapped[int] = mapped_column(BigInteger)
+
+
+CONTROLLER_OF = select(ControllerState.controller).where(ControllerState.subject == bindparam("subject"))
 
 
 class IndexedBlock(Base):

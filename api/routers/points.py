@@ -16,8 +16,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection
 
 from api import idempotency
 from api.auth import Caller
@@ -46,8 +45,8 @@ from ledger import eip712
 from ledger.eip712 import Redemption
 from ledger.loyalty import EventKind
 from ledger.points import FINAL, PointsReader
-from ledger.points_store import PointsRequest, PointsStatus
-from ledger.store import ControllerState
+from ledger.points_store import REQUEST_BY_REF, PointsRequest, PointsStatus
+from ledger.store import CONTROLLER_OF
 
 router = APIRouter(tags=["points"], responses=responses(401, 403))
 DEADLINE = 15 * 60  # seconds an authorisation may wait to be used at the partner
@@ -164,7 +163,7 @@ async def issue(
     now = int(time.time())
     lifetime = runtime.service.points_lifetime_days * 86400
 
-    def build(session: Session) -> list[PointsRequest]:
+    def build(_connection: Connection) -> list[PointsRequest]:
         rows = []
         for index, item in enumerate(body.issuances):
             try:
@@ -284,7 +283,7 @@ async def redeem(
     domain = runtime.points.domain
     partner = caller.address
 
-    def build(session: Session) -> list[PointsRequest]:
+    def build(connection: Connection) -> list[PointsRequest]:
         try:
             message = eip712.parse(body.typed_data, domain, ("Redemption",))
             signature = eip712.Signature.from_bytes(bytes.fromhex(body.signature[2:]))
@@ -300,17 +299,17 @@ async def redeem(
             raise ApiError(422, "invalid_amount", "Invalid amount")
         if message.deadline <= time.time():
             raise ApiError(422, "signature_expired", "The authorisation has expired; authorise again")
-        controller = session.get(ControllerState, bytes(message.subject))
+        controller = connection.execute(CONTROLLER_OF, {"subject": bytes(message.subject)}).scalar()
         if controller is None:
             raise ApiError(422, "unbound_subject", "The customer has not bound a key")
-        if signer != controller.controller:
+        if signer != controller:
             raise ApiError(
                 422,
                 "invalid_signature",
                 "The authorisation was not signed by the customer's bound key",
                 f"signed by {signer}",
             )
-        if session.scalar(select(PointsRequest.id).where(PointsRequest.ref == message.redemption_id)) is not None:
+        if connection.execute(REQUEST_BY_REF, {"ref": message.redemption_id}).first() is not None:
             raise ApiError(409, "authorisation_used", "This authorisation was used already")
         return [
             PointsRequest(
@@ -320,7 +319,7 @@ async def redeem(
                 subject=bytes(message.subject),
                 amount=message.amount,
                 partner=message.partner,
-                controller=controller.controller,
+                controller=controller,
                 nonce=str(message.nonce),
                 deadline=message.deadline,
                 v=signature.v,
