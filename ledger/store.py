@@ -32,6 +32,7 @@ from sqlalchemy import (
     bindparam,
     create_engine,
     event,
+    insert,
     select,
     text,
 )
@@ -337,10 +338,17 @@ class GroupCommit:
             self._write(batch)
 
     def _write(self, batch: list[_Insert]) -> None:
+        # ORM bulk inserts (a list of dicts per class) rather than add_all(): the unit of work's
+        # per-object bookkeeping was most of this thread's time; the objects are not used afterwards.
+        rows: dict[type, list[dict[str, Any]]] = {}
+        for item in batch:
+            for obj in item.objects:
+                row = {k: v for k, v in vars(obj).items() if not k.startswith("_sa_")}
+                rows.setdefault(type(obj), []).append(row)
         try:
             with self._sessions.begin() as session:
-                for item in batch:
-                    session.add_all(item.objects)
+                for cls, values in rows.items():
+                    session.execute(insert(cls), values)
         except IntegrityError as exc:
             if len(batch) > 1:  # rolled back (the rows are new again): store each caller's alone
                 for item in batch:

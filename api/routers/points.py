@@ -194,7 +194,7 @@ async def issue(
         key=key,
         route="issue",
         path=request.url.path,
-        digest=idempotency.body_hash(body.model_dump()),
+        digest=idempotency.body_hash(await request.body()),
         build=build,
         conflict=lambda: ApiError(409, "conflict", "Conflicting request; retry"),
     )
@@ -336,7 +336,7 @@ async def redeem(
         key=key,
         route="redeem",
         path=request.url.path,
-        digest=idempotency.body_hash(body.model_dump()),
+        digest=idempotency.body_hash(await request.body()),
         build=build,
         conflict=lambda: ApiError(409, "authorisation_used", "This authorisation was used already"),
     )
