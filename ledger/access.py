@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from eth_typing import ChecksumAddress, HexStr
-from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 from requests.exceptions import RequestException
 from sqlalchemy import BigInteger, Boolean, Engine, Index, Integer, LargeBinary, String, delete, insert, select
@@ -27,6 +26,7 @@ from ledger.errors import ChainError, TransactionFailed
 from ledger.events import _bytes, _hex, _int
 from ledger.store import Base, IndexerCursor, sessions
 from ledger.tx import Receipt, TxRequest
+from ledger.types import checksummed
 
 CONTRACT_NAME = "AccessLog"
 ACCESSOR_ROLE = keccak(text="ACCESSOR_ROLE")
@@ -231,7 +231,7 @@ def decode(log: dict[str, Any]) -> AccessBatch | None:
     number = log["blockNumber"]
     return AccessBatch(
         first_index=int(topics[1], 16),
-        partner=to_checksum_address("0x" + topics[2][-40:]),
+        partner=checksummed("0x" + topics[2][-40:]),
         purpose=bytes.fromhex(topics[3][2:]),
         request_id=data[0:32],
         previous_head=data[32:64],

@@ -16,10 +16,9 @@ from typing import Any
 from coincurve import PrivateKey, PublicKey
 from eth_abi.abi import encode as abi_encode
 from eth_typing import ChecksumAddress
-from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
-from ledger.types import Purpose, Subject
+from ledger.types import Purpose, Subject, checksummed
 
 DOMAIN_VERSION = "1"
 # secp256k1 order / 2: signatures with a larger s are malleable copies, refused here as by ECDSA.sol.
@@ -340,16 +339,9 @@ def _address(value: Any, name: str) -> ChecksumAddress:
     if not isinstance(value, str) or len(value) != 42:
         raise TypedDataError(f"{name} must be an address")
     try:
-        return _checksummed(value)
+        return checksummed(value)
     except ValueError:
         raise TypedDataError(f"{name} must be an address") from None
-
-
-# Checksumming hashes the address (~10 us); the same partners and customers' keys come back all the
-# time, so the answers are kept (an invalid address raises, which is not kept).
-@lru_cache(maxsize=1 << 16)
-def _checksummed(address: str | bytes) -> ChecksumAddress:
-    return to_checksum_address(address)
 
 
 def parse(typed: Any, domain: Domain, allowed: tuple[str, ...]) -> Message:
@@ -443,7 +435,7 @@ def recover(domain: Domain, message: Message, signature: Signature) -> ChecksumA
     public = PublicKey.from_signature_and_message(
         signature.r + signature.s + bytes([signature.v - 27]), digest(domain, message), hasher=None
     )
-    return _checksummed(keccak(public.format(compressed=False)[1:])[-20:])
+    return checksummed(keccak(public.format(compressed=False)[1:])[-20:])
 
 
 def personal_signer(message: str, signature: bytes) -> ChecksumAddress:
@@ -454,7 +446,7 @@ def personal_signer(message: str, signature: bytes) -> ChecksumAddress:
     if sig.v not in (27, 28) or int.from_bytes(sig.s, "big") > _HALF_ORDER:
         raise ValueError("malformed signature")
     public = PublicKey.from_signature_and_message(sig.r + sig.s + bytes([sig.v - 27]), prefixed, hasher=None)
-    return _checksummed(keccak(public.format(compressed=False)[1:])[-20:])
+    return checksummed(keccak(public.format(compressed=False)[1:])[-20:])
 
 
 def purpose_id(key: str) -> Purpose:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
+
+from ledger.types import checksummed
 
 GRANTED = "0x" + keccak(text="ConsentGranted(bytes32,address,bytes32,uint256,uint256,uint64,uint256)").hex()
 REVOKED = "0x" + keccak(text="ConsentRevoked(bytes32,address,bytes32,uint256,uint256,uint256)").hex()
@@ -60,7 +61,7 @@ def decode(log: dict[str, Any]) -> RegistryEvent | None:
     if topics[0] == BOUND:
         return RegistryEvent(
             KIND_BIND,
-            partner=to_checksum_address("0x" + topics[3][-40:]),
+            partner=checksummed("0x" + topics[3][-40:]),
             purpose=b"",
             changed=0,
             attributes=0,
@@ -68,7 +69,7 @@ def decode(log: dict[str, Any]) -> RegistryEvent | None:
             nonce=0,
             **common,
         )
-    partner = to_checksum_address("0x" + topics[2][-40:])
+    partner = checksummed("0x" + topics[2][-40:])
     purpose = bytes.fromhex(topics[3][2:])
     if topics[0] == GRANTED:
         changed, attributes, valid_until, nonce = words

@@ -33,6 +33,7 @@ from ledger.store import (
     sessions,
     utcnow,
 )
+from ledger.types import checksummed
 
 log = logging.getLogger(__name__)
 CURSOR = "consent_registry"
@@ -134,7 +135,7 @@ class Indexer:
         )
         by_address: dict[str, list[dict[str, Any]]] = {}
         for item in logs:
-            by_address.setdefault(Web3.to_checksum_address(item["address"]), []).append(dict(item))
+            by_address.setdefault(checksummed(item["address"]), []).append(dict(item))
         decoded = [e for e in (events.decode(item) for item in by_address.get(self.registry, [])) if e is not None]
         times = self._times(logs)
         to_hash = self._hash_of(to)
@@ -144,9 +145,7 @@ class Indexer:
         with self._sessions.begin() as session:
             self._apply(session, decoded, times)
             for follower in self.followers:
-                applied += follower.apply(
-                    session, by_address.get(Web3.to_checksum_address(follower.address), []), times
-                )
+                applied += follower.apply(session, by_address.get(checksummed(follower.address), []), times)
             self._set_cursor(session, to, to_hash)
         if applied and self.on_change is not None:
             self.on_change()
@@ -161,8 +160,9 @@ class Indexer:
         """Apply a range's events in bulk (Core statements: the ORM per row was the indexer's cost)."""
         if not decoded:
             return
-        session.execute(
-            insert(ConsentEvent),
+        connection = session.connection()  # Core statements: the ORM's bulk paths cost more per row
+        connection.execute(
+            insert(cast(Table, ConsentEvent.__table__)),
             [
                 {
                     "block_number": e.block_number,
@@ -193,9 +193,14 @@ class Indexer:
             return
         # Fold the range into the latest state per key, starting from what is stored.
         keys = {(e.subject, e.partner, e.purpose) for e in changes}
+        states = cast(Table, ConsentState.__table__)
         stored = {
             (s.subject, s.partner, s.purpose): s.valid_until
-            for s in session.scalars(select(ConsentState).where(ConsentState.subject.in_({k[0] for k in keys})))
+            for s in connection.execute(
+                select(states.c.subject, states.c.partner, states.c.purpose, states.c.valid_until).where(
+                    states.c.subject.in_({k[0] for k in keys})
+                )
+            )
         }
         latest: dict[tuple[bytes, str, bytes], dict[str, object]] = {}
         for e in changes:
@@ -212,8 +217,7 @@ class Indexer:
             }
         replaced = keys & set(stored)
         if replaced:  # one executemany (a statement per key held the write lock for tens of ms a block)
-            states = cast(Table, ConsentState.__table__)
-            session.connection().execute(
+            connection.execute(
                 delete(states).where(
                     states.c.subject == bindparam("k_subject"),
                     states.c.partner == bindparam("k_partner"),
@@ -221,10 +225,10 @@ class Indexer:
                 ),
                 [{"k_subject": k[0], "k_partner": k[1], "k_purpose": k[2]} for k in replaced],
             )
-        session.execute(insert(ConsentState), list(latest.values()))
+        connection.execute(insert(states), list(latest.values()))
         # Requests are confirmed by the chain's own event: (subject, nonce, kind) names one change.
         table = cast(Table, ConsentRequest.__table__)
-        session.connection().execute(
+        connection.execute(
             update(table)
             .where(
                 table.c.subject == bindparam("e_subject"),

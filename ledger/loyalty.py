@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from eth_typing import ChecksumAddress
-from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 from web3 import Web3
 
@@ -17,7 +16,7 @@ from ledger.contracts import ContractClient, RevertDecoder
 from ledger.eip712 import Domain, Redemption, Signature, redemption_nonce
 from ledger.events import _bytes, _hex, _int
 from ledger.tx import Receipt, TxSender
-from ledger.types import Subject
+from ledger.types import Subject, checksummed
 
 CONTRACT_NAME = "LoyaltyPoints"
 ISSUER_ROLE = keccak(text="ISSUER_ROLE")
@@ -180,7 +179,7 @@ def decode(log: dict[str, Any]) -> PointsEvent | None:
         amount, balance, nonce = words
         return PointsEvent(
             ref=bytes.fromhex(topics[3][2:]),
-            partner=to_checksum_address("0x" + topics[2][-40:]),
+            partner=checksummed("0x" + topics[2][-40:]),
             amount=amount,
             balance=balance,
             nonce=nonce,
@@ -191,7 +190,7 @@ def decode(log: dict[str, Any]) -> PointsEvent | None:
         return PointsEvent(ref=bytes.fromhex(topics[2][2:]), reason=reason, **common)
     return PointsEvent(
         ref=bytes.fromhex(topics[3][2:]),
-        partner=to_checksum_address("0x" + topics[2][-40:]),
+        partner=checksummed("0x" + topics[2][-40:]),
         reason=reason,
         **common,
     )
@@ -274,7 +273,7 @@ class LoyaltyPointsClient(ContractClient):
         """This contract's events in `receipt`, in log order."""
         decoded = []
         for entry in receipt.logs:
-            if Web3.to_checksum_address(entry["address"]) != self.address:
+            if checksummed(entry["address"]) != self.address:
                 continue
             event = decode(dict(entry))
             if event is not None:

@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from ledger import events
@@ -202,7 +202,57 @@ class _Raced(Exception):
     """Raised inside a transaction to abandon a batch whose requests changed under it."""
 
 
-def signed_change(request: ConsentRequest) -> SignedChange:
+# What a batch needs of its pending requests, oldest first (columns, not ORM objects: the relayer
+# reads up to 500 of them per batch).
+_PENDING = (
+    select(
+        ConsentRequest.seq,
+        ConsentRequest.kind,
+        ConsentRequest.subject,
+        ConsentRequest.partner,
+        ConsentRequest.purpose,
+        ConsentRequest.attributes,
+        ConsentRequest.nonce,
+        ConsentRequest.deadline,
+        ConsentRequest.valid_until,
+        ConsentRequest.v,
+        ConsentRequest.r,
+        ConsentRequest.s,
+    )
+    .where(ConsentRequest.status == RequestStatus.PENDING)
+    .order_by(ConsentRequest.seq)
+    .limit(bindparam("limit"))
+)
+
+
+class ChangeRow(Protocol):
+    """A stored consent change: a `ConsentRequest`, or a row of `_PENDING`."""
+
+    @property
+    def kind(self) -> int: ...
+    @property
+    def subject(self) -> bytes: ...
+    @property
+    def partner(self) -> str: ...
+    @property
+    def purpose(self) -> bytes: ...
+    @property
+    def attributes(self) -> str: ...
+    @property
+    def nonce(self) -> int: ...
+    @property
+    def deadline(self) -> int: ...
+    @property
+    def valid_until(self) -> int: ...
+    @property
+    def v(self) -> int: ...
+    @property
+    def r(self) -> bytes: ...
+    @property
+    def s(self) -> bytes: ...
+
+
+def signed_change(request: ChangeRow) -> SignedChange:
     change = ConsentChange(
         kind=ChangeKind(request.kind),
         subject=Subject(request.subject),
@@ -261,14 +311,7 @@ class Relayer(BatchLane):
 
     def _send_next(self) -> int:
         with self._sessions() as session:
-            requests = list(
-                session.scalars(
-                    select(ConsentRequest)
-                    .where(ConsentRequest.status == RequestStatus.PENDING)
-                    .order_by(ConsentRequest.seq)
-                    .limit(self.max_batch)
-                )
-            )
+            requests = list(session.execute(_PENDING, {"limit": self.max_batch}))
         if not requests:
             return 0
         data = self.registry.encode_batch([signed_change(r) for r in requests])
@@ -279,10 +322,14 @@ class Relayer(BatchLane):
                     batch = RelayBatch(tx_hash=tx_hash, operator_nonce=nonce, size=len(requests))
                     session.add(batch)
                     session.flush()
+                    # The pending requests in the batch's seq range are the batch (it took the lowest
+                    # pending seqs); a range, not an IN list of up to 500 parameters, which SQLAlchemy
+                    # built per batch under the write lock. Should another pending row be in the range,
+                    # or one of the batch's be gone, the count differs and nothing is claimed.
                     claimed = session.execute(
                         update(ConsentRequest)
                         .where(
-                            ConsentRequest.seq.in_([r.seq for r in requests]),
+                            ConsentRequest.seq.between(requests[0].seq, requests[-1].seq),
                             ConsentRequest.status == RequestStatus.PENDING,
                         )
                         .values(status=RequestStatus.SUBMITTED, batch_id=batch.id, tx_hash=tx_hash, updated_at=utcnow())
