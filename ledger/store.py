@@ -325,9 +325,14 @@ class GroupCommit:
 
     def insert(self, objects: Sequence[object], timeout: float = 30.0) -> None:
         """Store `objects` (new ORM rows) durably; raises what storing them raised."""
+        self.submit(objects).result(timeout)
+
+    def submit(self, objects: Sequence[object]) -> Future[None]:
+        """Queue `objects` (new ORM rows); the future is done once they are durable, or failed with
+        what storing them raised (for an event loop to await instead of blocking a thread)."""
         done: Future[None] = Future()
         self._queue.put(_Insert(objects, done))
-        done.result(timeout)
+        return done
 
     def close(self) -> None:
         self._queue.put(None)

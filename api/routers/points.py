@@ -187,8 +187,7 @@ async def issue(
             rows.append(row)
         return rows
 
-    started = await run_in_threadpool(
-        idempotency.start,
+    started = await idempotency.start(
         runtime,
         principal=caller.name,
         key=key,
@@ -329,8 +328,7 @@ async def redeem(
             )
         ]
 
-    started = await run_in_threadpool(
-        idempotency.start,
+    started = await idempotency.start(
         runtime,
         principal=caller.name,
         key=key,
