@@ -15,9 +15,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy import Engine, Table, delete, func, insert, select, update
 from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session
 
@@ -322,34 +322,48 @@ class PointsFollower:
         decoded = [e for e in (loyalty.decode(dict(item)) for item in logs) if e is not None]
         if not decoded:
             return 0
-        session.add_all(
-            PointsHistory(
-                block_number=e.block_number,
-                block_hash=e.block_hash,
-                log_index=e.log_index,
-                tx_hash=e.tx_hash,
-                block_time=times[e.block_number],
-                kind=int(e.kind),
-                subject=e.subject,
-                ref=e.ref or bytes(32),
-                partner=e.partner,
-                lot_id=e.lot_id,
-                amount=e.amount,
-                balance=e.balance,
-                expires_at=e.expires_at,
-                reason=self.decoder.decode(e.reason).error if e.reason else None,
-            )
-            for e in decoded
+        # Core statements for the rows every event makes (the ORM's per-object work was most of the
+        # follower's time); ORM objects only for the rare requests the relayer has not settled.
+        connection = session.connection()
+        connection.execute(
+            insert(cast(Table, PointsHistory.__table__)),
+            [
+                {
+                    "block_number": e.block_number,
+                    "block_hash": e.block_hash,
+                    "log_index": e.log_index,
+                    "tx_hash": e.tx_hash,
+                    "block_time": times[e.block_number],
+                    "kind": int(e.kind),
+                    "subject": e.subject,
+                    "ref": e.ref or bytes(32),
+                    "partner": e.partner,
+                    "lot_id": e.lot_id,
+                    "amount": e.amount,
+                    "balance": e.balance,
+                    "expires_at": e.expires_at,
+                    "reason": self.decoder.decode(e.reason).error if e.reason else None,
+                }
+                for e in decoded
+            ],
         )
         _fold_lots(session, decoded)
         applied = [e for e in decoded if e.kind in (EventKind.ISSUED, EventKind.REDEEMED)]
         if applied:
-            requests = session.scalars(select(PointsRequest).where(PointsRequest.ref.in_([e.ref for e in applied])))
-            by_ref = {e.ref: e for e in applied}
+            refs = [e.ref for e in applied]
+            requests = cast(Table, PointsRequest.__table__)
+            unsettled = [
+                ref
+                for ref, status in connection.execute(
+                    select(requests.c.ref, requests.c.status).where(requests.c.ref.in_(refs))
+                )
+                if status != PointsStatus.DONE
+            ]
+            connection.execute(update(requests).where(requests.c.ref.in_(refs)).values(indexed=True))
             finished = []
-            for request in requests:
-                request.indexed = True
-                if request.status != PointsStatus.DONE:  # the relayer has not settled it yet: the chain says done
+            if unsettled:  # the relayer has not settled them yet: the chain says done
+                by_ref = {e.ref: e for e in applied}
+                for request in session.scalars(select(PointsRequest).where(PointsRequest.ref.in_(unsettled))):
                     _finish(request, by_ref[request.ref])
                     finished.append(request)
             if finished and self.completions is not None:
