@@ -18,9 +18,9 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, cast
 
-from sqlalchemy import Engine, bindparam, select, update
+from sqlalchemy import Engine, Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from ledger import events
@@ -202,6 +202,9 @@ class _Raced(Exception):
     """Raised inside a transaction to abandon a batch whose requests changed under it."""
 
 
+_BATCHES = cast(Table, RelayBatch.__table__)
+_REQUESTS = cast(Table, ConsentRequest.__table__)
+
 # What a batch needs of its pending requests, oldest first (columns, not ORM objects: the relayer
 # reads up to 500 of them per batch).
 _PENDING = (
@@ -318,25 +321,30 @@ class Relayer(BatchLane):
 
         def record(tx_hash: str, nonce: int) -> int | None:
             try:
+                # Core statements on the session's connection: the ORM's flush and its UPDATE, which
+                # synchronised the session by fetching the claimed rows back, cost more than the writes.
                 with self._sessions.begin() as session:
-                    batch = RelayBatch(tx_hash=tx_hash, operator_nonce=nonce, size=len(requests))
-                    session.add(batch)
-                    session.flush()
+                    connection = session.connection()
+                    batch_id: int = connection.execute(
+                        insert(_BATCHES)
+                        .values(tx_hash=tx_hash, operator_nonce=nonce, size=len(requests))
+                        .returning(_BATCHES.c.id)
+                    ).scalar_one()
                     # The pending requests in the batch's seq range are the batch (it took the lowest
                     # pending seqs); a range, not an IN list of up to 500 parameters, which SQLAlchemy
                     # built per batch under the write lock. Should another pending row be in the range,
                     # or one of the batch's be gone, the count differs and nothing is claimed.
-                    claimed = session.execute(
-                        update(ConsentRequest)
+                    claimed = connection.execute(
+                        update(_REQUESTS)
                         .where(
-                            ConsentRequest.seq.between(requests[0].seq, requests[-1].seq),
-                            ConsentRequest.status == RequestStatus.PENDING,
+                            _REQUESTS.c.seq.between(requests[0].seq, requests[-1].seq),
+                            _REQUESTS.c.status == RequestStatus.PENDING,
                         )
-                        .values(status=RequestStatus.SUBMITTED, batch_id=batch.id, tx_hash=tx_hash, updated_at=utcnow())
-                    ).rowcount  # type: ignore[attr-defined]  # an UPDATE returns a CursorResult
+                        .values(status=RequestStatus.SUBMITTED, batch_id=batch_id, tx_hash=tx_hash, updated_at=utcnow())
+                    ).rowcount
                     if claimed != len(requests):
                         raise _Raced  # something else moved them meanwhile (rolls the batch record back)
-                    return batch.id
+                    return batch_id
             except _Raced:
                 return None
 
