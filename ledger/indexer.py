@@ -30,6 +30,7 @@ from ledger.store import (
     IndexedBlock,
     IndexerCursor,
     RequestStatus,
+    event_position,
     sessions,
     utcnow,
 )
@@ -165,11 +166,7 @@ class Indexer:
             insert(cast(Table, ConsentEvent.__table__)),
             [
                 {
-                    "block_number": e.block_number,
-                    "block_hash": e.block_hash,
-                    "log_index": e.log_index,
-                    "tx_hash": e.tx_hash,
-                    "block_time": times[e.block_number],
+                    **event_position(e, times),
                     "kind": e.kind,
                     "subject": e.subject,
                     "partner": e.partner,

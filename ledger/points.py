@@ -27,7 +27,7 @@ from ledger.eip712 import Redemption, Signature
 from ledger.loyalty import EventKind, Issuance, LoyaltyPointsClient, PointsEvent, SignedRedemption
 from ledger.points_store import PointsBatch, PointsHistory, PointsLot, PointsRequest, PointsStatus
 from ledger.relayer import BatchLane
-from ledger.store import as_utc, sessions, utcnow
+from ledger.store import as_utc, event_position, sessions, utcnow
 from ledger.tx import Receipt, TxRequest
 from ledger.types import Subject
 
@@ -329,11 +329,7 @@ class PointsFollower:
             insert(cast(Table, PointsHistory.__table__)),
             [
                 {
-                    "block_number": e.block_number,
-                    "block_hash": e.block_hash,
-                    "log_index": e.log_index,
-                    "tx_hash": e.tx_hash,
-                    "block_time": times[e.block_number],
+                    **event_position(e, times),
                     "kind": int(e.kind),
                     "subject": e.subject,
                     "ref": e.ref or bytes(32),

@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -38,6 +38,30 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+
+class LoggedEvent(Protocol):
+    """Where a contract event sits in the chain (both contracts' decoded events have this)."""
+
+    @property
+    def block_number(self) -> int: ...
+    @property
+    def block_hash(self) -> str: ...
+    @property
+    def log_index(self) -> int: ...
+    @property
+    def tx_hash(self) -> str: ...
+
+
+def event_position(event: LoggedEvent, times: dict[int, int]) -> dict[str, Any]:
+    """The columns every event row of the read model has: its place in the chain, and its block's time."""
+    return {
+        "block_number": event.block_number,
+        "block_hash": event.block_hash,
+        "log_index": event.log_index,
+        "tx_hash": event.tx_hash,
+        "block_time": times[event.block_number],
+    }
 
 
 def utcnow() -> datetime:
