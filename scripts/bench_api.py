@@ -10,7 +10,9 @@ changes are signed in advance with consecutive nonces, as their wallets would. T
 connections (`scripts/loadgen.py`: aiohttp, cheap per request, so the load generator does not take the
 cores the service needs) post them (one customer's changes in order) and time each acknowledgement.
 Confirmation times come from the service's own database: when the indexer saw each change's event
-on-chain. Prints the figures, then one line of JSON.
+on-chain. Last, the same load generator posts to uvicorn serving an app that does nothing
+(`loadgen.null_app`): the HTTP stack's own ceiling on this machine, which bounds any service built
+on it. Prints the figures, then one line of JSON.
 """
 
 from __future__ import annotations
@@ -235,6 +237,47 @@ def run(label: str, requests: int, customers: int, processes: int, lanes: int, *
     }
 
 
+def http_ceiling(requests: int, lanes: int) -> float:
+    """Requests/s that uvicorn alone answers (`loadgen.null_app`: no routing, auth, checks or storage),
+    with as many processes as `serve` runs by default and the same load generator, connections and
+    request size as the measured run: the most any service on this stack can acknowledge here."""
+    workers = max(1, min(4, os.cpu_count() or 1))  # serve's default (CONSENT_LEDGER_API_WORKERS)
+    port = free_port()
+    root = Path(__file__).resolve().parent.parent
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "uvicorn", "scripts.loadgen:null_app", "--host", "127.0.0.1", "--port", str(port)),
+            *("--workers", str(workers), "--lifespan", "off", "--no-access-log", "--log-level", "warning"),
+        ],
+        cwd=root,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.post(url + "/api/v1/consents", content=b"{}").status_code == 202:
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("uvicorn (null app) did not start")
+            time.sleep(0.2)
+        body = json.dumps({"typed_data": {"message": {"subject": "0x" + "ab" * 32}}, "signature": "0x" + "cd" * 65})
+        body = body.ljust(1150)  # the size of a signed consent change's body
+        headers = {"Authorization": "Bearer " + "t" * 43, "Content-Type": "application/json"}
+        calls = [Call("/api/v1/consents", body.encode(), headers)] * requests
+        start_at = time.time() + 0.5
+        outcome = drive(url, [calls[i::lanes] for i in range(lanes)], start_at, expect=202)
+        elapsed = time.time() - start_at
+        if outcome.errors:
+            raise SystemExit(f"the null app refused {outcome.errors} requests: {outcome.first_error}")
+        return round(len(outcome.latencies) / elapsed, 1)
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=60)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=100_000)
@@ -242,10 +285,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--customers", type=int, default=400)
     parser.add_argument("--processes", type=int, default=1, help="client processes")
     parser.add_argument("--lanes", type=int, default=32, help="connections per client process")
+    parser.add_argument("--ceiling-requests", type=int, default=20_000, help="requests to the null app")
     parser.add_argument("--quick", action="store_true", help="a small run (CI)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.requests, args.baseline_requests, args.customers = 2_000, 400, 40
+        args.requests, args.baseline_requests, args.customers, args.ceiling_requests = 2_000, 400, 40, 2_000
     batched = run("batched", args.requests, args.customers, args.processes, args.lanes)
     baseline = run(
         "baseline",
@@ -262,8 +306,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{figures['ack_p50_ms']}/{figures['ack_p99_ms']} ms; confirmation p50/p99 "
             f"{figures['confirm_p50_s']}/{figures['confirm_p99_s']} s"
         )
+    print(f"[ceiling] posting {args.ceiling_requests} requests to uvicorn serving an app that does nothing ...")
+    ceiling = http_ceiling(args.ceiling_requests, args.processes * args.lanes)
+    share = batched["accepted_per_s"] / ceiling
+    print(
+        f"{'HTTP stack alone (null app)':>30}: {ceiling:,} requests/s; the service acknowledges at "
+        f"{100 * share:.1f} % of that"
+    )
     result = {f"batched_{k}": v for k, v in batched.items()} | {f"baseline_{k}": v for k, v in baseline.items()}
     result["ratio_confirmed"] = round(batched["confirmed_per_s"] / baseline["confirmed_per_s"], 1)
+    result["http_ceiling_per_s"] = ceiling
+    result["share_of_http_ceiling"] = round(share, 3)
     print(json.dumps(result))
     return 0
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import uvloop
@@ -79,3 +80,22 @@ async def _drive(url: str, lanes: Sequence[Sequence[Call]], start_at: float, exp
         await asyncio.sleep(max(0.0, start_at - time.time()))
         await asyncio.gather(*(lane(calls) for calls in lanes))
     return outcome
+
+
+async def null_app(
+    scope: MutableMapping[str, Any],
+    receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+    send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+) -> None:
+    """An ASGI app that does no work: it reads the request and answers 202 with a fixed body the size
+    of a consent acknowledgement. Served by uvicorn, it measures what the HTTP stack alone does on
+    this machine with this load generator (`bench_api.py`'s ceiling)."""
+    if scope["type"] != "http":
+        return
+    more = True
+    while more:
+        more = (await receive()).get("more_body", False)
+    await send({"type": "http.response.start", "status": 202, "headers": [(b"content-type", b"application/json")]})
+    await send(
+        {"type": "http.response.body", "body": b'{"id":"00000000-0000-0000-0000-000000000000","status":"pending"}'}
+    )

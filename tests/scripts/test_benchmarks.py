@@ -53,6 +53,11 @@ def test_bench_api_quick_reports_its_figures() -> None:
     assert figures["ratio_confirmed"] == pytest.approx(
         figures["batched_confirmed_per_s"] / figures["baseline_confirmed_per_s"], abs=0.06
     )
+    # The HTTP stack alone answers faster than the service, which does real work per request.
+    assert figures["http_ceiling_per_s"] > figures["batched_accepted_per_s"]
+    assert figures["share_of_http_ceiling"] == pytest.approx(
+        figures["batched_accepted_per_s"] / figures["http_ceiling_per_s"], abs=0.001
+    )
 
 
 @pytest.mark.anvil
