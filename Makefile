@@ -31,9 +31,10 @@ $(PY_STAMP): pyproject.toml constraints.txt
 
 $(NPM_STAMP): package.json package-lock.json
 	@command -v npm >/dev/null || { echo "Node.js and npm are required: apt-get install nodejs npm"; exit 1; }
-	# `npm install`, not `npm ci`: the registry here serves only this platform's anvil binary, so the lock
-	# file cannot list the other platforms' optional packages and `npm ci` would call it out of sync.
-	npm install --no-audit --no-fund --loglevel=error
+	# `npm ci`: exactly the lock file, which it never rewrites. The lock lists every platform's optional
+	# anvil package (as npm writes it); only this platform's is downloaded. (With `npm install` and a lock
+	# listing one platform, each fresh set-up rewrote package-lock.json and left the checkout dirty.)
+	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 run: setup
