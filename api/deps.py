@@ -98,6 +98,9 @@ async def current_caller(request: Request) -> Caller:
 CallerDep = Annotated[Caller, Depends(current_caller)]
 
 
+_AUTHENTICATING: set[Callable[..., object]] = {current_caller}  # dependencies that check credentials
+
+
 def scope(name: str) -> Callable[[Request], Awaitable[Caller]]:
     """A dependency: the caller, who must hold scope `name` (one dependency node, not two)."""
 
@@ -109,9 +112,6 @@ def scope(name: str) -> Callable[[Request], Awaitable[Caller]]:
 
     _AUTHENTICATING.add(check)
     return check
-
-
-_AUTHENTICATING: set[Callable[..., object]] = {current_caller}
 
 
 def authenticates(dependant: Dependant) -> bool:

@@ -4,8 +4,8 @@ The first request with a key stores what it did: the points requests it queued, 
 was refused with. The same key with the same body gets that answer again, waiting for it if the first
 is still in progress; the same key with another body is refused (422). "The same body" is the same
 bytes (the draft's fingerprint of the payload: a retry resends what it sent); canonical JSON of the
-parsed body cost ~70 us a request, mostly in printing the 220-bit redemption nonces. Concurrent duplicates race on
-the key's unique index: one of them does the work, the others wait for its answer.
+parsed body cost ~70 us a request, mostly in printing the 220-bit redemption nonces. Concurrent
+duplicates race on the key's unique index: one of them does the work, the others wait for its answer.
 
 A queued request's answer is not stored: it is made from the request's final state (its outcome,
 transaction, block and the balance after it), which is what the first caller's answer was made
@@ -83,10 +83,10 @@ async def start(
     the inserts go to the runtime's group commit, which stores concurrent requests' rows in one
     transaction. A concurrent duplicate that got in between is caught by the unique indexes (key,
     and the on-chain id) and handled below."""
+    assert runtime.engine is not None and runtime.inserts is not None
     for _ in range(MAX_ATTEMPTS):
         rows: list[PointsRequest] = []
         refusal: ApiError | None = None
-        assert runtime.engine is not None
         with runtime.engine.connect() as connection:  # one read transaction: the key's record, then the checks
             if key is not None:
                 record = connection.execute(IDEMPOTENCY_RECORD, {"principal": principal, "key": key}).first()
@@ -116,7 +116,6 @@ async def start(
         objects: list[object] = list(rows)
         if key is not None:
             objects.append(IdempotencyRecord(principal=principal, key=key, route=route, request_hash=digest, **outcome))
-        assert runtime.inserts is not None
         try:
             # With other requests' rows: one transaction, one fsync.
             await asyncio.wait_for(asyncio.wrap_future(runtime.inserts.submit(objects)), INSERT_TIMEOUT)

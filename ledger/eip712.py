@@ -81,6 +81,8 @@ def _type_string(primary: str) -> str:
 TYPEHASHES = {primary: keccak(text=_type_string(primary)) for primary in MESSAGE_FIELDS}
 
 
+# Every field of our messages is a static type, so a struct's ABI encoding is its 32-byte words one
+# after another; built directly, as eth_abi's general encoder took about a third of a signature check.
 def _address_word(address: str) -> bytes:
     if len(address) != 42:
         raise ValueError(f"not an address: {address!r}")
@@ -97,10 +99,6 @@ def _uint_word(value: int, bits: int = 256) -> bytes:
     if not 0 <= value < 1 << bits:
         raise ValueError(f"{value} is out of range for uint{bits}")
     return value.to_bytes(32, "big")
-
-
-# Every field of our messages is a static type, so a struct's ABI encoding is its 32-byte words one
-# after another; built directly, as eth_abi's general encoder took about a third of a signature check.
 
 
 @dataclass(frozen=True)

@@ -161,7 +161,7 @@ class Indexer:
         """Apply a range's events in bulk (Core statements: the ORM per row was the indexer's cost)."""
         if not decoded:
             return
-        connection = session.connection()  # Core statements: the ORM's bulk paths cost more per row
+        connection = session.connection()
         connection.execute(
             insert(cast(Table, ConsentEvent.__table__)),
             [
