@@ -6,13 +6,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import pytest
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
 from eth_utils.crypto import keccak
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, Table, func, select, update
 
 from ledger import eip712
 from ledger.backends import AnvilBackend
@@ -364,3 +365,43 @@ def test_outbox_writers_in_several_processes_share_each_subjects_nonces(pipeline
     with sessions(pipeline.engine)() as session:
         stored = session.scalars(select(ConsentRequest.nonce).where(ConsentRequest.subject == subject)).all()
     assert sorted(stored) == [0, 1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("change", ["one_left_the_queue", "another_joined_the_range"])
+def test_a_batch_whose_requests_changed_after_they_were_read_is_not_claimed_or_sent(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """The relayer claims a batch by its seq range among pending requests, checked by count: a
+    request that left the queue, or one in the range that became pending after the batch was read,
+    makes it claim nothing and send nothing (the batch is read again next step)."""
+    first, middle, last = (pipeline.accept(*pipeline.customer(), ChangeKind.GRANT, EMAIL) for _ in range(3))
+    table = cast(Table, ConsentRequest.__table__)
+
+    def set_status(request: ConsentRequest, status: RequestStatus) -> None:
+        with sessions(pipeline.engine).begin() as session:
+            session.execute(update(table).where(table.c.id == request.id).values(status=status))
+
+    if change == "another_joined_the_range":
+        set_status(middle, RequestStatus.SUBMITTED)  # not pending when the batch is read: first and last only
+    sign = pipeline.relayer.sender.sign_with_nonces
+    sent: list[object] = []
+
+    def sign_then_change(requests: object) -> object:
+        signed = sign(requests)  # type: ignore[arg-type]
+        # Between reading the batch and claiming it:
+        set_status(middle, RequestStatus.FAILED if change == "one_left_the_queue" else RequestStatus.PENDING)
+        return signed
+
+    monkeypatch.setattr(pipeline.relayer.sender, "sign_with_nonces", sign_then_change)
+    monkeypatch.setattr(pipeline.relayer.sender, "send_raw", sent.append)
+    assert pipeline.relayer.step() == 0
+    monkeypatch.undo()
+    assert sent == []
+    with sessions(pipeline.engine)() as session:
+        assert session.scalar(select(func.count()).select_from(RelayBatch)) == 0
+    expected_middle = RequestStatus.FAILED if change == "one_left_the_queue" else RequestStatus.PENDING
+    assert pipeline.statuses(first, middle, last) == [RequestStatus.PENDING, expected_middle, RequestStatus.PENDING]
+    # Read again, the batch is what is pending now, and goes on-chain once.
+    live = [first, last] if change == "one_left_the_queue" else [first, middle, last]
+    pipeline.settle(lambda: set(pipeline.statuses(*live)) == {RequestStatus.CONFIRMED})
+    assert sorted(e.subject for e in pipeline.events()) == sorted(r.subject for r in live)
