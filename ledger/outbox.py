@@ -231,9 +231,31 @@ class OutboxWriter:
 
     def _run(self) -> None:
         while (batch := next_batch(self._queue, self.max_batch, self.linger)) is not None:
-            self._write(batch)
+            self._write(batch, unavailable=self._prefetch(batch))
 
-    def _write(self, batch: list[_Pending], *, fresh: bool = False) -> None:
+    def _prefetch(self, batch: list[_Pending]) -> dict[bytes, LedgerError]:
+        """The next nonces of subjects new to this writer, read before the write lock is taken: a
+        subject with no live request needs the chain's nonce, a round trip to the node that held up
+        every process's writers when made under the lock. What is read here may be stale by the time
+        the lock is held; `_write` then reads again under it (a mismatch, or the unique index).
+        Returns the subjects whose nonce could not be had, with why (their requests' answer)."""
+        new = {bytes(item.signed.change.subject): item.chain_nonce for item in batch}
+        new = {subject: chain_nonce for subject, chain_nonce in new.items() if subject not in self._next}
+        unavailable: dict[bytes, LedgerError] = {}
+        if not new:
+            return unavailable
+        with self._sessions() as session:
+            for subject, chain_nonce in new.items():
+                highest = _highest_live_nonce(session, subject)
+                try:
+                    self._next[subject] = chain_nonce() if highest is None else highest + 1
+                except LedgerError as exc:
+                    unavailable[subject] = exc
+        return unavailable
+
+    def _write(
+        self, batch: list[_Pending], *, fresh: bool = False, unavailable: dict[bytes, LedgerError] | None = None
+    ) -> None:
         """Store the batch in one transaction: checks from the nonce cache, one bulk insert. The rows
         are made before the write lock is taken, which every process's writers share.
 
@@ -251,6 +273,8 @@ class OutboxWriter:
                 for item, values in prepared:
                     subject, nonce = values["subject"], values["nonce"]
                     try:
+                        if unavailable and subject in unavailable:
+                            raise unavailable[subject]
                         expected = in_batch.get(subject)
                         if expected is None:
                             expected = self._expected(session, subject, item.chain_nonce, fresh=fresh)
@@ -272,7 +296,7 @@ class OutboxWriter:
         except IntegrityError:
             self._next.clear()
             if not fresh:
-                self._write(batch, fresh=True)
+                self._write(batch, fresh=True, unavailable=unavailable)
                 return
             for item in batch:
                 item.done.set_exception(NonceConflict("a concurrent change took this nonce; prepare the change again"))

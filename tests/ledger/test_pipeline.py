@@ -21,6 +21,7 @@ from ledger.compiler import Artifact
 from ledger.consent import ConsentRegistryClient, SignedChange
 from ledger.contracts import RevertDecoder, ensure_deployed
 from ledger.eip712 import ChangeKind, ConsentChange
+from ledger.errors import ChainError
 from ledger.indexer import Indexer
 from ledger.outbox import NonceConflict, Outbox, OutboxWriter
 from ledger.relayer import Relayer
@@ -365,6 +366,46 @@ def test_outbox_writers_in_several_processes_share_each_subjects_nonces(pipeline
     with sessions(pipeline.engine)() as session:
         stored = session.scalars(select(ConsentRequest.nonce).where(ConsentRequest.subject == subject)).all()
     assert sorted(stored) == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_the_outbox_writer_asks_the_chain_for_nonces_outside_the_write_lock(pipeline: Pipeline) -> None:
+    """A subject's first change needs its on-chain nonce: a round trip to the node, which must not
+    hold up every process's writers. A failure there is still that request's answer alone."""
+    (account, subject), (_, broken) = pipeline.customer(), pipeline.customer()
+    lock = sessions(pipeline.engine)._lock
+    assert lock is not None
+    asked: list[bytes] = []
+
+    def chain_nonce(of: bytes) -> int:
+        asked.append(of)
+        assert not lock._thread_lock._is_owned(), "the chain was asked under the write lock"  # type: ignore[attr-defined]
+        if of == broken:
+            raise ChainError("the node is away")
+        return pipeline.registry.nonce_of(Subject(of))
+
+    def signed(of: bytes, nonce: int) -> SignedChange:
+        change = ConsentChange(
+            ChangeKind.GRANT,
+            Subject(of),
+            pipeline.partner,
+            PURPOSE,
+            EMAIL,
+            nonce=nonce,
+            deadline=int(time.time()) + 600,
+        )
+        return SignedChange(change, eip712.sign(bytes(account.key), pipeline.registry.domain, change))
+
+    writer = OutboxWriter(pipeline.engine, linger=0.05)  # both in one batch
+    try:
+        good = writer.accept(signed(subject, 0), account.address, lambda: chain_nonce(subject))
+        bad = writer.accept(signed(broken, 0), account.address, lambda: chain_nonce(broken))
+        assert good.result(10).nonce == 0
+        with pytest.raises(ChainError, match="away"):
+            bad.result(10)
+    finally:
+        writer.close()
+    assert subject in asked
+    assert broken in asked
 
 
 @pytest.mark.parametrize("change", ["one_left_the_queue", "another_joined_the_range"])
