@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import Engine, select
-from web3 import HTTPProvider, Web3
+from web3 import Web3
 
 import api.models  # noqa: F401 - registers the API's tables on the shared metadata
 from api.models import AttributeRow
@@ -27,6 +27,7 @@ from identity.pseudonym import Pseudonymizer
 from identity.settings import IdentitySettings
 from ledger.access import AccessLogClient, Verification, verify
 from ledger.anvil import AnvilNode, find_anvil
+from ledger.backends import http_provider
 from ledger.compiler import compile_contracts
 from ledger.contracts import Deployment, RevertDecoder
 from ledger.eip712 import purpose_id
@@ -90,7 +91,7 @@ class Offline:
         if "AccessLog" not in deployment.contracts:
             raise ToolError("the deployment has no AccessLog yet: start `consent-ledger serve` once to deploy it")
         secrets = load_secrets(service, chain, identity)
-        w3 = Web3(HTTPProvider(chain_url(service, chain), request_kwargs={"timeout": 60}))
+        w3 = Web3(http_provider(chain_url(service, chain)))
         try:
             chain_id = w3.eth.chain_id
         except (OSError, ValueError) as exc:

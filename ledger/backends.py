@@ -14,7 +14,9 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Self
+from urllib.parse import urlsplit
 
+import requests
 from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
 from web3 import EthereumTesterProvider, Web3
@@ -28,6 +30,22 @@ from ledger.settings import ChainSettings, ToolchainSettings, get_toolchain_sett
 log = logging.getLogger(__name__)
 
 DEV_FUNDING_WEI = 10**24  # a million ether: dev chains only
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def http_provider(url: str, timeout: float = 60) -> HTTPProvider:
+    """web3's HTTP provider; for a node on this machine, with one session that ignores proxy settings.
+
+    By default requests looks the proxy environment up on every call (a fifth of an RPC call's CPU
+    time here: 0.70 ms with it, 0.52 ms without, eth_blockNumber against anvil), and a proxy set for
+    the outside world would even be used for loopback unless NO_PROXY names it. One explicit session
+    serves every thread (requests' connection pool is thread-safe); web3 otherwise keeps a session
+    per thread."""
+    if urlsplit(url).hostname in LOOPBACK:
+        session = requests.Session()
+        session.trust_env = False
+        return HTTPProvider(url, request_kwargs={"timeout": timeout}, session=session)
+    return HTTPProvider(url, request_kwargs={"timeout": timeout})
 
 
 class ChainBackend(ABC):
@@ -154,7 +172,7 @@ class AnvilBackend(ChainBackend):
 
     def _connect(self) -> Web3:
         url = self.node.start()
-        return Web3(HTTPProvider(url, request_kwargs={"timeout": 60}))
+        return Web3(http_provider(url))
 
     def prepare_account(self, address: ChecksumAddress) -> None:
         if self.w3.eth.get_balance(address) < DEV_FUNDING_WEI // 2:
@@ -186,7 +204,7 @@ class RpcBackend(ChainBackend):
     def _connect(self) -> Web3:
         if not self.settings.rpc_url:
             raise ChainError("backend rpc needs CONSENT_LEDGER_CHAIN_RPC_URL")
-        w3 = Web3(HTTPProvider(self.settings.rpc_url, request_kwargs={"timeout": 60}))
+        w3 = Web3(http_provider(self.settings.rpc_url))
         try:
             chain_id = w3.eth.chain_id
         except Exception as exc:
