@@ -76,3 +76,29 @@ def test_restart_keeps_blocks_logs_and_deployment(tmp_path: Path, artifacts: dic
         assert backend.w3.eth.block_number > start
     finally:
         backend.stop()
+
+
+@pytest.mark.anvil
+def test_a_loopback_node_is_reached_whatever_the_proxy_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node on this machine is called directly even where a proxy is set for the outside world:
+    requests, left to the environment, sends loopback calls to the proxy too unless NO_PROXY names
+    the host."""
+    import requests
+    from web3 import HTTPProvider, Web3
+
+    from ledger.backends import http_provider
+
+    backend = AnvilBackend(anvil_settings(), Accounts().operator, tmp_path)
+    backend.start()
+    try:
+        monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        assert Web3(http_provider(backend.url)).eth.block_number >= 0
+        by_environment = Web3(HTTPProvider(backend.url, exception_retry_configuration=None))
+        with pytest.raises(requests.exceptions.ProxyError):  # the call went to the proxy
+            by_environment.eth.block_number  # noqa: B018
+    finally:
+        backend.stop()
