@@ -136,6 +136,8 @@ def _serve(args: argparse.Namespace) -> int:
         command = [*_cli(), "serve-worker", "--node-url", node_url, "--backend", backend.name]
         command += ["--host", service.host, "--port", str(service.port), "--data-dir", str(service.data_dir)]
         command += ["--listen-port", str(port)]
+        if runtime.cadence is not None:
+            command.append("--blocks-send")  # the relayer needs no wake-up per request
         env = os.environ | {
             "CONSENT_LEDGER_CONTROL": runtime.control_address,
             "CONSENT_LEDGER_CONTROL_KEY": runtime.control_key.hex(),
@@ -180,6 +182,7 @@ def _serve_worker(args: argparse.Namespace) -> int:
         control_key=bytes.fromhex(os.environ["CONSENT_LEDGER_CONTROL_KEY"]),
         node_url=args.node_url,
         backend_name=args.backend,
+        supervisor_on_blocks=args.blocks_send,
     )
     server = uvicorn.Server(_uvicorn_config(runtime, service))
 
@@ -349,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--host", required=True)
     worker.add_argument("--port", type=int, required=True)
     worker.add_argument("--data-dir", type=Path, required=True)
+    worker.add_argument("--blocks-send", action="store_true", help="the supervisor's relayer sends at each block")
     worker.set_defaults(handler=_serve_worker)
 
     principals = commands.add_parser("principals", help="service accounts (API keys)")

@@ -41,7 +41,7 @@ from ledger.indexer import Indexer
 from ledger.loyalty import LoyaltyPointsClient
 from ledger.outbox import Outbox, OutboxWriter
 from ledger.points import FINAL, Completions, PointsFollower, PointsReader, PointsRelayer
-from ledger.relayer import Relayer, run_lanes
+from ledger.relayer import BlockCadence, Relayer, run_lanes
 from ledger.settings import ChainSettings, ToolchainSettings
 from ledger.store import Base, ControllerState, GroupCommit, make_engine, sessions
 from ledger.tx import TxSender
@@ -79,11 +79,13 @@ class Runtime:
     access_reader: AccessReader | None = None
     completions: Completions = field(default_factory=Completions)
     relay_wake: threading.Event = field(default_factory=threading.Event)
+    cadence: BlockCadence | None = None  # batches timed to the managed node's blocks (see BlockCadence)
     role: Role = "all"
     control_address: str | None = None  # supervisor and workers: the control socket (see api.workers)
     control_key: bytes | None = None
     node_url: str | None = None  # worker: the supervisor's node
     backend_name: str | None = None  # worker: the supervisor's backend, for /health
+    supervisor_on_blocks: bool = False  # worker: the supervisor's relayer sends at each block (no wake-ups)
     on_control_lost: Callable[[], None] | None = None  # worker: called when the supervisor is gone
     control: ControlClient | None = None
     control_server: ControlServer | None = None
@@ -214,7 +216,19 @@ class Runtime:
         if workers:
             self.relayer.recover()
             self.points_relayer.recover()
-            self._spawn("indexer", self.indexer.run)
+            indexer = self.indexer
+            if isinstance(self.backend, AnvilBackend):  # this service mines the blocks: time batches to them
+                cadence = self.cadence = BlockCadence()
+
+                def after_block() -> None:
+                    cadence.after_block()
+                    indexer.wake.set()
+
+                self.backend.node.before_block = cadence.before_block
+                self.backend.node.after_block = after_block
+            # Woken after each block (and by bindings), the indexer need not ask the node 20 times a second.
+            interval = 0.05 if self.cadence is None else self.cadence.fallback
+            self._spawn("indexer", lambda stop: indexer.run(stop, interval=interval))
             self._spawn("relayer", self._relay)
             self._spawn("maintenance", self._maintain)
 
@@ -230,7 +244,10 @@ class Runtime:
             self._catalogue = None
 
     def wake_relayer(self) -> None:
-        """New requests are in the database (the supervisor's relayer, from a worker)."""
+        """New requests are in the database (the supervisor's relayer, from a worker). Not needed when
+        the relayer sends at each block (`BlockCadence`): it reads what is pending then."""
+        if self.cadence is not None or self.supervisor_on_blocks:
+            return
         if self.control is not None:
             self.control.send(("wake",))
         else:
@@ -271,7 +288,13 @@ class Runtime:
 
     def _relay(self, stop: threading.Event) -> None:
         assert self.relayer is not None and self.points_relayer is not None
-        run_lanes([self.relayer, self.points_relayer], self.relay_wake, stop, linger=self.service.relayer_linger)
+        run_lanes(
+            [self.relayer, self.points_relayer],
+            self.relay_wake,
+            stop,
+            linger=self.service.relayer_linger,
+            cadence=self.cadence,
+        )
 
     def _maintain(self, stop: threading.Event) -> None:
         """Every second: restart the managed node if it died; give new partners their on-chain role."""
@@ -367,6 +390,8 @@ class Runtime:
         if self.inserts is not None:
             self.inserts.close()
         self.relay_wake.set()
+        if self.cadence is not None:
+            self.cadence.signal.set()
         if self.indexer is not None:
             self.indexer.wake.set()
         for thread in self._threads:

@@ -21,7 +21,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ledger.errors import NodeStartError
@@ -69,6 +69,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _run_hook(hook: Callable[[], None] | None) -> None:
+    if hook is None:
+        return
+    try:
+        hook()
+    except Exception:  # a listener's failure must not stop block production
+        log.exception("block hook failed")
+
+
 CHECKPOINT_SHARE = 20  # a checkpoint is followed by at least 20 times its duration without one
 
 
@@ -101,6 +110,9 @@ class AnvilNode:
         self._mining = threading.Lock()  # a checkpoint never overlaps a block being mined
         self._stop_workers = threading.Event()
         self._workers: list[threading.Thread] = []
+        # Called by the interval miner just before and just after each block (see `_mine`).
+        self.before_block: Callable[[], None] | None = None
+        self.after_block: Callable[[], None] | None = None
 
     @property
     def state_file(self) -> Path:
@@ -224,10 +236,16 @@ class AnvilNode:
         return answer.get("result")
 
     def _mine(self) -> None:
+        """A block every `block_time`. `before_block` runs first, inside the same pause of checkpoints,
+        so that what it sends (the relayer's batches: `ledger.relayer.BlockCadence`) is in the block;
+        `after_block` runs once it is mined."""
         while not self._stop_workers.wait(self.block_time):
-            # A node that is down or restarting is the supervisor's business, not the miner's.
-            with self._mining, contextlib.suppress(OSError, ValueError, NodeStartError):
-                self._call("evm_mine", [])
+            with self._mining:
+                _run_hook(self.before_block)
+                # A node that is down or restarting is the supervisor's business, not the miner's.
+                with contextlib.suppress(OSError, ValueError, NodeStartError):
+                    self._call("evm_mine", [])
+            _run_hook(self.after_block)
 
     def _checkpoint_loop(self) -> None:
         pause = float(self.state_interval)

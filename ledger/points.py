@@ -132,6 +132,7 @@ class PointsRelayer(BatchLane):
         self.max_batch = max_batch
         self.completions = completions or Completions()
         self._sessions = sessions(engine)
+        self._other_kind_waiting = False  # the last batch left pending requests of the other kind
 
     def recover(self) -> None:
         """Settle what a previous run left: batches mined, still pending in the node, or lost."""
@@ -161,6 +162,15 @@ class PointsRelayer(BatchLane):
                     .order_by(PointsRequest.seq)
                     .limit(self.max_batch)
                 )
+            )
+            # A partial batch of one kind leaves the other kind's requests for another batch, sent at once.
+            self._other_kind_waiting = len(requests) < self.max_batch and (
+                session.scalar(
+                    select(PointsRequest.seq)
+                    .where(PointsRequest.status == PointsStatus.PENDING, PointsRequest.kind != oldest.kind)
+                    .limit(1)
+                )
+                is not None
             )
         if oldest.kind == "issue":
             data = self.points.encode_issue_batch([issuance(r) for r in requests])
@@ -193,6 +203,9 @@ class PointsRelayer(BatchLane):
 
         sent = self._submit(TxRequest(to=self.points.address, data=data, gas=gas), record)
         return len(requests) if sent else 0
+
+    def _more_after(self, sent: int) -> bool:
+        return sent >= self.max_batch or (sent > 0 and self._other_kind_waiting)
 
     # settling ------------------------------------------------------------------------------------
 

@@ -51,24 +51,97 @@ class Lane(Protocol):
     @property
     def busy(self) -> bool: ...
 
-    def step(self) -> int: ...
+    def step(self, *, send: bool = True, poll: bool = True) -> int: ...
+
+
+class BlockCadence:
+    """Batches sent just before the block that mines them, when the service mines its own blocks.
+
+    With interval mining, every transaction sent between two blocks lands in the second one: sending a
+    batch each time requests arrive (every few milliseconds under load) gives several small
+    transactions per block, each with its own write transaction to claim it, signature, RPC calls,
+    receipt and settlement. Instead the miner calls `before_block` just before each block: the relayer
+    sends everything pending (one transaction per lane, or several of `max_batch`) and says so, and
+    the miner mines. No request waits longer for its block than before. `after_block` tells the
+    relayer that receipts are there to collect. The miner waits at most `timeout` for the relayer
+    (busy or gone: the block is not held up further; what was not sent goes in the next one).
+    """
+
+    def __init__(self, *, timeout: float = 0.05, fallback: float = 0.25) -> None:
+        self.timeout = timeout
+        self.fallback = fallback  # the relayer polls at least this often without a signal
+        self.signal = threading.Event()  # the relayer's wake-up: a block is due, or was mined
+        self._state = threading.Condition()
+        self._due = 0  # blocks announced by the miner
+        self._served = 0  # the last of them the relayer has sent for
+        self._mined = False
+
+    # the miner's side
+    def before_block(self) -> None:
+        with self._state:
+            self._due += 1
+            due = self._due
+            self.signal.set()
+            # Numbered, so that a relayer still busy with an earlier block does not release this one.
+            self._state.wait_for(lambda: self._served >= due, self.timeout)
+
+    def after_block(self) -> None:
+        with self._state:
+            self._mined = True
+        self.signal.set()
+
+    # the relayer's side
+    def take(self) -> tuple[int | None, bool]:
+        """(the block due to be sent for, or None; whether a block was mined since the last call)."""
+        self.signal.clear()
+        with self._state:
+            due = self._due if self._due > self._served else None
+            mined, self._mined = self._mined, False
+        return due, mined
+
+    def sent(self, due: int) -> None:
+        with self._state:
+            self._served = max(self._served, due)
+            self._state.notify_all()
 
 
 def run_lanes(
-    lanes: Sequence[Lane], wake: threading.Event, stop: threading.Event, *, idle: float = 0.02, linger: float = 0.005
+    lanes: Sequence[Lane],
+    wake: threading.Event,
+    stop: threading.Event,
+    *,
+    idle: float = 0.02,
+    linger: float = 0.005,
+    cadence: BlockCadence | None = None,
 ) -> None:
     """The relayer thread: every lane in turn, in one thread, so the operator's local nonce has one
-    writer. Idle, it sleeps until a request arrives (`wake`) and then `linger`s so that requests
-    arriving together share a batch (group commit)."""
+    writer. With a `cadence`, lanes send only when a block is due and poll receipts when one was
+    mined (or every `cadence.fallback` seconds). Without one (a node that mines on its own), idle it
+    sleeps until a request arrives (`wake`) and then `linger`s so that requests arriving together
+    share a batch (group commit)."""
+    next_poll = 0.0
     while not stop.is_set():
+        send = poll = True
+        due: int | None = None
+        if cadence is not None:
+            due, mined = cadence.take()
+            send = due is not None
+            now = time.monotonic()
+            poll = mined or now >= next_poll
+            if poll:
+                next_poll = now + cadence.fallback
         moved = 0
         for lane in lanes:
             try:
-                moved += lane.step()
+                moved += lane.step(send=send, poll=poll)
             except Exception:  # the node or the database may be away for a while; the relayer must not die
                 log.exception("relayer step failed (%s); retrying", type(lane).__name__)
                 stop.wait(0.5)
-        if moved == 0:
+        if cadence is not None:
+            if due is not None:
+                cadence.sent(due)
+            cadence.signal.wait(max(0.0, next_poll - time.monotonic()))
+        elif moved == 0:
             if wake.wait(idle if any(lane.busy for lane in lanes) else 0.25):
                 time.sleep(linger)
             wake.clear()
@@ -78,6 +151,8 @@ class BatchLane(ABC):
     """What every relay lane shares: signed batch transactions in flight (batch id -> tx hash), polled
     for receipts, and given up on when the node no longer knows them. A lane says how to pick and
     record a batch (`_send_next`, using `_submit`), settle it from its receipt, drop it, and audit."""
+
+    max_batch: int  # requests in one transaction at most (set by each lane)
 
     def __init__(
         self,
@@ -119,18 +194,24 @@ class BatchLane(ABC):
     def audit(self) -> int:
         """Re-queue requests the chain has lost; returns how many."""
 
-    def step(self) -> int:
-        """Settle mined batches and send new ones; returns how many requests moved."""
-        moved = self._poll()
+    def step(self, *, send: bool = True, poll: bool = True) -> int:
+        """Settle mined batches (`poll`) and send new ones (`send`); returns how many requests moved."""
+        moved = self._poll() if poll else 0
         if time.monotonic() >= self._next_audit:
             moved += self.audit()
             self._next_audit = time.monotonic() + self.lost_after / 2
-        while len(self._in_flight) < self.max_in_flight:
+        while send and len(self._in_flight) < self.max_in_flight:
             sent = self._send_next()
-            if not sent:
-                break
             moved += sent
+            if not self._more_after(sent):
+                break
         return moved
+
+    def _more_after(self, sent: int) -> bool:
+        """Whether to send another batch at once after one of `sent` requests: only after a full one.
+        A partial batch took everything pending; what was accepted while it was sent waits for the
+        next round (the next block), rather than going out alone in a transaction of its own."""
+        return sent >= self.max_batch
 
     def run(self, stop: threading.Event, idle: float = 0.02) -> None:
         run_lanes([self], self.wake, stop, idle=idle, linger=self.linger)

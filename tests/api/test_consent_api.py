@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 import gzip
+import time
 from urllib.parse import quote
 
 from eth_account import Account
 
-from tests.api.conftest import Service, q
+from tests.api.conftest import Customer, Service, q
 
 PROBLEM = "application/problem+json"
 
@@ -65,6 +66,31 @@ def test_grant_then_revoke_end_to_end(service: Service) -> None:
     as_operator = service.client.get(f"/api/v1/customers/{q(customer.did)}/consents", headers=service.operator())
     assert as_operator.status_code == 200
     assert as_operator.json()[0]["attributes"] == ["user.contact.email"]
+
+
+def test_changes_sent_between_two_blocks_share_one_transaction(service: Service) -> None:
+    """The service mines its own blocks, so the relayer sends one batch just before each block
+    (BlockCadence) instead of one every few milliseconds of requests: changes accepted 15 ms apart
+    (three times the relayer's linger) over several blocks make one transaction per block."""
+    customers = [service.new_customer() for _ in range(3)]
+    accepted: list[tuple[Customer, str]] = []
+    for round_ in range(4):
+        for customer in customers:
+            response = service.change(
+                customer, action="grant" if round_ % 2 == 0 else "revoke", attributes=["user.name"]
+            )
+            assert response.status_code == 202, response.text
+            accepted.append((customer, response.json()["id"]))
+            time.sleep(0.015)
+    done = [
+        service.wait_status(customer, request_id, "active" if i // 3 % 2 == 0 else "revoked")
+        for i, (customer, request_id) in enumerate(accepted)
+    ]
+    blocks: dict[int, set[str]] = {}
+    for change in done:
+        blocks.setdefault(change["block_number"], set()).add(change["tx_hash"])
+    assert all(len(transactions) == 1 for transactions in blocks.values()), blocks
+    assert len(blocks) < len(done)  # and so fewer transactions than changes
 
 
 def test_the_did_lists_the_bound_key(service: Service) -> None:

@@ -89,3 +89,31 @@ def test_checkpoints_take_a_bounded_share_of_the_time(tmp_path: Path, monkeypatc
     assert len(spans) >= 3
     busy = sum(end - start for start, end in spans[:-1])
     assert busy / (spans[-1][0] - spans[0][0]) <= 0.25
+
+
+def test_block_hooks_run_just_before_and_after_each_block(tmp_path: Path) -> None:
+    """The relayer's batches are sent from `before_block` (ledger.relayer.BlockCadence): what it sends
+    must be in the block mined right after it, and `after_block` must see that block."""
+    anvil = node(tmp_path)
+    calls: list[tuple[str, int]] = []
+
+    def height() -> int:
+        return int(str(anvil._call("eth_blockNumber", [])), 16)
+
+    def before() -> None:
+        calls.append(("before", height()))
+        if len(calls) == 3:
+            raise RuntimeError("a listener that fails")  # logged; blocks keep coming
+
+    anvil.before_block = before
+    anvil.after_block = lambda: calls.append(("after", height()))
+    anvil.start()
+    try:
+        time.sleep(1.0)
+    finally:
+        anvil.stop()
+    pairs = [(calls[i], calls[i + 1]) for i in range(0, len(calls) - 1, 2)]
+    assert len(pairs) >= 5  # the failing listener stopped nothing
+    for (first, at), (then, after) in pairs:
+        assert (first, then) == ("before", "after")
+        assert after == at + 1  # exactly one block between them
