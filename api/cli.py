@@ -213,13 +213,13 @@ def _principals_add(args: argparse.Namespace) -> int:
     import api.models  # noqa: F401 - the principals table
     from api.auth import PrincipalExists, create_principal, new_address
     from api.models import Partner
-    from ledger.store import Base, make_engine, sessions
+    from ledger.store import create_schema, make_engine, sessions
 
     overrides = {"data_dir": args.data_dir} if args.data_dir else {}
     service = ServiceSettings(**overrides)
     service.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(service.database_url or f"sqlite:///{(service.data_dir / 'service.db').resolve()}")
-    Base.metadata.create_all(engine)
+    create_schema(engine)
     address: str | None = Web3.to_checksum_address(args.address) if args.address else None
     private_key: str | None = None
     if args.role == "partner" and address is None:

@@ -43,7 +43,7 @@ from ledger.outbox import Outbox, OutboxWriter
 from ledger.points import FINAL, Completions, PointsFollower, PointsReader, PointsRelayer
 from ledger.relayer import BlockCadence, Relayer, run_lanes
 from ledger.settings import ChainSettings, ToolchainSettings
-from ledger.store import Base, ControllerState, GroupCommit, make_engine, sessions
+from ledger.store import ControllerState, GroupCommit, create_schema, make_engine, sessions
 from ledger.tx import TxSender
 from ledger.types import Subject
 
@@ -118,7 +118,7 @@ class Runtime:
         self.engine = make_engine(self.service.database_url or f"sqlite:///{(data_dir / 'service.db').resolve()}")
         self._sessions = sessions(self.engine)
         if not worker:
-            Base.metadata.create_all(self.engine)
+            create_schema(self.engine)
             with self.sessions() as session:
                 reference.seed(session)
 

@@ -102,7 +102,10 @@ class ConsentRequest(Base):
             postgresql_where=text("status != 'failed'"),
         ),
         Index("ix_requests_status_seq", "status", "seq"),
-        Index("ix_requests_subject", "subject"),
+        # Serves a subject's requests, and the indexer confirming one by (subject, nonce): the partial
+        # unique index above cannot (its WHERE is not implied), and by subject alone each confirmation
+        # read every request the subject ever made.
+        Index("ix_requests_subject_nonce", "subject", "nonce"),
     )
 
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -208,6 +211,15 @@ class IndexerCursor(Base):
 
     name: Mapped[str] = mapped_column(String(32), primary_key=True)
     block_number: Mapped[int] = mapped_column(BigInteger)
+
+
+def create_schema(engine: Engine) -> None:
+    """Create the service's tables, and any index declared since an existing database was made
+    (`create_all` adds missing tables only)."""
+    Base.metadata.create_all(engine)
+    for table in Base.metadata.sorted_tables:
+        for index in table.indexes:
+            index.create(engine, checkfirst=True)
 
 
 def make_engine(url: str) -> Engine:

@@ -102,3 +102,28 @@ def test_group_commit_shares_transactions_and_fails_only_a_conflicting_caller(tm
     with sessions(engine)() as session:
         assert session.execute(text("SELECT count(*) FROM indexer_cursor")).scalar() == 17
     engine.dispose()
+
+
+def test_an_older_database_gets_the_indexes_declared_since(tmp_path: Path) -> None:
+    """`create_all` adds missing tables only; `create_schema` also adds an index declared after the
+    database was made, such as the one the indexer needs to confirm a request by (subject, nonce)
+    without reading every request the subject ever made."""
+    from ledger.store import create_schema
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'service.db'}")
+    Base.metadata.create_all(engine)
+    with engine.begin() as connection:
+        connection.execute(text("DROP INDEX ix_requests_subject_nonce"))
+    confirm = (
+        "EXPLAIN QUERY PLAN UPDATE consent_requests SET status = 'confirmed' "
+        "WHERE subject = x'00' AND nonce = 1 AND kind = 1 AND status != 'confirmed'"
+    )
+    with engine.connect() as connection:
+        assert "ix_requests_subject_nonce" not in str(connection.execute(text(confirm)).all())
+    create_schema(engine)
+    create_schema(engine)  # and again: nothing to add
+    with engine.connect() as connection:
+        assert "USING INDEX ix_requests_subject_nonce (subject=? AND nonce=?)" in str(
+            connection.execute(text(confirm)).all()
+        )
+    engine.dispose()
