@@ -38,6 +38,10 @@ class PointsRequest(Base):
     __table_args__ = (
         Index("ix_points_requests_status_seq", "status", "seq"),
         Index("ix_points_requests_live_nonce", "controller", "partner", "status"),
+        # Settling a batch reads its requests, under the write lock: by scanning the table, that
+        # grew with every redemption ever made.
+        Index("ix_points_requests_batch", "batch_id"),
+        Index("ix_points_requests_unindexed", "status", "indexed"),  # the audit's done-but-unseen requests
     )
 
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

@@ -8,6 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
 from sqlalchemy import event, text
 from sqlalchemy.exc import IntegrityError
 
@@ -127,3 +128,28 @@ def test_an_older_database_gets_the_indexes_declared_since(tmp_path: Path) -> No
             connection.execute(text(confirm)).all()
         )
     engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("query", "index"),
+    [
+        ("SELECT * FROM points_requests WHERE batch_id = 3", "ix_points_requests_batch"),
+        ("SELECT * FROM points_requests WHERE status = 'done' AND indexed = 0", "ix_points_requests_unindexed"),
+        (
+            "SELECT max(nonce) FROM consent_requests WHERE subject = x'00' AND status != 'failed'",
+            "uq_live_subject_nonce",
+        ),
+    ],
+)
+def test_queries_made_under_the_write_lock_use_an_index(tmp_path: Path, query: str, index: str) -> None:
+    """Each runs with every process's writers waiting (or as often as the relayer settles a batch):
+    a scan of a table that grows with every request would stall them more as the service ages."""
+    import ledger.points_store  # noqa: F401 - its tables
+    from ledger.store import create_schema
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'service.db'}")
+    create_schema(engine)
+    with engine.connect() as connection:
+        plan = str(connection.execute(text(f"EXPLAIN QUERY PLAN {query}")).all())
+    engine.dispose()
+    assert f"USING INDEX {index}" in plan or f"USING COVERING INDEX {index}" in plan, plan
