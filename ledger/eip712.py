@@ -18,7 +18,7 @@ from eth_abi.abi import encode as abi_encode
 from eth_typing import ChecksumAddress
 from eth_utils.crypto import keccak
 
-from ledger.types import Purpose, Subject, checksummed
+from ledger.types import Purpose, Subject, checksummed, keccak256
 
 DOMAIN_VERSION = "1"
 # secp256k1 order / 2: signatures with a larger s are malleable copies, refused here as by ECDSA.sol.
@@ -203,7 +203,7 @@ class ConsentChange:
         )
         if grant:
             words += _uint_word(self.valid_until, 64)
-        return keccak(words + _uint_word(self.nonce) + _uint_word(self.deadline))
+        return keccak256(words + _uint_word(self.nonce) + _uint_word(self.deadline))
 
 
 @dataclass(frozen=True)
@@ -225,7 +225,7 @@ class ControllerChange:
         }
 
     def struct_hash(self) -> bytes:
-        return keccak(
+        return keccak256(
             TYPEHASHES["ControllerChange"]
             + _bytes32_word(self.subject)
             + _address_word(self.new_controller)
@@ -253,7 +253,7 @@ class ControllerBinding:
         }
 
     def struct_hash(self) -> bytes:
-        return keccak(
+        return keccak256(
             TYPEHASHES["ControllerBinding"]
             + _bytes32_word(self.subject)
             + _address_word(self.controller)
@@ -289,7 +289,7 @@ class Redemption:
         }
 
     def struct_hash(self) -> bytes:
-        return keccak(
+        return keccak256(
             TYPEHASHES["Redemption"]
             + _bytes32_word(self.subject)
             + _address_word(self.partner)
@@ -388,30 +388,42 @@ def parse(typed: Any, domain: Domain, allowed: tuple[str, ...]) -> Message:
             nonce=_uint(message["nonce"], 256, "nonce"),
             deadline=_uint(message["deadline"], 256, "deadline"),
         )
-    expected = typed_data(domain, parsed)
+    # Compared with what `typed_data` would give, built once per domain and message type.
     submitted_domain = typed.get("domain")
-    if not isinstance(submitted_domain, dict) or {k: str(v).lower() for k, v in submitted_domain.items()} != {
-        k: str(v).lower() for k, v in expected["domain"].items()
-    }:
+    if not isinstance(submitted_domain, dict) or {
+        k: str(v).lower() for k, v in submitted_domain.items()
+    } != _lowered_domain(domain):
         raise TypedDataError("domain is not this service's (name, version, chainId, verifyingContract)")
-    if typed.get("types") != expected["types"]:
+    if typed.get("types") != _TYPES[primary]:
         raise TypedDataError("types do not match the message type")
     return parsed
 
 
+@lru_cache(maxsize=64)
+def _lowered_domain(domain: Domain) -> dict[str, str]:
+    return {k: str(v).lower() for k, v in domain.as_json().items()}
+
+
+def _types(primary: str) -> dict[str, list[dict[str, str]]]:
+    return {
+        "EIP712Domain": EIP712_DOMAIN_FIELDS,
+        primary: [{"name": name, "type": kind} for name, kind in MESSAGE_FIELDS[primary]],
+    }
+
+
+_TYPES = {primary: _types(primary) for primary in MESSAGE_FIELDS}  # for comparison only: never handed out
+
+
 def digest(domain: Domain, message: Message) -> bytes:
     """The 32 bytes that are signed: keccak256(0x1901 ‖ domainSeparator ‖ structHash)."""
-    return keccak(b"\x19\x01" + domain.separator() + message.struct_hash())
+    return keccak256(b"\x19\x01" + domain.separator() + message.struct_hash())
 
 
 def typed_data(domain: Domain, message: Message) -> dict[str, Any]:
     """The complete typed data, as `eth_signTypedData_v4` takes it."""
     primary = message.primary_type
     return {
-        "types": {
-            "EIP712Domain": EIP712_DOMAIN_FIELDS,
-            primary: [{"name": name, "type": kind} for name, kind in MESSAGE_FIELDS[primary]],
-        },
+        "types": _types(primary),
         "primaryType": primary,
         "domain": domain.as_json(),
         "message": message.message(),
@@ -433,18 +445,18 @@ def recover(domain: Domain, message: Message, signature: Signature) -> ChecksumA
     public = PublicKey.from_signature_and_message(
         signature.r + signature.s + bytes([signature.v - 27]), digest(domain, message), hasher=None
     )
-    return checksummed(keccak(public.format(compressed=False)[1:])[-20:])
+    return checksummed(keccak256(public.format(compressed=False)[1:])[-20:])
 
 
 def personal_signer(message: str, signature: bytes) -> ChecksumAddress:
     """The signer of an EIP-191 `personal_sign` message (what wallets do for Sign-In with Ethereum)."""
     data = message.encode("utf-8")
-    prefixed = keccak(b"\x19Ethereum Signed Message:\n" + str(len(data)).encode() + data)
+    prefixed = keccak256(b"\x19Ethereum Signed Message:\n" + str(len(data)).encode() + data)
     sig = Signature.from_bytes(signature)
     if sig.v not in (27, 28) or int.from_bytes(sig.s, "big") > _HALF_ORDER:
         raise ValueError("malformed signature")
     public = PublicKey.from_signature_and_message(sig.r + sig.s + bytes([sig.v - 27]), prefixed, hasher=None)
-    return checksummed(keccak(public.format(compressed=False)[1:])[-20:])
+    return checksummed(keccak256(public.format(compressed=False)[1:])[-20:])
 
 
 def purpose_id(key: str) -> Purpose:
