@@ -239,7 +239,11 @@ class AnvilNode:
         """A block every `block_time`. `before_block` runs first, inside the same pause of checkpoints,
         so that what it sends (the relayer's batches: `ledger.relayer.BlockCadence`) is in the block;
         `after_block` runs once it is mined."""
-        while not self._stop_workers.wait(self.block_time):
+        due = time.monotonic() + self.block_time
+        while not self._stop_workers.wait(max(0.0, due - time.monotonic())):
+            # At a fixed rate: the time the hooks and mining take does not stretch the interval (after
+            # a pause, such as a checkpoint, the next block is a whole interval away).
+            due = max(due, time.monotonic()) + self.block_time
             with self._mining:
                 _run_hook(self.before_block)
                 # A node that is down or restarting is the supervisor's business, not the miner's.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import socket
 import time
 from pathlib import Path
@@ -100,8 +101,12 @@ def test_block_hooks_run_just_before_and_after_each_block(tmp_path: Path) -> Non
     def height() -> int:
         return int(str(anvil._call("eth_blockNumber", [])), 16)
 
+    starts: list[float] = []
+
     def before() -> None:
+        starts.append(time.monotonic())
         calls.append(("before", height()))
+        time.sleep(0.05)  # a relayer sending its batches: half the interval
         if len(calls) == 3:
             raise RuntimeError("a listener that fails")  # logged; blocks keep coming
 
@@ -117,3 +122,5 @@ def test_block_hooks_run_just_before_and_after_each_block(tmp_path: Path) -> Non
     for (first, at), (then, after) in pairs:
         assert (first, then) == ("before", "after")
         assert after == at + 1  # exactly one block between them
+    gaps = sorted(b - a for a, b in itertools.pairwise(starts))
+    assert gaps[len(gaps) // 2] < 0.125  # blocks keep their rate (0.1 s), the hook's time is not added
