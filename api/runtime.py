@@ -236,7 +236,7 @@ class Runtime:
 
     def _on_control(self, message: tuple[Any, ...]) -> None:
         if message[0] == "done":  # points requests settled: hand the final rows to this worker's waiters
-            waiting = self.completions.waiting(message[1])
+            waiting = self.completions.finished(message[1])
             if waiting and self.points_reader is not None:  # told after the commit: the rows are final
                 rows = self.points_reader.requests(waiting)
                 self.completions.notify([r for r in rows if r.status in FINAL])

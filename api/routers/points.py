@@ -100,10 +100,9 @@ async def _wait(runtime: Runtime, request_ids: Sequence[str], *, created: bool) 
     def wake(row: PointsRequest) -> None:  # in the relayer's thread
         loop.call_soon_threadsafe(arrived, row)
 
-    for request_id in request_ids:
-        runtime.completions.subscribe(request_id, wake)
+    late = [runtime.completions.subscribe(request_id, wake) for request_id in request_ids]
     runtime.wake_relayer()
-    read = not created
+    read = not created or any(late)  # finished before we listened: its news came and went
     try:
         while True:
             if read:
