@@ -37,7 +37,12 @@ class ServiceSettings(BaseSettings):
         "request cost ~3 % of an API process's CPU under load, and a reverse proxy usually logs them.",
     )
     relayer_max_batch: int = Field(default=500, ge=1, le=2000, description="Most consent changes in one transaction.")
-    relayer_linger: float = Field(default=0.005, ge=0, description="Seconds the relayer waits to fill a batch.")
+    relayer_linger: float = Field(
+        default=0.005,
+        ge=0,
+        description="Seconds the relayer waits to fill a batch (an external node; with the managed node "
+        "batches are sent just before each block).",
+    )
     relayer_max_in_flight: int = Field(default=16, ge=1, description="Batch transactions sent and not yet mined.")
     tiers: dict[str, int] = Field(
         default={"bronze": 0, "silver": 1_000, "gold": 5_000, "platinum": 20_000},
