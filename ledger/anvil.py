@@ -241,10 +241,10 @@ class AnvilNode:
         `after_block` runs once it is mined."""
         due = time.monotonic() + self.block_time
         while not self._stop_workers.wait(max(0.0, due - time.monotonic())):
-            # At a fixed rate: the time the hooks and mining take does not stretch the interval (after
-            # a pause, such as a checkpoint, the next block is a whole interval away).
-            due = max(due, time.monotonic()) + self.block_time
             with self._mining:
+                # At a fixed rate: the time the hooks and mining take does not stretch the interval
+                # (after a pause, such as a checkpoint, the next block is a whole interval away).
+                due = max(due, time.monotonic()) + self.block_time
                 _run_hook(self.before_block)
                 # A node that is down or restarting is the supervisor's business, not the miner's.
                 with contextlib.suppress(OSError, ValueError, NodeStartError):

@@ -124,3 +124,23 @@ def test_block_hooks_run_just_before_and_after_each_block(tmp_path: Path) -> Non
         assert after == at + 1  # exactly one block between them
     gaps = sorted(b - a for a, b in itertools.pairwise(starts))
     assert gaps[len(gaps) // 2] < 0.125  # blocks keep their rate (0.1 s), the hook's time is not added
+
+
+def test_after_a_checkpoint_pause_blocks_resume_at_their_interval(tmp_path: Path) -> None:
+    """Mining pauses while a checkpoint is written; the blocks missed meanwhile are not made up in a
+    burst afterwards (each would carry the relayer's round trip for nothing)."""
+    anvil = node(tmp_path)  # a block every 0.1 s
+    starts: list[float] = []
+    anvil.before_block = lambda: starts.append(time.monotonic())
+    anvil.start()
+    try:
+        time.sleep(0.35)
+        with anvil.mining_paused():
+            time.sleep(0.5)
+            resumed = time.monotonic()
+        time.sleep(0.45)
+    finally:
+        anvil.stop()
+    after = [t for t in starts if t >= resumed]
+    assert len(after) >= 3
+    assert min(b - a for a, b in itertools.pairwise(after)) > 0.07
