@@ -135,10 +135,7 @@ def test_an_older_database_gets_the_indexes_declared_since(tmp_path: Path) -> No
     [
         ("SELECT * FROM points_requests WHERE batch_id = 3", "ix_points_requests_batch"),
         ("SELECT * FROM points_requests WHERE status = 'done' AND indexed = 0", "ix_points_requests_unindexed"),
-        (
-            "SELECT max(nonce) FROM consent_requests WHERE subject = x'00' AND status != 'failed'",
-            "uq_live_subject_nonce",
-        ),
+        ("SELECT seq FROM consent_requests WHERE status = 'pending' ORDER BY seq LIMIT 500", "ix_requests_status_seq"),
     ],
 )
 def test_queries_made_under_the_write_lock_use_an_index(tmp_path: Path, query: str, index: str) -> None:
