@@ -246,9 +246,8 @@ class OutboxWriter:
             return unavailable
         with self._sessions() as session:
             for subject, chain_nonce in new.items():
-                highest = _highest_live_nonce(session, subject)
                 try:
-                    self._next[subject] = chain_nonce() if highest is None else highest + 1
+                    self._expected(session, subject, chain_nonce, fresh=True)  # caches it
                 except LedgerError as exc:
                     unavailable[subject] = exc
         return unavailable
