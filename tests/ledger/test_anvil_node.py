@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import socket
 import time
 from pathlib import Path
+from typing import cast
 
 import pytest
 
-from ledger.anvil import CHECKPOINT_SHARE, AnvilNode, find_anvil
+from ledger.anvil import CAPTURE_HOLD, CHECKPOINT_SHARE, AnvilNode, dump_problem, find_anvil
 from ledger.errors import NodeStartError
 from ledger.settings import PROJECT_ROOT
 
@@ -66,18 +69,18 @@ def test_it_never_automines_and_stops_cleanly(tmp_path: Path) -> None:
 
 
 def test_checkpoints_take_a_bounded_share_of_the_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A growing state makes each dump slower; checkpoints must not come to fill the time (mining
-    is paused while one is written), whatever `state_interval` asks."""
+    """A growing state makes each dump slower (seconds of the node's and the supervisor's CPU);
+    checkpoints must not come to fill the time, whatever `state_interval` asks."""
     anvil = node(tmp_path, state_interval=1)
     assert anvil.checkpoint_pause(0.01) == 1.0  # a quick dump: the configured interval
     assert anvil.checkpoint_pause(2.0) == 2.0 * CHECKPOINT_SHARE  # a slow one: that many times its duration
     spans: list[tuple[float, float]] = []
 
-    def slow_checkpoint() -> None:  # stands in for a large dump: 0.1 s with mining paused
+    def slow_checkpoint() -> float:  # stands in for a large dump: 0.1 s of work
         started = time.monotonic()
-        with anvil.mining_paused():
-            time.sleep(0.1)
+        time.sleep(0.1)
         spans.append((started, time.monotonic()))
+        return 0.0
 
     monkeypatch.setattr(anvil, "checkpoint", slow_checkpoint)
     monkeypatch.setattr("ledger.anvil.CHECKPOINT_SHARE", 4)  # at most a fifth of the time
@@ -144,3 +147,121 @@ def test_after_a_checkpoint_pause_blocks_resume_at_their_interval(tmp_path: Path
     after = [t for t in starts if t >= resumed]
     assert len(after) >= 3
     assert min(b - a for a, b in itertools.pairwise(after)) > 0.07
+
+
+# checkpoints beside mining -------------------------------------------------------------------------
+
+
+def _send(anvil: AnvilNode, data: str = "0x", to: str = "0x000000000000000000000000000000000000dEaD") -> None:
+    sender = cast(list[str], anvil._call("eth_accounts", []))[0]
+    anvil._call(
+        "eth_sendTransaction", [{"from": sender, "to": to, "data": data, "gas": hex(5_000_000), "gasPrice": "0x0"}]
+    )
+
+
+def _splice(prefix: bytes, chain: bytes, transactions: bytes | None = None) -> bytes:
+    """A dump made of the env, accounts and head of `prefix`, the blocks of `chain` and the
+    transactions of `transactions` (default `chain`), written as anvil writes it."""
+    first, second = json.loads(prefix), json.loads(chain)
+    third = json.loads(transactions) if transactions is not None else second
+    spliced = {
+        "block": first["block"],
+        "accounts": first["accounts"],
+        "best_block_number": first["best_block_number"],
+        "blocks": second["blocks"],
+        "transactions": third["transactions"],
+        "historical_states": None,
+    }
+    return json.dumps(spliced, separators=(",", ":")).encode()
+
+
+def test_a_dump_copied_across_a_block_is_found_out(tmp_path: Path) -> None:
+    """anvil copies the chain for a dump in steps (env, head, blocks, transactions, accounts); a block
+    mined between two of them must be caught whichever steps it fell between."""
+    anvil = node(tmp_path, block_time=3600)  # blocks only when this test mines them
+    anvil.start()
+    try:
+        _send(anvil)
+        anvil._call("evm_mine", [])
+        before, _ = anvil._dump(None)
+        _send(anvil)
+        anvil._call("evm_mine", [])
+        after_tx, _ = anvil._dump(None)
+        anvil._call("evm_mine", [])  # an empty block: no state changes, no transaction
+        after_empty, _ = anvil._dump(None)
+        nonce_at = anvil._nonce_at
+        for dump in (before, after_tx, after_empty, _splice(before, before)):
+            assert dump_problem(dump, nonce_at) is None  # whole dumps, and the splice itself, are fine
+        head = json.loads(before)["best_block_number"]
+        ahead = json.loads(after_tx)
+        # the accounts were copied after the next block (env and head before it)
+        accounts_late = json.loads(before)
+        accounts_late["accounts"] = ahead["accounts"]
+        problem = dump_problem(json.dumps(accounts_late, separators=(",", ":")).encode(), nonce_at)
+        assert problem is not None
+        assert "nonce" in problem
+        # the env was copied before a block the head already counts
+        env_early = json.loads(after_tx)
+        env_early["block"] = json.loads(before)["block"]
+        assert "block env" in str(dump_problem(json.dumps(env_early, separators=(",", ":")).encode(), nonce_at))
+        # blocks (with a transaction, or empty) or transactions copied after the head
+        assert "blocks up to head" in str(dump_problem(_splice(before, after_tx, before), nonce_at))
+        assert "blocks up to head" in str(dump_problem(_splice(after_tx, after_empty), nonce_at))
+        assert "transactions" in str(dump_problem(_splice(before, before, after_tx), nonce_at))
+        assert f"head {head}" in str(dump_problem(_splice(before, before, after_tx), nonce_at))
+        assert "unreadable" in str(dump_problem(b'{"block":{}}', nonce_at))
+    finally:
+        anvil.stop()
+
+
+def test_checkpoints_do_not_stop_mining_while_the_dump_is_written(tmp_path: Path) -> None:
+    """Mining pauses only while the node copies the chain, not while it encodes and compresses it
+    (nearly all of a dump's time, which grows with the chain); the file is a consistent moment."""
+    anvil = node(tmp_path, block_time=3600)
+    anvil.start()
+    try:
+        for _ in range(8):  # ~13 MB of incompressible history: a dump of several blocks' time
+            for _ in range(10):
+                _send(anvil, "0x" + os.urandom(60_000).hex())
+            anvil._call("evm_mine", [])
+        anvil.block_time = 0.05
+        anvil._stop_workers_now()
+        anvil._start_workers()
+        took = time.monotonic()
+        first = int(str(anvil._call("eth_blockNumber", [])), 16)
+        paused = anvil.checkpoint()
+        mined = int(str(anvil._call("eth_blockNumber", [])), 16) - first
+        took = time.monotonic() - took
+        data = anvil.state_file.read_bytes()
+        assert dump_problem(data, anvil._nonce_at) is None  # one moment of the chain (its head, now past)
+        state = json.loads(data)
+        assert len(state["transactions"]) == 80
+        assert len(state["blocks"]) == state["best_block_number"] + 1
+    finally:
+        anvil.stop()
+    assert took > 0.25  # a dump of several block intervals ...
+    assert paused < CAPTURE_HOLD + 0.05  # ... with mining paused only while the node copied the chain
+    assert mined >= 3  # blocks kept coming meanwhile
+
+
+def test_a_checkpoint_that_raced_a_block_is_taken_again_with_mining_paused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    anvil = node(tmp_path, block_time=3600)
+    holds: list[float | None] = []
+    dump = anvil._dump
+
+    def recorded(hold: float | None) -> tuple[bytes, float]:
+        holds.append(hold)
+        return dump(hold)
+
+    problems = iter(["a block in the copy", None])
+    monkeypatch.setattr(anvil, "_dump", recorded)
+    monkeypatch.setattr("ledger.anvil.dump_problem", lambda data, nonce_at: next(problems))
+    anvil.start()
+    try:
+        anvil.checkpoint()
+    finally:
+        anvil.stop()
+    assert holds == [CAPTURE_HOLD, None]
+    assert json.loads(anvil.state_file.read_bytes())["best_block_number"] >= 0
