@@ -8,8 +8,6 @@ transaction) it collapses under load on this machine kind (DESIGN.md, measured f
 from __future__ import annotations
 
 import contextlib
-import gzip
-import http.client
 import json
 import logging
 import os
@@ -71,6 +69,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _start_dumper() -> subprocess.Popen[str]:
+    """The process that fetches, checks and writes checkpoints (`ledger.anvil_dump`), once it is ready."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "ledger.anvil_dump"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    if child.stdout.readline().strip() != "ready":
+        child.kill()
+        child.wait()
+        raise OSError("the dump process did not start")
+    return child
+
+
 def _run_hook(hook: Callable[[], None] | None) -> None:
     if hook is None:
         return
@@ -78,51 +92,6 @@ def _run_hook(hook: Callable[[], None] | None) -> None:
         hook()
     except Exception:  # a listener's failure must not stop block production
         log.exception("block hook failed")
-
-
-def dump_problem(data: bytes, nonce_at: Callable[[str, int], int]) -> str | None:
-    """Why a state dump is not one consistent moment of the chain, or None if it is.
-
-    anvil writes `{"block", "accounts", "best_block_number", "blocks", "transactions", ...}` from
-    copies taken one after another: the block env, the head number, the blocks, the transactions,
-    and the accounts last. A block mined between two copies shows as: an env or a block past the head
-    (an empty block leaves no other trace), a transaction past the head, or an account whose nonce
-    is past its nonce at the head (every change of state is a transaction, which bumps its sender's
-    nonce). Anything this cannot read counts as a problem (the dump is then taken with mining paused).
-    All values in the dump are hex strings or numbers, so the keys searched for cannot occur in data.
-    """
-    try:
-        at_head = data.index(b',"best_block_number":')
-        at_blocks = data.index(b',"blocks":[', at_head)
-        head = int(data[at_head + len(b',"best_block_number":') : at_blocks])
-        # The top-level list is the last "transactions" key (each block has its own list before it).
-        at_transactions = data.rindex(b'"transactions":[')
-        prefix = json.loads(data[:at_head] + b"}")
-        env_number = int(prefix["block"]["number"], 16)
-        accounts: dict[str, dict[str, Any]] = prefix["accounts"]
-    except (ValueError, KeyError, TypeError) as exc:
-        return f"unreadable dump: {exc!r}"
-    if env_number != head:
-        return f"block env {env_number}, head {head}"
-    blocks = data.count(b'{"header":', at_blocks, at_transactions)
-    if blocks != head + 1:
-        return f"{blocks} blocks up to head {head}"
-    transactions = data.count(b'"block_hash":', at_transactions)
-    sent = 0
-    for address, account in accounts.items():
-        if account.get("code") not in (None, "", "0x"):
-            continue  # a contract's nonce counts its creations, not transactions
-        nonce = int(account.get("nonce", 0))
-        try:
-            expected = nonce_at(address, head)
-        except Exception as exc:  # the node cannot say: not provably consistent
-            return f"no nonce for {address} at {head}: {exc}"
-        if nonce != expected:
-            return f"{address} has nonce {nonce}, {expected} at head {head}"
-        sent += nonce
-    if transactions != sent:
-        return f"{transactions} transactions, {sent} sent up to head {head}"
-    return None
 
 
 CHECKPOINT_SHARE = 20  # a checkpoint is followed by at least 20 times its duration without one
@@ -156,7 +125,9 @@ class AnvilNode:
         self.port = 0
         self._process: subprocess.Popen[bytes] | None = None
         self._adopted: int | None = None  # pid of a node an earlier service left running
-        self._mining = threading.Lock()  # a checkpoint never overlaps a block being mined
+        self._mining = threading.Lock()  # a checkpoint's copy never overlaps a block being mined
+        self._dumper: subprocess.Popen[str] | None = None  # see `_dump`
+        self._dumper_lock = threading.Lock()
         self._stop_workers = threading.Event()
         self._workers: list[threading.Thread] = []
         # Called by the interval miner just before and just after each block (see `_mine`).
@@ -272,6 +243,8 @@ class AnvilNode:
         for worker in self._workers:
             worker.join(timeout=10)
         self._workers = []
+        with self._dumper_lock:
+            self._close_dumper()
 
     def _call(self, method: str, params: list[object], timeout: float = 30) -> object:
         body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode()
@@ -340,50 +313,65 @@ class AnvilNode:
         `CAPTURE_HOLD` only, while the node copies; the dump is then checked (`dump_problem`) and, if
         a block got into the copy all the same, taken again with mining paused throughout. Before
         this, every checkpoint paused mining for the whole dump: seconds at a hundred thousand
-        changes, which was the consent benchmark's confirmation p99."""
+        changes. The dump is fetched, checked and written by a low-priority process of its own
+        (`ledger.anvil_dump`), not by this one, where the relayer and the miner run."""
         started = time.monotonic()
-        data, paused = self._dump(CAPTURE_HOLD)
-        problem = dump_problem(data, self._nonce_at)
-        if problem is not None:
-            log.info("checkpoint raced a block (%s): taking it again with mining paused", problem)
-            data, again = self._dump(None)
-            paused += again
         tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_bytes(data)
+        outcome, paused = self._dump(tmp, CAPTURE_HOLD)
+        if outcome["problem"] is not None:
+            log.info("checkpoint raced a block (%s): taking it again with mining paused", outcome["problem"])
+            outcome, again = self._dump(tmp, None)
+            paused += again
+            if outcome["problem"] is not None:  # the node itself is inconsistent, or its format changed
+                raise ValueError(f"anvil_dumpState with mining paused: {outcome['problem']}")
+        if self._stop_workers.is_set():  # stopping: anvil writes its final state itself, which is newer
+            tmp.unlink(missing_ok=True)
+            return paused
         os.replace(tmp, self.state_file)
         log.info(
             "checkpoint: %.1f MB in %.3f s, mining paused %.3f s",
-            len(data) / 1e6,
+            outcome["bytes"] / 1e6,
             time.monotonic() - started,
             paused,
         )
         return paused
 
-    def _dump(self, hold: float | None) -> tuple[bytes, float]:
-        """`anvil_dumpState`, decompressed, and the seconds mining was paused for it: `hold` seconds
-        from when the request is sent, or (None) until the dump has come back."""
-        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "anvil_dumpState", "params": []}).encode()
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=DUMP_TIMEOUT)
-        try:
-            started = time.monotonic()
-            with self.mining_paused():
-                connection.request("POST", "/", body, {"Content-Type": "application/json"})
-                if hold is None:
-                    raw = connection.getresponse().read()
-                else:
-                    time.sleep(hold)
-            paused = time.monotonic() - started
-            if hold is not None:
-                raw = connection.getresponse().read()
-        finally:
-            connection.close()
-        answer = json.loads(raw)
-        if "error" in answer:
-            raise NodeStartError(f"anvil_dumpState: {answer['error']}")
-        dumped = answer.get("result")
-        if not isinstance(dumped, str):
-            raise ValueError("anvil_dumpState returned no data")
-        return gzip.decompress(bytes.fromhex(dumped.removeprefix("0x"))), paused
+    def _dump(self, path: Path, hold: float | None) -> tuple[dict[str, Any], float]:
+        """Have the dump process write a checked dump to `path`: its outcome, and the seconds mining
+        was paused for it: `hold` seconds from when the request was sent, or (None) until it is done."""
+        with self._dumper_lock:
+            if self._dumper is None or self._dumper.poll() is not None:
+                self._dumper = _start_dumper()
+            child = self._dumper
+            assert child.stdin is not None
+            assert child.stdout is not None
+            try:
+                started = time.monotonic()
+                with self.mining_paused():
+                    child.stdin.write(json.dumps([self.url, str(path)]) + "\n")
+                    child.stdin.flush()
+                    if child.stdout.readline().strip() != "sent":
+                        raise OSError("the dump process stopped")
+                    if hold is None:
+                        answer = child.stdout.readline()
+                    else:
+                        time.sleep(hold)
+                paused = time.monotonic() - started
+                if hold is not None:
+                    answer = child.stdout.readline()
+                outcome: dict[str, Any] = json.loads(answer)
+            except (OSError, ValueError):
+                self._close_dumper()
+                raise
+        if "error" in outcome:
+            raise OSError(f"anvil_dumpState: {outcome['error']}")
+        return outcome, paused
+
+    def _close_dumper(self) -> None:
+        child, self._dumper = self._dumper, None
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait()
 
     def _nonce_at(self, address: str, block: int) -> int:
         return int(str(self._call("eth_getTransactionCount", [address, hex(block)])), 16)

@@ -85,7 +85,7 @@ class ChainSettings(BaseSettings):
         default=1,
         ge=1,
         description="Least seconds between the managed node's state dumps to the data dir (a dump that took "
-        "t seconds is followed by at least 20·t: dumps grow with the chain and pause mining).",
+        "t seconds is followed by at least 20·t: dumps grow with the chain, and so does their CPU time).",
     )
     supervise: bool = Field(default=True, description="Start the managed node again if it dies while serving.")
     start_timeout: float = Field(default=30.0, description="Seconds to wait for the managed node to answer.")

@@ -8,11 +8,12 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 
-from ledger.anvil import CAPTURE_HOLD, CHECKPOINT_SHARE, AnvilNode, dump_problem, find_anvil
+from ledger.anvil import CAPTURE_HOLD, CHECKPOINT_SHARE, AnvilNode, find_anvil, free_port
+from ledger.anvil_dump import NICENESS, dump_problem
 from ledger.errors import NodeStartError
 from ledger.settings import PROJECT_ROOT
 
@@ -159,6 +160,12 @@ def _send(anvil: AnvilNode, data: str = "0x", to: str = "0x000000000000000000000
     )
 
 
+def _dumped(anvil: AnvilNode, path: Path) -> bytes:
+    outcome, _ = anvil._dump(path, None)
+    assert outcome["problem"] is None
+    return path.read_bytes()
+
+
 def _splice(prefix: bytes, chain: bytes, transactions: bytes | None = None) -> bytes:
     """A dump made of the env, accounts and head of `prefix`, the blocks of `chain` and the
     transactions of `transactions` (default `chain`), written as anvil writes it."""
@@ -183,12 +190,12 @@ def test_a_dump_copied_across_a_block_is_found_out(tmp_path: Path) -> None:
     try:
         _send(anvil)
         anvil._call("evm_mine", [])
-        before, _ = anvil._dump(None)
+        before = _dumped(anvil, tmp_path / "before.json")
         _send(anvil)
         anvil._call("evm_mine", [])
-        after_tx, _ = anvil._dump(None)
+        after_tx = _dumped(anvil, tmp_path / "after_tx.json")
         anvil._call("evm_mine", [])  # an empty block: no state changes, no transaction
-        after_empty, _ = anvil._dump(None)
+        after_empty = _dumped(anvil, tmp_path / "after_empty.json")
         nonce_at = anvil._nonce_at
         for dump in (before, after_tx, after_empty, _splice(before, before)):
             assert dump_problem(dump, nonce_at) is None  # whole dumps, and the splice itself, are fine
@@ -251,13 +258,14 @@ def test_a_checkpoint_that_raced_a_block_is_taken_again_with_mining_paused(
     holds: list[float | None] = []
     dump = anvil._dump
 
-    def recorded(hold: float | None) -> tuple[bytes, float]:
+    def racing_once(path: Path, hold: float | None) -> tuple[dict[str, Any], float]:
+        outcome, paused = dump(path, hold)
+        if not holds:
+            outcome["problem"] = "a block in the copy"  # as if one had been mined into it
         holds.append(hold)
-        return dump(hold)
+        return outcome, paused
 
-    problems = iter(["a block in the copy", None])
-    monkeypatch.setattr(anvil, "_dump", recorded)
-    monkeypatch.setattr("ledger.anvil.dump_problem", lambda data, nonce_at: next(problems))
+    monkeypatch.setattr(anvil, "_dump", racing_once)
     anvil.start()
     try:
         anvil.checkpoint()
@@ -265,3 +273,25 @@ def test_a_checkpoint_that_raced_a_block_is_taken_again_with_mining_paused(
         anvil.stop()
     assert holds == [CAPTURE_HOLD, None]
     assert json.loads(anvil.state_file.read_bytes())["best_block_number"] >= 0
+
+
+def test_checkpoints_are_written_by_one_low_priority_process_that_outlives_a_failed_dump(tmp_path: Path) -> None:
+    anvil = node(tmp_path, block_time=3600)
+    anvil.start()
+    try:
+        anvil.checkpoint()
+        dumper = anvil._dumper
+        assert dumper is not None
+        assert os.getpriority(os.PRIO_PROCESS, dumper.pid) == os.getpriority(os.PRIO_PROCESS, 0) + NICENESS
+        port, anvil.port = anvil.port, free_port()  # a node that does not answer
+        with pytest.raises(OSError, match="anvil_dumpState: ConnectionRefusedError"):
+            anvil.checkpoint()
+        anvil.port = port
+        _send(anvil)
+        anvil._call("evm_mine", [])
+        anvil.checkpoint()
+        assert anvil._dumper is dumper  # the same process: no interpreter start per checkpoint
+        assert len(json.loads(anvil.state_file.read_bytes())["transactions"]) == 1
+    finally:
+        anvil.stop()
+    assert dumper.poll() is not None  # stopped with the node

@@ -1,0 +1,146 @@
+"""A checkpoint of the managed anvil node, written by a process of its own.
+
+`python -m ledger.anvil_dump` fetches `anvil_dumpState` from a node, checks that it is one consistent
+moment of the chain (`dump_problem`) and writes it, decompressed as anvil loads it, to a file; it
+answers with a JSON object: `problem` (None, or why the dump is not consistent) and `bytes`.
+
+It runs at a low CPU priority, in a process of its own: a dump grows with the chain (a few hundred MB
+at a hundred thousand consent changes), and decoding, decompressing, checking and writing it took
+seconds of CPU, some of it holding the interpreter lock of the supervisor, where the relayer and the
+interval miner run. It stays up between checkpoints (see `serve` for the protocol), so that a
+checkpoint costs no interpreter start; the caller (`AnvilNode.checkpoint`) pauses mining from when it
+asks for a dump until shortly after "sent".
+
+Only the standard library: the process starts in tens of milliseconds.
+"""
+
+from __future__ import annotations
+
+import binascii
+import http.client
+import json
+import os
+import sys
+import zlib
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+NICENESS = 10
+TIMEOUT = 600.0
+
+
+def dump_problem(data: bytes, nonce_at: Callable[[str, int], int]) -> str | None:
+    """Why a state dump is not one consistent moment of the chain, or None if it is.
+
+    anvil writes `{"block", "accounts", "best_block_number", "blocks", "transactions", ...}` from
+    copies taken one after another: the block env, the head number, the blocks, the transactions,
+    and the accounts last. A block mined between two copies shows as: an env or a block past the head
+    (an empty block leaves no other trace), a transaction past the head, or an account whose nonce
+    is past its nonce at the head (every change of state is a transaction, which bumps its sender's
+    nonce). Anything this cannot read counts as a problem (the dump is then taken with mining paused).
+    All values in the dump are hex strings or numbers, so the keys searched for cannot occur in data.
+    """
+    try:
+        at_head = data.index(b',"best_block_number":')
+        at_blocks = data.index(b',"blocks":[', at_head)
+        head = int(data[at_head + len(b',"best_block_number":') : at_blocks])
+        # The top-level list is the last "transactions" key (each block has its own list before it).
+        at_transactions = data.rindex(b'"transactions":[')
+        prefix = json.loads(data[:at_head] + b"}")
+        env_number = int(prefix["block"]["number"], 16)
+        accounts: dict[str, dict[str, Any]] = prefix["accounts"]
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"unreadable dump: {exc!r}"
+    if env_number != head:
+        return f"block env {env_number}, head {head}"
+    blocks = data.count(b'{"header":', at_blocks, at_transactions)
+    if blocks != head + 1:
+        return f"{blocks} blocks up to head {head}"
+    transactions = data.count(b'"block_hash":', at_transactions)
+    sent = 0
+    for address, account in accounts.items():
+        if account.get("code") not in (None, "", "0x"):
+            continue  # a contract's nonce counts its creations, not transactions
+        nonce = int(account.get("nonce", 0))
+        try:
+            expected = nonce_at(address, head)
+        except Exception as exc:  # the node cannot say: not provably consistent
+            return f"no nonce for {address} at {head}: {exc}"
+        if nonce != expected:
+            return f"{address} has nonce {nonce}, {expected} at head {head}"
+        sent += nonce
+    if transactions != sent:
+        return f"{transactions} transactions, {sent} sent up to head {head}"
+    return None
+
+
+def _rpc(connection: http.client.HTTPConnection, method: str, params: list[Any]) -> bytes:
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode()
+    connection.request("POST", "/", body, {"Content-Type": "application/json"})
+    return connection.getresponse().read()
+
+
+def _result(raw: bytes, method: str) -> bytes:
+    """The hex string a JSON-RPC answer carries, decoded, without parsing the whole answer as JSON
+    (hundreds of MB of hex for a large dump)."""
+    marker = b'"result":"0x'
+    at = raw.find(marker)
+    if at < 0:
+        raise RuntimeError(f"{method}: {raw[:500]!r}")
+    end = raw.index(b'"', at + len(marker))
+    return binascii.unhexlify(memoryview(raw)[at + len(marker) : end])
+
+
+def dump(url: str, path: str, sent: Callable[[], None]) -> dict[str, Any]:
+    """Fetch, check and (if consistent) write one dump; `sent` is called once the request is out."""
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=TIMEOUT)
+    try:
+        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "anvil_dumpState", "params": []}).encode()
+        connection.request("POST", "/", body, {"Content-Type": "application/json"})
+        sent()
+        raw = connection.getresponse().read()
+        data = zlib.decompress(_result(raw, "anvil_dumpState"), wbits=31)
+        del raw
+
+        def nonce_at(address: str, block: int) -> int:
+            answer = json.loads(_rpc(connection, "eth_getTransactionCount", [address, hex(block)]))
+            return int(answer["result"], 16)
+
+        problem = dump_problem(data, nonce_at)
+    finally:
+        connection.close()
+    if problem is None:
+        with open(path, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+    return {"problem": problem, "bytes": len(data)}
+
+
+def serve() -> None:
+    """One dump per line on stdin (`[url, path]` in JSON), until stdin ends: "sent" once the request is
+    out, then the outcome (or `{"error": ...}`) as one line of JSON."""
+    os.nice(NICENESS)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        url, path = json.loads(line)
+        announced = False
+
+        def sent() -> None:
+            nonlocal announced
+            announced = True
+            print("sent", flush=True)
+
+        try:
+            outcome = dump(url, path, sent)
+        except Exception as exc:  # the caller hears it; the next dump may well work
+            if not announced:
+                sent()
+            outcome = {"error": f"{exc.__class__.__name__}: {exc}"}
+        print(json.dumps(outcome), flush=True)
+
+
+if __name__ == "__main__":
+    serve()
