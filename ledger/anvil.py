@@ -96,6 +96,7 @@ def _run_hook(hook: Callable[[], None] | None) -> None:
 
 CHECKPOINT_SHARE = 20  # a checkpoint is followed by at least 20 times its duration without one
 CAPTURE_HOLD = 0.05  # seconds mining pauses while the node copies the chain for a dump (see `checkpoint`)
+MAX_CAPTURE_HOLD = 0.8  # ... at most, when the node has been slow to copy; then mining pauses throughout
 DUMP_TIMEOUT = 300.0
 
 
@@ -128,6 +129,7 @@ class AnvilNode:
         self._mining = threading.Lock()  # a checkpoint's copy never overlaps a block being mined
         self._dumper: subprocess.Popen[str] | None = None  # see `_dump`
         self._dumper_lock = threading.Lock()
+        self._capture_hold = CAPTURE_HOLD
         self._stop_workers = threading.Event()
         self._workers: list[threading.Thread] = []
         # Called by the interval miner just before and just after each block (see `_mine`).
@@ -311,19 +313,28 @@ class AnvilNode:
         inconsistent), then encodes and compresses it with no lock held, which is nearly all of the
         time (3.8 s for 173 MB against under 10 ms for the copy, measured). So mining pauses for
         `CAPTURE_HOLD` only, while the node copies; the dump is then checked (`dump_problem`) and, if
-        a block got into the copy all the same, taken again with mining paused throughout. Before
+        a block got into the copy all the same, taken again with a longer hold, then with mining
+        paused throughout. Before
         this, every checkpoint paused mining for the whole dump: seconds at a hundred thousand
         changes. The dump is fetched, checked and written by a low-priority process of its own
         (`ledger.anvil_dump`), not by this one, where the relayer and the miner run."""
         started = time.monotonic()
         tmp = self.state_file.with_suffix(".tmp")
-        outcome, paused = self._dump(tmp, CAPTURE_HOLD)
-        if outcome["problem"] is not None:
-            log.info("checkpoint raced a block (%s): taking it again with mining paused", outcome["problem"])
-            outcome, again = self._dump(tmp, None)
-            paused += again
-            if outcome["problem"] is not None:  # the node itself is inconsistent, or its format changed
+        paused = 0.0
+        # The copy is quick, but a busy node may start on the request late: after a race, hold longer
+        # (this checkpoint and the next ones, easing back after clean ones); mining paused throughout
+        # is the last resort, and always consistent.
+        for hold in (self._capture_hold, min(4 * self._capture_hold, MAX_CAPTURE_HOLD), None):
+            outcome, took = self._dump(tmp, hold)
+            paused += took
+            if outcome["problem"] is None:
+                break
+            if hold is None:  # the node itself is inconsistent, or its format changed
                 raise ValueError(f"anvil_dumpState with mining paused: {outcome['problem']}")
+            self._capture_hold = min(2 * self._capture_hold, MAX_CAPTURE_HOLD)
+            log.info("checkpoint raced a block (%s): taking it again, holding mining longer", outcome["problem"])
+        if hold == self._capture_hold:
+            self._capture_hold = max(CAPTURE_HOLD, 0.8 * self._capture_hold)
         if self._stop_workers.is_set():  # stopping: anvil writes its final state itself, which is newer
             tmp.unlink(missing_ok=True)
             return paused
