@@ -21,7 +21,7 @@ from sqlalchemy import Connection
 from api import idempotency
 from api.auth import Caller
 from api.deps import CallerDep, PointsAuthoriser, PointsIssuer, PointsRedeemer, RuntimeDep, StatementReader
-from api.errors import PROBLEM_MEDIA_TYPE, ApiError, responses
+from api.errors import PROBLEM_MEDIA_TYPE, ApiError, request_path, responses
 from api.routers.customers import own_subject, subject_of
 from api.runtime import Runtime
 from api.schemas import (
@@ -191,7 +191,7 @@ async def issue(
         principal=caller.name,
         key=key,
         route="issue",
-        path=request.url.path,
+        path=request_path(request),
         digest=idempotency.body_hash(await request.body()),
         build=build,
         conflict=lambda: ApiError(409, "conflict", "Conflicting request; retry"),
@@ -332,7 +332,7 @@ async def redeem(
         principal=caller.name,
         key=key,
         route="redeem",
-        path=request.url.path,
+        path=request_path(request),
         digest=idempotency.body_hash(await request.body()),
         build=build,
         conflict=lambda: ApiError(409, "authorisation_used", "This authorisation was used already"),
@@ -344,7 +344,7 @@ async def redeem(
     if row.status == PointsStatus.DONE:
         status_code, answer = 200, _redemption_public(runtime, row)
     else:
-        status_code, answer = row_failure(row, request.url.path)
+        status_code, answer = row_failure(row, request_path(request))
     return _answer(status_code, answer)
 
 

@@ -7,8 +7,11 @@ import gzip
 import time
 from urllib.parse import quote
 
+import pytest
 from eth_account import Account
+from starlette.requests import Request
 
+from api.errors import request_path
 from tests.api.conftest import Customer, Service, q
 
 PROBLEM = "application/problem+json"
@@ -355,3 +358,18 @@ def test_no_pii_reaches_the_chain_or_the_service_database(service: Service) -> N
         assert needle not in haystack, f"PII on-chain: {needle!r}"
         assert needle.hex().encode() not in state, f"PII in contract storage: {needle!r}"
         assert needle.lower() not in database.lower(), f"PII in service.db: {needle!r}"
+
+
+@pytest.mark.parametrize("path", ["/api/v1/points/redemptions", "/a?b#c\\d", "/caf\u00e9/%20x"])
+def test_a_problem_names_the_path_as_the_url_does(path: str) -> None:
+    """`request_path` (the problem's `instance`, without building the whole URL) is `request.url.path`."""
+    scope = {
+        "type": "http",
+        "path": path,
+        "headers": [(b"host", b"ledger.example:8443")],
+        "query_string": b"q=1#x",
+        "scheme": "https",
+        "server": ("127.0.0.1", 8000),
+    }
+    request = Request(scope)
+    assert request_path(request) == request.url.path
