@@ -3,6 +3,7 @@ after a restart every acknowledged change is on-chain exactly once and the read 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -78,6 +79,27 @@ class Serve:
 
     def anvil_pid(self) -> int:
         return int((self.data_dir / "chain" / "anvil.pid").read_text().split()[0])
+
+    def close(self) -> None:
+        """However the test ended: the service stopped (gracefully if it will), and no node of it left
+        running (a service killed with SIGKILL leaves its node for the next start to adopt). A failed
+        test had left whole services running, a core's worth of them after a few runs."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        try:
+            pid = self.anvil_pid()
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            command = b""
+        if b"anvil" in command and str(self.data_dir).encode() in command:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.client.close()
 
 
 def _customer(serve: Serve, n: int) -> tuple[LocalAccount, str, dict[str, str]]:
@@ -211,9 +233,7 @@ def _verify_exactly_once(serve: Serve, acknowledged: list[str], *, node_crashed:
 def serve(tmp_path: Path) -> Iterator[Serve]:
     instance = Serve(tmp_path)
     yield instance
-    if instance.process is not None and instance.process.poll() is None:
-        instance.stop(signal.SIGKILL)
-    instance.client.close()
+    instance.close()
 
 
 def _prepare(serve: Serve) -> list[tuple[LocalAccount, str, dict[str, str]]]:
@@ -246,28 +266,30 @@ def test_kill_9_of_the_service_loses_no_acknowledged_change(serve: Serve) -> Non
 def test_kill_9_of_the_node_loses_no_acknowledged_change(tmp_path: Path) -> None:
     # Without supervision the node stays down until the service is restarted: the worst case.
     serve = Serve(tmp_path, CONSENT_LEDGER_CHAIN_SUPERVISE="false")
-    customers = _prepare(serve)
-    stop, acknowledged = threading.Event(), []  # type: ignore[var-annotated]
-    threads = _load(serve, customers, stop, acknowledged)
-    time.sleep(2.0)
-    os.kill(serve.anvil_pid(), signal.SIGKILL)  # blocks mined since the last state dump are gone
-    time.sleep(0.5)
-    _account, _did, headers = customers[0]
-    down = serve.client.post(
-        "/api/v1/consents/prepare",
-        headers=headers,
-        json={"action": "grant", "partner": "acme", "purpose": "analytics.reporting", "attributes": ["user.name"]},
-    )
-    assert (down.status_code, down.json()["code"]) == (503, "chain_unavailable")
-    assert down.headers["content-type"] == "application/problem+json"
-    stop.set()
-    for thread in threads:
-        thread.join(timeout=30)
-    serve.stop()
-    serve.start()
-    assert len(acknowledged) > 20, "the load did not get going before the kill"
-    _verify_exactly_once(serve, acknowledged, node_crashed=True)
-    serve.client.close()
+    try:
+        customers = _prepare(serve)
+        stop, acknowledged = threading.Event(), []  # type: ignore[var-annotated]
+        threads = _load(serve, customers, stop, acknowledged)
+        time.sleep(2.0)
+        os.kill(serve.anvil_pid(), signal.SIGKILL)  # blocks mined since the last state dump are gone
+        time.sleep(0.5)
+        _account, _did, headers = customers[0]
+        down = serve.client.post(
+            "/api/v1/consents/prepare",
+            headers=headers,
+            json={"action": "grant", "partner": "acme", "purpose": "analytics.reporting", "attributes": ["user.name"]},
+        )
+        assert (down.status_code, down.json()["code"]) == (503, "chain_unavailable")
+        assert down.headers["content-type"] == "application/problem+json"
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+        serve.stop()
+        serve.start()
+        assert len(acknowledged) > 20, "the load did not get going before the kill"
+        _verify_exactly_once(serve, acknowledged, node_crashed=True)
+    finally:
+        serve.close()
 
 
 def test_the_service_restarts_a_killed_node_by_itself(serve: Serve) -> None:

@@ -40,6 +40,13 @@ def _principal(serve: Serve, role: str, name: str) -> str:
 
 def test_a_retry_after_a_crash_never_spends_twice(tmp_path: Path) -> None:
     serve = Serve(tmp_path)
+    try:
+        _never_spends_twice(serve)
+    finally:
+        serve.close()  # also after a failure: no service or node left running
+
+
+def _never_spends_twice(serve: Serve) -> None:
     issuer = {"X-API-Key": _principal(serve, "issuer", "issuer")}
     partner = {"X-API-Key": _principal(serve, "partner", "acme")}
     serve.start()
@@ -118,8 +125,9 @@ def test_a_retry_after_a_crash_never_spends_twice(tmp_path: Path) -> None:
         assert all(r.status_code in (200, 409) for r in finals.values()), {r.text for r in finals.values()}
 
         # On-chain: each redemption id applied at most once, and balances agree with the answers.
-        address = json.loads((tmp_path / "deployment.json").read_text())["contracts"]["LoyaltyPoints"]["address"]
-        w3 = httpx.Client(base_url=f"http://127.0.0.1:{(tmp_path / 'chain' / 'anvil.pid').read_text().split()[1]}")
+        address = json.loads((serve.data_dir / "deployment.json").read_text())["contracts"]["LoyaltyPoints"]["address"]
+        node_port = (serve.data_dir / "chain" / "anvil.pid").read_text().split()[1]
+        w3 = httpx.Client(base_url=f"http://127.0.0.1:{node_port}")
         logs = w3.post(
             "/",
             json={
