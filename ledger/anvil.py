@@ -314,10 +314,10 @@ class AnvilNode:
         time (3.8 s for 173 MB against under 10 ms for the copy, measured). So mining pauses for
         `CAPTURE_HOLD` only, while the node copies; the dump is then checked (`dump_problem`) and, if
         a block got into the copy all the same, taken again with a longer hold, then with mining
-        paused throughout. Before
-        this, every checkpoint paused mining for the whole dump: seconds at a hundred thousand
-        changes. The dump is fetched, checked and written by a low-priority process of its own
-        (`ledger.anvil_dump`), not by this one, where the relayer and the miner run."""
+        paused throughout. Before this, every checkpoint paused mining for the whole dump: seconds at
+        a hundred thousand changes. The dump is fetched, checked and written by a low-priority
+        process of its own (`ledger.anvil_dump`), not by this one, where the relayer and the miner
+        run."""
         started = time.monotonic()
         tmp = self.state_file.with_suffix(".tmp")
         paused = 0.0
