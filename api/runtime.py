@@ -116,6 +116,7 @@ class Runtime:
         self.resolver = Resolver(self.dids, self.vault)
 
         self.engine = make_engine(self.service.database_url or f"sqlite:///{(data_dir / 'service.db').resolve()}")
+        self.derived_engine: Engine | None = None  # the indexer's (see `start`)
         self._sessions = sessions(self.engine)
         if not worker:
             create_schema(self.engine)
@@ -166,9 +167,12 @@ class Runtime:
                 self.control_address, self.control_key, on_message=self._on_control, on_lost=self._control_lost
             )
             return
+        # The read model is derived from the chain: its writes need not wait for the disk (see make_engine).
+        if self.engine.dialect.name == "sqlite":
+            self.derived_engine = make_engine(self.engine.url.render_as_string(hide_password=False), durable=False)
         self.indexer = Indexer(
             w3,
-            self.engine,
+            self.derived_engine or self.engine,
             self.consent.address,
             self.deployment.deploy_block,
             followers=[
@@ -400,7 +404,7 @@ class Runtime:
         if self.backend is not None:
             self.backend.stop()
             self.backend = None
-        for engine in (self.engine, self.vault.engine if self.vault else None):
+        for engine in (self.engine, self.derived_engine, self.vault.engine if self.vault else None):
             if engine is not None:
                 engine.dispose()
         self.vault = None

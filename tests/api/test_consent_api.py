@@ -9,9 +9,11 @@ from urllib.parse import quote
 
 import pytest
 from eth_account import Account
+from sqlalchemy import Engine
 from starlette.requests import Request
 
 from api.errors import request_path
+from ledger.store import _write_lock
 from tests.api.conftest import Customer, Service, q
 
 PROBLEM = "application/problem+json"
@@ -373,3 +375,21 @@ def test_a_problem_names_the_path_as_the_url_does(path: str) -> None:
     }
     request = Request(scope)
     assert request_path(request) == request.url.path
+
+
+def test_the_read_model_is_not_synced_to_disk_but_acknowledged_requests_are(service: Service) -> None:
+    """The indexer's writes are derived from the chain (rebuilt from its cursor after a loss), so its
+    commits do not wait for an fsync under the write lock; the outbox's do. Both queue on one lock."""
+    runtime = service.runtime
+
+    def synchronous(engine: Engine) -> int:
+        with engine.connect() as connection:
+            return int(connection.exec_driver_sql("PRAGMA synchronous").scalar_one())
+
+    assert runtime.indexer is not None
+    assert runtime.engine is not None
+    assert runtime.derived_engine is not None
+    assert runtime.indexer._sessions.kw["bind"] is runtime.derived_engine
+    assert synchronous(runtime.derived_engine) == 1  # NORMAL
+    assert synchronous(runtime.engine) == 2  # FULL: the outbox, idempotency records, everything acknowledged
+    assert _write_lock(runtime.derived_engine) is _write_lock(runtime.engine)
