@@ -97,7 +97,6 @@ def _run_hook(hook: Callable[[], None] | None) -> None:
 CHECKPOINT_SHARE = 20  # a checkpoint is followed by at least 20 times its duration without one
 CAPTURE_HOLD = 0.05  # seconds mining pauses while the node copies the chain for a dump (see `checkpoint`)
 MAX_CAPTURE_HOLD = 0.8  # ... at most, when the node has been slow to copy; then mining pauses throughout
-DUMP_TIMEOUT = 300.0
 
 
 class AnvilNode:
@@ -383,9 +382,6 @@ class AnvilNode:
         if child is not None and child.poll() is None:
             child.kill()
             child.wait()
-
-    def _nonce_at(self, address: str, block: int) -> int:
-        return int(str(self._call("eth_getTransactionCount", [address, hex(block)])), 16)
 
     def running_node(self) -> tuple[int, int] | None:
         """(pid, port) of a live anvil serving this state dir (started by a service, maybe another process)."""

@@ -75,10 +75,9 @@ def dump_problem(data: bytes, nonce_at: Callable[[str, int], int]) -> str | None
     return None
 
 
-def _rpc(connection: http.client.HTTPConnection, method: str, params: list[Any]) -> bytes:
+def _request(connection: http.client.HTTPConnection, method: str, params: list[Any]) -> None:
     body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode()
     connection.request("POST", "/", body, {"Content-Type": "application/json"})
-    return connection.getresponse().read()
 
 
 def _result(raw: bytes, method: str) -> bytes:
@@ -97,16 +96,15 @@ def dump(url: str, path: str, sent: Callable[[], None]) -> dict[str, Any]:
     parts = urlsplit(url)
     connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=TIMEOUT)
     try:
-        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "anvil_dumpState", "params": []}).encode()
-        connection.request("POST", "/", body, {"Content-Type": "application/json"})
+        _request(connection, "anvil_dumpState", [])
         sent()
         raw = connection.getresponse().read()
         data = zlib.decompress(_result(raw, "anvil_dumpState"), wbits=31)
         del raw
 
         def nonce_at(address: str, block: int) -> int:
-            answer = json.loads(_rpc(connection, "eth_getTransactionCount", [address, hex(block)]))
-            return int(answer["result"], 16)
+            _request(connection, "eth_getTransactionCount", [address, hex(block)])
+            return int(json.loads(connection.getresponse().read())["result"], 16)
 
         problem = dump_problem(data, nonce_at)
     finally:

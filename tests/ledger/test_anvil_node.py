@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -160,6 +161,11 @@ def _send(anvil: AnvilNode, data: str = "0x", to: str = "0x000000000000000000000
     )
 
 
+def _nonce_at(anvil: AnvilNode) -> Callable[[str, int], int]:
+    """What `dump_problem` asks the node: an account's nonce at a block."""
+    return lambda address, block: int(str(anvil._call("eth_getTransactionCount", [address, hex(block)])), 16)
+
+
 def _dumped(anvil: AnvilNode, path: Path) -> bytes:
     outcome, _ = anvil._dump(path, None)
     assert outcome["problem"] is None
@@ -196,7 +202,7 @@ def test_a_dump_copied_across_a_block_is_found_out(tmp_path: Path) -> None:
         after_tx = _dumped(anvil, tmp_path / "after_tx.json")
         anvil._call("evm_mine", [])  # an empty block: no state changes, no transaction
         after_empty = _dumped(anvil, tmp_path / "after_empty.json")
-        nonce_at = anvil._nonce_at
+        nonce_at = _nonce_at(anvil)
         for dump in (before, after_tx, after_empty, _splice(before, before)):
             assert dump_problem(dump, nonce_at) is None  # whole dumps, and the splice itself, are fine
         head = json.loads(before)["best_block_number"]
@@ -240,7 +246,7 @@ def test_checkpoints_do_not_stop_mining_while_the_dump_is_written(tmp_path: Path
         mined = int(str(anvil._call("eth_blockNumber", [])), 16) - first
         took = time.monotonic() - took
         data = anvil.state_file.read_bytes()
-        assert dump_problem(data, anvil._nonce_at) is None  # one moment of the chain (its head, now past)
+        assert dump_problem(data, _nonce_at(anvil)) is None  # one moment of the chain (its head, now past)
         state = json.loads(data)
         assert len(state["transactions"]) == 80
         assert len(state["blocks"]) == state["best_block_number"] + 1
