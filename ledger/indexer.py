@@ -62,6 +62,7 @@ class Indexer:
         reorg_depth: int = 64,
         chunk: int = 5_000,
         on_change: Callable[[], None] | None = None,
+        on_rollback: Callable[[int], None] | None = None,
         followers: Sequence[Follower] = (),
     ) -> None:
         self.w3 = w3
@@ -71,6 +72,7 @@ class Indexer:
         self.reorg_depth = reorg_depth
         self.chunk = chunk
         self.on_change = on_change
+        self.on_rollback = on_rollback  # told the block rolled back to, after the rollback
         self._sessions = sessions(engine)
         self.wake = threading.Event()
 
@@ -295,6 +297,8 @@ class Indexer:
                     status=RequestStatus.PENDING, tx_hash=None, block_number=None, batch_id=None, updated_at=utcnow()
                 )
             )
+        if self.on_rollback is not None:
+            self.on_rollback(ancestor)
         if self.on_change is not None:
             self.on_change()
 

@@ -27,7 +27,7 @@ from ledger.contracts import RevertDecoder
 from ledger.eip712 import Redemption, Signature
 from ledger.loyalty import EventKind, Issuance, LoyaltyPointsClient, PointsEvent, SignedRedemption
 from ledger.points_store import PointsBatch, PointsHistory, PointsLot, PointsRequest, PointsStatus
-from ledger.relayer import BatchLane
+from ledger.relayer import BatchLane, Holds
 from ledger.store import as_utc, event_position, sessions, utcnow
 from ledger.tx import Receipt, TxRequest
 from ledger.types import Subject
@@ -146,9 +146,16 @@ class PointsRelayer(BatchLane):
         lost_after: float = 10.0,
         completions: Completions | None = None,
         wake: threading.Event | None = None,
+        holds: Holds | None = None,
     ) -> None:
         super().__init__(
-            points.sender, linger=0.005, max_in_flight=max_in_flight, lost_after=lost_after, on_mined=None, wake=wake
+            points.sender,
+            linger=0.005,
+            max_in_flight=max_in_flight,
+            lost_after=lost_after,
+            on_mined=None,
+            wake=wake,
+            holds=holds,
         )
         self.points = points
         self.max_batch = max_batch
@@ -254,6 +261,9 @@ class PointsRelayer(BatchLane):
                         if first is not None:
                             event = first  # sent again after a crash or a lost block: the first result stands
                     if event.kind in (EventKind.ISSUE_REJECTED, EventKind.REDEEM_REJECTED):
+                        if self.holds(cause.error, request.subject, request.partner):
+                            _requeue(session, request)  # its binding or partner role is being put back
+                            continue
                         request.status = PointsStatus.FAILED
                         request.error_code = ERROR_CODES.get(cause.error, "rejected")
                         request.error_detail = str(cause)[:500]

@@ -147,6 +147,11 @@ def run_lanes(
             wake.clear()
 
 
+# Whether a request rejected with (error, subject, partner) is to be queued again rather than failed:
+# the chain lost a precondition the service made and is putting back (see `ledger.bindings`).
+Holds = Callable[[str, bytes, "str | None"], bool]
+
+
 class BatchLane(ABC):
     """What every relay lane shares: signed batch transactions in flight (batch id -> tx hash), polled
     for receipts, and given up on when the node no longer knows them. A lane says how to pick and
@@ -163,8 +168,10 @@ class BatchLane(ABC):
         lost_after: float,
         on_mined: Callable[[], None] | None,
         wake: threading.Event | None,
+        holds: Holds | None = None,
     ) -> None:
         self.sender = sender
+        self.holds = holds or (lambda error, subject, partner: False)
         self.linger = linger
         self.max_in_flight = max_in_flight
         self.lost_after = lost_after
@@ -307,6 +314,9 @@ _PENDING = (
     .order_by(ConsentRequest.seq)
     .limit(bindparam("limit"))
 )
+# Held back: subjects whose binding the chain lost, while it is put back (see `Relayer._fail`).
+_NOT_HELD = ConsentRequest.subject.not_in(bindparam("held", expanding=True))
+HOLD = 1.0  # seconds a held subject's requests stay out of batches before they are tried again
 
 
 class ChangeRow(Protocol):
@@ -362,6 +372,7 @@ class Relayer(BatchLane):
         lost_after: float = 10.0,
         on_mined: Callable[[], None] | None = None,
         wake: threading.Event | None = None,
+        holds: Holds | None = None,
     ) -> None:
         super().__init__(
             registry.sender,
@@ -370,10 +381,14 @@ class Relayer(BatchLane):
             lost_after=lost_after,
             on_mined=on_mined,
             wake=wake,
+            holds=holds,
         )
         self.registry = registry
         self.max_batch = max_batch
         self._sessions = sessions(engine)
+        # subject -> until when (monotonic) its requests stay out of batches: one rejected item reverts a
+        # whole batch, so a request waiting for its binding would otherwise stop everyone's.
+        self._held: dict[bytes, float] = {}
 
     # start-up ------------------------------------------------------------------------------------
 
@@ -393,9 +408,17 @@ class Relayer(BatchLane):
 
     # sending -------------------------------------------------------------------------------------
 
+    def _held_now(self) -> list[bytes]:
+        now = time.monotonic()
+        for subject in [s for s, until in self._held.items() if until <= now]:
+            del self._held[subject]
+        return list(self._held)
+
     def _send_next(self) -> int:
+        held = self._held_now()
         with self._sessions() as session:
-            requests = list(session.execute(_PENDING, {"limit": self.max_batch}))
+            pending = _PENDING.where(_NOT_HELD) if held else _PENDING
+            requests = list(session.execute(pending, {"limit": self.max_batch, "held": held}))
         if not requests:
             return 0
         data = self.registry.encode_batch([signed_change(r) for r in requests])
@@ -420,6 +443,7 @@ class Relayer(BatchLane):
                         .where(
                             _REQUESTS.c.seq.between(requests[0].seq, requests[-1].seq),
                             _REQUESTS.c.status == RequestStatus.PENDING,
+                            *([_REQUESTS.c.subject.not_in(held)] if held else []),
                         )
                         .values(status=RequestStatus.SUBMITTED, batch_id=batch_id, tx_hash=tx_hash, updated_at=utcnow())
                     ).rowcount
@@ -589,6 +613,10 @@ class Relayer(BatchLane):
                     self._requeue(session, request.seq)
 
     def _fail(self, session: Session, request: ConsentRequest, cause: ContractRevert) -> None:
+        if self.holds(cause.error, request.subject, request.partner):
+            self._requeue(session, request.seq)  # its binding or partner role is being put back
+            self._held[request.subject] = time.monotonic() + HOLD
+            return
         if isinstance(cause, NonceMismatch):
             current = int(cause.args_by_name["currentNonce"])
             if current > request.nonce:

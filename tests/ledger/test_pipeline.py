@@ -17,6 +17,7 @@ from sqlalchemy import Engine, Table, func, select, update
 
 from ledger import eip712
 from ledger.backends import AnvilBackend
+from ledger.bindings import Bindings, BoundController
 from ledger.compiler import Artifact
 from ledger.consent import ConsentRegistryClient, SignedChange
 from ledger.contracts import RevertDecoder, ensure_deployed
@@ -26,7 +27,16 @@ from ledger.indexer import Indexer
 from ledger.outbox import NonceConflict, Outbox, OutboxWriter
 from ledger.relayer import Relayer
 from ledger.settings import ChainSettings
-from ledger.store import Base, ConsentEvent, ConsentRequest, RelayBatch, RequestStatus, make_engine, sessions
+from ledger.store import (
+    Base,
+    ConsentEvent,
+    ConsentRequest,
+    ControllerState,
+    RelayBatch,
+    RequestStatus,
+    make_engine,
+    sessions,
+)
 from ledger.tx import TxSender
 from ledger.types import Subject
 
@@ -446,3 +456,65 @@ def test_a_batch_whose_requests_changed_after_they_were_read_is_not_claimed_or_s
     live = [first, last] if change == "one_left_the_queue" else [first, middle, last]
     pipeline.settle(lambda: set(pipeline.statuses(*live)) == {RequestStatus.CONFIRMED})
     assert sorted(e.subject for e in pipeline.events()) == sorted(r.subject for r in live)
+
+
+def test_a_binding_the_chain_lost_is_bound_again_and_its_changes_wait_for_it(pipeline: Pipeline) -> None:
+    bindings = Bindings(pipeline.engine, pipeline.registry)
+    pipeline.relayer = Relayer(
+        pipeline.engine,
+        pipeline.registry,
+        linger=0,
+        holds=lambda error, subject, _partner: bindings.holds(error, subject),
+    )
+    pipeline.indexer.on_rollback = lambda _ancestor: bindings.check.set()
+    before = pipeline.backend.rpc("evm_snapshot")
+    account, stranger = Account.create(), Account.create()
+    subject, unbound = Subject(keccak(bytes(account.key))), Subject(keccak(bytes(stranger.key)))
+    first = bindings.bind(subject, account.address)
+    request = pipeline.accept(account, subject, ChangeKind.GRANT, EMAIL)
+    pipeline.settle(lambda: pipeline.statuses(request) == [RequestStatus.CONFIRMED])
+    assert bindings.restore() == 0  # the chain holds it: nothing to do
+    # The node loses the blocks of the binding and of the change (a crash before its state was written).
+    assert pipeline.backend.rpc("evm_revert", before) is True
+    pipeline.relayer.sender.resync_nonce()
+    pipeline.backend.rpc("anvil_mine", hex(30))
+    bindings.check.clear()
+    assert pipeline.indexer.step() < 0  # rolled back: the binding may be gone, so look
+    assert bindings.check.is_set()
+    assert pipeline.registry.controller_of(subject) is None
+    assert pipeline.statuses(request) == [RequestStatus.PENDING]
+    # Re-sent before its binding is back, the change is rejected as unbound: it waits, held out of the
+    # batches meanwhile, while a change of a subject the service never bound fails for that reason as before.
+    stray = pipeline.accept(stranger, unbound, ChangeKind.GRANT, EMAIL)
+
+    def reverted() -> bool:
+        with sessions(pipeline.engine)() as session:
+            return session.scalar(select(func.count()).where(RelayBatch.status == "reverted")) > 0  # type: ignore[operator]
+
+    pipeline.settle(lambda: reverted() and pipeline.statuses(stray) == [RequestStatus.FAILED])
+    assert pipeline.outbox.request(stray.id).error_code == "unbound_subject"  # type: ignore[union-attr]
+    assert pipeline.statuses(request) == [RequestStatus.PENDING]
+    assert bindings.restore() == 1
+    assert pipeline.registry.controller_of(subject) == account.address
+    pipeline.settle(lambda: pipeline.statuses(request) == [RequestStatus.CONFIRMED])
+    assert [(e.subject, e.nonce) for e in pipeline.events()] == [(subject, 0)]
+    assert pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, EMAIL)
+    with sessions(pipeline.engine)() as session:
+        record = session.get(BoundController, bytes(subject))
+        assert record is not None
+        assert record.tx_hash != first.tx_hash  # the new binding's transaction
+    assert bindings.restore() == 0  # bound once more, not twice
+
+
+def test_bindings_made_before_they_were_recorded_are_adopted_from_the_read_model(pipeline: Pipeline) -> None:
+    _account, subject = pipeline.customer()  # bound straight on the registry, as before the record existed
+    pipeline.settle(lambda: pipeline.indexer.step() == 0 and len(_controllers(pipeline)) == 1)
+    bindings = Bindings(pipeline.engine, pipeline.registry)
+    assert bindings.adopt_indexed() == 1
+    assert bindings.recorded(subject)
+    assert bindings.adopt_indexed() == 0
+
+
+def _controllers(pipeline: Pipeline) -> list[bytes]:
+    with sessions(pipeline.engine)() as session:
+        return list(session.scalars(select(ControllerState.subject)))

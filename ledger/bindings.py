@@ -1,0 +1,140 @@
+"""Customers' key bindings: recorded when acknowledged, and put back when the chain loses them.
+
+A binding is a synchronous transaction of the operator (`bindController`), not an outbox request: the
+API answers once it is mined and indexed. A node that dies before its state is written loses its last
+blocks, and with them a binding made in that window. The relayers send the outbox again after such a
+loss, but every consent change and redemption of that customer would then fail as `unbound_subject`.
+
+So each binding is recorded in the service database (durably, before the API acknowledges it), and
+`Bindings.restore` binds again every recorded binding that the chain no longer holds. It runs when a
+loss is possible: at start, after the indexer rolled the read model back, and when a relayer meets an
+`unbound_subject` rejection for a customer recorded here. Until then the relayers hold such a request
+back (`holds`) rather than fail it: it is waiting for its binding, not refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from sqlalchemy import BigInteger, Engine, String, insert, select, update
+from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.types import LargeBinary
+
+from ledger.consent import ConsentRegistryClient
+from ledger.store import Base, ControllerState, sessions
+from ledger.tx import Receipt
+from ledger.types import Subject, checksummed
+
+log = logging.getLogger(__name__)
+
+# The rejections, by either contract, of a request whose subject has no key on-chain.
+UNBOUND = frozenset({"ConsentRegistryUnboundSubject", "LoyaltyPointsUnboundSubject"})
+# ... and of one naming a partner without the partner role.
+UNKNOWN_PARTNER = frozenset({"ConsentRegistryUnknownPartner", "LoyaltyPointsUnknownPartner"})
+
+
+class BoundController(Base):
+    """A binding the service made and acknowledged: what the chain must hold."""
+
+    __tablename__ = "bound_controllers"
+
+    subject: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    controller: Mapped[str] = mapped_column(String(42))
+    tx_hash: Mapped[str] = mapped_column(String(66))  # of the last transaction that bound it
+    block_number: Mapped[int] = mapped_column(BigInteger)
+
+
+class Bindings:
+    def __init__(self, engine: Engine, registry: ConsentRegistryClient) -> None:
+        self.registry = registry
+        self._sessions = sessions(engine)
+        self.check = threading.Event()  # set: a binding may have been lost; `restore` should look
+        self.check.set()  # at start, the node may have restarted from an older state meanwhile
+        self._suspects: set[bytes] = set()  # subjects a relayer found unbound on-chain
+        self._lock = threading.Lock()
+
+    def bind(self, subject: Subject, controller: str) -> Receipt:
+        """Bind `subject`'s key on-chain and record it; raises ConsentRejected or LedgerError."""
+        receipt = self.registry.bind_controller(subject, checksummed(controller))
+        with self._sessions.begin() as session:
+            session.merge(
+                BoundController(
+                    subject=bytes(subject),
+                    controller=checksummed(controller),
+                    tx_hash=receipt.tx_hash,
+                    block_number=receipt.block_number,
+                )
+            )
+        return receipt
+
+    def adopt_indexed(self) -> int:
+        """Record the bindings the read model holds and this table does not (a database from before the
+        table existed); returns how many."""
+        with self._sessions.begin() as session:
+            missing = (
+                select(ControllerState.subject, ControllerState.controller, ControllerState.block_number)
+                .outerjoin(BoundController, BoundController.subject == ControllerState.subject)
+                .where(BoundController.subject.is_(None))
+            )
+            rows = session.execute(missing).all()
+            if rows:
+                session.execute(
+                    insert(BoundController),
+                    [{"subject": s, "controller": c, "tx_hash": "", "block_number": b} for s, c, b in rows],
+                )
+        return len(rows)
+
+    def recorded(self, subject: bytes) -> bool:
+        with self._sessions() as session:
+            return session.get(BoundController, bytes(subject)) is not None
+
+    def holds(self, error: str, subject: bytes) -> bool:
+        """Whether a request rejected with `error` waits for its binding to be put back (the binding is
+        recorded here, so the chain lost it): queue it again rather than fail it. Asks for a `restore`."""
+        if error not in UNBOUND or not self.recorded(subject):
+            return False
+        with self._lock:
+            self._suspects.add(bytes(subject))
+        self.check.set()
+        return True
+
+    def restore(self) -> int:
+        """Bind again each recorded binding that the chain does not hold, of those the read model lacks
+        (the indexer rolled them back) and those a relayer found unbound (`holds`; the indexer may not
+        have rolled back yet); returns how many. A binding the chain holds is left alone: the indexer
+        has not reached it yet."""
+        self.check.clear()
+        with self._lock:
+            suspects, self._suspects = self._suspects, set()
+        try:
+            return self._restore(suspects)
+        except BaseException:
+            with self._lock:
+                self._suspects |= suspects
+            self.check.set()  # look again next time
+            raise
+
+    def _restore(self, suspects: set[bytes]) -> int:
+        columns = select(BoundController.subject, BoundController.controller)
+        with self._sessions() as session:
+            unindexed = columns.outerjoin(ControllerState, ControllerState.subject == BoundController.subject)
+            rows = list(session.execute(unindexed.where(ControllerState.subject.is_(None))))
+            if suspects:
+                rows.extend(session.execute(columns.where(BoundController.subject.in_(suspects))))
+        candidates: dict[bytes, str] = dict(rows)
+        restored = 0
+        for subject, controller in candidates.items():
+            if self.registry.controller_of(Subject(subject)) is not None:
+                continue
+            receipt = self.registry.bind_controller(Subject(subject), checksummed(controller))
+            with self._sessions.begin() as session:
+                session.execute(
+                    update(BoundController)
+                    .where(BoundController.subject == subject)
+                    .values(tx_hash=receipt.tx_hash, block_number=receipt.block_number)
+                )
+            restored += 1
+        if restored:
+            log.warning("the chain had lost %d key bindings; bound them again", restored)
+        return restored
