@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 import api.models  # noqa: F401 - registers the API's tables on the shared metadata
@@ -33,6 +33,7 @@ from identity.vault import Vault
 from identity.vault import make_engine as make_vault_engine
 from ledger.access import AccessFollower, AccessLogClient, AccessReader, Verification, verify
 from ledger.backends import AnvilBackend, ChainBackend, RpcBackend, create_backend
+from ledger.bindings import UNKNOWN_PARTNER, Bindings
 from ledger.compiler import Artifact, compile_contracts
 from ledger.consent import PARTNER_ROLE, ConsentRegistryClient
 from ledger.contracts import Deployment, RevertDecoder, ensure_deployed, ledger_plan
@@ -45,7 +46,7 @@ from ledger.relayer import BlockCadence, Relayer, run_lanes
 from ledger.settings import ChainSettings, ToolchainSettings
 from ledger.store import ControllerState, GroupCommit, create_schema, make_engine, sessions
 from ledger.tx import TxSender
-from ledger.types import Subject
+from ledger.types import Subject, checksummed
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ class Runtime:
     control: ControlClient | None = None
     control_server: ControlServer | None = None
     indexer: Indexer | None = None
+    bindings: Bindings | None = None  # supervisor: customers' key bindings, put back if the chain lost them
+    _check_partners: threading.Event = field(default_factory=threading.Event)  # set: verify every role
     _sessions: sessionmaker[Session] | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -170,6 +173,11 @@ class Runtime:
         # The read model is derived from the chain: its writes need not wait for the disk (see make_engine).
         if self.engine.dialect.name == "sqlite":
             self.derived_engine = make_engine(self.engine.url.render_as_string(hide_password=False), durable=False)
+        self.bindings = Bindings(self.engine, self.consent)
+        adopted = self.bindings.adopt_indexed()
+        if adopted:
+            log.info("recorded %d key bindings from the read model", adopted)
+        self._check_partners.set()  # the node may have restarted from an older state while we were down
         self.indexer = Indexer(
             w3,
             self.derived_engine or self.engine,
@@ -179,6 +187,7 @@ class Runtime:
                 PointsFollower(self.points.address, decoder, self.completions),
                 AccessFollower(self.access_log.address),
             ],
+            on_rollback=self._chain_lost_blocks,
         )
         self.relayer = Relayer(
             self.engine,
@@ -188,6 +197,7 @@ class Runtime:
             max_in_flight=self.service.relayer_max_in_flight,
             on_mined=self.indexer.wake.set,
             wake=self.relay_wake,
+            holds=self._holds,
         )
         self.points_relayer = PointsRelayer(
             self.engine,
@@ -196,6 +206,7 @@ class Runtime:
             max_in_flight=self.service.relayer_max_in_flight,
             completions=self.completions,
             wake=self.relay_wake,
+            holds=self._holds,
         )
         self.sync_partners()
         log.info(
@@ -284,8 +295,8 @@ class Runtime:
         return str(tx_hash), int(block_number)
 
     def _bind_controller(self, subject: bytes, controller: str) -> tuple[str, int]:
-        assert self.consent is not None
-        receipt = self.consent.bind_controller(Subject(subject), controller)  # type: ignore[arg-type]
+        assert self.bindings is not None
+        receipt = self.bindings.bind(Subject(subject), controller)
         if self.indexer is not None:
             self.indexer.wake.set()
         return receipt.tx_hash, receipt.block_number
@@ -301,13 +312,45 @@ class Runtime:
         )
 
     def _maintain(self, stop: threading.Event) -> None:
-        """Every second: restart the managed node if it died; give new partners their on-chain role."""
+        """Every second: restart the managed node if it died; give new partners their on-chain role;
+        put back the key bindings and partner roles the chain lost."""
         while not stop.wait(1.0):
             try:
                 self.supervise_node()
-                self.sync_partners()
+                self.restore_standing()
             except Exception:  # the chain may be briefly unavailable; try again next round
                 log.exception("maintenance failed")
+
+    def restore_standing(self) -> None:
+        """Give new partners their role; after a possible loss of blocks (see `_chain_lost_blocks`), put
+        back the key bindings and partner roles that the chain no longer holds."""
+        assert self.bindings is not None
+        self.sync_partners(verify=self._check_partners.is_set())
+        if self.bindings.check.is_set():
+            self.bindings.restore()
+
+    def _chain_lost_blocks(self, ancestor: int) -> None:
+        """The indexer rolled back to `ancestor`: what was bound or granted after it may be gone."""
+        assert self.bindings is not None
+        self.bindings.check.set()
+        self._check_partners.set()
+
+    def _holds(self, error: str, subject: bytes, partner: str | None) -> bool:
+        """Whether a relayer should queue a request rejected with `error` again rather than fail it:
+        the chain lost the subject's binding or the partner's role, which the service made and puts
+        back (`restore_standing`)."""
+        from api.models import Partner
+
+        assert self.bindings is not None
+        if self.bindings.holds(error, subject):
+            return True
+        if error not in UNKNOWN_PARTNER or partner is None:
+            return False
+        with self.reads() as session:
+            granted = session.scalar(select(Partner.on_chain).where(Partner.address == partner))
+        if granted:
+            self._check_partners.set()
+        return bool(granted)
 
     def supervise_node(self) -> None:
         """A managed anvil that died is started again on the same port and state file. Blocks it mined
@@ -323,6 +366,7 @@ class Runtime:
         backend.node.start()
         if self.consent is not None:
             self.consent.sender.resync_nonce()
+        self._chain_lost_blocks(-1)  # the indexer will see it too; no need to wait for it
 
     def _spawn(self, name: str, target: object) -> None:
         thread = threading.Thread(target=target, args=(self._stop,), name=name, daemon=True)  # type: ignore[arg-type]
@@ -356,20 +400,34 @@ class Runtime:
         if self.control_server is not None:
             self.control_server.broadcast(("invalidate",))
 
-    def sync_partners(self) -> None:
-        """Give every registered partner the partner role on-chain (the operator is the registry's admin here)."""
+    def sync_partners(self, *, verify: bool = False) -> None:
+        """Give every new partner the partner role on-chain (the operator is the registry's admin here);
+        with `verify`, every partner, if the chain lost the role."""
         from api.models import Partner
 
         if self.control is not None:
             self.control.call("sync_partners")
             return
         assert self.consent is not None
-        with self.sessions() as session:
-            for partner in session.scalars(select(Partner).where(Partner.on_chain.is_(False))):
-                if not self.consent.has_role(PARTNER_ROLE, partner.address):  # type: ignore[arg-type]
-                    self.consent.add_partner(partner.address)  # type: ignore[arg-type]
-                partner.on_chain = True
-                self.invalidate_catalogue()
+        if verify:
+            self._check_partners.clear()
+        query = select(Partner.address, Partner.on_chain)
+        with self.reads() as session:  # the chain is asked outside any write transaction
+            partners = session.execute(query if verify else query.where(Partner.on_chain.is_(False))).all()
+        try:
+            for address, on_chain in partners:
+                if not self.consent.has_role(PARTNER_ROLE, checksummed(address)):
+                    self.consent.add_partner(checksummed(address))
+                    if on_chain:
+                        log.warning("the chain had lost the partner role of %s; granted it again", address)
+                if not on_chain:
+                    with self.sessions() as session:
+                        session.execute(update(Partner).where(Partner.address == address).values(on_chain=True))
+                    self.invalidate_catalogue()
+        except BaseException:
+            if verify:
+                self._check_partners.set()  # verify again next round
+            raise
 
     def wait_for_controller(self, subject: bytes, timeout: float = 30.0) -> None:
         """Block until the indexer has seen the subject's controller binding."""

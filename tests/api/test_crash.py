@@ -19,11 +19,13 @@ import pytest
 from eth_account import Account
 from eth_account.messages import encode_defunct, encode_typed_data
 from eth_account.signers.local import LocalAccount
+from eth_utils.crypto import keccak
 from sqlalchemy import select
 
 from ledger import events
 from ledger.anvil import free_port
 from ledger.backends import AnvilBackend
+from ledger.bindings import BoundController
 from ledger.compiler import compile_contracts
 from ledger.consent import ConsentRegistryClient
 from ledger.contracts import Deployment, RevertDecoder
@@ -311,3 +313,125 @@ def test_the_service_restarts_a_killed_node_by_itself(serve: Serve) -> None:
     assert serve.process.poll() is None  # the service itself never stopped
     assert len(acknowledged) > 20, "the load did not get going"
     _verify_exactly_once(serve, acknowledged, node_crashed=True)
+
+
+def _rpc(serve: Serve, method: str, params: list[object]) -> object:
+    port = int((serve.data_dir / "chain" / "anvil.pid").read_text().split()[1])
+    answer = httpx.post(
+        f"http://127.0.0.1:{port}", json={"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
+    )
+    return answer.json()["result"]
+
+
+def principal(serve: Serve, role: str, name: str) -> str:
+    """A new API key of `role` (for a partner, a partner of that name too)."""
+    out = subprocess.run(
+        [*CLI, "principals", "add", "--role", role, "--name", name, "--data-dir", str(serve.data_dir)],
+        env=serve.env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return next(line.split()[2] for line in out.splitlines() if line.startswith("api key:"))
+
+
+def _balance_on_chain(serve: Serve, did: str) -> int:
+    address = Deployment.load(serve.data_dir / "deployment.json").address("LoyaltyPoints")
+    data = "0x" + keccak(text="balanceOf(bytes32)")[:4].hex() + did.rsplit(":", 1)[1]
+    return int(str(_rpc(serve, "eth_call", [{"to": address, "data": data}, "latest"])), 16)
+
+
+def _latest_binding(serve: Serve) -> str:
+    """The transaction of the service's latest key binding, from its record of them."""
+    engine = make_engine(f"sqlite:///{serve.data_dir / 'service.db'}")
+    try:
+        with sessions(engine)() as session:
+            latest = session.scalars(select(BoundController).order_by(BoundController.block_number.desc())).first()
+    finally:
+        engine.dispose()
+    assert latest is not None
+    return latest.tx_hash
+
+
+def _grant(serve: Serve, account: LocalAccount, headers: dict[str, str], partner: str = "acme") -> str:
+    typed = serve.client.post(
+        "/api/v1/consents/prepare",
+        headers=headers,
+        json={"action": "grant", "partner": partner, "purpose": "analytics.reporting", "attributes": ["user.name"]},
+    ).json()["typed_data"]
+    signature = "0x" + bytes(account.sign_message(encode_typed_data(full_message=typed)).signature).hex()
+    accepted = serve.client.post(
+        "/api/v1/consents", headers=headers, json={"typed_data": typed, "signature": signature}
+    )
+    assert accepted.status_code == 202, accepted.text
+    return str(accepted.json()["id"])
+
+
+def test_a_key_bound_and_a_partner_added_just_before_the_node_dies_are_put_back(tmp_path: Path) -> None:
+    # Checkpoints 5 s apart, so that the binding, the partner's role and the changes below fall between two.
+    serve = Serve(tmp_path, CONSENT_LEDGER_CHAIN_STATE_INTERVAL="5")
+    try:
+        issuer = {"X-API-Key": principal(serve, "issuer", "issuer")}
+        redeemer = {"X-API-Key": principal(serve, "partner", "globex")}
+        _prepare(serve)
+        state = tmp_path / "chain" / "state.json"
+        written = state.stat().st_mtime_ns if state.exists() else 0
+        deadline = time.monotonic() + 30
+        while not state.exists() or state.stat().st_mtime_ns == written:  # a checkpoint was just written
+            assert time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.02)
+        account, did, headers = _customer(serve, 99)
+        added = serve.client.post(
+            "/api/v1/partners",
+            json={"name": "initech", "address": Account.create().address},
+            headers={"X-API-Key": serve.operator_key},
+        )
+        assert added.status_code == 201, added.text
+        first = _grant(serve, account, headers)
+        second = _grant(serve, account, headers, partner="initech")
+        issued = serve.client.post(
+            "/api/v1/points/issuances", json={"issuances": [{"did": did, "amount": 100}]}, headers=issuer
+        )
+        assert issued.status_code == 201, issued.text
+        typed = serve.client.post(
+            "/api/v1/points/redemptions/prepare", json={"partner": "globex", "amount": 30}, headers=headers
+        ).json()["typed_data"]
+        signature = "0x" + bytes(account.sign_message(encode_typed_data(full_message=typed)).signature).hex()
+        redemption = {"typed_data": typed, "signature": signature}
+        redeemed = serve.client.post(
+            "/api/v1/points/redemptions", json=redemption, headers={**redeemer, "Idempotency-Key": "crash-1"}
+        )
+        assert (redeemed.status_code, redeemed.json()["balance"]) == (200, 70), redeemed.text
+        binding_tx = _latest_binding(serve)
+        assert _rpc(serve, "eth_getTransactionByHash", [binding_tx]) is not None
+        killed = serve.anvil_pid()
+        os.kill(killed, signal.SIGKILL)  # before the next checkpoint: the binding's block is lost
+        deadline = time.monotonic() + 30
+        while serve.anvil_pid() == killed:
+            assert time.monotonic() < deadline, "the service did not restart its node"
+            time.sleep(0.1)
+        # The binding left with its block (else this test proves nothing), and the service bound the key again.
+        assert _rpc(serve, "eth_getTransactionByHash", [binding_tx]) is None
+        after = _grant(serve, account, headers)  # the customer goes on as if nothing happened
+        # The issuance and the redemption are sent again, and the redemption is not refused as unbound.
+        deadline = time.monotonic() + 60
+        while _balance_on_chain(serve, did) != 70:
+            assert time.monotonic() < deadline, "the lost issuance and redemption were not applied again"
+            time.sleep(0.2)
+        again = serve.client.post(
+            "/api/v1/points/redemptions", json=redemption, headers={**redeemer, "Idempotency-Key": "crash-1"}
+        )
+        assert again.status_code == 200
+        moved = {"tx_hash", "block_number"}  # a repeat names the transaction that holds it now (api.idempotency)
+        assert {k: v for k, v in again.json().items() if k not in moved} == {
+            k: v for k, v in redeemed.json().items() if k not in moved
+        }
+        receipt = _rpc(serve, "eth_getTransactionReceipt", [again.json()["tx_hash"]])
+        assert int(receipt["blockNumber"], 16) == again.json()["block_number"]  # type: ignore[index]
+        _verify_exactly_once(serve, [first, second, after], node_crashed=True)
+        log = (tmp_path / "serve.log").read_text()
+        assert "the chain had lost 1 key bindings; bound them again" in log
+        assert f"the chain had lost the partner role of {added.json()['address']}; granted it again" in log
+        assert _latest_binding(serve) != binding_tx
+    finally:
+        serve.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import threading
 import time
 import uuid
@@ -20,22 +19,11 @@ from eth_account.messages import encode_typed_data
 from eth_utils.crypto import keccak
 
 from ledger import loyalty
-from tests.api.test_crash import CLI, Serve, _customer
+from tests.api.test_crash import Serve, _customer, principal
 
 pytestmark = [pytest.mark.anvil, pytest.mark.slow]
 CUSTOMERS = 8
 START = 1000
-
-
-def _principal(serve: Serve, role: str, name: str) -> str:
-    out = subprocess.run(
-        [*CLI, "principals", "add", "--role", role, "--name", name, "--data-dir", str(serve.data_dir)],
-        env=serve.env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return next(line.split()[2] for line in out.splitlines() if line.startswith("api key:"))
 
 
 def test_a_retry_after_a_crash_never_spends_twice(tmp_path: Path) -> None:
@@ -47,8 +35,8 @@ def test_a_retry_after_a_crash_never_spends_twice(tmp_path: Path) -> None:
 
 
 def _never_spends_twice(serve: Serve) -> None:
-    issuer = {"X-API-Key": _principal(serve, "issuer", "issuer")}
-    partner = {"X-API-Key": _principal(serve, "partner", "acme")}
+    issuer = {"X-API-Key": principal(serve, "issuer", "issuer")}
+    partner = {"X-API-Key": principal(serve, "partner", "acme")}
     serve.start()
     try:
         customers = [_customer(serve, n) for n in range(CUSTOMERS)]
