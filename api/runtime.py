@@ -44,7 +44,7 @@ from ledger.outbox import Outbox, OutboxWriter
 from ledger.points import FINAL, Completions, PointsFollower, PointsReader, PointsRelayer
 from ledger.relayer import BlockCadence, Relayer, run_lanes
 from ledger.settings import ChainSettings, ToolchainSettings
-from ledger.store import ControllerState, GroupCommit, create_schema, make_engine, sessions
+from ledger.store import Checkpointer, ControllerState, GroupCommit, create_schema, make_engine, sessions
 from ledger.tx import TxSender
 from ledger.types import Subject, checksummed
 
@@ -118,7 +118,10 @@ class Runtime:
         self.dids = self.identity.did_method(f"{self.service.host}%3A{self.service.port}")
         self.resolver = Resolver(self.dids, self.vault)
 
-        self.engine = make_engine(self.service.database_url or f"sqlite:///{(data_dir / 'service.db').resolve()}")
+        # The supervisor checkpoints the log in the background (`Checkpointer`): no commit does it.
+        self.engine = make_engine(
+            self.service.database_url or f"sqlite:///{(data_dir / 'service.db').resolve()}", checkpoints=False
+        )
         self.derived_engine: Engine | None = None  # the indexer's (see `start`)
         self._sessions = sessions(self.engine)
         if not worker:
@@ -172,7 +175,9 @@ class Runtime:
             return
         # The read model is derived from the chain: its writes need not wait for the disk (see make_engine).
         if self.engine.dialect.name == "sqlite":
-            self.derived_engine = make_engine(self.engine.url.render_as_string(hide_password=False), durable=False)
+            self.derived_engine = make_engine(
+                self.engine.url.render_as_string(hide_password=False), durable=False, checkpoints=False
+            )
         self.bindings = Bindings(self.engine, self.consent)
         adopted = self.bindings.adopt_indexed()
         if adopted:
@@ -245,6 +250,7 @@ class Runtime:
             interval = 0.05 if self.cadence is None else self.cadence.fallback
             self._spawn("indexer", lambda stop: indexer.run(stop, interval=interval))
             self._spawn("relayer", self._relay)
+            self._spawn("checkpointer", Checkpointer(self.engine).run)
             self._spawn("maintenance", self._maintain)
 
     # the control connection (role `worker`) ------------------------------------------------------

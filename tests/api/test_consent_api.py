@@ -393,3 +393,9 @@ def test_the_read_model_is_not_synced_to_disk_but_acknowledged_requests_are(serv
     assert synchronous(runtime.derived_engine) == 1  # NORMAL
     assert synchronous(runtime.engine) == 2  # FULL: the outbox, idempotency records, everything acknowledged
     assert _write_lock(runtime.derived_engine) is _write_lock(runtime.engine)
+    # No commit copies the log back into the database (the writer holding the lock paid for it): the
+    # supervisor's checkpointer does.
+    for engine in (runtime.engine, runtime.derived_engine):
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar_one() == 0
+    assert "checkpointer" in [thread.name for thread in runtime._threads if thread.is_alive()]

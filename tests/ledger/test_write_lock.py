@@ -3,16 +3,18 @@ supervisor); group commit shares transactions between callers."""
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from sqlalchemy import event, text
 from sqlalchemy.exc import IntegrityError
 
-from ledger.store import Base, GroupCommit, IndexerCursor, WriteLock, make_engine, sessions
+from ledger.store import Base, Checkpointer, GroupCommit, IndexerCursor, WriteLock, make_engine, sessions
 
 HOLDER = """
 import sys
@@ -150,3 +152,62 @@ def test_queries_made_under_the_write_lock_use_an_index(tmp_path: Path, query: s
         plan = str(connection.execute(text(f"EXPLAIN QUERY PLAN {query}")).all())
     engine.dispose()
     assert f"USING INDEX {index}" in plan or f"USING COVERING INDEX {index}" in plan, plan
+
+
+def _log_frames(path: Path) -> int:
+    """Frames in the database's write-ahead log now (a passive checkpoint that copies nothing new)."""
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        return int(connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1])
+    finally:
+        connection.close()
+
+
+def test_commits_leave_the_log_to_the_checkpointer_which_completes_it_beside_busy_writers(tmp_path: Path) -> None:
+    path = tmp_path / "service.db"
+    engine = make_engine(f"sqlite:///{path}", checkpoints=False)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE pages (data BLOB)")
+    write = sessions(engine)
+
+    def fill(pages: int) -> None:
+        with write.begin() as session:
+            session.execute(text("INSERT INTO pages VALUES (randomblob(4000))"), [{}] * pages)
+
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar_one() == 0
+    fill(3000)  # well past SQLite's automatic checkpoint at 1000 pages: no commit copied the log back
+    assert _log_frames(path) > 3000
+    checkpointer = Checkpointer(engine)
+    busy, frames, copied = checkpointer.step()
+    assert busy == 0
+    assert copied == frames > 3000
+    fill(1)
+    assert _log_frames(path) < 10  # complete: the next writer started the log from its beginning
+
+    # With a writer never pausing, a checkpoint made only beside it would never be complete and the log
+    # would grow by every write; the checkpointer finishes under the write lock, so it stays short.
+    stop = threading.Event()
+    written = 0
+
+    def writer() -> None:
+        nonlocal written
+        while not stop.is_set():
+            fill(20)
+            written += 20
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        longest = 0
+        for _ in range(20):
+            time.sleep(0.05)
+            longest = max(longest, checkpointer.step()[1])
+    finally:
+        stop.set()
+        thread.join()
+    checkpointer.close()
+    assert longest < written / 2, (written, longest)  # never copied complete, the log would hold all of it
+    assert _log_frames(path) <= longest
+    engine.dispose()
