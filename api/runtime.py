@@ -164,7 +164,7 @@ class Runtime:
         )
         self.access_reader = AccessReader(self.engine)
         self.outbox = Outbox(self.engine)
-        self.writer = OutboxWriter(self.engine)
+        self.writer = OutboxWriter(self.engine, chain_nonces=self.consent.nonces_of)
         self.inserts = GroupCommit(self.engine, name="points-inserts")
         self.points_reader = PointsReader(self.engine, self.service.tiers)
         if worker:

@@ -7,11 +7,12 @@ its event is on-chain.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
@@ -205,8 +206,16 @@ class OutboxWriter:
     seen. Other processes may write too (see `_write`).
     """
 
-    def __init__(self, engine: Engine, *, max_batch: int = 1000, linger: float = 0.001) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_batch: int = 1000,
+        linger: float = 0.001,
+        chain_nonces: Callable[[Sequence[bytes]], dict[bytes, int]] | None = None,
+    ) -> None:
         self._sessions = sessions(engine)
+        self.chain_nonces = chain_nonces  # many subjects' chain nonces in one round trip, if the chain can
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._next: dict[bytes, int] = {}
         self.max_batch = max_batch
@@ -245,11 +254,24 @@ class OutboxWriter:
         if not new:
             return unavailable
         with self._sessions() as session:
-            for subject, chain_nonce in new.items():
-                try:
-                    self._expected(session, subject, chain_nonce, fresh=True)  # caches it
-                except LedgerError as exc:
-                    unavailable[subject] = exc
+            highest = {subject: _highest_live_nonce(session, subject) for subject in new}
+        unknown = [subject for subject, nonce in highest.items() if nonce is None]
+        on_chain: dict[bytes, int] = {}
+        if len(unknown) > 1 and self.chain_nonces is not None:
+            # The first change of many customers at once (a start, a campaign): one round trip, not one
+            # each, while every request of the batch waits.
+            with contextlib.suppress(LedgerError):  # then asked one by one: each failure answers its own
+                on_chain = self.chain_nonces(unknown)
+        for subject, nonce in highest.items():
+            try:
+                if nonce is not None:
+                    self._next[subject] = nonce + 1
+                elif subject in on_chain:
+                    self._next[subject] = on_chain[subject]
+                else:
+                    self._next[subject] = new[subject]()
+            except LedgerError as exc:
+                unavailable[subject] = exc
         return unavailable
 
     def _write(

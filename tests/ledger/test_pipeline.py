@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -416,6 +416,37 @@ def test_the_outbox_writer_asks_the_chain_for_nonces_outside_the_write_lock(pipe
         writer.close()
     assert subject in asked
     assert broken in asked
+
+
+def test_the_outbox_writer_asks_the_chain_for_many_new_subjects_nonces_in_one_go(pipeline: Pipeline) -> None:
+    customers = [pipeline.customer() for _ in range(3)]
+    account, subject = customers[0]
+    first = pipeline.accept(account, subject, ChangeKind.GRANT, EMAIL)
+    pipeline.settle(lambda: pipeline.statuses(first) == [RequestStatus.CONFIRMED])
+    batches: list[list[bytes]] = []
+
+    def chain_nonces(subjects: Sequence[bytes]) -> dict[bytes, int]:
+        batches.append(list(subjects))
+        return pipeline.registry.nonces_of(subjects)
+
+    def one_by_one() -> int:
+        raise AssertionError("asked alone although the batch could be asked together")
+
+    def signed(account: LocalAccount, of: Subject, nonce: int) -> SignedChange:
+        change = ConsentChange(
+            ChangeKind.GRANT, of, pipeline.partner, PURPOSE, EMAIL, nonce=nonce, deadline=int(time.time()) + 600
+        )
+        return SignedChange(change, eip712.sign(bytes(account.key), pipeline.registry.domain, change))
+
+    writer = OutboxWriter(pipeline.engine, linger=0.05, chain_nonces=chain_nonces)  # all in one batch
+    try:
+        # The first customer's next nonce (1) is on the chain but not in this writer: the others have none.
+        futures = [writer.accept(signed(a, s, 1 if s == subject else 0), a.address, one_by_one) for a, s in customers]
+        assert [f.result(10).nonce for f in futures] == [1, 0, 0]
+    finally:
+        writer.close()
+    # The outbox knew the first customer's nonce; the chain was asked for the two others, together.
+    assert batches == [[customers[1][1], customers[2][1]]]
 
 
 @pytest.mark.parametrize("change", ["one_left_the_queue", "another_joined_the_range"])
