@@ -61,6 +61,7 @@ class Indexer:
         *,
         reorg_depth: int = 64,
         chunk: int = 5_000,
+        max_events: int = 1_000,
         on_change: Callable[[], None] | None = None,
         on_rollback: Callable[[int], None] | None = None,
         followers: Sequence[Follower] = (),
@@ -71,6 +72,10 @@ class Indexer:
         self.deploy_block = deploy_block
         self.reorg_depth = reorg_depth
         self.chunk = chunk
+        # Logs applied in one transaction at most (whole blocks; a bigger block alone). Catching up after
+        # a pause in one transaction held the write lock, which every request's commit waits on, for
+        # a hundred milliseconds and more.
+        self.max_events = max_events
         self.on_change = on_change
         self.on_rollback = on_rollback  # told the block rolled back to, after the rollback
         self._sessions = sessions(engine)
@@ -136,6 +141,8 @@ class Indexer:
             "eth_getLogs",
             [{"address": addresses, "fromBlock": hex(cursor + 1), "toBlock": hex(to), "topics": [topics]}],
         )
+        if len(logs) > self.max_events:
+            logs, to = _whole_blocks(logs, self.max_events)
         by_address: dict[str, list[dict[str, Any]]] = {}
         for item in logs:
             by_address.setdefault(checksummed(item["address"]), []).append(dict(item))
@@ -355,3 +362,12 @@ class Indexer:
                 stop.wait(1.0)
             self.wake.wait(interval)
             self.wake.clear()
+
+
+def _whole_blocks(logs: Sequence[dict[str, Any]], most: int) -> tuple[list[dict[str, Any]], int]:
+    """The first blocks' logs, `most` at most unless the first block alone has more, and the last of
+    those blocks. `logs` are in chain order, as eth_getLogs returns them."""
+    numbers = [events._int(item["blockNumber"]) for item in logs]
+    first_left_out = numbers[most]
+    last = first_left_out - 1 if first_left_out > numbers[0] else numbers[0]
+    return [item for item, number in zip(logs, numbers, strict=True) if number <= last], last

@@ -11,7 +11,7 @@ from typing import cast
 import pytest
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
-from eth_typing import ChecksumAddress
+from eth_typing import ChecksumAddress, HexStr
 from eth_utils.crypto import keccak
 from sqlalchemy import Engine, Table, func, select, update
 
@@ -23,7 +23,7 @@ from ledger.consent import ConsentRegistryClient, SignedChange
 from ledger.contracts import RevertDecoder, ensure_deployed
 from ledger.eip712 import ChangeKind, ConsentChange
 from ledger.errors import ChainError
-from ledger.indexer import Indexer
+from ledger.indexer import Indexer, _whole_blocks
 from ledger.outbox import NonceConflict, Outbox, OutboxWriter
 from ledger.relayer import Relayer
 from ledger.settings import ChainSettings
@@ -549,3 +549,37 @@ def test_bindings_made_before_they_were_recorded_are_adopted_from_the_read_model
 def _controllers(pipeline: Pipeline) -> list[bytes]:
     with sessions(pipeline.engine)() as session:
         return list(session.scalars(select(ControllerState.subject)))
+
+
+def test_the_indexer_catches_up_in_transactions_of_whole_blocks_and_bounded_size(pipeline: Pipeline) -> None:
+    """A long pause's backlog in one transaction held the write lock, which every request waits on, for
+    hundreds of milliseconds: the indexer applies at most `max_events` logs at a time, in whole blocks."""
+    customers = [pipeline.customer() for _ in range(2)]
+    pipeline.settle(lambda: pipeline.indexer.step() == 0 and pipeline.indexer.cursor() >= pipeline.deploy_block)
+    blocks: list[int] = []
+    for account, subject in customers:  # two changes, each in a block of its own
+        request = pipeline.accept(account, subject, ChangeKind.GRANT, EMAIL)
+        pipeline.relayer.step()
+        deadline = time.monotonic() + 30
+        while pipeline.relayer.busy:
+            assert time.monotonic() < deadline
+            pipeline.relayer.step()
+            time.sleep(0.02)
+        sent = pipeline.outbox.request(request.id)
+        assert sent is not None
+        assert sent.tx_hash is not None
+        blocks.append(pipeline.registry.w3.eth.get_transaction_receipt(HexStr(sent.tx_hash))["blockNumber"])
+    pipeline.indexer.max_events = 1
+    start = pipeline.indexer.cursor()
+    assert pipeline.indexer.step() == 1
+    assert blocks[0] <= pipeline.indexer.cursor() < blocks[1]  # up to the first block, not to the head
+    assert pipeline.indexer.step() == 1  # the rest: no more than the limit, so up to the head
+    assert pipeline.indexer.cursor() >= blocks[1]
+    assert start < blocks[0] < blocks[1]
+
+
+def test_whole_blocks_take_a_block_too_big_alone_and_never_split_one() -> None:
+    logs = [{"blockNumber": hex(n)} for n in (5, 5, 5, 6, 7, 7)]
+    assert _whole_blocks(logs, 2) == (logs[:3], 5)  # the first block alone has more
+    assert _whole_blocks(logs, 4) == (logs[:4], 6)
+    assert _whole_blocks(logs, 5) == (logs[:4], 6)  # not half of block 7
