@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -96,8 +97,12 @@ def test_a_killed_services_node_is_adopted_by_the_next_start(tmp_path: Path) -> 
 
 
 def _children(pid: int) -> list[int]:
-    """Child processes of `pid`, whichever of its threads started them."""
-    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    """Child processes of `pid`, whichever of its threads started them (a thread may end meanwhile)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            children += [int(c) for c in (task / "children").read_text().split()]
+    return children
 
 
 def _sockets(port: int, state: str) -> set[str]:
