@@ -232,7 +232,8 @@ class Indexer:
                 [{"k_subject": k[0], "k_partner": k[1], "k_purpose": k[2]} for k in replaced],
             )
         connection.execute(insert(states), list(latest.values()))
-        # Requests are confirmed by the chain's own event: (subject, nonce, kind) names one change.
+        # Requests are confirmed by the chain's own event: (subject, nonce, kind) names one live change. A
+        # failed one that held the nonce before is not it (and two live rows cannot share a nonce).
         table = cast(Table, ConsentRequest.__table__)
         connection.execute(
             update(table)
@@ -240,6 +241,7 @@ class Indexer:
                 table.c.subject == bindparam("e_subject"),
                 table.c.nonce == bindparam("e_nonce"),
                 table.c.kind == bindparam("e_kind"),
+                table.c.status != RequestStatus.FAILED,
                 table.c.status != RequestStatus.CONFIRMED,
             )
             .values(

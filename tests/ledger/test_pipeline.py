@@ -174,6 +174,10 @@ def test_a_bad_request_fails_alone_with_its_reason(pipeline: Pipeline) -> None:
     # Its nonce is free again: the customer can sign anew.
     again = pipeline.accept(forged_account, forged_subject, ChangeKind.GRANT, EMAIL)
     assert again.nonce == bad.nonce
+    pipeline.settle(lambda: pipeline.statuses(again) == [RequestStatus.CONFIRMED])
+    # The chain's event names (subject, nonce, kind): it confirms the change that holds the nonce now,
+    # not the failed one that held it before.
+    assert pipeline.statuses(bad) == [RequestStatus.FAILED]
 
 
 def test_a_revocation_takes_effect_when_accepted_and_a_grant_when_on_chain(pipeline: Pipeline) -> None:
