@@ -123,18 +123,25 @@ class Bindings:
             if suspects:
                 rows.extend(session.execute(columns.where(BoundController.subject.in_(suspects))))
         candidates: dict[bytes, str] = dict(rows)
-        restored = 0
-        for subject, controller in candidates.items():
-            if self.registry.controller_of(Subject(subject)) is not None:
-                continue
-            receipt = self.registry.bind_controller(Subject(subject), checksummed(controller))
-            with self._sessions.begin() as session:
-                session.execute(
-                    update(BoundController)
-                    .where(BoundController.subject == subject)
-                    .values(tx_hash=receipt.tx_hash, block_number=receipt.block_number)
-                )
-            restored += 1
+        lost = [
+            (Subject(subject), checksummed(controller))
+            for subject, controller in candidates.items()
+            if self.registry.controller_of(Subject(subject)) is None
+        ]
+        # All sent at once: a crash can lose every binding since the last checkpoint, and one at a time,
+        # a block each, held their customers' changes back for as many blocks.
+        receipts = self.registry.bind_controllers(lost)
+        restored = [(subject, receipt) for (subject, _), receipt in zip(lost, receipts, strict=True) if receipt.status]
         if restored:
-            log.warning("the chain had lost %d key bindings; bound them again", restored)
-        return restored
+            with self._sessions.begin() as session:
+                for subject, receipt in restored:
+                    session.execute(
+                        update(BoundController)
+                        .where(BoundController.subject == bytes(subject))
+                        .values(tx_hash=receipt.tx_hash, block_number=receipt.block_number)
+                    )
+            log.warning("the chain had lost %d key bindings; bound them again", len(restored))
+        if len(restored) < len(lost):  # bound meanwhile by another way, or refused: look again next time
+            log.warning("%d key bindings could not be bound again", len(lost) - len(restored))
+            self.check.set()
+        return len(restored)

@@ -16,7 +16,7 @@ from ledger.compiler import Artifact
 from ledger.contracts import ContractClient, RevertDecoder
 from ledger.eip712 import ChangeKind, ConsentChange, ControllerChange, Domain, Signature
 from ledger.errors import ChainError
-from ledger.tx import Receipt, TxSender
+from ledger.tx import Receipt, TxRequest, TxSender
 from ledger.types import Purpose, Subject
 
 CONTRACT_NAME = "ConsentRegistry"
@@ -184,6 +184,15 @@ class ConsentRegistryClient(ContractClient):
 
     def bind_controller(self, subject: Subject, controller: ChecksumAddress) -> Receipt:
         return self.transact(self.encode("bindController", subject, controller))
+
+    def bind_controllers(self, bindings: Sequence[tuple[Subject, ChecksumAddress]]) -> list[Receipt]:
+        """Bind many subjects' keys: all sent at once, then waited for (a receipt each, reverted or not)."""
+        if not bindings:
+            return []
+        calls = [self.encode("bindController", subject, controller) for subject, controller in bindings]
+        gas = self.estimate(calls[0]) * 5 // 4 + 10_000  # the same work for each
+        tx_hashes = self.sender.send([TxRequest(to=self.address, data=data, gas=gas) for data in calls])
+        return self.sender.wait(tx_hashes)
 
     def rebind_controller(self, change: ControllerChange, signature: Signature) -> Receipt:
         return self.transact(

@@ -506,6 +506,8 @@ def test_a_binding_the_chain_lost_is_bound_again_and_its_changes_wait_for_it(pip
     account, stranger = Account.create(), Account.create()
     subject, unbound = Subject(keccak(bytes(account.key))), Subject(keccak(bytes(stranger.key)))
     first = bindings.bind(subject, account.address)
+    quiet = Account.create()  # bound too, with no change of its own
+    bindings.bind(Subject(keccak(bytes(quiet.key))), quiet.address)
     request = pipeline.accept(account, subject, ChangeKind.GRANT, EMAIL)
     pipeline.settle(lambda: pipeline.statuses(request) == [RequestStatus.CONFIRMED])
     assert bindings.restore() == 0  # the chain holds it: nothing to do
@@ -529,8 +531,9 @@ def test_a_binding_the_chain_lost_is_bound_again_and_its_changes_wait_for_it(pip
     pipeline.settle(lambda: reverted() and pipeline.statuses(stray) == [RequestStatus.FAILED])
     assert pipeline.outbox.request(stray.id).error_code == "unbound_subject"  # type: ignore[union-attr]
     assert pipeline.statuses(request) == [RequestStatus.PENDING]
-    assert bindings.restore() == 1
+    assert bindings.restore() == 2  # both, sent together
     assert pipeline.registry.controller_of(subject) == account.address
+    assert pipeline.registry.controller_of(Subject(keccak(bytes(quiet.key)))) == quiet.address
     pipeline.settle(lambda: pipeline.statuses(request) == [RequestStatus.CONFIRMED])
     assert [(e.subject, e.nonce) for e in pipeline.events()] == [(subject, 0)]
     assert pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, EMAIL)
