@@ -186,6 +186,7 @@ def _serve_worker(args: argparse.Namespace) -> int:
 
     sys.setswitchinterval(0.0005)
     service = ServiceSettings(host=args.host, port=args.port, data_dir=args.data_dir)
+    os.nice(service.api_worker_nice)
     chain = ChainSettings()
     runtime = Runtime(
         service=service,

@@ -31,6 +31,14 @@ class ServiceSettings(BaseSettings):
         description="Processes serving the API; with more than one, a supervisor process beside them runs "
         "the node, relayer and indexer. Default: the number of cores, at most 4.",
     )
+    api_worker_nice: int = Field(
+        default=4,
+        ge=0,
+        le=19,
+        description="Niceness of the API worker processes. Under full load the supervisor's relayer and "
+        "indexer come first, so that what is acknowledged is put on-chain as fast as it is accepted "
+        "rather than piling up (clients then wait a little longer for acknowledgements instead).",
+    )
     access_log: bool = Field(
         default=False,
         description="Log every HTTP request (uvicorn's access log). Off by default, as in gunicorn: a line per "

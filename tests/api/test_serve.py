@@ -134,6 +134,9 @@ def test_api_workers_share_the_port_and_a_second_service_cannot_take_it(tmp_path
         wait_healthy(port, service)
         workers = [c for c in _children(service.pid) if "serve-worker" in Path(f"/proc/{c}/cmdline").read_text()]
         assert len(workers) == 2
+        # Under full load the supervisor's relayer and indexer come first (CONSENT_LEDGER_API_WORKER_NICE).
+        supervisor_nice = os.getpriority(os.PRIO_PROCESS, service.pid)
+        assert [os.getpriority(os.PRIO_PROCESS, w) for w in workers] == [min(19, supervisor_nice + 4)] * 2
         deadline = time.monotonic() + 60
         while len(_sockets(port, "0A")) < 2:  # each worker listens once it has started
             assert time.monotonic() < deadline, "the API worker did not start listening"
