@@ -8,9 +8,7 @@ from typing import Any
 
 from eth_typing import ChecksumAddress
 from eth_utils.crypto import keccak
-from requests.exceptions import RequestException
 from web3 import Web3
-from web3.types import RPCEndpoint
 
 from ledger.compiler import Artifact
 from ledger.contracts import ContractClient, RevertDecoder
@@ -128,19 +126,15 @@ class ConsentRegistryClient(ContractClient):
 
     def nonces_of(self, subjects: Sequence[bytes]) -> dict[bytes, int]:
         """`nonce_of` for many subjects in one round trip to the node (a JSON-RPC batch of calls)."""
-        calls = [
-            (RPCEndpoint("eth_call"), [{"to": self.address, "data": "0x" + self.encode("nonceOf", s).hex()}, "latest"])
-            for s in subjects
-        ]
-        batch = getattr(self.w3.provider, "make_batch_request", None)
-        if not calls or batch is None:  # a provider without batches (eth-tester's): one call each
-            return {bytes(s): self.nonce_of(Subject(s)) for s in subjects}
-        try:
-            answers = batch(calls)
-        except (RequestException, OSError) as exc:
-            raise ChainError(f"the node did not answer nonceOf: {exc.__class__.__name__}") from exc
-        if not isinstance(answers, list) or len(answers) != len(subjects) or any("result" not in a for a in answers):
-            raise ChainError(f"the node did not answer nonceOf: {answers!r:.200}")
+        answers = self.sender.call_many(
+            [
+                ("eth_call", [{"to": self.address, "data": "0x" + self.encode("nonceOf", s).hex()}, "latest"])
+                for s in subjects
+            ]
+        )
+        failed = next((a for a in answers if "result" not in a), None)
+        if failed is not None:
+            raise ChainError(f"nonceOf failed: {failed.get('error')}")
         return {bytes(s): int(str(a["result"]), 16) for s, a in zip(subjects, answers, strict=True)}
 
     def consent_of(self, subject: Subject, partner: ChecksumAddress, purpose: Purpose) -> Consent:

@@ -266,9 +266,7 @@ class Checkpointer:
     `WriteLock`: writers go on appending to the log while it copies and syncs."""
 
     def __init__(self, engine: Engine) -> None:
-        database = engine.url.database
-        on_file = engine.dialect.name == "sqlite" and bool(database) and database != ":memory:"
-        self.path = database if on_file else None
+        self.path = _sqlite_file(engine)
         self._lock = _write_lock(engine)
         self._connection: sqlite3.Connection | None = None
 
@@ -344,16 +342,23 @@ class WriteLock:
         self._thread_lock.release()
 
 
+def _sqlite_file(engine: Engine) -> str | None:
+    """The path of the engine's SQLite database file; None for another database or one in memory."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return database
+
+
 def _write_lock(engine: Engine) -> WriteLock | None:
     if engine.dialect.name != "sqlite":
         return None
-    database = engine.url.database
-    on_file = bool(database) and database != ":memory:" and not database.startswith("file:")  # type: ignore[union-attr]
+    database = _sqlite_file(engine)
     key = str(engine.url)
     with _WRITE_LOCKS_GUARD:
         lock = _WRITE_LOCKS.get(key)
         if lock is None:
-            lock = _WRITE_LOCKS[key] = WriteLock(f"{database}-writer.lock" if on_file else None)
+            lock = _WRITE_LOCKS[key] = WriteLock(f"{database}-writer.lock" if database else None)
     return lock
 
 

@@ -134,7 +134,7 @@ class TxSender:
 
     def send_raw(self, raws: Sequence[bytes]) -> None:
         """Send already signed transactions (see `sign`)."""
-        responses = self._call_many([("eth_sendRawTransaction", ["0x" + raw.hex()]) for raw in raws])
+        responses = self.call_many([("eth_sendRawTransaction", ["0x" + raw.hex()]) for raw in raws])
         errors = [r["error"] for r in responses if "error" in r]
         if errors:
             raise ChainError(f"the node refused {len(errors)} of {len(raws)} transactions: {errors[0]}")
@@ -143,12 +143,12 @@ class TxSender:
         """Receipts of mined transactions, None for those not mined (yet)."""
         if not tx_hashes:
             return []
-        responses = self._call_many([("eth_getTransactionReceipt", [h]) for h in tx_hashes])
+        responses = self.call_many([("eth_getTransactionReceipt", [h]) for h in tx_hashes])
         return [Receipt.from_rpc(dict(r["result"])) if r.get("result") else None for r in responses]
 
     def known(self, tx_hash: str) -> bool:
         """Whether the node has the transaction (mined or in its pool)."""
-        (response,) = self._call_many([("eth_getTransactionByHash", [tx_hash])])
+        (response,) = self.call_many([("eth_getTransactionByHash", [tx_hash])])
         if "error" in response:
             raise ChainError(f"eth_getTransactionByHash failed: {response['error']}")
         return response.get("result") is not None
@@ -173,7 +173,9 @@ class TxSender:
                 )
             time.sleep(poll_interval)
 
-    def _call_many(self, calls: Sequence[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
+    def call_many(self, calls: Sequence[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
+        """JSON-RPC calls in one round trip where the provider batches (one each on eth-tester's): an
+        answer each, in order, holding a "result" or an "error"."""
         try:
             return self._call_many_unguarded(calls)
         except (RequestException, OSError) as exc:
