@@ -26,7 +26,7 @@ from identity.did import DidWeb
 from identity.pseudonym import Pseudonymizer
 from identity.settings import IdentitySettings
 from ledger.access import AccessLogClient, Verification, verify
-from ledger.anvil import AnvilNode, find_anvil
+from ledger.anvil import AnvilNode, Checkpoints, find_anvil
 from ledger.backends import http_provider
 from ledger.compiler import compile_contracts
 from ledger.contracts import Deployment, RevertDecoder
@@ -130,11 +130,15 @@ class Offline:
         return self.identity.did_method(f"{self.service.host}%3A{self.service.port}")
 
     def bridge(self) -> Bridge:
+        # The managed node can lose blocks in a crash until a checkpoint holds them; an external chain
+        # (QBFT and the like) does not lose final blocks.
+        durable = Checkpoints(self.service.data_dir / "chain").wait if self.chain.backend == "anvil" else None
         return Bridge(
             Pseudonymizer(self.secrets.peppers),
             self.dids(),
             self.access_log,
             confirmations=self.chain.confirmations,
+            durable=durable,
         )
 
     def verify(self) -> Verification:

@@ -10,6 +10,12 @@ For each chunk of a CRM export the bridge
 4. hands the chunk on only once that transaction is final, and without the rows of any subject
    the chain refused.
 
+"Final" includes surviving a crash of the node where the chain can lose final blocks: the managed
+anvil node keeps its chain in memory between checkpoints, so a release there also waits for a
+checkpoint that holds the access record's block (`Bridge.durable`, `ledger.anvil.Checkpoints`).
+Otherwise a crash could leave data handed on with no record that it was permitted. The file and table
+sinks wait once, at the end, before the output appears; iterating waits per chunk.
+
 Chunks are pipelined: while one chunk's transaction is being mined the next is prepared, so the
 chain's block time is paid once, not once per chunk. Two background threads talk to the node, each
 in chunk order: one sends the transactions (so the accessor's nonces stay in order), one waits for
@@ -25,7 +31,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -91,7 +97,7 @@ class _Chunk:
     ids: np.ndarray  # per row: the subject's id in this export (0: no valid identifier)
     masks: np.ndarray  # per row: permitted attribute bits (0: not permitted)
     entries: list[Access]
-    settled: Future[tuple[str, AccessBatch]] | None  # its transaction and the entries' log, once final
+    settled: Future[tuple[Receipt, AccessBatch]] | None  # its transaction's receipt and entries' log, once final
 
 
 def _ready(chunk: _Chunk) -> bool:
@@ -108,11 +114,15 @@ class Bridge:
         *,
         confirmations: int = 1,
         pipeline_depth: int = 8,
+        durable: Callable[[int], None] | None = None,
     ) -> None:
         self.pseudonymizer = pseudonymizer
         self.dids = dids
         self.access_log = access_log
         self.confirmations = confirmations
+        # Returns once a crash of the node can no longer lose block number N (raises LedgerError if
+        # none comes to hold it); None where final blocks stay (`Checkpoints.wait` for the managed node).
+        self.durable = durable
         self.pipeline_depth = pipeline_depth
 
     def subjects_of(self, kind: str, raws: list[str], region: str | None) -> list[bytes | None]:
@@ -253,8 +263,16 @@ class Export:
             partner=partner, purpose=purpose_key, request_id=self.stats.request_id, columns=dict(mapping.columns)
         )
         self._metadata = self.release.metadata()
+        self._durable_each = True
+        self._receipts: list[Receipt] = []  # of the access records released on
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
+        """The released batches, each once its access record is final and durable (one chunk at a
+        time: the sinks below wait for durability once, for all of them)."""
+        return self._run(durable_each=True)
+
+    def _run(self, *, durable_each: bool) -> Iterator[pa.RecordBatch]:
+        self._durable_each = durable_each
         started = time.perf_counter()
         in_flight: deque[_Chunk] = deque()
         checked = False
@@ -299,21 +317,40 @@ class Export:
         sent = sender.submit(self.bridge.access_log.submit, entries)
         return _Chunk(batch, ids, masks, entries, settler.submit(self._settle, sent, entries))
 
-    def _settle(self, sent: Future[str], entries: list[Access]) -> tuple[str, AccessBatch]:
+    def _settle(self, sent: Future[str], entries: list[Access]) -> tuple[Receipt, AccessBatch]:
         """(In the settling thread.) Wait until the batch's entries are final; their log."""
         tx_hash = sent.result()  # a send that failed raises its own error, as it would have unthreaded
         try:
             receipt, recorded = self.bridge.access_log.settle(tx_hash, entries)
             self.bridge.access_log.wait_final(receipt, self.bridge.confirmations)
+            if self._durable_each:
+                self._make_durable([receipt])
         except LedgerError as exc:
             raise AccessRefused(f"the access log did not record batch {tx_hash}: {exc}") from exc
-        return tx_hash, recorded
+        return receipt, recorded
+
+    def _make_durable(self, receipts: list[Receipt]) -> None:
+        """Wait until a crash of the node cannot lose these receipts' blocks, then check that they
+        are still the chain's: a crash before that replaces them with other blocks of their numbers."""
+        if self.bridge.durable is None or not receipts:
+            return
+        self.bridge.durable(max(receipt.block_number for receipt in receipts))
+        for receipt in receipts:
+            self.bridge.access_log.wait_final(receipt, self.bridge.confirmations)
+
+    def _finish(self) -> None:
+        """(Sinks, before anything they wrote appears.) Every access record released on is durable."""
+        try:
+            self._make_durable(self._receipts)
+        except LedgerError as exc:
+            raise AccessRefused(f"the access records of this export did not become durable: {exc}") from exc
 
     def _release(self, chunk: _Chunk) -> Iterator[pa.RecordBatch]:
         subjects = self.subjects
         if chunk.settled is not None:
-            tx_hash, recorded = chunk.settled.result()
-            self.stats.transactions.append(tx_hash)
+            receipt, recorded = chunk.settled.result()
+            self._receipts.append(receipt)
+            self.stats.transactions.append(receipt.tx_hash)
             self.stats.entries_recorded += recorded.count
             # `settle` checked that the log holds exactly the entries sent, in order.
             refused = [subjects.ids[chunk.entries[i].subject] for i in recorded.refused()]
@@ -345,7 +382,8 @@ class Export:
 
     def to_table(self) -> pa.Table:
         """Run the export and collect what it releases (small exports; use `to_parquet` for big ones)."""
-        batches = list(self)
+        batches = list(self._run(durable_each=False))
+        self._finish()
         if not batches:
             return self._empty_schema().empty_table()
         return pa.Table.from_batches(batches)
@@ -356,7 +394,7 @@ class Export:
         partial = path.with_name(path.name + ".partial")
         writer: pq.ParquetWriter | None = None
         try:
-            for batch in self:
+            for batch in self._run(durable_each=False):
                 if writer is None:
                     writer = pq.ParquetWriter(partial, batch.schema, compression="zstd", **_encodings(batch))
                 writer.write_batch(batch)
@@ -364,6 +402,7 @@ class Export:
                 writer = pq.ParquetWriter(partial, self._empty_schema(), compression="zstd")
             writer.close()
             writer = None
+            self._finish()
             partial.replace(path)
         finally:
             if writer is not None:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ledger.errors import NodeStartError
+from ledger.errors import ChainError, NodeStartError
 from ledger.files import write_atomically
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,65 @@ CAPTURE_HOLD = 0.05  # seconds mining pauses while the node copies the chain for
 MAX_CAPTURE_HOLD = 0.8  # ... at most, when the node has been slow to copy; then mining pauses throughout
 
 
+WANTED_SHARE = 4  # ... or 4 times, while someone waits for a block to be in one (`Checkpoints.wait`)
+WANTED_POLL = 0.1  # seconds between the checkpoint loop's looks for such a wait
+
+
+class NotDurable(ChainError):
+    """Raised when no checkpoint of the managed node came to hold a block in time."""
+
+
+class Checkpoints:
+    """Which blocks of a managed node survive a crash of it, seen from any process with its state dir.
+
+    The node keeps its chain in memory; a crash loses every block since its last checkpoint (the state
+    file), and the blocks mined after the restart take their numbers. After each checkpoint the
+    service writes the newest block it holds to `durable.json` (after the state file: never ahead of
+    it). What must not be lost waits for its block to be there (`wait`): the CRM bridge before it
+    hands data on, since the access record is the proof that the release was permitted. A waiter
+    asks for an early checkpoint through `checkpoint.wanted` (a block number; the service's
+    checkpoint loop looks at it every `WANTED_POLL` seconds). A chain with final blocks, such as
+    QBFT, needs none of this: its blocks are on the validators' disks when they are made."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.durable_file = state_dir / "durable.json"
+        self.wanted_file = state_dir / "checkpoint.wanted"
+
+    @staticmethod
+    def _number(path: Path, key: str | None = None) -> int:
+        try:
+            text = path.read_text()
+            return int(json.loads(text)[key] if key else text)
+        except (OSError, ValueError, KeyError, TypeError):
+            return -1
+
+    def durable_block(self) -> int:
+        """The newest block a checkpoint holds (-1: none yet)."""
+        return self._number(self.durable_file, "block")
+
+    def wanted_block(self) -> int:
+        """The newest block someone waits to see in a checkpoint (-1: none)."""
+        return self._number(self.wanted_file)
+
+    def mark_durable(self, block: int) -> None:
+        write_atomically(self.durable_file, json.dumps({"block": block}))
+
+    def wait(self, block: int, *, timeout: float = 600.0, poll: float = 0.05) -> None:
+        """Return once a checkpoint holds block number `block`, asking for one if need be.
+
+        The caller still checks that its transaction's block is the canonical one at that number:
+        a crash before the checkpoint replaces it with another block of the same number."""
+        if self.durable_block() >= block:
+            return
+        if self.wanted_block() < block:
+            write_atomically(self.wanted_file, str(block))  # a lower wish of another waiter is covered
+        deadline = time.monotonic() + timeout
+        while self.durable_block() < block:
+            if time.monotonic() > deadline:
+                raise NotDurable(f"no checkpoint of the managed node holds block {block} after {timeout:g}s")
+            time.sleep(poll)
+
+
 class AnvilNode:
     """One anvil process with interval mining and state persisted to `state_dir/state.json`."""
 
@@ -129,6 +188,7 @@ class AnvilNode:
         self._dumper: subprocess.Popen[str] | None = None  # see `_dump`
         self._dumper_lock = threading.Lock()
         self._capture_hold = CAPTURE_HOLD
+        self.checkpoints = Checkpoints(state_dir)
         self._stop_workers = threading.Event()
         self._workers: list[threading.Thread] = []
         # Called by the interval miner just before and just after each block (see `_mine`).
@@ -214,6 +274,9 @@ class AnvilNode:
                 self.kill()
                 continue
             log.info("anvil %s running at %s (state %s)", self.binary, self.url, self.state_file)
+            # A new process has nothing but what it loaded from the state file (a node adopted above
+            # may hold more, so its mark stays as the last checkpoint left it).
+            self.checkpoints.mark_durable(int(str(self._call("eth_blockNumber", [])), 16))
             self._start_workers()
             return self.url
         raise NodeStartError(f"anvil did not start: {last_error}; see {self.log_file}")
@@ -275,14 +338,22 @@ class AnvilNode:
             _run_hook(self.after_block)
 
     def _checkpoint_loop(self) -> None:
-        pause = float(self.state_interval)
-        while not self._stop_workers.wait(pause):
+        pause, wanted_pause = float(self.state_interval), 0.0  # the first one waited for comes at once
+        last = time.monotonic()
+        while not self._stop_workers.wait(min(WANTED_POLL, pause)):
+            since = time.monotonic() - last
+            if since < pause and not (
+                since >= wanted_pause and self.checkpoints.wanted_block() > self.checkpoints.durable_block()
+            ):
+                continue
             started = time.monotonic()
             try:
                 self.checkpoint()
             except (OSError, ValueError, NodeStartError) as exc:
                 log.debug("checkpoint skipped: %s", exc)
-            pause = self.checkpoint_pause(time.monotonic() - started)
+            took = time.monotonic() - started
+            pause, wanted_pause = self.checkpoint_pause(took), took * WANTED_SHARE
+            last = time.monotonic()
 
     def checkpoint_pause(self, took: float) -> float:
         """Seconds to the next checkpoint after one that took `took`.
@@ -292,9 +363,9 @@ class AnvilNode:
         node's and this process's CPU at a hundred thousand. Taken every `state_interval` regardless,
         checkpoints would come to take a core. So checkpoints take at most 1/CHECKPOINT_SHARE of the
         time: what a crash of the node can lose grows with the chain (the relayer sends it again; see
-        `Runtime.supervise_node`). Access records the bridge has released on are in that span too: a
-        released access survives a crash of the managed node only once a checkpoint holds its block
-        (a chain with final blocks, such as QBFT, has no such span)."""
+        `Runtime.supervise_node`). While someone waits for a block to be held (`Checkpoints.wait`:
+        the bridge, before it releases data), the next one comes after WANTED_SHARE times the last
+        one's duration instead."""
         return max(float(self.state_interval), took * CHECKPOINT_SHARE)
 
     @contextlib.contextmanager
@@ -338,6 +409,8 @@ class AnvilNode:
             tmp.unlink(missing_ok=True)
             return paused
         os.replace(tmp, self.state_file)
+        if outcome.get("head") is not None:
+            self.checkpoints.mark_durable(int(outcome["head"]))
         log.info(
             "checkpoint: %.1f MB in %.3f s, mining paused %.3f s",
             outcome["bytes"] / 1e6,

@@ -2,7 +2,8 @@
 
 `python -m ledger.anvil_dump` fetches `anvil_dumpState` from a node, checks that it is one consistent
 moment of the chain (`dump_problem`) and writes it, decompressed as anvil loads it, to a file; it
-answers with a JSON object: `problem` (None, or why the dump is not consistent) and `bytes`.
+answers with a JSON object: `problem` (None, or why the dump is not consistent), `bytes`, and `head`
+(the number of the newest block the dump holds, or None if unreadable).
 
 It runs at a low CPU priority, in a process of its own: a dump grows with the chain (a few hundred MB
 at a hundred thousand consent changes), and decoding, decompressing, checking and writing it took
@@ -30,6 +31,21 @@ NICENESS = 10
 TIMEOUT = 600.0
 
 
+def _head(data: bytes) -> tuple[int, int, int]:
+    """Where the head number and the blocks start in a dump, and the head number (ValueError if absent)."""
+    at_head = data.index(b',"best_block_number":')
+    at_blocks = data.index(b',"blocks":[', at_head)
+    return at_head, at_blocks, int(data[at_head + len(b',"best_block_number":') : at_blocks])
+
+
+def dump_head(data: bytes) -> int | None:
+    """The number of the newest block a dump holds, or None if it cannot be read."""
+    try:
+        return _head(data)[2]
+    except ValueError:
+        return None
+
+
 def dump_problem(data: bytes, nonce_at: Callable[[str, int], int]) -> str | None:
     """Why a state dump is not one consistent moment of the chain, or None if it is.
 
@@ -42,9 +58,7 @@ def dump_problem(data: bytes, nonce_at: Callable[[str, int], int]) -> str | None
     All values in the dump are hex strings or numbers, so the keys searched for cannot occur in data.
     """
     try:
-        at_head = data.index(b',"best_block_number":')
-        at_blocks = data.index(b',"blocks":[', at_head)
-        head = int(data[at_head + len(b',"best_block_number":') : at_blocks])
+        at_head, at_blocks, head = _head(data)
         # The top-level list is the last "transactions" key (each block has its own list before it).
         at_transactions = data.rindex(b'"transactions":[')
         prefix = json.loads(data[:at_head] + b"}")
@@ -114,7 +128,7 @@ def dump(url: str, path: str, sent: Callable[[], None]) -> dict[str, Any]:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
-    return {"problem": problem, "bytes": len(data)}
+    return {"problem": problem, "bytes": len(data), "head": dump_head(data)}
 
 
 def serve() -> None:

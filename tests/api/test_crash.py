@@ -4,6 +4,8 @@ after a restart every acknowledged change is on-chain exactly once and the read 
 from __future__ import annotations
 
 import contextlib
+import csv
+import json
 import os
 import signal
 import subprocess
@@ -13,8 +15,10 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import httpx
+import pyarrow.parquet as pq
 import pytest
 from eth_account import Account
 from eth_account.messages import encode_defunct, encode_typed_data
@@ -23,7 +27,7 @@ from eth_utils.crypto import keccak
 from sqlalchemy import select
 
 from ledger import events
-from ledger.anvil import free_port
+from ledger.anvil import Checkpoints, free_port
 from ledger.backends import AnvilBackend
 from ledger.bindings import BoundController
 from ledger.compiler import compile_contracts
@@ -33,6 +37,7 @@ from ledger.settings import ChainSettings
 from ledger.store import ConsentRequest, ConsentState, RequestStatus, make_engine, sessions
 from ledger.tx import TxSender
 from ledger.types import Subject
+from scripts import generate_crm
 from tests.api.conftest import q
 
 pytestmark = [pytest.mark.anvil, pytest.mark.slow]
@@ -104,10 +109,12 @@ class Serve:
         self.client.close()
 
 
-def _customer(serve: Serve, n: int) -> tuple[LocalAccount, str, dict[str, str]]:
+def _customer(serve: Serve, n: int, email: str | None = None) -> tuple[LocalAccount, str, dict[str, str]]:
     account = Account.create()
     enrolled = serve.client.post(
-        "/api/v1/customers", json={"email": f"crash{n}@example.com"}, headers={"X-API-Key": serve.operator_key}
+        "/api/v1/customers",
+        json={"email": email or f"crash{n}@example.com"},
+        headers={"X-API-Key": serve.operator_key},
     ).json()
     did, claim = enrolled["did"], enrolled["claim_code"]
     typed = serve.client.post(
@@ -353,11 +360,13 @@ def _latest_binding(serve: Serve) -> str:
     return latest.tx_hash
 
 
-def _grant(serve: Serve, account: LocalAccount, headers: dict[str, str], partner: str = "acme") -> str:
+def _grant(
+    serve: Serve, account: LocalAccount, headers: dict[str, str], partner: str = "acme", attribute: str = "user.name"
+) -> str:
     typed = serve.client.post(
         "/api/v1/consents/prepare",
         headers=headers,
-        json={"action": "grant", "partner": partner, "purpose": "analytics.reporting", "attributes": ["user.name"]},
+        json={"action": "grant", "partner": partner, "purpose": "analytics.reporting", "attributes": [attribute]},
     ).json()["typed_data"]
     signature = "0x" + bytes(account.sign_message(encode_typed_data(full_message=typed)).signature).hex()
     accepted = serve.client.post(
@@ -433,5 +442,57 @@ def test_a_key_bound_and_a_partner_added_just_before_the_node_dies_are_put_back(
         assert "the chain had lost 1 key bindings; bound them again" in log
         assert f"the chain had lost the partner role of {added.json()['address']}; granted it again" in log
         assert _latest_binding(serve) != binding_tx
+    finally:
+        serve.close()
+
+
+def test_an_access_the_bridge_released_on_survives_a_crash_of_the_node(tmp_path: Path) -> None:
+    """Log, then release, holds through a crash of the managed node: `bridge export` hands its file on
+    only once a checkpoint holds the access records' block, however far off the next periodic one is."""
+    serve = Serve(tmp_path, CONSENT_LEDGER_CHAIN_STATE_INTERVAL="3600")  # no periodic checkpoint in this test
+    try:
+        _prepare(serve)
+        generate_crm.write(tmp_path / "crm", rows=300, seed=11)
+        with (tmp_path / "crm" / "orders.csv").open(encoding="utf-8") as handle:
+            buyers = {row["customer_id"] for row in csv.DictReader(handle)}
+        with (tmp_path / "crm" / "customers.csv").open(encoding="utf-8") as handle:
+            person = next(r for r in csv.DictReader(handle) if r["email"] and r["customer_id"] in buyers)
+        account, did, headers = _customer(serve, 100, person["email"])
+        granted = _grant(serve, account, headers, attribute="user.behavior.purchase_history")
+        deadline = time.monotonic() + 30
+        while serve.client.get(f"/api/v1/consents/{granted}", headers=headers).json()["status"] != "active":
+            assert time.monotonic() < deadline, "the grant was not confirmed"
+            time.sleep(0.1)
+        checkpoints = Checkpoints(tmp_path / "chain")
+        before = checkpoints.durable_block()
+        out = tmp_path / "released.parquet"
+        done = subprocess.run(
+            [*CLI, "bridge", "export", "--input", str(tmp_path / "crm" / "orders.csv"), "--mapping",
+             str(tmp_path / "crm" / "mapping.toml"), "--partner", "acme", "--purpose", "analytics.reporting",
+             "--out", str(out), "--data-dir", str(tmp_path)],
+            env=serve.env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        stats = json.loads(done.stdout)
+        assert stats["rows_released"] > 0
+        assert set(pq.read_table(out).column("did").to_pylist()) == {did}
+        (access_tx,) = stats["transactions"]
+        receipt = cast(dict[str, str], _rpc(serve, "eth_getTransactionReceipt", [access_tx]))
+        # The export waited for a checkpoint (the first since the service started) to hold its block.
+        assert before < int(receipt["blockNumber"], 16) <= checkpoints.durable_block()
+        killed = serve.anvil_pid()
+        os.kill(killed, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while serve.anvil_pid() == killed:
+            assert time.monotonic() < deadline, "the service did not restart its node"
+            time.sleep(0.1)
+        kept = cast(dict[str, str] | None, _rpc(serve, "eth_getTransactionReceipt", [access_tx]))
+        assert kept is not None
+        assert kept["blockHash"] == receipt["blockHash"]
+        audited = subprocess.run(
+            [*CLI, "audit", "verify", "--data-dir", str(tmp_path)],
+            env=serve.env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert audited.returncode == 0, audited.stdout + audited.stderr
     finally:
         serve.close()

@@ -24,6 +24,7 @@ from identity.normalize import PII, normalize_email
 from identity.pseudonym import PepperRing, Pseudonymizer
 from identity.types import Subject
 from ledger.access import Access, AccessBatch, encode_entries
+from ledger.anvil import NotDurable
 from ledger.errors import TransactionFailed
 from ledger.tx import Receipt
 
@@ -53,6 +54,7 @@ class MemoryLog:
     permitted: set[bytes] = field(default_factory=set)
     entries: list[Access] = field(default_factory=list)
     _sent: dict[str, list[Access]] = field(default_factory=dict)
+    _settled: dict[str, list[tuple[bytes, bool]]] = field(default_factory=dict)  # verdicts per transaction
 
     def submit(self, entries: list[Access]) -> str:
         tx = f"0x{len(self._sent):064x}"
@@ -73,14 +75,13 @@ class MemoryLog:
             block_number=1, block_hash="0x" + "00" * 32, log_index=0, tx_hash=tx_hash,
         )  # fmt: skip
         self.entries.extend(entries)
-        receipt = Receipt(tx_hash, 1, 1, "0x" + "00" * 32, 0, None, [])
-        self._pending = (tx_hash, [(e.subject, i not in refused) for i, e in enumerate(entries)])
+        receipt = Receipt(tx_hash, 1, 10 + len(self._settled), "0x" + "00" * 32, 0, None, [])  # a block each
+        self._settled[tx_hash] = [(e.subject, i not in refused) for i, e in enumerate(entries)]
         return receipt, batch
 
     def wait_final(self, receipt: Receipt, confirmations: int) -> None:
         self.calls.append(("final", receipt.tx_hash))
-        tx, verdicts = self._pending
-        assert tx == receipt.tx_hash
+        verdicts = self._settled[receipt.tx_hash]
         self.final |= {subject for subject, _ in verdicts}
         self.permitted |= {subject for subject, permitted in verdicts if permitted}
 
@@ -160,6 +161,66 @@ def test_a_release_says_what_it_carries_through_to_its_parquet_file(tmp_path: Pa
     )  # fmt: skip
     assert ReleaseInfo.of(empty.to_table().schema) == empty.release
     assert ReleaseInfo.of(pa.schema([("did", pa.string())])) is None
+
+
+@dataclass
+class Checkpoints:
+    """Stands in for `ledger.anvil.Checkpoints.wait`: which blocks were made durable, and when."""
+
+    log: MemoryLog
+    fail: bool = False
+    durable: int = -1
+    waits: list[int] = field(default_factory=list)
+
+    def wait(self, block: int) -> None:
+        self.waits.append(block)
+        self.log.calls.append(("durable", str(block)))
+        if self.fail:
+            raise NotDurable(f"no checkpoint holds block {block}")
+        self.durable = max(self.durable, block)
+
+
+def _durable_export(log: MemoryLog, checkpoints: Checkpoints) -> Export:
+    permissions = {subject(f"person{p}@example.com"): 1 << 5 for p in range(4)}
+    return Export(
+        Bridge(PSEUDONYMS, DIDS, log, pipeline_depth=2, durable=checkpoints.wait),
+        crm_rows(4, 3).to_batches(max_chunksize=2), MAPPING, partner="0x" + "11" * 20, purpose=bytes(32),
+        purpose_key="analytics.reporting", attribute_bits=BITS, permissions=permissions,
+    )  # fmt: skip
+
+
+def test_a_release_waits_until_a_crash_of_the_node_cannot_lose_its_access_record(tmp_path: Path) -> None:
+    # Iterating: each chunk once a checkpoint holds its record's block, and after that the record is
+    # checked again (a crash before the checkpoint would have put another block at that number).
+    log = MemoryLog()
+    checkpoints = Checkpoints(log)
+    export = _durable_export(log, checkpoints)
+    for batch in export:
+        for did in batch.column(DID_COLUMN).to_pylist():
+            s = bytes(DIDS.subject(did))
+            settled = next(tx for tx, verdicts in log._settled.items() if any(v[0] == s for v in verdicts))
+            assert int(settled, 16) + 10 <= checkpoints.durable
+    assert len(checkpoints.waits) == len(log._settled) == 2  # one record per chunk with new subjects
+    kinds = [kind for kind, _ in log.calls]
+    assert kinds.count("final") == 4
+    assert "final" in kinds[kinds.index("durable") :]  # checked again after the wait
+    # The file sink waits once, for the newest block, before the file appears.
+    log = MemoryLog()
+    checkpoints = Checkpoints(log)
+    out = tmp_path / "out.parquet"
+    stats = _durable_export(log, checkpoints).to_parquet(out)
+    assert checkpoints.waits == [10 + len(log._settled) - 1]
+    assert stats.rows_released == 12
+    assert out.exists()
+    assert [kind for kind, _ in log.calls][-3:] == ["durable", "final", "final"]  # each record checked again
+    # No checkpoint: nothing appears, and the export says why.
+    log = MemoryLog()
+    with pytest.raises(AccessRefused, match="did not become durable"):
+        _durable_export(log, Checkpoints(log, fail=True)).to_parquet(out := tmp_path / "never.parquet")
+    assert not out.exists()
+    assert not list(tmp_path.glob("never.parquet*"))
+    with pytest.raises(AccessRefused, match="no checkpoint holds"):
+        list(_durable_export(log := MemoryLog(), Checkpoints(log, fail=True)))
 
 
 def test_a_subject_the_chain_refuses_is_never_released_in_any_chunk() -> None:

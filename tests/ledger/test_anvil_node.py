@@ -13,7 +13,7 @@ from typing import Any, cast
 
 import pytest
 
-from ledger.anvil import CAPTURE_HOLD, CHECKPOINT_SHARE, AnvilNode, find_anvil, free_port
+from ledger.anvil import CAPTURE_HOLD, CHECKPOINT_SHARE, AnvilNode, Checkpoints, NotDurable, find_anvil, free_port
 from ledger.anvil_dump import NICENESS, dump_problem
 from ledger.errors import NodeStartError
 from ledger.settings import PROJECT_ROOT
@@ -95,6 +95,39 @@ def test_checkpoints_take_a_bounded_share_of_the_time(tmp_path: Path, monkeypatc
     assert len(spans) >= 3
     busy = sum(end - start for start, end in spans[:-1])
     assert busy / (spans[-1][0] - spans[0][0]) <= 0.25
+
+
+def test_a_block_someone_waits_for_is_checkpointed_soon_and_survives_a_crash(tmp_path: Path) -> None:
+    """`Checkpoints.wait` (the bridge, before it releases data): from another process's view of the
+    state dir, it asks for a checkpoint, which comes at once rather than at the next interval."""
+    anvil = node(tmp_path, state_interval=3600)  # no periodic checkpoint within this test
+    checkpoints = Checkpoints(tmp_path)
+
+    def block(number: int) -> str:
+        return str(cast(dict[str, Any], anvil._call("eth_getBlockByNumber", [hex(number), False]))["hash"])
+
+    anvil.start()
+    try:
+        assert checkpoints.durable_block() == 0  # a new node: the genesis block only
+        time.sleep(0.5)
+        head = int(str(anvil._call("eth_blockNumber", [])), 16)
+        mined = block(head)
+        assert head > 0
+        assert checkpoints.durable_block() == 0
+        started = time.monotonic()
+        checkpoints.wait(head, timeout=10)
+        assert time.monotonic() - started < 3
+        assert checkpoints.durable_block() >= head
+        checkpoints.wait(head, timeout=0)  # held already: no wait
+        anvil.kill()  # a crash: the node comes back with the checkpoint's chain
+        anvil.start()
+        assert block(head) == mined
+        assert checkpoints.durable_block() >= head
+        anvil._stop_workers_now()  # no checkpoints at all now
+        with pytest.raises(NotDurable, match=f"block {head + 10**6}"):
+            checkpoints.wait(head + 10**6, timeout=0.3)
+    finally:
+        anvil.stop()
 
 
 def test_block_hooks_run_just_before_and_after_each_block(tmp_path: Path) -> None:
