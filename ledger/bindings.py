@@ -123,10 +123,11 @@ class Bindings:
             if suspects:
                 rows.extend(session.execute(columns.where(BoundController.subject.in_(suspects))))
         candidates: dict[bytes, str] = dict(rows)
+        held = self.registry.controllers_of(list(candidates))  # one round trip, however many
         lost = [
             (Subject(subject), checksummed(controller))
             for subject, controller in candidates.items()
-            if self.registry.controller_of(Subject(subject)) is None
+            if held[subject] is None
         ]
         # All sent at once: a crash can lose every binding since the last checkpoint, and one at a time,
         # a block each, held their customers' changes back for as many blocks.

@@ -124,18 +124,30 @@ class ConsentRegistryClient(ContractClient):
         """The nonce the subject's next signed change must carry (nonces belong to the subject)."""
         return int(self.call("nonceOf", subject))
 
-    def nonces_of(self, subjects: Sequence[bytes]) -> dict[bytes, int]:
-        """`nonce_of` for many subjects in one round trip to the node (a JSON-RPC batch of calls)."""
+    def _call_each(self, function: str, subjects: Sequence[bytes]) -> dict[bytes, int]:
+        """`function(subject)` (one word of return data) for many subjects in one round trip to the node
+        (a JSON-RPC batch of calls)."""
         answers = self.sender.call_many(
             [
-                ("eth_call", [{"to": self.address, "data": "0x" + self.encode("nonceOf", s).hex()}, "latest"])
+                ("eth_call", [{"to": self.address, "data": "0x" + self.encode(function, s).hex()}, "latest"])
                 for s in subjects
             ]
         )
         failed = next((a for a in answers if "result" not in a), None)
         if failed is not None:
-            raise ChainError(f"nonceOf failed: {failed.get('error')}")
+            raise ChainError(f"{function} failed: {failed.get('error')}")
         return {bytes(s): int(str(a["result"]), 16) for s, a in zip(subjects, answers, strict=True)}
+
+    def nonces_of(self, subjects: Sequence[bytes]) -> dict[bytes, int]:
+        """`nonce_of` for many subjects in one round trip to the node."""
+        return self._call_each("nonceOf", subjects)
+
+    def controllers_of(self, subjects: Sequence[bytes]) -> dict[bytes, ChecksumAddress | None]:
+        """`controller_of` for many subjects in one round trip to the node."""
+        return {
+            subject: Web3.to_checksum_address(address.to_bytes(20, "big")) if address else None
+            for subject, address in self._call_each("controllerOf", subjects).items()
+        }
 
     def consent_of(self, subject: Subject, partner: ChecksumAddress, purpose: Purpose) -> Consent:
         attributes, valid_until = self.call("consentOf", subject, partner, purpose)

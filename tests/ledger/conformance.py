@@ -286,12 +286,17 @@ class ChainConformance:
         assert ledger.registry.is_permitted(ledger.subject, ledger.partner, ledger.purpose, EMAIL)
         assert ledger.registry.nonce_of(ledger.subject) == 2
 
-    def test_many_subjects_nonces_are_read_in_one_go(self, ledger: Ledger) -> None:
+    def test_many_subjects_nonces_and_keys_are_read_in_one_go(self, ledger: Ledger) -> None:
         ledger.registry.apply(ledger.grant(EMAIL))
         ledger.registry.apply(ledger.revoke(EMAIL))
         unbound = Subject(keccak(b"a subject never bound"))
         assert ledger.registry.nonces_of([ledger.subject, unbound]) == {bytes(ledger.subject): 2, bytes(unbound): 0}
         assert ledger.registry.nonces_of([]) == {}
+        assert ledger.registry.controllers_of([ledger.subject, unbound]) == {
+            bytes(ledger.subject): ledger.customer.address,
+            bytes(unbound): None,
+        }
+        assert ledger.registry.controllers_of([]) == {}
 
     def test_nonces_belong_to_the_subject_not_to_its_key(self, ledger: Ledger) -> None:
         # One key bound to two subjects: each subject counts its own messages.
