@@ -18,7 +18,7 @@ import logging
 import threading
 
 from sqlalchemy import BigInteger, Engine, String, insert, select, update
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.types import LargeBinary
 
 from ledger.consent import ConsentRegistryClient
@@ -45,6 +45,15 @@ class BoundController(Base):
     block_number: Mapped[int] = mapped_column(BigInteger)
 
 
+def record_binding(session: Session, subject: bytes, controller: str, tx_hash: str, block_number: int) -> None:
+    """Record a binding the service acknowledges (in the caller's write transaction)."""
+    session.merge(
+        BoundController(
+            subject=bytes(subject), controller=checksummed(controller), tx_hash=tx_hash, block_number=block_number
+        )
+    )
+
+
 class Bindings:
     def __init__(self, engine: Engine, registry: ConsentRegistryClient) -> None:
         self.registry = registry
@@ -58,14 +67,7 @@ class Bindings:
         """Bind `subject`'s key on-chain and record it; raises ConsentRejected or LedgerError."""
         receipt = self.registry.bind_controller(subject, checksummed(controller))
         with self._sessions.begin() as session:
-            session.merge(
-                BoundController(
-                    subject=bytes(subject),
-                    controller=checksummed(controller),
-                    tx_hash=receipt.tx_hash,
-                    block_number=receipt.block_number,
-                )
-            )
+            record_binding(session, subject, controller, receipt.tx_hash, receipt.block_number)
         return receipt
 
     def adopt_indexed(self) -> int:

@@ -8,7 +8,7 @@ from datetime import timedelta
 
 from eth_utils.crypto import keccak
 from fastapi import APIRouter, status
-from sqlalchemy import update
+from sqlalchemy import select, update
 from web3 import Web3
 
 from api import auth
@@ -29,8 +29,10 @@ from identity.errors import InvalidDid, InvalidPII, SubjectErased
 from identity.normalize import normalize_pii
 from identity.types import Subject
 from ledger import eip712
+from ledger.bindings import BoundController, record_binding
 from ledger.errors import ConsentRejected, LedgerError
-from ledger.store import as_utc
+from ledger.events import KIND_BIND
+from ledger.store import ConsentEvent, as_utc
 
 router = APIRouter(prefix="/customers", tags=["customers"], responses=responses(401, 403))
 CLAIM_LIFETIME = timedelta(days=7)
@@ -69,13 +71,46 @@ def enrol(body: CustomerCreate, runtime: RuntimeDep, _caller: OperatorWrite) -> 
     return CustomerCreated(did=runtime.dids.did(subject), claim_code=code)
 
 
-def _claim(runtime: Runtime, subject: Subject, code: str) -> None:
-    with runtime.sessions() as session:
+def _claim(runtime: Runtime, subject: Subject, code: str, *, used: bool = False) -> bool:
+    """Check the claim code; returns whether it was used already (allowed only with `used`)."""
+    with runtime.reads() as session:
         claim = session.get(ClaimCode, auth.digest(code))
-        if claim is None or claim.subject != subject or claim.used_at is not None:
+        if claim is None or claim.subject != subject or (claim.used_at is not None and not used):
             raise ApiError(403, "invalid_claim_code", "The claim code is not valid for this customer")
-        if as_utc(claim.expires_at) <= auth.now():
+        if claim.used_at is None and as_utc(claim.expires_at) <= auth.now():
             raise ApiError(403, "claim_code_expired", "The claim code has expired; ask for a new one")
+        return claim.used_at is not None
+
+
+def _bound_already(runtime: Runtime, did: str, subject: Subject, controller: str) -> ControllerPublic:
+    """The answer to a binding request whose claim code was used: the same answer as the first time,
+    if the chain binds the subject to the key this request signed for. That is a repeat (the client
+    lost the first answer), or the service stopped between mining the binding and answering: then the
+    binding is recorded now, as the first request would have done. Nothing is sent to the chain."""
+    assert runtime.consent is not None and runtime.vault is not None and runtime.deployment is not None
+    try:
+        held = runtime.consent.controller_of(subject)
+    except LedgerError as exc:
+        raise ApiError(503, "chain_unavailable", "The ledger could not be read", str(exc)) from exc
+    if held != controller:
+        raise ApiError(403, "invalid_claim_code", "The claim code is not valid for this customer")
+    try:
+        runtime.wait_for_controller(subject)
+    except TimeoutError as exc:
+        raise ApiError(503, "chain_unavailable", "The binding is not indexed yet; try again", str(exc)) from exc
+    with runtime.reads() as session:
+        event = session.scalars(
+            select(ConsentEvent)
+            .where(ConsentEvent.subject == bytes(subject), ConsentEvent.kind == KIND_BIND)
+            .order_by(ConsentEvent.block_number.desc())
+        ).first()
+    if event is None:
+        raise ApiError(503, "chain_unavailable", "The binding is not indexed yet; try again")
+    with runtime.sessions() as session:
+        if session.get(BoundController, bytes(subject)) is None:
+            record_binding(session, subject, controller, event.tx_hash, event.block_number)
+    runtime.vault.set_controller(subject, controller, runtime.deployment.chain_id)
+    return ControllerPublic(did=did, controller=controller, tx_hash=event.tx_hash, block_number=event.block_number)
 
 
 @router.post("/{did}/controller/prepare", response_model=TypedDataPublic, responses=responses(404, 409, 422))
@@ -95,10 +130,11 @@ def prepare_binding(did: str, body: ControllerPrepare, runtime: RuntimeDep) -> T
 
 @router.post("/{did}/controller", response_model=ControllerPublic, responses=responses(404, 409, 422))
 def bind(did: str, body: ControllerSubmit, runtime: RuntimeDep) -> ControllerPublic:
-    """Bind the key on-chain, once its holder has signed the prepared typed data."""
+    """Bind the key on-chain, once its holder has signed the prepared typed data. A repeat of a request
+    that bound the key gets the same answer (the claim code was used by it)."""
     assert runtime.consent is not None and runtime.vault is not None and runtime.deployment is not None
     subject = subject_of(runtime, did)
-    _claim(runtime, subject, body.claim_code)
+    repeat = _claim(runtime, subject, body.claim_code, used=True)
     try:
         binding = eip712.parse(body.typed_data, runtime.consent.domain, ("ControllerBinding",))
         signer = eip712.recover(
@@ -109,10 +145,12 @@ def bind(did: str, body: ControllerSubmit, runtime: RuntimeDep) -> ControllerPub
     assert isinstance(binding, eip712.ControllerBinding)
     if binding.subject != subject or binding.claim != keccak(text=body.claim_code):
         raise ApiError(422, "invalid_typed_data", "The signed data is for another customer or claim code")
-    if binding.deadline < time.time():
-        raise ApiError(422, "signature_expired", "The signed binding has expired; prepare it again")
     if signer != binding.controller:
         raise ApiError(422, "invalid_signature", "The binding was not signed by the key it binds")
+    if repeat:
+        return _bound_already(runtime, did, subject, binding.controller)
+    if binding.deadline < time.time():
+        raise ApiError(422, "signature_expired", "The signed binding has expired; prepare it again")
     with runtime.sessions() as session:
         used = session.execute(
             update(ClaimCode)

@@ -9,10 +9,13 @@ from urllib.parse import quote
 
 import pytest
 from eth_account import Account
-from sqlalchemy import Engine
+from sqlalchemy import Engine, update
 from starlette.requests import Request
 
+from api.auth import digest, now
 from api.errors import request_path
+from api.models import ClaimCode
+from ledger.bindings import BoundController
 from ledger.store import _write_lock
 from tests.api.conftest import Customer, Service, q
 
@@ -246,6 +249,67 @@ def test_claim_codes_work_once_and_only_for_their_customer(service: Service) -> 
     )
     _problem(
         service.client.post("/api/v1/customers", json={"email": "claims@example.com"}, headers=service.operator()),
+        409,
+        "already_enrolled",
+    )
+
+
+def test_a_repeated_binding_gets_the_first_answer_and_a_half_done_one_is_finished(service: Service) -> None:
+    did, claim = service.enrol("repeat@example.com")
+    key = Account.create()
+    typed = service.client.post(
+        f"/api/v1/customers/{q(did)}/controller/prepare", json={"claim_code": claim, "address": key.address}
+    ).json()["typed_data"]
+    submitted = {"claim_code": claim, "typed_data": typed, "signature": service.sign_typed(key, typed)}
+    first = service.client.post(f"/api/v1/customers/{q(did)}/controller", json=submitted)
+    assert first.status_code == 200, first.text
+    # The client lost the answer and sends the request again: the same answer, nothing bound twice.
+    again = service.client.post(f"/api/v1/customers/{q(did)}/controller", json=submitted)
+    assert (again.status_code, again.json()) == (200, first.json())
+    # Another key, signing for itself with the spent code, gets nothing.
+    thief = Account.create()
+    stolen = copy.deepcopy(typed)
+    stolen["message"]["controller"] = thief.address
+    _problem(
+        service.client.post(
+            f"/api/v1/customers/{q(did)}/controller",
+            json={"claim_code": claim, "typed_data": stolen, "signature": service.sign_typed(thief, stolen)},
+        ),
+        403,
+        "invalid_claim_code",
+    )
+    # The service stopped after the binding was mined and before it was recorded or answered: the
+    # customer's retry finishes it (recorded for restores, in the vault) from the chain, sending nothing.
+    did, claim = service.enrol("half-done@example.com")
+    key = Account.create()
+    typed = service.client.post(
+        f"/api/v1/customers/{q(did)}/controller/prepare", json={"claim_code": claim, "address": key.address}
+    ).json()["typed_data"]
+    runtime = service.runtime
+    assert runtime.consent is not None
+    assert runtime.vault is not None
+    subject = runtime.dids.subject(did)  # type: ignore[union-attr]
+    with runtime.sessions() as session:
+        session.execute(update(ClaimCode).where(ClaimCode.code_hash == digest(claim)).values(used_at=now()))
+    mined = runtime.consent.bind_controller(subject, key.address)
+    finished = service.client.post(
+        f"/api/v1/customers/{q(did)}/controller",
+        json={"claim_code": claim, "typed_data": typed, "signature": service.sign_typed(key, typed)},
+    )
+    assert finished.status_code == 200, finished.text
+    assert finished.json() == {
+        "did": did, "controller": key.address, "tx_hash": mined.tx_hash, "block_number": mined.block_number
+    }  # fmt: skip
+    with runtime.reads() as session:
+        recorded = session.get(BoundController, bytes(subject))
+    assert recorded is not None
+    assert (recorded.controller, recorded.tx_hash) == (key.address, mined.tx_hash)
+    record = runtime.vault.record(subject)
+    assert record is not None
+    assert record.controller == key.address
+    assert service.sign_in(key).status_code == 200
+    _problem(
+        service.client.post("/api/v1/customers", json={"email": "half-done@example.com"}, headers=service.operator()),
         409,
         "already_enrolled",
     )
