@@ -173,15 +173,12 @@ def export_process(config: dict[str, Any], results: Any) -> None:
     engine = create_engine(config["db_url"])
     permissions = Outbox(engine).permissions(config["partner"], PURPOSE)
     mapping = Mapping.load(Path(config["mapping"]))
-    checkpoints, waited = Checkpoints(Path(config["state_dir"])), [0.0]
-
-    def durable(block: int) -> None:  # as `bridge export` beside `serve` waits, timed on its own
-        began = time.perf_counter()
-        checkpoints.wait(block)
-        waited[0] += time.perf_counter() - began
-
     bridge = Bridge(
-        Pseudonymizer(PEPPER), DidWeb(HOST), access_log, pipeline_depth=config["pipeline_depth"], durable=durable
+        Pseudonymizer(PEPPER),
+        DidWeb(HOST),
+        access_log,
+        pipeline_depth=config["pipeline_depth"],
+        durable=Checkpoints(Path(config["state_dir"])).wait,  # as `bridge export` beside `serve` waits
     )
     run = Export(
         bridge,
@@ -202,8 +199,8 @@ def export_process(config: dict[str, Any], results: Any) -> None:
     seconds = time.perf_counter() - started
     results.put(
         {
-            "seconds": seconds - waited[0],
-            "checkpoint_wait": waited[0],
+            "seconds": seconds - stats.durable_wait_seconds,  # timed on its own
+            "checkpoint_wait": stats.durable_wait_seconds,
             "rows": stats.rows_read,
             "released": stats.rows_released,
             "entries": stats.entries_recorded,

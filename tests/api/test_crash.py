@@ -477,6 +477,7 @@ def test_an_access_the_bridge_released_on_survives_a_crash_of_the_node(tmp_path:
         assert stats["rows_released"] > 0
         assert set(pq.read_table(out).column("did").to_pylist()) == {did}
         (access_tx,) = stats["transactions"]
+        assert stats["seconds"] >= stats["durable_wait_seconds"] > 0  # it says how long it waited for a dump
         receipt = cast(dict[str, str], _rpc(serve, "eth_getTransactionReceipt", [access_tx]))
         # The export waited for a checkpoint (the first since the service started) to hold its block.
         assert before < int(receipt["blockNumber"], 16) <= checkpoints.durable_block()

@@ -175,6 +175,7 @@ class Checkpoints:
     def wait(self, block: int) -> None:
         self.waits.append(block)
         self.log.calls.append(("durable", str(block)))
+        time.sleep(0.05)  # a dump of the node
         if self.fail:
             raise NotDurable(f"no checkpoint holds block {block}")
         self.durable = max(self.durable, block)
@@ -210,6 +211,7 @@ def test_a_release_waits_until_a_crash_of_the_node_cannot_lose_its_access_record
     out = tmp_path / "out.parquet"
     stats = _durable_export(log, checkpoints).to_parquet(out)
     assert checkpoints.waits == [10 + len(log._settled) - 1]
+    assert stats.seconds >= stats.durable_wait_seconds >= 0.05  # said apart, `bridge export` prints it
     assert stats.rows_released == 12
     assert out.exists()
     assert [kind for kind, _ in log.calls][-3:] == ["durable", "final", "final"]  # each record checked again
