@@ -31,6 +31,7 @@ from ledger.store import (
     IndexerCursor,
     RequestStatus,
     event_position,
+    latest_binding,
     sessions,
     utcnow,
 )
@@ -343,12 +344,7 @@ class Indexer:
                 session.add(state)
         for subject in subjects:
             session.execute(delete(ControllerState).where(ControllerState.subject == subject))
-            last = session.scalars(
-                select(ConsentEvent)
-                .where(ConsentEvent.subject == subject, ConsentEvent.kind == KIND_BIND)
-                .order_by(ConsentEvent.block_number.desc(), ConsentEvent.log_index.desc())
-                .limit(1)
-            ).first()
+            last = latest_binding(session, subject)
             if last is not None:
                 session.add(ControllerState(subject=subject, controller=last.partner, block_number=last.block_number))
 

@@ -41,6 +41,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from ledger.events import KIND_BIND
+
 log = logging.getLogger(__name__)
 
 
@@ -199,6 +201,16 @@ class ControllerState(Base):
 
 
 CONTROLLER_OF = select(ControllerState.controller).where(ControllerState.subject == bindparam("subject"))
+
+
+def latest_binding(session: Session, subject: bytes) -> ConsentEvent | None:
+    """The read model's newest event binding `subject`'s key (the key is in its `partner`), if any."""
+    return session.scalars(
+        select(ConsentEvent)
+        .where(ConsentEvent.subject == subject, ConsentEvent.kind == KIND_BIND)
+        .order_by(ConsentEvent.block_number.desc(), ConsentEvent.log_index.desc())
+        .limit(1)
+    ).first()
 
 
 class IndexedBlock(Base):

@@ -8,7 +8,7 @@ from datetime import timedelta
 
 from eth_utils.crypto import keccak
 from fastapi import APIRouter, status
-from sqlalchemy import select, update
+from sqlalchemy import update
 from web3 import Web3
 
 from api import auth
@@ -31,8 +31,7 @@ from identity.types import Subject
 from ledger import eip712
 from ledger.bindings import BoundController, record_binding
 from ledger.errors import ConsentRejected, LedgerError
-from ledger.events import KIND_BIND
-from ledger.store import ConsentEvent, as_utc
+from ledger.store import as_utc, latest_binding
 
 router = APIRouter(prefix="/customers", tags=["customers"], responses=responses(401, 403))
 CLAIM_LIFETIME = timedelta(days=7)
@@ -99,11 +98,7 @@ def _bound_already(runtime: Runtime, did: str, subject: Subject, controller: str
     except TimeoutError as exc:
         raise ApiError(503, "chain_unavailable", "The binding is not indexed yet; try again", str(exc)) from exc
     with runtime.reads() as session:
-        event = session.scalars(
-            select(ConsentEvent)
-            .where(ConsentEvent.subject == bytes(subject), ConsentEvent.kind == KIND_BIND)
-            .order_by(ConsentEvent.block_number.desc())
-        ).first()
+        event = latest_binding(session, bytes(subject))
     if event is None:
         raise ApiError(503, "chain_unavailable", "The binding is not indexed yet; try again")
     with runtime.sessions() as session:
