@@ -118,7 +118,7 @@ class Checkpoints:
     service writes the newest block it holds to `durable.json` (after the state file: never ahead of
     it). What must not be lost waits for its block to be there (`wait`): the CRM bridge before it
     hands data on, since the access record is the proof that the release was permitted. A waiter
-    asks for an early checkpoint through `checkpoint.wanted` (a block number; the service's
+    asks for an early checkpoint through `checkpoint.wanted` (the same form; the service's
     checkpoint loop looks at it every `WANTED_POLL` seconds). A chain with final blocks, such as
     QBFT, needs none of this: its blocks are on the validators' disks when they are made."""
 
@@ -127,23 +127,26 @@ class Checkpoints:
         self.wanted_file = state_dir / "checkpoint.wanted"
 
     @staticmethod
-    def _number(path: Path, key: str | None = None) -> int:
+    def _block(path: Path) -> int:
         try:
-            text = path.read_text()
-            return int(json.loads(text)[key] if key else text)
+            return int(json.loads(path.read_text())["block"])
         except (OSError, ValueError, KeyError, TypeError):
             return -1
 
+    @staticmethod
+    def _write(path: Path, block: int) -> None:
+        write_atomically(path, json.dumps({"block": block}))
+
     def durable_block(self) -> int:
         """The newest block a checkpoint holds (-1: none yet)."""
-        return self._number(self.durable_file, "block")
+        return self._block(self.durable_file)
 
     def wanted_block(self) -> int:
         """The newest block someone waits to see in a checkpoint (-1: none)."""
-        return self._number(self.wanted_file)
+        return self._block(self.wanted_file)
 
     def mark_durable(self, block: int) -> None:
-        write_atomically(self.durable_file, json.dumps({"block": block}))
+        self._write(self.durable_file, block)
 
     def wait(self, block: int, *, timeout: float = 600.0, poll: float = 0.05) -> None:
         """Return once a checkpoint holds block number `block`, asking for one if need be.
@@ -153,7 +156,7 @@ class Checkpoints:
         if self.durable_block() >= block:
             return
         if self.wanted_block() < block:
-            write_atomically(self.wanted_file, str(block))  # a lower wish of another waiter is covered
+            self._write(self.wanted_file, block)  # a lower wish of another waiter is covered
         deadline = time.monotonic() + timeout
         while self.durable_block() < block:
             if time.monotonic() > deadline:
