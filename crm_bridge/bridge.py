@@ -266,7 +266,6 @@ class Export:
             partner=partner, purpose=purpose_key, request_id=self.stats.request_id, columns=dict(mapping.columns)
         )
         self._metadata = self.release.metadata()
-        self._durable_each = True
         self._receipts: list[Receipt] = []  # of the access records released on
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
@@ -275,7 +274,6 @@ class Export:
         return self._run(durable_each=True)
 
     def _run(self, *, durable_each: bool) -> Iterator[pa.RecordBatch]:
-        self._durable_each = durable_each
         started = time.perf_counter()
         in_flight: deque[_Chunk] = deque()
         checked = False
@@ -286,7 +284,7 @@ class Export:
                 if not checked:
                     self.mapping.check_columns(batch.schema.names)
                     checked = True
-                in_flight.append(self._prepare(batch, sender, settler))
+                in_flight.append(self._prepare(batch, sender, settler, durable_each))
                 while in_flight and (len(in_flight) > self.bridge.pipeline_depth or _ready(in_flight[0])):
                     yield from self._release(in_flight.popleft())
             while in_flight:
@@ -298,7 +296,9 @@ class Export:
         self.stats.subjects_released = int(np.count_nonzero(self.subjects.released))
         self.stats.seconds = time.perf_counter() - started
 
-    def _prepare(self, batch: pa.RecordBatch, sender: ThreadPoolExecutor, settler: ThreadPoolExecutor) -> _Chunk:
+    def _prepare(
+        self, batch: pa.RecordBatch, sender: ThreadPoolExecutor, settler: ThreadPoolExecutor, durable: bool
+    ) -> _Chunk:
         subjects = self.subjects
         ids = subjects.rows(batch, self.mapping)
         masks = subjects.masks[ids]
@@ -318,15 +318,16 @@ class Export:
         if not entries:
             return _Chunk(batch, ids, masks, entries, None)
         sent = sender.submit(self.bridge.access_log.submit, entries)
-        return _Chunk(batch, ids, masks, entries, settler.submit(self._settle, sent, entries))
+        return _Chunk(batch, ids, masks, entries, settler.submit(self._settle, sent, entries, durable))
 
-    def _settle(self, sent: Future[str], entries: list[Access]) -> tuple[Receipt, AccessBatch]:
-        """(In the settling thread.) Wait until the batch's entries are final; their log."""
+    def _settle(self, sent: Future[str], entries: list[Access], durable: bool) -> tuple[Receipt, AccessBatch]:
+        """(In the settling thread.) Wait until the batch's entries are final (and durable, if asked); their
+        log."""
         tx_hash = sent.result()  # a send that failed raises its own error, as it would have unthreaded
         try:
             receipt, recorded = self.bridge.access_log.settle(tx_hash, entries)
             self.bridge.access_log.wait_final(receipt, self.bridge.confirmations)
-            if self._durable_each:
+            if durable:
                 self._make_durable([receipt])
         except LedgerError as exc:
             raise AccessRefused(f"the access log did not record batch {tx_hash}: {exc}") from exc
