@@ -100,8 +100,8 @@ MAX_CAPTURE_HOLD = 0.8  # ... at most, when the node has been slow to copy; then
 
 
 # ... or once its duration, while someone waits for a block to be in one (`Checkpoints.wait`): a dump of
-# a large chain takes seconds (~12 s at the bridge benchmark's 1,000,000 rows), and the bridge's wait
-# for the next one was 4 times that and more (75 and 122 s in its second and third runs with 4).
+# a large chain takes seconds (~12 s at the bridge benchmark's 1,000,000 rows); with 4 here, its
+# second and third exports waited for 4 times the previous dump first and took 75 and 122 s in all.
 WANTED_SHARE = 1
 WANTED_POLL = 0.1  # seconds between the checkpoint loop's looks for such a wait
 
