@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
 from typing import Any, Protocol, cast
 
 from sqlalchemy import Engine, Table, bindparam, delete, insert, select, update
@@ -23,6 +24,7 @@ from ledger import events
 from ledger.errors import ChainError
 from ledger.events import KIND_BIND, RegistryEvent
 from ledger.store import (
+    Bulk,
     ConsentEvent,
     ConsentRequest,
     ConsentState,
@@ -80,6 +82,10 @@ class Indexer:
         self.on_change = on_change
         self.on_rollback = on_rollback  # told the block rolled back to, after the rollback
         self._sessions = sessions(engine)
+        self._insert_events = Bulk(_INSERT_EVENTS, engine.dialect)
+        self._delete_states = Bulk(_DELETE_STATES, engine.dialect)
+        self._insert_states = Bulk(_INSERT_STATES, engine.dialect)
+        self._confirm = Bulk(_CONFIRM, engine.dialect)
         self.wake = threading.Event()
 
     # chain access --------------------------------------------------------------------------------
@@ -153,8 +159,11 @@ class Indexer:
         if to_hash is None:
             return 0  # the head moved back under us; the next step sees the reorg
         applied = len(decoded)
+        new_events = self._insert_events.prepare(_event_row(e, times) for e in decoded)  # before the lock
+        now = utcnow()
+        confirmations = self._confirm.prepare(_confirmation(e, now) for e in decoded if e.kind != KIND_BIND)
         with self._sessions.begin() as session:
-            self._apply(session, decoded, times)
+            self._apply(session, decoded, new_events, confirmations)
             for follower in self.followers:
                 applied += follower.apply(session, by_address.get(checksummed(follower.address), []), times)
             self._set_cursor(session, to, to_hash)
@@ -167,28 +176,16 @@ class Indexer:
         session.merge(IndexedBlock(number=number, hash=block_hash))
         session.execute(delete(IndexedBlock).where(IndexedBlock.number < number - self.reorg_depth))
 
-    def _apply(self, session: Session, decoded: list[RegistryEvent], times: dict[int, int]) -> None:
-        """Apply a range's events in bulk (Core statements: the ORM per row was the indexer's cost)."""
+    def _apply(
+        self, session: Session, decoded: list[RegistryEvent], new_events: list[Any], confirmations: list[Any]
+    ) -> None:
+        """Apply a range's events in bulk: driver-level statements with their rows made before the write
+        lock was taken (`Bulk`; the ORM per row, then SQLAlchemy's per-row parameters, were the
+        indexer's cost, and it holds the lock every request's commit waits on)."""
         if not decoded:
             return
         connection = session.connection()
-        connection.execute(
-            insert(cast(Table, ConsentEvent.__table__)),
-            [
-                {
-                    **event_position(e, times),
-                    "kind": e.kind,
-                    "subject": e.subject,
-                    "partner": e.partner,
-                    "purpose": e.purpose,
-                    "changed": str(e.changed),
-                    "attributes": str(e.attributes),
-                    "valid_until": e.valid_until,
-                    "nonce": e.nonce,
-                }
-                for e in decoded
-            ],
-        )
+        self._insert_events.execute(connection, new_events)
         for number, block_hash in {e.block_number: e.block_hash for e in decoded}.items():
             session.merge(IndexedBlock(number=number, hash=block_hash))
         for bound in (e for e in decoded if e.kind == KIND_BIND):
@@ -223,47 +220,13 @@ class Indexer:
                 "tx_hash": e.tx_hash,
             }
         replaced = keys & set(stored)
-        if replaced:  # one executemany (a statement per key held the write lock for tens of ms a block)
-            connection.execute(
-                delete(states).where(
-                    states.c.subject == bindparam("k_subject"),
-                    states.c.partner == bindparam("k_partner"),
-                    states.c.purpose == bindparam("k_purpose"),
-                ),
-                [{"k_subject": k[0], "k_partner": k[1], "k_purpose": k[2]} for k in replaced],
-            )
-        connection.execute(insert(states), list(latest.values()))
-        # Requests are confirmed by the chain's own event: (subject, nonce, kind) names one live change. A
-        # failed one that held the nonce before is not it (and two live rows cannot share a nonce).
-        table = cast(Table, ConsentRequest.__table__)
-        connection.execute(
-            update(table)
-            .where(
-                table.c.subject == bindparam("e_subject"),
-                table.c.nonce == bindparam("e_nonce"),
-                table.c.kind == bindparam("e_kind"),
-                table.c.status != RequestStatus.FAILED,
-                table.c.status != RequestStatus.CONFIRMED,
-            )
-            .values(
-                status=RequestStatus.CONFIRMED,
-                tx_hash=bindparam("e_tx"),
-                block_number=bindparam("e_block"),
-                error_code=None,
-                error_detail=None,
-                updated_at=utcnow(),
-            ),
-            [
-                {
-                    "e_subject": e.subject,
-                    "e_nonce": e.nonce,
-                    "e_kind": e.kind,
-                    "e_tx": e.tx_hash,
-                    "e_block": e.block_number,
-                }
-                for e in changes
-            ],
+        self._delete_states.execute(
+            connection,
+            self._delete_states.prepare({"k_subject": k[0], "k_partner": k[1], "k_purpose": k[2]} for k in replaced),
         )
+        self._insert_states.execute(connection, self._insert_states.prepare(latest.values()))
+        # Requests are confirmed by the chain's own event (`_CONFIRM`).
+        self._confirm.execute(connection, confirmations)
 
     # reorganisations ----------------------------------------------------------------------------
 
@@ -360,6 +323,68 @@ class Indexer:
                 stop.wait(1.0)
             self.wake.wait(interval)
             self.wake.clear()
+
+
+def _bound_row(table: Table, names: Iterable[str]) -> dict[str, Any]:
+    return {name: bindparam(name, type_=table.c[name].type) for name in names}
+
+
+_EVENTS = cast(Table, ConsentEvent.__table__)
+_STATES = cast(Table, ConsentState.__table__)
+_REQUESTS = cast(Table, ConsentRequest.__table__)
+_EVENT_COLUMNS = [c.name for c in _EVENTS.columns if c.name != "id"]
+_INSERT_EVENTS = insert(_EVENTS).values(_bound_row(_EVENTS, _EVENT_COLUMNS))
+_INSERT_STATES = insert(_STATES).values(_bound_row(_STATES, [c.name for c in _STATES.columns]))
+_DELETE_STATES = delete(_STATES).where(
+    _STATES.c.subject == bindparam("k_subject"),
+    _STATES.c.partner == bindparam("k_partner"),
+    _STATES.c.purpose == bindparam("k_purpose"),
+)
+# (subject, nonce, kind) names one live change. A failed one that held the nonce before is not it (and
+# two live rows cannot share a nonce).
+_CONFIRM = (
+    update(_REQUESTS)
+    .where(
+        _REQUESTS.c.subject == bindparam("e_subject"),
+        _REQUESTS.c.nonce == bindparam("e_nonce"),
+        _REQUESTS.c.kind == bindparam("e_kind"),
+        _REQUESTS.c.status != RequestStatus.FAILED,
+        _REQUESTS.c.status != RequestStatus.CONFIRMED,
+    )
+    .values(
+        status=RequestStatus.CONFIRMED,
+        tx_hash=bindparam("e_tx"),
+        block_number=bindparam("e_block"),
+        error_code=None,
+        error_detail=None,
+        updated_at=bindparam("e_at", type_=_REQUESTS.c.updated_at.type),
+    )
+)
+
+
+def _event_row(e: RegistryEvent, times: dict[int, int]) -> dict[str, Any]:
+    return {
+        **event_position(e, times),
+        "kind": e.kind,
+        "subject": e.subject,
+        "partner": e.partner,
+        "purpose": e.purpose,
+        "changed": str(e.changed),
+        "attributes": str(e.attributes),
+        "valid_until": e.valid_until,
+        "nonce": e.nonce,
+    }
+
+
+def _confirmation(e: RegistryEvent, at: datetime) -> dict[str, Any]:
+    return {
+        "e_subject": e.subject,
+        "e_nonce": e.nonce,
+        "e_kind": e.kind,
+        "e_tx": e.tx_hash,
+        "e_block": e.block_number,
+        "e_at": at,
+    }
 
 
 def _whole_blocks(logs: Sequence[dict[str, Any]], most: int) -> tuple[list[dict[str, Any]], int]:

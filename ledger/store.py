@@ -15,7 +15,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +24,7 @@ from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import (
     BigInteger,
+    Connection,
     DateTime,
     Engine,
     Index,
@@ -38,8 +39,10 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.sql.expression import UpdateBase
 
 from ledger.events import KIND_BIND
 
@@ -394,6 +397,48 @@ class Sessions(sessionmaker[Session]):
 
 _WRITE_LOCKS: dict[str, WriteLock] = {}
 _WRITE_LOCKS_GUARD = threading.Lock()
+
+
+class Bulk:
+    """A Core statement run for many rows by the driver's `executemany`, with the rows' parameters made
+    ready beforehand (`prepare`, before the write lock is taken where the caller can).
+
+    `connection.execute(statement, rows)` builds and converts every row's parameters itself, inside
+    the call: for the indexer's 300-row confirmation UPDATE that was 8.5 ms, against 2.4 ms for the
+    driver running the same SQL with the rows ready (measured on SQLite), and the indexer holds the
+    write lock, which every request's commit queues on, meanwhile. The conversion is SQLAlchemy's
+    own (each bind's type processor for the dialect); values given to `.values()` are fixed when the
+    statement is made, so anything that changes per call (a time) must be a `bindparam`."""
+
+    def __init__(self, statement: UpdateBase, dialect: Dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        if compiled.escaped_bind_names or any(b.expanding for b in compiled.binds.values()):
+            raise ValueError("Bulk takes plain bound parameters only")
+        self.sql = compiled.string
+        names = {bind: compiled.bind_names[bind] for bind in compiled.binds.values()}
+        # A value given to `.values()` or a literal in a clause; a bare `bindparam` comes from each row.
+        self._fixed = {name: bind.effective_value for bind, name in names.items() if not bind.required}
+        self._names = list(compiled.positiontup or ()) if compiled.positional else list(names.values())
+        self._positional = bool(compiled.positional)
+        processors = {name: bind.type.dialect_impl(dialect).bind_processor(dialect) for bind, name in names.items()}
+        self._steps = [(name, processors[name]) for name in self._names]
+
+    def prepare(self, rows: Iterable[Mapping[str, Any]]) -> list[Any]:
+        """Each row's parameters as the driver takes them: the row's values by bind name, over the
+        statement's fixed ones."""
+        fixed, steps = self._fixed, self._steps
+        prepared: list[Any] = []
+        for row in rows:
+            values = []
+            for name, process in steps:
+                value = row[name] if name in row else fixed[name]
+                values.append(value if process is None or value is None else process(value))
+            prepared.append(tuple(values) if self._positional else dict(zip(self._names, values, strict=True)))
+        return prepared
+
+    def execute(self, connection: Connection, prepared: Sequence[Any]) -> None:
+        if prepared:
+            connection.exec_driver_sql(self.sql, list(prepared))
 
 
 def sessions(engine: Engine) -> Sessions:

@@ -10,6 +10,7 @@ import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from ledger.settings import PROJECT_ROOT
+from tests import postgres
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
@@ -21,6 +22,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true, which is not allowed: {report.longrepr}"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A throw-away PostgreSQL server (one per test session) for what must work on both databases."""
+    if not postgres.available():
+        pytest.skip("PostgreSQL server binaries are not installed")
+    with postgres.postgres_server() as url:
+        yield url
 
 
 # Pages are tested in a real browser: Debian's Chromium, driven by Playwright (its own download is not used).

@@ -11,7 +11,6 @@ import pytest
 from identity.keys import StaticKeyProvider
 from identity.pseudonym import PepperRing, Pseudonymizer
 from identity.vault import Base, Vault, make_engine
-from tests import postgres
 
 
 @pytest.fixture
@@ -27,14 +26,6 @@ def pseudonymizer(ring: PepperRing) -> Pseudonymizer:
 @pytest.fixture
 def keys() -> StaticKeyProvider:
     return StaticKeyProvider({"k1": os.urandom(32)}, "k1")
-
-
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    if not postgres.available():
-        pytest.skip("PostgreSQL server binaries are not installed")
-    with postgres.postgres_server() as url:
-        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
