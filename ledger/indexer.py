@@ -340,15 +340,15 @@ _DELETE_STATES = delete(_STATES).where(
     _STATES.c.partner == bindparam("k_partner"),
     _STATES.c.purpose == bindparam("k_purpose"),
 )
-# (subject, nonce, kind) names one live change. A failed one that held the nonce before is not it (and
-# two live rows cannot share a nonce).
+# (subject, nonce, kind) names one live change (found by the live nonce index). A failed one that held
+# the nonce before is not it (and two live rows cannot share a nonce).
 _CONFIRM = (
     update(_REQUESTS)
     .where(
         _REQUESTS.c.subject == bindparam("e_subject"),
         _REQUESTS.c.nonce == bindparam("e_nonce"),
         _REQUESTS.c.kind == bindparam("e_kind"),
-        _REQUESTS.c.status != RequestStatus.FAILED,
+        _REQUESTS.c.failed_at.is_(None),
         _REQUESTS.c.status != RequestStatus.CONFIRMED,
     )
     .values(

@@ -338,7 +338,7 @@ def _highest_live_nonce(session: Session, subject: bytes) -> int | None:
     """The highest nonce of the subject's requests that have not failed (a failed one frees its nonce)."""
     return session.scalar(
         select(func.max(ConsentRequest.nonce)).where(
-            ConsentRequest.subject == subject, ConsentRequest.status != RequestStatus.FAILED
+            ConsentRequest.subject == subject, ConsentRequest.failed_at.is_(None)
         )
     )
 

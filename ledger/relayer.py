@@ -638,13 +638,14 @@ class Relayer(BatchLane):
                         ConsentRequest.subject == request.subject,
                         ConsentRequest.nonce >= current,
                         ConsentRequest.nonce < request.nonce,
-                        ConsentRequest.status != RequestStatus.FAILED,
+                        ConsentRequest.failed_at.is_(None),
                     )
                 )
             )
             if len(between) == request.nonce - current:
                 self._requeue(session, request.seq)
                 return
+        now = utcnow()
         session.execute(
             update(ConsentRequest)
             .where(ConsentRequest.seq == request.seq, ConsentRequest.status == RequestStatus.SUBMITTED)
@@ -653,7 +654,8 @@ class Relayer(BatchLane):
                 batch_id=None,
                 error_code=ERROR_CODES.get(cause.error, "rejected"),
                 error_detail=str(cause)[:500],
-                updated_at=utcnow(),
+                updated_at=now,
+                failed_at=now,  # frees the nonce (the live nonce index)
             )
         )
         log.info("consent request %s failed on-chain: %s", request.id, cause)

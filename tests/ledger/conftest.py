@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
 from eth_utils.crypto import keccak
+from sqlalchemy import Engine
 
 from ledger import eip712
 from ledger.access import AccessLogClient
@@ -19,6 +21,7 @@ from ledger.consent import ConsentRegistryClient, SignedChange
 from ledger.contracts import Deployment, RevertDecoder, ensure_deployed, ledger_plan
 from ledger.eip712 import ChangeKind, ConsentChange, Domain
 from ledger.loyalty import LoyaltyPointsClient
+from ledger.store import Base, create_schema, make_engine
 from ledger.tx import TxSender
 from ledger.types import Purpose, Subject
 
@@ -170,3 +173,15 @@ def make_ledger(backend: ChainBackend, artifacts: dict[str, Artifact], accounts:
 @pytest.fixture
 def ledger(backend: ChainBackend, artifacts: dict[str, Artifact], accounts: Accounts) -> Ledger:
     return make_ledger(backend, artifacts, accounts)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def service_db(request: pytest.FixtureRequest, tmp_path: Path) -> Engine:
+    """An empty service database with the current schema, on SQLite and on PostgreSQL."""
+    url = (
+        f"sqlite:///{tmp_path / 'service.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    )
+    engine = make_engine(url)
+    Base.metadata.drop_all(engine)
+    create_schema(engine)
+    return engine

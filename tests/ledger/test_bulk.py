@@ -5,30 +5,18 @@ from __future__ import annotations
 
 import os
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any, cast
 
 import pytest
 from sqlalchemy import Engine, Table, bindparam, insert, select, update
 
 from ledger import indexer
-from ledger.store import Base, Bulk, ConsentEvent, ConsentRequest, RequestStatus, create_schema, make_engine
+from ledger.store import Base, Bulk, ConsentEvent, ConsentRequest, RequestStatus, create_schema
 
 REQUESTS = cast(Table, ConsentRequest.__table__)
 EVENTS = cast(Table, ConsentEvent.__table__)
 SUBJECTS = [os.urandom(32) for _ in range(5)]
 AT = datetime(2026, 12, 5, 9, 30, 15, 123456, tzinfo=UTC)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Engine:
-    url = (
-        f"sqlite:///{tmp_path / 'service.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
-    )
-    made = make_engine(url)
-    Base.metadata.drop_all(made)
-    create_schema(made)
-    return made
 
 
 def requests() -> list[dict[str, Any]]:
@@ -48,6 +36,7 @@ def requests() -> list[dict[str, Any]]:
             "r": b"r" * 32,
             "s": b"s" * 32,
             "status": RequestStatus.FAILED if i == 7 else RequestStatus.SUBMITTED,
+            "failed_at": AT if i == 7 else None,
             "created_at": AT,
             "updated_at": AT,
         }
@@ -98,7 +87,8 @@ def snapshot(engine: Engine) -> tuple[list[Any], list[Any]]:
     return [tuple(r) for r in rows], [tuple(e) for e in logged]
 
 
-def test_bulk_writes_exactly_what_sqlalchemy_writes(engine: Engine) -> None:
+def test_bulk_writes_exactly_what_sqlalchemy_writes(service_db: Engine) -> None:
+    engine = service_db
     with engine.begin() as connection:
         connection.execute(insert(REQUESTS), requests())
         connection.execute(indexer._INSERT_EVENTS, events())
@@ -120,7 +110,8 @@ def test_bulk_writes_exactly_what_sqlalchemy_writes(engine: Engine) -> None:
     assert snapshot(engine) == expected
 
 
-def test_bulk_takes_values_fixed_in_the_statement_and_requires_the_rest(engine: Engine) -> None:
+def test_bulk_takes_values_fixed_in_the_statement_and_requires_the_rest(service_db: Engine) -> None:
+    engine = service_db
     table = REQUESTS
     statement = (
         update(table)
@@ -146,7 +137,8 @@ def test_bulk_takes_values_fixed_in_the_statement_and_requires_the_rest(engine: 
         bulk.prepare([{"k_id": "req-4"}])  # a bare bindparam must come from the row
 
 
-def test_bulk_refuses_a_statement_it_cannot_run_row_by_row(engine: Engine) -> None:
+def test_bulk_refuses_a_statement_it_cannot_run_row_by_row(service_db: Engine) -> None:
+    engine = service_db
     table = REQUESTS
     expanding = update(table).where(table.c.id.in_(bindparam("ids", expanding=True))).values(error_code="x")
     with pytest.raises(ValueError, match="plain bound parameters"):

@@ -1,0 +1,88 @@
+"""The service database's schema: what an earlier version made is brought up to date by the next start."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import pytest
+from sqlalchemy import Engine, Table, column, insert, inspect, select, table, text
+from sqlalchemy.exc import IntegrityError
+
+from ledger.store import LIVE_NONCE_INDEX, ConsentRequest, RequestStatus, create_schema
+
+REQUESTS = cast(Table, ConsentRequest.__table__)
+SUBJECT = os.urandom(32)
+AT = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+
+def request(n: int, nonce: int, status: RequestStatus, **extra: Any) -> dict[str, Any]:
+    return {
+        "id": f"req-{n}",
+        "kind": 1,
+        "subject": SUBJECT,
+        "partner": "0x" + "1" * 40,
+        "purpose": b"p" * 32,
+        "attributes": "1",
+        "valid_until": 0,
+        "nonce": nonce,
+        "deadline": 1_900_000_000,
+        "controller": "0x" + "2" * 40,
+        "v": 27,
+        "r": b"r" * 32,
+        "s": b"s" * 32,
+        "status": status,
+        "created_at": AT,
+        "updated_at": AT,
+        **extra,
+    }
+
+
+def index_names(engine: Engine) -> set[str]:
+    return {i["name"] for i in inspect(engine).get_indexes("consent_requests") if i["name"]}
+
+
+def test_a_failed_request_frees_its_nonce_and_a_live_one_holds_it(service_db: Engine) -> None:
+    with service_db.begin() as connection:
+        connection.execute(insert(REQUESTS), [request(1, 0, RequestStatus.FAILED, failed_at=AT)])
+        connection.execute(insert(REQUESTS), [request(2, 0, RequestStatus.PENDING)])  # re-signed with nonce 0
+    with pytest.raises(IntegrityError), service_db.begin() as connection:
+        connection.execute(insert(REQUESTS), [request(3, 0, RequestStatus.PENDING)])
+    with service_db.begin() as connection:  # claimed and confirmed: the nonce stays held
+        connection.execute(REQUESTS.update().values(status=RequestStatus.CONFIRMED))
+    with pytest.raises(IntegrityError), service_db.begin() as connection:
+        connection.execute(insert(REQUESTS), [request(4, 0, RequestStatus.PENDING)])
+
+
+def test_a_database_made_before_failed_at_is_brought_up_to_date(service_db: Engine) -> None:
+    """The earlier schema: no `failed_at`; live nonces unique by a partial index on status."""
+    with service_db.begin() as connection:
+        connection.execute(text(f"DROP INDEX {LIVE_NONCE_INDEX}"))
+        connection.execute(text("ALTER TABLE consent_requests DROP COLUMN failed_at"))
+        connection.execute(
+            text(
+                "CREATE UNIQUE INDEX uq_live_subject_nonce ON consent_requests (subject, nonce) "
+                "WHERE status != 'failed'"
+            )
+        )
+    earlier = table("consent_requests", *(column(c.name) for c in REQUESTS.columns if c.name != "failed_at"))
+    with service_db.begin() as connection:
+        connection.execute(
+            insert(earlier), [request(1, 0, RequestStatus.FAILED), request(2, 0, RequestStatus.CONFIRMED)]
+        )
+    assert "uq_live_subject_nonce" in index_names(service_db)
+
+    create_schema(service_db)
+    create_schema(service_db)  # and again: nothing left to do
+
+    names = index_names(service_db)
+    assert LIVE_NONCE_INDEX in names
+    assert "uq_live_subject_nonce" not in names
+    with service_db.connect() as connection:
+        rows = connection.execute(select(REQUESTS.c.id, REQUESTS.c.failed_at).order_by(REQUESTS.c.seq)).all()
+    assert rows[0].id == "req-1"
+    assert rows[0].failed_at is not None  # failed before the column existed: marked
+    assert rows[1].failed_at is None
+    with pytest.raises(IntegrityError), service_db.begin() as connection:
+        connection.execute(insert(REQUESTS), [request(3, 0, RequestStatus.PENDING)])  # req-2 holds nonce 0
