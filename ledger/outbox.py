@@ -25,7 +25,16 @@ from sqlalchemy.orm import Session
 from ledger.consent import SignedChange
 from ledger.eip712 import ChangeKind
 from ledger.errors import LedgerError
-from ledger.store import ConsentEvent, ConsentRequest, ConsentState, RequestStatus, next_batch, sessions, utcnow
+from ledger.store import (
+    ConsentEvent,
+    ConsentRequest,
+    ConsentState,
+    RequestStatus,
+    drain,
+    next_batch,
+    sessions,
+    utcnow,
+)
 
 LIVE = (RequestStatus.PENDING, RequestStatus.SUBMITTED)
 
@@ -218,6 +227,7 @@ class OutboxWriter:
         self.chain_nonces = chain_nonces  # many subjects' chain nonces in one round trip, if the chain can
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._next: dict[bytes, int] = {}
+        self._carried: list[_Pending] = []  # taken from the queue under the lock, for the next batch
         self.max_batch = max_batch
         self.linger = linger
         self._thread = threading.Thread(target=self._run, name="outbox-writer", daemon=True)
@@ -239,8 +249,28 @@ class OutboxWriter:
         return self._next[subject]
 
     def _run(self) -> None:
-        while (batch := next_batch(self._queue, self.max_batch, self.linger)) is not None:
+        while True:
+            if self._carried:
+                batch, self._carried = self._carried, []
+                batch += drain(self._queue, self.max_batch - len(batch))
+            elif (waited := next_batch(self._queue, self.max_batch, self.linger)) is not None:
+                batch = waited
+            else:
+                return
             self._write(batch, unavailable=self._prefetch(batch))
+
+    def _join(self, batch: list[_Pending]) -> list[_Pending]:
+        """With the write lock held: the changes that arrived while this batch waited for it, which join
+        it (group commit across the wait, instead of each waiting for the lock again in the next
+        batch). A subject new to this writer needs its nonce looked up first, which may ask the node:
+        it and every change after it are carried to the next batch, in order."""
+        joined = drain(self._queue, self.max_batch - len(batch))
+        for at, item in enumerate(joined):
+            subject = bytes(item.signed.change.subject)
+            if subject not in self._next:
+                self._carried = joined[at:]
+                return joined[:at]
+        return joined
 
     def _prefetch(self, batch: list[_Pending]) -> dict[bytes, LedgerError]:
         """The next nonces of subjects new to this writer, read before the write lock is taken: a
@@ -291,6 +321,10 @@ class OutboxWriter:
         in_batch: dict[bytes, int] = {}  # next nonce after this batch's own changes: they are not stored yet
         try:
             with self._sessions.begin() as session:
+                if not fresh:
+                    joined = self._join(batch)
+                    batch += joined
+                    prepared += [(item, _values(item.signed, item.controller, now)) for item in joined]
                 for item, values in prepared:
                     subject, nonce = values["subject"], values["nonce"]
                     try:

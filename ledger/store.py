@@ -497,6 +497,21 @@ def next_batch(items: queue.Queue[T | None], max_batch: int, linger: float) -> l
     return batch
 
 
+def drain(items: queue.Queue[T | None], most: int) -> list[T]:
+    """What is queued now, up to `most` items, without waiting; a close (`None`) stays queued."""
+    drained: list[T] = []
+    while len(drained) < most:
+        try:
+            item = items.get_nowait()
+        except queue.Empty:
+            break
+        if item is None:
+            items.put(None)
+            break
+        drained.append(item)
+    return drained
+
+
 @dataclass
 class _Insert:
     objects: Sequence[object]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -14,6 +16,7 @@ from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress, HexStr
 from eth_utils.crypto import keccak
 from sqlalchemy import Engine, Table, func, select, update
+from sqlalchemy import event as sa_event
 
 from ledger import eip712
 from ledger.backends import AnvilBackend
@@ -420,6 +423,53 @@ def test_the_outbox_writer_asks_the_chain_for_nonces_outside_the_write_lock(pipe
         writer.close()
     assert subject in asked
     assert broken in asked
+
+
+def test_changes_that_arrive_while_the_outbox_writer_waits_for_the_lock_join_its_transaction(
+    pipeline: Pipeline,
+) -> None:
+    """Group commit across the wait for the write lock: what arrives meanwhile is stored with the batch
+    (one transaction), not in a batch of its own after another wait. A subject new to the writer needs
+    its nonce from the chain, never asked under the lock: it and what follows it go to the next batch."""
+    (account, known), (other, new) = pipeline.customer(), pipeline.customer()
+    lock = sessions(pipeline.engine)._lock
+    assert lock is not None
+    commits: list[str] = []
+    writer = OutboxWriter(pipeline.engine, linger=0)
+
+    def signed(who: LocalAccount, of: Subject, nonce: int) -> SignedChange:
+        change = ConsentChange(
+            ChangeKind.GRANT, of, pipeline.partner, PURPOSE, EMAIL, nonce=nonce, deadline=int(time.time()) + 600
+        )
+        return SignedChange(change, eip712.sign(bytes(who.key), pipeline.registry.domain, change))
+
+    def chain_nonce(of: Subject) -> int:
+        assert not lock._thread_lock._is_owned(), "the chain was asked under the write lock"  # type: ignore[attr-defined]
+        return pipeline.registry.nonce_of(of)
+
+    def accept(who: LocalAccount, of: Subject, nonce: int) -> Future[ConsentRequest]:
+        return writer.accept(signed(who, of, nonce), who.address, lambda: chain_nonce(of))
+
+    try:
+        assert accept(account, known, 0).result(10).nonce == 0  # the writer knows this subject now
+        sa_event.listen(pipeline.engine, "commit", lambda _c: commits.append(threading.current_thread().name))
+        with lock:  # another writer holds the lock
+            waiting = accept(account, known, 1)
+            deadline = time.monotonic() + 10
+            while writer._queue.qsize() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.1)  # taken from the queue: the writer waits for the lock
+            arrived = [accept(account, known, 2), accept(account, known, 3), accept(other, new, 0)]
+            after = accept(account, known, 4)
+        stored = [f.result(10) for f in (waiting, *arrived, after)]
+    finally:
+        writer.close()
+    assert [r.nonce for r in stored] == [1, 2, 3, 0, 4]
+    assert commits.count("outbox-writer") == 2
+    # One transaction (one time of acceptance) for the batch and what joined it, one for the rest.
+    assert len({r.created_at for r in stored[:3]}) == 1
+    assert len({r.created_at for r in stored[3:]}) == 1
+    assert stored[0].created_at != stored[3].created_at
 
 
 def test_the_outbox_writer_asks_the_chain_for_many_new_subjects_nonces_in_one_go(pipeline: Pipeline) -> None:
