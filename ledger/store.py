@@ -243,15 +243,42 @@ class IndexerCursor(Base):
 
 def create_schema(engine: Engine) -> None:
     """Create the service's tables, and bring a database an earlier version made up to date: columns
-    and indexes declared since (`create_all` adds missing tables only), indexes no longer declared."""
-    Base.metadata.create_all(engine)
-    _add_failed_at(engine)
-    for table in Base.metadata.sorted_tables:
-        for index in table.indexes:
-            index.create(engine, checkfirst=True)
-    with engine.begin() as connection:
-        for name in RETIRED_INDEXES:
-            connection.execute(text(f"DROP INDEX IF EXISTS {name}"))
+    and indexes declared since (`create_all` adds missing tables only), indexes no longer declared.
+    One process at a time (`serve` and `principals add` may start together on an old database: each
+    would find a column or index missing, and the second to add it would fail)."""
+    with _schema_lock(engine):
+        Base.metadata.create_all(engine)
+        _add_failed_at(engine)
+        for table in Base.metadata.sorted_tables:
+            for index in table.indexes:
+                index.create(engine, checkfirst=True)
+        with engine.begin() as connection:
+            for name in RETIRED_INDEXES:
+                connection.execute(text(f"DROP INDEX IF EXISTS {name}"))
+
+
+SCHEMA_LOCK = 0x636F6E73656E74  # a PostgreSQL advisory lock key of this service's schema changes
+
+
+@contextmanager
+def _schema_lock(engine: Engine) -> Iterator[None]:
+    """SQLite: the database's write lock (between threads and processes); PostgreSQL: an advisory lock,
+    held by a connection of its own until the schema is up to date."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as connection:
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK})
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK})
+                connection.commit()
+        return
+    lock = _write_lock(engine)
+    if lock is None:
+        yield
+        return
+    with lock:
+        yield
 
 
 # The partial unique index on (subject, nonce) WHERE status != 'failed', which `LIVE_NONCE_INDEX` replaced.

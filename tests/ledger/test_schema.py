@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -86,3 +87,28 @@ def test_a_database_made_before_failed_at_is_brought_up_to_date(service_db: Engi
     assert rows[1].failed_at is None
     with pytest.raises(IntegrityError), service_db.begin() as connection:
         connection.execute(insert(REQUESTS), [request(3, 0, RequestStatus.PENDING)])  # req-2 holds nonce 0
+
+
+def test_two_processes_bringing_an_old_database_up_to_date_at_once_both_succeed(service_db: Engine) -> None:
+    """`serve` and `principals add` may start together after an upgrade: one waits for the other."""
+    with service_db.begin() as connection:
+        connection.execute(text(f"DROP INDEX {LIVE_NONCE_INDEX}"))
+        connection.execute(text("ALTER TABLE consent_requests DROP COLUMN failed_at"))
+    start = threading.Barrier(3)
+    failures: list[BaseException] = []
+
+    def upgrade() -> None:
+        start.wait()
+        try:
+            create_schema(service_db)
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=upgrade) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert failures == []
+    assert LIVE_NONCE_INDEX in index_names(service_db)
+    assert "failed_at" in {c["name"] for c in inspect(service_db).get_columns("consent_requests")}
