@@ -197,7 +197,7 @@ class Indexer:
             return
         # Fold the range into the latest state per key, starting from what is stored.
         keys = {(e.subject, e.partner, e.purpose) for e in changes}
-        states = cast(Table, ConsentState.__table__)
+        states = _STATES
         stored = {
             (s.subject, s.partner, s.purpose): s.valid_until
             for s in connection.execute(

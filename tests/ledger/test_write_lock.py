@@ -109,7 +109,7 @@ def test_group_commit_shares_transactions_and_fails_only_a_conflicting_caller(tm
 
 def test_an_older_database_gets_the_indexes_declared_since(tmp_path: Path) -> None:
     """`create_all` adds missing tables only; `create_schema` also adds an index declared after the
-    database was made, such as the one the indexer needs to confirm a request by (subject, nonce)
+    database was made, such as the one that finds a request by (subject, nonce), failed or not,
     without reading every request the subject ever made."""
     from ledger.store import create_schema
 
