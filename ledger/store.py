@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar, cast
@@ -273,11 +273,7 @@ def _schema_lock(engine: Engine) -> Iterator[None]:
                 connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK})
                 connection.commit()
         return
-    lock = _write_lock(engine)
-    if lock is None:
-        yield
-        return
-    with lock:
+    with _write_lock(engine) or nullcontext():
         yield
 
 
@@ -510,26 +506,17 @@ def next_batch(items: queue.Queue[T | None], max_batch: int, linger: float) -> l
     first = items.get()
     if first is None:
         return None
-    batch = [first]
-    deadline = time.monotonic() + linger
-    while len(batch) < max_batch:
-        try:
-            item = items.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            break
-        if item is None:
-            items.put(None)  # seen again by the next call, which ends the thread
-            break
-        batch.append(item)
-    return batch
+    return [first, *drain(items, max_batch - 1, linger)]
 
 
-def drain(items: queue.Queue[T | None], most: int) -> list[T]:
-    """What is queued now, up to `most` items, without waiting; a close (`None`) stays queued."""
+def drain(items: queue.Queue[T | None], most: int, wait: float = 0.0) -> list[T]:
+    """What is queued now and what arrives within `wait`, up to `most` items; a close (`None`) stays
+    queued, seen again by the next call."""
     drained: list[T] = []
+    deadline = time.monotonic() + wait
     while len(drained) < most:
         try:
-            item = items.get_nowait()
+            item = items.get(timeout=max(0.0, deadline - time.monotonic()))
         except queue.Empty:
             break
         if item is None:
