@@ -38,6 +38,10 @@ _OS = {"linux": "linux", "darwin": "darwin", "win32": "win32"}
 # reorganisation depth; 256 held 5.2 GB instead of 2.1 GB with the bridge benchmark's 62,592 consents.
 RECENT_STATES = 64
 
+# In the environment of the node we start: the state file it serves (how a later service knows the
+# node an earlier one left running; see `running_node`).
+STATE_MARKER = "CONSENT_LEDGER_ANVIL_STATE"
+
 
 def find_anvil(node_modules: Path) -> Path:
     """The anvil binary npm installed for this platform."""
@@ -248,8 +252,14 @@ class AnvilNode:
             # 1,000,000-row bridge benchmark. Blocks, receipts and logs are kept whole.
             "--prune-history",
             str(RECENT_STATES),
-            "--state",
-            str(self.state_file),
+            # Only load: with `--state` or `--dump-state`, anvil also writes the file itself, every
+            # 60 s (its default `--state-interval`) and on exit, from a task that holds one of its
+            # runtime's threads for the whole encoding. Every RPC answer waited meanwhile: 1.3 to 6 s
+            # stalls of mining and receipts every minute under load, 3 to 5.5 s confirmation p99 at
+            # 100,000 changes (measured with gdb on the node). It also wrote the file in place, so a
+            # crash during it left a truncated file. Our checkpoints (`checkpoint`) write it whole,
+            # atomically, and a graceful `stop` takes the last one.
+            *(("--load-state", str(self.state_file)) if self.state_file.is_file() else ()),
         ]
 
     def start(self) -> str:
@@ -267,6 +277,7 @@ class AnvilNode:
             with self.log_file.open("ab") as log_handle:
                 self._process = subprocess.Popen(  # noqa: S603 - our own binary and arguments
                     self._command(),
+                    env={**os.environ, STATE_MARKER: str(self.state_file)},
                     stdout=log_handle,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
@@ -411,12 +422,7 @@ class AnvilNode:
             log.info("checkpoint raced a block (%s): taking it again, holding mining longer", outcome["problem"])
         if hold == self._capture_hold:
             self._capture_hold = max(CAPTURE_HOLD, 0.8 * self._capture_hold)
-        if self._stop_workers.is_set():  # stopping: anvil writes its final state itself, which is newer
-            tmp.unlink(missing_ok=True)
-            return paused
-        os.replace(tmp, self.state_file)
-        if outcome.get("head") is not None:
-            self.checkpoints.mark_durable(int(outcome["head"]))
+        self._keep(tmp, outcome)
         log.info(
             "checkpoint: %.1f MB in %.3f s, mining paused %.3f s",
             outcome["bytes"] / 1e6,
@@ -424,6 +430,26 @@ class AnvilNode:
             paused,
         )
         return paused
+
+    def _keep(self, tmp: Path, outcome: dict[str, Any]) -> None:
+        os.replace(tmp, self.state_file)
+        if outcome.get("head") is not None:
+            self.checkpoints.mark_durable(int(outcome["head"]))
+
+    def _last_checkpoint(self) -> None:
+        """The state file at a graceful stop: with mining stopped, one dump is one moment of the chain."""
+        tmp = self.state_file.with_suffix(".tmp")
+        try:
+            outcome, _ = self._dump(tmp, None)
+            if outcome["problem"] is not None:
+                raise ValueError(outcome["problem"])
+            self._keep(tmp, outcome)
+            log.info("last checkpoint: %.1f MB", outcome["bytes"] / 1e6)
+        except (OSError, ValueError) as exc:
+            log.warning("the last checkpoint failed (%s): the state file holds the one before", exc)
+        finally:
+            with self._dumper_lock:
+                self._close_dumper()
 
     def _dump(self, path: Path, hold: float | None) -> tuple[dict[str, Any], float]:
         """Have the dump process write a checked dump to `path`: its outcome, and the seconds mining
@@ -471,9 +497,11 @@ class AnvilNode:
             return None
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             return None
-        if b"anvil" not in cmdline or str(self.state_file).encode() not in cmdline or not _alive(pid):
+        marker = f"{STATE_MARKER}={self.state_file}".encode()
+        if b"anvil" not in cmdline or marker not in environment or not _alive(pid):
             return None
         return pid, port
 
@@ -534,8 +562,10 @@ class AnvilNode:
             return ""
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop gracefully: mining stops, then anvil writes its state file on SIGINT."""
+        """Stop gracefully: mining stops, a last checkpoint writes the state file, then anvil exits."""
         self._stop_workers_now()
+        if self.running:
+            self._last_checkpoint()
         if self._adopted is not None:
             self._signal_adopted(signal.SIGINT, timeout)
             return

@@ -21,6 +21,7 @@ import binascii
 import http.client
 import json
 import os
+import re
 import sys
 import zlib
 from collections.abc import Callable
@@ -29,6 +30,11 @@ from urllib.parse import urlsplit
 
 NICENESS = 10
 TIMEOUT = 600.0
+
+
+# A block header's number, in the "blocks" list of a dump (the only "number" key there; a node started
+# from a dump also holds the genesis block it made itself, so a number can occur twice: see `dump_problem`).
+_BLOCK_NUMBER = re.compile(rb'"number":"0x([0-9a-f]+)"')
 
 
 def _head(data: bytes) -> tuple[int, int, int]:
@@ -54,8 +60,11 @@ def dump_problem(data: bytes, nonce_at: Callable[[str, int], int]) -> str | None
     and the accounts last. A block mined between two copies shows as: an env or a block past the head
     (an empty block leaves no other trace), a transaction past the head, or an account whose nonce
     is past its nonce at the head (every change of state is a transaction, which bumps its sender's
-    nonce). Anything this cannot read counts as a problem (the dump is then taken with mining paused).
-    All values in the dump are hex strings or numbers, so the keys searched for cannot occur in data.
+    nonce). Blocks are told by number, not counted: a node started from a dump keeps the genesis
+    block it made itself beside the loaded one (two blocks 0 once the restart falls in another
+    second), and counting them failed every checkpoint after a restart. Anything this cannot read
+    counts as a problem (the dump is then taken with mining paused). All values in the dump are hex
+    strings or numbers, so the keys searched for cannot occur in data.
     """
     try:
         at_head, at_blocks, head = _head(data)
@@ -68,9 +77,14 @@ def dump_problem(data: bytes, nonce_at: Callable[[str, int], int]) -> str | None
         return f"unreadable dump: {exc!r}"
     if env_number != head:
         return f"block env {env_number}, head {head}"
-    blocks = data.count(b'{"header":', at_blocks, at_transactions)
-    if blocks != head + 1:
-        return f"{blocks} blocks up to head {head}"
+    found = _BLOCK_NUMBER.findall(data, at_blocks, at_transactions)
+    if len(found) != data.count(b'{"header":', at_blocks, at_transactions):
+        return "unreadable dump: a block without its number"
+    numbers = {int(number, 16) for number in found}
+    if max(numbers, default=-1) > head:
+        return f"block {max(numbers)} past head {head}"
+    if len(numbers) != head + 1:  # none is past the head: so some are missing
+        return f"{head + 1 - len(numbers)} of the blocks up to head {head} missing"
     transactions = data.count(b'"block_hash":', at_transactions)
     sent = 0
     for address, account in accounts.items():

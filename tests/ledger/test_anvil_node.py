@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -68,6 +69,87 @@ def test_it_never_automines_and_stops_cleanly(tmp_path: Path) -> None:
         anvil.stop()
     assert not anvil.running
     assert anvil.state_file.is_file()  # written on the graceful stop
+
+
+def test_only_the_service_writes_the_state_file_and_a_graceful_stop_writes_the_last_block(tmp_path: Path) -> None:
+    """anvil never writes the state file itself (with `--state` it rewrote it in place every 60 s and
+    on exit, stalling every RPC answer meanwhile); a graceful stop takes a last checkpoint holding
+    the node's head, and the next start loads it: the same chain, block for block."""
+    anvil = node(tmp_path, state_interval=3600)  # no periodic checkpoint within this test
+    first = anvil._command()
+    assert not {"--state", "--dump-state", "--state-interval"} & set(first)
+    assert "--load-state" not in first  # nothing to load yet
+    anvil.start()
+    try:
+        _send(anvil)
+        time.sleep(0.5)
+        anvil._stop_workers_now()  # no more blocks: the head is the last block there will be
+        head = int(str(anvil._call("eth_blockNumber", [])), 16)
+        hashes = [
+            cast(dict[str, Any], anvil._call("eth_getBlockByNumber", [hex(n), False]))["hash"] for n in range(head + 1)
+        ]
+        assert Checkpoints(tmp_path).durable_block() < head
+    finally:
+        anvil.stop()
+    state = json.loads(anvil.state_file.read_bytes())
+    assert state["best_block_number"] == head
+    assert len(state["transactions"]) == 1
+    assert Checkpoints(tmp_path).durable_block() == head
+    assert not anvil.state_file.with_suffix(".tmp").exists()
+    again = node(tmp_path, state_interval=3600)
+    assert again._command()[-2:] == ["--load-state", str(anvil.state_file)]
+    again.start()
+    try:
+        assert [
+            cast(dict[str, Any], again._call("eth_getBlockByNumber", [hex(n), False]))["hash"] for n in range(head + 1)
+        ] == hashes
+    finally:
+        again.stop()
+
+
+def test_checkpoints_go_on_after_the_node_restarts_from_one(tmp_path: Path) -> None:
+    """A node started from a dump holds two genesis blocks once the restart falls in another second
+    (its own and the loaded one); every checkpoint after a restart used to be refused for it."""
+    anvil = node(tmp_path, state_interval=3600)
+    anvil.start()
+    try:
+        time.sleep(0.3)
+        anvil.checkpoint()
+        time.sleep(1.1)  # the next genesis in another second
+        anvil.kill()
+        anvil.start()
+        time.sleep(0.3)
+        genesis = [b for b in json.loads(_dumped_raw(anvil))["blocks"] if b["header"]["number"] == "0x0"]
+        assert len(genesis) == 2
+        head = int(str(anvil._call("eth_blockNumber", [])), 16)
+        anvil.checkpoint()
+        assert Checkpoints(tmp_path).durable_block() >= head
+    finally:
+        anvil.stop()
+    assert Checkpoints(tmp_path).durable_block() >= head
+
+
+def _dumped_raw(anvil: AnvilNode) -> bytes:
+    """The node's dump as anvil gives it (unchecked)."""
+    return zlib.decompress(bytes.fromhex(str(anvil._call("anvil_dumpState", []))[2:]), 16 + zlib.MAX_WBITS)
+
+
+def test_a_node_is_adopted_only_by_a_service_of_its_own_state_dir(tmp_path: Path) -> None:
+    """A killed service leaves its node running for the next start; the node is known by the state
+    file in its environment, so a pid file copied to another data dir does not hand it over."""
+    anvil = node(tmp_path / "a", state_interval=3600)
+    anvil.start()
+    try:
+        found = anvil.running_node()
+        assert found is not None
+        assert found[0] == cast(Any, anvil._process).pid
+        other = node(tmp_path / "b")
+        other.state_dir.mkdir()
+        other.pid_file.write_bytes(anvil.pid_file.read_bytes())
+        assert other.running_node() is None
+    finally:
+        anvil.stop()
+    assert anvil.running_node() is None  # stopped: nothing to adopt
 
 
 def test_checkpoints_take_a_bounded_share_of_the_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -251,8 +333,19 @@ def test_a_dump_copied_across_a_block_is_found_out(tmp_path: Path) -> None:
         env_early["block"] = json.loads(before)["block"]
         assert "block env" in str(dump_problem(json.dumps(env_early, separators=(",", ":")).encode(), nonce_at))
         # blocks (with a transaction, or empty) or transactions copied after the head
-        assert "blocks up to head" in str(dump_problem(_splice(before, after_tx, before), nonce_at))
-        assert "blocks up to head" in str(dump_problem(_splice(after_tx, after_empty), nonce_at))
+        assert f"past head {head}" in str(dump_problem(_splice(before, after_tx, before), nonce_at))
+        assert "past head" in str(dump_problem(_splice(after_tx, after_empty), nonce_at))
+        # a second genesis block (what a node started from a dump holds) is no problem; a gap is
+        two_geneses = json.loads(before)
+        genesis = dict(two_geneses["blocks"][0], header=dict(two_geneses["blocks"][0]["header"], timestamp="0x1"))
+        two_geneses["blocks"].append(genesis)
+        assert dump_problem(json.dumps(two_geneses, separators=(",", ":")).encode(), nonce_at) is None
+        gap = json.loads(before)
+        gap["blocks"] = [b for b in gap["blocks"] if int(b["header"]["number"], 16) != head]
+        gap["blocks"].append(genesis)  # as many blocks as before, one number short
+        assert f"1 of the blocks up to head {head} missing" == dump_problem(
+            json.dumps(gap, separators=(",", ":")).encode(), nonce_at
+        )
         assert "transactions" in str(dump_problem(_splice(before, before, after_tx), nonce_at))
         assert f"head {head}" in str(dump_problem(_splice(before, before, after_tx), nonce_at))
         assert "unreadable" in str(dump_problem(b'{"block":{}}', nonce_at))
