@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
 import itertools
 import json
 import os
 import socket
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -14,6 +16,7 @@ from typing import Any, cast
 
 import pytest
 
+from ledger import anvil_dump
 from ledger.anvil import CAPTURE_HOLD, CHECKPOINT_SHARE, AnvilNode, Checkpoints, NotDurable, find_anvil, free_port
 from ledger.anvil_dump import NICENESS, dump_problem
 from ledger.errors import NodeStartError
@@ -132,6 +135,50 @@ def test_checkpoints_go_on_after_the_node_restarts_from_one(tmp_path: Path) -> N
 def _dumped_raw(anvil: AnvilNode) -> bytes:
     """The node's dump as anvil gives it (unchecked)."""
     return zlib.decompress(bytes.fromhex(str(anvil._call("anvil_dumpState", []))[2:]), 16 + zlib.MAX_WBITS)
+
+
+def test_the_node_keeps_answering_while_it_encodes_a_large_dump(tmp_path: Path) -> None:
+    """anvil encodes a dump in one of its async tasks; unless a call on its blocking pool wakes a
+    parked runtime thread meanwhile (`anvil_dump.WAKE_CODE`), no RPC was answered until the dump was
+    done (every dump of a large chain in a probe)."""
+    anvil = node(tmp_path, block_time=3600)
+    anvil.start()
+    try:
+        for _ in range(20):  # 40 MB of incompressible calldata, twice in the dump (input and trace)
+            for _ in range(20):
+                _send(anvil, "0x" + os.urandom(100_000).hex())  # anvil takes transactions up to 128 kB
+            anvil._call("evm_mine", [])
+        anvil._stop_workers_now()
+
+        def probe(waits: list[float], done: threading.Event) -> None:
+            while not done.is_set():
+                started = time.monotonic()
+                anvil._call("eth_blockNumber", [])  # a new connection each time, as the miner's
+                waits.append(time.monotonic() - started)
+                time.sleep(0.005)
+
+        for attempt in range(3):
+            waits: list[float] = []
+            done = threading.Event()
+            prober = threading.Thread(target=probe, args=(waits, done))
+            prober.start()
+            # Connected a while before the request: a stall then came with every dump without the call
+            # (a connection made with the request often got another thread woken as it was accepted).
+            connection = http.client.HTTPConnection("127.0.0.1", anvil.port, timeout=60)
+            connection.connect()
+            time.sleep(0.05)
+            started = time.monotonic()
+            path = str(tmp_path / f"dump{attempt}.json")
+            outcome = anvil_dump.dump(anvil.url, path, lambda: None, connection=connection)
+            took = time.monotonic() - started
+            done.set()
+            prober.join()
+            assert outcome["problem"] is None
+            assert outcome["bytes"] > 150_000_000
+            assert took > 0.5  # long enough for a stall to show
+            assert max(waits) < min(0.4, took / 3), (attempt, took, max(waits))
+    finally:
+        anvil.stop()
 
 
 def test_a_node_is_adopted_only_by_a_service_of_its_own_state_dir(tmp_path: Path) -> None:
