@@ -253,12 +253,12 @@ class AnvilNode:
             "--prune-history",
             str(RECENT_STATES),
             # Only load: with `--state` or `--dump-state`, anvil also writes the file itself, every
-            # 60 s (its default `--state-interval`) and on exit, from a task that holds one of its
-            # runtime's threads for the whole encoding. Every RPC answer waited meanwhile: 1.3 to 6 s
-            # stalls of mining and receipts every minute under load, 3 to 5.5 s confirmation p99 at
-            # 100,000 changes (measured with gdb on the node). It also wrote the file in place, so a
-            # crash during it left a truncated file. Our checkpoints (`checkpoint`) write it whole,
-            # atomically, and a graceful `stop` takes the last one.
+            # 60 s (its default `--state-interval`) and on exit, encoding the whole chain in one of its
+            # async tasks, so that every RPC could wait meanwhile (gdb on the node during a 3 s stall of
+            # mining and receipts under load found it writing the file), and it encoded, decoded and
+            # encoded the chain again to do so. It also wrote the file in place: a crash during it left
+            # a truncated file. Our checkpoints (`checkpoint`) write it whole and atomically; a graceful
+            # `stop` takes the last one.
             *(("--load-state", str(self.state_file)) if self.state_file.is_file() else ()),
         ]
 
