@@ -501,7 +501,9 @@ class AnvilNode:
         except OSError:
             return None
         marker = f"{STATE_MARKER}={self.state_file}".encode()
-        if b"anvil" not in cmdline or marker not in environment or not _alive(pid):
+        # (a node started before the marker has the file in its command line, after --state)
+        ours = marker in environment or str(self.state_file).encode() in cmdline
+        if b"anvil" not in cmdline or not ours or not _alive(pid):
             return None
         return pid, port
 

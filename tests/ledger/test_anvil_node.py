@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import socket
+import subprocess
 import threading
 import time
 import zlib
@@ -197,6 +198,30 @@ def test_a_node_is_adopted_only_by_a_service_of_its_own_state_dir(tmp_path: Path
     finally:
         anvil.stop()
     assert anvil.running_node() is None  # stopped: nothing to adopt
+
+
+def test_a_node_an_earlier_version_left_running_is_still_adopted(tmp_path: Path) -> None:
+    """Before the environment marker, the node had its state file in its command line (`--state`)."""
+    anvil = node(tmp_path)
+    port = free_port()
+    legacy = subprocess.Popen(
+        [str(anvil.binary), "--port", str(port), "--quiet", "--state", str(anvil.state_file)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        anvil.pid_file.write_text(f"{legacy.pid} {port}")
+        deadline = time.monotonic() + 10
+        while anvil.running_node() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the child has become anvil (its command line is ours until then)
+        assert anvil.running_node() == (legacy.pid, port)
+        other = node(tmp_path / "other")
+        other.state_dir.mkdir()
+        other.pid_file.write_bytes(anvil.pid_file.read_bytes())
+        assert other.running_node() is None
+    finally:
+        legacy.kill()
+        legacy.wait()
 
 
 def test_checkpoints_take_a_bounded_share_of_the_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
