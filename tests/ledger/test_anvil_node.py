@@ -177,7 +177,7 @@ def test_the_node_keeps_answering_while_it_encodes_a_large_dump(tmp_path: Path) 
             assert outcome["problem"] is None
             assert outcome["bytes"] > 150_000_000
             assert took > 0.5  # long enough for a stall to show
-            assert max(waits) < min(0.4, took / 3), (attempt, took, max(waits))
+            assert max(waits) < min(1.0, took / 3), (attempt, took, max(waits))  # stalls lasted the whole dump
     finally:
         anvil.stop()
 
