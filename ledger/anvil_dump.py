@@ -34,7 +34,7 @@ TIMEOUT = 600.0
 
 
 # A block header's number, in the "blocks" list of a dump (the only "number" key there; a node started
-# from a dump also holds the genesis block it made itself, so a number can occur twice: see `dump_problem`).
+# from a dump also holds the genesis block it made itself, so 0 can occur more than once: `dump_problem`).
 _BLOCK_NUMBER = re.compile(rb'"number":"0x([0-9a-f]+)"')
 
 
@@ -62,8 +62,8 @@ def dump_problem(data: bytes, nonce_at: Callable[[str, int], int]) -> str | None
     (an empty block leaves no other trace), a transaction past the head, or an account whose nonce
     is past its nonce at the head (every change of state is a transaction, which bumps its sender's
     nonce). Blocks are told by number, not counted: a node started from a dump keeps the genesis
-    block it made itself beside the loaded one (two blocks 0 once the restart falls in another
-    second), and counting them failed every checkpoint after a restart. Anything this cannot read
+    block it made itself beside the loaded ones (one more block 0 with every restart, graceful or
+    not), and counting them failed every checkpoint after a restart. Anything this cannot read
     counts as a problem (the dump is then taken with mining paused). All values in the dump are hex
     strings or numbers, so the keys searched for cannot occur in data.
     """
