@@ -194,10 +194,7 @@ def test_a_node_is_adopted_only_by_a_service_of_its_own_state_dir(tmp_path: Path
         found = anvil.running_node()
         assert found is not None
         assert found[0] == cast(Any, anvil._process).pid
-        other = node(tmp_path / "b")
-        other.state_dir.mkdir()
-        other.pid_file.write_bytes(anvil.pid_file.read_bytes())
-        assert other.running_node() is None
+        assert _found_from_another_dir(anvil, tmp_path / "b") is None
     finally:
         anvil.stop()
     assert anvil.running_node() is None  # stopped: nothing to adopt
@@ -218,13 +215,18 @@ def test_a_node_an_earlier_version_left_running_is_still_adopted(tmp_path: Path)
         while anvil.running_node() is None and time.monotonic() < deadline:
             time.sleep(0.05)  # until the child has become anvil (its command line is ours until then)
         assert anvil.running_node() == (legacy.pid, port)
-        other = node(tmp_path / "other")
-        other.state_dir.mkdir()
-        other.pid_file.write_bytes(anvil.pid_file.read_bytes())
-        assert other.running_node() is None
+        assert _found_from_another_dir(anvil, tmp_path / "other") is None
     finally:
         legacy.kill()
         legacy.wait()
+
+
+def _found_from_another_dir(anvil: AnvilNode, state_dir: Path) -> tuple[int, int] | None:
+    """What a service of another data dir finds, given a copy of `anvil`'s pid file."""
+    other = node(state_dir)
+    other.state_dir.mkdir()
+    other.pid_file.write_bytes(anvil.pid_file.read_bytes())
+    return other.running_node()
 
 
 def test_checkpoints_take_a_bounded_share_of_the_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
