@@ -422,7 +422,9 @@ class AnvilNode:
             log.info("checkpoint raced a block (%s): taking it again, holding mining longer", outcome["problem"])
         if hold == self._capture_hold:
             self._capture_hold = max(CAPTURE_HOLD, 0.8 * self._capture_hold)
-        self._keep(tmp, outcome)
+        os.replace(tmp, self.state_file)
+        if outcome.get("head") is not None:
+            self.checkpoints.mark_durable(int(outcome["head"]))
         log.info(
             "checkpoint: %.1f MB in %.3f s, mining paused %.3f s",
             outcome["bytes"] / 1e6,
@@ -431,21 +433,11 @@ class AnvilNode:
         )
         return paused
 
-    def _keep(self, tmp: Path, outcome: dict[str, Any]) -> None:
-        os.replace(tmp, self.state_file)
-        if outcome.get("head") is not None:
-            self.checkpoints.mark_durable(int(outcome["head"]))
-
     def _last_checkpoint(self) -> None:
-        """The state file at a graceful stop: with mining stopped, one dump is one moment of the chain."""
-        tmp = self.state_file.with_suffix(".tmp")
+        """The state file at a graceful stop (mining stopped: the first dump is one moment of the chain)."""
         try:
-            outcome, _ = self._dump(tmp, None)
-            if outcome["problem"] is not None:
-                raise ValueError(outcome["problem"])
-            self._keep(tmp, outcome)
-            log.info("last checkpoint: %.1f MB", outcome["bytes"] / 1e6)
-        except (OSError, ValueError) as exc:
+            self.checkpoint()
+        except (OSError, ValueError, NodeStartError) as exc:
             log.warning("the last checkpoint failed (%s): the state file holds the one before", exc)
         finally:
             with self._dumper_lock:
