@@ -1,0 +1,231 @@
+"""Points requests → relayer → chain → indexer → read model, on a real anvil node and a real SQLite file,
+when the chain loses blocks: after a reorganisation, or a node crash before the block was written.
+
+A redemption the partner was answered for (on-chain, its balance) that the chain then loses is applied
+again, once, in its order after the issuance that funds it; the read model follows the chain."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from eth_typing import ChecksumAddress
+from eth_utils.crypto import keccak
+from sqlalchemy import Engine, select
+
+from ledger import eip712, loyalty
+from ledger.backends import AnvilBackend
+from ledger.compiler import Artifact
+from ledger.consent import ConsentRegistryClient
+from ledger.contracts import RevertDecoder, ensure_deployed, ledger_plan
+from ledger.eip712 import Redemption
+from ledger.indexer import Indexer
+from ledger.loyalty import EventKind, LoyaltyPointsClient
+from ledger.points import PointsFollower, PointsReader, PointsRelayer
+from ledger.points_store import PointsHistory, PointsRequest, PointsStatus
+from ledger.settings import ChainSettings
+from ledger.store import Base, make_engine, sessions
+from ledger.tx import TxSender
+from ledger.types import Subject
+
+pytestmark = pytest.mark.anvil
+ISSUED = 100
+
+
+@dataclass
+class Points:
+    backend: AnvilBackend
+    client: LoyaltyPointsClient
+    engine: Engine
+    relayer: PointsRelayer
+    indexer: Indexer
+    reader: PointsReader
+    partner: ChecksumAddress
+    customer: LocalAccount
+    subject: Subject
+
+    def add(self, request: PointsRequest) -> PointsRequest:
+        with sessions(self.engine).begin() as session:
+            session.add(request)
+        return request
+
+    def issue(self, amount: int) -> PointsRequest:
+        return self.add(
+            PointsRequest(
+                id=str(uuid.uuid4()),
+                kind="issue",
+                ref=os.urandom(32),
+                subject=bytes(self.subject),
+                amount=amount,
+                expires_at=int(time.time()) + 3600,
+                principal="issuer",
+            )
+        )
+
+    def redeem(self, amount: int, sequence: int) -> PointsRequest:
+        message = Redemption(
+            self.subject,
+            self.partner,
+            amount,
+            os.urandom(32),
+            eip712.redemption_nonce(self.partner, sequence),
+            int(time.time()) + 3600,
+        )
+        signature = eip712.sign(bytes(self.customer.key), self.client.domain, message)
+        return self.add(
+            PointsRequest(
+                id=str(uuid.uuid4()),
+                kind="redeem",
+                ref=message.redemption_id,
+                subject=bytes(self.subject),
+                amount=amount,
+                partner=self.partner,
+                controller=self.customer.address,
+                nonce=str(message.nonce),
+                deadline=message.deadline,
+                v=signature.v,
+                r=signature.r,
+                s=signature.s,
+                principal="partner",
+            )
+        )
+
+    def rows(self, *requests: PointsRequest) -> list[PointsRequest]:
+        with sessions(self.engine)() as session:
+            return [session.scalars(select(PointsRequest).where(PointsRequest.id == r.id)).one() for r in requests]
+
+    def settle(self, until: Callable[[], bool], *, index: bool = True, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not until():
+            assert time.monotonic() < deadline, "the pipeline did not settle"
+            self.relayer.step()
+            if index:
+                self.indexer.step()
+            time.sleep(0.02)
+
+    def done(self, *requests: PointsRequest, indexed: bool = True) -> Callable[[], bool]:
+        return lambda: all(r.status == PointsStatus.DONE and (r.indexed or not indexed) for r in self.rows(*requests))
+
+    def history(self) -> list[tuple[int, bytes]]:
+        with sessions(self.engine)() as session:
+            return [(h.kind, h.ref) for h in session.scalars(select(PointsHistory).order_by(PointsHistory.id))]
+
+    def applied_on_chain(self, request: PointsRequest) -> list[str]:
+        """The blocks (hashes) of the chain's events applying `request` (`Issued` or `Redeemed` with its id)."""
+        kind, position = (loyalty.ISSUED, 2) if request.kind == "issue" else (loyalty.REDEEMED, 3)
+        topics: list[str | None] = [kind, None, None, None][: position + 1]
+        topics[position] = "0x" + request.ref.hex()
+        logs = self.client.w3.eth.get_logs(
+            {"address": self.client.address, "fromBlock": 0, "toBlock": "latest", "topics": topics}
+        )
+        return [entry["blockHash"].to_0x_hex() for entry in logs]
+
+
+@pytest.fixture
+def points(tmp_path: Path, artifacts: dict[str, Artifact]) -> Iterator[Points]:
+    operator = Account.create()
+    backend = AnvilBackend(ChainSettings(backend="anvil", block_time=0.05), operator, tmp_path)
+    backend.start()
+    sender = TxSender(backend.w3, operator)
+    plan = ledger_plan(operator.address, operator.address, operator.address)
+    deployment = ensure_deployed(backend.w3, sender, artifacts, plan, None)
+    decoder = RevertDecoder(list(artifacts.values()))
+    registry = ConsentRegistryClient(
+        backend.w3, deployment.address("ConsentRegistry"), artifacts["ConsentRegistry"], sender, decoder
+    )
+    client = LoyaltyPointsClient(
+        backend.w3, deployment.address("LoyaltyPoints"), artifacts["LoyaltyPoints"], sender, decoder
+    )
+    partner = Account.create().address
+    registry.add_partner(partner)
+    customer = Account.create()
+    subject = Subject(keccak(bytes(customer.key)))
+    registry.bind_controller(subject, customer.address)
+    engine = make_engine(f"sqlite:///{tmp_path / 'service.db'}")
+    Base.metadata.create_all(engine)
+    yield Points(
+        backend=backend,
+        client=client,
+        engine=engine,
+        relayer=PointsRelayer(engine, client),
+        indexer=Indexer(
+            backend.w3,
+            engine,
+            registry.address,
+            deployment.deploy_block,
+            followers=[PointsFollower(client.address, decoder)],
+        ),
+        reader=PointsReader(engine, {"member": 0}),
+        partner=partner,
+        customer=customer,
+        subject=subject,
+    )
+    engine.dispose()
+    backend.stop()
+
+
+def test_a_reorganisation_is_rolled_back_and_the_issuance_and_redemption_applied_again_once(points: Points) -> None:
+    before = points.backend.rpc("evm_snapshot")
+    issuance = points.issue(ISSUED)
+    points.settle(points.done(issuance))
+    redemption = points.redeem(30, 0)
+    points.settle(points.done(redemption))  # the partner was answered: on-chain, balance 70
+    (answered,) = points.rows(redemption)
+    assert answered.balance == ISSUED - 30
+    first_blocks = points.applied_on_chain(issuance) + points.applied_on_chain(redemption)
+    assert len(first_blocks) == 2
+    assert points.reader.balance(bytes(points.subject)) == ISSUED - 30
+
+    # The chain drops both blocks (and its mempool): a reorganisation deeper than either.
+    assert points.backend.rpc("evm_revert", before) is True
+    points.relayer.sender.resync_nonce()
+    points.backend.rpc("anvil_mine", hex(30))
+    assert points.client.balance_of(points.subject) == 0
+    assert points.indexer.step() < 0  # rolled back
+    assert [r.status for r in points.rows(issuance, redemption)] == [PointsStatus.PENDING] * 2
+    assert points.reader.balance(bytes(points.subject)) == 0  # the read model follows the chain
+    assert points.history() == []
+
+    # Sent again in their order: the issuance first, so the redemption it funds succeeds.
+    points.settle(points.done(issuance, redemption))
+    again = points.applied_on_chain(issuance) + points.applied_on_chain(redemption)
+    assert len(again) == 2  # once each
+    assert not set(again) & set(first_blocks)  # in blocks of the new chain
+    (settled,) = points.rows(redemption)
+    assert (settled.balance, settled.error_code) == (ISSUED - 30, None)
+    assert points.client.balance_of(points.subject) == ISSUED - 30
+    assert points.reader.balance(bytes(points.subject)) == ISSUED - 30
+    assert points.history() == [(EventKind.ISSUED, issuance.ref), (EventKind.REDEEMED, redemption.ref)]
+
+
+def test_a_redemption_mined_then_lost_before_indexing_is_applied_again_once(points: Points) -> None:
+    issuance = points.issue(ISSUED)
+    points.settle(points.done(issuance))
+    before = points.backend.rpc("evm_snapshot")
+    redemption = points.redeem(30, 0)
+    # The relayer settles it from its receipt (the partner's answer); the indexer has not run.
+    points.settle(points.done(redemption, indexed=False), index=False)
+    assert points.rows(redemption)[0].indexed is False
+    assert len(points.applied_on_chain(redemption)) == 1
+
+    # The node loses the block (a crash before its state was written); nobody indexed it.
+    assert points.backend.rpc("evm_revert", before) is True
+    points.relayer.sender.resync_nonce()
+    assert points.applied_on_chain(redemption) == []
+    points.relayer.lost_after = 0.2
+    time.sleep(0.3)
+    assert points.relayer.audit() == 1
+    assert points.rows(redemption)[0].status == PointsStatus.PENDING
+    points.settle(points.done(redemption))
+    assert len(points.applied_on_chain(redemption)) == 1
+    assert points.rows(redemption)[0].balance == ISSUED - 30
+    assert points.client.balance_of(points.subject) == ISSUED - 30
+    assert points.reader.balance(bytes(points.subject)) == ISSUED - 30
+    assert points.history() == [(EventKind.ISSUED, issuance.ref), (EventKind.REDEEMED, redemption.ref)]
