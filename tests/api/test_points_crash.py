@@ -1,10 +1,13 @@
-"""No double spend under a retry after a crash: partners redeem while the service is killed with
-SIGKILL; after a restart every redemption, retried with its Idempotency-Key, gets one answer and is
-applied on-chain exactly once."""
+"""No double spend under a retry after a crash: partners redeem while the service, or the node, is
+killed with SIGKILL; afterwards every redemption, retried with its Idempotency-Key, gets one answer and
+is applied on-chain exactly once. A node crash loses the blocks mined since its last checkpoint, so
+redemptions already answered are applied again: the answer stays, and names the transaction that now
+holds it."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -17,8 +20,12 @@ import httpx
 import pytest
 from eth_account.messages import encode_typed_data
 from eth_utils.crypto import keccak
+from sqlalchemy import func, select
 
 from ledger import loyalty
+from ledger.points_store import PointsRequest, PointsStatus
+from ledger.store import make_engine, sessions
+from tests.api.conftest import q
 from tests.api.test_crash import Serve, _customer, principal
 
 pytestmark = [pytest.mark.anvil, pytest.mark.slow]
@@ -26,15 +33,16 @@ CUSTOMERS = 8
 START = 1000
 
 
-def test_a_retry_after_a_crash_never_spends_twice(tmp_path: Path) -> None:
+@pytest.mark.parametrize("victim", ["service", "node"])
+def test_a_retry_after_a_crash_never_spends_twice(tmp_path: Path, victim: str) -> None:
     serve = Serve(tmp_path)
     try:
-        _never_spends_twice(serve)
+        _never_spends_twice(serve, victim)
     finally:
         serve.close()  # also after a failure: no service or node left running
 
 
-def _never_spends_twice(serve: Serve) -> None:
+def _never_spends_twice(serve: Serve, victim: str) -> None:
     issuer = {"X-API-Key": principal(serve, "issuer", "issuer")}
     partner = {"X-API-Key": principal(serve, "partner", "acme")}
     serve.start()
@@ -84,7 +92,10 @@ def _never_spends_twice(serve: Serve) -> None:
         for thread in threads:
             thread.start()
         time.sleep(4)
-        serve.stop(signal.SIGKILL)
+        if victim == "service":
+            serve.stop(signal.SIGKILL)
+        else:  # the service restarts the node from its last checkpoint
+            os.kill(serve.anvil_pid(), signal.SIGKILL)
         stop.set()
         for thread in threads:
             thread.join(timeout=30)
@@ -92,11 +103,13 @@ def _never_spends_twice(serve: Serve) -> None:
             f"the load did not get going before the kill: {Counter(answered.values())}"
         )
     finally:
-        if serve.process is not None and serve.process.poll() is None:
+        if victim == "service" and serve.process is not None and serve.process.poll() is None:
             serve.stop(signal.SIGKILL)
 
-    serve.start()
+    if victim == "service":
+        serve.start()
     try:
+        _settled(serve)
         # Every redemption sent, answered or not, is retried with its key: each gets its one answer.
         finals: dict[str, httpx.Response] = {}
         for key, (_n, body) in sent.items():
@@ -130,7 +143,8 @@ def _never_spends_twice(serve: Serve) -> None:
         assert max(ids.values()) == 1
         redeemed_ok = {finals[k].json()["redemption_id"] for k in finals if finals[k].status_code == 200}
         assert set(ids) == redeemed_ok
-        for n, (_account, did, _headers) in enumerate(customers):
+        redeemed_keys = [k for k in finals if finals[k].status_code == 200]
+        for n, (_account, did, headers) in enumerate(customers):
             mine = [k for k, (who, _) in sent.items() if who == n and finals[k].status_code == 200]
             chain = w3.post(
                 "/",
@@ -148,5 +162,37 @@ def _never_spends_twice(serve: Serve) -> None:
                 },
             ).json()["result"]
             assert int(chain, 16) == START - 7 * len(mine)
+            points = serve.client.get(f"/api/v1/customers/{q(did)}/points", headers=headers)
+            assert points.json()["balance"] == int(chain, 16)  # the read model follows the chain
+        # Each answer names the transaction that holds the redemption on the chain as it is now.
+        for key in redeemed_keys:
+            answer = finals[key].json()
+            receipt = w3.post(
+                "/",
+                json={"jsonrpc": "2.0", "id": 1, "method": "eth_getTransactionReceipt", "params": [answer["tx_hash"]]},
+            ).json()["result"]
+            assert receipt is not None, f"{key}: answered with a transaction the chain does not hold"
+            assert int(receipt["blockNumber"], 16) == answer["block_number"]
     finally:
         serve.stop()
+
+
+def _settled(serve: Serve, timeout: float = 90) -> None:
+    """Until every redemption is final and every one done is indexed: after a node crash, those in the
+    lost blocks go back to the relayer (a rollback, or its audit of requests settled but never
+    indexed) and are applied again."""
+    engine = make_engine(f"sqlite:///{serve.data_dir / 'service.db'}")
+    unsettled = (PointsRequest.status.not_in([PointsStatus.DONE, PointsStatus.FAILED])) | (
+        (PointsRequest.status == PointsStatus.DONE) & PointsRequest.indexed.is_(False)
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            with sessions(engine)() as session:
+                left = session.scalar(select(func.count()).select_from(PointsRequest).where(unsettled))
+            if not left:
+                return
+            assert time.monotonic() < deadline, f"{left} points requests did not settle"
+            time.sleep(0.2)
+    finally:
+        engine.dispose()
