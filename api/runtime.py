@@ -236,6 +236,10 @@ class Runtime:
         if workers:
             self.relayer.recover()
             self.points_relayer.recover()
+            # The node may have restarted from its last checkpoint while we were down (a crash of the
+            # machine): check what the previous run settled at once, not after `lost_after`.
+            self.relayer.node_restarted()
+            self.points_relayer.node_restarted()
             indexer = self.indexer
             if isinstance(self.backend, AnvilBackend):  # this service mines the blocks: time batches to them
                 cadence = self.cadence = BlockCadence()
@@ -372,6 +376,9 @@ class Runtime:
         backend.node.start()
         if self.consent is not None:
             self.consent.sender.resync_nonce()
+        for lane in (self.relayer, self.points_relayer):
+            if lane is not None:
+                lane.node_restarted()
         self._chain_lost_blocks(-1)  # the indexer will see it too; no need to wait for it
 
     def _spawn(self, name: str, target: object) -> None:

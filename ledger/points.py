@@ -289,11 +289,11 @@ class PointsRelayer(BatchLane):
         decoded = [loyalty.decode(dict(entry)) for entry in logs]
         return next((e for e in decoded if e is not None), None)
 
-    def audit(self) -> int:
+    def audit(self, older_than: float | None = None) -> int:
         """Requeue done requests whose block the node lost before the indexer saw it (a node crash
         before its state was written): their transaction is no longer known. The contract applies an
         id once, so this never spends twice."""
-        cutoff = utcnow().timestamp() - self.lost_after
+        cutoff = utcnow().timestamp() - (self.lost_after if older_than is None else older_than)
         with self._sessions() as session:
             stale = [
                 r

@@ -14,6 +14,7 @@ that request fails alone, and the others go back to the queue.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -180,6 +181,7 @@ class BatchLane(ABC):
         self._in_flight: dict[int, str] = {}  # batch id -> tx hash
         self._checked_at: dict[int, float] = {}  # batch id -> when it was last known to the node
         self._next_audit = time.monotonic() + lost_after
+        self._restarted = threading.Event()  # the node restarted from older state: check at once
 
     @property
     def busy(self) -> bool:
@@ -198,12 +200,27 @@ class BatchLane(ABC):
         """Give a batch up (call `_forget` first) and queue its requests again."""
 
     @abstractmethod
-    def audit(self) -> int:
-        """Re-queue requests the chain has lost; returns how many."""
+    def audit(self, older_than: float | None = None) -> int:
+        """Re-queue requests the chain has lost, among those last moved more than `older_than` seconds
+        ago (default `lost_after`); returns how many."""
+
+    def node_restarted(self) -> None:
+        """The node was started again from its last saved state (from any thread): what it mined after
+        that, and its pending transactions, are gone. The next step checks every batch in flight and
+        audits every request at once, instead of those older than `lost_after`: a redemption answered
+        just before the crash is applied again within a block or two of the restart, not ten seconds
+        later (meanwhile a repeat of it named a transaction the chain no longer had)."""
+        self._restarted.set()
 
     def step(self, *, send: bool = True, poll: bool = True) -> int:
         """Settle mined batches (`poll`) and send new ones (`send`); returns how many requests moved."""
-        moved = self._poll() if poll else 0
+        moved = 0
+        if self._restarted.is_set():
+            self._restarted.clear()
+            for batch_id in self._in_flight:
+                self._checked_at[batch_id] = -math.inf  # checked by this step's poll
+            moved += self.audit(older_than=0.0)
+        moved += self._poll() if poll else 0
         if time.monotonic() >= self._next_audit:
             moved += self.audit()
             self._next_audit = time.monotonic() + self.lost_after / 2
@@ -403,8 +420,8 @@ class Relayer(BatchLane):
         self._recover_batches(batches)
         log.info("relayer recovered: %d batches in flight", len(self._in_flight))
 
-    def audit(self) -> int:
-        return self.audit_submitted()
+    def audit(self, older_than: float | None = None) -> int:
+        return self.audit_submitted(older_than)
 
     # sending -------------------------------------------------------------------------------------
 
@@ -458,17 +475,17 @@ class Relayer(BatchLane):
 
     # settling ------------------------------------------------------------------------------------
 
-    def audit_submitted(self) -> int:
+    def audit_submitted(self, older_than: float | None = None) -> int:
         """Re-queue submitted requests the chain has lost.
 
         A batch can be mined on a node that then loses those blocks (a crash before its state was
         written) before the indexer saw them: no reorganisation is visible, yet the changes are gone.
-        So a request submitted for longer than `lost_after` and still unconfirmed is checked: its
+        So a request submitted for longer than `older_than` (default `lost_after`) and still unconfirmed is checked: its
         transaction must still be known to the node; one marked as already applied must show in its
         subject's on-chain nonce. Otherwise it goes back to the queue (the nonce makes a duplicate
         impossible).
         """
-        cutoff = utcnow().timestamp() - self.lost_after
+        cutoff = utcnow().timestamp() - (self.lost_after if older_than is None else older_than)
         with self._sessions() as session:
             stale = [
                 r

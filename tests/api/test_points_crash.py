@@ -24,7 +24,7 @@ from sqlalchemy import func, select
 
 from ledger import loyalty
 from ledger.points_store import PointsRequest, PointsStatus
-from ledger.store import make_engine, sessions
+from ledger.store import IndexedBlock, make_engine, sessions
 from tests.api.conftest import q
 from tests.api.test_crash import Serve, _customer, principal
 
@@ -96,6 +96,10 @@ def _never_spends_twice(serve: Serve, victim: str) -> None:
             serve.stop(signal.SIGKILL)
         else:  # the service restarts the node from its last checkpoint
             os.kill(serve.anvil_pid(), signal.SIGKILL)
+            stop.set()
+            # What the lost blocks held is applied again as soon as the node is back: sooner than
+            # the relayers' periodic audit (10 s), which finds redemptions settled but never indexed.
+            _settled(serve, timeout=8.0)
         stop.set()
         for thread in threads:
             thread.join(timeout=30)
@@ -178,9 +182,11 @@ def _never_spends_twice(serve: Serve, victim: str) -> None:
 
 
 def _settled(serve: Serve, timeout: float = 90) -> None:
-    """Until every redemption is final and every one done is indexed: after a node crash, those in the
-    lost blocks go back to the relayer (a rollback, or its audit of requests settled but never
-    indexed) and are applied again."""
+    """Until the read model follows the chain as it is now (its newest indexed block is the node's block
+    of that number), every redemption is final, and every one done is indexed. After a node crash, those
+    in the lost blocks go back to the relayer (by the indexer's rollback, or the relayer's check of
+    requests settled but never indexed) and are applied again; until the service has noticed the
+    crash, its rows still show the lost chain."""
     engine = make_engine(f"sqlite:///{serve.data_dir / 'service.db'}")
     unsettled = (PointsRequest.status.not_in([PointsStatus.DONE, PointsStatus.FAILED])) | (
         (PointsRequest.status == PointsStatus.DONE) & PointsRequest.indexed.is_(False)
@@ -190,9 +196,25 @@ def _settled(serve: Serve, timeout: float = 90) -> None:
         while True:
             with sessions(engine)() as session:
                 left = session.scalar(select(func.count()).select_from(PointsRequest).where(unsettled))
-            if not left:
+                newest = session.execute(
+                    select(IndexedBlock.number, IndexedBlock.hash).order_by(IndexedBlock.number.desc()).limit(1)
+                ).first()
+            if not left and newest is not None and _node_block_hash(serve, newest.number) == newest.hash:
                 return
             assert time.monotonic() < deadline, f"{left} points requests did not settle"
             time.sleep(0.2)
     finally:
         engine.dispose()
+
+
+def _node_block_hash(serve: Serve, number: int) -> str | None:
+    """The hash of the node's block `number`; None if it has none, or is down."""
+    port = (serve.data_dir / "chain" / "anvil.pid").read_text().split()[1]
+    try:
+        block = httpx.post(
+            f"http://127.0.0.1:{port}",
+            json={"jsonrpc": "2.0", "id": 1, "method": "eth_getBlockByNumber", "params": [hex(number), False]},
+        ).json()["result"]
+    except httpx.TransportError:
+        return None
+    return block["hash"] if block else None

@@ -284,11 +284,11 @@ def test_a_relayer_that_dies_after_sending_settles_the_batch_on_restart(pipeline
     assert batches() == ["mined"]
 
 
-def test_a_batch_mined_then_lost_before_indexing_is_sent_again(pipeline: Pipeline) -> None:
+@pytest.mark.parametrize("noticed_by", ["audit", "restart"])
+def test_a_batch_mined_then_lost_before_indexing_is_sent_again(pipeline: Pipeline, noticed_by: str) -> None:
     account, subject = pipeline.customer()
     before = pipeline.backend.rpc("evm_snapshot")
     request = pipeline.accept(account, subject, ChangeKind.GRANT, EMAIL)
-    pipeline.relayer.lost_after = 0.2
     deadline = time.monotonic() + 30
     with sessions(pipeline.engine)() as session:
         while session.scalar(select(func.count()).select_from(RelayBatch).where(RelayBatch.status == "mined")) != 1:
@@ -300,9 +300,20 @@ def test_a_batch_mined_then_lost_before_indexing_is_sent_again(pipeline: Pipelin
     # The node loses the block (a crash before its state was written); the indexer never saw it.
     assert pipeline.backend.rpc("evm_revert", before) is True
     pipeline.relayer.sender.resync_nonce()
-    time.sleep(0.3)
-    assert pipeline.relayer.audit_submitted() == 1
-    assert pipeline.statuses(request) == [RequestStatus.PENDING]
+    if noticed_by == "audit":  # the periodic audit, once the request is older than `lost_after`
+        pipeline.relayer.lost_after = 0.2
+        time.sleep(0.3)
+        assert pipeline.relayer.audit_submitted() == 1
+        assert pipeline.statuses(request) == [RequestStatus.PENDING]
+    else:  # told that the node restarted: the next step requeues and sends it, `lost_after` or not
+        assert pipeline.relayer.audit_submitted() == 0  # too recent for the periodic audit (10 s)
+        pipeline.relayer.node_restarted()
+        pipeline.relayer.step()
+        resent = pipeline.outbox.request(request.id)
+        assert resent is not None
+        assert resent.status == RequestStatus.SUBMITTED
+        assert resent.tx_hash is not None
+        assert pipeline.relayer.sender.known(resent.tx_hash)  # sent again (the same bytes may give the same hash)
     pipeline.settle(lambda: pipeline.statuses(request) == [RequestStatus.CONFIRMED])
     assert [(e.subject, e.nonce) for e in pipeline.events()] == [(subject, 0)]
     assert pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, EMAIL)

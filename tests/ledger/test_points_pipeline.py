@@ -205,24 +205,35 @@ def test_a_reorganisation_is_rolled_back_and_the_issuance_and_redemption_applied
     assert points.history() == [(EventKind.ISSUED, issuance.ref), (EventKind.REDEEMED, redemption.ref)]
 
 
-def test_a_redemption_mined_then_lost_before_indexing_is_applied_again_once(points: Points) -> None:
+@pytest.mark.parametrize("noticed_by", ["audit", "restart"])
+def test_a_redemption_mined_then_lost_before_indexing_is_applied_again_once(points: Points, noticed_by: str) -> None:
     issuance = points.issue(ISSUED)
     points.settle(points.done(issuance))
     before = points.backend.rpc("evm_snapshot")
     redemption = points.redeem(30, 0)
     # The relayer settles it from its receipt (the partner's answer); the indexer has not run.
     points.settle(points.done(redemption, indexed=False), index=False)
-    assert points.rows(redemption)[0].indexed is False
+    (answered,) = points.rows(redemption)
+    assert answered.indexed is False
     assert len(points.applied_on_chain(redemption)) == 1
 
     # The node loses the block (a crash before its state was written); nobody indexed it.
     assert points.backend.rpc("evm_revert", before) is True
     points.relayer.sender.resync_nonce()
     assert points.applied_on_chain(redemption) == []
-    points.relayer.lost_after = 0.2
-    time.sleep(0.3)
-    assert points.relayer.audit() == 1
-    assert points.rows(redemption)[0].status == PointsStatus.PENDING
+    if noticed_by == "audit":  # the periodic audit, once the request is older than `lost_after`
+        points.relayer.lost_after = 0.2
+        time.sleep(0.3)
+        assert points.relayer.audit() == 1
+        assert points.rows(redemption)[0].status == PointsStatus.PENDING
+    else:  # told that the node restarted: the next step requeues and sends it, `lost_after` or not
+        assert points.relayer.audit() == 0  # too recent for the periodic audit (10 s)
+        points.relayer.node_restarted()
+        points.relayer.step()
+        (resent,) = points.rows(redemption)
+        assert resent.status == PointsStatus.SUBMITTED
+        assert resent.tx_hash is not None
+        assert points.relayer.sender.known(resent.tx_hash)  # sent again (the same bytes may give the same hash)
     points.settle(points.done(redemption))
     assert len(points.applied_on_chain(redemption)) == 1
     assert points.rows(redemption)[0].balance == ISSUED - 30
