@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from ledger import loyalty
 from ledger.contracts import RevertDecoder
 from ledger.eip712 import Redemption, Signature
+from ledger.errors import NonceMismatch
 from ledger.loyalty import EventKind, Issuance, LoyaltyPointsClient, PointsEvent, SignedRedemption
 from ledger.points_store import PointsBatch, PointsHistory, PointsLot, PointsRequest, PointsStatus
 from ledger.relayer import BatchLane, Holds
@@ -264,6 +265,9 @@ class PointsRelayer(BatchLane):
                         if self.holds(cause.error, request.subject, request.partner):
                             _requeue(session, request)  # its binding or partner role is being put back
                             continue
+                        if isinstance(cause, NonceMismatch) and _in_turn(session, request, cause):
+                            _requeue(session, request)  # an earlier one the chain lost goes first
+                            continue
                         request.status = PointsStatus.FAILED
                         request.error_code = ERROR_CODES.get(cause.error, "rejected")
                         request.error_detail = str(cause)[:500]
@@ -328,6 +332,32 @@ class PointsRelayer(BatchLane):
             for request in session.scalars(select(PointsRequest).where(PointsRequest.batch_id == batch_id)):
                 _requeue(session, request)
         log.warning("points batch %s dropped (%s); its requests are queued again", batch_id, reason)
+
+
+def _in_turn(session: Session, request: PointsRequest, cause: NonceMismatch) -> bool:
+    """Whether a redemption refused for its nonce can still apply in turn: the chain's nonce for its
+    controller and partner is below its own, and every nonce in between belongs to a redemption of ours
+    that has not failed (queued, in flight, or done on a chain the node has since lost, which the
+    indexer's rollback or the audit queues again). That happens after a loss of blocks, when the
+    relayer sends the next redemption before the service has noticed that the previous one is gone.
+    Only a real gap is final (as for consent changes, `Relayer._fail`)."""
+    current, own = int(cause.args_by_name["currentNonce"]), int(request.nonce or 0)
+    if not current < own:
+        return False  # used already, by another redemption: final
+    live = {
+        int(nonce)
+        for nonce in session.scalars(
+            select(PointsRequest.nonce).where(
+                PointsRequest.subject == request.subject,
+                PointsRequest.kind == "redeem",
+                PointsRequest.controller == request.controller,
+                PointsRequest.partner == request.partner,
+                PointsRequest.status != PointsStatus.FAILED,
+            )
+        )
+        if nonce is not None
+    }
+    return own - current <= len(live) and all(nonce in live for nonce in range(current, own))
 
 
 def _requeue(session: Session, request: PointsRequest, status: str = PointsStatus.SUBMITTED) -> None:

@@ -29,7 +29,7 @@ from ledger.eip712 import Redemption
 from ledger.indexer import Indexer
 from ledger.loyalty import EventKind, LoyaltyPointsClient
 from ledger.points import PointsFollower, PointsReader, PointsRelayer
-from ledger.points_store import PointsHistory, PointsRequest, PointsStatus
+from ledger.points_store import PointsBatch, PointsHistory, PointsRequest, PointsStatus
 from ledger.settings import ChainSettings
 from ledger.store import Base, make_engine, sessions
 from ledger.tx import TxSender
@@ -240,3 +240,35 @@ def test_a_redemption_mined_then_lost_before_indexing_is_applied_again_once(poin
     assert points.client.balance_of(points.subject) == ISSUED - 30
     assert points.reader.balance(bytes(points.subject)) == ISSUED - 30
     assert points.history() == [(EventKind.ISSUED, issuance.ref), (EventKind.REDEEMED, redemption.ref)]
+
+
+def test_a_redemption_sent_before_the_lost_one_it_follows_waits_for_it(points: Points) -> None:
+    """A customer's redemptions at a partner carry consecutive nonces. After a loss, the relayer may send
+    the next one before the indexer has noticed that the previous one's block is gone: the chain then
+    refuses it for its nonce. It is queued again, not failed, and applies after the previous one."""
+    issuance = points.issue(ISSUED)
+    points.settle(points.done(issuance))
+    before = points.backend.rpc("evm_snapshot")
+    first = points.redeem(30, 0)
+    points.settle(points.done(first))  # answered, and indexed
+    assert points.backend.rpc("evm_revert", before) is True
+    points.relayer.sender.resync_nonce()
+    second = points.redeem(20, 1)
+
+    def batches_mined() -> int:
+        with sessions(points.engine)() as session:
+            return len(list(session.scalars(select(PointsBatch).where(PointsBatch.status == "mined"))))
+
+    mined = batches_mined()
+    points.settle(lambda: batches_mined() > mined, index=False)  # the indexer has not run: `first` looks done
+    (refused,) = points.rows(second)
+    # Queued again (and perhaps sent again by the same step), not failed.
+    assert refused.status in (PointsStatus.PENDING, PointsStatus.SUBMITTED)
+    assert refused.error_code is None
+
+    points.settle(points.done(first, second))
+    assert len(points.applied_on_chain(first)) == 1
+    assert len(points.applied_on_chain(second)) == 1
+    assert [r.balance for r in points.rows(first, second)] == [ISSUED - 30, ISSUED - 50]
+    assert points.client.balance_of(points.subject) == ISSUED - 50
+    assert points.reader.balance(bytes(points.subject)) == ISSUED - 50
