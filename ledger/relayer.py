@@ -181,7 +181,8 @@ class BatchLane(ABC):
         self._in_flight: dict[int, str] = {}  # batch id -> tx hash
         self._checked_at: dict[int, float] = {}  # batch id -> when it was last known to the node
         self._next_audit = time.monotonic() + lost_after
-        self._restarted = threading.Event()  # the node restarted from older state: check at once
+        self._restarts = 0  # times the node was started again from older state (`node_restarted`)
+        self._restarts_checked = 0  # ... of which a step has checked everything since
 
     @property
     def busy(self) -> bool:
@@ -210,16 +211,17 @@ class BatchLane(ABC):
         audits every request at once, instead of those older than `lost_after`: a redemption answered
         just before the crash is applied again within a block or two of the restart, not ten seconds
         later (meanwhile a repeat of it named a transaction the chain no longer had)."""
-        self._restarted.set()
+        self._restarts += 1  # one writer: the thread that restarts the node
 
     def step(self, *, send: bool = True, poll: bool = True) -> int:
         """Settle mined batches (`poll`) and send new ones (`send`); returns how many requests moved."""
         moved = 0
-        if self._restarted.is_set():
-            self._restarted.clear()
+        restarts = self._restarts
+        if restarts != self._restarts_checked:
             for batch_id in self._in_flight:
-                self._checked_at[batch_id] = -math.inf  # checked by this step's poll
+                self._checked_at[batch_id] = -math.inf  # checked by the next poll
             moved += self.audit(older_than=0.0)
+            self._restarts_checked = restarts  # not before: a step that failed (node not up yet) tries again
         moved += self._poll() if poll else 0
         if time.monotonic() >= self._next_audit:
             moved += self.audit()
