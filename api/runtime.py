@@ -238,8 +238,7 @@ class Runtime:
             self.points_relayer.recover()
             # The node may have restarted from its last checkpoint while we were down (a crash of the
             # machine): check what the previous run settled at once, not after `lost_after`.
-            self.relayer.node_restarted()
-            self.points_relayer.node_restarted()
+            self._node_restarted()
             indexer = self.indexer
             if isinstance(self.backend, AnvilBackend):  # this service mines the blocks: time batches to them
                 cadence = self.cadence = BlockCadence()
@@ -376,10 +375,18 @@ class Runtime:
         backend.node.start()
         if self.consent is not None:
             self.consent.sender.resync_nonce()
+        self._node_restarted()
+        self._chain_lost_blocks(-1)  # the indexer will see it too; no need to wait for it
+
+    def _node_restarted(self) -> None:
+        """Tell the relayers that the node may have lost blocks: they check what they settled, and send
+        nothing new until the indexer has compared the read model with the chain (and queued again
+        what the lost blocks held)."""
+        indexer, began = self.indexer, time.monotonic()
+        assert indexer is not None
         for lane in (self.relayer, self.points_relayer):
             if lane is not None:
-                lane.node_restarted()
-        self._chain_lost_blocks(-1)  # the indexer will see it too; no need to wait for it
+                lane.node_restarted(lambda: indexer.checked_at > began)
 
     def _spawn(self, name: str, target: object) -> None:
         thread = threading.Thread(target=target, args=(self._stop,), name=name, daemon=True)  # type: ignore[arg-type]

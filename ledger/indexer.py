@@ -10,7 +10,9 @@ confirming event was rolled back go back to the relayer's queue.
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, Protocol, cast
@@ -81,6 +83,9 @@ class Indexer:
         self.max_events = max_events
         self.on_change = on_change
         self.on_rollback = on_rollback  # told the block rolled back to, after the rollback
+        # When the newest step that compared the read model with the chain began (monotonic clock): the
+        # relayers wait for one that began after a restart of the node (`BatchLane.node_restarted`).
+        self.checked_at = -math.inf
         self._sessions = sessions(engine)
         self._insert_events = Bulk(_INSERT_EVENTS, engine.dialect)
         self._delete_states = Bulk(_DELETE_STATES, engine.dialect)
@@ -134,8 +139,10 @@ class Indexer:
 
     def step(self) -> int:
         """Index what is new; returns how many events were applied (negative after a rollback)."""
+        began = time.monotonic()
         cursor = self.cursor()
         rolled_back = self._check_reorg(cursor)
+        self.checked_at = began  # what is indexed agrees with the chain as it was then (rolled back if not)
         if rolled_back is not None:
             return -rolled_back
         head = int(self._rpc("eth_blockNumber", []), 16)

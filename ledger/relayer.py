@@ -183,6 +183,8 @@ class BatchLane(ABC):
         self._next_audit = time.monotonic() + lost_after
         self._restarts = 0  # times the node was started again from older state (`node_restarted`)
         self._restarts_checked = 0  # ... of which a step has checked everything since
+        self._reconciled: Callable[[], bool] | None = None  # sends wait for this after a restart
+        self._hold_until = 0.0  # ... but no longer than this (monotonic)
 
     @property
     def busy(self) -> bool:
@@ -205,12 +207,20 @@ class BatchLane(ABC):
         """Re-queue requests the chain has lost, among those last moved more than `older_than` seconds
         ago (default `lost_after`); returns how many."""
 
-    def node_restarted(self) -> None:
+    def node_restarted(self, reconciled: Callable[[], bool] | None = None) -> None:
         """The node was started again from its last saved state (from any thread): what it mined after
         that, and its pending transactions, are gone. The next step checks every batch in flight and
         audits every request at once, instead of those older than `lost_after`: a redemption answered
         just before the crash is applied again within a block or two of the restart, not ten seconds
-        later (meanwhile a repeat of it named a transaction the chain no longer had)."""
+        later (meanwhile a repeat of it named a transaction the chain no longer had).
+
+        Until `reconciled()` is true (the indexer has compared the read model with the restarted
+        node's chain, and queued again what the lost blocks held), nothing is sent, for at most
+        `lost_after` seconds: so the lost requests go out again before anything newer, in their first
+        order. A customer's later redemption sent first would take the points or the nonce the
+        answered one needs, and that one would then fail."""
+        self._hold_until = time.monotonic() + self.lost_after
+        self._reconciled = reconciled
         self._restarts += 1  # one writer: the thread that restarts the node
 
     def step(self, *, send: bool = True, poll: bool = True) -> int:
@@ -222,6 +232,7 @@ class BatchLane(ABC):
                 self._checked_at[batch_id] = -math.inf  # checked by the next poll
             moved += self.audit(older_than=0.0)
             self._restarts_checked = restarts  # not before: a step that failed (node not up yet) tries again
+        send = send and not self._holding()
         moved += self._poll() if poll else 0
         if time.monotonic() >= self._next_audit:
             moved += self.audit()
@@ -232,6 +243,18 @@ class BatchLane(ABC):
             if not self._more_after(sent):
                 break
         return moved
+
+    def _holding(self) -> bool:
+        """Whether sends wait, after a restart of the node, for the service to reconcile with its chain."""
+        reconciled = self._reconciled
+        if reconciled is None:
+            return False
+        if not reconciled():
+            if time.monotonic() < self._hold_until:
+                return True
+            log.warning("%s: the read model was not checked against the restarted node in time; sending", self)
+        self._reconciled = None
+        return False
 
     def _more_after(self, sent: int) -> bool:
         """Whether to send another batch at once after one of `sent` requests: only after a full one.

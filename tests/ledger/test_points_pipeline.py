@@ -42,6 +42,7 @@ ISSUED = 100
 @dataclass
 class Points:
     backend: AnvilBackend
+    registry: ConsentRegistryClient
     client: LoyaltyPointsClient
     engine: Engine
     relayer: PointsRelayer
@@ -69,13 +70,14 @@ class Points:
             )
         )
 
-    def redeem(self, amount: int, sequence: int) -> PointsRequest:
+    def redeem(self, amount: int, sequence: int, partner: ChecksumAddress | None = None) -> PointsRequest:
+        partner = partner or self.partner
         message = Redemption(
             self.subject,
-            self.partner,
+            partner,
             amount,
             os.urandom(32),
-            eip712.redemption_nonce(self.partner, sequence),
+            eip712.redemption_nonce(partner, sequence),
             int(time.time()) + 3600,
         )
         signature = eip712.sign(bytes(self.customer.key), self.client.domain, message)
@@ -86,7 +88,7 @@ class Points:
                 ref=message.redemption_id,
                 subject=bytes(self.subject),
                 amount=amount,
-                partner=self.partner,
+                partner=partner,
                 controller=self.customer.address,
                 nonce=str(message.nonce),
                 deadline=message.deadline,
@@ -152,6 +154,7 @@ def points(tmp_path: Path, artifacts: dict[str, Artifact]) -> Iterator[Points]:
     Base.metadata.create_all(engine)
     yield Points(
         backend=backend,
+        registry=registry,
         client=client,
         engine=engine,
         relayer=PointsRelayer(engine, client),
@@ -272,3 +275,52 @@ def test_a_redemption_sent_before_the_lost_one_it_follows_waits_for_it(points: P
     assert [r.balance for r in points.rows(first, second)] == [ISSUED - 30, ISSUED - 50]
     assert points.client.balance_of(points.subject) == ISSUED - 50
     assert points.reader.balance(bytes(points.subject)) == ISSUED - 50
+
+
+def test_after_a_restart_what_the_lost_blocks_held_goes_out_before_anything_newer(points: Points) -> None:
+    """The customer has points for one of two redemptions. The first was answered, then lost with its
+    block; the second comes after the node's restart, at another partner (its own nonce). Had the
+    relayer sent the second before the indexer queued the first again, the second would take the
+    points and the answered first would fail. After `node_restarted`, sends wait for the indexer's
+    check of the chain, so the first applies again and the second is refused."""
+    issuance = points.issue(ISSUED)
+    points.settle(points.done(issuance))
+    other = Account.create().address
+    points.registry.add_partner(other)
+    before = points.backend.rpc("evm_snapshot")
+    answered = points.redeem(60, 0)
+    points.settle(points.done(answered))
+    assert points.backend.rpc("evm_revert", before) is True  # the node restarted from older state
+    points.relayer.sender.resync_nonce()
+    newer = points.redeem(60, 0, partner=other)
+    began = time.monotonic()
+    points.relayer.node_restarted(lambda: points.indexer.checked_at > began)
+    for _ in range(5):
+        points.relayer.step()
+        time.sleep(0.05)
+    assert points.rows(newer)[0].status == PointsStatus.PENDING  # held until the indexer has checked
+
+    def final() -> bool:
+        rows = points.rows(answered, newer)
+        return all(r.status == PointsStatus.FAILED or (r.status == PointsStatus.DONE and r.indexed) for r in rows)
+
+    points.settle(final)
+    first, second = points.rows(answered, newer)
+    assert (first.status, first.balance) == (PointsStatus.DONE, ISSUED - 60)  # its answer stands
+    assert (second.status, second.error_code) == (PointsStatus.FAILED, "insufficient_points")
+    assert len(points.applied_on_chain(answered)) == 1
+    assert points.applied_on_chain(newer) == []
+    assert points.client.balance_of(points.subject) == ISSUED - 60
+    assert points.reader.balance(bytes(points.subject)) == ISSUED - 60
+
+
+def test_the_wait_after_a_restart_ends_after_lost_after_if_the_indexer_never_checks(points: Points) -> None:
+    issuance = points.issue(ISSUED)
+    points.relayer.lost_after = 0.3
+    points.relayer.node_restarted(lambda: False)  # an indexer that is stuck
+    points.relayer.step()
+    assert points.rows(issuance)[0].status == PointsStatus.PENDING
+    time.sleep(0.35)
+    points.relayer.step()  # sent anyway (and a warning logged): a stuck indexer must not stop the relayer
+    assert points.rows(issuance)[0].status == PointsStatus.SUBMITTED
+    points.settle(points.done(issuance))
