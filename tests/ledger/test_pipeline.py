@@ -23,7 +23,7 @@ from ledger.backends import AnvilBackend
 from ledger.bindings import Bindings, BoundController
 from ledger.compiler import Artifact
 from ledger.consent import ConsentRegistryClient, SignedChange
-from ledger.contracts import RevertDecoder, ensure_deployed
+from ledger.contracts import ConstructorArgs, Deployment, RevertDecoder, ensure_deployed
 from ledger.eip712 import ChangeKind, ConsentChange
 from ledger.errors import ChainError
 from ledger.indexer import Indexer, _whole_blocks
@@ -98,38 +98,59 @@ class Pipeline:
             return list(session.scalars(select(ConsentEvent).where(ConsentEvent.kind != 2)))
 
 
-@pytest.fixture
-def pipeline(tmp_path: Path, artifacts: dict[str, Artifact]) -> Iterator[Pipeline]:
+@dataclass
+class Chain:
+    """A fresh anvil node (50 ms blocks) with contracts deployed by a new operator key, a registry
+    client, one partner, and an empty service database."""
+
+    backend: AnvilBackend
+    deployment: Deployment
+    decoder: RevertDecoder
+    registry: ConsentRegistryClient
+    partner: ChecksumAddress
+    engine: Engine
+
+    def close(self) -> None:
+        self.engine.dispose()
+        self.backend.stop()
+
+
+def start_chain(
+    tmp_path: Path, artifacts: dict[str, Artifact], plan: Callable[[str], list[tuple[str, ConstructorArgs]]]
+) -> Chain:
+    """`plan(operator address)` names what to deploy."""
     operator = Account.create()
     backend = AnvilBackend(ChainSettings(backend="anvil", block_time=0.05), operator, tmp_path)
     backend.start()
     sender = TxSender(backend.w3, operator)
-    plan = [("ConsentRegistry", lambda _d: [operator.address, operator.address])]
-    deployment = ensure_deployed(backend.w3, sender, artifacts, plan, None)
+    deployment = ensure_deployed(backend.w3, sender, artifacts, plan(operator.address), None)
+    decoder = RevertDecoder(list(artifacts.values()))
     registry = ConsentRegistryClient(
-        backend.w3,
-        deployment.address("ConsentRegistry"),
-        artifacts["ConsentRegistry"],
-        sender,
-        RevertDecoder(list(artifacts.values())),
+        backend.w3, deployment.address("ConsentRegistry"), artifacts["ConsentRegistry"], sender, decoder
     )
     partner = Account.create().address
     registry.add_partner(partner)
     engine = make_engine(f"sqlite:///{tmp_path / 'service.db'}")
     Base.metadata.create_all(engine)
+    return Chain(backend, deployment, decoder, registry, partner, engine)
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path, artifacts: dict[str, Artifact]) -> Iterator[Pipeline]:
+    chain = start_chain(tmp_path, artifacts, lambda operator: [("ConsentRegistry", lambda _d: [operator, operator])])
+    engine, registry = chain.engine, chain.registry
     yield Pipeline(
-        backend=backend,
+        backend=chain.backend,
         registry=registry,
         engine=engine,
         outbox=Outbox(engine),
         relayer=Relayer(engine, registry, linger=0),
-        partner=partner,
+        partner=chain.partner,
         artifacts=artifacts,
-        indexer=Indexer(backend.w3, engine, registry.address, deployment.deploy_block),
-        deploy_block=deployment.deploy_block,
+        indexer=Indexer(chain.backend.w3, engine, registry.address, chain.deployment.deploy_block),
+        deploy_block=chain.deployment.deploy_block,
     )
-    engine.dispose()
-    backend.stop()
+    chain.close()
 
 
 def test_accepted_changes_are_confirmed_exactly_once_in_shared_batches(pipeline: Pipeline) -> None:

@@ -24,16 +24,15 @@ from ledger import eip712, loyalty
 from ledger.backends import AnvilBackend
 from ledger.compiler import Artifact
 from ledger.consent import ConsentRegistryClient
-from ledger.contracts import RevertDecoder, ensure_deployed, ledger_plan
+from ledger.contracts import ledger_plan
 from ledger.eip712 import Redemption
 from ledger.indexer import Indexer
 from ledger.loyalty import EventKind, LoyaltyPointsClient
 from ledger.points import PointsFollower, PointsReader, PointsRelayer
 from ledger.points_store import PointsBatch, PointsHistory, PointsRequest, PointsStatus
-from ledger.settings import ChainSettings
-from ledger.store import Base, make_engine, sessions
-from ledger.tx import TxSender
+from ledger.store import sessions
 from ledger.types import Subject
+from tests.ledger.test_pipeline import start_chain
 
 pytestmark = pytest.mark.anvil
 ISSUED = 100
@@ -132,26 +131,14 @@ class Points:
 
 @pytest.fixture
 def points(tmp_path: Path, artifacts: dict[str, Artifact]) -> Iterator[Points]:
-    operator = Account.create()
-    backend = AnvilBackend(ChainSettings(backend="anvil", block_time=0.05), operator, tmp_path)
-    backend.start()
-    sender = TxSender(backend.w3, operator)
-    plan = ledger_plan(operator.address, operator.address, operator.address)
-    deployment = ensure_deployed(backend.w3, sender, artifacts, plan, None)
-    decoder = RevertDecoder(list(artifacts.values()))
-    registry = ConsentRegistryClient(
-        backend.w3, deployment.address("ConsentRegistry"), artifacts["ConsentRegistry"], sender, decoder
-    )
+    chain = start_chain(tmp_path, artifacts, lambda operator: ledger_plan(operator, operator, operator))
+    backend, registry, decoder, engine = chain.backend, chain.registry, chain.decoder, chain.engine
     client = LoyaltyPointsClient(
-        backend.w3, deployment.address("LoyaltyPoints"), artifacts["LoyaltyPoints"], sender, decoder
+        backend.w3, chain.deployment.address("LoyaltyPoints"), artifacts["LoyaltyPoints"], registry.sender, decoder
     )
-    partner = Account.create().address
-    registry.add_partner(partner)
     customer = Account.create()
     subject = Subject(keccak(bytes(customer.key)))
     registry.bind_controller(subject, customer.address)
-    engine = make_engine(f"sqlite:///{tmp_path / 'service.db'}")
-    Base.metadata.create_all(engine)
     yield Points(
         backend=backend,
         registry=registry,
@@ -162,16 +149,15 @@ def points(tmp_path: Path, artifacts: dict[str, Artifact]) -> Iterator[Points]:
             backend.w3,
             engine,
             registry.address,
-            deployment.deploy_block,
+            chain.deployment.deploy_block,
             followers=[PointsFollower(client.address, decoder)],
         ),
         reader=PointsReader(engine, {"member": 0}),
-        partner=partner,
+        partner=chain.partner,
         customer=customer,
         subject=subject,
     )
-    engine.dispose()
-    backend.stop()
+    chain.close()
 
 
 def test_a_reorganisation_is_rolled_back_and_the_issuance_and_redemption_applied_again_once(points: Points) -> None:
