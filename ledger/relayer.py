@@ -252,7 +252,11 @@ class BatchLane(ABC):
         if not reconciled():
             if time.monotonic() < self._hold_until:
                 return True
-            log.warning("%s: the read model was not checked against the restarted node in time; sending", self)
+            log.warning(
+                "%s: the read model was not checked against the restarted node within %s s; sending",
+                type(self).__name__,
+                self.lost_after,
+            )
         self._reconciled = None
         return False
 
@@ -505,10 +509,10 @@ class Relayer(BatchLane):
 
         A batch can be mined on a node that then loses those blocks (a crash before its state was
         written) before the indexer saw them: no reorganisation is visible, yet the changes are gone.
-        So a request submitted for longer than `older_than` (default `lost_after`) and still unconfirmed is checked: its
-        transaction must still be known to the node; one marked as already applied must show in its
-        subject's on-chain nonce. Otherwise it goes back to the queue (the nonce makes a duplicate
-        impossible).
+        So a request submitted for longer than `older_than` (default `lost_after`) and still unconfirmed
+        is checked: its transaction must still be known to the node; one marked as already applied must
+        show in its subject's on-chain nonce. Otherwise it goes back to the queue (the nonce makes a
+        duplicate impossible).
         """
         cutoff = utcnow().timestamp() - (self.lost_after if older_than is None else older_than)
         with self._sessions() as session:
