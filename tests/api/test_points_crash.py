@@ -127,7 +127,10 @@ def _never_spends_twice(serve: Serve, victim: str) -> None:
         for key, status in answered.items():
             if status == 200:
                 assert finals[key].status_code == 200, finals[key].text  # acknowledged before the crash: kept
-        assert all(r.status_code in (200, 409) for r in finals.values()), {r.text for r in finals.values()}
+        # Every redemption sent was valid. A crash of the node refuses none of them: what its lost blocks
+        # held is applied again before anything newer (no later redemption takes its nonce or points).
+        allowed = (200, 409) if victim == "service" else (200,)
+        assert all(r.status_code in allowed for r in finals.values()), {r.text for r in finals.values()}
 
         # On-chain: each redemption id applied at most once, and balances agree with the answers.
         address = json.loads((serve.data_dir / "deployment.json").read_text())["contracts"]["LoyaltyPoints"]["address"]
