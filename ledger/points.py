@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from ledger import loyalty
 from ledger.contracts import RevertDecoder
 from ledger.eip712 import Redemption, Signature
-from ledger.errors import NonceMismatch
+from ledger.errors import ContractRevert, NonceMismatch
 from ledger.loyalty import EventKind, Issuance, LoyaltyPointsClient, PointsEvent, SignedRedemption
 from ledger.points_store import PointsBatch, PointsHistory, PointsLot, PointsRequest, PointsStatus
 from ledger.relayer import BatchLane, Holds
@@ -48,6 +48,7 @@ ERROR_CODES = {
     "LoyaltyPointsIssuanceUsed": "issuance_used",
 }
 _ALREADY_APPLIED = {"LoyaltyPointsRedemptionUsed", "LoyaltyPointsIssuanceUsed"}
+LOST_AFTER_ANSWER = "lost_after_answer"  # error code: done once, lost with its block, then refused
 LIVE = (PointsStatus.PENDING, PointsStatus.SUBMITTED)
 FINAL = (PointsStatus.DONE, PointsStatus.FAILED)
 
@@ -271,6 +272,8 @@ class PointsRelayer(BatchLane):
                         request.status = PointsStatus.FAILED
                         request.error_code = ERROR_CODES.get(cause.error, "rejected")
                         request.error_detail = str(cause)[:500]
+                        if _was_answered(request):
+                            _lost_after_answer(request, cause)
                         request.tx_hash, request.block_number = receipt.tx_hash, receipt.block_number
                         request.updated_at = utcnow()
                         finished.append(request)
@@ -358,6 +361,27 @@ def _in_turn(session: Session, request: PointsRequest, cause: NonceMismatch) -> 
         if nonce is not None
     }
     return own - current <= len(live) and all(nonce in live for nonce in range(current, own))
+
+
+def _was_answered(request: PointsRequest) -> bool:
+    """Whether the request was done once already: applied in a block the chain then lost, and queued
+    again. `_finish` set its lot or balance, and neither a requeue nor a rollback clears them."""
+    return (request.lot_id if request.kind == "issue" else request.balance) is not None
+
+
+def _lost_after_answer(request: PointsRequest, cause: ContractRevert) -> None:
+    """A request answered as done, lost with its block, failed when applied again (its authorisation's
+    deadline or a lot it spent expired before the node was back). The caller holds an answer the chain
+    does not: say so plainly (a repeat of its Idempotency-Key gets this code), and loudly, so that the
+    operator can settle it with the partner or issuer."""
+    request.error_code = LOST_AFTER_ANSWER
+    request.error_detail = f"done once, in a block the node lost; applying it again failed: {cause}"[:500]
+    log.error(
+        "points request %s (%s) was answered as done, but the node lost its block and applying it again failed: %s",
+        request.id,
+        request.kind,
+        cause,
+    )
 
 
 def _requeue(session: Session, request: PointsRequest, status: str = PointsStatus.SUBMITTED) -> None:

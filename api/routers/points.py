@@ -44,7 +44,7 @@ from identity.types import Subject
 from ledger import eip712
 from ledger.eip712 import Redemption
 from ledger.loyalty import EventKind
-from ledger.points import FINAL, PointsReader
+from ledger.points import FINAL, LOST_AFTER_ANSWER, PointsReader
 from ledger.points_store import REQUEST_BY_REF, PointsRequest, PointsStatus
 from ledger.store import CONTROLLER_OF
 
@@ -72,6 +72,7 @@ _FAILURES: dict[str, tuple[int, str]] = {
     "unbound_subject": (422, "The customer has not bound a key"),
     "invalid_amount": (422, "Invalid amount"),
     "invalid_expiry": (422, "The expiry is in the past"),
+    LOST_AFTER_ANSWER: (409, "Done once, then lost with a block the node did not keep; it could not be applied again"),
 }
 
 

@@ -28,7 +28,7 @@ from ledger.contracts import ledger_plan
 from ledger.eip712 import Redemption
 from ledger.indexer import Indexer
 from ledger.loyalty import EventKind, LoyaltyPointsClient
-from ledger.points import PointsFollower, PointsReader, PointsRelayer
+from ledger.points import LOST_AFTER_ANSWER, PointsFollower, PointsReader, PointsRelayer
 from ledger.points_store import PointsBatch, PointsHistory, PointsRequest, PointsStatus
 from ledger.store import sessions
 from ledger.types import Subject
@@ -56,7 +56,7 @@ class Points:
             session.add(request)
         return request
 
-    def issue(self, amount: int) -> PointsRequest:
+    def issue(self, amount: int, lifetime: int = 3600) -> PointsRequest:
         return self.add(
             PointsRequest(
                 id=str(uuid.uuid4()),
@@ -64,7 +64,7 @@ class Points:
                 ref=os.urandom(32),
                 subject=bytes(self.subject),
                 amount=amount,
-                expires_at=int(time.time()) + 3600,
+                expires_at=int(time.time()) + lifetime,
                 principal="issuer",
             )
         )
@@ -310,3 +310,28 @@ def test_the_wait_after_a_restart_ends_after_lost_after_if_the_indexer_never_che
     points.relayer.step()  # sent anyway (and a warning logged): a stuck indexer must not stop the relayer
     assert points.rows(issuance)[0].status == PointsStatus.SUBMITTED
     points.settle(points.done(issuance))
+
+
+def test_an_answered_redemption_that_cannot_be_applied_again_says_so(points: Points) -> None:
+    """The node stays down past the authorisation's deadline (an hour here): the redemption the partner
+    was answered for cannot be applied again. It fails with its own code, not as an ordinary refusal."""
+    issuance = points.issue(ISSUED, lifetime=10 * 86400)
+    points.settle(points.done(issuance))
+    before = points.backend.rpc("evm_snapshot")
+    answered = points.redeem(30, 0)
+    points.settle(points.done(answered))
+    assert points.backend.rpc("evm_revert", before) is True
+    points.relayer.sender.resync_nonce()
+    points.backend.rpc("evm_increaseTime", 2 * 3600)  # the chain's clock: back two hours later
+
+    def failed() -> bool:
+        return points.rows(answered)[0].status == PointsStatus.FAILED
+
+    points.settle(failed)
+    (row,) = points.rows(answered)
+    assert row.error_code == LOST_AFTER_ANSWER
+    assert row.error_detail is not None
+    assert "LoyaltyPointsExpiredSignature" in row.error_detail
+    assert points.applied_on_chain(answered) == []
+    assert points.client.balance_of(points.subject) == ISSUED  # nothing spent
+    assert points.reader.balance(bytes(points.subject)) == ISSUED
