@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from sqlalchemy import BigInteger, Engine, String, insert, select, update
+from sqlalchemy import BigInteger, Engine, String, bindparam, func, insert, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.types import LargeBinary
 
@@ -43,6 +43,20 @@ class BoundController(Base):
     controller: Mapped[str] = mapped_column(String(42))
     tx_hash: Mapped[str] = mapped_column(String(66))  # of the last transaction that bound it
     block_number: Mapped[int] = mapped_column(BigInteger)
+
+
+# A subject's key: the chain's as the read model has it, else the one the service bound. After the node
+# lost blocks, the read model has rolled back the lost binding events until the service binds again and
+# the indexer sees it (about a second); meanwhile the service's own record says whose key it is, and a
+# request it allows is held back by the relayer until the chain has the key again (`Bindings.holds`).
+# Without it, valid redemptions in that window were refused as `unbound_subject` (found by
+# `scripts/chaos_points.py`).
+CONTROLLER_OF = select(
+    func.coalesce(
+        select(ControllerState.controller).where(ControllerState.subject == bindparam("subject")).scalar_subquery(),
+        select(BoundController.controller).where(BoundController.subject == bindparam("subject")).scalar_subquery(),
+    )
+)
 
 
 def record_binding(session: Session, subject: bytes, controller: str, tx_hash: str, block_number: int) -> None:

@@ -33,7 +33,6 @@ from sqlalchemy import (
     String,
     Table,
     UniqueConstraint,
-    bindparam,
     create_engine,
     event,
     insert,
@@ -210,9 +209,6 @@ class ControllerState(Base):
     subject: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
     controller: Mapped[str] = mapped_column(String(42), index=True)
     block_number: Mapped[int] = mapped_column(BigInteger)
-
-
-CONTROLLER_OF = select(ControllerState.controller).where(ControllerState.subject == bindparam("subject"))
 
 
 def latest_binding(session: Session, subject: bytes) -> ConsentEvent | None:

@@ -42,11 +42,11 @@ from api.schemas import (
 )
 from identity.types import Subject
 from ledger import eip712
+from ledger.bindings import CONTROLLER_OF
 from ledger.eip712 import Redemption
 from ledger.loyalty import EventKind
 from ledger.points import FINAL, LOST_AFTER_ANSWER, PointsReader
 from ledger.points_store import REQUEST_BY_REF, PointsRequest, PointsStatus
-from ledger.store import CONTROLLER_OF
 
 router = APIRouter(tags=["points"], responses=responses(401, 403))
 DEADLINE = 15 * 60  # seconds an authorisation may wait to be used at the partner

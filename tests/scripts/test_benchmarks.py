@@ -105,3 +105,24 @@ def test_bench_analytics_quick_reports_its_figures() -> None:
     assert figures["clv_fit_ratio"] == pytest.approx(
         figures["baseline_clv_fit_seconds"] / figures["clv_fit_seconds"], rel=0.05
     )
+
+
+@pytest.mark.anvil
+@pytest.mark.slow
+def test_chaos_points_quick_finds_every_answered_redemption_on_chain_once() -> None:
+    """Not a benchmark: `chaos_points.py` kills the managed node under load and checks the chain. A
+    smoke check at load; the races it found are pinned by `tests/ledger/test_points_pipeline.py`."""
+    result = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "scripts" / "chaos_points.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=PROJECT_ROOT,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["node_kills"] == figures["node_restarts"] == 3
+    assert figures["answered"] == figures["redemptions"] == 2400  # every one valid: none refused
+    for wrong in ("refused", "answered_not_on_chain_once", "applied_twice", "on_chain_not_answered"):
+        assert figures[wrong] == 0, wrong
+    assert figures["balance_mismatches"] == 0  # chain, read model and answers agree for every customer
