@@ -144,13 +144,17 @@ class Runtime:
             self.backend.prepare_account(self.secrets.accessor.address)
             sender = TxSender(w3, self.secrets.operator, receipt_timeout=self.chain.receipt_timeout)
             operator = self.secrets.operator.address
+            record = data_dir / "deployment.json"
+            deployed = record.read_bytes() if record.is_file() else None
             self.deployment = ensure_deployed(
-                w3,
-                sender,
-                self.artifacts,
-                ledger_plan(operator, operator, self.secrets.accessor.address),
-                data_dir / "deployment.json",
+                w3, sender, self.artifacts, ledger_plan(operator, operator, self.secrets.accessor.address), record
             )
+            if isinstance(self.backend, AnvilBackend) and record.read_bytes() != deployed:
+                # Contracts were deployed just now: write them to the node's state file before anything
+                # is served. A crash of the node before its first periodic checkpoint lost them, and
+                # the service could then neither go on nor start again (a chaos run with a long
+                # CONSENT_LEDGER_CHAIN_STATE_INTERVAL showed it).
+                self.backend.node.checkpoint()
             accessor = TxSender(w3, self.secrets.accessor, receipt_timeout=self.chain.receipt_timeout)
         decoder = RevertDecoder(list(self.artifacts.values()))
         self.consent = ConsentRegistryClient(

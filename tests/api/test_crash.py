@@ -322,6 +322,36 @@ def test_the_service_restarts_a_killed_node_by_itself(serve: Serve) -> None:
     _verify_exactly_once(serve, acknowledged, node_crashed=True)
 
 
+def test_contracts_deployed_at_the_first_start_survive_a_node_crash_before_any_periodic_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """The first start deploys the contracts. A node killed before its first periodic checkpoint (an hour
+    away here) used to come back as an empty chain: the service could neither go on nor start again."""
+    serve = Serve(tmp_path, CONSENT_LEDGER_CHAIN_STATE_INTERVAL="3600")
+    try:
+        serve.start()
+        killed = serve.anvil_pid()
+        os.kill(killed, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while serve.anvil_pid() == killed:
+            assert time.monotonic() < deadline, "the service did not restart its node"
+            time.sleep(0.1)
+        deployment = Deployment.load(serve.data_dir / "deployment.json")
+        for name, contract in deployment.contracts.items():
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    code = _rpc(serve, "eth_getCode", [contract.address, "latest"])
+                    break
+                except httpx.TransportError:  # the new node is not answering yet
+                    assert time.monotonic() < deadline, "the restarted node does not answer"
+                    time.sleep(0.1)
+            assert code not in (None, "0x"), f"{name} is gone from the restarted node"
+        _customer(serve, 0)  # and the service works on: enrol, bind a key on-chain, sign in
+    finally:
+        serve.close()
+
+
 def _rpc(serve: Serve, method: str, params: list[object]) -> object:
     port = int((serve.data_dir / "chain" / "anvil.pid").read_text().split()[1])
     answer = httpx.post(
