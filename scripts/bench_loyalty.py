@@ -104,48 +104,62 @@ def partner_process(
     results.put(drive(url, plan, start_at, expect=200))
 
 
+def set_up(
+    service: Service, customers: int, partners: int
+) -> tuple[list[tuple[str, str | None]], list[dict[str, Any]], Domain]:
+    """Partners (API key, address), customers enrolled with bound keys and signed in, each issued
+    POINTS_EACH; and the points contract's EIP-712 domain."""
+    issuer_key, _ = principal(service, "issuer", "bench-issuer")
+    partner_keys = [principal(service, "partner", f"partner-{i}") for i in range(partners)]
+    with ThreadPoolExecutor(16) as pool:
+        people = list(pool.map(lambda n: enrol(service, n), range(customers)))
+    for start in range(0, customers, 1000):
+        issued = service.client.post(
+            "/api/v1/points/issuances",
+            json={
+                "issuances": [
+                    {"did": f"did:web:127.0.0.1%3A{service.port}:dids:{p['subject']}", "amount": POINTS_EACH}
+                    for p in people[start : start + 1000]
+                ]
+            },
+            headers={"X-API-Key": issuer_key},
+            timeout=120,
+        )
+        issued.raise_for_status()
+    deployment = json.loads((service.data_dir / "deployment.json").read_text())
+    domain = Domain("LoyaltyPoints", deployment["chain_id"], deployment["contracts"]["LoyaltyPoints"]["address"])
+    return partner_keys, people, domain
+
+
+def start_partners(
+    url: str, keys: Sequence[str], work: Sequence[list[tuple[int, str]]], lanes: int
+) -> tuple[list[multiprocessing.Process], Any, float]:
+    """One client process per partner (API key, its share of `work`), starting together a second from
+    now; each puts its `Outcome` on the queue. Returns (processes, queue, start time)."""
+    queue: Any = multiprocessing.Queue()
+    start_at = time.time() + 1.0
+    procs = [
+        multiprocessing.Process(target=partner_process, args=(url, key, work[i], lanes, start_at, queue))
+        for i, key in enumerate(keys)
+    ]
+    for proc in procs:
+        proc.start()
+    return procs, queue, start_at
+
+
 def run(label: str, redemptions: int, customers: int, partners: int, lanes: int, **settings: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"bench-loyalty-{label}-") as tmp:
         service = Service(Path(tmp), **settings)
         try:
-            issuer_key, _ = principal(service, "issuer", "bench-issuer")
-            partner_keys = [principal(service, "partner", f"partner-{i}") for i in range(partners)]
             print(f"[{label}] set-up: {customers} customers enrol, bind keys, get points ...", flush=True)
-            with ThreadPoolExecutor(16) as pool:
-                people = list(pool.map(lambda n: enrol(service, n), range(customers)))
-            for start in range(0, customers, 1000):
-                issued = service.client.post(
-                    "/api/v1/points/issuances",
-                    json={
-                        "issuances": [
-                            {"did": f"did:web:127.0.0.1%3A{service.port}:dids:{p['subject']}", "amount": POINTS_EACH}
-                            for p in people[start : start + 1000]
-                        ]
-                    },
-                    headers={"X-API-Key": issuer_key},
-                    timeout=120,
-                )
-                issued.raise_for_status()
-            deployment = json.loads((Path(tmp) / "deployment.json").read_text())
-            domain = Domain(
-                "LoyaltyPoints", deployment["chain_id"], deployment["contracts"]["LoyaltyPoints"]["address"]
-            )
+            partner_keys, people, domain = set_up(service, customers, partners)
             addresses = [address for _, address in partner_keys]
             assert all(addresses)
             per_pair = max(1, redemptions // (customers * partners))
             work = presign(people, addresses, per_pair, domain)  # type: ignore[arg-type]
             total = per_pair * customers * partners
             print(f"[{label}] {partners} partners redeem {total} times with {lanes} tills each ...", flush=True)
-            queue: Any = multiprocessing.Queue()
-            start_at = time.time() + 1.0
-            procs = [
-                multiprocessing.Process(
-                    target=partner_process, args=(service.url, key, work[i], lanes, start_at, queue)
-                )
-                for i, (key, _) in enumerate(partner_keys)
-            ]
-            for proc in procs:
-                proc.start()
+            procs, queue, start_at = start_partners(service.url, [key for key, _ in partner_keys], work, lanes)
             outcomes = [queue.get() for _ in procs]
             finished = time.time()
             for proc in procs:

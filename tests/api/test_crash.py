@@ -306,12 +306,7 @@ def test_the_service_restarts_a_killed_node_by_itself(serve: Serve) -> None:
     stop, acknowledged = threading.Event(), []  # type: ignore[var-annotated]
     threads = _load(serve, customers, stop, acknowledged)
     time.sleep(2.0)
-    killed = serve.anvil_pid()
-    os.kill(killed, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while serve.anvil_pid() == killed:  # the supervisor starts a new node (same port, same state file)
-        assert time.monotonic() < deadline, "the service did not restart its node"
-        time.sleep(0.1)
+    _kill_node_and_wait_for_its_restart(serve)
     time.sleep(2.0)  # load goes on against the restarted node
     stop.set()
     for thread in threads:
@@ -330,12 +325,7 @@ def test_contracts_deployed_at_the_first_start_survive_a_node_crash_before_any_p
     serve = Serve(tmp_path, CONSENT_LEDGER_CHAIN_STATE_INTERVAL="3600")
     try:
         serve.start()
-        killed = serve.anvil_pid()
-        os.kill(killed, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while serve.anvil_pid() == killed:
-            assert time.monotonic() < deadline, "the service did not restart its node"
-            time.sleep(0.1)
+        _kill_node_and_wait_for_its_restart(serve)
         deployment = Deployment.load(serve.data_dir / "deployment.json")
         for name, contract in deployment.contracts.items():
             deadline = time.monotonic() + 30
@@ -350,6 +340,16 @@ def test_contracts_deployed_at_the_first_start_survive_a_node_crash_before_any_p
         _customer(serve, 0)  # and the service works on: enrol, bind a key on-chain, sign in
     finally:
         serve.close()
+
+
+def _kill_node_and_wait_for_its_restart(serve: Serve) -> None:
+    """SIGKILL the managed node; the supervisor starts a new one (same port, same state file)."""
+    killed = serve.anvil_pid()
+    os.kill(killed, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while serve.anvil_pid() == killed:
+        assert time.monotonic() < deadline, "the service did not restart its node"
+        time.sleep(0.1)
 
 
 def _rpc(serve: Serve, method: str, params: list[object]) -> object:
@@ -511,12 +511,7 @@ def test_an_access_the_bridge_released_on_survives_a_crash_of_the_node(tmp_path:
         receipt = cast(dict[str, str], _rpc(serve, "eth_getTransactionReceipt", [access_tx]))
         # The export waited for a checkpoint (the first since the service started) to hold its block.
         assert before < int(receipt["blockNumber"], 16) <= checkpoints.durable_block()
-        killed = serve.anvil_pid()
-        os.kill(killed, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while serve.anvil_pid() == killed:
-            assert time.monotonic() < deadline, "the service did not restart its node"
-            time.sleep(0.1)
+        _kill_node_and_wait_for_its_restart(serve)
         kept = cast(dict[str, str] | None, _rpc(serve, "eth_getTransactionReceipt", [access_tx]))
         assert kept is not None
         assert kept["blockHash"] == receipt["blockHash"]
