@@ -13,9 +13,11 @@ settled, it checks against the chain itself:
 - every redemption answered 200 is on-chain exactly once, and no redemption id twice;
 - each customer's balance on-chain, in the read model, and as the applied redemptions imply, agree.
 
-Prints its figures, then one line of JSON; exits 1 if any check failed. This is how two bugs were
-found that the smaller tests did not show (a later redemption sent before the lost earlier one:
-refused for its nonce, or taking its points); `tests/ledger/test_points_pipeline.py` pins both.
+Prints its figures, then one line of JSON; exits 1 if any check failed. Runs like this found bugs that
+the smaller tests did not show: a later redemption sent before the lost earlier one was refused for
+its nonce (or could take its points), and redemptions were refused as unbound while the read model had
+rolled back their customers' key bindings. Tests pin each (`tests/ledger/test_points_pipeline.py`,
+`tests/api/test_points_api.py`); this is the check at load.
 """
 
 from __future__ import annotations
