@@ -176,10 +176,10 @@ def _load(
 
 
 def _verify_exactly_once(serve: Serve, acknowledged: list[str], *, node_crashed: bool = False) -> None:
-    """Every acknowledged change applied on-chain exactly once: each controller's on-chain nonce is one past
-    its highest acknowledged change (nonces are consecutive and each is usable once), no change is
-    logged twice, each is logged once unless the node itself crashed and lost the block (then the request
-    says so), and the read model equals the contract's state."""
+    """Every acknowledged change applied on-chain exactly once: no change is logged twice, each is logged
+    once unless the node itself crashed and lost the block (then the request says so); only changes the
+    service accepted are on-chain, each subject's with consecutive nonces up to its on-chain nonce (at
+    or past its highest acknowledged one); and the read model equals the contract's state."""
     engine = make_engine(f"sqlite:///{serve.data_dir / 'service.db'}")
     deadline = time.monotonic() + 120
     while True:
@@ -227,8 +227,22 @@ def _verify_exactly_once(serve: Serve, acknowledged: list[str], *, node_crashed:
                 assert node_crashed, "only a crashed node can lose a block"
             else:
                 assert logged == 1, "an acknowledged change must be on-chain (logged) once"
+        with sessions(engine)() as session:
+            accepted = {
+                (subject, nonce)
+                for subject, nonce in session.execute(
+                    select(ConsentRequest.subject, ConsentRequest.nonce).where(
+                        ConsentRequest.status != RequestStatus.FAILED
+                    )
+                )
+            }
+        assert set(on_chain) <= accepted, "only changes the service accepted are on-chain"
         for subject, nonce in highest.items():
-            assert registry.nonce_of(Subject(subject)) == nonce + 1
+            # Its changes on-chain: each nonce once, none skipped, up to its highest acknowledged one or
+            # past it (a change stored and then applied whose answer a kill of the service cut off).
+            applied = sorted(n for s, n in on_chain if s == subject)
+            assert applied == list(range(len(applied)))
+            assert registry.nonce_of(Subject(subject)) == len(applied) > nonce
         with sessions(engine)() as session:
             for state in session.scalars(select(ConsentState)):
                 consent = registry.consent_of(state.subject, state.partner, state.purpose)  # type: ignore[arg-type]
