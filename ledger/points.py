@@ -270,10 +270,11 @@ class PointsRelayer(BatchLane):
                             _requeue(session, request)  # an earlier one the chain lost goes first
                             continue
                         request.status = PointsStatus.FAILED
-                        request.error_code = ERROR_CODES.get(cause.error, "rejected")
-                        request.error_detail = str(cause)[:500]
                         if _was_answered(request):
                             _lost_after_answer(request, cause)
+                        else:
+                            request.error_code = ERROR_CODES.get(cause.error, "rejected")
+                            request.error_detail = str(cause)[:500]
                         request.tx_hash, request.block_number = receipt.tx_hash, receipt.block_number
                         request.updated_at = utcnow()
                         finished.append(request)
@@ -287,20 +288,25 @@ class PointsRelayer(BatchLane):
 
     def first_result(self, request: PointsRequest) -> PointsEvent | None:
         """The event that applied this request's id the first time, from the chain's logs."""
+        decoded = [loyalty.decode(dict(entry)) for entry in self.applied_logs(request)]
+        return next((e for e in decoded if e is not None), None)
+
+    def applied_logs(self, request: PointsRequest) -> list[Any]:
+        """The chain's logs of events applying this request's id (`Issued` or `Redeemed`), oldest first."""
         kind, position = (loyalty.ISSUED, 2) if request.kind == "issue" else (loyalty.REDEEMED, 3)
         topics: list[Any] = [kind, None, None, None][: position + 1]
         topics[position] = "0x" + request.ref.hex()
-        logs = self.points.w3.eth.get_logs(
-            {"address": self.points.address, "fromBlock": 0, "toBlock": "latest", "topics": topics}
+        return list(
+            self.points.w3.eth.get_logs(
+                {"address": self.points.address, "fromBlock": 0, "toBlock": "latest", "topics": topics}
+            )
         )
-        decoded = [loyalty.decode(dict(entry)) for entry in logs]
-        return next((e for e in decoded if e is not None), None)
 
     def audit(self, older_than: float | None = None) -> int:
         """Requeue done requests whose block the node lost before the indexer saw it (a node crash
         before its state was written): their transaction is no longer known. The contract applies an
         id once, so this never spends twice."""
-        cutoff = utcnow().timestamp() - (self.lost_after if older_than is None else older_than)
+        cutoff = self._moved_before(older_than)
         with self._sessions() as session:
             stale = [
                 r

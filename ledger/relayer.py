@@ -207,6 +207,10 @@ class BatchLane(ABC):
         """Re-queue requests the chain has lost, among those last moved more than `older_than` seconds
         ago (default `lost_after`); returns how many."""
 
+    def _moved_before(self, older_than: float | None) -> float:
+        """The audit's cutoff (a timestamp): requests last moved before it are checked."""
+        return utcnow().timestamp() - (self.lost_after if older_than is None else older_than)
+
     def node_restarted(self, reconciled: Callable[[], bool] | None = None) -> None:
         """The node was started again from its last saved state (from any thread): what it mined after
         that, and its pending transactions, are gone. The next step checks every batch in flight and
@@ -514,7 +518,7 @@ class Relayer(BatchLane):
         show in its subject's on-chain nonce. Otherwise it goes back to the queue (the nonce makes a
         duplicate impossible).
         """
-        cutoff = utcnow().timestamp() - (self.lost_after if older_than is None else older_than)
+        cutoff = self._moved_before(older_than)
         with self._sessions() as session:
             stale = [
                 r

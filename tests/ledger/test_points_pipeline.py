@@ -20,7 +20,7 @@ from eth_typing import ChecksumAddress
 from eth_utils.crypto import keccak
 from sqlalchemy import Engine, select
 
-from ledger import eip712, loyalty
+from ledger import eip712
 from ledger.backends import AnvilBackend
 from ledger.compiler import Artifact
 from ledger.consent import ConsentRegistryClient
@@ -120,13 +120,7 @@ class Points:
 
     def applied_on_chain(self, request: PointsRequest) -> list[str]:
         """The blocks (hashes) of the chain's events applying `request` (`Issued` or `Redeemed` with its id)."""
-        kind, position = (loyalty.ISSUED, 2) if request.kind == "issue" else (loyalty.REDEEMED, 3)
-        topics: list[str | None] = [kind, None, None, None][: position + 1]
-        topics[position] = "0x" + request.ref.hex()
-        logs = self.client.w3.eth.get_logs(
-            {"address": self.client.address, "fromBlock": 0, "toBlock": "latest", "topics": topics}
-        )
-        return [entry["blockHash"].to_0x_hex() for entry in logs]
+        return [entry["blockHash"].to_0x_hex() for entry in self.relayer.applied_logs(request)]
 
 
 @pytest.fixture
