@@ -375,11 +375,11 @@ class Runtime:
         if backend.node.running or self._stop.is_set():
             return
         log.warning("the managed anvil node is not running; starting it again")
+        # Before it answers: the relayer takes the operator's nonce again before it sends anything more,
+        # and sends nothing signed before (with a nonce the lost blocks may have used).
+        self._node_restarted()
         backend.node.requested_port = backend.node.port
         backend.node.start()
-        if self.consent is not None:
-            self.consent.sender.resync_nonce()
-        self._node_restarted()
         self._chain_lost_blocks(-1)  # the indexer will see it too; no need to wait for it
 
     def _node_restarted(self) -> None:

@@ -232,6 +232,9 @@ class BatchLane(ABC):
         moved = 0
         restarts = self._restarts
         if restarts != self._restarts_checked:
+            # The lost blocks took nonces with them: take the node's again, here, in the one thread that
+            # signs (another thread's resync could land between our signing and our send).
+            self.sender.resync_nonce()
             for batch_id in self._in_flight:
                 self._checked_at[batch_id] = -math.inf  # checked by the next poll
             moved += self.audit(older_than=0.0)
@@ -294,6 +297,12 @@ class BatchLane(ABC):
         if batch_id is None:
             self.sender.resync_nonce()
             return False
+        if self._restarts != self._restarts_checked:
+            # The node is being restarted (`node_restarted` is called before it answers): the nonce may
+            # be one the lost blocks had used, and the node would hold the batch back behind the gap.
+            # The next step takes the nonce again.
+            self._drop(batch_id, "the node restarted before it was sent")
+            return False
         try:
             self.sender.send_raw([raw])
         except ChainError as exc:
@@ -328,7 +337,12 @@ class BatchLane(ABC):
         """A batch long unmined: if the node no longer knows it (it restarted, or evicted it), queue its
         requests again; the chain's nonces and ids make a late duplicate harmless."""
         tx_hash = self._in_flight[batch_id]
-        if self.sender.known(tx_hash):
+        nonce = self.sender.nonce_of(tx_hash)
+        if nonce is not None:
+            # Known but not mined: held back behind nonces the node lost, if any (a restart we were not
+            # told of, or a send that raced one); nothing of ours is mined until they are filled.
+            if filled := self.sender.fill_gap(nonce):
+                log.warning("batch %s waited behind %d operator nonces the node had lost; filled them", tx_hash, filled)
             self._checked_at[batch_id] = time.monotonic()
             return 0
         self._drop(batch_id, "the node no longer knows the transaction")

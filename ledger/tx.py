@@ -23,6 +23,8 @@ from web3.types import RPCEndpoint
 
 from ledger.errors import ChainError, TransactionFailed
 
+NO_OP_GAS = 21_000  # a transfer of nothing: what a transaction that only takes a nonce costs
+
 
 @dataclass(frozen=True)
 class TxRequest:
@@ -89,12 +91,15 @@ class TxSender:
 
     def resync_nonce(self) -> None:
         """Take the node's pending nonce again (after a send failed or the node restarted)."""
-        try:
-            pending = int(self.w3.eth.get_transaction_count(self.account.address, "pending"))
-        except (RequestException, OSError) as exc:
-            raise ChainError(f"the node did not answer eth_getTransactionCount: {exc.__class__.__name__}") from exc
+        pending = self._pending_nonce()
         with self._lock:
             self._nonce = pending
+
+    def _pending_nonce(self) -> int:
+        try:
+            return int(self.w3.eth.get_transaction_count(self.account.address, "pending"))
+        except (RequestException, OSError) as exc:
+            raise ChainError(f"the node did not answer eth_getTransactionCount: {exc.__class__.__name__}") from exc
 
     def sign(self, requests: Sequence[TxRequest]) -> list[tuple[str, bytes]]:
         """Sign `requests` with consecutive nonces; returns (tx hash, raw) pairs."""
@@ -148,10 +153,53 @@ class TxSender:
 
     def known(self, tx_hash: str) -> bool:
         """Whether the node has the transaction (mined or in its pool)."""
+        return self.nonce_of(tx_hash) is not None
+
+    def nonce_of(self, tx_hash: str) -> int | None:
+        """The nonce of a transaction the node has (mined or in its pool); None if it has none."""
         (response,) = self.call_many([("eth_getTransactionByHash", [tx_hash])])
         if "error" in response:
             raise ChainError(f"eth_getTransactionByHash failed: {response['error']}")
-        return response.get("result") is not None
+        tx = response.get("result")
+        if tx is None:
+            return None
+        nonce = tx["nonce"]
+        return int(nonce, 16) if isinstance(nonce, str) else int(nonce)  # JSON-RPC hex; eth-tester an int
+
+    def fill_gap(self, nonce: int) -> int:
+        """Make our transaction with `nonce`, waiting in the node's pool, minable; returns how many
+        transactions that took.
+
+        The node holds a transaction back while a nonce below it is missing. That happens when it
+        loses transactions it had taken (a restart from older state) and we sent on with the nonces
+        that followed them: then nothing of ours is mined until the gap is filled, and when there is
+        no other work to send, nothing fills it. Each missing nonce gets a transaction that does
+        nothing (no value, to ourselves), as relayers unstick a nonce. The node's pending nonce is
+        asked before each: a transaction of ours with that nonce cannot be in its pool (it would be
+        minable, and counted), so a fill never collides with one."""
+        filled = 0
+        pending = self._pending_nonce()
+        for _ in range(nonce - pending):  # at most the gap seen first (fills are counted as they go in)
+            if pending >= nonce:  # nothing missing below it any more
+                break
+            with self._lock:
+                raw = self.account.sign_transaction(
+                    {
+                        "chainId": self.chain_id,
+                        "nonce": pending,
+                        "gas": NO_OP_GAS,
+                        "gasPrice": self._gas_price,
+                        "to": self.account.address,
+                        "value": 0,
+                        "data": b"",
+                    }
+                )
+            self.send_raw([bytes(raw.raw_transaction)])
+            filled += 1
+            pending = self._pending_nonce()
+        with self._lock:
+            self._nonce = max(self._nonce, pending, nonce + 1)
+        return filled
 
     def wait(self, tx_hashes: Sequence[str], *, poll_interval: float = 0.02) -> list[Receipt]:
         """Wait until every transaction is mined; receipts in the order of `tx_hashes`."""

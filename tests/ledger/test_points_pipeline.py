@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from ledger.loyalty import EventKind, LoyaltyPointsClient
 from ledger.points import LOST_AFTER_ANSWER, PointsFollower, PointsReader, PointsRelayer
 from ledger.points_store import PointsBatch, PointsHistory, PointsRequest, PointsStatus
 from ledger.store import sessions
+from ledger.tx import TxRequest
 from ledger.types import Subject
 from tests.ledger.test_pipeline import start_chain
 
@@ -202,9 +203,9 @@ def test_a_redemption_mined_then_lost_before_indexing_is_applied_again_once(poin
 
     # The node loses the block (a crash before its state was written); nobody indexed it.
     assert points.backend.rpc("evm_revert", before) is True
-    points.relayer.sender.resync_nonce()
     assert points.applied_on_chain(redemption) == []
     if noticed_by == "audit":  # the periodic audit, once the request is older than `lost_after`
+        points.relayer.sender.resync_nonce()
         points.relayer.lost_after = 0.2
         time.sleep(0.3)
         assert points.relayer.audit() == 1
@@ -212,12 +213,13 @@ def test_a_redemption_mined_then_lost_before_indexing_is_applied_again_once(poin
     else:  # told that the node restarted: the next step requeues and sends it, `lost_after` or not
         assert points.relayer.audit() == 0  # too recent for the periodic audit (10 s)
         points.relayer.node_restarted()
-        points.relayer.step()
+        points.relayer.step()  # takes the operator's nonce again (the lost block had used it) and sends
         (resent,) = points.rows(redemption)
         assert resent.status == PointsStatus.SUBMITTED
         assert resent.tx_hash is not None
         assert points.relayer.sender.known(resent.tx_hash)  # sent again (the same bytes may give the same hash)
-    points.settle(points.done(redemption))
+    # Within a few blocks: not held back behind the lost nonce until a gap check (`lost_after`) fills it.
+    points.settle(points.done(redemption), timeout=3)
     assert len(points.applied_on_chain(redemption)) == 1
     assert points.rows(redemption)[0].balance == ISSUED - 30
     assert points.client.balance_of(points.subject) == ISSUED - 30
@@ -271,7 +273,6 @@ def test_after_a_restart_what_the_lost_blocks_held_goes_out_before_anything_newe
     answered = points.redeem(60, 0)
     points.settle(points.done(answered))
     assert points.backend.rpc("evm_revert", before) is True  # the node restarted from older state
-    points.relayer.sender.resync_nonce()
     newer = points.redeem(60, 0, partner=other)
     began = time.monotonic()
     points.relayer.node_restarted(lambda: points.indexer.checked_at > began)
@@ -329,3 +330,75 @@ def test_an_answered_redemption_that_cannot_be_applied_again_says_so(points: Poi
     assert points.applied_on_chain(answered) == []
     assert points.client.balance_of(points.subject) == ISSUED  # nothing spent
     assert points.reader.balance(bytes(points.subject)) == ISSUED
+
+
+def test_a_batch_sent_as_the_node_restarts_waits_and_goes_out_with_the_nonce_taken_again(
+    points: Points, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The supervisor says the node is restarting (`node_restarted`, before it answers) while the relayer
+    is between signing a batch and sending it: the nonce it signed with may be one the lost blocks used,
+    and the node would hold the batch back behind the gap. It is not sent; the next step takes the nonce
+    again and sends it."""
+    issuance = points.issue(ISSUED)
+    points.settle(points.done(issuance))
+    before = points.backend.rpc("evm_snapshot")
+    lost = points.issue(10)
+    points.settle(points.done(lost))
+    assert points.backend.rpc("evm_revert", before) is True  # the node restarted from older state
+    sender = points.relayer.sender
+    stale = sender.next_nonce
+    signed = sender.sign_with_nonces
+
+    def sign_then_restart(requests: Sequence[TxRequest]) -> list[tuple[str, bytes, int]]:
+        monkeypatch.setattr(sender, "sign_with_nonces", signed)
+        result = signed(requests)
+        points.relayer.node_restarted()  # the supervisor thread, now
+        return result
+
+    monkeypatch.setattr(sender, "sign_with_nonces", sign_then_restart)
+    redemption = points.redeem(30, 0)
+    points.relayer.step()
+    (held,) = points.rows(redemption)
+    assert held.status == PointsStatus.PENDING  # dropped before the send, queued again
+    assert points.backend.rpc("txpool_status") == {"pending": "0x0", "queued": "0x0"}
+    points.relayer.step()
+    assert sender.next_nonce < stale + 1  # taken again from the node, below the stale one
+    points.settle(points.done(lost, redemption), timeout=5)
+    assert points.client.balance_of(points.subject) == ISSUED + 10 - 30
+    assert points.reader.balance(bytes(points.subject)) == ISSUED + 10 - 30
+
+
+def test_a_batch_held_back_behind_nonces_the_node_lost_is_unstuck(
+    points: Points, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The node loses a block and nobody tells the relayer (no restart signal: a node that restarted on
+    its own, or a reorganisation). Its local nonce is then ahead of the chain's; the batches it sends
+    wait in the node's pool behind the missing nonce, and nothing of ours is mined however long it
+    waits. After `lost_after` the relayer fills the gap with a transaction that does nothing."""
+    issuance = points.issue(ISSUED)
+    points.settle(points.done(issuance))
+    before = points.backend.rpc("evm_snapshot")
+    lost = points.issue(10)
+    points.settle(points.done(lost))
+    assert points.backend.rpc("evm_revert", before) is True  # the block (and the operator's nonce) is gone
+    points.relayer.lost_after = 0.5
+    redemption = points.redeem(30, 0)
+    operator = points.relayer.sender.account.address
+    chain_nonce = points.backend.w3.eth.get_transaction_count(operator)
+    with caplog.at_level("WARNING", logger="ledger.relayer"):
+        points.settle(points.done(lost, redemption), timeout=10)
+    assert "operator nonces the node had lost; filled them" in caplog.text
+    assert len(points.applied_on_chain(lost)) == 1
+    assert len(points.applied_on_chain(redemption)) == 1
+    by_nonce = {
+        int(tx["nonce"], 16): tx
+        for number in range(points.backend.w3.eth.get_block_number(), 0, -1)
+        for tx in points.backend.rpc("eth_getBlockByNumber", hex(number), True)["transactions"]
+        if tx["from"] == operator.lower()
+    }
+    filler = by_nonce[chain_nonce]  # the nonce the lost block had used: a transaction that does nothing
+    assert filler["to"] == operator.lower()
+    assert filler["input"] == "0x"
+    assert int(filler["value"], 16) == 0
+    assert points.client.balance_of(points.subject) == ISSUED + 10 - 30
+    assert points.reader.balance(bytes(points.subject)) == ISSUED + 10 - 30
