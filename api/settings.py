@@ -57,6 +57,16 @@ class ServiceSettings(BaseSettings):
         description="Loyalty tiers: the points a customer must have earned in the last 12 months for each.",
     )
     points_lifetime_days: int = Field(default=365, ge=1, description="Default validity of issued points.")
+    revocation_deadline_days: int = Field(
+        default=30,
+        ge=1,
+        description=(
+            "How long a prepared revocation's signature stays valid (a grant's: 15 minutes): how long the chain "
+            "can be away without an accepted revocation failing for its deadline. Safe, unlike a long-lived "
+            "grant: applied late, a revocation only withdraws, and the subject's nonces keep it before any "
+            "later change."
+        ),
+    )
     company_name: str = Field(default="Example Retail Ltd", description="The data controller, named in receipts.")
     company_contact: str = Field(default="privacy@example.com", description="The controller's privacy contact.")
 

@@ -722,7 +722,16 @@ class Relayer(BatchLane):
                 failed_at=now,  # frees the nonce (the live nonce index)
             )
         )
-        log.info("consent request %s failed on-chain: %s", request.id, cause)
+        if request.kind == ChangeKind.REVOKE:
+            # Accepted (202) and now not on-chain: the read model stops denying what the customer withdrew.
+            log.error(
+                "accepted revocation %s failed on-chain (%s): the customer's withdrawal is not recorded; "
+                "they must revoke again",
+                request.id,
+                cause,
+            )
+        else:
+            log.info("consent request %s failed on-chain: %s", request.id, cause)
 
     def _requeue(self, session: Session, seq: int) -> None:
         session.execute(

@@ -24,7 +24,7 @@ from ledger.outbox import NonceConflict
 from ledger.store import ConsentRequest, RequestStatus
 
 router = APIRouter(prefix="/consents", tags=["consents"], responses=responses(401, 403))
-DEADLINE = 15 * 60  # seconds a prepared change may wait to be signed and relayed
+DEADLINE = 15 * 60  # seconds a prepared grant may wait to be signed and relayed (a revocation: see settings)
 
 
 def _controller(caller: Caller) -> str:
@@ -51,6 +51,9 @@ def prepare(body: ConsentPrepare, runtime: RuntimeDep, caller: ConsentWriter) ->
         raise ApiError(422, "invalid_validity", "valid_until is in the past")
     subject = Subject(caller.subject)
     nonce = runtime.outbox.next_nonce(subject, runtime.consent.nonce_of(subject))
+    # A grant signed and not used soon must not be usable later; a revocation accepted must not fail
+    # because the chain was away past its deadline (its 202 said it would be applied).
+    lifetime = DEADLINE if body.action == "grant" else runtime.service.revocation_deadline_days * 86400
     change = ConsentChange(
         kind=ChangeKind.GRANT if body.action == "grant" else ChangeKind.REVOKE,
         subject=subject,
@@ -58,7 +61,7 @@ def prepare(body: ConsentPrepare, runtime: RuntimeDep, caller: ConsentWriter) ->
         purpose=eip712.purpose_id(body.purpose),
         attributes=mask,
         nonce=nonce,
-        deadline=int(time.time()) + DEADLINE,
+        deadline=int(time.time()) + lifetime,
         valid_until=body.valid_until,
     )
     return ConsentPreparePublic(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -194,7 +195,14 @@ def start_service(
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    runtime, server, thread, port = start_service(tmp_path_factory.mktemp("service"))
+    with running_service(tmp_path_factory.mktemp("service")) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def running_service(data_dir: Path) -> Iterator[Service]:
+    """A service in this process with an operator, a partner ("acme") and an auditor; stopped on exit."""
+    runtime, server, thread, port = start_service(data_dir)
     partner = Account.create().address
     with runtime.sessions() as session:
         _, operator_key = create_principal(session, "crm-operator", "operator")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gzip
 import time
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -15,9 +16,11 @@ from starlette.requests import Request
 from api.auth import digest, now
 from api.errors import request_path
 from api.models import ClaimCode
+from ledger.backends import AnvilBackend
 from ledger.bindings import BoundController
+from ledger.eip712 import purpose_id
 from ledger.store import _write_lock
-from tests.api.conftest import Customer, Service, q
+from tests.api.conftest import Customer, Service, q, running_service
 
 PROBLEM = "application/problem+json"
 
@@ -463,3 +466,71 @@ def test_the_read_model_is_not_synced_to_disk_but_acknowledged_requests_are(serv
         with engine.connect() as connection:
             assert connection.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar_one() == 0
     assert "checkpointer" in [thread.name for thread in runtime._threads if thread.is_alive()]
+
+
+def test_an_accepted_revocation_survives_an_outage_longer_than_a_grants_deadline(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 202 says the change will be applied. The chain checks each signature's deadline when the change
+    reaches it, so a chain away for longer than the deadline would make an accepted change fail: for a
+    revocation, the customer's withdrawal undone. A prepared revocation's deadline is therefore long
+    (`revocation_deadline_days`); a grant's stays short (a grant signed and left unused must not work
+    later). Here the chain's clock jumps two hours between signing and relaying."""
+    with running_service(tmp_path) as service:
+        revoking, granting = service.new_customer(), service.new_customer()
+        first = service.change(revoking, action="grant", attributes=["user.contact.email", "user.name"])
+        service.wait_status(revoking, first.json()["id"], "active")
+
+        signed = []
+        for customer, action in ((revoking, "revoke"), (granting, "grant")):
+            prepared = service.prepare(customer, action=action, attributes=["user.name"])
+            assert prepared.status_code == 200, prepared.text
+            typed = prepared.json()["typed_data"]
+            signed.append((customer, typed, service.sign_typed(customer.account, typed)))
+        (_, revocation, _), (_, grant, _) = signed
+        days = service.runtime.service.revocation_deadline_days
+        assert revocation["message"]["deadline"] >= time.time() + days * 86400 - 60
+        assert grant["message"]["deadline"] <= time.time() + 15 * 60
+
+        backend = service.runtime.backend
+        assert isinstance(backend, AnvilBackend)
+        head = backend.w3.eth.get_block("latest")["timestamp"]
+        backend.rpc("evm_increaseTime", 2 * 3600)  # the chain comes back two hours later
+        while backend.w3.eth.get_block("latest")["timestamp"] < head + 2 * 3600:
+            time.sleep(0.05)
+
+        ids = []
+        for customer, typed, signature in signed:
+            accepted = service.client.post(
+                "/api/v1/consents", json={"typed_data": typed, "signature": signature}, headers=customer.headers
+            )
+            assert accepted.status_code == 202, accepted.text
+            ids.append(accepted.json()["id"])
+        service.wait_status(revoking, ids[0], "revoked")
+        failed = service.wait_status(granting, ids[1], "failed")
+        assert failed["error"]["code"] == "signature_expired"  # the grant's deadline had passed on-chain
+
+        registry = service.runtime.consent
+        assert registry is not None
+        subject = service.runtime.dids.subject(revoking.did)  # type: ignore[union-attr]
+        purpose = purpose_id("marketing.communications.email")
+        assert registry.is_permitted(subject, service.partner_address, purpose, 1)  # type: ignore[arg-type]
+        assert not registry.is_permitted(subject, service.partner_address, purpose, 4)  # type: ignore[arg-type]
+
+        # Away for longer than that, an accepted revocation fails: the operator is told, loudly.
+        prepared = service.prepare(revoking, action="revoke", attributes=["user.contact.email"])
+        typed = prepared.json()["typed_data"]
+        backend.rpc("evm_increaseTime", (days + 1) * 86400)
+        head = backend.w3.eth.get_block("latest")["timestamp"]
+        while backend.w3.eth.get_block("latest")["timestamp"] <= head:
+            time.sleep(0.05)
+        with caplog.at_level("ERROR", logger="ledger.relayer"):
+            accepted = service.client.post(
+                "/api/v1/consents",
+                json={"typed_data": typed, "signature": service.sign_typed(revoking.account, typed)},
+                headers=revoking.headers,
+            )
+            assert accepted.status_code == 202, accepted.text
+            service.wait_status(revoking, accepted.json()["id"], "failed")
+        assert f"accepted revocation {accepted.json()['id']} failed on-chain" in caplog.text
+        assert registry.is_permitted(subject, service.partner_address, purpose, 1)  # type: ignore[arg-type]
