@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from api.models import CustomerSession, Principal, SignInChallenge
 from ledger import eip712
+from ledger.bindings import BoundController
 from ledger.store import ControllerState, as_utc
 
 ROLE_SCOPES: dict[str, frozenset[str]] = {
@@ -167,13 +168,15 @@ def sign_in(session: Session, message: str, signature: bytes) -> tuple[str, Cust
     ).rowcount  # type: ignore[attr-defined]
     if claimed != 1:
         raise SignInFailed("the message was used already")
-    bound = session.scalar(select(ControllerState).where(ControllerState.controller == signer))
-    if bound is None:
+    subject = session.scalar(select(ControllerState.subject).where(ControllerState.controller == signer))
+    if subject is None:
+        # The read model may have rolled back a binding the node lost, which the service is putting back
+        # (as `ledger.bindings.CONTROLLER_OF`): its own record of the bindings it made answers meanwhile.
+        subject = session.scalar(select(BoundController.subject).where(BoundController.controller == signer))
+    if subject is None:
         raise SignInFailed("this key is not bound to any customer")
     token = secrets.token_urlsafe(32)
-    row = CustomerSession(
-        token_hash=digest(token), subject=bound.subject, address=signer, expires_at=now() + TOKEN_LIFETIME
-    )
+    row = CustomerSession(token_hash=digest(token), subject=subject, address=signer, expires_at=now() + TOKEN_LIFETIME)
     session.add(row)
     return token, row
 

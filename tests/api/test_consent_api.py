@@ -10,7 +10,7 @@ from urllib.parse import quote
 
 import pytest
 from eth_account import Account
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, delete, update
 from starlette.requests import Request
 
 from api.auth import digest, now
@@ -19,7 +19,7 @@ from api.models import ClaimCode
 from ledger.backends import AnvilBackend
 from ledger.bindings import BoundController
 from ledger.eip712 import purpose_id
-from ledger.store import _write_lock
+from ledger.store import ControllerState, _write_lock
 from tests.api.conftest import Customer, Service, q, running_service
 
 PROBLEM = "application/problem+json"
@@ -336,6 +336,24 @@ def test_sign_in_needs_a_bound_key_and_a_fresh_message(service: Service) -> None
         401,
         "sign_in_failed",
     )
+
+
+def test_sign_in_works_while_the_read_model_has_rolled_back_the_customers_binding(service: Service) -> None:
+    """After the node lost blocks, the read model has rolled back their binding events until the service
+    has bound the keys again and the indexer has seen it (about a second). Sign-in answers from the
+    service's own record of the bindings it made meanwhile; a key it never bound is still refused."""
+    customer = service.new_customer()
+    assert service.runtime.dids is not None
+    subject = bytes(service.runtime.dids.subject(customer.did))
+    with service.runtime.sessions() as session:  # as a rollback past the binding leaves the read model
+        session.execute(delete(ControllerState).where(ControllerState.subject == subject))
+        session.commit()
+    signed_in = service.sign_in(customer.account)
+    assert signed_in.status_code == 200, signed_in.text
+    headers = {"Authorization": f"Bearer {signed_in.json()['access_token']}"}
+    listing = service.client.get(f"/api/v1/customers/{q(customer.did)}/consents", headers=headers)
+    assert listing.status_code == 200, listing.text  # the token is this customer's
+    _problem(service.sign_in(Account.create()), 401, "sign_in_failed")
 
 
 def test_reference_data_uses_the_fideslang_taxonomy(service: Service) -> None:
