@@ -341,9 +341,16 @@ class BatchLane(ABC):
         if nonce is not None:
             # Known but not mined: held back behind nonces the node lost, if any (a restart we were not
             # told of, or a send that raced one); nothing of ours is mined until they are filled.
-            if filled := self.sender.fill_gap(nonce):
-                log.warning("batch %s waited behind %d operator nonces the node had lost; filled them", tx_hash, filled)
             self._checked_at[batch_id] = time.monotonic()
+            try:
+                filled = self.sender.fill_gap(nonce)
+            except ChainError as exc:  # the check is best effort: it must not stop the relayer's step
+                log.warning("could not fill operator nonces below batch %s: %s", tx_hash, exc)
+            else:
+                if filled:
+                    log.warning(
+                        "batch %s waited behind %d operator nonces the node had lost; filled them", tx_hash, filled
+                    )
             return 0
         self._drop(batch_id, "the node no longer knows the transaction")
         self.sender.resync_nonce()

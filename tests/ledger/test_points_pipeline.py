@@ -26,6 +26,7 @@ from ledger.compiler import Artifact
 from ledger.consent import ConsentRegistryClient
 from ledger.contracts import ledger_plan
 from ledger.eip712 import Redemption
+from ledger.errors import ChainError
 from ledger.indexer import Indexer
 from ledger.loyalty import EventKind, LoyaltyPointsClient
 from ledger.points import LOST_AFTER_ANSWER, PointsFollower, PointsReader, PointsRelayer
@@ -402,3 +403,34 @@ def test_a_batch_held_back_behind_nonces_the_node_lost_is_unstuck(
     assert int(filler["value"], 16) == 0
     assert points.client.balance_of(points.subject) == ISSUED + 10 - 30
     assert points.reader.balance(bytes(points.subject)) == ISSUED + 10 - 30
+
+
+def test_a_gap_check_the_node_refuses_does_not_stop_the_relayer(
+    points: Points, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gap check is best effort (a node could refuse the filler): its failure is logged, and the
+    relayer's step goes on polling and sending."""
+    issuance = points.issue(ISSUED)
+    points.settle(points.done(issuance))
+    before = points.backend.rpc("evm_snapshot")
+    lost = points.issue(10)
+    points.settle(points.done(lost))
+    assert points.backend.rpc("evm_revert", before) is True
+    points.relayer.lost_after = 0.2
+    refused: list[int] = []
+
+    def refuse(nonce: int) -> int:
+        refused.append(nonce)
+        raise ChainError("the node refused 1 of 1 transactions")
+
+    monkeypatch.setattr(points.relayer.sender, "fill_gap", refuse)
+    redemption = points.redeem(30, 0)
+    deadline = time.monotonic() + 10
+    while not refused:
+        assert time.monotonic() < deadline, "no gap check"
+        points.relayer.step()  # raises if the failure escapes
+        points.indexer.step()
+        time.sleep(0.05)
+    monkeypatch.undo()
+    points.settle(points.done(lost, redemption), timeout=10)
+    assert points.client.balance_of(points.subject) == ISSUED + 10 - 30
