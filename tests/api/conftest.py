@@ -203,22 +203,24 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 def running_service(data_dir: Path) -> Iterator[Service]:
     """A service in this process with an operator, a partner ("acme") and an auditor; stopped on exit."""
     runtime, server, thread, port = start_service(data_dir)
-    partner = Account.create().address
-    with runtime.sessions() as session:
-        _, operator_key = create_principal(session, "crm-operator", "operator")
-        _, partner_key = create_principal(session, "acme", "partner", partner)
-        _, auditor_key = create_principal(session, "audit-firm", "auditor")
-        session.add(Partner(address=partner, name="acme", on_chain=False))
-    runtime.sync_partners()
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-        yield Service(
-            runtime=runtime,
-            client=client,
-            operator_key=operator_key,
-            partner_key=partner_key,
-            auditor_key=auditor_key,
-            partner_address=partner,
-        )
-    server.should_exit = True
-    thread.join(timeout=10)
-    runtime.stop()
+    try:
+        partner = Account.create().address
+        with runtime.sessions() as session:
+            _, operator_key = create_principal(session, "crm-operator", "operator")
+            _, partner_key = create_principal(session, "acme", "partner", partner)
+            _, auditor_key = create_principal(session, "audit-firm", "auditor")
+            session.add(Partner(address=partner, name="acme", on_chain=False))
+        runtime.sync_partners()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            yield Service(
+                runtime=runtime,
+                client=client,
+                operator_key=operator_key,
+                partner_key=partner_key,
+                auditor_key=auditor_key,
+                partner_address=partner,
+            )
+    finally:  # a failed test must not leave its node running (a context manager's body raises here)
+        server.should_exit = True
+        thread.join(timeout=10)
+        runtime.stop()
