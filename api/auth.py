@@ -6,11 +6,13 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from eth_account import Account
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -30,6 +32,7 @@ ROLE_SCOPES: dict[str, frozenset[str]] = {
 CUSTOMER_SCOPES = frozenset({"consent:read", "consent:write", "points:read", "points:authorise", "reference:read"})
 TOKEN_LIFETIME = timedelta(minutes=15)
 CHALLENGE_LIFETIME = timedelta(minutes=5)
+PRUNE_BATCH = 5_000  # expired rows deleted in one write transaction (`prune_expired`)
 API_KEY_PREFIX = "clk_"
 
 
@@ -179,6 +182,25 @@ def sign_in(session: Session, message: str, signature: bytes) -> tuple[str, Cust
     row = CustomerSession(token_hash=digest(token), subject=subject, address=signer, expires_at=now() + TOKEN_LIFETIME)
     session.add(row)
     return token, row
+
+
+def prune_expired(sessions: Callable[[], AbstractContextManager[Session]], *, batch: int = PRUNE_BATCH) -> int:
+    """Delete the sign-in challenges and customer sessions that have expired; returns how many.
+
+    Nothing else bounds these tables: a challenge is handed out to anyone who asks (it is what they
+    sign), and every sign-in leaves a session. In write transactions of at most `batch` rows: the
+    service database's write lock is shared with the API's outbox writers."""
+    pruned = 0
+    cutoff = now()
+    for table, key in ((SignInChallenge, SignInChallenge.nonce), (CustomerSession, CustomerSession.token_hash)):
+        while True:
+            with sessions() as session:
+                expired = select(key).where(table.expires_at < cutoff).limit(batch).scalar_subquery()
+                deleted = session.execute(delete(table).where(key.in_(expired))).rowcount  # type: ignore[attr-defined]
+            pruned += deleted
+            if deleted < batch:
+                break
+    return pruned
 
 
 def new_address() -> tuple[str, str]:

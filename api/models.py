@@ -43,7 +43,7 @@ class SignInChallenge(Base):
     nonce: Mapped[str] = mapped_column(String(32), primary_key=True)
     address: Mapped[str] = mapped_column(String(42))
     message: Mapped[str] = mapped_column(String(2000))
-    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)  # pruned by it
     used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
 
 
@@ -55,7 +55,7 @@ class CustomerSession(Base):
     token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
     subject: Mapped[bytes] = mapped_column(LargeBinary(32), index=True)
     address: Mapped[str] = mapped_column(String(42))
-    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)  # pruned by it
 
 
 class Partner(Base):

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import api.models  # noqa: F401 - registers the API's tables on the shared metadata
 import ledger.points_store  # noqa: F401 - registers the points tables on the shared metadata
 from api import reference
+from api.auth import prune_expired
 from api.reference import Catalogue
 from api.secrets import Secrets
 from api.settings import ServiceSettings
@@ -93,6 +94,7 @@ class Runtime:
     indexer: Indexer | None = None
     bindings: Bindings | None = None  # supervisor: customers' key bindings, put back if the chain lost them
     _check_partners: threading.Event = field(default_factory=threading.Event)  # set: verify every role
+    prune_interval: float = 60.0  # seconds between deletions of expired sign-in challenges and sessions
     _sessions: sessionmaker[Session] | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -326,13 +328,22 @@ class Runtime:
 
     def _maintain(self, stop: threading.Event) -> None:
         """Every second: restart the managed node if it died; give new partners their on-chain role;
-        put back the key bindings and partner roles the chain lost."""
+        put back the key bindings and partner roles the chain lost. Every `prune_interval`: delete
+        expired sign-in challenges and customer sessions."""
+        next_prune = time.monotonic()
         while not stop.wait(1.0):
             try:
                 self.supervise_node()
                 self.restore_standing()
             except Exception:  # the chain may be briefly unavailable; try again next round
                 log.exception("maintenance failed")
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + self.prune_interval
+                try:
+                    if pruned := prune_expired(self.sessions):
+                        log.info("pruned %d expired sign-in challenges and customer sessions", pruned)
+                except Exception:  # the database may be busy; the next round tries again
+                    log.exception("pruning expired sign-ins failed")
 
     def restore_standing(self) -> None:
         """Give new partners their role; after a possible loss of blocks (see `_chain_lost_blocks`), put

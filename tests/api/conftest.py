@@ -200,9 +200,10 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 
 
 @contextlib.contextmanager
-def running_service(data_dir: Path) -> Iterator[Service]:
-    """A service in this process with an operator, a partner ("acme") and an auditor; stopped on exit."""
-    runtime, server, thread, port = start_service(data_dir)
+def running_service(data_dir: Path, **fields: Any) -> Iterator[Service]:
+    """A service in this process with an operator, a partner ("acme") and an auditor; stopped on exit.
+    `fields` are Runtime fields to set."""
+    runtime, server, thread, port = start_service(data_dir, role=fields or None)
     try:
         partner = Account.create().address
         with runtime.sessions() as session:

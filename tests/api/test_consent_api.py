@@ -5,21 +5,22 @@ from __future__ import annotations
 import copy
 import gzip
 import time
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 from eth_account import Account
-from sqlalchemy import Engine, delete, update
+from sqlalchemy import Engine, delete, func, select, update
 from starlette.requests import Request
 
-from api.auth import digest, now
+from api.auth import digest, now, prune_expired
 from api.errors import request_path
-from api.models import ClaimCode
+from api.models import ClaimCode, CustomerSession, SignInChallenge
 from ledger.backends import AnvilBackend
 from ledger.bindings import BoundController
 from ledger.eip712 import purpose_id
-from ledger.store import ControllerState, _write_lock
+from ledger.store import ControllerState, _write_lock, create_schema, make_engine, sessions
 from tests.api.conftest import Customer, Service, q, running_service
 
 PROBLEM = "application/problem+json"
@@ -354,6 +355,51 @@ def test_sign_in_works_while_the_read_model_has_rolled_back_the_customers_bindin
     listing = service.client.get(f"/api/v1/customers/{q(customer.did)}/consents", headers=headers)
     assert listing.status_code == 200, listing.text  # the token is this customer's
     _problem(service.sign_in(Account.create()), 401, "sign_in_failed")
+
+
+def test_expired_sign_in_challenges_and_sessions_are_pruned_in_batches(tmp_path: Path) -> None:
+    """Anyone may ask for a sign-in challenge, and every sign-in leaves a session: expired ones are
+    deleted (a few rows per write transaction), live ones kept."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'service.db'}")
+    create_schema(engine)
+    past, later = now() - timedelta(seconds=1), now() + timedelta(minutes=5)
+    with sessions(engine).begin() as session:
+        for n, expires in enumerate([past] * 5 + [later]):
+            session.add(SignInChallenge(nonce=f"c{n}", address="0x0", message="m", expires_at=expires))
+            session.add(CustomerSession(token_hash=f"t{n}", subject=bytes(32), address="0x0", expires_at=expires))
+    assert prune_expired(sessions(engine).begin, batch=2) == 10
+    with sessions(engine)() as session:
+        assert session.scalars(select(SignInChallenge.nonce)).all() == ["c5"]
+        assert session.scalars(select(CustomerSession.token_hash)).all() == ["t5"]
+    assert prune_expired(sessions(engine).begin) == 0
+    engine.dispose()
+
+
+def test_the_service_prunes_expired_sign_ins_and_keeps_live_ones(tmp_path: Path) -> None:
+    with running_service(tmp_path, prune_interval=0.2) as service:
+        customer = service.new_customer()
+        live = service.client.post("/api/v1/auth/siwe/challenge", json={"address": customer.account.address})
+        assert live.status_code == 201, live.text
+        past = now() - timedelta(seconds=1)
+        with service.runtime.sessions() as session:
+            session.add(SignInChallenge(nonce="expired", address="0x0", message="m", expires_at=past))
+            session.add(CustomerSession(token_hash="expired", subject=bytes(32), address="0x0", expires_at=past))
+
+        def expired() -> int:
+            with service.runtime.reads() as session:
+                return sum(
+                    session.scalar(select(func.count()).select_from(table).where(table.expires_at < now())) or 0
+                    for table in (SignInChallenge, CustomerSession)
+                )
+
+        deadline = time.monotonic() + 10
+        while expired():
+            assert time.monotonic() < deadline, "expired sign-ins were not pruned"
+            time.sleep(0.1)
+        with service.runtime.reads() as session:
+            assert (session.scalar(select(func.count()).select_from(SignInChallenge)) or 0) >= 1  # the live one
+        listing = service.client.get(f"/api/v1/customers/{q(customer.did)}/consents", headers=customer.headers)
+        assert listing.status_code == 200, listing.text  # the customer's session is live, and kept
 
 
 def test_reference_data_uses_the_fideslang_taxonomy(service: Service) -> None:
