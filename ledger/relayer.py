@@ -183,8 +183,9 @@ class BatchLane(ABC):
         self._next_audit = time.monotonic() + lost_after
         self._restarts = 0  # times the node was started again from older state (`node_restarted`)
         self._restarts_checked = 0  # ... of which a step has checked everything since
-        self._reconciled: Callable[[], bool] | None = None  # sends wait for this after a restart
-        self._hold_until = 0.0  # ... but no longer than this (monotonic)
+        self._restart_reconciled: Callable[[], bool] | None = None  # as given to `node_restarted`
+        self._reconciled: Callable[[], bool] | None = None  # sends wait for this after a restart ...
+        self._hold_until = 0.0  # ... but no longer than this (monotonic); both set by the relayer's thread
 
     @property
     def busy(self) -> bool:
@@ -222,9 +223,13 @@ class BatchLane(ABC):
         node's chain, and queued again what the lost blocks held), nothing is sent, for at most
         `lost_after` seconds: so the lost requests go out again before anything newer, in their first
         order. A customer's later redemption sent first would take the points or the nonce the
-        answered one needs, and that one would then fail."""
-        self._hold_until = time.monotonic() + self.lost_after
-        self._reconciled = reconciled
+        answered one needs, and that one would then fail.
+
+        Called before the node answers again (`Runtime.supervise_node`): until a step has checked
+        the restarted node, nothing signed is sent (its nonce may be one the lost blocks had used),
+        and the `lost_after` wait counts from that check, not from here (a large state file takes a
+        while to load)."""
+        self._restart_reconciled = reconciled  # taken over by the relayer's thread at its next check
         self._restarts += 1  # one writer: the thread that restarts the node
 
     def step(self, *, send: bool = True, poll: bool = True) -> int:
@@ -239,6 +244,9 @@ class BatchLane(ABC):
                 self._checked_at[batch_id] = -math.inf  # checked by the next poll
             moved += self.audit(older_than=0.0)
             self._restarts_checked = restarts  # not before: a step that failed (node not up yet) tries again
+            # The wait for the indexer counts from here, the node answering: loading a large state file
+            # can take longer than `lost_after` itself.
+            self._reconciled, self._hold_until = self._restart_reconciled, time.monotonic() + self.lost_after
         send = send and not self._holding()
         moved += self._poll() if poll else 0
         if time.monotonic() >= self._next_audit:

@@ -308,6 +308,37 @@ def test_the_wait_after_a_restart_ends_after_lost_after_if_the_indexer_never_che
     points.settle(points.done(issuance))
 
 
+def test_the_wait_after_a_restart_counts_from_the_node_answering(
+    points: Points, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`node_restarted` comes before the node answers (a large state file takes a while to load): the
+    steps fail until it does, sending nothing, and the wait for the indexer starts only then."""
+    issuance = points.issue(ISSUED)
+    points.relayer.lost_after = 0.3
+    sender = points.relayer.sender
+    resync = sender.resync_nonce
+    up_at = time.monotonic() + 0.6  # longer than lost_after
+
+    def resync_once_up() -> None:
+        if time.monotonic() < up_at:
+            raise ChainError("the node did not answer eth_getTransactionCount: ConnectionError")
+        resync()
+
+    monkeypatch.setattr(sender, "resync_nonce", resync_once_up)
+    points.relayer.node_restarted(lambda: False)  # an indexer that never checks: only the wait ends it
+    while time.monotonic() < up_at:
+        with pytest.raises(ChainError):
+            points.relayer.step()
+        time.sleep(0.05)
+    assert points.rows(issuance)[0].status == PointsStatus.PENDING
+    points.relayer.step()  # the node answers: checked, and the wait begins
+    assert points.rows(issuance)[0].status == PointsStatus.PENDING
+    time.sleep(0.35)
+    points.relayer.step()
+    assert points.rows(issuance)[0].status == PointsStatus.SUBMITTED
+    points.settle(points.done(issuance))
+
+
 def test_an_answered_redemption_that_cannot_be_applied_again_says_so(points: Points) -> None:
     """The node stays down past the authorisation's deadline (an hour here): the redemption the partner
     was answered for cannot be applied again. It fails with its own code, not as an ordinary refusal."""
