@@ -200,10 +200,10 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 
 
 @contextlib.contextmanager
-def running_service(data_dir: Path, **fields: Any) -> Iterator[Service]:
+def running_service(data_dir: Path, *, chain: dict[str, Any] | None = None, **fields: Any) -> Iterator[Service]:
     """A service in this process with an operator, a partner ("acme") and an auditor; stopped on exit.
-    `fields` are Runtime fields to set."""
-    runtime, server, thread, port = start_service(data_dir, role=fields or None)
+    `chain` holds ChainSettings to set, `fields` Runtime fields."""
+    runtime, server, thread, port = start_service(data_dir, role=fields or None, **(chain or {}))
     try:
         partner = Account.create().address
         with runtime.sessions() as session:
