@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from api.backup import BackupError
 from api.secrets import SecretsError, load_secrets
 from api.settings import ServiceSettings
 from crm_bridge.errors import BridgeError
@@ -274,6 +275,18 @@ def _bridge_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backup(args: argparse.Namespace) -> int:
+    import json
+
+    from api.backup import backup
+    from identity.settings import IdentitySettings
+
+    overrides = {"data_dir": args.data_dir} if args.data_dir else {}
+    manifest = backup(ServiceSettings(**overrides), IdentitySettings(), args.dest)
+    print(json.dumps(manifest.__dict__, indent=2))
+    return 0
+
+
 def _audit_verify(args: argparse.Namespace) -> int:
     import json
     from dataclasses import asdict
@@ -427,6 +440,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--basket", default="products", help="column holding the products (';'-separated)")
     report.set_defaults(handler=_analytics_report)
 
+    backup = commands.add_parser(
+        "backup", help="copy the data dir's state while the service runs (the copy starts as a data dir)"
+    )
+    backup.add_argument("dest", type=Path, help="a new or empty directory")
+    backup.add_argument("--data-dir", type=Path, help="state directory of the running service (default ./var)")
+    backup.set_defaults(handler=_backup)
+
     compile_ = commands.add_parser("compile", help="compile the contracts (cached) and list them")
     compile_.set_defaults(handler=_compile)
     return parser
@@ -440,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.handler(args))
-    except (SecretsError, LedgerError, BridgeError, IdentityError, ValueError) as exc:
+    except (SecretsError, LedgerError, BridgeError, IdentityError, BackupError, ValueError) as exc:
         print(f"consent-ledger: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,125 @@
+"""`consent-ledger backup DEST`: a copy of a data dir's state, taken while the service runs, that starts
+as a data dir of its own (`CONSENT_LEDGER_DATA_DIR=DEST consent-ledger serve`).
+
+What it holds, in this order:
+1. the service database and the identity vault (SQLite's online backup API: each file one moment of
+   itself, while readers and writers go on);
+2. the managed node's chain, from a state dump that holds every block there was once (1) was done.
+   The databases then name no block the copied chain lacks. The chain may hold more: changes
+   accepted after (1) are on it without their request rows, and the indexer rebuilds the read model
+   from the chain's events. (The other order would be a node crash: what the databases settled but
+   the chain lost, the relayer sends again; but a bridge export released after the chain's copy
+   would have its access record missing from it.)
+3. `deployment.json`, and in development mode `secrets/` (the vault's master key among them: the
+   vault copy is useless without it; in production the secrets come from the environment, and are
+   backed up with it, not here).
+
+A database at a `*_DATABASE_URL` other than the data dir's SQLite file (PostgreSQL) is left to its
+own tools (`pg_dump`), and a chain the service does not manage (`rpc`) is not copied: its blocks are
+on its validators' disks. The manifest (`backup.json`) says what was copied and what was not.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from api.settings import ServiceSettings
+from identity.settings import IdentitySettings
+from ledger.anvil import Checkpoints
+from ledger.store import utcnow
+
+DUMP_TIMEOUT = 600.0  # seconds to wait for a state dump holding the head (a large chain dumps slowly)
+
+
+class BackupError(Exception):
+    """Raised when a backup cannot be taken; the text says why."""
+
+
+@dataclass
+class Manifest:
+    created_at: str
+    copied: list[str] = field(default_factory=list)
+    not_copied: list[str] = field(default_factory=list)
+    chain_block: int | None = None  # the copied chain holds at least this block (managed node)
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(self.__dict__, indent=2) + "\n")
+
+
+def _sqlite_copy(source: Path, target: Path) -> None:
+    src = sqlite3.connect(source)
+    try:
+        dst = sqlite3.connect(target)
+        try:
+            src.backup(dst)  # all pages in one step: one read transaction, one moment of the database
+        finally:
+            dst.close()
+    finally:
+        src.close()
+
+
+def _node_head(chain_dir: Path) -> int | None:
+    """The block number of the managed node serving `chain_dir`, or None when none runs."""
+    try:
+        pid_text, port_text = (chain_dir / "anvil.pid").read_text().split()
+        if not Path(f"/proc/{int(pid_text)}").exists():
+            return None
+        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_blockNumber", "params": []}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{int(port_text)}", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            return int(json.loads(response.read())["result"], 16)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def backup(
+    service: ServiceSettings, identity: IdentitySettings, dest: Path, *, timeout: float = DUMP_TIMEOUT
+) -> Manifest:
+    """Copy `service.data_dir`'s state into `dest` (new or empty); returns the manifest written there."""
+    data_dir = service.data_dir
+    if not (data_dir / "deployment.json").is_file():
+        raise BackupError(f"{data_dir} is not a data dir the service has started in (no deployment.json)")
+    if dest.exists() and any(dest.iterdir()):
+        raise BackupError(f"{dest} is not empty")
+    dest.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(created_at=utcnow().isoformat())
+
+    for name, url in (("service.db", service.database_url), ("identity.db", identity.database_url)):
+        if url is not None:
+            manifest.not_copied.append(
+                f"{name}: the database is at {url.split('://')[0]}://…; back it up with its tools"
+            )
+        elif (data_dir / name).is_file():
+            _sqlite_copy(data_dir / name, dest / name)
+            manifest.copied.append(name)
+
+    chain_dir = data_dir / "chain"
+    state = chain_dir / "state.json"
+    if chain_dir.is_dir():
+        head = _node_head(chain_dir)
+        if head is not None:  # running: wait for a dump holding every block there was after the databases
+            Checkpoints(chain_dir).wait(head, timeout=timeout)
+        if not state.is_file():
+            raise BackupError(f"{state} is missing: the managed node has written no state yet")
+        (dest / "chain").mkdir()
+        held = Checkpoints(chain_dir).durable_block()  # written after each dump's file: the copy holds it
+        shutil.copyfile(state, dest / "chain" / "state.json")  # replaced whole by each dump: one of them
+        manifest.copied.append("chain/state.json")
+        manifest.chain_block = None if held < 0 else held
+    else:
+        manifest.not_copied.append("the chain: not a managed node (its blocks are on its validators)")
+
+    shutil.copyfile(data_dir / "deployment.json", dest / "deployment.json")
+    manifest.copied.append("deployment.json")
+    if (data_dir / "secrets").is_dir():
+        shutil.copytree(data_dir / "secrets", dest / "secrets")
+        manifest.copied.append("secrets/ (development mode: keep this backup as secret as the keys)")
+    manifest.write(dest / "backup.json")
+    return manifest

@@ -1,0 +1,64 @@
+"""`consent-ledger backup`: taken while the service runs, the copy starts as a data dir holding
+everything accepted before it (real anvil node, real SQLite files)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from api.cli import main
+from ledger.eip712 import purpose_id
+from tests.api.conftest import q, running_service, start_service
+
+PURPOSE = "marketing.communications.email"
+
+
+def test_a_backup_taken_while_serving_starts_as_a_data_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data, copy = tmp_path / "data", tmp_path / "backup"
+    with running_service(data) as service:
+        runtime = service.runtime
+        customer = service.new_customer()
+        before = service.change(customer, action="grant", attributes=["user.contact.email"])
+        granted = service.wait_status(customer, before.json()["id"], "active")
+        assert runtime.dids is not None
+        assert runtime.vault is not None
+        subject = runtime.dids.subject(customer.did)
+        pii = runtime.vault.pii(subject)
+        port = runtime.service.port  # the DIDs name it
+
+        assert main(["backup", str(copy), "--data-dir", str(data)]) == 0
+        manifest = json.loads(capsys.readouterr().out)
+        assert {"service.db", "identity.db", "chain/state.json", "deployment.json"} <= set(manifest["copied"])
+        assert manifest["chain_block"] >= granted["block_number"]
+        assert json.loads((copy / "backup.json").read_text()) == manifest
+
+        after = service.change(customer, action="grant", attributes=["user.name"])  # not in the backup
+        service.wait_status(customer, after.json()["id"], "active")
+
+        assert main(["backup", str(copy), "--data-dir", str(data)]) == 2  # never over another backup
+        assert "is not empty" in capsys.readouterr().err
+
+    restored = tmp_path / "restored"
+    shutil.copytree(copy, restored)
+    runtime, server, thread, served_at = start_service(restored, service_port=port)
+    try:
+        assert runtime.vault is not None
+        assert runtime.consent is not None
+        assert runtime.vault.pii(subject) == pii  # the vault, readable with the copied key
+        with httpx.Client(base_url=f"http://127.0.0.1:{served_at}", timeout=30) as client:
+            listing = client.get(f"/api/v1/customers/{q(customer.did)}/consents", headers=customer.headers)
+            assert listing.status_code == 200, listing.text  # the customer's session came along too
+            (consent,) = listing.json()
+            assert consent["attributes"] == ["user.contact.email"]  # the grant before; not the one after
+            assert consent["status"] == "active"
+        partner = service.partner_address
+        assert runtime.consent.is_permitted(subject, partner, purpose_id(PURPOSE), 1)  # type: ignore[arg-type]
+        assert not runtime.consent.is_permitted(subject, partner, purpose_id(PURPOSE), 4)  # type: ignore[arg-type]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        runtime.stop()
