@@ -22,8 +22,10 @@ on its validators' disks. The manifest (`backup.json`) says what was copied and 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
+import tempfile
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,7 +90,20 @@ def backup(
         raise BackupError(f"{data_dir} is not a data dir the service has started in (no deployment.json)")
     if dest.exists() and any(dest.iterdir()):
         raise BackupError(f"{dest} is not empty")
-    dest.mkdir(parents=True, exist_ok=True)
+    # Built beside it and renamed into place when whole: a failed backup leaves no DEST that looks like one.
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    try:
+        manifest = _copy(service, identity, work, timeout)
+        os.replace(work, dest)  # onto an empty directory too
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _copy(service: ServiceSettings, identity: IdentitySettings, dest: Path, timeout: float) -> Manifest:
+    data_dir = service.data_dir
     manifest = Manifest(created_at=utcnow().isoformat())
 
     for name, url in (("service.db", service.database_url), ("identity.db", identity.database_url)):

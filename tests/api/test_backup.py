@@ -10,14 +10,18 @@ from pathlib import Path
 import httpx
 import pytest
 
+from api.backup import backup
 from api.cli import main
+from ledger.anvil import Checkpoints, NotDurable
 from ledger.eip712 import purpose_id
 from tests.api.conftest import q, running_service, start_service
 
 PURPOSE = "marketing.communications.email"
 
 
-def test_a_backup_taken_while_serving_starts_as_a_data_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_backup_taken_while_serving_starts_as_a_data_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     data, copy = tmp_path / "data", tmp_path / "backup"
     with running_service(data) as service:
         runtime = service.runtime
@@ -41,6 +45,18 @@ def test_a_backup_taken_while_serving_starts_as_a_data_dir(tmp_path: Path, capsy
 
         assert main(["backup", str(copy), "--data-dir", str(data)]) == 2  # never over another backup
         assert "is not empty" in capsys.readouterr().err
+
+        # One that fails part way (no dump comes in time) leaves nothing that looks like a backup.
+        def no_dump(self: Checkpoints, block: int, *, timeout: float = 0.0, poll: float = 0.0) -> None:
+            raise NotDurable(f"no checkpoint of the managed node holds block {block} after {timeout:g}s")
+
+        failed = tmp_path / "failed"
+        with monkeypatch.context() as patch:
+            patch.setattr(Checkpoints, "wait", no_dump)
+            with pytest.raises(NotDurable):
+                backup(runtime.service, runtime.identity, failed)
+        assert not failed.exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["backup", "data"]
 
     restored = tmp_path / "restored"
     shutil.copytree(copy, restored)
