@@ -26,20 +26,21 @@ import os
 import shutil
 import sqlite3
 import tempfile
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from requests.exceptions import RequestException
+from web3 import Web3
+
+from api.offline import ToolError, chain_url
 from api.settings import ServiceSettings
 from identity.settings import IdentitySettings
 from ledger.anvil import Checkpoints
+from ledger.backends import http_provider
+from ledger.settings import ChainSettings
 from ledger.store import utcnow
 
 DUMP_TIMEOUT = 600.0  # seconds to wait for a state dump holding the head (a large chain dumps slowly)
-
-
-class BackupError(Exception):
-    """Raised when a backup cannot be taken; the text says why."""
 
 
 @dataclass
@@ -65,36 +66,37 @@ def _sqlite_copy(source: Path, target: Path) -> None:
         src.close()
 
 
-def _node_head(chain_dir: Path) -> int | None:
-    """The block number of the managed node serving `chain_dir`, or None when none runs."""
+def _node_head(service: ServiceSettings, chain: ChainSettings) -> int | None:
+    """The block number of the managed node `serve` runs for this data dir, or None when none runs."""
     try:
-        pid_text, port_text = (chain_dir / "anvil.pid").read_text().split()
-        if not Path(f"/proc/{int(pid_text)}").exists():
-            return None
-        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_blockNumber", "params": []}).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{int(port_text)}", data=body, headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
-            return int(json.loads(response.read())["result"], 16)
-    except (OSError, ValueError, KeyError):
-        return None
+        url = chain_url(service, chain)
+    except ToolError:
+        return None  # stopped: its state file is the whole chain
+    try:
+        return int(Web3(http_provider(url)).eth.block_number)
+    except (RequestException, OSError) as exc:
+        raise ToolError(f"the managed node at {url} does not answer: {type(exc).__name__}") from exc
 
 
 def backup(
-    service: ServiceSettings, identity: IdentitySettings, dest: Path, *, timeout: float = DUMP_TIMEOUT
+    service: ServiceSettings,
+    chain: ChainSettings,
+    identity: IdentitySettings,
+    dest: Path,
+    *,
+    timeout: float = DUMP_TIMEOUT,
 ) -> Manifest:
     """Copy `service.data_dir`'s state into `dest` (new or empty); returns the manifest written there."""
     data_dir = service.data_dir
     if not (data_dir / "deployment.json").is_file():
-        raise BackupError(f"{data_dir} is not a data dir the service has started in (no deployment.json)")
+        raise ToolError(f"{data_dir} is not a data dir the service has started in (no deployment.json)")
     if dest.exists() and any(dest.iterdir()):
-        raise BackupError(f"{dest} is not empty")
+        raise ToolError(f"{dest} is not empty")
     # Built beside it and renamed into place when whole: a failed backup leaves no DEST that looks like one.
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
     try:
-        manifest = _copy(service, identity, work, timeout)
+        manifest = _copy(service, chain, identity, work, timeout)
         os.replace(work, dest)  # onto an empty directory too
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -102,7 +104,9 @@ def backup(
     return manifest
 
 
-def _copy(service: ServiceSettings, identity: IdentitySettings, dest: Path, timeout: float) -> Manifest:
+def _copy(
+    service: ServiceSettings, chain: ChainSettings, identity: IdentitySettings, dest: Path, timeout: float
+) -> Manifest:
     data_dir = service.data_dir
     manifest = Manifest(created_at=utcnow().isoformat())
 
@@ -117,12 +121,12 @@ def _copy(service: ServiceSettings, identity: IdentitySettings, dest: Path, time
 
     chain_dir = data_dir / "chain"
     state = chain_dir / "state.json"
-    if chain_dir.is_dir():
-        head = _node_head(chain_dir)
+    if chain.backend == "anvil":
+        head = _node_head(service, chain)
         if head is not None:  # running: wait for a dump holding every block there was after the databases
             Checkpoints(chain_dir).wait(head, timeout=timeout)
         if not state.is_file():
-            raise BackupError(f"{state} is missing: the managed node has written no state yet")
+            raise ToolError(f"{state} is missing: the managed node has written no state yet")
         (dest / "chain").mkdir()
         held = Checkpoints(chain_dir).durable_block()  # written after each dump's file: the copy holds it
         shutil.copyfile(state, dest / "chain" / "state.json")  # replaced whole by each dump: one of them

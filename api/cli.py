@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from api.backup import BackupError
 from api.secrets import SecretsError, load_secrets
 from api.settings import ServiceSettings
 from crm_bridge.errors import BridgeError
@@ -282,7 +281,7 @@ def _backup(args: argparse.Namespace) -> int:
     from identity.settings import IdentitySettings
 
     overrides = {"data_dir": args.data_dir} if args.data_dir else {}
-    manifest = backup(ServiceSettings(**overrides), IdentitySettings(), args.dest)
+    manifest = backup(ServiceSettings(**overrides), ChainSettings(), IdentitySettings(), args.dest)
     print(json.dumps(manifest.__dict__, indent=2))
     return 0
 
@@ -460,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.handler(args))
-    except (SecretsError, LedgerError, BridgeError, IdentityError, BackupError, ValueError) as exc:
+    except (SecretsError, LedgerError, BridgeError, IdentityError, ValueError) as exc:
         print(f"consent-ledger: {exc}", file=sys.stderr)
         return 2
 

@@ -54,7 +54,7 @@ def test_a_backup_taken_while_serving_starts_as_a_data_dir(
         with monkeypatch.context() as patch:
             patch.setattr(Checkpoints, "wait", no_dump)
             with pytest.raises(NotDurable):
-                backup(runtime.service, runtime.identity, failed)
+                backup(runtime.service, runtime.chain, runtime.identity, failed)
         assert not failed.exists()
         assert sorted(p.name for p in tmp_path.iterdir()) == ["backup", "data"]
 
