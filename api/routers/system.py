@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Literal
 
@@ -13,10 +14,11 @@ from sqlalchemy.orm import Session
 
 from api.errors import ApiError, responses
 from api.runtime import Runtime
+from ledger import outbox, points
 from ledger.errors import LedgerError
 from ledger.indexer import CURSOR
-from ledger.points_store import PointsRequest, PointsStatus
-from ledger.store import ConsentRequest, IndexerCursor, RequestStatus, as_utc, utcnow
+from ledger.points_store import PointsRequest
+from ledger.store import ConsentRequest, IndexerCursor, as_utc, utcnow
 
 router = APIRouter(tags=["system"])
 
@@ -57,7 +59,7 @@ def _head_of(table: Requests, status: str) -> Select[datetime]:
     return select(table.updated_at).where(table.status == status).order_by(table.seq).limit(1)
 
 
-def _oldest_unsettled(session: Session, table: Requests, statuses: list[str]) -> float | None:
+def _oldest_unsettled(session: Session, table: Requests, statuses: Iterable[str]) -> float | None:
     moved = [t for status in statuses if (t := session.scalar(_head_of(table, status))) is not None]
     return None if not moved else max(0.0, (utcnow() - min(as_utc(t) for t in moved)).total_seconds())
 
@@ -74,8 +76,8 @@ def health(request: Request) -> HealthPublic:
     with runtime.reads() as session:
         cursor = session.get(IndexerCursor, CURSOR)
         ages = {
-            "consent": _oldest_unsettled(session, ConsentRequest, [RequestStatus.PENDING, RequestStatus.SUBMITTED]),
-            "points": _oldest_unsettled(session, PointsRequest, [PointsStatus.PENDING, PointsStatus.SUBMITTED]),
+            "consent": _oldest_unsettled(session, ConsentRequest, outbox.LIVE),
+            "points": _oldest_unsettled(session, PointsRequest, points.LIVE),
         }
     indexed = None if cursor is None else cursor.block_number
     problems = [
