@@ -107,25 +107,30 @@ class TxSender:
 
     def sign_with_nonces(self, requests: Sequence[TxRequest]) -> list[tuple[str, bytes, int]]:
         """As `sign`, with the nonce each got (several threads may sign: read it here, not before)."""
-        if self.read_only:
-            raise ChainError("this process does not send transactions (the supervisor holds the key's nonce)")
         signed: list[tuple[str, bytes, int]] = []
         with self._lock:
             for req in requests:
-                tx: dict[str, Any] = {
-                    "chainId": self.chain_id,
-                    "nonce": self._nonce,
-                    "gas": req.gas,
-                    "gasPrice": self._gas_price,
-                    "data": req.data,
-                    "value": req.value,
-                }
-                if req.to is not None:
-                    tx["to"] = req.to
-                raw = self.account.sign_transaction(tx)
-                signed.append(("0x" + bytes(raw.hash).hex(), bytes(raw.raw_transaction), self._nonce))
+                tx_hash, raw = self._sign_at(self._nonce, req)
+                signed.append((tx_hash, raw, self._nonce))
                 self._nonce += 1
         return signed
+
+    def _sign_at(self, nonce: int, req: TxRequest) -> tuple[str, bytes]:
+        """`req` signed with `nonce`: (tx hash, raw)."""
+        if self.read_only:
+            raise ChainError("this process does not send transactions (the supervisor holds the key's nonce)")
+        tx: dict[str, Any] = {
+            "chainId": self.chain_id,
+            "nonce": nonce,
+            "gas": req.gas,
+            "gasPrice": self._gas_price,
+            "data": req.data,
+            "value": req.value,
+        }
+        if req.to is not None:
+            tx["to"] = req.to
+        raw = self.account.sign_transaction(tx)
+        return "0x" + bytes(raw.hash).hex(), bytes(raw.raw_transaction)
 
     def send(self, requests: Sequence[TxRequest]) -> list[str]:
         """Sign and send; returns the transaction hashes once the node has accepted them all."""
@@ -178,25 +183,15 @@ class TxSender:
         asked before each: a transaction of ours with that nonce cannot be in its pool (it would be
         minable, and counted), so a fill never collides with one."""
         filled = 0
+        nothing = TxRequest(to=self.account.address, data=b"", gas=NO_OP_GAS)
         pending = self._pending_nonce()
         for _ in range(nonce - pending):  # at most the gap seen first (fills are counted as they go in)
-            if pending >= nonce:  # nothing missing below it any more
-                break
-            with self._lock:
-                raw = self.account.sign_transaction(
-                    {
-                        "chainId": self.chain_id,
-                        "nonce": pending,
-                        "gas": NO_OP_GAS,
-                        "gasPrice": self._gas_price,
-                        "to": self.account.address,
-                        "value": 0,
-                        "data": b"",
-                    }
-                )
-            self.send_raw([bytes(raw.raw_transaction)])
+            _, raw = self._sign_at(pending, nothing)
+            self.send_raw([raw])
             filled += 1
             pending = self._pending_nonce()
+            if pending >= nonce:  # nothing missing below it any more
+                break
         with self._lock:
             self._nonce = max(self._nonce, pending, nonce + 1)
         return filled
