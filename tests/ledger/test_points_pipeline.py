@@ -100,6 +100,16 @@ class Points:
             )
         )
 
+    def fund_then_lose_an_issuance(self) -> PointsRequest:
+        """Issue ISSUED points (kept), then 10 more whose block the node loses, unannounced (a restart
+        from older state): the relayer's local nonce is then ahead of the chain's. Returns the lost one."""
+        self.settle(self.done(self.issue(ISSUED)))
+        before = self.backend.rpc("evm_snapshot")
+        lost = self.issue(10)
+        self.settle(self.done(lost))
+        assert self.backend.rpc("evm_revert", before) is True
+        return lost
+
     def rows(self, *requests: PointsRequest) -> list[PointsRequest]:
         with sessions(self.engine)() as session:
             return [session.scalars(select(PointsRequest).where(PointsRequest.id == r.id)).one() for r in requests]
@@ -371,12 +381,7 @@ def test_a_batch_sent_as_the_node_restarts_waits_and_goes_out_with_the_nonce_tak
     is between signing a batch and sending it: the nonce it signed with may be one the lost blocks used,
     and the node would hold the batch back behind the gap. It is not sent; the next step takes the nonce
     again and sends it."""
-    issuance = points.issue(ISSUED)
-    points.settle(points.done(issuance))
-    before = points.backend.rpc("evm_snapshot")
-    lost = points.issue(10)
-    points.settle(points.done(lost))
-    assert points.backend.rpc("evm_revert", before) is True  # the node restarted from older state
+    lost = points.fund_then_lose_an_issuance()
     sender = points.relayer.sender
     stale = sender.next_nonce
     signed = sender.sign_with_nonces
@@ -407,12 +412,7 @@ def test_a_batch_held_back_behind_nonces_the_node_lost_is_unstuck(
     its own, or a reorganisation). Its local nonce is then ahead of the chain's; the batches it sends
     wait in the node's pool behind the missing nonce, and nothing of ours is mined however long it
     waits. After `lost_after` the relayer fills the gap with a transaction that does nothing."""
-    issuance = points.issue(ISSUED)
-    points.settle(points.done(issuance))
-    before = points.backend.rpc("evm_snapshot")
-    lost = points.issue(10)
-    points.settle(points.done(lost))
-    assert points.backend.rpc("evm_revert", before) is True  # the block (and the operator's nonce) is gone
+    lost = points.fund_then_lose_an_issuance()
     points.relayer.lost_after = 0.5
     redemption = points.redeem(30, 0)
     operator = points.relayer.sender.account.address
@@ -441,12 +441,7 @@ def test_a_gap_check_the_node_refuses_does_not_stop_the_relayer(
 ) -> None:
     """The gap check is best effort (a node could refuse the filler): its failure is logged, and the
     relayer's step goes on polling and sending."""
-    issuance = points.issue(ISSUED)
-    points.settle(points.done(issuance))
-    before = points.backend.rpc("evm_snapshot")
-    lost = points.issue(10)
-    points.settle(points.done(lost))
-    assert points.backend.rpc("evm_revert", before) is True
+    lost = points.fund_then_lose_an_issuance()
     points.relayer.lost_after = 0.2
     refused: list[int] = []
 
