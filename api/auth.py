@@ -4,6 +4,7 @@ short-lived bearer token obtained with Sign-In with Ethereum (EIP-4361) using th
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 import secrets
 from collections.abc import Callable
@@ -11,12 +12,15 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from eth_account import Account
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.models import CustomerSession, Principal, SignInChallenge
+from identity.pseudonym import PepperRing
 from ledger import eip712
 from ledger.bindings import BoundController
 from ledger.store import ControllerState, as_utc
@@ -107,6 +111,9 @@ def customer_caller(session: Session, token: str) -> Caller | None:
 # Sign-In with Ethereum ------------------------------------------------------------------------------
 
 _NONCE = re.compile(r"^Nonce: ([A-Za-z0-9]{8,32})$", re.MULTILINE)
+_EXPIRATION = re.compile(r"^Expiration Time: (\S+)$", re.MULTILINE)
+_TAG_CHARS = 16  # hex digits: a nonce is 16 random ones, then 16 of its MAC (32: what _NONCE takes)
+_CHALLENGE_KEY_INFO = b"consent-ledger/siwe-challenge/v1"
 
 
 def siwe_message(
@@ -125,52 +132,71 @@ def siwe_message(
     )
 
 
-def issue_challenge(session: Session, *, address: str, domain: str, uri: str, chain_id: int) -> SignInChallenge:
-    nonce = secrets.token_hex(8)
-    issued = now()
-    challenge = SignInChallenge(
-        nonce=nonce,
-        address=address,
-        expires_at=issued + CHALLENGE_LIFETIME,
-        message=siwe_message(
-            domain=domain,
-            uri=uri,
-            address=address,
-            chain_id=chain_id,
-            nonce=nonce,
-            issued=issued,
-            expires=issued + CHALLENGE_LIFETIME,
-        ),
+@dataclass(frozen=True)
+class Challenge:
+    message: str
+    expires_at: datetime
+
+
+def challenge_key(peppers: PepperRing) -> bytes:
+    """The key that authenticates the sign-in challenges this service issued: derived from the current
+    pepper (a secret every API process has already), for this use only."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_CHALLENGE_KEY_INFO).derive(
+        peppers.get(peppers.current)
     )
-    session.add(challenge)
-    return challenge
+
+
+def _challenge_tag(key: bytes, unsigned: str) -> str:
+    return hmac.digest(key, unsigned.encode(), "sha256")[: _TAG_CHARS // 2].hex()
+
+
+def issue_challenge(key: bytes, *, address: str, domain: str, uri: str, chain_id: int) -> Challenge:
+    """An EIP-4361 message for `address` to sign. Nothing is stored: anyone may ask for one, so asking
+    must not grow the database. Its nonce is a random part and a MAC (under `key`) of the message with
+    the random part as the nonce, which `sign_in` checks; a message is recorded when it is used."""
+    issued = now()
+    expires = issued + CHALLENGE_LIFETIME
+
+    def message(nonce: str) -> str:
+        return siwe_message(
+            domain=domain, uri=uri, address=address, chain_id=chain_id, nonce=nonce, issued=issued, expires=expires
+        )
+
+    random_part = secrets.token_hex(_TAG_CHARS // 2)
+    return Challenge(message(random_part + _challenge_tag(key, message(random_part))), expires)
 
 
 class SignInFailed(Exception):
     """Raised when a sign-in message or signature is not acceptable; the text says why."""
 
 
-def sign_in(session: Session, message: str, signature: bytes) -> tuple[str, CustomerSession]:
-    """Check a signed EIP-4361 message we issued; returns a new bearer token for the key's subject."""
-    match = _NONCE.search(message)
-    challenge = session.get(SignInChallenge, match.group(1)) if match else None
-    if challenge is None or challenge.message != message:
+def _issued_fields(key: bytes, message: str) -> tuple[str, str, datetime]:
+    """(nonce, address, expiry) of a message `issue_challenge` made with `key`, else SignInFailed."""
+    nonce = _NONCE.search(message)
+    expiry = _EXPIRATION.search(message)
+    lines = message.split("\n")
+    if nonce is None or expiry is None or len(lines) < 2 or len(nonce.group(1)) != 2 * _TAG_CHARS:
         raise SignInFailed("the message is not one this service issued")
-    if challenge.used_at is not None or as_utc(challenge.expires_at) <= now():
-        raise SignInFailed("the message was used already or has expired; ask for a new one")
+    random_part, tag = nonce.group(1)[:_TAG_CHARS], nonce.group(1)[_TAG_CHARS:]
+    unsigned = message.replace(f"\nNonce: {random_part}{tag}\n", f"\nNonce: {random_part}\n")
+    if not hmac.compare_digest(_challenge_tag(key, unsigned), tag):
+        raise SignInFailed("the message is not one this service issued")
+    # Authentic from here on: every line is as issued.
+    return nonce.group(1), lines[1], datetime.fromisoformat(expiry.group(1))
+
+
+def sign_in(session: Session, key: bytes, message: str, signature: bytes) -> tuple[str, CustomerSession]:
+    """Check a signed EIP-4361 message we issued; returns a new bearer token for the key's subject.
+    The message is recorded as used (it works once) only once it is known to come from a bound key."""
+    nonce, address, expires_at = _issued_fields(key, message)
+    if expires_at <= now():
+        raise SignInFailed("the message has expired; ask for a new one")
     try:
         signer = eip712.personal_signer(message, signature)
     except ValueError as exc:
         raise SignInFailed("the signature is malformed") from exc
-    if signer != challenge.address:
+    if signer != address:
         raise SignInFailed("the message was not signed by the address in it")
-    claimed = session.execute(
-        update(SignInChallenge)
-        .where(SignInChallenge.nonce == challenge.nonce, SignInChallenge.used_at.is_(None))
-        .values(used_at=now())
-    ).rowcount  # type: ignore[attr-defined]
-    if claimed != 1:
-        raise SignInFailed("the message was used already")
     subject = session.scalar(select(ControllerState.subject).where(ControllerState.controller == signer))
     if subject is None:
         # The read model may have rolled back a binding the node lost, which the service is putting back
@@ -178,6 +204,11 @@ def sign_in(session: Session, message: str, signature: bytes) -> tuple[str, Cust
         subject = session.scalar(select(BoundController.subject).where(BoundController.controller == signer))
     if subject is None:
         raise SignInFailed("this key is not bound to any customer")
+    session.add(SignInChallenge(nonce=nonce, address=signer, message=message, expires_at=expires_at, used_at=now()))
+    try:
+        session.flush()
+    except IntegrityError:
+        raise SignInFailed("the message was used already; ask for a new one") from None
     token = secrets.token_urlsafe(32)
     row = CustomerSession(token_hash=digest(token), subject=subject, address=signer, expires_at=now() + TOKEN_LIFETIME)
     session.add(row)
@@ -185,10 +216,10 @@ def sign_in(session: Session, message: str, signature: bytes) -> tuple[str, Cust
 
 
 def prune_expired(sessions: Callable[[], AbstractContextManager[Session]], *, batch: int = PRUNE_BATCH) -> int:
-    """Delete the sign-in challenges and customer sessions that have expired; returns how many.
+    """Delete the used sign-in messages and customer sessions that have expired; returns how many.
 
-    Nothing else bounds these tables: a challenge is handed out to anyone who asks (it is what they
-    sign), and every sign-in leaves a session. In write transactions of at most `batch` rows: the
+    Nothing else bounds these tables: every sign-in leaves a session and its message (kept while it
+    could be replayed; only sign-ins with a bound key write them). In write transactions of at most `batch` rows: the
     service database's write lock is shared with the API's outbox writers."""
     pruned = 0
     cutoff = now()

@@ -36,7 +36,8 @@ class ClaimCode(Base):
 
 
 class SignInChallenge(Base):
-    """An EIP-4361 message issued for one sign-in; usable once, until it expires."""
+    """An EIP-4361 message that was used to sign in: kept until it expires, so that it works once.
+    (Issued messages are not stored: `api.auth.issue_challenge`.)"""
 
     __tablename__ = "signin_challenges"
 

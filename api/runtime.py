@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 from sqlalchemy import Engine, select, update
@@ -22,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import api.models  # noqa: F401 - registers the API's tables on the shared metadata
 import ledger.points_store  # noqa: F401 - registers the points tables on the shared metadata
 from api import reference
-from api.auth import prune_expired
+from api.auth import challenge_key, prune_expired
 from api.reference import Catalogue
 from api.secrets import Secrets
 from api.settings import ServiceSettings
@@ -94,10 +95,15 @@ class Runtime:
     indexer: Indexer | None = None
     bindings: Bindings | None = None  # supervisor: customers' key bindings, put back if the chain lost them
     _check_partners: threading.Event = field(default_factory=threading.Event)  # set: verify every role
-    prune_interval: float = 60.0  # seconds between deletions of expired sign-in challenges and sessions
+    prune_interval: float = 60.0  # seconds between deletions of expired used sign-in messages and sessions
     _sessions: sessionmaker[Session] | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
+
+    @cached_property
+    def signin_key(self) -> bytes:
+        """Authenticates the sign-in challenges this service issues (`api.auth.challenge_key`)."""
+        return challenge_key(self.secrets.peppers)
 
     def sessions(self) -> AbstractContextManager[Session]:
         """A write transaction (it takes the database's write lock: keep it short)."""

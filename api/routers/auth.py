@@ -21,15 +21,14 @@ def challenge(body: ChallengeCreate, request: Request, runtime: RuntimeDep) -> C
     from web3 import Web3
 
     assert runtime.deployment is not None
-    with runtime.sessions() as session:
-        issued = auth.issue_challenge(
-            session,
-            address=Web3.to_checksum_address(body.address),
-            domain=request.url.netloc,
-            uri=str(request.base_url).rstrip("/"),
-            chain_id=runtime.deployment.chain_id,
-        )
-        return ChallengePublic(message=issued.message, expires_at=issued.expires_at.isoformat())
+    issued = auth.issue_challenge(
+        runtime.signin_key,
+        address=Web3.to_checksum_address(body.address),
+        domain=request.url.netloc,
+        uri=str(request.base_url).rstrip("/"),
+        chain_id=runtime.deployment.chain_id,
+    )
+    return ChallengePublic(message=issued.message, expires_at=issued.expires_at.isoformat())
 
 
 @router.post("/siwe", response_model=TokenPublic, responses=responses(401, 422))
@@ -38,7 +37,7 @@ def sign_in(body: SignIn, runtime: RuntimeDep) -> TokenPublic:
     assert runtime.dids is not None
     try:
         with runtime.sessions() as session:
-            token, row = auth.sign_in(session, body.message, bytes.fromhex(body.signature[2:]))
+            token, row = auth.sign_in(session, runtime.signin_key, body.message, bytes.fromhex(body.signature[2:]))
             subject = Subject(row.subject)
     except auth.SignInFailed as exc:
         raise ApiError(401, "sign_in_failed", "Sign-in refused", str(exc)) from exc

@@ -117,9 +117,7 @@ class ApiClient:
     def sign_in(self, account: LocalAccount) -> httpx.Response:
         challenge = self.client.post("/api/v1/auth/siwe/challenge", json={"address": account.address})
         assert challenge.status_code == 201, challenge.text
-        message = challenge.json()["message"]
-        signature = "0x" + bytes(account.sign_message(encode_defunct(text=message)).signature).hex()
-        return self.client.post("/api/v1/auth/siwe", json={"message": message, "signature": signature})
+        return self.client.post("/api/v1/auth/siwe", json=siwe_signed(account, challenge.json()["message"]))
 
     def new_customer(self) -> Customer:
         account = Account.create()
@@ -191,6 +189,12 @@ def start_service(
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
     return runtime, server, thread, port
+
+
+def siwe_signed(account: LocalAccount, message: str) -> dict[str, str]:
+    """The sign-in route's body: `message` signed with personal_sign."""
+    signature = "0x" + bytes(account.sign_message(encode_defunct(text=message)).signature).hex()
+    return {"message": message, "signature": signature}
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gzip
+import re
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -14,6 +15,7 @@ from eth_account import Account
 from sqlalchemy import Engine, delete, func, select, update
 from starlette.requests import Request
 
+from api import auth
 from api.auth import digest, now, prune_expired
 from api.errors import request_path
 from api.models import ClaimCode, CustomerSession, SignInChallenge
@@ -21,7 +23,7 @@ from ledger.backends import AnvilBackend
 from ledger.bindings import BoundController
 from ledger.eip712 import purpose_id
 from ledger.store import ControllerState, _write_lock, create_schema, make_engine, sessions
-from tests.api.conftest import Customer, Service, q, running_service
+from tests.api.conftest import Customer, Service, q, running_service, siwe_signed
 
 PROBLEM = "application/problem+json"
 
@@ -326,17 +328,71 @@ def test_sign_in_needs_a_bound_key_and_a_fresh_message(service: Service) -> None
     challenge = service.client.post("/api/v1/auth/siwe/challenge", json={"address": customer.account.address})
     message = challenge.json()["message"]
     assert "wants you to sign in with your Ethereum account:" in message
-    from eth_account.messages import encode_defunct
+    signed = siwe_signed(customer.account, message)
+    assert service.client.post("/api/v1/auth/siwe", json=signed).status_code == 200
+    used = _problem(service.client.post("/api/v1/auth/siwe", json=signed), 401, "sign_in_failed")
+    assert used["detail"] == "the message was used already; ask for a new one"
 
-    signature = "0x" + bytes(customer.account.sign_message(encode_defunct(text=message)).signature).hex()
-    assert (
-        service.client.post("/api/v1/auth/siwe", json={"message": message, "signature": signature}).status_code == 200
-    )
-    _problem(
-        service.client.post("/api/v1/auth/siwe", json={"message": message, "signature": signature}),
+
+def _signin_rows(service: Service) -> int:
+    with service.runtime.reads() as session:
+        return session.scalar(select(func.count()).select_from(SignInChallenge)) or 0
+
+
+def test_asking_for_sign_in_challenges_stores_nothing(service: Service) -> None:
+    """The challenge route needs no credentials: asking for challenges must not grow the database. Nor
+    does a sign-in refused for an unbound key; only a customer's sign-in records its message."""
+    before = _signin_rows(service)
+    for _ in range(25):
+        asked = service.client.post("/api/v1/auth/siwe/challenge", json={"address": Account.create().address})
+        assert asked.status_code == 201, asked.text
+    _problem(service.sign_in(Account.create()), 401, "sign_in_failed")
+    assert _signin_rows(service) == before
+    customer = service.customers[0] if service.customers else service.new_customer()
+    assert service.sign_in(customer.account).status_code == 200
+    assert _signin_rows(service) == before + 1
+
+
+def test_a_sign_in_message_altered_or_invented_is_refused(service: Service) -> None:
+    """The service keeps no copy of what it issued: the nonce carries a MAC of the whole message."""
+    customer = service.customers[0] if service.customers else service.new_customer()
+    other = service.new_customer()
+    issued = service.client.post("/api/v1/auth/siwe/challenge", json={"address": customer.account.address})
+    message = issued.json()["message"]
+    nonce = re.search(r"^Nonce: (\w+)$", message, re.MULTILINE)
+    assert nonce is not None
+    assert len(nonce.group(1)) == 32
+    later = (now() + timedelta(days=1)).isoformat(timespec="seconds").replace("+00:00", "Z")
+    altered = [
+        re.sub(r"^Expiration Time: .*$", f"Expiration Time: {later}", message, flags=re.MULTILINE),
+        message.replace(customer.account.address, other.account.address),  # signed by the other's key below
+        message.replace(nonce.group(1), nonce.group(1)[:16] + "0" * 16),
+        message.replace(nonce.group(1), nonce.group(1)[:16]),
+        message.replace("Sign in to the consent ledger", "Sign in to another ledger"),
+    ]
+    for n, text in enumerate(altered):
+        assert text != message
+        signer = other.account if n == 1 else customer.account
+        refused = _problem(
+            service.client.post("/api/v1/auth/siwe", json=siwe_signed(signer, text)), 401, "sign_in_failed"
+        )
+        assert refused["detail"] == "the message is not one this service issued"
+    signed_in = service.client.post("/api/v1/auth/siwe", json=siwe_signed(customer.account, message))
+    assert signed_in.status_code == 200, signed_in.text  # the message as issued still works
+
+
+def test_an_expired_sign_in_message_is_refused(service: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    customer = service.customers[0] if service.customers else service.new_customer()
+    issued_at = now() - auth.CHALLENGE_LIFETIME - timedelta(seconds=1)
+    with monkeypatch.context() as patched:
+        patched.setattr(auth, "now", lambda: issued_at)
+        issued = service.client.post("/api/v1/auth/siwe/challenge", json={"address": customer.account.address})
+    refused = _problem(
+        service.client.post("/api/v1/auth/siwe", json=siwe_signed(customer.account, issued.json()["message"])),
         401,
         "sign_in_failed",
     )
+    assert refused["detail"] == "the message has expired; ask for a new one"
 
 
 def test_sign_in_works_while_the_read_model_has_rolled_back_the_customers_binding(service: Service) -> None:
@@ -358,8 +414,8 @@ def test_sign_in_works_while_the_read_model_has_rolled_back_the_customers_bindin
 
 
 def test_expired_sign_in_challenges_and_sessions_are_pruned_in_batches(tmp_path: Path) -> None:
-    """Anyone may ask for a sign-in challenge, and every sign-in leaves a session: expired ones are
-    deleted (a few rows per write transaction), live ones kept."""
+    """Every sign-in leaves a session and its used message: expired ones are deleted (a few rows per
+    write transaction), live ones kept."""
     engine = make_engine(f"sqlite:///{tmp_path / 'service.db'}")
     create_schema(engine)
     past, later = now() - timedelta(seconds=1), now() + timedelta(minutes=5)
@@ -396,8 +452,7 @@ def test_the_service_prunes_expired_sign_ins_and_keeps_live_ones(tmp_path: Path)
         while expired():
             assert time.monotonic() < deadline, "expired sign-ins were not pruned"
             time.sleep(0.1)
-        with service.runtime.reads() as session:
-            assert (session.scalar(select(func.count()).select_from(SignInChallenge)) or 0) >= 1  # the live one
+        assert _signin_rows(service) >= 1  # the customer's sign-in message: used, kept until it expires
         listing = service.client.get(f"/api/v1/customers/{q(customer.did)}/consents", headers=customer.headers)
         assert listing.status_code == 200, listing.text  # the customer's session is live, and kept
 

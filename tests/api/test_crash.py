@@ -21,7 +21,7 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 from eth_account import Account
-from eth_account.messages import encode_defunct, encode_typed_data
+from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 from eth_utils.crypto import keccak
 from sqlalchemy import select
@@ -38,7 +38,7 @@ from ledger.store import ConsentRequest, ConsentState, RequestStatus, make_engin
 from ledger.tx import TxSender
 from ledger.types import Subject
 from scripts import generate_crm
-from tests.api.conftest import q
+from tests.api.conftest import q, siwe_signed
 
 pytestmark = [pytest.mark.anvil, pytest.mark.slow]
 CLI = [sys.executable, "-m", "api.cli"]
@@ -127,8 +127,7 @@ def _customer(serve: Serve, n: int, email: str | None = None) -> tuple[LocalAcco
     )
     assert bound.status_code == 200, bound.text
     message = serve.client.post("/api/v1/auth/siwe/challenge", json={"address": account.address}).json()["message"]
-    signature = "0x" + bytes(account.sign_message(encode_defunct(text=message)).signature).hex()
-    token = serve.client.post("/api/v1/auth/siwe", json={"message": message, "signature": signature}).json()
+    token = serve.client.post("/api/v1/auth/siwe", json=siwe_signed(account, message)).json()
     return account, did, {"Authorization": f"Bearer {token['access_token']}"}
 
 
