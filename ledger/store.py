@@ -244,7 +244,9 @@ def create_schema(engine: Engine) -> None:
     would find a column or index missing, and the second to add it would fail)."""
     with _schema_lock(engine):
         Base.metadata.create_all(engine)
-        _add_failed_at(engine)
+        added = _add_columns(engine)
+        if "consent_requests.failed_at" in added:
+            _mark_failed(engine)
         for table in Base.metadata.sorted_tables:
             for index in table.indexes:
                 index.create(engine, checkfirst=True)
@@ -277,16 +279,31 @@ def _schema_lock(engine: Engine) -> Iterator[None]:
 RETIRED_INDEXES = ("uq_live_subject_nonce",)
 
 
-def _add_failed_at(engine: Engine) -> None:
+def _add_columns(engine: Engine) -> set[str]:
+    """Add the columns declared since a database was made to its tables; returns them ("table.column").
+    Only nullable ones can be added (old rows get NULL): a column that must hold a value needs its own
+    migration, so one is refused here rather than added wrong."""
+    inspector = inspect(engine)
+    added: set[str] = set()
+    for table in Base.metadata.sorted_tables:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            if not column.nullable or column.primary_key or column.server_default is not None:
+                raise RuntimeError(f"{table.name}.{column.name} cannot be added to an existing database as NULL")
+            kind = column.type.compile(dialect=engine.dialect)
+            with engine.begin() as connection:
+                connection.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
+            added.add(f"{table.name}.{column.name}")
+    return added
+
+
+def _mark_failed(engine: Engine) -> None:
     """`consent_requests.failed_at` (added with `LIVE_NONCE_INDEX`), set for the requests that had failed
     before it existed, so that the index sees them as failed."""
-    columns = {c["name"] for c in inspect(engine).get_columns("consent_requests")}
-    if "failed_at" in columns:
-        return
-    kind = DateTime(timezone=True).compile(dialect=engine.dialect)
     table = cast(Table, ConsentRequest.__table__)
     with engine.begin() as connection:
-        connection.execute(text(f"ALTER TABLE consent_requests ADD COLUMN failed_at {kind}"))
         connection.execute(
             update(table).where(table.c.status == RequestStatus.FAILED).values(failed_at=table.c.updated_at)
         )

@@ -112,3 +112,11 @@ def test_two_processes_bringing_an_old_database_up_to_date_at_once_both_succeed(
     assert failures == []
     assert LIVE_NONCE_INDEX in index_names(service_db)
     assert "failed_at" in {c["name"] for c in inspect(service_db).get_columns("consent_requests")}
+
+
+def test_a_column_that_must_hold_a_value_is_not_added_as_null(service_db: Engine) -> None:
+    """Old rows would hold NULL where the model says there is always a value: refused, not added."""
+    with service_db.begin() as connection:
+        connection.execute(text("ALTER TABLE consent_requests DROP COLUMN valid_until"))
+    with pytest.raises(RuntimeError, match=r"consent_requests\.valid_until cannot be added"):
+        create_schema(service_db)
