@@ -64,11 +64,19 @@ class PrincipalExists(Exception):
     """Raised when a principal with that name exists already."""
 
 
+class NoSuchPrincipal(Exception):
+    """Raised when no live principal has that name; the text says why."""
+
+
+def _new_key() -> str:
+    return API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
 def create_principal(session: Session, name: str, role: str, address: str | None = None) -> tuple[Principal, str]:
     """A new service principal and its API key (shown once; only its hash is stored)."""
     if role not in ROLE_SCOPES:
         raise ValueError(f"unknown role {role!r}")
-    key = API_KEY_PREFIX + secrets.token_urlsafe(32)
+    key = _new_key()
     principal = Principal(
         name=name, role=role, scopes=" ".join(sorted(ROLE_SCOPES[role])), key_hash=digest(key), address=address
     )
@@ -80,8 +88,37 @@ def create_principal(session: Session, name: str, role: str, address: str | None
     return principal, key
 
 
+def _live_principal(session: Session, name: str) -> Principal:
+    principal = session.scalar(select(Principal).where(Principal.name == name))
+    if principal is None:
+        raise NoSuchPrincipal(f"no principal is named {name!r}")
+    if principal.revoked_at is not None:
+        raise NoSuchPrincipal(f"{name!r} was revoked at {as_utc(principal.revoked_at).isoformat()}")
+    return principal
+
+
+def rotate_key(session: Session, name: str) -> str:
+    """A new API key for principal `name` (shown once); the old one stops working. Running API
+    processes may still accept the old one for up to `api.deps.CACHE_SECONDS`."""
+    principal = _live_principal(session, name)
+    key = _new_key()
+    principal.key_hash = digest(key)
+    principal.key_rotated_at = now()
+    return key
+
+
+def revoke_principal(session: Session, name: str) -> Principal:
+    """Principal `name`'s key works no more (for good: the row stays, as what it did names it). Running
+    API processes may still accept it for up to `api.deps.CACHE_SECONDS`."""
+    principal = _live_principal(session, name)
+    principal.revoked_at = now()
+    return principal
+
+
 def service_caller(session: Session, api_key: str) -> Caller | None:
-    principal = session.scalar(select(Principal).where(Principal.key_hash == digest(api_key)))
+    principal = session.scalar(
+        select(Principal).where(Principal.key_hash == digest(api_key), Principal.revoked_at.is_(None))
+    )
     if principal is None:
         return None
     return Caller(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import gc
 import logging
@@ -14,7 +15,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +29,7 @@ from ledger.settings import ChainSettings, ToolchainSettings
 
 if TYPE_CHECKING:
     import uvicorn
+    from sqlalchemy.orm import Session, sessionmaker
 
     from api.runtime import Runtime
 
@@ -223,39 +226,116 @@ def _serve_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _principals_add(args: argparse.Namespace) -> int:
-    from sqlalchemy.exc import IntegrityError
-    from web3 import Web3
-
+@contextlib.contextmanager
+def _principals_db(args: argparse.Namespace) -> Iterator[sessionmaker[Session]]:
+    """The service database of `--data-dir` (made or brought up to date), for the `principals` commands."""
     import api.models  # noqa: F401 - the principals table
-    from api.auth import PrincipalExists, create_principal, new_address
-    from api.models import Partner
     from ledger.store import create_schema, make_engine, sessions
 
     overrides = {"data_dir": args.data_dir} if args.data_dir else {}
     service = ServiceSettings(**overrides)
     service.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(service.database_url or f"sqlite:///{(service.data_dir / 'service.db').resolve()}")
-    create_schema(engine)
+    try:
+        create_schema(engine)
+        yield sessions(engine)
+    finally:
+        engine.dispose()
+
+
+def _principals_add(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import IntegrityError
+    from web3 import Web3
+
+    from api.auth import PrincipalExists, create_principal, new_address
+    from api.models import Partner
+
     address: str | None = Web3.to_checksum_address(args.address) if args.address else None
     private_key: str | None = None
     if args.role == "partner" and address is None:
         address, private_key = new_address()
-    try:
-        with sessions(engine).begin() as session:
-            _principal, key = create_principal(session, args.name, args.role, address)
-            if args.role == "partner":
-                session.add(Partner(address=address, name=args.name, on_chain=False))
-    except (PrincipalExists, IntegrityError):
-        print(f"consent-ledger: a principal or partner named {args.name!r} exists already", file=sys.stderr)
-        return 2
-    finally:
-        engine.dispose()
+    with _principals_db(args) as db:
+        try:
+            with db.begin() as session:
+                _principal, key = create_principal(session, args.name, args.role, address)
+                if args.role == "partner":
+                    session.add(Partner(address=address, name=args.name, on_chain=False))
+        except (PrincipalExists, IntegrityError):
+            print(f"consent-ledger: a principal or partner named {args.name!r} exists already", file=sys.stderr)
+            return 2
     print(f"name:    {args.name}\nrole:    {args.role}\napi key: {key}   (shown once; only its hash is stored)")
     if address:
         print(f"address: {address}   (gets the partner role on-chain when the service runs)")
     if private_key:
         print(f"partner private key: {private_key}   (shown once; the service does not keep it)")
+    return 0
+
+
+def _principals_list(args: argparse.Namespace) -> int:
+    import json
+
+    from sqlalchemy import select
+
+    from api.models import Principal
+    from ledger.store import as_utc
+
+    def stamp(moment: datetime | None) -> str | None:
+        return None if moment is None else as_utc(moment).isoformat(timespec="seconds")
+
+    with _principals_db(args) as db, db() as session:
+        rows = [
+            {
+                "name": p.name,
+                "role": p.role,
+                "address": p.address,
+                "created_at": stamp(p.created_at),
+                "key_rotated_at": stamp(p.key_rotated_at),
+                "revoked_at": stamp(p.revoked_at),
+            }
+            for p in session.scalars(select(Principal).order_by(Principal.name))
+        ]
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+        return 0
+    columns = ("name", "role", "address", "created_at", "key_rotated_at", "revoked_at")
+    table = [columns, *([row[c] or "-" for c in columns] for row in rows)]
+    widths = [max(len(str(line[n])) for line in table) for n in range(len(columns))]
+    for line in table:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+    return 0
+
+
+def _principals_rotate(args: argparse.Namespace) -> int:
+    from api.auth import NoSuchPrincipal, rotate_key
+    from api.deps import CACHE_SECONDS
+
+    with _principals_db(args) as db:
+        try:
+            with db.begin() as session:
+                key = rotate_key(session, args.name)
+        except NoSuchPrincipal as exc:
+            print(f"consent-ledger: {exc}", file=sys.stderr)
+            return 2
+    print(f"name:    {args.name}\napi key: {key}   (shown once; only its hash is stored)")
+    print(f"The old key stops working within {CACHE_SECONDS:.0f} s.")
+    return 0
+
+
+def _principals_revoke(args: argparse.Namespace) -> int:
+    from api.auth import NoSuchPrincipal, revoke_principal
+    from api.deps import CACHE_SECONDS
+
+    with _principals_db(args) as db:
+        try:
+            with db.begin() as session:
+                principal = revoke_principal(session, args.name)
+                role = principal.role
+        except NoSuchPrincipal as exc:
+            print(f"consent-ledger: {exc}", file=sys.stderr)
+            return 2
+    print(f"{args.name} ({role}) is revoked: its key stops working within {CACHE_SECONDS:.0f} s.")
+    if role == "partner":
+        print("The partner keeps its role on-chain and its consents; the API no longer answers it.")
     return 0
 
 
@@ -386,12 +466,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     principals = commands.add_parser("principals", help="service accounts (API keys)")
     principal_commands = principals.add_subparsers(dest="principal_command", required=True)
-    add = principal_commands.add_parser("add", help="create a principal and print its API key once")
+    state = argparse.ArgumentParser(add_help=False)
+    state.add_argument("--data-dir", type=Path, help="state directory (default ./var)")
+    add = principal_commands.add_parser("add", parents=[state], help="create a principal and print its API key once")
     add.add_argument("--role", required=True, choices=["operator", "issuer", "partner", "auditor"])
     add.add_argument("--name", required=True)
     add.add_argument("--address", help="partner's own address (default: a new one is made)")
-    add.add_argument("--data-dir", type=Path, help="state directory (default ./var)")
     add.set_defaults(handler=_principals_add)
+    listed = principal_commands.add_parser(
+        "list", parents=[state], help="every principal: role, address, key rotation, revocation"
+    )
+    listed.add_argument("--format", choices=["table", "json"], default="table")
+    listed.set_defaults(handler=_principals_list)
+    rotate = principal_commands.add_parser(
+        "rotate", parents=[state], help="print a new API key for a principal; the old one stops"
+    )
+    rotate.add_argument("--name", required=True)
+    rotate.set_defaults(handler=_principals_rotate)
+    revoke = principal_commands.add_parser(
+        "revoke", parents=[state], help="a principal's API key stops working, for good"
+    )
+    revoke.add_argument("--name", required=True)
+    revoke.set_defaults(handler=_principals_revoke)
 
     bridge = commands.add_parser("bridge", help="release consented CRM data (log, then release)")
     bridge_commands = bridge.add_subparsers(dest="bridge_command", required=True)

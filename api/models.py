@@ -22,6 +22,8 @@ class Principal(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     address: Mapped[str | None] = mapped_column(String(42), default=None)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    key_rotated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)  # its key works no more
 
 
 class ClaimCode(Base):
