@@ -17,7 +17,7 @@ from web3 import Web3
 import api.models  # noqa: F401 - registers the API's tables on the shared metadata
 from api.models import AttributeRow
 from api.reference import Catalogue
-from api.secrets import Secrets, load_secrets
+from api.secrets import Secrets, load_secrets, open_vault
 from api.settings import ServiceSettings
 from crm_bridge.bridge import Bridge, Export, ExportStats
 from crm_bridge.mapping import Mapping
@@ -25,6 +25,7 @@ from crm_bridge.sources import is_database_url, read_source
 from identity.did import DidWeb
 from identity.pseudonym import Pseudonymizer
 from identity.settings import IdentitySettings
+from identity.types import Subject
 from ledger.access import AccessLogClient, Verification, verify
 from ledger.anvil import AnvilNode, Checkpoints, find_anvil
 from ledger.backends import http_provider
@@ -126,6 +127,14 @@ class Offline:
         with sessions(self.engine)() as session:
             return {row.key: row.bit for row in session.scalars(select(AttributeRow))}
 
+    def erased(self) -> set[Subject]:
+        """The customers whose personal data was erased (`DELETE /customers/{did}`)."""
+        vault = open_vault(self.service, self.identity, self.secrets)
+        try:
+            return vault.erased()
+        finally:
+            vault.engine.dispose()
+
     def dids(self) -> DidWeb:
         return self.identity.did_method(f"{self.service.host}%3A{self.service.port}")
 
@@ -164,7 +173,12 @@ def export(
     if purpose not in catalogue.purposes:
         raise ToolError(f"no purpose {purpose!r} (see GET /api/v1/purposes)")
     pid = bytes(purpose_id(purpose))
-    permissions = Outbox(offline.engine).permissions(partner_address, pid)
+    erased = offline.erased()
+    permissions = {
+        subject: attributes
+        for subject, attributes in Outbox(offline.engine).permissions(partner_address, pid).items()
+        if subject not in erased  # their consent stays on-chain; the company no longer uses their data
+    }
     text_columns = tuple(mapping.pii.columns().values())
     if not is_database_url(source) and not os.path.exists(source):
         raise ToolError(f"no such input file: {source}")

@@ -25,14 +25,12 @@ import ledger.points_store  # noqa: F401 - registers the points tables on the sh
 from api import reference
 from api.auth import challenge_key, prune_expired
 from api.reference import Catalogue
-from api.secrets import Secrets
+from api.secrets import Secrets, open_vault
 from api.settings import ServiceSettings
 from api.workers import ControlClient, ControlError, ControlServer
 from identity.did import DidWeb, Resolver
-from identity.pseudonym import Pseudonymizer
 from identity.settings import IdentitySettings
 from identity.vault import Vault
-from identity.vault import make_engine as make_vault_engine
 from ledger.access import AccessFollower, AccessLogClient, AccessReader, Verification, verify
 from ledger.backends import AnvilBackend, ChainBackend, RpcBackend, create_backend
 from ledger.bindings import UNKNOWN_PARTNER, Bindings
@@ -119,8 +117,7 @@ class Runtime:
         worker = self.role == "worker"
         data_dir = self.service.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
-        vault_url = self.identity.database_url or f"sqlite:///{(data_dir / 'identity.db').resolve()}"
-        self.vault = Vault(make_vault_engine(vault_url), self.secrets.master_keys, Pseudonymizer(self.secrets.peppers))
+        self.vault = open_vault(self.service, self.identity, self.secrets)
         if not worker:
             self.vault.create_schema()
         self.dids = self.identity.did_method(f"{self.service.host}%3A{self.service.port}")

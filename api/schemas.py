@@ -28,6 +28,11 @@ class CustomerCreated(BaseModel):
     claim_code: str = Field(description="one-time code the customer uses to bind their key")
 
 
+class CustomerErased(BaseModel):
+    did: str
+    erased_at: str = Field(description="when the customer's personal data was destroyed (ISO 8601)")
+
+
 class ControllerPrepare(BaseModel):
     claim_code: str = Field(min_length=8, max_length=64)
     address: str = Field(pattern=r"^0x[0-9a-fA-F]{40}$", description="the customer's key address")

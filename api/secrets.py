@@ -22,8 +22,10 @@ from pydantic import SecretStr
 from api.settings import ServiceSettings
 from identity.errors import IdentityError
 from identity.keys import FileKeyProvider, KeyProvider, decode_key
-from identity.pseudonym import PepperRing
+from identity.pseudonym import PepperRing, Pseudonymizer
 from identity.settings import IdentitySettings
+from identity.vault import Vault
+from identity.vault import make_engine as make_vault_engine
 from ledger.settings import ChainSettings
 
 log = logging.getLogger(__name__)
@@ -131,3 +133,10 @@ def load_secrets(service: ServiceSettings, chain: ChainSettings, identity: Ident
         )
     except IdentityError as exc:
         raise SecretsError(str(exc)) from exc
+
+
+def open_vault(service: ServiceSettings, identity: IdentitySettings, secrets: Secrets) -> Vault:
+    """The PII vault (`CONSENT_LEDGER_IDENTITY_DATABASE_URL`, else the data dir's `identity.db`), with
+    the keys that read it."""
+    url = identity.database_url or f"sqlite:///{(service.data_dir / 'identity.db').resolve()}"
+    return Vault(make_vault_engine(url), secrets.master_keys, Pseudonymizer(secrets.peppers))

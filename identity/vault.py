@@ -221,12 +221,15 @@ class Vault:
             row = session.get(BlindIndexRow, digest)
             return Subject(row.subject) if row is not None and row.kind == kind else None
 
-    def erase(self, subject: Subject) -> None:
-        """Crypto-shred a subject: its data key, ciphertexts, index entries and links are destroyed."""
+    def erase(self, subject: Subject) -> datetime:
+        """Crypto-shred a subject: its data key, ciphertexts, index entries and links are destroyed.
+        Returns when it was erased; erasing again changes nothing."""
         with self._session() as session:
             row = session.get(SubjectRow, subject)
             if row is None:
                 raise UnknownSubject("no such subject")
+            if row.erased_at is not None:
+                return _utc(row.erased_at)
             successors = list(
                 session.scalars(select(SubjectLinkRow.new_subject).where(SubjectLinkRow.old_subject == subject))
             )
@@ -242,6 +245,15 @@ class Vault:
                 target_row = session.get(SubjectRow, target)
                 if target_row is not None:
                     target_row.erased_at = target_row.updated_at = _now()
+            assert row.erased_at is not None
+            return _utc(row.erased_at)
+
+    def erased(self) -> set[Subject]:
+        """Every subject erased."""
+        with self._session() as session:
+            return {
+                Subject(s) for s in session.scalars(select(SubjectRow.subject).where(SubjectRow.erased_at.is_not(None)))
+            }
 
     def rotate_master_key(self) -> int:
         """Re-wrap every data key under the provider's current master key; returns how many changed."""

@@ -1,4 +1,4 @@
-"""Customers: enrolment from PII (operator), key binding with a claim code, consent listing."""
+"""Customers: enrolment from PII and erasure (operator), key binding with a claim code, consent listing."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from datetime import timedelta
 from eth_utils.crypto import keccak
 from fastapi import APIRouter, status
 from sqlalchemy import update
+from sqlalchemy.orm import Session
 from web3 import Web3
 
 from api import auth
@@ -23,9 +24,10 @@ from api.schemas import (
     ControllerSubmit,
     CustomerCreate,
     CustomerCreated,
+    CustomerErased,
     TypedDataPublic,
 )
-from identity.errors import InvalidDid, InvalidPII, SubjectErased
+from identity.errors import InvalidDid, InvalidPII, SubjectErased, UnknownSubject
 from identity.normalize import normalize_pii
 from identity.types import Subject
 from ledger import eip712
@@ -46,6 +48,12 @@ def subject_of(runtime: Runtime, did: str) -> Subject:
         raise ApiError(404, "unknown_customer", "No such customer", str(exc)) from exc
 
 
+def _retire_claim_codes(session: Session, subject: Subject) -> None:
+    """The customer's unused claim code no longer binds a key."""
+    live = update(ClaimCode).where(ClaimCode.subject == subject, ClaimCode.used_at.is_(None))
+    session.execute(live.values(used_at=auth.now()))
+
+
 @router.post("", response_model=CustomerCreated, status_code=status.HTTP_201_CREATED, responses=responses(409, 422))
 def enrol(body: CustomerCreate, runtime: RuntimeDep, _caller: OperatorWrite) -> CustomerCreated:
     """Enrol a customer from CRM PII: the PII goes to the vault encrypted; only the pseudonym is used beyond it."""
@@ -64,8 +72,7 @@ def enrol(body: CustomerCreate, runtime: RuntimeDep, _caller: OperatorWrite) -> 
         )
     code = secrets.token_urlsafe(12)
     with runtime.sessions() as session:
-        session.execute(update(ClaimCode).where(ClaimCode.subject == subject, ClaimCode.used_at.is_(None))
-                        .values(used_at=auth.now()))  # fmt: skip  # one live code per customer
+        _retire_claim_codes(session, subject)  # one live code per customer
         session.add(ClaimCode(code_hash=auth.digest(code), subject=subject, expires_at=auth.now() + CLAIM_LIFETIME))
     return CustomerCreated(did=runtime.dids.did(subject), claim_code=code)
 
@@ -106,6 +113,26 @@ def _bound_already(runtime: Runtime, did: str, subject: Subject, controller: str
             record_binding(session, subject, controller, event.tx_hash, event.block_number)
     runtime.vault.set_controller(subject, controller, runtime.deployment.chain_id)
     return ControllerPublic(did=did, controller=controller, tx_hash=event.tx_hash, block_number=event.block_number)
+
+
+@router.delete("/{did}", response_model=CustomerErased, responses=responses(404))
+def erase(did: str, runtime: RuntimeDep, _caller: OperatorWrite) -> CustomerErased:
+    """Erase the customer's personal data (GDPR art. 17): the vault destroys their data key, ciphertexts
+    and lookup entries (crypto-shredding), the DID is deactivated, an unused claim code stops working,
+    and `bridge export` releases nothing of them any more. The chain keeps its pseudonymous records
+    (no personal data is there); a bound key still signs in, and can still revoke consent. The same
+    PII cannot be enrolled again. Erasing again answers the same."""
+    assert runtime.vault is not None
+    subject = subject_of(runtime, did)
+    if runtime.vault.record(subject) is None:
+        raise ApiError(404, "unknown_customer", "No such customer")
+    with runtime.sessions() as session:  # first: a crash after it leaves a retry to erase
+        _retire_claim_codes(session, subject)
+    try:
+        erased_at = runtime.vault.erase(subject)
+    except UnknownSubject as exc:
+        raise ApiError(404, "unknown_customer", "No such customer") from exc
+    return CustomerErased(did=did, erased_at=erased_at.isoformat())
 
 
 @router.post("/{did}/controller/prepare", response_model=TypedDataPublic, responses=responses(404, 409, 422))

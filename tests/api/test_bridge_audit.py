@@ -423,3 +423,15 @@ def test_no_pii_in_any_released_table_nor_anywhere_on_chain(service: Service, cr
     for where, blob in (("calldata", calldata), ("logs", log_bytes), ("storage", state)):
         found = [n for n in needles if n in blob or n in blob.lower()]
         assert not found, f"PII found in {where}"
+
+
+def test_an_erased_customer_is_released_no_more(service: Service, crm: Crm, tmp_path: Path) -> None:
+    """Their consent stays on-chain (pseudonymous), but the company no longer uses their data."""
+    erased = crm.customers[2]
+    before, _ = _export(service, crm, tmp_path / "before-erasure.parquet")
+    assert erased.did in set(before.column(DID_COLUMN).to_pylist())
+    answer = service.client.delete(f"/api/v1/customers/{q(erased.did)}", headers=service.operator())
+    assert answer.status_code == 200, answer.text
+    after, stats = _export(service, crm, tmp_path / "after-erasure.parquet")
+    assert set(after.column(DID_COLUMN).to_pylist()) == set(before.column(DID_COLUMN).to_pylist()) - {erased.did}
+    assert stats.subjects_released == len(set(after.column(DID_COLUMN).to_pylist()))

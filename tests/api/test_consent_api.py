@@ -19,6 +19,7 @@ from api import auth
 from api.auth import digest, now, prune_expired
 from api.errors import request_path
 from api.models import ClaimCode, CustomerSession, SignInChallenge
+from identity.errors import SubjectErased
 from ledger.backends import AnvilBackend
 from ledger.bindings import BoundController
 from ledger.eip712 import purpose_id
@@ -257,6 +258,50 @@ def test_claim_codes_work_once_and_only_for_their_customer(service: Service) -> 
         service.client.post("/api/v1/customers", json={"email": "claims@example.com"}, headers=service.operator()),
         409,
         "already_enrolled",
+    )
+
+
+def test_erasure_destroys_the_pii_deactivates_the_did_and_leaves_the_customer_their_key(service: Service) -> None:
+    customer = service.new_customer()
+    granted = service.change(customer, action="grant", attributes=["user.contact.email"])
+    service.wait_status(customer, granted.json()["id"], "active")
+    email = f"user{len(service.customers) - 1}.{customer.account.address[2:10].lower()}@example.com"  # new_customer's
+    unbound_did, claim = service.enrol("erase-before-binding@example.com")
+    assert service.runtime.dids is not None
+    assert service.runtime.vault is not None
+    subject = service.runtime.dids.subject(customer.did)
+    assert service.runtime.vault.pii(subject).email == email
+
+    erased = service.client.delete(f"/api/v1/customers/{q(customer.did)}", headers=service.operator())
+    assert erased.status_code == 200, erased.text
+    assert erased.json()["did"] == customer.did
+    again = service.client.delete(f"/api/v1/customers/{q(customer.did)}", headers=service.operator())
+    assert again.json() == erased.json()  # the same answer: nothing more to do
+
+    with pytest.raises(SubjectErased):
+        service.runtime.vault.pii(subject)
+    assert service.client.get(f"/api/v1/dids/{q(customer.did)}").status_code == 410  # deactivated
+    _problem(
+        service.client.post("/api/v1/customers", json={"email": email}, headers=service.operator()),
+        409,
+        "customer_erased",
+    )
+    # Their pseudonymous records stay, and their key still controls them: they can still withdraw.
+    assert service.sign_in(customer.account).status_code == 200
+    revoked = service.change(customer, action="revoke", attributes=["user.contact.email"])
+    assert revoked.status_code == 202, revoked.text
+
+    # Erased before binding a key: the claim code no longer binds one.
+    assert service.client.delete(f"/api/v1/customers/{q(unbound_did)}", headers=service.operator()).status_code == 200
+    prepare = {"claim_code": claim, "address": Account.create().address}
+    _problem(
+        service.client.post(f"/api/v1/customers/{q(unbound_did)}/controller/prepare", json=prepare),
+        403,
+        "invalid_claim_code",
+    )
+    unknown = customer.did.rsplit(":", 1)[0] + ":" + "ab" * 32
+    _problem(
+        service.client.delete(f"/api/v1/customers/{q(unknown)}", headers=service.operator()), 404, "unknown_customer"
     )
 
 

@@ -22,6 +22,8 @@ ROUTES = [
     ("POST", "/api/v1/customers", {"email": "route@example.com"}, "partner"),
     ("POST", "/api/v1/customers", {"email": "route@example.com"}, "customer"),
     ("GET", "/api/v1/customers/{did}/consents", None, "auditor"),
+    ("DELETE", "/api/v1/customers/{did}", None, "customer"),
+    ("DELETE", "/api/v1/customers/{did}", None, "partner"),
     ("POST", "/api/v1/consents/prepare", CONSENT_BODY, "auditor"),
     ("POST", "/api/v1/consents", {"typed_data": {}, "signature": "0x" + "00" * 65}, "partner"),
     ("POST", "/api/v1/partners", {"name": "p", "address": NEW_ADDRESS}, "customer"),

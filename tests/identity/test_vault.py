@@ -147,7 +147,9 @@ def test_erasure_crypto_shreds_and_deactivates(vault: Vault) -> None:
     ann, _ = vault.enrol(ANN)
     bob, _ = vault.enrol(BOB)
     wrapped = _rows(vault, DataKeyRow, ann)[0].wrapped
-    vault.erase(ann)
+    assert vault.erased() == set()
+    erased_at = vault.erase(ann)
+    assert vault.erased() == {ann}
     with pytest.raises(SubjectErased):
         vault.pii(ann)
     assert vault.find(email=ANN.email) is None
@@ -157,7 +159,8 @@ def test_erasure_crypto_shreds_and_deactivates(vault: Vault) -> None:
     assert all(r.wrapped != wrapped for r in _rows(vault, DataKeyRow))
     record = vault.record(ann)
     assert record is not None
-    assert record.erased_at is not None
+    assert record.erased_at == erased_at
+    assert vault.erase(ann) == erased_at  # again: nothing changes
     assert vault.pii(bob) == BOB  # others untouched
     with pytest.raises(SubjectErased):
         vault.enrol(ANN)
