@@ -354,6 +354,40 @@ def _bridge_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vault(args: argparse.Namespace) -> int:
+    """`vault keys` (how many data keys each master key wraps) and `vault rotate-master-key`."""
+    import json
+
+    from api.secrets import open_vault
+    from identity.keys import FileKeyProvider
+    from identity.settings import IdentitySettings
+
+    overrides = {"data_dir": args.data_dir} if args.data_dir else {}
+    service, identity = ServiceSettings(**overrides), IdentitySettings()
+    secrets = load_secrets(service, ChainSettings(), identity)
+    report: dict[str, object] = {}
+    if args.vault_command == "rotate-master-key" and args.new_key:
+        if not isinstance(secrets.master_keys, FileKeyProvider):
+            print(
+                "consent-ledger: --new-key makes a key in the development key file; in production add the key to "
+                "CONSENT_LEDGER_IDENTITY_MASTER_KEYS, make it CONSENT_LEDGER_IDENTITY_MASTER_KEY_ID, restart serve, "
+                "then run this without --new-key",
+                file=sys.stderr,
+            )
+            return 2
+        secrets.master_keys.add_key(args.new_key)
+    vault = open_vault(service, identity, secrets)
+    try:
+        report["current_key"] = secrets.master_keys.current_key_id
+        if args.vault_command == "rotate-master-key":
+            report["rewrapped"] = vault.rotate_master_key()
+        report["data_keys_by_master_key"] = vault.key_usage()
+    finally:
+        vault.engine.dispose()
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def _backup(args: argparse.Namespace) -> int:
     import json
 
@@ -488,6 +522,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     revoke.add_argument("--name", required=True)
     revoke.set_defaults(handler=_principals_revoke)
+
+    vault = commands.add_parser("vault", help="the PII vault's master keys")
+    vault_commands = vault.add_subparsers(dest="vault_command", required=True)
+    keys = vault_commands.add_parser(
+        "keys", parents=[state], help="the current master key, and how many data keys each master key wraps"
+    )
+    keys.set_defaults(handler=_vault)
+    rewrap = vault_commands.add_parser(
+        "rotate-master-key", parents=[state], help="re-wrap every data key under the current master key"
+    )
+    rewrap.add_argument("--new-key", metavar="ID", help="development: make a new master key ID current first")
+    rewrap.set_defaults(handler=_vault)
 
     bridge = commands.add_parser("bridge", help="release consented CRM data (log, then release)")
     bridge_commands = bridge.add_subparsers(dest="bridge_command", required=True)

@@ -97,6 +97,11 @@ class FileKeyProvider(StaticKeyProvider):
             raise KeyMaterialError(f"cannot read master keys from {path}: {exc.__class__.__name__}") from exc
         super().__init__(keys, current)
 
+    def _aead(self, key_id: str) -> AESGCM:
+        if key_id not in self._keys:  # added by another process since (`add_key`): read the file again
+            self.__init__(self.path)  # type: ignore[misc]
+        return super()._aead(key_id)
+
     @classmethod
     def create(cls, path: Path, key_id: str = "k1") -> FileKeyProvider:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    func,
     or_,
     select,
 )
@@ -255,17 +256,35 @@ class Vault:
                 Subject(s) for s in session.scalars(select(SubjectRow.subject).where(SubjectRow.erased_at.is_not(None)))
             }
 
-    def rotate_master_key(self) -> int:
-        """Re-wrap every data key under the provider's current master key; returns how many changed."""
+    def rotate_master_key(self, *, batch: int = 1_000) -> int:
+        """Re-wrap every data key under the provider's current master key; returns how many changed.
+        In transactions of at most `batch` keys, so that enrolments beside it wait for one batch only;
+        a key another writer wraps meanwhile under an older master key is left for the next run
+        (`key_usage` shows it)."""
         current = self.keys.current_key_id
         changed = 0
+        while True:
+            with self._session() as session:
+                rows = session.scalars(
+                    select(DataKeyRow).where(DataKeyRow.key_id != current).order_by(DataKeyRow.subject).limit(batch)
+                ).all()
+                for row in rows:
+                    data_key = self.keys.unwrap(row.key_id, row.wrapped, _DEK_TAG + row.subject)
+                    row.wrapped = self.keys.wrap(current, data_key, _DEK_TAG + row.subject)
+                    row.key_id = current
+            changed += len(rows)
+            if len(rows) < batch:
+                return changed
+
+    def key_usage(self) -> dict[str, int]:
+        """How many data keys each master key wraps: one no longer listed can be retired."""
         with self._session() as session:
-            for row in session.scalars(select(DataKeyRow).where(DataKeyRow.key_id != current)):
-                data_key = self.keys.unwrap(row.key_id, row.wrapped, _DEK_TAG + row.subject)
-                row.wrapped = self.keys.wrap(current, data_key, _DEK_TAG + row.subject)
-                row.key_id = current
-                changed += 1
-        return changed
+            return {
+                str(key_id): int(count)
+                for key_id, count in session.execute(
+                    select(DataKeyRow.key_id, func.count()).group_by(DataKeyRow.key_id).order_by(DataKeyRow.key_id)
+                )
+            }
 
     def rotate_pepper(self) -> dict[Subject, Subject]:
         """Move every live subject made under an older pepper to its subject under the current one.

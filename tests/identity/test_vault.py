@@ -115,8 +115,10 @@ def test_master_key_rotation_rewraps_without_reencrypting(vault: Vault) -> None:
     ciphertexts = {(r.subject, r.field): r.ciphertext for r in _rows(vault, PiiRow)}
 
     rotating = Vault(vault.engine, StaticKeyProvider({"k1": raw_k1, "k2": raw_k2}, "k2"), vault.pseudonymizer)
-    assert rotating.rotate_master_key() == 2
+    assert rotating.key_usage() == {"k1": 2}
+    assert rotating.rotate_master_key(batch=1) == 2  # one key per transaction
     assert rotating.rotate_master_key() == 0  # idempotent
+    assert rotating.key_usage() == {"k2": 2}
     assert {r.key_id for r in _rows(vault, DataKeyRow)} == {"k2"}
     assert {(r.subject, r.field): r.ciphertext for r in _rows(vault, PiiRow)} == ciphertexts  # data untouched
 
