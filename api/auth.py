@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from eth_account import Account
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -23,7 +23,7 @@ from api.models import CustomerSession, Principal, SignInChallenge
 from identity.pseudonym import PepperRing
 from ledger import eip712
 from ledger.bindings import BoundController
-from ledger.store import ControllerState, as_utc
+from ledger.store import ControllerState, as_utc, delete_in_batches
 
 ROLE_SCOPES: dict[str, frozenset[str]] = {
     "operator": frozenset(
@@ -256,19 +256,11 @@ def prune_expired(sessions: Callable[[], AbstractContextManager[Session]], *, ba
     """Delete the used sign-in messages and customer sessions that have expired; returns how many.
 
     Nothing else bounds these tables: every sign-in leaves a session and its message (kept while it
-    could be replayed; only sign-ins with a bound key write them). In write transactions of at most `batch` rows: the
-    service database's write lock is shared with the API's outbox writers."""
-    pruned = 0
+    could be replayed; only sign-ins with a bound key write them)."""
     cutoff = now()
-    for table, key in ((SignInChallenge, SignInChallenge.nonce), (CustomerSession, CustomerSession.token_hash)):
-        while True:
-            with sessions() as session:
-                expired = select(key).where(table.expires_at < cutoff).limit(batch).scalar_subquery()
-                deleted = session.execute(delete(table).where(key.in_(expired))).rowcount  # type: ignore[attr-defined]
-            pruned += deleted
-            if deleted < batch:
-                break
-    return pruned
+    return delete_in_batches(
+        sessions, SignInChallenge.nonce, SignInChallenge.expires_at < cutoff, batch=batch
+    ) + delete_in_batches(sessions, CustomerSession.token_hash, CustomerSession.expires_at < cutoff, batch=batch)
 
 
 def new_address() -> tuple[str, str]:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import cached_property
 from typing import Any, Literal
 
@@ -42,6 +43,7 @@ from ledger.indexer import Indexer
 from ledger.loyalty import LoyaltyPointsClient
 from ledger.outbox import Outbox, OutboxWriter
 from ledger.points import FINAL, Completions, PointsFollower, PointsReader, PointsRelayer
+from ledger.points_store import prune_idempotency_records
 from ledger.relayer import BlockCadence, Relayer, run_lanes
 from ledger.settings import ChainSettings, ToolchainSettings
 from ledger.store import Checkpointer, ControllerState, GroupCommit, create_schema, make_engine, sessions
@@ -93,7 +95,7 @@ class Runtime:
     indexer: Indexer | None = None
     bindings: Bindings | None = None  # supervisor: customers' key bindings, put back if the chain lost them
     _check_partners: threading.Event = field(default_factory=threading.Event)  # set: verify every role
-    prune_interval: float = 60.0  # seconds between deletions of expired used sign-in messages and sessions
+    prune_interval: float = 60.0  # seconds between prunes (`prune`)
     _sessions: sessionmaker[Session] | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -331,8 +333,7 @@ class Runtime:
 
     def _maintain(self, stop: threading.Event) -> None:
         """Every second: restart the managed node if it died; give new partners their on-chain role;
-        put back the key bindings and partner roles the chain lost. Every `prune_interval`: delete
-        expired sign-in challenges and customer sessions."""
+        put back the key bindings and partner roles the chain lost. Every `prune_interval`: `prune`."""
         next_prune = time.monotonic()
         while not stop.wait(1.0):
             try:
@@ -342,11 +343,21 @@ class Runtime:
                 log.exception("maintenance failed")
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + self.prune_interval
-                try:
-                    if pruned := prune_expired(self.sessions):
-                        log.info("pruned %d expired sign-in challenges and customer sessions", pruned)
-                except Exception:  # the database may be busy; the next round tries again
-                    log.exception("pruning expired sign-ins failed")
+                self.prune()
+
+    def prune(self) -> None:
+        """Delete what has expired: sign-ins and customer sessions, partners' old Idempotency-Keys."""
+        keep_keys = timedelta(hours=self.service.idempotency_key_hours)
+        steps: list[tuple[str, Callable[[], int]]] = [
+            ("expired sign-in messages and customer sessions", lambda: prune_expired(self.sessions)),
+            ("Idempotency-Keys", lambda: prune_idempotency_records(self.sessions, keep_keys)),
+        ]
+        for what, step in steps:
+            try:
+                if pruned := step():
+                    log.info("pruned %d %s", pruned, what)
+            except Exception:  # the database may be busy; the next round tries again
+                log.exception("pruning %s failed", what)
 
     def restore_standing(self) -> None:
         """Give new partners their role; after a possible loss of blocks (see `_chain_lost_blocks`), put

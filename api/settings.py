@@ -67,6 +67,14 @@ class ServiceSettings(BaseSettings):
             "later change."
         ),
     )
+    idempotency_key_hours: int = Field(
+        default=24,
+        ge=1,
+        description=(
+            "How long a partner's Idempotency-Key is remembered (a retry with it gets the first answer); "
+            "after that a retry is a new request, and one whose authorisation was used is refused (409)."
+        ),
+    )
     company_name: str = Field(default="Example Retail Ltd", description="The data controller, named in receipts.")
     company_contact: str = Field(default="privacy@example.com", description="The controller's privacy contact.")
 

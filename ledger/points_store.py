@@ -4,7 +4,9 @@ their idempotency records) and the read model the indexer builds from `LoyaltyPo
 from __future__ import annotations
 
 import enum
-from datetime import datetime
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from datetime import datetime, timedelta
 
 from sqlalchemy import (
     BigInteger,
@@ -18,9 +20,9 @@ from sqlalchemy import (
     bindparam,
     select,
 )
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from ledger.store import Base, utcnow
+from ledger.store import Base, delete_in_batches, utcnow
 
 
 class PointsStatus(enum.StrEnum):
@@ -101,7 +103,17 @@ class IdempotencyRecord(Base):
     request_ids: Mapped[str] = mapped_column(Text, default="")  # the points requests it made, space-separated
     status_code: Mapped[int | None] = mapped_column(Integer, default=None)  # None: answered by its requests
     body: Mapped[str | None] = mapped_column(Text, default=None)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)  # pruned by it
+
+
+def prune_idempotency_records(
+    sessions: Callable[[], AbstractContextManager[Session]], older_than: timedelta, *, batch: int = 5_000
+) -> int:
+    """Forget the Idempotency-Keys first used more than `older_than` ago; returns how many. A retry
+    with a forgotten key is a new request: one whose authorisation was used is refused (the on-chain
+    id is unique), never applied twice."""
+    cutoff = utcnow() - older_than
+    return delete_in_batches(sessions, IdempotencyRecord.id, IdempotencyRecord.created_at < cutoff, batch=batch)
 
 
 class PointsLot(Base):

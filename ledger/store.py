@@ -15,15 +15,16 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar, cast
 
 from sqlalchemy import (
     BigInteger,
+    ColumnElement,
     Connection,
     DateTime,
     Engine,
@@ -34,6 +35,7 @@ from sqlalchemy import (
     Table,
     UniqueConstraint,
     create_engine,
+    delete,
     event,
     insert,
     inspect,
@@ -43,7 +45,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, InstrumentedAttribute, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.sql.expression import UpdateBase
 
 from ledger.events import KIND_BIND
@@ -307,6 +309,26 @@ def _mark_failed(engine: Engine) -> None:
         connection.execute(
             update(table).where(table.c.status == RequestStatus.FAILED).values(failed_at=table.c.updated_at)
         )
+
+
+def delete_in_batches(
+    sessions: Callable[[], AbstractContextManager[Session]],
+    key: InstrumentedAttribute[Any],
+    condition: ColumnElement[bool],
+    *,
+    batch: int,
+) -> int:
+    """Delete the rows of `key`'s table that meet `condition`, at most `batch` per write transaction (the
+    write lock is shared with every request's writers); returns how many."""
+    table = key.class_
+    deleted = 0
+    while True:
+        with sessions() as session:
+            chosen = select(key).where(condition).limit(batch).scalar_subquery()
+            count = int(session.execute(delete(table).where(key.in_(chosen))).rowcount)  # type: ignore[attr-defined]
+        deleted += count
+        if count < batch:
+            return deleted
 
 
 def make_engine(url: str, *, durable: bool = True, checkpoints: bool = True) -> Engine:

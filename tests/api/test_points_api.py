@@ -7,18 +7,19 @@ import io
 import threading
 import time
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
 from eth_account import Account
-from sqlalchemy import delete
+from sqlalchemy import delete, select, update
 
 from api.auth import create_principal
 from api.models import Partner
 from ledger.bindings import CONTROLLER_OF
 from ledger.points_store import IdempotencyRecord, PointsRequest
-from ledger.store import ControllerState
+from ledger.store import ControllerState, utcnow
 from ledger.types import Subject
 from tests.api.conftest import Customer, Service, q
 from tests.api.test_consent_api import _problem
@@ -137,6 +138,33 @@ def test_a_retry_with_the_same_key_gets_the_first_answer(service: Service, issue
     assert chain_balance(service, customer) == 70
     missing = service.client.post("/api/v1/points/redemptions", json=body, headers=partner(service))
     _problem(missing, 400, "idempotency_key_required")
+
+
+def test_a_forgotten_idempotency_key_never_spends_twice(service: Service, issuer: dict[str, str]) -> None:
+    """Keys are remembered `idempotency_key_hours` (24); the maintenance thread's prune forgets older
+    ones. A retry with a forgotten key is a new request whose authorisation was used: refused."""
+    customer = service.new_customer()
+    assert issue(service, issuer, customer, 100).status_code == 201
+    old_key, recent_key = str(uuid.uuid4()), str(uuid.uuid4())
+    body = authorise(service, customer, 30)
+    assert redeem(service, body, old_key).status_code == 200
+    later_body = authorise(service, customer, 5)
+    recent = redeem(service, later_body, recent_key)
+    assert recent.status_code == 200, recent.text
+    with service.runtime.sessions() as session:
+        session.execute(
+            update(IdempotencyRecord)
+            .where(IdempotencyRecord.key == old_key)
+            .values(created_at=utcnow() - timedelta(hours=25))
+        )
+    service.runtime.prune()
+    with service.runtime.reads() as session:
+        kept = session.scalars(select(IdempotencyRecord.key).where(IdempotencyRecord.key.in_([old_key, recent_key])))
+        assert set(kept) == {recent_key}
+    _problem(redeem(service, body, old_key), 409, "authorisation_used")
+    again = redeem(service, later_body, recent_key)
+    assert (again.status_code, again.json()) == (200, recent.json())
+    assert chain_balance(service, customer) == 65
 
 
 def test_fifty_concurrent_identical_requests_spend_once(service: Service, issuer: dict[str, str]) -> None:
