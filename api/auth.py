@@ -64,8 +64,8 @@ class PrincipalExists(Exception):
     """Raised when a principal with that name exists already."""
 
 
-class NoSuchPrincipal(Exception):
-    """Raised when no live principal has that name; the text says why."""
+class NoSuchPrincipal(ValueError):
+    """Raised when no live principal has that name; the text says why (the command line prints it)."""
 
 
 def _new_key() -> str:

@@ -306,33 +306,22 @@ def _principals_list(args: argparse.Namespace) -> int:
 
 
 def _principals_rotate(args: argparse.Namespace) -> int:
-    from api.auth import NoSuchPrincipal, rotate_key
+    from api.auth import rotate_key
     from api.deps import CACHE_SECONDS
 
-    with _principals_db(args) as db:
-        try:
-            with db.begin() as session:
-                key = rotate_key(session, args.name)
-        except NoSuchPrincipal as exc:
-            print(f"consent-ledger: {exc}", file=sys.stderr)
-            return 2
+    with _principals_db(args) as db, db.begin() as session:
+        key = rotate_key(session, args.name)
     print(f"name:    {args.name}\napi key: {key}   (shown once; only its hash is stored)")
     print(f"The old key stops working within {CACHE_SECONDS:.0f} s.")
     return 0
 
 
 def _principals_revoke(args: argparse.Namespace) -> int:
-    from api.auth import NoSuchPrincipal, revoke_principal
+    from api.auth import revoke_principal
     from api.deps import CACHE_SECONDS
 
-    with _principals_db(args) as db:
-        try:
-            with db.begin() as session:
-                principal = revoke_principal(session, args.name)
-                role = principal.role
-        except NoSuchPrincipal as exc:
-            print(f"consent-ledger: {exc}", file=sys.stderr)
-            return 2
+    with _principals_db(args) as db, db.begin() as session:
+        role = revoke_principal(session, args.name).role
     print(f"{args.name} ({role}) is revoked: its key stops working within {CACHE_SECONDS:.0f} s.")
     if role == "partner":
         print("The partner keeps its role on-chain and its consents; the API no longer answers it.")
