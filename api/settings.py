@@ -11,6 +11,11 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def default_api_workers() -> int:
+    """The cores this process may run on (its CPU affinity: `taskset`, a container's cpuset), at most 4."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
 class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CONSENT_LEDGER_", extra="ignore")
 
@@ -25,7 +30,7 @@ class ServiceSettings(BaseSettings):
         default=None, description="SQLAlchemy URL of the service database (default: SQLite in the data dir)."
     )
     api_workers: int = Field(
-        default_factory=lambda: max(1, min(4, os.cpu_count() or 1)),
+        default_factory=lambda: default_api_workers(),
         ge=1,
         le=64,
         description="Processes serving the API; with more than one, a supervisor process beside them runs "

@@ -42,6 +42,7 @@ from web3 import Web3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from api.settings import default_api_workers
 from ledger import eip712
 from ledger.anvil import free_port
 from ledger.eip712 import ChangeKind, ConsentChange, Domain
@@ -241,7 +242,7 @@ def http_ceiling(requests: int, lanes: int) -> float:
     """Requests/s that uvicorn alone answers (`loadgen.null_app`: no routing, auth, checks or storage),
     with as many processes as `serve` runs by default and the same load generator, connections and
     request size as the measured run: the most any service on this stack can acknowledge here."""
-    workers = max(1, min(4, os.cpu_count() or 1))  # serve's default (CONSENT_LEDGER_API_WORKERS)
+    workers = default_api_workers()  # serve's default (CONSENT_LEDGER_API_WORKERS)
     port = free_port()
     root = Path(__file__).resolve().parent.parent
     server = subprocess.Popen(

@@ -271,3 +271,13 @@ def test_dids_resolve_over_http_and_deactivate_on_erasure(tmp_path: Path) -> Non
         vault.engine.dispose()
     finally:
         interrupt(service)
+
+
+def test_api_workers_default_to_the_cores_the_service_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its CPU affinity (taskset, a container's cpuset), not the machine's cores: two workers on one
+    allowed core would only take turns with the supervisor."""
+    from api.settings import ServiceSettings
+
+    for allowed, workers in (({0}, 1), ({0, 1}, 2), (set(range(16)), 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, allowed=allowed: allowed)
+        assert ServiceSettings().api_workers == workers
