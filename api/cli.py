@@ -415,7 +415,7 @@ def _audit_accesses(args: argparse.Namespace) -> int:
 
     with Offline.open(args.data_dir) as offline:
         catalogue, dids = offline.catalogue(), offline.dids()
-        partner = catalogue.partner(args.partner) if args.partner else None
+        partner = catalogue.partner(args.partner, retired=True) if args.partner else None
         if args.partner and partner is None:
             raise ToolError(f"no partner named {args.partner!r}")
         rows = AccessReader(offline.engine).entries(

@@ -62,11 +62,15 @@ class CustomerSession(Base):
 
 
 class Partner(Base):
+    """A partner of the programme. `on_chain`: whether the chain gives its address the partner role
+    (granted once added; taken back once retired). A retired partner stays listed: records name it."""
+
     __tablename__ = "partners"
 
     address: Mapped[str] = mapped_column(String(42), primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     on_chain: Mapped[bool] = mapped_column(default=False)
+    retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
 
 
 class PurposeRow(Base):

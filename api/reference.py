@@ -45,16 +45,20 @@ class Catalogue:
     def __init__(self, session: Session) -> None:
         from api.models import Partner
 
-        self.partners = {p.address: p.name for p in session.scalars(select(Partner))}
+        partners = list(session.scalars(select(Partner)))
+        self.partners = {p.address: p.name for p in partners}  # every partner, retired ones too: for names
+        self.retired = {p.address for p in partners if p.retired_at is not None}
         self.purposes = {row.key: row for row in session.scalars(select(PurposeRow))}
         self.purpose_by_id = {bytes(purpose_id(k)): k for k in self.purposes}
         self.attributes = {row.key: row.bit for row in session.scalars(select(AttributeRow))}
         self.attribute_by_bit = {bit: key for key, bit in self.attributes.items()}
 
-    def partner(self, name_or_address: str) -> str | None:
+    def partner(self, name_or_address: str, *, retired: bool = False) -> str | None:
+        """The address of the partner so named or addressed; a retired one only with `retired` (to
+        look up what it did, not to do anything new with it)."""
         for address, name in self.partners.items():
             if name_or_address in (name, address) or name_or_address.lower() == address.lower():
-                return address
+                return address if retired or address not in self.retired else None
         return None
 
     def mask(self, keys: list[str]) -> tuple[int, list[str]]:

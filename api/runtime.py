@@ -385,7 +385,9 @@ class Runtime:
         if error not in UNKNOWN_PARTNER or partner is None:
             return False
         with self.reads() as session:
-            granted = session.scalar(select(Partner.on_chain).where(Partner.address == partner))
+            granted = session.scalar(
+                select(Partner.on_chain).where(Partner.address == partner, Partner.retired_at.is_(None))
+            )
         if granted:
             self._check_partners.set()
         return bool(granted)
@@ -450,8 +452,9 @@ class Runtime:
             self.control_server.broadcast(("invalidate",))
 
     def sync_partners(self, *, verify: bool = False) -> None:
-        """Give every new partner the partner role on-chain (the operator is the registry's admin here);
-        with `verify`, every partner, if the chain lost the role."""
+        """Give every new partner the partner role on-chain (the operator is the registry's admin here),
+        and take it from every retired one; with `verify`, check every partner, in case the chain lost
+        a grant or a revocation."""
         from api.models import Partner
 
         if self.control is not None:
@@ -460,18 +463,27 @@ class Runtime:
         assert self.consent is not None
         if verify:
             self._check_partners.clear()
-        query = select(Partner.address, Partner.on_chain)
+        query = select(Partner.address, Partner.on_chain, Partner.retired_at.is_not(None))
+        to_do = (Partner.on_chain.is_(False) & Partner.retired_at.is_(None)) | (
+            Partner.on_chain.is_(True) & Partner.retired_at.is_not(None)
+        )
         with self.reads() as session:  # the chain is asked outside any write transaction
-            partners = session.execute(query if verify else query.where(Partner.on_chain.is_(False))).all()
+            partners = session.execute(query if verify else query.where(to_do)).all()
         try:
-            for address, on_chain in partners:
-                if not self.consent.has_role(PARTNER_ROLE, checksummed(address)):
-                    self.consent.add_partner(checksummed(address))
-                    if on_chain:
-                        log.warning("the chain had lost the partner role of %s; granted it again", address)
-                if not on_chain:
+            for address, on_chain, retired in partners:
+                holds = self.consent.has_role(PARTNER_ROLE, checksummed(address))
+                if holds == retired:
+                    if retired:
+                        self.consent.remove_partner(checksummed(address))
+                        if not on_chain:
+                            log.warning("the chain had lost retired partner %s's revocation; revoked again", address)
+                    else:
+                        self.consent.add_partner(checksummed(address))
+                        if on_chain:
+                            log.warning("the chain had lost the partner role of %s; granted it again", address)
+                if on_chain == retired:
                     with self.sessions() as session:
-                        session.execute(update(Partner).where(Partner.address == address).values(on_chain=True))
+                        session.execute(update(Partner).where(Partner.address == address).values(on_chain=not retired))
                     self.invalidate_catalogue()
         except BaseException:
             if verify:

@@ -128,6 +128,7 @@ class PartnerCreate(BaseModel):
 class PartnerPublic(BaseModel):
     name: str
     address: str
+    retired_at: str | None = Field(default=None, description="set once the operator retired the partner")
 
 
 class PurposeCreate(BaseModel):

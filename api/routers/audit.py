@@ -121,7 +121,7 @@ def accesses(
     catalogue = runtime.catalogue()
     partner_address = None
     if partner is not None:
-        partner_address = catalogue.partner(partner)
+        partner_address = catalogue.partner(partner, retired=True)
         if partner_address is None:
             raise ApiError(404, "unknown_partner", "No such partner", field="partner")
     if purpose is not None and purpose not in catalogue.purposes:

@@ -37,8 +37,10 @@ def prepare(body: ConsentPrepare, runtime: RuntimeDep, caller: ConsentWriter) ->
     """The complete EIP-712 typed data of a grant or revocation, with the next nonce and a deadline."""
     assert runtime.consent is not None and runtime.outbox is not None and caller.subject is not None
     catalogue = runtime.catalogue()
-    partner = catalogue.partner(body.partner)
+    partner = catalogue.partner(body.partner, retired=body.action == "revoke")  # withdrawing is always possible
     if partner is None:
+        if catalogue.partner(body.partner, retired=True) is not None:
+            raise ApiError(422, "partner_retired", "The partner has left the programme: nothing can be granted to it")
         raise ApiError(422, "unknown_partner", "No such partner", body.partner)
     if body.purpose not in catalogue.purposes:
         raise ApiError(422, "unknown_purpose", "No such purpose", body.purpose)
@@ -103,6 +105,8 @@ async def submit(body: TypedDataSubmission, runtime: RuntimeDep, caller: Consent
         catalogue = await run_in_threadpool(runtime.catalogue)
     if change.partner not in catalogue.partners:
         raise ApiError(422, "unknown_partner", "No such partner", change.partner)
+    if change.kind == ChangeKind.GRANT and change.partner in catalogue.retired:
+        raise ApiError(422, "partner_retired", "The partner has left the programme: nothing can be granted to it")
     if change.attributes == 0:
         raise ApiError(422, "empty_attributes", "A change names at least one attribute")
     assert runtime.writer is not None

@@ -228,8 +228,11 @@ async def issue(
 def prepare(body: RedemptionPrepare, runtime: RuntimeDep, caller: PointsAuthoriser) -> RedemptionPreparePublic:
     """The EIP-712 `Redemption` the customer signs to let a partner spend points, once."""
     assert runtime.points is not None and runtime.points_reader is not None and caller.subject is not None
-    partner = runtime.catalogue().partner(body.partner)
+    catalogue = runtime.catalogue()
+    partner = catalogue.partner(body.partner)
     if partner is None:
+        if catalogue.partner(body.partner, retired=True) is not None:
+            raise ApiError(422, "partner_retired", "The partner has left the programme")
         raise ApiError(422, "unknown_partner", "No such partner", body.partner)
     controller = caller.address
     assert controller is not None

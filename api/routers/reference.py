@@ -2,27 +2,60 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, status
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from api.deps import ReferenceRead, ReferenceWrite, RuntimeDep
 from api.errors import ApiError, responses
-from api.models import AttributeRow, Partner, PurposeRow
+from api.models import AttributeRow, Partner, Principal, PurposeRow
 from api.schemas import AttributeCreate, AttributePublic, PartnerCreate, PartnerPublic, PurposeCreate, PurposePublic
 from ledger.consent import ATTRIBUTE_BITS
 from ledger.eip712 import purpose_id
+from ledger.store import as_utc, utcnow
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["reference"], responses=responses(401, 403))
 
 
+def _public(partner: Partner) -> PartnerPublic:
+    retired = as_utc(partner.retired_at).isoformat() if partner.retired_at is not None else None
+    return PartnerPublic(name=partner.name, address=partner.address, retired_at=retired)
+
+
 @router.get("/partners", response_model=list[PartnerPublic])
-def list_partners(runtime: RuntimeDep, _caller: ReferenceRead) -> list[PartnerPublic]:
+def list_partners(runtime: RuntimeDep, _caller: ReferenceRead, include_retired: bool = False) -> list[PartnerPublic]:
+    """The partners of the programme (with `include_retired`, also those that have left it)."""
+    query = select(Partner).order_by(Partner.name)
+    if not include_retired:
+        query = query.where(Partner.retired_at.is_(None))
     with runtime.reads() as session:
-        return [
-            PartnerPublic(name=p.name, address=p.address)
-            for p in session.scalars(select(Partner).order_by(Partner.name))
-        ]
+        return [_public(p) for p in session.scalars(query)]
+
+
+@router.delete("/partners/{name}", response_model=PartnerPublic, responses=responses(404))
+def retire_partner(name: str, runtime: RuntimeDep, _caller: ReferenceWrite) -> PartnerPublic:
+    """The partner leaves the programme: its API keys stop working (within 30 s), and the chain takes
+    its partner role back, so that no consent to it permits an access any more (the access log checks
+    the role), nothing new can be granted to it and it redeems no points. Customers can still revoke
+    what they granted it, and records keep its name. Retiring again answers the same."""
+    with runtime.sessions() as session:
+        partner = session.scalar(select(Partner).where(Partner.name == name))
+        if partner is None:
+            raise ApiError(404, "unknown_partner", "No such partner", name)
+        if partner.retired_at is None:
+            partner.retired_at = utcnow()
+            keys = update(Principal).where(Principal.address == partner.address, Principal.role == "partner")
+            session.execute(keys.where(Principal.revoked_at.is_(None)).values(revoked_at=partner.retired_at))
+        answer = _public(partner)
+    runtime.invalidate_catalogue()
+    try:
+        runtime.sync_partners()
+    except Exception:  # the node or the supervisor is away: the maintenance thread takes the role every second
+        log.warning("the chain could not take retired partner %s's role yet; it will be retried", answer.address)
+    return answer
 
 
 @router.post(

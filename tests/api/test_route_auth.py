@@ -28,6 +28,8 @@ ROUTES = [
     ("POST", "/api/v1/consents", {"typed_data": {}, "signature": "0x" + "00" * 65}, "partner"),
     ("POST", "/api/v1/partners", {"name": "p", "address": NEW_ADDRESS}, "customer"),
     ("POST", "/api/v1/partners", {"name": "p", "address": NEW_ADDRESS}, "auditor"),
+    ("DELETE", "/api/v1/partners/acme", None, "partner"),
+    ("DELETE", "/api/v1/partners/acme", None, "customer"),
     ("POST", "/api/v1/purposes", {"key": "x.y", "name": "X"}, "partner"),
     ("POST", "/api/v1/attributes", {"key": "user.x", "name": "X"}, "customer"),
     ("GET", "/api/v1/partners", None, None),
