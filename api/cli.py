@@ -324,7 +324,7 @@ def _principals_revoke(args: argparse.Namespace) -> int:
         role = revoke_principal(session, args.name).role
     print(f"{args.name} ({role}) is revoked: its key stops working within {CACHE_SECONDS:.0f} s.")
     if role == "partner":
-        print("The partner keeps its role on-chain and its consents; the API no longer answers it.")
+        print("The partner keeps its role on-chain; to retire the partner itself: DELETE /api/v1/partners/{name}.")
     return 0
 
 
