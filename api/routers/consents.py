@@ -32,6 +32,10 @@ def _controller(caller: Caller) -> str:
     return caller.address
 
 
+def _partner_retired() -> ApiError:
+    return ApiError(422, "partner_retired", "The partner has left the programme: nothing can be granted to it")
+
+
 @router.post("/prepare", response_model=ConsentPreparePublic, responses=responses(422))
 def prepare(body: ConsentPrepare, runtime: RuntimeDep, caller: ConsentWriter) -> ConsentPreparePublic:
     """The complete EIP-712 typed data of a grant or revocation, with the next nonce and a deadline."""
@@ -40,7 +44,7 @@ def prepare(body: ConsentPrepare, runtime: RuntimeDep, caller: ConsentWriter) ->
     partner = catalogue.partner(body.partner, retired=body.action == "revoke")  # withdrawing is always possible
     if partner is None:
         if catalogue.partner(body.partner, retired=True) is not None:
-            raise ApiError(422, "partner_retired", "The partner has left the programme: nothing can be granted to it")
+            raise _partner_retired()
         raise ApiError(422, "unknown_partner", "No such partner", body.partner)
     if body.purpose not in catalogue.purposes:
         raise ApiError(422, "unknown_purpose", "No such purpose", body.purpose)
@@ -106,7 +110,7 @@ async def submit(body: TypedDataSubmission, runtime: RuntimeDep, caller: Consent
     if change.partner not in catalogue.partners:
         raise ApiError(422, "unknown_partner", "No such partner", change.partner)
     if change.kind == ChangeKind.GRANT and change.partner in catalogue.retired:
-        raise ApiError(422, "partner_retired", "The partner has left the programme: nothing can be granted to it")
+        raise _partner_retired()
     if change.attributes == 0:
         raise ApiError(422, "empty_attributes", "A change names at least one attribute")
     assert runtime.writer is not None
