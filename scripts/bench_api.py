@@ -91,6 +91,67 @@ class Service:
         self.log.close()
 
 
+# Where a service's CPU goes, by the role of each process of its tree (`serve`'s command lines).
+ROLES = (("serve-worker", "api_workers"), ("anvil_dump", "state_dumps"), ("anvil", "node"), ("serve", "supervisor"))
+
+
+def _tree_cpu(root: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of `root` and its children, summed by role."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    used: dict[str, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # gone meanwhile
+        if int(entry) != root and int(stat[1]) != root:
+            continue
+        role = next((name for marker, name in ROLES if marker in command), "other")
+        used[role] = used.get(role, 0.0) + (int(stat[11]) + int(stat[12])) / ticks
+    return used
+
+
+class CpuMeter:
+    """The CPU a service's processes use between `start` and `stop`, per request, with the load
+    generator's own: where each request's cost goes, and how many requests per second this machine's
+    cores could carry at that cost (the bound when nothing else limits)."""
+
+    def __init__(self, service: Service) -> None:
+        self.root = service.process.pid
+        self.before: dict[str, float] = {}
+        self.used: dict[str, float] = {}
+
+    def start(self) -> None:
+        self.before = _tree_cpu(self.root)
+
+    def stop(self) -> None:
+        after = _tree_cpu(self.root)
+        self.used = {role: after[role] - self.before.get(role, 0.0) for role in after}
+
+    def figures(self, requests: int, load_generator_seconds: float) -> dict[str, Any]:
+        """`cpu_ms_<role>` per request, `cpu_ms_total`, and `cpu_bound_per_s`."""
+        per_request = {role: seconds * 1000 / requests for role, seconds in self.used.items()}
+        per_request["load_generator"] = load_generator_seconds * 1000 / requests
+        total = sum(per_request.values())
+        figures: dict[str, Any] = {f"cpu_ms_{role}": round(ms, 3) for role, ms in per_request.items()}
+        figures["cpu_ms_total"] = round(total, 3)
+        figures["cpu_bound_per_s"] = round(len(os.sched_getaffinity(0)) * 1000 / total, 1) if total else None
+        return figures
+
+
+def describe_cpu(label: str, figures: dict[str, Any]) -> str:
+    parts = sorted(((k[7:], v) for k, v in figures.items() if k.startswith("cpu_ms_") and k != "cpu_ms_total"),
+                   key=lambda part: -part[1])  # fmt: skip
+    return (
+        f"{label:>33}: CPU ms per request: {', '.join(f'{role} {ms:.3f}' for role, ms in parts)}; "
+        f"total {figures['cpu_ms_total']:.3f}: at most {figures['cpu_bound_per_s']:,}/s on this machine's "
+        f"{len(os.sched_getaffinity(0))} cores"
+    )
+
+
 def enrol(service: Service, n: int) -> dict[str, Any]:
     account = Account.create()
     client = httpx.Client(base_url=service.url, timeout=60)
@@ -190,6 +251,9 @@ def run(label: str, requests: int, customers: int, processes: int, lanes: int, *
             ]
             for proc in procs:
                 proc.start()
+            cpu = CpuMeter(service)
+            time.sleep(max(0.0, start_at - time.time()))
+            cpu.start()
             outcomes = [queue.get() for _ in procs]
             for proc in procs:
                 proc.join()
@@ -207,6 +271,7 @@ def run(label: str, requests: int, customers: int, processes: int, lanes: int, *
                 if (confirmed or 0) + (failed or 0) >= len(ids) or time.time() > deadline:
                     break
                 time.sleep(0.2)
+            cpu.stop()  # acknowledged and confirmed: each request's whole cost
             with engine.connect() as db:
                 rows = db.execute(
                     text("select created_at, updated_at from consent_requests where status = 'confirmed'")
@@ -235,6 +300,7 @@ def run(label: str, requests: int, customers: int, processes: int, lanes: int, *
         "ack_p99_ms": round(percentile(latencies, 0.99) * 1000, 1),
         "confirm_p50_s": round(statistics.median(confirm_latencies), 3) if confirm_latencies else None,
         "confirm_p99_s": round(percentile(confirm_latencies, 0.99), 3),
+        **cpu.figures(max(1, len(ids)), outcome.cpu_seconds),
     }
 
 
@@ -307,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{figures['ack_p50_ms']}/{figures['ack_p99_ms']} ms; confirmation p50/p99 "
             f"{figures['confirm_p50_s']}/{figures['confirm_p99_s']} s"
         )
+    for label, figures in (("batched", batched), ("baseline (one tx per change)", baseline)):
+        print(describe_cpu(label, figures))
     print(f"[ceiling] posting {args.ceiling_requests} requests to uvicorn serving an app that does nothing ...")
     ceiling = http_ceiling(args.ceiling_requests, args.processes * args.lanes)
     share = batched["accepted_per_s"] / ceiling

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ledger import eip712
 from ledger.eip712 import Domain, Redemption
 from ledger.types import Subject
-from scripts.bench_api import CLI, Service, enrol, percentile
+from scripts.bench_api import CLI, CpuMeter, Service, describe_cpu, enrol, percentile
 from scripts.loadgen import Call, Outcome, drive
 
 POINTS_EACH = 10**9
@@ -160,8 +160,12 @@ def run(label: str, redemptions: int, customers: int, partners: int, lanes: int,
             total = per_pair * customers * partners
             print(f"[{label}] {partners} partners redeem {total} times with {lanes} tills each ...", flush=True)
             procs, queue, start_at = start_partners(service.url, [key for key, _ in partner_keys], work, lanes)
+            cpu = CpuMeter(service)
+            time.sleep(max(0.0, start_at - time.time()))
+            cpu.start()
             outcomes = [queue.get() for _ in procs]
             finished = time.time()
+            cpu.stop()  # a redemption is answered once on-chain: each one's whole cost
             for proc in procs:
                 proc.join()
         finally:
@@ -175,6 +179,7 @@ def run(label: str, redemptions: int, customers: int, partners: int, lanes: int,
         "per_s": round(len(latencies) / (finished - start_at), 1),
         "p50_ms": round(statistics.median(latencies) * 1000, 1) if latencies else None,
         "p99_ms": round(percentile(latencies, 0.99) * 1000, 1),
+        **cpu.figures(max(1, len(latencies)), outcome.cpu_seconds),
     }
 
 
@@ -204,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"({figures['errors']} errors); latency to the on-chain answer p50/p99 "
             f"{figures['p50_ms']}/{figures['p99_ms']} ms"
         )
+    for label, figures in (("batched", batched), ("baseline (one tx per redemption)", baseline)):
+        print(describe_cpu(label, figures))
     result = {f"batched_{k}": v for k, v in batched.items()} | {f"baseline_{k}": v for k, v in baseline.items()}
     result["ratio"] = round(batched["per_s"] / baseline["per_s"], 1)
     print(json.dumps(result))

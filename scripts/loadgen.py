@@ -31,6 +31,7 @@ class Outcome:
     answers: list[bytes] = field(default_factory=list)  # their bodies, parsed after the timed run
     errors: int = 0
     first_error: str | None = None
+    cpu_seconds: float = 0.0  # the load generator's own CPU time while it posted
 
     @classmethod
     def merged(cls, outcomes: Sequence[Outcome], label: str) -> Outcome:
@@ -40,6 +41,7 @@ class Outcome:
             total.latencies += outcome.latencies
             total.answers += outcome.answers
             total.errors += outcome.errors
+            total.cpu_seconds += outcome.cpu_seconds
         for first_error in {o.first_error for o in outcomes if o.first_error}:
             print(f"[{label}] refused: {first_error}", flush=True)
         return total
@@ -78,7 +80,9 @@ async def _drive(url: str, lanes: Sequence[Sequence[Call]], start_at: float, exp
                     outcome.first_error = outcome.first_error or f"{status}: {answer[:300]!r}"
 
         await asyncio.sleep(max(0.0, start_at - time.time()))
+        cpu_before = time.process_time()
         await asyncio.gather(*(lane(calls) for calls in lanes))
+        outcome.cpu_seconds = time.process_time() - cpu_before
     return outcome
 
 

@@ -7,6 +7,7 @@ asserts that every grant it relayed was confirmed.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from typing import Any
@@ -30,6 +31,17 @@ def quick_figures(script: str, timeout: int) -> dict[str, Any]:
     return figures
 
 
+def check_cpu_figures(figures: dict[str, Any], mode: str) -> None:
+    """Every process of the service, and the load generator, used CPU for the requests; the total and
+    the bound they give are those parts' sum and what the cores carry at it."""
+    parts = {k: v for k, v in figures.items() if k.startswith(f"{mode}_cpu_ms_") and not k.endswith("_total")}
+    for role in ("api_workers", "supervisor", "node", "load_generator"):
+        assert parts[f"{mode}_cpu_ms_{role}"] > 0
+    assert figures[f"{mode}_cpu_ms_total"] == pytest.approx(sum(parts.values()), abs=0.001 * len(parts))
+    cores = len(os.sched_getaffinity(0))
+    assert figures[f"{mode}_cpu_bound_per_s"] == pytest.approx(cores * 1000 / figures[f"{mode}_cpu_ms_total"], rel=0.01)
+
+
 @pytest.mark.anvil
 def test_bench_consent_quick_reports_its_figures() -> None:
     figures = quick_figures("bench_consent.py", timeout=600)
@@ -49,6 +61,7 @@ def test_bench_api_quick_reports_its_figures() -> None:
         assert figures[f"{mode}_confirmed"] == figures[f"{mode}_accepted"]  # and confirmed on-chain
         assert figures[f"{mode}_rejected"] == 0
         assert figures[f"{mode}_ack_p50_ms"] <= figures[f"{mode}_ack_p99_ms"]
+        check_cpu_figures(figures, mode)
     # The ratio is printed to one decimal and computed before its inputs were rounded: allow that rounding.
     assert figures["ratio_confirmed"] == pytest.approx(
         figures["batched_confirmed_per_s"] / figures["baseline_confirmed_per_s"], abs=0.06
@@ -68,6 +81,7 @@ def test_bench_loyalty_quick_reports_its_figures() -> None:
         assert figures[f"{mode}_redeemed"] == figures[f"{mode}_redemptions"]  # every authorisation was redeemed
         assert figures[f"{mode}_errors"] == 0
         assert figures[f"{mode}_p50_ms"] <= figures[f"{mode}_p99_ms"]
+        check_cpu_figures(figures, mode)
     assert figures["ratio"] == pytest.approx(figures["batched_per_s"] / figures["baseline_per_s"], abs=0.06)
 
 
