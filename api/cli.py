@@ -367,6 +367,7 @@ def _vault(args: argparse.Namespace) -> int:
         secrets.master_keys.add_key(args.new_key)
     vault = open_vault(service, identity, secrets)
     try:
+        vault.create_schema()  # before the first `serve` too: an empty vault
         report["current_key"] = secrets.master_keys.current_key_id
         if args.vault_command == "rotate-master-key":
             report["rewrapped"] = vault.rotate_master_key()

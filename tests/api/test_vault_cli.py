@@ -54,6 +54,13 @@ def test_master_key_rotation_while_serving(tmp_path: Path, capsys: pytest.Captur
         assert isinstance(runtime.secrets.master_keys, FileKeyProvider)
 
 
+def test_a_vault_no_service_has_used_yet_has_no_data_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _vault(capsys, "keys", "--data-dir", str(tmp_path)) == (
+        0,
+        {"current_key": "k1", "data_keys_by_master_key": {}},
+    )
+
+
 def test_a_new_master_key_is_made_only_in_the_development_key_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
