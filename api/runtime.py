@@ -16,10 +16,12 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Literal
 
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session, sessionmaker
+from web3 import Web3
 
 import api.models  # noqa: F401 - registers the API's tables on the shared metadata
 import ledger.points_store  # noqa: F401 - registers the points tables on the shared metadata
@@ -37,7 +39,7 @@ from ledger.backends import AnvilBackend, ChainBackend, RpcBackend, create_backe
 from ledger.bindings import UNKNOWN_PARTNER, Bindings
 from ledger.compiler import Artifact, compile_contracts
 from ledger.consent import PARTNER_ROLE, ConsentRegistryClient
-from ledger.contracts import Deployment, RevertDecoder, ensure_deployed, ledger_plan
+from ledger.contracts import ContractClient, Deployment, RevertDecoder, ensure_deployed, ledger_plan
 from ledger.errors import ConsentRejected, LedgerError
 from ledger.indexer import Indexer
 from ledger.loyalty import LoyaltyPointsClient
@@ -45,6 +47,7 @@ from ledger.outbox import Outbox, OutboxWriter
 from ledger.points import FINAL, Completions, PointsFollower, PointsReader, PointsRelayer
 from ledger.points_store import prune_idempotency_records
 from ledger.relayer import BlockCadence, Relayer, run_lanes
+from ledger.roles import OPERATOR_ROLES, check_keys
 from ledger.settings import ChainSettings, ToolchainSettings
 from ledger.store import Checkpointer, ControllerState, GroupCommit, create_schema, make_engine, sessions
 from ledger.tx import TxSender
@@ -163,6 +166,7 @@ class Runtime:
                 # CONSENT_LEDGER_CHAIN_STATE_INTERVAL showed it).
                 self.backend.node.checkpoint()
             accessor = TxSender(w3, self.secrets.accessor, receipt_timeout=self.chain.receipt_timeout)
+            self._check_keys(w3, sender, record)
         decoder = RevertDecoder(list(self.artifacts.values()))
         self.consent = ConsentRegistryClient(
             w3, self.deployment.address("ConsentRegistry"), self.artifacts["ConsentRegistry"], sender, decoder
@@ -344,6 +348,27 @@ class Runtime:
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + self.prune_interval
                 self.prune()
+
+    def _check_keys(self, w3: Web3, sender: TxSender, record: Path) -> None:
+        """The contracts authorise the configured operator and accessor keys, or the start is refused;
+        a rotated key gets the roles (`ledger.roles.check_keys`)."""
+        assert self.deployment is not None and self.backend is not None
+        decoder = RevertDecoder(list(self.artifacts.values()))
+
+        def clients(signer: TxSender) -> dict[str, ContractClient]:
+            assert self.deployment is not None
+            return {
+                name: ContractClient(w3, self.deployment.address(name), self.artifacts[name], signer, decoder)
+                for name in OPERATOR_ROLES
+            }
+
+        previous = None
+        if self.secrets.previous_operator is not None:
+            self.backend.prepare_account(self.secrets.previous_operator.address)
+            previous = clients(TxSender(w3, self.secrets.previous_operator, receipt_timeout=self.chain.receipt_timeout))
+        if check_keys(clients(sender), self.secrets.accessor.address, previous) and previous is not None:
+            self.deployment.operator = self.secrets.operator.address
+            self.deployment.save(record)
 
     def prune(self) -> None:
         """Delete what has expired: sign-ins and customer sessions, partners' old Idempotency-Keys."""

@@ -54,6 +54,7 @@ class Secrets:
     peppers: PepperRing
     master_keys: KeyProvider
     accessor: LocalAccount
+    previous_operator: LocalAccount | None = None  # only while the operator key is rotated
 
 
 def _create_private(path: Path, text: str, what: str) -> None:
@@ -122,6 +123,16 @@ def _master_keys(service: ServiceSettings, identity: IdentitySettings) -> KeyPro
     return FileKeyProvider(path)
 
 
+def _previous_operator(chain: ChainSettings) -> LocalAccount | None:
+    if chain.previous_operator_key is None:
+        return None
+    try:
+        account: LocalAccount = Account.from_key(chain.previous_operator_key.get_secret_value().strip())
+    except (ValueError, TypeError) as exc:
+        raise SecretsError("CONSENT_LEDGER_CHAIN_PREVIOUS_OPERATOR_KEY is not a valid secp256k1 private key") from exc
+    return account
+
+
 def load_secrets(service: ServiceSettings, chain: ChainSettings, identity: IdentitySettings | None = None) -> Secrets:
     identity = identity or IdentitySettings()
     try:
@@ -130,6 +141,7 @@ def load_secrets(service: ServiceSettings, chain: ChainSettings, identity: Ident
             peppers=_peppers(service, identity),
             master_keys=_master_keys(service, identity),
             accessor=_account(service, chain.accessor_key, "accessor"),
+            previous_operator=_previous_operator(chain),
         )
     except IdentityError as exc:
         raise SecretsError(str(exc)) from exc

@@ -62,7 +62,12 @@ class ChainSettings(BaseSettings):
     accessor_key: SecretStr | None = Field(
         default=None,
         description="Hex private key of the accessor account (the CRM bridge records accesses with it). "
-        "Required outside development mode.",
+        "Required outside development mode. A new one gets the role at the next start, and the old loses it.",
+    )
+    previous_operator_key: SecretStr | None = Field(
+        default=None,
+        description="To rotate the operator key: the old key, for one start. It hands every role it holds on "
+        "the contracts to OPERATOR_KEY and renounces them (`ledger.roles`).",
     )
     confirmations: int = Field(
         default=1,

@@ -178,7 +178,11 @@ def start_service(
         secrets=load_secrets(service, chain_settings, IdentitySettings()),
         **(role or {}),
     )
-    runtime.start()
+    try:
+        runtime.start()
+    except BaseException:  # a refused start must not leave its node running
+        runtime.stop()
+        raise
     server = uvicorn.Server(
         uvicorn.Config(create_app(runtime), host="127.0.0.1", port=port, log_level="warning", lifespan="off")
     )
@@ -204,18 +208,25 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 
 
 @contextlib.contextmanager
-def running_service(data_dir: Path, *, chain: dict[str, Any] | None = None, **fields: Any) -> Iterator[Service]:
+def running_service(
+    data_dir: Path, *, chain: dict[str, Any] | None = None, again: ApiClient | None = None, **fields: Any
+) -> Iterator[Service]:
     """A service in this process with an operator, a partner ("acme") and an auditor; stopped on exit.
-    `chain` holds ChainSettings to set, `fields` Runtime fields."""
+    `chain` holds ChainSettings to set, `fields` Runtime fields; `again`, the service that ran in this
+    data dir before (a restart: its principals are there already)."""
     runtime, server, thread, port = start_service(data_dir, role=fields or None, **(chain or {}))
     try:
-        partner = Account.create().address
-        with runtime.sessions() as session:
-            _, operator_key = create_principal(session, "crm-operator", "operator")
-            _, partner_key = create_principal(session, "acme", "partner", partner)
-            _, auditor_key = create_principal(session, "audit-firm", "auditor")
-            session.add(Partner(address=partner, name="acme", on_chain=False))
-        runtime.sync_partners()
+        if again is None:
+            partner = Account.create().address
+            with runtime.sessions() as session:
+                _, operator_key = create_principal(session, "crm-operator", "operator")
+                _, partner_key = create_principal(session, "acme", "partner", partner)
+                _, auditor_key = create_principal(session, "audit-firm", "auditor")
+                session.add(Partner(address=partner, name="acme", on_chain=False))
+            runtime.sync_partners()
+        else:
+            operator_key, partner_key, auditor_key = again.operator_key, again.partner_key, again.auditor_key
+            partner = again.partner_address
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             yield Service(
                 runtime=runtime,
