@@ -366,7 +366,8 @@ class Runtime:
         if self.secrets.previous_operator is not None:
             self.backend.prepare_account(self.secrets.previous_operator.address)
             previous = clients(TxSender(w3, self.secrets.previous_operator, receipt_timeout=self.chain.receipt_timeout))
-        if check_keys(clients(sender), self.secrets.accessor.address, previous) and previous is not None:
+        since = self.deployment.contracts["AccessLog"].block_number
+        if check_keys(clients(sender), self.secrets.accessor.address, previous, from_block=since) and previous:
             self.deployment.operator = self.secrets.operator.address
             self.deployment.save(record)
 

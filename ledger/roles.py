@@ -53,11 +53,14 @@ def check_keys(
     operator: Mapping[str, ContractClient],
     accessor: ChecksumAddress,
     previous: Mapping[str, ContractClient] | None,
+    *,
+    from_block: int = 0,
 ) -> list[str]:
     """Make the configured keys the ones the contracts authorise (see the module); returns what was done.
 
     `operator`: the three contracts' clients sending with the configured operator key; `previous`: the
-    same with the previous operator key, if one is configured."""
+    same with the previous operator key, if one is configured; `from_block`: where the access log's
+    events start (its deployment)."""
     done: list[str] = []
     new = operator["ConsentRegistry"].sender.account.address
     if previous is not None:
@@ -71,7 +74,7 @@ def check_keys(
     if not access_log.call("hasRole", ACCESSOR_ROLE, accessor):
         access_log.transact(access_log.encode("grantRole", ACCESSOR_ROLE, accessor))
         done.append(f"AccessLog: ACCESSOR_ROLE granted to {accessor}")
-    for holder in _holders(access_log, ACCESSOR_ROLE):
+    for holder in _holders(access_log, ACCESSOR_ROLE, from_block):
         if holder != accessor and access_log.call("hasRole", ACCESSOR_ROLE, holder):
             access_log.transact(access_log.encode("revokeRole", ACCESSOR_ROLE, holder))
             done.append(f"AccessLog: ACCESSOR_ROLE revoked from {holder}")
@@ -114,12 +117,12 @@ def _wait_for_pending(sender: TxSender) -> None:
         time.sleep(0.2)
 
 
-def _holders(client: ContractClient, role: bytes) -> set[ChecksumAddress]:
+def _holders(client: ContractClient, role: bytes, from_block: int) -> set[ChecksumAddress]:
     """Every account ever granted `role` on the contract (its RoleGranted events)."""
     logs = client.w3.eth.get_logs(
         {
             "address": client.address,
-            "fromBlock": 0,
+            "fromBlock": from_block,
             "toBlock": "latest",
             "topics": ["0x" + ROLE_GRANTED.hex(), "0x" + role.hex()],
         }
