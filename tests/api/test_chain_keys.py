@@ -61,6 +61,9 @@ def test_the_operator_key_is_rotated_by_one_start_with_the_previous_key(tmp_path
     assert json.loads((tmp_path / "deployment.json").read_text())["operator"] == new.address
     with running_service(tmp_path, chain={"operator_key": new.key.hex()}, again=first) as third:
         assert _roles(third, new.address) == operator_roles  # started as it is: nothing to do
+    same = {"operator_key": new.key.hex(), "previous_operator_key": new.key.hex()}
+    with running_service(tmp_path, chain=same, again=first) as fourth:
+        assert _roles(fourth, new.address) == operator_roles  # "rotated" to itself: it keeps its roles
     with pytest.raises(KeyNotAuthorised, match="to rotate it, set CONSENT_LEDGER_CHAIN_PREVIOUS_OPERATOR_KEY"):
         start_service(tmp_path, operator_key=Account.create().key.hex())
 
