@@ -7,8 +7,8 @@ every request it accepted; so the supervisor checks first (`check_keys`):
   `CONSENT_LEDGER_CHAIN_PREVIOUS_OPERATOR_KEY`) holds them, it grants each to the new key and then
   renounces its own (grants first: stopped in between, both hold them and the next start finishes);
   else the start is refused;
-- an accessor key without ACCESSOR_ROLE: the operator (the access log's admin) grants it, and revokes
-  it from every other account that had it (found by the RoleGranted events): one accessor at a time.
+- an accessor key without ACCESSOR_ROLE: the operator (the access log's admin) revokes it from every
+  other account that has it (found by the RoleGranted events), then grants it: one accessor at a time.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from typing import Any
 
 from eth_typing import ChecksumAddress
 from eth_utils.crypto import keccak
@@ -71,13 +72,13 @@ def check_keys(
             "to rotate it, set CONSENT_LEDGER_CHAIN_PREVIOUS_OPERATOR_KEY to the old key for one start"
         )
     access_log = operator["AccessLog"]
-    if not access_log.call("hasRole", ACCESSOR_ROLE, accessor):
+    if not access_log.call("hasRole", ACCESSOR_ROLE, accessor):  # a new accessor key: the others first lose it
+        for holder in _holders(access_log, ACCESSOR_ROLE, from_block):
+            if holder != accessor and access_log.call("hasRole", ACCESSOR_ROLE, holder):
+                access_log.transact(access_log.encode("revokeRole", ACCESSOR_ROLE, holder))
+                done.append(f"AccessLog: ACCESSOR_ROLE revoked from {holder}")
         access_log.transact(access_log.encode("grantRole", ACCESSOR_ROLE, accessor))
         done.append(f"AccessLog: ACCESSOR_ROLE granted to {accessor}")
-    for holder in _holders(access_log, ACCESSOR_ROLE, from_block):
-        if holder != accessor and access_log.call("hasRole", ACCESSOR_ROLE, holder):
-            access_log.transact(access_log.encode("revokeRole", ACCESSOR_ROLE, holder))
-            done.append(f"AccessLog: ACCESSOR_ROLE revoked from {holder}")
     for line in done:
         log.warning("chain keys: %s", line)
     return done
@@ -117,14 +118,14 @@ def _wait_for_pending(sender: TxSender) -> None:
         time.sleep(0.2)
 
 
-def _holders(client: ContractClient, role: bytes, from_block: int) -> set[ChecksumAddress]:
-    """Every account ever granted `role` on the contract (its RoleGranted events)."""
-    logs = client.w3.eth.get_logs(
-        {
-            "address": client.address,
-            "fromBlock": from_block,
-            "toBlock": "latest",
-            "topics": ["0x" + ROLE_GRANTED.hex(), "0x" + role.hex()],
-        }
-    )
-    return {Web3.to_checksum_address(bytes(entry["topics"][2])[-20:]) for entry in logs}
+def _holders(client: ContractClient, role: bytes, from_block: int, *, chunk: int = 5_000) -> set[ChecksumAddress]:
+    """Every account ever granted `role` on the contract (its RoleGranted events), read in windows of
+    `chunk` blocks (nodes limit the range of one eth_getLogs: Besu to 5,000 by default)."""
+    topics: list[Any] = ["0x" + ROLE_GRANTED.hex(), "0x" + role.hex()]
+    head = int(client.w3.eth.block_number)
+    holders: set[ChecksumAddress] = set()
+    for start in range(from_block, head + 1, chunk):
+        window = {"address": client.address, "fromBlock": start, "toBlock": min(head, start + chunk - 1)}
+        for entry in client.w3.eth.get_logs({**window, "topics": topics}):  # type: ignore[typeddict-item]
+            holders.add(Web3.to_checksum_address(bytes(entry["topics"][2])[-20:]))
+    return holders

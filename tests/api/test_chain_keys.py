@@ -13,7 +13,7 @@ from eth_account import Account
 from ledger.access import ACCESSOR_ROLE
 from ledger.consent import DEFAULT_ADMIN_ROLE, OPERATOR_ROLE, PARTNER_ROLE
 from ledger.loyalty import ISSUER_ROLE, RELAYER_ROLE
-from ledger.roles import KeyNotAuthorised
+from ledger.roles import KeyNotAuthorised, _holders
 from tests.api.conftest import Service, running_service, start_service
 
 ATTRIBUTES = ["user.contact.email"]
@@ -78,3 +78,5 @@ def test_a_new_accessor_key_gets_the_role_and_the_old_one_loses_it(tmp_path: Pat
         assert _roles(second, old) == set()
         assert second.runtime.access_log is not None
         assert second.runtime.access_log.sender.account.address == new.address
+        # Found by their RoleGranted events, read in windows of a few blocks as a node may require.
+        assert _holders(second.runtime.access_log, ACCESSOR_ROLE, 0, chunk=3) == {old, new.address}
