@@ -140,6 +140,7 @@ class Runtime:
                 reference.seed(session)
 
         self.artifacts = compile_contracts(self.toolchain)
+        decoder = RevertDecoder(list(self.artifacts.values()))
         if worker:
             # The supervisor's node and deployment; this process never sends a transaction.
             assert self.node_url is not None, "a worker needs the supervisor's node URL"
@@ -166,8 +167,7 @@ class Runtime:
                 # CONSENT_LEDGER_CHAIN_STATE_INTERVAL showed it).
                 self.backend.node.checkpoint()
             accessor = TxSender(w3, self.secrets.accessor, receipt_timeout=self.chain.receipt_timeout)
-            self._check_keys(w3, sender, record)
-        decoder = RevertDecoder(list(self.artifacts.values()))
+            self._check_keys(w3, sender, decoder, record)
         self.consent = ConsentRegistryClient(
             w3, self.deployment.address("ConsentRegistry"), self.artifacts["ConsentRegistry"], sender, decoder
         )
@@ -349,11 +349,10 @@ class Runtime:
                 next_prune = time.monotonic() + self.prune_interval
                 self.prune()
 
-    def _check_keys(self, w3: Web3, sender: TxSender, record: Path) -> None:
+    def _check_keys(self, w3: Web3, sender: TxSender, decoder: RevertDecoder, record: Path) -> None:
         """The contracts authorise the configured operator and accessor keys, or the start is refused;
         a rotated key gets the roles (`ledger.roles.check_keys`)."""
         assert self.deployment is not None and self.backend is not None
-        decoder = RevertDecoder(list(self.artifacts.values()))
 
         def clients(signer: TxSender) -> dict[str, ContractClient]:
             assert self.deployment is not None
