@@ -226,14 +226,18 @@ def _serve_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _service_settings(args: argparse.Namespace) -> ServiceSettings:
+    """The settings, with `--data-dir` over CONSENT_LEDGER_DATA_DIR when given."""
+    return ServiceSettings(data_dir=args.data_dir) if args.data_dir else ServiceSettings()
+
+
 @contextlib.contextmanager
 def _principals_db(args: argparse.Namespace) -> Iterator[sessionmaker[Session]]:
     """The service database of `--data-dir` (made or brought up to date), for the `principals` commands."""
     import api.models  # noqa: F401 - the principals table
     from ledger.store import create_schema, make_engine, sessions
 
-    overrides = {"data_dir": args.data_dir} if args.data_dir else {}
-    service = ServiceSettings(**overrides)
+    service = _service_settings(args)
     service.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(service.database_url or f"sqlite:///{(service.data_dir / 'service.db').resolve()}")
     try:
@@ -351,8 +355,7 @@ def _vault(args: argparse.Namespace) -> int:
     from identity.keys import FileKeyProvider
     from identity.settings import IdentitySettings
 
-    overrides = {"data_dir": args.data_dir} if args.data_dir else {}
-    service, identity = ServiceSettings(**overrides), IdentitySettings()
+    service, identity = _service_settings(args), IdentitySettings()
     secrets = load_secrets(service, ChainSettings(), identity)
     report: dict[str, object] = {}
     if args.vault_command == "rotate-master-key" and args.new_key:
@@ -384,8 +387,7 @@ def _backup(args: argparse.Namespace) -> int:
     from api.backup import backup
     from identity.settings import IdentitySettings
 
-    overrides = {"data_dir": args.data_dir} if args.data_dir else {}
-    manifest = backup(ServiceSettings(**overrides), ChainSettings(), IdentitySettings(), args.dest)
+    manifest = backup(_service_settings(args), ChainSettings(), IdentitySettings(), args.dest)
     print(json.dumps(manifest.__dict__, indent=2))
     return 0
 
