@@ -124,7 +124,9 @@ class CpuMeter:
         self.before: dict[str, float] = {}
         self.used: dict[str, float] = {}
 
-    def start(self) -> None:
+    def start(self, at: float) -> None:
+        """At `at` (wall clock: when the load generator starts posting)."""
+        time.sleep(max(0.0, at - time.time()))
         self.before = _tree_cpu(self.root)
 
     def stop(self) -> None:
@@ -252,8 +254,7 @@ def run(label: str, requests: int, customers: int, processes: int, lanes: int, *
             for proc in procs:
                 proc.start()
             cpu = CpuMeter(service)
-            time.sleep(max(0.0, start_at - time.time()))
-            cpu.start()
+            cpu.start(at=start_at)
             outcomes = [queue.get() for _ in procs]
             for proc in procs:
                 proc.join()

@@ -161,8 +161,7 @@ def run(label: str, redemptions: int, customers: int, partners: int, lanes: int,
             print(f"[{label}] {partners} partners redeem {total} times with {lanes} tills each ...", flush=True)
             procs, queue, start_at = start_partners(service.url, [key for key, _ in partner_keys], work, lanes)
             cpu = CpuMeter(service)
-            time.sleep(max(0.0, start_at - time.time()))
-            cpu.start()
+            cpu.start(at=start_at)
             outcomes = [queue.get() for _ in procs]
             finished = time.time()
             cpu.stop()  # a redemption is answered once on-chain: each one's whole cost
