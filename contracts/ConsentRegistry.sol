@@ -141,7 +141,13 @@ contract ConsentRegistry is IConsentRegistry, AccessControl, EIP712 {
         if (controller == address(0)) {
             return abi.encodeWithSelector(ConsentRegistryUnboundSubject.selector, c.subject);
         }
-        if (c.nonce != expectedNonce) {
+        // Nonces only move forward: a change applies if its nonce is not below the subject's next one,
+        // and moves it past itself. A change the customer signed later therefore takes effect even when
+        // an earlier one failed here (an expired grant must not keep a later revocation off the chain),
+        // and nothing applies twice or before a change it was signed after. Skipping a nonce drops what
+        // carried it, which the relayer could do anyway by never sending it. The cap keeps `nonce + 1`
+        // within the slot's 96 bits (a wrapped nonce would let old signatures apply again).
+        if (c.nonce < expectedNonce || c.nonce >= type(uint96).max) {
             return abi.encodeWithSelector(InvalidAccountNonce.selector, controller, expectedNonce);
         }
         address signer = _signer(c);
@@ -158,13 +164,13 @@ contract ConsentRegistry is IConsentRegistry, AccessControl, EIP712 {
             if (c.validUntil != 0 && c.validUntil <= block.timestamp) {
                 return abi.encodeWithSelector(ConsentRegistryInvalidValidity.selector, c.validUntil);
             }
-            slot.nonce = expectedNonce + 1;
+            slot.nonce = uint96(c.nonce) + 1;
             _grant(c);
         } else {
             if (c.validUntil != 0) {
                 return abi.encodeWithSelector(ConsentRegistryInvalidValidity.selector, c.validUntil);
             }
-            slot.nonce = expectedNonce + 1;
+            slot.nonce = uint96(c.nonce) + 1;
             _revoke(c);
         }
         return "";

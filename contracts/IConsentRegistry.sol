@@ -29,7 +29,7 @@ interface IConsentRegistry {
     /**
      * @dev A `ConsentGrant` or `ConsentRevoke` message of the subject's controller with its ECDSA
      * signature. One struct for both kinds so that a batch keeps the order in which the changes were
-     * signed (a subject's nonces are sequential). `validUntil` is part of grants only and must be
+     * signed (a subject's nonces increase). `validUntil` is part of grants only and must be
      * 0 in a revocation.
      */
     struct SignedChange {
@@ -70,7 +70,8 @@ interface IConsentRegistry {
     /// @dev A grant or revocation must name at least one attribute.
     error ConsentRegistryEmptyAttributes();
 
-    /// @dev `nonce` is not the subject's next one (`currentNonce`); `account` is the subject's controller.
+    /// @dev `nonce` is used or passed (below `currentNonce`, the subject's next one; for a key change, not
+    /// equal to it), or out of range; `account` is the subject's controller.
     error InvalidAccountNonce(address account, uint256 currentNonce);
 
     /// @dev A grant names an attribute bit above the highest a consent can hold (see {Consent}).
@@ -143,8 +144,10 @@ interface IConsentRegistry {
      * Requirements:
      * - the caller has the operator role;
      * - `deadline` has not passed and `attributes` is not empty;
-     * - the subject is bound, `nonce` is the subject's next nonce and the signature is the
-     *   controller's over this contract's EIP-712 domain;
+     * - the subject is bound, `nonce` is at least the subject's next nonce (and below 2^96 - 1), and
+     *   the signature is the controller's over this contract's EIP-712 domain. The subject's next
+     *   nonce becomes `nonce + 1`: a nonce below it that never applied (a change that failed, or
+     *   was never sent) can no longer apply, so changes apply in the order they were signed, once;
      * - for a grant: the partner holds the partner role, `attributes` fits in a {Consent}'s 192 bits
      *   and `validUntil` is 0 or in the future;
      * - for a revocation: `validUntil` is 0.
@@ -163,7 +166,8 @@ interface IConsentRegistry {
     function controllerOf(bytes32 subject) external view returns (address);
 
     /**
-     * @dev The nonce the next signed message about `subject` must carry. Nonces belong to the
+     * @dev The least nonce the next signed change about `subject` may carry (a key change: exactly
+     * this one). Nonces belong to the
      * subject, not to its key: they count on across a change of controller, and they share the
      * controller's storage slot (one slot fewer per customer for every node to hash and copy).
      */

@@ -372,6 +372,14 @@ class _Raced(Exception):
 _BATCHES = cast(Table, RelayBatch.__table__)
 _REQUESTS = cast(Table, ConsentRequest.__table__)
 
+# One change of a subject at a time on its way: a subject's pending changes wait while an earlier one is
+# submitted (sent, or mined and not yet confirmed by the indexer), then go together, in order. The
+# contract applies a change whose nonce is above the subject's next one (skipping what failed before
+# it), so a later change must never reach the chain while an earlier one could still: if that
+# earlier batch reverted, or was lost with its block, the later one would apply first and the earlier
+# could never apply. Uncorrelated: the database reads the (few) submitted subjects once per statement.
+_SUBMITTED_SUBJECTS = select(ConsentRequest.subject).where(ConsentRequest.status == RequestStatus.SUBMITTED)
+
 # What a batch needs of its pending requests, oldest first (columns, not ORM objects: the relayer
 # reads up to 500 of them per batch).
 _PENDING = (
@@ -389,7 +397,7 @@ _PENDING = (
         ConsentRequest.r,
         ConsentRequest.s,
     )
-    .where(ConsentRequest.status == RequestStatus.PENDING)
+    .where(ConsentRequest.status == RequestStatus.PENDING, ConsentRequest.subject.not_in(_SUBMITTED_SUBJECTS))
     .order_by(ConsentRequest.seq)
     .limit(bindparam("limit"))
 )
@@ -522,6 +530,7 @@ class Relayer(BatchLane):
                         .where(
                             _REQUESTS.c.seq.between(requests[0].seq, requests[-1].seq),
                             _REQUESTS.c.status == RequestStatus.PENDING,
+                            _REQUESTS.c.subject.not_in(_SUBMITTED_SUBJECTS),
                             *([_REQUESTS.c.subject.not_in(held)] if held else []),
                         )
                         .values(status=RequestStatus.SUBMITTED, batch_id=batch_id, tx_hash=tx_hash, updated_at=utcnow())
@@ -700,29 +709,14 @@ class Relayer(BatchLane):
             current = int(cause.args_by_name["currentNonce"])
             if current > request.nonce:
                 # That nonce was used: by this very change in an earlier (reorganised or resent)
-                # transaction. The indexer confirms it from the chain's event.
+                # transaction, as no later change of its subject is sent before it settles (see
+                # `_SUBMITTED_SUBJECTS`). The indexer confirms it from the chain's event.
                 # Only while still submitted: the indexer may have confirmed it meanwhile.
                 session.execute(
                     update(ConsentRequest)
                     .where(ConsentRequest.seq == request.seq, ConsentRequest.status == RequestStatus.SUBMITTED)
                     .values(batch_id=None, updated_at=utcnow())
                 )
-                return
-            # The chain is at `current`, below this change's nonce. If every nonce in between belongs to a
-            # change of ours that has not failed (queued, in flight, or confirmed on a chain the node has
-            # since lost), this one can still apply in turn: queue it again. Only a real gap is final.
-            between = set(
-                session.scalars(
-                    select(ConsentRequest.nonce).where(
-                        ConsentRequest.subject == request.subject,
-                        ConsentRequest.nonce >= current,
-                        ConsentRequest.nonce < request.nonce,
-                        ConsentRequest.failed_at.is_(None),
-                    )
-                )
-            )
-            if len(between) == request.nonce - current:
-                self._requeue(session, request.seq)
                 return
         now = utcnow()
         session.execute(

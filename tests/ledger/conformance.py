@@ -125,6 +125,34 @@ class ChainConformance:
         assert refused.value.args_by_name == {"account": ledger.customer.address, "currentNonce": 2}
         assert not ledger.registry.is_permitted(ledger.subject, ledger.partner, ledger.purpose, EMAIL)
 
+    def test_a_change_applies_though_an_earlier_one_failed_and_the_earlier_one_never_does(self, ledger: Ledger) -> None:
+        ledger.registry.apply(ledger.grant(EMAIL | PHONE, nonce=0))
+        expired = ledger.grant(NAME, nonce=1, deadline=ledger.now() - 1)  # failed: its deadline passed
+        with pytest.raises(SignatureExpired):
+            ledger.registry.apply(expired)
+        # The customer's revocation, signed after it (nonce 2), takes effect all the same ...
+        ledger.registry.apply(ledger.revoke(EMAIL | PHONE, nonce=2))
+        assert not ledger.registry.is_permitted(ledger.subject, ledger.partner, ledger.purpose, EMAIL)
+        assert ledger.registry.nonce_of(ledger.subject) == 3
+        # ... and nothing signed before it can apply after it: the order the customer signed in holds.
+        for earlier in (ledger.grant(EMAIL, nonce=1), ledger.grant(EMAIL, nonce=2)):
+            with pytest.raises(NonceMismatch) as refused:
+                ledger.registry.apply(earlier)
+            assert refused.value.args_by_name["currentNonce"] == 3
+        assert not ledger.registry.is_permitted(ledger.subject, ledger.partner, ledger.purpose, EMAIL)
+        ledger.registry.apply(ledger.grant(PHONE, nonce=7))  # a later grant skips the unused 3 to 6 too
+        assert ledger.registry.nonce_of(ledger.subject) == 8
+
+    def test_a_nonce_past_the_slots_96_bits_is_refused(self, ledger: Ledger) -> None:
+        # The next nonce is stored in 96 bits: applying 2^96 - 1 would wrap it to 0 and let every old
+        # signature apply again.
+        for nonce in (2**96 - 1, 2**96, 2**256 - 1):
+            with pytest.raises(NonceMismatch):
+                ledger.registry.apply(ledger.revoke(EMAIL, nonce=nonce))
+        assert ledger.registry.nonce_of(ledger.subject) == 0
+        ledger.registry.apply(ledger.revoke(EMAIL, nonce=2**96 - 2))  # the highest a change can carry
+        assert ledger.registry.nonce_of(ledger.subject) == 2**96 - 1
+
     def test_an_expired_deadline_is_refused(self, ledger: Ledger) -> None:
         deadline = ledger.now() - 1
         with pytest.raises(SignatureExpired) as refused:

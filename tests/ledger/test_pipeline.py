@@ -67,7 +67,14 @@ class Pipeline:
         return account, subject
 
     def accept(
-        self, account: LocalAccount, subject: Subject, kind: ChangeKind, bits: int, *, key: bytes | None = None
+        self,
+        account: LocalAccount,
+        subject: Subject,
+        kind: ChangeKind,
+        bits: int,
+        *,
+        key: bytes | None = None,
+        lifetime: int = 3600,
     ) -> ConsentRequest:
         chain_nonce = self.registry.nonce_of(subject)
         change = ConsentChange(
@@ -77,7 +84,7 @@ class Pipeline:
             PURPOSE,
             bits,
             nonce=self.outbox.next_nonce(subject, chain_nonce),
-            deadline=int(time.time()) + 3600,
+            deadline=int(time.time()) + lifetime,
         )
         signed = SignedChange(change, eip712.sign(key or bytes(account.key), self.registry.domain, change))
         return self.outbox.accept(signed, account.address, chain_nonce)
@@ -219,6 +226,61 @@ def test_a_revocation_takes_effect_when_accepted_and_a_grant_when_on_chain(pipel
     assert not pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, PHONE)
     (status,) = pipeline.outbox.consents_of(subject)
     assert (status.status, status.attributes, status.on_chain) == ("active", EMAIL, EMAIL)
+
+
+def test_an_accepted_revocation_takes_effect_though_an_earlier_change_failed_on_chain(pipeline: Pipeline) -> None:
+    """The invariant: a revocation the service accepted takes effect on-chain, whatever happened to
+    the customer's earlier changes. Here a grant accepted before it fails on-chain (its deadline
+    passed while it waited: a node that was away), which left the revocation's nonce unreachable
+    while nonces had to follow each other exactly."""
+    account, subject = pipeline.customer()
+    granted = pipeline.accept(account, subject, ChangeKind.GRANT, EMAIL | PHONE)
+    pipeline.settle(lambda: pipeline.statuses(granted) == [RequestStatus.CONFIRMED])
+    late = pipeline.accept(account, subject, ChangeKind.GRANT, 4, lifetime=1)
+    revoke = pipeline.accept(account, subject, ChangeKind.REVOKE, EMAIL | PHONE)
+    assert revoke.nonce == late.nonce + 1
+    assert pipeline.outbox.effective(subject, pipeline.partner, PURPOSE) == 0  # deny wins while pending
+    time.sleep(2.2)  # the grant's deadline passes before the relayer gets to it
+    pipeline.settle(
+        lambda: (
+            RequestStatus.PENDING not in pipeline.statuses(late, revoke)
+            and RequestStatus.SUBMITTED not in pipeline.statuses(late, revoke)
+        )
+    )
+    failed = pipeline.outbox.request(late.id)
+    assert failed is not None
+    assert (failed.status, failed.error_code) == (RequestStatus.FAILED, "signature_expired")
+    assert pipeline.statuses(revoke) == [RequestStatus.CONFIRMED]
+    assert not pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, EMAIL)
+    assert not pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, PHONE)
+    (status,) = pipeline.outbox.consents_of(subject)
+    assert (status.status, status.attributes, status.on_chain) == ("revoked", 0, 0)
+    # The customer goes on from the chain's nonce: the failed grant's is passed for good.
+    again = pipeline.accept(account, subject, ChangeKind.GRANT, EMAIL)
+    assert again.nonce == revoke.nonce + 1
+    pipeline.settle(lambda: pipeline.statuses(again) == [RequestStatus.CONFIRMED])
+    assert pipeline.outbox.effective(subject, pipeline.partner, PURPOSE) == EMAIL
+
+
+def test_a_subjects_later_change_waits_while_an_earlier_one_is_on_its_way(pipeline: Pipeline) -> None:
+    """A change whose nonce is above the chain's applies (skipping the ones before it), so the relayer
+    never lets a later change of a subject overtake an earlier one still on its way. Here the earlier
+    one's batch reverts for another customer's forged change: had the later revocation been sent in
+    the next batch meanwhile, it would have applied first and the customer's grant never could."""
+    account, subject = pipeline.customer()
+    forger, forged = pipeline.customer()
+    bad = pipeline.accept(forger, forged, ChangeKind.GRANT, EMAIL, key=bytes(Account.create().key))
+    grant = pipeline.accept(account, subject, ChangeKind.GRANT, EMAIL | PHONE)
+    pipeline.relayer.step(poll=False)  # one batch: the forged grant and the customer's; it will revert
+    assert pipeline.statuses(bad, grant) == [RequestStatus.SUBMITTED] * 2
+    revoke = pipeline.accept(account, subject, ChangeKind.REVOKE, PHONE)
+    pipeline.relayer.step(poll=False)
+    assert pipeline.statuses(revoke) == [RequestStatus.PENDING]  # held back behind the grant
+    pipeline.settle(lambda: pipeline.statuses(revoke) == [RequestStatus.CONFIRMED])
+    assert pipeline.statuses(bad, grant) == [RequestStatus.FAILED, RequestStatus.CONFIRMED]
+    assert pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, EMAIL)
+    assert not pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, PHONE)
+    assert pipeline.outbox.effective(subject, pipeline.partner, PURPOSE) == EMAIL
 
 
 def test_a_replayed_or_out_of_order_nonce_is_refused_at_acceptance(pipeline: Pipeline) -> None:
