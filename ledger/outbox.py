@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Engine, Table, func, insert, select
+from sqlalchemy import Engine, Integer, Select, Table, func, insert, literal, null, select, union_all
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -108,12 +108,23 @@ class Outbox:
 
     def consents_of(self, subject: bytes, now: int | None = None) -> list[ConsentStatus]:
         now = int(time.time()) if now is None else now
+        states: dict[tuple[str, bytes], Any] = {}
+        pending: dict[tuple[str, bytes], tuple[int, int]] = {}
         with self._sessions() as session:
-            states = {
-                (s.partner, s.purpose): s
-                for s in session.scalars(select(ConsentState).where(ConsentState.subject == subject))
-            }
-            pending = _pending(session, subject)
+            # One statement, so one snapshot: the state and the live requests must be of the same moment.
+            # Read apart, an indexer commit in between (confirming a revocation: its request leaves the
+            # live ones as its effect enters the state) showed the old bits with no revocation pending.
+            for row in session.execute(_subject_view(subject)):
+                key = (row.partner, bytes(row.purpose))
+                if row.kind == _STATE:
+                    states[key] = row
+                    continue
+                grant, revoke = pending.get(key, (0, 0))
+                if row.kind == ChangeKind.GRANT:
+                    grant |= int(row.attributes)
+                else:
+                    revoke |= int(row.attributes)
+                pending[key] = (grant, revoke)
         keys = set(states) | set(pending)
         result = []
         for key in sorted(keys):
@@ -156,46 +167,66 @@ class Outbox:
 
     def permissions(self, partner: str, purpose: bytes, now: int | None = None) -> dict[bytes, int]:
         """Every subject's attributes that `partner` may use now for `purpose`, as `effective` gives
-        them one by one (deny wins while a revocation is pending); subjects with none are left out."""
+        them one by one (deny wins while a revocation is pending); subjects with none are left out.
+        Read in one statement (one snapshot), as `consents_of`: the bridge releases by this."""
         now = int(time.time()) if now is None else now
+        on_chain: dict[bytes, int] = {}
+        revoking: list[tuple[bytes, int]] = []
         with self._sessions() as session:
-            on_chain = {
-                bytes(subject): 0 if valid_until != 0 and valid_until <= now else int(attributes)
-                for subject, attributes, valid_until in session.execute(
-                    select(ConsentState.subject, ConsentState.attributes, ConsentState.valid_until).where(
-                        ConsentState.partner == partner, ConsentState.purpose == purpose
-                    )
-                )
-            }
-            revoking = session.execute(
-                select(ConsentRequest.subject, ConsentRequest.attributes).where(
-                    ConsentRequest.partner == partner,
-                    ConsentRequest.purpose == purpose,
-                    ConsentRequest.kind == ChangeKind.REVOKE,
-                    ConsentRequest.status.in_(LIVE),
-                )
-            )
-            for subject, attributes in revoking:
-                key = bytes(subject)
-                if key in on_chain:
-                    on_chain[key] &= ~int(attributes)
+            for subject, attributes, valid_until, kind in session.execute(_permission_view(partner, purpose)):
+                if kind == _STATE:
+                    on_chain[bytes(subject)] = 0 if valid_until != 0 and valid_until <= now else int(attributes)
+                else:
+                    revoking.append((bytes(subject), int(attributes)))
+        for subject, attributes in revoking:
+            if subject in on_chain:
+                on_chain[subject] &= ~attributes
         return {subject: bits for subject, bits in on_chain.items() if bits}
 
 
-def _pending(session: Session, subject: bytes) -> dict[tuple[str, bytes], tuple[int, int]]:
-    pending: dict[tuple[str, bytes], tuple[int, int]] = {}
-    rows = session.scalars(
-        select(ConsentRequest).where(ConsentRequest.subject == subject, ConsentRequest.status.in_(LIVE))
+_STATE = -1  # the `kind` of a consent_state row in the views below (requests carry their ChangeKind)
+
+
+def _subject_view(subject: bytes) -> Select[Any]:
+    """A subject's on-chain consents and its live requests, in one statement."""
+    states = select(
+        ConsentState.partner,
+        ConsentState.purpose,
+        ConsentState.attributes,
+        ConsentState.valid_until,
+        ConsentState.tx_hash,
+        ConsentState.block_number,
+        literal(_STATE, Integer).label("kind"),
+    ).where(ConsentState.subject == subject)
+    requests = select(
+        ConsentRequest.partner,
+        ConsentRequest.purpose,
+        ConsentRequest.attributes,
+        ConsentRequest.valid_until,
+        null().label("tx_hash"),
+        null().label("block_number"),
+        ConsentRequest.kind,
+    ).where(ConsentRequest.subject == subject, ConsentRequest.status.in_(LIVE))
+    return cast(Select[Any], union_all(states, requests))
+
+
+def _permission_view(partner: str, purpose: bytes) -> Select[Any]:
+    """Every subject's on-chain consent to (partner, purpose) and the live revocations of it, in one statement."""
+    states = select(
+        ConsentState.subject,
+        ConsentState.attributes,
+        ConsentState.valid_until,
+        literal(_STATE, Integer).label("kind"),
+    ).where(ConsentState.partner == partner, ConsentState.purpose == purpose)
+    revocations = select(
+        ConsentRequest.subject, ConsentRequest.attributes, ConsentRequest.valid_until, ConsentRequest.kind
+    ).where(
+        ConsentRequest.partner == partner,
+        ConsentRequest.purpose == purpose,
+        ConsentRequest.kind == ChangeKind.REVOKE,
+        ConsentRequest.status.in_(LIVE),
     )
-    for row in rows:
-        grant, revoke = pending.get((row.partner, row.purpose), (0, 0))
-        bits = int(row.attributes)
-        if row.kind == ChangeKind.GRANT:
-            grant |= bits
-        else:
-            revoke |= bits
-        pending[(row.partner, row.purpose)] = (grant, revoke)
-    return pending
+    return cast(Select[Any], union_all(states, revocations))
 
 
 @dataclass

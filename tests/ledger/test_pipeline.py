@@ -283,6 +283,46 @@ def test_a_subjects_later_change_waits_while_an_earlier_one_is_on_its_way(pipeli
     assert pipeline.outbox.effective(subject, pipeline.partner, PURPOSE) == EMAIL
 
 
+@pytest.mark.parametrize("read", ["permissions", "consents_of"])
+def test_consent_reads_are_one_moment_though_the_indexer_commits_while_they_read(pipeline: Pipeline, read: str) -> None:
+    """The bridge releases by `permissions`, the portal shows `consents_of`. Each combines the
+    on-chain state with the live (accepted, unconfirmed) revocations. Here the indexer confirms a
+    revocation (its request leaves the live ones as its effect enters the state) right after the read
+    of the state began: read in two statements, the customer came out permitted with the old bits,
+    which the database never said at any moment."""
+    account, subject = pipeline.customer()
+    grant = pipeline.accept(account, subject, ChangeKind.GRANT, EMAIL | PHONE)
+    pipeline.settle(lambda: pipeline.statuses(grant) == [RequestStatus.CONFIRMED])
+    revoke = pipeline.accept(account, subject, ChangeKind.REVOKE, PHONE)
+    deadline = time.monotonic() + 30
+    while pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, PHONE):  # mined, not indexed
+        assert time.monotonic() < deadline
+        pipeline.relayer.step()
+        time.sleep(0.02)
+    assert pipeline.statuses(revoke) == [RequestStatus.SUBMITTED]
+    interleaved = []
+
+    def index_meanwhile(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if interleaved or "consent_state" not in statement:
+            return
+        interleaved.append(statement)  # first: the indexer's own statements come back here
+        while pipeline.statuses(revoke) != [RequestStatus.CONFIRMED]:
+            assert time.monotonic() < deadline
+            pipeline.indexer.step()
+
+    sa_event.listen(pipeline.engine, "after_cursor_execute", index_meanwhile)
+    try:
+        if read == "permissions":
+            assert pipeline.outbox.permissions(pipeline.partner, PURPOSE) == {bytes(subject): EMAIL}
+        else:
+            (status,) = pipeline.outbox.consents_of(subject)
+            assert status.attributes == EMAIL
+    finally:
+        sa_event.remove(pipeline.engine, "after_cursor_execute", index_meanwhile)
+    assert interleaved  # the indexer did commit while the read was under way
+    assert pipeline.outbox.permissions(pipeline.partner, PURPOSE) == {bytes(subject): EMAIL}
+
+
 def test_a_replayed_or_out_of_order_nonce_is_refused_at_acceptance(pipeline: Pipeline) -> None:
     account, subject = pipeline.customer()
     pipeline.accept(account, subject, ChangeKind.GRANT, EMAIL)
