@@ -8,6 +8,7 @@ its event is on-chain.
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import threading
 import time
@@ -35,6 +36,8 @@ from ledger.store import (
     sessions,
     utcnow,
 )
+
+log = logging.getLogger(__name__)
 
 LIVE = (RequestStatus.PENDING, RequestStatus.SUBMITTED)
 
@@ -387,10 +390,17 @@ class OutboxWriter:
             for item in batch:
                 item.done.set_exception(NonceConflict("a concurrent change took this nonce; prepare the change again"))
             return
-        except Exception as exc:  # nothing of this batch was stored: every caller hears it
+        except Exception as exc:  # nothing of this batch was stored
             self._next.clear()
-            for item in batch:
-                item.done.set_exception(exc)
+            if len(batch) > 1:
+                # One request the database cannot store (a value past its column's range) must not fail
+                # the others that shared its commit: each is written again alone, and only its own
+                # failure answers it. A database that is away answers each of them the same.
+                log.warning("an outbox batch of %d failed (%s); writing its changes one by one", len(batch), exc)
+                for item in batch:
+                    self._write([item], fresh=True, unavailable=unavailable)
+                return
+            batch[0].done.set_exception(exc)
             return
         self._next.update(in_batch)
         for item, values in accepted:

@@ -300,7 +300,7 @@ def test_consent_reads_are_one_moment_though_the_indexer_commits_while_they_read
         pipeline.relayer.step()
         time.sleep(0.02)
     assert pipeline.statuses(revoke) == [RequestStatus.SUBMITTED]
-    interleaved = []
+    interleaved: list[str] = []
 
     def index_meanwhile(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
         if interleaved or "consent_state" not in statement:
@@ -558,6 +558,37 @@ def test_the_outbox_writer_asks_the_chain_for_nonces_outside_the_write_lock(pipe
         writer.close()
     assert subject in asked
     assert broken in asked
+
+
+def test_a_change_the_database_cannot_store_fails_alone_in_its_shared_commit(pipeline: Pipeline) -> None:
+    """Changes that arrive together share one commit. One whose value the database cannot hold (a
+    deadline past SQLite's signed 64-bit INTEGER) made the whole commit fail, and every other
+    customer's change in it answered 500 with it."""
+    customers = [pipeline.customer() for _ in range(12)]
+
+    def signed(account: LocalAccount, subject: Subject, deadline: int) -> SignedChange:
+        change = ConsentChange(ChangeKind.GRANT, subject, pipeline.partner, PURPOSE, EMAIL, nonce=0, deadline=deadline)
+        return SignedChange(change, eip712.sign(bytes(account.key), pipeline.registry.domain, change))
+
+    writer = OutboxWriter(pipeline.engine, linger=0.2)  # all in one batch
+    try:
+        pending = [
+            writer.accept(
+                signed(account, subject, 2**63 if at == 5 else int(time.time()) + 600),
+                account.address,
+                lambda: 0,
+            )
+            for at, (account, subject) in enumerate(customers)
+        ]
+        with pytest.raises(OverflowError):
+            pending[5].result(10)
+        stored = [future.result(10) for at, future in enumerate(pending) if at != 5]
+    finally:
+        writer.close()
+    assert [r.subject for r in stored] == [bytes(s) for at, (_, s) in enumerate(customers) if at != 5]
+    for request in stored:
+        assert pipeline.outbox.request(request.id) is not None
+    assert pipeline.outbox.next_nonce(customers[5][1], 0) == 0  # nothing of the bad one was kept
 
 
 def test_changes_that_arrive_while_the_outbox_writer_waits_for_the_lock_join_its_transaction(
