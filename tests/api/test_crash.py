@@ -356,12 +356,18 @@ def test_contracts_deployed_at_the_first_start_survive_a_node_crash_before_any_p
 
 
 def _kill_node_and_wait_for_its_restart(serve: Serve) -> None:
-    """SIGKILL the managed node; the supervisor starts a new one (same port, same state file)."""
+    """SIGKILL the managed node; the supervisor starts a new one (same port, same state file). Waits
+    until the new node answers: its pid file is written as it is started, before it listens (under
+    load a request right after the pid changed met a refused connection)."""
     killed = serve.anvil_pid()
     os.kill(killed, signal.SIGKILL)
     deadline = time.monotonic() + 30
-    while serve.anvil_pid() == killed:
+    while True:
         assert time.monotonic() < deadline, "the service did not restart its node"
+        if serve.anvil_pid() != killed:
+            with contextlib.suppress(httpx.TransportError):
+                _rpc(serve, "eth_blockNumber", [])
+                return
         time.sleep(0.1)
 
 
@@ -456,12 +462,7 @@ def test_a_key_bound_and_a_partner_added_just_before_the_node_dies_are_put_back(
         assert (redeemed.status_code, redeemed.json()["balance"]) == (200, 70), redeemed.text
         binding_tx = _latest_binding(serve)
         assert _rpc(serve, "eth_getTransactionByHash", [binding_tx]) is not None
-        killed = serve.anvil_pid()
-        os.kill(killed, signal.SIGKILL)  # before the next checkpoint: the binding's block is lost
-        deadline = time.monotonic() + 30
-        while serve.anvil_pid() == killed:
-            assert time.monotonic() < deadline, "the service did not restart its node"
-            time.sleep(0.1)
+        _kill_node_and_wait_for_its_restart(serve)  # before the next checkpoint: the binding's block is lost
         # The binding left with its block (else this test proves nothing), and the service bound the key again.
         assert _rpc(serve, "eth_getTransactionByHash", [binding_tx]) is None
         after = _grant(serve, account, headers)  # the customer goes on as if nothing happened
