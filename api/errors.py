@@ -67,6 +67,34 @@ def problem_response(
 
 _HTTP_CODES = {401: "unauthenticated", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
 
+# A stable code per kind of invalid field (pydantic's error types), for clients to act on.
+_VALIDATION_CODES = {
+    "int_type": "not_an_integer",
+    "int_parsing": "not_an_integer",
+    "int_from_float": "not_an_integer",
+    "greater_than": "out_of_range",
+    "greater_than_equal": "out_of_range",
+    "less_than": "out_of_range",
+    "less_than_equal": "out_of_range",
+    "invalid_name": "invalid_name",
+    "string_pattern_mismatch": "invalid_format",
+    "string_too_short": "invalid_length",
+    "string_too_long": "invalid_length",
+    "too_short": "invalid_length",
+    "too_long": "invalid_length",
+    "missing": "missing_field",
+    "extra_forbidden": "unknown_field",
+}
+
+
+def _field(loc: list[Any]) -> str:
+    """A field's name as the client wrote it: `issuances[0].amount`, without pydantic's `body.` prefix."""
+    parts = loc[1:] if len(loc) > 1 and loc[0] in ("body", "query", "path", "header") else loc
+    name = ""
+    for part in parts:
+        name += f"[{part}]" if isinstance(part, int) else f".{part}" if name else str(part)
+    return name or "body"
+
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
@@ -75,13 +103,21 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        errors = [
+            {
+                "loc": list(e["loc"]),
+                "msg": e["msg"],
+                "type": e["type"],
+                "code": _VALIDATION_CODES.get(e["type"], "validation_error"),
+            }
+            for e in exc.errors()
+        ]
         return problem_response(
             request,
             422,
-            "validation_error",
+            codes.pop() if len(codes := {e["code"] for e in errors}) == 1 else "validation_error",
             "The request is not valid",
-            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors),
+            "; ".join(f"{_field(e['loc'])}: {e['msg']}" for e in errors),
             errors=errors,
         )
 

@@ -111,8 +111,23 @@ async def submit(body: TypedDataSubmission, runtime: RuntimeDep, caller: Consent
         raise ApiError(422, "unknown_partner", "No such partner", change.partner)
     if change.kind == ChangeKind.GRANT and change.partner in catalogue.retired:
         raise _partner_retired()
+    # What `prepare` checks by name, checked here on the signed values: the signature makes a change
+    # authentic, not acceptable, and what is accepted here is applied (a 202 says so).
+    if bytes(change.purpose) not in catalogue.purpose_by_id:
+        raise ApiError(422, "unknown_purpose", "No such purpose", "purpose: 0x" + bytes(change.purpose).hex())
     if change.attributes == 0:
         raise ApiError(422, "empty_attributes", "A change names at least one attribute")
+    stray = change.attributes & ~catalogue.attribute_mask
+    if stray:
+        lowest = (stray & -stray).bit_length() - 1
+        raise ApiError(
+            422,
+            "unknown_attribute",
+            "No such attribute",
+            f"attributes: bit {lowest} is no attribute's",
+        )
+    if change.valid_until and change.valid_until <= time.time():
+        raise ApiError(422, "invalid_validity", "validUntil is in the past")
     assert runtime.writer is not None
     registry = runtime.consent
     pending = runtime.writer.accept(

@@ -47,6 +47,7 @@ from ledger.eip712 import Redemption
 from ledger.loyalty import EventKind
 from ledger.points import FINAL, LOST_AFTER_ANSWER, PointsReader
 from ledger.points_store import REQUEST_BY_REF, PointsRequest, PointsStatus
+from ledger.types import MAX_POINTS
 
 router = APIRouter(tags=["points"], responses=responses(401, 403))
 DEADLINE = 15 * 60  # seconds an authorisation may wait to be used at the partner
@@ -162,6 +163,8 @@ async def issue(
     chain refuses is reported in its place and the others still apply."""
     now = int(time.time())
     lifetime = runtime.service.points_lifetime_days * 86400
+    assert runtime.vault is not None
+    vault = runtime.vault
 
     def build(_connection: Connection) -> list[PointsRequest]:
         rows = []
@@ -172,7 +175,11 @@ async def issue(
                 raise ApiError(
                     422, "unknown_customer", "No such customer", f"issuances[{index}]: {exc.detail}"
                 ) from exc
-            expires_at = item.expires_at or now + lifetime
+            if vault.record(subject) is None:  # a well-formed DID is not a customer: nobody enrolled it
+                raise ApiError(
+                    422, "unknown_customer", "No such customer", f"issuances[{index}].did: nobody enrolled it"
+                )
+            expires_at = item.expires_at if item.expires_at is not None else now + lifetime
             if expires_at <= now:
                 raise ApiError(422, "invalid_expiry", "The expiry is in the past", f"issuances[{index}]")
             row = PointsRequest(
@@ -297,7 +304,7 @@ async def redeem(
         assert isinstance(message, Redemption)
         if partner is None or message.partner != partner:
             raise ApiError(403, "not_your_authorisation", "This authorisation is for another partner")
-        if message.amount <= 0 or message.amount > 10**15:
+        if not 0 < message.amount <= MAX_POINTS:
             raise ApiError(422, "invalid_amount", "Invalid amount")
         if message.deadline <= time.time():
             raise ApiError(422, "signature_expired", "The authorisation has expired; authorise again")
