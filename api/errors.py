@@ -11,7 +11,19 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ledger.errors import LedgerError
+from ledger.errors import (
+    AccessRejected,
+    BatchItemFailed,
+    ConsentRejected,
+    ContractRevert,
+    InsufficientPoints,
+    InvalidSignature,
+    LedgerError,
+    NonceMismatch,
+    PointsRejected,
+    SignatureExpired,
+    Unauthorized,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +108,30 @@ def _field(loc: list[Any]) -> str:
     return name or "body"
 
 
+# The contract's refusals, in plain words: the facts a revert carries (pseudonyms, balances, raw
+# data) stay in the log. Most specific class first.
+_REFUSALS: list[tuple[type[ContractRevert], int, str, str]] = [
+    (InsufficientPoints, 409, "insufficient_points", "Not enough unexpired points"),
+    (NonceMismatch, 409, "nonce_mismatch", "The signed message's nonce is not the next one; prepare it again"),
+    (InvalidSignature, 422, "invalid_signature", "The message was not signed by the customer's bound key"),
+    (SignatureExpired, 422, "signature_expired", "The signed message has expired; prepare it again"),
+    (Unauthorized, 403, "not_permitted_on_chain", "The ledger does not permit this account to do that"),
+    (PointsRejected, 422, "points_rejected", "The ledger refused the points request"),
+    (ConsentRejected, 422, "consent_rejected", "The ledger refused the consent change"),
+    (AccessRejected, 422, "access_rejected", "The ledger refused the access record"),
+    (ContractRevert, 422, "ledger_refused", "The ledger refused the request"),
+]
+
+
+def contract_refusal(exc: LedgerError) -> tuple[int, str, str] | None:
+    """(status, code, title) of a contract's refusal; None for the chain being unavailable."""
+    cause = exc.cause if isinstance(exc, BatchItemFailed) else exc
+    for kind, status, code, title in _REFUSALS:
+        if isinstance(cause, kind):
+            return status, code, title
+    return None
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -123,6 +159,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(LedgerError)
     async def _ledger(request: Request, exc: LedgerError) -> JSONResponse:
+        refusal = contract_refusal(exc)
+        if refusal is not None:
+            log.info("the ledger refused a request to %s: %s", request.url.path, exc)
+            return problem_response(request, *refusal)
         log.warning("ledger unavailable for %s: %s", request.url.path, exc)
         return problem_response(request, 503, "chain_unavailable", "The ledger is unavailable; try again shortly")
 

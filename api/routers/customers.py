@@ -32,7 +32,7 @@ from identity.normalize import normalize_pii
 from identity.types import Subject
 from ledger import eip712
 from ledger.bindings import BoundController, record_binding
-from ledger.errors import ConsentRejected, LedgerError
+from ledger.errors import ConsentRejected, ContractRevert, LedgerError
 from ledger.store import as_utc, latest_binding
 
 router = APIRouter(prefix="/customers", tags=["customers"], responses=responses(401, 403))
@@ -190,6 +190,8 @@ def bind(did: str, body: ControllerSubmit, runtime: RuntimeDep) -> ControllerPub
             session.execute(
                 update(ClaimCode).where(ClaimCode.code_hash == auth.digest(body.claim_code)).values(used_at=None)
             )
+        if isinstance(exc, ContractRevert):
+            raise  # a refusal, answered in plain words by api.errors (not with the revert's facts)
         raise ApiError(503, "chain_unavailable", "The ledger could not record the binding", str(exc)) from exc
     runtime.vault.set_controller(subject, binding.controller, runtime.deployment.chain_id)
     runtime.wait_for_controller(subject)
