@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from web3 import Web3
 
 from api import auth
-from api.deps import CallerDep, OperatorWrite, RuntimeDep
+from api.deps import CallerDep, OperatorWrite, RuntimeDep, checked
 from api.errors import ApiError, responses
 from api.models import ClaimCode
 from api.runtime import Runtime
@@ -38,6 +38,7 @@ from ledger.store import as_utc, latest_binding
 router = APIRouter(prefix="/customers", tags=["customers"], responses=responses(401, 403))
 CLAIM_LIFETIME = timedelta(days=7)
 BIND_DEADLINE = 15 * 60
+CONSENTS_READ = checked("consents:read")
 
 
 def subject_of(runtime: Runtime, did: str) -> Subject:
@@ -213,7 +214,7 @@ def own_subject(runtime: Runtime, caller: auth.Caller, did: str, operator_scope:
 def consents(did: str, runtime: RuntimeDep, caller: CallerDep) -> list[ConsentPublic]:
     """Current consents: per partner and purpose, what is permitted now and what is pending."""
     assert runtime.outbox is not None
-    subject = own_subject(runtime, caller, did, "consents:read")
+    subject = own_subject(runtime, caller, did, CONSENTS_READ)
     catalogue = runtime.catalogue()
     return [
         ConsentPublic(

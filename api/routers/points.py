@@ -20,7 +20,15 @@ from sqlalchemy import Connection
 
 from api import idempotency
 from api.auth import Caller
-from api.deps import CallerDep, PointsAuthoriser, PointsIssuer, PointsRedeemer, RuntimeDep, StatementReader
+from api.deps import (
+    CallerDep,
+    PointsAuthoriser,
+    PointsIssuer,
+    PointsRedeemer,
+    RuntimeDep,
+    StatementReader,
+    checked,
+)
 from api.errors import PROBLEM_MEDIA_TYPE, ApiError, request_path, responses
 from api.routers.customers import own_subject, subject_of
 from api.runtime import Runtime
@@ -52,6 +60,7 @@ from ledger.types import MAX_POINTS
 router = APIRouter(tags=["points"], responses=responses(401, 403))
 DEADLINE = 15 * 60  # seconds an authorisation may wait to be used at the partner
 ANSWER_TIMEOUT = 30.0
+POINTS_READ = checked("points:read")  # an operator's; customers read their own points
 
 IdempotencyKey = Annotated[
     str | None,
@@ -379,7 +388,7 @@ _KIND_NAMES: dict[int, Literal["issued", "redeemed", "expired", "issue_rejected"
 def customer_points(did: str, runtime: RuntimeDep, caller: CallerDep) -> PointsPublic:
     """Balance (unexpired points), live lots with their expiry, history and tier."""
     assert runtime.points_reader is not None
-    subject = own_subject(runtime, caller, did, "points:read")
+    subject = own_subject(runtime, caller, did, POINTS_READ)
     reader = runtime.points_reader
     now = int(time.time())
     lots = reader.lots(subject, now)
