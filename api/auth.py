@@ -26,14 +26,13 @@ from ledger.bindings import BoundController
 from ledger.store import ControllerState, as_utc, delete_in_batches
 
 ROLE_SCOPES: dict[str, frozenset[str]] = {
-    "operator": frozenset(
-        {"customers:write", "customers:read", "consents:read", "points:read", "reference:read", "reference:write"}
-    ),
+    "operator": frozenset({"customers:write", "consents:read", "points:read", "reference:read", "reference:write"}),
     "issuer": frozenset({"points:issue", "reference:read"}),
     "partner": frozenset({"points:redeem", "redemptions:read", "reference:read"}),
     "auditor": frozenset({"audit:read", "reference:read"}),
 }
-CUSTOMER_SCOPES = frozenset({"consent:read", "consent:write", "points:read", "points:authorise", "reference:read"})
+# A customer reads their own consents, points and accesses by being their subject, not by a scope.
+CUSTOMER_SCOPES = frozenset({"consent:write", "points:authorise", "reference:read"})
 TOKEN_LIFETIME = timedelta(minutes=15)
 CHALLENGE_LIFETIME = timedelta(minutes=5)
 PRUNE_BATCH = 5_000  # expired rows deleted in one write transaction (`prune_expired`)

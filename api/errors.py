@@ -11,7 +11,19 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ledger.errors import LedgerError
+from ledger.errors import (
+    AccessRejected,
+    BatchItemFailed,
+    ConsentRejected,
+    ContractRevert,
+    InsufficientPoints,
+    InvalidSignature,
+    LedgerError,
+    NonceMismatch,
+    PointsRejected,
+    SignatureExpired,
+    Unauthorized,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +79,58 @@ def problem_response(
 
 _HTTP_CODES = {401: "unauthenticated", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
 
+# A stable code per kind of invalid field (pydantic's error types), for clients to act on.
+_VALIDATION_CODES = {
+    "int_type": "not_an_integer",
+    "int_parsing": "not_an_integer",
+    "int_from_float": "not_an_integer",
+    "greater_than": "out_of_range",
+    "greater_than_equal": "out_of_range",
+    "less_than": "out_of_range",
+    "less_than_equal": "out_of_range",
+    "invalid_name": "invalid_name",
+    "string_pattern_mismatch": "invalid_format",
+    "string_too_short": "invalid_length",
+    "string_too_long": "invalid_length",
+    "too_short": "invalid_length",
+    "too_long": "invalid_length",
+    "missing": "missing_field",
+    "extra_forbidden": "unknown_field",
+}
+
+
+def _field(loc: list[Any]) -> str:
+    """A field's name as the client wrote it: `issuances[0].amount`, without pydantic's `body.` prefix."""
+    parts = loc[1:] if len(loc) > 1 and loc[0] in ("body", "query", "path", "header") else loc
+    name = ""
+    for part in parts:
+        name += f"[{part}]" if isinstance(part, int) else f".{part}" if name else str(part)
+    return name or "body"
+
+
+# The contract's refusals, in plain words: the facts a revert carries (pseudonyms, balances, raw
+# data) stay in the log. Most specific class first.
+_REFUSALS: list[tuple[type[ContractRevert], int, str, str]] = [
+    (InsufficientPoints, 409, "insufficient_points", "Not enough unexpired points"),
+    (NonceMismatch, 409, "nonce_mismatch", "The signed message's nonce is not the next one; prepare it again"),
+    (InvalidSignature, 422, "invalid_signature", "The message was not signed by the customer's bound key"),
+    (SignatureExpired, 422, "signature_expired", "The signed message has expired; prepare it again"),
+    (Unauthorized, 403, "not_permitted_on_chain", "The ledger does not permit this account to do that"),
+    (PointsRejected, 422, "points_rejected", "The ledger refused the points request"),
+    (ConsentRejected, 422, "consent_rejected", "The ledger refused the consent change"),
+    (AccessRejected, 422, "access_rejected", "The ledger refused the access record"),
+    (ContractRevert, 422, "ledger_refused", "The ledger refused the request"),
+]
+
+
+def contract_refusal(exc: LedgerError) -> tuple[int, str, str] | None:
+    """(status, code, title) of a contract's refusal; None for the chain being unavailable."""
+    cause = exc.cause if isinstance(exc, BatchItemFailed) else exc
+    for kind, status, code, title in _REFUSALS:
+        if isinstance(cause, kind):
+            return status, code, title
+    return None
+
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
@@ -75,18 +139,30 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        errors = [
+            {
+                "loc": list(e["loc"]),
+                "msg": e["msg"],
+                "type": e["type"],
+                "code": _VALIDATION_CODES.get(e["type"], "validation_error"),
+            }
+            for e in exc.errors()
+        ]
         return problem_response(
             request,
             422,
-            "validation_error",
+            codes.pop() if len(codes := {e["code"] for e in errors}) == 1 else "validation_error",
             "The request is not valid",
-            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors),
+            "; ".join(f"{_field(e['loc'])}: {e['msg']}" for e in errors),
             errors=errors,
         )
 
     @app.exception_handler(LedgerError)
     async def _ledger(request: Request, exc: LedgerError) -> JSONResponse:
+        refusal = contract_refusal(exc)
+        if refusal is not None:
+            log.info("the ledger refused a request to %s: %s", request.url.path, exc)
+            return problem_response(request, *refusal)
         log.warning("ledger unavailable for %s: %s", request.url.path, exc)
         return problem_response(request, 503, "chain_unavailable", "The ledger is unavailable; try again shortly")
 

@@ -52,6 +52,7 @@ class Catalogue:
         self.purpose_by_id = {bytes(purpose_id(k)): k for k in self.purposes}
         self.attributes = {row.key: row.bit for row in session.scalars(select(AttributeRow))}
         self.attribute_by_bit = {bit: key for key, bit in self.attributes.items()}
+        self.attribute_mask = sum(1 << bit for bit in self.attribute_by_bit)  # every bit the registry names
 
     def partner(self, name_or_address: str, *, retired: bool = False) -> str | None:
         """The address of the partner so named or addressed; a retired one only with `retired` (to

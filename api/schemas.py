@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.fields import Description, Key, Name, Points, Reference, Title, UnixTime
 from ledger.access import DivergenceCode
 
 
@@ -77,10 +78,12 @@ class TokenPublic(BaseModel):
 class ConsentPrepare(BaseModel):
     model_config = ConfigDict(extra="forbid")
     action: Literal["grant", "revoke"]
-    partner: str = Field(description="partner name or address")
-    purpose: str = Field(description="purpose key (Fideslang data use)")
-    attributes: list[str] = Field(min_length=1, description="attribute keys (Fideslang data categories)")
-    valid_until: int = Field(default=0, ge=0, lt=2**63, description="unix time the grant lapses; 0 = until revoked")
+    partner: Name = Field(description="partner name or address")
+    purpose: Key = Field(description="purpose key (Fideslang data use)")
+    attributes: list[Key] = Field(
+        min_length=1, max_length=200, description="attribute keys (Fideslang data categories)"
+    )
+    valid_until: UnixTime = Field(default=0, description="unix time the grant lapses; 0 = until revoked")
 
 
 class ConsentPreparePublic(TypedDataPublic):
@@ -121,7 +124,7 @@ class ConsentPublic(BaseModel):
 
 
 class PartnerCreate(BaseModel):
-    name: str = Field(min_length=1, max_length=100)
+    name: Name
     address: str = Field(pattern=r"^0x[0-9a-fA-F]{40}$")
 
 
@@ -132,9 +135,9 @@ class PartnerPublic(BaseModel):
 
 
 class PurposeCreate(BaseModel):
-    key: str = Field(pattern=r"^[a-z0-9_]+(\.[a-z0-9_]+)*$", max_length=100)
-    name: str = Field(min_length=1, max_length=200)
-    description: str = Field(default="", max_length=500)
+    key: Key
+    name: Title
+    description: Description = ""
 
 
 class PurposePublic(BaseModel):
@@ -145,8 +148,8 @@ class PurposePublic(BaseModel):
 
 
 class AttributeCreate(BaseModel):
-    key: str = Field(pattern=r"^[a-z0-9_]+(\.[a-z0-9_]+)*$", max_length=100)
-    name: str = Field(min_length=1, max_length=200)
+    key: Key
+    name: Title
 
 
 class AttributePublic(BaseModel):
@@ -157,15 +160,13 @@ class AttributePublic(BaseModel):
 
 # loyalty points ------------------------------------------------------------------------------------
 
-MAX_POINTS = 10**15  # fits the service database's 64-bit integers with room for sums
-
 
 class IssuanceItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
     did: str = Field(max_length=300)
-    amount: int = Field(gt=0, le=MAX_POINTS)
-    expires_at: int | None = Field(default=None, gt=0, description="unix time; default: now + the points lifetime")
-    reference: str | None = Field(default=None, max_length=100, description="the issuer's own reference, e.g. an order")
+    amount: Points
+    expires_at: UnixTime | None = Field(default=None, description="unix time; default: now + the points lifetime")
+    reference: Reference | None = Field(default=None, description="the issuer's own reference, e.g. an order")
 
 
 class IssuanceCreate(BaseModel):
@@ -197,8 +198,8 @@ class IssuancesPublic(BaseModel):
 
 class RedemptionPrepare(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    partner: str = Field(max_length=100, description="partner name or address")
-    amount: int = Field(gt=0, le=MAX_POINTS)
+    partner: Name = Field(description="partner name or address")
+    amount: Points
 
 
 class RedemptionPreparePublic(BaseModel):

@@ -52,11 +52,14 @@ from identity.normalize import normalize_emails, normalize_phone
 from identity.pseudonym import Pseudonymizer
 from identity.types import Subject
 from ledger.access import Access, AccessBatch
+from ledger.consent import ATTRIBUTE_BITS
 from ledger.errors import LedgerError
 from ledger.tx import Receipt
 
 DID_COLUMN = "did"
-_MAX_ATTRIBUTE_BIT = 62  # row masks are int64 arrays
+# Row masks are int64 arrays whose bits are the categories an export releases, not the registry's
+# (`ATTRIBUTE_BITS` of them): a mapping of more categories than this is refused.
+_MAX_CATEGORIES = 63
 # Codes of identifier spellings besides subject ids (> 0):
 _INVALID = 0  # an identifier that does not normalise: the row has no subject and no fallback
 _BLANK = -1  # no identifier (empty or null): the row may fall back to another identifier
@@ -98,7 +101,7 @@ class ExportStats:
 class _Chunk:
     batch: pa.RecordBatch
     ids: np.ndarray  # per row: the subject's id in this export (0: no valid identifier)
-    masks: np.ndarray  # per row: permitted attribute bits (0: not permitted)
+    masks: np.ndarray  # per row: permitted categories of the export, as bits (0: not permitted)
     entries: list[Access]
     settled: Future[tuple[Receipt, AccessBatch]] | None  # its transaction's receipt and entries' log, once final
 
@@ -144,18 +147,25 @@ class Bridge:
         return [None if n is None else bytes(next(derived)) for n in normalised]
 
 
+def _categories(permitted: int, categories: dict[int, int]) -> int:
+    """The categories (bits of a row mask) of `permitted` registry bits that an export asks for."""
+    return sum(1 << i for bit, i in categories.items() if permitted >> bit & 1)
+
+
 class _Subjects:
     """The subjects met in one export, numbered densely from 1 (0: a row with no valid identifier),
     with per-subject arrays, so that per-row work is numpy indexing rather than Python loops.
 
     Each distinct spelling of an identifier is normalised and hashed once per export."""
 
-    def __init__(self, bridge: Bridge, permissions: dict[bytes, int], requested: int, region: str | None) -> None:
-        self.bridge, self.permissions, self.requested, self.region = bridge, permissions, requested, region
+    def __init__(
+        self, bridge: Bridge, permissions: dict[bytes, int], categories: dict[int, int], region: str | None
+    ) -> None:
+        self.bridge, self.permissions, self.categories, self.region = bridge, permissions, categories, region
         self.ids: dict[bytes, int] = {}
         self.subjects: list[bytes] = [b""]
         self.dids: list[str] = [""]
-        self.masks = np.zeros(1, dtype=np.int64)  # permitted bits asked for, per id
+        self.masks = np.zeros(1, dtype=np.int64)  # permitted categories asked for, per id
         self.logged = np.zeros(1, dtype=bool)  # has an entry in this export
         self.refused = np.zeros(1, dtype=bool)  # the chain refused its entry
         self.released = np.zeros(1, dtype=bool)  # some of its rows were released
@@ -188,9 +198,11 @@ class _Subjects:
         have, need = len(self.masks), len(self.subjects)
         if need == have:
             return
-        permissions, requested = self.permissions, self.requested
+        permissions, categories = self.permissions, self.categories
         fresh = np.fromiter(
-            (permissions.get(s, 0) & requested for s in self.subjects[have:need]), dtype=np.int64, count=need - have
+            (_categories(permissions.get(s, 0), categories) for s in self.subjects[have:need]),
+            dtype=np.int64,
+            count=need - have,
         )
         self.masks = np.concatenate([self.masks, fresh])
         self.logged = np.concatenate([self.logged, np.zeros(need - have, dtype=bool)])
@@ -253,12 +265,15 @@ class Export:
         if unknown:
             raise MappingError(f"not attribute categories of the registry: {', '.join(unknown)}")
         self.bits = {column: attribute_bits[category] for column, category in mapping.columns.items()}
-        if any(bit > _MAX_ATTRIBUTE_BIT for bit in self.bits.values()):
-            raise MappingError(f"attribute bits above {_MAX_ATTRIBUTE_BIT} are not supported by the bridge")
-        requested = sum({1 << bit for bit in self.bits.values()})
+        if any(not 0 <= bit < ATTRIBUTE_BITS for bit in self.bits.values()):
+            raise MappingError(f"attribute bits are 0 to {ATTRIBUTE_BITS - 1}")
+        registry_bits = sorted(set(self.bits.values()))
+        if len(registry_bits) > _MAX_CATEGORIES:
+            raise MappingError(f"an export releases at most {_MAX_CATEGORIES} attribute categories")
+        self.categories = {bit: i for i, bit in enumerate(registry_bits)}  # registry bit -> bit in a row's mask
         self.bridge, self.batches, self.mapping = bridge, batches, mapping
         self.partner, self.purpose = partner, purpose
-        self.subjects = _Subjects(bridge, permissions, requested, mapping.default_region)
+        self.subjects = _Subjects(bridge, permissions, self.categories, mapping.default_region)
         self.request_id = os.urandom(32)
         self.stats = ExportStats(request_id="0x" + self.request_id.hex(), partner=partner, purpose=purpose_key)
         self.stats.columns = [DID_COLUMN, *mapping.columns]
@@ -311,14 +326,19 @@ class Export:
         new = new[~subjects.logged[new]]
         subjects.logged[new] = True
         known, partner, purpose, request_id = subjects.subjects, self.partner, self.purpose, self.request_id
+        registry = self._registry_mask
         entries = [
-            Access(known[i], partner, purpose, mask, request_id)
+            Access(known[i], partner, purpose, registry(mask), request_id)
             for i, mask in zip(new.tolist(), subjects.masks[new].tolist(), strict=True)
         ]
         if not entries:
             return _Chunk(batch, ids, masks, entries, None)
         sent = sender.submit(self.bridge.access_log.submit, entries)
         return _Chunk(batch, ids, masks, entries, settler.submit(self._settle, sent, entries, durable))
+
+    def _registry_mask(self, mask: int) -> int:
+        """A row mask's categories as the registry's attribute bits (what the access log records)."""
+        return sum(1 << bit for bit, i in self.categories.items() if mask >> i & 1)
 
     def _settle(self, sent: Future[str], entries: list[Access], durable: bool) -> tuple[Receipt, AccessBatch]:
         """(In the settling thread.) Wait until the batch's entries are final (and durable, if asked); their
@@ -380,7 +400,7 @@ class Export:
         masks = chunk.masks[keep]
         for column, bit in self.bits.items():
             values = chunk.batch.column(column).filter(kept)
-            allowed = pa.array((masks >> bit) & 1 == 1)
+            allowed = pa.array((masks >> self.categories[bit]) & 1 == 1)
             arrays.append(pc.if_else(allowed, values, pa.nulls(len(values), values.type)))
         released = pa.RecordBatch.from_arrays(arrays, names=self.stats.columns).replace_schema_metadata(self._metadata)
         self.stats.rows_released += released.num_rows

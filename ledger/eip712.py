@@ -9,6 +9,7 @@ path; `tests/ledger/test_eip712.py` checks both give the same digest for arbitra
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -18,7 +19,7 @@ from eth_abi.abi import encode as abi_encode
 from eth_typing import ChecksumAddress
 from eth_utils.crypto import keccak
 
-from ledger.types import Purpose, Subject, checksummed, keccak256
+from ledger.types import INT64_MAX, Purpose, Subject, checksummed, keccak256
 
 DOMAIN_VERSION = "1"
 # secp256k1 order / 2: signatures with a larger s are malleable copies, refused here as by ECDSA.sol.
@@ -312,15 +313,24 @@ class TypedDataError(ValueError):
     """Raised when submitted typed data is not exactly a message this service issues."""
 
 
-def _uint(value: Any, bits: int, name: str) -> int:
+_INTEGER_TEXT = re.compile(r"0|[1-9][0-9]*|0x[0-9a-fA-F]+")  # what wallets write: decimal or 0x-hex, nothing else
+
+
+def _uint(value: Any, bits: int, name: str, *, maximum: int | None = None) -> int:
+    """An integer of Solidity type `uint<bits>`, at most `maximum` where the service stores it or it is a
+    unix time. JSON numbers, or strings of digits (wallets write integers beyond 2^53 as strings); not a
+    bool, a float, or a string with signs, spaces or underscores (which `int()` would take)."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise TypedDataError(f"{name} must be an integer")
-    try:
-        number = int(value, 0) if isinstance(value, str) else value
-    except ValueError:
-        raise TypedDataError(f"{name} must be an integer") from None
+    if isinstance(value, str):
+        if _INTEGER_TEXT.fullmatch(value) is None:
+            raise TypedDataError(f"{name} must be an integer (decimal digits or 0x-hex)")
+        value = int(value, 0)
+    number = int(value)
     if not 0 <= number < 2**bits:
         raise TypedDataError(f"{name} is out of range for uint{bits}")
+    if maximum is not None and number > maximum:
+        raise TypedDataError(f"{name} is too large: at most {maximum}")
     return number
 
 
@@ -361,32 +371,32 @@ def parse(typed: Any, domain: Domain, allowed: tuple[str, ...]) -> Message:
             partner=_address(message["partner"], "partner"),
             purpose=Purpose(_bytes32(message["purpose"], "purpose")),
             attributes=_uint(message["attributes"], 256, "attributes"),
-            nonce=_uint(message["nonce"], 256, "nonce"),
-            deadline=_uint(message["deadline"], 256, "deadline"),
-            valid_until=_uint(message.get("validUntil", 0), 64, "validUntil"),
+            nonce=_uint(message["nonce"], 256, "nonce", maximum=INT64_MAX),  # the outbox stores it
+            deadline=_uint(message["deadline"], 256, "deadline", maximum=INT64_MAX),
+            valid_until=_uint(message.get("validUntil", 0), 64, "validUntil", maximum=INT64_MAX),
         )
     elif primary == "Redemption":
         parsed = Redemption(
             subject=Subject(_bytes32(message["subject"], "subject")),
             partner=_address(message["partner"], "partner"),
-            amount=_uint(message["amount"], 256, "amount"),
+            amount=_uint(message["amount"], 256, "amount", maximum=INT64_MAX),
             redemption_id=_bytes32(message["redemptionId"], "redemptionId"),
-            nonce=_uint(message["nonce"], 256, "nonce"),
-            deadline=_uint(message["deadline"], 256, "deadline"),
+            nonce=_uint(message["nonce"], 256, "nonce"),  # keyed: stored as decimal text
+            deadline=_uint(message["deadline"], 256, "deadline", maximum=INT64_MAX),
         )
     elif primary == "ControllerBinding":
         parsed = ControllerBinding(
             subject=Subject(_bytes32(message["subject"], "subject")),
             controller=_address(message["controller"], "controller"),
             claim=_bytes32(message["claim"], "claim"),
-            deadline=_uint(message["deadline"], 256, "deadline"),
+            deadline=_uint(message["deadline"], 256, "deadline", maximum=INT64_MAX),
         )
     else:
         parsed = ControllerChange(
             subject=Subject(_bytes32(message["subject"], "subject")),
             new_controller=_address(message["newController"], "newController"),
-            nonce=_uint(message["nonce"], 256, "nonce"),
-            deadline=_uint(message["deadline"], 256, "deadline"),
+            nonce=_uint(message["nonce"], 256, "nonce", maximum=INT64_MAX),
+            deadline=_uint(message["deadline"], 256, "deadline", maximum=INT64_MAX),
         )
     # Compared with what `typed_data` would give, built once per domain and message type.
     submitted_domain = typed.get("domain")

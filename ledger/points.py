@@ -273,8 +273,7 @@ class PointsRelayer(BatchLane):
                         if _was_answered(request):
                             _lost_after_answer(request, cause)
                         else:
-                            request.error_code = ERROR_CODES.get(cause.error, "rejected")
-                            request.error_detail = str(cause)[:500]
+                            _refused(request, cause)
                         request.tx_hash, request.block_number = receipt.tx_hash, receipt.block_number
                         request.updated_at = utcnow()
                         finished.append(request)
@@ -375,13 +374,21 @@ def _was_answered(request: PointsRequest) -> bool:
     return (request.lot_id if request.kind == "issue" else request.balance) is not None
 
 
+def _refused(request: PointsRequest, cause: ContractRevert) -> None:
+    """The chain refused the request. Its answer goes to the partner or issuer, so it names the reason,
+    not the revert's facts (the customer's pseudonym, their balance): those go to the log."""
+    request.error_code = ERROR_CODES.get(cause.error, "rejected")
+    request.error_detail = None if cause.error in ERROR_CODES else f"the contract refused it ({cause.error})"
+    log.info("points request %s (%s) was refused: %s", request.id, request.kind, cause)
+
+
 def _lost_after_answer(request: PointsRequest, cause: ContractRevert) -> None:
     """A request answered as done, lost with its block, failed when applied again (its authorisation's
     deadline or a lot it spent expired before the node was back). The caller holds an answer the chain
     does not: say so plainly (a repeat of its Idempotency-Key gets this code), and loudly, so that the
     operator can settle it with the partner or issuer."""
     request.error_code = LOST_AFTER_ANSWER
-    request.error_detail = f"done once, in a block the node lost; applying it again failed: {cause}"[:500]
+    request.error_detail = f"done once, in a block the node lost; applying it again failed: {cause.error}"
     log.error(
         "points request %s (%s) was answered as done, but the node lost its block and applying it again failed: %s",
         request.id,

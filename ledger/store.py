@@ -44,7 +44,6 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Dialect
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, InstrumentedAttribute, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.sql.expression import UpdateBase
 
@@ -571,8 +570,9 @@ class GroupCommit:
     """Group commit for inserts from many threads: a writer thread stores what arrives within `linger`
     in one transaction (one write lock, one fsync) and tells each caller when its rows are durable.
 
-    A batch that breaks a unique constraint is stored again one caller at a time, so that only the
-    caller whose rows conflict hears the IntegrityError (concurrent duplicates are the rare case)."""
+    A batch that fails is stored again one caller at a time, so that only the caller whose rows broke
+    it hears the error: a unique constraint (concurrent duplicates), a value the database cannot hold,
+    whatever it was. One request's failure never fails another's (failures are the rare case)."""
 
     def __init__(
         self, engine: Engine, *, max_batch: int = 500, linger: float = 0.001, name: str = "group-commit"
@@ -615,16 +615,12 @@ class GroupCommit:
             with self._sessions.begin() as session:
                 for cls, values in rows.items():
                     session.execute(insert(cls), values)
-        except IntegrityError as exc:
+        except Exception as exc:
             if len(batch) > 1:  # rolled back (the rows are new again): store each caller's alone
                 for item in batch:
                     self._write([item])
                 return
             batch[0].done.set_exception(exc)
-            return
-        except Exception as exc:  # nothing of this batch was stored: every caller hears it
-            for item in batch:
-                item.done.set_exception(exc)
             return
         for item in batch:
             item.done.set_result(None)

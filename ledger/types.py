@@ -11,12 +11,20 @@ from sha3 import keccak_256  # safe-pysha3, eth-hash's C backend here (see ledge
 
 from identity.types import Subject
 
-__all__ = ["Address", "Purpose", "Subject", "checksummed", "keccak256"]
+__all__ = ["INT64_MAX", "MAX_POINTS", "Address", "Purpose", "Subject", "checksummed", "keccak256"]
 
 Purpose = NewType("Purpose", bytes)
 """keccak256 of a purpose key such as ``marketing.email``."""
 
 Address = ChecksumAddress
+
+INT64_MAX = 2**63 - 1
+"""The largest integer the service databases store (SQLite's INTEGER and PostgreSQL's BIGINT are signed
+64-bit): every unix time, nonce and amount a request carries into them is at most this, whatever its
+Solidity type allows."""
+
+MAX_POINTS = 10**15
+"""The most points one issuance or redemption moves: far below `INT64_MAX`, so sums of them fit too."""
 
 
 def keccak256(data: bytes) -> bytes:

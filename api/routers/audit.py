@@ -14,6 +14,7 @@ from fastapi.responses import Response
 from api.auth import Caller
 from api.deps import CallerDep, RuntimeDep, scope
 from api.errors import ApiError, responses
+from api.fields import Key, LogIndex, Name
 from api.reference import Catalogue
 from api.routers.customers import own_subject, subject_of
 from api.runtime import Runtime
@@ -95,7 +96,7 @@ def _epoch(value: datetime | None) -> int | None:
 
 Format = Annotated[Literal["json", "csv"], Query(description="json (default) or csv")]
 Limit = Annotated[int, Query(ge=1, le=10_000, description="entries per page")]
-After = Annotated[int, Query(ge=-1, description="`next_after` of the previous page")]
+After = Annotated[LogIndex, Query(description="`next_after` of the previous page")]
 
 
 @router.get(
@@ -107,8 +108,8 @@ def accesses(
     runtime: RuntimeDep,
     _caller: AuditReader,
     did: Annotated[str | None, Query(description="only this customer")] = None,
-    partner: Annotated[str | None, Query(description="partner name or address")] = None,
-    purpose: Annotated[str | None, Query(description="purpose key, e.g. analytics.reporting")] = None,
+    partner: Annotated[Name | None, Query(description="partner name or address")] = None,
+    purpose: Annotated[Key | None, Query(description="purpose key, e.g. analytics.reporting")] = None,
     start: Annotated[datetime | None, Query(alias="from", description="from this time (inclusive), ISO 8601")] = None,
     end: Annotated[datetime | None, Query(alias="to", description="until this time (exclusive), ISO 8601")] = None,
     permitted: Annotated[bool | None, Query(description="true: accesses; false: denied attempts")] = None,

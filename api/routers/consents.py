@@ -11,7 +11,7 @@ from fastapi import APIRouter, status
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import Caller
-from api.deps import CallerDep, ConsentWriter, RuntimeDep
+from api.deps import CallerDep, ConsentWriter, RuntimeDep, checked
 from api.errors import ApiError, responses
 from api.reference import Catalogue
 from api.runtime import Runtime
@@ -25,6 +25,7 @@ from ledger.store import ConsentRequest, RequestStatus
 
 router = APIRouter(prefix="/consents", tags=["consents"], responses=responses(401, 403))
 DEADLINE = 15 * 60  # seconds a prepared grant may wait to be signed and relayed (a revocation: see settings)
+CONSENTS_READ = checked("consents:read")  # an operator's; customers read their own consents
 
 
 def _controller(caller: Caller) -> str:
@@ -111,8 +112,23 @@ async def submit(body: TypedDataSubmission, runtime: RuntimeDep, caller: Consent
         raise ApiError(422, "unknown_partner", "No such partner", change.partner)
     if change.kind == ChangeKind.GRANT and change.partner in catalogue.retired:
         raise _partner_retired()
+    # What `prepare` checks by name, checked here on the signed values: the signature makes a change
+    # authentic, not acceptable, and what is accepted here is applied (a 202 says so).
+    if bytes(change.purpose) not in catalogue.purpose_by_id:
+        raise ApiError(422, "unknown_purpose", "No such purpose", "purpose: 0x" + bytes(change.purpose).hex())
     if change.attributes == 0:
         raise ApiError(422, "empty_attributes", "A change names at least one attribute")
+    stray = change.attributes & ~catalogue.attribute_mask
+    if stray:
+        lowest = (stray & -stray).bit_length() - 1
+        raise ApiError(
+            422,
+            "unknown_attribute",
+            "No such attribute",
+            f"attributes: bit {lowest} is no attribute's",
+        )
+    if change.valid_until and change.valid_until <= time.time():
+        raise ApiError(422, "invalid_validity", "validUntil is in the past")
     assert runtime.writer is not None
     registry = runtime.consent
     pending = runtime.writer.accept(
@@ -145,7 +161,7 @@ def get(request_id: str, runtime: RuntimeDep, caller: CallerDep) -> ConsentReque
     request = runtime.outbox.request(request_id)
     visible = request is not None and (
         (caller.kind == "customer" and caller.subject == request.subject)
-        or (caller.kind == "service" and "consents:read" in caller.scopes)
+        or (caller.kind == "service" and CONSENTS_READ in caller.scopes)
     )
     if request is None or not visible:  # the same answer for "not yours" and "none": ids are not probed
         raise ApiError(404, "unknown_consent_request", "No such consent request")

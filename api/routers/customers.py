@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from web3 import Web3
 
 from api import auth
-from api.deps import CallerDep, OperatorWrite, RuntimeDep
+from api.deps import CallerDep, OperatorWrite, RuntimeDep, checked
 from api.errors import ApiError, responses
 from api.models import ClaimCode
 from api.runtime import Runtime
@@ -32,12 +32,13 @@ from identity.normalize import normalize_pii
 from identity.types import Subject
 from ledger import eip712
 from ledger.bindings import BoundController, record_binding
-from ledger.errors import ConsentRejected, LedgerError
+from ledger.errors import ConsentRejected, ContractRevert, LedgerError
 from ledger.store import as_utc, latest_binding
 
 router = APIRouter(prefix="/customers", tags=["customers"], responses=responses(401, 403))
 CLAIM_LIFETIME = timedelta(days=7)
 BIND_DEADLINE = 15 * 60
+CONSENTS_READ = checked("consents:read")
 
 
 def subject_of(runtime: Runtime, did: str) -> Subject:
@@ -190,6 +191,8 @@ def bind(did: str, body: ControllerSubmit, runtime: RuntimeDep) -> ControllerPub
             session.execute(
                 update(ClaimCode).where(ClaimCode.code_hash == auth.digest(body.claim_code)).values(used_at=None)
             )
+        if isinstance(exc, ContractRevert):
+            raise  # a refusal, answered in plain words by api.errors (not with the revert's facts)
         raise ApiError(503, "chain_unavailable", "The ledger could not record the binding", str(exc)) from exc
     runtime.vault.set_controller(subject, binding.controller, runtime.deployment.chain_id)
     runtime.wait_for_controller(subject)
@@ -211,7 +214,7 @@ def own_subject(runtime: Runtime, caller: auth.Caller, did: str, operator_scope:
 def consents(did: str, runtime: RuntimeDep, caller: CallerDep) -> list[ConsentPublic]:
     """Current consents: per partner and purpose, what is permitted now and what is pending."""
     assert runtime.outbox is not None
-    subject = own_subject(runtime, caller, did, "consents:read")
+    subject = own_subject(runtime, caller, did, CONSENTS_READ)
     catalogue = runtime.catalogue()
     return [
         ConsentPublic(

@@ -20,7 +20,15 @@ from sqlalchemy import Connection
 
 from api import idempotency
 from api.auth import Caller
-from api.deps import CallerDep, PointsAuthoriser, PointsIssuer, PointsRedeemer, RuntimeDep, StatementReader
+from api.deps import (
+    CallerDep,
+    PointsAuthoriser,
+    PointsIssuer,
+    PointsRedeemer,
+    RuntimeDep,
+    StatementReader,
+    checked,
+)
 from api.errors import PROBLEM_MEDIA_TYPE, ApiError, request_path, responses
 from api.routers.customers import own_subject, subject_of
 from api.runtime import Runtime
@@ -47,10 +55,12 @@ from ledger.eip712 import Redemption
 from ledger.loyalty import EventKind
 from ledger.points import FINAL, LOST_AFTER_ANSWER, PointsReader
 from ledger.points_store import REQUEST_BY_REF, PointsRequest, PointsStatus
+from ledger.types import MAX_POINTS
 
 router = APIRouter(tags=["points"], responses=responses(401, 403))
 DEADLINE = 15 * 60  # seconds an authorisation may wait to be used at the partner
 ANSWER_TIMEOUT = 30.0
+POINTS_READ = checked("points:read")  # an operator's; customers read their own points
 
 IdempotencyKey = Annotated[
     str | None,
@@ -162,6 +172,8 @@ async def issue(
     chain refuses is reported in its place and the others still apply."""
     now = int(time.time())
     lifetime = runtime.service.points_lifetime_days * 86400
+    assert runtime.vault is not None
+    vault = runtime.vault
 
     def build(_connection: Connection) -> list[PointsRequest]:
         rows = []
@@ -172,7 +184,11 @@ async def issue(
                 raise ApiError(
                     422, "unknown_customer", "No such customer", f"issuances[{index}]: {exc.detail}"
                 ) from exc
-            expires_at = item.expires_at or now + lifetime
+            if vault.record(subject) is None:  # a well-formed DID is not a customer: nobody enrolled it
+                raise ApiError(
+                    422, "unknown_customer", "No such customer", f"issuances[{index}].did: nobody enrolled it"
+                )
+            expires_at = item.expires_at if item.expires_at is not None else now + lifetime
             if expires_at <= now:
                 raise ApiError(422, "invalid_expiry", "The expiry is in the past", f"issuances[{index}]")
             row = PointsRequest(
@@ -297,7 +313,7 @@ async def redeem(
         assert isinstance(message, Redemption)
         if partner is None or message.partner != partner:
             raise ApiError(403, "not_your_authorisation", "This authorisation is for another partner")
-        if message.amount <= 0 or message.amount > 10**15:
+        if not 0 < message.amount <= MAX_POINTS:
             raise ApiError(422, "invalid_amount", "Invalid amount")
         if message.deadline <= time.time():
             raise ApiError(422, "signature_expired", "The authorisation has expired; authorise again")
@@ -372,7 +388,7 @@ _KIND_NAMES: dict[int, Literal["issued", "redeemed", "expired", "issue_rejected"
 def customer_points(did: str, runtime: RuntimeDep, caller: CallerDep) -> PointsPublic:
     """Balance (unexpired points), live lots with their expiry, history and tier."""
     assert runtime.points_reader is not None
-    subject = own_subject(runtime, caller, did, "points:read")
+    subject = own_subject(runtime, caller, did, POINTS_READ)
     reader = runtime.points_reader
     now = int(time.time())
     lots = reader.lots(subject, now)

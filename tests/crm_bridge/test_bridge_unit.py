@@ -25,6 +25,7 @@ from identity.pseudonym import PepperRing, Pseudonymizer
 from identity.types import Subject
 from ledger.access import Access, AccessBatch, encode_entries
 from ledger.anvil import NotDurable
+from ledger.consent import ATTRIBUTE_BITS
 from ledger.errors import TransactionFailed
 from ledger.tx import Receipt
 
@@ -324,6 +325,33 @@ def test_a_batch_the_node_would_not_take_stops_the_export_with_its_own_error() -
     with pytest.raises(TransactionFailed, match="refused the transaction"):
         list(export)
     assert export.stats.rows_released == 0
+
+
+def test_attributes_anywhere_in_the_registrys_bits_are_released() -> None:
+    """The bridge takes every attribute bit a consent can hold (ATTRIBUTE_BITS, as the API does), not
+    only the 63 of an int64: a category registered late has a high bit."""
+    high = {"user.behavior.purchase_history": ATTRIBUTE_BITS - 1, "user.demographic": 100}
+    purchases, demographic = 1 << (ATTRIBUTE_BITS - 1), 1 << 100
+    permissions = {
+        subject("person0@example.com"): purchases | demographic | 1 << 7,  # and a bit the export does not ask for
+        subject("person1@example.com"): purchases,
+    }
+    log = MemoryLog()
+    bridge = Bridge(PSEUDONYMS, DIDS, log, pipeline_depth=2)
+    export = Export(
+        bridge, crm_rows(3, 2).to_batches(max_chunksize=4), MAPPING, partner="0x" + "11" * 20, purpose=bytes(32),
+        purpose_key="analytics.reporting", attribute_bits=high, permissions=permissions,
+    )  # fmt: skip
+    rows = pa.Table.from_batches(list(export)).to_pylist()
+    assert len(rows) == 4
+    person0, person1 = (DIDS.did(Subject(s)) for s in permissions)
+    assert {r[DID_COLUMN] for r in rows if r["age_band"] is not None} == {person0}
+    assert {r[DID_COLUMN] for r in rows if r["amount"] is not None} == {person0, person1}
+    # The log records what was released, as registry bits.
+    assert {e.subject: e.attributes for e in log.entries} == {
+        subject("person0@example.com"): purchases | demographic,
+        subject("person1@example.com"): purchases,
+    }
 
 
 def test_mapping_errors_are_clear() -> None:

@@ -20,7 +20,7 @@ from ledger.eip712 import (
     Redemption,
     Signature,
 )
-from ledger.types import Purpose, Subject
+from ledger.types import INT64_MAX, Purpose, Subject
 
 KEY = Account.create()
 addresses = st.binary(min_size=20, max_size=20).map(to_checksum_address)
@@ -121,8 +121,21 @@ def test_purpose_ids_are_keccak_of_the_key() -> None:
     assert eip712.purpose_id("marketing.email").hex() == keccak(b"marketing.email").hex()
 
 
+# What the service stores of a message is a signed 64-bit integer (amounts, unix times, consent nonces).
+storable = st.integers(min_value=0, max_value=INT64_MAX)
+storable_redemptions = st.builds(
+    Redemption,
+    subject=bytes32.map(Subject),
+    partner=addresses,
+    amount=storable,
+    redemption_id=bytes32,
+    nonce=uint256,
+    deadline=storable,
+)
+
+
 @settings(max_examples=50, deadline=None)
-@given(domain=domains, message=redemptions)
+@given(domain=domains, message=storable_redemptions)
 def test_a_redemption_round_trips_through_its_typed_data(domain: Domain, message: Redemption) -> None:
     typed = eip712.typed_data(domain, message)
     assert eip712.parse(typed, domain, ("Redemption",)) == message
@@ -156,3 +169,53 @@ def test_values_outside_their_types_are_refused_not_hashed(message: eip712.Messa
     hashed into some other message's digest)."""
     with pytest.raises(ValueError, match=r"out of range|is 32 bytes|not an address"):
         message.struct_hash()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    domain=domains,
+    message=st.builds(
+        ConsentChange,
+        kind=st.just(ChangeKind.GRANT),
+        subject=bytes32.map(Subject),
+        partner=addresses,
+        purpose=bytes32.map(Purpose),
+        attributes=uint256,
+        nonce=storable,
+        deadline=storable,
+        valid_until=storable,
+    ),
+    field=st.sampled_from(["deadline", "validUntil", "nonce"]),
+    value=st.one_of(st.integers(INT64_MAX + 1, 2**256 - 1), st.integers(max_value=-1)),
+)
+def test_a_consent_change_past_what_the_service_stores_is_refused(
+    domain: Domain, message: ConsentChange, field: str, value: int
+) -> None:
+    """Every integer is checked against its Solidity type and the database's 64-bit INTEGER at parse
+    time: past 2^63 the outbox could not store it (and its commit failed every request in it)."""
+    typed = eip712.typed_data(domain, message)
+    assert eip712.parse(typed, domain, ("ConsentGrant",)) == message
+    typed["message"][field] = value
+    with pytest.raises(eip712.TypedDataError, match=field):
+        eip712.parse(typed, domain, ("ConsentGrant",))
+
+
+@pytest.mark.parametrize("field", ["amount", "deadline"])
+@pytest.mark.parametrize(
+    "value", [2**63, 2**64, 2**192, 2**256, -1, True, 1.0, " 5 ", "+5", "1_0", "5 ", "", "0x", None, [5]]
+)
+def test_a_redemption_integer_must_be_an_integer_the_service_can_store(field: str, value: object) -> None:
+    domain = Domain(name="LoyaltyPoints", chain_id=31337, verifying_contract=KEY.address)
+    message = Redemption(
+        subject=Subject(b"\x01" * 32), partner=KEY.address, amount=5, redemption_id=b"\x02" * 32, nonce=1, deadline=9
+    )
+    typed = eip712.typed_data(domain, message)
+    typed["message"][field] = value
+    with pytest.raises(eip712.TypedDataError, match=field):
+        eip712.parse(typed, domain, ("Redemption",))
+    # At the bound, and as wallets write big integers (decimal or 0x-hex strings), it parses.
+    for accepted in (INT64_MAX, str(INT64_MAX), hex(INT64_MAX), "10"):
+        typed["message"][field] = accepted
+        parsed = eip712.parse(typed, domain, ("Redemption",))
+        assert isinstance(parsed, Redemption)
+        assert getattr(parsed, field) == int(str(accepted), 0)
