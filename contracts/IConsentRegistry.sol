@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-pragma solidity ^0.8.24;
+pragma solidity ^0.8.30;
 
 /**
  * @dev Consent of pseudonymous subjects to partners, per purpose and attribute set.

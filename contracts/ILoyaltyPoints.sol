@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-pragma solidity ^0.8.24;
+pragma solidity ^0.8.30;
 
 /**
  * @dev Loyalty points of pseudonymous subjects. Points cannot be transferred: issuers issue them in

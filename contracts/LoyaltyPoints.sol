@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-pragma solidity ^0.8.24;
+pragma solidity ^0.8.30;
 
 import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
 import {IAccessControl} from "@openzeppelin/contracts/access/IAccessControl.sol";
@@ -45,11 +45,11 @@ contract LoyaltyPoints is ILoyaltyPoints, AccessControl, EIP712, NoncesKeyed {
      * Requirements:
      * - none of the addresses is zero.
      */
-    constructor(address admin, address operator, IConsentRegistry registry) EIP712("LoyaltyPoints", "1") {
-        if (admin == address(0) || operator == address(0) || address(registry) == address(0)) {
+    constructor(address admin, address operator, IConsentRegistry registry_) EIP712("LoyaltyPoints", "1") {
+        if (admin == address(0) || operator == address(0) || address(registry_) == address(0)) {
             revert LoyaltyPointsZeroAddress();
         }
-        _registry = registry;
+        _registry = registry_;
         _grantRole(DEFAULT_ADMIN_ROLE, admin);
         _grantRole(ISSUER_ROLE, operator);
         _grantRole(RELAYER_ROLE, operator);
