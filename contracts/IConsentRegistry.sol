@@ -1,4 +1,5 @@
 // SPDX-License-Identifier: MIT
+// slither-disable-next-line pragma: OpenZeppelin's files keep their own, wider ranges
 pragma solidity ^0.8.30;
 
 /**
