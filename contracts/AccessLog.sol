@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: MIT
-pragma solidity ^0.8.24;
+// slither-disable-next-line pragma: OpenZeppelin's files keep their own, wider ranges
+pragma solidity ^0.8.30;
 
 import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
 import {IAccessLog} from "./IAccessLog.sol";
@@ -51,6 +52,7 @@ contract AccessLog is IAccessLog, AccessControl {
      * freed, and memory costs grow with the square of its size.
      */
     function _request(address partner, bytes32 purpose, bytes32 requestId) private pure returns (uint256 buffer) {
+        // slither-disable-next-line assembly: one buffer for the batch's links; abi.encode would allocate one an entry
         assembly ("memory-safe") {
             buffer := mload(0x40)
             mstore(0x40, add(buffer, 0x100))
@@ -75,6 +77,7 @@ contract AccessLog is IAccessLog, AccessControl {
             bytes32 subject = entries[i].subject;
             uint256 attributes = entries[i].attributes;
             bool allowed = _permitted(buffer, subject, attributes);
+            // slither-disable-next-line assembly: hashes the link in the batch's buffer (see {_request})
             assembly ("memory-safe") {
                 mstore(buffer, chain)
                 mstore(add(buffer, 0x20), add(first, i))
@@ -95,6 +98,7 @@ contract AccessLog is IAccessLog, AccessControl {
     function _permitted(uint256 buffer, bytes32 subject, uint256 attributes) private view returns (bool) {
         address partner;
         bytes32 purpose;
+        // slither-disable-next-line assembly: the request's fields, from the batch's buffer (see {_request})
         assembly ("memory-safe") {
             partner := mload(add(buffer, 0x60))
             purpose := mload(add(buffer, 0x80))

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: MIT
-pragma solidity ^0.8.24;
+// slither-disable-next-line pragma: OpenZeppelin's files keep their own, wider ranges
+pragma solidity ^0.8.30;
 
 import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
@@ -64,6 +65,7 @@ contract ConsentRegistry is IConsentRegistry, AccessControl, EIP712 {
         bytes32 r,
         bytes32 s
     ) external onlyRole(OPERATOR_ROLE) {
+        // slither-disable-next-line timestamp: validators can shift it by seconds; deadlines are minutes or days away
         if (block.timestamp > deadline) revert ConsentRegistryExpiredSignature(deadline);
         if (newController == address(0)) revert ConsentRegistryInvalidController(newController);
         Controller memory current = _controllers[subject];
@@ -80,6 +82,7 @@ contract ConsentRegistry is IConsentRegistry, AccessControl, EIP712 {
     function applyChange(SignedChange calldata change) external onlyRole(OPERATOR_ROLE) {
         bytes memory failure = _apply(change);
         if (failure.length != 0) {
+            // slither-disable-next-line assembly: re-throws the check's revert data as is (no Solidity for raw bytes)
             assembly ("memory-safe") {
                 revert(add(failure, 0x20), mload(failure))
             }
@@ -117,12 +120,13 @@ contract ConsentRegistry is IConsentRegistry, AccessControl, EIP712 {
     {
         if (attributes == 0 || !hasRole(PARTNER_ROLE, partner)) return false;
         Consent storage consent = _consents[subject][partner][purpose];
+        // slither-disable-next-line timestamp: validators can shift it by seconds; validity is a date, not a second
         if (consent.validUntil != 0 && consent.validUntil <= block.timestamp) return false;
         return consent.attributes & attributes == attributes;
     }
 
     /// @dev The EIP-712 domain separator of this contract on this chain.
-    // solhint-disable-next-line func-name-mixedcase
+    // slither-disable-next-line naming-convention: the name EIP-2612 gives it, which wallets call
     function DOMAIN_SEPARATOR() external view returns (bytes32) {
         return _domainSeparatorV4();
     }
@@ -132,6 +136,7 @@ contract ConsentRegistry is IConsentRegistry, AccessControl, EIP712 {
      * of the first failed check (and changes nothing).
      */
     function _apply(SignedChange calldata c) private returns (bytes memory) {
+        // slither-disable-next-line timestamp: validators can shift it by seconds; deadlines and validity are coarser
         if (block.timestamp > c.deadline) {
             return abi.encodeWithSelector(ConsentRegistryExpiredSignature.selector, c.deadline);
         }
@@ -187,6 +192,7 @@ contract ConsentRegistry is IConsentRegistry, AccessControl, EIP712 {
             : keccak256(
                 abi.encode(CONSENT_REVOKE_TYPEHASH, c.subject, c.partner, c.purpose, c.attributes, c.nonce, c.deadline)
             );
+        // slither-disable-next-line unused-return: the third value only details the failure `err` reports
         (address signer, ECDSA.RecoverError err,) = ECDSA.tryRecover(_hashTypedDataV4(structHash), c.v, c.r, c.s);
         return err == ECDSA.RecoverError.NoError ? signer : address(0);
     }
@@ -194,6 +200,7 @@ contract ConsentRegistry is IConsentRegistry, AccessControl, EIP712 {
     /// @dev `c.attributes` fits in 192 bits (checked by {_apply}).
     function _grant(SignedChange calldata c) private {
         Consent storage consent = _consents[c.subject][c.partner][c.purpose];
+        // slither-disable-next-line timestamp: validators can shift it by seconds; validity is a date, not a second
         bool lapsed = consent.validUntil != 0 && consent.validUntil <= block.timestamp;
         uint192 attributes = (lapsed ? 0 : consent.attributes) | uint192(c.attributes);
         consent.attributes = attributes;

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: MIT
-pragma solidity ^0.8.24;
+// slither-disable-next-line pragma: OpenZeppelin's files keep their own, wider ranges
+pragma solidity ^0.8.30;
 
 /**
  * @dev An append-only log of every access to customers' data, checked against their consent.

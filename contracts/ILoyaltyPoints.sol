@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: MIT
-pragma solidity ^0.8.24;
+// slither-disable-next-line pragma: OpenZeppelin's files keep their own, wider ranges
+pragma solidity ^0.8.30;
 
 /**
  * @dev Loyalty points of pseudonymous subjects. Points cannot be transferred: issuers issue them in

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: MIT
-pragma solidity ^0.8.24;
+// slither-disable-next-line pragma: OpenZeppelin's files keep their own, wider ranges
+pragma solidity ^0.8.30;
 
 import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
 import {IAccessControl} from "@openzeppelin/contracts/access/IAccessControl.sol";
@@ -45,11 +46,11 @@ contract LoyaltyPoints is ILoyaltyPoints, AccessControl, EIP712, NoncesKeyed {
      * Requirements:
      * - none of the addresses is zero.
      */
-    constructor(address admin, address operator, IConsentRegistry registry) EIP712("LoyaltyPoints", "1") {
-        if (admin == address(0) || operator == address(0) || address(registry) == address(0)) {
+    constructor(address admin, address operator, IConsentRegistry registry_) EIP712("LoyaltyPoints", "1") {
+        if (admin == address(0) || operator == address(0) || address(registry_) == address(0)) {
             revert LoyaltyPointsZeroAddress();
         }
-        _registry = registry;
+        _registry = registry_;
         _grantRole(DEFAULT_ADMIN_ROLE, admin);
         _grantRole(ISSUER_ROLE, operator);
         _grantRole(RELAYER_ROLE, operator);
@@ -97,6 +98,7 @@ contract LoyaltyPoints is ILoyaltyPoints, AccessControl, EIP712, NoncesKeyed {
         // Expired lots not yet swept are at the head of the list: only those are visited.
         for (uint64 id = account.head; id != 0; id = _lots[subject][id].next) {
             Lot storage lot = _lots[subject][id];
+            // slither-disable-next-line timestamp: validators can shift it by seconds; expiry is a date, not a second
             if (lot.expiresAt > block.timestamp) break;
             balance -= lot.remaining;
         }
@@ -132,7 +134,7 @@ contract LoyaltyPoints is ILoyaltyPoints, AccessControl, EIP712, NoncesKeyed {
     }
 
     /// @dev The EIP-712 domain separator of this contract on this chain.
-    // solhint-disable-next-line func-name-mixedcase
+    // slither-disable-next-line naming-convention: the name EIP-2612 gives it, which wallets call
     function DOMAIN_SEPARATOR() external view returns (bytes32) {
         return _domainSeparatorV4();
     }
@@ -140,6 +142,7 @@ contract LoyaltyPoints is ILoyaltyPoints, AccessControl, EIP712, NoncesKeyed {
     /// @dev Checks and applies one issuance; returns empty bytes, or the revert data of the failed check.
     function _issue(Issuance calldata issuance) private returns (bytes memory) {
         if (issuance.amount == 0) return abi.encodeWithSelector(LoyaltyPointsInvalidAmount.selector, 0);
+        // slither-disable-next-line timestamp: validators can shift it by seconds; expiry is a date, not a second
         if (issuance.expiresAt <= block.timestamp) {
             return abi.encodeWithSelector(LoyaltyPointsInvalidExpiry.selector, issuance.expiresAt);
         }
@@ -150,6 +153,7 @@ contract LoyaltyPoints is ILoyaltyPoints, AccessControl, EIP712, NoncesKeyed {
         _sweep(issuance.subject, type(uint256).max);
         uint64 lotId = _insert(issuance.subject, issuance.amount, issuance.expiresAt);
         _accounts[issuance.subject].stored += issuance.amount;
+        // slither-disable-next-line costly-loop: the slot is warm after the first pass: about 200 gas a pass
         _totalIssued += issuance.amount;
         emit PointsIssued(issuance.subject, issuance.issuanceId, lotId, issuance.amount, issuance.expiresAt);
         return "";
@@ -199,14 +203,17 @@ contract LoyaltyPoints is ILoyaltyPoints, AccessControl, EIP712, NoncesKeyed {
 
     /// @dev Checks and applies one redemption; returns empty bytes, or the revert data of the failed check.
     function _redeem(SignedRedemption calldata r) private returns (bytes memory) {
+        // slither-disable-next-line timestamp: validators can shift it by seconds; deadlines are minutes or days away
         if (block.timestamp > r.deadline) return abi.encodeWithSelector(LoyaltyPointsExpiredSignature.selector, r.deadline);
         if (r.amount == 0 || r.amount > type(uint128).max) {
             return abi.encodeWithSelector(LoyaltyPointsInvalidAmount.selector, r.amount);
         }
         if (_redeemed[r.redemptionId]) return abi.encodeWithSelector(LoyaltyPointsRedemptionUsed.selector, r.redemptionId);
+        // slither-disable-next-line calls-loop: the immutable registry is our ConsentRegistry; its views never revert
         if (!IAccessControl(address(_registry)).hasRole(PARTNER_ROLE, r.partner)) {
             return abi.encodeWithSelector(LoyaltyPointsUnknownPartner.selector, r.partner);
         }
+        // slither-disable-next-line calls-loop: the immutable registry is our ConsentRegistry; its views never revert
         address controller = _registry.controllerOf(r.subject);
         if (controller == address(0)) return abi.encodeWithSelector(LoyaltyPointsUnboundSubject.selector, r.subject);
         uint192 key = uint192(uint160(r.partner));
@@ -214,6 +221,7 @@ contract LoyaltyPoints is ILoyaltyPoints, AccessControl, EIP712, NoncesKeyed {
         if (r.nonce != expectedNonce) return abi.encodeWithSelector(InvalidAccountNonce.selector, controller, expectedNonce);
         bytes32 structHash =
             keccak256(abi.encode(REDEMPTION_TYPEHASH, r.subject, r.partner, r.amount, r.redemptionId, r.nonce, r.deadline));
+        // slither-disable-next-line unused-return: the third value only details the failure `err` reports
         (address signer, ECDSA.RecoverError err,) = ECDSA.tryRecover(_hashTypedDataV4(structHash), r.v, r.r, r.s);
         if (err != ECDSA.RecoverError.NoError) signer = address(0);
         if (signer != controller) return abi.encodeWithSelector(LoyaltyPointsInvalidSigner.selector, signer, controller);
@@ -225,6 +233,7 @@ contract LoyaltyPoints is ILoyaltyPoints, AccessControl, EIP712, NoncesKeyed {
         _useNonce(controller, key);
         _redeemed[r.redemptionId] = true;
         _consume(r.subject, uint128(r.amount));
+        // slither-disable-next-line costly-loop: the slot is warm after the first pass: about 200 gas a pass
         _totalRedeemed += r.amount;
         emit PointsRedeemed(r.subject, r.partner, r.redemptionId, r.amount, account.stored, r.nonce);
         return "";
@@ -257,11 +266,13 @@ contract LoyaltyPoints is ILoyaltyPoints, AccessControl, EIP712, NoncesKeyed {
         mapping(uint64 => Lot) storage lots = _lots[subject];
         uint64 id = account.head;
         uint256 swept = 0;
+        // slither-disable-next-line timestamp: validators can shift it by seconds; expiry is a date, not a second
         while (id != 0 && swept < maxLots && lots[id].expiresAt <= block.timestamp) {
             Lot storage lot = lots[id];
             uint128 amount = lot.remaining;
             uint64 next = lot.next;
             account.stored -= amount;
+            // slither-disable-next-line costly-loop: the slot is warm after the first pass: about 200 gas a pass
             _totalExpired += amount;
             emit PointsExpired(subject, id, amount);
             delete lots[id];
@@ -276,6 +287,7 @@ contract LoyaltyPoints is ILoyaltyPoints, AccessControl, EIP712, NoncesKeyed {
 
     function _revertWith(bytes memory failure) private pure {
         if (failure.length != 0) {
+            // slither-disable-next-line assembly: re-throws the check's revert data as is (no Solidity for raw bytes)
             assembly ("memory-safe") {
                 revert(add(failure, 0x20), mload(failure))
             }
