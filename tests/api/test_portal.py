@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 from eth_account import Account
-from playwright.sync_api import Browser, Page, ViewportSize, expect
+from playwright.sync_api import Browser, Page, Route, ViewportSize, expect
 
 from ledger.anvil import free_port
 from ledger.settings import PROJECT_ROOT
@@ -122,6 +122,13 @@ def _claim(page: Page, did: str, claim: str) -> None:
     page.get_by_label("Claim code").fill(claim)
     page.get_by_label("New passphrase").first.fill(PASSPHRASE)
     page.get_by_role("button", name="Create my key and claim").click()
+
+
+def _unlock(page: Page, address: str | None = None) -> None:
+    if address is not None:
+        page.get_by_role("combobox", name=re.compile(r"^Key")).select_option(address)
+    page.get_by_label("Passphrase", exact=True).fill(PASSPHRASE)
+    page.get_by_role("button", name="Unlock and sign in").click()
 
 
 def _toggle(page: Page, attribute: str, purpose: str = ANALYTICS) -> Any:
@@ -246,7 +253,7 @@ def test_a_customer_claims_grants_revokes_sees_accesses_and_authorises_a_redempt
     page.get_by_role("button", name="Sign out").click()
     page.get_by_label("Passphrase", exact=True).fill("not the passphrase")
     page.get_by_role("button", name="Unlock and sign in").click()
-    expect(page.locator("#status")).to_contain_text("does not unlock")
+    expect(page.locator("#unlock-form .note.error")).to_contain_text("does not unlock")
     page.get_by_label("Passphrase", exact=True).fill(PASSPHRASE)
     page.get_by_role("button", name="Unlock and sign in").click()
     expect(page.locator("#did")).to_have_text(did)
@@ -268,7 +275,7 @@ def test_the_customer_pages_work_on_a_phone(service: Served, browser: Browser) -
     other = _page(browser, service, phone=True)
     other.goto("/")
     _claim(other, did, "WRONG-CODE-123")
-    expect(other.locator("#status.error")).to_be_visible()
+    expect(other.locator("#claim-form .note.error")).to_contain_text("The claim code is not valid")
     page.context.close()
     other.context.close()
 
@@ -288,7 +295,7 @@ def test_an_auditor_searches_verifies_and_exports(service: Served, browser: Brow
     page.goto("/auditor")
     page.get_by_label("API key").fill("not-a-key")
     page.get_by_role("button", name="Sign in").click()
-    expect(page.locator("#status.error")).to_be_visible()
+    expect(page.locator("#signin-form .note.error")).to_be_visible()
     page.get_by_label("API key").fill(service.auditor_key)
     page.get_by_role("button", name="Sign in").click()
     expect(page.locator("#log tbody tr").first).to_be_visible()
@@ -345,9 +352,77 @@ def test_a_customer_imports_a_key_made_elsewhere(service: Served, browser: Brows
     page.get_by_label("Private key (0x…)").fill("0x1234")
     page.locator("#import-form").get_by_label("New passphrase").fill(PASSPHRASE)
     page.get_by_role("button", name="Import and sign in").click()
-    expect(page.locator("#status")).to_contain_text("not a private key")
+    expect(page.locator("#import-form .note.error")).to_contain_text("not a private key")
     page.get_by_label("Private key (0x…)").fill("0x" + bytes(account.key).hex())
     page.get_by_role("button", name="Import and sign in").click()
     expect(page.locator("#did")).to_have_text(did)
     expect(page.locator("#address")).to_have_text(account.address)
+    page.context.close()
+
+
+def _claimed(browser: Browser, service: Served, *, phone: bool = False) -> tuple[Page, str, str]:
+    """A page whose browser holds the bound key of a new customer, signed out; the DID and address."""
+    did, claim, _email = _enrol(service)
+    page = _page(browser, service, phone=phone)
+    page.goto("/")
+    _claim(page, did, claim)
+    expect(page.locator("#did")).to_have_text(did)
+    address = page.locator("#address").inner_text()
+    page.get_by_role("button", name="Sign out").click()
+    return page, did, address
+
+
+def _chain_away(route: Route) -> None:
+    """The API's answer while the node is paused."""
+    problem = {
+        "type": "urn:consent-ledger:problem:chain_unavailable",
+        "title": "The chain does not answer",
+        "status": 503,
+        "code": "chain_unavailable",
+        "detail": "ReadTimeout",
+    }
+    route.fulfill(status=503, content_type="application/problem+json", body=json.dumps(problem))
+
+
+@pytest.mark.parametrize("phone", [False, True], ids=["desktop", "phone"])
+def test_the_ledger_away_is_said_beside_the_switch_and_the_claim_form(
+    service: Served, browser: Browser, phone: bool
+) -> None:
+    """A 503 `chain_unavailable` from the API, or no answer at all, is said in plain words next to the
+    control the customer used, and the page does not wait for ever."""
+    size = "phone" if phone else "desktop"
+    page, did, _address = _claimed(browser, service, phone=phone)
+    _unlock(page)
+    expect(page.locator("#did")).to_have_text(did)
+    page.route("**/api/v1/consents/prepare", _chain_away)  # the nonce comes from the chain
+    toggle = _toggle(page, "Purchase history")
+    toggle.click()
+    expect(toggle).to_have_accessible_description(
+        "Not changed. The ledger is not answering right now. Please try again in a few minutes."
+    )
+    note = page.locator("#consents .note.error")
+    expect(note).to_have_count(1)
+    assert note.evaluate("(note) => note.closest('td').contains(document.activeElement)")  # beside the switch
+    expect(toggle).not_to_be_checked()
+    expect(page.locator("body")).not_to_contain_text("chain_unavailable")
+    assert _consents(service, did) == []
+    _shot(page, f"customer-ledger-away-switch-{size}")
+    assert accessibility_violations(page) == []
+
+    # Claiming another account: the desktop page gets no answer at all, the phone a 503.
+    page.get_by_role("button", name="Sign out").click()
+    other_did, other_claim, _email = _enrol(service)
+    if phone:
+        page.route("**/controller/prepare", _chain_away)
+        said = "The ledger is not answering right now. Please try again in a few minutes."
+    else:
+        page.route("**/controller/prepare", lambda route: None)  # never answered
+        said = "The service did not answer within 15 seconds. Please try again in a few minutes."
+    _claim(page, other_did, other_claim)
+    expect(page.locator("#claim-form .note.error")).to_have_text(said, timeout=30_000)
+    expect(page.get_by_role("button", name="Create my key and claim")).to_be_enabled()
+    expect(page.locator("body")).not_to_contain_text("chain_unavailable")
+    if phone:
+        _fits(page)
+    _shot(page, f"customer-ledger-away-claim-{size}")
     page.context.close()

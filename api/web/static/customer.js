@@ -2,7 +2,7 @@
 // encrypted (AES-GCM under a PBKDF2-derived key from the customer's passphrase); unlocked, it lives in
 // this page's memory. Every change is an EIP-712 message the customer signs; the API checks it.
 import { ethers } from "/static/vendor/ethers.min.js";
-import { $, ApiProblem, api, el, fail, nameOf, onSubmit, say, short, verdict, when } from "/static/common.js";
+import { $, ApiProblem, NoAnswer, api, el, fail, nameOf, onSubmit, plain, say, short, verdict, when } from "/static/common.js";
 
 const STORE = "consent-ledger.key";
 const PBKDF2_ROUNDS = 600000; // OWASP's 2023 figure for PBKDF2-HMAC-SHA256
@@ -14,6 +14,7 @@ let pollTimer = null;
 // would collide. Queued changes show as the customer set them until they are accepted.
 let queue = Promise.resolve();
 const intents = new Map(); // checkbox id -> checked, while queued or in flight
+const notes = new Map(); // checkbox id -> { text, fresh }: why that switch's last change was not made
 
 const enc = encodeURIComponent;
 const b64 = (bytes) => btoa(String.fromCharCode(...new Uint8Array(bytes)));
@@ -109,6 +110,11 @@ async function showAccount() {
   $("sign-out").hidden = false;
   $("did").textContent = session.did;
   $("address").textContent = wallet.address;
+  $("identity-title").focus();
+  await loadAll().catch(fail);
+}
+
+async function loadAll() {
   if (!reference) {
     const [partners, purposes, attributes] = await Promise.all([
       call("/partners"),
@@ -120,7 +126,6 @@ async function showAccount() {
     select.replaceChildren(...partners.map((p) => el("option", { value: p.name }, p.name)));
   }
   await refresh();
-  $("identity-title").focus();
 }
 
 async function refresh() {
@@ -152,14 +157,20 @@ async function loadConsents() {
         const revoking = consent?.pending_revoke.includes(key) ?? false;
         const id = `consent-${i}-${j}-${attribute.bit}`;
         const queued = intents.has(id);
+        const note = notes.get(id);
         pending ||= granting || revoking;
+        const described = [
+          granting || revoking || queued ? `pending-${i}-${j}-${attribute.bit}` : null,
+          note ? `note-${id}` : null,
+        ].filter(Boolean);
         const input = el("input", {
           type: "checkbox",
           id,
           checked: queued ? intents.get(id) : (granted || granting) && !revoking,
           "aria-label": `Share ${attribute.name} with ${partner.name} for ${purpose.name}`,
-          "aria-describedby": granting || revoking || queued ? `pending-${i}-${j}-${attribute.bit}` : null,
+          "aria-describedby": described.length ? described.join(" ") : null,
           onchange: (event) => {
+            notes.delete(id);
             intents.set(id, event.target.checked);
             const checked = event.target.checked;
             queue = queue.then(() => toggle(id, checked, partner, purpose, attribute));
@@ -171,6 +182,9 @@ async function loadConsents() {
           input,
           granting || revoking || queued
             ? el("div", { class: "badge pending", id: `pending-${i}-${j}-${attribute.bit}` }, "pending")
+            : null,
+          note
+            ? el("p", { class: "note error", id: `note-${id}`, role: note.fresh ? "alert" : null }, note.text)
             : null,
         );
       });
@@ -192,6 +206,7 @@ async function loadConsents() {
     el("thead", {}, head),
     el("tbody", {}, rows),
   );
+  notes.forEach((note) => (note.fresh = false)); // announced once
   if (focused) document.getElementById(focused)?.focus();
   clearTimeout(pollTimer);
   if (pending) pollTimer = setTimeout(() => loadConsents().catch(fail), 1000);
@@ -212,7 +227,12 @@ async function toggle(id, checked, partner, purpose, attribute) {
         : `Signed: stop sharing ${attribute.name} with ${partner.name} for ${purpose.name}. In effect now.`,
     );
   } catch (error) {
-    fail(error);
+    // Beside the switch, not at the top of the page; the switch then shows what the service has.
+    const text =
+      error instanceof NoAnswer
+        ? `${error.message} The change may not have been made: look at this switch again in a minute.`
+        : `Not changed. ${plain(error)}`;
+    notes.set(id, { text, fresh: true });
   } finally {
     intents.delete(id);
   }
@@ -376,6 +396,6 @@ document.addEventListener("DOMContentLoaded", () => {
   });
 
   setInterval(() => {
-    if (session && !document.hidden) Promise.all([loadAccesses(), loadPoints()]).catch(fail);
+    if (session && !document.hidden) (reference ? Promise.all([loadAccesses(), loadPoints()]) : loadAll()).catch(fail);
   }, 5000);
 });
