@@ -107,10 +107,11 @@ export function fail(error) {
 
 // The message area beside `target` (inside a form, as its last line; right after a button).
 function noteFor(target) {
-  const existing = target instanceof HTMLFormElement ? target.querySelector(":scope > .note") : target.nextElementSibling;
+  const form = target instanceof HTMLFormElement;
+  const existing = form ? target.querySelector(":scope > .note") : target.nextElementSibling;
   if (existing?.classList.contains("note")) return existing;
   const note = el("p", { class: "note", role: "alert" });
-  if (target instanceof HTMLFormElement) target.append(note);
+  if (form) target.append(note);
   else target.after(note);
   return note;
 }
