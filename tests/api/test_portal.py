@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 from eth_account import Account
-from playwright.sync_api import Browser, Page, ViewportSize, expect
+from playwright.sync_api import Browser, Page, Route, ViewportSize, expect
 
 from ledger.anvil import free_port
 from ledger.settings import PROJECT_ROOT
@@ -124,6 +124,19 @@ def _claim(page: Page, did: str, claim: str) -> None:
     page.get_by_role("button", name="Create my key and claim").click()
 
 
+def _unlock(page: Page, address: str | None = None) -> None:
+    if address is not None:
+        page.get_by_role("combobox", name=re.compile(r"^Key")).select_option(address)
+    page.get_by_label("Passphrase", exact=True).fill(PASSPHRASE)
+    page.get_by_role("button", name="Unlock and sign in").click()
+
+
+def _stored_addresses(page: Page) -> set[str]:
+    """Every address anywhere in the page's localStorage: the keys it holds, sealed or pending."""
+    stored = page.evaluate("JSON.stringify(Object.values(localStorage))")
+    return {address.lower() for address in re.findall(r"0x[0-9a-fA-F]{40}", stored)}
+
+
 def _toggle(page: Page, attribute: str, purpose: str = ANALYTICS) -> Any:
     return page.get_by_role("checkbox", name=f"Share {attribute} with acme for {purpose}")
 
@@ -181,9 +194,10 @@ def test_a_customer_claims_grants_revokes_sees_accesses_and_authorises_a_redempt
     _claim(page, did, claim)
     expect(page.locator("#did")).to_have_text(did)
     address = page.locator("#address").inner_text()
-    stored = json.loads(page.evaluate("localStorage.getItem('consent-ledger.key')"))
-    assert set(stored) == {"address", "salt", "iv", "sealed"}  # the key is stored only sealed
-    assert stored["address"] == address
+    (stored,) = json.loads(page.evaluate("localStorage.getItem('consent-ledger.keys')"))
+    assert set(stored) == {"address", "did", "salt", "iv", "sealed"}  # the key is stored only sealed
+    assert (stored["address"], stored["did"]) == (address, did)
+    assert _stored_addresses(page) == {address.lower()}  # nothing else is left beside it
     _shot(page, "customer-signed-in")
 
     # Grant two kinds of data for analytics (the second with the keyboard): pending, then active.
@@ -246,7 +260,7 @@ def test_a_customer_claims_grants_revokes_sees_accesses_and_authorises_a_redempt
     page.get_by_role("button", name="Sign out").click()
     page.get_by_label("Passphrase", exact=True).fill("not the passphrase")
     page.get_by_role("button", name="Unlock and sign in").click()
-    expect(page.locator("#status")).to_contain_text("does not unlock")
+    expect(page.locator("#unlock-form .note.error")).to_have_text("That passphrase does not unlock this key.")
     page.get_by_label("Passphrase", exact=True).fill(PASSPHRASE)
     page.get_by_role("button", name="Unlock and sign in").click()
     expect(page.locator("#did")).to_have_text(did)
@@ -268,7 +282,7 @@ def test_the_customer_pages_work_on_a_phone(service: Served, browser: Browser) -
     other = _page(browser, service, phone=True)
     other.goto("/")
     _claim(other, did, "WRONG-CODE-123")
-    expect(other.locator("#status.error")).to_be_visible()
+    expect(other.locator("#claim-form .note.error")).to_contain_text("That claim code does not match this DID")
     page.context.close()
     other.context.close()
 
@@ -288,7 +302,7 @@ def test_an_auditor_searches_verifies_and_exports(service: Served, browser: Brow
     page.goto("/auditor")
     page.get_by_label("API key").fill("not-a-key")
     page.get_by_role("button", name="Sign in").click()
-    expect(page.locator("#status.error")).to_be_visible()
+    expect(page.locator("#signin-form .note.error")).to_be_visible()
     page.get_by_label("API key").fill(service.auditor_key)
     page.get_by_role("button", name="Sign in").click()
     expect(page.locator("#log tbody tr").first).to_be_visible()
@@ -345,9 +359,152 @@ def test_a_customer_imports_a_key_made_elsewhere(service: Served, browser: Brows
     page.get_by_label("Private key (0x…)").fill("0x1234")
     page.locator("#import-form").get_by_label("New passphrase").fill(PASSPHRASE)
     page.get_by_role("button", name="Import and sign in").click()
-    expect(page.locator("#status")).to_contain_text("not a private key")
+    expect(page.locator("#import-form .note.error")).to_contain_text("not a private key")
     page.get_by_label("Private key (0x…)").fill("0x" + bytes(account.key).hex())
     page.get_by_role("button", name="Import and sign in").click()
     expect(page.locator("#did")).to_have_text(did)
     expect(page.locator("#address")).to_have_text(account.address)
+    page.context.close()
+
+
+def _claimed(browser: Browser, service: Served, *, phone: bool = False) -> tuple[Page, str, str]:
+    """A page whose browser holds the bound key of a new customer, signed out; the DID and address."""
+    did, claim, _email = _enrol(service)
+    page = _page(browser, service, phone=phone)
+    page.goto("/")
+    _claim(page, did, claim)
+    expect(page.locator("#did")).to_have_text(did)
+    address = page.locator("#address").inner_text()
+    page.get_by_role("button", name="Sign out").click()
+    return page, did, address
+
+
+def _as_earlier_pages_kept_it(page: Page) -> None:
+    """Store the page's one key as the pages before this version did: alone, under `consent-ledger.key`."""
+    page.evaluate(
+        """() => {
+            const [{ did, ...key }] = JSON.parse(localStorage.getItem("consent-ledger.keys"));
+            localStorage.setItem("consent-ledger.key", JSON.stringify(key));
+            localStorage.removeItem("consent-ledger.keys");
+        }"""
+    )
+    page.reload()
+
+
+def test_a_failed_claim_keeps_the_key_the_browser_holds(service: Served, browser: Browser) -> None:
+    page, did, address = _claimed(browser, service)
+    _as_earlier_pages_kept_it(page)  # as customers' browsers hold their keys today
+    other_did, _claim_code, _email = _enrol(service)
+
+    _claim(page, other_did, "WRONG-CODE-123")
+    expect(page.locator("#claim-form .note.error")).to_contain_text("That claim code does not match this DID")
+    assert _stored_addresses(page) == {address.lower()}  # not replaced, and no unbound key beside it
+
+    page.reload()
+    _unlock(page)
+    expect(page.locator("#did")).to_have_text(did)
+    expect(page.locator("#address")).to_have_text(address)
+    stored = page.evaluate("[localStorage.getItem('consent-ledger.key'), localStorage.getItem('consent-ledger.keys')]")
+    assert stored[0] is None  # moved to where keys are kept now, its DID noted
+    assert [(key["address"], key["did"]) for key in json.loads(stored[1])] == [(address, did)]
+    page.context.close()
+
+
+@pytest.mark.parametrize("repeat", ["answered", "while_mining"])
+def test_a_claim_cut_off_half_way_is_finished_after_a_reload(service: Served, browser: Browser, repeat: str) -> None:
+    """The service binds the new key but the page is reloaded before the answer arrives: the reloaded
+    page sends the binding again and keeps the key, beside the one the browser held. The route answers
+    a repeat as the first time; while the first request is still being mined it refuses the repeat
+    (its claim code is used, the chain does not bind the key yet), and the page asks the DID."""
+    page, did, address = _claimed(browser, service)
+    other_did, other_claim, _email = _enrol(service)
+    answered: list[int] = []
+
+    def hold(route: Route) -> None:
+        if not answered:
+            answered.append(route.fetch(timeout=60_000).status)  # bound; the answer never reaches the page
+        elif repeat == "while_mining":
+            problem = {"title": "The claim code is not valid for this customer", "status": 403}
+            route.fulfill(status=403, json={**problem, "code": "invalid_claim_code"})
+        else:
+            route.continue_()
+
+    page.route("**/api/v1/customers/*/controller", hold)
+    _claim(page, other_did, other_claim)
+    deadline = time.monotonic() + 60
+    while not answered:
+        assert time.monotonic() < deadline, "the binding request never came"
+        page.wait_for_timeout(100)
+    assert answered == [200]
+    page.reload()
+
+    expect(page.locator("#unlock-form .note.ok")).to_have_text(
+        "Your claim is finished and its key is stored. Enter its passphrase to sign in."
+    )
+    expect(page.locator("#pending-claim")).to_be_hidden()
+    _shot(page, f"customer-claim-finished-{repeat}")
+    _unlock(page)  # the new key is the one chosen
+    expect(page.locator("#did")).to_have_text(other_did)
+    new_address = page.locator("#address").inner_text()
+    assert _stored_addresses(page) == {address.lower(), new_address.lower()}
+    page.get_by_role("button", name="Sign out").click()
+    _unlock(page, address)
+    expect(page.locator("#did")).to_have_text(did)
+    page.context.close()
+
+
+def _chain_away(route: Route) -> None:
+    """The API's answer while the node is paused."""
+    problem = {
+        "type": "urn:consent-ledger:problem:chain_unavailable",
+        "title": "The chain does not answer",
+        "status": 503,
+        "code": "chain_unavailable",
+        "detail": "ReadTimeout",
+    }
+    route.fulfill(status=503, content_type="application/problem+json", body=json.dumps(problem))
+
+
+@pytest.mark.parametrize("phone", [False, True], ids=["desktop", "phone"])
+def test_the_ledger_away_is_said_beside_the_switch_and_the_claim_form(
+    service: Served, browser: Browser, phone: bool
+) -> None:
+    """A 503 `chain_unavailable` from the API, or no answer at all, is said in plain words next to the
+    control the customer used, and the page does not wait for ever."""
+    size = "phone" if phone else "desktop"
+    page, did, address = _claimed(browser, service, phone=phone)
+    _unlock(page)
+    expect(page.locator("#did")).to_have_text(did)
+    page.route("**/api/v1/consents/prepare", _chain_away)  # the nonce comes from the chain
+    toggle = _toggle(page, "Purchase history")
+    toggle.click()
+    expect(toggle).to_have_accessible_description(
+        "Not changed. The ledger is not answering right now. Please try again in a few minutes."
+    )
+    note = page.locator("#consents .note.error")
+    expect(note).to_have_count(1)
+    assert note.evaluate("(note) => note.closest('td').contains(document.activeElement)")  # beside the switch
+    expect(toggle).not_to_be_checked()
+    expect(page.locator("body")).not_to_contain_text("chain_unavailable")
+    assert _consents(service, did) == []
+    _shot(page, f"customer-ledger-away-switch-{size}")
+    assert accessibility_violations(page) == []
+
+    # Claiming another account: the desktop page gets no answer at all, the phone a 503.
+    page.get_by_role("button", name="Sign out").click()
+    other_did, other_claim, _email = _enrol(service)
+    if phone:
+        page.route("**/controller/prepare", _chain_away)
+        said = "The ledger is not answering right now. Please try again in a few minutes."
+    else:
+        page.route("**/controller/prepare", lambda route: None)  # never answered
+        said = "The service did not answer within 15 seconds. Please try again in a few minutes."
+    _claim(page, other_did, other_claim)
+    expect(page.locator("#claim-form .note.error")).to_have_text(said, timeout=30_000)
+    expect(page.get_by_role("button", name="Create my key and claim")).to_be_enabled()
+    expect(page.locator("body")).not_to_contain_text("chain_unavailable")
+    assert _stored_addresses(page) == {address.lower()}
+    if phone:
+        _fits(page)
+    _shot(page, f"customer-ledger-away-claim-{size}")
     page.context.close()

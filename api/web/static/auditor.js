@@ -4,6 +4,9 @@ import { $, api, el, fail, nameOf, onClick, onSubmit, say, short, verdict, when 
 
 const KEY = "consent-ledger.auditor-key";
 const PAGE = 50;
+// Verifying recomputes the whole hash chain from the chain's events and an export may hold 10,000
+// rows: both may take far longer than a search.
+const SLOW_MS = 120000;
 let apiKey = sessionStorage.getItem(KEY);
 let nextAfter = null;
 let purposes = [];
@@ -66,7 +69,7 @@ async function search(append = false) {
 }
 
 async function verify() {
-  const result = await api("/audit/verify", { method: "POST", apiKey });
+  const result = await api("/audit/verify", { method: "POST", apiKey, timeout: SLOW_MS });
   const box = $("verification");
   if (result.ok) {
     box.replaceChildren(
@@ -93,7 +96,7 @@ async function verify() {
 }
 
 async function exportCsv() {
-  const text = await api(`/audit/accesses?${query({ format: "csv", limit: 10000 })}`, { apiKey, raw: true });
+  const text = await api(`/audit/accesses?${query({ format: "csv", limit: 10000 })}`, { apiKey, raw: true, timeout: SLOW_MS });
   const link = el("a", { href: URL.createObjectURL(new Blob([text], { type: "text/csv" })), download: "accesses.csv" });
   document.body.append(link);
   link.click();

@@ -1,7 +1,10 @@
-// Shared by both portals: API calls (RFC 9457 problems become errors with their `code`), safe DOM
-// building (text nodes only: no HTML from data), status messages for screen readers.
+// Shared by both portals: API calls (RFC 9457 problems become errors with their `code`; every call has
+// a deadline), safe DOM building (text nodes only: no HTML from data), messages in plain words beside
+// the control they concern, status messages for screen readers.
 
 export const API = "/api/v1";
+// Reads and most writes answer in well under a second; past this the page says so instead of hanging.
+export const TIMEOUT_MS = 15000;
 
 export class ApiProblem extends Error {
   constructor(status, problem) {
@@ -12,6 +15,10 @@ export class ApiProblem extends Error {
   }
 }
 
+// The request got no answer: the network failed, or the service did not answer in time. Whether a
+// write took effect is unknown.
+export class NoAnswer extends Error {}
+
 // Integers beyond 2^53 (keyed nonces) must reach the signer exactly: keep them as decimal strings.
 export function parseJson(text) {
   return JSON.parse(text, (key, value, context) =>
@@ -21,17 +28,29 @@ export function parseJson(text) {
   );
 }
 
-export async function api(path, { method = "GET", body, token, apiKey, headers = {}, raw = false } = {}) {
+export async function api(
+  path,
+  { method = "GET", body, token, apiKey, headers = {}, raw = false, timeout = TIMEOUT_MS } = {},
+) {
   const sent = { ...headers };
   if (body !== undefined) sent["Content-Type"] = "application/json";
   if (token) sent.Authorization = `Bearer ${token}`;
   if (apiKey) sent["X-API-Key"] = apiKey;
-  const response = await fetch(API + path, {
-    method,
-    headers: sent,
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  const text = await response.text();
+  let response, text;
+  try {
+    response = await fetch(API + path, {
+      method,
+      headers: sent,
+      body: body === undefined ? undefined : JSON.stringify(body),
+      signal: AbortSignal.timeout(timeout), // covers reading the body too
+    });
+    text = await response.text();
+  } catch (error) {
+    if (error.name === "TimeoutError") {
+      throw new NoAnswer(`The service did not answer within ${Math.round(timeout / 1000)} seconds.`);
+    }
+    throw new NoAnswer("The service could not be reached. Check your connection.");
+  }
   if (!response.ok) {
     let problem;
     try {
@@ -64,11 +83,52 @@ export function say(text, kind = "ok") {
   const status = document.getElementById("status");
   status.className = `status ${kind}`;
   status.textContent = text;
+  delete status.dataset.code;
+}
+
+// What went wrong, in words for the person using the page. A problem's `code` is for programs: it
+// stays out of the text (in `data-code`, for support and tests).
+export function plain(error) {
+  if (error instanceof ApiProblem) {
+    if (error.code === "chain_unavailable") {
+      return "The ledger is not answering right now. Please try again in a few minutes.";
+    }
+    if (error.status >= 500) return "The service ran into a problem. Please try again in a few minutes.";
+    return error.problem.title || error.message;
+  }
+  if (error instanceof NoAnswer) return `${error.message} Please try again in a few minutes.`;
+  return error.message;
 }
 
 export function fail(error) {
-  const code = error instanceof ApiProblem ? ` (${error.code})` : "";
-  say(`${error.message}${code}`, "error");
+  say(plain(error), "error");
+  if (error instanceof ApiProblem) document.getElementById("status").dataset.code = error.code;
+}
+
+// The message area beside `target` (inside a form, as its last line; right after a button).
+function noteFor(target) {
+  const form = target instanceof HTMLFormElement;
+  const existing = form ? target.querySelector(":scope > .note") : target.nextElementSibling;
+  if (existing?.classList.contains("note")) return existing;
+  const note = el("p", { class: "note", role: "alert" });
+  if (form) target.append(note);
+  else target.after(note);
+  return note;
+}
+
+// Say `text` beside `target` (a form or a button); an empty text clears it.
+export function tell(target, text, kind = "error") {
+  const note = noteFor(target);
+  note.className = `note ${kind}`;
+  note.textContent = text;
+  delete note.dataset.code;
+  return note;
+}
+
+// A failure beside the control that caused it, in plain words.
+export function failAt(target, error) {
+  const note = tell(target, plain(error));
+  if (error instanceof ApiProblem) note.dataset.code = error.code;
 }
 
 export function when(epoch) {
@@ -79,29 +139,31 @@ export function short(hex) {
   return hex && hex.length > 14 ? `${hex.slice(0, 8)}…${hex.slice(-6)}` : hex;
 }
 
-// Run `action` with `buttons` disabled, reporting a failure in the status region.
-async function whileBusy(buttons, action) {
+// Run `action` with `buttons` disabled, reporting a failure beside `target`.
+async function whileBusy(buttons, target, action) {
   buttons.forEach((b) => (b.disabled = true));
+  tell(target, "");
   try {
     await action();
   } catch (error) {
-    fail(error);
+    failAt(target, error);
   } finally {
     buttons.forEach((b) => (b.disabled = false));
   }
 }
 
-// A form's submit handler that disables the form's buttons while it runs and reports failures.
+// A form's submit handler that disables the form's buttons while it runs and reports failures in
+// the form.
 export function onSubmit(form, handler) {
   form.addEventListener("submit", (event) => {
     event.preventDefault();
-    whileBusy(form.querySelectorAll("button"), () => handler(new FormData(form)));
+    whileBusy(form.querySelectorAll("button"), form, () => handler(new FormData(form)));
   });
 }
 
-// The same for a button outside a form.
+// The same for a button outside a form; failures show right after it.
 export function onClick(button, action) {
-  button.addEventListener("click", () => whileBusy([button], action));
+  button.addEventListener("click", () => whileBusy([button], button, action));
 }
 
 export const $ = (id) => document.getElementById(id);

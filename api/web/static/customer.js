@@ -2,10 +2,46 @@
 // encrypted (AES-GCM under a PBKDF2-derived key from the customer's passphrase); unlocked, it lives in
 // this page's memory. Every change is an EIP-712 message the customer signs; the API checks it.
 import { ethers } from "/static/vendor/ethers.min.js";
-import { $, ApiProblem, api, el, fail, nameOf, onSubmit, say, short, verdict, when } from "/static/common.js";
+import {
+  $,
+  ApiProblem,
+  NoAnswer,
+  api,
+  el,
+  fail,
+  failAt,
+  nameOf,
+  onClick,
+  onSubmit,
+  plain,
+  say,
+  short,
+  tell,
+  verdict,
+  when,
+} from "/static/common.js";
 
-const STORE = "consent-ledger.key";
+// The sealed keys this browser holds, the one signed in with last first: [{address, did, salt, iv,
+// sealed}]. A key is added only once the service has bound it (claim) or signed it in (import), and
+// none is replaced by another: a customer who claims a second account keeps the first one's key.
+const KEYS = "consent-ledger.keys";
+const LEGACY = "consent-ledger.key"; // the single key that pages before kept; moved into KEYS
+// A claim under way: its sealed key and the signed binding request (with the claim code), written
+// before the request is sent, so that a reload or a lost answer cannot lose a key the service bound.
+// It is promoted into KEYS once the binding is confirmed, and dropped once it is refused.
+const PENDING = "consent-ledger.pending";
 const PBKDF2_ROUNDS = 600000; // OWASP's 2023 figure for PBKDF2-HMAC-SHA256
+// Binding waits for a transaction to be mined and indexed; a claim whose answer does not come in time
+// stays pending and is finished by sending the same request again.
+const BIND_TIMEOUT_MS = 60000;
+// The binding route refuses a repeat with these while the first request is still being mined, or
+// when another key took the DID: the DID's document tells which.
+const UNSETTLED = new Set(["invalid_claim_code", "claim_code_used", "already_bound"]);
+const BIND_GRACE_S = 300; // a request sent before its deadline has settled this long after it
+const CLAIM_WORDS = {
+  unknown_customer: "There is no customer with that DID. Check it against the message we sent you.",
+  invalid_claim_code: "That claim code does not match this DID. Check both against the message we sent you.",
+};
 let wallet = null;
 let session = null; // { token, did }
 let reference = null; // { partners, purposes, attributes }
@@ -14,6 +50,7 @@ let pollTimer = null;
 // would collide. Queued changes show as the customer set them until they are accepted.
 let queue = Promise.resolve();
 const intents = new Map(); // checkbox id -> checked, while queued or in flight
+const notes = new Map(); // checkbox id -> { text, fresh }: why that switch's last change was not made
 
 const enc = encodeURIComponent;
 const b64 = (bytes) => btoa(String.fromCharCode(...new Uint8Array(bytes)));
@@ -34,7 +71,7 @@ async function wrappingKey(passphrase, salt) {
   );
 }
 
-async function storeKey(privateKey, passphrase) {
+async function seal(privateKey, passphrase) {
   const salt = crypto.getRandomValues(new Uint8Array(16));
   const iv = crypto.getRandomValues(new Uint8Array(12));
   const sealed = await crypto.subtle.encrypt(
@@ -42,28 +79,131 @@ async function storeKey(privateKey, passphrase) {
     await wrappingKey(passphrase, salt),
     ethers.getBytes(privateKey),
   );
-  const address = new ethers.Wallet(privateKey).address;
-  localStorage.setItem(STORE, JSON.stringify({ address, salt: b64(salt), iv: b64(iv), sealed: b64(sealed) }));
+  return { address: new ethers.Wallet(privateKey).address, salt: b64(salt), iv: b64(iv), sealed: b64(sealed) };
 }
 
-function storedKey() {
+function readJson(name) {
   try {
-    return JSON.parse(localStorage.getItem(STORE));
+    return JSON.parse(localStorage.getItem(name));
   } catch {
     return null;
   }
 }
 
-async function unlock(passphrase) {
-  const stored = storedKey();
+const same = (a, b) => a.toLowerCase() === b.toLowerCase();
+
+function storedKeys() {
+  const keys = readJson(KEYS);
+  const held = Array.isArray(keys) ? keys : [];
+  const legacy = readJson(LEGACY);
+  if (legacy?.address && !held.some((k) => same(k.address, legacy.address))) held.push(legacy);
+  return held;
+}
+
+// Keep `entry` as the first key, beside every other one.
+function keepKey(entry) {
+  const others = storedKeys().filter((k) => !same(k.address, entry.address));
+  localStorage.setItem(KEYS, JSON.stringify([entry, ...others]));
+  localStorage.removeItem(LEGACY); // its key is in KEYS now
+}
+
+async function unlock(entry, passphrase) {
   let plain;
   try {
-    const key = await wrappingKey(passphrase, unb64(stored.salt));
-    plain = await crypto.subtle.decrypt({ name: "AES-GCM", iv: unb64(stored.iv) }, key, unb64(stored.sealed));
+    const key = await wrappingKey(passphrase, unb64(entry.salt));
+    plain = await crypto.subtle.decrypt({ name: "AES-GCM", iv: unb64(entry.iv) }, key, unb64(entry.sealed));
   } catch {
-    throw new Error("That passphrase does not unlock the key stored in this browser.");
+    throw new Error("That passphrase does not unlock this key.");
   }
   return new ethers.Wallet(ethers.hexlify(new Uint8Array(plain)));
+}
+
+// claiming ----------------------------------------------------------------------------------------
+
+// The claim is not settled yet: its key stays pending in this browser for another try.
+class ClaimOpen extends Error {}
+
+// The address bound to `did` as its DID document says, null if none, undefined if it cannot be told.
+async function controllerOf(did) {
+  try {
+    const resolved = await api(`/dids/${enc(did)}`);
+    const method = resolved.didDocument?.verificationMethod?.[0];
+    return method ? method.blockchainAccountId.split(":").pop() : null;
+  } catch {
+    return undefined;
+  }
+}
+
+// Send the pending claim's binding request (again: the route answers a repeat as it answered the
+// first). Returns once the key is bound; throws ClaimOpen while that cannot be told, and the refusal
+// once the key will not be bound.
+async function bindPending({ did, address, request }) {
+  try {
+    await api(`/customers/${enc(did)}/controller`, { method: "POST", body: request, timeout: BIND_TIMEOUT_MS });
+    return;
+  } catch (error) {
+    if (!(error instanceof ApiProblem) || error.status >= 500 || error.status === 429) {
+      throw new ClaimOpen(`${plain(error)} Your claim is not finished yet; its new key is kept in this browser.`);
+    }
+    if (!UNSETTLED.has(error.code)) throw error;
+    const holder = await controllerOf(did);
+    if (holder && same(holder, address)) return;
+    const late = Date.now() / 1000 > Number(request.typed_data.message.deadline) + BIND_GRACE_S;
+    if (holder === undefined || (holder === null && !late)) {
+      throw new ClaimOpen("Your claim is still being recorded on the ledger; its new key is kept in this browser.");
+    }
+    throw error;
+  }
+}
+
+// Finish the claim under way, if any: its key joins the stored keys once bound, and is dropped once
+// refused. Returns the kept entry.
+async function settleClaim() {
+  const pending = readJson(PENDING);
+  if (!pending) return null;
+  const { request, ...entry } = pending;
+  if (!storedKeys().some((k) => same(k.address, entry.address))) {
+    try {
+      await bindPending(pending);
+    } catch (error) {
+      if (!(error instanceof ClaimOpen)) localStorage.removeItem(PENDING);
+      throw error;
+    }
+    keepKey(entry);
+  }
+  localStorage.removeItem(PENDING);
+  return entry;
+}
+
+// The key is made here, and stored only as a pending claim until the service has bound it: a
+// refused claim leaves the keys this browser held as they were.
+async function claim(form, did, claimCode, passphrase) {
+  await settleClaim().finally(showPending); // an earlier claim first: its key must not be lost
+  if (storedKeys().some((k) => k.did === did)) {
+    throw new Error("This browser holds the key of that DID already: sign in with its passphrase.");
+  }
+  const fresh = ethers.Wallet.createRandom();
+  tell(form, "Making your key and binding it to your DID…", "working");
+  try {
+    const prepared = await api(`/customers/${enc(did)}/controller/prepare`, {
+      method: "POST",
+      body: { claim_code: claimCode, address: fresh.address },
+    });
+    const signature = await signTyped(fresh, prepared.typed_data);
+    const sealed = await seal(fresh.privateKey, passphrase);
+    const request = { claim_code: claimCode, typed_data: prepared.typed_data, signature };
+    localStorage.setItem(PENDING, JSON.stringify({ ...sealed, did, request }));
+    return { entry: await settleClaim(), signer: fresh };
+  } catch (error) {
+    throw claimRefusal(error);
+  } finally {
+    showPending();
+  }
+}
+
+// A refused claim in plainer words than the service's title, where there are some.
+function claimRefusal(error) {
+  return error instanceof ApiProblem && CLAIM_WORDS[error.code] ? new Error(CLAIM_WORDS[error.code]) : error;
 }
 
 // signing and calls -------------------------------------------------------------------------------
@@ -74,9 +214,9 @@ async function signTyped(signer, typed) {
   return signer.signTypedData(typed.domain, types, typed.message);
 }
 
-async function signIn() {
-  const challenge = await api("/auth/siwe/challenge", { method: "POST", body: { address: wallet.address } });
-  const signature = await wallet.signMessage(challenge.message);
+async function signIn(signer = wallet) {
+  const challenge = await api("/auth/siwe/challenge", { method: "POST", body: { address: signer.address } });
+  const signature = await signer.signMessage(challenge.message);
   const token = await api("/auth/siwe", { method: "POST", body: { message: challenge.message, signature } });
   session = { token: token.access_token, did: token.did };
 }
@@ -94,13 +234,41 @@ async function call(path, options = {}) {
 
 // views ---------------------------------------------------------------------------------------------
 
-function showSetup() {
+// The sign-in forms: a key to unlock (`chosen` first), a claim left unfinished.
+function showSetup(chosen) {
   $("account").hidden = true;
   $("sign-out").hidden = true;
   $("setup").hidden = false;
-  const stored = storedKey();
-  $("unlock-form").hidden = !stored;
-  if (stored) $("stored-address").textContent = stored.address;
+  const keys = storedKeys();
+  $("unlock-form").hidden = !keys.length;
+  $("stored-one").hidden = keys.length !== 1;
+  $("stored-choice").hidden = keys.length < 2;
+  if (keys.length === 1) $("stored-address").textContent = keys[0].address;
+  $("stored-keys").replaceChildren(
+    ...keys.map((k) =>
+      el(
+        "option",
+        { value: k.address, selected: chosen !== undefined && same(k.address, chosen) },
+        k.did ? `${short(k.address)} (DID …${k.did.slice(-8)})` : k.address,
+      ),
+    ),
+  );
+  showPending();
+}
+
+function showPending() {
+  const pending = readJson(PENDING);
+  $("pending-claim").hidden = !pending;
+  if (pending) $("pending-did").textContent = pending.did;
+}
+
+// Sign in with an unlocked key; it becomes the first stored key, its DID noted.
+async function enter(entry, signer, welcome) {
+  await signIn(signer);
+  wallet = signer;
+  keepKey({ ...entry, did: session.did });
+  say(welcome);
+  await showAccount();
 }
 
 async function showAccount() {
@@ -109,6 +277,11 @@ async function showAccount() {
   $("sign-out").hidden = false;
   $("did").textContent = session.did;
   $("address").textContent = wallet.address;
+  $("identity-title").focus();
+  await loadAll().catch(fail);
+}
+
+async function loadAll() {
   if (!reference) {
     const [partners, purposes, attributes] = await Promise.all([
       call("/partners"),
@@ -120,7 +293,6 @@ async function showAccount() {
     select.replaceChildren(...partners.map((p) => el("option", { value: p.name }, p.name)));
   }
   await refresh();
-  $("identity-title").focus();
 }
 
 async function refresh() {
@@ -152,14 +324,20 @@ async function loadConsents() {
         const revoking = consent?.pending_revoke.includes(key) ?? false;
         const id = `consent-${i}-${j}-${attribute.bit}`;
         const queued = intents.has(id);
+        const note = notes.get(id);
         pending ||= granting || revoking;
+        const described = [
+          granting || revoking || queued ? `pending-${i}-${j}-${attribute.bit}` : null,
+          note ? `note-${id}` : null,
+        ].filter(Boolean);
         const input = el("input", {
           type: "checkbox",
           id,
           checked: queued ? intents.get(id) : (granted || granting) && !revoking,
           "aria-label": `Share ${attribute.name} with ${partner.name} for ${purpose.name}`,
-          "aria-describedby": granting || revoking || queued ? `pending-${i}-${j}-${attribute.bit}` : null,
+          "aria-describedby": described.length ? described.join(" ") : null,
           onchange: (event) => {
+            notes.delete(id);
             intents.set(id, event.target.checked);
             const checked = event.target.checked;
             queue = queue.then(() => toggle(id, checked, partner, purpose, attribute));
@@ -171,6 +349,9 @@ async function loadConsents() {
           input,
           granting || revoking || queued
             ? el("div", { class: "badge pending", id: `pending-${i}-${j}-${attribute.bit}` }, "pending")
+            : null,
+          note
+            ? el("p", { class: "note error", id: `note-${id}`, role: note.fresh ? "alert" : null }, note.text)
             : null,
         );
       });
@@ -192,6 +373,7 @@ async function loadConsents() {
     el("thead", {}, head),
     el("tbody", {}, rows),
   );
+  notes.forEach((note) => (note.fresh = false)); // announced once
   if (focused) document.getElementById(focused)?.focus();
   clearTimeout(pollTimer);
   if (pending) pollTimer = setTimeout(() => loadConsents().catch(fail), 1000);
@@ -212,7 +394,12 @@ async function toggle(id, checked, partner, purpose, attribute) {
         : `Signed: stop sharing ${attribute.name} with ${partner.name} for ${purpose.name}. In effect now.`,
     );
   } catch (error) {
-    fail(error);
+    // Beside the switch, not at the top of the page; the switch then shows what the service has.
+    const text =
+      error instanceof NoAnswer
+        ? `${error.message} The change may not have been made: look at this switch again in a minute.`
+        : `Not changed. ${plain(error)}`;
+    notes.set(id, { text, fresh: true });
   } finally {
     intents.delete(id);
   }
@@ -308,33 +495,44 @@ document.addEventListener("DOMContentLoaded", () => {
   showSetup();
 
   onSubmit($("claim-form"), async (data) => {
+    const form = $("claim-form");
+    const held = storedKeys().length;
     const did = data.get("did").trim();
-    const claim = data.get("claim").trim();
-    const fresh = ethers.Wallet.createRandom();
-    say("Making your key and binding it to your DID…");
-    await storeKey(fresh.privateKey, data.get("passphrase"));
-    const prepared = await api(`/customers/${enc(did)}/controller/prepare`, {
-      method: "POST",
-      body: { claim_code: claim, address: fresh.address },
-    });
-    const signature = await signTyped(fresh, prepared.typed_data);
-    await api(`/customers/${enc(did)}/controller`, {
-      method: "POST",
-      body: { claim_code: claim, typed_data: prepared.typed_data, signature },
-    });
-    wallet = fresh;
-    await signIn();
-    say("Your key is bound to your DID and you are signed in.");
-    await showAccount();
+    const { entry, signer } = await claim(form, did, data.get("claim").trim(), data.get("passphrase"));
+    tell(form, "");
+    showSetup(entry.address);
+    const welcome =
+      "Your key is bound to your DID and you are signed in." +
+      (held ? " The other key stored in this browser is kept: choose it when you sign in." : "");
+    try {
+      await enter(entry, signer, welcome);
+    } catch (error) {
+      throw new Error(`Your key is bound and stored in this browser, but signing in failed. ${plain(error)}`);
+    }
+  });
+
+  onClick($("finish-claim"), async () => {
+    let entry;
+    try {
+      entry = await settleClaim();
+    } catch (error) {
+      if (error instanceof ClaimOpen) throw error; // said beside this button
+      showSetup();
+      tell($("claim-form"), `Your claim did not go through. ${plain(claimRefusal(error))}`);
+      return;
+    }
+    showSetup(entry?.address);
+    if (entry) {
+      tell($("unlock-form"), "Your claim is finished and its key is stored. Enter its passphrase to sign in.", "ok");
+    }
   });
 
   onSubmit($("unlock-form"), async (data) => {
-    wallet = await unlock(data.get("passphrase"));
-    await signIn();
-    say("Signed in.");
-    await showAccount();
+    const entry = storedKeys().find((k) => same(k.address, data.get("address")));
+    await enter(entry, await unlock(entry, data.get("passphrase")), "Signed in.");
   });
 
+  // An imported key is stored only once it signs in: a key no account holds is not kept.
   onSubmit($("import-form"), async (data) => {
     let imported;
     try {
@@ -342,11 +540,15 @@ document.addEventListener("DOMContentLoaded", () => {
     } catch {
       throw new Error("That is not a private key (expected 0x and 64 hex digits).");
     }
-    await storeKey(imported.privateKey, data.get("passphrase"));
-    wallet = imported;
-    await signIn();
-    say("Key imported; signed in.");
-    await showAccount();
+    const entry = await seal(imported.privateKey, data.get("passphrase"));
+    try {
+      await enter(entry, imported, "Key imported; signed in.");
+    } catch (error) {
+      if (error instanceof ApiProblem && error.code === "sign_in_failed") {
+        throw new Error("No account here has this key bound to it, so it was not stored.");
+      }
+      throw error;
+    }
   });
 
   onSubmit($("redeem-form"), async (data) => {
@@ -376,6 +578,8 @@ document.addEventListener("DOMContentLoaded", () => {
   });
 
   setInterval(() => {
-    if (session && !document.hidden) Promise.all([loadAccesses(), loadPoints()]).catch(fail);
+    if (session && !document.hidden) (reference ? Promise.all([loadAccesses(), loadPoints()]) : loadAll()).catch(fail);
   }, 5000);
+
+  if (readJson(PENDING)) $("finish-claim").click(); // a claim the last visit left half-way
 });
