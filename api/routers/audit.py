@@ -101,7 +101,7 @@ After = Annotated[int, Query(ge=-1, description="`next_after` of the previous pa
 @router.get(
     "/audit/accesses",
     response_model=AccessPage,
-    responses={**responses(404, 422), 200: {"content": {"text/csv": {}}}},
+    responses={**responses(404, 422), 200: {"content": {"text/csv": {"schema": {"type": "string"}}}}},
 )
 def accesses(
     runtime: RuntimeDep,
@@ -165,7 +165,7 @@ def verify(runtime: RuntimeDep, _caller: AuditReader) -> VerificationPublic:
 @router.get(
     "/customers/{did}/accesses",
     response_model=AccessPage,
-    responses={**responses(404), 200: {"content": {"text/csv": {}}}},
+    responses={**responses(404), 200: {"content": {"text/csv": {"schema": {"type": "string"}}}}},
 )
 def customer_accesses(
     did: str,
