@@ -55,9 +55,9 @@ def create_app(runtime: Runtime) -> FastAPI:
 def document(router: APIRouter) -> None:
     """What each route's OpenAPI must say that its own declaration leaves out: the schemes that can call
     it; 401 where it checks credentials; 422 where it validates a request (the problem+json the validation
-    handler sends, in place of FastAPI's own HTTPValidationError); 413 (the body limit applies to every
-    request) and 503 (a ledger failure is `chain_unavailable` on any route). Done before the router is
-    included: the app builds its routes from the router's."""
+    handler sends, in place of FastAPI's own HTTPValidationError) and 400 where it parses a body; 413 (the
+    body limit applies to every request) and 503 (a ledger failure is `chain_unavailable` on any route).
+    Done before the router is included: the app builds its routes from the router's."""
     for route in router.routes:
         if not isinstance(route, APIRoute):
             continue
@@ -68,6 +68,8 @@ def document(router: APIRouter) -> None:
             statuses.append(401)
         if get_flat_params(route.dependant) or route.body_field is not None:
             statuses.append(422)
+        if route.body_field is not None:
+            statuses.append(400)  # a body that cannot be parsed: Starlette's refusal, as problem+json
         route.responses = {**errors.responses(*statuses), **route.responses}  # the route's own word first
 
 
