@@ -6,8 +6,10 @@ no server error and an answer whose media type and body the document describes f
 Bounded in time: `MAX_EXAMPLES` requests per operation and role, no shrinking (each failure is reported
 with the request that reproduces it, as a curl command), and a wall-clock `BUDGET` per role.
 
-Generated DIDs name nobody, so a third of each operation's requests with a DID in its path name the
-fixture customer instead (the customer's own data, and the operator's view of it). The fixtures are
+Generated DIDs, partners and purposes name nothing, so part of each operation's requests name the
+fixtures instead, in the path (the customer's own data, and the operator's view of it) and in the body
+(`did`, `partner`, `purpose`, `attributes`: points issued to a real customer, consent prepared for a
+real partner), for the checks past "no such customer" to be reached. The fixtures are
 never retired: a DELETE naming one of them (DELETE /partners/{name} on the fixture partner, DELETE
 /customers/{did} on the fixture customer) is not sent, so that each role's run finds the partner's key
 working and the customer enrolled. Everything else it creates (customers, partners, purposes,
@@ -44,7 +46,7 @@ MAX_EXAMPLES = 25
 BUDGET = 90.0  # seconds per role; measured 12-20 s on 2 busy cores (25 examples)
 ROLES = ("operator", "issuer", "partner", "auditor", "customer", "anonymous")
 CHECKS = [not_a_server_error, response_schema_conformance, content_type_conformance]
-Running = tuple[str, dict[str, dict[str, str]], dict[str, str]]
+Running = tuple[str, dict[str, dict[str, str]], dict[str, str], dict[str, object]]
 Operation = schemathesis.APIOperation[Any, Any, Any, Any]
 
 
@@ -55,6 +57,7 @@ class Target:
     base_url: str
     headers: dict[str, str]
     fixtures: dict[str, str]  # path parameters that name the fixtures: sent, but never to a DELETE
+    in_body: dict[str, object]  # body fields that name them
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +76,18 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
         }
         # As sent in a path: schemathesis puts a value given to it there as it is (a DID is percent-encoded).
         fixtures = {"name": "acme", "did": q(customer.did), "subject_hex": customer.did.rsplit(":", 1)[-1]}
-        yield str(service.client.base_url).rstrip("/"), headers, fixtures
+        in_body: dict[str, object] = {
+            "did": customer.did,
+            "partner": "acme",
+            "purpose": "marketing.communications.email",
+            "attributes": ["user.contact.email"],
+        }
+        yield str(service.client.base_url).rstrip("/"), headers, fixtures, in_body
 
 
 @pytest.fixture(scope="module")
 def api_schema(running: Running) -> schemathesis.BaseSchema:
-    base_url, _, _ = running
+    base_url, _, _, _ = running
     return schemathesis.openapi.from_url(f"{base_url}/api/v1/openapi.json")
 
 
@@ -95,6 +104,10 @@ def _failures(operation: Operation, target: Target) -> tuple[int, list[str]]:
     known = {name: value for name, value in target.fixtures.items() if "{" + name + "}" in operation.path}
     if known and not deleting:
         strategies.append(operation.as_strategy(schemathesis.GenerationMode.POSITIVE, path_parameters=known))
+    if operation.body:
+        strategies.append(
+            operation.as_strategy(schemathesis.GenerationMode.POSITIVE).map(lambda case: _naming(case, target.in_body))
+        )
     cases = st.one_of(*strategies)
 
     @given(case=cases)
@@ -119,10 +132,24 @@ def _failures(operation: Operation, target: Target) -> tuple[int, list[str]]:
     return sent, list(found.values())
 
 
+def _naming(case: schemathesis.Case[Operation], fields: dict[str, object]) -> schemathesis.Case[Operation]:
+    """The case with each body field named in `fields`, at any depth, set to the fixture's value."""
+
+    def swap(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {key: fields.get(key, swap(value)) for key, value in node.items()}
+        if isinstance(node, list):
+            return [swap(value) for value in node]
+        return node
+
+    case.body = swap(case.body)
+    return case
+
+
 @pytest.mark.parametrize("role", ROLES)
 def test_api_answers_as_documented(api_schema: schemathesis.BaseSchema, running: Running, role: str) -> None:
-    base_url, headers, fixtures = running
-    target = Target(base_url=base_url, headers=headers[role], fixtures=fixtures)
+    base_url, headers, fixtures, in_body = running
+    target = Target(base_url=base_url, headers=headers[role], fixtures=fixtures, in_body=in_body)
     started = time.monotonic()
     failures: list[str] = []
     for result in api_schema.get_all_operations():
