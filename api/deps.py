@@ -12,19 +12,17 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.security import APIKeyHeader, HTTPBearer
 from sqlalchemy.orm import Session
 
-from api.auth import Caller, customer_caller, digest, now, service_caller
+from api.auth import CUSTOMER_SCOPES, ROLE_SCOPES, Caller, customer_caller, digest, now, service_caller
 from api.errors import ApiError
 from api.runtime import Runtime
 
 # The credentials, for OpenAPI only; the checks are in `current_caller`. They are not route
 # dependencies: FastAPI solves every dependency node on every request (measured in-process, the
 # consent route's auth took ~70 us more with these two schemes and two Header parameters as nodes
-# than with one node reading the headers), so `document_security` writes them into the spec instead.
-_SCHEMES = (
-    APIKeyHeader(name="X-API-Key", auto_error=False, description="service principals"),
-    HTTPBearer(auto_error=False, description="customers, from Sign-In with Ethereum"),
-)
-SECURITY: list[dict[str, list[str]]] = [{scheme.scheme_name: []} for scheme in _SCHEMES]  # either credential
+# than with one node reading the headers), so `api.main` writes them into the spec instead.
+_API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, description="service principals")
+_BEARER = HTTPBearer(auto_error=False, description="customers, from Sign-In with Ethereum")
+_SCHEMES = (_API_KEY, _BEARER)
 
 
 # Dependencies are `async` although they do no awaiting: FastAPI runs a sync dependency in the
@@ -98,7 +96,8 @@ async def current_caller(request: Request) -> Caller:
 CallerDep = Annotated[Caller, Depends(current_caller)]
 
 
-_AUTHENTICATING: set[Callable[..., object]] = {current_caller}  # dependencies that check credentials
+# Dependencies that check credentials, with the scope each requires (None: any authenticated caller).
+_AUTHENTICATING: dict[Callable[..., object], str | None] = {current_caller: None}
 CHECKED_SCOPES: set[str] = set()  # every scope some route checks: a scope granted and not here means nothing
 
 
@@ -118,13 +117,29 @@ def scope(name: str) -> Callable[[Request], Awaitable[Caller]]:
             raise ApiError(403, "insufficient_scope", "Not allowed", f"this route needs the {name} scope")
         return caller
 
-    _AUTHENTICATING.add(check)
+    _AUTHENTICATING[check] = name
     return check
 
 
-def authenticates(dependant: Dependant) -> bool:
-    """Whether a route's dependency tree checks the caller's credentials."""
-    return any(d.call in _AUTHENTICATING or authenticates(d) for d in dependant.dependencies)
+def _required_scopes(dependant: Dependant) -> list[str | None]:
+    """The scopes a route's dependency tree checks (None for a check of credentials alone)."""
+    found = []
+    for d in dependant.dependencies:
+        if d.call in _AUTHENTICATING:
+            found.append(_AUTHENTICATING[d.call])
+        found.extend(_required_scopes(d))
+    return found
+
+
+def security(dependant: Dependant) -> list[dict[str, list[str]]]:
+    """A route's OpenAPI `security`: each scheme whose callers can hold every scope it checks (a route
+    only partners may call lists the API key alone); empty when it checks no credentials."""
+    needed = _required_scopes(dependant)
+    if not needed:
+        return []
+    service = any(all(n is None or n in scopes for n in needed) for scopes in ROLE_SCOPES.values())
+    customer = all(n is None or n in CUSTOMER_SCOPES for n in needed)
+    return [{scheme.scheme_name: []} for scheme, can in ((_API_KEY, service), (_BEARER, customer)) if can]
 
 
 def security_schemes() -> dict[str, object]:

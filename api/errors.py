@@ -177,6 +177,10 @@ def install(app: FastAPI) -> None:
         return problem_response(request, exc.status_code, code, str(exc.detail))
 
 
+PROBLEM_SCHEMA_REF = "#/components/schemas/Problem"  # `api.main` puts `Problem` in the components
+
+
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` for error statuses, all problem+json."""
-    return {s: {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}} for s in statuses}
+    """OpenAPI `responses` for error statuses: `Problem` under problem+json, the only media type they are
+    sent as. (As a `model`, FastAPI would document it under the route's media type, application/json.)"""
+    return {s: {"content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": PROBLEM_SCHEMA_REF}}}} for s in statuses}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
+from fastapi.dependencies.utils import get_flat_params
 from fastapi.routing import APIRoute
 
 from api import deps, errors
@@ -42,27 +43,46 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.state.runtime = runtime
     errors.install(app)
     for router in ROUTERS:
-        document_security(router)
+        document(router)
         app.include_router(router, prefix=API_PREFIX)
+    document(dids.did_web)
     app.include_router(dids.did_web)
     pages.install(app)
-    _add_security_schemes(app)
+    _add_components(app)
     return app
 
 
-def document_security(router: APIRouter) -> None:
-    """Mark in OpenAPI the routes that take credentials (see `deps.SECURITY`)."""
+def document(router: APIRouter) -> None:
+    """What each route's OpenAPI must say that its own declaration leaves out: the schemes that can call
+    it; 401 where it checks credentials; 422 where it validates a request (the problem+json the validation
+    handler sends, in place of FastAPI's own HTTPValidationError) and 400 where it parses a body; 413 (the
+    body limit applies to every request) and 503 (a ledger failure is `chain_unavailable` on any route).
+    Done before the router is included: the app builds its routes from the router's."""
     for route in router.routes:
-        if isinstance(route, APIRoute) and deps.authenticates(route.dependant):
-            route.openapi_extra = {**(route.openapi_extra or {}), "security": deps.SECURITY}
+        if not isinstance(route, APIRoute):
+            continue
+        statuses = [413, 503]
+        security = deps.security(route.dependant)
+        if security:
+            route.openapi_extra = {**(route.openapi_extra or {}), "security": security}
+            statuses.append(401)
+        if get_flat_params(route.dependant) or route.body_field is not None:
+            statuses.append(422)
+        if route.body_field is not None:
+            statuses.append(400)  # a body that cannot be parsed: Starlette's refusal, as problem+json
+        route.responses = {**errors.responses(*statuses), **route.responses}  # the route's own word first
 
 
-def _add_security_schemes(app: FastAPI) -> None:
+def _add_components(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = FastAPI.openapi(app)  # generated once and kept in app.openapi_schema
-        schema.setdefault("components", {})["securitySchemes"] = deps.security_schemes()
+        components = schema.setdefault("components", {})
+        components["securitySchemes"] = deps.security_schemes()
+        components.setdefault("schemas", {})["Problem"] = errors.Problem.model_json_schema(
+            ref_template="#/components/schemas/{model}"
+        )
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

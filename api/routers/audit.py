@@ -102,7 +102,7 @@ After = Annotated[LogIndex, Query(description="`next_after` of the previous page
 @router.get(
     "/audit/accesses",
     response_model=AccessPage,
-    responses={**responses(404, 422), 200: {"content": {"text/csv": {}}}},
+    responses={**responses(404, 422), 200: {"content": {"text/csv": {"schema": {"type": "string"}}}}},
 )
 def accesses(
     runtime: RuntimeDep,
@@ -166,7 +166,7 @@ def verify(runtime: RuntimeDep, _caller: AuditReader) -> VerificationPublic:
 @router.get(
     "/customers/{did}/accesses",
     response_model=AccessPage,
-    responses={**responses(404), 200: {"content": {"text/csv": {}}}},
+    responses={**responses(404), 200: {"content": {"text/csv": {"schema": {"type": "string"}}}}},
 )
 def customer_accesses(
     did: str,

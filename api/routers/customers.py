@@ -35,7 +35,8 @@ from ledger.bindings import BoundController, record_binding
 from ledger.errors import ConsentRejected, ContractRevert, LedgerError
 from ledger.store import as_utc, latest_binding
 
-router = APIRouter(prefix="/customers", tags=["customers"], responses=responses(401, 403))
+# 401 is documented by `api.main.document` on the routes that check credentials (not the claim-code ones).
+router = APIRouter(prefix="/customers", tags=["customers"], responses=responses(403))
 CLAIM_LIFETIME = timedelta(days=7)
 BIND_DEADLINE = 15 * 60
 CONSENTS_READ = checked("consents:read")

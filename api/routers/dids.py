@@ -36,7 +36,26 @@ class DidDocumentPublic(BaseModel):
     assertionMethod: list[str] | None = None  # noqa: N815
 
 
-_RESOLUTION = {"model": DidResolutionPublic, "content": {RESOLUTION_MEDIA_TYPE: {}}}
+class ResolutionResponse(JSONResponse):
+    """For OpenAPI: a resolution result, whatever its status, is sent as the W3C media type."""
+
+    media_type = RESOLUTION_MEDIA_TYPE
+
+
+class DidDocumentResponse(JSONResponse):
+    media_type = "application/did+json"
+
+
+def _resolution(description: str) -> dict[str, Any]:
+    return {"model": DidResolutionPublic, "description": description}
+
+
+def _did_web_error(error: str) -> dict[str, Any]:
+    """did:web answers its errors as `{"error": ...}` (a resolver reads only the status)."""
+    schema = {"type": "object", "properties": {"error": {"const": error}}, "required": ["error"]}
+    return {"description": error, "content": {"application/json": {"schema": schema}}}
+
+
 router = APIRouter(prefix="/dids", tags=["dids"])
 did_web = APIRouter(tags=["dids"])
 
@@ -49,11 +68,9 @@ def _runtime(request: Request) -> Runtime:
 @router.get(
     "/{did}",
     summary="Resolve a DID (W3C DID Resolution result)",
-    responses={
-        400: {"description": "invalidDid"},
-        404: {"description": "notFound"},
-        410: {"description": "deactivated"},
-    },
+    response_model=DidResolutionPublic,
+    response_class=ResolutionResponse,
+    responses={400: _resolution("invalidDid"), 404: _resolution("notFound"), 410: _resolution("deactivated")},
 )
 def resolve(did: str, request: Request) -> JSONResponse:
     runtime = _runtime(request)
@@ -68,7 +85,8 @@ def resolve(did: str, request: Request) -> JSONResponse:
     "/dids/{subject_hex}/did.json",
     summary="did:web document",
     response_model=DidDocumentPublic,
-    responses={404: {"description": "no such DID"}, 410: {"description": "deactivated (erased)"}},
+    response_class=DidDocumentResponse,
+    responses={404: _did_web_error("notFound"), 410: _did_web_error("deactivated")},
 )
 def did_document(subject_hex: str, request: Request) -> JSONResponse:
     runtime = _runtime(request)

@@ -62,14 +62,22 @@ DEADLINE = 15 * 60  # seconds an authorisation may wait to be used at the partne
 ANSWER_TIMEOUT = 30.0
 POINTS_READ = checked("points:read")  # an operator's; customers read their own points
 
-IdempotencyKey = Annotated[
-    str | None,
-    Header(
-        alias="Idempotency-Key",
-        max_length=255,
-        description="a unique key per operation: a retry with the same key and body gets the first answer",
-    ),
-]
+_IDEMPOTENCY_KEY = "a unique key per operation: a retry with the same key and body gets the first answer"
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255, description=_IDEMPOTENCY_KEY)]
+# A redemption without one is refused with 400 `idempotency_key_required` (not FastAPI's 422): the header is
+# optional to FastAPI, hidden from its schema, and documented required in the route's OpenAPI instead.
+RequiredIdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255, include_in_schema=False)]
+REQUIRED_IDEMPOTENCY_KEY = {
+    "parameters": [
+        {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": True,
+            "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+            "description": _IDEMPOTENCY_KEY,
+        }
+    ]
+}
 
 # The contract's reasons, as HTTP answers.
 _FAILURES: dict[str, tuple[int, str]] = {
@@ -289,9 +297,18 @@ def _redemption_public(runtime: Runtime, row: PointsRequest) -> dict[str, Any]:
     ).model_dump(mode="json")
 
 
-@router.post("/points/redemptions", response_model=RedemptionPublic, responses=responses(400, 409, 422, 503))
+@router.post(
+    "/points/redemptions",
+    response_model=RedemptionPublic,
+    responses=responses(400, 409, 422, 503),
+    openapi_extra=REQUIRED_IDEMPOTENCY_KEY,
+)
 async def redeem(
-    body: TypedDataSubmission, request: Request, runtime: RuntimeDep, caller: PointsRedeemer, key: IdempotencyKey = None
+    body: TypedDataSubmission,
+    request: Request,
+    runtime: RuntimeDep,
+    caller: PointsRedeemer,
+    key: RequiredIdempotencyKey = None,
 ) -> JSONResponse:
     """Redeem with the customer's signed authorisation. Answers when the redemption is on-chain, with
     the customer's new balance. Send an `Idempotency-Key`: a retry with it gets the first answer."""
@@ -420,7 +437,7 @@ def customer_points(did: str, runtime: RuntimeDep, caller: CallerDep) -> PointsP
 @router.get(
     "/partners/me/redemptions",
     response_model=StatementPublic,
-    responses={**responses(422), 200: {"content": {"text/csv": {}}}},
+    responses={**responses(422), 200: {"content": {"text/csv": {"schema": {"type": "string"}}}}},
 )
 def statement(
     runtime: RuntimeDep,
