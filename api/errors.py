@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ledger.errors import (
     AccessRejected,
@@ -166,10 +167,7 @@ def install(app: FastAPI) -> None:
         log.warning("ledger unavailable for %s: %s", request.url.path, exc)
         return problem_response(request, 503, "chain_unavailable", "The ledger is unavailable; try again shortly")
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error in %s", request.url.path)
-        return problem_response(request, 500, "internal_error", "Internal error")
+    app.add_middleware(UnexpectedErrors)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -178,6 +176,36 @@ def install(app: FastAPI) -> None:
 
 
 PROBLEM_SCHEMA_REF = "#/components/schemas/Problem"  # `api.main` puts `Problem` in the components
+
+
+class UnexpectedErrors:
+    """An error no handler expected answers 500 `internal_error`, and the connection serves on.
+
+    Not an `exception_handler(Exception)`: Starlette runs that one in its outermost middleware, which
+    re-raises after answering, and the server then closes the connection, so a client's next request
+    on it (keep-alive) failed too: one request's failure failed another's."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception:
+            log.exception("unhandled error in %s", scope["path"])
+            if started:  # the answer is under way: only closing the connection can end it
+                raise
+            await problem_response(Request(scope), 500, "internal_error", "Internal error")(scope, receive, send)
 
 
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
