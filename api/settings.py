@@ -49,6 +49,18 @@ class ServiceSettings(BaseSettings):
         description="Log every HTTP request (uvicorn's access log). Off by default, as in gunicorn: a line per "
         "request cost ~3 % of an API process's CPU under load, and a reverse proxy usually logs them.",
     )
+    max_body_bytes: int = Field(
+        default=1_048_576,
+        ge=1024,
+        description="Largest request body accepted (bytes); a larger one is refused with 413 before it is read whole.",
+    )
+    max_json_depth: int = Field(
+        default=32,
+        ge=4,
+        le=256,
+        description="Deepest nesting of arrays and objects in a JSON request body (the API's own bodies nest 5 "
+        "deep); a deeper body is refused with 422 before it is parsed.",
+    )
     relayer_max_batch: int = Field(default=500, ge=1, le=2000, description="Most consent changes in one transaction.")
     relayer_linger: float = Field(
         default=0.005,
