@@ -92,7 +92,7 @@ class Offline:
         if "AccessLog" not in deployment.contracts:
             raise ToolError("the deployment has no AccessLog yet: start `consent-ledger serve` once to deploy it")
         secrets = load_secrets(service, chain, identity)
-        w3 = Web3(http_provider(chain_url(service, chain)))
+        w3 = Web3(http_provider(chain_url(service, chain), chain.rpc_timeout))
         try:
             chain_id = w3.eth.chain_id
         except (OSError, ValueError) as exc:
