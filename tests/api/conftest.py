@@ -268,7 +268,7 @@ def _listeners(port: int) -> int:
 
 @contextlib.contextmanager
 def serving(data_dir: Path, port: int, *, workers: int = 2, **env: str) -> Iterator[subprocess.Popen[str]]:
-    """`consent-ledger serve` in a process of its own, with `workers` API worker processes all listening;
+    """`consent-ledger serve` in a process of its own, with `workers` API processes all listening (one: itself);
     stopped with Ctrl-C on exit (its output is then printed, for a failing test)."""
     process = subprocess.Popen(
         [*CLI, "serve", "--port", str(port), "--data-dir", str(data_dir), "--workers", str(workers)],
@@ -280,7 +280,7 @@ def serving(data_dir: Path, port: int, *, workers: int = 2, **env: str) -> Itera
     try:
         wait_healthy(port, process)
         deadline = time.monotonic() + 60
-        while len(serve_workers(process.pid)) < workers or _listeners(port) < workers:
+        while len(serve_workers(process.pid)) < (workers if workers > 1 else 0) or _listeners(port) < workers:
             assert time.monotonic() < deadline, "the API workers did not start"
             time.sleep(0.1)
         yield process
