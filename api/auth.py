@@ -11,6 +11,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -147,6 +148,8 @@ def customer_caller(session: Session, token: str) -> Caller | None:
 # Sign-In with Ethereum ------------------------------------------------------------------------------
 
 _NONCE = re.compile(r"^Nonce: ([A-Za-z0-9]{8,32})$", re.MULTILINE)
+_URI = re.compile(r"^URI: (\S+)$", re.MULTILINE)
+_DOMAIN_SUFFIX = " wants you to sign in with your Ethereum account:"
 _EXPIRATION = re.compile(r"^Expiration Time: (\S+)$", re.MULTILINE)
 _TAG_CHARS = 16  # hex digits: a nonce is 16 random ones, then 16 of its MAC (32: what _NONCE takes)
 _CHALLENGE_KEY_INFO = b"consent-ledger/siwe-challenge/v1"
@@ -161,7 +164,7 @@ def siwe_message(
         return t.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
     return (
-        f"{domain} wants you to sign in with your Ethereum account:\n{address}\n\n"
+        f"{domain}{_DOMAIN_SUFFIX}\n{address}\n\n"
         "Sign in to the consent ledger to manage your consent and points.\n\n"
         f"URI: {uri}\nVersion: 1\nChain ID: {chain_id}\nNonce: {nonce}\n"
         f"Issued At: {stamp(issued)}\nExpiration Time: {stamp(expires)}"
@@ -186,10 +189,13 @@ def _challenge_tag(key: bytes, unsigned: str) -> str:
     return hmac.digest(key, unsigned.encode(), "sha256")[: _TAG_CHARS // 2].hex()
 
 
-def issue_challenge(key: bytes, *, address: str, domain: str, uri: str, chain_id: int) -> Challenge:
-    """An EIP-4361 message for `address` to sign. Nothing is stored: anyone may ask for one, so asking
-    must not grow the database. Its nonce is a random part and a MAC (under `key`) of the message with
-    the random part as the nonce, which `sign_in` checks; a message is recorded when it is used."""
+def issue_challenge(key: bytes, *, address: str, origin: str, chain_id: int) -> Challenge:
+    """An EIP-4361 message for `address` to sign in at `origin` (the service's, never one a request
+    names: a wallet shows the domain and refuses one that is not the site's). Nothing is stored: anyone
+    may ask for one, so asking must not grow the database. Its nonce is a random part and a MAC (under
+    `key`) of the message with the random part as the nonce, which `sign_in` checks; a message is
+    recorded when it is used."""
+    domain, uri = urlsplit(origin).netloc, origin
     issued = now()
     expires = issued + CHALLENGE_LIFETIME
 
@@ -206,8 +212,13 @@ class SignInFailed(Exception):
     """Raised when a sign-in message or signature is not acceptable; the text says why."""
 
 
-def _issued_fields(key: bytes, message: str) -> tuple[str, str, datetime]:
-    """(nonce, address, expiry) of a message `issue_challenge` made with `key`, else SignInFailed."""
+class WrongOrigin(SignInFailed):
+    """Raised when a sign-in message names another site than this service's origin."""
+
+
+def _issued_fields(key: bytes, message: str, origin: str) -> tuple[str, str, datetime]:
+    """(nonce, address, expiry) of a message `issue_challenge` made with `key` for `origin`, else
+    SignInFailed (WrongOrigin for one made for another origin: before it was configured)."""
     nonce = _NONCE.search(message)
     expiry = _EXPIRATION.search(message)
     lines = message.split("\n")
@@ -218,13 +229,16 @@ def _issued_fields(key: bytes, message: str) -> tuple[str, str, datetime]:
     if not hmac.compare_digest(_challenge_tag(key, unsigned), tag):
         raise SignInFailed("the message is not one this service issued")
     # Authentic from here on: every line is as issued.
+    uri = _URI.search(message)
+    if lines[0] != urlsplit(origin).netloc + _DOMAIN_SUFFIX or uri is None or uri.group(1) != origin:
+        raise WrongOrigin(f"the message is for another site; sign in at {origin}")
     return nonce.group(1), lines[1], datetime.fromisoformat(expiry.group(1))
 
 
-def sign_in(session: Session, key: bytes, message: str, signature: bytes) -> tuple[str, CustomerSession]:
-    """Check a signed EIP-4361 message we issued; returns a new bearer token for the key's subject.
-    The message is recorded as used (it works once) only once it is known to come from a bound key."""
-    nonce, address, expires_at = _issued_fields(key, message)
+def sign_in(session: Session, key: bytes, message: str, signature: bytes, origin: str) -> tuple[str, CustomerSession]:
+    """Check a signed EIP-4361 message we issued for `origin`; returns a new bearer token for the key's
+    subject. The message is recorded as used (it works once) only once it is known to come from a bound key."""
+    nonce, address, expires_at = _issued_fields(key, message, origin)
     if expires_at <= now():
         raise SignInFailed("the message has expired; ask for a new one")
     try:

@@ -9,6 +9,7 @@ from fastapi.dependencies.utils import get_flat_params
 from fastapi.routing import APIRoute
 
 from api import deps, errors
+from api.limits import RequestLimits
 from api.routers import audit, auth, consents, customers, dids, pages, points, reference, system
 from api.runtime import Runtime
 
@@ -42,6 +43,8 @@ def create_app(runtime: Runtime) -> FastAPI:
     )
     app.state.runtime = runtime
     errors.install(app)
+    limits = runtime.service
+    app.add_middleware(RequestLimits, max_body=limits.max_body_bytes, max_depth=limits.max_json_depth)
     for router in ROUTERS:
         document(router)
         app.include_router(router, prefix=API_PREFIX)

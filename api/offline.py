@@ -15,6 +15,7 @@ from sqlalchemy import Engine, select
 from web3 import Web3
 
 import api.models  # noqa: F401 - registers the API's tables on the shared metadata
+from api.did_host import did_host
 from api.models import AttributeRow
 from api.reference import Catalogue
 from api.secrets import Secrets, load_secrets, open_vault
@@ -92,7 +93,7 @@ class Offline:
         if "AccessLog" not in deployment.contracts:
             raise ToolError("the deployment has no AccessLog yet: start `consent-ledger serve` once to deploy it")
         secrets = load_secrets(service, chain, identity)
-        w3 = Web3(http_provider(chain_url(service, chain)))
+        w3 = Web3(http_provider(chain_url(service, chain), chain.rpc_timeout))
         try:
             chain_id = w3.eth.chain_id
         except (OSError, ValueError) as exc:
@@ -136,7 +137,9 @@ class Offline:
             vault.engine.dispose()
 
     def dids(self) -> DidWeb:
-        return self.identity.did_method(f"{self.service.host}%3A{self.service.port}")
+        """The DIDs the data dir's service issues (`api.did_host`), whatever this process's port setting."""
+        with sessions(self.engine)() as session:
+            return DidWeb(did_host(session, self.service, self.identity, record=False))
 
     def bridge(self) -> Bridge:
         # The managed node can lose blocks in a crash until a checkpoint holds them; an external chain

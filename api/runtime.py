@@ -27,6 +27,7 @@ import api.models  # noqa: F401 - registers the API's tables on the shared metad
 import ledger.points_store  # noqa: F401 - registers the points tables on the shared metadata
 from api import reference
 from api.auth import challenge_key, prune_expired
+from api.did_host import did_host
 from api.reference import Catalogue
 from api.secrets import Secrets, open_vault
 from api.settings import ServiceSettings
@@ -125,8 +126,6 @@ class Runtime:
         self.vault = open_vault(self.service, self.identity, self.secrets)
         if not worker:
             self.vault.create_schema()
-        self.dids = self.identity.did_method(f"{self.service.host}%3A{self.service.port}")
-        self.resolver = Resolver(self.dids, self.vault)
 
         # The supervisor checkpoints the log in the background (`Checkpointer`): no commit does it.
         self.engine = make_engine(
@@ -138,6 +137,9 @@ class Runtime:
             create_schema(self.engine)
             with self.sessions() as session:
                 reference.seed(session)
+        with self.reads() if worker else self.sessions() as session:  # a worker's supervisor recorded it
+            self.dids = DidWeb(did_host(session, self.service, self.identity, record=not worker))
+        self.resolver = Resolver(self.dids, self.vault)
 
         self.artifacts = compile_contracts(self.toolchain)
         decoder = RevertDecoder(list(self.artifacts.values()))

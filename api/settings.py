@@ -6,8 +6,9 @@ import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -26,6 +27,11 @@ class ServiceSettings(BaseSettings):
     data_dir: Path = Field(default=Path("var"), description="All state: chain, deployment record, databases.")
     host: str = Field(default="127.0.0.1", description="Address the HTTP API listens on.")
     port: int = Field(default=8000, ge=0, lt=65536, description="Port the HTTP API listens on.")
+    public_origin: str | None = Field(
+        default=None,
+        description="The origin (scheme://host[:port]) customers reach the service at: the domain and URI of "
+        "its sign-in messages (EIP-4361), which refuses messages naming any other. Default: http://HOST:PORT.",
+    )
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL of the service database (default: SQLite in the data dir)."
     )
@@ -48,6 +54,18 @@ class ServiceSettings(BaseSettings):
         default=False,
         description="Log every HTTP request (uvicorn's access log). Off by default, as in gunicorn: a line per "
         "request cost ~3 % of an API process's CPU under load, and a reverse proxy usually logs them.",
+    )
+    max_body_bytes: int = Field(
+        default=1_048_576,
+        ge=1024,
+        description="Largest request body accepted (bytes); a larger one is refused with 413 before it is read whole.",
+    )
+    max_json_depth: int = Field(
+        default=32,
+        ge=4,
+        le=256,
+        description="Deepest nesting of arrays and objects in a JSON request body (the API's own bodies nest 5 "
+        "deep); a deeper body is refused with 422 before it is parsed.",
     )
     relayer_max_batch: int = Field(default=500, ge=1, le=2000, description="Most consent changes in one transaction.")
     relayer_linger: float = Field(
@@ -82,6 +100,25 @@ class ServiceSettings(BaseSettings):
     )
     company_name: str = Field(default="Example Retail Ltd", description="The data controller, named in receipts.")
     company_contact: str = Field(default="privacy@example.com", description="The controller's privacy contact.")
+
+    @field_validator("public_origin")
+    @classmethod
+    def _origin_only(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+            raise ValueError(f"not an http(s) origin such as https://ledger.example.com: {value!r}")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError(f"an origin has no query, fragment or credentials: {value!r}")
+        return f"{parts.scheme}://{parts.netloc.lower()}"
+
+    @property
+    def origin(self) -> str:
+        """Where customers reach the service (`public_origin`, else the API's own address)."""
+        if self.public_origin is not None:
+            return self.public_origin
+        return f"http://{f'[{self.host}]' if ':' in self.host else self.host}:{self.port}"
 
     @property
     def development(self) -> bool:

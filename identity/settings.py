@@ -12,7 +12,6 @@ from __future__ import annotations
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from identity.did import DidWeb
 from identity.errors import KeyMaterialError
 from identity.keys import StaticKeyProvider, decode_key
 from identity.pseudonym import PepperRing
@@ -36,7 +35,8 @@ class IdentitySettings(BaseSettings):
     )
     did_web_host: str | None = Field(
         default=None,
-        description="Public host of this service in did:web DIDs, port as %3A (default: the API's host and port).",
+        description="Public host of this service in did:web DIDs, port as %3A (default: the API's host and port). "
+        "The first start records it in the service database; every process on the data dir uses the recorded one.",
     )
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL of the vault (default: SQLite in the data dir)."
@@ -53,6 +53,3 @@ class IdentitySettings(BaseSettings):
             raise KeyMaterialError("CONSENT_LEDGER_IDENTITY_MASTER_KEYS is not set")
         keys = {k: decode_key(s.get_secret_value()) for k, s in self.master_keys.items()}
         return StaticKeyProvider(keys, self.master_key_id or list(keys)[-1])
-
-    def did_method(self, fallback_host: str) -> DidWeb:
-        return DidWeb(self.did_web_host or fallback_host)

@@ -95,6 +95,12 @@ class ChainSettings(BaseSettings):
     supervise: bool = Field(default=True, description="Start the managed node again if it dies while serving.")
     start_timeout: float = Field(default=30.0, description="Seconds to wait for the managed node to answer.")
     receipt_timeout: float = Field(default=60.0, description="Seconds to wait for a transaction to be mined.")
+    rpc_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds to wait for the node's answer to one JSON-RPC call: a stalled node fails a call "
+        "(routes answer 503 chain_unavailable, the relayer and indexer try again) instead of holding it.",
+    )
 
 
 @lru_cache

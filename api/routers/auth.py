@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, status
+from fastapi import APIRouter, status
 
 from api import auth
 from api.deps import RuntimeDep
@@ -16,16 +16,16 @@ router = APIRouter(prefix="/auth", tags=["auth"])
 @router.post(
     "/siwe/challenge", response_model=ChallengePublic, status_code=status.HTTP_201_CREATED, responses=responses(422)
 )
-def challenge(body: ChallengeCreate, request: Request, runtime: RuntimeDep) -> ChallengePublic:
-    """An EIP-4361 message for `address` to sign with personal_sign (valid 5 minutes, once)."""
+def challenge(body: ChallengeCreate, runtime: RuntimeDep) -> ChallengePublic:
+    """An EIP-4361 message for `address` to sign with personal_sign (valid 5 minutes, once), naming the
+    service's public origin (CONSENT_LEDGER_PUBLIC_ORIGIN) whatever host the request was sent to."""
     from web3 import Web3
 
     assert runtime.deployment is not None
     issued = auth.issue_challenge(
         runtime.signin_key,
         address=Web3.to_checksum_address(body.address),
-        domain=request.url.netloc,
-        uri=str(request.base_url).rstrip("/"),
+        origin=runtime.service.origin,
         chain_id=runtime.deployment.chain_id,
     )
     return ChallengePublic(message=issued.message, expires_at=issued.expires_at.isoformat())
@@ -37,8 +37,12 @@ def sign_in(body: SignIn, runtime: RuntimeDep) -> TokenPublic:
     assert runtime.dids is not None
     try:
         with runtime.sessions() as session:
-            token, row = auth.sign_in(session, runtime.signin_key, body.message, bytes.fromhex(body.signature[2:]))
+            token, row = auth.sign_in(
+                session, runtime.signin_key, body.message, bytes.fromhex(body.signature[2:]), runtime.service.origin
+            )
             subject = Subject(row.subject)
+    except auth.WrongOrigin as exc:
+        raise ApiError(401, "wrong_origin", "Sign-in refused: the message is for another site", str(exc)) from exc
     except auth.SignInFailed as exc:
         raise ApiError(401, "sign_in_failed", "Sign-in refused", str(exc)) from exc
     return TokenPublic(

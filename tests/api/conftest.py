@@ -240,3 +240,49 @@ def running_service(
         server.should_exit = True
         thread.join(timeout=10)
         runtime.stop()
+
+
+def serve_workers(pid: int) -> list[int]:
+    """The API worker processes of the `serve` process `pid`."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            children += [int(c) for c in (task / "children").read_text().split()]
+    workers = []
+    for child in children:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            if "serve-worker" in Path(f"/proc/{child}/cmdline").read_text():
+                workers.append(child)
+    return sorted(workers)
+
+
+def _listeners(port: int) -> int:
+    """How many TCP sockets listen on local `port`."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            count += int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A"
+    return count
+
+
+@contextlib.contextmanager
+def serving(data_dir: Path, port: int, *, workers: int = 2, **env: str) -> Iterator[subprocess.Popen[str]]:
+    """`consent-ledger serve` in a process of its own, with `workers` API processes all listening (one: itself);
+    stopped with Ctrl-C on exit (its output is then printed, for a failing test)."""
+    process = subprocess.Popen(
+        [*CLI, "serve", "--port", str(port), "--data-dir", str(data_dir), "--workers", str(workers)],
+        env=serve_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_healthy(port, process)
+        deadline = time.monotonic() + 60
+        while len(serve_workers(process.pid)) < (workers if workers > 1 else 0) or _listeners(port) < workers:
+            assert time.monotonic() < deadline, "the API workers did not start"
+            time.sleep(0.1)
+        yield process
+    finally:
+        print(interrupt(process))
