@@ -164,3 +164,28 @@ def test_nesting_is_counted_outside_strings() -> None:
     assert nested_deeper_than(b"[" * MiB, 32)
     assert not nested_deeper_than(b"[1]," * (MiB // 4), 32)
     assert time.monotonic() - started < 2
+
+
+def test_the_depth_check_is_linear_also_on_an_unclosed_string_of_escaped_quotes() -> None:
+    """Each escaped quote of a string left open began a scan to the end of the body that failed: a
+    quadratic check, about 3 s for 16,000 of them and most of an hour for a body at the size limit, on
+    the worker's event loop (every request of that worker waited), for one unauthenticated request."""
+    for body in (b'"' + b'\\"[' * 20_000, b'"' + b'\\"[' * 20_000 + b"\\", b'["' + b'\\"{' * 20_000):
+        started = time.perf_counter()
+        assert not nested_deeper_than(body, 32)  # the brackets are inside the (unclosed) string
+        assert time.perf_counter() - started < 0.5
+
+
+def test_a_deep_body_is_refused_whatever_content_type_it_names(served: tuple[subprocess.Popen[str], int]) -> None:
+    """With Content-Type given twice, the check read the last (text/plain: not checked) and FastAPI the
+    first (JSON: parsed), so a deep body reached the parser: a RecursionError and a 500."""
+    _, port = served
+    deep = b"[" * 900 + b"]" * 900
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        for headers in (
+            [("Content-Type", "application/json"), ("Content-Type", "text/plain")],
+            [("Content-Type", "text/plain")],
+        ):
+            refused = client.post(CHALLENGE, content=deep, headers=headers)
+            assert refused.status_code == 422, refused.text
+            assert refused.json()["code"] == "body_too_deep"
