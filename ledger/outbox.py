@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Engine, Integer, Select, Table, func, insert, literal, null, select, union_all
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from ledger.consent import SignedChange
@@ -32,9 +32,11 @@ from ledger.store import (
     ConsentState,
     RequestStatus,
     drain,
+    fail_unsettled,
     next_batch,
     sessions,
     utcnow,
+    waiting,
 )
 
 log = logging.getLogger(__name__)
@@ -284,21 +286,26 @@ class OutboxWriter:
 
     def _run(self) -> None:
         while True:
-            if self._carried:
+            if self._carried:  # marked running when they were taken (`_join`)
                 batch, self._carried = self._carried, []
-                batch += drain(self._queue, self.max_batch - len(batch))
+                batch += waiting(drain(self._queue, self.max_batch - len(batch)))
             elif (waited := next_batch(self._queue, self.max_batch, self.linger)) is not None:
-                batch = waited
+                batch = waiting(waited)
             else:
                 return
-            self._write(batch, unavailable=self._prefetch(batch))
+            try:
+                self._write(batch, unavailable=self._prefetch(batch))
+            except Exception as exc:  # this thread serves every later request: it must not die
+                log.exception("the outbox writer could not store a batch")
+                self._next.clear()
+                fail_unsettled(batch, exc)
 
     def _join(self, batch: list[_Pending]) -> list[_Pending]:
         """With the write lock held: the changes that arrived while this batch waited for it, which join
         it (group commit across the wait, instead of each waiting for the lock again in the next
         batch). A subject new to this writer needs its nonce looked up first, which may ask the node:
         it and every change after it are carried to the next batch, in order."""
-        joined = drain(self._queue, self.max_batch - len(batch))
+        joined = waiting(drain(self._queue, self.max_batch - len(batch)))
         for at, item in enumerate(joined):
             subject = bytes(item.signed.change.subject)
             if subject not in self._next:
@@ -392,15 +399,17 @@ class OutboxWriter:
             return
         except Exception as exc:  # nothing of this batch was stored
             self._next.clear()
-            if len(batch) > 1:
+            if len(batch) > 1 and not isinstance(exc, OperationalError):
                 # One request the database cannot store (a value past its column's range) must not fail
                 # the others that shared its commit: each is written again alone, and only its own
-                # failure answers it. A database that is away answers each of them the same.
+                # failure answers it. Not when the database itself failed (locked past its busy
+                # timeout, gone): each would wait as long again; every caller hears it.
                 log.warning("an outbox batch of %d failed (%s); writing its changes one by one", len(batch), exc)
                 for item in batch:
                     self._write([item], fresh=True, unavailable=unavailable)
                 return
-            batch[0].done.set_exception(exc)
+            for item in batch:
+                item.done.set_exception(exc)
             return
         self._next.update(in_batch)
         for item, values in accepted:

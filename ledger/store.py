@@ -44,6 +44,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, InstrumentedAttribute, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.sql.expression import UpdateBase
 
@@ -566,6 +567,28 @@ class _Insert:
     done: Future[None]
 
 
+class _Waiting(Protocol):
+    @property
+    def done(self) -> Future[Any]: ...
+
+
+W = TypeVar("W", bound=_Waiting)
+
+
+def waiting(items: list[W]) -> list[W]:
+    """The items whose callers still wait, each future now marked running: a caller that gave up first
+    (an `asyncio.wait_for` timeout cancels the future it wraps) is not stored, and a caller giving up
+    from now on no longer cancels its future, whose result the writer then sets (on a cancelled future
+    that raised InvalidStateError, and the writer thread, which every later request waits on, died)."""
+    return [item for item in items if item.done.set_running_or_notify_cancel()]
+
+
+def fail_unsettled(items: Sequence[_Waiting], exc: BaseException) -> None:
+    for item in items:
+        if not item.done.done():
+            item.done.set_exception(exc)
+
+
 class GroupCommit:
     """Group commit for inserts from many threads: a writer thread stores what arrives within `linger`
     in one transaction (one write lock, one fsync) and tells each caller when its rows are durable.
@@ -601,7 +624,12 @@ class GroupCommit:
 
     def _run(self) -> None:
         while (batch := next_batch(self._queue, self.max_batch, self.linger)) is not None:
-            self._write(batch)
+            batch = waiting(batch)
+            try:
+                self._write(batch)
+            except Exception as exc:  # this thread serves every later request: it must not die
+                log.exception("%s: a batch could not be stored", self._thread.name)
+                fail_unsettled(batch, exc)
 
     def _write(self, batch: list[_Insert]) -> None:
         # ORM bulk inserts (a list of dicts per class) rather than add_all(): the unit of work's
@@ -616,11 +644,14 @@ class GroupCommit:
                 for cls, values in rows.items():
                     session.execute(insert(cls), values)
         except Exception as exc:
-            if len(batch) > 1:  # rolled back (the rows are new again): store each caller's alone
+            if len(batch) > 1 and not isinstance(exc, OperationalError):
+                # Rolled back (the rows are new again): store each caller's alone. Not when the database
+                # itself failed (locked past its busy timeout, gone): each would wait as long again.
                 for item in batch:
                     self._write([item])
                 return
-            batch[0].done.set_exception(exc)
+            for item in batch:
+                item.done.set_exception(exc)
             return
         for item in batch:
             item.done.set_result(None)

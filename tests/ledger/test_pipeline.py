@@ -591,6 +591,46 @@ def test_a_change_the_database_cannot_store_fails_alone_in_its_shared_commit(pip
     assert pipeline.outbox.next_nonce(customers[5][1], 0) == 0  # nothing of the bad one was kept
 
 
+def test_a_caller_that_gave_up_does_not_stop_the_outbox_writer(pipeline: Pipeline) -> None:
+    """A request waits 30 s for its commit (`asyncio.wait_for`), and giving up cancels the future it
+    waits on. The writer then set a result on a cancelled future: InvalidStateError killed its thread,
+    and every later consent change waited for ever. A caller that gave up before its change was taken
+    is not stored; one taken already is (its future can no longer be cancelled)."""
+    (account, taken_subject), (other, dropped_subject), (third, later_subject) = (
+        pipeline.customer(),
+        pipeline.customer(),
+        pipeline.customer(),
+    )
+    lock = sessions(pipeline.engine)._lock
+    assert lock is not None
+    writer = OutboxWriter(pipeline.engine, linger=0)
+
+    def accept(who: LocalAccount, of: Subject) -> Future[ConsentRequest]:
+        change = ConsentChange(
+            ChangeKind.GRANT, of, pipeline.partner, PURPOSE, EMAIL, nonce=0, deadline=int(time.time()) + 600
+        )
+        signed = SignedChange(change, eip712.sign(bytes(who.key), pipeline.registry.domain, change))
+        return writer.accept(signed, who.address, lambda: 0)
+
+    try:
+        with lock:  # another writer holds the lock: the writer waits for it with the first change taken
+            taken = accept(account, taken_subject)
+            deadline = time.monotonic() + 10
+            while writer._queue.qsize() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.1)
+            gave_up = taken.cancel()  # what a 30 s timeout does to the future it waits on
+            dropped = accept(other, dropped_subject)
+            assert dropped.cancel()  # still queued: its caller gave up before the writer took it
+        assert not gave_up
+        assert taken.result(10).nonce == 0
+        assert accept(third, later_subject).result(10).nonce == 0  # the writer lives on
+    finally:
+        writer.close()
+    assert pipeline.outbox.next_nonce(dropped_subject, 0) == 0  # nothing of the abandoned change was kept
+    assert pipeline.outbox.next_nonce(taken_subject, 0) == 1
+
+
 def test_changes_that_arrive_while_the_outbox_writer_waits_for_the_lock_join_its_transaction(
     pipeline: Pipeline,
 ) -> None:
