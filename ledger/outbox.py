@@ -67,9 +67,9 @@ class Outbox:
         self._sessions = sessions(engine)
 
     def next_nonce(self, subject: bytes, chain_nonce: int) -> int:
-        """The nonce the subject's next change must carry: after everything accepted and live."""
+        """The nonce the subject's next change must carry: after everything accepted (failed included)."""
         with self._sessions() as session:
-            highest = _highest_live_nonce(session, subject)
+            highest = _highest_nonce(session, subject)
         return max(chain_nonce, -1 if highest is None else highest + 1)
 
     def accept(self, signed: SignedChange, controller: str, chain_nonce: int) -> ConsentRequest:
@@ -247,7 +247,7 @@ class OutboxWriter:
     transaction (one fsync), and answers each caller when it is durable.
 
     Each subject's next nonce is cached and re-read from the database when a change does not match
-    it (a failed request frees its nonce). The chain is asked only for a subject the outbox has never
+    it (another process accepted one). The chain is asked only for a subject the outbox has never
     seen. Other processes may write too (see `_write`).
     """
 
@@ -280,7 +280,7 @@ class OutboxWriter:
 
     def _expected(self, session: Session, subject: bytes, chain_nonce: Callable[[], int], fresh: bool) -> int:
         if fresh or subject not in self._next:
-            highest = _highest_live_nonce(session, subject)
+            highest = _highest_nonce(session, subject)
             self._next[subject] = chain_nonce() if highest is None else highest + 1
         return self._next[subject]
 
@@ -325,7 +325,7 @@ class OutboxWriter:
         if not new:
             return unavailable
         with self._sessions() as session:
-            highest = {subject: _highest_live_nonce(session, subject) for subject in new}
+            highest = {subject: _highest_nonce(session, subject) for subject in new}
         unknown = [subject for subject, nonce in highest.items() if nonce is None]
         on_chain: dict[bytes, int] = {}
         if len(unknown) > 1 and self.chain_nonces is not None:
@@ -418,13 +418,12 @@ class OutboxWriter:
             item.done.set_exception(error)
 
 
-def _highest_live_nonce(session: Session, subject: bytes) -> int | None:
-    """The highest nonce of the subject's requests that have not failed (a failed one frees its nonce)."""
-    return session.scalar(
-        select(func.max(ConsentRequest.nonce)).where(
-            ConsentRequest.subject == subject, ConsentRequest.failed_at.is_(None)
-        )
-    )
+def _highest_nonce(session: Session, subject: bytes) -> int | None:
+    """The highest nonce of the subject's requests, failed ones included. A failed change's nonce is not
+    given again: nonces only move forward on-chain (a change may pass over unused ones), so a change
+    signed later always carries a higher nonce than every change signed before it, and nothing signed
+    earlier (a failed change the operator still holds) can be applied after it."""
+    return session.scalar(select(func.max(ConsentRequest.nonce)).where(ConsentRequest.subject == subject))
 
 
 def _values(signed: SignedChange, controller: str, now: datetime) -> dict[str, Any]:

@@ -612,18 +612,33 @@ class Relayer(BatchLane):
             log.warning("%d submitted requests were no longer on the chain; queued again", len(lost))
         return len(lost)
 
-    def _logged(self, request: ConsentRequest) -> bool:
-        """Whether the chain's history holds the event of this change (the indexer will pick it up)."""
+    def _changes_logged(self, subject: bytes) -> list[tuple[int, int]]:
+        """(nonce, kind) of every change of `subject` the chain's history holds."""
         logs = self.registry.w3.eth.get_logs(
             {
                 "address": self.registry.address,
                 "fromBlock": 0,
                 "toBlock": "latest",
-                "topics": [[events.GRANTED, events.REVOKED], "0x" + bytes(request.subject).hex()],
+                "topics": [[events.GRANTED, events.REVOKED], "0x" + bytes(subject).hex()],
             }
         )
         decoded = (events.decode(dict(entry)) for entry in logs)
-        return any(e is not None and e.nonce == request.nonce and e.kind == request.kind for e in decoded)
+        return [(e.nonce, e.kind) for e in decoded if e is not None]
+
+    def _logged(self, request: ConsentRequest) -> bool:
+        """Whether the chain's history holds the event of this change (the indexer will pick it up)."""
+        return (request.nonce, request.kind) in self._changes_logged(request.subject)
+
+    def _passed_over(self, request: ConsentRequest, cause: ContractRevert) -> bool:
+        """Whether `cause` refused the change because a later change of its subject applied while it did
+        not: the chain moved the subject's nonce past it without it (it skips nonces), so it can never
+        apply. The relayer sends none of a subject's changes while an earlier one is on its way, but a
+        chain that lost the earlier one's block and kept the later one's would do it; the change must
+        then fail, not be taken for applied."""
+        if not isinstance(cause, NonceMismatch) or int(cause.args_by_name["currentNonce"]) <= request.nonce:
+            return False
+        logged = self._changes_logged(request.subject)
+        return (request.nonce, request.kind) not in logged and any(nonce > request.nonce for nonce, _ in logged)
 
     def _history_lost(self, session: Session, request: ConsentRequest) -> None:
         """The change's effect is on-chain (its controller's nonce moved past it) but no block holds its
@@ -693,24 +708,35 @@ class Relayer(BatchLane):
                 culprit = (live[failure.index], failure.cause)
             except LedgerError as exc:
                 log.warning("could not diagnose batch %s: %s", batch_id, exc)
+        passed_over = False
+        if culprit is not None:
+            try:
+                passed_over = self._passed_over(*culprit)  # a node call: made before the write lock
+            except Exception as exc:  # the node's logs are not to be had now: all are sent again
+                log.warning("could not read the events of batch %s's refused change: %s", batch_id, exc)
+                culprit = None
         with self._sessions.begin() as session:
             for request in live:
                 if culprit is not None and request.seq == culprit[0].seq:
-                    self._fail(session, request, culprit[1])
+                    self._fail(session, request, culprit[1], passed_over=passed_over)
                 else:
                     self._requeue(session, request.seq)
 
-    def _fail(self, session: Session, request: ConsentRequest, cause: ContractRevert) -> None:
+    def _fail(
+        self, session: Session, request: ConsentRequest, cause: ContractRevert, *, passed_over: bool = False
+    ) -> None:
         if self.holds(cause.error, request.subject, request.partner):
             self._requeue(session, request.seq)  # its binding or partner role is being put back
             self._held[request.subject] = time.monotonic() + HOLD
             return
-        if isinstance(cause, NonceMismatch):
-            current = int(cause.args_by_name["currentNonce"])
-            if current > request.nonce:
+        code = ERROR_CODES.get(cause.error, "rejected")
+        if isinstance(cause, NonceMismatch) and int(cause.args_by_name["currentNonce"]) > request.nonce:
+            if passed_over:
+                code = "superseded"  # a change signed after it applied first; it can never apply
+            else:
                 # That nonce was used: by this very change in an earlier (reorganised or resent)
-                # transaction, as no later change of its subject is sent before it settles (see
-                # `_SUBMITTED_SUBJECTS`). The indexer confirms it from the chain's event.
+                # transaction. The indexer confirms it from the chain's event (or the audit finds the
+                # node lost its block: `_history_lost`).
                 # Only while still submitted: the indexer may have confirmed it meanwhile.
                 session.execute(
                     update(ConsentRequest)
@@ -725,10 +751,10 @@ class Relayer(BatchLane):
             .values(
                 status=RequestStatus.FAILED,
                 batch_id=None,
-                error_code=ERROR_CODES.get(cause.error, "rejected"),
+                error_code=code,
                 error_detail=str(cause)[:500],
                 updated_at=now,
-                failed_at=now,  # frees the nonce (the live nonce index)
+                failed_at=now,  # leaves the live nonce index
             )
         )
         if request.kind == ChangeKind.REVOKE:

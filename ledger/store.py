@@ -108,8 +108,9 @@ class ConsentRequest(Base):
 
     __tablename__ = "consent_requests"
     __table_args__ = (
-        # A subject's nonce is used by one live request at most; a failed one frees it for a re-signed
-        # change. Live means not failed, told by `failed_at`, which only the failure itself writes: with
+        # A subject's nonce is used by one live request at most (the outbox no longer gives a failed
+        # one's nonce again, see `outbox._highest_nonce`; rows from before may share it). Live means
+        # not failed, told by `failed_at`, which only the failure itself writes: with
         # `status` in the index's WHERE, as before, every status change (claimed, confirmed) rewrote the
         # row's entry, a random page of the index, under the write lock (4.6 ms of the indexer's 7 ms
         # for a 300-row confirmation, measured).

@@ -28,7 +28,7 @@ from ledger.eip712 import ChangeKind, ConsentChange
 from ledger.errors import ChainError
 from ledger.indexer import Indexer, _whole_blocks
 from ledger.outbox import NonceConflict, Outbox, OutboxWriter
-from ledger.relayer import Relayer
+from ledger.relayer import Relayer, signed_change
 from ledger.settings import ChainSettings
 from ledger.store import (
     Base,
@@ -202,9 +202,10 @@ def test_a_bad_request_fails_alone_with_its_reason(pipeline: Pipeline) -> None:
     assert failed is not None
     assert (failed.status, failed.error_code) == (RequestStatus.FAILED, "invalid_signature")
     assert not pipeline.registry.is_permitted(forged_subject, pipeline.partner, PURPOSE, EMAIL)
-    # Its nonce is free again: the customer can sign anew.
+    # The customer signs anew, with the next nonce: a failed change's nonce is never given again, so
+    # nothing signed before (the failed change, which the operator holds) can apply after it.
     again = pipeline.accept(forged_account, forged_subject, ChangeKind.GRANT, EMAIL)
-    assert again.nonce == bad.nonce
+    assert again.nonce == bad.nonce + 1
     pipeline.settle(lambda: pipeline.statuses(again) == [RequestStatus.CONFIRMED])
     # The chain's event names (subject, nonce, kind): it confirms the change that holds the nonce now,
     # not the failed one that held it before.
@@ -321,6 +322,31 @@ def test_consent_reads_are_one_moment_though_the_indexer_commits_while_they_read
         sa_event.remove(pipeline.engine, "after_cursor_execute", index_meanwhile)
     assert interleaved  # the indexer did commit while the read was under way
     assert pipeline.outbox.permissions(pipeline.partner, PURPOSE) == {bytes(subject): EMAIL}
+
+
+def test_a_change_the_chain_passed_over_fails_and_is_not_taken_for_applied(pipeline: Pipeline) -> None:
+    """A chain that lost an earlier change's block but kept a later change (which skips the nonce)
+    refuses the earlier one for its nonce. That refusal meant "applied already" while nonces followed
+    each other exactly; now it may mean "passed over": the change fails (`superseded`) rather than
+    being confirmed without its event (as `history_lost`) though it never applied."""
+    account, subject = pipeline.customer()
+    grant = pipeline.accept(account, subject, ChangeKind.GRANT, EMAIL | PHONE)
+    revoke = pipeline.accept(account, subject, ChangeKind.REVOKE, PHONE)
+    stored = pipeline.outbox.request(revoke.id)
+    assert stored is not None
+    pipeline.registry.apply(signed_change(stored))  # the later change is on-chain; the earlier one is not
+    pipeline.settle(
+        lambda: (
+            RequestStatus.PENDING not in pipeline.statuses(grant, revoke)
+            and RequestStatus.SUBMITTED not in pipeline.statuses(grant, revoke)
+        )
+    )
+    failed = pipeline.outbox.request(grant.id)
+    assert failed is not None
+    assert (failed.status, failed.error_code) == (RequestStatus.FAILED, "superseded")
+    assert pipeline.statuses(revoke) == [RequestStatus.CONFIRMED]
+    assert not pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, EMAIL)
+    assert pipeline.outbox.effective(subject, pipeline.partner, PURPOSE) == 0
 
 
 def test_a_replayed_or_out_of_order_nonce_is_refused_at_acceptance(pipeline: Pipeline) -> None:
