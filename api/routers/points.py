@@ -4,6 +4,7 @@ customers see balance, lots, history and tier, partners get statements for settl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import os
@@ -181,7 +182,13 @@ async def issue(
     now = int(time.time())
     lifetime = runtime.service.points_lifetime_days * 86400
     assert runtime.vault is not None
-    vault = runtime.vault
+    # Whom the vault holds, in one query and off the event loop (the vault may be a database server),
+    # before `build`, which runs on the loop and only after the key's first answer was looked for.
+    well_formed = []
+    for item in body.issuances:
+        with contextlib.suppress(ApiError):
+            well_formed.append(subject_of(runtime, item.did))
+    erased = await run_in_threadpool(runtime.vault.erased_of, well_formed)
 
     def build(_connection: Connection) -> list[PointsRequest]:
         rows = []
@@ -192,9 +199,16 @@ async def issue(
                 raise ApiError(
                     422, "unknown_customer", "No such customer", f"issuances[{index}]: {exc.detail}"
                 ) from exc
-            if vault.record(subject) is None:  # a well-formed DID is not a customer: nobody enrolled it
+            if subject not in erased:  # a well-formed DID is not a customer: nobody enrolled it
                 raise ApiError(
                     422, "unknown_customer", "No such customer", f"issuances[{index}].did: nobody enrolled it"
+                )
+            if erased[subject]:
+                raise ApiError(
+                    422,
+                    "customer_erased",
+                    "The customer's data was erased",
+                    f"issuances[{index}].did: no points are issued to an erased customer",
                 )
             expires_at = item.expires_at if item.expires_at is not None else now + lifetime
             if expires_at <= now:

@@ -94,6 +94,22 @@ def test_points_are_issued_only_to_enrolled_customers(service: Service, issuer: 
     assert _requests_of(service, bytes(stranger)) == 0
 
 
+def test_no_points_are_issued_to_an_erased_customer(service: Service, issuer: dict[str, str]) -> None:
+    enrolled = service.client.post(
+        "/api/v1/customers", json={"email": f"erased-{uuid.uuid4().hex}@example.com"}, headers=service.operator()
+    )
+    assert enrolled.status_code == 201, enrolled.text
+    did = enrolled.json()["did"]
+    assert service.client.delete(f"/api/v1/customers/{q(did)}", headers=service.operator()).status_code == 200
+    response = service.client.post(
+        "/api/v1/points/issuances", json={"issuances": [{"did": did, "amount": 5}]}, headers=issuer
+    )
+    problem = _problem(response, 422, "customer_erased")
+    assert "issuances[0].did" in str(problem["detail"])
+    assert service.runtime.dids is not None
+    assert _requests_of(service, bytes(service.runtime.dids.subject(did))) == 0
+
+
 @pytest.mark.parametrize(("value", "code"), [*NOT_INTEGERS, *[(v, "out_of_range") for v in TOO_LARGE]])
 def test_a_redemption_amount_must_be_a_plain_integer(
     service: Service, customer: Customer, value: object, code: str
