@@ -122,6 +122,8 @@ def _serve(args: argparse.Namespace) -> int:
         workers = 1
     secrets = load_secrets(service, chain)
     log.info("starting in %s mode, data in %s", service.mode, service.data_dir.resolve())
+    if (warning := service.origin_warning()) is not None:
+        log.warning("%s", warning)
     control_dir = Path(tempfile.mkdtemp(prefix="consent-ledger-"))  # private (0700): the control socket
     runtime = Runtime(
         service=service,

@@ -120,6 +120,20 @@ class ServiceSettings(BaseSettings):
             return self.public_origin
         return f"http://{f'[{self.host}]' if ':' in self.host else self.host}:{self.port}"
 
+    def origin_warning(self) -> str | None:
+        """What to warn about at start when the public origin is left to its default but customers can
+        hardly reach the service at it: the API listening on every interface (`0.0.0.0`), or production
+        (behind a proxy or a name). Every sign-in message then names an address the customer's browser
+        is not at, and wallets warn of a phishing site at every sign-in."""
+        if self.public_origin is not None:
+            return None
+        if self.host in ("0.0.0.0", "::", "") or not self.development:  # noqa: S104 - comparing, not binding
+            return (
+                f"CONSENT_LEDGER_PUBLIC_ORIGIN is not set: sign-in messages name {self.origin}, and wallets warn "
+                "customers who reach the service at any other address; set it to the address they use"
+            )
+        return None
+
     @property
     def development(self) -> bool:
         return self.mode == "development"

@@ -56,3 +56,15 @@ def test_the_public_origin_setting() -> None:
     for wrong in ("ledger.example.com", "ftp://ledger.example.com", "https://ledger.example.com/portal", "https://"):
         with pytest.raises(ValidationError, match="origin"):
             ServiceSettings(public_origin=wrong)
+
+
+def test_serve_warns_when_customers_cannot_be_at_the_default_origin() -> None:
+    """Listening on every interface, or in production (behind a proxy or a name), the default origin
+    (the API's own address) is not where customers are: every sign-in would make their wallet warn."""
+    assert ServiceSettings(host="127.0.0.1", port=8000).origin_warning() is None
+    assert ServiceSettings(host="0.0.0.0", public_origin="https://ledger.example.com").origin_warning() is None  # noqa: S104
+    warning = ServiceSettings(host="0.0.0.0", port=8000).origin_warning()  # noqa: S104
+    assert warning is not None
+    assert "CONSENT_LEDGER_PUBLIC_ORIGIN" in warning
+    assert "http://0.0.0.0:8000" in warning
+    assert ServiceSettings(host="127.0.0.1", mode="production").origin_warning() is not None
