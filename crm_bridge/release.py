@@ -19,6 +19,8 @@ class ReleaseInfo(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     partner: str = Field(description="The partner address the data was released to.")
+    # Older releases carry only the address; a report names the partner by this when it is there.
+    partner_name: str | None = Field(default=None, description="The partner's name in the catalogue.")
     purpose: str = Field(description="The purpose (Fideslang data use) the customers consented to.")
     request_id: str = Field(description="The access request id in the on-chain access log (0x hex).")
     columns: dict[str, str] = Field(description="Released column → attribute category (Fideslang data category).")
