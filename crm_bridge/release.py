@@ -26,7 +26,9 @@ class ReleaseInfo(BaseModel):
     columns: dict[str, str] = Field(description="Released column → attribute category (Fideslang data category).")
 
     def metadata(self) -> dict[bytes, bytes]:
-        return {METADATA_KEY: self.model_dump_json().encode()}
+        # Without a name the metadata is what it was before names were carried (older readers forbid
+        # keys they do not know).
+        return {METADATA_KEY: self.model_dump_json(exclude_none=True).encode()}
 
     @classmethod
     def of(cls, schema: pa.Schema) -> ReleaseInfo | None:
