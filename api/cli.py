@@ -453,7 +453,7 @@ def _analytics_report(args: argparse.Namespace) -> int:
         day = datetime.fromisoformat(args.as_of).replace(tzinfo=UTC)
         as_of = int(day.timestamp()) + 86_400  # the whole named day is observed
     fields = Fields(timestamp=args.timestamp, amount=args.amount, basket=args.basket)
-    report = build(Released(args.input, fields, as_of=as_of), settings)
+    report = build(Released(args.input, fields, as_of=as_of, time_zone=settings.time_zone), settings)
     for name, text in render(report).items():
         write_atomically(args.out / name, text)
     for refused in report["refused"]:

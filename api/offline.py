@@ -190,6 +190,7 @@ def export(
         read_source(source, table=table, text_columns=text_columns, columns=mapping.read_columns()),
         mapping,
         partner=partner_address,
+        partner_name=partner,  # a report names the partner, not its address
         purpose=pid,
         purpose_key=purpose,
         attribute_bits=offline.attribute_bits(),

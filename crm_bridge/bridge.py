@@ -260,6 +260,7 @@ class Export:
         purpose_key: str,
         attribute_bits: dict[str, int],
         permissions: dict[bytes, int],
+        partner_name: str | None = None,
     ) -> None:
         unknown = sorted(mapping.categories() - set(attribute_bits))
         if unknown:
@@ -278,7 +279,11 @@ class Export:
         self.stats = ExportStats(request_id="0x" + self.request_id.hex(), partner=partner, purpose=purpose_key)
         self.stats.columns = [DID_COLUMN, *mapping.columns]
         self.release = ReleaseInfo(
-            partner=partner, purpose=purpose_key, request_id=self.stats.request_id, columns=dict(mapping.columns)
+            partner=partner,
+            partner_name=partner_name,
+            purpose=purpose_key,
+            request_id=self.stats.request_id,
+            columns=dict(mapping.columns),
         )
         self._metadata = self.release.metadata()
         self._receipts: list[Receipt] = []  # of the access records released on

@@ -19,12 +19,16 @@ class ReleaseInfo(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     partner: str = Field(description="The partner address the data was released to.")
+    # Older releases carry only the address; a report names the partner by this when it is there.
+    partner_name: str | None = Field(default=None, description="The partner's name in the catalogue.")
     purpose: str = Field(description="The purpose (Fideslang data use) the customers consented to.")
     request_id: str = Field(description="The access request id in the on-chain access log (0x hex).")
     columns: dict[str, str] = Field(description="Released column → attribute category (Fideslang data category).")
 
     def metadata(self) -> dict[bytes, bytes]:
-        return {METADATA_KEY: self.model_dump_json().encode()}
+        # Without a name the metadata is what it was before names were carried (older readers forbid
+        # keys they do not know).
+        return {METADATA_KEY: self.model_dump_json(exclude_none=True).encode()}
 
     @classmethod
     def of(cls, schema: pa.Schema) -> ReleaseInfo | None:

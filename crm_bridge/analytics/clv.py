@@ -27,7 +27,7 @@ from scipy.optimize import minimize
 from scipy.special import digamma, gammaln, hyp2f1
 
 from crm_bridge.analytics.data import DAY, Orders, Released, Requirement, figure, starts_of
-from crm_bridge.analytics.errors import FitFailed
+from crm_bridge.analytics.errors import FitFailed, TooFewCustomers
 from crm_bridge.analytics.privacy import Disclosure
 
 WEEK_DAYS = 7.0
@@ -213,6 +213,11 @@ def analyse(released: Released, disclosure: Disclosure, horizon_weeks: int) -> d
     s = summarise(released.orders)
     n = len(s.x)
     disclosure.population("customer lifetime value", n)
+    if not np.any(s.x > 0):  # say what is the case, not "0 customers" for the spend model
+        raise TooFewCustomers(
+            f"customer lifetime value: all {n} customers made their purchases on one purchase day only;"
+            " BG/NBD and Gamma-Gamma are fitted on repeat purchases"
+        )
     bg = BgNbd.fit(s.x, s.t_x, s.T)
     repeat = s.x > 0
     disclosure.population("Gamma-Gamma spend model", int(repeat.sum()))

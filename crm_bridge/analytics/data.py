@@ -1,5 +1,19 @@
 """The released table, read for analytics: which consent it carries, and the orders it holds as
-numpy arrays sorted by customer then time (one pass of work per method, not per customer)."""
+numpy arrays sorted by customer then time (one pass of work per method, not per customer).
+
+Real CRM exports are prepared here, once, for every method (`Released.orders`; what was done is
+counted in `Orders.preparation` and stated in the report):
+- times: any Arrow temporal type (date32/64, timestamps of any unit, with or without a zone), ISO 8601
+  strings (fractions, offsets) or epoch seconds. They become wall-clock seconds in the business time
+  zone, so `ts // DAY` is the purchase's local day everywhere: a zoned time is converted to it, a time
+  without a zone (or a date) is taken as already in it.
+- amounts: a missing amount (null or NaN) leaves the order out (its value is unknown, and a method
+  that counts orders but not money would disagree with one that does about who bought what).
+  A negative amount is a return: netted into its order when an order id column is released (the
+  order keeps its own time), else into the customer's latest earlier order; a return with nothing to
+  match is left out. An order refunded in full (net <= 0) was no purchase and is left out; a free
+  order (0, nothing returned) is a purchase worth 0.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +26,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from crm_bridge.analytics.errors import ConsentMissing, NotAReleasedTable
+from crm_bridge.analytics.errors import (
+    ColumnMissing,
+    ConsentMissing,
+    NoOrders,
+    NotAReleasedTable,
+    UnreadableColumn,
+)
 from crm_bridge.release import ReleaseInfo
 
 DID = "did"
@@ -33,6 +53,7 @@ class Fields:
     amount: str = "amount"
     basket: str = "products"
     basket_separator: str = ";"
+    order_id: str = "order_id"  # optional: matches a return to its order
     profile: tuple[str, ...] = ("age_band", "gender", "region")  # optional churn features
 
 
@@ -53,6 +74,8 @@ class Orders:
     amount: np.ndarray  # per order: float64
     rows: np.ndarray  # per order: its row in the released table (to align other columns)
     as_of: int  # analysis time (seconds): the end of the last day with an order, unless given
+    # What preparing the rows did (counts of rows/orders left out or changed): stated in the report.
+    preparation: dict[str, int] = field(default_factory=dict)
     starts: np.ndarray = field(init=False)  # customer code → index of its first order
     counts: np.ndarray = field(init=False)  # customer code → number of orders
 
@@ -99,12 +122,121 @@ def dictionary_codes(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa
     return codes, dictionary
 
 
+_UNIT_SECONDS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+
+
+def wall_seconds(column: pa.ChunkedArray, time_zone: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(seconds, is-known) per row: a time column as wall-clock seconds in `time_zone` (floored to
+    the second), so that `seconds // DAY` is the local day. Zoned times are converted to the zone;
+    times without one, dates and epoch integers are taken as they are."""
+    kind = column.type
+    if pa.types.is_dictionary(kind):  # strings as `Released` reads them: parse each distinct value once
+        codes, values = dictionary_codes(column)
+        seconds, known = wall_seconds(pa.chunked_array([values], values.type), time_zone, name)
+        ok = codes >= 0
+        safe = np.where(ok, codes, 0)
+        if len(seconds) == 0:
+            return np.zeros(len(codes), np.int64), np.zeros(len(codes), bool)
+        return np.where(ok, seconds[safe], 0), ok & known[safe]
+    if pa.types.is_null(kind):  # the bridge's empty export types its columns as null
+        return np.zeros(len(column), np.int64), np.zeros(len(column), bool)
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        try:
+            column = pc.cast(column, pa.timestamp("ns"))  # ISO 8601 without an offset: local already
+        except pa.ArrowInvalid:
+            try:
+                column = pc.cast(column, pa.timestamp("ns", "UTC"))  # with an offset (or Z) on each
+            except pa.ArrowInvalid as exc:
+                raise UnreadableColumn(
+                    f"column {name!r} holds text that is not ISO 8601 times, all with or all without an offset ({exc})"
+                ) from exc
+        kind = column.type
+    known = ~pc.is_null(column).to_numpy(zero_copy_only=False)
+    if pa.types.is_timestamp(kind):
+        if kind.tz is not None:
+            column = pc.local_timestamp(pc.cast(column, pa.timestamp(kind.unit, time_zone)))
+        raw = pc.fill_null(column.cast(pa.int64()), 0).to_numpy(zero_copy_only=False)
+        return raw // _UNIT_SECONDS[kind.unit], known
+    if pa.types.is_date32(kind):
+        days = pc.fill_null(column.cast(pa.int32()), 0).to_numpy(zero_copy_only=False)
+        return days.astype(np.int64) * DAY, known
+    if pa.types.is_date64(kind):
+        ms = pc.fill_null(column.cast(pa.int64()), 0).to_numpy(zero_copy_only=False)
+        return ms // 1_000, known
+    if pa.types.is_integer(kind):  # epoch seconds
+        return pc.fill_null(column.cast(pa.int64()), 0).to_numpy(zero_copy_only=False), known
+    raise UnreadableColumn(f"column {name!r} is {kind}: not a date, a time or epoch seconds")
+
+
+def amounts(column: pa.ChunkedArray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(amount, is-known) per row as float64; null, NaN and infinite amounts are unknown."""
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)
+    try:
+        values = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)  # nulls become NaN
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise UnreadableColumn(f"column {name!r} is {column.type}: not amounts ({exc})") from exc
+    values = np.asarray(values, np.float64)
+    known = np.isfinite(values)
+    return np.where(known, values, 0.0), known
+
+
+def net_returns(
+    customer: np.ndarray, ts: np.ndarray, amount: np.ndarray, order: np.ndarray | None
+) -> tuple[np.ndarray, dict[str, int]]:
+    """Nets returns (negative amounts) into the orders they return, for rows sorted by (customer,
+    time): `order` (per row: an order-id code, or None when no order id is released) matches a return
+    to its order; without it a return goes to the customer's latest earlier order. Returns (which rows
+    are purchases, with `amount` netted in place; counts). Only the rows of returned orders are
+    grouped, so a release without returns costs one comparison."""
+    counts = {"returns": 0, "returns_matched": 0, "returns_unmatched": 0, "refunded_orders": 0}
+    returned = amount < 0
+    purchase = ~returned
+    counts["returns"] = int(returned.sum())
+    if not counts["returns"]:
+        return purchase, counts
+    rows = np.flatnonzero(returned)
+    if order is not None:
+        # Rows of orders that have a return, grouped by (customer, order id): each return's target is
+        # the first purchase row of its group.
+        key = (customer.astype(np.int64) << 32) | order.astype(np.int64)
+        involved = np.flatnonzero(np.isin(key, np.unique(key[rows])))
+        group_keys, group = np.unique(key[involved], return_inverse=True)
+        target_of_group = np.full(len(group_keys), -1, np.int64)
+        buying = involved[purchase[involved]]
+        first = np.unique(group[purchase[involved]], return_index=True)
+        target_of_group[first[0]] = buying[first[1]]
+        target = target_of_group[group[~purchase[involved]]]
+        rows = involved[~purchase[involved]]
+    else:
+        # The customer's latest paid purchase row at or before the return (rows are in time order).
+        latest = np.maximum.accumulate(np.where(purchase & (amount > 0), np.arange(len(amount)), -1))
+        target = latest[rows]
+        target[(target >= 0) & (customer[np.maximum(target, 0)] != customer[rows])] = -1
+    matched = target >= 0
+    np.add.at(amount, target[matched], amount[rows[matched]])
+    counts["returns_matched"] = int(matched.sum())
+    counts["returns_unmatched"] = int((~matched).sum())
+    hit = np.zeros(len(amount), bool)
+    hit[target[matched]] = True
+    refunded = purchase & hit & (amount <= 0)
+    counts["refunded_orders"] = int(refunded.sum())
+    return purchase & ~refunded, counts
+
+
 class Released:
     """A table the bridge released (a Parquet file, or an Arrow table), checked for its release
     metadata. Columns are read when a method needs them, string columns dictionary-encoded: a million
     customers' orders are a few hundred MB of arrays, not gigabytes of strings."""
 
-    def __init__(self, source: pa.Table | Path, fields: Fields | None = None, *, as_of: int | None = None) -> None:
+    def __init__(
+        self,
+        source: pa.Table | Path,
+        fields: Fields | None = None,
+        *,
+        as_of: int | None = None,
+        time_zone: str = "UTC",
+    ) -> None:
         if isinstance(source, pa.Table):
             schema, self._table, self._path = source.schema, source, None
         else:
@@ -121,6 +253,7 @@ class Released:
         if DID not in schema.names:
             raise NotAReleasedTable(f"the input has no {DID!r} column")
         self.info, self.schema, self.fields, self._as_of = info, schema, fields or Fields(), as_of
+        self.time_zone = time_zone
 
     def _column(self, name: str) -> pa.ChunkedArray:
         if self._table is not None:
@@ -137,9 +270,15 @@ class Released:
         return self.info.columns.get(column) == category and column in self.schema.names
 
     def require(self, requirement: Requirement) -> None:
-        """Raise ConsentMissing unless the release was for an analytics purpose and carries the columns."""
+        """Raise ConsentMissing unless the release was for an analytics purpose and carries the columns;
+        ColumnMissing when it carries their category but not a column of that name (the column is
+        missing from the data, not the consent from the customers)."""
         purpose_ok = self.info.purpose == ANALYTICS_USE or self.info.purpose.startswith(ANALYTICS_USE + ".")
         missing = [c for c in requirement.columns if not self.released(c, requirement.category)]
+        of_category = [c for c, cat in self.info.columns.items() if cat == requirement.category]
+        absent = [c for c in missing if c not in self.schema.names]
+        if purpose_ok and absent and of_category:
+            raise ColumnMissing(requirement.method, absent, [n for n in self.schema.names if n != DID])
         if not purpose_ok or missing:
             raise ConsentMissing(
                 requirement.method,
@@ -156,38 +295,56 @@ class Released:
 
     @cached_property
     def orders(self) -> Orders:
+        """The purchases, prepared as the module docstring says (vectorised: a few array passes)."""
         f = self.fields
-        ts_col = self._column(f.timestamp)
-        if pa.types.is_timestamp(ts_col.type):
-            ts_col = pc.cast(ts_col, pa.timestamp("s", ts_col.type.tz)).cast(pa.int64())
-        valid = ~pc.is_null(ts_col).to_numpy(zero_copy_only=False)
-        ts = pc.fill_null(ts_col, 0).to_numpy(zero_copy_only=False).astype(np.int64)
-        del ts_col
-        amount_col = self._column(f.amount)
-        valid &= ~pc.is_null(amount_col).to_numpy(zero_copy_only=False)
-        amount = pc.fill_null(pc.cast(amount_col, pa.float64()), 0.0).to_numpy(zero_copy_only=False)
-        del amount_col
+        ts, valid = wall_seconds(self._column(f.timestamp), self.time_zone, f.timestamp)
+        prep = {"rows": len(ts), "missing_time": int((~valid).sum())}
+        amount, known = amounts(self._column(f.amount), f.amount)
+        prep["missing_amount"] = int((valid & ~known).sum())
+        valid &= known
         codes, dictionary = dictionary_codes(self._column(DID))
         valid &= codes >= 0
         if self._as_of is not None:
+            prep["after_as_of"] = int((valid & (ts >= self._as_of)).sum())
             valid &= ts < self._as_of  # orders after the analysis time are the future
         rows = np.flatnonzero(valid)
+        if len(rows) == 0:
+            raise NoOrders(
+                f"the released table holds no order with a customer, a time and an amount ({prep['rows']} rows;"
+                f" {prep['missing_time']} without a time, {prep['missing_amount']} without an amount)"
+            )
         codes, ts, amount = codes[rows], ts[rows], amount[rows]
-        # Renumber the customers present (a customer whose cells were all withheld is not one here).
-        present, codes = np.unique(codes, return_inverse=True)
-        base = int(ts.min()) if len(ts) else 0
-        if len(ts) and int(ts.max()) - base < 1 << 32:
-            order = np.argsort((codes.astype(np.int64) << 32) | (ts - base))  # one int64 sort: a lexsort's speed x3
+        base = int(ts.min())
+        if int(ts.max()) - base < 1 << 32 and int(codes.max()) < 1 << 31:
+            # One int64 sort: a lexsort's speed x3 (stable: a return stays after its same-second order).
+            order = np.argsort((codes.astype(np.int64) << 32) | (ts - base), kind="stable")
         else:
             order = np.lexsort((ts, codes))
-        as_of = self._as_of if self._as_of is not None else (int(ts.max()) // DAY + 1) * DAY if len(ts) else 0
+        codes, ts, amount, rows = codes[order], ts[order], amount[order], rows[order]
+        order_ids = None
+        if (amount < 0).any() and self.released(f.order_id, PURCHASES):
+            order_ids = dictionary_codes(self._column(f.order_id))[0][rows]
+            no_id = order_ids < 0  # a row without an order id is an order of its own
+            order_ids[no_id] = order_ids.max() + 1 + np.arange(int(no_id.sum()))
+        purchase, returns = net_returns(codes, ts, amount, order_ids)
+        prep.update(returns)
+        prep["free_orders"] = int((purchase & (amount == 0)).sum())
+        keep = np.flatnonzero(purchase)
+        if len(keep) == 0:
+            raise NoOrders(f"the released table holds no purchase: all {len(rows)} orders were returned in full")
+        codes, ts, amount, rows = codes[keep], ts[keep], amount[keep], rows[keep]
+        # Renumber the customers present (a customer whose cells were all withheld is not one here).
+        present, codes = np.unique(codes, return_inverse=True)
+        as_of = self._as_of if self._as_of is not None else (int(ts.max()) // DAY + 1) * DAY
+        prep["orders"] = len(ts)
         return Orders(
             dids=dictionary.take(pa.array(present)),
-            customer=codes[order],
-            ts=ts[order],
-            amount=amount[order],
-            rows=rows[order],
+            customer=codes.astype(np.int64),
+            ts=ts,
+            amount=amount,
+            rows=rows,
             as_of=as_of,
+            preparation=prep,
         )
 
     def codes_for_orders(self, name: str) -> tuple[np.ndarray, pa.Array]:

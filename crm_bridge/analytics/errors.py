@@ -35,3 +35,23 @@ class TooFewCustomers(AnalyticsError):
 
 class FitFailed(AnalyticsError):
     """Raised when a model's maximum-likelihood fit does not converge."""
+
+
+class ColumnMissing(AnalyticsError):
+    """Raised when the release carries the category a method reads, but not the column it was told to
+    read (a mapping that named it otherwise): the data's shape, not the customers' consent, is at fault."""
+
+    def __init__(self, method: str, columns: list[str], released: list[str]) -> None:
+        self.method, self.columns = method, columns
+        super().__init__(
+            f"{method} needs the column(s) {', '.join(map(repr, columns))}, which the released table does not"
+            f" have (it has: {', '.join(released)}); name the right column with --timestamp/--amount/--basket"
+        )
+
+
+class UnreadableColumn(AnalyticsError):
+    """Raised when a column's type or values cannot be read as what it should hold (a time, an amount)."""
+
+
+class NoOrders(AnalyticsError):
+    """Raised when the released table holds no usable order (an empty export, or every row withheld)."""

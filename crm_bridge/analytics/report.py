@@ -1,11 +1,14 @@
 """The analytics report: every method that the release permits, as `report.json` (every number)
 and `report.html` (the same numbers, with plots). A method the release does not permit is listed
-with the consent it would need; the others still run."""
+with the consent it would need; a method that cannot run on this data (or fails) is listed with its
+reason; the others still run."""
 
 from __future__ import annotations
 
 import io
 import json
+import logging
+import math
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -16,11 +19,18 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from crm_bridge.analytics import churn, clv, rfm, rules
 from crm_bridge.analytics.data import Released
-from crm_bridge.analytics.errors import AnalyticsError, ConsentMissing
+from crm_bridge.analytics.errors import AnalyticsError, ColumnMissing, ConsentMissing
 from crm_bridge.analytics.privacy import Disclosure
 from crm_bridge.analytics.settings import AnalyticsSettings
 
 METHODS = ("rfm", "rules", "clv", "churn")
+# Under Gamma-Gamma a customer's order values vary around their mean with a coefficient of variation
+# of 1/sqrt(p); above this p that is under 10 %, far below what real spend shows (CDNOW: p = 6.25, 40 %).
+# Such a fit has run to the edge of its parameter space (e.g. identical order values) rather than
+# found a spend distribution.
+DEGENERATE_P = 100.0
+
+log = logging.getLogger(__name__)
 
 
 def build(released: Released, settings: AnalyticsSettings) -> dict[str, Any]:
@@ -37,6 +47,8 @@ def build(released: Released, settings: AnalyticsSettings) -> dict[str, Any]:
     report: dict[str, Any] = {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "k": settings.k,
+        "currency": settings.currency,
+        "time_zone": released.time_zone,
         "release": released.info.model_dump(),
         "refused": [],
         "seconds": {},
@@ -49,19 +61,66 @@ def build(released: Released, settings: AnalyticsSettings) -> dict[str, Any]:
             report["refused"].append(
                 {"method": exc.method, "purpose": exc.purpose, "attributes": exc.attributes, "reason": str(exc)}
             )
+        except ColumnMissing as exc:
+            report["refused"].append({"method": exc.method, "purpose": None, "attributes": [], "reason": str(exc)})
         except AnalyticsError as exc:
             report["refused"].append({"method": name, "purpose": None, "attributes": [], "reason": str(exc)})
+        except Exception as exc:
+            log.exception("analytics method %s failed", name)
+            reason = f"{name} failed: {type(exc).__name__}: {exc}"
+            report["refused"].append({"method": name, "purpose": None, "attributes": [], "reason": reason})
         report["seconds"][name] = round(time.perf_counter() - started, 2)
     if any(name in report for name in METHODS):
         orders = released.orders
-        report["input"] = {"orders": len(orders.ts), "customers": orders.customers, "as_of": _date(orders.as_of)}
-    return report
+        report["input"] = {
+            "orders": len(orders.ts),
+            "customers": orders.customers,
+            "as_of": _date(orders.as_of),
+            "preparation": orders.preparation,
+        }
+    if "clv" in report:
+        report["clv"]["caveats"] = [*report["clv"].get("caveats", []), *_clv_caveats(report["clv"])]
+    cleaned: dict[str, Any] = finite(report)
+    return cleaned
+
+
+def _clv_caveats(clv_report: dict[str, Any]) -> list[str]:
+    """What a reader must know before trusting the fitted spend model."""
+    caveats = []
+    gg = clv_report.get("gamma_gamma", {})
+    p, q = gg.get("p"), gg.get("q")
+    if isinstance(p, int | float) and p > DEGENERATE_P:
+        caveats.append(
+            f"The Gamma-Gamma fit is degenerate (p = {p:g}): it has a customer's order values vary by"
+            f" {100 / math.sqrt(p):.1g} % around their mean, so it adds nothing to the observed mean spend;"
+            " read its values as those means."
+        )
+    if isinstance(q, int | float) and q <= 1:
+        caveats.append(
+            f"The Gamma-Gamma fit has q = {q:g} <= 1: the population's mean spend is undefined, so values"
+            " for customers without a repeat purchase are not meaningful."
+        )
+    return caveats
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float replaced by None: JSON has no NaN, and a report with a
+    bare NaN is not JSON (strict parsers, browsers' JSON.parse, refuse it)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
 
 
 def render(report: dict[str, Any]) -> dict[str, str]:
     """The report's files: `report.json` (every number) and `report.html` (the same, with plots).
     Writing them is the caller's (the command line writes each atomically)."""
-    return {"report.json": json.dumps(report, indent=2, ensure_ascii=False) + "\n", "report.html": render_html(report)}
+    report = finite(report)
+    text = json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False)
+    return {"report.json": text + "\n", "report.html": render_html(report)}
 
 
 def _date(epoch: int) -> str:
@@ -70,7 +129,7 @@ def _date(epoch: int) -> str:
 
 def _number(value: Any) -> str:
     """A number exactly as report.json prints it (so the HTML shows the JSON's figures)."""
-    return json.dumps(value)
+    return json.dumps(finite(value), allow_nan=False)
 
 
 def render_html(report: dict[str, Any]) -> str:
@@ -100,7 +159,9 @@ def plots(report: dict[str, Any]) -> dict[str, str]:
         text = buf.getvalue()
         return text[text.index("<svg") :]
 
-    if "rfm" in report:
+    # A table whose every row was withheld (fewer than k customers each) gets no chart: the template
+    # says so in a sentence instead of drawing empty axes.
+    if "rfm" in report and report["rfm"]["segments"]["rows"]:
         rows = report["rfm"]["segments"]["rows"]
         fig, ax = plt.subplots(figsize=(6, 3.2))
         ax.barh([r["segment"] for r in rows][::-1], [r["customers"] for r in rows][::-1], color="#2b6cb0")
@@ -108,6 +169,7 @@ def plots(report: dict[str, Any]) -> dict[str, str]:
         ax.set_title("Customers per RFM segment")
         out["segments"] = svg(fig)
 
+    if "rfm" in report and report["rfm"]["heatmap"]["rows"]:
         grid = np.full((5, 5), np.nan)
         for cell in report["rfm"]["heatmap"]["rows"]:
             grid[5 - cell["r"], cell["f"] - 1] = cell["mean_spend"]
@@ -131,7 +193,7 @@ def plots(report: dict[str, Any]) -> dict[str, str]:
         ax.set_title("Top association rules by lift")
         out["rules"] = svg(fig)
 
-    if "clv" in report:
+    if "clv" in report and report["clv"]["distribution"]["rows"]:
         rows = report["clv"]["distribution"]["rows"]
         fig, ax = plt.subplots(figsize=(6, 3))
         ax.bar([str(r["decile"]) for r in rows], [r["mean_value"] for r in rows], color="#805ad5")
@@ -140,7 +202,7 @@ def plots(report: dict[str, Any]) -> dict[str, str]:
         ax.set_title("Customer lifetime value by decile")
         out["clv"] = svg(fig)
 
-    if "churn" in report:
+    if "churn" in report and report["churn"]["gains"]["rows"]:
         gains = report["churn"]["gains"]["rows"]
         calibration = report["churn"]["calibration"]["rows"]
         fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.4))

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -24,6 +25,23 @@ class AnalyticsSettings(BaseSettings):
         description="Baskets mined for frequent itemsets (the rules found are recounted on all).",
     )
     min_support: float = Field(default=0.01, gt=0, lt=1, description="Minimum itemset support for rules.")
+    time_zone: str = Field(
+        default="UTC",
+        description="The business's time zone (IANA name): purchase days, recency and `as_of` are counted in it."
+        " Times that carry a zone are converted to it; times without one are taken as already in it.",
+    )
+    currency: str = Field(
+        default="EUR", min_length=1, description="The currency of the amounts, as the report names it."
+    )
+
+    @field_validator("time_zone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r} (an IANA name such as Europe/Berlin)") from exc
+        return value
 
 
 @lru_cache

@@ -144,12 +144,13 @@ def test_a_release_says_what_it_carries_through_to_its_parquet_file(tmp_path: Pa
     permissions = {subject("person0@example.com"): 1 << 5}
     export = Export(
         bridge, crm_rows(3, 2).to_batches(max_chunksize=2), MAPPING, partner="0x" + "11" * 20, purpose=bytes(32),
-        purpose_key="analytics.reporting", attribute_bits=BITS, permissions=permissions,
+        purpose_key="analytics.reporting", attribute_bits=BITS, permissions=permissions, partner_name="Acme Retail",
     )  # fmt: skip
     stats = export.to_parquet(tmp_path / "out.parquet")
     info = ReleaseInfo.of(pq.read_schema(tmp_path / "out.parquet"))
     assert info == ReleaseInfo(
         partner="0x" + "11" * 20,
+        partner_name="Acme Retail",  # a report names the partner by it
         purpose="analytics.reporting",
         request_id=stats.request_id,
         columns={"amount": "user.behavior.purchase_history", "age_band": "user.demographic"},

@@ -18,6 +18,7 @@ from playwright.sync_api import Browser, expect
 from crm_bridge.analytics.data import Released
 from crm_bridge.analytics.report import build, render
 from crm_bridge.analytics.settings import AnalyticsSettings
+from crm_bridge.release import ReleaseInfo
 from ledger.files import write_atomically
 from ledger.settings import PROJECT_ROOT
 from tests.conftest import SHOTS, accessibility_violations
@@ -62,6 +63,7 @@ def test_every_method_runs_and_the_json_is_the_report(written: tuple[dict[str, A
         assert method in report
     assert report["input"]["customers"] == 5_000
     assert report["release"]["purpose"] == "analytics.reporting"
+    assert report["clv"]["caveats"] == []  # the generator's spend is no degenerate Gamma-Gamma case
 
 
 def test_no_output_row_describes_fewer_than_k_customers_or_names_one(
@@ -115,8 +117,12 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_command_line_writes_the_report_and_says_what_it_refused(generated: pa.Table, tmp_path: Path) -> None:
-    # Demographics withheld and no basket column: everything runs but association rules.
-    partial = restrict(generated, drop=("products",))
+    # The basket column released under another category than purchase history (its consent is not
+    # the one rules need): everything runs but association rules.
+    info = ReleaseInfo.of(generated.schema)
+    assert info is not None
+    columns = info.columns | {"products": "user.behavior.browsing_history"}
+    partial = generated.replace_schema_metadata(info.model_copy(update={"columns": columns}).metadata())
     pq.write_table(partial, tmp_path / "released.parquet")
     done = _cli("--input", str(tmp_path / "released.parquet"), "--out", str(tmp_path / "out"), "--k", "20")
     assert done.returncode == 0, done.stderr
