@@ -1,7 +1,12 @@
 """RFM: recency, frequency and monetary scores (quintiles, 5 = best) and named segments.
 
-Scores are quintiles of each customer's rank (ties split by rank, so each score holds a fifth of the
-customers). Segments follow the usual grid over the recency and frequency scores:
+Scores are quintiles that respect ties: a customer's score is 1 + ⌊5 · s⌋, where s is the share of
+customers strictly worse than them on that measure (recency: fewer days since the last order is
+better). Equal values get equal scores, so identical customers land in one segment and the order of
+the rows changes nothing; without ties each score holds a fifth of the customers, with ties a score
+can hold more (most customers with one order all score F = 1) and another none. Spend is compared in
+whole cents, so float summation order cannot split two equal totals. Segments follow the usual grid
+over the recency and frequency scores:
 
     R\\F  1               2               3               4          5
     5    new customers   potential loyal potential loyal champions  champions
@@ -41,11 +46,11 @@ def requirement(released: Released) -> Requirement:
 
 
 def quintile(values: np.ndarray) -> np.ndarray:
-    """1..5 by rank (5: the highest fifth); ties are split so each score holds a fifth."""
+    """1..5 (5: the highest values): 1 + ⌊5 · share of values strictly below⌋, so equal values get
+    equal scores whatever their order (the "minimum rank" rule; one sort and a binary search)."""
     n = len(values)
-    rank = np.empty(n, np.int64)
-    rank[np.argsort(values, kind="stable")] = np.arange(n)
-    return (rank * 5 // max(n, 1) + 1).astype(np.int8)
+    below = np.searchsorted(np.sort(values), values, side="left")
+    return (below * 5 // max(n, 1) + 1).astype(np.int8)
 
 
 @dataclass
@@ -65,8 +70,8 @@ def scores(released: Released) -> Scores:
     recency = (orders.as_of - orders.last_ts()) / DAY
     frequency = orders.counts.astype(np.float64)
     monetary = orders.total()
-    r = (6 - quintile(recency)).astype(np.int8)  # recent is good
-    f, m = quintile(frequency), quintile(monetary)
+    r = quintile(-recency)  # recent is good
+    f, m = quintile(frequency), quintile(np.round(monetary, 2))
     return Scores(recency, frequency, monetary, r, f, m, _SEGMENT_OF[r - 1, f - 1])
 
 
