@@ -122,6 +122,17 @@ class Released:
             raise NotAReleasedTable(f"the input has no {DID!r} column")
         self.info, self.schema, self.fields, self._as_of = info, schema, fields or Fields(), as_of
 
+    @property
+    def as_of_given(self) -> bool:
+        """Whether the analysis time was given (the analyst's --as-of) rather than taken from the data."""
+        return self._as_of is not None
+
+    def at(self, as_of: int) -> Released:
+        """The same release analysed as of `as_of` (orders from then on left out)."""
+        source = self._table if self._table is not None else self._path
+        assert source is not None
+        return Released(source, self.fields, as_of=as_of)
+
     def _column(self, name: str) -> pa.ChunkedArray:
         if self._table is not None:
             return self._table.column(name)

@@ -12,9 +12,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from crm_bridge.analytics import churn, clv, rfm, rules
+from crm_bridge.analytics import churn, clv, privacy, rfm, rules
 from crm_bridge.analytics.data import Released
 from crm_bridge.analytics.errors import AnalyticsError, ConsentMissing
 from crm_bridge.analytics.privacy import Disclosure
@@ -26,6 +27,7 @@ METHODS = ("rfm", "rules", "clv", "churn")
 def build(released: Released, settings: AnalyticsSettings) -> dict[str, Any]:
     """Run every method; the report as a JSON-ready dict."""
     disclosure = Disclosure(settings.k)
+    released = _settle_as_of(released, settings.k)
     runs: dict[str, Callable[[], dict[str, Any]]] = {
         "rfm": lambda: rfm.analyse(released, disclosure),
         "rules": lambda: rules.analyse(
@@ -54,8 +56,32 @@ def build(released: Released, settings: AnalyticsSettings) -> dict[str, Any]:
         report["seconds"][name] = round(time.perf_counter() - started, 2)
     if any(name in report for name in METHODS):
         orders = released.orders
-        report["input"] = {"orders": len(orders.ts), "customers": orders.customers, "as_of": _date(orders.as_of)}
+        report["input"] = {
+            "orders": len(orders.ts),
+            "customers": orders.customers,
+            "as_of": _date(orders.as_of),
+            "as_of_rule": "given by the analyst"
+            if released.as_of_given
+            else f"the end of the last day on which at least k = {settings.k} customers ordered",
+        }
     return report
+
+
+def _settle_as_of(released: Released, k: int) -> Released:
+    """The release as of a time that dates no single order: the analyst's, or the end of the last
+    day on which at least k customers ordered (`privacy.as_of`)."""
+    if released.as_of_given:
+        return released
+    try:
+        orders = released.orders
+    except AnalyticsError:
+        return released  # each method reports the refusal itself
+    except (KeyError, pa.ArrowException):
+        return released
+    safe = privacy.as_of(orders.customer, orders.ts, k)
+    if safe is None or safe >= orders.as_of:
+        return released
+    return released.at(safe)
 
 
 def render(report: dict[str, Any]) -> dict[str, str]:

@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from crm_bridge.analytics import privacy
 from crm_bridge.analytics.data import DAY, Released, Requirement, figure
-from crm_bridge.analytics.privacy import Disclosure, Table
+from crm_bridge.analytics.privacy import Disclosure
 
 _GRID = [  # row: R score 5 → 1; column: F score 1 → 5
     ["new customers", "potential loyalists", "potential loyalists", "champions", "champions"],
@@ -76,47 +77,62 @@ def scores(released: Released) -> Scores:
 
 
 def analyse(released: Released, disclosure: Disclosure) -> dict[str, Any]:
+    """Segments and the R × F heat map. The heat map's cells make up the segments (the grid above),
+    which make up the population, and all three publish totals: cells and segments are suppressed
+    together (`privacy.complementary`), so no total minus what is shown under it describes fewer than k."""
     s = scores(released)
     n = len(s.r)
     disclosure.population("RFM segmentation", n)
     revenue = float(s.monetary.sum())
+    cell = (s.r.astype(np.int64) - 1) * 5 + (s.f - 1)
+    cell_size = np.bincount(cell, minlength=25)
+    cell_spend = np.bincount(cell, weights=s.monetary, minlength=25)
+    shown_cells, shown_segments = privacy.complementary(cell_size, disclosure.k, _SEGMENT_OF.reshape(-1))
+    disclosure.record("RFM population", "customers", np.ones(n, dtype=bool), n)
     size = np.bincount(s.segment, minlength=len(SEGMENTS))
     seg_revenue = np.bincount(s.segment, weights=s.monetary, minlength=len(SEGMENTS))
     seg_recency = np.bincount(s.segment, weights=s.recency_days, minlength=len(SEGMENTS))
     seg_frequency = np.bincount(s.segment, weights=s.frequency, minlength=len(SEGMENTS))
     rows = [
-        {
-            "segment": name,
-            "customers": int(size[i]),
-            "share_pct": figure(100 * size[i] / n, 3),
-            "revenue": round(float(seg_revenue[i]), 2),
-            "revenue_share_pct": figure(100 * seg_revenue[i] / revenue, 3) if revenue else 0.0,
-            "mean_recency_days": figure(seg_recency[i] / size[i]),
-            "mean_orders": figure(seg_frequency[i] / size[i]),
-            "mean_spend": round(float(seg_revenue[i] / size[i]), 2),
-        }
+        (
+            i,
+            {
+                "segment": name,
+                "customers": int(size[i]),
+                "share_pct": figure(100 * size[i] / n, 3),
+                "revenue": round(float(seg_revenue[i]), 2),
+                "revenue_share_pct": figure(100 * seg_revenue[i] / revenue, 3) if revenue else 0.0,
+                "mean_recency_days": figure(seg_recency[i] / size[i]),
+                "mean_orders": figure(seg_frequency[i] / size[i]),
+                "mean_spend": round(float(seg_revenue[i] / size[i]), 2),
+            },
+        )
         for i, name in enumerate(SEGMENTS)
         if size[i]
     ]
-    segments: Table = disclosure.table(_SEGMENT_COLUMNS, rows)
-    cell = (s.r.astype(np.int64) - 1) * 5 + (s.f - 1)
-    cell_size = np.bincount(cell, minlength=25)
-    cell_spend = np.bincount(cell, weights=s.monetary, minlength=25)
+    segments = disclosure.cells(
+        _SEGMENT_COLUMNS, rows, shown_segments, name="RFM segments", population="customers", labels=s.segment
+    )
     heat = [
-        {
-            "r": r,
-            "f": f,
-            "customers": int(cell_size[(r - 1) * 5 + f - 1]),
-            "mean_spend": round(float(cell_spend[(r - 1) * 5 + f - 1] / cell_size[(r - 1) * 5 + f - 1]), 2),
-        }
-        for r in range(5, 0, -1)
-        for f in range(1, 6)
-        if cell_size[(r - 1) * 5 + f - 1]
+        (
+            c,
+            {
+                "r": c // 5 + 1,
+                "f": c % 5 + 1,
+                "customers": int(cell_size[c]),
+                "mean_spend": round(float(cell_spend[c] / cell_size[c]), 2),
+            },
+        )
+        for c in ((r - 1) * 5 + f - 1 for r in range(5, 0, -1) for f in range(1, 6))
+        if cell_size[c]
     ]
     return {
         "customers": n,
         "as_of": released.orders.as_of,
         "revenue": round(revenue, 2),
         "segments": segments,
-        "heatmap": disclosure.table(["r", "f", "customers", "mean_spend"], heat),
-    }
+        "heatmap": disclosure.cells(
+            ["r", "f", "customers", "mean_spend"], heat, shown_cells, name="RFM heat map", population="customers",
+            labels=cell,
+        ),
+    }  # fmt: skip
