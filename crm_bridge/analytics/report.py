@@ -27,6 +27,7 @@ METHODS = ("rfm", "rules", "clv", "churn")
 def build(released: Released, settings: AnalyticsSettings) -> dict[str, Any]:
     """Run every method; the report as a JSON-ready dict."""
     disclosure = Disclosure(settings.k)
+    as_of_given = released.as_of_given
     released = _settle_as_of(released, settings.k)
     runs: dict[str, Callable[[], dict[str, Any]]] = {
         "rfm": lambda: rfm.analyse(released, disclosure),
@@ -61,7 +62,7 @@ def build(released: Released, settings: AnalyticsSettings) -> dict[str, Any]:
             "customers": orders.customers,
             "as_of": _date(orders.as_of),
             "as_of_rule": "given by the analyst"
-            if released.as_of_given
+            if as_of_given
             else f"the end of the last day on which at least k = {settings.k} customers ordered",
         }
     return report
