@@ -112,6 +112,48 @@ def as_of(customer: np.ndarray, ts: np.ndarray, k: int, day: int = 86_400) -> in
     return int(busy[-1] + 1) * day if len(busy) else None
 
 
+def nested_ok(
+    contains: dict[frozenset[str], np.ndarray],
+    new: set[frozenset[str]],
+    customer: np.ndarray,
+    customers: int,
+    k: int,
+    buyers: dict[frozenset[str], int] | None = None,
+) -> bool:
+    """Whether published counts of nested itemsets reveal no small group by difference.
+
+    A rule publishes the basket counts of its itemset, its antecedent and its consequent (through
+    support, confidence and lift) and the customers of its itemset. For two published itemsets I ⊂ J
+    (the empty itemset, all baskets, included), count(I) − count(J) is the number of baskets holding
+    I but not J, and customers(I) − customers(J) a number of customers: the customers of those
+    baskets, and that difference, must be none or at least k. `contains` maps each itemset to its
+    per-basket mask; `customer` is each basket's customer; only pairs with an itemset in `new` are
+    checked (the others were); `buyers` caches each itemset's customers across calls. Pairwise
+    differences only: combinations of more than two itemsets are not checked."""
+
+    buyers = {} if buyers is None else buyers
+
+    def customers_of(mask: np.ndarray) -> int:
+        return int(np.count_nonzero(np.bincount(customer[mask], minlength=customers)))
+
+    for i in contains:
+        for j in contains:
+            if i < j and (i in new or j in new):
+                for itemset in (i, j):
+                    if itemset not in buyers:
+                        buyers[itemset] = customers_of(contains[itemset])
+                gap = buyers[i] - buyers[j]
+                if 0 < gap < k:
+                    return False
+                if gap >= k:
+                    continue  # each of those customers has a basket with I and without J
+                rest = contains[i] & ~contains[j]
+                baskets = int(np.count_nonzero(rest))
+                if 0 < baskets < k or (baskets and customers_of(rest) < k):
+                    return False
+    return True
+
+
 class Disclosure:
     def __init__(self, k: int, *, audit: bool = False) -> None:
         if k < 2:

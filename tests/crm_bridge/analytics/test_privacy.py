@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from crm_bridge.analytics import churn, clv, privacy, rfm
+from crm_bridge.analytics import churn, clv, privacy, rfm, rules
 from crm_bridge.analytics.data import DAY, Released
 from crm_bridge.analytics.privacy import Disclosure
 from crm_bridge.analytics.report import build
@@ -76,6 +76,18 @@ def attack_published(report: dict[str, Any], k: int) -> list[str]:
             for before, after in itertools.pairwise(counts):
                 if not residual_ok(after - before, k):
                     exposed.append(f"{key}: neighbouring rows differ by {after - before} customers")
+    if "rules" in report:  # nested itemsets: baskets and customers with one itemset but not the other
+        published = [
+            (frozenset(r["antecedents"].split(" + ")) | frozenset(r["consequents"].split(" + ")), r)
+            for r in report["rules"]["rules"]["rows"]
+        ]
+        for small, a in published:
+            for large, b in published:
+                for figure in ("baskets", "customers"):
+                    if small < large and not residual_ok(a[figure] - b[figure], k):
+                        exposed.append(
+                            f"rules: {sorted(small)} but not {sorted(large)}: {a[figure] - b[figure]} {figure}"
+                        )
     if "rfm" in report:  # a segment minus its shown heat-map cells
         segment_of = {(r, f): rfm._GRID[5 - r][f - 1] for r in range(1, 6) for f in range(1, 6)}
         for seg in report["rfm"]["segments"]["rows"]:
@@ -219,21 +231,38 @@ def test_every_published_table_is_attacked() -> None:
     assert attack_published(report, k) == []
 
 
-def _release(rows: list[tuple[str, int, float]], as_of: int | None = None) -> Released:
+def _release(
+    rows: list[tuple[str, int, float]], as_of: int | None = None, products: list[str] | None = None
+) -> Released:
     info = ReleaseInfo(
         partner="0x" + "00" * 20,
         purpose="analytics.reporting",
         request_id="0x" + "00" * 32,
-        columns={"order_ts": PURCHASES, "amount": PURCHASES},
+        columns={"order_ts": PURCHASES, "amount": PURCHASES, "products": PURCHASES},
     )
     table = pa.table(
         {
             "did": [r[0] for r in rows],
             "order_ts": pa.array([r[1] * DAY + 3600 for r in rows]).cast(pa.timestamp("s", tz="UTC")),
             "amount": [r[2] for r in rows],
+            "products": products or ["tea"] * len(rows),
         }
     ).replace_schema_metadata(info.metadata())
     return Released(table, as_of=as_of)
+
+
+def test_rules_expose_no_one_by_nested_itemsets() -> None:
+    # Twenty customers buy bread, butter and jam; one buys bread and butter without jam. Rules on
+    # {bread, butter} and {bread, butter, jam} side by side would count that one customer's basket.
+    baskets = ["bread;butter;jam"] * 20 + ["bread;butter"] + ["milk;eggs"] * 20
+    rows = [(f"did:{i}", 10 + i % 7, 5.0) for i in range(len(baskets))]
+    released, k = _release(rows, products=baskets), 5
+    section = rules.analyse(released, Disclosure(k), min_support=0.05, sample=10**6)
+    published = {(r["antecedents"], r["consequents"]) for r in section["rules"]["rows"]}
+    assert ("bread", "butter") in published  # the best rule is kept; the one nested in it, withheld
+    assert ("milk", "eggs") in published
+    assert attack_published({"rules": section}, k) == []
+    assert section["rules"]["suppressed_rows"] > 0
 
 
 def test_as_of_dates_no_single_order() -> None:
