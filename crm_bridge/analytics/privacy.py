@@ -102,14 +102,16 @@ def as_of(customer: np.ndarray, ts: np.ndarray, k: int, day: int = 86_400) -> in
 
     Taken from the data, the analysis time would date the latest single order; this date is one on
     which at least k customers bought, and the orders after it (fewer than k customers a day) are left
-    out as if not yet made. One pass over the orders (`customer`, `ts` as `Orders` holds them)."""
+    out as if not yet made. One pass over the orders, sorted by customer then time as `Orders` holds them."""
     if not len(ts):
         return None
     days = ts // day
-    key = np.unique(days * (int(customer.max()) + 1) + customer)  # distinct (day, customer)
-    per_day = np.unique(key // (int(customer.max()) + 1), return_counts=True)
-    busy = per_day[0][per_day[1] >= k]
-    return int(busy[-1] + 1) * day if len(busy) else None
+    first = np.ones(len(ts), dtype=bool)  # the first order of a (customer, day): sorted by customer, time
+    first[1:] = (customer[1:] != customer[:-1]) | (days[1:] != days[:-1])
+    start = int(days.min())
+    per_day = np.bincount(days[first] - start)
+    busy = np.flatnonzero(per_day >= k)
+    return (start + int(busy[-1]) + 1) * day if len(busy) else None
 
 
 def nested_ok(
