@@ -223,12 +223,16 @@ def test_churn_tables_expose_no_decile_by_difference() -> None:
 
 def test_every_published_table_is_attacked() -> None:
     released, k = _generated(200, seed=1), 4
-    report = build(released, AnalyticsSettings(k=k, rules_sample=20_000, min_support=0.05))
+    disclosure = Disclosure(k, audit=True)
+    report = build(released, AnalyticsSettings(k=k, rules_sample=20_000, min_support=0.05), disclosure)
     published = {key for key, _ in tables(report)}
     assert {("rfm", "segments"), ("rfm", "heatmap"), ("rules", "rules")} <= published
     unknown = published - set(PARTITIONS) - RUNNING - ROWS_ONLY
     assert not unknown, f"register these tables' differencing attacks in test_privacy.py: {unknown}"
     assert attack_published(report, k) == []
+    # Across tables: RFM and CLV describe the same customers, so their figures are attacked together.
+    assert {"customers", "test customers"} <= set(attack_audit(disclosure))
+    assert all(smallest >= k for smallest in attack_audit(disclosure).values())
 
 
 def _release(
