@@ -97,21 +97,28 @@ def complementary(sizes: np.ndarray, k: int, group_of: np.ndarray | None = None)
     return ~hidden & (sizes > 0), shown_group
 
 
-def as_of(customer: np.ndarray, ts: np.ndarray, k: int, day: int = 86_400) -> int | None:
-    """The end of the last day on which at least k customers ordered (None: no such day).
+PERIODS_DAYS = (1, 7, 28, 91, 365)  # the analysis time's granularity, the finest with k customers
 
-    Taken from the data, the analysis time would date the latest single order; this date is one on
-    which at least k customers bought, and the orders after it (fewer than k customers a day) are left
-    out as if not yet made. One pass over the orders, sorted by customer then time as `Orders` holds them."""
+
+def as_of(customer: np.ndarray, ts: np.ndarray, k: int, day: int = 86_400) -> tuple[int, int] | None:
+    """(time, period in days): the end of the last period (a day, else 7, 28, 91 or 365 days counted
+    from 1970-01-01) in which at least k customers ordered; None if there is none.
+
+    Taken from the data, the analysis time would date the latest single order; this time ends a period
+    in which at least k customers bought, and the orders after it (fewer than k customers in a period)
+    are left out as if not yet made. One pass over the orders, sorted by customer then time as `Orders`
+    holds them."""
     if not len(ts):
         return None
-    days = ts // day
-    first = np.ones(len(ts), dtype=bool)  # the first order of a (customer, day): sorted by customer, time
-    first[1:] = (customer[1:] != customer[:-1]) | (days[1:] != days[:-1])
-    start = int(days.min())
-    per_day = np.bincount(days[first] - start)
-    busy = np.flatnonzero(per_day >= k)
-    return (start + int(busy[-1]) + 1) * day if len(busy) else None
+    for days in PERIODS_DAYS:
+        period = ts // (day * days)
+        first = np.ones(len(ts), dtype=bool)  # the first order of a (customer, period)
+        first[1:] = (customer[1:] != customer[:-1]) | (period[1:] != period[:-1])
+        start = int(period.min())
+        busy = np.flatnonzero(np.bincount(period[first] - start) >= k)
+        if len(busy):
+            return (start + int(busy[-1]) + 1) * day * days, days
+    return None
 
 
 def nested_ok(

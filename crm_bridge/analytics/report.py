@@ -27,8 +27,7 @@ METHODS = ("rfm", "rules", "clv", "churn")
 def build(released: Released, settings: AnalyticsSettings, disclosure: Disclosure | None = None) -> dict[str, Any]:
     """Run every method; the report as a JSON-ready dict. (A test passes an auditing `disclosure`.)"""
     disclosure = disclosure or Disclosure(settings.k)
-    as_of_given = released.as_of_given
-    released = _settle_as_of(released, settings.k)
+    released, as_of_rule = _settle_as_of(released, settings.k)
     runs: dict[str, Callable[[], dict[str, Any]]] = {
         "rfm": lambda: rfm.analyse(released, disclosure),
         "rules": lambda: rules.analyse(
@@ -61,28 +60,27 @@ def build(released: Released, settings: AnalyticsSettings, disclosure: Disclosur
             "orders": len(orders.ts),
             "customers": orders.customers,
             "as_of": _date(orders.as_of),
-            "as_of_rule": "given by the analyst"
-            if as_of_given
-            else f"the end of the last day on which at least k = {settings.k} customers ordered",
+            "as_of_rule": as_of_rule,
         }
     return report
 
 
-def _settle_as_of(released: Released, k: int) -> Released:
-    """The release as of a time that dates no single order: the analyst's, or the end of the last
-    day on which at least k customers ordered (`privacy.as_of`)."""
+def _settle_as_of(released: Released, k: int) -> tuple[Released, str]:
+    """The release as of a time that dates no single order, and the rule that set it: the analyst's,
+    or the end of the last day (else longer period) in which at least k customers ordered."""
     if released.as_of_given:
-        return released
+        return released, "given by the analyst"
     try:
         orders = released.orders
-    except AnalyticsError:
-        return released  # each method reports the refusal itself
-    except (KeyError, pa.ArrowException):
-        return released
-    safe = privacy.as_of(orders.customer, orders.ts, k)
-    if safe is None or safe >= orders.as_of:
-        return released
-    return released.at(safe)
+    except (AnalyticsError, KeyError, pa.ArrowException):
+        return released, "the last order's day"  # each method reports why it cannot read the orders
+    found = privacy.as_of(orders.customer, orders.ts, k)
+    if found is None:
+        return released, "the last order's day (no period has k customers)"
+    safe, days = found
+    period = "day" if days == 1 else f"{days}-day period (counted from 1970-01-01)"
+    rule = f"the end of the last {period} in which at least k = {k} customers ordered; later orders left out"
+    return (released if safe >= orders.as_of else released.at(safe)), rule
 
 
 def render(report: dict[str, Any]) -> dict[str, str]:

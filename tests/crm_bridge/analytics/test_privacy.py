@@ -281,3 +281,14 @@ def test_as_of_dates_no_single_order() -> None:
     given = build(_release(rows, as_of=90 * DAY), AnalyticsSettings(k=5))
     assert given["input"]["as_of"] == "1970-04-01"
     assert given["input"]["orders"] == 25
+
+
+def test_as_of_falls_back_to_longer_periods_when_no_day_has_k_customers() -> None:
+    # One customer a day on days 10 .. 21: no day has k = 5, but the 7-day period of days 14 .. 20
+    # has 7; the lone customer of day 21 is left out.
+    rows = [(f"did:{d}", d, 5.0 + d) for d in range(10, 22)]
+    report = build(_release(rows), AnalyticsSettings(k=5))
+    assert report["rfm"]["as_of"] == 21 * DAY
+    assert report["input"]["orders"] == len(rows) - 1
+    assert "7-day period" in report["input"]["as_of_rule"]
+    assert privacy.as_of(np.array([0, 1]), np.array([5 * DAY, 400 * DAY]), 5) is None
