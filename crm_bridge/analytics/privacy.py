@@ -4,15 +4,18 @@ fewer than k customers.
 Hiding the rows below k is not enough once a total is published beside them: a segment's revenue
 minus its shown heat-map cells is the revenue of the cells left out, and if those hold one customer
 that is one customer's revenue. So every table whose cells add up to a published total (the whole
-population, or a group such as a segment) is built through `Disclosure.cells`, which applies
-*complementary suppression*: after the cells below k, more cells are hidden until what a published
-total leaves unexplained (the total minus its shown cells) is nothing or at least k customers.
+population, or a group such as a segment) is decided by `complementary` and built by
+`Disclosure.cells`: *complementary suppression*, after the cells below k more cells are hidden until
+what a published total leaves unexplained (the total minus its shown cells) is nothing or at least k
+customers.
 
 For a two-level hierarchy (cells within groups within the population) this is sufficient: the
 unexplained parts of the published groups, and of the population outside them, are disjoint, and the
 published figures determine only sums of whole parts; every such sum is over 0 or at least k customers.
 Tables that publish one customer's value (a decile's minimum or maximum) are not built at all; running
-sums (gains curves) are taken over shown cells only.
+sums (gains curves) are taken over shown cells only. Association rules, whose itemsets nest, are
+kept only while no two nested itemsets differ by fewer than k customers (`nested_ok`), and the
+analysis time is one that dates no single order (`as_of`).
 
 `Disclosure(k, audit=True)` also records which customers each published figure sums over, so that a
 test can attack every table the report publishes (tests/crm_bridge/analytics/test_privacy.py).
