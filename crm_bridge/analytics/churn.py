@@ -24,9 +24,10 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.frozen import FrozenEstimator
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
+from crm_bridge.analytics import privacy
 from crm_bridge.analytics.data import DAY, Orders, Released, Requirement, figure
 from crm_bridge.analytics.errors import AnalyticsError
-from crm_bridge.analytics.privacy import Disclosure
+from crm_bridge.analytics.privacy import Disclosure, Table
 
 BEHAVIOUR = ["recency_days", "orders", "mean_spend", "tenure_days", "recent_orders", "recent_spend"]
 
@@ -114,47 +115,75 @@ def analyse(released: Released, disclosure: Disclosure, days: int, seed: int = 0
     auc = roc_auc_score(y, risk)
     recency_auc = roc_auc_score(y, test.features[:, 0])
 
-    # Calibration by risk decile (equal-count bins), and cumulative gains from the riskiest decile down.
-    n = len(risk)
-    rank = np.empty(n, np.int64)
-    rank[np.argsort(-risk, kind="stable")] = np.arange(n)
-    decile = rank * 10 // n
-    size = np.bincount(decile, minlength=10)
-    predicted = np.bincount(decile, weights=risk, minlength=10)
-    observed = np.bincount(decile, weights=y.astype(np.float64), minlength=10)
-    calibration = [
-        {
-            "risk_decile": d + 1,
-            "customers": int(size[d]),
-            "mean_predicted": figure(predicted[d] / size[d]),
-            "observed_rate": figure(observed[d] / size[d]),
-        }
-        for d in range(10)
-        if size[d]
-    ]
-    churners = y.sum()
-    gains = [
-        {
-            "top_deciles": d + 1,
-            "customers": int(size[: d + 1].sum()),
-            "share_targeted_pct": figure(100 * size[: d + 1].sum() / n, 3),
-            "share_of_churners_pct": figure(100 * observed[: d + 1].sum() / churners, 3),
-        }
-        for d in range(10)
-        if size[d]
-    ]
+    calibration, gains = tables(disclosure, risk, y)
     return {
         "horizon_days": days,
         "features": BEHAVIOUR + profile_columns,
         "train_cutoff": train_cutoff,
         "test_cutoff": test_cutoff,
         "train_customers": len(train.customers),
-        "test_customers": n,
+        "test_customers": len(risk),
         "train_churn_rate": figure(train.churned.mean()),
         "test_churn_rate": figure(y.mean()),
         "roc_auc": figure(auc),
         "recency_roc_auc": figure(recency_auc),
         "brier": figure(brier_score_loss(y, risk)),
-        "calibration": disclosure.table(["risk_decile", "customers", "mean_predicted", "observed_rate"], calibration),
-        "gains": disclosure.table(["top_deciles", "customers", "share_targeted_pct", "share_of_churners_pct"], gains),
+        "calibration": calibration,
+        "gains": gains,
     }
+
+
+def tables(disclosure: Disclosure, risk: np.ndarray, y: np.ndarray) -> tuple[Table, Table]:
+    """Calibration by risk decile (equal-count bins) and cumulative gains from the riskiest decile down.
+
+    The deciles partition the test customers, whose count and churn rate are published, so they are
+    suppressed together with that total (`privacy.complementary`). The gains are running sums, and the
+    difference of two neighbours is one decile: they run over the shown deciles only (a hidden decile
+    adds nothing to them), so the last row reaches 100 % only when no decile is hidden."""
+    n = len(risk)
+    disclosure.record("churn test population", "test customers", np.ones(n, dtype=bool), n)
+    rank = np.empty(n, np.int64)
+    rank[np.argsort(-risk, kind="stable")] = np.arange(n)
+    decile = rank * 10 // n
+    size = np.bincount(decile, minlength=10)
+    predicted = np.bincount(decile, weights=risk, minlength=10)
+    observed = np.bincount(decile, weights=y.astype(np.float64), minlength=10)
+    shown, _ = privacy.complementary(size, disclosure.k)
+    calibration = [
+        (
+            d,
+            {
+                "risk_decile": d + 1,
+                "customers": int(size[d]),
+                "mean_predicted": figure(predicted[d] / size[d]),
+                "observed_rate": figure(observed[d] / size[d]),
+            },
+        )
+        for d in range(10)
+        if size[d]
+    ]
+    churners = y.sum()
+    counted = np.where(shown, size, 0)
+    reached = np.where(shown, observed, 0.0)
+    gains: list[dict[str, Any]] = []
+    for d in np.flatnonzero(shown):
+        targeted = int(counted[: d + 1].sum())
+        gains.append(
+            {
+                "top_deciles": int(d) + 1,
+                "customers": targeted,
+                "share_targeted_pct": figure(100 * targeted / n, 3),
+                "share_of_churners_pct": figure(100 * reached[: d + 1].sum() / churners, 3),
+            }
+        )
+        disclosure.record("churn gains", "test customers", shown[decile] & (decile <= d), targeted)
+    columns = ["risk_decile", "customers", "mean_predicted", "observed_rate"]
+    return (
+        disclosure.cells(columns, calibration, shown, name="churn calibration", population="test customers",
+                         labels=decile),
+        Table(
+            columns=["top_deciles", "customers", "share_targeted_pct", "share_of_churners_pct"],
+            rows=gains,
+            suppressed_rows=int(((size > 0) & ~shown).sum()),
+        ),
+    )  # fmt: skip

@@ -26,9 +26,10 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import digamma, gammaln, hyp2f1
 
+from crm_bridge.analytics import privacy
 from crm_bridge.analytics.data import DAY, Orders, Released, Requirement, figure, starts_of
 from crm_bridge.analytics.errors import FitFailed, TooFewCustomers
-from crm_bridge.analytics.privacy import Disclosure
+from crm_bridge.analytics.privacy import Disclosure, Table
 
 WEEK_DAYS = 7.0
 
@@ -226,38 +227,7 @@ def analyse(released: Released, disclosure: Disclosure, horizon_weeks: int) -> d
     alive = bg.p_alive(s.x, s.t_x, s.T)
     value = purchases * gg.expected_spend(s.x, s.monetary)
 
-    deciles = np.minimum((np.argsort(np.argsort(value, kind="stable")) * 10) // n, 9)
-    size = np.bincount(deciles, minlength=10)
-    total = np.bincount(deciles, weights=value, minlength=10)
-    mins = np.full(10, np.inf)
-    maxs = np.full(10, -np.inf)
-    np.minimum.at(mins, deciles, value)
-    np.maximum.at(maxs, deciles, value)
-    distribution = [
-        {
-            "decile": d + 1,
-            "customers": int(size[d]),
-            "min_value": round(float(mins[d]), 2),
-            "max_value": round(float(maxs[d]), 2),
-            "mean_value": round(float(total[d] / size[d]), 2),
-            "total_value": round(float(total[d]), 2),
-        }
-        for d in range(10)
-        if size[d]
-    ]
-    band = np.minimum((alive * 10).astype(np.int64), 9)
-    band_size = np.bincount(band, minlength=10)
-    band_purchases = np.bincount(band, weights=purchases, minlength=10)
-    alive_rows = [
-        {
-            "p_alive_from": figure(i / 10),
-            "p_alive_to": figure((i + 1) / 10),
-            "customers": int(band_size[i]),
-            "mean_expected_purchases": figure(band_purchases[i] / band_size[i]),
-        }
-        for i in range(10)
-        if band_size[i]
-    ]
+    distribution, p_alive = tables(disclosure, value, purchases, alive)
     return {
         "customers": n,
         "repeat_customers": int(repeat.sum()),
@@ -283,8 +253,60 @@ def analyse(released: Released, disclosure: Disclosure, horizon_weeks: int) -> d
         "expected_value_total": round(float(value.sum()), 2),
         "expected_value_mean": round(float(value.mean()), 2),
         "mean_p_alive": figure(float(alive.mean())),
-        "distribution": disclosure.table(
-            ["decile", "customers", "min_value", "max_value", "mean_value", "total_value"], distribution
-        ),
-        "p_alive": disclosure.table(["p_alive_from", "p_alive_to", "customers", "mean_expected_purchases"], alive_rows),
+        "distribution": distribution,
+        "p_alive": p_alive,
     }
+
+
+def tables(disclosure: Disclosure, value: np.ndarray, purchases: np.ndarray, alive: np.ndarray) -> tuple[Table, Table]:
+    """The published per-group tables: value by decile and expected purchases by P(alive) band.
+
+    Both partition the customers whose totals are published beside them, so their cells are
+    suppressed together with the population (`privacy.complementary`). No minimum or maximum is shown:
+    each is one customer's value."""
+    n = len(value)
+    disclosure.record("CLV population", "customers", np.ones(n, dtype=bool), n)
+    deciles = np.minimum((np.argsort(np.argsort(value, kind="stable")) * 10) // n, 9)
+    size = np.bincount(deciles, minlength=10)
+    total = np.bincount(deciles, weights=value, minlength=10)
+    distribution = [
+        (
+            d,
+            {
+                "decile": d + 1,
+                "customers": int(size[d]),
+                "mean_value": round(float(total[d] / size[d]), 2),
+                "total_value": round(float(total[d]), 2),
+            },
+        )
+        for d in range(10)
+        if size[d]
+    ]
+    shown, _ = privacy.complementary(size, disclosure.k)
+    band = np.minimum((alive * 10).astype(np.int64), 9)
+    band_size = np.bincount(band, minlength=10)
+    band_purchases = np.bincount(band, weights=purchases, minlength=10)
+    alive_rows = [
+        (
+            i,
+            {
+                "p_alive_from": figure(i / 10),
+                "p_alive_to": figure((i + 1) / 10),
+                "customers": int(band_size[i]),
+                "mean_expected_purchases": figure(band_purchases[i] / band_size[i]),
+            },
+        )
+        for i in range(10)
+        if band_size[i]
+    ]
+    band_shown, _ = privacy.complementary(band_size, disclosure.k)
+    return (
+        disclosure.cells(
+            ["decile", "customers", "mean_value", "total_value"], distribution, shown,
+            name="CLV by decile", population="customers", labels=deciles,
+        ),
+        disclosure.cells(
+            ["p_alive_from", "p_alive_to", "customers", "mean_expected_purchases"], alive_rows, band_shown,
+            name="CLV by P(alive)", population="customers", labels=band,
+        ),
+    )  # fmt: skip

@@ -255,6 +255,17 @@ class Released:
         self.info, self.schema, self.fields, self._as_of = info, schema, fields or Fields(), as_of
         self.time_zone = time_zone
 
+    @property
+    def as_of_given(self) -> bool:
+        """Whether the analysis time was given (the analyst's --as-of) rather than taken from the data."""
+        return self._as_of is not None
+
+    def at(self, as_of: int) -> Released:
+        """The same release analysed as of `as_of` (orders from then on left out)."""
+        source = self._table if self._table is not None else self._path
+        assert source is not None
+        return Released(source, self.fields, as_of=as_of, time_zone=self.time_zone)
+
     def _column(self, name: str) -> pa.ChunkedArray:
         if self._table is not None:
             return self._table.column(name)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from crm_bridge.analytics import churn, clv, rfm, rules
+from crm_bridge.analytics import churn, clv, privacy, rfm, rules
 from crm_bridge.analytics.data import Released
 from crm_bridge.analytics.errors import AnalyticsError, ColumnMissing, ConsentMissing
 from crm_bridge.analytics.privacy import Disclosure
@@ -33,9 +33,10 @@ DEGENERATE_P = 100.0
 log = logging.getLogger(__name__)
 
 
-def build(released: Released, settings: AnalyticsSettings) -> dict[str, Any]:
-    """Run every method; the report as a JSON-ready dict."""
-    disclosure = Disclosure(settings.k)
+def build(released: Released, settings: AnalyticsSettings, disclosure: Disclosure | None = None) -> dict[str, Any]:
+    """Run every method; the report as a JSON-ready dict. (A test passes an auditing `disclosure`.)"""
+    disclosure = disclosure or Disclosure(settings.k)
+    released, as_of_rule = _settle_as_of(released, settings.k)
     runs: dict[str, Callable[[], dict[str, Any]]] = {
         "rfm": lambda: rfm.analyse(released, disclosure),
         "rules": lambda: rules.analyse(
@@ -77,6 +78,7 @@ def build(released: Released, settings: AnalyticsSettings) -> dict[str, Any]:
             "customers": orders.customers,
             "as_of": _date(orders.as_of),
             "preparation": orders.preparation,
+            "as_of_rule": as_of_rule,
         }
     if "clv" in report:
         report["clv"]["caveats"] = [*report["clv"].get("caveats", []), *_clv_caveats(report["clv"])]
@@ -113,6 +115,24 @@ def finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [finite(v) for v in value]
     return value
+
+
+def _settle_as_of(released: Released, k: int) -> tuple[Released, str]:
+    """The release as of a time that dates no single order, and the rule that set it: the analyst's,
+    or the end of the last day (else longer period) in which at least k customers ordered."""
+    if released.as_of_given:
+        return released, "given by the analyst"
+    try:
+        orders = released.orders
+    except Exception:  # each method reports why it cannot read the orders
+        return released, "the last order's day"
+    found = privacy.as_of(orders.customer, orders.ts, k)
+    if found is None:
+        return released, "the last order's day (no period has k customers)"
+    safe, days = found
+    period = "day" if days == 1 else f"{days}-day period (counted from 1970-01-01)"
+    rule = f"the end of the last {period} in which at least k = {k} customers ordered; later orders left out"
+    return (released if safe >= orders.as_of else released.at(safe)), rule
 
 
 def render(report: dict[str, Any]) -> dict[str, str]:

@@ -1,7 +1,12 @@
 """RFM: recency, frequency and monetary scores (quintiles, 5 = best) and named segments.
 
-Scores are quintiles of each customer's rank (ties split by rank, so each score holds a fifth of the
-customers). Segments follow the usual grid over the recency and frequency scores:
+Scores are quintiles that respect ties: a customer's score is 1 + ⌊5 · s⌋, where s is the share of
+customers strictly worse than them on that measure (recency: fewer days since the last order is
+better). Equal values get equal scores, so identical customers land in one segment and the order of
+the rows changes nothing; without ties each score holds a fifth of the customers, with ties a score
+can hold more (most customers with one order all score F = 1) and another none. Spend is compared in
+whole cents, so float summation order cannot split two equal totals. Segments follow the usual grid
+over the recency and frequency scores:
 
     R\\F  1               2               3               4          5
     5    new customers   potential loyal potential loyal champions  champions
@@ -18,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from crm_bridge.analytics import privacy
 from crm_bridge.analytics.data import DAY, Released, Requirement, figure
-from crm_bridge.analytics.privacy import Disclosure, Table
+from crm_bridge.analytics.privacy import Disclosure
 
 _GRID = [  # row: R score 5 → 1; column: F score 1 → 5
     ["new customers", "potential loyalists", "potential loyalists", "champions", "champions"],
@@ -41,11 +47,11 @@ def requirement(released: Released) -> Requirement:
 
 
 def quintile(values: np.ndarray) -> np.ndarray:
-    """1..5 by rank (5: the highest fifth); ties are split so each score holds a fifth."""
+    """1..5 (5: the highest values): 1 + ⌊5 · share of values strictly below⌋, so equal values get
+    equal scores whatever their order (the "minimum rank" rule; one sort and a binary search)."""
     n = len(values)
-    rank = np.empty(n, np.int64)
-    rank[np.argsort(values, kind="stable")] = np.arange(n)
-    return (rank * 5 // max(n, 1) + 1).astype(np.int8)
+    below = np.searchsorted(np.sort(values), values, side="left")
+    return (below * 5 // max(n, 1) + 1).astype(np.int8)
 
 
 @dataclass
@@ -65,53 +71,68 @@ def scores(released: Released) -> Scores:
     recency = (orders.as_of - orders.last_ts()) / DAY
     frequency = orders.counts.astype(np.float64)
     monetary = orders.total()
-    r = (6 - quintile(recency)).astype(np.int8)  # recent is good
-    f, m = quintile(frequency), quintile(monetary)
+    r = quintile(-recency)  # recent is good
+    f, m = quintile(frequency), quintile(np.round(monetary, 2))
     return Scores(recency, frequency, monetary, r, f, m, _SEGMENT_OF[r - 1, f - 1])
 
 
 def analyse(released: Released, disclosure: Disclosure) -> dict[str, Any]:
+    """Segments and the R × F heat map. The heat map's cells make up the segments (the grid above),
+    which make up the population, and all three publish totals: cells and segments are suppressed
+    together (`privacy.complementary`), so no total minus what is shown under it describes fewer than k."""
     s = scores(released)
     n = len(s.r)
     disclosure.population("RFM segmentation", n)
     revenue = float(s.monetary.sum())
+    cell = (s.r.astype(np.int64) - 1) * 5 + (s.f - 1)
+    cell_size = np.bincount(cell, minlength=25)
+    cell_spend = np.bincount(cell, weights=s.monetary, minlength=25)
+    shown_cells, shown_segments = privacy.complementary(cell_size, disclosure.k, _SEGMENT_OF.reshape(-1))
+    disclosure.record("RFM population", "customers", np.ones(n, dtype=bool), n)
     size = np.bincount(s.segment, minlength=len(SEGMENTS))
     seg_revenue = np.bincount(s.segment, weights=s.monetary, minlength=len(SEGMENTS))
     seg_recency = np.bincount(s.segment, weights=s.recency_days, minlength=len(SEGMENTS))
     seg_frequency = np.bincount(s.segment, weights=s.frequency, minlength=len(SEGMENTS))
     rows = [
-        {
-            "segment": name,
-            "customers": int(size[i]),
-            "share_pct": figure(100 * size[i] / n, 3),
-            "revenue": round(float(seg_revenue[i]), 2),
-            "revenue_share_pct": figure(100 * seg_revenue[i] / revenue, 3) if revenue else 0.0,
-            "mean_recency_days": figure(seg_recency[i] / size[i]),
-            "mean_orders": figure(seg_frequency[i] / size[i]),
-            "mean_spend": round(float(seg_revenue[i] / size[i]), 2),
-        }
+        (
+            i,
+            {
+                "segment": name,
+                "customers": int(size[i]),
+                "share_pct": figure(100 * size[i] / n, 3),
+                "revenue": round(float(seg_revenue[i]), 2),
+                "revenue_share_pct": figure(100 * seg_revenue[i] / revenue, 3) if revenue else 0.0,
+                "mean_recency_days": figure(seg_recency[i] / size[i]),
+                "mean_orders": figure(seg_frequency[i] / size[i]),
+                "mean_spend": round(float(seg_revenue[i] / size[i]), 2),
+            },
+        )
         for i, name in enumerate(SEGMENTS)
         if size[i]
     ]
-    segments: Table = disclosure.table(_SEGMENT_COLUMNS, rows)
-    cell = (s.r.astype(np.int64) - 1) * 5 + (s.f - 1)
-    cell_size = np.bincount(cell, minlength=25)
-    cell_spend = np.bincount(cell, weights=s.monetary, minlength=25)
+    segments = disclosure.cells(
+        _SEGMENT_COLUMNS, rows, shown_segments, name="RFM segments", population="customers", labels=s.segment
+    )
     heat = [
-        {
-            "r": r,
-            "f": f,
-            "customers": int(cell_size[(r - 1) * 5 + f - 1]),
-            "mean_spend": round(float(cell_spend[(r - 1) * 5 + f - 1] / cell_size[(r - 1) * 5 + f - 1]), 2),
-        }
-        for r in range(5, 0, -1)
-        for f in range(1, 6)
-        if cell_size[(r - 1) * 5 + f - 1]
+        (
+            c,
+            {
+                "r": c // 5 + 1,
+                "f": c % 5 + 1,
+                "customers": int(cell_size[c]),
+                "mean_spend": round(float(cell_spend[c] / cell_size[c]), 2),
+            },
+        )
+        for c in ((r - 1) * 5 + f - 1 for r in range(5, 0, -1) for f in range(1, 6))
+        if cell_size[c]
     ]
     return {
         "customers": n,
         "as_of": released.orders.as_of,
         "revenue": round(revenue, 2),
         "segments": segments,
-        "heatmap": disclosure.table(["r", "f", "customers", "mean_spend"], heat),
-    }
+        "heatmap": disclosure.cells(
+            ["r", "f", "customers", "mean_spend"], heat, shown_cells, name="RFM heat map", population="customers",
+            labels=cell,
+        ),
+    }  # fmt: skip

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from mlxtend.frequent_patterns import association_rules, fpgrowth
 
+from crm_bridge.analytics import privacy
 from crm_bridge.analytics.data import Released, Requirement, figure
 from crm_bridge.analytics.privacy import Disclosure
 
@@ -96,8 +97,10 @@ def analyse(
                 _exact(found_baskets, orders.customer, orders.customers, sorted(antecedents), sorted(consequents))
             )
     rows.sort(key=lambda r: (-r["lift"], -r["support"], r["antecedents"], r["consequents"]))
+    rows, withheld = _publishable(found_baskets, orders.customer, orders.customers, rows, disclosure.k, top)
     table = disclosure.table(RULE_COLUMNS, rows)
     table["rows"] = table["rows"][:top]
+    table["suppressed_rows"] += withheld
     return {
         "baskets": n,
         "baskets_mined": mined,
@@ -106,6 +109,32 @@ def analyse(
         "frequent_itemsets": len(itemsets),
         "rules": table,
     }
+
+
+def _publishable(
+    found: Baskets, customer: np.ndarray, customers: int, rows: list[dict[str, Any]], k: int, top: int
+) -> tuple[list[dict[str, Any]], int]:
+    """The rules, best first, leaving out each one whose counts, beside those of the rules already
+    kept, would reveal fewer than k customers by difference (`privacy.nested_ok`); and how many."""
+    contains: dict[frozenset[str], np.ndarray] = {frozenset(): np.ones(len(found.of_order), dtype=bool)}
+    buyers: dict[frozenset[str], int] = {}
+    kept: list[dict[str, Any]] = []
+    withheld = 0
+    for row in rows:
+        if sum(r["customers"] >= k for r in kept) >= top:
+            break
+        if row["customers"] < k:
+            kept.append(row)  # suppressed by the k floor anyway
+            continue
+        sides = (row["antecedents"].split(" + "), row["consequents"].split(" + "))
+        new = {frozenset(items) for items in (*sides, sides[0] + sides[1])} - set(contains)
+        trial = contains | {items: found.containing(sorted(items)) for items in new}
+        if privacy.nested_ok(trial, new, customer, customers, k, buyers):
+            contains = trial
+            kept.append(row)
+        else:
+            withheld += 1
+    return kept, withheld
 
 
 def _exact(
