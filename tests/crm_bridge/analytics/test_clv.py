@@ -4,6 +4,7 @@ simulated from the models with known parameters."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal, getcontext
 
 import numpy as np
 import pyarrow as pa
@@ -72,6 +73,52 @@ def test_bgnbd_conditional_expectation_is_the_papers_worked_example() -> None:
     alive = published.p_alive(np.array([0.0, 2.0, 2.0]), np.array([0.0, 30.43, 5.0]), np.array([38.86] * 3))
     assert alive[0] == 1.0
     assert 0 < alive[2] < alive[1] < 1  # last seen long ago: less likely alive
+
+
+def _expected_purchases_by_the_series(
+    params: tuple[float, float, float, float], t: float, x: float, t_x: float, T: float
+) -> float:
+    """FHL 2005 eq. 10 as printed, its 2F1 summed term by term in 60-digit decimal arithmetic (no
+    overflow at e^±2000; mpmath is not installed, and the stdlib's Decimal is independent of scipy)."""
+    getcontext().prec = 60
+    r, alpha, a, b, t_, x_, tx, T_ = (Decimal(repr(float(v))) for v in (*params, t, x, t_x, T))
+    A, B, C, z = r + x_, b + x_, a + b + x_ - 1, t_ / (alpha + T_ + t_)
+    term = total = Decimal(1)
+    n = 0
+    while n < 10 or term > total * Decimal(10) ** -55:
+        term = term * (A + n) * (B + n) / ((C + n) * (n + 1)) * z
+        total += term
+        n += 1
+    core = 1 - ((alpha + T_) / (alpha + T_ + t_)) ** A * total
+    ratio = a / (b + x_ - 1) * ((alpha + T_) / (alpha + tx)) ** (r + x_) if x > 0 else Decimal(0)
+    return float((a + b + x_ - 1) / (a - 1) * core / (1 + ratio))
+
+
+def test_expected_purchases_stay_exact_for_heavy_buyers() -> None:
+    """Issue 33, item 7: x = 3,000 repeat purchase days, 104 weeks ahead gave 0 (the hypergeometric
+    term overflowed); the series summed exactly gives 1,246.1 for a customer four years old."""
+    params = (0.243, 4.414, 0.793, 2.426)
+    published = clv.BgNbd(*params, log_likelihood=0.0, customers=0)
+    cases = [(104.0, 3000.0, 208.0, 208.0), (104.0, 3000.0, 207.0, 208.0), (52.0, 800.0, 150.0, 156.0),
+             (39.0, 2.0, 30.43, 38.86), (39.0, 0.0, 0.0, 20.0), (104.0, 40.0, 100.0, 104.0)]  # fmt: skip
+    x, t_x, T = (np.array([c[i] for c in cases]) for i in (1, 2, 3))
+    for t in sorted({c[0] for c in cases}):
+        got = published.expected_purchases(t, x, t_x, T)
+        for i, case in enumerate(cases):
+            if case[0] == t:
+                assert got[i] == pytest.approx(_expected_purchases_by_the_series(params, *case), rel=1e-9)
+    assert published.expected_purchases(104.0, x[:1], t_x[:1], T[:1])[0] == pytest.approx(1246.126, abs=1e-3)
+
+
+def test_discounting_at_zero_is_the_expected_purchases_and_lowers_them_otherwise() -> None:
+    published = clv.BgNbd(0.243, 4.414, 0.793, 2.426, log_likelihood=0.0, customers=0)
+    x, t_x, T = np.array([0.0, 2.0, 3000.0]), np.array([0.0, 30.43, 208.0]), np.array([20.0, 38.86, 208.0])
+    undiscounted = published.expected_purchases(52.0, x, t_x, T)
+    assert published.discounted_purchases(52, 0.0, x, t_x, T) == pytest.approx(undiscounted, rel=1e-12)
+    discounted = published.discounted_purchases(52, 0.1, x, t_x, T)
+    # Every week's purchases are discounted by between 1/1.1^(1/52) and 1/1.1.
+    assert np.all(discounted < undiscounted * 1.1 ** (-1 / 52))
+    assert np.all(discounted > undiscounted / 1.1)
 
 
 def test_gamma_gamma_on_cdnow_matches_fader_hardie_lee(cdnow: Released) -> None:
