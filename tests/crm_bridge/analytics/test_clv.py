@@ -64,6 +64,16 @@ def test_bgnbd_on_cdnow_matches_fader_hardie_lee_2005(cdnow: Released) -> None:
     assert round(fit.log_likelihood, 1) == -9582.4
 
 
+def test_bgnbd_standard_errors_on_cdnow_are_lifetimes_published_ones(cdnow: Released) -> None:
+    """The inverse Hessian at the optimum: lifetimes' documented CDNOW summary (BetaGeoFitter,
+    numdifftools' Hessian) gives se 0.012557, 0.378221, 0.185719, 0.705345 for r, α, a, b."""
+    s = clv.summarise(cdnow.orders)
+    fit = clv.BgNbd.fit(s.x, s.t_x, s.T)
+    assert fit.uncertainty.se == pytest.approx((0.012557, 0.378221, 0.185719, 0.705345), rel=2e-3)
+    for value, low, high in zip(fit.params, fit.uncertainty.low, fit.uncertainty.high, strict=True):
+        assert 0 < low < value < high
+
+
 def test_bgnbd_conditional_expectation_is_the_papers_worked_example() -> None:
     published = clv.BgNbd(r=0.243, alpha=4.414, a=0.793, b=2.426, log_likelihood=0.0, customers=0)
     # FHL 2005: a customer with x = 2, t_x = 30.43, T = 38.86 is expected to make 1.226 purchases in 39 weeks.
@@ -131,6 +141,7 @@ def test_gamma_gamma_on_cdnow_matches_fader_hardie_lee(cdnow: Released) -> None:
     assert round(fit.q, 2) == 3.74
     assert round(fit.gamma, 2) == 15.44
     assert fit.customers == 946
+    assert not fit.degenerate
 
 
 def test_the_report_section_carries_the_fitted_figures(cdnow: Released) -> None:
@@ -141,6 +152,68 @@ def test_the_report_section_carries_the_fitted_figures(cdnow: Released) -> None:
     assert sum(row["customers"] for row in section["distribution"]["rows"]) == 2357
     assert sum(row["customers"] for row in section["p_alive"]["rows"]) + 0 <= 2357
     assert all(row["customers"] >= 10 for row in section["p_alive"]["rows"])
+
+
+def _release(rows: list[tuple[str, int, float]]) -> Released:
+    """(customer, day, amount) orders as a released table."""
+    info = ReleaseInfo(
+        partner="0x" + "00" * 20,
+        purpose="analytics.reporting",
+        request_id="0x" + "00" * 32,
+        columns={"order_ts": PURCHASES, "amount": PURCHASES},
+    )
+    table = pa.table(
+        {
+            "did": [r[0] for r in rows],
+            "order_ts": pa.array([r[1] * 86_400 for r in rows]).cast(pa.timestamp("s", tz="UTC")),
+            "amount": [r[2] for r in rows],
+        }
+    ).replace_schema_metadata(info.metadata())
+    return Released(table)
+
+
+def _shoppers(n: int, seed: int) -> list[tuple[str, int, float]]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        days = np.unique(rng.integers(0, 400, rng.integers(1, 8)))
+        spend = rng.gamma(4.0, 1 / rng.gamma(3.0, 1 / 60.0))
+        rows += [(f"did:{i}", int(d), round(float(rng.gamma(4.0, spend / 4.0)), 2)) for d in days]
+    return rows
+
+
+def test_zero_and_refunded_repeat_orders_are_left_out_of_the_spend_fit_and_counted() -> None:
+    """Issue 33, item 1: 20.00 then 0.00, or 20, 30, −30, made GammaGamma.fit raise. They are now left
+    out of the fit (a Gamma-distributed value is positive), counted and said so."""
+    rows = _shoppers(300, seed=3)
+    rows += [("did:free", 10, 20.0), ("did:free", 40, 0.0)]
+    rows += [("did:refund", 10, 20.0), ("did:refund", 40, 30.0), ("did:refund", 41, -30.0)]
+    released = _release(rows)
+    section = clv.analyse(released, Disclosure(10), horizon_weeks=52)
+    s = clv.summarise(released.orders)
+    positive = (s.x > 0) & (s.monetary > 0)
+    assert section["gamma_gamma"]["excluded_customers"] == 2
+    assert section["gamma_gamma"]["customers"] == int(positive.sum())
+    # The fit is the one on the customers with a positive mean alone.
+    alone = clv.GammaGamma.fit(s.x[positive], s.monetary[positive])
+    assert section["gamma_gamma"]["p"] == round(alone.p, 4 - len(str(int(alone.p))))
+    # A refunded customer's spend is the model's for a mean of 0: positive, below the population mean.
+    refund = released.orders.dids.to_pylist().index("did:refund")
+    gg = clv.GammaGamma.fit(s.x, s.monetary)
+    assert 0 < gg.expected_spend(s.x[refund : refund + 1], s.monetary[refund : refund + 1])[0] < gg.mean_spend()
+
+
+def test_a_gamma_gamma_fit_without_spend_variation_is_flagged_degenerate() -> None:
+    """Issue 33, item 8: spend that hardly varies within customers sends p to the hundreds of
+    thousands (952,300 in the issue); the fit says so instead of being shown as a model."""
+    rng = np.random.default_rng(4)
+    x = rng.integers(1, 6, 2_000).astype(np.float64)
+    m = np.full(2_000, 25.0) * rng.choice([1.0, 1.0001], 2_000)  # everyone spends the same per order
+    fit = clv.GammaGamma.fit(x, m)
+    assert fit.degenerate
+    assert max(fit.p, fit.q) > clv.GammaGamma.DEGENERATE
+    healthy = clv.GammaGamma.fit(np.array([1.0, 2.0, 3.0] * 200), rng.gamma(4.0, 10.0, 600))
+    assert not healthy.degenerate
 
 
 def _simulate_bgnbd(n: int, r: float, alpha: float, a: float, b: float, seed: int) -> tuple[np.ndarray, ...]:

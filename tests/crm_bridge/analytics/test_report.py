@@ -69,7 +69,8 @@ def test_no_output_row_describes_fewer_than_k_customers_or_names_one(
 ) -> None:
     report, out = written
     tables = _tables(report)
-    assert len(tables) == 7  # segments, heat map, rules, CLV deciles, p(alive), churn calibration and gains
+    # segments, heat map, rules, CLV deciles, p(alive), holdout by frequency and tracking, churn calibration and gains
+    assert len(tables) == 9
     for table in tables:
         assert all(row["customers"] >= report["k"] for row in table["rows"])
     text = (out / "report.json").read_text() + (out / "report.html").read_text()
