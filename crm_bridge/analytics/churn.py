@@ -24,6 +24,7 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.frozen import FrozenEstimator
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
+from crm_bridge.analytics import clv
 from crm_bridge.analytics.data import DAY, Orders, Released, Requirement, figure
 from crm_bridge.analytics.errors import AnalyticsError
 from crm_bridge.analytics.privacy import Disclosure
@@ -42,7 +43,10 @@ class Window:
     churned: np.ndarray  # bool
 
 
-def window(orders: Orders, profile: np.ndarray, cutoff: int, days: int) -> Window:
+def window(orders: Orders, profile: np.ndarray, cutoff: int, days: int, *, active_only: bool = False) -> Window:
+    """Features at `cutoff` and the label after it, for the customers with an order before it (only
+    those with one in the `days` before it, when `active_only`: a customer already silent for the
+    whole churn period has churned by the definition, and predicting it again flatters the model)."""
     horizon = days * DAY
     n = orders.customers
     before = orders.ts < cutoff
@@ -58,7 +62,7 @@ def window(orders: Orders, profile: np.ndarray, cutoff: int, days: int) -> Windo
     recent_spend = np.bincount(c[recent], weights=orders.amount[recent], minlength=n)
     after = (orders.ts >= cutoff) & (orders.ts < cutoff + horizon)
     bought_after = np.bincount(c[after], minlength=n) > 0
-    idx = np.flatnonzero(known)
+    idx = np.flatnonzero(known & (recent_count > 0) if active_only else known)
     features = np.column_stack(
         [
             (cutoff - last[idx]) / DAY,
@@ -87,14 +91,29 @@ def _profile(released: Released, orders: Orders) -> tuple[np.ndarray, list[str]]
     return out, columns
 
 
-def analyse(released: Released, disclosure: Disclosure, days: int, seed: int = 0) -> dict[str, Any]:
+def bgnbd_baseline(orders: Orders, cutoff: int, days: int, customers: np.ndarray) -> dict[str, np.ndarray]:
+    """The untrained baseline: BG/NBD fitted on the orders before the cutoff (no label is used), each
+    customer scored by its expected purchases in the next `days` (fewer: riskier) and by 1 − P(alive)."""
+    s = clv.summarise(orders, cutoff)
+    known = s.T >= 0
+    bg = clv.BgNbd.fit(s.x[known], s.t_x[known], s.T[known])
+    x, t_x, T = s.x[customers], s.t_x[customers], s.T[customers]
+    return {
+        "expected_purchases": bg.expected_purchases(days / clv.WEEK_DAYS, x, t_x, T),
+        "p_alive": bg.p_alive(x, t_x, T),
+    }
+
+
+def analyse(
+    released: Released, disclosure: Disclosure, days: int, seed: int = 0, *, active_only: bool = False
+) -> dict[str, Any]:
     released.require(requirement(released))
     orders = released.orders
     profile, profile_columns = _profile(released, orders)
     test_cutoff = orders.as_of - days * DAY
     train_cutoff = test_cutoff - days * DAY
-    train = window(orders, profile, train_cutoff, days)
-    test = window(orders, profile, test_cutoff, days)
+    train = window(orders, profile, train_cutoff, days, active_only=active_only)
+    test = window(orders, profile, test_cutoff, days, active_only=active_only)
     disclosure.population("churn risk (training window)", len(train.customers))
     disclosure.population("churn risk (test window)", len(test.customers))
     for name, w in (("training", train), ("test", test)):
@@ -113,6 +132,9 @@ def analyse(released: Released, disclosure: Disclosure, days: int, seed: int = 0
     y = test.churned
     auc = roc_auc_score(y, risk)
     recency_auc = roc_auc_score(y, test.features[:, 0])
+    baseline = bgnbd_baseline(orders, test_cutoff, days, test.customers)
+    bgnbd_auc = roc_auc_score(y, -baseline["expected_purchases"])
+    p_alive_auc = roc_auc_score(y, -baseline["p_alive"])
 
     # Calibration by risk decile (equal-count bins), and cumulative gains from the riskiest decile down.
     n = len(risk)
@@ -154,6 +176,10 @@ def analyse(released: Released, disclosure: Disclosure, days: int, seed: int = 0
         "test_churn_rate": figure(y.mean()),
         "roc_auc": figure(auc),
         "recency_roc_auc": figure(recency_auc),
+        # The BG/NBD baseline on the same test customers: the model has to beat it to earn its keep.
+        "bgnbd_roc_auc": figure(bgnbd_auc),
+        "bgnbd_p_alive_roc_auc": figure(p_alive_auc),
+        "active_only": active_only,
         "brier": figure(brier_score_loss(y, risk)),
         "calibration": disclosure.table(["risk_decile", "customers", "mean_predicted", "observed_rate"], calibration),
         "gains": disclosure.table(["top_deciles", "customers", "share_targeted_pct", "share_of_churners_pct"], gains),

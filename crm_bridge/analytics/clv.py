@@ -27,7 +27,7 @@ from scipy.special import digamma, expit, gammaln, hyp2f1
 
 from crm_bridge.analytics import holdout, pareto_nbd
 from crm_bridge.analytics.data import DAY, Orders, Released, Requirement, figure, starts_of
-from crm_bridge.analytics.errors import AnalyticsError, TooFewCustomers
+from crm_bridge.analytics.errors import AnalyticsError, FitFailed, TooFewCustomers
 from crm_bridge.analytics.mle import NO_UNCERTAINTY, Uncertainty, fit
 from crm_bridge.analytics.privacy import Disclosure
 
@@ -327,6 +327,11 @@ def analyse(
     discounted = model.discounted_purchases(horizon_weeks, discount_rate, s.x, s.t_x, s.T)
     alive = model.p_alive(s.x, s.t_x, s.T)
     value = margin * discounted * gg.expected_spend(s.x, s.monetary)
+    if not (np.all(np.isfinite(purchases)) and np.all(np.isfinite(value))):
+        raise FitFailed(
+            f"customer lifetime value: the {chosen} fit is degenerate ({model.params}): it predicts no finite "
+            "purchases or value (purchase histories without drop-out, or a spend model with q <= 1)"
+        )
 
     deciles = np.minimum((np.argsort(np.argsort(value, kind="stable")) * 10) // n, 9)
     size = np.bincount(deciles, minlength=10)

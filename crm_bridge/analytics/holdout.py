@@ -87,7 +87,10 @@ def validate(orders: Orders, disclosure: Disclosure, weeks: int, *, pareto_sampl
         failures["pareto_nbd"] = str(exc)
     expected = {name: m.expected_purchases(float(weeks), cal.x, cal.t_x, cal.T) for name, m in models.items()}
     rmse = {name: float(np.sqrt(np.mean((e - actual) ** 2))) for name, e in expected.items()}
-    chosen = min(rmse, key=lambda name: rmse[name])
+    # A model whose predictions are not finite (a fit run off to the edge of its parameter space) is
+    # not chosen; BG/NBD is the default when neither is usable.
+    usable = {name: e for name, e in rmse.items() if np.isfinite(e)}
+    chosen = min(usable, key=lambda name: usable[name]) if usable else "bgnbd"
 
     group, labels = _pooled_groups(cal.x, disclosure.k)
     size = np.bincount(group, minlength=len(labels))

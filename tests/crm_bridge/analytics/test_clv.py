@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from crm_bridge.analytics import clv
+from crm_bridge.analytics import clv, pareto_nbd
 from crm_bridge.analytics.data import Released
 from crm_bridge.analytics.privacy import Disclosure
 from crm_bridge.release import ReleaseInfo
@@ -172,22 +172,18 @@ def _release(rows: list[tuple[str, int, float]]) -> Released:
     return Released(table)
 
 
-def _shoppers(n: int, seed: int) -> list[tuple[str, int, float]]:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        days = np.unique(rng.integers(0, 400, rng.integers(1, 8)))
-        spend = rng.gamma(4.0, 1 / rng.gamma(3.0, 1 / 60.0))
-        rows += [(f"did:{i}", int(d), round(float(rng.gamma(4.0, spend / 4.0)), 2)) for d in days]
-    return rows
+def _cdnow_rows() -> list[tuple[str, int, float]]:
+    """CDNOW's orders as (customer, day, amount): a purchase history BG/NBD describes well."""
+    rows = [line.split() for line in CDNOW.read_text().splitlines() if line.strip()]
+    return [(f"did:{r[1]}", _epoch(r[2]) // 86_400, float(r[4])) for r in rows]
 
 
 def test_zero_and_refunded_repeat_orders_are_left_out_of_the_spend_fit_and_counted() -> None:
     """Issue 33, item 1: 20.00 then 0.00, or 20, 30, −30, made GammaGamma.fit raise. They are now left
     out of the fit (a Gamma-distributed value is positive), counted and said so."""
-    rows = _shoppers(300, seed=3)
-    rows += [("did:free", 10, 20.0), ("did:free", 40, 0.0)]
-    rows += [("did:refund", 10, 20.0), ("did:refund", 40, 30.0), ("did:refund", 41, -30.0)]
+    rows = _cdnow_rows()
+    rows += [("did:free", 9900, 20.0), ("did:free", 9940, 0.0)]
+    rows += [("did:refund", 9900, 20.0), ("did:refund", 9940, 30.0), ("did:refund", 9941, -30.0)]
     released = _release(rows)
     section = clv.analyse(released, Disclosure(10), horizon_weeks=52)
     s = clv.summarise(released.orders)
@@ -269,3 +265,24 @@ def test_the_generators_customers_give_back_the_generators_parameters(generated:
     assert fit.alpha == pytest.approx(1 / 0.12, rel=0.2)
     assert fit.a == pytest.approx(0.9, rel=0.25)
     assert fit.b == pytest.approx(9.0, rel=0.3)
+
+
+def test_lifetime_value_takes_the_margin_and_the_discount_rate(cdnow: Released) -> None:
+    released = cdnow
+    revenue = clv.analyse(released, Disclosure(10), 52, margin=1.0, discount_rate=0.0)
+    profit = clv.analyse(released, Disclosure(10), 52, margin=0.25, discount_rate=0.0)
+    discounted = clv.analyse(released, Disclosure(10), 52, margin=1.0, discount_rate=0.2)
+    assert (profit["margin"], discounted["discount_rate"]) == (0.25, 0.2)
+    assert profit["expected_value_total"] == pytest.approx(0.25 * revenue["expected_value_total"], abs=0.02)
+    # Undiscounted, the value is expected purchases × expected spend, customer by customer.
+    s = clv.summarise(released.orders)
+    model: clv.BgNbd | pareto_nbd.ParetoNbd = clv.BgNbd.fit(s.x, s.t_x, s.T)
+    if revenue["purchase_model"] == "pareto_nbd":
+        start = tuple(revenue["holdout"]["models"]["pareto_nbd"]["parameters"].values())
+        model = pareto_nbd.ParetoNbd.fit(s.x, s.t_x, s.T, start=start)
+    spend = clv.GammaGamma.fit(s.x, s.monetary).expected_spend(s.x, s.monetary)
+    by_hand = float((model.expected_purchases(52.0, s.x, s.t_x, s.T) * spend).sum())
+    assert revenue["expected_value_total"] == pytest.approx(by_hand, rel=1e-4)
+    # A year's purchases discounted at 20 %: worth between 1/1.2 and 1/1.2^(1/52) of their face value.
+    ratio = discounted["expected_value_total"] / revenue["expected_value_total"]
+    assert 1 / 1.2 < ratio < 1.2 ** (-1 / 52)
