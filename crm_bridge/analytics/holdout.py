@@ -63,8 +63,16 @@ def holdout_weeks_for(orders: Orders, weeks: int) -> int:
     return max(1, min(weeks, span_weeks // 2))
 
 
-def validate(orders: Orders, disclosure: Disclosure, weeks: int, *, pareto_sample: int) -> dict[str, Any]:
-    """Fit both models on the calibration period and check them on the holdout (see the module)."""
+def validate(
+    orders: Orders,
+    disclosure: Disclosure,
+    weeks: int,
+    *,
+    pareto_sample: int,
+    start: tuple[float, ...] | None = None,
+) -> dict[str, Any]:
+    """Fit both models on the calibration period and check them on the holdout (see the module); BG/NBD
+    from `start` if given (the full period's fit: near the calibration optimum)."""
     weeks = holdout_weeks_for(orders, weeks)
     end = orders.as_of - int(weeks * clv.WEEK_DAYS) * DAY
     full = clv.summarise(orders, end)
@@ -79,7 +87,7 @@ def validate(orders: Orders, disclosure: Disclosure, weeks: int, *, pareto_sampl
     in_holdout = new_day & (orders.ts >= end)
     actual = np.bincount(orders.customer[in_holdout], minlength=orders.customers)[cohort].astype(np.float64)
 
-    models: dict[str, clv.BgNbd | ParetoNbd] = {"bgnbd": clv.BgNbd.fit(cal.x, cal.t_x, cal.T)}
+    models: dict[str, clv.BgNbd | ParetoNbd] = {"bgnbd": clv.BgNbd.fit(cal.x, cal.t_x, cal.T, start=start)}
     failures: dict[str, str] = {}
     try:
         models["pareto_nbd"] = ParetoNbd.fit(cal.x, cal.t_x, cal.T, sample=pareto_sample)
@@ -116,9 +124,12 @@ def validate(orders: Orders, disclosure: Disclosure, weeks: int, *, pareto_sampl
     in_cohort = cohort[orders.customer] & repeat
     week_of = (day[in_cohort] - start_day) // int(clv.WEEK_DAYS)
     weekly = np.bincount(week_of, minlength=last_week)[:last_week]
-    # Distinct repeat buyers per week (how many customers each week's figure describes).
-    buyer_week = np.unique(orders.customer[in_cohort] * (last_week + 1) + week_of)
-    buyers = np.bincount(buyer_week % (last_week + 1), minlength=last_week)[:last_week]
+    # Distinct repeat buyers per week (how many customers each week's figure describes): orders are
+    # sorted by (customer, time), so a buyer's week starts where the customer or the week changes.
+    buyer = orders.customer[in_cohort]
+    starts = np.ones(len(buyer), dtype=bool)
+    starts[1:] = (buyer[1:] != buyer[:-1]) | (week_of[1:] != week_of[:-1])
+    buyers = np.bincount(week_of[starts], minlength=last_week)[:last_week]
     first_days, first_counts = np.unique(first_day[cohort], return_counts=True)
     tracking = []
     cumulative_actual = np.cumsum(weekly)

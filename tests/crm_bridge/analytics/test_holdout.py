@@ -65,6 +65,15 @@ def test_the_holdout_check_on_cdnow_is_the_papers(cdnow_78_weeks: tuple[Released
     # Cumulative repeat purchases at the last week: every repeat purchase day in the 78 weeks.
     last = check["tracking"]["rows"][-1]
     assert last["actual"] == sum(len(ds) - 1 for ds in days.values())
+    # Each week's row counts the customers with a repeat purchase in it (week 1 starts 1997-01-01).
+    start = _epoch("19970101") // 86_400
+    for row in check["tracking"]["rows"][-5:]:
+        in_week = [
+            c
+            for c, ds in days.items()
+            if any((_epoch(d) // 86_400 - start) // 7 == row["week"] - 1 for d in sorted(ds)[1:])
+        ]
+        assert row["customers"] == len(in_week)
     # The paper's BG/NBD tracks the holdout closely (Figure 3: within a few per cent at week 78).
     assert last["bgnbd"] == pytest.approx(last["actual"], rel=0.05)
 
