@@ -7,7 +7,10 @@ before it and the label from the window after it. The model is trained at cutoff
 A scikit-learn `HistGradientBoostingClassifier` is fitted on 80 % of the training customers and its
 probabilities calibrated (isotonic) on the other 20 %. Reported: ROC AUC on the test window (and
 the AUC of recency alone, the rule of thumb it has to beat), the Brier score, a calibration table and
-the cumulative gains by risk decile.
+the cumulative gains by risk decile. Beside it, the untrained baseline a CRM analyst would reach for
+first: BG/NBD fitted on the orders before the test cutoff, its expected purchases and P(alive) as
+scores (`bgnbd_baseline`). `active_only` restricts both windows to customers with an order in the
+`days` before the cutoff.
 
 Profile attributes (age band, gender, region) are used when the release carries them, and
 only then.
