@@ -7,7 +7,10 @@ before it and the label from the window after it. The model is trained at cutoff
 A scikit-learn `HistGradientBoostingClassifier` is fitted on 80 % of the training customers and its
 probabilities calibrated (isotonic) on the other 20 %. Reported: ROC AUC on the test window (and
 the AUC of recency alone, the rule of thumb it has to beat), the Brier score, a calibration table and
-the cumulative gains by risk decile.
+the cumulative gains by risk decile. Beside it, the untrained baseline a CRM analyst would reach for
+first: BG/NBD fitted on the orders before the test cutoff, its expected purchases and P(alive) as
+scores (`bgnbd_baseline`). `active_only` restricts both windows to customers with an order in the
+`days` before the cutoff.
 
 Profile attributes (age band, gender, region) are used when the release carries them, and
 only then.
@@ -24,7 +27,7 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.frozen import FrozenEstimator
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
-from crm_bridge.analytics import privacy
+from crm_bridge.analytics import clv, privacy
 from crm_bridge.analytics.data import DAY, Orders, Released, Requirement, figure
 from crm_bridge.analytics.errors import AnalyticsError
 from crm_bridge.analytics.privacy import Disclosure, Table
@@ -43,7 +46,10 @@ class Window:
     churned: np.ndarray  # bool
 
 
-def window(orders: Orders, profile: np.ndarray, cutoff: int, days: int) -> Window:
+def window(orders: Orders, profile: np.ndarray, cutoff: int, days: int, *, active_only: bool = False) -> Window:
+    """Features at `cutoff` and the label after it, for the customers with an order before it (only
+    those with one in the `days` before it, when `active_only`: a customer already silent for the
+    whole churn period has churned by the definition, and predicting it again flatters the model)."""
     horizon = days * DAY
     n = orders.customers
     before = orders.ts < cutoff
@@ -59,7 +65,7 @@ def window(orders: Orders, profile: np.ndarray, cutoff: int, days: int) -> Windo
     recent_spend = np.bincount(c[recent], weights=orders.amount[recent], minlength=n)
     after = (orders.ts >= cutoff) & (orders.ts < cutoff + horizon)
     bought_after = np.bincount(c[after], minlength=n) > 0
-    idx = np.flatnonzero(known)
+    idx = np.flatnonzero(known & (recent_count > 0) if active_only else known)
     features = np.column_stack(
         [
             (cutoff - last[idx]) / DAY,
@@ -88,14 +94,29 @@ def _profile(released: Released, orders: Orders) -> tuple[np.ndarray, list[str]]
     return out, columns
 
 
-def analyse(released: Released, disclosure: Disclosure, days: int, seed: int = 0) -> dict[str, Any]:
+def bgnbd_baseline(orders: Orders, cutoff: int, days: int, customers: np.ndarray) -> dict[str, np.ndarray]:
+    """The untrained baseline: BG/NBD fitted on the orders before the cutoff (no label is used), each
+    customer scored by its expected purchases in the next `days` (fewer: riskier) and by 1 − P(alive)."""
+    s = clv.summarise(orders, cutoff)
+    known = s.T >= 0
+    bg = clv.BgNbd.fit(s.x[known], s.t_x[known], s.T[known])
+    x, t_x, T = s.x[customers], s.t_x[customers], s.T[customers]
+    return {
+        "expected_purchases": bg.expected_purchases(days / clv.WEEK_DAYS, x, t_x, T),
+        "p_alive": bg.p_alive(x, t_x, T),
+    }
+
+
+def analyse(
+    released: Released, disclosure: Disclosure, days: int, seed: int = 0, *, active_only: bool = False
+) -> dict[str, Any]:
     released.require(requirement(released))
     orders = released.orders
     profile, profile_columns = _profile(released, orders)
     test_cutoff = orders.as_of - days * DAY
     train_cutoff = test_cutoff - days * DAY
-    train = window(orders, profile, train_cutoff, days)
-    test = window(orders, profile, test_cutoff, days)
+    train = window(orders, profile, train_cutoff, days, active_only=active_only)
+    test = window(orders, profile, test_cutoff, days, active_only=active_only)
     disclosure.population("churn risk (training window)", len(train.customers))
     disclosure.population("churn risk (test window)", len(test.customers))
     for name, w in (("training", train), ("test", test)):
@@ -114,6 +135,16 @@ def analyse(released: Released, disclosure: Disclosure, days: int, seed: int = 0
     y = test.churned
     auc = roc_auc_score(y, risk)
     recency_auc = roc_auc_score(y, test.features[:, 0])
+    bgnbd_auc = p_alive_auc = None
+    baseline_error = None
+    try:
+        baseline = bgnbd_baseline(orders, test_cutoff, days, test.customers)
+        if not all(np.all(np.isfinite(score)) for score in baseline.values()):
+            raise AnalyticsError("its fit is degenerate on these orders (it scores no finite value)")
+        bgnbd_auc = figure(roc_auc_score(y, -baseline["expected_purchases"]))
+        p_alive_auc = figure(roc_auc_score(y, -baseline["p_alive"]))
+    except AnalyticsError as exc:  # the comparison is missing; the churn model stands on its own
+        baseline_error = f"BG/NBD baseline: {exc}"
 
     calibration, gains = tables(disclosure, risk, y)
     return {
@@ -127,6 +158,11 @@ def analyse(released: Released, disclosure: Disclosure, days: int, seed: int = 0
         "test_churn_rate": figure(y.mean()),
         "roc_auc": figure(auc),
         "recency_roc_auc": figure(recency_auc),
+        # The BG/NBD baseline on the same test customers: the model has to beat it to earn its keep.
+        "bgnbd_roc_auc": bgnbd_auc,
+        "bgnbd_p_alive_roc_auc": p_alive_auc,
+        "bgnbd_baseline_error": baseline_error,
+        "active_only": active_only,
         "brier": figure(brier_score_loss(y, risk)),
         "calibration": calibration,
         "gains": gains,

@@ -42,8 +42,12 @@ def build(released: Released, settings: AnalyticsSettings, disclosure: Disclosur
         "rules": lambda: rules.analyse(
             released, disclosure, min_support=settings.min_support, sample=settings.rules_sample
         ),
-        "clv": lambda: clv.analyse(released, disclosure, settings.horizon_weeks),
-        "churn": lambda: churn.analyse(released, disclosure, settings.churn_days),
+        "clv": lambda: clv.analyse(
+            released, disclosure, settings.horizon_weeks, margin=settings.margin, discount_rate=settings.discount_rate
+        ),
+        "churn": lambda: churn.analyse(
+            released, disclosure, settings.churn_days, active_only=settings.churn_active_only
+        ),
     }
     report: dict[str, Any] = {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -221,6 +225,30 @@ def plots(report: dict[str, Any]) -> dict[str, str]:
         ax.set_ylabel(f"mean value, next {report['clv']['horizon_weeks']} weeks")
         ax.set_title("Customer lifetime value by decile")
         out["clv"] = svg(fig)
+
+    holdout = report.get("clv", {}).get("holdout", {})
+    if holdout.get("by_frequency", {}).get("rows"):
+        rows, tracking = holdout["by_frequency"]["rows"], holdout["tracking"]["rows"]
+        names = {"bgnbd": "BG/NBD", "pareto_nbd": "Pareto/NBD"}
+        fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.4))
+        groups = [r["calibration_purchases"] for r in rows]
+        left.plot(groups, [r["actual_mean"] for r in rows], marker="o", color="#1a202c", label="actual")
+        for name in holdout["models"]:
+            left.plot(groups, [r[f"{name}_mean"] for r in rows], marker=".", linestyle="--", label=names[name])
+        left.set_xlabel("purchases in the calibration period")
+        left.set_ylabel(f"mean purchases, next {holdout['holdout_weeks']} weeks")
+        left.set_title("Holdout: actual and expected")
+        left.legend()
+        weeks = [t["week"] for t in tracking]
+        right.plot(weeks, [t["actual"] for t in tracking], color="#1a202c", label="actual")
+        for name in holdout["models"]:
+            right.plot(weeks, [t[name] for t in tracking], linestyle="--", label=names[name])
+        right.axvline(holdout["calibration_end_week"], color="#666", linewidth=0.8)
+        right.set_xlabel("week")
+        right.set_ylabel("cumulative repeat purchases")
+        right.set_title("Tracking (line: end of calibration)")
+        right.legend()
+        out["holdout"] = svg(fig)
 
     if "churn" in report and report["churn"]["gains"]["rows"]:
         gains = report["churn"]["gains"]["rows"]

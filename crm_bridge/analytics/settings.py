@@ -43,6 +43,23 @@ class AnalyticsSettings(BaseSettings):
             raise ValueError(f"unknown time zone {value!r} (an IANA name such as Europe/Berlin)") from exc
         return value
 
+    margin: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="Share of revenue that is profit: lifetime value is margin times expected revenue (1: revenue).",
+    )
+    discount_rate: float = Field(
+        default=0.1,
+        ge=0,
+        lt=1,
+        description="Annual rate at which future value is discounted to today (each week's purchases).",
+    )
+    churn_active_only: bool = Field(
+        default=False,
+        description="Churn risk only for customers active at the cutoff (an order in the churn_days before it).",
+    )
+
 
 @lru_cache
 def get_settings() -> AnalyticsSettings:

@@ -4,12 +4,13 @@ simulated from the models with known parameters."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal, getcontext
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from crm_bridge.analytics import clv
+from crm_bridge.analytics import clv, pareto_nbd
 from crm_bridge.analytics.data import Released
 from crm_bridge.analytics.privacy import Disclosure
 from crm_bridge.release import ReleaseInfo
@@ -63,6 +64,16 @@ def test_bgnbd_on_cdnow_matches_fader_hardie_lee_2005(cdnow: Released) -> None:
     assert round(fit.log_likelihood, 1) == -9582.4
 
 
+def test_bgnbd_standard_errors_on_cdnow_are_lifetimes_published_ones(cdnow: Released) -> None:
+    """The inverse Hessian at the optimum: lifetimes' documented CDNOW summary (BetaGeoFitter,
+    numdifftools' Hessian) gives se 0.012557, 0.378221, 0.185719, 0.705345 for r, α, a, b."""
+    s = clv.summarise(cdnow.orders)
+    fit = clv.BgNbd.fit(s.x, s.t_x, s.T)
+    assert fit.uncertainty.se == pytest.approx((0.012557, 0.378221, 0.185719, 0.705345), rel=2e-3)
+    for value, low, high in zip(fit.params, fit.uncertainty.low, fit.uncertainty.high, strict=True):
+        assert 0 < low < value < high
+
+
 def test_bgnbd_conditional_expectation_is_the_papers_worked_example() -> None:
     published = clv.BgNbd(r=0.243, alpha=4.414, a=0.793, b=2.426, log_likelihood=0.0, customers=0)
     # FHL 2005: a customer with x = 2, t_x = 30.43, T = 38.86 is expected to make 1.226 purchases in 39 weeks.
@@ -72,6 +83,52 @@ def test_bgnbd_conditional_expectation_is_the_papers_worked_example() -> None:
     alive = published.p_alive(np.array([0.0, 2.0, 2.0]), np.array([0.0, 30.43, 5.0]), np.array([38.86] * 3))
     assert alive[0] == 1.0
     assert 0 < alive[2] < alive[1] < 1  # last seen long ago: less likely alive
+
+
+def _expected_purchases_by_the_series(
+    params: tuple[float, float, float, float], t: float, x: float, t_x: float, T: float
+) -> float:
+    """FHL 2005 eq. 10 as printed, its 2F1 summed term by term in 60-digit decimal arithmetic (no
+    overflow at e^±2000; mpmath is not installed, and the stdlib's Decimal is independent of scipy)."""
+    getcontext().prec = 60
+    r, alpha, a, b, t_, x_, tx, T_ = (Decimal(repr(float(v))) for v in (*params, t, x, t_x, T))
+    A, B, C, z = r + x_, b + x_, a + b + x_ - 1, t_ / (alpha + T_ + t_)
+    term = total = Decimal(1)
+    n = 0
+    while n < 10 or term > total * Decimal(10) ** -55:
+        term = term * (A + n) * (B + n) / ((C + n) * (n + 1)) * z
+        total += term
+        n += 1
+    core = 1 - ((alpha + T_) / (alpha + T_ + t_)) ** A * total
+    ratio = a / (b + x_ - 1) * ((alpha + T_) / (alpha + tx)) ** (r + x_) if x > 0 else Decimal(0)
+    return float((a + b + x_ - 1) / (a - 1) * core / (1 + ratio))
+
+
+def test_expected_purchases_stay_exact_for_heavy_buyers() -> None:
+    """Issue 33, item 7: x = 3,000 repeat purchase days, 104 weeks ahead gave 0 (the hypergeometric
+    term overflowed); the series summed exactly gives 1,246.1 for a customer four years old."""
+    params = (0.243, 4.414, 0.793, 2.426)
+    published = clv.BgNbd(*params, log_likelihood=0.0, customers=0)
+    cases = [(104.0, 3000.0, 208.0, 208.0), (104.0, 3000.0, 207.0, 208.0), (52.0, 800.0, 150.0, 156.0),
+             (39.0, 2.0, 30.43, 38.86), (39.0, 0.0, 0.0, 20.0), (104.0, 40.0, 100.0, 104.0)]  # fmt: skip
+    x, t_x, T = (np.array([c[i] for c in cases]) for i in (1, 2, 3))
+    for t in sorted({c[0] for c in cases}):
+        got = published.expected_purchases(t, x, t_x, T)
+        for i, case in enumerate(cases):
+            if case[0] == t:
+                assert got[i] == pytest.approx(_expected_purchases_by_the_series(params, *case), rel=1e-9)
+    assert published.expected_purchases(104.0, x[:1], t_x[:1], T[:1])[0] == pytest.approx(1246.126, abs=1e-3)
+
+
+def test_discounting_at_zero_is_the_expected_purchases_and_lowers_them_otherwise() -> None:
+    published = clv.BgNbd(0.243, 4.414, 0.793, 2.426, log_likelihood=0.0, customers=0)
+    x, t_x, T = np.array([0.0, 2.0, 3000.0]), np.array([0.0, 30.43, 208.0]), np.array([20.0, 38.86, 208.0])
+    undiscounted = published.expected_purchases(52.0, x, t_x, T)
+    assert published.discounted_purchases(52, 0.0, x, t_x, T) == pytest.approx(undiscounted, rel=1e-12)
+    discounted = published.discounted_purchases(52, 0.1, x, t_x, T)
+    # Every week's purchases are discounted by between 1/1.1^(1/52) and 1/1.1.
+    assert np.all(discounted < undiscounted * 1.1 ** (-1 / 52))
+    assert np.all(discounted > undiscounted / 1.1)
 
 
 def test_gamma_gamma_on_cdnow_matches_fader_hardie_lee(cdnow: Released) -> None:
@@ -84,6 +141,7 @@ def test_gamma_gamma_on_cdnow_matches_fader_hardie_lee(cdnow: Released) -> None:
     assert round(fit.q, 2) == 3.74
     assert round(fit.gamma, 2) == 15.44
     assert fit.customers == 946
+    assert not fit.degenerate
 
 
 def test_the_report_section_carries_the_fitted_figures(cdnow: Released) -> None:
@@ -94,6 +152,71 @@ def test_the_report_section_carries_the_fitted_figures(cdnow: Released) -> None:
     assert sum(row["customers"] for row in section["distribution"]["rows"]) == 2357
     assert sum(row["customers"] for row in section["p_alive"]["rows"]) + 0 <= 2357
     assert all(row["customers"] >= 10 for row in section["p_alive"]["rows"])
+
+
+def _release(rows: list[tuple[str, int, float]]) -> Released:
+    """(customer, day, amount) orders as a released table."""
+    info = ReleaseInfo(
+        partner="0x" + "00" * 20,
+        purpose="analytics.reporting",
+        request_id="0x" + "00" * 32,
+        columns={"order_ts": PURCHASES, "amount": PURCHASES},
+    )
+    table = pa.table(
+        {
+            "did": [r[0] for r in rows],
+            "order_ts": pa.array([r[1] * 86_400 for r in rows]).cast(pa.timestamp("s", tz="UTC")),
+            "amount": [r[2] for r in rows],
+        }
+    ).replace_schema_metadata(info.metadata())
+    return Released(table)
+
+
+def _cdnow_rows() -> list[tuple[str, int, float]]:
+    """CDNOW's orders as (customer, day, amount): a purchase history BG/NBD describes well."""
+    rows = [line.split() for line in CDNOW.read_text().splitlines() if line.strip()]
+    return [(f"did:{r[1]}", _epoch(r[2]) // 86_400, float(r[4])) for r in rows]
+
+
+def test_zero_and_refunded_repeat_orders_are_left_out_of_the_spend_fit_and_counted() -> None:
+    """Issue 33, item 1: 20.00 then 0.00, or 20, 30, −30, made GammaGamma.fit raise. They are now left
+    out of the fit (a Gamma-distributed value is positive), counted and said so."""
+    rows = _cdnow_rows()
+    rows += [("did:free", 9900, 20.0), ("did:free", 9940, 0.0)]
+    rows += [("did:refund", 9900, 20.0), ("did:refund", 9940, 30.0), ("did:refund", 9941, -30.0)]
+    released = _release(rows)
+    section = clv.analyse(released, Disclosure(10), horizon_weeks=52)
+    s = clv.summarise(released.orders)
+    positive = (s.x > 0) & (s.monetary > 0)
+    # The free order counts as a purchase worth 0 (mean repeat spend 0: left out of the fit); the refund
+    # is netted into the order it returns, which then is no purchase (data preparation): that customer
+    # has no repeat purchase left to fit.
+    assert section["gamma_gamma"]["excluded_customers"] == 1
+    assert section["gamma_gamma"]["customers"] == int(positive.sum())
+    # The fit is the one on the customers with a positive mean alone.
+    alone = clv.GammaGamma.fit(s.x[positive], s.monetary[positive])
+    assert section["gamma_gamma"]["p"] == round(alone.p, 4 - len(str(int(alone.p))))
+    # The free-order customer's spend is the model's for a mean of 0: positive, below the population
+    # mean; the refunded one has no repeat purchase left, and gets the population mean.
+    dids = released.orders.dids.to_pylist()
+    free, refund = dids.index("did:free"), dids.index("did:refund")
+    gg = clv.GammaGamma.fit(s.x, s.monetary)
+    assert 0 < gg.expected_spend(s.x[free : free + 1], s.monetary[free : free + 1])[0] < gg.mean_spend()
+    assert s.x[refund] == 0
+    assert gg.expected_spend(s.x[refund : refund + 1], s.monetary[refund : refund + 1])[0] == gg.mean_spend()
+
+
+def test_a_gamma_gamma_fit_without_spend_variation_is_flagged_degenerate() -> None:
+    """Issue 33, item 8: spend that hardly varies within customers sends p to the hundreds of
+    thousands (952,300 in the issue); the fit says so instead of being shown as a model."""
+    rng = np.random.default_rng(4)
+    x = rng.integers(1, 6, 2_000).astype(np.float64)
+    m = np.full(2_000, 25.0) * rng.choice([1.0, 1.0001], 2_000)  # everyone spends the same per order
+    fit = clv.GammaGamma.fit(x, m)
+    assert fit.degenerate
+    assert max(fit.p, fit.q) > clv.GammaGamma.DEGENERATE
+    healthy = clv.GammaGamma.fit(np.array([1.0, 2.0, 3.0] * 200), rng.gamma(4.0, 10.0, 600))
+    assert not healthy.degenerate
 
 
 def _simulate_bgnbd(n: int, r: float, alpha: float, a: float, b: float, seed: int) -> tuple[np.ndarray, ...]:
@@ -149,3 +272,24 @@ def test_the_generators_customers_give_back_the_generators_parameters(generated:
     assert fit.alpha == pytest.approx(1 / 0.12, rel=0.2)
     assert fit.a == pytest.approx(0.9, rel=0.25)
     assert fit.b == pytest.approx(9.0, rel=0.3)
+
+
+def test_lifetime_value_takes_the_margin_and_the_discount_rate(cdnow: Released) -> None:
+    released = cdnow
+    revenue = clv.analyse(released, Disclosure(10), 52, margin=1.0, discount_rate=0.0)
+    profit = clv.analyse(released, Disclosure(10), 52, margin=0.25, discount_rate=0.0)
+    discounted = clv.analyse(released, Disclosure(10), 52, margin=1.0, discount_rate=0.2)
+    assert (profit["margin"], discounted["discount_rate"]) == (0.25, 0.2)
+    assert profit["expected_value_total"] == pytest.approx(0.25 * revenue["expected_value_total"], abs=0.02)
+    # Undiscounted, the value is expected purchases × expected spend, customer by customer.
+    s = clv.summarise(released.orders)
+    model: clv.BgNbd | pareto_nbd.ParetoNbd = clv.BgNbd.fit(s.x, s.t_x, s.T)
+    if revenue["purchase_model"] == "pareto_nbd":
+        start = tuple(revenue["holdout"]["models"]["pareto_nbd"]["parameters"].values())
+        model = pareto_nbd.ParetoNbd.fit(s.x, s.t_x, s.T, start=start)
+    spend = clv.GammaGamma.fit(s.x, s.monetary).expected_spend(s.x, s.monetary)
+    by_hand = float((model.expected_purchases(52.0, s.x, s.t_x, s.T) * spend).sum())
+    assert revenue["expected_value_total"] == pytest.approx(by_hand, rel=1e-4)
+    # A year's purchases discounted at 20 %: worth between 1/1.2 and 1/1.2^(1/52) of their face value.
+    ratio = discounted["expected_value_total"] / revenue["expected_value_total"]
+    assert 1 / 1.2 < ratio < 1.2 ** (-1 / 52)

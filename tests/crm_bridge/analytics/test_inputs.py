@@ -287,7 +287,7 @@ def test_a_zero_value_or_refunded_repeat_order_costs_no_other_method(generated: 
 
 
 def test_any_failure_of_one_method_is_reported_and_the_others_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(*_args: Any) -> dict[str, Any]:
+    def broken(*_args: Any, **_settings: Any) -> dict[str, Any]:
         raise ZeroDivisionError("float division by zero")
 
     monkeypatch.setattr(clv, "analyse", broken)

@@ -71,7 +71,8 @@ def test_no_output_row_describes_fewer_than_k_customers_or_names_one(
 ) -> None:
     report, out = written
     tables = _tables(report)
-    assert len(tables) == 7  # segments, heat map, rules, CLV deciles, p(alive), churn calibration and gains
+    # segments, heat map, rules, CLV deciles, p(alive), holdout by frequency and tracking, churn calibration and gains
+    assert len(tables) == 9
     for table in tables:
         assert all(row["customers"] >= report["k"] for row in table["rows"])
     text = (out / "report.json").read_text() + (out / "report.html").read_text()
@@ -82,7 +83,7 @@ def test_no_output_row_describes_fewer_than_k_customers_or_names_one(
 def test_the_html_shows_the_jsons_numbers_and_its_plots(written: tuple[dict[str, Any], Path]) -> None:
     report, out = written
     html = (out / "report.html").read_text()
-    assert html.count("<svg") == 5  # segments, RFM heat map, rules, CLV, churn
+    assert html.count("<svg") == 6  # segments, RFM heat map, rules, CLV, holdout check, churn
     for caption in ("Customers per RFM segment", "RFM heat map", "Top association rules", "lifetime value", "gains"):
         assert re.search(f"<figcaption>[^<]*{caption}", html), caption
     text = re.sub(r"<svg.*?</svg>", "", html, flags=re.S)
