@@ -14,13 +14,13 @@ from typing import Any
 import numpy as np
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from crm_bridge.analytics import churn, clv, rfm, rules
+from crm_bridge.analytics import chaid, churn, clusters, clv, rfm, rules
 from crm_bridge.analytics.data import Released
 from crm_bridge.analytics.errors import AnalyticsError, ConsentMissing
 from crm_bridge.analytics.privacy import Disclosure
 from crm_bridge.analytics.settings import AnalyticsSettings
 
-METHODS = ("rfm", "rules", "clv", "churn")
+METHODS = ("rfm", "rules", "clv", "churn", "clusters", "chaid")
 
 
 def build(released: Released, settings: AnalyticsSettings) -> dict[str, Any]:
@@ -33,6 +33,9 @@ def build(released: Released, settings: AnalyticsSettings) -> dict[str, Any]:
         ),
         "clv": lambda: clv.analyse(released, disclosure, settings.horizon_weeks),
         "churn": lambda: churn.analyse(released, disclosure, settings.churn_days),
+        # Segmentation beside RFM: clusters (k-means, k by silhouette) and a CHAID tree of lapse.
+        "clusters": lambda: clusters.analyse(released, disclosure),
+        "chaid": lambda: chaid.analyse(released, disclosure, settings.churn_days),
     }
     report: dict[str, Any] = {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 from scipy.stats import chi2, chi2_contingency
 
-from crm_bridge.analytics import chaid
+from crm_bridge.analytics import chaid, clusters
 from crm_bridge.analytics.data import DAY, DEMOGRAPHIC, LOCATION, Released
 from crm_bridge.analytics.errors import ConsentMissing
 from crm_bridge.analytics.privacy import Disclosure
@@ -98,3 +98,64 @@ def test_chaid_needs_a_released_profile_attribute() -> None:
     with pytest.raises(ConsentMissing) as missing:
         chaid.analyse(bare, Disclosure(10), 90)
     assert missing.value.attributes == [DEMOGRAPHIC, LOCATION]
+
+
+def _three_groups(sizes: tuple[int, int, int] = (40, 60, 80)) -> Released:
+    """Three kinds of customer, alike within a kind: one 10.00 order 600 days ago (age band 65+);
+    twenty 100.00 orders, the last a day ago (18-24); five 40.00 orders, the last 100 days ago
+    (35-44). Gender (present, not released) differs by kind too."""
+    rows: list[tuple[str, int, float, str, str]] = []
+    kinds = [(1, 600, 10.0, "65+", "x"), (20, 1, 100.0, "18-24", "y"), (5, 100, 40.0, "35-44", "z")]
+    for kind, (size, (orders, last_ago, amount, band, gender)) in enumerate(zip(sizes, kinds, strict=True)):
+        for i in range(size):
+            for o in range(orders):
+                rows.append((f"did:{kind}-{i}", 700 - last_ago - 10 * o, amount, band, gender))
+    info = ReleaseInfo(
+        partner="0x" + "00" * 20,
+        purpose="analytics.reporting",
+        request_id="0x" + "00" * 32,
+        columns={"order_ts": PURCHASES, "amount": PURCHASES, "age_band": DEMOGRAPHIC},
+    )
+    table = pa.table(
+        {
+            "did": [r[0] for r in rows],
+            "order_ts": pa.array([r[1] * DAY for r in rows]).cast(pa.timestamp("s", tz="UTC")),
+            "amount": [r[2] for r in rows],
+            "age_band": [r[3] for r in rows],
+            "gender": [r[4] for r in rows],
+        }
+    ).replace_schema_metadata(info.metadata())
+    return Released(table, as_of=700 * DAY)
+
+
+def test_clusters_find_the_kinds_of_customer_and_describe_them_by_their_centres() -> None:
+    section = clusters.analyse(_three_groups(), Disclosure(10))
+    assert section["features"] == ["recency_days", "orders", "mean_order_value", "age_band"]  # not gender
+    assert section["criterion"] == "silhouette"
+    assert section["k"] == 3
+    assert section["silhouette"] == 1.0  # customers alike within a kind: a perfect clustering
+    assert max(t["silhouette"] for t in section["tried"]) == 1.0
+    rows = {r["customers"]: r for r in section["clusters"]["rows"]}
+    assert sorted(rows) == [40, 60, 80]
+    assert (rows[40]["recency_days"], rows[40]["orders"], rows[40]["mean_order_value"]) == (600, 1, 10)
+    assert (rows[60]["recency_days"], rows[60]["orders"], rows[60]["mean_order_value"]) == (1, 20, 100)
+    assert (rows[80]["recency_days"], rows[80]["orders"], rows[80]["mean_order_value"]) == (100, 5, 40)
+    assert rows[40]["age_band"] == "65+ (100 %)"
+    # Named by what sets each apart.
+    assert "lapsing" in rows[40]["cluster"]
+    assert "age band 65+" in rows[40]["cluster"]
+    assert "frequent" in rows[60]["cluster"]
+    assert "big baskets" in rows[60]["cluster"]
+    assert len({r["cluster"] for r in rows.values()}) == 3
+
+
+def test_clusters_are_never_smaller_than_k() -> None:
+    # k = 50: three clusters would show the 40 customers of the first kind: they are merged into
+    # their nearest (the 80 five-order customers: 1 order of 10.00 is nearer 5 of 40.00 than 20 of 100.00).
+    section = clusters.analyse(_three_groups(), Disclosure(50))
+    assert section["k"] == 2
+    assert [t["merged_below_k"] for t in section["tried"] if t["k"] == 3] == [1]
+    assert sorted(r["customers"] for r in section["clusters"]["rows"]) == [60, 120]
+    assert all(r["customers"] >= 50 for r in section["clusters"]["rows"])
+    assert sum(r["customers"] for r in section["clusters"]["rows"]) == 180
+    assert section["clusters"]["suppressed_rows"] == 0
