@@ -155,6 +155,7 @@ def analyse(
     )
     # Count every node on all customers; a split with a child below k is not shown.
     codes = {c: profile[c].to_numpy() for c in profile.columns}
+    levels = {c: sorted(set(codes[c].tolist())) for c in profile.columns}
     mask: dict[int, np.ndarray] = {}
     for node in nodes:
         if node.parent is None:
@@ -180,7 +181,7 @@ def analyse(
             {
                 "node": node.node,
                 "parent": "" if node.parent is None else node.parent,
-                "segment": name(node),
+                "segment": name(node, levels),
                 "customers": size,
                 "share_pct": figure(100 * size / n, 3),
                 "lapsed_pct": figure(100 * outcome[mask[node.node]].mean(), 3),
@@ -199,8 +200,16 @@ def analyse(
     }
 
 
-def name(node: Node) -> str:
-    """A node named by what defines it: its attribute values from the root down."""
+def name(node: Node, levels: dict[str, list[str]]) -> str:
+    """A node named by what defines it: its attribute values from the root down (as what it is not,
+    when that is shorter: "region not Wales")."""
     if not node.path:
         return "all customers"
-    return "; ".join(f"{a} = {' or '.join(v)}" for a, v in node.path)
+    parts = []
+    for attribute, values in node.path:
+        others = [v for v in levels[attribute] if v not in values]
+        if len(others) < len(values):
+            parts.append(f"{attribute} not {' or '.join(others)}")
+        else:
+            parts.append(f"{attribute} = {' or '.join(values)}")
+    return "; ".join(parts)

@@ -78,6 +78,13 @@ def test_chaid_splits_by_the_attribute_that_matters_with_kass_adjusted_p() -> No
     assert all(c["split_by"] == "" for c in children)  # regions lapse alike: no further split
 
 
+def test_a_chaid_node_is_named_by_what_it_is_or_shorter_what_it_is_not() -> None:
+    levels = {"region": ["London", "Wales", "Yorkshire"], "age_band": ["a", "b", "c", "d"]}
+    node = chaid.Node(3, 1, [("age_band", ["a", "b"]), ("region", ["London", "Yorkshire"])])
+    assert chaid.name(node, levels) == "age_band = a or b; region not Wales"
+    assert chaid.name(chaid.Node(0, None, []), levels) == "all customers"
+
+
 def test_chaid_uses_gender_only_when_the_release_carries_it() -> None:
     rows = chaid.analyse(_lapse_release(with_gender_consent=True), Disclosure(10), 90)["tree"]["rows"]
     assert rows[0]["split_by"] == "gender"
