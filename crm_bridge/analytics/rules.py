@@ -18,6 +18,7 @@ until no border itemset is frequent, which makes the collection exactly the freq
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import combinations
 from math import log, sqrt
 from typing import Any
@@ -28,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from mlxtend.frequent_patterns import association_rules, fpgrowth
 
-from crm_bridge.analytics.data import Released, Requirement, figure
+from crm_bridge.analytics.data import Released, Requirement, figure, starts_of
 from crm_bridge.analytics.privacy import Disclosure
 
 RULE_COLUMNS = ["antecedents", "consequents", "support", "confidence", "lift", "baskets", "customers"]
@@ -71,12 +72,17 @@ def baskets(released: Released) -> Baskets:
     lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
     row = np.repeat(np.arange(len(lengths)), lengths)
     code = encoded.indices.to_numpy(zero_copy_only=False)
-    keep = np.array([bool(n) for n in names], dtype=bool)[code] if len(code) else np.zeros(0, dtype=bool)
-    distinct = np.zeros((len(lengths) + 1, len(names)), dtype=bool)  # + the empty basket (a null cell)
-    distinct[row[keep], code[keep]] = True
+    # Columns in product-name order, filled in place (no reordering copy of a large matrix).
     order = sorted((i for i, n in enumerate(names) if n), key=lambda i: names[i])
+    column = np.full(len(names), -1, np.int64)
+    column[order] = np.arange(len(order))
+    col = column[code] if len(code) else np.zeros(0, np.int64)
+    keep = col >= 0
+    # + the empty basket (a null cell). Column-major: counting reads a product's column at a time.
+    distinct = np.zeros((len(lengths) + 1, len(order)), dtype=bool, order="F")
+    distinct[row[keep], col[keep]] = True
     of_order = np.where(of_order < 0, len(lengths), of_order)
-    return Baskets(distinct[:, order], of_order, [names[i] for i in order])
+    return Baskets(distinct, of_order, [names[i] for i in order])
 
 
 class Counter:
@@ -84,15 +90,34 @@ class Counter:
     itemset's count is the orders of the distinct baskets holding all its products."""
 
     def __init__(self, found: Baskets) -> None:
+        self.found = found
         self.distinct = found.distinct
         self.weight = np.bincount(found.of_order, minlength=len(found.distinct))
         self.rows = [np.flatnonzero(found.distinct[:, j]) for j in range(found.distinct.shape[1])]
 
-    def count(self, itemset: tuple[int, ...]) -> int:
+    def holding(self, itemset: tuple[int, ...]) -> np.ndarray:
+        """The distinct baskets that hold every product of `itemset`."""
         rows = min((self.rows[j] for j in itemset), key=len)
         for j in itemset:
             rows = rows[self.distinct[rows, j]]
-        return int(self.weight[rows].sum())
+        return rows
+
+    def count(self, itemset: tuple[int, ...]) -> int:
+        return int(self.weight[self.holding(itemset)].sum())
+
+    @cached_property
+    def _by_basket(self) -> tuple[np.ndarray, np.ndarray]:
+        """The orders grouped by distinct basket, and where each basket's group starts."""
+        return np.argsort(self.found.of_order, kind="stable"), starts_of(self.weight)
+
+    def orders(self, itemset: tuple[int, ...]) -> np.ndarray:
+        """The orders whose basket holds every product of `itemset` (work in their number, not all orders)."""
+        by_basket, start = self._by_basket
+        rows = self.holding(itemset)
+        sizes = self.weight[rows]
+        offsets = np.repeat(start[rows] - (np.cumsum(sizes) - sizes), sizes)
+        picked: np.ndarray = by_basket[offsets + np.arange(int(sizes.sum()))]
+        return picked
 
 
 def negative_border(frequent: set[tuple[int, ...]], products: int, max_len: int) -> set[tuple[int, ...]]:
@@ -121,7 +146,9 @@ class Mined:
     passes: int  # counting passes over all baskets (1 unless the border showed a miss)
 
 
-def frequent_itemsets(found: Baskets, min_support: float, sample: int, seed: int = 0) -> Mined:
+def frequent_itemsets(
+    found: Baskets, min_support: float, sample: int, seed: int = 0, counter: Counter | None = None
+) -> Mined:
     """The itemsets whose support on ALL orders reaches `min_support`, with their exact counts."""
     n = len(found.of_order)
     need = int(np.ceil(min_support * n - 1e-9))  # the smallest count that reaches min_support
@@ -137,7 +164,7 @@ def frequent_itemsets(found: Baskets, min_support: float, sample: int, seed: int
     lowered = max(min_support - sqrt(log(1 / MISS_PROBABILITY) / (2 * sample)), min_support / 2)
     sets = fpgrowth(frame, min_support=lowered, max_len=MAX_LEN)
     del frame
-    counter = Counter(found)
+    counter = counter or Counter(found)
     candidates = {tuple(sorted(s)) for s in sets["itemsets"]}
     counts = {s: counter.count(s) for s in candidates}
     border = negative_border(candidates, found.distinct.shape[1], MAX_LEN)
@@ -170,7 +197,8 @@ def analyse(
     disclosure.population("association rules", orders.customers)
     found_baskets = baskets(released)
     n = len(found_baskets.of_order)
-    mined = frequent_itemsets(found_baskets, min_support, sample, seed)
+    counter = Counter(found_baskets)
+    mined = frequent_itemsets(found_baskets, min_support, sample, seed, counter)
     rows: list[dict[str, Any]] = []
     if any(len(s) > 1 for s in mined.support):
         names = found_baskets.products
@@ -183,9 +211,7 @@ def analyse(
         found = association_rules(itemsets, num_itemsets=n, metric="confidence", min_threshold=min_confidence)
         found = found.sort_values(["lift", "support"], ascending=False, kind="stable").head(top * 3)
         for antecedents, consequents in zip(found["antecedents"], found["consequents"], strict=True):
-            rows.append(
-                _exact(found_baskets, orders.customer, orders.customers, sorted(antecedents), sorted(consequents))
-            )
+            rows.append(_exact(counter, mined.support, orders.customer, sorted(antecedents), sorted(consequents)))
     rows.sort(key=lambda r: (-r["lift"], -r["support"], r["antecedents"], r["consequents"]))
     table = disclosure.table(RULE_COLUMNS, rows)
     table["rows"] = table["rows"][:top]
@@ -203,15 +229,20 @@ def analyse(
 
 
 def _exact(
-    found: Baskets, customer: np.ndarray, customers: int, antecedents: list[str], consequents: list[str]
+    counter: Counter,
+    support: dict[tuple[int, ...], int],
+    customer: np.ndarray,
+    antecedents: list[str],
+    consequents: list[str],
 ) -> dict[str, Any]:
-    both = found.containing(antecedents + consequents)
-    n = len(both)
-    n_both, n_lhs, n_rhs = (
-        int(both.sum()),
-        int(found.containing(antecedents).sum()),
-        int(found.containing(consequents).sum()),
-    )
+    """A rule's figures from the exact counts (every subset of a frequent itemset is one too), and
+    the customers whose orders hold it."""
+    products = counter.found.products
+    lhs = tuple(sorted(products.index(p) for p in antecedents))
+    rhs = tuple(sorted(products.index(p) for p in consequents))
+    both = tuple(sorted(lhs + rhs))
+    n = len(counter.found.of_order)
+    n_both, n_lhs, n_rhs = support[both], support[lhs], support[rhs]
     return {
         "antecedents": " + ".join(antecedents),
         "consequents": " + ".join(consequents),
@@ -219,5 +250,5 @@ def _exact(
         "confidence": figure(n_both / n_lhs) if n_lhs else 0.0,
         "lift": figure(n_both * n / (n_lhs * n_rhs)) if n_lhs and n_rhs else 0.0,
         "baskets": n_both,
-        "customers": int(np.count_nonzero(np.bincount(customer[both], minlength=customers))),
+        "customers": len(np.unique(customer[counter.orders(both)])),
     }
