@@ -28,6 +28,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 from mlxtend.frequent_patterns import association_rules, fpgrowth
+from scipy import sparse
 
 from crm_bridge.analytics.data import Released, Requirement, figure, starts_of
 from crm_bridge.analytics.privacy import Disclosure
@@ -102,7 +103,23 @@ class Counter:
             rows = rows[self.distinct[rows, j]]
         return rows
 
+    @cached_property
+    def _pairs(self) -> np.ndarray:
+        """Every pair's count (singles on the diagonal) in one sparse product Xᵀ·diag(w)·X: most
+        candidates are pairs, and this costs one pass over the baskets' items, not one per pair."""
+        lengths = [len(r) for r in self.rows]
+        x = sparse.csc_matrix(
+            (np.ones(sum(lengths), np.float64), np.concatenate(self.rows), np.concatenate([[0], np.cumsum(lengths)])),
+            shape=self.distinct.shape,
+        )
+        counts: np.ndarray = np.rint((x.T @ sparse.diags(self.weight.astype(np.float64)) @ x).toarray()).astype(
+            np.int64
+        )
+        return counts
+
     def count(self, itemset: tuple[int, ...]) -> int:
+        if len(itemset) <= 2:
+            return int(self._pairs[itemset[0], itemset[-1]])
         return int(self.weight[self.holding(itemset)].sum())
 
     @cached_property
