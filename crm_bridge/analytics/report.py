@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from crm_bridge.analytics import churn, clv, privacy, rfm, rules
+from crm_bridge.analytics import chaid, churn, clusters, clv, privacy, rfm, rules
 from crm_bridge.analytics.data import Released
 from crm_bridge.analytics.errors import AnalyticsError, ColumnMissing, ConsentMissing
 from crm_bridge.analytics.privacy import Disclosure
 from crm_bridge.analytics.settings import AnalyticsSettings
 
-METHODS = ("rfm", "rules", "clv", "churn")
+METHODS = ("rfm", "rules", "clv", "churn", "clusters", "chaid")
 # Under Gamma-Gamma a customer's order values vary around their mean with a coefficient of variation
 # of 1/sqrt(p); above this p that is under 10 %, far below what real spend shows (CDNOW: p = 6.25, 40 %).
 # Such a fit has run to the edge of its parameter space (e.g. identical order values) rather than
@@ -48,6 +48,9 @@ def build(released: Released, settings: AnalyticsSettings, disclosure: Disclosur
         "churn": lambda: churn.analyse(
             released, disclosure, settings.churn_days, active_only=settings.churn_active_only
         ),
+        # Segmentation beside RFM: clusters (k-means, k by silhouette) and a CHAID tree of lapse.
+        "clusters": lambda: clusters.analyse(released, disclosure),
+        "chaid": lambda: chaid.analyse(released, disclosure, settings.churn_days),
     }
     report: dict[str, Any] = {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -15,6 +15,13 @@ def generated() -> pa.Table:
     return pa.concat_tables(generate_crm.released(5_000, seed=5))
 
 
+@pytest.fixture(scope="session")
+def textbook() -> pa.Table:
+    """5,000 customers whose purchases follow BG/NBD and spend Gamma-Gamma exactly (to check a fit
+    recovers the parameters its data was drawn from)."""
+    return pa.concat_tables(generate_crm.released(5_000, seed=5, textbook=True))
+
+
 def restrict(table: pa.Table, *, drop: tuple[str, ...] = (), purpose: str | None = None) -> pa.Table:
     """The same release as if made for another purpose, or without some columns (never consented)."""
     info = ReleaseInfo.of(table.schema)

@@ -140,7 +140,7 @@ def test_an_empty_typed_table_and_the_bridges_empty_export_are_refused_plainly(t
     assert "Traceback" not in done.stderr
     assert "Invalid null value" not in done.stderr
     written = _strict((tmp_path / "out" / "report.json").read_text())
-    assert [r["method"] for r in written["refused"]] == ["rfm", "rules", "clv", "churn"]
+    assert [r["method"] for r in written["refused"]] == ["rfm", "rules", "clv", "churn", "clusters", "chaid"]
     for refusal in written["refused"]:
         assert "holds no order" in refusal["reason"], refusal
 
@@ -224,9 +224,10 @@ def test_a_missing_amount_column_is_reported_as_missing_not_as_missing_consent(g
     assert "total" in str(missing.value)
     built = build(released, AnalyticsSettings(k=25, rules_sample=20_000))
     assert [r["method"] for r in built["refused"]] == [
-        "RFM segmentation", "association rules", "customer lifetime value", "churn risk"
+        "RFM segmentation", "association rules", "customer lifetime value", "churn risk", "cluster analysis",
+        "CHAID segmentation",
     ]  # fmt: skip
-    assert all("'amount'" in r["reason"] and "consent" not in r["reason"] for r in built["refused"])
+    assert all("'amount'" in r["reason"] and "consent" not in r["reason"] for r in built["refused"]), built["refused"]
 
 
 # one method's failure ---------------------------------------------------------------------------
@@ -280,7 +281,7 @@ def test_a_zero_value_or_refunded_repeat_order_costs_no_other_method(generated: 
     assert released.orders.preparation["refunded_orders"] == 1
     assert released.orders.preparation["free_orders"] == 1
     built = build(released, AnalyticsSettings(k=25, rules_sample=20_000))
-    assert {"rfm", "rules", "churn"} <= set(built)
+    assert {"rfm", "rules", "churn", "clusters"} <= set(built)
     if "clv" not in built:  # how Gamma-Gamma treats a zero mean spend is the model's to decide
         (refusal,) = built["refused"]
         assert "Gamma-Gamma" in refusal["reason"]
@@ -292,7 +293,8 @@ def test_any_failure_of_one_method_is_reported_and_the_others_run(monkeypatch: p
 
     monkeypatch.setattr(clv, "analyse", broken)
     built = build(_repeat_release([25.0, 30.0]), AnalyticsSettings(k=5, rules_sample=1_000))
-    assert built["refused"] == [
+    # (CHAID is refused too: this release carries no demographic or location column.)
+    assert [r for r in built["refused"] if r["method"] != "CHAID segmentation"] == [
         {
             "method": "clv",
             "purpose": None,
@@ -300,7 +302,7 @@ def test_any_failure_of_one_method_is_reported_and_the_others_run(monkeypatch: p
             "reason": "clv failed: ZeroDivisionError: float division by zero",
         }
     ]
-    assert {"rfm", "rules", "churn"} <= set(built)
+    assert {"rfm", "rules", "churn", "clusters"} <= set(built)
 
 
 def test_all_customers_with_one_order_is_said_as_such() -> None:

@@ -182,12 +182,25 @@ def test_churn_uses_a_time_split_and_is_calibrated(generated: pa.Table) -> None:
     # Calibrated: riskier deciles churn more, and the predicted rate tracks the observed one.
     observed = [r["observed_rate"] for r in rows]
     assert observed[0] > observed[-1]
+    # The generator is seasonal and growing: a model calibrated on the quarter before the test one
+    # (summer against the December peak) over-predicts churn a little; a decile is off by up to ~0.15.
     for r in rows:
-        assert r["mean_predicted"] == pytest.approx(r["observed_rate"], abs=0.12)
+        assert r["mean_predicted"] == pytest.approx(r["observed_rate"], abs=0.17)
     gains = section["gains"]["rows"]
     assert gains[-1]["share_of_churners_pct"] == pytest.approx(100.0)
     assert gains[2]["share_of_churners_pct"] > 30  # the riskiest 30 % hold more than 30 % of churners
     assert section["features"][-3:] == ["age_band", "gender", "region"]
+
+
+def test_churn_is_calibrated_within_012_where_behaviour_does_not_drift(textbook: pa.Table) -> None:
+    """The calibration bound the churn model was held to on stationary data (the generator before it
+    became seasonal): a model trained a window earlier predicts each risk decile's churn rate within
+    0.12. On the seasonal data above, the drift between windows is real and the bound looser."""
+    section = churn.analyse(Released(textbook), Disclosure(10), days=90)
+    rows = section["calibration"]["rows"]
+    assert len(rows) == 10
+    for r in rows:
+        assert r["mean_predicted"] == pytest.approx(r["observed_rate"], abs=0.12)
 
 
 def test_churn_uses_profile_attributes_only_when_released(generated: pa.Table) -> None:

@@ -59,7 +59,7 @@ def test_every_method_runs_and_the_json_is_the_report(written: tuple[dict[str, A
     report, out = written
     assert json.loads((out / "report.json").read_text()) == report
     assert report["refused"] == []
-    for method in ("rfm", "rules", "clv", "churn"):
+    for method in ("rfm", "rules", "clv", "churn", "clusters", "chaid"):
         assert method in report
     assert report["input"]["customers"] == 5_000
     assert report["release"]["purpose"] == "analytics.reporting"
@@ -71,8 +71,9 @@ def test_no_output_row_describes_fewer_than_k_customers_or_names_one(
 ) -> None:
     report, out = written
     tables = _tables(report)
-    # segments, heat map, rules, CLV deciles, p(alive), holdout by frequency and tracking, churn calibration and gains
-    assert len(tables) == 9
+    # segments, heat map, rules, CLV deciles, p(alive), holdout by frequency and tracking, churn calibration and
+    # gains, clusters, CHAID tree
+    assert len(tables) == 11
     for table in tables:
         assert all(row["customers"] >= report["k"] for row in table["rows"])
     text = (out / "report.json").read_text() + (out / "report.html").read_text()
@@ -134,14 +135,14 @@ def test_the_command_line_writes_the_report_and_says_what_it_refused(generated: 
     assert report["refused"][0]["attributes"] == ["user.behavior.purchase_history"]
     assert "association rules needs consent" in done.stderr
     assert "association rules needs consent" in (tmp_path / "out" / "report.html").read_text()
-    assert {"rfm", "clv", "churn"} <= set(report)
+    assert {"rfm", "clv", "churn", "clusters", "chaid"} <= set(report)
 
 
 def test_the_command_line_refuses_what_it_may_not_read(generated: pa.Table, tmp_path: Path) -> None:
     pq.write_table(restrict(generated, purpose="marketing.communications.email"), tmp_path / "other.parquet")
     done = _cli("--input", str(tmp_path / "other.parquet"), "--out", str(tmp_path / "out"))
     assert done.returncode == 1  # nothing ran
-    assert done.stderr.count("needs consent for purpose 'analytics.reporting'") == 4
+    assert done.stderr.count("needs consent for purpose 'analytics.reporting'") == 6
     pq.write_table(generated.replace_schema_metadata(None), tmp_path / "raw.parquet")
     raw = _cli("--input", str(tmp_path / "raw.parquet"), "--out", str(tmp_path / "raw"))
     assert raw.returncode == 2

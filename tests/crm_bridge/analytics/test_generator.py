@@ -1,0 +1,86 @@
+"""scripts/generate_crm.py makes customers that differ by segment, so the models have something real
+to find: demographics that matter, seasonality, returns and free orders, a long tail of products."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from crm_bridge.analytics import chaid
+from crm_bridge.analytics.data import DAY, Released
+from crm_bridge.analytics.privacy import Disclosure
+from scripts import generate_crm
+
+
+def _per_customer(generated: pa.Table, column: str) -> tuple[Released, np.ndarray]:
+    released = Released(generated)
+    codes, values = released.codes_for_orders(column)
+    labels = np.array(values.to_pylist(), dtype=object)
+    return released, labels[codes[released.orders.starts]]
+
+
+def test_the_generator_is_deterministic_by_seed() -> None:
+    one = pa.concat_tables(generate_crm.released(300, seed=9, returns=True))
+    assert one.equals(pa.concat_tables(generate_crm.released(300, seed=9, returns=True)))
+    assert not one.equals(pa.concat_tables(generate_crm.released(300, seed=10, returns=True)))
+
+
+def test_demographics_matter_for_behaviour(generated: pa.Table) -> None:
+    released, age = _per_customer(generated, "age_band")
+    orders = released.orders
+    lapsed = orders.last_ts() < orders.as_of - 180 * DAY
+    rate = {band: lapsed[age == band].mean() for band in generate_crm.AGE_BANDS}
+    assert rate["18-24"] > rate["65+"] + 0.15  # the young lapse sooner
+    per_order = {band: (orders.total() / orders.counts)[age == band].mean() for band in generate_crm.AGE_BANDS}
+    assert per_order["45-54"] > 1.4 * per_order["18-24"]
+    _, region = _per_customer(generated, "region")
+    mean_order = orders.total() / orders.counts
+    assert mean_order[region == "London"].mean() > 1.3 * mean_order[region == "Wales"].mean()
+    # So CHAID finds the age band first.
+    tree = chaid.analyse(released, Disclosure(10), 180)["tree"]["rows"]
+    assert tree[0]["split_by"] == "age_band"
+
+
+def test_fewer_customers_are_long_gone_than_bgnbd_with_uniform_acquisition_gave(generated: pa.Table) -> None:
+    orders = Released(generated).orders
+    quiet_for_a_year = (orders.last_ts() < orders.as_of - 365 * DAY).mean()
+    assert 0.1 < quiet_for_a_year < 0.3  # the textbook population: 43 %
+
+
+def test_purchases_are_seasonal(generated: pa.Table) -> None:
+    ts = generated.column("order_ts")
+    in_2024 = pc.year(ts).to_numpy() == 2024
+    month = pc.month(ts).to_numpy()[in_2024]
+    per_month = np.bincount(month, minlength=13)[1:]
+    assert per_month[11] > 1.8 * per_month[5]  # December against June
+    bbq = np.array(["burgers" in b for b in generated.column("products").to_pylist()])[in_2024]
+    summer, winter = np.isin(month, [6, 7, 8]), np.isin(month, [12, 1, 2])
+    assert bbq[summer].mean() > 1.5 * bbq[winter].mean()
+
+
+def test_a_long_tail_of_products(generated: pa.Table) -> None:
+    items = pc.split_pattern(generated.column("products"), ";").combine_chunks().flatten()
+    counts = pc.value_counts(items)
+    names = counts.field("values").to_pylist()
+    frequency = counts.field("counts").to_numpy()
+    assert len(names) > 250
+    tail = np.array([n in set(generate_crm.TAIL) for n in names])
+    assert tail.sum() > 0.8 * len(names)
+    assert frequency[tail].sum() < 0.15 * frequency.sum()
+
+
+def test_returns_and_free_orders() -> None:
+    table = pa.concat_tables(generate_crm.released(2_000, seed=3, returns=True))
+    amount = table.column("amount").to_numpy()
+    assert 0.01 < (amount == 0).mean() < 0.03
+    assert 0.02 < (amount < 0).mean() < 0.05
+    order_id = table.column("order_id").to_numpy()
+    did = np.array(table.column("did").to_pylist())
+    ts = table.column("order_ts").cast(pa.int64()).to_numpy()
+    sale = {int(i): (d, t, a) for i, d, t, a in zip(order_id, did, ts, amount, strict=True) if a >= 0}
+    for i, d, t, a in zip(order_id[amount < 0], did[amount < 0], ts[amount < 0], amount[amount < 0], strict=True):
+        buyer, when, paid = sale[int(i)]  # a refund carries its order's id ...
+        assert buyer == d
+        assert t >= when  # ... comes after it ...
+        assert -a in (paid, round(paid * 0.5, 2))  # ... and returns all or half of it (in pence)
