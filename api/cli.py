@@ -162,7 +162,7 @@ def _serve(args: argparse.Namespace) -> int:
             "CONSENT_LEDGER_CONTROL": runtime.control_address,
             "CONSENT_LEDGER_CONTROL_KEY": runtime.control_key.hex(),
         }
-        pool = WorkerPool(command, count=workers, env=env)
+        pool = WorkerPool(command, count=workers, env=env, nice=service.api_worker_nice)
         pool.start()
         log.info("API on %s:%s in %s worker processes: %s", service.host, port, workers, pool.pids)
         _wait_for_stop()
@@ -190,8 +190,7 @@ def _serve_worker(args: argparse.Namespace) -> int:
     from api.runtime import Runtime
 
     sys.setswitchinterval(0.0005)
-    service = ServiceSettings(host=args.host, port=args.port, data_dir=args.data_dir)
-    os.nice(service.api_worker_nice)
+    service = ServiceSettings(host=args.host, port=args.port, data_dir=args.data_dir)  # niced by the supervisor
     chain = ChainSettings()
     runtime = Runtime(
         service=service,

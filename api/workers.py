@@ -24,8 +24,10 @@ one process. A worker serving on would answer for a service that is not there an
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -240,10 +242,11 @@ class WorkerPool:
     service's port beside it and connected to its control socket; one that exits while the service runs
     is started again."""
 
-    def __init__(self, command: list[str], *, count: int, env: dict[str, str]) -> None:
+    def __init__(self, command: list[str], *, count: int, env: dict[str, str], nice: int = 0) -> None:
         self._command = command
         self._count = count
         self._env = env
+        self._nice = nice
         self._processes: list[subprocess.Popen[bytes]] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()  # restarts and stop() do not cross
@@ -254,8 +257,15 @@ class WorkerPool:
         self._thread.start()
 
     def _spawn(self, index: int) -> subprocess.Popen[bytes]:
+        """Start worker `index`, `nice` below the supervisor at once: set by the worker itself, the
+        priority came only after its imports (a second), while it could already be serving."""
         env = self._env | {"CONSENT_LEDGER_WORKER_INDEX": str(index)}
-        return subprocess.Popen(self._command, env=env)  # noqa: S603 - our own command
+        process = subprocess.Popen(self._command, env=env)  # noqa: S603 - our own command
+        if self._nice:
+            priority = min(19, os.getpriority(os.PRIO_PROCESS, 0) + self._nice)
+            with contextlib.suppress(ProcessLookupError):  # it died at once: the watch starts it again
+                os.setpriority(os.PRIO_PROCESS, process.pid, priority)
+        return process
 
     def _watch(self) -> None:
         while not self._stop.wait(1.0):

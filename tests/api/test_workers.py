@@ -5,6 +5,7 @@ here, each with its own uvicorn, so that requests can be sent to the worker alon
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import threading
 import uuid
@@ -20,7 +21,7 @@ from eth_account import Account
 from api.auth import create_principal
 from api.models import Partner
 from api.routers import points as points_routes
-from api.workers import ControlClient, ControlError, ControlServer
+from api.workers import ControlClient, ControlError, ControlServer, WorkerPool
 from ledger.backends import AnvilBackend
 from ledger.consent import PARTNER_ROLE
 from ledger.errors import ChainError, ConsentRejected
@@ -200,3 +201,15 @@ def test_a_control_connection_needs_the_runs_key(tmp_path: Path) -> None:
         assert server.workers == 0
     finally:
         server.close()
+
+
+def test_a_worker_runs_below_the_supervisor_from_its_start() -> None:
+    """Niced by itself after its imports (a second or more), a worker already answering requests still
+    ran at the supervisor's priority meanwhile (and `test_api_workers_share_the_port…` met one at 0)."""
+    pool = WorkerPool([sys.executable, "-c", "import time; time.sleep(30)"], count=2, env=dict(os.environ), nice=4)
+    pool.start()
+    try:
+        expected = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 4)
+        assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in pool.pids] == [expected] * 2
+    finally:
+        pool.stop(timeout=5)
