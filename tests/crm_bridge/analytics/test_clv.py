@@ -13,11 +13,10 @@ import pytest
 from crm_bridge.analytics import clv, pareto_nbd
 from crm_bridge.analytics.data import Released
 from crm_bridge.analytics.privacy import Disclosure
-from crm_bridge.release import ReleaseInfo
 from ledger.settings import PROJECT_ROOT
+from tests.crm_bridge.analytics.releases import released
 
 CDNOW = PROJECT_ROOT / "tests" / "data" / "cdnow" / "CDNOW_sample.txt"
-PURCHASES = "user.behavior.purchase_history"
 
 
 def _epoch(day: str) -> int:
@@ -28,21 +27,7 @@ def _epoch(day: str) -> int:
 def cdnow() -> Released:
     """The CDNOW sample as a released table, observed to the end of the papers' 39-week calibration
     period (1997-09-30)."""
-    rows = [line.split() for line in CDNOW.read_text().splitlines() if line.strip()]
-    info = ReleaseInfo(
-        partner="0x" + "00" * 20,
-        purpose="analytics.reporting",
-        request_id="0x" + "00" * 32,
-        columns={"order_ts": PURCHASES, "amount": PURCHASES},
-    )
-    table = pa.table(
-        {
-            "did": [f"did:web:cdnow.example:{r[1]}" for r in rows],
-            "order_ts": pa.array([_epoch(r[2]) for r in rows]).cast(pa.timestamp("s", tz="UTC")),
-            "amount": [float(r[4]) for r in rows],
-        }
-    ).replace_schema_metadata(info.metadata())
-    return Released(table, as_of=_epoch("19971001"))
+    return cdnow_release(as_of=_epoch("19971001"))[0]
 
 
 def test_cdnow_calibration_summary_is_the_papers(cdnow: Released) -> None:
@@ -156,20 +141,20 @@ def test_the_report_section_carries_the_fitted_figures(cdnow: Released) -> None:
 
 def _release(rows: list[tuple[str, int, float]]) -> Released:
     """(customer, day, amount) orders as a released table."""
-    info = ReleaseInfo(
-        partner="0x" + "00" * 20,
-        purpose="analytics.reporting",
-        request_id="0x" + "00" * 32,
-        columns={"order_ts": PURCHASES, "amount": PURCHASES},
+    return released(
+        {"did": [r[0] for r in rows], "order_ts": [r[1] * 86_400 for r in rows], "amount": [r[2] for r in rows]}
     )
-    table = pa.table(
-        {
-            "did": [r[0] for r in rows],
-            "order_ts": pa.array([r[1] * 86_400 for r in rows]).cast(pa.timestamp("s", tz="UTC")),
-            "amount": [r[2] for r in rows],
-        }
-    ).replace_schema_metadata(info.metadata())
-    return Released(table)
+
+
+def cdnow_release(as_of: int) -> tuple[Released, list[list[str]]]:
+    """The CDNOW sample as a released table observed to `as_of`, and its rows."""
+    rows = [line.split() for line in CDNOW.read_text().splitlines() if line.strip()]
+    table = {
+        "did": [f"did:web:cdnow.example:{r[1]}" for r in rows],
+        "order_ts": [_epoch(r[2]) for r in rows],
+        "amount": [float(r[4]) for r in rows],
+    }
+    return released(table, as_of=as_of), rows
 
 
 def _cdnow_rows() -> list[tuple[str, int, float]]:

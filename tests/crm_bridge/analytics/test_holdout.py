@@ -6,34 +6,18 @@ from __future__ import annotations
 from collections import defaultdict
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from crm_bridge.analytics import clv, holdout
 from crm_bridge.analytics.data import Released
 from crm_bridge.analytics.privacy import Disclosure
-from crm_bridge.release import ReleaseInfo
 
-from .test_clv import CDNOW, PURCHASES, _epoch
+from .test_clv import _epoch, cdnow_release
 
 
 @pytest.fixture(scope="module")
 def cdnow_78_weeks() -> tuple[Released, list[list[str]]]:
-    rows = [line.split() for line in CDNOW.read_text().splitlines() if line.strip()]
-    info = ReleaseInfo(
-        partner="0x" + "00" * 20,
-        purpose="analytics.reporting",
-        request_id="0x" + "00" * 32,
-        columns={"order_ts": PURCHASES, "amount": PURCHASES},
-    )
-    table = pa.table(
-        {
-            "did": [f"did:web:cdnow.example:{r[1]}" for r in rows],
-            "order_ts": pa.array([_epoch(r[2]) for r in rows]).cast(pa.timestamp("s", tz="UTC")),
-            "amount": [float(r[4]) for r in rows],
-        }
-    ).replace_schema_metadata(info.metadata())
-    return Released(table, as_of=_epoch("19980701")), rows
+    return cdnow_release(as_of=_epoch("19980701"))
 
 
 def test_the_holdout_check_on_cdnow_is_the_papers(cdnow_78_weeks: tuple[Released, list[list[str]]]) -> None:

@@ -30,10 +30,8 @@ from crm_bridge.analytics.data import DAY, Released
 from crm_bridge.analytics.privacy import Disclosure
 from crm_bridge.analytics.report import build
 from crm_bridge.analytics.settings import AnalyticsSettings
-from crm_bridge.release import ReleaseInfo
 from scripts import generate_crm
-
-PURCHASES = "user.behavior.purchase_history"
+from tests.crm_bridge.analytics.releases import PURCHASES, released
 
 # (section, table) → the figure of the section that the table's rows add up to.
 PARTITIONS = {
@@ -243,21 +241,13 @@ def test_every_published_table_is_attacked() -> None:
 def _release(
     rows: list[tuple[str, int, float]], as_of: int | None = None, products: list[str] | None = None
 ) -> Released:
-    info = ReleaseInfo(
-        partner="0x" + "00" * 20,
-        purpose="analytics.reporting",
-        request_id="0x" + "00" * 32,
-        columns={"order_ts": PURCHASES, "amount": PURCHASES, "products": PURCHASES},
-    )
-    table = pa.table(
-        {
-            "did": [r[0] for r in rows],
-            "order_ts": pa.array([r[1] * DAY + 3600 for r in rows]).cast(pa.timestamp("s", tz="UTC")),
-            "amount": [r[2] for r in rows],
-            "products": products or ["tea"] * len(rows),
-        }
-    ).replace_schema_metadata(info.metadata())
-    return Released(table, as_of=as_of)
+    orders = {
+        "did": [r[0] for r in rows],
+        "order_ts": [r[1] * DAY + 3600 for r in rows],
+        "amount": [r[2] for r in rows],
+        "products": products or ["tea"] * len(rows),
+    }
+    return released(orders, {"products": PURCHASES}, as_of=as_of)
 
 
 def test_rules_expose_no_one_by_nested_itemsets() -> None:

@@ -9,27 +9,13 @@ import pyarrow as pa
 
 from crm_bridge.analytics import rfm
 from crm_bridge.analytics.data import DAY, Released
-from crm_bridge.release import ReleaseInfo
 from scripts import generate_crm
-
-PURCHASES = "user.behavior.purchase_history"
+from tests.crm_bridge.analytics.releases import released
 
 
 def _release(rows: list[tuple[str, int, float]], as_of_day: int) -> Released:
-    info = ReleaseInfo(
-        partner="0x" + "00" * 20,
-        purpose="analytics.reporting",
-        request_id="0x" + "00" * 32,
-        columns={"order_ts": PURCHASES, "amount": PURCHASES},
-    )
-    table = pa.table(
-        {
-            "did": [r[0] for r in rows],
-            "order_ts": pa.array([r[1] * DAY for r in rows]).cast(pa.timestamp("s", tz="UTC")),
-            "amount": [r[2] for r in rows],
-        }
-    ).replace_schema_metadata(info.metadata())
-    return Released(table, as_of=as_of_day * DAY)
+    orders = {"did": [r[0] for r in rows], "order_ts": [r[1] * DAY for r in rows], "amount": [r[2] for r in rows]}
+    return released(orders, as_of=as_of_day * DAY)
 
 
 def test_ten_identical_customers_land_in_one_segment() -> None:

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pytest
 from mlxtend.frequent_patterns import association_rules, fpgrowth
 
 from crm_bridge.analytics import rules
 from crm_bridge.analytics.data import DAY, Released
 from crm_bridge.analytics.privacy import Disclosure
-from crm_bridge.release import ReleaseInfo
+from tests.crm_bridge.analytics.releases import PURCHASES, released
 
-PURCHASES = "user.behavior.purchase_history"
 N = 20_000  # baskets (orders)
 MIN_SUPPORT = 0.01
 
@@ -36,21 +34,13 @@ def _long_tail() -> Released:
             columns += [both, both]
     matrix = np.column_stack(columns)
     products = [";".join(n for n, b in zip(names, row, strict=True) if b) for row in matrix]
-    info = ReleaseInfo(
-        partner="0x" + "00" * 20,
-        purpose="analytics.reporting",
-        request_id="0x" + "00" * 32,
-        columns={"order_ts": PURCHASES, "amount": PURCHASES, "products": PURCHASES},
-    )
-    table = pa.table(
-        {
-            "did": [f"did:c{i % 4_000}" for i in range(N)],
-            "order_ts": pa.array(np.arange(N, dtype=np.int64) * (DAY // 10)).cast(pa.timestamp("s", tz="UTC")),
-            "amount": np.full(N, 10.0),
-            "products": products,
-        }
-    ).replace_schema_metadata(info.metadata())
-    return Released(table)
+    orders = {
+        "did": [f"did:c{i % 4_000}" for i in range(N)],
+        "order_ts": np.arange(N, dtype=np.int64) * (DAY // 10),
+        "amount": np.full(N, 10.0),
+        "products": products,
+    }
+    return released(orders, {"products": PURCHASES})
 
 
 def _all_baskets_rules(released: Released) -> pd.DataFrame:

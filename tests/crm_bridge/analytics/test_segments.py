@@ -12,8 +12,7 @@ from crm_bridge.analytics.data import DAY, DEMOGRAPHIC, LOCATION, Released
 from crm_bridge.analytics.errors import ConsentMissing
 from crm_bridge.analytics.privacy import Disclosure
 from crm_bridge.release import ReleaseInfo
-
-PURCHASES = "user.behavior.purchase_history"
+from tests.crm_bridge.analytics.releases import PURCHASES, released
 
 
 def _lapse_release(*, with_gender_consent: bool = False) -> Released:
@@ -117,22 +116,14 @@ def _three_groups(sizes: tuple[int, int, int] = (40, 60, 80)) -> Released:
         for i in range(size):
             for o in range(orders):
                 rows.append((f"did:{kind}-{i}", 700 - last_ago - 10 * o, amount, band, gender))
-    info = ReleaseInfo(
-        partner="0x" + "00" * 20,
-        purpose="analytics.reporting",
-        request_id="0x" + "00" * 32,
-        columns={"order_ts": PURCHASES, "amount": PURCHASES, "age_band": DEMOGRAPHIC},
-    )
-    table = pa.table(
-        {
-            "did": [r[0] for r in rows],
-            "order_ts": pa.array([r[1] * DAY for r in rows]).cast(pa.timestamp("s", tz="UTC")),
-            "amount": [r[2] for r in rows],
-            "age_band": [r[3] for r in rows],
-            "gender": [r[4] for r in rows],
-        }
-    ).replace_schema_metadata(info.metadata())
-    return Released(table, as_of=700 * DAY)
+    table = {
+        "did": [r[0] for r in rows],
+        "order_ts": [r[1] * DAY for r in rows],
+        "amount": [r[2] for r in rows],
+        "age_band": [r[3] for r in rows],
+        "gender": [r[4] for r in rows],
+    }
+    return released(table, {"age_band": DEMOGRAPHIC}, as_of=700 * DAY)
 
 
 def test_clusters_find_the_kinds_of_customer_and_describe_them_by_their_centres() -> None:
