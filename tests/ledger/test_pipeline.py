@@ -97,6 +97,11 @@ class Pipeline:
             self.indexer.step()
             time.sleep(0.02)
 
+    def settle_all(self, *requests: ConsentRequest, timeout: float = 30) -> None:
+        """Run the pipeline until every one of `requests` is confirmed or failed."""
+        live = (RequestStatus.PENDING, RequestStatus.SUBMITTED)
+        self.settle(lambda: not any(status in live for status in self.statuses(*requests)), timeout)
+
     def statuses(self, *requests: ConsentRequest) -> list[str]:
         return [self.outbox.request(r.id).status for r in requests]  # type: ignore[union-attr]
 
@@ -191,12 +196,7 @@ def test_a_bad_request_fails_alone_with_its_reason(pipeline: Pipeline) -> None:
     first = [pipeline.accept(a, s, ChangeKind.GRANT, EMAIL) for a, s in good[:2]]
     bad = pipeline.accept(forged_account, forged_subject, ChangeKind.GRANT, EMAIL, key=bytes(Account.create().key))
     rest = [pipeline.accept(a, s, ChangeKind.GRANT, EMAIL) for a, s in good[2:]]
-    pipeline.settle(
-        lambda: (
-            RequestStatus.PENDING not in pipeline.statuses(*first, bad, *rest)
-            and RequestStatus.SUBMITTED not in pipeline.statuses(*first, bad, *rest)
-        )
-    )
+    pipeline.settle_all(*first, bad, *rest)
     assert pipeline.statuses(*first, *rest) == [RequestStatus.CONFIRMED] * 4
     failed = pipeline.outbox.request(bad.id)
     assert failed is not None
@@ -242,12 +242,7 @@ def test_an_accepted_revocation_takes_effect_though_an_earlier_change_failed_on_
     assert revoke.nonce == late.nonce + 1
     assert pipeline.outbox.effective(subject, pipeline.partner, PURPOSE) == 0  # deny wins while pending
     time.sleep(2.2)  # the grant's deadline passes before the relayer gets to it
-    pipeline.settle(
-        lambda: (
-            RequestStatus.PENDING not in pipeline.statuses(late, revoke)
-            and RequestStatus.SUBMITTED not in pipeline.statuses(late, revoke)
-        )
-    )
+    pipeline.settle_all(late, revoke)
     failed = pipeline.outbox.request(late.id)
     assert failed is not None
     assert (failed.status, failed.error_code) == (RequestStatus.FAILED, "signature_expired")
@@ -335,12 +330,7 @@ def test_a_change_the_chain_passed_over_fails_and_is_not_taken_for_applied(pipel
     stored = pipeline.outbox.request(revoke.id)
     assert stored is not None
     pipeline.registry.apply(signed_change(stored))  # the later change is on-chain; the earlier one is not
-    pipeline.settle(
-        lambda: (
-            RequestStatus.PENDING not in pipeline.statuses(grant, revoke)
-            and RequestStatus.SUBMITTED not in pipeline.statuses(grant, revoke)
-        )
-    )
+    pipeline.settle_all(grant, revoke)
     failed = pipeline.outbox.request(grant.id)
     assert failed is not None
     assert (failed.status, failed.error_code) == (RequestStatus.FAILED, "superseded")
