@@ -8,10 +8,14 @@ BIN := $(VENV)/bin
 PY_STAMP := $(VENV)/.installed
 NPM_STAMP := node_modules/.installed
 PYTEST_ARGS ?=
+# The embedded chain node (`ledger/geth.py`): go-ethereum, built once from the Go module proxy into the
+# virtualenv (a few minutes the first time; the module cache keeps it for later builds).
+GETH_VERSION := v1.17.10
+GETH_STAMP := $(VENV)/.geth-$(GETH_VERSION)
 
 .PHONY: setup system-deps run test lint format bench clean
 
-setup: $(PY_STAMP) $(NPM_STAMP) system-deps
+setup: $(PY_STAMP) $(NPM_STAMP) $(GETH_STAMP) system-deps
 
 # System packages the tests use, installed where missing (as root, as CI runs): PostgreSQL's server
 # binaries (the vault is tested on a real PostgreSQL as well as on SQLite) and Debian's Chromium (the
@@ -35,6 +39,11 @@ $(NPM_STAMP): package.json package-lock.json
 	# anvil package (as npm writes it); only this platform's is downloaded. (With `npm install` and a lock
 	# listing one platform, each fresh set-up rewrote package-lock.json and left the checkout dirty.)
 	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+$(GETH_STAMP): $(PY_STAMP)
+	@command -v go >/dev/null || { echo "Go (1.24 or newer) is required to build geth: https://go.dev/dl/"; exit 1; }
+	GOBIN=$(abspath $(BIN)) GOFLAGS=-trimpath go install github.com/ethereum/go-ethereum/cmd/geth@$(GETH_VERSION)
 	touch $@
 
 run: setup

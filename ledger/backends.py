@@ -1,7 +1,10 @@
 """Chain backends behind one interface, chosen by settings (`CONSENT_LEDGER_CHAIN_BACKEND`).
 
 - `InProcessBackend`: eth-tester with py-evm; no server, slow; unit tests.
-- `AnvilBackend`: a managed anvil node (interval mining, state in the data dir); the default for `serve`.
+- `GethBackend`: a managed go-ethereum node (blocks and state on disk, incremental tries); the default
+  for `serve`.
+- `AnvilBackend`: a managed anvil node (interval mining, chain in memory, dumped to the data dir);
+  fast tests.
 - `RpcBackend`: any Ethereum JSON-RPC endpoint (Besu or GoQuorum with QBFT in production).
 
 The conformance suite in `tests/ledger/` runs the same tests against every one of them.
@@ -10,6 +13,7 @@ The conformance suite in `tests/ledger/` runs the same tests against every one o
 from __future__ import annotations
 
 import logging
+import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 from types import TracebackType
@@ -17,6 +21,7 @@ from typing import Any, ClassVar, Self
 from urllib.parse import urlsplit
 
 import requests
+from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
 from requests.exceptions import RequestException
@@ -27,6 +32,7 @@ from web3.types import RPCEndpoint, Wei
 
 from ledger.anvil import AnvilNode, find_anvil
 from ledger.errors import ChainError
+from ledger.geth import DEV_KEY, GethNode, find_geth
 from ledger.settings import ChainSettings, ToolchainSettings, get_toolchain_settings
 
 log = logging.getLogger(__name__)
@@ -167,11 +173,78 @@ class InProcessBackend(ChainBackend):
         self.tester.mine_blocks(1)
 
 
-class AnvilBackend(ChainBackend):
+class ManagedBackend(ChainBackend):
+    """A node this service starts, stops and supervises, whose blocks its own miner thread makes
+    (`node.before_block` / `node.after_block` time the relayer's batches to them)."""
+
+    persistent = True
+    node: AnvilNode | GethNode
+
+    @property
+    def url(self) -> str:
+        return self.node.url
+
+    def _connect(self) -> Web3:
+        url = self.node.start()
+        return Web3(http_provider(url, self.settings.rpc_timeout))
+
+    def prepare_account(self, address: ChecksumAddress) -> None:
+        if self.w3.eth.get_balance(address) < DEV_FUNDING_WEI // 2:
+            self.fund(address)
+
+    def stop(self) -> None:
+        super().stop()
+        self.node.stop()
+
+    def kill(self) -> None:
+        """Kill the node as a crash would (tests)."""
+        super().stop()
+        self.node.kill()
+
+
+class GethBackend(ManagedBackend):
+    """A managed geth node whose database lives in `data_dir/chain/geth/` (`ledger.geth`)."""
+
+    name = "geth"
+    node: GethNode
+
+    def __init__(self, settings: ChainSettings, operator: LocalAccount, data_dir: Path) -> None:
+        super().__init__(settings, operator)
+        self.node = GethNode(
+            settings.geth_path or find_geth(),
+            data_dir / "chain",
+            chain_id=settings.chain_id,
+            block_time=settings.block_time,
+            gas_limit=settings.gas_limit,
+            port=settings.anvil_port,
+            start_timeout=settings.start_timeout,
+            max_lead=settings.max_clock_lead,
+        )
+        self._faucet = threading.Lock()
+
+    def fund(self, address: ChecksumAddress, wei: int = DEV_FUNDING_WEI) -> None:
+        """A transfer from geth's development key (the genesis funds it), mined at once."""
+        w3 = self.w3
+        faucet = Account.from_key(DEV_KEY)
+        with self._faucet:
+            nonce = w3.eth.get_transaction_count(faucet.address, "pending")
+            signed = faucet.sign_transaction(
+                {"to": address, "value": wei, "gas": 21_000, "gasPrice": 1, "nonce": nonce, "chainId": w3.eth.chain_id}
+            )
+            tx_hash = w3.eth.send_raw_transaction(signed.raw_transaction)
+            self.node.mine_now()
+        if w3.eth.get_transaction_receipt(tx_hash)["status"] != 1:
+            raise ChainError(f"funding {address} failed")
+
+    def increase_time(self, seconds: int) -> None:
+        self.node.mine_now(advance=seconds)
+
+
+class AnvilBackend(ManagedBackend):
     """A managed anvil node whose state lives in `data_dir/chain/`."""
 
     name = "anvil"
-    persistent = True
+    node: AnvilNode
 
     def __init__(
         self,
@@ -193,33 +266,12 @@ class AnvilBackend(ChainBackend):
             start_timeout=settings.start_timeout,
         )
 
-    @property
-    def url(self) -> str:
-        return self.node.url
-
-    def _connect(self) -> Web3:
-        url = self.node.start()
-        return Web3(http_provider(url, self.settings.rpc_timeout))
-
-    def prepare_account(self, address: ChecksumAddress) -> None:
-        if self.w3.eth.get_balance(address) < DEV_FUNDING_WEI // 2:
-            self.fund(address)
-
     def fund(self, address: ChecksumAddress, wei: int = DEV_FUNDING_WEI) -> None:
         self.rpc("anvil_setBalance", address, hex(wei))
 
     def increase_time(self, seconds: int) -> None:
         self.rpc("evm_increaseTime", seconds)
         self.rpc("evm_mine")
-
-    def stop(self) -> None:
-        super().stop()
-        self.node.stop()
-
-    def kill(self) -> None:
-        """Kill the node as a crash would (tests)."""
-        super().stop()
-        self.node.kill()
 
 
 class RpcBackend(ChainBackend):
@@ -244,6 +296,8 @@ def create_backend(settings: ChainSettings, operator: LocalAccount, data_dir: Pa
     """The backend `settings.backend` names."""
     if settings.backend == "inprocess":
         return InProcessBackend(settings, operator)
+    if settings.backend == "geth":
+        return GethBackend(settings, operator, data_dir)
     if settings.backend == "anvil":
         return AnvilBackend(settings, operator, data_dir)
     return RpcBackend(settings, operator)

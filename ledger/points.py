@@ -30,7 +30,7 @@ from ledger.loyalty import EventKind, Issuance, LoyaltyPointsClient, PointsEvent
 from ledger.points_store import PointsBatch, PointsHistory, PointsLot, PointsRequest, PointsStatus
 from ledger.relayer import BatchLane, Holds
 from ledger.store import as_utc, event_position, sessions, utcnow
-from ledger.tx import Receipt, TxRequest
+from ledger.tx import Receipt, TxRequest, items_per_transaction
 from ledger.types import Subject
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,8 @@ class PointsRelayer(BatchLane):
             holds=holds,
         )
         self.points = points
-        self.max_batch = max_batch
+        # the larger of the two kinds of item: a redemption (nine words) and an issuance (four)
+        self.max_batch = items_per_transaction(max_batch, 9 * 32)
         self.completions = completions or Completions()
         self._sessions = sessions(engine)
         self._other_kind_waiting = False  # the last batch left pending requests of the other kind

@@ -29,7 +29,7 @@ from ledger.consent import ConsentRegistryClient, SignedChange, batch_gas
 from ledger.eip712 import ChangeKind, ConsentChange, Signature
 from ledger.errors import BatchItemFailed, ChainError, ContractRevert, LedgerError, NonceMismatch
 from ledger.store import ConsentEvent, ConsentRequest, ConsentState, RelayBatch, RequestStatus, as_utc, sessions, utcnow
-from ledger.tx import Receipt, TxRequest, TxSender
+from ledger.tx import Receipt, TxRequest, TxSender, items_per_transaction
 from ledger.types import Purpose, Subject
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,14 @@ ERROR_CODES = {
     "ConsentRegistryInvalidValidity": "invalid_validity",
     "ConsentRegistryUnboundSubject": "unbound_subject",
 }
+
+
+CHANGE_BYTES = 11 * 32  # one SignedChange in `applyBatch`'s call data (`ledger.consent.encode_changes`)
+
+
+def max_changes_per_batch(max_batch: int) -> int:
+    """`max_batch`, or fewer if that many changes would not fit one transaction (`MAX_TX_DATA_BYTES`)."""
+    return items_per_transaction(max_batch, CHANGE_BYTES)
 
 
 class Lane(Protocol):
@@ -471,7 +479,7 @@ class Relayer(BatchLane):
             holds=holds,
         )
         self.registry = registry
-        self.max_batch = max_batch
+        self.max_batch = max_changes_per_batch(max_batch)
         self._sessions = sessions(engine)
         # subject -> until when (monotonic) its requests stay out of batches: one rejected item reverts a
         # whole batch, so a request waiting for its binding would otherwise stop everyone's.

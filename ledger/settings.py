@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-Backend = Literal["anvil", "inprocess", "rpc"]
+Backend = Literal["geth", "anvil", "inprocess", "rpc"]
 
 
 class ToolchainSettings(BaseSettings):
@@ -81,7 +81,17 @@ class ChainSettings(BaseSettings):
         gt=0,
         description="Seconds between blocks of the managed node (interval mining, never automine).",
     )
+    max_clock_lead: int = Field(
+        default=2,
+        ge=0,
+        description="geth: seconds a block's timestamp may be ahead of the clock. Timestamps are whole seconds "
+        "and strictly increase, so blocks faster than one a second move the chain's clock on; past this lead "
+        "blocks wait for the clock (one a second, bigger batches). Consents lapse at most this early.",
+    )
     gas_limit: int = Field(default=2_000_000_000, description="Block gas limit of the managed node.")
+    geth_path: Path | None = Field(
+        default=None, description="geth binary (default: the one `make setup` built into .venv/bin)."
+    )
     anvil_path: Path | None = Field(
         default=None, description="anvil binary (default: the one npm installed under node_modules)."
     )

@@ -25,6 +25,16 @@ from ledger.errors import ChainError, TransactionFailed
 
 NO_OP_GAS = 21_000  # a transfer of nothing: what a transaction that only takes a nonce costs
 
+# The largest call data a transaction may carry here. geth's, Besu's and Nethermind's pools refuse a
+# transaction over 128 KiB ("oversized data"); 1 KiB is left for the rest of the signed envelope.
+MAX_TX_DATA_BYTES = 128 * 1024 - 1024
+
+
+def items_per_transaction(max_batch: int, item_bytes: int, head_bytes: int = 4 + 64) -> int:
+    """How many items of `item_bytes` each fit one transaction's call data with a `head_bytes` header
+    (selector, array offset and length), `max_batch` at most."""
+    return max(1, min(max_batch, (MAX_TX_DATA_BYTES - head_bytes) // item_bytes))
+
 
 @dataclass(frozen=True)
 class TxRequest:

@@ -1,0 +1,495 @@
+"""A managed go-ethereum (geth) node: the embedded chain of `serve`, its blocks and state on disk.
+
+Why geth and not anvil (issue "The ledger at a company's scale"): anvil keeps the chain in memory and
+rebuilds the complete account and storage tries for every block it mines, so each block costs time
+in proportion to the number of customers (72 ms of CPU at 10,000, 6.2 s at 1,000,000), and a crash
+loses every block since its last whole-chain dump. geth updates its tries incrementally (a block
+costs what it changes) and writes every block with its state to its database before it answers.
+
+How the node is run (all checked against geth v1.17.10's source; see `docs/architecture.md`):
+
+- `--dev` with a genesis of our own (`genesis`): one node, no peers, no consensus client (geth's
+  simulated beacon). Its own block timer is set out of reach (`NEVER`): blocks come from this
+  module's miner through `testing_commitBlockV1` (geth's block-building call for tests and tools),
+  timed to the relayer's batches as anvil's are (`before_block`, `after_block`).
+- Prague rules, not Osaka: Osaka caps a transaction at 2^24 gas (EIP-7825), below a batch of changes.
+  Base fee 0 and a fixed gas limit (`--miner.gaslimit`): a private chain's gas is not a market.
+- `--state.scheme hash --gcmode archive`: every block's state is written to the database when the
+  block is made (nothing is kept in memory to be flushed later), and every past block's state stays
+  readable (the revert replay at `block - 1` and `audit verify` read old blocks).
+- `--db.engine leveldb`: a LevelDB write has reached the operating system when it returns (its log is
+  written before the call returns; pebble, geth's default, hands its log to a background flusher),
+  so a SIGKILL of the node loses nothing it had mined. A power loss can still lose what the kernel
+  had not written; fsync per block is what a production QBFT network's validators are for.
+
+Timestamps are whole seconds and each block's must be later than its parent's (a rule of the chain,
+not of geth). Blocks are made when something is waiting, as often as `block_time`, but never more
+than `max_lead` seconds ahead of the clock (`CONSENT_LEDGER_CHAIN_MAX_CLOCK_LEAD`, 2 by default): a
+burst gets blocks every `block_time`, sustained load one block a second (with bigger batches), and
+the chain's clock is never more than `max_lead` s fast. Contracts compare `block.timestamp` with
+signature deadlines and consents' `validUntil`: a consent lapses at most that early.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from eth_account import Account
+
+from ledger.anvil import Checkpoints, _alive, _run_hook, free_port
+from ledger.errors import NodeStartError
+from ledger.files import write_atomically
+
+log = logging.getLogger(__name__)
+
+GETH_MODULE = "github.com/ethereum/go-ethereum/cmd/geth"
+GETH_VERSION = "v1.17.10"  # the Makefile builds this one (`make setup`)
+
+# geth's own development key (`--dev` prefunds it; published in its source): the faucet that funds the
+# service's accounts on this development chain, as anvil's published accounts do on anvil's.
+DEV_KEY = "0xb71c71a67e1177ad4e901695e1b4b9ee17ae16c6668d313eac2f96dbcda3f291"
+FAUCET_WEI = 10**36
+NEVER = 10**9  # seconds: the simulated beacon's own block timer (`--dev.period`) never fires again
+ZERO32 = "0x" + "00" * 32
+
+# Forks after Prague are left out of the genesis (see the module's docstring).
+_KEPT_FORK_TIMES = {"shanghaiTime", "cancunTime", "pragueTime"}
+
+
+def find_geth() -> Path:
+    """The geth binary `make setup` built (next to this Python), else one on PATH."""
+    beside = Path(sys.executable).parent / "geth"
+    if beside.is_file():
+        return beside
+    found = shutil.which("geth")
+    if found:
+        return Path(found)
+    raise NodeStartError(
+        f"geth is not installed ({beside} is missing): run `make setup` (it builds {GETH_MODULE}@{GETH_VERSION} "
+        "with Go), or set CONSENT_LEDGER_CHAIN_GETH_PATH"
+    )
+
+
+def genesis(binary: Path, *, chain_id: int, gas_limit: int, funded: str) -> dict[str, Any]:
+    """geth's development genesis (with its system contracts), for our chain id, Prague rules, base fee 0
+    and `gas_limit`, with `funded` holding `FAUCET_WEI`."""
+    dumped = subprocess.run(  # noqa: S603 - our own binary
+        [str(binary), "--dev", "--verbosity", "1", "dumpgenesis"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    spec: dict[str, Any] = json.loads(dumped.stdout)
+    config = spec["config"]
+    config["chainId"] = chain_id
+    for key in [k for k in config if k.endswith("Time") and k not in _KEPT_FORK_TIMES]:
+        del config[key]
+    schedule = config.get("blobSchedule", {})
+    for fork in [f for f in schedule if f not in ("cancun", "prague")]:
+        del schedule[fork]
+    spec["gasLimit"] = hex(gas_limit)
+    spec["baseFeePerGas"] = "0x0"
+    spec["timestamp"] = hex(int(time.time()))
+    # Keep the system contracts (Prague calls them in every block); fund the faucet only.
+    spec["alloc"] = {a: v for a, v in spec["alloc"].items() if v.get("code")}
+    spec["alloc"][funded.removeprefix("0x")] = {"balance": hex(FAUCET_WEI)}
+    for key in ("excessBlobGas", "blobGasUsed", "slotNumber"):
+        spec.pop(key, None)
+    return spec
+
+
+class GethNode:
+    """One geth process on `state_dir/geth`, its blocks made by this object's miner thread."""
+
+    def __init__(
+        self,
+        binary: Path,
+        state_dir: Path,
+        *,
+        chain_id: int,
+        block_time: float,
+        gas_limit: int,
+        port: int = 0,
+        start_timeout: float = 30.0,
+        max_lead: int = 2,
+        cache_mb: int = 512,
+    ) -> None:
+        self.binary = binary
+        self.state_dir = state_dir
+        self.chain_id = chain_id
+        self.block_time = block_time
+        self.gas_limit = gas_limit
+        self.requested_port = port
+        self.start_timeout = start_timeout
+        self.max_lead = max_lead
+        self.cache_mb = cache_mb
+        self.port = 0
+        self._process: subprocess.Popen[bytes] | None = None
+        self._adopted: int | None = None
+        self._mining = threading.Lock()
+        self._stop_workers = threading.Event()
+        self._workers: list[threading.Thread] = []
+        self._last_time = 0  # the newest block's timestamp
+        self.offset = 0  # seconds the chain's clock is set ahead (`increase_time`, development only)
+        self.checkpoints = Checkpoints(state_dir)
+        self.before_block: Callable[[], None] | None = None
+        self.after_block: Callable[[], None] | None = None
+
+    # files and process -------------------------------------------------------------------------
+
+    @property
+    def data_dir(self) -> Path:
+        return self.state_dir / "geth"
+
+    @property
+    def log_file(self) -> Path:
+        return self.state_dir / "geth.log"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.state_dir / "geth.pid"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        if self._adopted is not None:
+            return _alive(self._adopted)
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        if self._adopted is not None:
+            return self._adopted
+        return None if self._process is None else self._process.pid
+
+    def _initialise(self) -> None:
+        """Write the genesis block into a new data directory (once)."""
+        if (self.data_dir / "geth" / "chaindata").is_dir():
+            return
+        spec = genesis(
+            self.binary, chain_id=self.chain_id, gas_limit=self.gas_limit, funded=Account.from_key(DEV_KEY).address
+        )
+        genesis_file = self.state_dir / "genesis.json"
+        write_atomically(genesis_file, json.dumps(spec, indent=1))
+        done = subprocess.run(  # noqa: S603 - our own binary and arguments
+            [
+                str(self.binary),
+                "init",
+                "--datadir",
+                str(self.data_dir),
+                "--state.scheme",
+                "hash",
+                "--db.engine",
+                "leveldb",
+                str(genesis_file),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if done.returncode != 0:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            raise NodeStartError(f"geth init failed: {done.stderr[-2000:]}")
+
+    def _command(self, auth_port: int) -> list[str]:
+        return [
+            str(self.binary),
+            "--dev",
+            "--dev.period",
+            str(NEVER),
+            "--datadir",
+            str(self.data_dir),
+            "--state.scheme",
+            "hash",
+            "--gcmode",
+            "archive",
+            "--db.engine",
+            "leveldb",
+            "--cache",
+            str(self.cache_mb),
+            "--http",
+            "--http.addr",
+            "127.0.0.1",
+            "--http.port",
+            str(self.port),
+            "--http.api",
+            "eth,net,web3,debug,txpool,testing",
+            "--authrpc.addr",
+            "127.0.0.1",
+            "--authrpc.port",
+            str(auth_port),
+            "--port",
+            "0",
+            "--nodiscover",
+            "--maxpeers",
+            "0",
+            "--ipcdisable",
+            "--miner.gaslimit",
+            str(self.gas_limit),
+            # The operator sends up to `relayer_max_in_flight` batches per lane before any is mined.
+            "--txpool.accountslots",
+            "4096",
+            "--txpool.accountqueue",
+            "4096",
+            "--txpool.globalslots",
+            "65536",
+            "--txpool.globalqueue",
+            "65536",
+            "--rpc.gascap",
+            "0",  # eth_call and estimates of large batches are not capped at 50M gas
+            "--rpc.txfeecap",
+            "0",
+            "--rpc.batch-request-limit",
+            "100000",
+            "--rpc.batch-response-max-size",
+            str(1 << 30),
+            "--verbosity",
+            "2",  # warnings and errors: by default it logs every block
+        ]
+
+    def start(self) -> str:
+        """Start the node (initialising its data directory the first time) and its miner; its URL."""
+        if self.running:
+            return self.url
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if self._adopt():
+            self._after_start()
+            return self.url
+        self._initialise()
+        attempts = 1 if self.requested_port else 3  # a free port can be taken before geth binds it
+        last_error = ""
+        for _ in range(attempts):
+            self.port = self.requested_port or free_port()
+            with self.log_file.open("ab") as log_handle:
+                self._process = subprocess.Popen(  # noqa: S603 - our own binary and arguments
+                    self._command(free_port()),
+                    stdout=log_handle,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop geth in order
+                )
+            write_atomically(self.pid_file, f"{self._process.pid} {self.port}")
+            try:
+                self._wait_ready()
+            except NodeStartError as exc:
+                last_error = str(exc)
+                self.kill()
+                continue
+            log.info("geth %s running at %s (data %s)", self.binary, self.url, self.data_dir)
+            self._after_start()
+            return self.url
+        raise NodeStartError(f"geth did not start: {last_error}; see {self.log_file}")
+
+    def _after_start(self) -> None:
+        head = self._head()
+        self._last_time = int(head["timestamp"], 16)
+        self.checkpoints.mark_durable(int(head["number"], 16))  # every block it has is on its disk
+        self._start_workers()
+
+    def running_node(self) -> tuple[int, int] | None:
+        """(pid, port) of a live geth serving this data directory (started by a service, maybe another process)."""
+        try:
+            pid_text, port_text = self.pid_file.read_text().split()
+            pid, port = int(pid_text), int(port_text)
+        except (OSError, ValueError):
+            return None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return None
+        if not cmdline or not cmdline[0].endswith(b"geth") or str(self.data_dir).encode() not in cmdline:
+            return None
+        return (pid, port) if _alive(pid) else None
+
+    def _adopt(self) -> bool:
+        """Take over a node an earlier service left running on this data directory (it was killed)."""
+        found = self.running_node()
+        if found is None:
+            return False
+        pid, port = found
+        self._adopted, self.port = pid, port
+        try:
+            self._wait_ready()
+        except NodeStartError:
+            self._signal_adopted(signal.SIGKILL)
+            return False
+        log.warning("adopted geth %s left running on %s by an earlier service", pid, self.data_dir)
+        return True
+
+    def _signal_adopted(self, sig: int, timeout: float = 30.0) -> None:
+        pid = self._adopted
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self._adopted = None
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self._process is not None and self._process.poll() is not None:
+                raise NodeStartError(f"geth exited with status {self._process.returncode}: {self._log_tail()}")
+            try:
+                if int(str(self._call("eth_chainId", [], timeout=2)), 16) == self.chain_id:
+                    return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, KeyError, ValueError, NodeStartError):
+                time.sleep(0.05)
+        raise NodeStartError(f"geth did not answer within {self.start_timeout:g}s: {self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        try:
+            return self.log_file.read_text(errors="replace")[-2000:].strip()
+        except OSError:
+            return ""
+
+    def _call(self, method: str, params: list[object], timeout: float = 30) -> object:
+        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode()
+        request = urllib.request.Request(  # noqa: S310 - loopback URL we built
+            self.url, data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            answer = json.loads(response.read())
+        if "error" in answer:
+            raise NodeStartError(f"{method}: {answer['error']}")
+        return answer.get("result")
+
+    def _head(self) -> dict[str, Any]:
+        head = self._call("eth_getBlockByNumber", ["latest", False])
+        assert isinstance(head, dict)
+        return head
+
+    # blocks ------------------------------------------------------------------------------------
+
+    def _start_workers(self) -> None:
+        if any(w.is_alive() for w in self._workers):
+            return
+        self._stop_workers.clear()
+        self._workers = [threading.Thread(target=self._mine, name="geth-miner", daemon=True)]
+        for worker in self._workers:
+            worker.start()
+
+    def _stop_workers_now(self) -> None:
+        self._stop_workers.set()
+        for worker in self._workers:
+            worker.join(timeout=10)
+        self._workers = []
+
+    def _next_time(self) -> int | None:
+        """The next block's timestamp, or None while it would be more than `max_lead` s ahead of the clock."""
+        now = int(time.time()) + self.offset
+        stamp = max(now, self._last_time + 1)
+        return stamp if stamp - now <= self.max_lead else None
+
+    def _pending(self) -> int:
+        status = self._call("txpool_status", [])
+        assert isinstance(status, dict)
+        return int(status["pending"], 16)
+
+    def commit(self, timestamp: int, transactions: list[str] | None = None) -> str:
+        """Make one block now at `timestamp`, with what the pool holds (or exactly `transactions`, raw and
+        hex: [] for an empty block); its hash. Written to the node's database before it returns."""
+        attributes = {
+            "timestamp": hex(timestamp),
+            "prevRandao": ZERO32,
+            "suggestedFeeRecipient": "0x" + "00" * 20,
+            "withdrawals": [],
+            "parentBeaconBlockRoot": ZERO32,
+        }
+        block_hash = str(self._call("testing_commitBlockV1", [attributes, transactions, None], timeout=120))
+        self._last_time = timestamp
+        return block_hash
+
+    def _mine(self) -> None:
+        """Every `block_time`: if the clock allows a block, `before_block` (the relayer sends its batches),
+        then a block if anything is waiting, then `after_block`."""
+        due = time.monotonic() + self.block_time
+        while not self._stop_workers.wait(max(0.0, due - time.monotonic())):
+            mined = False
+            with self._mining:
+                due = max(due, time.monotonic()) + self.block_time
+                if self._next_time() is None:
+                    continue
+                _run_hook(self.before_block)
+                stamp = self._next_time()
+                # A node that is down or restarting is the supervisor's business, not the miner's.
+                with contextlib.suppress(OSError, ValueError, NodeStartError):
+                    if stamp is not None and self._pending() > 0:
+                        self.commit(stamp)
+                        self.checkpoints.mark_durable(int(str(self._call("eth_blockNumber", [])), 16))
+                        mined = True
+            if mined:
+                _run_hook(self.after_block)
+
+    def mine_now(self, *, advance: int = 0) -> None:
+        """One block at once, empty or not, `advance` seconds on (development: `increase_time`)."""
+        with self._mining:
+            self.offset += advance
+            now = int(time.time()) + self.offset
+            self.commit(max(now, self._last_time + 1))
+            self.checkpoints.mark_durable(int(str(self._call("eth_blockNumber", [])), 16))
+
+    @contextlib.contextmanager
+    def mining_paused(self) -> Iterator[None]:
+        with self._mining:
+            yield
+
+    def checkpoint(self) -> float:
+        """Nothing to write: every block is in the node's database when it is made (kept for the
+        interface the managed anvil node has); returns the seconds mining was paused (0)."""
+        return 0.0
+
+    # stopping ----------------------------------------------------------------------------------
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop gracefully: the miner stops, then geth closes its database."""
+        self._stop_workers_now()
+        if self._adopted is not None:
+            self._signal_adopted(signal.SIGINT, timeout)
+            return
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            self._process.send_signal(signal.SIGINT)
+            try:
+                self._process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("geth did not stop within %ss; killing it", timeout)
+                self.kill()
+        self._process = None
+
+    def kill(self) -> None:
+        """Kill at once, as a crash would."""
+        self._stop_workers_now()
+        if self._adopted is not None:
+            self._signal_adopted(signal.SIGKILL)
+            return
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            os.kill(self._process.pid, signal.SIGKILL)
+            self._process.wait()
+        self._process = None

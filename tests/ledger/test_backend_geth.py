@@ -1,0 +1,144 @@
+"""The conformance suite on a real geth node managed by our code (the default for `serve`), plus what
+only it promises: blocks on disk when made, so a restart or a SIGKILL keeps every one of them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from eth_typing import HexStr
+
+from ledger.backends import ChainBackend, GethBackend
+from ledger.contracts import ensure_deployed
+from ledger.settings import ChainSettings
+from ledger.tx import TxRequest, TxSender
+from tests.ledger.access_conformance import AccessLogConformance
+from tests.ledger.conformance import EMAIL, ChainConformance
+from tests.ledger.conftest import Accounts, Ledger, make_ledger, registry_plan
+from tests.ledger.loyalty_conformance import LoyaltyConformance
+
+
+def geth_settings(**overrides: object) -> ChainSettings:
+    """Blocks every 50 ms, the chain's clock let run ahead (tests send one transaction after another; at
+    the default lead of 2 s they would get one block a second, see `test_blocks_come_only_for_work…`)."""
+    settings: dict[str, object] = {"block_time": 0.05, "max_clock_lead": 3600, **overrides}
+    return ChainSettings(backend="geth", **settings)  # type: ignore[arg-type]
+
+
+@pytest.mark.geth
+class TestGeth(ChainConformance, LoyaltyConformance, AccessLogConformance):
+    @pytest.fixture(scope="class")
+    @classmethod
+    def backend(cls, accounts: Accounts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChainBackend]:
+        with GethBackend(geth_settings(), accounts.operator, tmp_path_factory.mktemp("geth")) as backend:
+            yield backend
+
+
+def _reconnect(backend: GethBackend, accounts: Accounts) -> None:
+    for account in (accounts.admin, accounts.operator, accounts.stranger, accounts.accessor):
+        accounts.senders[account.address] = TxSender(backend.w3, account, receipt_timeout=60)
+
+
+@pytest.mark.geth
+@pytest.mark.parametrize("how", ["stop", "sigkill"])
+def test_every_mined_block_survives_a_restart_or_a_sigkill(
+    how: str, tmp_path: Path, artifacts: dict[str, object]
+) -> None:
+    """A block is on disk when it is made: after a graceful stop, and after a SIGKILL of the node right
+    after a block, the chain is the same to the last block (head, hashes, receipts, logs, state)."""
+    accounts = Accounts()
+    backend = GethBackend(geth_settings(), accounts.operator, tmp_path)
+    backend.start()
+    try:
+        ledger = make_ledger(backend, artifacts, accounts)  # type: ignore[arg-type]
+        record = tmp_path / "deployment.json"
+        ledger.deployment.save(record)
+        receipts = [ledger.registry.apply(ledger.grant(EMAIL))]
+        receipts.append(ledger.registry.apply(ledger.revoke(EMAIL)))
+        receipts.append(ledger.registry.apply(ledger.grant(EMAIL)))
+        head = backend.w3.eth.block_number
+        hashes = [bytes(backend.w3.eth.get_block(n)["hash"]) for n in range(head + 1)]
+        assert backend.node.checkpoints.durable_block() == head  # what a waiting export reads: no dump
+        if how == "stop":
+            backend.stop()
+        else:
+            pid = backend.node.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)  # the process only: what it had written is the kernel's
+            backend.kill()
+    except BaseException:
+        backend.stop()
+        raise
+
+    backend.start()
+    try:
+        w3 = backend.w3
+        assert w3.eth.block_number >= head
+        assert [bytes(w3.eth.get_block(n)["hash"]) for n in range(head + 1)] == hashes
+        for receipt in receipts:
+            assert w3.eth.get_transaction_receipt(HexStr(receipt.tx_hash))["blockNumber"] == receipt.block_number
+        _reconnect(backend, accounts)
+        operator = accounts.senders[accounts.operator.address]
+        again = ensure_deployed(w3, operator, ledger.artifacts, registry_plan(accounts), record)
+        assert again.contracts == ledger.deployment.contracts  # reused, not redeployed
+        assert ledger.registry.is_permitted(ledger.subject, ledger.partner, ledger.purpose, EMAIL)
+        logs = w3.eth.get_logs(
+            {"address": ledger.deployment.address("ConsentRegistry"), "fromBlock": 0, "toBlock": "latest"}
+        )
+        assert {r.tx_hash for r in receipts} <= {"0x" + bytes(log["transactionHash"]).hex() for log in logs}
+        # and it goes on: a new change is mined after the restart
+        assert ledger.registry.apply(ledger.revoke(EMAIL)).block_number > head
+    finally:
+        backend.stop()
+
+
+@pytest.fixture
+def ledger_on_geth(tmp_path: Path, artifacts: dict[str, object]) -> Iterator[Ledger]:
+    accounts = Accounts()
+    with GethBackend(geth_settings(max_clock_lead=LEAD), accounts.operator, tmp_path) as backend:
+        yield make_ledger(backend, artifacts, accounts)  # type: ignore[arg-type]
+
+
+LEAD = ChainSettings().max_clock_lead  # the default
+
+
+@pytest.mark.geth
+def test_blocks_come_only_for_work_and_never_run_ahead_of_the_clock(ledger_on_geth: Ledger) -> None:
+    """No empty blocks; under sustained load about one block a second, so that a block's timestamp is
+    never more than LEAD seconds ahead of the clock (timestamps are whole seconds and strictly
+    increase: blocks every 50 ms would each move the chain's clock a second on)."""
+    w3 = ledger_on_geth.backend.w3
+    start = w3.eth.block_number
+    time.sleep(1.0)
+    assert w3.eth.block_number == start  # idle: nothing mined
+    sender = ledger_on_geth.accounts.senders[ledger_on_geth.accounts.stranger.address]
+    hashes: list[str] = []
+    began = time.time()
+    while time.time() - began < 6:  # a transaction every 50 ms for 6 s
+        hashes += sender.send([TxRequest(to=ledger_on_geth.accounts.stranger.address, data=b"", gas=21_000)])
+        time.sleep(0.05)
+    receipts = sender.wait(hashes)
+    assert all(r.status == 1 for r in receipts)
+    blocks = [w3.eth.get_block(n) for n in range(start + 1, w3.eth.block_number + 1)]
+    stamps = [int(b["timestamp"]) for b in blocks]
+    assert stamps == sorted(set(stamps))
+    assert max(stamps) <= int(time.time()) + LEAD
+    assert 3 <= len(blocks) <= int(time.time() - began) + 1 + LEAD
+
+
+@pytest.mark.geth
+def test_the_geth_make_setup_builds_is_the_one_the_code_expects() -> None:
+    import re
+    import subprocess
+
+    from ledger.geth import GETH_VERSION, find_geth
+    from ledger.settings import ToolchainSettings
+
+    makefile = (ToolchainSettings().project_root / "Makefile").read_text()
+    assert re.search(r"^GETH_VERSION := (\S+)$", makefile, re.M)[1] == GETH_VERSION  # type: ignore[index]
+    printed = subprocess.run([str(find_geth()), "version"], capture_output=True, text=True, check=True).stdout
+    assert f"Version: {GETH_VERSION.removeprefix('v')}-stable" in printed
