@@ -28,8 +28,8 @@ from identity.pseudonym import Pseudonymizer
 from identity.settings import IdentitySettings
 from identity.types import Subject
 from ledger.access import AccessLogClient, Verification, verify
-from ledger.anvil import AnvilNode, Checkpoints, find_anvil
-from ledger.backends import http_provider
+from ledger.anvil import Checkpoints
+from ledger.backends import http_provider, managed_node
 from ledger.compiler import compile_contracts
 from ledger.contracts import Deployment, RevertDecoder
 from ledger.eip712 import purpose_id
@@ -50,15 +50,9 @@ def chain_url(service: ServiceSettings, chain: ChainSettings) -> str:
         if not chain.rpc_url:
             raise ToolError("CONSENT_LEDGER_CHAIN_RPC_URL is not set")
         return chain.rpc_url
-    if chain.backend != "anvil":
-        raise ToolError(f"the {chain.backend} chain lives inside `serve` only; tools need anvil or rpc")
-    node = AnvilNode(
-        chain.anvil_path or find_anvil(ToolchainSettings().node_modules),
-        service.data_dir / "chain",
-        chain_id=chain.chain_id,
-        block_time=chain.block_time,
-        gas_limit=chain.gas_limit,
-    )
+    if chain.backend not in ("geth", "anvil"):
+        raise ToolError(f"the {chain.backend} chain lives inside `serve` only; tools need geth, anvil or rpc")
+    node = managed_node(chain, service.data_dir)
     found = node.running_node()
     if found is None:
         raise ToolError(
@@ -142,8 +136,9 @@ class Offline:
             return DidWeb(did_host(session, self.service, self.identity, record=False))
 
     def bridge(self) -> Bridge:
-        # The managed node can lose blocks in a crash until a checkpoint holds them; an external chain
-        # (QBFT and the like) does not lose final blocks.
+        # The managed anvil node can lose blocks in a crash until a checkpoint holds them; geth writes
+        # each block to its disk as it makes it, and an external chain (QBFT and the like) does not
+        # lose final blocks.
         durable = Checkpoints(self.service.data_dir / "chain").wait if self.chain.backend == "anvil" else None
         return Bridge(
             Pseudonymizer(self.secrets.peppers),

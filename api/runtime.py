@@ -36,7 +36,7 @@ from identity.did import DidWeb, Resolver
 from identity.settings import IdentitySettings
 from identity.vault import Vault
 from ledger.access import AccessFollower, AccessLogClient, AccessReader, Verification, verify
-from ledger.backends import AnvilBackend, ChainBackend, RpcBackend, create_backend
+from ledger.backends import ChainBackend, ManagedBackend, RpcBackend, create_backend
 from ledger.bindings import UNKNOWN_PARTNER, Bindings
 from ledger.compiler import Artifact, compile_contracts
 from ledger.consent import PARTNER_ROLE, ConsentRegistryClient
@@ -162,7 +162,7 @@ class Runtime:
             self.deployment = ensure_deployed(
                 w3, sender, self.artifacts, ledger_plan(operator, operator, self.secrets.accessor.address), record
             )
-            if isinstance(self.backend, AnvilBackend) and record.read_bytes() != deployed:
+            if isinstance(self.backend, ManagedBackend) and record.read_bytes() != deployed:
                 # Contracts were deployed just now: write them to the node's state file before anything
                 # is served. A crash of the node before its first periodic checkpoint lost them, and
                 # the service could then neither go on nor start again (a chaos run with a long
@@ -257,7 +257,7 @@ class Runtime:
             # machine): check what the previous run settled at once, not after `lost_after`.
             self._node_restarted()
             indexer = self.indexer
-            if isinstance(self.backend, AnvilBackend):  # this service mines the blocks: time batches to them
+            if isinstance(self.backend, ManagedBackend):  # this service mines the blocks: time batches to them
                 cadence = self.cadence = BlockCadence()
 
                 def after_block() -> None:
@@ -420,15 +420,15 @@ class Runtime:
         return bool(granted)
 
     def supervise_node(self) -> None:
-        """A managed anvil that died is started again on the same port and state file. Blocks it mined
+        """A managed node that died is started again on the same port and data. (anvil: blocks it mined
         after its last state dump are gone: the indexer sees that as a reorganisation and the relayer
-        re-sends what was lost."""
+        re-sends what was lost. geth keeps every block it made.)"""
         backend = self.backend
-        if not self.chain.supervise or not isinstance(backend, AnvilBackend):
+        if not self.chain.supervise or not isinstance(backend, ManagedBackend):
             return
         if backend.node.running or self._stop.is_set():
             return
-        log.warning("the managed anvil node is not running; starting it again")
+        log.warning("the managed %s node is not running; starting it again", backend.name)
         # Before it answers: the relayer takes the operator's nonce again before it sends anything more,
         # and sends nothing signed before (with a nonce the lost blocks may have used).
         self._node_restarted()

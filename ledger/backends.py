@@ -292,6 +292,17 @@ class RpcBackend(ChainBackend):
         return w3
 
 
+def managed_node(settings: ChainSettings, data_dir: Path) -> AnvilNode | GethNode:
+    """The managed node of `settings.backend` on `data_dir`, not started (tools look for it running)."""
+    common: dict[str, Any] = {"chain_id": settings.chain_id, "block_time": settings.block_time}
+    if settings.backend == "geth":
+        return GethNode(settings.geth_path or find_geth(), data_dir / "chain", gas_limit=settings.gas_limit, **common)
+    if settings.backend == "anvil":
+        binary = settings.anvil_path or find_anvil(get_toolchain_settings().node_modules)
+        return AnvilNode(binary, data_dir / "chain", gas_limit=settings.gas_limit, **common)
+    raise ChainError(f"the {settings.backend} backend has no managed node")
+
+
 def create_backend(settings: ChainSettings, operator: LocalAccount, data_dir: Path) -> ChainBackend:
     """The backend `settings.backend` names."""
     if settings.backend == "inprocess":

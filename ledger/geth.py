@@ -180,6 +180,11 @@ class GethNode:
             return self._adopted
         return None if self._process is None else self._process.pid
 
+    @property
+    def last_time(self) -> int:
+        """The newest block's timestamp (as this miner last saw it)."""
+        return self._last_time
+
     def _initialise(self) -> None:
         """Write the genesis block into a new data directory (once)."""
         if (self.data_dir / "geth" / "chaindata").is_dir():

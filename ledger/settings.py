@@ -51,8 +51,10 @@ class ChainSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CONSENT_LEDGER_CHAIN_", extra="ignore")
 
     backend: Backend = Field(
-        default="anvil",
-        description="anvil: a node managed by the service; inprocess: eth-tester (tests); rpc: an external node.",
+        default="geth",
+        description="geth: a go-ethereum node managed by the service (blocks and state on disk); anvil: an anvil "
+        "node managed by the service (chain in memory, dumped to disk; fast tests); inprocess: eth-tester "
+        "(tests); rpc: an external node.",
     )
     rpc_url: str | None = Field(default=None, description="JSON-RPC URL of the external node (backend=rpc).")
     operator_key: SecretStr | None = Field(
@@ -75,7 +77,7 @@ class ChainSettings(BaseSettings):
         description="Blocks (counting its own) after which a transaction is final: the bridge releases "
         "data only then. 1 suits QBFT/IBFT chains, whose blocks are final when made.",
     )
-    chain_id: int = Field(default=31337, description="Chain id of the managed anvil node.")
+    chain_id: int = Field(default=31337, description="Chain id of the managed node.")
     block_time: float = Field(
         default=0.2,
         gt=0,

@@ -40,7 +40,10 @@ CLI = [sys.executable, "-m", "api.cli"]
 def serve_env(**extra: str) -> dict[str, str]:
     """The environment for a `consent-ledger` process: ours cleared, the given settings set."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONSENT_LEDGER_")}
-    env.update({"CONSENT_LEDGER_CHAIN_BLOCK_TIME": "0.1", **extra})
+    # The default chain (a managed geth node) with blocks every 0.1 s, its clock let run ahead: tests
+    # wait for one confirmation after another, and at the default lead of 2 s they would get one block
+    # a second (`tests/ledger/test_backend_geth.py` tests that lead).
+    env.update({"CONSENT_LEDGER_CHAIN_BLOCK_TIME": "0.1", "CONSENT_LEDGER_CHAIN_MAX_CLOCK_LEAD": "3600", **extra})
     return env
 
 

@@ -28,7 +28,7 @@ from sqlalchemy import select
 
 from ledger import events
 from ledger.anvil import Checkpoints, free_port
-from ledger.backends import AnvilBackend
+from ledger.backends import create_backend
 from ledger.bindings import BoundController
 from ledger.compiler import compile_contracts
 from ledger.consent import ConsentRegistryClient
@@ -40,18 +40,23 @@ from ledger.types import Subject
 from scripts import generate_crm
 from tests.api.conftest import q, siwe_signed
 
-pytestmark = [pytest.mark.anvil, pytest.mark.slow]
+pytestmark = [pytest.mark.anvil, pytest.mark.geth, pytest.mark.slow]
 CLI = [sys.executable, "-m", "api.cli"]
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("CONSENT_LEDGER_")} | {
-    "CONSENT_LEDGER_CHAIN_BLOCK_TIME": "0.1"
+    "CONSENT_LEDGER_CHAIN_BLOCK_TIME": "0.1",
+    "CONSENT_LEDGER_CHAIN_MAX_CLOCK_LEAD": "3600",  # geth: blocks every 0.1 s (see tests/api/conftest.py)
 }
+# The managed nodes: geth (the default: every block on disk when made) and anvil (its chain in memory,
+# dumped: a crash loses the blocks since the last dump, which the relayer sends again).
+NODES = ["geth", "anvil"]
 
 
 class Serve:
-    def __init__(self, data_dir: Path, **env: str) -> None:
+    def __init__(self, data_dir: Path, node: str = "geth", **env: str) -> None:
         self.data_dir = data_dir
+        self.node = node
         self.port = free_port()
-        self.env = ENV | {"CONSENT_LEDGER_PORT": str(self.port)} | env
+        self.env = ENV | {"CONSENT_LEDGER_PORT": str(self.port), "CONSENT_LEDGER_CHAIN_BACKEND": node} | env
         out = subprocess.run(
             [*CLI, "principals", "add", "--role", "operator", "--name", "op", "--data-dir", str(data_dir)],
             env=self.env,
@@ -84,8 +89,11 @@ class Serve:
         self.process.send_signal(sig)
         self.process.wait(timeout=60)
 
-    def anvil_pid(self) -> int:
-        return int((self.data_dir / "chain" / "anvil.pid").read_text().split()[0])
+    def node_pid(self) -> int:
+        return int((self.data_dir / "chain" / f"{self.node}.pid").read_text().split()[0])
+
+    def node_port(self) -> int:
+        return int((self.data_dir / "chain" / f"{self.node}.pid").read_text().split()[1])
 
     def close(self) -> None:
         """However the test ended: the service stopped (gracefully if it will), and no node of it left
@@ -99,11 +107,11 @@ class Serve:
                 self.process.kill()
                 self.process.wait()
         try:
-            pid = self.anvil_pid()
+            pid = self.node_pid()
             command = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError, IndexError):
             command = b""
-        if b"anvil" in command and str(self.data_dir).encode() in command:
+        if self.node.encode() in command and str(self.data_dir).encode() in command:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.client.close()
@@ -191,7 +199,8 @@ def _verify_exactly_once(serve: Serve, acknowledged: list[str], *, node_crashed:
         time.sleep(0.2)
     assert len(rows) == len(acknowledged)
     serve.stop()  # graceful: the node writes its state; now read the chain itself
-    backend = AnvilBackend(ChainSettings(backend="anvil", block_time=0.1), Account.create(), serve.data_dir)
+    settings = ChainSettings(backend=serve.node, block_time=0.1)  # type: ignore[arg-type]
+    backend = create_backend(settings, Account.create(), serve.data_dir)
     w3 = backend.start()
     try:
         deployment = Deployment.load(serve.data_dir / "deployment.json")
@@ -224,6 +233,7 @@ def _verify_exactly_once(serve: Serve, acknowledged: list[str], *, node_crashed:
             assert logged <= 1, "an acknowledged change must never be applied twice"
             if row.error_code == "history_lost":
                 assert node_crashed, "only a crashed node can lose a block"
+                assert serve.node == "anvil", "geth writes each block to its disk as it makes it"
             else:
                 assert logged == 1, "an acknowledged change must be on-chain (logged) once"
         with sessions(engine)() as session:
@@ -251,9 +261,9 @@ def _verify_exactly_once(serve: Serve, acknowledged: list[str], *, node_crashed:
         engine.dispose()
 
 
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Serve]:
-    instance = Serve(tmp_path)
+@pytest.fixture(params=NODES)
+def serve(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Serve]:
+    instance = Serve(tmp_path, request.param)
     yield instance
     instance.close()
 
@@ -285,15 +295,16 @@ def test_kill_9_of_the_service_loses_no_acknowledged_change(serve: Serve) -> Non
     _verify_exactly_once(serve, acknowledged)
 
 
-def test_kill_9_of_the_node_loses_no_acknowledged_change(tmp_path: Path) -> None:
+@pytest.mark.parametrize("node", NODES)
+def test_kill_9_of_the_node_loses_no_acknowledged_change(tmp_path: Path, node: str) -> None:
     # Without supervision the node stays down until the service is restarted: the worst case.
-    serve = Serve(tmp_path, CONSENT_LEDGER_CHAIN_SUPERVISE="false")
+    serve = Serve(tmp_path, node, CONSENT_LEDGER_CHAIN_SUPERVISE="false")
     try:
         customers = _prepare(serve)
         stop, acknowledged = threading.Event(), []  # type: ignore[var-annotated]
         threads = _load(serve, customers, stop, acknowledged)
         time.sleep(2.0)
-        os.kill(serve.anvil_pid(), signal.SIGKILL)  # blocks mined since the last state dump are gone
+        os.kill(serve.node_pid(), signal.SIGKILL)  # anvil: blocks mined since the last state dump are gone
         time.sleep(0.5)
         _account, _did, headers = customers[0]
         down = serve.client.post(
@@ -335,7 +346,7 @@ def test_contracts_deployed_at_the_first_start_survive_a_node_crash_before_any_p
 ) -> None:
     """The first start deploys the contracts. A node killed before its first periodic checkpoint (an hour
     away here) used to come back as an empty chain: the service could neither go on nor start again."""
-    serve = Serve(tmp_path, CONSENT_LEDGER_CHAIN_STATE_INTERVAL="3600")
+    serve = Serve(tmp_path, "anvil", CONSENT_LEDGER_CHAIN_STATE_INTERVAL="3600")
     try:
         serve.start()
         _kill_node_and_wait_for_its_restart(serve)
@@ -359,12 +370,12 @@ def _kill_node_and_wait_for_its_restart(serve: Serve) -> None:
     """SIGKILL the managed node; the supervisor starts a new one (same port, same state file). Waits
     until the new node answers: its pid file is written as it is started, before it listens (under
     load a request right after the pid changed met a refused connection)."""
-    killed = serve.anvil_pid()
+    killed = serve.node_pid()
     os.kill(killed, signal.SIGKILL)
     deadline = time.monotonic() + 30
     while True:
         assert time.monotonic() < deadline, "the service did not restart its node"
-        if serve.anvil_pid() != killed:
+        if serve.node_pid() != killed:
             with contextlib.suppress(httpx.TransportError):
                 _rpc(serve, "eth_blockNumber", [])
                 return
@@ -372,7 +383,7 @@ def _kill_node_and_wait_for_its_restart(serve: Serve) -> None:
 
 
 def _rpc(serve: Serve, method: str, params: list[object]) -> object:
-    port = int((serve.data_dir / "chain" / "anvil.pid").read_text().split()[1])
+    port = serve.node_port()
     answer = httpx.post(
         f"http://127.0.0.1:{port}", json={"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
     )
@@ -427,7 +438,7 @@ def _grant(
 
 def test_a_key_bound_and_a_partner_added_just_before_the_node_dies_are_put_back(tmp_path: Path) -> None:
     # Checkpoints 5 s apart, so that the binding, the partner's role and the changes below fall between two.
-    serve = Serve(tmp_path, CONSENT_LEDGER_CHAIN_STATE_INTERVAL="5")
+    serve = Serve(tmp_path, "anvil", CONSENT_LEDGER_CHAIN_STATE_INTERVAL="5")
     try:
         issuer = {"X-API-Key": principal(serve, "issuer", "issuer")}
         redeemer = {"X-API-Key": principal(serve, "partner", "globex")}
@@ -493,7 +504,7 @@ def test_a_key_bound_and_a_partner_added_just_before_the_node_dies_are_put_back(
 def test_an_access_the_bridge_released_on_survives_a_crash_of_the_node(tmp_path: Path) -> None:
     """Log, then release, holds through a crash of the managed node: `bridge export` hands its file on
     only once a checkpoint holds the access records' block, however far off the next periodic one is."""
-    serve = Serve(tmp_path, CONSENT_LEDGER_CHAIN_STATE_INTERVAL="3600")  # no periodic checkpoint in this test
+    serve = Serve(tmp_path, "anvil", CONSENT_LEDGER_CHAIN_STATE_INTERVAL="3600")  # no periodic checkpoint in this test
     try:
         _prepare(serve)
         generate_crm.write(tmp_path / "crm", rows=300, seed=11)

@@ -28,7 +28,7 @@ from ledger.store import IndexedBlock, make_engine, sessions
 from tests.api.conftest import q
 from tests.api.test_crash import Serve, _customer, principal
 
-pytestmark = [pytest.mark.anvil, pytest.mark.slow]
+pytestmark = [pytest.mark.geth, pytest.mark.slow]
 CUSTOMERS = 8
 START = 1000
 
@@ -95,7 +95,7 @@ def _never_spends_twice(serve: Serve, victim: str) -> None:
         if victim == "service":
             serve.stop(signal.SIGKILL)
         else:  # the service restarts the node from its last checkpoint
-            os.kill(serve.anvil_pid(), signal.SIGKILL)
+            os.kill(serve.node_pid(), signal.SIGKILL)
             stop.set()
             # What the lost blocks held is applied again as soon as the node is back: sooner than
             # the relayers' periodic audit (10 s), which finds redemptions settled but never indexed.
@@ -134,7 +134,7 @@ def _never_spends_twice(serve: Serve, victim: str) -> None:
 
         # On-chain: each redemption id applied at most once, and balances agree with the answers.
         address = json.loads((serve.data_dir / "deployment.json").read_text())["contracts"]["LoyaltyPoints"]["address"]
-        node_port = (serve.data_dir / "chain" / "anvil.pid").read_text().split()[1]
+        node_port = str(serve.node_port())
         w3 = httpx.Client(base_url=f"http://127.0.0.1:{node_port}")
         logs = w3.post(
             "/",
@@ -212,7 +212,7 @@ def _settled(serve: Serve, timeout: float = 90) -> None:
 
 def _node_block_hash(serve: Serve, number: int) -> str | None:
     """The hash of the node's block `number`; None if it has none, or is down."""
-    port = (serve.data_dir / "chain" / "anvil.pid").read_text().split()[1]
+    port = str(serve.node_port())
     try:
         block = httpx.post(
             f"http://127.0.0.1:{port}",

@@ -1,4 +1,4 @@
-"""`consent-ledger serve` as a user runs it: a real process tree (service + anvil), Ctrl-C, restart."""
+"""`consent-ledger serve` as a user runs it: a real process tree (service + its geth node), Ctrl-C, restart."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import pytest
 from ledger.anvil import free_port
 from tests.api.conftest import CLI, interrupt, serve_env, wait_healthy
 
-pytestmark = pytest.mark.anvil
+pytestmark = pytest.mark.geth
 
 
 def _alive(pid: int) -> bool:
@@ -52,12 +52,12 @@ def test_serve_starts_stops_on_ctrl_c_and_finds_its_state_again(tmp_path: Path) 
     assert "created a new operator key" in output
     assert '"GET /api/v1/health HTTP/1.1" 200' not in output  # no access log unless asked for
     assert health["status"] == "ok"
-    assert health["backend"] == "anvil"
+    assert health["backend"] == "geth"  # the default
     contracts = health["contracts"]
     assert {c["name"] for c in contracts} == {"ConsentRegistry", "LoyaltyPoints", "AccessLog"}
-    anvil_pid = int((tmp_path / "chain" / "anvil.pid").read_text().split()[0])
-    assert not _alive(anvil_pid), "anvil must stop with the service"
-    assert (tmp_path / "chain" / "state.json").is_file()
+    node_pid = int((tmp_path / "chain" / "geth.pid").read_text().split()[0])
+    assert not _alive(node_pid), "the node must stop with the service"
+    assert (tmp_path / "chain" / "geth" / "geth" / "chaindata").is_dir()
 
     second = _serve(tmp_path, port)
     try:
@@ -71,29 +71,30 @@ def test_serve_starts_stops_on_ctrl_c_and_finds_its_state_again(tmp_path: Path) 
 
 
 def test_a_killed_services_node_is_adopted_by_the_next_start(tmp_path: Path) -> None:
-    # The node keeps its chain in memory while the service is down; the next start takes it over
-    # instead of reloading the state file (which could lose the tail of its history).
+    # The node goes on while the service is down; the next start takes it over instead of starting a
+    # second one on the same data (and, for anvil, instead of reloading a state file that could lack
+    # the tail of its history).
     port = free_port()
     service = _serve(tmp_path, port)
     before = wait_healthy(port, service)
-    anvil_pid = int((tmp_path / "chain" / "anvil.pid").read_text().split()[0])
+    node_pid = int((tmp_path / "chain" / "geth.pid").read_text().split()[0])
     service.kill()
     service.communicate(timeout=30)
-    assert _alive(anvil_pid)
+    assert _alive(node_pid)
     again = _serve(tmp_path, port)
     try:
         after = wait_healthy(port, again)
-        assert int((tmp_path / "chain" / "anvil.pid").read_text().split()[0]) == anvil_pid
+        assert int((tmp_path / "chain" / "geth.pid").read_text().split()[0]) == node_pid
         assert after["contracts"] == before["contracts"]
         assert after["block_number"] >= before["block_number"]
     finally:
         output = interrupt(again)
     assert again.returncode == 0, output
-    assert "adopted anvil" in output
+    assert "adopted geth" in output
     deadline = time.monotonic() + 30
-    while _alive(anvil_pid) and time.monotonic() < deadline:
+    while _alive(node_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(anvil_pid), "a graceful stop stops the adopted node too"
+    assert not _alive(node_pid), "a graceful stop stops the adopted node too"
 
 
 def _children(pid: int) -> list[int]:

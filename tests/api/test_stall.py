@@ -19,7 +19,7 @@ from eth_account import Account
 from ledger.anvil import free_port
 from tests.api.conftest import CLI, ApiClient, q, serve_env, serve_workers, serving
 
-pytestmark = pytest.mark.anvil
+pytestmark = pytest.mark.geth
 
 RPC_TIMEOUT = 5.0  # CONSENT_LEDGER_CHAIN_RPC_TIMEOUT's default
 
@@ -46,7 +46,7 @@ def stalling(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ApiClie
 
 
 def _stop_node(data_dir: Path) -> int:
-    pid = int((data_dir / "chain" / "anvil.pid").read_text().split()[0])
+    pid = int((data_dir / "chain" / "geth.pid").read_text().split()[0])  # the default node
     os.kill(pid, signal.SIGSTOP)
     return pid
 

@@ -1,0 +1,441 @@
+"""Benchmark: the embedded ledger at a company's scale: what a block costs as the customer base grows.
+
+    python scripts/bench_scale.py                  # geth at 10k, 100k and 1M customers; anvil beside it
+                                                   # (the baseline) at 10k and 100k; 1,000,000 blocks
+    python scripts/bench_scale.py --sizes 10000,100000,1000000,10000000   # the full run
+    python scripts/bench_scale.py --quick          # 10k customers, 2,000 blocks (CI)
+
+State is built as the service builds it, then beyond that as cheaply as it can honestly be: the first
+`--real` customers (10,000) are bound and grant consent through the project's batch paths (one
+`bindController` each, `applyBatch` of signed changes); every further customer is the same number of
+new storage slots in one contract (`FILLER`, a few bytes of EVM that writes a range of slots), the
+number a real customer adds to the registry's storage, measured with geth's `prestateTracer`. The
+node's tries hold exactly as many leaves as with real customers.
+
+Per size and node it prints: the node's CPU per empty block; how blocks come (anvil: the interval its
+miner holds against the 0.2 s asked; geth: blocks only for work, and how long a lone change waits
+for its block); the node's RSS and disk; ledger-level grants/s (batched, as the relayer sends them)
+with the node's and this process's CPU per grant; the durable wait of a 10,000-entry access record
+(what `bridge export` waits before handing data on); restart time; and a SIGKILL of the node right
+after a run of batches, counting the acknowledged (mined) transactions the restarted node lost. Then
+geth's CPU per empty block over its first and last thousand of `--blocks` blocks mined back to back,
+and the growth ratios. Ends with one line of JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from eth_typing import ChecksumAddress
+from eth_utils.crypto import keccak
+from web3 import Web3
+from web3.types import RPCEndpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ledger.access import Access, AccessLogClient
+from ledger.anvil import Checkpoints
+from ledger.backends import AnvilBackend, GethBackend, ManagedBackend
+from ledger.compiler import Artifact, compile_contracts
+from ledger.consent import ConsentRegistryClient
+from ledger.contracts import RevertDecoder, ensure_deployed, ledger_plan
+from ledger.geth import GethNode
+from ledger.relayer import max_changes_per_batch
+from ledger.settings import ChainSettings
+from ledger.tx import MAX_TX_DATA_BYTES, TxRequest, TxSender, items_per_transaction
+from ledger.types import Subject
+from scripts.bench_consent import PURPOSE, bind_customers, run_batched, sign_grants
+
+# Runtime code: SSTORE(k, k) for k in [start, start + count) (call data: start, count as two words).
+FILLER_RUNTIME = bytes.fromhex(
+    "6000356020358101"  # start, end = start + count
+    "5b80821015601b57"  # loop (8): if not start < end, jump to the end (27)
+    "818055"  # SSTORE(start, start)
+    "9060010190600856"  # start += 1; jump to the loop
+    "5b00"  # end (27): STOP
+)
+FILLER_INIT = bytes.fromhex(f"60{len(FILLER_RUNTIME):02x}80600b6000396000f3") + FILLER_RUNTIME
+FILLER_BASE = 1 << 128  # filler slots: far from the slots the contracts' own layout uses
+SLOTS_PER_TX = 80_000  # 22,100 gas each: 1.77 G of the 2 G block gas limit
+ACCESS_ENTRIES = 10_000
+
+
+@dataclass
+class Chain:
+    backend: ManagedBackend
+    operator: LocalAccount
+    accessor: LocalAccount
+    sender: TxSender
+    registry: ConsentRegistryClient
+    access_log: AccessLogClient
+    partner: str
+    filler: ChecksumAddress
+    state_dir: Path
+    customers: int = 0
+    slots_filled: int = 0
+    figures: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def w3(self) -> Web3:
+        return self.backend.w3
+
+
+def node_pid(backend: ManagedBackend) -> int:
+    found = backend.node.running_node()
+    assert found is not None, "the node is not running"
+    return found[0]
+
+
+def cpu_seconds(pid: int | str) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def disk_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
+
+
+def start_chain(kind: str, root: Path, artifacts: dict[str, Artifact]) -> Chain:
+    operator, accessor = Account.create(), Account.create()
+    settings = ChainSettings(backend=kind, block_time=0.2, start_timeout=600, rpc_timeout=300)  # type: ignore[arg-type]
+    backend: ManagedBackend = (
+        GethBackend(settings, operator, root) if kind == "geth" else AnvilBackend(settings, operator, root)
+    )
+    backend.start()
+    backend.prepare_account(accessor.address)
+    w3 = backend.w3
+    sender = TxSender(w3, operator, receipt_timeout=900)
+    plan = ledger_plan(operator.address, operator.address, accessor.address)
+    deployment = ensure_deployed(w3, sender, artifacts, plan, None)
+    decoder = RevertDecoder(list(artifacts.values()))
+    registry = ConsentRegistryClient(
+        w3, deployment.address("ConsentRegistry"), artifacts["ConsentRegistry"], sender, decoder
+    )
+    access_log = AccessLogClient(
+        w3,
+        deployment.address("AccessLog"),
+        artifacts["AccessLog"],
+        TxSender(w3, accessor, receipt_timeout=900),
+        decoder,
+    )
+    partner = Account.create().address
+    registry.add_partner(partner)
+    (tx,) = sender.send([TxRequest(to=None, data=FILLER_INIT, gas=200_000)])
+    (receipt,) = sender.wait([tx])
+    assert receipt.status == 1
+    assert receipt.contract_address is not None
+    return Chain(
+        backend, operator, accessor, sender, registry, access_log, partner, receipt.contract_address, root / "chain"
+    )
+
+
+def slots_per_customer(chain: Chain) -> int:
+    """New storage slots one customer's binding and grant add to the registry (geth's prestateTracer)."""
+    customer = Account.create()
+    subject = Subject(keccak(bytes(customer.key)))
+    bound = chain.registry.bind_controller(subject, customer.address)
+    deadline = int(chain.w3.eth.get_block("latest")["timestamp"]) + 3600
+    (grant,) = sign_grants(chain.registry, [customer], chain.partner, deadline)
+    granted = chain.registry.apply(grant)
+    address = chain.registry.address.lower()
+    slots = 0
+    for receipt in (bound, granted):
+        diff = chain.backend.rpc(
+            "debug_traceTransaction", receipt.tx_hash, {"tracer": "prestateTracer", "tracerConfig": {"diffMode": True}}
+        )
+        pre = diff["pre"].get(address, {}).get("storage", {})
+        post = diff["post"].get(address, {}).get("storage", {})
+        slots += len(set(post) - set(pre))
+    return slots
+
+
+def fill(chain: Chain, slots: int) -> float:
+    """Write `slots` more filler slots; seconds it took."""
+    started = time.perf_counter()
+    hashes: list[str] = []
+    while slots > 0:
+        count = min(SLOTS_PER_TX, slots)
+        data = (FILLER_BASE + chain.slots_filled).to_bytes(32, "big") + count.to_bytes(32, "big")
+        hashes += chain.sender.send([TxRequest(to=chain.filler, data=data, gas=count * 22_200 + 50_000)])
+        chain.slots_filled += count
+        slots -= count
+        if len(hashes) >= 4:  # a few blocks' worth in the pool at a time
+            assert all(r.status == 1 for r in chain.sender.wait(hashes)), "a filler transaction failed"
+            hashes = []
+    assert all(r.status == 1 for r in chain.sender.wait(hashes)), "a filler transaction failed"
+    return time.perf_counter() - started
+
+
+def empty_block_ms(chain: Chain, blocks: int = 10) -> float:
+    """The node's CPU per empty block, mined back to back with the service's miner paused. (geth's
+    timestamps move a second per block: then wait until the clock has caught up with the chain's, so
+    that what is measured next sees blocks as the service makes them.)"""
+    pid = node_pid(chain.backend)
+    node = chain.backend.node
+    with node.mining_paused():
+        before = cpu_seconds(pid)
+        for _ in range(blocks):
+            mine_empty(chain)
+        used = cpu_seconds(pid) - before
+    if isinstance(node, GethNode):
+        time.sleep(max(0.0, node.last_time - time.time()))
+    return used / blocks * 1000
+
+
+def mine_empty(chain: Chain) -> None:
+    node = chain.backend.node
+    if isinstance(node, GethNode):
+        node.commit(node.last_time + 1, [])  # back to back, one second on each
+    else:
+        chain.w3.provider.make_request(RPCEndpoint("evm_mine"), [])
+
+
+def block_timing(chain: Chain, seconds: float = 6.0) -> dict[str, float]:
+    """How blocks come while one change at a time is sent every 0.3 s: the mean interval between blocks,
+    and how long each change waited for its block (p50, max)."""
+    w3 = chain.w3
+    customers = bind_customers(chain.registry, chain.sender, int(seconds / 0.3) + 1)
+    deadline = int(w3.eth.get_block("latest")["timestamp"]) + 3600
+    grants = sign_grants(chain.registry, customers, chain.partner, deadline)
+    start_block = w3.eth.block_number
+    began = time.monotonic()
+    waits = []
+    for grant in grants:
+        sent = time.monotonic()
+        (tx,) = chain.sender.send(
+            [TxRequest(to=chain.registry.address, data=chain.registry.encode_batch([grant]), gas=300_000)]
+        )
+        chain.sender.wait([tx], poll_interval=0.01)
+        waits.append(time.monotonic() - sent)
+        time.sleep(max(0.0, 0.3 - (time.monotonic() - sent)))
+    elapsed = time.monotonic() - began
+    blocks = w3.eth.block_number - start_block
+    return {
+        "blocks_per_s": round(blocks / elapsed, 2),
+        "interval_s": round(elapsed / max(blocks, 1), 3),
+        "wait_p50_s": round(statistics.median(waits), 3),
+        "wait_max_s": round(max(waits), 3),
+    }
+
+
+def grants_run(chain: Chain, count: int) -> dict[str, float]:
+    customers = bind_customers(chain.registry, chain.sender, count)
+    deadline = int(chain.w3.eth.get_block("latest")["timestamp"]) + 3600
+    grants = sign_grants(chain.registry, customers, chain.partner, deadline)
+    pid = node_pid(chain.backend)
+    node_before, own_before = cpu_seconds(pid), time.process_time()
+    elapsed, _gas = run_batched(chain.registry, chain.sender, grants, max_changes_per_batch(500), 4)
+    node_cpu, own_cpu = cpu_seconds(pid) - node_before, time.process_time() - own_before
+    chain.customers += count
+    return {
+        "grants_per_s": round(count / elapsed, 1),
+        "node_cpu_ms_per_grant": round(node_cpu / count * 1000, 3),
+        "bench_cpu_ms_per_grant": round(own_cpu / count * 1000, 3),
+    }
+
+
+def access_record(chain: Chain) -> dict[str, float]:
+    """10,000 access entries recorded (in transactions that fit a node's size limit), then the wait until a
+    crash of the node could not lose them (what `bridge export` waits before it hands data on)."""
+    per_tx = items_per_transaction(ACCESS_ENTRIES, 64, head_bytes=4 + 6 * 32)
+    request_id = os.urandom(32)
+    entries = [Access(os.urandom(32), chain.partner, bytes(PURPOSE), 1, request_id) for _ in range(ACCESS_ENTRIES)]
+    started = time.perf_counter()
+    hashes = [chain.access_log.submit(entries[i : i + per_tx]) for i in range(0, len(entries), per_tx)]
+    receipts = chain.access_log.sender.wait(hashes)
+    assert all(r.status == 1 for r in receipts)
+    recorded = time.perf_counter() - started
+    began = time.perf_counter()
+    Checkpoints(chain.state_dir).wait(max(r.block_number for r in receipts), timeout=900)
+    return {"access_record_s": round(recorded, 3), "durable_wait_s": round(time.perf_counter() - began, 3)}
+
+
+def restart(chain: Chain) -> float:
+    chain.backend.node.requested_port = chain.backend.node.port  # the clients keep their URL
+    chain.backend.stop()
+    started = time.perf_counter()
+    chain.backend.start()
+    took = time.perf_counter() - started
+    chain.sender.resync_nonce()
+    chain.access_log.sender.resync_nonce()
+    return took
+
+
+def sigkill(chain: Chain, count: int) -> dict[str, float]:
+    """Batches of grants mined (acknowledged: their receipts seen), then a SIGKILL of the node at once;
+    after the restart, how many of those transactions the chain no longer holds in their blocks."""
+    customers = bind_customers(chain.registry, chain.sender, count)
+    deadline = int(chain.w3.eth.get_block("latest")["timestamp"]) + 3600
+    grants = sign_grants(chain.registry, customers, chain.partner, deadline)
+    size = max_changes_per_batch(500)
+    hashes = chain.sender.send(
+        [
+            TxRequest(
+                to=chain.registry.address, data=chain.registry.encode_batch(grants[i : i + size]), gas=size * 120_000
+            )
+            for i in range(0, len(grants), size)
+        ]
+    )
+    receipts = chain.sender.wait(hashes, poll_interval=0.005)
+    blocks = {r.block_number: chain.w3.eth.get_block(r.block_number)["hash"] for r in receipts}
+    chain.backend.node.requested_port = chain.backend.node.port  # the clients keep their URL
+    os.kill(node_pid(chain.backend), signal.SIGKILL)
+    chain.backend.kill()
+    started = time.perf_counter()
+    chain.backend.start()
+    took = time.perf_counter() - started
+    w3 = chain.w3
+    lost = 0
+    for receipt in receipts:
+        block = w3.eth.get_block(receipt.block_number) if receipt.block_number <= w3.eth.block_number else None
+        if block is None or block["hash"] != blocks[receipt.block_number]:
+            lost += 1
+    chain.sender.resync_nonce()
+    chain.access_log.sender.resync_nonce()
+    return {
+        "sigkill_acknowledged_txs": len(receipts),
+        "sigkill_lost_txs": lost,
+        "restart_after_sigkill_s": round(took, 2),
+    }
+
+
+def measure(chain: Chain, size: int, grants: int, kill_batches: int) -> dict[str, Any]:
+    pid = node_pid(chain.backend)
+    figures: dict[str, Any] = {"node": chain.backend.name, "customers": size}
+    figures.update(block_timing(chain))
+    figures["empty_block_cpu_ms"] = round(empty_block_ms(chain), 2)
+    figures.update(grants_run(chain, grants))
+    figures.update(access_record(chain))
+    pid = node_pid(chain.backend)
+    figures["node_rss_mb"] = round(rss_mb(pid), 1)
+    figures["disk_mb"] = round(disk_mb(chain.state_dir), 1)
+    figures["restart_s"] = round(restart(chain), 2)
+    figures.update(sigkill(chain, kill_batches * max_changes_per_batch(500)))
+    print(json.dumps(figures), flush=True)
+    return figures
+
+
+def grow(chain: Chain, size: int, per_customer: int, real: int) -> None:
+    """Bring the chain to `size` customers: real ones first (up to `real`), filler slots beyond."""
+    if chain.customers < real:
+        count = min(real, size) - chain.customers
+        if count > 0:
+            grants_run(chain, count)
+    missing = size - chain.customers - chain.slots_filled // per_customer
+    if missing > 0:
+        took = fill(chain, missing * per_customer)
+        print(f"  {chain.backend.name}: filled {missing:,} customers' slots in {took:.1f} s", flush=True)
+
+
+def chain_length(chain: Chain, blocks: int) -> dict[str, float]:
+    """geth's CPU per empty block over the first and the last thousand of `blocks` mined back to back."""
+    pid = node_pid(chain.backend)
+    window = min(1000, blocks // 2)
+    with chain.backend.node.mining_paused():
+        before = cpu_seconds(pid)
+        for _ in range(window):
+            mine_empty(chain)
+        first = (cpu_seconds(pid) - before) / window * 1000
+        started = time.perf_counter()
+        for i in range(blocks - 2 * window):
+            mine_empty(chain)
+            if i and i % 100_000 == 0:
+                print(f"  {i:,} blocks, {time.perf_counter() - started:.0f} s", flush=True)
+        before = cpu_seconds(pid)
+        for _ in range(window):
+            mine_empty(chain)
+        last = (cpu_seconds(pid) - before) / window * 1000
+    return {
+        "blocks": blocks,
+        "first_empty_block_cpu_ms": round(first, 3),
+        "last_empty_block_cpu_ms": round(last, 3),
+        "ratio": round(last / first, 2),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="10000,100000,1000000", help="customer counts, comma-separated")
+    parser.add_argument("--baseline-sizes", default="10000,100000", help="sizes anvil (the baseline) runs at")
+    parser.add_argument("--real", type=int, default=10_000, help="customers built through the project's paths")
+    parser.add_argument("--grants", type=int, default=5_000, help="grants timed at each size")
+    parser.add_argument("--kill-batches", type=int, default=8, help="batches mined before the SIGKILL")
+    parser.add_argument("--blocks", type=int, default=1_000_000, help="chain length for geth's empty-block cost")
+    parser.add_argument("--quick", action="store_true", help="a small run (CI)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.baseline_sizes, args.real, args.grants, args.kill_batches, args.blocks = (
+            "10000",
+            "10000",
+            2_000,
+            2_000,
+            2,
+            2_000,
+        )
+    sizes = [int(s) for s in args.sizes.split(",")]
+    baseline_sizes = [int(s) for s in args.baseline_sizes.split(",") if s]
+    artifacts = compile_contracts()
+    results: dict[str, Any] = {"sizes": sizes, "real_customers": args.real, "max_tx_data_bytes": MAX_TX_DATA_BYTES}
+    root = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    try:
+        for kind, kind_sizes in (("geth", sizes), ("anvil", baseline_sizes)):
+            if not kind_sizes:
+                continue
+            chain = start_chain(kind, root / kind, artifacts)
+            try:
+                per_customer = results.setdefault("slots_per_customer", slots_per_customer(chain))
+                print(f"{kind}: {per_customer} storage slots per customer", flush=True)
+                for size in kind_sizes:
+                    grow(chain, size, per_customer, args.real)
+                    chain.figures.append(measure(chain, size, args.grants, args.kill_batches))
+                if kind == "geth":
+                    results["geth_chain_length"] = chain_length(chain, args.blocks)
+                    print(json.dumps(results["geth_chain_length"]), flush=True)
+            finally:
+                chain.backend.stop()
+            results[kind] = chain.figures
+            shutil.rmtree(root / kind, ignore_errors=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    geth = results["geth"]
+    results["geth_growth"] = {
+        "empty_block_cpu": round(geth[-1]["empty_block_cpu_ms"] / geth[0]["empty_block_cpu_ms"], 2),
+        "grants_per_s": round(geth[0]["grants_per_s"] / geth[-1]["grants_per_s"], 2),
+        "between": [sizes[0], sizes[-1]],
+    }
+    if results.get("anvil"):
+        anvil = results["anvil"]
+        same = [a for a in anvil if a["customers"] == sizes[0]]
+        if same:
+            results["geth_vs_anvil_at_first_size"] = {
+                "empty_block_cpu": round(geth[0]["empty_block_cpu_ms"] / same[0]["empty_block_cpu_ms"], 3),
+                "grants_per_s": round(geth[0]["grants_per_s"] / same[0]["grants_per_s"], 2),
+            }
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
