@@ -267,7 +267,7 @@ class GethNode:
             "--rpc.batch-response-max-size",
             str(1 << 30),
             "--verbosity",
-            "2",  # warnings and errors: by default it logs every block
+            "3",  # until its first block (see `_wait_startup_block`), then 2
         ]
 
     def start(self) -> str:
@@ -283,6 +283,7 @@ class GethNode:
         last_error = ""
         for _ in range(attempts):
             self.port = self.requested_port or free_port()
+            log_start = self.log_file.stat().st_size if self.log_file.exists() else 0
             with self.log_file.open("ab") as log_handle:
                 self._process = subprocess.Popen(  # noqa: S603 - our own binary and arguments
                     self._command(free_port()),
@@ -294,6 +295,7 @@ class GethNode:
             write_atomically(self.pid_file, f"{self._process.pid} {self.port}")
             try:
                 self._wait_ready()
+                self._wait_startup_block(log_start)
             except NodeStartError as exc:
                 last_error = str(exc)
                 self.kill()
@@ -308,6 +310,25 @@ class GethNode:
         self._last_time = int(head["timestamp"], 16)
         self.checkpoints.mark_durable(int(head["number"], 16))  # every block it has is on its disk
         self._start_workers()
+
+    def _wait_startup_block(self, log_start: int) -> None:
+        """Wait for the one block geth's simulated beacon makes as it starts (its block timer fires at
+        once, however long `--dev.period`), then turn the log down to warnings. geth answers RPC before
+        that block: a block of ours made meanwhile could be replaced by it (two blocks on one parent,
+        the later made canonical), and a transaction whose receipt was seen would be back in the pool.
+        geth says it in its log at `--verbosity 3`: a new head, or why it could not make the block."""
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            with self.log_file.open("rb") as handle:
+                handle.seek(log_start)
+                started = handle.read()
+            if b"Chain head was updated" in started or b"Error performing sealing work" in started:
+                self._call("debug_verbosity", [2])  # warnings and errors: at 3 it logs every block
+                return
+            if self._process is not None and self._process.poll() is not None:
+                raise NodeStartError(f"geth exited with status {self._process.returncode}: {self._log_tail()}")
+            time.sleep(0.02)
+        raise NodeStartError(f"geth made no first block within {self.start_timeout:g}s: {self._log_tail()}")
 
     def running_node(self) -> tuple[int, int] | None:
         """(pid, port) of a live geth serving this data directory (started by a service, maybe another process)."""
