@@ -256,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small run (CI)")
     parser.add_argument("--rows", type=int, help="CRM rows (default 1,000,000; 40,000 with --quick)")
-    parser.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows per chunk (one transaction)")
+    parser.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows per chunk")
     parser.add_argument("--pipeline-depth", type=int, default=8, help="chunks in flight")
     parser.add_argument(
         "--runs", type=int, help="timed exports on the same node; the median is reported (default 3; 1 with --quick)"
