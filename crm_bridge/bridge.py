@@ -6,9 +6,10 @@ For each chunk of a CRM export the bridge
 2. keeps the rows of subjects the read model permits for (partner, purpose), and in each row only
    the columns whose attribute category that subject permits;
 3. records one access entry per subject on-chain (`AccessLog` checks each against the consent
-   registry in the same transaction), and
-4. hands the chunk on only once that transaction is final, and without the rows of any subject
-   the chain refused.
+   registry in the same transaction), in as many transactions as the chunk's entries need (a node's
+   pool takes no transaction over 128 KiB: `ledger.access.max_record_entries`), and
+4. hands the chunk on only once all of them are final, and without the rows of any subject the
+   chain refused.
 
 "Final" includes surviving a crash of the node where the chain can lose final blocks: the managed
 anvil node keeps its chain in memory between checkpoints, so a release there also waits for a
@@ -16,7 +17,7 @@ checkpoint that holds the access record's block (`Bridge.durable`, `ledger.anvil
 Otherwise a crash could leave data handed on with no record that it was permitted. The file and table
 sinks wait once, at the end, before the output appears; iterating waits per chunk.
 
-Chunks are pipelined: while one chunk's transaction is being mined the next is prepared, so the
+Chunks are pipelined: while one chunk's transactions are being mined the next is prepared, so the
 chain's block time is paid once, not once per chunk. Two background threads talk to the node, each
 in chunk order: one sends the transactions (so the accessor's nonces stay in order), one waits for
 their receipts and reads the entries' verdicts. A node answers `eth_sendRawTransaction` only between
@@ -51,7 +52,7 @@ from identity.errors import InvalidPII
 from identity.normalize import normalize_emails, normalize_phone
 from identity.pseudonym import Pseudonymizer
 from identity.types import Subject
-from ledger.access import Access, AccessBatch
+from ledger.access import Access, AccessBatch, max_record_entries
 from ledger.consent import ATTRIBUTE_BITS
 from ledger.errors import LedgerError
 from ledger.tx import Receipt
@@ -102,8 +103,9 @@ class _Chunk:
     batch: pa.RecordBatch
     ids: np.ndarray  # per row: the subject's id in this export (0: no valid identifier)
     masks: np.ndarray  # per row: permitted categories of the export, as bits (0: not permitted)
-    entries: list[Access]
-    settled: Future[tuple[Receipt, AccessBatch]] | None  # its transaction's receipt and entries' log, once final
+    parts: list[list[Access]]  # its entries, as sent: one list per transaction
+    # Per transaction, in order: its receipt and its entries' log, once all of them are final.
+    settled: Future[list[tuple[Receipt, AccessBatch]]] | None
 
 
 def _ready(chunk: _Chunk) -> bool:
@@ -337,26 +339,40 @@ class Export:
             for i, mask in zip(new.tolist(), subjects.masks[new].tolist(), strict=True)
         ]
         if not entries:
-            return _Chunk(batch, ids, masks, entries, None)
-        sent = sender.submit(self.bridge.access_log.submit, entries)
-        return _Chunk(batch, ids, masks, entries, settler.submit(self._settle, sent, entries, durable))
+            return _Chunk(batch, ids, masks, [], None)
+        # As many transactions as the entries need, sent in order by the one sending thread (so the
+        # accessor's nonces stay in order); each part is a batch of the same access request.
+        size = max_record_entries()
+        parts = [entries[i : i + size] for i in range(0, len(entries), size)]
+        sent = [sender.submit(self.bridge.access_log.submit, part) for part in parts]
+        return _Chunk(batch, ids, masks, parts, settler.submit(self._settle, sent, parts, durable))
 
     def _registry_mask(self, mask: int) -> int:
         """A row mask's categories as the registry's attribute bits (what the access log records)."""
         return sum(1 << bit for bit, i in self.categories.items() if mask >> i & 1)
 
-    def _settle(self, sent: Future[str], entries: list[Access], durable: bool) -> tuple[Receipt, AccessBatch]:
-        """(In the settling thread.) Wait until the batch's entries are final (and durable, if asked); their
-        log."""
-        tx_hash = sent.result()  # a send that failed raises its own error, as it would have unthreaded
-        try:
-            receipt, recorded = self.bridge.access_log.settle(tx_hash, entries)
-            self.bridge.access_log.wait_final(receipt, self.bridge.confirmations)
-            if durable:
-                self._make_durable([receipt])
-        except LedgerError as exc:
-            raise AccessRefused(f"the access log did not record batch {tx_hash}: {exc}") from exc
-        return receipt, recorded
+    def _settle(
+        self, sent: list[Future[str]], parts: list[list[Access]], durable: bool
+    ) -> list[tuple[Receipt, AccessBatch]]:
+        """(In the settling thread.) Wait until the entries of every one of a chunk's batches are final
+        (and durable, if asked); each batch's receipt and log, in order."""
+        settled = []
+        for sending, entries in zip(sent, parts, strict=True):
+            tx_hash = sending.result()  # a send that failed raises its own error, as it would have unthreaded
+            try:
+                receipt, recorded = self.bridge.access_log.settle(tx_hash, entries)
+                self.bridge.access_log.wait_final(receipt, self.bridge.confirmations)
+            except LedgerError as exc:
+                raise AccessRefused(f"the access log did not record batch {tx_hash}: {exc}") from exc
+            settled.append((receipt, recorded))
+        if durable:
+            try:
+                self._make_durable([receipt for receipt, _ in settled])
+            except LedgerError as exc:
+                which = "batch " if len(settled) == 1 else "batches "
+                which += ", ".join(receipt.tx_hash for receipt, _ in settled)
+                raise AccessRefused(f"the access log did not record {which}: {exc}") from exc
+        return settled
 
     def _make_durable(self, receipts: list[Receipt]) -> None:
         """Wait until a crash of the node cannot lose these receipts' blocks, then check that they
@@ -381,14 +397,15 @@ class Export:
     def _release(self, chunk: _Chunk) -> Iterator[pa.RecordBatch]:
         subjects = self.subjects
         if chunk.settled is not None:
-            receipt, recorded = chunk.settled.result()
-            self._receipts.append(receipt)
-            self.stats.transactions.append(receipt.tx_hash)
-            self.stats.entries_recorded += recorded.count
-            # `settle` checked that the log holds exactly the entries sent, in order.
-            refused = [subjects.ids[chunk.entries[i].subject] for i in recorded.refused()]
-            subjects.refused[refused] = True
-            self.stats.entries_refused += len(refused)
+            for (receipt, recorded), entries in zip(chunk.settled.result(), chunk.parts, strict=True):
+                self._receipts.append(receipt)
+                self.stats.transactions.append(receipt.tx_hash)
+                self.stats.entries_recorded += recorded.count
+                # `settle` checked that the log holds exactly the entries sent, in order: a refused
+                # position is one within this transaction's entries.
+                refused = [subjects.ids[entries[i].subject] for i in recorded.refused()]
+                subjects.refused[refused] = True
+                self.stats.entries_refused += len(refused)
         # Entries of earlier chunks were settled before this one's (chunks settle in order), so every
         # subject in this chunk has a final entry by now.
         permitted = chunk.masks != 0

@@ -36,7 +36,7 @@ def read_csv(
 
     Arrow's streaming reader parses a fixed number of blocks ahead of the consumer, so memory is
     bounded by `block_bytes` (small) rather than by the file; blocks are joined into batches of
-    `chunk_rows` because each batch the bridge processes costs one transaction."""
+    `chunk_rows` because each batch the bridge processes costs a round of transactions."""
     try:
         include = [] if columns is None else [c for c in _header(path) if c in columns]
         reader = pacsv.open_csv(

@@ -25,7 +25,7 @@ from ledger.contracts import ContractClient
 from ledger.errors import ChainError, TransactionFailed
 from ledger.events import _bytes, _hex, _int
 from ledger.store import Base, IndexerCursor, sessions
-from ledger.tx import Receipt, TxRequest
+from ledger.tx import MAX_TX_DATA_BYTES, Receipt, TxRequest, items_per_transaction
 from ledger.types import checksummed
 
 CONTRACT_NAME = "AccessLog"
@@ -39,6 +39,8 @@ RECORDED = (
 )
 ZERO_HEAD = bytes(32)
 ENTRY_BYTES = 64  # an entry in calldata and in the event: (subject, attributes)
+# `record`'s call data before its entries: selector; partner, purpose, requestId; the array's offset and length.
+RECORD_HEAD_BYTES = 4 + 5 * 32
 
 # Gas bound for a batch (no pre-flight): measured by the conformance suite (an entry costs < 12k
 # with a cold consent slot); the margin covers a registry with more roles or a longer revert path.
@@ -215,6 +217,24 @@ def record_gas(count: int) -> int:
     return GAS_PER_BATCH + GAS_PER_ENTRY * count
 
 
+def max_record_entries() -> int:
+    """The most entries one `record` transaction carries: more would take its call data past
+    `MAX_TX_DATA_BYTES`, which geth's, Besu's and Nethermind's pools refuse. A longer access request
+    is recorded in several transactions (same partner, purpose and request id)."""
+    return items_per_transaction(MAX_TX_DATA_BYTES, ENTRY_BYTES, RECORD_HEAD_BYTES)
+
+
+def encode_record(entries: Sequence[Access]) -> bytes:
+    """`record`'s call data for one batch; refuses a batch too large for one transaction."""
+    limit = max_record_entries()
+    if len(entries) > limit:
+        raise ValueError(
+            f"a batch of {len(entries)} access entries does not fit one transaction: at most {limit} "
+            "(split the access request into several batches)"
+        )
+    return RECORD_SELECTOR + encode_request(entries)
+
+
 def decode(log: dict[str, Any]) -> AccessBatch | None:
     """An `AccessBatchRecorded` log (raw JSON-RPC or web3's decoded form), else None."""
     topics = log["topics"]
@@ -258,10 +278,12 @@ class AccessLogClient(ContractClient):
         return bool(self.call("hasRole", role, account))
 
     def encode_record(self, entries: Sequence[Access]) -> bytes:
-        return RECORD_SELECTOR + encode_request(entries)
+        """`record`'s call data for one batch of at most `max_record_entries()` entries."""
+        return encode_record(entries)
 
     def submit(self, entries: Sequence[Access]) -> str:
-        """Send one batch (one access request) without waiting; returns its transaction hash."""
+        """Send one batch (of one access request, at most `max_record_entries()` entries) without
+        waiting; returns its transaction hash. A larger batch raises ValueError, unsent."""
         (tx_hash,) = self.sender.send(
             [TxRequest(to=self.address, data=self.encode_record(entries), gas=record_gas(len(entries)))]
         )

@@ -20,7 +20,8 @@ Timed:
    Baseline, same run: the same work done row by row (csv module, each row's PII normalised and
    hashed, a dict per row, a CSV writer), on a sample, without the chain.
 2. **access entries**: entries recorded on-chain per second, batched and pipelined (`AccessLog.record`
-   with a few thousand entries per transaction) vs one entry per transaction.
+   with as many entries per transaction as one takes, `max_record_entries()`) vs one entry per
+   transaction.
 
 Prints the figures, then one line of JSON.
 """
@@ -57,7 +58,7 @@ from identity.did import DidWeb
 from identity.normalize import normalize_pii
 from identity.pseudonym import PepperRing, Pseudonymizer
 from ledger import eip712
-from ledger.access import Access, AccessLogClient
+from ledger.access import Access, AccessLogClient, max_record_entries
 from ledger.anvil import Checkpoints
 from ledger.backends import AnvilBackend
 from ledger.compiler import compile_contracts
@@ -255,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small run (CI)")
     parser.add_argument("--rows", type=int, help="CRM rows (default 1,000,000; 40,000 with --quick)")
-    parser.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows per chunk (one transaction)")
+    parser.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows per chunk")
     parser.add_argument("--pipeline-depth", type=int, default=8, help="chunks in flight")
     parser.add_argument(
         "--runs", type=int, help="timed exports on the same node; the median is reported (default 3; 1 with --quick)"
@@ -338,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 decoder,
             )
             print("baseline bridge done; access entries ...", file=sys.stderr)
-            batched_entries = entries_per_s(access_log, partner, entry_count, 5_000)
+            batched_entries = entries_per_s(access_log, partner, entry_count, max_record_entries())
             print(f"access entries: {entry_count:,} batched ...", file=sys.stderr)
             single_entries = baseline_entries_per_s(access_log, partner, 20 if args.quick else 100)
 

@@ -23,11 +23,11 @@ from identity.did import DidWeb
 from identity.normalize import PII, normalize_email
 from identity.pseudonym import PepperRing, Pseudonymizer
 from identity.types import Subject
-from ledger.access import Access, AccessBatch, encode_entries
+from ledger.access import RECORD_SELECTOR, Access, AccessBatch, encode_entries, max_record_entries
 from ledger.anvil import NotDurable
 from ledger.consent import ATTRIBUTE_BITS
 from ledger.errors import TransactionFailed
-from ledger.tx import Receipt
+from ledger.tx import MAX_TX_DATA_BYTES, Receipt
 
 BITS = {"user.behavior.purchase_history": 5, "user.demographic": 4}
 MAPPING = Mapping.parse(
@@ -46,7 +46,9 @@ def subject(email: str) -> bytes:
 
 @dataclass
 class MemoryLog:
-    """An access log that refuses the subjects in `refuse` and records the order of events."""
+    """An access log that refuses the subjects in `refuse` and records the order of events and the
+    size of each batch sent. Like geth's, Besu's and Nethermind's pools, it takes no transaction whose
+    call data passes `MAX_TX_DATA_BYTES`."""
 
     refuse: set[bytes] = field(default_factory=set)
     fail: bool = False
@@ -56,8 +58,14 @@ class MemoryLog:
     entries: list[Access] = field(default_factory=list)
     _sent: dict[str, list[Access]] = field(default_factory=dict)
     _settled: dict[str, list[tuple[bytes, bool]]] = field(default_factory=dict)  # verdicts per transaction
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # per batch sent: (entries, call data bytes)
 
     def submit(self, entries: list[Access]) -> str:
+        # `record`'s call data: selector, partner, purpose, request id, the array's offset and length, entries.
+        data = len(RECORD_SELECTOR) + 5 * 32 + len(encode_entries(entries))
+        if data > MAX_TX_DATA_BYTES:
+            raise TransactionFailed(f"oversized data: transaction size {data}, limit 131072", tx_hash="0x")
+        self.sizes.append((len(entries), data))
         tx = f"0x{len(self._sent):064x}"
         self._sent[tx] = entries
         self.calls.append(("submit", tx))
@@ -237,6 +245,42 @@ def test_a_subject_the_chain_refuses_is_never_released_in_any_chunk() -> None:
     assert len(dids) == 2
     assert stats.entries_refused == 1
     assert stats.rows_refused_on_chain == 5
+
+
+def test_a_chunk_with_more_new_subjects_than_one_transaction_holds_is_recorded_in_several() -> None:
+    """A chunk's entries go out in as many transactions as their call data needs, in order; its rows
+    are released once all of them are final and durable, and an entry refused in a later one withholds
+    its own subject's rows, not those of the subject at that position in the first."""
+    people = 5_000  # one chunk; one in ten has no consent
+    permissions = {subject(f"person{p}@example.com"): 1 << 5 for p in range(people) if p % 10 != 3}
+    order = [subject(f"person{p}@example.com") for p in range(people) if p % 10 != 3]  # as first met
+    limit = max_record_entries()
+    assert len(order) > 2 * limit  # three transactions
+    refused = {order[5], order[limit + 7], order[2 * limit + 1], order[-1]}  # in each part, and the last
+    log = MemoryLog(refuse=refused)
+    checkpoints = Checkpoints(log)
+    export = Export(
+        Bridge(PSEUDONYMS, DIDS, log, pipeline_depth=2, durable=checkpoints.wait),
+        crm_rows(people, 1).to_batches(max_chunksize=people), MAPPING, partner="0x" + "11" * 20,
+        purpose=bytes(32), purpose_key="analytics.reporting", attribute_bits=BITS, permissions=permissions,
+    )  # fmt: skip
+    released: list[bytes] = []
+    for batch in export:
+        # Only once every transaction of the chunk is final and a checkpoint holds the newest block.
+        assert len(log._settled) == 3
+        assert checkpoints.durable == 12
+        released.extend(bytes(DIDS.subject(did)) for did in batch.column(DID_COLUMN).to_pylist())
+    assert [count for count, _ in log.sizes] == [limit, limit, len(order) - 2 * limit]
+    assert all(data <= MAX_TX_DATA_BYTES for _, data in log.sizes)
+    assert [e.subject for e in log.entries] == order  # each subject once, in order across the parts
+    assert sorted(released) == sorted(s for s in order if s not in refused)
+    stats = export.stats
+    assert stats.transactions == [f"0x{n:064x}" for n in range(3)]
+    assert (stats.entries_recorded, stats.entries_refused) == (len(order), 4)
+    assert (stats.rows_released, stats.rows_refused_on_chain) == (len(order) - 4, 4)
+    assert stats.rows_not_permitted == people - len(order)
+    assert stats.subjects_released == len(order) - 4
+    assert checkpoints.waits == [12]  # one wait, for the chunk's newest block
 
 
 def test_a_batch_the_log_did_not_record_stops_the_export_unreleased() -> None:

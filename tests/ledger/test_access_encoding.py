@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from typing import cast
 
 import pytest
 from eth_abi.abi import encode as abi_encode
 from eth_account import Account
 from eth_utils.crypto import keccak
 
-from ledger.access import RECORDED, ZERO_HEAD, Access, decode, encode_request, link
+from ledger.access import (
+    ENTRY_BYTES,
+    RECORD_HEAD_BYTES,
+    RECORD_SELECTOR,
+    RECORDED,
+    ZERO_HEAD,
+    Access,
+    AccessLogClient,
+    decode,
+    encode_record,
+    encode_request,
+    link,
+    max_record_entries,
+)
+from ledger.tx import MAX_TX_DATA_BYTES, TxRequest, TxSender
 
 
 def _entries(count: int) -> list[Access]:
@@ -74,3 +90,40 @@ def test_the_event_decodes_to_the_entries_and_their_heads() -> None:
     assert [e.permitted for e in events] == [i not in refused for i in range(11)]
     assert events[-1].head == head
     assert decode({**log, "topics": ["0x" + ZERO_HEAD.hex()]}) is None
+
+
+class _Sender:
+    """Stands in for `TxSender`: keeps what it is asked to send."""
+
+    def __init__(self) -> None:
+        self.sent: list[TxRequest] = []
+
+    def send(self, requests: Sequence[TxRequest]) -> list[str]:
+        self.sent.extend(requests)
+        return ["0x" + "ab" * 32 for _ in requests]
+
+
+def test_the_largest_batch_fits_one_transaction_and_a_larger_one_is_refused_unsent() -> None:
+    """geth's, Besu's and Nethermind's pools refuse a transaction over 128 KiB: a batch of
+    `max_record_entries()` entries is within `MAX_TX_DATA_BYTES`, one more entry would not be, and
+    neither the encoding nor the client builds or sends such a transaction."""
+    limit = max_record_entries()
+    assert limit >= 2_000  # the access conformance suite records 2,000 entries in one batch
+    entries = _entries(limit + 1)
+    largest = encode_record(entries[:limit])
+    assert len(largest) == RECORD_HEAD_BYTES + limit * ENTRY_BYTES <= MAX_TX_DATA_BYTES
+    assert len(RECORD_SELECTOR + encode_request(entries)) > MAX_TX_DATA_BYTES  # one more would not fit
+    with pytest.raises(ValueError, match=f"{limit + 1} access entries does not fit one transaction: at most {limit}"):
+        encode_record(entries)
+
+    sender = _Sender()
+    client = AccessLogClient.__new__(AccessLogClient)  # no node: only encoding and sending are used
+    client.address, client.sender = Account.create().address, cast(TxSender, sender)
+    with pytest.raises(ValueError, match=f"at most {limit}"):
+        client.encode_record(entries)
+    with pytest.raises(ValueError, match=f"at most {limit}"):
+        client.submit(entries)
+    assert sender.sent == []  # refused before signing: no nonce taken
+    client.submit(entries[:limit])
+    (request,) = sender.sent
+    assert request.data == largest
