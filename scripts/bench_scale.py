@@ -47,7 +47,7 @@ from web3.types import RPCEndpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ledger.access import Access, AccessLogClient
+from ledger.access import Access, AccessLogClient, max_record_entries
 from ledger.anvil import Checkpoints
 from ledger.backends import AnvilBackend, GethBackend, ManagedBackend
 from ledger.compiler import Artifact, compile_contracts
@@ -56,7 +56,7 @@ from ledger.contracts import RevertDecoder, ensure_deployed, ledger_plan
 from ledger.geth import GethNode
 from ledger.relayer import max_changes_per_batch
 from ledger.settings import ChainSettings
-from ledger.tx import MAX_TX_DATA_BYTES, TxRequest, TxSender, items_per_transaction
+from ledger.tx import MAX_TX_DATA_BYTES, TxRequest, TxSender
 from ledger.types import Subject
 from scripts.bench_consent import PURPOSE, bind_customers, run_batched, sign_grants
 
@@ -258,7 +258,7 @@ def grants_run(chain: Chain, count: int) -> dict[str, float]:
 def access_record(chain: Chain) -> dict[str, float]:
     """10,000 access entries recorded (in transactions that fit a node's size limit), then the wait until a
     crash of the node could not lose them (what `bridge export` waits before it hands data on)."""
-    per_tx = items_per_transaction(ACCESS_ENTRIES, 64, head_bytes=4 + 6 * 32)
+    per_tx = max_record_entries()
     request_id = os.urandom(32)
     entries = [Access(os.urandom(32), chain.partner, bytes(PURPOSE), 1, request_id) for _ in range(ACCESS_ENTRIES)]
     started = time.perf_counter()
