@@ -4,8 +4,11 @@ as a data dir of its own (`CONSENT_LEDGER_DATA_DIR=DEST consent-ledger serve`).
 What it holds, in this order:
 1. the service database and the identity vault (SQLite's online backup API: each file one moment of
    itself, while readers and writers go on);
-2. the managed node's chain, from a state dump that holds every block there was once (1) was done.
-   The databases then name no block the copied chain lacks. The chain may hold more: changes
+2. the managed node's chain, holding every block there was once (1) was done: geth's genesis and
+   every block after it, read from the running node (`chain/blocks.rlp`, which the restored data dir's
+   first start imports, executing each block again), or its database copied as it is when stopped;
+   anvil's from a state dump that holds those blocks. The databases then name no block the copied
+   chain lacks. The chain may hold more: changes
    accepted after (1) are on it without their request rows, and the indexer rebuilds the read model
    from the chain's events. (The other order would be a node crash: what the databases settled but
    the chain lost, the relayer sends again; but a bridge export released after the chain's copy
@@ -36,7 +39,9 @@ from api.offline import ToolError, chain_url
 from api.settings import ServiceSettings
 from identity.settings import IdentitySettings
 from ledger.anvil import Checkpoints
-from ledger.backends import http_provider
+from ledger.backends import http_provider, managed_node
+from ledger.errors import NodeStartError
+from ledger.geth import GethNode
 from ledger.settings import ChainSettings
 from ledger.store import utcnow
 
@@ -76,6 +81,27 @@ def _node_head(service: ServiceSettings, chain: ChainSettings) -> int | None:
         return int(Web3(http_provider(url)).eth.block_number)
     except (RequestException, OSError) as exc:
         raise ToolError(f"the managed node at {url} does not answer: {type(exc).__name__}") from exc
+
+
+def _copy_geth(service: ServiceSettings, chain: ChainSettings, dest: Path) -> int:
+    """The managed geth node's chain into `dest`: its genesis, and every block after it. While `serve`
+    runs, the blocks are read from the node (`blocks.rlp`, imported at the restored data dir's first
+    start); a stopped node's database is copied as it is. Returns the newest block copied. The
+    databases were copied first: the chain holds every block they name (blocks are never replaced)."""
+    node = managed_node(chain, service.data_dir)
+    assert isinstance(node, GethNode)
+    if not node.genesis_file.is_file():
+        raise ToolError(f"{node.genesis_file} is missing: the managed node has not started yet")
+    shutil.copyfile(node.genesis_file, dest / node.genesis_file.name)
+    found = node.running_node()
+    if found is not None:
+        node.port = found[1]
+        try:
+            return node.export_blocks(dest / node.import_file.name)
+        except (OSError, NodeStartError) as exc:
+            raise ToolError(f"reading the chain's blocks from the managed node failed: {exc}") from exc
+    shutil.copytree(node.data_dir, dest / node.data_dir.name)  # stopped: nobody writes it
+    return Checkpoints(node.state_dir).durable_block()  # the head as it stopped
 
 
 def backup(
@@ -132,6 +158,10 @@ def _copy(
         shutil.copyfile(state, dest / "chain" / "state.json")  # replaced whole by each dump: one of them
         manifest.copied.append("chain/state.json")
         manifest.chain_block = None if held < 0 else held
+    elif chain.backend == "geth":
+        (dest / "chain").mkdir()
+        manifest.chain_block = _copy_geth(service, chain, dest / "chain")
+        manifest.copied += [f"chain/{p.name}" for p in sorted((dest / "chain").iterdir())]
     else:
         manifest.not_copied.append("the chain: not a managed node (its blocks are on its validators)")
 

@@ -133,7 +133,10 @@ class GethNode:
         self.state_dir = state_dir
         self.chain_id = chain_id
         self.block_time = block_time
-        self.gas_limit = gas_limit
+        # Twice the setting: EIP-1559 raises the base fee after any block above half the limit, and with
+        # a base fee of a few wei the 1/8 decrease rounds to nothing, so it never comes back to 0, and
+        # transactions priced when it was 0 would wait for ever. So a block never passes half of it.
+        self.gas_limit = 2 * gas_limit
         self.requested_port = port
         self.start_timeout = start_timeout
         self.max_lead = max_lead
@@ -185,15 +188,26 @@ class GethNode:
         """The newest block's timestamp (as this miner last saw it)."""
         return self._last_time
 
+    @property
+    def genesis_file(self) -> Path:
+        return self.state_dir / "genesis.json"
+
+    @property
+    def import_file(self) -> Path:
+        """Blocks a backup holds (`api.backup`): imported into a new data directory at its first start."""
+        return self.state_dir / "blocks.rlp"
+
     def _initialise(self) -> None:
-        """Write the genesis block into a new data directory (once)."""
+        """Write the genesis block into a new data directory (once); then the blocks of a backup, if any.
+        A genesis file already there (a backup's) is used as it is: a new one is a different chain."""
         if (self.data_dir / "geth" / "chaindata").is_dir():
             return
-        spec = genesis(
-            self.binary, chain_id=self.chain_id, gas_limit=self.gas_limit, funded=Account.from_key(DEV_KEY).address
-        )
-        genesis_file = self.state_dir / "genesis.json"
-        write_atomically(genesis_file, json.dumps(spec, indent=1))
+        genesis_file = self.genesis_file
+        if not genesis_file.is_file():
+            spec = genesis(
+                self.binary, chain_id=self.chain_id, gas_limit=self.gas_limit, funded=Account.from_key(DEV_KEY).address
+            )
+            write_atomically(genesis_file, json.dumps(spec, indent=1))
         done = subprocess.run(  # noqa: S603 - our own binary and arguments
             [
                 str(self.binary),
@@ -213,6 +227,56 @@ class GethNode:
         if done.returncode != 0:
             shutil.rmtree(self.data_dir, ignore_errors=True)
             raise NodeStartError(f"geth init failed: {done.stderr[-2000:]}")
+        if self.import_file.is_file():
+            self._import(self.import_file)
+
+    def _import(self, blocks: Path) -> None:
+        """Execute a backup's blocks into the new data directory (every one checked as geth checks any
+        block), then set the file aside."""
+        log.info("importing the chain's blocks from %s", blocks)
+        done = subprocess.run(  # noqa: S603 - our own binary and arguments
+            [
+                str(self.binary),
+                "import",
+                "--datadir",
+                str(self.data_dir),
+                "--state.scheme",
+                "hash",
+                "--gcmode",
+                "archive",
+                str(blocks),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            raise NodeStartError(f"geth import of {blocks} failed: {done.stderr[-2000:]}")
+        os.replace(blocks, blocks.with_suffix(".rlp.imported"))
+
+    def export_blocks(self, dest: Path, *, batch: int = 500) -> int:
+        """Write every block after genesis to `dest` (RLP, one after another: what `geth import` reads),
+        from the running node; the newest block written. Blocks once made are never replaced here (one
+        miner, no forks), so the file holds the chain up to that block."""
+        head = int(str(self._call("eth_blockNumber", [])), 16)
+        with dest.open("wb") as out:
+            for first in range(1, head + 1, batch):
+                numbers = range(first, min(first + batch, head + 1))
+                body = json.dumps(
+                    [{"jsonrpc": "2.0", "id": n, "method": "debug_getRawBlock", "params": [hex(n)]} for n in numbers]
+                ).encode()
+                request = urllib.request.Request(  # noqa: S310 - loopback URL we built
+                    self.url, data=body, headers={"Content-Type": "application/json"}
+                )
+                with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310
+                    answers = sorted(json.loads(response.read()), key=lambda a: int(a["id"]))
+                for answer in answers:
+                    if "error" in answer:
+                        raise NodeStartError(f"debug_getRawBlock {answer['id']}: {answer['error']}")
+                    out.write(bytes.fromhex(str(answer["result"])[2:]))
+            out.flush()
+            os.fsync(out.fileno())
+        return head
 
     def _command(self, auth_port: int) -> list[str]:
         return [

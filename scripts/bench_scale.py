@@ -70,7 +70,7 @@ FILLER_RUNTIME = bytes.fromhex(
 )
 FILLER_INIT = bytes.fromhex(f"60{len(FILLER_RUNTIME):02x}80600b6000396000f3") + FILLER_RUNTIME
 FILLER_BASE = 1 << 128  # filler slots: far from the slots the contracts' own layout uses
-SLOTS_PER_TX = 80_000  # 22,100 gas each: 1.77 G of the 2 G block gas limit
+SLOTS_PER_TX = 40_000  # 22,100 gas each: 0.9 G; two a block stay within the gas limit setting (2 G)
 ACCESS_ENTRIES = 10_000
 
 
@@ -180,7 +180,7 @@ def fill(chain: Chain, slots: int) -> float:
         hashes += chain.sender.send([TxRequest(to=chain.filler, data=data, gas=count * 22_200 + 50_000)])
         chain.slots_filled += count
         slots -= count
-        if len(hashes) >= 4:  # a few blocks' worth in the pool at a time
+        if len(hashes) >= 2:  # a block's worth in the pool at a time
             assert all(r.status == 1 for r in chain.sender.wait(hashes)), "a filler transaction failed"
             hashes = []
     assert all(r.status == 1 for r in chain.sender.wait(hashes)), "a filler transaction failed"

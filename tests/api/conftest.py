@@ -173,7 +173,7 @@ def start_service(
     and `service_port` the port the service says it has (its DIDs name it) if not the one it listens on."""
     port = free_port()
     service = ServiceSettings(data_dir=data_dir, port=service_port or port)
-    chain_settings = ChainSettings(backend="anvil", block_time=0.05, **chain)
+    chain_settings = ChainSettings(**{"backend": "anvil", "block_time": 0.05, "max_clock_lead": 3600, **chain})
     runtime = Runtime(
         service=service,
         chain=chain_settings,

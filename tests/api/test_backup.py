@@ -23,6 +23,7 @@ def test_a_backup_taken_while_serving_starts_as_a_data_dir(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data, copy = tmp_path / "data", tmp_path / "backup"
+    monkeypatch.setenv("CONSENT_LEDGER_CHAIN_BACKEND", "anvil")  # the node start_service runs (the CLI reads it)
     with running_service(data) as service:
         runtime = service.runtime
         customer = service.new_customer()
@@ -71,6 +72,49 @@ def test_a_backup_taken_while_serving_starts_as_a_data_dir(
             (consent,) = listing.json()
             assert consent["attributes"] == ["user.contact.email"]  # the grant before; not the one after
             assert consent["status"] == "active"
+        partner = service.partner_address
+        assert runtime.consent.is_permitted(subject, partner, purpose_id(PURPOSE), 1)  # type: ignore[arg-type]
+        assert not runtime.consent.is_permitted(subject, partner, purpose_id(PURPOSE), 4)  # type: ignore[arg-type]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        runtime.stop()
+
+
+@pytest.mark.geth
+def test_a_backup_of_the_geth_chain_taken_while_serving_starts_as_a_data_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The default node: its blocks read from the running node, imported (executed again) at the
+    restored data dir's first start; the same chain, block for block, with the grant made before."""
+    data, copy = tmp_path / "data", tmp_path / "backup"
+    with running_service(data, chain={"backend": "geth"}) as service:
+        runtime = service.runtime
+        customer = service.new_customer()
+        before = service.change(customer, action="grant", attributes=["user.contact.email"])
+        granted = service.wait_status(customer, before.json()["id"], "active")
+        assert runtime.dids is not None
+        subject = runtime.dids.subject(customer.did)
+        port = runtime.service.port
+        assert main(["backup", str(copy), "--data-dir", str(data)]) == 0
+        manifest = json.loads(capsys.readouterr().out)
+        assert {"chain/genesis.json", "chain/blocks.rlp", "service.db", "deployment.json"} <= set(manifest["copied"])
+        assert manifest["chain_block"] >= granted["block_number"]
+        assert runtime.backend is not None
+        w3 = runtime.backend.w3
+        hashes = {n: bytes(w3.eth.get_block(n)["hash"]) for n in range(manifest["chain_block"] + 1)}
+        after = service.change(customer, action="grant", attributes=["user.name"])  # not in the backup
+        service.wait_status(customer, after.json()["id"], "active")
+
+    restored = tmp_path / "restored"
+    shutil.copytree(copy, restored)
+    runtime, server, thread, _ = start_service(restored, service_port=port, backend="geth")
+    try:
+        assert runtime.backend is not None
+        assert runtime.consent is not None
+        w3 = runtime.backend.w3
+        assert {n: bytes(w3.eth.get_block(n)["hash"]) for n in hashes} == hashes  # the same chain
+        assert (restored / "chain" / "blocks.rlp.imported").is_file()
         partner = service.partner_address
         assert runtime.consent.is_permitted(subject, partner, purpose_id(PURPOSE), 1)  # type: ignore[arg-type]
         assert not runtime.consent.is_permitted(subject, partner, purpose_id(PURPOSE), 4)  # type: ignore[arg-type]

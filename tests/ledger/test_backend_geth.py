@@ -142,3 +142,26 @@ def test_the_geth_make_setup_builds_is_the_one_the_code_expects() -> None:
     assert re.search(r"^GETH_VERSION := (\S+)$", makefile, re.M)[1] == GETH_VERSION  # type: ignore[index]
     printed = subprocess.run([str(find_geth()), "version"], capture_output=True, text=True, check=True).stdout
     assert f"Version: {GETH_VERSION.removeprefix('v')}-stable" in printed
+
+
+@pytest.mark.geth
+def test_a_block_as_full_as_the_setting_allows_leaves_the_base_fee_at_zero(ledger_on_geth: Ledger) -> None:
+    """EIP-1559 raises the base fee after a block above half the gas limit, and at a few wei it never
+    comes down again (the 1/8 decrease rounds to 0): transactions priced before (the relayer's sender
+    prices once) would never be mined. A bulk load filled blocks so (bench_scale stalled on it)."""
+    from scripts.bench_scale import FILLER_INIT
+
+    ledger = ledger_on_geth
+    w3 = ledger.backend.w3
+    sender = ledger.accounts.senders[ledger.accounts.stranger.address]
+    (deployed,) = sender.wait(sender.send([TxRequest(to=None, data=FILLER_INIT, gas=200_000)]))
+    assert deployed.contract_address is not None
+    setting = ChainSettings().gas_limit
+    slots = int(setting * 0.6) // 22_200  # 60 % of the setting's gas: over half of it
+    data = (1 << 128).to_bytes(32, "big") + slots.to_bytes(32, "big")
+    (full,) = sender.wait(sender.send([TxRequest(to=deployed.contract_address, data=data, gas=int(setting * 0.65))]))
+    assert full.status == 1
+    assert full.gas_used > setting // 2
+    (after,) = sender.wait(sender.send([TxRequest(to=ledger.accounts.stranger.address, data=b"", gas=21_000)]))
+    for number in (full.block_number + 1, after.block_number):
+        assert w3.eth.get_block(number)["baseFeePerGas"] == 0
