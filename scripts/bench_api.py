@@ -92,7 +92,13 @@ class Service:
 
 
 # Where a service's CPU goes, by the role of each process of its tree (`serve`'s command lines).
-ROLES = (("serve-worker", "api_workers"), ("anvil_dump", "state_dumps"), ("anvil", "node"), ("serve", "supervisor"))
+ROLES = (
+    ("serve-worker", "api_workers"),
+    ("anvil_dump", "state_dumps"),
+    ("anvil", "node"),
+    ("geth", "node"),
+    ("serve", "supervisor"),
+)
 
 
 def _tree_cpu(root: int) -> dict[str, float]:
