@@ -3,7 +3,8 @@
     python scripts/bench_api.py             # 100,000 changes (the target run)
     python scripts/bench_api.py --quick     # a small run for CI
 
-Two services are started in turn, each with its own data dir and managed anvil node: the real one
+Two services are started in turn, each with its own data dir and managed node (`--backend`: geth, the
+default, or anvil): the real one
 (group commit: many changes per transaction) and a baseline whose relayer sends one transaction per
 change. Customers are enrolled, bind keys and sign in over HTTP first (untimed); each customer's
 changes are signed in advance with consecutive nonces, as their wallets would. Then keep-alive
@@ -360,11 +361,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=1, help="client processes")
     parser.add_argument("--lanes", type=int, default=32, help="connections per client process")
     parser.add_argument("--ceiling-requests", type=int, default=20_000, help="requests to the null app")
+    parser.add_argument("--backend", default="geth", choices=["geth", "anvil"], help="the managed node")
     parser.add_argument("--quick", action="store_true", help="a small run (CI)")
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.baseline_requests, args.customers, args.ceiling_requests = 2_000, 400, 40, 2_000
-    batched = run("batched", args.requests, args.customers, args.processes, args.lanes)
+    node = {"CONSENT_LEDGER_CHAIN_BACKEND": args.backend}
+    batched = run("batched", args.requests, args.customers, args.processes, args.lanes, **node)
     baseline = run(
         "baseline",
         args.baseline_requests,
@@ -372,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.processes,
         args.lanes,
         CONSENT_LEDGER_RELAYER_MAX_BATCH="1",
+        **node,
     )
     for label, figures in (("batched", batched), ("baseline (one tx per change)", baseline)):
         print(
@@ -392,6 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = {f"batched_{k}": v for k, v in batched.items()} | {f"baseline_{k}": v for k, v in baseline.items()}
     result["ratio_confirmed"] = round(batched["confirmed_per_s"] / baseline["confirmed_per_s"], 1)
     result["http_ceiling_per_s"] = ceiling
+    result["backend"] = args.backend
     result["share_of_http_ceiling"] = round(share, 3)
     print(json.dumps(result))
     return 0

@@ -144,3 +144,34 @@ def test_chaos_points_quick_finds_every_answered_redemption_on_chain_once() -> N
     for wrong in ("refused", "answered_not_on_chain_once", "applied_twice", "on_chain_not_done"):
         assert figures[wrong] == 0, wrong  # every one valid, so every one applied, once
     assert figures["balance_mismatches"] == 0  # chain, read model and answers agree for every customer
+
+
+@pytest.mark.geth
+@pytest.mark.anvil
+@pytest.mark.slow
+def test_bench_scale_quick_reports_its_figures() -> None:
+    figures = quick_figures("bench_scale.py", timeout=1200)
+    assert figures["slots_per_customer"] >= 2  # a binding and a consent, measured with prestateTracer
+    for node in ("geth", "anvil"):
+        (at_10k,) = figures[node]
+        assert at_10k["customers"] == 10_000
+        assert at_10k["empty_block_cpu_ms"] > 0
+        assert at_10k["grants_per_s"] > 0
+        assert at_10k["sigkill_acknowledged_txs"] > 0
+    # geth writes each block as it makes it: a SIGKILL right after the receipts loses none of them, and
+    # an export's access records are durable when mined; anvil loses what came after its last dump.
+    assert figures["geth"][0]["sigkill_lost_txs"] == 0
+    assert figures["geth"][0]["durable_wait_s"] < figures["anvil"][0]["durable_wait_s"]
+    assert figures["geth_chain_length"]["blocks"] == 2_000
+    assert figures["geth_chain_length"]["ratio"] > 0
+
+
+@pytest.mark.geth
+@pytest.mark.slow
+def test_soak_quick_reports_its_figures() -> None:
+    figures = quick_figures("soak.py", timeout=900)
+    assert figures["backend"] == "geth"
+    assert figures["rejected"] == 0
+    assert figures["first_blocks"] > 0
+    assert figures["last_blocks"] > 0
+    assert figures["max_clock_lead_s"] <= 2 + 1  # the default lead, and the second a timestamp rounds down
