@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from playwright.sync_api import Browser, expect
@@ -23,6 +24,7 @@ from ledger.files import write_atomically
 from ledger.settings import PROJECT_ROOT
 from tests.conftest import SHOTS, accessibility_violations
 from tests.crm_bridge.analytics.conftest import restrict
+from tests.crm_bridge.analytics.releases import purchases
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +57,16 @@ def _tables(value: Any) -> list[dict[str, Any]]:
     return []
 
 
-def test_every_method_runs_and_the_json_is_the_report(written: tuple[dict[str, Any], Path]) -> None:
+def test_every_method_runs_and_the_json_is_the_report(
+    written: tuple[dict[str, Any], Path], generated: pa.Table
+) -> None:
     report, out = written
     assert json.loads((out / "report.json").read_text()) == report
     assert report["refused"] == []
     for method in ("rfm", "rules", "clv", "churn", "clusters", "chaid"):
         assert method in report
-    assert report["input"]["customers"] == 5_000
+    # 5,000 generated customers, less the few whose every order was refunded in full (no purchase).
+    assert report["input"]["customers"] == pc.count_distinct(purchases(generated).column("did")).as_py() > 4_950
     assert report["release"]["purpose"] == "analytics.reporting"
     assert report["clv"]["caveats"] == []  # the generator's spend is no degenerate Gamma-Gamma case
 
@@ -151,3 +156,19 @@ def test_the_command_line_refuses_what_it_may_not_read(generated: pa.Table, tmp_
     bad_k = _cli("--input", str(tmp_path / "other.parquet"), "--out", str(tmp_path / "k"), "--k", "1")
     assert bad_k.returncode == 2
     assert "k" in bad_k.stderr
+
+
+def test_the_whole_report_runs_on_the_generators_default_data(written: tuple[dict[str, Any], Path]) -> None:
+    # The default generated data holds free orders and refunds, as real exports do: every method
+    # still runs on it, and the report says how they were read.
+    report, out = written
+    preparation = report["input"]["preparation"]
+    assert preparation["returns"] > 0
+    assert preparation["returns_matched"] == preparation["returns"]  # each refund carries its order's id
+    assert preparation["refunded_orders"] > 0
+    assert preparation["free_orders"] > 0
+    assert report["refused"] == []
+    assert report["clv"]["gamma_gamma"]["customers"] > 0
+    html = (out / "report.html").read_text()
+    assert "netted into the order they return" in html
+    assert "free order(s) (amount 0) count as purchases worth 0" in html
