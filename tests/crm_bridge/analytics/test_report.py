@@ -172,3 +172,26 @@ def test_the_whole_report_runs_on_the_generators_default_data(written: tuple[dic
     html = (out / "report.html").read_text()
     assert "netted into the order they return" in html
     assert "free order(s) (amount 0) count as purchases worth 0" in html
+
+
+def test_a_chart_that_cannot_be_drawn_is_a_sentence_and_the_page_goes_on(
+    written: tuple[dict[str, Any], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only the RFM heat map draws an image: make that fail, as a plotting library's bug would.
+    from matplotlib.axes import Axes
+
+    def broken(self: Axes, *args: Any, **kwargs: Any) -> None:
+        raise ValueError("cannot convert float NaN to integer")
+
+    monkeypatch.setattr(Axes, "imshow", broken)
+    report, _ = written
+    html = render(report)["report.html"]
+    sentence = re.search(r'<p class="note no-chart">([^<]*)</p>', html)
+    assert sentence is not None
+    assert sentence.group(1).startswith("RFM heat map: mean spend by recency and frequency score: this chart could not")
+    assert "cannot convert float NaN to integer" in sentence.group(1)
+    # The rest of the page: the other charts, and every section after the heat map.
+    assert html.count("<svg") == 5
+    for heading in ("RFM segments", "Association rules", "Customer lifetime value", "Churn risk", "CHAID tree"):
+        assert f">{heading}" in html
+    assert html.rstrip().endswith("</html>")
