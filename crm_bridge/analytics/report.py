@@ -37,20 +37,27 @@ def build(released: Released, settings: AnalyticsSettings, disclosure: Disclosur
     """Run every method; the report as a JSON-ready dict. (A test passes an auditing `disclosure`.)"""
     disclosure = disclosure or Disclosure(settings.k)
     released, as_of_rule = _settle_as_of(released, settings.k)
+    per_customer: dict[str, np.ndarray] = {}  # CLV's values, for CHAID's high-CLV tree (never published)
     runs: dict[str, Callable[[], dict[str, Any]]] = {
         "rfm": lambda: rfm.analyse(released, disclosure),
         "rules": lambda: rules.analyse(
             released, disclosure, min_support=settings.min_support, sample=settings.rules_sample
         ),
         "clv": lambda: clv.analyse(
-            released, disclosure, settings.horizon_weeks, margin=settings.margin, discount_rate=settings.discount_rate
+            released,
+            disclosure,
+            settings.horizon_weeks,
+            margin=settings.margin,
+            discount_rate=settings.discount_rate,
+            values=per_customer,
         ),
         "churn": lambda: churn.analyse(
             released, disclosure, settings.churn_days, active_only=settings.churn_active_only
         ),
-        # Segmentation beside RFM: clusters (k-means, k by silhouette) and a CHAID tree of lapse.
+        # Segmentation beside RFM: clusters (k-means, k by silhouette) and CHAID trees of lapse and of
+        # high CLV (runs after clv, whose values it reads).
         "clusters": lambda: clusters.analyse(released, disclosure),
-        "chaid": lambda: chaid.analyse(released, disclosure, settings.churn_days),
+        "chaid": lambda: chaid.analyse(released, disclosure, settings.churn_days, clv_value=per_customer.get("value")),
     }
     report: dict[str, Any] = {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),

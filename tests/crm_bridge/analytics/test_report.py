@@ -77,8 +77,8 @@ def test_no_output_row_describes_fewer_than_k_customers_or_names_one(
     report, out = written
     tables = _tables(report)
     # segments, heat map, rules, CLV deciles, p(alive), holdout by frequency and tracking, churn calibration and
-    # gains, clusters, CHAID tree
-    assert len(tables) == 11
+    # gains, clusters, CHAID trees of lapse and of high CLV
+    assert len(tables) == 12
     for table in tables:
         assert all(row["customers"] >= report["k"] for row in table["rows"])
     text = (out / "report.json").read_text() + (out / "report.html").read_text()
