@@ -132,11 +132,9 @@ def analyse(
     calibrated = CalibratedClassifierCV(FrozenEstimator(model), method="sigmoid")
     calibrated.fit(train.features[~fit_part], train.churned[~fit_part])
     risk = calibrated.predict_proba(test.features)[:, 1]
-    # The deciles are cut on the model's own score, which the sigmoid maps monotonically onto the risk
-    # (the same order, and no ties that rounding a risk near 0 or 1 could add); equal scores share one.
     # Isotonic calibration was dropped: a step function, it gave thousands of customers one risk, so
-    # tied deciles either merged (3 of 10 empty on the textbook population) or were cut by row order.
-    score = model.predict_proba(test.features)[:, 1]
+    # the risk deciles, which keep ties together, merged (3 of 10 empty on the textbook population) or,
+    # cut by row order, put identical customers apart. The sigmoid keeps the model's order.
     y = test.churned
     auc = roc_auc_score(y, risk)
     recency_auc = roc_auc_score(y, test.features[:, 0])
@@ -151,7 +149,7 @@ def analyse(
     except AnalyticsError as exc:  # the comparison is missing; the churn model stands on its own
         baseline_error = f"BG/NBD baseline: {exc}"
 
-    calibration, gains = tables(disclosure, risk, y, score)
+    calibration, gains = tables(disclosure, risk, y)
     return {
         "horizon_days": days,
         "features": BEHAVIOUR + profile_columns,
@@ -184,11 +182,9 @@ def deciles(risk: np.ndarray) -> np.ndarray:
     return result
 
 
-def tables(
-    disclosure: Disclosure, risk: np.ndarray, y: np.ndarray, score: np.ndarray | None = None
-) -> tuple[Table, Table]:
-    """Calibration by risk decile (`deciles` of `score`, default the risk: tenths by rank, ties kept
-    together) and cumulative gains from the riskiest decile down.
+def tables(disclosure: Disclosure, risk: np.ndarray, y: np.ndarray) -> tuple[Table, Table]:
+    """Calibration by risk decile (`deciles`: tenths by rank, ties kept together) and cumulative gains
+    from the riskiest decile down.
 
     The deciles partition the test customers, whose count and churn rate are published, so they are
     suppressed together with that total (`privacy.complementary`). The gains are running sums, and the
@@ -196,7 +192,7 @@ def tables(
     adds nothing to them), so the last row reaches 100 % only when no decile is hidden."""
     n = len(risk)
     disclosure.record("churn test population", "test customers", np.ones(n, dtype=bool), n)
-    decile = deciles(risk if score is None else score)
+    decile = deciles(risk)
     size = np.bincount(decile, minlength=10)
     predicted = np.bincount(decile, weights=risk, minlength=10)
     observed = np.bincount(decile, weights=y.astype(np.float64), minlength=10)
