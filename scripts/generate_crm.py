@@ -19,12 +19,13 @@ restating their own assumptions):
 - acquisition grows over the four years (more recent customers than old ones);
 - products: themed baskets (co-purchase rules exist) plus a long tail of 240 products bought now
   and then, with Zipf popularity;
-- with `returns`: free orders (vouchers, 0.00) and refunds (a later row with the order's id and a
-  negative amount, whole or half the order).
-`textbook=True` draws the old population instead (purchases exactly BG/NBD and spend exactly
-Gamma-Gamma), for tests that check a fit recovers the parameters it was drawn from.
+- free orders (vouchers, 0.00) and refunds (a later row with the order's id and a negative amount,
+  whole or half the order), as real exports hold them; `returns=False` (`--no-returns`) leaves them out.
+`textbook=True` (`--textbook`) draws the old population instead (purchases exactly BG/NBD and spend
+exactly Gamma-Gamma, no returns), for tests that check a fit recovers the parameters it was drawn from.
+Order times are UTC instants (`timestamp[s, UTC]`) spread over the whole day.
 
-Usage: python scripts/generate_crm.py OUT_DIR [--rows N] [--seed S] [--sqlite] [--returns] [--textbook]
+Usage: python scripts/generate_crm.py OUT_DIR [--rows N] [--seed S] [--sqlite] [--no-returns] [--textbook]
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ AGE_EFFECTS: dict[str, tuple[float, float, float, tuple[str, ...], str]] = {
 }
 REGION_SPEND = {"London": 1.35, "South East": 1.15, "Scotland": 0.95, "Wales": 0.9, "North West": 0.95}
 SEASON_PEAK = 1.4  # the highest seasonal purchase-rate multiplier (December)
-FREE_SHARE, REFUND_SHARE = 0.02, 0.04  # of orders, with `returns`
+FREE_SHARE, REFUND_SHARE = 0.02, 0.04  # of orders (unless returns=False)
 START = datetime(2022, 1, 1, tzinfo=UTC)
 WEEKS = 4 * 52  # four years of history
 MAPPING = """\
@@ -229,7 +230,7 @@ def _season(week: np.ndarray) -> np.ndarray:
     return result
 
 
-def make_orders(rng: np.random.Generator, customers: Customers, first_order: int, *, returns: bool = False) -> pa.Table:
+def make_orders(rng: np.random.Generator, customers: Customers, first_order: int, *, returns: bool = True) -> pa.Table:
     n = len(customers.ids)
     age = np.searchsorted(np.array(AGE_BANDS), customers.age_band)  # AGE_BANDS is sorted
     effects = [AGE_EFFECTS[band] for band in AGE_BANDS]
@@ -363,7 +364,7 @@ def generate(
     block_customers: int = 20_000,
     *,
     customers: int | None = None,
-    returns: bool = False,
+    returns: bool = True,
     textbook: bool = False,
 ) -> Iterator[tuple[pa.Table, pa.Table]]:
     """(customers, orders) blocks until `rows` orders are made (the last block is cut to size), or
@@ -400,7 +401,7 @@ def released(
     seed: int,
     *,
     purpose: str = "analytics.reporting",
-    returns: bool = False,
+    returns: bool = True,
     textbook: bool = False,
 ) -> Iterator[pa.Table]:
     """What `bridge export` releases when every customer consented to every mapped column, in blocks:
@@ -418,7 +419,7 @@ def released(
 
 
 def write(
-    out_dir: Path, rows: int, seed: int, *, sqlite: bool = False, returns: bool = False, textbook: bool = False
+    out_dir: Path, rows: int, seed: int, *, sqlite: bool = False, returns: bool = True, textbook: bool = False
 ) -> dict[str, int]:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "mapping.toml").write_text(MAPPING, encoding="utf-8")
@@ -460,7 +461,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=100_000, help="orders to write (default 100,000)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--sqlite", action="store_true", help="also write crm.db (tables customers, orders)")
-    parser.add_argument("--returns", action="store_true", help="also free orders (0.00) and refunds (negative)")
+    parser.add_argument(
+        "--returns",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="free orders (0.00) and refunds (negative amounts), as real exports hold (default); --no-returns:"
+        " every order paid and kept",
+    )
     parser.add_argument("--textbook", action="store_true", help="purchases exactly BG/NBD, spend Gamma-Gamma")
     args = parser.parse_args(argv)
     counts = write(args.out_dir, args.rows, args.seed, sqlite=args.sqlite, returns=args.returns, textbook=args.textbook)

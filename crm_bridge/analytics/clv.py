@@ -301,10 +301,13 @@ def analyse(
     margin: float = 1.0,
     discount_rate: float = 0.0,
     pareto_sample: int = pareto_nbd.SAMPLE,
+    values: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Lifetime value over `horizon_weeks`: margin × expected spend × each week's expected purchases
     discounted at the annual `discount_rate`. The purchase model is BG/NBD or Pareto/NBD, whichever
-    predicted the calibration/holdout split better (`holdout.validate`); both are shown."""
+    predicted the calibration/holdout split better (`holdout.validate`); both are shown. `values`, if
+    given, receives each customer's value (by customer code, under "value"; never published: CHAID's
+    high-CLV tree reads it)."""
     released.require(requirement(released))
     orders = released.orders
     s = summarise(orders)
@@ -348,6 +351,8 @@ def analyse(
         )
 
     distribution, p_alive = tables(disclosure, value, purchases, alive)
+    if values is not None:
+        values["value"] = value
     parameters = [
         {"model": label, **row}
         for label, fitted in (

@@ -122,6 +122,19 @@ def dictionary_codes(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa
     return codes, dictionary
 
 
+def order_keys(column: pa.ChunkedArray) -> np.ndarray:
+    """Per row, an int64 key that is equal for equal order ids (−1: no id). Integer ids are their own
+    keys (shifted to start at 0); others are dictionary codes. Dictionary-encoding twelve million
+    distinct integers costs gigabytes of hash tables, and returns need only equality."""
+    if pa.types.is_integer(column.type) and len(column):
+        low = pc.min(column).as_py()
+        if low is not None:
+            shifted = pc.subtract(column.cast(pa.int64()), pa.scalar(low, pa.int64()))
+            keys: np.ndarray = pc.fill_null(shifted, -1).to_numpy()
+            return keys
+    return dictionary_codes(column)[0]
+
+
 _UNIT_SECONDS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 
 
@@ -198,10 +211,16 @@ def net_returns(
     rows = np.flatnonzero(returned)
     if order is not None:
         # Rows of orders that have a return, grouped by (customer, order id): each return's target is
-        # the first purchase row of its group.
-        key = (customer.astype(np.int64) << 32) | order.astype(np.int64)
-        involved = np.flatnonzero(np.isin(key, np.unique(key[rows])))
-        group_keys, group = np.unique(key[involved], return_inverse=True)
+        # the first purchase row of its group. Only the rows of customers with a return are looked at,
+        # their order ids renumbered from 0 (any int64 id, and a key of customer and id fits 64 bits).
+        has_return = np.zeros(int(customer.max()) + 1, dtype=bool)
+        has_return[customer[rows]] = True
+        candidates = np.flatnonzero(has_return[customer])
+        _, compact = np.unique(order[candidates], return_inverse=True)
+        key = (customer[candidates].astype(np.int64) << 32) | compact.ravel().astype(np.int64)
+        hit = np.isin(key, np.unique(key[returned[candidates]]))
+        involved = candidates[hit]
+        group_keys, group = np.unique(key[hit], return_inverse=True)
         target_of_group = np.full(len(group_keys), -1, np.int64)
         buying = involved[purchase[involved]]
         first = np.unique(group[purchase[involved]], return_index=True)
@@ -334,7 +353,7 @@ class Released:
         codes, ts, amount, rows = codes[order], ts[order], amount[order], rows[order]
         order_ids = None
         if (amount < 0).any() and self.released(f.order_id, PURCHASES):
-            order_ids = dictionary_codes(self._column(f.order_id))[0][rows]
+            order_ids = order_keys(self._column(f.order_id))[rows]
             no_id = order_ids < 0  # a row without an order id is an order of its own
             order_ids[no_id] = order_ids.max() + 1 + np.arange(int(no_id.sum()))
         purchase, returns = net_returns(codes, ts, amount, order_ids)

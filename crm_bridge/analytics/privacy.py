@@ -14,8 +14,10 @@ unexplained parts of the published groups, and of the population outside them, a
 published figures determine only sums of whole parts; every such sum is over 0 or at least k customers.
 Tables that publish one customer's value (a decile's minimum or maximum) are not built at all; running
 sums (gains curves) are taken over shown cells only. Association rules, whose itemsets nest, are
-kept only while no two nested itemsets differ by fewer than k customers (`nested_ok`), and the
-analysis time is one that dates no single order (`as_of`).
+kept only while no two nested itemsets differ by fewer than k customers (`nested_ok`) and no
+inclusion–exclusion over the published itemsets' counts gives a group of 1 .. k−1 baskets or of
+baskets of fewer than k customers (`lattice_ok`), and the analysis time is one that dates no single
+order (`as_of`).
 
 `Disclosure(k, audit=True)` also records which customers each published figure sums over, so that a
 test can attack every table the report publishes (tests/crm_bridge/analytics/test_privacy.py).
@@ -23,7 +25,7 @@ test can attack every table the report publishes (tests/crm_bridge/analytics/tes
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
@@ -163,6 +165,117 @@ def nested_ok(
                 baskets = int(np.count_nonzero(rest))
                 if 0 < baskets < k or (baskets and customers_of(rest) < k):
                     return False
+    return True
+
+
+LATTICE_STEPS = 50_000  # groups looked at per rule before `lattice_ok` gives up (and the rule is withheld)
+
+
+@dataclass(frozen=True)
+class Patterns:
+    """The baskets as seen by the itemsets that may be published: each order's pattern (which of the
+    candidate products its basket holds), the patterns' products and how many orders hold each."""
+
+    products: list[str]
+    holds: np.ndarray  # bool (pattern × product)
+    of_order: np.ndarray  # per order: its pattern
+    weight: np.ndarray  # per pattern: orders
+    customer: np.ndarray  # per order: its customer
+    customers: int
+    most_orders: int  # the most orders one customer has
+
+    @classmethod
+    def of(
+        cls,
+        distinct: np.ndarray,
+        of_order: np.ndarray,
+        columns: list[int],
+        products: list[str],
+        customer: np.ndarray,
+        customers: int,
+    ) -> Patterns:
+        """From the distinct baskets (bool, basket × product) and each order's basket, for `columns`
+        (the products named `products`), and each order's customer."""
+        sub = np.ascontiguousarray(distinct[:, columns])
+        keys = np.packbits(sub, axis=1)
+        unique, first, pattern = np.unique(
+            keys.view(np.dtype((np.void, keys.shape[1]))).ravel(), return_index=True, return_inverse=True
+        )
+        of_pattern = pattern.ravel()[of_order]
+        most = int(np.bincount(customer, minlength=customers).max()) if len(customer) else 0
+        weight = np.bincount(of_pattern, minlength=len(unique))
+        return cls(products, sub[first], of_pattern, weight, customer, customers, most)
+
+    def containing(self, itemset: frozenset[str]) -> np.ndarray:
+        """Per pattern: whether it holds every product of `itemset`."""
+        columns = [self.products.index(p) for p in itemset]
+        held: np.ndarray = np.all(self.holds[:, columns], axis=1)
+        return held
+
+
+def lattice_ok(
+    published: Collection[frozenset[str]],
+    new: Collection[frozenset[str]],
+    patterns: Patterns,
+    k: int,
+) -> bool:
+    """Whether no inclusion–exclusion over the published itemsets' counts reveals a group of 1 .. k−1
+    baskets, or of baskets of fewer than k customers.
+
+    With the counts of I and of J1 … Jm ⊃ I published, and of every union of some of the J's, the
+    baskets holding I but none of the J's number Σ_{V ⊆ {J1..Jm}} (−1)^|V| count(I ∪ ⋃V): e.g. three
+    itemsets beside {a}: count(a) − count(ab) − count(ac) + count(abc). Pairs (m = 1) are `nested_ok`'s
+    case; this checks every such group of the published lattice (the empty itemset, all baskets,
+    included) that involves an itemset of `new`, by a depth-first walk that adds the J's one at a time
+    (a group only shrinks as J's are added, and an empty one ends its branch). A walk longer than
+    `LATTICE_STEPS` gives up: the rule is withheld rather than left unchecked."""
+    lattice: set[frozenset[str]] = set(published) | {frozenset()}
+    fresh = set(new)
+    held = {itemset: patterns.containing(itemset) for itemset in lattice}
+    steps = 0
+
+    def safe(group: np.ndarray) -> bool:
+        baskets = int(patterns.weight[group].sum())
+        if baskets == 0:
+            return True
+        if baskets < k:
+            return False
+        if baskets >= k * patterns.most_orders:  # at most `most_orders` of them are one customer's
+            return True
+        orders = group[patterns.of_order]
+        buyers = np.count_nonzero(np.bincount(patterns.customer[orders], minlength=patterns.customers))
+        return bool(buyers >= k)
+
+    def walk(
+        base: frozenset[str],
+        above: list[frozenset[str]],
+        start: int,
+        chosen: list[frozenset[str]],
+        unions: set[frozenset[str]],
+        group: np.ndarray,
+    ) -> bool:
+        nonlocal steps
+        for i in range(start, len(above)):
+            extra = above[i]
+            if any(j <= extra for j in chosen):
+                continue  # holding `extra` implies holding a J already taken: the same group
+            grown = unions | {extra} | {u | extra for u in unions}
+            if not grown <= lattice:
+                continue  # some intersection's count is not published: not derivable this way
+            steps += 1
+            if steps > LATTICE_STEPS:
+                return False
+            smaller = group & ~held[extra]
+            if (base in fresh or grown & fresh) and not safe(smaller):
+                return False
+            if smaller.any() and not walk(base, above, i + 1, [*chosen, extra], grown, smaller):
+                return False
+        return True
+
+    for base in sorted(lattice, key=lambda s: (len(s), sorted(s))):
+        above = sorted((j for j in lattice if base < j), key=lambda s: (len(s), sorted(s)))
+        if not walk(base, above, 0, [], set(), held[base] & (patterns.weight > 0)):
+            return False
     return True
 
 

@@ -37,20 +37,27 @@ def build(released: Released, settings: AnalyticsSettings, disclosure: Disclosur
     """Run every method; the report as a JSON-ready dict. (A test passes an auditing `disclosure`.)"""
     disclosure = disclosure or Disclosure(settings.k)
     released, as_of_rule = _settle_as_of(released, settings.k)
+    per_customer: dict[str, np.ndarray] = {}  # CLV's values, for CHAID's high-CLV tree (never published)
     runs: dict[str, Callable[[], dict[str, Any]]] = {
         "rfm": lambda: rfm.analyse(released, disclosure),
         "rules": lambda: rules.analyse(
             released, disclosure, min_support=settings.min_support, sample=settings.rules_sample
         ),
         "clv": lambda: clv.analyse(
-            released, disclosure, settings.horizon_weeks, margin=settings.margin, discount_rate=settings.discount_rate
+            released,
+            disclosure,
+            settings.horizon_weeks,
+            margin=settings.margin,
+            discount_rate=settings.discount_rate,
+            values=per_customer,
         ),
         "churn": lambda: churn.analyse(
             released, disclosure, settings.churn_days, active_only=settings.churn_active_only
         ),
-        # Segmentation beside RFM: clusters (k-means, k by silhouette) and a CHAID tree of lapse.
+        # Segmentation beside RFM: clusters (k-means, k by silhouette) and CHAID trees of lapse and of
+        # high CLV (runs after clv, whose values it reads).
         "clusters": lambda: clusters.analyse(released, disclosure),
-        "chaid": lambda: chaid.analyse(released, disclosure, settings.churn_days),
+        "chaid": lambda: chaid.analyse(released, disclosure, settings.churn_days, clv_value=per_customer.get("value")),
     }
     report: dict[str, Any] = {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -163,14 +170,138 @@ def render_html(report: dict[str, Any]) -> str:
     env = Environment(loader=PackageLoader("crm_bridge.analytics"), autoescape=select_autoescape(["html", "j2"]))
     env.filters["num"] = _number
     env.filters["date"] = _date
-    return env.get_template("report.html.j2").render(report=report, plots=plots(report))
+    failed: dict[str, str] = {}
+    drawn = plots(report, failed)
+    return env.get_template("report.html.j2").render(report=report, plots=drawn, failed=failed)
 
 
 # plots -------------------------------------------------------------------------------------------
 
+# Each chart is drawn by its own function from the report's own (k-anonymous) tables; it returns the
+# figure, or None when there is nothing to draw. A table whose every row was withheld (fewer than k
+# customers each) gets no chart: the template says so in a sentence instead of drawing empty axes.
+Chart = Callable[[dict[str, Any], Any], Any]
 
-def plots(report: dict[str, Any]) -> dict[str, str]:
-    """Inline SVG plots (matplotlib, no network), from the report's own (k-anonymous) tables."""
+
+def _segments_chart(report: dict[str, Any], plt: Any) -> Any:
+    if "rfm" not in report or not report["rfm"]["segments"]["rows"]:
+        return None
+    rows = report["rfm"]["segments"]["rows"]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.barh([r["segment"] for r in rows][::-1], [r["customers"] for r in rows][::-1], color="#2b6cb0")
+    ax.set_xlabel("customers")
+    ax.set_title("Customers per RFM segment")
+    return fig
+
+
+def _heatmap_chart(report: dict[str, Any], plt: Any) -> Any:
+    if "rfm" not in report or not report["rfm"]["heatmap"]["rows"]:
+        return None
+    grid = np.full((5, 5), np.nan)
+    for cell in report["rfm"]["heatmap"]["rows"]:
+        grid[5 - cell["r"], cell["f"] - 1] = cell["mean_spend"]
+    fig, ax = plt.subplots(figsize=(4.6, 3.8))
+    image = ax.imshow(grid, cmap="viridis")
+    ax.set_xticks(range(5), [str(f) for f in range(1, 6)])
+    ax.set_yticks(range(5), [str(r) for r in range(5, 0, -1)])
+    ax.set_xlabel("frequency score")
+    ax.set_ylabel("recency score")
+    ax.set_title("Mean spend by R and F score")
+    fig.colorbar(image, ax=ax, label="mean spend")
+    return fig
+
+
+def _rules_chart(report: dict[str, Any], plt: Any) -> Any:
+    if "rules" not in report or not report["rules"]["rules"]["rows"]:
+        return None
+    rows = report["rules"]["rules"]["rows"][:12]
+    fig, ax = plt.subplots(figsize=(6.4, 0.35 * len(rows) + 1))
+    labels = [f"{r['antecedents']} → {r['consequents']}" for r in rows][::-1]
+    ax.barh(labels, [r["lift"] for r in rows][::-1], color="#2f855a")
+    ax.axvline(1.0, color="#444", linewidth=0.8)
+    ax.set_xlabel("lift")
+    ax.set_title("Top association rules by lift")
+    return fig
+
+
+def _clv_chart(report: dict[str, Any], plt: Any) -> Any:
+    if "clv" not in report or not report["clv"]["distribution"]["rows"]:
+        return None
+    rows = report["clv"]["distribution"]["rows"]
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.bar([str(r["decile"]) for r in rows], [r["mean_value"] for r in rows], color="#805ad5")
+    ax.set_xlabel("CLV decile (1 = lowest)")
+    ax.set_ylabel(f"mean value, next {report['clv']['horizon_weeks']} weeks")
+    ax.set_title("Customer lifetime value by decile")
+    return fig
+
+
+def _holdout_chart(report: dict[str, Any], plt: Any) -> Any:
+    holdout = report.get("clv", {}).get("holdout", {})
+    if not holdout.get("by_frequency", {}).get("rows"):
+        return None
+    rows, tracking = holdout["by_frequency"]["rows"], holdout["tracking"]["rows"]
+    names = {"bgnbd": "BG/NBD", "pareto_nbd": "Pareto/NBD"}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.4))
+    groups = [r["calibration_purchases"] for r in rows]
+    left.plot(groups, [r["actual_mean"] for r in rows], marker="o", color="#1a202c", label="actual")
+    for name in holdout["models"]:
+        left.plot(groups, [r[f"{name}_mean"] for r in rows], marker=".", linestyle="--", label=names[name])
+    left.set_xlabel("purchases in the calibration period")
+    left.set_ylabel(f"mean purchases, next {holdout['holdout_weeks']} weeks")
+    left.set_title("Holdout: actual and expected")
+    left.legend()
+    weeks = [t["week"] for t in tracking]
+    right.plot(weeks, [t["actual"] for t in tracking], color="#1a202c", label="actual")
+    for name in holdout["models"]:
+        right.plot(weeks, [t[name] for t in tracking], linestyle="--", label=names[name])
+    right.axvline(holdout["calibration_end_week"], color="#666", linewidth=0.8)
+    right.set_xlabel("week")
+    right.set_ylabel("cumulative repeat purchases")
+    right.set_title("Tracking (line: end of calibration)")
+    right.legend()
+    return fig
+
+
+def _churn_chart(report: dict[str, Any], plt: Any) -> Any:
+    if "churn" not in report or not report["churn"]["gains"]["rows"]:
+        return None
+    gains = report["churn"]["gains"]["rows"]
+    calibration = report["churn"]["calibration"]["rows"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.4))
+    left.plot(
+        [0] + [g["share_targeted_pct"] for g in gains],
+        [0] + [g["share_of_churners_pct"] for g in gains],
+        marker="o",
+        color="#c53030",
+        label="model",
+    )
+    left.plot([0, 100], [0, 100], linestyle="--", color="#666", label="random")
+    left.set_xlabel("% of customers targeted (riskiest first)")
+    left.set_ylabel("% of churners reached")
+    left.set_title("Churn gains curve")
+    left.legend()
+    right.plot([c["mean_predicted"] for c in calibration], [c["observed_rate"] for c in calibration], marker="o")
+    right.plot([0, 1], [0, 1], linestyle="--", color="#666")
+    right.set_xlabel("predicted churn probability")
+    right.set_ylabel("observed churn rate")
+    right.set_title("Calibration (test window)")
+    return fig
+
+
+CHARTS: dict[str, Chart] = {
+    "segments": _segments_chart,
+    "heatmap": _heatmap_chart,
+    "rules": _rules_chart,
+    "clv": _clv_chart,
+    "holdout": _holdout_chart,
+    "churn": _churn_chart,
+}
+
+
+def plots(report: dict[str, Any], failed: dict[str, str] | None = None) -> dict[str, str]:
+    """Inline SVG plots (matplotlib, no network), by chart name. A chart that fails to draw is left
+    out and its reason, in words, put in `failed`: the page shows that sentence and everything else."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,101 +309,25 @@ def plots(report: dict[str, Any]) -> dict[str, str]:
 
     plt.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "consent-ledger", "font.size": 9})
     out: dict[str, str] = {}
-
-    def svg(fig: Any) -> str:
-        buf = io.StringIO()
-        fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
-        plt.close(fig)
-        text = buf.getvalue()
-        return text[text.index("<svg") :]
-
-    # A table whose every row was withheld (fewer than k customers each) gets no chart: the template
-    # says so in a sentence instead of drawing empty axes.
-    if "rfm" in report and report["rfm"]["segments"]["rows"]:
-        rows = report["rfm"]["segments"]["rows"]
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        ax.barh([r["segment"] for r in rows][::-1], [r["customers"] for r in rows][::-1], color="#2b6cb0")
-        ax.set_xlabel("customers")
-        ax.set_title("Customers per RFM segment")
-        out["segments"] = svg(fig)
-
-    if "rfm" in report and report["rfm"]["heatmap"]["rows"]:
-        grid = np.full((5, 5), np.nan)
-        for cell in report["rfm"]["heatmap"]["rows"]:
-            grid[5 - cell["r"], cell["f"] - 1] = cell["mean_spend"]
-        fig, ax = plt.subplots(figsize=(4.6, 3.8))
-        image = ax.imshow(grid, cmap="viridis")
-        ax.set_xticks(range(5), [str(f) for f in range(1, 6)])
-        ax.set_yticks(range(5), [str(r) for r in range(5, 0, -1)])
-        ax.set_xlabel("frequency score")
-        ax.set_ylabel("recency score")
-        ax.set_title("Mean spend by R and F score")
-        fig.colorbar(image, ax=ax, label="mean spend")
-        out["heatmap"] = svg(fig)
-
-    if "rules" in report and report["rules"]["rules"]["rows"]:
-        rows = report["rules"]["rules"]["rows"][:12]
-        fig, ax = plt.subplots(figsize=(6.4, 0.35 * len(rows) + 1))
-        labels = [f"{r['antecedents']} → {r['consequents']}" for r in rows][::-1]
-        ax.barh(labels, [r["lift"] for r in rows][::-1], color="#2f855a")
-        ax.axvline(1.0, color="#444", linewidth=0.8)
-        ax.set_xlabel("lift")
-        ax.set_title("Top association rules by lift")
-        out["rules"] = svg(fig)
-
-    if "clv" in report and report["clv"]["distribution"]["rows"]:
-        rows = report["clv"]["distribution"]["rows"]
-        fig, ax = plt.subplots(figsize=(6, 3))
-        ax.bar([str(r["decile"]) for r in rows], [r["mean_value"] for r in rows], color="#805ad5")
-        ax.set_xlabel("CLV decile (1 = lowest)")
-        ax.set_ylabel(f"mean value, next {report['clv']['horizon_weeks']} weeks")
-        ax.set_title("Customer lifetime value by decile")
-        out["clv"] = svg(fig)
-
-    holdout = report.get("clv", {}).get("holdout", {})
-    if holdout.get("by_frequency", {}).get("rows"):
-        rows, tracking = holdout["by_frequency"]["rows"], holdout["tracking"]["rows"]
-        names = {"bgnbd": "BG/NBD", "pareto_nbd": "Pareto/NBD"}
-        fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.4))
-        groups = [r["calibration_purchases"] for r in rows]
-        left.plot(groups, [r["actual_mean"] for r in rows], marker="o", color="#1a202c", label="actual")
-        for name in holdout["models"]:
-            left.plot(groups, [r[f"{name}_mean"] for r in rows], marker=".", linestyle="--", label=names[name])
-        left.set_xlabel("purchases in the calibration period")
-        left.set_ylabel(f"mean purchases, next {holdout['holdout_weeks']} weeks")
-        left.set_title("Holdout: actual and expected")
-        left.legend()
-        weeks = [t["week"] for t in tracking]
-        right.plot(weeks, [t["actual"] for t in tracking], color="#1a202c", label="actual")
-        for name in holdout["models"]:
-            right.plot(weeks, [t[name] for t in tracking], linestyle="--", label=names[name])
-        right.axvline(holdout["calibration_end_week"], color="#666", linewidth=0.8)
-        right.set_xlabel("week")
-        right.set_ylabel("cumulative repeat purchases")
-        right.set_title("Tracking (line: end of calibration)")
-        right.legend()
-        out["holdout"] = svg(fig)
-
-    if "churn" in report and report["churn"]["gains"]["rows"]:
-        gains = report["churn"]["gains"]["rows"]
-        calibration = report["churn"]["calibration"]["rows"]
-        fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.4))
-        left.plot(
-            [0] + [g["share_targeted_pct"] for g in gains],
-            [0] + [g["share_of_churners_pct"] for g in gains],
-            marker="o",
-            color="#c53030",
-            label="model",
-        )
-        left.plot([0, 100], [0, 100], linestyle="--", color="#666", label="random")
-        left.set_xlabel("% of customers targeted (riskiest first)")
-        left.set_ylabel("% of churners reached")
-        left.set_title("Churn gains curve")
-        left.legend()
-        right.plot([c["mean_predicted"] for c in calibration], [c["observed_rate"] for c in calibration], marker="o")
-        right.plot([0, 1], [0, 1], linestyle="--", color="#666")
-        right.set_xlabel("predicted churn probability")
-        right.set_ylabel("observed churn rate")
-        right.set_title("Calibration (test window)")
-        out["churn"] = svg(fig)
+    for name, chart in CHARTS.items():
+        try:
+            fig = chart(report, plt)
+            if fig is None:
+                continue
+            buf = io.StringIO()
+            fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
+            text = buf.getvalue()
+            out[name] = text[text.index("<svg") :]
+        except Exception as exc:
+            log.exception("the %s chart could not be drawn", name)
+            if failed is not None:
+                failed[name] = _chart_failure(exc)
+        finally:
+            plt.close("all")  # the chart's figure, drawn or half drawn
     return out
+
+
+def _chart_failure(exc: Exception) -> str:
+    """Why a chart could not be drawn, for a reader: what failed, with the plotting library's words."""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"the plotting library stopped with an error while drawing it ({detail})"

@@ -252,11 +252,19 @@ def _publishable(
     found: Baskets, customer: np.ndarray, customers: int, rows: list[dict[str, Any]], k: int, top: int
 ) -> tuple[list[dict[str, Any]], int]:
     """The rules, best first, leaving out each one whose counts, beside those of the rules already
-    kept, would reveal fewer than k customers by difference (`privacy.nested_ok`); and how many."""
+    kept, would reveal fewer than k customers by difference: of two nested itemsets
+    (`privacy.nested_ok`), or by inclusion–exclusion over all of them (`privacy.lattice_ok`); and how
+    many."""
     contains: dict[frozenset[str], np.ndarray] = {frozenset(): np.ones(len(found.of_order), dtype=bool)}
     buyers: dict[frozenset[str], int] = {}
     kept: list[dict[str, Any]] = []
     withheld = 0
+    if not rows:
+        return kept, withheld
+    named = sorted({p for row in rows for side in ("antecedents", "consequents") for p in row[side].split(" + ")})
+    patterns = privacy.Patterns.of(
+        found.distinct, found.of_order, [found.products.index(p) for p in named], named, customer, customers
+    )
     for row in rows:
         if sum(r["customers"] >= k for r in kept) >= top:
             break
@@ -266,7 +274,9 @@ def _publishable(
         sides = (row["antecedents"].split(" + "), row["consequents"].split(" + "))
         new = {frozenset(items) for items in (*sides, sides[0] + sides[1])} - set(contains)
         trial = contains | {items: found.containing(sorted(items)) for items in new}
-        if privacy.nested_ok(trial, new, customer, customers, k, buyers):
+        if privacy.nested_ok(trial, new, customer, customers, k, buyers) and privacy.lattice_ok(
+            [s for s in trial if s], new, patterns, k
+        ):
             contains = trial
             kept.append(row)
         else:

@@ -28,3 +28,14 @@ def released(
     )
     data = {**columns, "order_ts": pa.array(columns["order_ts"], pa.int64()).cast(pa.timestamp("s", tz="UTC"))}
     return Released(pa.table(data).replace_schema_metadata(info.metadata()), as_of=as_of)
+
+
+def purchases(table: pa.Table) -> pa.Table:
+    """The purchase rows of a generated release, worked out independently of `Released` (pandas): a
+    refund is a later row with its order's id and a negative amount; an order refunded in full is no
+    purchase, a free order (0.00) is one. (The generator makes both unless told not to.)"""
+    frame = table.select(["did", "order_id", "amount"]).to_pandas()
+    refunded = frame[frame["amount"] < 0].groupby("order_id")["amount"].sum()
+    net = frame["amount"] + frame["order_id"].map(refunded).fillna(0.0)
+    keep = (frame["amount"] >= 0) & ((frame["amount"] == 0) | (net > 0))
+    return table.filter(pa.array(keep.to_numpy()))

@@ -12,6 +12,7 @@ from sklearn.metrics import roc_auc_score
 from crm_bridge.analytics import churn, clv
 from crm_bridge.analytics.data import DAY, Released
 from crm_bridge.analytics.privacy import Disclosure
+from tests.crm_bridge.analytics.releases import purchases
 
 
 def test_churn_can_be_restricted_to_active_customers_and_is_compared_with_bgnbd(generated: pa.Table) -> None:
@@ -20,8 +21,9 @@ def test_churn_can_be_restricted_to_active_customers_and_is_compared_with_bgnbd(
     section = churn.analyse(released, Disclosure(10), days=days, active_only=True)
     everyone = churn.analyse(released, Disclosure(10), days=days)
 
-    seconds = pc.cast(pc.cast(generated.column("order_ts"), pa.timestamp("s", "UTC")), pa.int64())
-    frame = pa.table({"did": generated.column("did"), "ts": seconds}).to_pandas()
+    bought = purchases(generated)  # returns netted, orders refunded in full left out
+    seconds = pc.cast(pc.cast(bought.column("order_ts"), pa.timestamp("s", "UTC")), pa.int64())
+    frame = pa.table({"did": bought.column("did"), "ts": seconds}).to_pandas()
     cutoff = section["test_cutoff"]
     before = frame[frame["ts"] < cutoff]
     recent = before[before["ts"] >= cutoff - days * DAY]["did"].unique()

@@ -1,11 +1,15 @@
 """scripts/generate_crm.py makes customers that differ by segment, so the models have something real
-to find: demographics that matter, seasonality, returns and free orders, a long tail of products."""
+to find: demographics that matter, seasonality, returns and free orders (by default, as real exports
+hold them), a long tail of products."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 
 from crm_bridge.analytics import chaid
 from crm_bridge.analytics.data import DAY, Released
@@ -84,3 +88,22 @@ def test_returns_and_free_orders() -> None:
         assert buyer == d
         assert t >= when  # ... comes after it ...
         assert -a in (paid, round(paid * 0.5, 2))  # ... and returns all or half of it (in pence)
+
+
+def test_realistic_data_is_the_default_and_the_textbook_case_an_opt_out(tmp_path: Path) -> None:
+    # Real CRM exports hold free orders and refunds: the generator, `released` (tests, benchmark)
+    # and the command line make them unless told not to.
+    default = pa.concat_tables(generate_crm.released(1_000, seed=4)).column("amount").to_numpy()
+    assert (default == 0).any()
+    assert (default < 0).any()
+    for opted_out in (
+        pa.concat_tables(generate_crm.released(1_000, seed=4, returns=False)),
+        pa.concat_tables(generate_crm.released(1_000, seed=4, textbook=True)),
+    ):
+        assert (opted_out.column("amount").to_numpy() > 0).all()
+    for args, has_returns in (([], True), (["--no-returns"], False), (["--textbook"], False)):
+        out = tmp_path / "-".join(["crm", *args])
+        assert generate_crm.main([str(out), "--rows", "3000", "--seed", "4", *args]) == 0
+        amount = pacsv.read_csv(out / "orders.csv").column("amount").to_numpy()
+        assert len(amount) == 3000
+        assert bool((amount < 0).any() and (amount == 0).any()) is has_returns

@@ -7,6 +7,8 @@ and attacks the published numbers the way an analyst with the report could:
 - the report's totals minus the shown cells of each table that partitions them (`PARTITIONS`);
 - a group's total (an RFM segment) minus its shown cells (the heat map, by the segment grid);
 - neighbouring rows of a running sum (the churn gains curve);
+- inclusion–exclusion over the association rules' itemsets: count(a) − count(ab) − count(ac) +
+  count(abc) is the baskets with a but neither b nor c (`inclusion_exclusion_attack`);
 - every linear combination at once: with `Disclosure(k, audit=True)` each published figure records
   which customers it sums over, and an integer program looks for any combination of figures that adds
   up to a group of 1 .. k−1 customers (`smallest_recoverable_group`).
@@ -44,8 +46,9 @@ PARTITIONS = {
 }
 RUNNING = {("churn", "gains")}  # cumulative rows: neighbours differ by one group
 # Rows that no published figure adds up with a hidden remainder: each rule is floored at k; a CHAID
-# split is shown only with every child at k or more, so a node minus its children is nothing.
-ROWS_ONLY = {("rules", "rules"), ("chaid", "tree")}
+# split is shown only with every child at k or more, so a node minus its children is nothing (and the
+# two CHAID trees' nodes are attacked together by the audit's integer program: "CHAID customers").
+ROWS_ONLY = {("rules", "rules"), ("chaid", "tree"), ("chaid", "high_clv_tree")}
 
 
 def tables(report: dict[str, Any]) -> Iterator[tuple[tuple[str, str], dict[str, Any]]]:
@@ -77,6 +80,8 @@ def attack_published(report: dict[str, Any], k: int) -> list[str]:
             for before, after in itertools.pairwise(counts):
                 if not residual_ok(after - before, k):
                     exposed.append(f"{key}: neighbouring rows differ by {after - before} customers")
+    if "rules" in report:  # several itemsets: baskets with one but none of the others
+        exposed += [f"rules: {e}" for e in inclusion_exclusion_attack(report["rules"], k)]
     if "rules" in report:  # nested itemsets: baskets and customers with one itemset but not the other
         published = [
             (frozenset(r["antecedents"].split(" + ")) | frozenset(r["consequents"].split(" + ")), r)
@@ -99,6 +104,42 @@ def attack_published(report: dict[str, Any], k: int) -> list[str]:
                 exposed.append(
                     f"rfm: {seg['segment']} minus its shown cells: {hidden} customers, revenue {revenue:.2f}"
                 )
+    return exposed
+
+
+def published_itemset_counts(section: dict[str, Any]) -> dict[frozenset[str], int]:
+    """The basket count of every itemset the rules publish, as a reader works them out: the rule's
+    itemset from its baskets, its antecedent from the confidence, its consequent from the lift (and
+    the empty itemset: all baskets)."""
+    n = section["baskets"]
+    counts: dict[frozenset[str], int] = {frozenset(): n}
+    for r in section["rules"]["rows"]:
+        lhs, rhs = frozenset(r["antecedents"].split(" + ")), frozenset(r["consequents"].split(" + "))
+        both = r["baskets"]
+        counts[lhs | rhs] = both
+        counts[lhs] = round(both / r["confidence"])
+        counts[rhs] = round(both * n / (r["lift"] * counts[lhs]))
+    return counts
+
+
+def inclusion_exclusion_attack(section: dict[str, Any], k: int, most: int = 4) -> list[str]:
+    """Every group "baskets holding I but none of J1 .. Jm" (m ≤ `most`, each J ⊃ I) whose count the
+    published counts give by inclusion–exclusion (the count of every union of J's is published), that
+    holds 1 .. k−1 baskets."""
+    counts = published_itemset_counts(section)
+    exposed = []
+    for base in counts:
+        above = [j for j in counts if base < j]
+        for m in range(2, most + 1):  # m = 1: nested pairs, attacked by attack_published
+            for chosen in itertools.combinations(above, m):
+                unions = {frozenset().union(*v) for r in range(1, m + 1) for v in itertools.combinations(chosen, r)}
+                if not unions <= counts.keys():
+                    continue
+                group = sum(
+                    (-1) ** r * counts[base.union(*v)] for r in range(m + 1) for v in itertools.combinations(chosen, r)
+                )
+                if 0 < group < k:
+                    exposed.append(f"{sorted(base)} without any of {[sorted(j) for j in chosen]}: {group} baskets")
     return exposed
 
 
@@ -262,6 +303,48 @@ def test_rules_expose_no_one_by_nested_itemsets() -> None:
     assert ("milk", "eggs") in published
     assert attack_published({"rules": section}, k) == []
     assert section["rules"]["suppressed_rows"] > 0
+
+
+def test_rules_expose_no_one_by_inclusion_exclusion_over_three_itemsets() -> None:
+    # Bread in 37 baskets: with butter and jam (10), with butter (10), with jam (10), alone (1: the
+    # target); butter and jam without bread (6); milk and eggs (20). Every two nested itemsets differ
+    # by 5 or more baskets, but count(bread) − count(bread, butter) − count(bread, jam)
+    # + count(bread, butter, jam) is the one basket of bread alone.
+    baskets = (
+        ["bread;butter;jam"] * 10
+        + ["bread;butter"] * 10
+        + ["bread;jam"] * 10
+        + ["bread"]
+        + ["butter;jam"] * 6
+        + ["milk;eggs"] * 20
+    )
+    rows = [(f"did:{i}", 10 + i % 7, 5.0) for i in range(len(baskets))]
+    released, k = _release(rows, products=baskets), 5
+    section = rules.analyse(released, Disclosure(k), min_support=0.05, sample=10**6)
+    assert attack_published({"rules": section}, k) == []  # no pair of nested itemsets gives it away
+    assert inclusion_exclusion_attack(section, k) == []
+    published = {(r["antecedents"], r["consequents"]) for r in section["rules"]["rows"]}
+    assert {("milk", "eggs"), ("bread", "butter"), ("bread", "jam")} <= published  # the rest is kept
+    assert section["rules"]["suppressed_rows"] > 0
+
+    # The attacker itself: it finds the target when bread, {bread, butter}, {bread, jam} and
+    # {bread, butter, jam} are all published.
+    def rule(lhs: str, rhs: str, both: int, n_lhs: int, n_rhs: int) -> dict[str, Any]:
+        return {"antecedents": lhs, "consequents": rhs, "baskets": both, "confidence": both / n_lhs,
+                "lift": 57 * both / (n_lhs * n_rhs)}  # fmt: skip
+
+    shown = {
+        "baskets": 57,
+        "rules": {
+            "rows": [
+                rule("bread", "butter", 20, 31, 26),
+                rule("bread", "jam", 20, 31, 26),
+                rule("bread", "butter + jam", 10, 31, 16),
+            ]
+        },
+    }
+    found = inclusion_exclusion_attack(shown, k)
+    assert "['bread'] without any of [['bread', 'butter'], ['bread', 'jam']]: 1 baskets" in found
 
 
 def test_as_of_dates_no_single_order() -> None:

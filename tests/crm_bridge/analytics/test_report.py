@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from playwright.sync_api import Browser, expect
@@ -23,6 +24,7 @@ from ledger.files import write_atomically
 from ledger.settings import PROJECT_ROOT
 from tests.conftest import SHOTS, accessibility_violations
 from tests.crm_bridge.analytics.conftest import restrict
+from tests.crm_bridge.analytics.releases import purchases
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +57,16 @@ def _tables(value: Any) -> list[dict[str, Any]]:
     return []
 
 
-def test_every_method_runs_and_the_json_is_the_report(written: tuple[dict[str, Any], Path]) -> None:
+def test_every_method_runs_and_the_json_is_the_report(
+    written: tuple[dict[str, Any], Path], generated: pa.Table
+) -> None:
     report, out = written
     assert json.loads((out / "report.json").read_text()) == report
     assert report["refused"] == []
     for method in ("rfm", "rules", "clv", "churn", "clusters", "chaid"):
         assert method in report
-    assert report["input"]["customers"] == 5_000
+    # 5,000 generated customers, less the few whose every order was refunded in full (no purchase).
+    assert report["input"]["customers"] == pc.count_distinct(purchases(generated).column("did")).as_py() > 4_950
     assert report["release"]["purpose"] == "analytics.reporting"
     assert report["clv"]["caveats"] == []  # the generator's spend is no degenerate Gamma-Gamma case
 
@@ -72,8 +77,8 @@ def test_no_output_row_describes_fewer_than_k_customers_or_names_one(
     report, out = written
     tables = _tables(report)
     # segments, heat map, rules, CLV deciles, p(alive), holdout by frequency and tracking, churn calibration and
-    # gains, clusters, CHAID tree
-    assert len(tables) == 11
+    # gains, clusters, CHAID trees of lapse and of high CLV
+    assert len(tables) == 12
     for table in tables:
         assert all(row["customers"] >= report["k"] for row in table["rows"])
     text = (out / "report.json").read_text() + (out / "report.html").read_text()
@@ -151,3 +156,42 @@ def test_the_command_line_refuses_what_it_may_not_read(generated: pa.Table, tmp_
     bad_k = _cli("--input", str(tmp_path / "other.parquet"), "--out", str(tmp_path / "k"), "--k", "1")
     assert bad_k.returncode == 2
     assert "k" in bad_k.stderr
+
+
+def test_the_whole_report_runs_on_the_generators_default_data(written: tuple[dict[str, Any], Path]) -> None:
+    # The default generated data holds free orders and refunds, as real exports do: every method
+    # still runs on it, and the report says how they were read.
+    report, out = written
+    preparation = report["input"]["preparation"]
+    assert preparation["returns"] > 0
+    assert preparation["returns_matched"] == preparation["returns"]  # each refund carries its order's id
+    assert preparation["refunded_orders"] > 0
+    assert preparation["free_orders"] > 0
+    assert report["refused"] == []
+    assert report["clv"]["gamma_gamma"]["customers"] > 0
+    html = (out / "report.html").read_text()
+    assert "netted into the order they return" in html
+    assert "free order(s) (amount 0) count as purchases worth 0" in html
+
+
+def test_a_chart_that_cannot_be_drawn_is_a_sentence_and_the_page_goes_on(
+    written: tuple[dict[str, Any], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only the RFM heat map draws an image: make that fail, as a plotting library's bug would.
+    from matplotlib.axes import Axes
+
+    def broken(self: Axes, *args: Any, **kwargs: Any) -> None:
+        raise ValueError("cannot convert float NaN to integer")
+
+    monkeypatch.setattr(Axes, "imshow", broken)
+    report, _ = written
+    html = render(report)["report.html"]
+    sentence = re.search(r'<p class="note no-chart">([^<]*)</p>', html)
+    assert sentence is not None
+    assert sentence.group(1).startswith("RFM heat map: mean spend by recency and frequency score: this chart could not")
+    assert "cannot convert float NaN to integer" in sentence.group(1)
+    # The rest of the page: the other charts, and every section after the heat map.
+    assert html.count("<svg") == 5
+    for heading in ("RFM segments", "Association rules", "Customer lifetime value", "Churn risk", "CHAID tree"):
+        assert f">{heading}" in html
+    assert html.rstrip().endswith("</html>")

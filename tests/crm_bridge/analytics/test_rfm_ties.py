@@ -6,11 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from crm_bridge.analytics import rfm
 from crm_bridge.analytics.data import DAY, Released
 from scripts import generate_crm
-from tests.crm_bridge.analytics.releases import released
+from tests.crm_bridge.analytics.releases import purchases, released
 
 
 def _release(rows: list[tuple[str, int, float]], as_of_day: int) -> Released:
@@ -57,5 +58,5 @@ def test_shuffling_the_rows_changes_no_score() -> None:
             {"r": s.r, "f": s.f, "m": s.m, "segment": s.segment}, index=released.orders.dids.to_pylist()
         )
         results.append(frame.sort_index())
-    assert len(results[0]) == 2_000
+    assert len(results[0]) == pc.count_distinct(purchases(table).column("did")).as_py() > 1_950
     pd.testing.assert_frame_equal(results[0], results[1])

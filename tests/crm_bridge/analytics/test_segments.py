@@ -3,16 +3,23 @@ cases; each node and cluster k-floored and named by what defines it."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import pyarrow as pa
 import pytest
 from scipy.stats import chi2, chi2_contingency
 
-from crm_bridge.analytics import chaid, clusters
+from crm_bridge.analytics import chaid, clusters, clv
 from crm_bridge.analytics.data import DAY, DEMOGRAPHIC, LOCATION, Released
 from crm_bridge.analytics.errors import ConsentMissing
 from crm_bridge.analytics.privacy import Disclosure
+from crm_bridge.analytics.report import build, render
+from crm_bridge.analytics.settings import AnalyticsSettings
 from crm_bridge.release import ReleaseInfo
+from scripts import generate_crm
 from tests.crm_bridge.analytics.releases import PURCHASES, released
+from tests.crm_bridge.analytics.test_privacy import smallest_recoverable_group
 
 
 def _lapse_release(*, with_gender_consent: bool = False) -> Released:
@@ -157,3 +164,127 @@ def test_clusters_are_never_smaller_than_k() -> None:
     assert all(r["customers"] >= 50 for r in section["clusters"]["rows"])
     assert sum(r["customers"] for r in section["clusters"]["rows"]) == 180
     assert section["clusters"]["suppressed_rows"] == 0
+
+
+def _banded_release(bands: dict[str, tuple[int, int]], *, region: bool = False) -> Released:
+    """Per age band (customers, how many lapsed: one order on day 10; the others order again on day
+    150), released as a demographic attribute; with `region`, a region that lapses alike."""
+    rows: list[tuple[str, int, str, str]] = []
+    for band, (size, lapsing) in bands.items():
+        for i in range(size):
+            did = f"did:{band}-{i}"
+            rows.append((did, 10, band, ("north", "south")[i % 2]))
+            if i >= lapsing:
+                rows.append((did, 150, band, ("north", "south")[i % 2]))
+    table = {
+        "did": [r[0] for r in rows],
+        "order_ts": [r[1] * DAY for r in rows],
+        "amount": [10.0] * len(rows),
+        "age_band": [r[2] for r in rows],
+        "region": [r[3] for r in rows],
+    }
+    categories = {"age_band": DEMOGRAPHIC, **({"region": LOCATION} if region else {})}
+    return released(table, categories, as_of=200 * DAY)
+
+
+def _bands_of(segment: str, order: list[str]) -> list[int]:
+    """The positions, in `order`, of the age bands a node's name covers ("a to c", "a or b", "a")."""
+    (part,) = [p for p in segment.split("; ") if p.startswith("age_band = ")]
+    text = part.removeprefix("age_band = ").replace(f" or {chaid.NOT_GIVEN}", "")
+    if " to " in text:
+        first, last = text.split(" to ")
+        return list(range(order.index(first), order.index(last) + 1))
+    return sorted(order.index(b) for b in text.split(" or "))
+
+
+def test_kass_multiplier_for_an_ordinal_predictor_counts_runs_of_neighbours() -> None:
+    # Four ordered bands into two runs: 3 cuts; five into three: C(4, 2) = 6; four ordered and a
+    # floating "not given" into three groups: C(3, 1) + 3·C(3, 2) = 12.
+    assert chaid.bonferroni_ordinal(4, 2) == 3
+    assert chaid.bonferroni_ordinal(5, 3) == 6
+    assert chaid.bonferroni_ordinal(5, 3, floating=True) == 12
+    assert chaid.bonferroni_ordinal(6, 6) == chaid.bonferroni_ordinal(6, 1) == 1
+    assert chaid.ordinal_order(["65+", "25-34", "18-24", chaid.NOT_GIVEN, "<18"]) == ["<18", "18-24", "25-34", "65+"]
+    assert chaid.ordinal_order(["London", "Wales"]) is None
+
+
+def test_chaid_never_merges_age_bands_that_are_not_neighbours() -> None:
+    # Lapse alternates by band: 60 % of 18-24 and 35-44 lapse, 20 % of 25-34 and 45-54. As nominal
+    # categories CHAID would merge {18-24, 35-44} against {25-34, 45-54}; as ordinal bands it may
+    # merge only neighbours, which all differ: four children, one band each.
+    bands = {"18-24": (100, 60), "25-34": (100, 20), "35-44": (100, 60), "45-54": (100, 20)}
+    section = chaid.analyse(_banded_release(bands), Disclosure(10), 90)
+    assert section["ordinal"] == ["age_band"]
+    root, *children = section["tree"]["rows"]
+    assert root["split_by"] == "age_band"
+    assert {c["segment"]: c["lapsed_pct"] for c in children} == {
+        "age_band = 18-24": 60.0,
+        "age_band = 25-34": 20.0,
+        "age_band = 35-44": 60.0,
+        "age_band = 45-54": 20.0,
+    }
+    # Kass: four bands kept apart as four runs: one way (C(3, 3)).
+    _, p, _, _ = chi2_contingency([[60, 40], [20, 80], [60, 40], [20, 80]], correction=False)
+    assert root["p_value"] == pytest.approx(p, rel=5e-3, abs=0)  # shown to three digits
+
+
+def test_no_chaid_tree_merges_non_adjacent_bands_on_generated_data(generated: pa.Table) -> None:
+    released_ = Released(generated)
+    values: dict[str, Any] = {}
+    clv.analyse(released_, Disclosure(10), 52, values=values)
+    section = chaid.analyse(released_, Disclosure(10), 180, clv_value=values["value"])
+    order = chaid.ordinal_order(generate_crm.AGE_BANDS)
+    assert order == generate_crm.AGE_BANDS
+    assert section["ordinal"] == ["age_band"]
+    checked = 0
+    for tree in (section["tree"], section["high_clv_tree"]):
+        assert tree["rows"][0]["split_by"] == "age_band"  # age matters, for lapse and for value
+        for row in tree["rows"]:
+            if "age_band = " in row["segment"]:
+                positions = _bands_of(row["segment"], order)
+                assert positions == list(range(positions[0], positions[-1] + 1)), row["segment"]
+                checked += 1
+    assert checked >= 4
+
+
+def test_chaid_grows_a_tree_of_high_clv_beside_the_lapse_tree(generated: pa.Table) -> None:
+    report = build(Released(generated), AnalyticsSettings(k=25, rules_sample=20_000))
+    section = report["chaid"]
+    assert section["high_clv_error"] is None
+    assert "top fifth of predicted customer lifetime value" in section["high_clv_outcome"]
+    rows = section["high_clv_tree"]["rows"]
+    assert rows[0]["segment"] == "all customers"
+    assert rows[0]["customers"] == section["customers"]
+    assert 19.0 <= rows[0]["high_clv_pct"] <= 21.0  # the top fifth (ties kept together)
+    assert len(rows) > 1
+    assert all(r["customers"] >= 25 for r in rows)
+    assert len({r["segment"] for r in rows}) == len(rows)  # each node named by what defines it
+    # High value depends on age and region (spend, purchase rate and lapse): the tree shows it.
+    by_segment = {r["segment"]: r["high_clv_pct"] for r in rows}
+    assert max(by_segment.values()) > 1.3 * rows[0]["high_clv_pct"]
+    html = render(report)["report.html"]
+    assert "CHAID tree of high CLV" in html
+
+
+def test_the_two_chaid_trees_cannot_be_differenced_into_a_small_group() -> None:
+    # Lapse: 18-24 and 25-34 lapse alike (60 %), 35-44 and 45-54 too (20 %); the lapse tree merges
+    # 25-34 (5 customers) with 18-24. High CLV: half of 18-24 (the top fifth of all), so the CLV tree
+    # would merge 25-34 with 35-44: then "18-24 or 25-34" (lapse tree) minus "18-24" (CLV tree) is the
+    # 5 customers of 25-34.
+    bands = {"18-24": (100, 60), "25-34": (5, 3), "35-44": (100, 20), "45-54": (100, 20)}
+    released_ = _banded_release(bands)
+    dids = released_.orders.dids.to_pylist()
+    value = np.array(
+        [100.0 if d.startswith("did:18-24") and int(d[10:]) % 2 else 10.0 + i % 7 for i, d in enumerate(dids)]
+    )
+    k = 10
+    disclosure = Disclosure(k, audit=True)
+    section = chaid.analyse(released_, disclosure, 90, clv_value=value)
+    lapse = {r["segment"]: r["customers"] for r in section["tree"]["rows"]}
+    assert lapse["age_band = 18-24 or 25-34"] == 105  # the premise: the lapse tree shows this node
+    high = {r["segment"]: r["customers"] for r in section["high_clv_tree"]["rows"]}
+    for a, count_a in lapse.items():
+        for b, count_b in high.items():
+            assert not 0 < abs(count_a - count_b) < k, (a, b)
+    figures = [f for f in disclosure.audit or [] if f.population == chaid.POPULATION]
+    assert smallest_recoverable_group([f.members for f in figures]) >= k
