@@ -76,10 +76,12 @@ class Offline:
     access_log: AccessLogClient
 
     @classmethod
-    def open(cls, data_dir: Path | None = None, *, service: ServiceSettings | None = None) -> Offline:
+    def open(
+        cls, data_dir: Path | None = None, *, service: ServiceSettings | None = None, chain: ChainSettings | None = None
+    ) -> Offline:
         if service is None:
             service = ServiceSettings(data_dir=data_dir) if data_dir else ServiceSettings()
-        chain, identity = ChainSettings(), IdentitySettings()
+        chain, identity = chain or ChainSettings(), IdentitySettings()
         record = service.data_dir / "deployment.json"
         if not record.is_file():
             raise ToolError(f"{record} does not exist: run `consent-ledger serve` once to deploy the contracts")

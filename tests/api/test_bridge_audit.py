@@ -98,7 +98,7 @@ def crm(service: Service, tmp_path_factory: pytest.TempPathFactory) -> Crm:
 
 
 def _offline(service: Service) -> Offline:
-    return Offline.open(service=service.runtime.service)
+    return Offline.open(service=service.runtime.service, chain=service.runtime.chain)  # its node, not the default
 
 
 def _export(service: Service, crm: Crm, out: Path, **kwargs: Any) -> tuple[pa.Table, Any]:
@@ -322,6 +322,7 @@ def test_the_command_line_exports_from_csv_and_from_a_database_and_verifies(
         **os.environ,
         "CONSENT_LEDGER_DATA_DIR": str(service.runtime.service.data_dir),
         "CONSENT_LEDGER_PORT": str(service.runtime.service.port),
+        "CONSENT_LEDGER_CHAIN_BACKEND": service.runtime.chain.backend,  # the node this service runs
     }
     command = [sys.executable, "-m", "api.cli"]
     exported: dict[str, Any] = {}
