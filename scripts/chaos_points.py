@@ -57,8 +57,15 @@ def rpc(url: str, method: str, params: list[Any]) -> Any:
     ]
 
 
+NODE = {"backend": "geth"}  # the managed node (`--backend`)
+
+
+def pid_file(data_dir: Path) -> Path:
+    return data_dir / "chain" / f"{NODE['backend']}.pid"
+
+
 def node_url(data_dir: Path) -> str:
-    return "http://127.0.0.1:" + (data_dir / "chain" / "anvil.pid").read_text().split()[1]
+    return "http://127.0.0.1:" + pid_file(data_dir).read_text().split()[1]
 
 
 def restarted(data_dir: Path, killed: int, timeout: float = 60) -> None:
@@ -67,7 +74,7 @@ def restarted(data_dir: Path, killed: int, timeout: float = 60) -> None:
     while time.monotonic() < deadline:
         time.sleep(0.1)
         try:
-            if int((data_dir / "chain" / "anvil.pid").read_text().split()[0]) != killed:
+            if int(pid_file(data_dir).read_text().split()[0]) != killed:
                 rpc(node_url(data_dir), "eth_blockNumber", [])
                 return
         except (OSError, ValueError, IndexError, httpx.TransportError):
@@ -104,7 +111,7 @@ def settle(data_dir: Path, timeout: float = 120) -> None:
 def run(customers: int, partners: int, tills: int, per_pair: int, kills: int, interval: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="chaos-points-") as tmp:
         data_dir = Path(tmp)
-        service = Service(data_dir)
+        service = Service(data_dir, CONSENT_LEDGER_CHAIN_BACKEND=NODE["backend"])
         try:
             print(f"set-up: {customers} customers enrol, bind keys, get points ...", flush=True)
             partner_keys, people, domain = set_up(service, customers, partners)
@@ -120,7 +127,7 @@ def run(customers: int, partners: int, tills: int, per_pair: int, kills: int, in
             time.sleep(1.0)
             for _ in range(kills):
                 time.sleep(interval)
-                killed = int((data_dir / "chain" / "anvil.pid").read_text().split()[0])
+                killed = int(pid_file(data_dir).read_text().split()[0])
                 os.kill(killed, signal.SIGKILL)
                 restarted(data_dir, killed)
             outcomes = [queue.get() for _ in procs]
@@ -171,7 +178,7 @@ def run(customers: int, partners: int, tills: int, per_pair: int, kills: int, in
         "on_chain_not_done": len(set(on_chain) - done),
         "balance_mismatches": mismatches,
         "node_kills": kills,
-        "node_restarts": log.count("the managed anvil node is not running; starting it again"),
+        "node_restarts": log.count(f"the managed {NODE['backend']} node is not running; starting it again"),
         "rolled_back_blocks": sum(rollbacks),
     }
 
@@ -184,8 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--per-pair", type=int, default=15, help="redemptions per customer and partner")
     parser.add_argument("--kills", type=int, default=4)
     parser.add_argument("--interval", type=float, default=4.0, help="seconds between kills")
+    parser.add_argument("--backend", default="geth", choices=["geth", "anvil"], help="the managed node")
     parser.add_argument("--quick", action="store_true", help="a small run (CI)")
     args = parser.parse_args(argv)
+    NODE["backend"] = args.backend
     if args.quick:
         args.customers, args.tills, args.per_pair, args.kills, args.interval = 40, 20, 30, 3, 1.5
     figures = run(args.customers, args.partners, args.tills, args.per_pair, args.kills, args.interval)
