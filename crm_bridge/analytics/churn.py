@@ -28,7 +28,7 @@ from sklearn.frozen import FrozenEstimator
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
 from crm_bridge.analytics import clv, privacy
-from crm_bridge.analytics.data import DAY, Orders, Released, Requirement, figure
+from crm_bridge.analytics.data import DAY, Orders, Released, Requirement, figure, tenths
 from crm_bridge.analytics.errors import AnalyticsError
 from crm_bridge.analytics.privacy import Disclosure, Table
 
@@ -176,10 +176,7 @@ def deciles(risk: np.ndarray) -> np.ndarray:
     """0..9 per customer, 0 the riskiest: ⌊10 · share of customers strictly riskier⌋ (the "minimum
     rank" rule, as RFM's quintiles). Equal risks share a decile whatever the row order, so a decile
     can hold more than a tenth and another none."""
-    n = len(risk)
-    riskier = np.searchsorted(np.sort(-risk), -risk, side="left")  # customers with a strictly higher risk
-    result: np.ndarray = riskier * 10 // max(n, 1)
-    return result
+    return tenths(-risk)
 
 
 def tables(disclosure: Disclosure, risk: np.ndarray, y: np.ndarray) -> tuple[Table, Table]:

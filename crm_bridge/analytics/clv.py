@@ -31,7 +31,7 @@ import numpy as np
 from scipy.special import digamma, expit, gammaln, hyp2f1
 
 from crm_bridge.analytics import holdout, pareto_nbd, privacy
-from crm_bridge.analytics.data import DAY, Orders, Released, Requirement, figure, starts_of
+from crm_bridge.analytics.data import DAY, Orders, Released, Requirement, figure, starts_of, tenths
 from crm_bridge.analytics.errors import AnalyticsError, FitFailed, TooFewCustomers
 from crm_bridge.analytics.mle import NO_UNCERTAINTY, Uncertainty, fit
 from crm_bridge.analytics.privacy import Disclosure, Table
@@ -420,7 +420,7 @@ def tables(disclosure: Disclosure, value: np.ndarray, purchases: np.ndarray, ali
     each is one customer's value."""
     n = len(value)
     disclosure.record("CLV population", "customers", np.ones(n, dtype=bool), n)
-    deciles = np.minimum((np.argsort(np.argsort(value, kind="stable")) * 10) // n, 9)
+    deciles = tenths(value)  # equal values share a decile: the row order changes none
     size = np.bincount(deciles, minlength=10)
     total = np.bincount(deciles, weights=value, minlength=10)
     distribution = [

@@ -99,6 +99,15 @@ class Orders:
         return np.bincount(self.customer, weights=self.amount, minlength=self.customers)
 
 
+def tenths(values: np.ndarray) -> np.ndarray:
+    """0..9 per customer, 0 the lowest: ⌊10 · share of customers with a strictly lower value⌋ (the
+    "minimum rank" rule, as RFM's quintiles). Equal values share a tenth whatever the row order, so a
+    tenth can hold more than a tenth of the customers and another none."""
+    lower = np.searchsorted(np.sort(values), values, side="left")  # customers with a strictly lower value
+    result: np.ndarray = lower * 10 // max(len(values), 1)
+    return result
+
+
 def starts_of(counts: np.ndarray) -> np.ndarray:
     """Where each group starts in an array sorted by group, given the groups' sizes."""
     starts: np.ndarray = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)

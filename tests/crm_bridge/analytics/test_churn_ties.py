@@ -67,3 +67,27 @@ def test_identical_customers_of_a_release_share_a_decile(generated: pa.Table) ->
     if np.array_equal(test.customers[np.minimum(position, len(test.customers) - 1)], codes):  # in the test window
         decile = _deciles_of(disclosure, len(test.customers))
         assert len(set(decile[position].tolist())) == 1
+
+
+def test_clv_deciles_keep_equal_values_together_and_ignore_row_order() -> None:
+    """The CLV decile table too: ten customers of one value share a decile, and shuffling the rows moves
+    nobody (ranked one by one, the ten straddled a decile boundary and the order chose who went where)."""
+    from crm_bridge.analytics import clv
+
+    value = np.linspace(1.0, 1000.0, 1000)
+    value[95:105] = value[100]
+    purchases, alive = np.ones(1000), np.full(1000, 0.5)
+
+    def deciles_of(values: np.ndarray) -> np.ndarray:
+        disclosure = Disclosure(10, audit=True)
+        clv.tables(disclosure, values, purchases, alive)
+        assert disclosure.audit is not None
+        out = np.full(len(values), -1)
+        for d, figure in enumerate(f for f in disclosure.audit if f.table == "CLV by decile"):
+            out[figure.members] = d
+        return out
+
+    decile = deciles_of(value)
+    assert len(set(decile[95:105].tolist())) == 1
+    order = np.random.default_rng(3).permutation(1000)
+    assert (deciles_of(value[order]) == decile[order]).all()
