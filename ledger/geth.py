@@ -313,6 +313,10 @@ class GethNode:
             "--ipcdisable",
             "--miner.gaslimit",
             str(self.gas_limit),
+            # No local-transaction tracker: it journals what was sent to `transactions.rlp` and sends it
+            # again at start and every so often, so after a restart it could put back a transaction the
+            # relayer has since replaced at that nonce. The relayer alone decides what is sent again.
+            "--txpool.nolocals",
             # The operator sends up to `relayer_max_in_flight` batches per lane before any is mined.
             "--txpool.accountslots",
             "4096",
