@@ -24,6 +24,7 @@ on its validators' disks. The manifest (`backup.json`) says what was copied and 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -100,7 +101,15 @@ def _copy_geth(service: ServiceSettings, chain: ChainSettings, dest: Path) -> in
             return node.export_blocks(dest / node.import_file.name)
         except (OSError, NodeStartError) as exc:
             raise ToolError(f"reading the chain's blocks from the managed node failed: {exc}") from exc
-    shutil.copytree(node.data_dir, dest / node.data_dir.name)  # stopped: nobody writes it
+    # Stopped: nobody writes it. geth takes this lock (flock) while it runs: held here, no geth can start
+    # on the data dir during the copy, and one running that we did not recognise makes this refuse.
+    lock_file = node.data_dir / "geth" / "LOCK"
+    with lock_file.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise ToolError(f"a geth node holds {node.data_dir}: back up while `serve` runs, or stop it") from exc
+        shutil.copytree(node.data_dir, dest / node.data_dir.name, ignore=shutil.ignore_patterns("LOCK"))
     return Checkpoints(node.state_dir).durable_block()  # the head as it stopped
 
 

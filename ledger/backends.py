@@ -32,7 +32,7 @@ from web3.types import RPCEndpoint, Wei
 
 from ledger.anvil import AnvilNode, find_anvil
 from ledger.errors import ChainError
-from ledger.geth import DEV_KEY, GethNode, find_geth
+from ledger.geth import DEV_KEY, FAUCET_GAS_PRICE, GethNode, find_geth
 from ledger.settings import ChainSettings, ToolchainSettings, get_toolchain_settings
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,14 @@ class GethBackend(ManagedBackend):
         with self._faucet:
             nonce = w3.eth.get_transaction_count(faucet.address, "pending")
             signed = faucet.sign_transaction(
-                {"to": address, "value": wei, "gas": 21_000, "gasPrice": 1, "nonce": nonce, "chainId": w3.eth.chain_id}
+                {
+                    "to": address,
+                    "value": wei,
+                    "gas": 21_000,
+                    "gasPrice": FAUCET_GAS_PRICE,
+                    "nonce": nonce,
+                    "chainId": w3.eth.chain_id,
+                }
             )
             tx_hash = w3.eth.send_raw_transaction(signed.raw_transaction)
             self.node.mine_now()

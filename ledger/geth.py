@@ -65,6 +65,8 @@ DEV_KEY = "0xb71c71a67e1177ad4e901695e1b4b9ee17ae16c6668d313eac2f96dbcda3f291"
 FAUCET_WEI = 10**36
 NEVER = 10**9  # seconds: the simulated beacon's own block timer (`--dev.period`) never fires again
 ZERO32 = "0x" + "00" * 32
+GAS_LIMIT_FACTOR = 8  # the node's block gas limit, in settings' gas limits (see `GethNode.__init__`)
+FAUCET_GAS_PRICE = 10**9  # wei: the faucet's transfers stay minable even if the base fee ever rose
 
 # Forks after Prague are left out of the genesis (see the module's docstring).
 _KEPT_FORK_TIMES = {"shanghaiTime", "cancunTime", "pragueTime"}
@@ -87,13 +89,16 @@ def find_geth() -> Path:
 def genesis(binary: Path, *, chain_id: int, gas_limit: int, funded: str) -> dict[str, Any]:
     """geth's development genesis (with its system contracts), for our chain id, Prague rules, base fee 0
     and `gas_limit`, with `funded` holding `FAUCET_WEI`."""
-    dumped = subprocess.run(  # noqa: S603 - our own binary
-        [str(binary), "--dev", "--verbosity", "1", "dumpgenesis"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
+    try:
+        dumped = subprocess.run(  # noqa: S603 - our own binary
+            [str(binary), "--dev", "--verbosity", "1", "dumpgenesis"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise NodeStartError(f"{binary} could not write a genesis ({exc}): is it geth {GETH_VERSION}?") from exc
     spec: dict[str, Any] = json.loads(dumped.stdout)
     config = spec["config"]
     config["chainId"] = chain_id
@@ -111,6 +116,10 @@ def genesis(binary: Path, *, chain_id: int, gas_limit: int, funded: str) -> dict
     for key in ("excessBlobGas", "blobGasUsed", "slotNumber"):
         spec.pop(key, None)
     return spec
+
+
+class ChainIdMismatch(NodeStartError):
+    """The node's chain is another chain than the settings name."""
 
 
 class GethNode:
@@ -133,10 +142,12 @@ class GethNode:
         self.state_dir = state_dir
         self.chain_id = chain_id
         self.block_time = block_time
-        # Twice the setting: EIP-1559 raises the base fee after any block above half the limit, and with
-        # a base fee of a few wei the 1/8 decrease rounds to nothing, so it never comes back to 0, and
-        # transactions priced when it was 0 would wait for ever. So a block never passes half of it.
-        self.gas_limit = 2 * gas_limit
+        # Eight times the setting: EIP-1559 raises the base fee after any block above half the limit,
+        # and with a base fee of a few wei the 1/8 decrease rounds to nothing, so it never comes back to
+        # 0, and transactions priced when it was 0 would wait for ever. What the service has in flight at
+        # once (16 consent batches of 45 M gas, 16 points batches of 72 M, the bridge's pipelined access
+        # records of 41 M each) stays far below half of it; a block that passes it is logged.
+        self.gas_limit = GAS_LIMIT_FACTOR * gas_limit
         self.requested_port = port
         self.start_timeout = start_timeout
         self.max_lead = max_lead
@@ -148,6 +159,9 @@ class GethNode:
         self._stop_workers = threading.Event()
         self._workers: list[threading.Thread] = []
         self._last_time = 0  # the newest block's timestamp
+        self._last_made = 0.0  # when (monotonic) this miner made its last block
+        self._lead_warned = 0.0
+        self._failures_logged = 0.0
         self.offset = 0  # seconds the chain's clock is set ahead (`increase_time`, development only)
         self.checkpoints = Checkpoints(state_dir)
         self.before_block: Callable[[], None] | None = None
@@ -201,7 +215,11 @@ class GethNode:
         """Write the genesis block into a new data directory (once); then the blocks of a backup, if any.
         A genesis file already there (a backup's) is used as it is: a new one is a different chain."""
         if (self.data_dir / "geth" / "chaindata").is_dir():
-            return
+            if not self.import_file.is_file():
+                return
+            # A backup's import that did not finish (the file is set aside only when it has): again.
+            log.warning("the import of %s did not finish: starting it again", self.import_file)
+            shutil.rmtree(self.data_dir)
         genesis_file = self.genesis_file
         if not genesis_file.is_file():
             spec = genesis(
@@ -233,7 +251,8 @@ class GethNode:
     def _import(self, blocks: Path) -> None:
         """Execute a backup's blocks into the new data directory (every one checked as geth checks any
         block), then set the file aside."""
-        log.info("importing the chain's blocks from %s", blocks)
+        log.info("importing the chain's blocks from %s (every block is executed again)", blocks)
+        timeout = 3600 + blocks.stat().st_size / 50_000  # an hour, and 20 s per MB of blocks
         done = subprocess.run(  # noqa: S603 - our own binary and arguments
             [
                 str(self.binary),
@@ -248,18 +267,20 @@ class GethNode:
             ],
             capture_output=True,
             text=True,
+            timeout=timeout,
         )
         if done.returncode != 0:
             shutil.rmtree(self.data_dir, ignore_errors=True)
             raise NodeStartError(f"geth import of {blocks} failed: {done.stderr[-2000:]}")
         os.replace(blocks, blocks.with_suffix(".rlp.imported"))
 
-    def export_blocks(self, dest: Path, *, batch: int = 500) -> int:
+    def export_blocks(self, dest: Path, *, batch: int = 50) -> int:
         """Write every block after genesis to `dest` (RLP, one after another: what `geth import` reads),
         from the running node; the newest block written. Blocks once made are never replaced here (one
         miner, no forks), so the file holds the chain up to that block."""
         head = int(str(self._call("eth_blockNumber", [])), 16)
-        with dest.open("wb") as out:
+        partial = dest.with_suffix(".partial")
+        with partial.open("wb") as out:
             for first in range(1, head + 1, batch):
                 numbers = range(first, min(first + batch, head + 1))
                 body = json.dumps(
@@ -276,6 +297,7 @@ class GethNode:
                     out.write(bytes.fromhex(str(answer["result"])[2:]))
             out.flush()
             os.fsync(out.fileno())
+        os.replace(partial, dest)
         return head
 
     def _command(self, auth_port: int) -> list[str]:
@@ -285,7 +307,7 @@ class GethNode:
             "--dev.period",
             str(NEVER),
             "--datadir",
-            str(self.data_dir),
+            str(self.data_dir.resolve()),  # absolute: how `running_node` knows it from any working directory
             "--state.scheme",
             "hash",
             "--gcmode",
@@ -347,6 +369,9 @@ class GethNode:
         """Start the node (initialising its data directory the first time) and its miner; its URL."""
         if self.running:
             return self.url
+        # A miner left from a node that died must not make blocks before the new node's start-up block.
+        self._stop_workers_now()
+        self._adopted = None  # an adopted node that died is not this one
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if self._adopt():
             self._after_start()
@@ -369,6 +394,9 @@ class GethNode:
             try:
                 self._wait_ready()
                 self._wait_startup_block(log_start)
+            except ChainIdMismatch:
+                self.kill()
+                raise
             except NodeStartError as exc:
                 last_error = str(exc)
                 self.kill()
@@ -381,6 +409,8 @@ class GethNode:
     def _after_start(self) -> None:
         head = self._head()
         self._last_time = int(head["timestamp"], 16)
+        # A chain whose clock was set ahead (`increase_time`) stays ahead: blocks go on from it.
+        self.offset = max(self.offset, self._last_time - int(time.time()) - self.max_lead)
         self.checkpoints.mark_durable(int(head["number"], 16))  # every block it has is on its disk
         self._start_workers()
 
@@ -414,7 +444,7 @@ class GethNode:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             return None
-        if not cmdline or not cmdline[0].endswith(b"geth") or str(self.data_dir).encode() not in cmdline:
+        if not cmdline or not cmdline[0].endswith(b"geth") or str(self.data_dir.resolve()).encode() not in cmdline:
             return None
         return (pid, port) if _alive(pid) else None
 
@@ -427,6 +457,9 @@ class GethNode:
         self._adopted, self.port = pid, port
         try:
             self._wait_ready()
+        except ChainIdMismatch:
+            self._adopted = None  # not ours to stop: say so
+            raise
         except NodeStartError:
             self._signal_adopted(signal.SIGKILL)
             return False
@@ -453,10 +486,16 @@ class GethNode:
             if self._process is not None and self._process.poll() is not None:
                 raise NodeStartError(f"geth exited with status {self._process.returncode}: {self._log_tail()}")
             try:
-                if int(str(self._call("eth_chainId", [], timeout=2)), 16) == self.chain_id:
-                    return
+                answered = int(str(self._call("eth_chainId", [], timeout=2)), 16)
             except (urllib.error.URLError, ConnectionError, TimeoutError, KeyError, ValueError, NodeStartError):
                 time.sleep(0.05)
+                continue
+            if answered != self.chain_id:
+                raise ChainIdMismatch(
+                    f"the chain in {self.data_dir} has chain id {answered}; CONSENT_LEDGER_CHAIN_CHAIN_ID is "
+                    f"{self.chain_id}: set it to {answered}, or use another data dir"
+                )
+            return
         raise NodeStartError(f"geth did not answer within {self.start_timeout:g}s: {self._log_tail()}")
 
     def _log_tail(self) -> str:
@@ -498,10 +537,20 @@ class GethNode:
         self._workers = []
 
     def _next_time(self) -> int | None:
-        """The next block's timestamp, or None while it would be more than `max_lead` s ahead of the clock."""
+        """The next block's timestamp, or None while it would be more than `max_lead` s ahead of the clock
+        and the last block was made less than two seconds ago: past the lead, one block every two
+        wall-clock seconds still, so that the lead shrinks by a second every two under any load and a
+        clock stepped back (or a chain set ahead) slows the chain down but never stops it."""
         now = int(time.time()) + self.offset
         stamp = max(now, self._last_time + 1)
-        return stamp if stamp - now <= self.max_lead else None
+        if stamp - now <= self.max_lead:
+            return stamp
+        if time.monotonic() - self._last_made >= 2.0:
+            if time.monotonic() - self._lead_warned > 60:
+                self._lead_warned = time.monotonic()
+                log.warning("the chain's newest block is %d s ahead of this machine's clock", stamp - 1 - now)
+            return stamp
+        return None
 
     def _pending(self) -> int:
         status = self._call("txpool_status", [])
@@ -520,6 +569,7 @@ class GethNode:
         }
         block_hash = str(self._call("testing_commitBlockV1", [attributes, transactions, None], timeout=120))
         self._last_time = timestamp
+        self._last_made = time.monotonic()
         return block_hash
 
     def _mine(self) -> None:
@@ -534,14 +584,32 @@ class GethNode:
                     continue
                 _run_hook(self.before_block)
                 stamp = self._next_time()
-                # A node that is down or restarting is the supervisor's business, not the miner's.
-                with contextlib.suppress(OSError, ValueError, NodeStartError):
+                # A node that is down or restarting is the supervisor's business; any other failure is
+                # logged (once a minute at most) and the miner goes on: it must never die quietly.
+                try:
                     if stamp is not None and self._pending() > 0:
                         self.commit(stamp)
-                        self.checkpoints.mark_durable(int(str(self._call("eth_blockNumber", [])), 16))
+                        self._check_block()
                         mined = True
+                except Exception as exc:
+                    if self.running and time.monotonic() - self._failures_logged > 60:
+                        self._failures_logged = time.monotonic()
+                        log.warning("geth did not make a block: %s", exc)
             if mined:
                 _run_hook(self.after_block)
+
+    def _check_block(self) -> None:
+        """After a block: mark it durable (it is on the node's disk), and say so if it raised the base fee."""
+        head = self._head()
+        self.checkpoints.mark_durable(int(head["number"], 16))
+        if int(head.get("baseFeePerGas", "0x0"), 16) > 0:
+            log.warning(
+                "block %d used %d of %d gas: the base fee is now %d wei (transactions priced for 0 may wait)",
+                int(head["number"], 16),
+                int(head["gasUsed"], 16),
+                int(head["gasLimit"], 16),
+                int(head["baseFeePerGas"], 16),
+            )
 
     def mine_now(self, *, advance: int = 0) -> None:
         """One block at once, empty or not, `advance` seconds on (development: `increase_time`)."""
@@ -549,7 +617,7 @@ class GethNode:
             self.offset += advance
             now = int(time.time()) + self.offset
             self.commit(max(now, self._last_time + 1))
-            self.checkpoints.mark_durable(int(str(self._call("eth_blockNumber", [])), 16))
+            self._check_block()
 
     @contextlib.contextmanager
     def mining_paused(self) -> Iterator[None]:

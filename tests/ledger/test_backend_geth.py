@@ -165,3 +165,49 @@ def test_a_block_as_full_as_the_setting_allows_leaves_the_base_fee_at_zero(ledge
     (after,) = sender.wait(sender.send([TxRequest(to=ledger.accounts.stranger.address, data=b"", gas=21_000)]))
     for number in (full.block_number + 1, after.block_number):
         assert w3.eth.get_block(number)["baseFeePerGas"] == 0
+
+
+@pytest.mark.geth
+def test_the_miner_survives_a_failure_it_did_not_expect(
+    ledger_on_geth: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any error while making a block is logged and the miner goes on (it must never die quietly: the
+    node would look running and no block would come again)."""
+    node = ledger_on_geth.backend.node  # type: ignore[attr-defined]
+    real = node._pending
+    calls = {"n": 0}
+
+    def flaky() -> int:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyError("pending")  # not an OSError: it killed the miner thread before
+        return int(real())
+
+    monkeypatch.setattr(node, "_pending", flaky)
+    assert ledger_on_geth.registry.apply(ledger_on_geth.grant(EMAIL)).status == 1
+    assert calls["n"] > 1
+
+
+@pytest.mark.geth
+def test_a_clock_stepped_back_slows_the_chain_but_does_not_stop_it(ledger_on_geth: Ledger) -> None:
+    """The host's clock goes back 30 s (NTP, a resumed VM): the newest block is now 30 s ahead, past the
+    lead. Blocks still come (one every two seconds), and the lead shrinks."""
+    node = ledger_on_geth.backend.node  # type: ignore[attr-defined]
+    node.offset -= 30
+    started = time.monotonic()
+    receipt = ledger_on_geth.registry.apply(ledger_on_geth.grant(EMAIL))
+    assert receipt.status == 1
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.geth
+def test_a_data_dir_of_another_chain_id_is_refused_in_plain_words(tmp_path: Path) -> None:
+    from ledger.errors import NodeStartError
+
+    first = GethBackend(geth_settings(), Accounts().operator, tmp_path)
+    first.start()  # the chain, id 31337
+    first.stop()
+    started = time.monotonic()
+    with pytest.raises(NodeStartError, match="has chain id 31337; CONSENT_LEDGER_CHAIN_CHAIN_ID is 7"):
+        GethBackend(geth_settings(chain_id=7), Accounts().operator, tmp_path).start()
+    assert time.monotonic() - started < 20  # said at once, not after waiting out the start timeout
