@@ -168,8 +168,85 @@ class Checkpoints:
             time.sleep(poll)
 
 
-class AnvilNode:
+class ManagedProcess:
+    """What the managed nodes (anvil here, geth in `ledger.geth`) share: one node process of ours, or one
+    an earlier service left running that we adopted, reached over loopback JSON-RPC."""
+
+    name = "node"  # in messages
+    port: int
+    _process: subprocess.Popen[bytes] | None
+    _adopted: int | None  # pid of a node an earlier service left running
+
+    @property
+    def log_file(self) -> Path:
+        raise NotImplementedError
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        if self._adopted is not None:
+            return _alive(self._adopted)
+        return self._process is not None and self._process.poll() is None
+
+    def _call(self, method: str, params: list[object], timeout: float = 30) -> object:
+        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode()
+        request = urllib.request.Request(  # noqa: S310 - loopback URL we built
+            self.url, data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            answer = json.loads(response.read())
+        if "error" in answer:
+            raise NodeStartError(f"{method}: {answer['error']}")
+        return answer.get("result")
+
+    def _log_tail(self) -> str:
+        try:
+            return self.log_file.read_text(errors="replace")[-2000:].strip()
+        except OSError:
+            return ""
+
+    def _signal_adopted(self, sig: int, timeout: float = 30.0) -> None:
+        pid = self._adopted
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self._adopted = None
+
+    def _end_process(self, graceful: bool, timeout: float = 30.0) -> None:
+        """Stop the node process (SIGINT, then SIGKILL after `timeout`) or kill it at once."""
+        if self._adopted is not None:
+            self._signal_adopted(signal.SIGINT if graceful else signal.SIGKILL, timeout)
+            return
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            if graceful:
+                self._process.send_signal(signal.SIGINT)
+                try:
+                    self._process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop within %ss; killing it", self.name, timeout)
+                    graceful = False
+            if not graceful:
+                os.kill(self._process.pid, signal.SIGKILL)
+                self._process.wait()
+        self._process = None
+
+
+class AnvilNode(ManagedProcess):
     """One anvil process with interval mining and state persisted to `state_dir/state.json`."""
+
+    name = "anvil"
 
     def __init__(
         self,
@@ -216,16 +293,6 @@ class AnvilNode:
     @property
     def pid_file(self) -> Path:
         return self.state_dir / "anvil.pid"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        if self._adopted is not None:
-            return _alive(self._adopted)
-        return self._process is not None and self._process.poll() is None
 
     def _command(self) -> list[str]:
         return [
@@ -326,17 +393,6 @@ class AnvilNode:
         self._workers = []
         with self._dumper_lock:
             self._close_dumper()
-
-    def _call(self, method: str, params: list[object], timeout: float = 30) -> object:
-        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode()
-        request = urllib.request.Request(  # noqa: S310 - loopback URL we built
-            self.url, data=body, headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-            answer = json.loads(response.read())
-        if "error" in answer:
-            raise NodeStartError(f"{method}: {answer['error']}")
-        return answer.get("result")
 
     def _mine(self) -> None:
         """A block every `block_time`. `before_block` runs first, inside the same pause of checkpoints,
@@ -518,20 +574,6 @@ class AnvilNode:
         log.warning("adopted anvil %s left running on %s by an earlier service", pid, self.state_dir)
         return True
 
-    def _signal_adopted(self, sig: int, timeout: float = 30.0) -> None:
-        pid = self._adopted
-        if pid is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-        deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if _alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self._adopted = None
-
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.start_timeout
         body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}).encode()
@@ -549,40 +591,14 @@ class AnvilNode:
                 time.sleep(0.05)
         raise NodeStartError(f"anvil did not answer within {self.start_timeout:g}s: {self._log_tail()}")
 
-    def _log_tail(self) -> str:
-        try:
-            return self.log_file.read_text(errors="replace")[-2000:].strip()
-        except OSError:
-            return ""
-
     def stop(self, timeout: float = 30.0) -> None:
         """Stop gracefully: mining stops, a last checkpoint writes the state file, then anvil exits."""
         self._stop_workers_now()
         if self.running:
             self._last_checkpoint()
-        if self._adopted is not None:
-            self._signal_adopted(signal.SIGINT, timeout)
-            return
-        if self._process is None:
-            return
-        if self._process.poll() is None:
-            self._process.send_signal(signal.SIGINT)
-            try:
-                self._process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("anvil did not stop within %ss; killing it", timeout)
-                self.kill()
-        self._process = None
+        self._end_process(graceful=True, timeout=timeout)
 
     def kill(self) -> None:
         """Kill at once (state since the last checkpoint is lost, as in a crash)."""
         self._stop_workers_now()
-        if self._adopted is not None:
-            self._signal_adopted(signal.SIGKILL)
-            return
-        if self._process is None:
-            return
-        if self._process.poll() is None:
-            os.kill(self._process.pid, signal.SIGKILL)
-            self._process.wait()
-        self._process = None
+        self._end_process(graceful=False)

@@ -50,7 +50,7 @@ from typing import Any
 
 from eth_account import Account
 
-from ledger.anvil import Checkpoints, _alive, _run_hook, free_port
+from ledger.anvil import Checkpoints, ManagedProcess, _alive, _run_hook, free_port
 from ledger.errors import NodeStartError
 from ledger.files import write_atomically
 
@@ -122,8 +122,10 @@ class ChainIdMismatch(NodeStartError):
     """The node's chain is another chain than the settings name."""
 
 
-class GethNode:
+class GethNode(ManagedProcess):
     """One geth process on `state_dir/geth`, its blocks made by this object's miner thread."""
+
+    name = "geth"
 
     def __init__(
         self,
@@ -180,16 +182,6 @@ class GethNode:
     @property
     def pid_file(self) -> Path:
         return self.state_dir / "geth.pid"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        if self._adopted is not None:
-            return _alive(self._adopted)
-        return self._process is not None and self._process.poll() is None
 
     @property
     def pid(self) -> int | None:
@@ -466,20 +458,6 @@ class GethNode:
         log.warning("adopted geth %s left running on %s by an earlier service", pid, self.data_dir)
         return True
 
-    def _signal_adopted(self, sig: int, timeout: float = 30.0) -> None:
-        pid = self._adopted
-        if pid is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-        deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if _alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self._adopted = None
-
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
@@ -497,23 +475,6 @@ class GethNode:
                 )
             return
         raise NodeStartError(f"geth did not answer within {self.start_timeout:g}s: {self._log_tail()}")
-
-    def _log_tail(self) -> str:
-        try:
-            return self.log_file.read_text(errors="replace")[-2000:].strip()
-        except OSError:
-            return ""
-
-    def _call(self, method: str, params: list[object], timeout: float = 30) -> object:
-        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode()
-        request = urllib.request.Request(  # noqa: S310 - loopback URL we built
-            self.url, data=body, headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-            answer = json.loads(response.read())
-        if "error" in answer:
-            raise NodeStartError(f"{method}: {answer['error']}")
-        return answer.get("result")
 
     def _head(self) -> dict[str, Any]:
         head = self._call("eth_getBlockByNumber", ["latest", False])
@@ -634,29 +595,9 @@ class GethNode:
     def stop(self, timeout: float = 30.0) -> None:
         """Stop gracefully: the miner stops, then geth closes its database."""
         self._stop_workers_now()
-        if self._adopted is not None:
-            self._signal_adopted(signal.SIGINT, timeout)
-            return
-        if self._process is None:
-            return
-        if self._process.poll() is None:
-            self._process.send_signal(signal.SIGINT)
-            try:
-                self._process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("geth did not stop within %ss; killing it", timeout)
-                self.kill()
-        self._process = None
+        self._end_process(graceful=True, timeout=timeout)
 
     def kill(self) -> None:
         """Kill at once, as a crash would."""
         self._stop_workers_now()
-        if self._adopted is not None:
-            self._signal_adopted(signal.SIGKILL)
-            return
-        if self._process is None:
-            return
-        if self._process.poll() is None:
-            os.kill(self._process.pid, signal.SIGKILL)
-            self._process.wait()
-        self._process = None
+        self._end_process(graceful=False)
