@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import platform
+import secrets
 import signal
 import socket
 import subprocess
@@ -68,9 +69,36 @@ def _alive(pid: int) -> bool:
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port free on 127.0.0.1 now, for a server started next (a node, a test's service).
+
+    Taken from outside the kernel's range for the local ports of outgoing connections: a port from
+    that range (what binding port 0 gives) that is free when picked can be taken, before the server
+    binds it, by any connection this machine opens meanwhile (seen in the suite: a service's port
+    held by a client connection to a node started in between). Outside it, only another server's
+    choice can collide, and the nodes' starts pick again when their port was taken."""
+    low, high = _outgoing_port_range()
+    ports = [*range(PORTS_FROM, min(low, 65536)), *range(max(high + 1, PORTS_FROM), 65536)]
+    for _ in range(64):
+        port = secrets.choice(ports) if ports else 0
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise OSError("no free TCP port on 127.0.0.1")
+
+
+PORTS_FROM = 10_000  # below: ports that well-known services use
+
+
+def _outgoing_port_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux; elsewhere its usual default)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def _start_dumper() -> subprocess.Popen[str]:

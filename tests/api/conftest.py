@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -171,28 +172,36 @@ def start_service(
 ) -> tuple[Runtime, uvicorn.Server, threading.Thread, int]:
     """A runtime and uvicorn in this process; `role` holds Runtime fields for a supervisor or worker,
     and `service_port` the port the service says it has (its DIDs name it) if not the one it listens on."""
-    port = free_port()
-    service = ServiceSettings(data_dir=data_dir, port=service_port or port)
-    chain_settings = ChainSettings(**{"backend": "anvil", "block_time": 0.05, "max_clock_lead": 3600, **chain})
-    runtime = Runtime(
-        service=service,
-        chain=chain_settings,
-        toolchain=ToolchainSettings(),
-        secrets=load_secrets(service, chain_settings, IdentitySettings()),
-        **(role or {}),
-    )
+    # Bound before the runtime starts and handed to uvicorn: a port only picked could be taken meanwhile.
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", free_port()))
+    port = int(listener.getsockname()[1])
     try:
-        runtime.start()
-    except BaseException:  # a refused start must not leave its node running
-        runtime.stop()
+        service = ServiceSettings(data_dir=data_dir, port=service_port or port)
+        chain_settings = ChainSettings(**{"backend": "anvil", "block_time": 0.05, "max_clock_lead": 3600, **chain})
+        runtime = Runtime(
+            service=service,
+            chain=chain_settings,
+            toolchain=ToolchainSettings(),
+            secrets=load_secrets(service, chain_settings, IdentitySettings()),
+            **(role or {}),
+        )
+        try:
+            runtime.start()
+        except BaseException:  # a refused start must not leave its node running
+            runtime.stop()
+            raise
+    except BaseException:
+        listener.close()
         raise
     server = uvicorn.Server(
         uvicorn.Config(create_app(runtime), host="127.0.0.1", port=port, log_level="warning", lifespan="off")
     )
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
+        assert thread.is_alive(), "uvicorn stopped before it started: see its log above"
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
     return runtime, server, thread, port

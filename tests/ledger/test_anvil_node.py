@@ -510,3 +510,12 @@ def test_checkpoints_are_written_by_one_low_priority_process_that_outlives_a_fai
     finally:
         anvil.stop()
     assert dumper.poll() is not None  # stopped with the node
+
+
+def test_a_free_port_is_one_no_outgoing_connection_can_take_meanwhile() -> None:
+    """A port picked for a server is bound a moment later; in between, an outgoing connection's local
+    port (from the kernel's range) must not be able to take it (a service's start failed so in CI)."""
+    low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = {free_port() for _ in range(300)}
+    assert not [port for port in ports if low <= port <= high]
+    assert len(ports) > 250  # and spread, so that servers started together do not pick the same one
