@@ -19,6 +19,7 @@ on it. Prints the figures, then one line of JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -230,8 +231,22 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def run(label: str, requests: int, customers: int, processes: int, lanes: int, **settings: str) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix=f"bench-{label}-") as tmp:
+def run(
+    label: str,
+    requests: int,
+    customers: int,
+    processes: int,
+    lanes: int,
+    data_dir: Path | None = None,
+    **settings: str,
+) -> dict[str, Any]:
+    """`data_dir`: the service's (`bench_scale` hands one whose chain holds its customers); a fresh one
+    removed afterwards if not given."""
+    with (
+        contextlib.nullcontext(str(data_dir))
+        if data_dir
+        else tempfile.TemporaryDirectory(prefix=f"bench-{label}-") as tmp
+    ):
         service = Service(Path(tmp), **settings)
         try:
             partner = Account.create().address

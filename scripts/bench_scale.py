@@ -15,11 +15,12 @@ node's tries hold exactly as many leaves as with real customers.
 Per size and node it prints: the node's CPU per empty block; how blocks come (anvil: the interval its
 miner holds against the 0.2 s asked; geth: blocks only for work, and how long a lone change waits
 for its block); the node's RSS and disk; ledger-level grants/s (batched, as the relayer sends them)
-with the node's and this process's CPU per grant; the durable wait of a 10,000-entry access record
-(what `bridge export` waits before handing data on); restart time; and a SIGKILL of the node right
-after a run of batches, counting the acknowledged (mined) transactions the restarted node lost. Then
-geth's CPU per empty block over its first and last thousand of `--blocks` blocks mined back to back,
-and the growth ratios. Ends with one line of JSON.
+with the node's and this process's CPU per grant; a short `bench_api` run through `serve` on the same
+chain (changes confirmed per second, confirmation p50/p99, CPU per change); the durable wait of a
+10,000-entry access record (what `bridge export` waits before handing data on); restart time; and a
+SIGKILL of the node right after a run of batches, counting the acknowledged (mined) transactions the
+restarted node lost. Then geth's CPU per empty block over its first and last thousand of `--blocks`
+blocks mined back to back, and the growth ratios. Ends with one line of JSON.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from ledger.relayer import max_changes_per_batch
 from ledger.settings import ChainSettings
 from ledger.tx import MAX_TX_DATA_BYTES, TxRequest, TxSender
 from ledger.types import Subject
+from scripts import bench_api
 from scripts.bench_consent import PURPOSE, bind_customers, run_batched, sign_grants
 
 # Runtime code: SSTORE(k, k) for k in [start, start + count) (call data: start, count as two words).
@@ -161,9 +163,12 @@ def slots_per_customer(chain: Chain) -> int:
     address = chain.registry.address.lower()
     slots = 0
     for receipt in (bound, granted):
-        diff = chain.backend.rpc(
-            "debug_traceTransaction", receipt.tx_hash, {"tracer": "prestateTracer", "tracerConfig": {"diffMode": True}}
-        )
+        tracer = {"tracer": "prestateTracer", "tracerConfig": {"diffMode": True}}
+        node = chain.backend.node
+        if isinstance(node, GethNode):  # geth serves `debug` on its IPC socket only
+            diff: Any = node.privileged("debug_traceTransaction", [receipt.tx_hash, tracer])
+        else:
+            diff = chain.backend.rpc("debug_traceTransaction", receipt.tx_hash, tracer)
         pre = diff["pre"].get(address, {}).get("storage", {})
         post = diff["post"].get(address, {}).get("storage", {})
         slots += len(set(post) - set(pre))
@@ -320,7 +325,38 @@ def sigkill(chain: Chain, count: int) -> dict[str, float]:
     }
 
 
-def measure(chain: Chain, size: int, grants: int, kill_batches: int) -> dict[str, Any]:
+def api_run(chain: Chain, size: int, requests: int, customers: int) -> dict[str, Any]:
+    """A short `bench_api` run through `serve` on this chain: the node is handed to a service (its data
+    dir's `chain` is this one's; it deploys its own contracts beside the customers' state), customers
+    enrol and post signed changes over HTTP, and it counts what was confirmed per second. The bench's
+    own node is started again afterwards."""
+    service_dir = chain.state_dir.parent / f"service-{size}"
+    service_dir.mkdir()
+    (service_dir / "chain").symlink_to(chain.state_dir)
+    chain.backend.stop()
+    try:
+        figures = bench_api.run(
+            f"{chain.backend.name}-{size}", requests, customers, 1, 32, data_dir=service_dir,
+            CONSENT_LEDGER_CHAIN_BACKEND=chain.backend.name,
+        )  # fmt: skip
+    finally:
+        chain.backend.node.requested_port = chain.backend.node.port  # the clients keep their URL
+        chain.backend.start()
+        chain.sender.resync_nonce()
+        chain.access_log.sender.resync_nonce()
+        shutil.rmtree(service_dir, ignore_errors=True)  # the link, the service's database and secrets
+    return {
+        "api_changes": figures["requests"],
+        "api_rejected": figures["rejected"],
+        "api_accepted_per_s": figures["accepted_per_s"],
+        "api_confirmed_per_s": figures["confirmed_per_s"],
+        "api_confirm_p50_s": figures["confirm_p50_s"],
+        "api_confirm_p99_s": figures["confirm_p99_s"],
+        "api_cpu_ms_per_change": figures["cpu_ms_total"],
+    }
+
+
+def measure(chain: Chain, size: int, grants: int, kill_batches: int, api: tuple[int, int]) -> dict[str, Any]:
     pid = node_pid(chain.backend)
     figures: dict[str, Any] = {"node": chain.backend.name, "customers": size}
     figures.update(block_timing(chain))
@@ -330,6 +366,7 @@ def measure(chain: Chain, size: int, grants: int, kill_batches: int) -> dict[str
     pid = node_pid(chain.backend)
     figures["node_rss_mb"] = round(rss_mb(pid), 1)
     figures["disk_mb"] = round(disk_mb(chain.state_dir), 1)
+    figures.update(api_run(chain, size, *api))
     figures["restart_s"] = round(restart(chain), 2)
     figures.update(sigkill(chain, kill_batches * max_changes_per_batch(500)))
     print(json.dumps(figures), flush=True)
@@ -382,6 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--real", type=int, default=10_000, help="customers built through the project's paths")
     parser.add_argument("--grants", type=int, default=5_000, help="grants timed at each size")
     parser.add_argument("--kill-batches", type=int, default=8, help="batches mined before the SIGKILL")
+    parser.add_argument("--api-changes", type=int, default=5_000, help="changes posted through the API at each size")
+    parser.add_argument("--api-customers", type=int, default=100, help="customers posting them")
     parser.add_argument("--blocks", type=int, default=1_000_000, help="chain length for geth's empty-block cost")
     parser.add_argument("--quick", action="store_true", help="a small run (CI)")
     args = parser.parse_args(argv)
@@ -394,6 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             2,
             2_000,
         )
+        args.api_changes, args.api_customers = 400, 20
     sizes = [int(s) for s in args.sizes.split(",")]
     baseline_sizes = [int(s) for s in args.baseline_sizes.split(",") if s]
     artifacts = compile_contracts()
@@ -409,7 +449,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{kind}: {per_customer} storage slots per customer", flush=True)
                 for size in kind_sizes:
                     grow(chain, size, per_customer, args.real)
-                    chain.figures.append(measure(chain, size, args.grants, args.kill_batches))
+                    api = (args.api_changes, args.api_customers)
+                    chain.figures.append(measure(chain, size, args.grants, args.kill_batches, api))
                 if kind == "geth":
                     results["geth_chain_length"] = chain_length(chain, args.blocks)
                     print(json.dumps(results["geth_chain_length"]), flush=True)
@@ -423,6 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["geth_growth"] = {
         "empty_block_cpu": round(geth[-1]["empty_block_cpu_ms"] / geth[0]["empty_block_cpu_ms"], 2),
         "grants_per_s": round(geth[0]["grants_per_s"] / geth[-1]["grants_per_s"], 2),
+        "api_confirmed_per_s": round(geth[0]["api_confirmed_per_s"] / geth[-1]["api_confirmed_per_s"], 2),
         "between": [sizes[0], sizes[-1]],
     }
     if results.get("anvil"):
@@ -432,6 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["geth_vs_anvil_at_first_size"] = {
                 "empty_block_cpu": round(geth[0]["empty_block_cpu_ms"] / same[0]["empty_block_cpu_ms"], 3),
                 "grants_per_s": round(geth[0]["grants_per_s"] / same[0]["grants_per_s"], 2),
+                "api_confirmed_per_s": round(geth[0]["api_confirmed_per_s"] / same[0]["api_confirmed_per_s"], 2),
             }
     print(json.dumps(results))
     return 0

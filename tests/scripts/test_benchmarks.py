@@ -158,6 +158,10 @@ def test_bench_scale_quick_reports_its_figures() -> None:
         assert at_10k["empty_block_cpu_ms"] > 0
         assert at_10k["grants_per_s"] > 0
         assert at_10k["sigkill_acknowledged_txs"] > 0
+        # through `serve` on the same chain: every change posted was accepted and confirmed
+        assert at_10k["api_changes"] == 400
+        assert at_10k["api_rejected"] == 0
+        assert at_10k["api_confirmed_per_s"] > 0
     # geth writes each block as it makes it: a SIGKILL right after the receipts loses none of them, and
     # an export's access records are durable when mined; anvil loses what came after its last dump.
     assert figures["geth"][0]["sigkill_lost_txs"] == 0
