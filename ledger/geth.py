@@ -33,13 +33,17 @@ signature deadlines and consents' `validUntil`: a consent lapses at most that ea
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import shutil
 import signal
+import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -66,6 +70,7 @@ FAUCET_WEI = 10**36
 NEVER = 10**9  # seconds: the simulated beacon's own block timer (`--dev.period`) never fires again
 ZERO32 = "0x" + "00" * 32
 GAS_LIMIT_FACTOR = 8  # the node's block gas limit, in settings' gas limits (see `GethNode.__init__`)
+IPC_PATH_MAX = 108  # bytes of a Unix socket's path, its final NUL included (Linux's sun_path)
 FAUCET_GAS_PRICE = 10**9  # wei: the faucet's transfers stay minable even if the base fee ever rose
 
 # Forks after Prague are left out of the genesis (see the module's docstring).
@@ -195,6 +200,26 @@ class GethNode(ManagedProcess):
         return self._last_time
 
     @property
+    def ipc_path(self) -> Path:
+        """geth's IPC socket, the only place it serves the namespaces that rewind the chain, make blocks
+        or write files (`debug`, `testing`: `debug_setHead`, `testing_commitBlockV1`,
+        `debug_writeMemProfile`); geth makes it readable by its own user alone (0600). Its loopback
+        HTTP port, which any local user reaches, serves `eth`, `net`, `web3`, `txpool`. In the state directory,
+        or where its path is too long for a socket's (108 bytes with the final NUL), in a private
+        directory of this user's named after the state directory's path (found again by any process)."""
+        path = self.state_dir.resolve() / "geth.ipc"
+        if len(os.fsencode(path)) < IPC_PATH_MAX:
+            return path
+        digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:24]
+        private = Path(tempfile.gettempdir()) / f"consent-ledger-{os.getuid()}-{digest}"
+        with contextlib.suppress(FileExistsError):
+            private.mkdir(mode=0o700)
+        info = private.lstat()  # not a link someone put there, and nobody else's
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+            raise NodeStartError(f"{private} is not a private directory of this user: remove it")
+        return private / "geth.ipc"
+
+    @property
     def genesis_file(self) -> Path:
         return self.state_dir / "genesis.json"
 
@@ -275,14 +300,10 @@ class GethNode(ManagedProcess):
         with partial.open("wb") as out:
             for first in range(1, head + 1, batch):
                 numbers = range(first, min(first + batch, head + 1))
-                body = json.dumps(
-                    [{"jsonrpc": "2.0", "id": n, "method": "debug_getRawBlock", "params": [hex(n)]} for n in numbers]
-                ).encode()
-                request = urllib.request.Request(  # noqa: S310 - loopback URL we built
-                    self.url, data=body, headers={"Content-Type": "application/json"}
-                )
-                with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310
-                    answers = sorted(json.loads(response.read()), key=lambda a: int(a["id"]))
+                requests = [
+                    {"jsonrpc": "2.0", "id": n, "method": "debug_getRawBlock", "params": [hex(n)]} for n in numbers
+                ]
+                answers = sorted(self._ipc_exchange(requests, timeout=120), key=lambda a: int(a["id"]))
                 for answer in answers:
                     if "error" in answer:
                         raise NodeStartError(f"debug_getRawBlock {answer['id']}: {answer['error']}")
@@ -314,7 +335,7 @@ class GethNode(ManagedProcess):
             "--http.port",
             str(self.port),
             "--http.api",
-            "eth,net,web3,debug,txpool,testing",
+            "eth,net,web3,txpool",  # `debug` and `testing` on the IPC socket only (`ipc_path`)
             "--authrpc.addr",
             "127.0.0.1",
             "--authrpc.port",
@@ -324,7 +345,8 @@ class GethNode(ManagedProcess):
             "--nodiscover",
             "--maxpeers",
             "0",
-            "--ipcdisable",
+            "--ipcpath",
+            str(self.ipc_path),
             "--miner.gaslimit",
             str(self.gas_limit),
             # No local-transaction tracker: it journals what was sent to `transactions.rlp` and sends it
@@ -418,7 +440,7 @@ class GethNode(ManagedProcess):
                 handle.seek(log_start)
                 started = handle.read()
             if b"Chain head was updated" in started or b"Error performing sealing work" in started:
-                self._call("debug_verbosity", [2])  # warnings and errors: at 3 it logs every block
+                self.privileged("debug_verbosity", [2])  # warnings and errors: at 3 it logs every block
                 return
             if self._process is not None and self._process.poll() is not None:
                 raise NodeStartError(f"geth exited with status {self._process.returncode}: {self._log_tail()}")
@@ -476,6 +498,30 @@ class GethNode(ManagedProcess):
             return
         raise NodeStartError(f"geth did not answer within {self.start_timeout:g}s: {self._log_tail()}")
 
+    def privileged(self, method: str, params: list[object], timeout: float = 30) -> object:
+        """A JSON-RPC call over geth's IPC socket (`ipc_path`): the namespaces not served over HTTP."""
+        answer = self._ipc_exchange({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}, timeout)
+        if "error" in answer:
+            raise NodeStartError(f"{method}: {answer['error']}")
+        return answer.get("result")
+
+    def _ipc_exchange(self, request: Any, timeout: float) -> Any:
+        """Send one request (or a batch) over the IPC socket and read its answer: geth writes each as
+        one JSON value and a newline."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(self.ipc_path))
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            received = bytearray()
+            while True:
+                chunk = sock.recv(1 << 20)
+                if not chunk:
+                    raise ConnectionError(f"geth closed {self.ipc_path} before it answered")
+                received += chunk
+                if received.endswith(b"\n"):
+                    with contextlib.suppress(ValueError):  # a newline inside a value: read on
+                        return json.loads(received)
+
     def _head(self) -> dict[str, Any]:
         head = self._call("eth_getBlockByNumber", ["latest", False])
         assert isinstance(head, dict)
@@ -514,7 +560,7 @@ class GethNode(ManagedProcess):
         return None
 
     def _pending(self) -> int:
-        status = self._call("txpool_status", [])
+        status = self.privileged("txpool_status", [])
         assert isinstance(status, dict)
         return int(status["pending"], 16)
 
@@ -528,7 +574,7 @@ class GethNode(ManagedProcess):
             "withdrawals": [],
             "parentBeaconBlockRoot": ZERO32,
         }
-        block_hash = str(self._call("testing_commitBlockV1", [attributes, transactions, None], timeout=120))
+        block_hash = str(self.privileged("testing_commitBlockV1", [attributes, transactions, None], timeout=120))
         self._last_time = timestamp
         self._last_made = time.monotonic()
         return block_hash

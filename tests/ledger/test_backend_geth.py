@@ -211,3 +211,44 @@ def test_a_data_dir_of_another_chain_id_is_refused_in_plain_words(tmp_path: Path
     with pytest.raises(NodeStartError, match="has chain id 31337; CONSENT_LEDGER_CHAIN_CHAIN_ID is 7"):
         GethBackend(geth_settings(chain_id=7), Accounts().operator, tmp_path).start()
     assert time.monotonic() - started < 20  # said at once, not after waiting out the start timeout
+
+
+@pytest.mark.geth
+def test_calls_that_rewind_the_chain_or_make_blocks_are_not_served_on_its_http_port(tmp_path: Path) -> None:
+    """Any local user reaches the loopback HTTP port: `debug_setHead` there would throw away mined
+    blocks, `testing_commitBlockV1` make blocks past the service's clock, `debug_writeMemProfile`
+    write files as the node's user. Those are served on the IPC socket, readable by its owner alone."""
+    import stat
+
+    with GethBackend(geth_settings(), Accounts().operator, tmp_path) as backend:
+        node = backend.node
+        for method, params in (
+            ("debug_setHead", ["0x0"]),
+            ("testing_commitBlockV1", [{}, [], None]),
+            ("debug_writeMemProfile", [str(tmp_path / "profile")]),
+        ):
+            answer = backend.w3.provider.make_request(method, params)  # type: ignore[arg-type]
+            assert "does not exist" in answer["error"]["message"], (method, answer)
+        assert not (tmp_path / "profile").exists()
+        assert stat.S_IMODE(node.ipc_path.stat().st_mode) == 0o600
+        head = backend.w3.eth.block_number
+        node.commit(node.last_time + 1, [])  # the miner's call, over the socket
+        assert backend.w3.eth.block_number == head + 1
+
+
+@pytest.mark.geth
+def test_a_state_dir_too_deep_for_a_socket_path_gets_its_socket_in_a_private_dir(tmp_path: Path) -> None:
+    """A Unix socket's path has at most 107 bytes: a deep data dir's socket goes elsewhere, found again
+    from the data dir's path by whichever process looks (a restarted service adopting the node)."""
+    import stat
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    with GethBackend(geth_settings(), Accounts().operator, deep) as backend:
+        node = backend.node
+        assert not node.ipc_path.is_relative_to(deep)
+        private = node.ipc_path.parent
+        assert stat.S_IMODE(private.stat().st_mode) == 0o700
+        assert GethBackend(geth_settings(), Accounts().operator, deep).node.ipc_path == node.ipc_path
+        head = backend.w3.eth.block_number
+        node.commit(node.last_time + 1, [])
+        assert backend.w3.eth.block_number == head + 1
