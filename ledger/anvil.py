@@ -68,6 +68,18 @@ def _alive(pid: int) -> bool:
     return "\nState:\tZ" not in status  # a zombie is dead
 
 
+def _request(method: str, params: list[object]) -> dict[str, object]:
+    """A JSON-RPC request to a node."""
+    return {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
+
+
+def _result(method: str, answer: dict[str, Any]) -> object:
+    """A node's answer's result, or its error raised."""
+    if "error" in answer:
+        raise NodeStartError(f"{method}: {answer['error']}")
+    return answer.get("result")
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now, for a server started next (a node, a test's service).
 
@@ -220,15 +232,11 @@ class ManagedProcess:
         return self._process is not None and self._process.poll() is None
 
     def _call(self, method: str, params: list[object], timeout: float = 30) -> object:
-        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode()
         request = urllib.request.Request(  # noqa: S310 - loopback URL we built
-            self.url, data=body, headers={"Content-Type": "application/json"}
+            self.url, data=json.dumps(_request(method, params)).encode(), headers={"Content-Type": "application/json"}
         )
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-            answer = json.loads(response.read())
-        if "error" in answer:
-            raise NodeStartError(f"{method}: {answer['error']}")
-        return answer.get("result")
+            return _result(method, json.loads(response.read()))
 
     def _log_tail(self) -> str:
         try:

@@ -33,6 +33,7 @@ signature deadlines and consents' `validUntil`: a consent lapses at most that ea
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -47,14 +48,13 @@ import tempfile
 import threading
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from eth_account import Account
 
-from ledger.anvil import Checkpoints, ManagedProcess, _alive, _run_hook, free_port
+from ledger.anvil import Checkpoints, ManagedProcess, _alive, _request, _result, _run_hook, free_port
 from ledger.errors import NodeStartError
 from ledger.files import write_atomically
 
@@ -199,25 +199,31 @@ class GethNode(ManagedProcess):
         """The newest block's timestamp (as this miner last saw it)."""
         return self._last_time
 
-    @property
+    @functools.cached_property
     def ipc_path(self) -> Path:
         """geth's IPC socket, the only place it serves the namespaces that rewind the chain, make blocks
         or write files (`debug`, `testing`: `debug_setHead`, `testing_commitBlockV1`,
         `debug_writeMemProfile`); geth makes it readable by its own user alone (0600). Its loopback
         HTTP port, which any local user reaches, serves `eth`, `net`, `web3`, `txpool`. In the state directory,
         or where its path is too long for a socket's (108 bytes with the final NUL), in a private
-        directory of this user's named after the state directory's path (found again by any process)."""
+        directory of this user's named after the state directory's path (found again by any process;
+        made by `_private_ipc_dir` as the node starts)."""
         path = self.state_dir.resolve() / "geth.ipc"
         if len(os.fsencode(path)) < IPC_PATH_MAX:
             return path
         digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:24]
-        private = Path(tempfile.gettempdir()) / f"consent-ledger-{os.getuid()}-{digest}"
+        return Path(tempfile.gettempdir()) / f"consent-ledger-{os.getuid()}-{digest}" / "geth.ipc"
+
+    def _private_ipc_dir(self) -> None:
+        """Make the private directory `ipc_path` is in, if it is not the state directory."""
+        private = self.ipc_path.parent
+        if private == self.state_dir.resolve():
+            return
         with contextlib.suppress(FileExistsError):
             private.mkdir(mode=0o700)
         info = private.lstat()  # not a link someone put there, and nobody else's
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
             raise NodeStartError(f"{private} is not a private directory of this user: remove it")
-        return private / "geth.ipc"
 
     @property
     def genesis_file(self) -> Path:
@@ -391,6 +397,7 @@ class GethNode(ManagedProcess):
             self._after_start()
             return self.url
         self._initialise()
+        self._private_ipc_dir()
         attempts = 1 if self.requested_port else 3  # a free port can be taken before geth binds it
         last_error = ""
         for _ in range(attempts):
@@ -500,10 +507,7 @@ class GethNode(ManagedProcess):
 
     def privileged(self, method: str, params: list[object], timeout: float = 30) -> object:
         """A JSON-RPC call over geth's IPC socket (`ipc_path`): the namespaces not served over HTTP."""
-        answer = self._ipc_exchange({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}, timeout)
-        if "error" in answer:
-            raise NodeStartError(f"{method}: {answer['error']}")
-        return answer.get("result")
+        return _result(method, self._ipc_exchange(_request(method, params), timeout))
 
     def _ipc_exchange(self, request: Any, timeout: float) -> Any:
         """Send one request (or a batch) over the IPC socket and read its answer: geth writes each as

@@ -32,7 +32,6 @@ from api.runtime import Runtime
 from api.secrets import load_secrets
 from api.settings import ServiceSettings
 from identity.settings import IdentitySettings
-from ledger.anvil import free_port
 from ledger.settings import ChainSettings, ToolchainSettings
 
 CLI = [sys.executable, "-m", "api.cli"]
@@ -174,7 +173,7 @@ def start_service(
     and `service_port` the port the service says it has (its DIDs name it) if not the one it listens on."""
     # Bound before the runtime starts and handed to uvicorn: a port only picked could be taken meanwhile.
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", free_port()))
+    listener.bind(("127.0.0.1", 0))
     port = int(listener.getsockname()[1])
     try:
         service = ServiceSettings(data_dir=data_dir, port=service_port or port)
