@@ -276,15 +276,21 @@ def access_record(chain: Chain) -> dict[str, float]:
     return {"access_record_s": round(recorded, 3), "durable_wait_s": round(time.perf_counter() - began, 3)}
 
 
-def restart(chain: Chain) -> float:
-    chain.backend.node.requested_port = chain.backend.node.port  # the clients keep their URL
-    chain.backend.stop()
+def start_again(chain: Chain) -> float:
+    """Start the stopped or killed node again on its port (the clients keep their URL) and take the
+    senders' nonces from it; seconds the start took."""
+    chain.backend.node.requested_port = chain.backend.node.port
     started = time.perf_counter()
     chain.backend.start()
     took = time.perf_counter() - started
     chain.sender.resync_nonce()
     chain.access_log.sender.resync_nonce()
     return took
+
+
+def restart(chain: Chain) -> float:
+    chain.backend.stop()
+    return start_again(chain)
 
 
 def sigkill(chain: Chain, count: int) -> dict[str, float]:
@@ -304,20 +310,15 @@ def sigkill(chain: Chain, count: int) -> dict[str, float]:
     )
     receipts = chain.sender.wait(hashes, poll_interval=0.005)
     blocks = {r.block_number: chain.w3.eth.get_block(r.block_number)["hash"] for r in receipts}
-    chain.backend.node.requested_port = chain.backend.node.port  # the clients keep their URL
     os.kill(node_pid(chain.backend), signal.SIGKILL)
     chain.backend.kill()
-    started = time.perf_counter()
-    chain.backend.start()
-    took = time.perf_counter() - started
+    took = start_again(chain)
     w3 = chain.w3
     lost = 0
     for receipt in receipts:
         block = w3.eth.get_block(receipt.block_number) if receipt.block_number <= w3.eth.block_number else None
         if block is None or block["hash"] != blocks[receipt.block_number]:
             lost += 1
-    chain.sender.resync_nonce()
-    chain.access_log.sender.resync_nonce()
     return {
         "sigkill_acknowledged_txs": len(receipts),
         "sigkill_lost_txs": lost,
@@ -340,10 +341,7 @@ def api_run(chain: Chain, size: int, requests: int, customers: int) -> dict[str,
             CONSENT_LEDGER_CHAIN_BACKEND=chain.backend.name,
         )  # fmt: skip
     finally:
-        chain.backend.node.requested_port = chain.backend.node.port  # the clients keep their URL
-        chain.backend.start()
-        chain.sender.resync_nonce()
-        chain.access_log.sender.resync_nonce()
+        start_again(chain)
         shutil.rmtree(service_dir, ignore_errors=True)  # the link, the service's database and secrets
     return {
         "api_changes": figures["requests"],
