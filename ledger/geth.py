@@ -333,6 +333,14 @@ class GethNode(ManagedProcess):
             "archive",
             "--db.engine",
             "leveldb",
+            # No state snapshot (the flat copy of the state geth builds in the background for snap sync
+            # peers and faster reads). With 10,000,000 customers' state its generation, aborted and
+            # resumed around every block, kept 0.8-0.95 of a core busy on an idle node and made an empty
+            # block cost 50-300 ms; a single node serves no peers. `--snapshot=false` alone is not
+            # enough: in snap sync mode, geth's default, it turns the snapshot back on.
+            "--syncmode",
+            "full",
+            "--snapshot=false",
             "--cache",
             str(self.cache_mb),
             "--http",

@@ -383,29 +383,43 @@ def grow(chain: Chain, size: int, per_customer: int, real: int) -> None:
         print(f"  {chain.backend.name}: filled {missing:,} customers' slots in {took:.1f} s", flush=True)
 
 
-def chain_length(chain: Chain, blocks: int) -> dict[str, float]:
-    """geth's CPU per empty block over the first and the last thousand of `blocks` mined back to back."""
+def chain_length(chain: Chain, blocks: int) -> dict[str, Any]:
+    """geth's CPU per empty block over the first and the last thousand of `blocks` mined back to back, and
+    over a thousand at every tenth of the way (printed as it goes: a run stopped early still shows how the
+    cost grew)."""
     pid = node_pid(chain.backend)
     window = min(1000, blocks // 2)
+    marks = {blocks * k // 10 for k in range(1, 10)} - {0}
+    curve: list[tuple[int, float]] = []
+
+    def measured(at: int) -> float:
+        before = cpu_seconds(pid)
+        for _ in range(window):
+            mine_empty(chain)
+        ms = (cpu_seconds(pid) - before) / window * 1000
+        curve.append((at, round(ms, 3)))
+        took = time.perf_counter() - started
+        print(f"  after {at:,} blocks: {ms:.3f} ms CPU per empty block, {took:.0f} s", flush=True)
+        return ms
+
+    started = time.perf_counter()
     with chain.backend.node.mining_paused():
-        before = cpu_seconds(pid)
-        for _ in range(window):
+        first = measured(0)
+        made = window
+        while made < blocks - window:
+            if made in marks and made + window <= blocks - window:
+                measured(made)
+                made += window
+                continue
             mine_empty(chain)
-        first = (cpu_seconds(pid) - before) / window * 1000
-        started = time.perf_counter()
-        for i in range(blocks - 2 * window):
-            mine_empty(chain)
-            if i and i % 100_000 == 0:
-                print(f"  {i:,} blocks, {time.perf_counter() - started:.0f} s", flush=True)
-        before = cpu_seconds(pid)
-        for _ in range(window):
-            mine_empty(chain)
-        last = (cpu_seconds(pid) - before) / window * 1000
+            made += 1
+        last = measured(made)
     return {
         "blocks": blocks,
         "first_empty_block_cpu_ms": round(first, 3),
         "last_empty_block_cpu_ms": round(last, 3),
         "ratio": round(last / first, 2),
+        "curve": curve,
         "seconds": round(time.perf_counter() - started, 1),
     }
 

@@ -168,6 +168,7 @@ def test_bench_scale_quick_reports_its_figures() -> None:
     assert figures["geth"][0]["durable_wait_s"] < figures["anvil"][0]["durable_wait_s"]
     assert figures["geth_chain_length"]["blocks"] == 2_000
     assert figures["geth_chain_length"]["ratio"] > 0
+    assert [at for at, _ in figures["geth_chain_length"]["curve"]] == [0, 1_000]
 
 
 @pytest.mark.geth
