@@ -24,7 +24,6 @@ on its validators' disks. The manifest (`backup.json`) says what was copied and 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -33,16 +32,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from requests.exceptions import RequestException
-from web3 import Web3
-
-from api.offline import ToolError, chain_url
+from api.offline import ToolError
 from api.settings import ServiceSettings
 from identity.settings import IdentitySettings
-from ledger.anvil import Checkpoints
-from ledger.backends import http_provider, managed_node
-from ledger.errors import NodeStartError
-from ledger.geth import GethNode
+from ledger.backends import managed_node
 from ledger.settings import ChainSettings
 from ledger.store import utcnow
 
@@ -70,47 +63,6 @@ def _sqlite_copy(source: Path, target: Path) -> None:
             dst.close()
     finally:
         src.close()
-
-
-def _node_head(service: ServiceSettings, chain: ChainSettings) -> int | None:
-    """The block number of the managed node `serve` runs for this data dir, or None when none runs."""
-    try:
-        url = chain_url(service, chain)
-    except ToolError:
-        return None  # stopped: its state file is the whole chain
-    try:
-        return int(Web3(http_provider(url)).eth.block_number)
-    except (RequestException, OSError) as exc:
-        raise ToolError(f"the managed node at {url} does not answer: {type(exc).__name__}") from exc
-
-
-def _copy_geth(service: ServiceSettings, chain: ChainSettings, dest: Path) -> int:
-    """The managed geth node's chain into `dest`: its genesis, and every block after it. While `serve`
-    runs, the blocks are read from the node (`blocks.rlp`, imported at the restored data dir's first
-    start); a stopped node's database is copied as it is. Returns the newest block copied. The
-    databases were copied first: the chain holds every block they name (blocks are never replaced)."""
-    node = managed_node(chain, service.data_dir)
-    assert isinstance(node, GethNode)
-    if not node.genesis_file.is_file():
-        raise ToolError(f"{node.genesis_file} is missing: the managed node has not started yet")
-    shutil.copyfile(node.genesis_file, dest / node.genesis_file.name)
-    found = node.running_node()
-    if found is not None:
-        node.port = found[1]
-        try:
-            return node.export_blocks(dest / node.import_file.name)
-        except (OSError, NodeStartError) as exc:
-            raise ToolError(f"reading the chain's blocks from the managed node failed: {exc}") from exc
-    # Stopped: nobody writes it. geth takes this lock (flock) while it runs: held here, no geth can start
-    # on the data dir during the copy, and one running that we did not recognise makes this refuse.
-    lock_file = node.data_dir / "geth" / "LOCK"
-    with lock_file.open("a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            raise ToolError(f"a geth node holds {node.data_dir}: back up while `serve` runs, or stop it") from exc
-        shutil.copytree(node.data_dir, dest / node.data_dir.name, ignore=shutil.ignore_patterns("LOCK"))
-    return Checkpoints(node.state_dir).durable_block()  # the head as it stopped
 
 
 def backup(
@@ -154,25 +106,13 @@ def _copy(
             _sqlite_copy(data_dir / name, dest / name)
             manifest.copied.append(name)
 
-    chain_dir = data_dir / "chain"
-    state = chain_dir / "state.json"
-    if chain.backend == "anvil":
-        head = _node_head(service, chain)
-        if head is not None:  # running: wait for a dump holding every block there was after the databases
-            Checkpoints(chain_dir).wait(head, timeout=timeout)
-        if not state.is_file():
-            raise ToolError(f"{state} is missing: the managed node has written no state yet")
-        (dest / "chain").mkdir()
-        held = Checkpoints(chain_dir).durable_block()  # written after each dump's file: the copy holds it
-        shutil.copyfile(state, dest / "chain" / "state.json")  # replaced whole by each dump: one of them
-        manifest.copied.append("chain/state.json")
-        manifest.chain_block = None if held < 0 else held
-    elif chain.backend == "geth":
-        (dest / "chain").mkdir()
-        manifest.chain_block = _copy_geth(service, chain, dest / "chain")
-        manifest.copied += [f"chain/{p.name}" for p in sorted((dest / "chain").iterdir())]
-    else:
+    node = managed_node(chain, data_dir)
+    if node is None:
         manifest.not_copied.append("the chain: not a managed node (its blocks are on its validators)")
+    else:  # after the databases: the copy holds every block they name
+        copied = node.copy_chain(dest / "chain", timeout=timeout)
+        manifest.copied += [f"chain/{name}" for name in copied.files]
+        manifest.chain_block = copied.block
 
     shutil.copyfile(data_dir / "deployment.json", dest / "deployment.json")
     manifest.copied.append("deployment.json")

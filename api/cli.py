@@ -108,7 +108,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from api.runtime import Runtime
     from api.workers import WorkerPool
-    from ledger.backends import ManagedBackend, RpcBackend
+    from ledger.backends import backend_class
 
     # Requests hop between the event loop, the thread pool and the outbox writer; with the default 5 ms
     # GIL switch interval each hop can wait that long behind the relayer or indexer threads.
@@ -117,8 +117,8 @@ def _serve(args: argparse.Namespace) -> int:
     service = ServiceSettings(**overrides)
     workers = args.workers or service.api_workers
     chain = ChainSettings()
-    if chain.backend == "inprocess" and workers > 1:  # eth-tester lives in this process: nobody else can reach it
-        log.info("the inprocess chain backend serves the API from one process")
+    if backend_class(chain).in_process and workers > 1:  # nobody else can reach its chain
+        log.info("the %s chain backend serves the API from one process", chain.backend)
         workers = 1
     secrets = load_secrets(service, chain)
     log.info("starting in %s mode, data in %s", service.mode, service.data_dir.resolve())
@@ -149,9 +149,9 @@ def _serve(args: argparse.Namespace) -> int:
         # serves no requests itself: in it they would compete for its interpreter lock with the
         # relayer and indexer, which hold the database's write lock meanwhile.
         backend = runtime.backend
-        node_url = backend.url if isinstance(backend, ManagedBackend) else chain.rpc_url
-        assert backend is not None and node_url is not None
-        assert isinstance(backend, ManagedBackend | RpcBackend), "API workers need a node they can reach"
+        assert backend is not None
+        node_url = backend.url
+        assert node_url is not None, "API workers need a node they can reach"
         assert runtime.control_key is not None and runtime.control_address is not None
         command = [*_cli(), "serve-worker", "--node-url", node_url, "--backend", backend.name]
         command += ["--host", service.host, "--port", str(service.port), "--data-dir", str(service.data_dir)]

@@ -28,8 +28,7 @@ from identity.pseudonym import Pseudonymizer
 from identity.settings import IdentitySettings
 from identity.types import Subject
 from ledger.access import AccessLogClient, Verification, verify
-from ledger.anvil import Checkpoints
-from ledger.backends import http_provider, managed_node
+from ledger.backends import durable_wait, http_provider, node_url
 from ledger.compiler import compile_contracts
 from ledger.contracts import Deployment, RevertDecoder
 from ledger.eip712 import purpose_id
@@ -46,20 +45,10 @@ class ToolError(LedgerError):
 
 def chain_url(service: ServiceSettings, chain: ChainSettings) -> str:
     """The JSON-RPC URL of the service's chain: the external node, or the managed node `serve` runs."""
-    if chain.backend == "rpc":
-        if not chain.rpc_url:
-            raise ToolError("CONSENT_LEDGER_CHAIN_RPC_URL is not set")
-        return chain.rpc_url
-    if chain.backend not in ("geth", "anvil"):
-        raise ToolError(f"the {chain.backend} chain lives inside `serve` only; tools need geth, anvil or rpc")
-    node = managed_node(chain, service.data_dir)
-    found = node.running_node()
-    if found is None:
-        raise ToolError(
-            f"no chain node is running for {service.data_dir}: start `consent-ledger serve` first "
-            "(it makes the blocks and keeps the read model current)"
-        )
-    return f"http://127.0.0.1:{found[1]}"
+    try:
+        return node_url(chain, service.data_dir)
+    except ChainError as exc:
+        raise ToolError(str(exc)) from exc
 
 
 @dataclass
@@ -138,16 +127,12 @@ class Offline:
             return DidWeb(did_host(session, self.service, self.identity, record=False))
 
     def bridge(self) -> Bridge:
-        # The managed anvil node can lose blocks in a crash until a checkpoint holds them; geth writes
-        # each block to its disk as it makes it, and an external chain (QBFT and the like) does not
-        # lose final blocks.
-        durable = Checkpoints(self.service.data_dir / "chain").wait if self.chain.backend == "anvil" else None
         return Bridge(
             Pseudonymizer(self.secrets.peppers),
             self.dids(),
             self.access_log,
             confirmations=self.chain.confirmations,
-            durable=durable,
+            durable=durable_wait(self.chain, self.service.data_dir),
         )
 
     def verify(self) -> Verification:

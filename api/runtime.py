@@ -36,7 +36,7 @@ from identity.did import DidWeb, Resolver
 from identity.settings import IdentitySettings
 from identity.vault import Vault
 from ledger.access import AccessFollower, AccessLogClient, AccessReader, Verification, verify
-from ledger.backends import ChainBackend, ManagedBackend, RpcBackend, create_backend
+from ledger.backends import ChainBackend, create_backend, remote_backend
 from ledger.bindings import UNKNOWN_PARTNER, Bindings
 from ledger.compiler import Artifact, compile_contracts
 from ledger.consent import PARTNER_ROLE, ConsentRegistryClient
@@ -146,7 +146,7 @@ class Runtime:
         if worker:
             # The supervisor's node and deployment; this process never sends a transaction.
             assert self.node_url is not None, "a worker needs the supervisor's node URL"
-            self.backend = RpcBackend(ChainSettings(backend="rpc", rpc_url=self.node_url), self.secrets.operator)
+            self.backend = remote_backend(self.node_url, self.secrets.operator)
             w3 = self.backend.start()
             self.deployment = Deployment.load(data_dir / "deployment.json")
             sender = TxSender(w3, self.secrets.operator, read_only=True)
@@ -162,12 +162,12 @@ class Runtime:
             self.deployment = ensure_deployed(
                 w3, sender, self.artifacts, ledger_plan(operator, operator, self.secrets.accessor.address), record
             )
-            if isinstance(self.backend, ManagedBackend) and record.read_bytes() != deployed:
+            if record.read_bytes() != deployed:
                 # Contracts were deployed just now: write them to the node's state file before anything
                 # is served. A crash of the node before its first periodic checkpoint lost them, and
                 # the service could then neither go on nor start again (a chaos run with a long
                 # CONSENT_LEDGER_CHAIN_STATE_INTERVAL showed it).
-                self.backend.node.checkpoint()
+                self.backend.checkpoint()
             accessor = TxSender(w3, self.secrets.accessor, receipt_timeout=self.chain.receipt_timeout)
             self._check_keys(w3, sender, decoder, record)
         self.consent = ConsentRegistryClient(
@@ -257,15 +257,15 @@ class Runtime:
             # machine): check what the previous run settled at once, not after `lost_after`.
             self._node_restarted()
             indexer = self.indexer
-            if isinstance(self.backend, ManagedBackend):  # this service mines the blocks: time batches to them
+            if (miner := self.backend.miner) is not None:  # this service makes the blocks: time batches to them
                 cadence = self.cadence = BlockCadence()
 
                 def after_block() -> None:
                     cadence.after_block()
                     indexer.wake.set()
 
-                self.backend.node.before_block = cadence.before_block
-                self.backend.node.after_block = after_block
+                miner.before_block = cadence.before_block
+                miner.after_block = after_block
             # Woken after each block (and by bindings), the indexer need not ask the node 20 times a second.
             interval = 0.05 if self.cadence is None else self.cadence.fallback
             self._spawn("indexer", lambda stop: indexer.run(stop, interval=interval))
@@ -424,17 +424,12 @@ class Runtime:
         after its last state dump are gone: the indexer sees that as a reorganisation and the relayer
         re-sends what was lost. geth keeps every block it made.)"""
         backend = self.backend
-        if not self.chain.supervise or not isinstance(backend, ManagedBackend):
+        if not self.chain.supervise or backend is None or self._stop.is_set():
             return
-        if backend.node.running or self._stop.is_set():
-            return
-        log.warning("the managed %s node is not running; starting it again", backend.name)
-        # Before it answers: the relayer takes the operator's nonce again before it sends anything more,
-        # and sends nothing signed before (with a nonce the lost blocks may have used).
-        self._node_restarted()
-        backend.node.requested_port = backend.node.port
-        backend.node.start()
-        self._chain_lost_blocks(-1)  # the indexer will see it too; no need to wait for it
+        # `_node_restarted` before it answers: the relayer takes the operator's nonce again before it sends
+        # anything more, and sends nothing signed before (with a nonce the lost blocks may have used).
+        if backend.restart_if_stopped(before=self._node_restarted):
+            self._chain_lost_blocks(-1)  # the indexer will see it too; no need to wait for it
 
     def _node_restarted(self) -> None:
         """Tell the relayers that the node may have lost blocks: they check what they settled, and send

@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -208,18 +210,65 @@ class Checkpoints:
             time.sleep(poll)
 
 
+@dataclass(frozen=True)
+class ChainCopy:
+    """What `ManagedProcess.copy_chain` wrote: the files (relative to its destination) and the newest
+    block they are known to hold (None: not known, e.g. no checkpoint yet)."""
+
+    files: list[str]
+    block: int | None
+
+
 class ManagedProcess:
     """What the managed nodes (anvil here, geth in `ledger.geth`) share: one node process of ours, or one
-    an earlier service left running that we adopted, reached over loopback JSON-RPC."""
+    an earlier service left running that we adopted, reached over loopback JSON-RPC.
+
+    Its capabilities, so that no caller outside `ledger` asks which node it has: `url`, the miner's
+    hooks (`before_block`, `after_block`), `checkpoint` (write what it holds to disk now), `durable_wait`
+    (how to wait until a block survives a crash of it, or None when every block does once made),
+    `running_node` (a node some process of the service runs on this state dir) and `copy_chain`."""
 
     name = "node"  # in messages
     port: int
     _process: subprocess.Popen[bytes] | None
     _adopted: int | None  # pid of a node an earlier service left running
+    before_block: Callable[[], None] | None
+    after_block: Callable[[], None] | None
 
     @property
     def log_file(self) -> Path:
         raise NotImplementedError
+
+    @property
+    def durable_wait(self) -> Callable[[int], None] | None:
+        """Waits (`Checkpoints.wait`) until block n survives a crash of the node; None: each block does
+        when it is made."""
+        return None
+
+    def checkpoint(self) -> float:
+        """Write the chain the node holds to its disk now; the seconds mining was paused for it."""
+        raise NotImplementedError
+
+    def running_node(self) -> tuple[int, int] | None:
+        """(pid, port) of a live node of ours serving this state dir (maybe another process's)."""
+        raise NotImplementedError
+
+    def copy_chain(self, dest: Path, *, timeout: float) -> ChainCopy:
+        """Copy the chain into the new directory `dest`, whether the node runs (in any process of the
+        service) or not, such that a node started on `dest` holds every block the node held when this
+        was called. Raises ChainError (in words) when it cannot."""
+        raise NotImplementedError
+
+    def _running_head(self) -> int | None:
+        """The newest block of the node running on this state dir (any process's), None when none runs."""
+        found = self.running_node()
+        if found is None:
+            return None
+        self.port = found[1]
+        try:
+            return int(str(self._call("eth_blockNumber", [])), 16)
+        except (OSError, ChainError, ValueError) as exc:
+            raise ChainError(f"the managed node at {self.url} does not answer: {type(exc).__name__}") from exc
 
     @property
     def url(self) -> str:
@@ -571,6 +620,24 @@ class AnvilNode(ManagedProcess):
         if child is not None and child.poll() is None:
             child.kill()
             child.wait()
+
+    @property
+    def durable_wait(self) -> Callable[[int], None] | None:
+        """The chain is in memory: a block survives a crash once a checkpoint holds it (`Checkpoints`)."""
+        return self.checkpoints.wait
+
+    def copy_chain(self, dest: Path, *, timeout: float) -> ChainCopy:
+        """The state file, once a checkpoint holds the running node's head (from a state dump, so it
+        holds the blocks too); a stopped node's state file is its whole chain."""
+        head = self._running_head()
+        if head is not None:
+            self.checkpoints.wait(head, timeout=timeout)
+        if not self.state_file.is_file():
+            raise ChainError(f"{self.state_file} is missing: the managed node has written no state yet")
+        dest.mkdir()
+        held = self.checkpoints.durable_block()  # written after each dump's file: the copy holds it
+        shutil.copyfile(self.state_file, dest / self.state_file.name)  # replaced whole by each dump: one of them
+        return ChainCopy([self.state_file.name], None if held < 0 else held)
 
     def running_node(self) -> tuple[int, int] | None:
         """(pid, port) of a live anvil serving this state dir (started by a service, maybe another process)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Self
@@ -30,8 +31,8 @@ from web3.providers.rpc import HTTPProvider
 from web3.providers.rpc.utils import ExceptionRetryConfiguration
 from web3.types import RPCEndpoint, Wei
 
-from ledger.anvil import AnvilNode, find_anvil
-from ledger.errors import ChainError
+from ledger.anvil import AnvilNode, ManagedProcess, find_anvil
+from ledger.errors import ChainError, NodeNotRunning
 from ledger.geth import DEV_KEY, FAUCET_GAS_PRICE, GethNode, find_geth
 from ledger.settings import ChainSettings, ToolchainSettings, get_toolchain_settings
 
@@ -65,11 +66,17 @@ def http_provider(url: str, timeout: float = 60, *, retry: bool = True) -> HTTPP
 
 
 class ChainBackend(ABC):
-    """A chain the service can deploy to and transact on, with the operator's key."""
+    """A chain the service can deploy to and transact on, with the operator's key.
+
+    What differs between backends is asked of the backend, never by its name: `url` (how another
+    process reaches the chain), `miner` (whether this service makes the blocks, and its hooks),
+    `checkpoint` and `restart_if_stopped`."""
 
     name: ClassVar[str]
     persistent: ClassVar[bool] = False
     """Whether the chain's state survives `stop()` and a later `start()`."""
+    in_process: ClassVar[bool] = False
+    """Whether the chain lives inside this process (no other process can reach it)."""
 
     def __init__(self, settings: ChainSettings, operator: LocalAccount) -> None:
         self.settings = settings
@@ -96,6 +103,25 @@ class ChainBackend(ABC):
     def stop(self) -> None:
         self._w3 = None
         self._probe = None
+
+    @property
+    def url(self) -> str | None:
+        """The JSON-RPC URL another process of the service reaches the chain at (None: none can)."""
+        return None
+
+    @property
+    def miner(self) -> ManagedProcess | None:
+        """The node whose blocks this service makes, with the hooks its miner calls around each block
+        (`before_block`, `after_block`); None when the chain makes its own."""
+        return None
+
+    def checkpoint(self) -> None:  # noqa: B027 - optional hook
+        """Write what the chain holds to its disk now, where a crash could otherwise lose it (anvil)."""
+
+    def restart_if_stopped(self, before: Callable[[], None]) -> bool:
+        """Start again, on the same port and data, a node of ours that died, calling `before` first;
+        whether it did. (A chain this service does not run is never restarted by it.)"""
+        return False
 
     def head(self) -> int:
         """The newest block, asked with a timeout of `PROBE_TIMEOUT` seconds whatever `rpc_timeout` is:
@@ -144,6 +170,7 @@ class InProcessBackend(ChainBackend):
     """eth-tester with py-evm, in this process. Blocks are mined per transaction."""
 
     name = "inprocess"
+    in_process = True
 
     def __init__(self, settings: ChainSettings, operator: LocalAccount) -> None:
         super().__init__(settings, operator)
@@ -183,6 +210,22 @@ class ManagedBackend(ChainBackend):
     @property
     def url(self) -> str:
         return self.node.url
+
+    @property
+    def miner(self) -> ManagedProcess:
+        return self.node
+
+    def checkpoint(self) -> None:
+        self.node.checkpoint()
+
+    def restart_if_stopped(self, before: Callable[[], None]) -> bool:
+        if self.node.running:
+            return False
+        log.warning("the managed %s node is not running; starting it again", self.name)
+        before()
+        self.node.requested_port = self.node.port
+        self.node.start()
+        return True
 
     def _connect(self) -> Web3:
         url = self.node.start()
@@ -287,6 +330,10 @@ class RpcBackend(ChainBackend):
     name = "rpc"
     persistent = True
 
+    @property
+    def url(self) -> str | None:
+        return self.settings.rpc_url
+
     def _connect(self) -> Web3:
         if not self.settings.rpc_url:
             raise ChainError("backend rpc needs CONSENT_LEDGER_CHAIN_RPC_URL")
@@ -299,15 +346,59 @@ class RpcBackend(ChainBackend):
         return w3
 
 
-def managed_node(settings: ChainSettings, data_dir: Path) -> AnvilNode | GethNode:
-    """The managed node of `settings.backend` on `data_dir`, not started (tools look for it running)."""
+BACKENDS: dict[str, type[ChainBackend]] = {
+    backend.name: backend for backend in (InProcessBackend, GethBackend, AnvilBackend, RpcBackend)
+}
+
+
+def backend_class(settings: ChainSettings) -> type[ChainBackend]:
+    """The class of the backend `settings.backend` names (its class-level capabilities: `in_process`)."""
+    return BACKENDS[settings.backend]
+
+
+def managed_node(settings: ChainSettings, data_dir: Path) -> AnvilNode | GethNode | None:
+    """The managed node of `settings.backend` on `data_dir`, not started (tools look for it running);
+    None when the service runs no node (the chain is external, or in its process)."""
     common: dict[str, Any] = {"chain_id": settings.chain_id, "block_time": settings.block_time}
     if settings.backend == "geth":
         return GethNode(settings.geth_path or find_geth(), data_dir / "chain", gas_limit=settings.gas_limit, **common)
     if settings.backend == "anvil":
         binary = settings.anvil_path or find_anvil(get_toolchain_settings().node_modules)
         return AnvilNode(binary, data_dir / "chain", gas_limit=settings.gas_limit, **common)
-    raise ChainError(f"the {settings.backend} backend has no managed node")
+    return None
+
+
+def node_url(settings: ChainSettings, data_dir: Path) -> str:
+    """The JSON-RPC URL of the chain of the service on `data_dir`, for a process other than `serve` (a
+    command-line tool): the external node, or the managed node `serve` runs. Raises NodeNotRunning when
+    that node is not running, ChainError when no other process can reach the chain."""
+    if backend_class(settings).in_process:
+        raise ChainError(f"the {settings.backend} chain lives inside `serve` only; tools need geth, anvil or rpc")
+    node = managed_node(settings, data_dir)
+    if node is None:
+        if not settings.rpc_url:
+            raise ChainError("CONSENT_LEDGER_CHAIN_RPC_URL is not set")
+        return settings.rpc_url
+    found = node.running_node()
+    if found is None:
+        raise NodeNotRunning(
+            f"no chain node is running for {data_dir}: start `consent-ledger serve` first "
+            "(it makes the blocks and keeps the read model current)"
+        )
+    return f"http://127.0.0.1:{found[1]}"
+
+
+def durable_wait(settings: ChainSettings, data_dir: Path) -> Callable[[int], None] | None:
+    """How a process of the service on `data_dir` waits until block n survives a crash of the chain's
+    node (`ManagedProcess.durable_wait`); None when every block does once made (geth writes each to its
+    disk; an external chain with final blocks, such as QBFT, does not lose them)."""
+    node = managed_node(settings, data_dir)
+    return None if node is None else node.durable_wait
+
+
+def remote_backend(url: str, operator: LocalAccount) -> ChainBackend:
+    """The chain another process of the service runs, at `url` (an API worker's view of its supervisor's)."""
+    return RpcBackend(ChainSettings(backend="rpc", rpc_url=url), operator)
 
 
 def create_backend(settings: ChainSettings, operator: LocalAccount, data_dir: Path) -> ChainBackend:

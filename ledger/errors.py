@@ -25,6 +25,10 @@ class ChainError(LedgerError):
     """Raised when a chain backend cannot be started, reached or used."""
 
 
+class NodeNotRunning(ChainError):
+    """The managed node of a data dir is not running (a tool needs `serve` to run it)."""
+
+
 class NodeStartError(ChainError):
     """Raised when the managed node does not come up."""
 

@@ -33,6 +33,7 @@ signature deadlines and consents' `validUntil`: a consent lapses at most that ea
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -54,8 +55,8 @@ from typing import Any
 
 from eth_account import Account
 
-from ledger.anvil import Checkpoints, ManagedProcess, _alive, _request, _result, _run_hook, free_port
-from ledger.errors import NodeStartError
+from ledger.anvil import ChainCopy, Checkpoints, ManagedProcess, _alive, _request, _result, _run_hook, free_port
+from ledger.errors import ChainError, NodeStartError
 from ledger.files import write_atomically
 
 log = logging.getLogger(__name__)
@@ -318,6 +319,36 @@ class GethNode(ManagedProcess):
             os.fsync(out.fileno())
         os.replace(partial, dest)
         return head
+
+    def copy_chain(self, dest: Path, *, timeout: float) -> ChainCopy:
+        """The genesis and every block after it. While a node runs (any process's), the blocks are read
+        from it into `blocks.rlp` (`export_blocks`), which the first start on `dest` imports, executing
+        each block again; a stopped node's database is copied as it is. Blocks once made are never
+        replaced here, so the copy holds every block there was when this was called."""
+        if not self.genesis_file.is_file():
+            raise ChainError(f"{self.genesis_file} is missing: the managed node has not started yet")
+        dest.mkdir()
+        shutil.copyfile(self.genesis_file, dest / self.genesis_file.name)
+        if self.running_node() is not None:
+            self._running_head()  # its port, and an error in words when it does not answer
+            try:
+                block = self.export_blocks(dest / self.import_file.name)
+            except (OSError, NodeStartError) as exc:
+                raise ChainError(f"reading the chain's blocks from the managed node failed: {exc}") from exc
+        else:
+            # Stopped: nobody writes it. geth takes this lock (flock) while it runs: held here, no geth can
+            # start on the data dir during the copy, and one running that we did not recognise makes this
+            # refuse.
+            with (self.data_dir / "geth" / "LOCK").open("a") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as exc:
+                    raise ChainError(
+                        f"a geth node holds {self.data_dir}: back up while `serve` runs, or stop it"
+                    ) from exc
+                shutil.copytree(self.data_dir, dest / self.data_dir.name, ignore=shutil.ignore_patterns("LOCK"))
+            block = self.checkpoints.durable_block()  # the head as it stopped
+        return ChainCopy(sorted(p.name for p in dest.iterdir()), block)
 
     def _command(self, auth_port: int) -> list[str]:
         return [

@@ -58,3 +58,47 @@ def test_analytics_reads_only_what_the_bridge_released() -> None:
                 if ours and not name.startswith("crm_bridge.analytics") and name not in allowed:
                     violations.add(f"{path.relative_to(PROJECT_ROOT)} imports {name}")
     assert not violations
+
+
+BACKEND_NAMES = {"inprocess", "geth", "anvil", "rpc"}
+# What a chain backend is, and the nodes behind it: `ledger` alone knows them.
+BACKEND_KINDS = {
+    "InProcessBackend",
+    "GethBackend",
+    "AnvilBackend",
+    "ManagedBackend",
+    "RpcBackend",
+    "GethNode",
+    "AnvilNode",
+    "Checkpoints",
+}
+
+
+def _backend_branches(path: Path) -> set[str]:
+    """Where a module compares something with a backend's name, or imports a backend or node class."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            names = {
+                element.value
+                for operand in operands
+                for element in (operand.elts if isinstance(operand, ast.Tuple | ast.List | ast.Set) else [operand])
+                if isinstance(element, ast.Constant) and isinstance(element.value, str)
+            }
+            if names & BACKEND_NAMES:
+                found.add(f"{path.relative_to(PROJECT_ROOT)}:{node.lineno} compares with {sorted(names)}")
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ledger"):
+            for alias in node.names:
+                if alias.name in BACKEND_KINDS:
+                    found.add(f"{path.relative_to(PROJECT_ROOT)}:{node.lineno} imports {alias.name}")
+    return found
+
+
+@pytest.mark.parametrize("package", ["api", "crm_bridge", "identity"])
+def test_no_branch_on_the_chain_backend_outside_ledger(package: str) -> None:
+    """What differs between chain backends is asked of the backend (`ChainBackend.url`, `.miner`,
+    `.checkpoint`, `.restart_if_stopped`, `ledger.backends.node_url`, `durable_wait`, the node's
+    `copy_chain`): adding a backend is a change to `ledger` alone."""
+    violations = set().union(*(_backend_branches(path) for path in (PROJECT_ROOT / package).rglob("*.py")))
+    assert not violations
