@@ -20,7 +20,7 @@ from api.models import AttributeRow
 from api.reference import Catalogue
 from api.secrets import Secrets, load_secrets, open_vault
 from api.settings import ServiceSettings
-from crm_bridge.bridge import Bridge, Export, ExportStats
+from crm_bridge.bridge import Bridge, Export, ExportStats, permitted
 from crm_bridge.mapping import Mapping
 from crm_bridge.sources import is_database_url, read_source
 from identity.did import DidWeb
@@ -158,12 +158,7 @@ def export(
     if purpose not in catalogue.purposes:
         raise ToolError(f"no purpose {purpose!r} (see GET /api/v1/purposes)")
     pid = bytes(purpose_id(purpose))
-    erased = offline.erased()
-    permissions = {
-        subject: attributes
-        for subject, attributes in Outbox(offline.engine).permissions(partner_address, pid).items()
-        if subject not in erased  # their consent stays on-chain; the company no longer uses their data
-    }
+    permissions = permitted(Outbox(offline.engine), partner_address, pid, offline.erased())
     text_columns = tuple(mapping.pii.columns().values())
     if not is_database_url(source) and not os.path.exists(source):
         raise ToolError(f"no such input file: {source}")

@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -55,6 +55,7 @@ from identity.types import Subject
 from ledger.access import Access, AccessBatch, max_record_entries
 from ledger.consent import ATTRIBUTE_BITS
 from ledger.errors import LedgerError
+from ledger.outbox import Outbox
 from ledger.tx import Receipt
 
 DID_COLUMN = "did"
@@ -245,6 +246,18 @@ class _Subjects:
             ids[rest] = self._ids(batch.column(columns["phone"]).take(pa.array(rest)), "phone")[0]
         self._grow()
         return ids
+
+
+def permitted(consents: Outbox, partner: str, purpose: bytes, erased: Collection[bytes] = ()) -> dict[bytes, int]:
+    """The consent filter of a release to `partner` for `purpose`: each customer's attributes it may use
+    now (`Outbox.permissions`: what the chain holds, less what a pending revocation takes away), without
+    the customers in `erased` (their personal data was erased: their consent stays on-chain, but the
+    company no longer uses their data). `Export` releases by it."""
+    return {
+        subject: attributes
+        for subject, attributes in consents.permissions(partner, purpose).items()
+        if subject not in erased
+    }
 
 
 class Export:
