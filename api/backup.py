@@ -36,7 +36,8 @@ from pathlib import Path
 from requests.exceptions import RequestException
 from web3 import Web3
 
-from api.offline import ToolError, chain_url
+from api.offline import chain_url
+from api.service_errors import ToolError
 from api.settings import ServiceSettings
 from identity.settings import IdentitySettings
 from ledger.anvil import Checkpoints
