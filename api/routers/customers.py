@@ -164,7 +164,7 @@ def bind(did: str, body: ControllerSubmit, runtime: RuntimeDep) -> ControllerPub
         signer = eip712.recover(
             runtime.consent.domain, binding, eip712.Signature.from_bytes(bytes.fromhex(body.signature[2:]))
         )
-    except ValueError as exc:
+    except (eip712.TypedDataError, ValueError) as exc:  # the typed data, or the signature (ValueError)
         raise ApiError(422, "invalid_typed_data", "The signed data is not what was prepared", str(exc)) from exc
     assert isinstance(binding, eip712.ControllerBinding)
     if binding.subject != subject or binding.claim != keccak(text=body.claim_code):
