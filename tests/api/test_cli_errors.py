@@ -9,12 +9,16 @@ from pathlib import Path
 import pytest
 
 from api import cli
+from api.did_host import did_web
 from api.secrets import SecretsError
 from api.service_errors import ServiceError, ToolError
+from api.settings import ServiceSettings
 from api.workers import ControlError
 from crm_bridge.errors import BridgeError
-from identity.errors import IdentityError
+from identity.errors import IdentityError, InvalidDid
+from identity.settings import IdentitySettings
 from ledger.errors import LedgerError
+from ledger.store import create_schema, make_engine, sessions
 
 
 def _failing(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
@@ -61,3 +65,14 @@ def test_a_malformed_flag_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
     assert capsys.readouterr().err == "consent-ledger: Invalid isoformat string: 'yesterday'\n"
     assert cli.main([*report, "--k", "1"]) == 2
     assert "greater than or equal to 2" in capsys.readouterr().err
+
+
+def test_a_host_did_web_cannot_name_is_an_identity_error(tmp_path: Path) -> None:
+    """`serve --host ::1` makes DIDs of `::1%3A8000`, which did:web cannot name: the start fails with
+    InvalidDid (one line from the command line), not with DidWeb's ValueError (a traceback)."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'service.db'}")
+    create_schema(engine)
+    service = ServiceSettings(host="::1", port=8000, data_dir=tmp_path)
+    with sessions(engine)() as session, pytest.raises(InvalidDid, match="not a did:web host"):
+        did_web(session, service, IdentitySettings(did_web_host=None), record=True)
+    engine.dispose()
