@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.models import CustomerSession, Principal, SignInChallenge
+from api.service_errors import ServiceError
 from identity.pseudonym import PepperRing
 from ledger import eip712
 from ledger.bindings import BoundController
@@ -60,11 +61,11 @@ class Caller:
     expires_at: datetime | None = None
 
 
-class PrincipalExists(Exception):
+class PrincipalExists(ServiceError):
     """Raised when a principal with that name exists already."""
 
 
-class NoSuchPrincipal(ValueError):
+class NoSuchPrincipal(ServiceError):
     """Raised when no live principal has that name; the text says why (the command line prints it)."""
 
 
@@ -208,7 +209,7 @@ def issue_challenge(key: bytes, *, address: str, origin: str, chain_id: int) -> 
     return Challenge(message(random_part + _challenge_tag(key, message(random_part))), expires)
 
 
-class SignInFailed(Exception):
+class SignInFailed(ServiceError):
     """Raised when a sign-in message or signature is not acceptable; the text says why."""
 
 

@@ -32,7 +32,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from api.offline import ToolError
+from api.service_errors import ToolError
 from api.settings import ServiceSettings
 from identity.settings import IdentitySettings
 from ledger.backends import managed_node

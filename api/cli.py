@@ -20,7 +20,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from api.secrets import SecretsError, load_secrets
+from pydantic import ValidationError
+
+from api.secrets import load_secrets
+from api.service_errors import ServiceError, ToolError
 from api.settings import ServiceSettings
 from crm_bridge.errors import BridgeError
 from identity.errors import IdentityError
@@ -255,7 +258,10 @@ def _principals_add(args: argparse.Namespace) -> int:
     from api.auth import PrincipalExists, create_principal, new_address
     from api.models import Partner
 
-    address: str | None = Web3.to_checksum_address(args.address) if args.address else None
+    try:
+        address: str | None = Web3.to_checksum_address(args.address) if args.address else None
+    except ValueError as exc:  # web3's word for a malformed address
+        raise ToolError(str(exc)) from exc
     private_key: str | None = None
     if args.role == "partner" and address is None:
         address, private_key = new_address()
@@ -407,15 +413,14 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
 def _audit_accesses(args: argparse.Namespace) -> int:
     import json
-    from datetime import datetime
 
-    from api.offline import Offline, ToolError
+    from api.offline import Offline
     from api.routers.audit import entries_csv, public_entries
     from ledger.access import AccessReader
     from ledger.eip712 import purpose_id
 
     def epoch(value: str | None) -> int | None:
-        return int(datetime.fromisoformat(value).timestamp()) if value else None
+        return int(_iso_time(value).timestamp()) if value else None
 
     with Offline.open(args.data_dir) as offline:
         catalogue, dids = offline.catalogue(), offline.dids()
@@ -439,7 +444,7 @@ def _audit_accesses(args: argparse.Namespace) -> int:
 
 
 def _analytics_report(args: argparse.Namespace) -> int:
-    from datetime import UTC, datetime
+    from datetime import UTC
 
     from crm_bridge.analytics.data import Fields, Released
     from crm_bridge.analytics.report import METHODS, build, render
@@ -449,7 +454,7 @@ def _analytics_report(args: argparse.Namespace) -> int:
     settings = AnalyticsSettings() if args.k is None else AnalyticsSettings(k=args.k)  # the flag wins over the env
     as_of = None
     if args.as_of is not None:
-        day = datetime.fromisoformat(args.as_of).replace(tzinfo=UTC)
+        day = _iso_time(args.as_of).replace(tzinfo=UTC)
         as_of = int(day.timestamp()) + 86_400  # the whole named day is observed
     fields = Fields(timestamp=args.timestamp, amount=args.amount, basket=args.basket)
     report = build(Released(args.input, fields, as_of=as_of, time_zone=settings.time_zone), settings)
@@ -459,6 +464,14 @@ def _analytics_report(args: argparse.Namespace) -> int:
         print(f"not run: {refused['reason']}", file=sys.stderr)
     print(f"{args.out / 'report.html'}\n{args.out / 'report.json'}")
     return 0 if any(name in report for name in METHODS) else 1
+
+
+def _iso_time(value: str) -> datetime:
+    """A time given on the command line (ISO 8601), else ToolError with datetime's own words."""
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise ToolError(str(exc)) from exc
 
 
 def _compile(_args: argparse.Namespace) -> int:
@@ -594,7 +607,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.handler(args))
-    except (SecretsError, LedgerError, BridgeError, IdentityError, ValueError) as exc:
+    # Each package's root, and the settings' validation (of the environment and of flags such as --k:
+    # pydantic's ValidationError, raised where a command builds its settings). Anything else is a bug:
+    # its traceback is wanted.
+    except (ServiceError, LedgerError, BridgeError, IdentityError, ValidationError) as exc:
         print(f"consent-ledger: {exc}", file=sys.stderr)
         return 2
 

@@ -15,7 +15,8 @@ from sqlalchemy import String
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from api.settings import ServiceSettings
-from identity.did import DidHostMismatch
+from identity.did import DidWeb
+from identity.errors import DidHostMismatch, InvalidDid
 from identity.settings import IdentitySettings
 from ledger.store import Base
 
@@ -55,3 +56,14 @@ def did_host(session: Session, service: ServiceSettings, identity: IdentitySetti
             f"{identity.did_web_host}: unset it, or set it to {fact.value} (another would rename every customer)"
         )
     return fact.value
+
+
+def did_web(session: Session, service: ServiceSettings, identity: IdentitySettings, *, record: bool) -> DidWeb:
+    """The DIDs of the data dir's service (`did_host`). A host did:web cannot name (a malformed
+    CONSENT_LEDGER_IDENTITY_DID_WEB_HOST, or a listen address such as `::1`) is InvalidDid, identity's
+    word for it: DidWeb's ValueError is a caller's mistake, and here the caller is the configuration."""
+    host = did_host(session, service, identity, record=record)
+    try:
+        return DidWeb(host)
+    except ValueError as exc:
+        raise InvalidDid(str(exc)) from exc

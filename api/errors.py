@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -12,6 +12,9 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.auth import SignInFailed, WrongOrigin
+from identity.errors import InvalidDid, InvalidPII, SubjectErased, UnknownSubject
+from ledger.eip712 import TypedDataError
 from ledger.errors import (
     AccessRejected,
     BatchItemFailed,
@@ -44,7 +47,13 @@ class Problem(BaseModel):
 
 
 class ApiError(Exception):
-    """Raised by route handlers; rendered as problem+json."""
+    """Raised by route handlers; rendered as problem+json.
+
+    Not under api's error root (`api.service_errors.ServiceError`), alone of the package's exceptions:
+    it is no failure but an answer, what translation at the HTTP edge makes of one (`problem`), with
+    its status and code already chosen. Under the root, an `except ServiceError` translating a
+    failure would catch an answer made already and translate it again; and the command line, which
+    prints the roots, never sees one."""
 
     def __init__(self, status: int, code: str, title: str, detail: str | None = None, **extra: Any) -> None:
         super().__init__(detail or title)
@@ -109,28 +118,66 @@ def _field(loc: list[Any]) -> str:
     return name or "body"
 
 
-# The contract's refusals, in plain words: the facts a revert carries (pseudonyms, balances, raw
-# data) stay in the log. Most specific class first.
-_REFUSALS: list[tuple[type[ContractRevert], int, str, str]] = [
-    (InsufficientPoints, 409, "insufficient_points", "Not enough unexpired points"),
-    (NonceMismatch, 409, "nonce_mismatch", "The signed message's nonce is not the next one; prepare it again"),
-    (InvalidSignature, 422, "invalid_signature", "The message was not signed by the customer's bound key"),
-    (SignatureExpired, 422, "signature_expired", "The signed message has expired; prepare it again"),
-    (Unauthorized, 403, "not_permitted_on_chain", "The ledger does not permit this account to do that"),
-    (PointsRejected, 422, "points_rejected", "The ledger refused the points request"),
-    (ConsentRejected, 422, "consent_rejected", "The ledger refused the consent change"),
-    (AccessRejected, 422, "access_rejected", "The ledger refused the access record"),
-    (ContractRevert, 422, "ledger_refused", "The ledger refused the request"),
+class Answer(NamedTuple):
+    """The HTTP answer to an error family: status, code and title, and whether the exception's text is
+    the detail (only where it names no facts) and which of its attributes join the body."""
+
+    status: int
+    code: str
+    title: str
+    detail: bool = False
+    extra: tuple[str, ...] = ()
+
+
+# Each package's error families and their HTTP answers, in one place; most specific class first.
+# Ledger errors reach the handler `install` registers (a route lets a contract's refusal through);
+# the others a route translates, raising `problem(exc)`, or an ApiError of its own where it says more
+# (its own title, a detail). A family not here is a fault of the service: 500 `internal_error`.
+FAMILIES: list[tuple[type[Exception], Answer]] = [
+    # The contract's refusals, in plain words: the facts a revert carries (pseudonyms, balances, raw
+    # data) stay in the log.
+    (InsufficientPoints, Answer(409, "insufficient_points", "Not enough unexpired points")),
+    (
+        NonceMismatch,
+        Answer(409, "nonce_mismatch", "The signed message's nonce is not the next one; prepare it again"),
+    ),
+    (InvalidSignature, Answer(422, "invalid_signature", "The message was not signed by the customer's bound key")),
+    (SignatureExpired, Answer(422, "signature_expired", "The signed message has expired; prepare it again")),
+    (Unauthorized, Answer(403, "not_permitted_on_chain", "The ledger does not permit this account to do that")),
+    (PointsRejected, Answer(422, "points_rejected", "The ledger refused the points request")),
+    (ConsentRejected, Answer(422, "consent_rejected", "The ledger refused the consent change")),
+    (AccessRejected, Answer(422, "access_rejected", "The ledger refused the access record")),
+    (ContractRevert, Answer(422, "ledger_refused", "The ledger refused the request")),
+    (TypedDataError, Answer(422, "invalid_typed_data", "The signed data is not a message of this ledger", True)),
+    (LedgerError, Answer(503, "chain_unavailable", "The ledger is unavailable; try again shortly")),
+    # identity
+    (InvalidDid, Answer(404, "unknown_customer", "No such customer", True)),
+    (UnknownSubject, Answer(404, "unknown_customer", "No such customer")),
+    (SubjectErased, Answer(409, "customer_erased", "This customer's data was erased", True)),
+    (InvalidPII, Answer(422, "invalid_pii", "Invalid personal data", True, ("field",))),
+    # api
+    (WrongOrigin, Answer(401, "wrong_origin", "Sign-in refused: the message is for another site", True)),
+    (SignInFailed, Answer(401, "sign_in_failed", "Sign-in refused", True)),
 ]
 
 
-def contract_refusal(exc: LedgerError) -> tuple[int, str, str] | None:
-    """(status, code, title) of a contract's refusal; None for the chain being unavailable."""
+def answer(exc: Exception) -> Answer | None:
+    """The answer `FAMILIES` gives `exc` (a failed batch item: its cause's); None for a fault."""
     cause = exc.cause if isinstance(exc, BatchItemFailed) else exc
-    for kind, status, code, title in _REFUSALS:
+    for kind, found in FAMILIES:
         if isinstance(cause, kind):
-            return status, code, title
+            return found
     return None
+
+
+def problem(exc: Exception) -> ApiError:
+    """`exc` as the ApiError its family's answer gives, for a route to raise (an ApiError, unlike the
+    exception itself, is the answer recorded for a retry with the same Idempotency-Key)."""
+    found = answer(exc)
+    if found is None:
+        raise TypeError(f"{type(exc).__name__} has no answer in api.errors.FAMILIES") from exc
+    extra = {name: getattr(exc, name) for name in found.extra}
+    return ApiError(found.status, found.code, found.title, str(exc) if found.detail else None, **extra)
 
 
 def install(app: FastAPI) -> None:
@@ -160,12 +207,12 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(LedgerError)
     async def _ledger(request: Request, exc: LedgerError) -> JSONResponse:
-        refusal = contract_refusal(exc)
-        if refusal is not None:
+        error = problem(exc)
+        if error.status == 503:
+            log.warning("ledger unavailable for %s: %s", request.url.path, exc)
+        else:
             log.info("the ledger refused a request to %s: %s", request.url.path, exc)
-            return problem_response(request, *refusal)
-        log.warning("ledger unavailable for %s: %s", request.url.path, exc)
-        return problem_response(request, 503, "chain_unavailable", "The ledger is unavailable; try again shortly")
+        return problem_response(request, error.status, error.code, error.title, error.detail, **error.extra)
 
     app.add_middleware(UnexpectedErrors)
 

@@ -15,10 +15,11 @@ from sqlalchemy import Engine, select
 from web3 import Web3
 
 import api.models  # noqa: F401 - registers the API's tables on the shared metadata
-from api.did_host import did_host
+from api.did_host import did_web
 from api.models import AttributeRow
 from api.reference import Catalogue
 from api.secrets import Secrets, load_secrets, open_vault
+from api.service_errors import ToolError
 from api.settings import ServiceSettings
 from crm_bridge.bridge import Bridge, Export, ExportStats, permitted
 from crm_bridge.mapping import Mapping
@@ -32,15 +33,11 @@ from ledger.backends import durable_wait, http_provider, node_url
 from ledger.compiler import compile_contracts
 from ledger.contracts import Deployment, RevertDecoder
 from ledger.eip712 import purpose_id
-from ledger.errors import ChainError, LedgerError
+from ledger.errors import ChainError
 from ledger.outbox import Outbox
 from ledger.settings import ChainSettings, ToolchainSettings
 from ledger.store import make_engine, sessions
 from ledger.tx import TxSender
-
-
-class ToolError(LedgerError):
-    """A command-line tool cannot do what it was asked (with the reason, never a secret or PII)."""
 
 
 def chain_url(service: ServiceSettings, chain: ChainSettings) -> str:
@@ -124,7 +121,7 @@ class Offline:
     def dids(self) -> DidWeb:
         """The DIDs the data dir's service issues (`api.did_host`), whatever this process's port setting."""
         with sessions(self.engine)() as session:
-            return DidWeb(did_host(session, self.service, self.identity, record=False))
+            return did_web(session, self.service, self.identity, record=False)
 
     def bridge(self) -> Bridge:
         return Bridge(

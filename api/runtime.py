@@ -27,7 +27,7 @@ import api.models  # noqa: F401 - registers the API's tables on the shared metad
 import ledger.points_store  # noqa: F401 - registers the points tables on the shared metadata
 from api import reference
 from api.auth import challenge_key, prune_expired
-from api.did_host import did_host
+from api.did_host import did_web
 from api.reference import Catalogue
 from api.secrets import Secrets, open_vault
 from api.settings import ServiceSettings
@@ -138,7 +138,7 @@ class Runtime:
             with self.sessions() as session:
                 reference.seed(session)
         with self.reads() if worker else self.sessions() as session:  # a worker's supervisor recorded it
-            self.dids = DidWeb(did_host(session, self.service, self.identity, record=not worker))
+            self.dids = did_web(session, self.service, self.identity, record=not worker)
         self.resolver = Resolver(self.dids, self.vault)
 
         self.artifacts = compile_contracts(self.toolchain)

@@ -19,6 +19,7 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from pydantic import SecretStr
 
+from api.service_errors import ServiceError
 from api.settings import ServiceSettings
 from identity.errors import IdentityError
 from identity.keys import FileKeyProvider, KeyProvider, decode_key
@@ -35,7 +36,7 @@ _PUBLIC_MNEMONIC = "test test test test test test test test test test test junk"
 _MIN_DISTINCT_BYTES = 12  # 32 random bytes have ~25 distinct values; "0000…" or "abab…" have 1 or 2
 
 
-class SecretsError(Exception):
+class SecretsError(ServiceError):
     """Raised when a required secret is missing, malformed, or a publicly known or weak value outside development."""
 
 

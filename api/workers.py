@@ -38,12 +38,14 @@ from concurrent.futures import Future
 from multiprocessing.connection import Client, Connection, Listener
 from typing import Any
 
+from api.service_errors import ServiceError
+
 log = logging.getLogger(__name__)
 
 CALL_TIMEOUT = 120.0  # a call waits for a transaction to be mined (receipt_timeout is 60 s)
 
 
-class ControlError(Exception):
+class ControlError(ServiceError):
     """A call to the supervisor failed: the connection broke, or the call itself raised (`kind` says how)."""
 
     def __init__(self, kind: str, message: str, extra: Any = None) -> None:

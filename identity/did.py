@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from identity.errors import IdentityError, InvalidDid
+from identity.errors import InvalidDid
 from identity.types import Did, Subject
 
 # W3C DID Core 1.0, section 3.1 (DID Syntax), ABNF:
@@ -33,10 +33,6 @@ DID_CONTEXT = [
 ]
 CONTENT_TYPE = "application/did+ld+json"
 KEY_FRAGMENT = "controller-key"
-
-
-class DidHostMismatch(IdentityError):
-    """Raised when a process would issue DIDs with another host than the data dir's service records."""
 
 
 def is_did(value: str) -> bool:

@@ -38,3 +38,7 @@ class TamperedCiphertext(VaultError):
 
 class InvalidDid(IdentityError):
     """Raised when a string is not a DID this service issues (W3C DID syntax, our did:web host)."""
+
+
+class DidHostMismatch(IdentityError):
+    """Raised when a process would issue DIDs with another host than the data dir's service records."""

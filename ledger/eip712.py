@@ -19,6 +19,7 @@ from eth_abi.abi import encode as abi_encode
 from eth_typing import ChecksumAddress
 from eth_utils.crypto import keccak
 
+from ledger.errors import LedgerError
 from ledger.types import INT64_MAX, Purpose, Subject, checksummed, keccak256
 
 DOMAIN_VERSION = "1"
@@ -309,8 +310,12 @@ def redemption_nonce(partner: str, sequence: int) -> int:
 Message = ConsentChange | ControllerChange | ControllerBinding | Redemption
 
 
-class TypedDataError(ValueError):
-    """Raised when submitted typed data is not exactly a message this service issues."""
+class TypedDataError(LedgerError):
+    """Raised when submitted typed data is not exactly a message this service issues.
+
+    Under the package's root, not ValueError: `parse` runs in route handlers, never in a pydantic
+    validator (where only ValueError or AssertionError would become a validation error); the routes
+    catch it by name, beside the ValueError of a malformed signature (`Signature.from_bytes`, `recover`)."""
 
 
 _INTEGER_TEXT = re.compile(r"0|[1-9][0-9]*|0x[0-9a-fA-F]+")  # what wallets write: decimal or 0x-hex, nothing else

@@ -373,8 +373,9 @@ class BatchLane(ABC):
         return 1
 
 
-class _Raced(Exception):
-    """Raised inside a transaction to abandon a batch whose requests changed under it."""
+class _Raced(LedgerError):
+    """Raised inside a transaction to abandon a batch whose requests changed under it (caught where
+    raised; under the package's root all the same, as every exception the package defines)."""
 
 
 _BATCHES = cast(Table, RelayBatch.__table__)

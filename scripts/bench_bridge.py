@@ -55,6 +55,7 @@ from crm_bridge.bridge import Bridge, Export
 from crm_bridge.mapping import Mapping
 from crm_bridge.sources import DEFAULT_CHUNK_ROWS, read_csv
 from identity.did import DidWeb
+from identity.errors import InvalidPII
 from identity.normalize import normalize_pii
 from identity.pseudonym import PepperRing, Pseudonymizer
 from ledger import eip712
@@ -96,7 +97,7 @@ def grant_consents(registry: ConsentRegistryClient, sender: TxSender, customers_
                 continue
             try:
                 pii = normalize_pii({"email": row["email"] or None, "phone": row["phone"] or None}, "GB")
-            except ValueError:
+            except InvalidPII:
                 continue
             bits = 1 << BITS["user.behavior.purchase_history"]
             if row["consent_demographics"] == "true":
@@ -225,7 +226,7 @@ def baseline_rows_per_s(orders: Path, mapping: Mapping, permissions: dict[bytes,
                 break
             try:
                 pii = normalize_pii({"email": row["email"] or None, "phone": row["phone"] or None}, "GB")
-            except ValueError:
+            except InvalidPII:
                 continue
             subject = bytes(pseudonymizer.subject(pii))
             mask = permissions.get(subject, 0)

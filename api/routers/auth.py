@@ -6,7 +6,7 @@ from fastapi import APIRouter, status
 
 from api import auth
 from api.deps import RuntimeDep
-from api.errors import ApiError, responses
+from api.errors import problem, responses
 from api.schemas import ChallengeCreate, ChallengePublic, SignIn, TokenPublic
 from identity.types import Subject
 
@@ -41,10 +41,8 @@ def sign_in(body: SignIn, runtime: RuntimeDep) -> TokenPublic:
                 session, runtime.signin_key, body.message, bytes.fromhex(body.signature[2:]), runtime.service.origin
             )
             subject = Subject(row.subject)
-    except auth.WrongOrigin as exc:
-        raise ApiError(401, "wrong_origin", "Sign-in refused: the message is for another site", str(exc)) from exc
-    except auth.SignInFailed as exc:
-        raise ApiError(401, "sign_in_failed", "Sign-in refused", str(exc)) from exc
+    except auth.SignInFailed as exc:  # WrongOrigin among them, with its own code
+        raise problem(exc) from exc
     return TokenPublic(
         access_token=token, expires_in=int(auth.TOKEN_LIFETIME.total_seconds()), did=runtime.dids.did(subject)
     )

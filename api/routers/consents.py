@@ -88,7 +88,7 @@ async def submit(body: TypedDataSubmission, runtime: RuntimeDep, caller: Consent
         change = eip712.parse(body.typed_data, runtime.consent.domain, ("ConsentGrant", "ConsentRevoke"))
         signature = eip712.Signature.from_bytes(bytes.fromhex(body.signature[2:]))
         signer = eip712.recover(runtime.consent.domain, change, signature)
-    except ValueError as exc:
+    except (eip712.TypedDataError, ValueError) as exc:  # the typed data, or the signature (ValueError)
         raise ApiError(
             422, "invalid_typed_data", "The signed data is not a consent change of this ledger", str(exc)
         ) from exc

@@ -14,7 +14,7 @@ from web3 import Web3
 
 from api import auth
 from api.deps import CallerDep, OperatorWrite, RuntimeDep, checked
-from api.errors import ApiError, responses
+from api.errors import ApiError, problem, responses
 from api.models import ClaimCode
 from api.runtime import Runtime
 from api.schemas import (
@@ -47,7 +47,7 @@ def subject_of(runtime: Runtime, did: str) -> Subject:
     try:
         return runtime.dids.subject(did)
     except InvalidDid as exc:
-        raise ApiError(404, "unknown_customer", "No such customer", str(exc)) from exc
+        raise problem(exc) from exc
 
 
 def _retire_claim_codes(session: Session, subject: Subject) -> None:
@@ -63,10 +63,8 @@ def enrol(body: CustomerCreate, runtime: RuntimeDep, _caller: OperatorWrite) -> 
     try:
         pii = normalize_pii(body.model_dump(), runtime.identity.default_region)
         subject, _created = runtime.vault.enrol(pii)
-    except InvalidPII as exc:
-        raise ApiError(422, "invalid_pii", "Invalid personal data", str(exc), field=exc.field) from exc
-    except SubjectErased as exc:
-        raise ApiError(409, "customer_erased", "This customer's data was erased", str(exc)) from exc
+    except (InvalidPII, SubjectErased) as exc:
+        raise problem(exc) from exc
     record = runtime.vault.record(subject)
     if record is not None and record.controller:
         raise ApiError(
@@ -133,7 +131,7 @@ def erase(did: str, runtime: RuntimeDep, _caller: OperatorWrite) -> CustomerEras
     try:
         erased_at = runtime.vault.erase(subject)
     except UnknownSubject as exc:
-        raise ApiError(404, "unknown_customer", "No such customer") from exc
+        raise problem(exc) from exc
     return CustomerErased(did=did, erased_at=erased_at.isoformat())
 
 
@@ -164,7 +162,7 @@ def bind(did: str, body: ControllerSubmit, runtime: RuntimeDep) -> ControllerPub
         signer = eip712.recover(
             runtime.consent.domain, binding, eip712.Signature.from_bytes(bytes.fromhex(body.signature[2:]))
         )
-    except ValueError as exc:
+    except (eip712.TypedDataError, ValueError) as exc:  # the typed data, or the signature (ValueError)
         raise ApiError(422, "invalid_typed_data", "The signed data is not what was prepared", str(exc)) from exc
     assert isinstance(binding, eip712.ControllerBinding)
     if binding.subject != subject or binding.claim != keccak(text=body.claim_code):

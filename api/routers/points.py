@@ -337,7 +337,7 @@ async def redeem(
             message = eip712.parse(body.typed_data, domain, ("Redemption",))
             signature = eip712.Signature.from_bytes(bytes.fromhex(body.signature[2:]))
             signer = eip712.recover(domain, message, signature)
-        except ValueError as exc:
+        except (eip712.TypedDataError, ValueError) as exc:  # the typed data, or the signature (ValueError)
             raise ApiError(
                 422, "invalid_typed_data", "The signed data is not a redemption of this ledger", str(exc)
             ) from exc
