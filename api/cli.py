@@ -151,7 +151,7 @@ def _serve(args: argparse.Namespace) -> int:
         # Several API processes: this one runs the chain's single writers and supervises them. It
         # serves no requests itself: in it they would compete for its interpreter lock with the
         # relayer and indexer, which hold the database's write lock meanwhile.
-        backend = runtime.backend
+        backend = runtime.ledger.backend
         assert backend is not None
         node_url = backend.url
         assert node_url is not None, "API workers need a node they can reach"

@@ -83,7 +83,6 @@ async def start(
     the inserts go to the runtime's group commit, which stores concurrent requests' rows in one
     transaction. A concurrent duplicate that got in between is caught by the unique indexes (key,
     and the on-chain id) and handled below."""
-    assert runtime.engine is not None and runtime.inserts is not None
     for _ in range(MAX_ATTEMPTS):
         rows: list[PointsRequest] = []
         refusal: ApiError | None = None
@@ -118,7 +117,7 @@ async def start(
             objects.append(IdempotencyRecord(principal=principal, key=key, route=route, request_hash=digest, **outcome))
         try:
             # With other requests' rows: one transaction, one fsync.
-            await asyncio.wait_for(asyncio.wrap_future(runtime.inserts.submit(objects)), INSERT_TIMEOUT)
+            await asyncio.wait_for(asyncio.wrap_future(runtime.ledger.inserts.submit(objects)), INSERT_TIMEOUT)
             return started
         except IntegrityError:
             # Either a concurrent duplicate took the key (look again), or the on-chain id is queued already.

@@ -16,12 +16,10 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import cached_property
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session, sessionmaker
-from web3 import Web3
 
 import api.models  # noqa: F401 - registers the API's tables on the shared metadata
 import ledger.points_store  # noqa: F401 - registers the points tables on the shared metadata
@@ -35,28 +33,19 @@ from api.workers import ControlClient, ControlError, ControlServer
 from identity.did import DidWeb, Resolver
 from identity.settings import IdentitySettings
 from identity.vault import Vault
-from ledger.access import AccessFollower, AccessLogClient, AccessReader, Verification, verify
-from ledger.backends import ChainBackend, create_backend, remote_backend
-from ledger.bindings import UNKNOWN_PARTNER, Bindings
-from ledger.compiler import Artifact, compile_contracts
-from ledger.consent import PARTNER_ROLE, ConsentRegistryClient
-from ledger.contracts import ContractClient, Deployment, RevertDecoder, ensure_deployed, ledger_plan
+from ledger.access import Verification, verify
+from ledger.assembly import Hooks, Keys, Lanes, Ledger, Role, Writers, chain_writers, open_ledger
+from ledger.bindings import UNKNOWN_PARTNER
+from ledger.consent import PARTNER_ROLE
 from ledger.errors import ConsentRejected, LedgerError
-from ledger.indexer import Indexer
-from ledger.loyalty import LoyaltyPointsClient
-from ledger.outbox import Outbox, OutboxWriter
-from ledger.points import FINAL, Completions, PointsFollower, PointsReader, PointsRelayer
+from ledger.points import FINAL, Completions
 from ledger.points_store import prune_idempotency_records
-from ledger.relayer import BlockCadence, Relayer, run_lanes
-from ledger.roles import OPERATOR_ROLES, check_keys
+from ledger.relayer import BlockCadence, run_lanes
 from ledger.settings import ChainSettings, ToolchainSettings
-from ledger.store import Checkpointer, ControllerState, GroupCommit, create_schema, make_engine, sessions
-from ledger.tx import TxSender
+from ledger.store import Checkpointer, ControllerState, create_schema, make_engine, sessions
 from ledger.types import Subject, checksummed
 
 log = logging.getLogger(__name__)
-
-Role = Literal["all", "supervisor", "worker"]
 
 
 @dataclass
@@ -66,27 +55,6 @@ class Runtime:
     toolchain: ToolchainSettings
     secrets: Secrets
     identity: IdentitySettings = field(default_factory=IdentitySettings)
-    backend: ChainBackend | None = None
-    deployment: Deployment | None = None
-    artifacts: dict[str, Artifact] = field(default_factory=dict)
-    consent: ConsentRegistryClient | None = None
-    vault: Vault | None = None
-    dids: DidWeb | None = None
-    resolver: Resolver | None = None
-    engine: Engine | None = None
-    outbox: Outbox | None = None
-    writer: OutboxWriter | None = None
-    inserts: GroupCommit | None = None  # group commit for the points routes' new rows
-    _catalogue: Catalogue | None = None
-    relayer: Relayer | None = None
-    points: LoyaltyPointsClient | None = None
-    points_relayer: PointsRelayer | None = None
-    points_reader: PointsReader | None = None
-    access_log: AccessLogClient | None = None
-    access_reader: AccessReader | None = None
-    completions: Completions = field(default_factory=Completions)
-    relay_wake: threading.Event = field(default_factory=threading.Event)
-    cadence: BlockCadence | None = None  # batches timed to the managed node's blocks (see BlockCadence)
     role: Role = "all"
     control_address: str | None = None  # supervisor and workers: the control socket (see api.workers)
     control_key: bytes | None = None
@@ -94,12 +62,25 @@ class Runtime:
     backend_name: str | None = None  # worker: the supervisor's backend, for /health
     supervisor_on_blocks: bool = False  # worker: the supervisor's relayer sends at each block (no wake-ups)
     on_control_lost: Callable[[], None] | None = None  # worker: called when the supervisor is gone
-    control: ControlClient | None = None
-    control_server: ControlServer | None = None
-    indexer: Indexer | None = None
-    bindings: Bindings | None = None  # supervisor: customers' key bindings, put back if the chain lost them
-    _check_partners: threading.Event = field(default_factory=threading.Event)  # set: verify every role
     prune_interval: float = 60.0  # seconds between prunes (`prune`)
+    completions: Completions = field(default_factory=Completions)
+    relay_wake: threading.Event = field(default_factory=threading.Event)
+
+    # What `start` opens, in every role (read before it: AttributeError).
+    ledger: Ledger = field(init=False)  # the chain, the contracts' clients, request writers and readers
+    vault: Vault = field(init=False)
+    dids: DidWeb = field(init=False)
+    resolver: Resolver = field(init=False)
+    engine: Engine = field(init=False)
+
+    # What only some roles run.
+    writers: Writers | None = None  # all, supervisor: bindings, indexer, relayers
+    cadence: BlockCadence | None = None  # batches timed to the managed node's blocks (see BlockCadence)
+    control: ControlClient | None = None  # worker
+    control_server: ControlServer | None = None  # supervisor
+
+    _catalogue: Catalogue | None = None
+    _check_partners: threading.Event = field(default_factory=threading.Event)  # set: verify every role
     _sessions: sessionmaker[Session] | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -131,7 +112,6 @@ class Runtime:
         self.engine = make_engine(
             self.service.database_url or f"sqlite:///{(data_dir / 'service.db').resolve()}", checkpoints=False
         )
-        self.derived_engine: Engine | None = None  # the indexer's (see `start`)
         self._sessions = sessions(self.engine)
         if not worker:
             create_schema(self.engine)
@@ -141,102 +121,39 @@ class Runtime:
             self.dids = did_web(session, self.service, self.identity, record=not worker)
         self.resolver = Resolver(self.dids, self.vault)
 
-        self.artifacts = compile_contracts(self.toolchain)
-        decoder = RevertDecoder(list(self.artifacts.values()))
-        if worker:
-            # The supervisor's node and deployment; this process never sends a transaction.
+        keys = Keys(self.secrets.operator, self.secrets.accessor, self.secrets.previous_operator)
+        if worker:  # the supervisor's node and deployment; this process never sends a transaction
             assert self.node_url is not None, "a worker needs the supervisor's node URL"
-            self.backend = remote_backend(self.node_url, self.secrets.operator)
-            w3 = self.backend.start()
-            self.deployment = Deployment.load(data_dir / "deployment.json")
-            sender = TxSender(w3, self.secrets.operator, read_only=True)
-            accessor = TxSender(w3, self.secrets.accessor, read_only=True)
-        else:
-            self.backend = create_backend(self.chain, self.secrets.operator, data_dir)
-            w3 = self.backend.start()
-            self.backend.prepare_account(self.secrets.accessor.address)
-            sender = TxSender(w3, self.secrets.operator, receipt_timeout=self.chain.receipt_timeout)
-            operator = self.secrets.operator.address
-            record = data_dir / "deployment.json"
-            deployed = record.read_bytes() if record.is_file() else None
-            self.deployment = ensure_deployed(
-                w3, sender, self.artifacts, ledger_plan(operator, operator, self.secrets.accessor.address), record
-            )
-            if record.read_bytes() != deployed:
-                # Contracts were deployed just now: write them to the node's state file before anything
-                # is served. A crash of the node before its first periodic checkpoint lost them, and
-                # the service could then neither go on nor start again (a chaos run with a long
-                # CONSENT_LEDGER_CHAIN_STATE_INTERVAL showed it).
-                self.backend.checkpoint()
-            accessor = TxSender(w3, self.secrets.accessor, receipt_timeout=self.chain.receipt_timeout)
-            self._check_keys(w3, sender, decoder, record)
-        self.consent = ConsentRegistryClient(
-            w3, self.deployment.address("ConsentRegistry"), self.artifacts["ConsentRegistry"], sender, decoder
+        self.ledger = open_ledger(
+            self.chain,
+            self.toolchain,
+            self.engine,
+            data_dir,
+            keys=keys,
+            tiers=self.service.tiers,
+            node_url=self.node_url,
         )
-        self.points = LoyaltyPointsClient(
-            w3, self.deployment.address("LoyaltyPoints"), self.artifacts["LoyaltyPoints"], sender, decoder
-        )
-        self.access_log = AccessLogClient(
-            w3, self.deployment.address("AccessLog"), self.artifacts["AccessLog"], accessor, decoder
-        )
-        self.access_reader = AccessReader(self.engine)
-        self.outbox = Outbox(self.engine)
-        self.writer = OutboxWriter(self.engine, chain_nonces=self.consent.nonces_of)
-        self.inserts = GroupCommit(self.engine, name="points-inserts")
-        self.points_reader = PointsReader(self.engine, self.service.tiers)
         if worker:
             assert self.control_address is not None and self.control_key is not None
             self.control = ControlClient(
                 self.control_address, self.control_key, on_message=self._on_control, on_lost=self._control_lost
             )
             return
-        # The read model is derived from the chain: its writes need not wait for the disk (see make_engine).
-        if self.engine.dialect.name == "sqlite":
-            self.derived_engine = make_engine(
-                self.engine.url.render_as_string(hide_password=False), durable=False, checkpoints=False
-            )
-        self.bindings = Bindings(self.engine, self.consent)
-        adopted = self.bindings.adopt_indexed()
-        if adopted:
-            log.info("recorded %d key bindings from the read model", adopted)
         self._check_partners.set()  # the node may have restarted from an older state while we were down
-        self.indexer = Indexer(
-            w3,
-            self.derived_engine or self.engine,
-            self.consent.address,
-            self.deployment.deploy_block,
-            followers=[
-                PointsFollower(self.points.address, decoder, self.completions),
-                AccessFollower(self.access_log.address),
-            ],
-            on_rollback=self._chain_lost_blocks,
-        )
-        self.relayer = Relayer(
-            self.engine,
-            self.consent,
+        lanes = Lanes(
             max_batch=self.service.relayer_max_batch,
             linger=self.service.relayer_linger,
             max_in_flight=self.service.relayer_max_in_flight,
-            on_mined=self.indexer.wake.set,
-            wake=self.relay_wake,
-            holds=self._holds,
         )
-        self.points_relayer = PointsRelayer(
-            self.engine,
-            self.points,
-            max_batch=self.service.relayer_max_batch,
-            max_in_flight=self.service.relayer_max_in_flight,
-            completions=self.completions,
-            wake=self.relay_wake,
-            holds=self._holds,
-        )
+        hooks = Hooks(self._holds, self._chain_lost_blocks, self.completions, self.relay_wake)
+        self.writers = chain_writers(self.ledger, self.engine, lanes, hooks)
         self.sync_partners()
         log.info(
             "chain %s (%s backend), ConsentRegistry at %s since block %s",
-            self.deployment.chain_id,
-            self.backend.name,
-            self.consent.address,
-            self.deployment.deploy_block,
+            self.ledger.deployment.chain_id,
+            self.ledger.backend.name,
+            self.ledger.consent.address,
+            self.ledger.deployment.deploy_block,
         )
         if self.role == "supervisor":
             assert self.control_address is not None and self.control_key is not None
@@ -251,13 +168,14 @@ class Runtime:
             server = self.control_server
             self.completions.listeners.append(lambda ids: server.broadcast(("done", ids)))
         if workers:
-            self.relayer.recover()
-            self.points_relayer.recover()
+            writers = self.writers
+            writers.relayer.recover()
+            writers.points_relayer.recover()
             # The node may have restarted from its last checkpoint while we were down (a crash of the
             # machine): check what the previous run settled at once, not after `lost_after`.
             self._node_restarted()
-            indexer = self.indexer
-            if (miner := self.backend.miner) is not None:  # this service makes the blocks: time batches to them
+            indexer = writers.indexer
+            if (miner := self.ledger.backend.miner) is not None:  # this service makes the blocks: time batches to them
                 cadence = self.cadence = BlockCadence()
 
                 def after_block() -> None:
@@ -278,8 +196,8 @@ class Runtime:
     def _on_control(self, message: tuple[Any, ...]) -> None:
         if message[0] == "done":  # points requests settled: hand the final rows to this worker's waiters
             waiting = self.completions.finished(message[1])
-            if waiting and self.points_reader is not None:  # told after the commit: the rows are final
-                rows = self.points_reader.requests(waiting)
+            if waiting:  # told after the commit: the rows are final
+                rows = self.ledger.points_reader.requests(waiting)
                 self.completions.notify([r for r in rows if r.status in FINAL])
         elif message[0] == "invalidate":
             self._catalogue = None
@@ -303,8 +221,7 @@ class Runtime:
         """The name of the chain backend (a worker reports the supervisor's)."""
         if self.backend_name is not None:
             return self.backend_name
-        assert self.backend is not None
-        return self.backend.name
+        return self.ledger.backend.name
 
     def bind_controller(self, subject: bytes, controller: str) -> tuple[str, int]:
         """Bind the subject's key on-chain with the operator key (the supervisor's, from a worker);
@@ -321,16 +238,15 @@ class Runtime:
         return str(tx_hash), int(block_number)
 
     def _bind_controller(self, subject: bytes, controller: str) -> tuple[str, int]:
-        assert self.bindings is not None
-        receipt = self.bindings.bind(Subject(subject), controller)
-        if self.indexer is not None:
-            self.indexer.wake.set()
+        writers = self._writers()
+        receipt = writers.bindings.bind(Subject(subject), controller)
+        writers.indexer.wake.set()
         return receipt.tx_hash, receipt.block_number
 
     def _relay(self, stop: threading.Event) -> None:
-        assert self.relayer is not None and self.points_relayer is not None
+        writers = self._writers()
         run_lanes(
-            [self.relayer, self.points_relayer],
+            [writers.relayer, writers.points_relayer],
             self.relay_wake,
             stop,
             linger=self.service.relayer_linger,
@@ -351,27 +267,6 @@ class Runtime:
                 next_prune = time.monotonic() + self.prune_interval
                 self.prune()
 
-    def _check_keys(self, w3: Web3, sender: TxSender, decoder: RevertDecoder, record: Path) -> None:
-        """The contracts authorise the configured operator and accessor keys, or the start is refused;
-        a rotated key gets the roles (`ledger.roles.check_keys`)."""
-        assert self.deployment is not None and self.backend is not None
-
-        def clients(signer: TxSender) -> dict[str, ContractClient]:
-            assert self.deployment is not None
-            return {
-                name: ContractClient(w3, self.deployment.address(name), self.artifacts[name], signer, decoder)
-                for name in OPERATOR_ROLES
-            }
-
-        previous = None
-        if self.secrets.previous_operator is not None:
-            self.backend.prepare_account(self.secrets.previous_operator.address)
-            previous = clients(TxSender(w3, self.secrets.previous_operator, receipt_timeout=self.chain.receipt_timeout))
-        since = self.deployment.contracts["AccessLog"].block_number
-        if check_keys(clients(sender), self.secrets.accessor.address, previous, from_block=since) and previous:
-            self.deployment.operator = self.secrets.operator.address
-            self.deployment.save(record)
-
     def prune(self) -> None:
         """Delete what has expired: sign-ins and customer sessions, partners' old Idempotency-Keys."""
         keep_keys = timedelta(hours=self.service.idempotency_key_hours)
@@ -389,15 +284,14 @@ class Runtime:
     def restore_standing(self) -> None:
         """Give new partners their role; after a possible loss of blocks (see `_chain_lost_blocks`), put
         back the key bindings and partner roles that the chain no longer holds."""
-        assert self.bindings is not None
+        bindings = self._writers().bindings
         self.sync_partners(verify=self._check_partners.is_set())
-        if self.bindings.check.is_set():
-            self.bindings.restore()
+        if bindings.check.is_set():
+            bindings.restore()
 
     def _chain_lost_blocks(self, ancestor: int) -> None:
         """The indexer rolled back to `ancestor`: what was bound or granted after it may be gone."""
-        assert self.bindings is not None
-        self.bindings.check.set()
+        self._writers().bindings.check.set()
         self._check_partners.set()
 
     def _holds(self, error: str, subject: bytes, partner: str | None) -> bool:
@@ -406,8 +300,7 @@ class Runtime:
         back (`restore_standing`)."""
         from api.models import Partner
 
-        assert self.bindings is not None
-        if self.bindings.holds(error, subject):
+        if self._writers().bindings.holds(error, subject):
             return True
         if error not in UNKNOWN_PARTNER or partner is None:
             return False
@@ -423,8 +316,8 @@ class Runtime:
         """A managed node that died is started again on the same port and data. (anvil: blocks it mined
         after its last state dump are gone: the indexer sees that as a reorganisation and the relayer
         re-sends what was lost. geth keeps every block it made.)"""
-        backend = self.backend
-        if not self.chain.supervise or backend is None or self._stop.is_set():
+        backend = self.ledger.backend
+        if not self.chain.supervise or self._stop.is_set():
             return
         # `_node_restarted` before it answers: the relayer takes the operator's nonce again before it sends
         # anything more, and sends nothing signed before (with a nonce the lost blocks may have used).
@@ -435,11 +328,10 @@ class Runtime:
         """Tell the relayers that the node may have lost blocks: they check what they settled, and send
         nothing new until the indexer has compared the read model with the chain (and queued again
         what the lost blocks held)."""
-        indexer, began = self.indexer, time.monotonic()
-        assert indexer is not None
-        for lane in (self.relayer, self.points_relayer):
-            if lane is not None:
-                lane.node_restarted(lambda: indexer.checked_at > began)
+        writers, began = self._writers(), time.monotonic()
+        indexer = writers.indexer
+        for lane in (writers.relayer, writers.points_relayer):
+            lane.node_restarted(lambda: indexer.checked_at > began)
 
     def _spawn(self, name: str, target: object) -> None:
         thread = threading.Thread(target=target, args=(self._stop,), name=name, daemon=True)  # type: ignore[arg-type]
@@ -447,11 +339,8 @@ class Runtime:
         self._threads.append(thread)
 
     def verify_access_log(self) -> Verification:
-        assert self.backend is not None and self.access_log is not None and self.deployment is not None
-        assert self.engine is not None
-        return verify(
-            self.backend.w3, self.access_log, self.engine, self.deployment.contracts["AccessLog"].block_number
-        )
+        ledger = self.ledger
+        return verify(ledger.w3, ledger.access_log, self.engine, ledger.deployment.contracts["AccessLog"].block_number)
 
     def catalogue(self) -> Catalogue:
         """Reference data, cached until an operator changes it."""
@@ -482,7 +371,7 @@ class Runtime:
         if self.control is not None:
             self.control.call("sync_partners")
             return
-        assert self.consent is not None
+        consent = self.ledger.consent
         if verify:
             self._check_partners.clear()
         query = select(Partner.address, Partner.on_chain, Partner.retired_at.is_not(None))
@@ -493,14 +382,14 @@ class Runtime:
             partners = session.execute(query if verify else query.where(to_do)).all()
         try:
             for address, on_chain, retired in partners:
-                holds = self.consent.has_role(PARTNER_ROLE, checksummed(address))
+                holds = consent.has_role(PARTNER_ROLE, checksummed(address))
                 if holds == retired:
                     if retired:
-                        self.consent.remove_partner(checksummed(address))
+                        consent.remove_partner(checksummed(address))
                         if not on_chain:
                             log.warning("the chain had lost retired partner %s's revocation; revoked again", address)
                     else:
-                        self.consent.add_partner(checksummed(address))
+                        consent.add_partner(checksummed(address))
                         if on_chain:
                             log.warning("the chain had lost the partner role of %s; granted it again", address)
                 if on_chain == retired:
@@ -519,36 +408,43 @@ class Runtime:
             with self.reads() as session:
                 if session.get(ControllerState, subject) is not None:
                     return
-            if self.indexer is not None:  # a worker's binding woke the supervisor's indexer
-                self.indexer.wake.set()
+            if self.writers is not None:  # a worker's binding woke the supervisor's indexer
+                self.writers.indexer.wake.set()
             time.sleep(0.02)
         raise TimeoutError("the controller binding was not indexed in time")
 
+    def _writers(self) -> Writers:
+        """The chain's writers (roles `all` and `supervisor` only)."""
+        assert self.writers is not None, f"a {self.role} runtime runs no chain writers"
+        return self.writers
+
     def stop(self) -> None:
+        """Stop what `start` started, in reverse, also after a start that failed part way."""
+        started = vars(self)  # the parts `start` got to (unset `field(init=False)`s are absent)
         self._stop.set()
         if self.control is not None:
             self.control.close()
         if self.control_server is not None:
             self.control_server.close()
-        if self.writer is not None:
-            self.writer.close()
-        if self.inserts is not None:
-            self.inserts.close()
+        ledger: Ledger | None = started.get("ledger")
+        if ledger is not None:
+            ledger.writer.close()
+            ledger.inserts.close()
         self.relay_wake.set()
         if self.cadence is not None:
             self.cadence.signal.set()
-        if self.indexer is not None:
-            self.indexer.wake.set()
+        if self.writers is not None:
+            self.writers.indexer.wake.set()
         for thread in self._threads:
             thread.join(timeout=10)
         self._threads.clear()
-        if self.backend is not None:
-            self.backend.stop()
-            self.backend = None
-        for engine in (self.engine, self.derived_engine, self.vault.engine if self.vault else None):
-            if engine is not None:
-                engine.dispose()
-        self.vault = None
+        if ledger is not None:
+            ledger.backend.stop()
+        if self.writers is not None:
+            self.writers.close()
+        for part in ("engine", "vault"):
+            if part in started:
+                (started[part] if part == "engine" else started[part].engine).dispose()
 
 
 def _classify(exc: BaseException) -> tuple[str, str, Any]:

@@ -33,7 +33,6 @@ CSV_COLUMNS = [
 
 
 def _public(runtime: Runtime, rows: Iterable[AccessEntry]) -> list[AccessPublic]:
-    assert runtime.dids is not None
     return public_entries(runtime.dids, runtime.catalogue(), rows)
 
 
@@ -118,7 +117,6 @@ def accesses(
     format: Format = "json",
 ) -> Any:
     """The access log, filtered; pages in log order."""
-    assert runtime.access_reader is not None
     catalogue = runtime.catalogue()
     partner_address = None
     if partner is not None:
@@ -130,7 +128,7 @@ def accesses(
     first, last = _epoch(start), _epoch(end)
     if first is not None and last is not None and last <= first:
         raise ApiError(422, "invalid_period", "`to` must be after `from`")
-    rows = runtime.access_reader.entries(
+    rows = runtime.ledger.access_reader.entries(
         subject=subject_of(runtime, did) if did is not None else None,
         partner=partner_address,
         purpose=eip712.purpose_id(purpose) if purpose is not None else None,
@@ -177,9 +175,8 @@ def customer_accesses(
     format: Format = "json",
 ) -> Any:
     """Who accessed this customer's data, when and for what (denied attempts included)."""
-    assert runtime.access_reader is not None
     subject = own_subject(runtime, caller, did, "audit:read")
-    entries = _public(runtime, runtime.access_reader.entries(subject=subject, after=after, limit=limit))
+    entries = _public(runtime, runtime.ledger.access_reader.entries(subject=subject, after=after, limit=limit))
     if format == "csv":
         return _csv(entries, "my-accesses.csv")
     return AccessPage(entries=entries, next_after=entries[-1].index if len(entries) == limit else None)

@@ -21,12 +21,11 @@ def challenge(body: ChallengeCreate, runtime: RuntimeDep) -> ChallengePublic:
     service's public origin (CONSENT_LEDGER_PUBLIC_ORIGIN) whatever host the request was sent to."""
     from web3 import Web3
 
-    assert runtime.deployment is not None
     issued = auth.issue_challenge(
         runtime.signin_key,
         address=Web3.to_checksum_address(body.address),
         origin=runtime.service.origin,
-        chain_id=runtime.deployment.chain_id,
+        chain_id=runtime.ledger.deployment.chain_id,
     )
     return ChallengePublic(message=issued.message, expires_at=issued.expires_at.isoformat())
 
@@ -34,7 +33,6 @@ def challenge(body: ChallengeCreate, runtime: RuntimeDep) -> ChallengePublic:
 @router.post("/siwe", response_model=TokenPublic, responses=responses(401, 422))
 def sign_in(body: SignIn, runtime: RuntimeDep) -> TokenPublic:
     """Exchange the signed message for a bearer token (15 minutes)."""
-    assert runtime.dids is not None
     try:
         with runtime.sessions() as session:
             token, row = auth.sign_in(

@@ -40,7 +40,7 @@ def _partner_retired() -> ApiError:
 @router.post("/prepare", response_model=ConsentPreparePublic, responses=responses(422))
 def prepare(body: ConsentPrepare, runtime: RuntimeDep, caller: ConsentWriter) -> ConsentPreparePublic:
     """The complete EIP-712 typed data of a grant or revocation, with the next nonce and a deadline."""
-    assert runtime.consent is not None and runtime.outbox is not None and caller.subject is not None
+    assert caller.subject is not None
     catalogue = runtime.catalogue()
     partner = catalogue.partner(body.partner, retired=body.action == "revoke")  # withdrawing is always possible
     if partner is None:
@@ -57,7 +57,7 @@ def prepare(body: ConsentPrepare, runtime: RuntimeDep, caller: ConsentWriter) ->
     if body.valid_until and body.valid_until <= time.time():
         raise ApiError(422, "invalid_validity", "valid_until is in the past")
     subject = Subject(caller.subject)
-    nonce = runtime.outbox.next_nonce(subject, runtime.consent.nonce_of(subject))
+    nonce = runtime.ledger.outbox.next_nonce(subject, runtime.ledger.consent.nonce_of(subject))
     # A grant signed and not used soon must not be usable later; a revocation accepted must not fail
     # because the chain was away past its deadline (its 202 said it would be applied).
     lifetime = DEADLINE if body.action == "grant" else runtime.service.revocation_deadline_days * 86400
@@ -72,7 +72,7 @@ def prepare(body: ConsentPrepare, runtime: RuntimeDep, caller: ConsentWriter) ->
         valid_until=body.valid_until,
     )
     return ConsentPreparePublic(
-        typed_data=eip712.typed_data(runtime.consent.domain, change), nonce=nonce, deadline=change.deadline
+        typed_data=eip712.typed_data(runtime.ledger.consent.domain, change), nonce=nonce, deadline=change.deadline
     )
 
 
@@ -83,11 +83,10 @@ async def submit(body: TypedDataSubmission, runtime: RuntimeDep, caller: Consent
     On the event loop: the checks are CPU work of a fraction of a millisecond (no database), and the
     outbox writer's group commit is awaited, not waited for in a pool thread (a thread hop and a
     blocked thread per request were most of this route's cost)."""
-    assert runtime.consent is not None and runtime.outbox is not None
     try:
-        change = eip712.parse(body.typed_data, runtime.consent.domain, ("ConsentGrant", "ConsentRevoke"))
+        change = eip712.parse(body.typed_data, runtime.ledger.consent.domain, ("ConsentGrant", "ConsentRevoke"))
         signature = eip712.Signature.from_bytes(bytes.fromhex(body.signature[2:]))
-        signer = eip712.recover(runtime.consent.domain, change, signature)
+        signer = eip712.recover(runtime.ledger.consent.domain, change, signature)
     except (eip712.TypedDataError, ValueError) as exc:  # the typed data, or the signature (ValueError)
         raise ApiError(
             422, "invalid_typed_data", "The signed data is not a consent change of this ledger", str(exc)
@@ -129,9 +128,8 @@ async def submit(body: TypedDataSubmission, runtime: RuntimeDep, caller: Consent
         )
     if change.valid_until and change.valid_until <= time.time():
         raise ApiError(422, "invalid_validity", "validUntil is in the past")
-    assert runtime.writer is not None
-    registry = runtime.consent
-    pending = runtime.writer.accept(
+    registry = runtime.ledger.consent
+    pending = runtime.ledger.writer.accept(
         SignedChange(change, signature), controller, lambda: registry.nonce_of(change.subject)
     )
     try:
@@ -157,8 +155,7 @@ def public_status(request: ConsentRequest) -> str:
 @router.get("/{request_id}", response_model=ConsentRequestPublic, responses=responses(404))
 def get(request_id: str, runtime: RuntimeDep, caller: CallerDep) -> ConsentRequestPublic:
     """A consent change's status, transaction and block, and its consent receipt once on-chain."""
-    assert runtime.outbox is not None and runtime.dids is not None
-    request = runtime.outbox.request(request_id)
+    request = runtime.ledger.outbox.request(request_id)
     visible = request is not None and (
         (caller.kind == "customer" and caller.subject == request.subject)
         or (caller.kind == "service" and CONSENTS_READ in caller.scopes)
@@ -170,7 +167,7 @@ def get(request_id: str, runtime: RuntimeDep, caller: CallerDep) -> ConsentReque
     purpose = catalogue.purpose_key(request.purpose)
     receipt = None
     if request.status == RequestStatus.CONFIRMED:
-        event = runtime.outbox.event_for(request)
+        event = runtime.ledger.outbox.event_for(request)
         receipt = consent_receipt(
             runtime, request, catalogue, purpose, attributes, event.block_time if event else int(time.time())
         )
@@ -198,7 +195,6 @@ def consent_receipt(
     block_time: int,
 ) -> dict[str, Any]:
     """A Kantara Initiative Consent Receipt (v1.1) for the change, with the chain as evidence."""
-    assert runtime.dids is not None and runtime.deployment is not None and runtime.consent is not None
     granted = request.kind == ChangeKind.GRANT
     return {
         "version": "KI-CR-v1.1.0",
@@ -239,8 +235,8 @@ def consent_receipt(
         "spiCat": [],
         "action": "grant" if granted else "revoke",
         "evidence": {
-            "chainId": runtime.deployment.chain_id,
-            "contract": runtime.consent.address,
+            "chainId": runtime.ledger.deployment.chain_id,
+            "contract": runtime.ledger.consent.address,
             "txHash": request.tx_hash,
             "blockNumber": request.block_number,
             "signer": request.controller,

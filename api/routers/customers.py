@@ -43,7 +43,6 @@ CONSENTS_READ = checked("consents:read")
 
 
 def subject_of(runtime: Runtime, did: str) -> Subject:
-    assert runtime.dids is not None
     try:
         return runtime.dids.subject(did)
     except InvalidDid as exc:
@@ -59,7 +58,6 @@ def _retire_claim_codes(session: Session, subject: Subject) -> None:
 @router.post("", response_model=CustomerCreated, status_code=status.HTTP_201_CREATED, responses=responses(409, 422))
 def enrol(body: CustomerCreate, runtime: RuntimeDep, _caller: OperatorWrite) -> CustomerCreated:
     """Enrol a customer from CRM PII: the PII goes to the vault encrypted; only the pseudonym is used beyond it."""
-    assert runtime.vault is not None and runtime.dids is not None
     try:
         pii = normalize_pii(body.model_dump(), runtime.identity.default_region)
         subject, _created = runtime.vault.enrol(pii)
@@ -93,9 +91,8 @@ def _bound_already(runtime: Runtime, did: str, subject: Subject, controller: str
     if the chain binds the subject to the key this request signed for. That is a repeat (the client
     lost the first answer), or the service stopped between mining the binding and answering: then the
     binding is recorded now, as the first request would have done. Nothing is sent to the chain."""
-    assert runtime.consent is not None and runtime.vault is not None and runtime.deployment is not None
     try:
-        held = runtime.consent.controller_of(subject)
+        held = runtime.ledger.consent.controller_of(subject)
     except LedgerError as exc:
         raise ApiError(503, "chain_unavailable", "The ledger could not be read", str(exc)) from exc
     if held != controller:
@@ -111,7 +108,7 @@ def _bound_already(runtime: Runtime, did: str, subject: Subject, controller: str
     with runtime.sessions() as session:
         if session.get(BoundController, bytes(subject)) is None:
             record_binding(session, subject, controller, event.tx_hash, event.block_number)
-    runtime.vault.set_controller(subject, controller, runtime.deployment.chain_id)
+    runtime.vault.set_controller(subject, controller, runtime.ledger.deployment.chain_id)
     return ControllerPublic(did=did, controller=controller, tx_hash=event.tx_hash, block_number=event.block_number)
 
 
@@ -122,7 +119,6 @@ def erase(did: str, runtime: RuntimeDep, _caller: OperatorWrite) -> CustomerEras
     and `bridge export` releases nothing of them any more. The chain keeps its pseudonymous records
     (no personal data is there); a bound key still signs in, and can still revoke consent. The same
     PII cannot be enrolled again. Erasing again answers the same."""
-    assert runtime.vault is not None
     subject = subject_of(runtime, did)
     if runtime.vault.record(subject) is None:
         raise ApiError(404, "unknown_customer", "No such customer")
@@ -138,7 +134,6 @@ def erase(did: str, runtime: RuntimeDep, _caller: OperatorWrite) -> CustomerEras
 @router.post("/{did}/controller/prepare", response_model=TypedDataPublic, responses=responses(404, 409, 422))
 def prepare_binding(did: str, body: ControllerPrepare, runtime: RuntimeDep) -> TypedDataPublic:
     """Typed data binding `address` to the customer, for their key to sign (the claim code authenticates)."""
-    assert runtime.consent is not None
     subject = subject_of(runtime, did)
     _claim(runtime, subject, body.claim_code)
     binding = eip712.ControllerBinding(
@@ -147,20 +142,19 @@ def prepare_binding(did: str, body: ControllerPrepare, runtime: RuntimeDep) -> T
         claim=keccak(text=body.claim_code),
         deadline=int(time.time()) + BIND_DEADLINE,
     )
-    return TypedDataPublic(typed_data=eip712.typed_data(runtime.consent.domain, binding))
+    return TypedDataPublic(typed_data=eip712.typed_data(runtime.ledger.consent.domain, binding))
 
 
 @router.post("/{did}/controller", response_model=ControllerPublic, responses=responses(404, 409, 422))
 def bind(did: str, body: ControllerSubmit, runtime: RuntimeDep) -> ControllerPublic:
     """Bind the key on-chain, once its holder has signed the prepared typed data. A repeat of a request
     that bound the key gets the same answer (the claim code was used by it)."""
-    assert runtime.consent is not None and runtime.vault is not None and runtime.deployment is not None
     subject = subject_of(runtime, did)
     repeat = _claim(runtime, subject, body.claim_code, used=True)
     try:
-        binding = eip712.parse(body.typed_data, runtime.consent.domain, ("ControllerBinding",))
+        binding = eip712.parse(body.typed_data, runtime.ledger.consent.domain, ("ControllerBinding",))
         signer = eip712.recover(
-            runtime.consent.domain, binding, eip712.Signature.from_bytes(bytes.fromhex(body.signature[2:]))
+            runtime.ledger.consent.domain, binding, eip712.Signature.from_bytes(bytes.fromhex(body.signature[2:]))
         )
     except (eip712.TypedDataError, ValueError) as exc:  # the typed data, or the signature (ValueError)
         raise ApiError(422, "invalid_typed_data", "The signed data is not what was prepared", str(exc)) from exc
@@ -193,7 +187,7 @@ def bind(did: str, body: ControllerSubmit, runtime: RuntimeDep) -> ControllerPub
         if isinstance(exc, ContractRevert):
             raise  # a refusal, answered in plain words by api.errors (not with the revert's facts)
         raise ApiError(503, "chain_unavailable", "The ledger could not record the binding", str(exc)) from exc
-    runtime.vault.set_controller(subject, binding.controller, runtime.deployment.chain_id)
+    runtime.vault.set_controller(subject, binding.controller, runtime.ledger.deployment.chain_id)
     runtime.wait_for_controller(subject)
     return ControllerPublic(did=did, controller=binding.controller, tx_hash=tx_hash, block_number=block_number)
 
@@ -212,7 +206,6 @@ def own_subject(runtime: Runtime, caller: auth.Caller, did: str, operator_scope:
 @router.get("/{did}/consents", response_model=list[ConsentPublic], responses=responses(404))
 def consents(did: str, runtime: RuntimeDep, caller: CallerDep) -> list[ConsentPublic]:
     """Current consents: per partner and purpose, what is permitted now and what is pending."""
-    assert runtime.outbox is not None
     subject = own_subject(runtime, caller, did, CONSENTS_READ)
     catalogue = runtime.catalogue()
     return [
@@ -228,5 +221,5 @@ def consents(did: str, runtime: RuntimeDep, caller: CallerDep) -> list[ConsentPu
             tx_hash=c.tx_hash,
             block_number=c.block_number,
         )
-        for c in runtime.outbox.consents_of(subject)
+        for c in runtime.ledger.outbox.consents_of(subject)
     ]

@@ -74,7 +74,6 @@ def _runtime(request: Request) -> Runtime:
 )
 def resolve(did: str, request: Request) -> JSONResponse:
     runtime = _runtime(request)
-    assert runtime.resolver is not None
     result: dict[str, Any] = runtime.resolver.resolve(did)
     error = result["didResolutionMetadata"].get("error")
     status = _STATUS.get(error, 200) if error else (410 if result["didDocumentMetadata"].get("deactivated") else 200)
@@ -90,8 +89,6 @@ def resolve(did: str, request: Request) -> JSONResponse:
 )
 def did_document(subject_hex: str, request: Request) -> JSONResponse:
     runtime = _runtime(request)
-    assert runtime.dids is not None
-    assert runtime.vault is not None
     try:
         subject = runtime.dids.subject(runtime.dids.prefix + subject_hex)
     except InvalidDid:

@@ -106,8 +106,7 @@ async def _wait(runtime: Runtime, request_ids: Sequence[str], *, created: bool) 
     it; the database is read for requests that may be final already (a repeat: `created` false) and,
     as a fallback, after `POLL_SECONDS` without news (longer than an answer takes under load: polling
     sooner would read every waiting request again)."""
-    assert runtime.points_reader is not None
-    reader = runtime.points_reader
+    reader = runtime.ledger.points_reader
     loop = asyncio.get_running_loop()
     deadline = time.monotonic() + ANSWER_TIMEOUT
     final: dict[str, PointsRequest] = {}
@@ -181,7 +180,6 @@ async def issue(
     chain refuses is reported in its place and the others still apply."""
     now = int(time.time())
     lifetime = runtime.service.points_lifetime_days * 86400
-    assert runtime.vault is not None
     # Whom the vault holds, in one query and off the event loop (the vault may be a database server),
     # before `build`, which runs on the loop and only after the key's first answer was looked for.
     well_formed = []
@@ -239,7 +237,6 @@ async def issue(
         assert started.body is not None
         return _answer(started.status_code, started.body)
     rows = await _wait(runtime, started.request_ids, created=started.created)
-    assert runtime.dids is not None
     dids = runtime.dids
     items = [
         IssuancePublic(
@@ -265,7 +262,7 @@ async def issue(
 @router.post("/points/redemptions/prepare", response_model=RedemptionPreparePublic, responses=responses(422))
 def prepare(body: RedemptionPrepare, runtime: RuntimeDep, caller: PointsAuthoriser) -> RedemptionPreparePublic:
     """The EIP-712 `Redemption` the customer signs to let a partner spend points, once."""
-    assert runtime.points is not None and runtime.points_reader is not None and caller.subject is not None
+    assert caller.subject is not None
     catalogue = runtime.catalogue()
     partner = catalogue.partner(body.partner)
     if partner is None:
@@ -274,10 +271,10 @@ def prepare(body: RedemptionPrepare, runtime: RuntimeDep, caller: PointsAuthoris
         raise ApiError(422, "unknown_partner", "No such partner", body.partner)
     controller = caller.address
     assert controller is not None
-    sequence = runtime.points_reader.next_sequence(
+    sequence = runtime.ledger.points_reader.next_sequence(
         controller,
         partner,
-        runtime.points.nonce_of(controller, partner),  # type: ignore[arg-type]
+        runtime.ledger.points.nonce_of(controller, partner),  # type: ignore[arg-type]
     )
     message = Redemption(
         subject=Subject(caller.subject),
@@ -288,7 +285,7 @@ def prepare(body: RedemptionPrepare, runtime: RuntimeDep, caller: PointsAuthoris
         deadline=int(time.time()) + DEADLINE,
     )
     return RedemptionPreparePublic(
-        typed_data=eip712.typed_data(runtime.points.domain, message),
+        typed_data=eip712.typed_data(runtime.ledger.points.domain, message),
         redemption_id="0x" + message.redemption_id.hex(),
         nonce=str(message.nonce),
         deadline=message.deadline,
@@ -296,7 +293,7 @@ def prepare(body: RedemptionPrepare, runtime: RuntimeDep, caller: PointsAuthoris
 
 
 def _redemption_public(runtime: Runtime, row: PointsRequest) -> dict[str, Any]:
-    assert runtime.dids is not None and row.partner is not None
+    assert row.partner is not None
     assert row.balance is not None and row.tx_hash is not None and row.block_number is not None
     return RedemptionPublic(
         id=row.id,
@@ -328,8 +325,7 @@ async def redeem(
     the customer's new balance. Send an `Idempotency-Key`: a retry with it gets the first answer."""
     if not key:
         raise ApiError(400, "idempotency_key_required", "Send an Idempotency-Key header with each redemption")
-    assert runtime.points is not None
-    domain = runtime.points.domain
+    domain = runtime.ledger.points.domain
     partner = caller.address
 
     def build(connection: Connection) -> list[PointsRequest]:
@@ -418,9 +414,8 @@ _KIND_NAMES: dict[int, Literal["issued", "redeemed", "expired", "issue_rejected"
 @router.get("/customers/{did}/points", response_model=PointsPublic, responses=responses(404))
 def customer_points(did: str, runtime: RuntimeDep, caller: CallerDep) -> PointsPublic:
     """Balance (unexpired points), live lots with their expiry, history and tier."""
-    assert runtime.points_reader is not None
     subject = own_subject(runtime, caller, did, POINTS_READ)
-    reader = runtime.points_reader
+    reader = runtime.ledger.points_reader
     now = int(time.time())
     lots = reader.lots(subject, now)
     tier = reader.tier(subject, now)
@@ -461,12 +456,11 @@ def statement(
     format: Annotated[Literal["json", "csv"], Query(description="json (default) or csv")] = "json",
 ) -> Any:
     """The calling partner's redemptions in a period, for settlement."""
-    assert runtime.points_reader is not None and runtime.dids is not None
     partner = _partner(caller)
     first, last = _epoch(start), _epoch(end)
     if last <= first:
         raise ApiError(422, "invalid_period", "`to` must be after `from`")
-    rows = runtime.points_reader.statement(partner, first, last)
+    rows = runtime.ledger.points_reader.statement(partner, first, last)
     lines = [
         StatementLine(
             redemption_id="0x" + h.ref.hex(),

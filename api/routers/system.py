@@ -66,10 +66,8 @@ def _oldest_unsettled(session: Session, table: Requests, statuses: Iterable[str]
 @router.get("/health", response_model=HealthPublic, responses=responses(503))
 def health(request: Request) -> HealthPublic:
     runtime: Runtime = request.app.state.runtime
-    assert runtime.backend is not None
-    assert runtime.deployment is not None
     try:
-        block_number = runtime.backend.head()  # within 2 s, also when the node stalls
+        block_number = runtime.ledger.backend.head()  # within 2 s, also when the node stalls
     except LedgerError as exc:
         raise ApiError(503, "chain_unavailable", "The chain does not answer", str(exc)) from exc
     with runtime.reads() as session:
@@ -90,12 +88,12 @@ def health(request: Request) -> HealthPublic:
         status="degraded" if problems else "ok",
         problems=problems,
         backend=runtime.chain_backend,
-        chain_id=runtime.deployment.chain_id,
+        chain_id=runtime.ledger.deployment.chain_id,
         block_number=block_number,
         indexed_block=indexed,
         oldest_unsettled_s=ages,
         contracts=[
             ContractPublic(name=name, address=c.address, deploy_block=c.block_number)
-            for name, c in runtime.deployment.contracts.items()
+            for name, c in runtime.ledger.deployment.contracts.items()
         ],
     )

@@ -29,8 +29,6 @@ def test_a_backup_taken_while_serving_starts_as_a_data_dir(
         customer = service.new_customer()
         before = service.change(customer, action="grant", attributes=["user.contact.email"])
         granted = service.wait_status(customer, before.json()["id"], "active")
-        assert runtime.dids is not None
-        assert runtime.vault is not None
         subject = runtime.dids.subject(customer.did)
         pii = runtime.vault.pii(subject)
         port = runtime.service.port  # the DIDs name it
@@ -63,8 +61,6 @@ def test_a_backup_taken_while_serving_starts_as_a_data_dir(
     shutil.copytree(copy, restored)
     runtime, server, thread, served_at = start_service(restored, service_port=port)
     try:
-        assert runtime.vault is not None
-        assert runtime.consent is not None
         assert runtime.vault.pii(subject) == pii  # the vault, readable with the copied key
         with httpx.Client(base_url=f"http://127.0.0.1:{served_at}", timeout=30) as client:
             listing = client.get(f"/api/v1/customers/{q(customer.did)}/consents", headers=customer.headers)
@@ -73,8 +69,8 @@ def test_a_backup_taken_while_serving_starts_as_a_data_dir(
             assert consent["attributes"] == ["user.contact.email"]  # the grant before; not the one after
             assert consent["status"] == "active"
         partner = service.partner_address
-        assert runtime.consent.is_permitted(subject, partner, purpose_id(PURPOSE), 1)  # type: ignore[arg-type]
-        assert not runtime.consent.is_permitted(subject, partner, purpose_id(PURPOSE), 4)  # type: ignore[arg-type]
+        assert runtime.ledger.consent.is_permitted(subject, partner, purpose_id(PURPOSE), 1)  # type: ignore[arg-type]
+        assert not runtime.ledger.consent.is_permitted(subject, partner, purpose_id(PURPOSE), 4)  # type: ignore[arg-type]
     finally:
         server.should_exit = True
         thread.join(timeout=10)
@@ -93,15 +89,13 @@ def test_a_backup_of_the_geth_chain_taken_while_serving_starts_as_a_data_dir(
         customer = service.new_customer()
         before = service.change(customer, action="grant", attributes=["user.contact.email"])
         granted = service.wait_status(customer, before.json()["id"], "active")
-        assert runtime.dids is not None
         subject = runtime.dids.subject(customer.did)
         port = runtime.service.port
         assert main(["backup", str(copy), "--data-dir", str(data)]) == 0
         manifest = json.loads(capsys.readouterr().out)
         assert {"chain/genesis.json", "chain/blocks.rlp", "service.db", "deployment.json"} <= set(manifest["copied"])
         assert manifest["chain_block"] >= granted["block_number"]
-        assert runtime.backend is not None
-        w3 = runtime.backend.w3
+        w3 = runtime.ledger.backend.w3
         hashes = {n: bytes(w3.eth.get_block(n)["hash"]) for n in range(manifest["chain_block"] + 1)}
         after = service.change(customer, action="grant", attributes=["user.name"])  # not in the backup
         service.wait_status(customer, after.json()["id"], "active")
@@ -110,14 +104,12 @@ def test_a_backup_of_the_geth_chain_taken_while_serving_starts_as_a_data_dir(
     shutil.copytree(copy, restored)
     runtime, server, thread, _ = start_service(restored, service_port=port, backend="geth")
     try:
-        assert runtime.backend is not None
-        assert runtime.consent is not None
-        w3 = runtime.backend.w3
+        w3 = runtime.ledger.backend.w3
         assert {n: bytes(w3.eth.get_block(n)["hash"]) for n in hashes} == hashes  # the same chain
         assert (restored / "chain" / "blocks.rlp.imported").is_file()
         partner = service.partner_address
-        assert runtime.consent.is_permitted(subject, partner, purpose_id(PURPOSE), 1)  # type: ignore[arg-type]
-        assert not runtime.consent.is_permitted(subject, partner, purpose_id(PURPOSE), 4)  # type: ignore[arg-type]
+        assert runtime.ledger.consent.is_permitted(subject, partner, purpose_id(PURPOSE), 1)  # type: ignore[arg-type]
+        assert not runtime.ledger.consent.is_permitted(subject, partner, purpose_id(PURPOSE), 4)  # type: ignore[arg-type]
     finally:
         server.should_exit = True
         thread.join(timeout=10)

@@ -118,12 +118,12 @@ def _orders_of(crm: Crm, person: dict[str, str]) -> int:
 def _wait_indexed(service: Service) -> int:
     """Wait until the read model holds every entry the contract counts; returns that count."""
     deadline = time.monotonic() + 30
-    assert service.runtime.access_reader is not None
-    assert service.runtime.access_log is not None
-    count = service.runtime.access_log.count()
-    while len(service.runtime.access_reader.entries(limit=100_000)) < count:
+    assert service.runtime.ledger.access_reader is not None
+    assert service.runtime.ledger.access_log is not None
+    count = service.runtime.ledger.access_log.count()
+    while len(service.runtime.ledger.access_reader.entries(limit=100_000)) < count:
         assert time.monotonic() < deadline, "the indexer did not catch up"
-        service.runtime.indexer.wake.set()  # type: ignore[union-attr]
+        service.runtime._writers().indexer.wake.set()
         time.sleep(0.05)
     return count
 
@@ -150,12 +150,10 @@ def test_export_releases_only_permitted_rows_and_columns(service: Service, crm: 
     assert stats.rows_read == 1_500
     # Each released customer has a permitted on-chain entry of this request, mined before release.
     runtime = service.runtime
-    assert runtime.backend is not None
-    assert runtime.access_log is not None
-    w3 = runtime.backend.w3
-    events = list(fetch_events(w3, runtime.access_log.address, 0, w3.eth.block_number))
+    w3 = runtime.ledger.backend.w3
+    events = list(fetch_events(w3, runtime.ledger.access_log.address, 0, w3.eth.block_number))
     mine = [e for e in events if "0x" + e.request_id.hex() == stats.request_id]
-    assert {service.runtime.dids.did(e.subject) for e in mine if e.permitted} == set(dids[:4])  # type: ignore[union-attr]
+    assert {service.runtime.dids.did(e.subject) for e in mine if e.permitted} == set(dids[:4])
     assert {e.tx_hash for e in mine} == set(stats.transactions)
 
 
@@ -177,7 +175,7 @@ def test_an_access_the_chain_refuses_is_never_released(service: Service, crm: Cr
     offline = _offline(service)
     try:
         mapping = Mapping.load(crm.mapping)
-        stale = {service.runtime.dids.subject(c.did): 0b1111_1111 for c in crm.customers}  # type: ignore[union-attr]
+        stale: dict[bytes, int] = {service.runtime.dids.subject(c.did): 0b1111_1111 for c in crm.customers}
         run = Export(
             offline.bridge(),
             read_source(crm.orders, text_columns=("email", "phone")),
@@ -280,7 +278,7 @@ def test_verify_finds_a_tampered_or_missing_read_model_row(service: Service, crm
     assert fine.json()["divergence"] is None
     assert fine.json()["read_model_count"] == fine.json()["chain_count"] > 0
 
-    db = sessions(runtime.engine)  # type: ignore[arg-type]
+    db = sessions(runtime.engine)
     with db.begin() as session:
         row = session.scalars(select(AccessEntry).where(AccessEntry.index == 2)).one()
         original = row.attributes
@@ -409,7 +407,7 @@ def test_no_pii_in_any_released_table_nor_anywhere_on_chain(service: Service, cr
     released = (tmp_path / "scan.parquet").read_bytes() + json.dumps(table.to_pylist(), default=str).encode()
     assert not [n for n in needles if n in released]
     runtime = service.runtime
-    backend = runtime.backend
+    backend = runtime.ledger.backend
     assert backend is not None
     w3 = backend.w3
     head = w3.eth.block_number

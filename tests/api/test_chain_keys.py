@@ -21,14 +21,11 @@ ATTRIBUTES = ["user.contact.email"]
 
 def _roles(service: Service, account: str) -> set[tuple[str, bytes]]:
     runtime = service.runtime
-    assert runtime.consent is not None
-    assert runtime.points is not None
-    assert runtime.access_log is not None
     held = set()
     for name, client, roles in (
-        ("ConsentRegistry", runtime.consent, (DEFAULT_ADMIN_ROLE, OPERATOR_ROLE)),
-        ("LoyaltyPoints", runtime.points, (DEFAULT_ADMIN_ROLE, ISSUER_ROLE, RELAYER_ROLE)),
-        ("AccessLog", runtime.access_log, (DEFAULT_ADMIN_ROLE, ACCESSOR_ROLE)),
+        ("ConsentRegistry", runtime.ledger.consent, (DEFAULT_ADMIN_ROLE, OPERATOR_ROLE)),
+        ("LoyaltyPoints", runtime.ledger.points, (DEFAULT_ADMIN_ROLE, ISSUER_ROLE, RELAYER_ROLE)),
+        ("AccessLog", runtime.ledger.access_log, (DEFAULT_ADMIN_ROLE, ACCESSOR_ROLE)),
     ):
         held |= {(name, role) for role in roles if client.call("hasRole", role, account)}
     return held
@@ -54,10 +51,10 @@ def test_the_operator_key_is_rotated_by_one_start_with_the_previous_key(tmp_path
         assert _roles(second, new.address) == operator_roles  # every role moved ...
         assert _roles(second, old.address) == set()  # ... and none is left to the old key
         _granted(second)  # the relayer sends with the new key
-        assert second.runtime.consent is not None
+        assert second.runtime.ledger.consent is not None
         partner = Account.create().address  # the new key is the admin: it grants partner roles
-        second.runtime.consent.add_partner(partner)
-        assert second.runtime.consent.has_role(PARTNER_ROLE, partner)
+        second.runtime.ledger.consent.add_partner(partner)
+        assert second.runtime.ledger.consent.has_role(PARTNER_ROLE, partner)
     assert json.loads((tmp_path / "deployment.json").read_text())["operator"] == new.address
     with running_service(tmp_path, chain={"operator_key": new.key.hex()}, again=first) as third:
         assert _roles(third, new.address) == operator_roles  # started as it is: nothing to do
@@ -76,7 +73,7 @@ def test_a_new_accessor_key_gets_the_role_and_the_old_one_loses_it(tmp_path: Pat
     with running_service(tmp_path, chain={"accessor_key": new.key.hex()}, again=first) as second:
         assert ("AccessLog", ACCESSOR_ROLE) in _roles(second, new.address)
         assert _roles(second, old) == set()
-        assert second.runtime.access_log is not None
-        assert second.runtime.access_log.sender.account.address == new.address
+        assert second.runtime.ledger.access_log is not None
+        assert second.runtime.ledger.access_log.sender.account.address == new.address
         # Found by their RoleGranted events, read in windows of a few blocks as a node may require.
-        assert _holders(second.runtime.access_log, ACCESSOR_ROLE, 0, chunk=3) == {old, new.address}
+        assert _holders(second.runtime.ledger.access_log, ACCESSOR_ROLE, 0, chunk=3) == {old, new.address}

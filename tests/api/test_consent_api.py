@@ -70,11 +70,11 @@ def test_grant_then_revoke_end_to_end(service: Service) -> None:
     assert now["attributes"] == ["user.contact.email"]
     assert now["pending_revoke"] == ["user.name"]
     service.wait_status(customer, revoked.json()["id"], "revoked")
-    registry = service.runtime.consent
+    registry = service.runtime.ledger.consent
     assert registry is not None
     from ledger.eip712 import purpose_id
 
-    subject = service.runtime.dids.subject(customer.did)  # type: ignore[union-attr]
+    subject = service.runtime.dids.subject(customer.did)
     assert registry.is_permitted(subject, service.partner_address, purpose_id("marketing.communications.email"), 1)  # type: ignore[arg-type]
     assert not registry.is_permitted(subject, service.partner_address, purpose_id("marketing.communications.email"), 4)  # type: ignore[arg-type]
     # The operator sees the same consents.
@@ -337,12 +337,10 @@ def test_a_repeated_binding_gets_the_first_answer_and_a_half_done_one_is_finishe
         f"/api/v1/customers/{q(did)}/controller/prepare", json={"claim_code": claim, "address": key.address}
     ).json()["typed_data"]
     runtime = service.runtime
-    assert runtime.consent is not None
-    assert runtime.vault is not None
-    subject = runtime.dids.subject(did)  # type: ignore[union-attr]
+    subject = runtime.dids.subject(did)
     with runtime.sessions() as session:
         session.execute(update(ClaimCode).where(ClaimCode.code_hash == digest(claim)).values(used_at=now()))
-    mined = runtime.consent.bind_controller(subject, key.address)
+    mined = runtime.ledger.consent.bind_controller(subject, key.address)
     finished = service.client.post(
         f"/api/v1/customers/{q(did)}/controller",
         json={"claim_code": claim, "typed_data": typed, "signature": service.sign_typed(key, typed)},
@@ -538,11 +536,11 @@ def test_no_pii_reaches_the_chain_or_the_service_database(service: Service) -> N
         for variant in (value, value.upper(), value.title())
         for enc in ("utf-8", "utf-16-le")
     ]
-    w3 = service.runtime.backend.w3  # type: ignore[union-attr]
-    registry = service.runtime.consent
+    w3 = service.runtime.ledger.backend.w3
+    registry = service.runtime.ledger.consent
     assert registry is not None
     haystack = bytearray()
-    for number in range(service.runtime.deployment.deploy_block, w3.eth.block_number + 1):  # type: ignore[union-attr]
+    for number in range(service.runtime.ledger.deployment.deploy_block, w3.eth.block_number + 1):
         block = w3.eth.get_block(number, full_transactions=True)
         for tx in block["transactions"]:
             assert not isinstance(tx, bytes)  # full transactions, not hashes
@@ -552,7 +550,7 @@ def test_no_pii_reaches_the_chain_or_the_service_database(service: Service) -> N
     subject = bytes.fromhex(did.rsplit(":", 1)[1])
     assert subject in haystack  # the pseudonym is there: the scan covers what was written
     # All storage of all accounts, as the node dumps it (hex inside gzip'd JSON).
-    state = gzip.decompress(bytes.fromhex(service.runtime.backend.rpc("anvil_dumpState")[2:])).lower()  # type: ignore[union-attr]
+    state = gzip.decompress(bytes.fromhex(service.runtime.ledger.backend.rpc("anvil_dumpState")[2:])).lower()
     assert b"storage" in state
     database = (service.runtime.service.data_dir / "service.db").read_bytes()
     wal = service.runtime.service.data_dir / "service.db-wal"
@@ -587,16 +585,16 @@ def test_the_read_model_is_not_synced_to_disk_but_acknowledged_requests_are(serv
         with engine.connect() as connection:
             return int(connection.exec_driver_sql("PRAGMA synchronous").scalar_one())
 
-    assert runtime.indexer is not None
-    assert runtime.engine is not None
-    assert runtime.derived_engine is not None
-    assert runtime.indexer._sessions.kw["bind"] is runtime.derived_engine
-    assert synchronous(runtime.derived_engine) == 1  # NORMAL
+    assert runtime.writers is not None
+    derived = runtime.writers.derived_engine
+    assert derived is not None
+    assert runtime.writers.indexer._sessions.kw["bind"] is derived
+    assert synchronous(derived) == 1  # NORMAL
     assert synchronous(runtime.engine) == 2  # FULL: the outbox, idempotency records, everything acknowledged
-    assert _write_lock(runtime.derived_engine) is _write_lock(runtime.engine)
+    assert _write_lock(derived) is _write_lock(runtime.engine)
     # No commit copies the log back into the database (the writer holding the lock paid for it): the
     # supervisor's checkpointer does.
-    for engine in (runtime.engine, runtime.derived_engine):
+    for engine in (runtime.engine, derived):
         with engine.connect() as connection:
             assert connection.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar_one() == 0
     assert "checkpointer" in [thread.name for thread in runtime._threads if thread.is_alive()]
@@ -626,7 +624,7 @@ def test_an_accepted_revocation_survives_an_outage_longer_than_a_grants_deadline
         assert revocation["message"]["deadline"] >= time.time() + days * 86400 - 60
         assert grant["message"]["deadline"] <= time.time() + 15 * 60
 
-        backend = service.runtime.backend
+        backend = service.runtime.ledger.backend
         assert isinstance(backend, AnvilBackend)
         head = backend.w3.eth.get_block("latest")["timestamp"]
         backend.rpc("evm_increaseTime", 2 * 3600)  # the chain comes back two hours later
@@ -644,9 +642,9 @@ def test_an_accepted_revocation_survives_an_outage_longer_than_a_grants_deadline
         failed = service.wait_status(granting, ids[1], "failed")
         assert failed["error"]["code"] == "signature_expired"  # the grant's deadline had passed on-chain
 
-        registry = service.runtime.consent
+        registry = service.runtime.ledger.consent
         assert registry is not None
-        subject = service.runtime.dids.subject(revoking.did)  # type: ignore[union-attr]
+        subject = service.runtime.dids.subject(revoking.did)
         purpose = purpose_id("marketing.communications.email")
         assert registry.is_permitted(subject, service.partner_address, purpose, 1)  # type: ignore[arg-type]
         assert not registry.is_permitted(subject, service.partner_address, purpose, 4)  # type: ignore[arg-type]

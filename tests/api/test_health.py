@@ -28,8 +28,8 @@ def test_requests_that_stop_moving_make_the_service_degraded(tmp_path: Path) -> 
     checks) leaves accepted changes pending. The API still accepts them; health says what is wrong."""
     with running_service(tmp_path) as service:
         customer = service.new_customer()
-        relayer = service.runtime.relayer
-        assert relayer is not None
+        assert service.runtime.writers is not None
+        relayer = service.runtime.writers.relayer
         relayer.lost_after = 3600
         relayer.node_restarted(lambda: False)
         accepted = service.change(customer, action="grant", attributes=["user.contact.email"])
@@ -50,7 +50,7 @@ def test_requests_that_stop_moving_make_the_service_degraded(tmp_path: Path) -> 
 
 def test_a_node_that_does_not_answer_gives_503_chain_unavailable(tmp_path: Path) -> None:
     with running_service(tmp_path, chain={"supervise": False}) as service:
-        backend = service.runtime.backend
+        backend = service.runtime.ledger.backend
         assert isinstance(backend, AnvilBackend)
         backend.node.kill()
         health = service.client.get("/api/v1/health")

@@ -32,8 +32,8 @@ def _new_partner(service: Service, name: str) -> tuple[str, dict[str, str]]:
 
 
 def _has_role(service: Service, address: str) -> bool:
-    assert service.runtime.consent is not None
-    return service.runtime.consent.has_role(PARTNER_ROLE, checksummed(address))
+    assert service.runtime.ledger.consent is not None
+    return service.runtime.ledger.consent.has_role(PARTNER_ROLE, checksummed(address))
 
 
 def test_a_retired_partner_loses_its_keys_its_role_and_every_permission(
@@ -45,7 +45,7 @@ def test_a_retired_partner_loses_its_keys_its_role_and_every_permission(
     granted = service.change(customer, action="grant", partner="tempco", purpose=PURPOSE, attributes=ATTRIBUTES)
     assert granted.status_code == 202, granted.text
     service.wait_status(customer, granted.json()["id"], "active")
-    registry = service.runtime.consent
+    registry = service.runtime.ledger.consent
     assert registry is not None
     assert service.runtime.dids is not None
     subject = service.runtime.dids.subject(customer.did)
@@ -98,8 +98,8 @@ def test_a_revocation_the_chain_lost_is_made_again(service: Service) -> None:
     address, _key = _new_partner(service, "lostco")
     assert service.client.delete("/api/v1/partners/lostco", headers=service.operator()).status_code == 200
     assert not _has_role(service, address)
-    assert service.runtime.consent is not None
-    service.runtime.consent.add_partner(checksummed(address))  # as if the revocation's block was lost
+    assert service.runtime.ledger.consent is not None
+    service.runtime.ledger.consent.add_partner(checksummed(address))  # as if the revocation's block was lost
     assert _has_role(service, address)
     service.runtime.sync_partners(verify=True)
     assert not _has_role(service, address)

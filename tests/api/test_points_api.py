@@ -87,9 +87,9 @@ def settled_points(service: Service, customer: Customer, balance: int, timeout: 
 
 
 def chain_balance(service: Service, customer: Customer) -> int:
-    assert service.runtime.points is not None
+    assert service.runtime.ledger.points is not None
     assert service.runtime.dids is not None
-    return service.runtime.points.balance_of(service.runtime.dids.subject(customer.did))
+    return service.runtime.ledger.points.balance_of(service.runtime.dids.subject(customer.did))
 
 
 def test_issue_authorise_redeem_end_to_end(service: Service, issuer: dict[str, str]) -> None:
@@ -327,7 +327,7 @@ def test_partner_statement_for_settlement(service: Service, issuer: dict[str, st
 
 
 def test_the_read_model_matches_the_chain(service: Service) -> None:
-    contract, dids = service.runtime.points, service.runtime.dids
+    contract, dids = service.runtime.ledger.points, service.runtime.dids
     assert contract is not None
     assert dids is not None
     issued, redeemed, expired = contract.totals()

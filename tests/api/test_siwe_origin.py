@@ -33,11 +33,13 @@ def test_a_challenge_names_the_services_origin_whatever_host_is_asked(service: S
 def test_a_message_for_another_origin_does_not_sign_in(service: Service) -> None:
     customer = service.new_customer()
     runtime = service.runtime
-    assert runtime.deployment is not None
     # Authentic (this service's MAC) but naming another site, as the service issued for any Host before.
     for origin in ("http://evil.example", f"https://127.0.0.1:{runtime.service.port}"):
         issued = auth.issue_challenge(
-            runtime.signin_key, address=customer.account.address, origin=origin, chain_id=runtime.deployment.chain_id
+            runtime.signin_key,
+            address=customer.account.address,
+            origin=origin,
+            chain_id=runtime.ledger.deployment.chain_id,
         )
         refused = service.client.post("/api/v1/auth/siwe", json=siwe_signed(customer.account, issued.message))
         assert refused.status_code == 401, refused.text

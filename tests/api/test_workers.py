@@ -38,8 +38,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Se
     control_dir = Path(tempfile.mkdtemp(prefix="control-"))
     control = {"control_address": str(control_dir / "control.sock"), "control_key": os.urandom(32)}
     runtime, server, thread, port = start_service(data_dir, role={"role": "supervisor", **control})
-    assert isinstance(runtime.backend, AnvilBackend)
-    worker_role = {"role": "worker", "node_url": runtime.backend.url, "backend_name": "anvil", **control}
+    assert isinstance(runtime.ledger.backend, AnvilBackend)
+    worker_role = {"role": "worker", "node_url": runtime.ledger.backend.url, "backend_name": "anvil", **control}
     w_runtime, w_server, w_thread, w_port = start_service(data_dir, role=worker_role, service_port=port)
     partner = Account.create().address
     with runtime.sessions() as session:
@@ -75,12 +75,9 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Se
 def test_a_worker_runs_no_chain_writer_and_cannot_sign(pair: tuple[Service, Service]) -> None:
     _supervisor, worker = pair
     runtime = worker.runtime
-    assert runtime.relayer is None
-    assert runtime.points_relayer is None
-    assert runtime.indexer is None
-    assert runtime.consent is not None
+    assert runtime.writers is None  # no relayer, points relayer, indexer or key bindings
     with pytest.raises(ChainError, match="does not send transactions"):
-        runtime.consent.sender.sign([TxRequest(to=runtime.consent.address, data=b"", gas=100_000)])
+        runtime.ledger.consent.sender.sign([TxRequest(to=runtime.ledger.consent.address, data=b"", gas=100_000)])
     health = worker.client.get("/api/v1/health").json()
     assert health["backend"] == "anvil"  # the supervisor's node, not "rpc"
 
@@ -88,8 +85,8 @@ def test_a_worker_runs_no_chain_writer_and_cannot_sign(pair: tuple[Service, Serv
 def test_a_customer_binds_and_changes_consent_through_a_worker(pair: tuple[Service, Service]) -> None:
     supervisor, worker = pair
     customer = worker.new_customer()  # the binding is sent by the supervisor, on the worker's behalf
-    subject = supervisor.runtime.dids.subject(customer.did)  # type: ignore[union-attr]
-    assert supervisor.runtime.consent.controller_of(subject) == customer.account.address  # type: ignore[union-attr]
+    subject = supervisor.runtime.dids.subject(customer.did)
+    assert supervisor.runtime.ledger.consent.controller_of(subject) == customer.account.address
     accepted = worker.change(customer, action="grant", attributes=["user.contact.email"])
     assert accepted.status_code == 202, accepted.text
     # The worker told the supervisor's relayer; the change is on-chain and shows as such everywhere.
@@ -103,7 +100,7 @@ def test_a_customer_binds_and_changes_consent_through_a_worker(pair: tuple[Servi
 def test_a_contract_refusal_of_a_workers_call_is_told_as_such(pair: tuple[Service, Service]) -> None:
     supervisor, worker = pair
     customer = worker.new_customer()
-    subject = supervisor.runtime.dids.subject(customer.did)  # type: ignore[union-attr]
+    subject = supervisor.runtime.dids.subject(customer.did)
     # A second binding of the subject: the contract refuses it in the supervisor, and the worker's call
     # raises what the route turns into 409 already_bound, as in one process.
     with pytest.raises(ConsentRejected, match="AlreadyBound"):
@@ -122,7 +119,7 @@ def test_a_partner_added_through_a_worker_is_known_to_every_process(pair: tuple[
         "/api/v1/partners", json={"name": "initech", "address": address}, headers=worker.operator()
     )
     assert created.status_code == 201, created.text
-    assert supervisor.runtime.consent.has_role(PARTNER_ROLE, address)  # type: ignore[union-attr]
+    assert supervisor.runtime.ledger.consent.has_role(PARTNER_ROLE, address)
     for service in (supervisor, worker):
         prepared = service.prepare(customer, **change)
         assert prepared.status_code == 200, prepared.text

@@ -1,0 +1,268 @@
+"""The ledger a process of the service runs, built from settings and a role, started, fully typed.
+
+Every role (`Role`) gets a `Ledger`: the chain backend, the deployed contracts and their clients, the
+request tables' writers and the read models' readers. The roles that run the chain's single writers
+(`all`, `supervisor`) also get `Writers`: the key bindings, the indexer with its followers, and the
+consent and points lanes. An API worker (`worker`) reaches its supervisor's node and deployment and
+never sends a transaction.
+
+    ledger = open_ledger(chain, toolchain, engine, data_dir, keys=Keys(operator, accessor))
+    writers = start_writers(ledger, engine, lanes, hooks)   # all / supervisor only
+    ...
+    ledger.close()
+
+`api.runtime.Runtime` assembles the service from these; the command-line tools and the benchmarks open
+the same parts rather than wiring clients of their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from eth_account.signers.local import LocalAccount
+from sqlalchemy import Engine
+from web3 import Web3
+
+from ledger.access import AccessFollower, AccessLogClient, AccessReader
+from ledger.backends import ChainBackend, create_backend, remote_backend
+from ledger.bindings import Bindings
+from ledger.compiler import Artifact, compile_contracts
+from ledger.consent import ConsentRegistryClient
+from ledger.contracts import ContractClient, Deployment, RevertDecoder, ensure_deployed, ledger_plan
+from ledger.indexer import Indexer
+from ledger.loyalty import LoyaltyPointsClient
+from ledger.outbox import Outbox, OutboxWriter
+from ledger.points import Completions, PointsFollower, PointsReader, PointsRelayer
+from ledger.relayer import Relayer
+from ledger.roles import OPERATOR_ROLES, check_keys
+from ledger.settings import ChainSettings, ToolchainSettings
+from ledger.store import GroupCommit, make_engine
+from ledger.tx import TxSender
+
+log = logging.getLogger(__name__)
+
+Role = Literal["all", "supervisor", "worker"]
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The service's chain keys: the operator (consent, points, roles), the accessor (the access log), and
+    a previous operator key being rotated out, if any (`ledger.roles.check_keys`)."""
+
+    operator: LocalAccount
+    accessor: LocalAccount
+    previous_operator: LocalAccount | None = None
+
+
+@dataclass
+class Ledger:
+    """What every role has once the ledger is open."""
+
+    backend: ChainBackend
+    deployment: Deployment
+    artifacts: dict[str, Artifact]
+    decoder: RevertDecoder
+    consent: ConsentRegistryClient
+    points: LoyaltyPointsClient
+    access_log: AccessLogClient
+    outbox: Outbox
+    writer: OutboxWriter  # consent requests, batched into few commits
+    inserts: GroupCommit  # new points requests, likewise
+    points_reader: PointsReader
+    access_reader: AccessReader
+
+    @property
+    def w3(self) -> Web3:
+        return self.backend.w3
+
+    def close(self) -> None:
+        """Stop the writers' threads and the chain backend (a managed node stops)."""
+        self.writer.close()
+        self.inserts.close()
+        self.backend.stop()
+
+
+def open_ledger(
+    chain: ChainSettings,
+    toolchain: ToolchainSettings,
+    engine: Engine,
+    data_dir: Path,
+    *,
+    keys: Keys,
+    tiers: dict[str, int],
+    node_url: str | None = None,
+) -> Ledger:
+    """Start or reach the chain and open the contracts' clients over `engine`.
+
+    With `node_url` (an API worker), the chain is the supervisor's node at that URL and the deployment
+    its `deployment.json`; the clients' senders are read-only. Otherwise the chain is `chain.backend`
+    (a managed node starts), the contracts are deployed where missing, and the configured keys are
+    made the ones the contracts authorise (or the start is refused)."""
+    artifacts = compile_contracts(toolchain)
+    decoder = RevertDecoder(list(artifacts.values()))
+    record = data_dir / "deployment.json"
+    backend: ChainBackend
+    if node_url is not None:
+        backend = remote_backend(node_url, keys.operator)
+        w3 = backend.start()
+        deployment = Deployment.load(record)
+        sender = TxSender(w3, keys.operator, read_only=True)
+        accessor = TxSender(w3, keys.accessor, read_only=True)
+    else:
+        backend = create_backend(chain, keys.operator, data_dir)
+        w3 = backend.start()
+        try:
+            backend.prepare_account(keys.accessor.address)
+            sender = TxSender(w3, keys.operator, receipt_timeout=chain.receipt_timeout)
+            deployed = record.read_bytes() if record.is_file() else None
+            operator = keys.operator.address
+            plan = ledger_plan(operator, operator, keys.accessor.address)
+            deployment = ensure_deployed(w3, sender, artifacts, plan, record)
+            if record.read_bytes() != deployed:
+                # Contracts were deployed just now: write them to the node's state file before anything
+                # is served. A crash of the node before its first periodic checkpoint lost them, and
+                # the service could then neither go on nor start again (a chaos run with a long
+                # CONSENT_LEDGER_CHAIN_STATE_INTERVAL showed it).
+                backend.checkpoint()
+            accessor = TxSender(w3, keys.accessor, receipt_timeout=chain.receipt_timeout)
+            _check_keys(backend, chain, deployment, artifacts, decoder, sender, keys, record)
+        except BaseException:
+            backend.stop()
+            raise
+    consent = ConsentRegistryClient(
+        w3, deployment.address("ConsentRegistry"), artifacts["ConsentRegistry"], sender, decoder
+    )
+    return Ledger(
+        backend=backend,
+        deployment=deployment,
+        artifacts=artifacts,
+        decoder=decoder,
+        consent=consent,
+        points=LoyaltyPointsClient(
+            w3, deployment.address("LoyaltyPoints"), artifacts["LoyaltyPoints"], sender, decoder
+        ),
+        access_log=AccessLogClient(w3, deployment.address("AccessLog"), artifacts["AccessLog"], accessor, decoder),
+        outbox=Outbox(engine),
+        writer=OutboxWriter(engine, chain_nonces=consent.nonces_of),
+        inserts=GroupCommit(engine, name="points-inserts"),
+        points_reader=PointsReader(engine, tiers),
+        access_reader=AccessReader(engine),
+    )
+
+
+def _check_keys(
+    backend: ChainBackend,
+    chain: ChainSettings,
+    deployment: Deployment,
+    artifacts: dict[str, Artifact],
+    decoder: RevertDecoder,
+    sender: TxSender,
+    keys: Keys,
+    record: Path,
+) -> None:
+    """The contracts authorise the configured operator and accessor keys, or the start is refused; a
+    rotated key gets the roles (`ledger.roles.check_keys`), and the deployment record names it."""
+    w3 = backend.w3
+
+    def clients(signer: TxSender) -> dict[str, ContractClient]:
+        return {
+            name: ContractClient(w3, deployment.address(name), artifacts[name], signer, decoder)
+            for name in OPERATOR_ROLES
+        }
+
+    previous = None
+    if keys.previous_operator is not None:
+        backend.prepare_account(keys.previous_operator.address)
+        previous = clients(TxSender(w3, keys.previous_operator, receipt_timeout=chain.receipt_timeout))
+    since = deployment.contracts["AccessLog"].block_number
+    if check_keys(clients(sender), keys.accessor.address, previous, from_block=since) and previous:
+        deployment.operator = keys.operator.address
+        deployment.save(record)
+
+
+@dataclass(frozen=True)
+class Lanes:
+    """How the relayers batch (`api.settings.ServiceSettings`: relayer_max_batch, _linger, _max_in_flight)."""
+
+    max_batch: int
+    linger: float
+    max_in_flight: int
+
+
+@dataclass
+class Hooks:
+    """What the writers ask of the service above them."""
+
+    holds: Callable[[str, bytes, str | None], bool]
+    """Whether a relayer should queue again a request rejected with this error for this subject and
+    partner (the chain lost a binding or a role the service puts back) rather than fail it."""
+    on_rollback: Callable[[int], None]
+    """The indexer rolled the read model back to this block: what was made after it may be gone."""
+    completions: Completions = field(default_factory=Completions)
+    wake: threading.Event = field(default_factory=threading.Event)
+    """Set when new requests are in the database (the relayers' wake-up)."""
+
+
+@dataclass
+class Writers:
+    """The chain's single writers (roles `all` and `supervisor`), not yet running: the caller runs the
+    indexer and the lanes in its threads (`ledger.relayer.run_lanes`)."""
+
+    bindings: Bindings
+    indexer: Indexer
+    relayer: Relayer
+    points_relayer: PointsRelayer
+    derived_engine: Engine | None  # the read model's (SQLite: writes that need not wait for the disk)
+
+    def close(self) -> None:
+        if self.derived_engine is not None:
+            self.derived_engine.dispose()
+
+
+def chain_writers(ledger: Ledger, engine: Engine, lanes: Lanes, hooks: Hooks) -> Writers:
+    """The key bindings (adopting what the read model holds), the indexer with the points and access
+    followers, and the consent and points relayers."""
+    # The read model is derived from the chain: its writes need not wait for the disk (see make_engine).
+    derived = None
+    if engine.dialect.name == "sqlite":
+        derived = make_engine(engine.url.render_as_string(hide_password=False), durable=False, checkpoints=False)
+    bindings = Bindings(engine, ledger.consent)
+    adopted = bindings.adopt_indexed()
+    if adopted:
+        log.info("recorded %d key bindings from the read model", adopted)
+    indexer = Indexer(
+        ledger.w3,
+        derived or engine,
+        ledger.consent.address,
+        ledger.deployment.deploy_block,
+        followers=[
+            PointsFollower(ledger.points.address, ledger.decoder, hooks.completions),
+            AccessFollower(ledger.access_log.address),
+        ],
+        on_rollback=hooks.on_rollback,
+    )
+    relayer = Relayer(
+        engine,
+        ledger.consent,
+        max_batch=lanes.max_batch,
+        linger=lanes.linger,
+        max_in_flight=lanes.max_in_flight,
+        on_mined=indexer.wake.set,
+        wake=hooks.wake,
+        holds=hooks.holds,
+    )
+    points_relayer = PointsRelayer(
+        engine,
+        ledger.points,
+        max_batch=lanes.max_batch,
+        max_in_flight=lanes.max_in_flight,
+        completions=hooks.completions,
+        wake=hooks.wake,
+        holds=hooks.holds,
+    )
+    return Writers(bindings, indexer, relayer, points_relayer, derived)
