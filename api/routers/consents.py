@@ -10,8 +10,8 @@ from typing import Any
 from fastapi import APIRouter, status
 from starlette.concurrency import run_in_threadpool
 
-from api.auth import Caller
-from api.deps import CallerDep, ConsentWriter, RuntimeDep, checked
+from api.auth import Caller, Scope
+from api.deps import ConsentWriter, OwnConsentsReader, RuntimeDep
 from api.errors import ApiError, responses
 from api.reference import Catalogue
 from api.runtime import Runtime
@@ -25,7 +25,7 @@ from ledger.store import ConsentRequest, RequestStatus
 
 router = APIRouter(prefix="/consents", tags=["consents"], responses=responses(401, 403))
 DEADLINE = 15 * 60  # seconds a prepared grant may wait to be signed and relayed (a revocation: see settings)
-CONSENTS_READ = checked("consents:read")  # an operator's; customers read their own consents
+CONSENTS_READ = Scope.CONSENTS_READ  # an operator's; customers read their own consents
 
 
 def _controller(caller: Caller) -> str:
@@ -155,7 +155,7 @@ def public_status(request: ConsentRequest) -> str:
 
 
 @router.get("/{request_id}", response_model=ConsentRequestPublic, responses=responses(404))
-def get(request_id: str, runtime: RuntimeDep, caller: CallerDep) -> ConsentRequestPublic:
+def get(request_id: str, runtime: RuntimeDep, caller: OwnConsentsReader) -> ConsentRequestPublic:
     """A consent change's status, transaction and block, and its consent receipt once on-chain."""
     assert runtime.outbox is not None and runtime.dids is not None
     request = runtime.outbox.request(request_id)
