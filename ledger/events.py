@@ -7,7 +7,7 @@ from typing import Any
 
 from eth_utils.crypto import keccak
 
-from ledger.types import checksummed
+from ledger.types import AttributeMask, checksummed
 
 GRANTED = "0x" + keccak(text="ConsentGranted(bytes32,address,bytes32,uint256,uint256,uint64,uint256)").hex()
 REVOKED = "0x" + keccak(text="ConsentRevoked(bytes32,address,bytes32,uint256,uint256,uint256)").hex()
@@ -27,8 +27,8 @@ class RegistryEvent:
     subject: bytes
     partner: str  # the controller for KIND_BIND
     purpose: bytes
-    changed: int
-    attributes: int
+    changed: int  # the signed word (a revocation may name bits above the range; they change nothing)
+    attributes: AttributeMask  # the consent's bits after the change, as the registry holds them (uint192)
     valid_until: int
     nonce: int
 
@@ -64,7 +64,7 @@ def decode(log: dict[str, Any]) -> RegistryEvent | None:
             partner=checksummed("0x" + topics[3][-40:]),
             purpose=b"",
             changed=0,
-            attributes=0,
+            attributes=AttributeMask(0),
             valid_until=0,
             nonce=0,
             **common,
@@ -78,7 +78,7 @@ def decode(log: dict[str, Any]) -> RegistryEvent | None:
             partner=partner,
             purpose=purpose,
             changed=changed,
-            attributes=attributes,
+            attributes=AttributeMask(attributes),
             valid_until=valid_until,
             nonce=nonce,
             **common,
@@ -89,7 +89,7 @@ def decode(log: dict[str, Any]) -> RegistryEvent | None:
         partner=partner,
         purpose=purpose,
         changed=changed,
-        attributes=attributes,
+        attributes=AttributeMask(attributes),
         valid_until=0,
         nonce=nonce,
         **common,

@@ -51,7 +51,7 @@ from web3.types import RPCEndpoint
 
 import api.models  # noqa: F401 - the service's tables
 from api.reference import DEFAULT_ATTRIBUTES
-from crm_bridge.bridge import Bridge, Export
+from crm_bridge.bridge import Bridge, Export, Permissions
 from crm_bridge.mapping import Mapping
 from crm_bridge.sources import DEFAULT_CHUNK_ROWS, read_csv
 from identity.did import DidWeb
@@ -213,7 +213,7 @@ def export_process(config: dict[str, Any], results: Any) -> None:
     )
 
 
-def baseline_rows_per_s(orders: Path, mapping: Mapping, permissions: dict[bytes, int], sample: int, out: Path) -> float:
+def baseline_rows_per_s(orders: Path, mapping: Mapping, permissions: Permissions, sample: int, out: Path) -> float:
     """Row by row, as a first script would: csv module, PII normalised and hashed per row, dict rows."""
     pseudonymizer = Pseudonymizer(PEPPER)
     requested = {column: 1 << BITS[category] for column, category in mapping.columns.items()}
