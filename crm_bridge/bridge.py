@@ -56,7 +56,7 @@ from ledger.access import Access, AccessBatch, max_record_entries
 from ledger.errors import LedgerError
 from ledger.outbox import Outbox
 from ledger.tx import Receipt
-from ledger.types import ATTRIBUTE_BITS, AttributeMask
+from ledger.types import ATTRIBUTE_BITS, AttributeMask, Purpose
 
 DID_COLUMN = "did"
 # Row masks are int64 arrays whose bits are the categories an export releases, not the registry's
@@ -294,7 +294,7 @@ class Export:
             raise MappingError(f"an export releases at most {_MAX_CATEGORIES} attribute categories")
         self.categories = {bit: i for i, bit in enumerate(registry_bits)}  # registry bit -> bit in a row's mask
         self.bridge, self.batches, self.mapping = bridge, batches, mapping
-        self.partner, self.purpose = partner, purpose
+        self.partner, self.purpose = partner, Purpose(purpose)
         self.subjects = _Subjects(bridge, permissions, self.categories, mapping.default_region)
         self.request_id = os.urandom(32)
         self.stats = ExportStats(request_id="0x" + self.request_id.hex(), partner=partner, purpose=purpose_key)

@@ -38,7 +38,7 @@ from ledger.store import (
     utcnow,
     waiting,
 )
-from ledger.types import AttributeMask
+from ledger.types import AttributeMask, Purpose
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class NonceConflict(LedgerError):
 @dataclass(frozen=True)
 class ConsentStatus:
     partner: str
-    purpose: bytes
+    purpose: Purpose
     attributes: AttributeMask  # effective now: on-chain, minus pending revocations, lapsed → 0
     on_chain: AttributeMask
     pending_grant: AttributeMask
@@ -151,7 +151,7 @@ class Outbox:
             result.append(
                 ConsentStatus(
                     partner=key[0],
-                    purpose=key[1],
+                    purpose=Purpose(key[1]),
                     attributes=AttributeMask(effective),
                     on_chain=AttributeMask(on_chain),
                     pending_grant=AttributeMask(grant),

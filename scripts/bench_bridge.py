@@ -192,7 +192,7 @@ def export_process(config: dict[str, Any], results: Any) -> None:
         ),
         mapping,
         partner=config["partner"],
-        purpose=bytes(PURPOSE),
+        purpose=PURPOSE,
         purpose_key=PURPOSE_KEY,
         attribute_bits=BITS,
         permissions=permissions,
@@ -238,7 +238,7 @@ def baseline_rows_per_s(orders: Path, mapping: Mapping, permissions: Permissions
 
 def entries_per_s(client: AccessLogClient, partner: str, count: int, batch: int) -> float:
     request_id = os.urandom(32)  # one access request, as an export is
-    entries = [Access(os.urandom(32), partner, bytes(PURPOSE), 1 << 5, request_id) for _ in range(count)]
+    entries = [Access(os.urandom(32), partner, PURPOSE, 1 << 5, request_id) for _ in range(count)]
     started = time.perf_counter()
     pending = [(client.submit(entries[i : i + batch]), entries[i : i + batch]) for i in range(0, count, batch)]
     for tx_hash, sent in pending:
@@ -249,7 +249,7 @@ def entries_per_s(client: AccessLogClient, partner: str, count: int, batch: int)
 def baseline_entries_per_s(client: AccessLogClient, partner: str, count: int) -> float:
     started = time.perf_counter()
     for _ in range(count):
-        client.record([Access(os.urandom(32), partner, bytes(PURPOSE), 1 << 5, os.urandom(32))])
+        client.record([Access(os.urandom(32), partner, PURPOSE, 1 << 5, os.urandom(32))])
     return count / (time.perf_counter() - started)
 
 
@@ -293,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             indexer = Indexer(w3, engine, registry.address, deployment.deploy_block, chunk=100_000)
             while indexer.step() > 0:
                 pass
-            permissions = Outbox(engine).permissions(partner, bytes(PURPOSE))
+            permissions = Outbox(engine).permissions(partner, PURPOSE)
             engine.dispose()
             overhead = block_overhead_ms(backend)
             print(
