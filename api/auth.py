@@ -11,6 +11,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives import hashes
@@ -27,14 +28,36 @@ from ledger import eip712
 from ledger.bindings import BoundController
 from ledger.store import ControllerState, as_utc, delete_in_batches
 
-ROLE_SCOPES: dict[str, frozenset[str]] = {
-    "operator": frozenset({"customers:write", "consents:read", "points:read", "reference:read", "reference:write"}),
-    "issuer": frozenset({"points:issue", "reference:read"}),
-    "partner": frozenset({"points:redeem", "redemptions:read", "reference:read"}),
-    "auditor": frozenset({"audit:read", "reference:read"}),
+
+class Scope(StrEnum):
+    """What a caller may do. A member is its name as stored (space-separated in `principals.scopes`)
+    and as refusals name it; every member is granted to some caller and checked by some route
+    (tests/api/test_scopes.py), and `api.authz.MATRIX` says which route needs which."""
+
+    CUSTOMERS_WRITE = "customers:write"
+    CONSENTS_READ = "consents:read"
+    CONSENT_WRITE = "consent:write"
+    POINTS_READ = "points:read"
+    POINTS_ISSUE = "points:issue"
+    POINTS_REDEEM = "points:redeem"
+    POINTS_AUTHORISE = "points:authorise"
+    REDEMPTIONS_READ = "redemptions:read"
+    REFERENCE_READ = "reference:read"
+    REFERENCE_WRITE = "reference:write"
+    AUDIT_READ = "audit:read"
+
+
+_SCOPES = {scope.value: scope for scope in Scope}
+ROLE_SCOPES: dict[str, frozenset[Scope]] = {
+    "operator": frozenset(
+        {Scope.CUSTOMERS_WRITE, Scope.CONSENTS_READ, Scope.POINTS_READ, Scope.REFERENCE_READ, Scope.REFERENCE_WRITE}
+    ),
+    "issuer": frozenset({Scope.POINTS_ISSUE, Scope.REFERENCE_READ}),
+    "partner": frozenset({Scope.POINTS_REDEEM, Scope.REDEMPTIONS_READ, Scope.REFERENCE_READ}),
+    "auditor": frozenset({Scope.AUDIT_READ, Scope.REFERENCE_READ}),
 }
 # A customer reads their own consents, points and accesses by being their subject, not by a scope.
-CUSTOMER_SCOPES = frozenset({"consent:write", "points:authorise", "reference:read"})
+CUSTOMER_SCOPES = frozenset({Scope.CONSENT_WRITE, Scope.POINTS_AUTHORISE, Scope.REFERENCE_READ})
 TOKEN_LIFETIME = timedelta(minutes=15)
 CHALLENGE_LIFETIME = timedelta(minutes=5)
 PRUNE_BATCH = 5_000  # expired rows deleted in one write transaction (`prune_expired`)
@@ -55,7 +78,7 @@ class Caller:
     kind: str  # "service" or "customer"
     name: str
     role: str
-    scopes: frozenset[str]
+    scopes: frozenset[Scope]
     subject: bytes | None = None
     address: str | None = None
     expires_at: datetime | None = None
@@ -69,6 +92,17 @@ class NoSuchPrincipal(ServiceError):
     """Raised when no live principal has that name; the text says why (the command line prints it)."""
 
 
+def stored_scopes(scopes: frozenset[Scope]) -> str:
+    """Scopes as `principals.scopes` holds them: their names, sorted, space-separated."""
+    return " ".join(sorted(scopes))
+
+
+def parse_scopes(stored: str) -> frozenset[Scope]:
+    """The scopes `principals.scopes` holds. A name that is no `Scope` (one retired since the row was
+    written) grants nothing, as before it was retired no route checked it: it is left out."""
+    return frozenset(_SCOPES[name] for name in stored.split() if name in _SCOPES)
+
+
 def _new_key() -> str:
     return API_KEY_PREFIX + secrets.token_urlsafe(32)
 
@@ -79,7 +113,7 @@ def create_principal(session: Session, name: str, role: str, address: str | None
         raise ValueError(f"unknown role {role!r}")
     key = _new_key()
     principal = Principal(
-        name=name, role=role, scopes=" ".join(sorted(ROLE_SCOPES[role])), key_hash=digest(key), address=address
+        name=name, role=role, scopes=stored_scopes(ROLE_SCOPES[role]), key_hash=digest(key), address=address
     )
     session.add(principal)
     try:
@@ -126,7 +160,7 @@ def service_caller(session: Session, api_key: str) -> Caller | None:
         kind="service",
         name=principal.name,
         role=principal.role,
-        scopes=frozenset(principal.scopes.split()),
+        scopes=parse_scopes(principal.scopes),
         address=principal.address,
     )
 

@@ -12,7 +12,8 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.security import APIKeyHeader, HTTPBearer
 from sqlalchemy.orm import Session
 
-from api.auth import CUSTOMER_SCOPES, ROLE_SCOPES, Caller, customer_caller, digest, now, service_caller
+from api.auth import CUSTOMER_SCOPES, ROLE_SCOPES, Caller, Scope, customer_caller, digest, now, service_caller
+from api.authz import PUBLIC, Access, OwnOr
 from api.errors import ApiError
 from api.runtime import Runtime
 
@@ -96,18 +97,18 @@ async def current_caller(request: Request) -> Caller:
 CallerDep = Annotated[Caller, Depends(current_caller)]
 
 
-# Dependencies that check credentials, with the scope each requires (None: any authenticated caller).
-_AUTHENTICATING: dict[Callable[..., object], str | None] = {current_caller: None}
-CHECKED_SCOPES: set[str] = set()  # every scope some route checks: a scope granted and not here means nothing
+# Dependencies that check credentials, with what each requires (None: any authenticated caller).
+_AUTHENTICATING: dict[Callable[..., object], Scope | OwnOr | None] = {current_caller: None}
+CHECKED_SCOPES: set[Scope] = set()  # every scope some route checks: a scope granted and not here means nothing
 
 
-def checked(name: str) -> str:
+def checked(name: Scope) -> Scope:
     """`name`, recorded as a scope a route checks itself (beside a customer's own data, say)."""
     CHECKED_SCOPES.add(name)
     return name
 
 
-def scope(name: str) -> Callable[[Request], Awaitable[Caller]]:
+def scope(name: Scope) -> Callable[[Request], Awaitable[Caller]]:
     """A dependency: the caller, who must hold scope `name` (one dependency node, not two)."""
     checked(name)
 
@@ -121,8 +122,21 @@ def scope(name: str) -> Callable[[Request], Awaitable[Caller]]:
     return check
 
 
-def _required_scopes(dependant: Dependant) -> list[str | None]:
-    """The scopes a route's dependency tree checks (None for a check of credentials alone)."""
+def own_or(name: Scope) -> Callable[[Request], Awaitable[Caller]]:
+    """A dependency: the caller, of a route that serves a customer their own data and a service holding
+    `name` anyone's. It authenticates only: the handler decides (a customer's subject against the data's,
+    by `api.routers.customers.own_subject`, or a service's scopes), after it has read the path."""
+    checked(name)
+
+    async def check(request: Request) -> Caller:
+        return await current_caller(request)
+
+    _AUTHENTICATING[check] = OwnOr(name)
+    return check
+
+
+def _required_scopes(dependant: Dependant) -> list[Scope | OwnOr | None]:
+    """What a route's dependency tree checks (None for a check of credentials alone)."""
     found = []
     for d in dependant.dependencies:
         if d.call in _AUTHENTICATING:
@@ -131,14 +145,27 @@ def _required_scopes(dependant: Dependant) -> list[str | None]:
     return found
 
 
+def access(dependant: Dependant) -> Access | str:
+    """Who may call a route, as its dependencies check it (`api.authz.MATRIX` says what it should be);
+    a string describing it when it is not one rule of the matrix (several checks, or credentials alone)."""
+    needed = _required_scopes(dependant)
+    if not needed:
+        return PUBLIC
+    if len(needed) == 1 and needed[0] is not None:
+        return needed[0]
+    return f"checks {needed!r}"
+
+
 def security(dependant: Dependant) -> list[dict[str, list[str]]]:
     """A route's OpenAPI `security`: each scheme whose callers can hold every scope it checks (a route
     only partners may call lists the API key alone); empty when it checks no credentials."""
     needed = _required_scopes(dependant)
     if not needed:
         return []
-    service = any(all(n is None or n in scopes for n in needed) for scopes in ROLE_SCOPES.values())
-    customer = all(n is None or n in CUSTOMER_SCOPES for n in needed)
+    scopes = [n.scope if isinstance(n, OwnOr) else n for n in needed]
+    service = any(all(n is None or n in held for n in scopes) for held in ROLE_SCOPES.values())
+    # A customer may call a route that serves them their own data, whatever scope a service needs there.
+    customer = all(n is None or isinstance(n, OwnOr) or n in CUSTOMER_SCOPES for n in needed)
     return [{scheme.scheme_name: []} for scheme, can in ((_API_KEY, service), (_BEARER, customer)) if can]
 
 
@@ -147,11 +174,16 @@ def security_schemes() -> dict[str, object]:
     return {scheme.scheme_name: jsonable_encoder(scheme.model, by_alias=True, exclude_none=True) for scheme in _SCHEMES}
 
 
-OperatorWrite = Annotated[Caller, Depends(scope("customers:write"))]
-ReferenceRead = Annotated[Caller, Depends(scope("reference:read"))]
-ReferenceWrite = Annotated[Caller, Depends(scope("reference:write"))]
-ConsentWriter = Annotated[Caller, Depends(scope("consent:write"))]
-PointsIssuer = Annotated[Caller, Depends(scope("points:issue"))]
-PointsRedeemer = Annotated[Caller, Depends(scope("points:redeem"))]
-PointsAuthoriser = Annotated[Caller, Depends(scope("points:authorise"))]
-StatementReader = Annotated[Caller, Depends(scope("redemptions:read"))]
+OperatorWrite = Annotated[Caller, Depends(scope(Scope.CUSTOMERS_WRITE))]
+ReferenceRead = Annotated[Caller, Depends(scope(Scope.REFERENCE_READ))]
+ReferenceWrite = Annotated[Caller, Depends(scope(Scope.REFERENCE_WRITE))]
+ConsentWriter = Annotated[Caller, Depends(scope(Scope.CONSENT_WRITE))]
+PointsIssuer = Annotated[Caller, Depends(scope(Scope.POINTS_ISSUE))]
+PointsRedeemer = Annotated[Caller, Depends(scope(Scope.POINTS_REDEEM))]
+PointsAuthoriser = Annotated[Caller, Depends(scope(Scope.POINTS_AUTHORISE))]
+StatementReader = Annotated[Caller, Depends(scope(Scope.REDEMPTIONS_READ))]
+AuditReader = Annotated[Caller, Depends(scope(Scope.AUDIT_READ))]
+# A customer's own, or anyone's for a service with the scope (the handler tells which: `own_subject`).
+OwnConsentsReader = Annotated[Caller, Depends(own_or(Scope.CONSENTS_READ))]
+OwnPointsReader = Annotated[Caller, Depends(own_or(Scope.POINTS_READ))]
+OwnAccessesReader = Annotated[Caller, Depends(own_or(Scope.AUDIT_READ))]

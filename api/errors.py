@@ -27,6 +27,7 @@ from ledger.errors import (
     PointsRejected,
     SignatureExpired,
     Unauthorized,
+    UnknownAttributes,
 )
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,7 @@ FAMILIES: list[tuple[type[Exception], Answer]] = [
     (ConsentRejected, Answer(422, "consent_rejected", "The ledger refused the consent change")),
     (AccessRejected, Answer(422, "access_rejected", "The ledger refused the access record")),
     (ContractRevert, Answer(422, "ledger_refused", "The ledger refused the request")),
+    (UnknownAttributes, Answer(422, "unknown_attribute", "No such attribute", True)),
     (TypedDataError, Answer(422, "invalid_typed_data", "The signed data is not a message of this ledger", True)),
     (LedgerError, Answer(503, "chain_unavailable", "The ledger is unavailable; try again shortly")),
     # identity

@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 
 from api.models import AttributeRow, PurposeRow
 from ledger.eip712 import purpose_id
+from ledger.types import AttributeMask
 
 # Fideslang data uses.
 DEFAULT_PURPOSES = [
@@ -52,7 +53,7 @@ class Catalogue:
         self.purpose_by_id = {bytes(purpose_id(k)): k for k in self.purposes}
         self.attributes = {row.key: row.bit for row in session.scalars(select(AttributeRow))}
         self.attribute_by_bit = {bit: key for key, bit in self.attributes.items()}
-        self.attribute_mask = sum(1 << bit for bit in self.attribute_by_bit)  # every bit the registry names
+        self.attribute_mask = AttributeMask(sum(1 << bit for bit in self.attribute_by_bit))  # every bit it names
 
     def partner(self, name_or_address: str, *, retired: bool = False) -> str | None:
         """The address of the partner so named or addressed; a retired one only with `retired` (to
@@ -62,10 +63,10 @@ class Catalogue:
                 return address if retired or address not in self.retired else None
         return None
 
-    def mask(self, keys: list[str]) -> tuple[int, list[str]]:
+    def mask(self, keys: list[str]) -> tuple[AttributeMask, list[str]]:
         """Bitmask of attribute keys, and the unknown keys."""
         unknown = [k for k in keys if k not in self.attributes]
-        return sum(1 << self.attributes[k] for k in set(keys) if k in self.attributes), unknown
+        return AttributeMask(sum(1 << self.attributes[k] for k in set(keys) if k in self.attributes)), unknown
 
     def names(self, mask: int) -> list[str]:
         return [self.attribute_by_bit.get(bit, f"bit{bit}") for bit in range(mask.bit_length()) if mask >> bit & 1]

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections import deque
+from collections import abc, deque
 from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -53,10 +53,10 @@ from identity.normalize import normalize_emails, normalize_phone
 from identity.pseudonym import Pseudonymizer
 from identity.types import Subject
 from ledger.access import Access, AccessBatch, max_record_entries
-from ledger.consent import ATTRIBUTE_BITS
 from ledger.errors import LedgerError
 from ledger.outbox import Outbox
 from ledger.tx import Receipt
+from ledger.types import ATTRIBUTE_BITS, AttributeMask, Purpose
 
 DID_COLUMN = "did"
 # Row masks are int64 arrays whose bits are the categories an export releases, not the registry's
@@ -150,6 +150,10 @@ class Bridge:
         return [None if n is None else bytes(next(derived)) for n in normalised]
 
 
+Permissions = abc.Mapping[bytes, int]
+"""Each subject's attributes a release may use (an `AttributeMask`; plain ints are taken too, read-only)."""
+
+
 def _categories(permitted: int, categories: dict[int, int]) -> int:
     """The categories (bits of a row mask) of `permitted` registry bits that an export asks for."""
     return sum(1 << i for bit, i in categories.items() if permitted >> bit & 1)
@@ -162,7 +166,7 @@ class _Subjects:
     Each distinct spelling of an identifier is normalised and hashed once per export."""
 
     def __init__(
-        self, bridge: Bridge, permissions: dict[bytes, int], categories: dict[int, int], region: str | None
+        self, bridge: Bridge, permissions: Permissions, categories: dict[int, int], region: str | None
     ) -> None:
         self.bridge, self.permissions, self.categories, self.region = bridge, permissions, categories, region
         self.ids: dict[bytes, int] = {}
@@ -248,7 +252,9 @@ class _Subjects:
         return ids
 
 
-def permitted(consents: Outbox, partner: str, purpose: bytes, erased: Collection[bytes] = ()) -> dict[bytes, int]:
+def permitted(
+    consents: Outbox, partner: str, purpose: bytes, erased: Collection[bytes] = ()
+) -> dict[bytes, AttributeMask]:
     """The consent filter of a release to `partner` for `purpose`: each customer's attributes it may use
     now (`Outbox.permissions`: what the chain holds, less what a pending revocation takes away), without
     the customers in `erased` (their personal data was erased: their consent stays on-chain, but the
@@ -274,7 +280,7 @@ class Export:
         purpose: bytes,
         purpose_key: str,
         attribute_bits: dict[str, int],
-        permissions: dict[bytes, int],
+        permissions: Permissions,
         partner_name: str | None = None,
     ) -> None:
         unknown = sorted(mapping.categories() - set(attribute_bits))
@@ -288,7 +294,7 @@ class Export:
             raise MappingError(f"an export releases at most {_MAX_CATEGORIES} attribute categories")
         self.categories = {bit: i for i, bit in enumerate(registry_bits)}  # registry bit -> bit in a row's mask
         self.bridge, self.batches, self.mapping = bridge, batches, mapping
-        self.partner, self.purpose = partner, purpose
+        self.partner, self.purpose = partner, Purpose(purpose)
         self.subjects = _Subjects(bridge, permissions, self.categories, mapping.default_region)
         self.request_id = os.urandom(32)
         self.stats = ExportStats(request_id="0x" + self.request_id.hex(), partner=partner, purpose=purpose_key)
@@ -360,9 +366,9 @@ class Export:
         sent = [sender.submit(self.bridge.access_log.submit, part) for part in parts]
         return _Chunk(batch, ids, masks, parts, settler.submit(self._settle, sent, parts, durable))
 
-    def _registry_mask(self, mask: int) -> int:
+    def _registry_mask(self, mask: int) -> AttributeMask:
         """A row mask's categories as the registry's attribute bits (what the access log records)."""
-        return sum(1 << bit for bit, i in self.categories.items() if mask >> i & 1)
+        return AttributeMask(sum(1 << bit for bit, i in self.categories.items() if mask >> i & 1))
 
     def _settle(
         self, sent: list[Future[str]], parts: list[list[Access]], durable: bool

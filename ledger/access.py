@@ -26,7 +26,7 @@ from ledger.errors import ChainError, TransactionFailed
 from ledger.events import _bytes, _hex, _int
 from ledger.store import Base, IndexerCursor, sessions
 from ledger.tx import MAX_TX_DATA_BYTES, Receipt, TxRequest, items_per_transaction
-from ledger.types import checksummed
+from ledger.types import Purpose, checksummed
 
 CONTRACT_NAME = "AccessLog"
 ACCESSOR_ROLE = keccak(text="ACCESSOR_ROLE")
@@ -55,7 +55,7 @@ class Access:
 
     subject: bytes
     partner: str
-    purpose: bytes
+    purpose: Purpose
     attributes: int
     request_id: bytes
 
@@ -69,7 +69,7 @@ class AccessEvent:
     index: int
     subject: bytes
     partner: str
-    purpose: bytes
+    purpose: Purpose
     attributes: int
     request_id: bytes
     permitted: bool
@@ -91,7 +91,7 @@ class AccessBatch:
 
     first_index: int
     partner: str
-    purpose: bytes
+    purpose: Purpose
     request_id: bytes
     previous_head: bytes
     head: bytes
@@ -191,7 +191,7 @@ def _request_layout(partner: str, purpose: bytes, request_id: bytes, count: int,
 def encode_request(entries: Sequence[Access]) -> bytes:
     """ABI encoding of `record`'s arguments for a batch of one access request (tests compare it with
     eth_abi); an empty batch encodes zeros."""
-    first = entries[0] if entries else Access(bytes(32), "0x" + "00" * 20, bytes(32), 0, bytes(32))
+    first = entries[0] if entries else Access(bytes(32), "0x" + "00" * 20, Purpose(bytes(32)), 0, bytes(32))
     request = (first.partner.lower(), first.purpose, first.request_id)
     if any((e.partner.lower(), e.purpose, e.request_id) != request for e in entries):
         raise ValueError("a batch is one access request: its entries must share partner, purpose and request id")
@@ -252,7 +252,7 @@ def decode(log: dict[str, Any]) -> AccessBatch | None:
     return AccessBatch(
         first_index=int(topics[1], 16),
         partner=checksummed("0x" + topics[2][-40:]),
-        purpose=bytes.fromhex(topics[3][2:]),
+        purpose=Purpose(bytes.fromhex(topics[3][2:])),
         request_id=data[0:32],
         previous_head=data[32:64],
         head=data[64:96],
@@ -405,7 +405,7 @@ class AccessEntry(Base):
             index=self.index,
             subject=bytes(self.subject),
             partner=self.partner,
-            purpose=bytes(self.purpose),
+            purpose=Purpose(bytes(self.purpose)),
             attributes=int(self.attributes),
             request_id=bytes(self.request_id),
             permitted=self.permitted,

@@ -15,7 +15,7 @@ from ledger.contracts import ContractClient, RevertDecoder
 from ledger.eip712 import ChangeKind, ConsentChange, ControllerChange, Domain, Signature
 from ledger.errors import ChainError
 from ledger.tx import Receipt, TxRequest, TxSender
-from ledger.types import Purpose, Subject
+from ledger.types import AttributeMask, Purpose, Subject
 
 CONTRACT_NAME = "ConsentRegistry"
 OPERATOR_ROLE = keccak(text="OPERATOR_ROLE")
@@ -49,14 +49,9 @@ class SignedChange:
         )
 
 
-# How many attribute bits a consent can hold: `ConsentRegistry` stores a consent's bits and its
-# validity in one storage slot (uint192 + uint64) and refuses a grant of any bit above them.
-ATTRIBUTE_BITS = 192
-
-
 @dataclass(frozen=True)
 class Consent:
-    attributes: int
+    attributes: AttributeMask
     valid_until: int
 
 
@@ -151,7 +146,7 @@ class ConsentRegistryClient(ContractClient):
 
     def consent_of(self, subject: Subject, partner: ChecksumAddress, purpose: Purpose) -> Consent:
         attributes, valid_until = self.call("consentOf", subject, partner, purpose)
-        return Consent(attributes=int(attributes), valid_until=int(valid_until))
+        return Consent(attributes=AttributeMask(int(attributes)), valid_until=int(valid_until))
 
     def is_permitted(self, subject: Subject, partner: ChecksumAddress, purpose: Purpose, attributes: int) -> bool:
         return bool(self.call("isPermitted", subject, partner, purpose, attributes))

@@ -21,6 +21,7 @@ from eth_utils.crypto import keccak
 
 from ledger.errors import LedgerError
 from ledger.types import INT64_MAX, Purpose, Subject, checksummed, keccak256
+from ledger.types import purpose_id as purpose_id  # where callers find it (defined beside `Purpose`)
 
 DOMAIN_VERSION = "1"
 # secp256k1 order / 2: signatures with a larger s are malleable copies, refused here as by ECDSA.sol.
@@ -472,8 +473,3 @@ def personal_signer(message: str, signature: bytes) -> ChecksumAddress:
         raise ValueError("malformed signature")
     public = PublicKey.from_signature_and_message(sig.r + sig.s + bytes([sig.v - 27]), prefixed, hasher=None)
     return checksummed(keccak256(public.format(compressed=False)[1:])[-20:])
-
-
-def purpose_id(key: str) -> Purpose:
-    """keccak256 of a purpose key such as ``marketing.email``."""
-    return Purpose(keccak(text=key))

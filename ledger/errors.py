@@ -68,6 +68,15 @@ class SignatureExpired(ContractRevert):
     """Raised when a signed message's deadline has passed."""
 
 
+class UnknownAttributes(LedgerError):
+    """Raised when an attribute mask sets a bit no attribute has: at or above `ledger.types.ATTRIBUTE_BITS`
+    (a consent cannot hold it), or one the registry does not name. `bit` is the lowest such bit."""
+
+    def __init__(self, bit: int) -> None:
+        super().__init__(f"attributes: bit {bit} is no attribute's")
+        self.bit = bit
+
+
 class NonceMismatch(ContractRevert):
     """Raised when a signed message's nonce is not the signer's next nonce (replayed or out of order)."""
 

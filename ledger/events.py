@@ -7,7 +7,7 @@ from typing import Any
 
 from eth_utils.crypto import keccak
 
-from ledger.types import checksummed
+from ledger.types import AttributeMask, Purpose, checksummed
 
 GRANTED = "0x" + keccak(text="ConsentGranted(bytes32,address,bytes32,uint256,uint256,uint64,uint256)").hex()
 REVOKED = "0x" + keccak(text="ConsentRevoked(bytes32,address,bytes32,uint256,uint256,uint256)").hex()
@@ -26,9 +26,9 @@ class RegistryEvent:
     tx_hash: str
     subject: bytes
     partner: str  # the controller for KIND_BIND
-    purpose: bytes
-    changed: int
-    attributes: int
+    purpose: Purpose
+    changed: int  # the signed word (a revocation may name bits above the range; they change nothing)
+    attributes: AttributeMask  # the consent's bits after the change, as the registry holds them (uint192)
     valid_until: int
     nonce: int
 
@@ -62,15 +62,15 @@ def decode(log: dict[str, Any]) -> RegistryEvent | None:
         return RegistryEvent(
             KIND_BIND,
             partner=checksummed("0x" + topics[3][-40:]),
-            purpose=b"",
+            purpose=Purpose(b""),
             changed=0,
-            attributes=0,
+            attributes=AttributeMask(0),
             valid_until=0,
             nonce=0,
             **common,
         )
     partner = checksummed("0x" + topics[2][-40:])
-    purpose = bytes.fromhex(topics[3][2:])
+    purpose = Purpose(bytes.fromhex(topics[3][2:]))
     if topics[0] == GRANTED:
         changed, attributes, valid_until, nonce = words
         return RegistryEvent(
@@ -78,7 +78,7 @@ def decode(log: dict[str, Any]) -> RegistryEvent | None:
             partner=partner,
             purpose=purpose,
             changed=changed,
-            attributes=attributes,
+            attributes=AttributeMask(attributes),
             valid_until=valid_until,
             nonce=nonce,
             **common,
@@ -89,7 +89,7 @@ def decode(log: dict[str, Any]) -> RegistryEvent | None:
         partner=partner,
         purpose=purpose,
         changed=changed,
-        attributes=attributes,
+        attributes=AttributeMask(attributes),
         valid_until=0,
         nonce=nonce,
         **common,

@@ -38,6 +38,7 @@ from ledger.store import (
     utcnow,
     waiting,
 )
+from ledger.types import AttributeMask, Purpose
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,11 @@ class NonceConflict(LedgerError):
 @dataclass(frozen=True)
 class ConsentStatus:
     partner: str
-    purpose: bytes
-    attributes: int  # effective now: on-chain, minus pending revocations, lapsed → 0
-    on_chain: int
-    pending_grant: int
-    pending_revoke: int
+    purpose: Purpose
+    attributes: AttributeMask  # effective now: on-chain, minus pending revocations, lapsed → 0
+    on_chain: AttributeMask
+    pending_grant: AttributeMask
+    pending_revoke: AttributeMask
     valid_until: int
     status: str  # active, pending, revoked, expired
     tx_hash: str | None
@@ -150,11 +151,11 @@ class Outbox:
             result.append(
                 ConsentStatus(
                     partner=key[0],
-                    purpose=key[1],
-                    attributes=effective,
-                    on_chain=on_chain,
-                    pending_grant=grant,
-                    pending_revoke=revoke,
+                    purpose=Purpose(key[1]),
+                    attributes=AttributeMask(effective),
+                    on_chain=AttributeMask(on_chain),
+                    pending_grant=AttributeMask(grant),
+                    pending_revoke=AttributeMask(revoke),
                     valid_until=valid_until,
                     status=status,
                     tx_hash=state.tx_hash if state else None,
@@ -163,29 +164,30 @@ class Outbox:
             )
         return result
 
-    def effective(self, subject: bytes, partner: str, purpose: bytes, now: int | None = None) -> int:
+    def effective(self, subject: bytes, partner: str, purpose: bytes, now: int | None = None) -> AttributeMask:
         """Attributes `partner` may use now for `purpose` (deny wins while a revocation is pending)."""
         for status in self.consents_of(subject, now):
             if status.partner == partner and status.purpose == purpose:
                 return status.attributes
-        return 0
+        return AttributeMask(0)
 
-    def permissions(self, partner: str, purpose: bytes, now: int | None = None) -> dict[bytes, int]:
+    def permissions(self, partner: str, purpose: bytes, now: int | None = None) -> dict[bytes, AttributeMask]:
         """Every subject's attributes that `partner` may use now for `purpose`, as `effective` gives
         them one by one (deny wins while a revocation is pending); subjects with none are left out.
         Read in one statement (one snapshot), as `consents_of`: the bridge releases by this."""
         now = int(time.time()) if now is None else now
-        on_chain: dict[bytes, int] = {}
+        on_chain: dict[bytes, AttributeMask] = {}
         revoking: list[tuple[bytes, int]] = []
         with self._sessions() as session:
             for subject, attributes, valid_until, kind in session.execute(_permission_view(partner, purpose)):
                 if kind == _STATE:
-                    on_chain[bytes(subject)] = 0 if valid_until != 0 and valid_until <= now else int(attributes)
+                    lapsed = valid_until != 0 and valid_until <= now
+                    on_chain[bytes(subject)] = AttributeMask(0 if lapsed else int(attributes))
                 else:
                     revoking.append((bytes(subject), int(attributes)))
         for subject, attributes in revoking:
             if subject in on_chain:
-                on_chain[subject] &= ~attributes
+                on_chain[subject] = AttributeMask(on_chain[subject] & ~attributes)
         return {subject: bits for subject, bits in on_chain.items() if bits}
 
 

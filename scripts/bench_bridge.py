@@ -51,7 +51,7 @@ from web3.types import RPCEndpoint
 
 import api.models  # noqa: F401 - the service's tables
 from api.reference import DEFAULT_ATTRIBUTES
-from crm_bridge.bridge import Bridge, Export
+from crm_bridge.bridge import Bridge, Export, Permissions
 from crm_bridge.mapping import Mapping
 from crm_bridge.sources import DEFAULT_CHUNK_ROWS, read_csv
 from identity.did import DidWeb
@@ -192,7 +192,7 @@ def export_process(config: dict[str, Any], results: Any) -> None:
         ),
         mapping,
         partner=config["partner"],
-        purpose=bytes(PURPOSE),
+        purpose=PURPOSE,
         purpose_key=PURPOSE_KEY,
         attribute_bits=BITS,
         permissions=permissions,
@@ -213,7 +213,7 @@ def export_process(config: dict[str, Any], results: Any) -> None:
     )
 
 
-def baseline_rows_per_s(orders: Path, mapping: Mapping, permissions: dict[bytes, int], sample: int, out: Path) -> float:
+def baseline_rows_per_s(orders: Path, mapping: Mapping, permissions: Permissions, sample: int, out: Path) -> float:
     """Row by row, as a first script would: csv module, PII normalised and hashed per row, dict rows."""
     pseudonymizer = Pseudonymizer(PEPPER)
     requested = {column: 1 << BITS[category] for column, category in mapping.columns.items()}
@@ -238,7 +238,7 @@ def baseline_rows_per_s(orders: Path, mapping: Mapping, permissions: dict[bytes,
 
 def entries_per_s(client: AccessLogClient, partner: str, count: int, batch: int) -> float:
     request_id = os.urandom(32)  # one access request, as an export is
-    entries = [Access(os.urandom(32), partner, bytes(PURPOSE), 1 << 5, request_id) for _ in range(count)]
+    entries = [Access(os.urandom(32), partner, PURPOSE, 1 << 5, request_id) for _ in range(count)]
     started = time.perf_counter()
     pending = [(client.submit(entries[i : i + batch]), entries[i : i + batch]) for i in range(0, count, batch)]
     for tx_hash, sent in pending:
@@ -249,7 +249,7 @@ def entries_per_s(client: AccessLogClient, partner: str, count: int, batch: int)
 def baseline_entries_per_s(client: AccessLogClient, partner: str, count: int) -> float:
     started = time.perf_counter()
     for _ in range(count):
-        client.record([Access(os.urandom(32), partner, bytes(PURPOSE), 1 << 5, os.urandom(32))])
+        client.record([Access(os.urandom(32), partner, PURPOSE, 1 << 5, os.urandom(32))])
     return count / (time.perf_counter() - started)
 
 
@@ -293,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             indexer = Indexer(w3, engine, registry.address, deployment.deploy_block, chunk=100_000)
             while indexer.step() > 0:
                 pass
-            permissions = Outbox(engine).permissions(partner, bytes(PURPOSE))
+            permissions = Outbox(engine).permissions(partner, PURPOSE)
             engine.dispose()
             overhead = block_overhead_ms(backend)
             print(

@@ -265,7 +265,7 @@ def access_record(chain: Chain) -> dict[str, float]:
     crash of the node could not lose them (what `bridge export` waits before it hands data on)."""
     per_tx = max_record_entries()
     request_id = os.urandom(32)
-    entries = [Access(os.urandom(32), chain.partner, bytes(PURPOSE), 1, request_id) for _ in range(ACCESS_ENTRIES)]
+    entries = [Access(os.urandom(32), chain.partner, PURPOSE, 1, request_id) for _ in range(ACCESS_ENTRIES)]
     started = time.perf_counter()
     hashes = [chain.access_log.submit(entries[i : i + per_tx]) for i in range(0, len(entries), per_tx)]
     receipts = chain.access_log.sender.wait(hashes)

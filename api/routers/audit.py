@@ -8,11 +8,11 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
-from api.auth import Caller
-from api.deps import CallerDep, RuntimeDep, scope
+from api.auth import Scope
+from api.deps import AuditReader, OwnAccessesReader, RuntimeDep
 from api.errors import ApiError, responses
 from api.fields import Key, LogIndex, Name
 from api.reference import Catalogue
@@ -25,7 +25,6 @@ from ledger import eip712
 from ledger.access import AccessEntry
 
 router = APIRouter(tags=["audit"], responses=responses(401, 403))
-AuditReader = Annotated[Caller, Depends(scope("audit:read"))]
 CSV_COLUMNS = [
     "index", "block_time", "did", "partner", "partner_name", "purpose", "attributes", "permitted", "request_id",
     "tx_hash", "block_number",
@@ -169,13 +168,13 @@ def verify(runtime: RuntimeDep, _caller: AuditReader) -> VerificationPublic:
 def customer_accesses(
     did: str,
     runtime: RuntimeDep,
-    caller: CallerDep,
+    caller: OwnAccessesReader,
     after: After = -1,
     limit: Limit = 1_000,
     format: Format = "json",
 ) -> Any:
     """Who accessed this customer's data, when and for what (denied attempts included)."""
-    subject = own_subject(runtime, caller, did, "audit:read")
+    subject = own_subject(runtime, caller, did, Scope.AUDIT_READ)
     entries = _public(runtime, runtime.ledger.access_reader.entries(subject=subject, after=after, limit=limit))
     if format == "csv":
         return _csv(entries, "my-accesses.csv")

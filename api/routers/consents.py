@@ -10,9 +10,9 @@ from typing import Any
 from fastapi import APIRouter, status
 from starlette.concurrency import run_in_threadpool
 
-from api.auth import Caller
-from api.deps import CallerDep, ConsentWriter, RuntimeDep, checked
-from api.errors import ApiError, responses
+from api.auth import Caller, Scope
+from api.deps import ConsentWriter, OwnConsentsReader, RuntimeDep
+from api.errors import ApiError, problem, responses
 from api.reference import Catalogue
 from api.runtime import Runtime
 from api.schemas import ConsentAccepted, ConsentPrepare, ConsentPreparePublic, ConsentRequestPublic, TypedDataSubmission
@@ -20,12 +20,14 @@ from identity.types import Subject
 from ledger import eip712
 from ledger.consent import SignedChange
 from ledger.eip712 import ChangeKind, ConsentChange
+from ledger.errors import UnknownAttributes
 from ledger.outbox import NonceConflict
 from ledger.store import ConsentRequest, RequestStatus
+from ledger.types import attribute_mask
 
 router = APIRouter(prefix="/consents", tags=["consents"], responses=responses(401, 403))
 DEADLINE = 15 * 60  # seconds a prepared grant may wait to be signed and relayed (a revocation: see settings)
-CONSENTS_READ = checked("consents:read")  # an operator's; customers read their own consents
+CONSENTS_READ = Scope.CONSENTS_READ  # an operator's; customers read their own consents
 
 
 def _controller(caller: Caller) -> str:
@@ -117,15 +119,10 @@ async def submit(body: TypedDataSubmission, runtime: RuntimeDep, caller: Consent
         raise ApiError(422, "unknown_purpose", "No such purpose", "purpose: 0x" + bytes(change.purpose).hex())
     if change.attributes == 0:
         raise ApiError(422, "empty_attributes", "A change names at least one attribute")
-    stray = change.attributes & ~catalogue.attribute_mask
-    if stray:
-        lowest = (stray & -stray).bit_length() - 1
-        raise ApiError(
-            422,
-            "unknown_attribute",
-            "No such attribute",
-            f"attributes: bit {lowest} is no attribute's",
-        )
+    try:  # the signed word is a uint256: bits past what a consent holds are no attribute's either
+        attribute_mask(change.attributes, catalogue.attribute_mask)
+    except UnknownAttributes as exc:
+        raise problem(exc) from exc
     if change.valid_until and change.valid_until <= time.time():
         raise ApiError(422, "invalid_validity", "validUntil is in the past")
     registry = runtime.ledger.consent
@@ -153,7 +150,7 @@ def public_status(request: ConsentRequest) -> str:
 
 
 @router.get("/{request_id}", response_model=ConsentRequestPublic, responses=responses(404))
-def get(request_id: str, runtime: RuntimeDep, caller: CallerDep) -> ConsentRequestPublic:
+def get(request_id: str, runtime: RuntimeDep, caller: OwnConsentsReader) -> ConsentRequestPublic:
     """A consent change's status, transaction and block, and its consent receipt once on-chain."""
     request = runtime.ledger.outbox.request(request_id)
     visible = request is not None and (

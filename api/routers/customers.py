@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from web3 import Web3
 
 from api import auth
-from api.deps import CallerDep, OperatorWrite, RuntimeDep, checked
+from api.deps import OperatorWrite, OwnConsentsReader, RuntimeDep
 from api.errors import ApiError, problem, responses
 from api.models import ClaimCode
 from api.runtime import Runtime
@@ -39,7 +39,7 @@ from ledger.store import as_utc, latest_binding
 router = APIRouter(prefix="/customers", tags=["customers"], responses=responses(403))
 CLAIM_LIFETIME = timedelta(days=7)
 BIND_DEADLINE = 15 * 60
-CONSENTS_READ = checked("consents:read")
+CONSENTS_READ = auth.Scope.CONSENTS_READ
 
 
 def subject_of(runtime: Runtime, did: str) -> Subject:
@@ -192,7 +192,7 @@ def bind(did: str, body: ControllerSubmit, runtime: RuntimeDep) -> ControllerPub
     return ControllerPublic(did=did, controller=binding.controller, tx_hash=tx_hash, block_number=block_number)
 
 
-def own_subject(runtime: Runtime, caller: auth.Caller, did: str, operator_scope: str) -> Subject:
+def own_subject(runtime: Runtime, caller: auth.Caller, did: str, operator_scope: auth.Scope) -> Subject:
     """The subject of `did`, if the caller may see it: that customer, or a service with `operator_scope`."""
     subject = subject_of(runtime, did)
     if caller.kind == "customer":
@@ -204,7 +204,7 @@ def own_subject(runtime: Runtime, caller: auth.Caller, did: str, operator_scope:
 
 
 @router.get("/{did}/consents", response_model=list[ConsentPublic], responses=responses(404))
-def consents(did: str, runtime: RuntimeDep, caller: CallerDep) -> list[ConsentPublic]:
+def consents(did: str, runtime: RuntimeDep, caller: OwnConsentsReader) -> list[ConsentPublic]:
     """Current consents: per partner and purpose, what is permitted now and what is pending."""
     subject = own_subject(runtime, caller, did, CONSENTS_READ)
     catalogue = runtime.catalogue()

@@ -20,15 +20,14 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import Connection
 
 from api import idempotency
-from api.auth import Caller
+from api.auth import Caller, Scope
 from api.deps import (
-    CallerDep,
+    OwnPointsReader,
     PointsAuthoriser,
     PointsIssuer,
     PointsRedeemer,
     RuntimeDep,
     StatementReader,
-    checked,
 )
 from api.errors import PROBLEM_MEDIA_TYPE, ApiError, request_path, responses
 from api.routers.customers import own_subject, subject_of
@@ -61,7 +60,7 @@ from ledger.types import MAX_POINTS
 router = APIRouter(tags=["points"], responses=responses(401, 403))
 DEADLINE = 15 * 60  # seconds an authorisation may wait to be used at the partner
 ANSWER_TIMEOUT = 30.0
-POINTS_READ = checked("points:read")  # an operator's; customers read their own points
+POINTS_READ = Scope.POINTS_READ  # an operator's; customers read their own points
 
 _IDEMPOTENCY_KEY = "a unique key per operation: a retry with the same key and body gets the first answer"
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255, description=_IDEMPOTENCY_KEY)]
@@ -412,7 +411,7 @@ _KIND_NAMES: dict[int, Literal["issued", "redeemed", "expired", "issue_rejected"
 
 
 @router.get("/customers/{did}/points", response_model=PointsPublic, responses=responses(404))
-def customer_points(did: str, runtime: RuntimeDep, caller: CallerDep) -> PointsPublic:
+def customer_points(did: str, runtime: RuntimeDep, caller: OwnPointsReader) -> PointsPublic:
     """Balance (unexpired points), live lots with their expiry, history and tier."""
     subject = own_subject(runtime, caller, did, POINTS_READ)
     reader = runtime.ledger.points_reader

@@ -12,9 +12,9 @@ from api.deps import ReferenceRead, ReferenceWrite, RuntimeDep
 from api.errors import ApiError, responses
 from api.models import AttributeRow, Partner, Principal, PurposeRow
 from api.schemas import AttributeCreate, AttributePublic, PartnerCreate, PartnerPublic, PurposeCreate, PurposePublic
-from ledger.consent import ATTRIBUTE_BITS
 from ledger.eip712 import purpose_id
 from ledger.store import as_utc, utcnow
+from ledger.types import ATTRIBUTE_BITS
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["reference"], responses=responses(401, 403))

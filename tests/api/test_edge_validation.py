@@ -150,6 +150,8 @@ def _signed(service: Service, customer: Customer, action: str = "grant", **messa
         ({"validUntil": 2**64 - 1}, "invalid_typed_data", "validUntil"),
         ({"nonce": 2**63}, "invalid_typed_data", "nonce"),
         ({"attributes": 2**200}, "unknown_attribute", "attributes"),
+        ({"attributes": 1 << 192}, "unknown_attribute", "attributes: bit 192 is no attribute's"),  # one past
+        ({"attributes": 2**256 - 1}, "unknown_attribute", "attributes: bit 8 is no attribute's"),
         ({"attributes": 1 << 100}, "unknown_attribute", "attributes"),
         ({"attributes": 1 << 8}, "unknown_attribute", "attributes"),  # the registry names bits 0-7
         ({"validUntil": 1}, "invalid_validity", ""),
@@ -167,9 +169,15 @@ def test_a_signed_grant_is_checked_as_its_preparation_is(
     assert _signed(service, customer).status_code == 202
 
 
-def test_a_signed_revocation_of_an_unknown_attribute_is_refused(service: Service, customer: Customer) -> None:
+@pytest.mark.parametrize("attributes", [2**200, 1 << 192, 1 | 1 << 192])
+def test_a_signed_revocation_of_an_unknown_attribute_is_refused(
+    service: Service, customer: Customer, attributes: int
+) -> None:
+    """The registry would take a revocation of bits past the ones a consent holds (and change nothing
+    with them); the service refuses it as it refuses a grant of them, by `ledger.types.attribute_mask`."""
     before = _consents_of(service, _subject(service, customer))
-    _problem(_signed(service, customer, "revoke", attributes=2**200), 422, "unknown_attribute")
+    problem = _problem(_signed(service, customer, "revoke", attributes=attributes), 422, "unknown_attribute")
+    assert problem["detail"] == "attributes: bit 192 is no attribute's" or attributes == 2**200
     assert _consents_of(service, _subject(service, customer)) == before
 
 

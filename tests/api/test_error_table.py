@@ -13,7 +13,7 @@ from api import errors
 from api.auth import SignInFailed, WrongOrigin
 from identity.errors import InvalidDid, InvalidPII, KeyMaterialError, SubjectErased, UnknownSubject
 from ledger.eip712 import TypedDataError
-from ledger.errors import ChainError
+from ledger.errors import ChainError, UnknownAttributes
 from tests.api.test_consent_api import _problem
 
 
@@ -34,6 +34,9 @@ ROUTE_ANSWERS: list[tuple[Exception, int, str, str, str | None, dict[str, Any]]]
     (WrongOrigin("sign in at https://a.example"), 401, "wrong_origin",
      "Sign-in refused: the message is for another site", "sign in at https://a.example", {}),
     (SignInFailed("the message has expired"), 401, "sign_in_failed", "Sign-in refused", "the message has expired", {}),
+    # What POST /consents answered when it checked a mask's stray bits itself.
+    (UnknownAttributes(192), 422, "unknown_attribute", "No such attribute", "attributes: bit 192 is no attribute's",
+     {}),
 ]  # fmt: skip
 
 

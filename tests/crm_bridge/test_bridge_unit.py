@@ -25,9 +25,9 @@ from identity.pseudonym import PepperRing, Pseudonymizer
 from identity.types import Subject
 from ledger.access import RECORD_SELECTOR, Access, AccessBatch, encode_entries, max_record_entries
 from ledger.anvil import NotDurable
-from ledger.consent import ATTRIBUTE_BITS
 from ledger.errors import TransactionFailed
 from ledger.tx import MAX_TX_DATA_BYTES, Receipt
+from ledger.types import ATTRIBUTE_BITS
 
 BITS = {"user.behavior.purchase_history": 5, "user.demographic": 4}
 MAPPING = Mapping.parse(
@@ -492,3 +492,12 @@ def test_the_parquet_file_encodes_the_did_as_a_dictionary_and_keeps_statistics_o
     assert dictionary == {"did", "age_band"}  # a customer's rows repeat the DID; "note" is all distinct
     assert {name for name, c in chunks.items() if c.is_stats_set} == {"amount"}
     assert pq.read_table(tmp_path / "out.parquet").num_rows == 200
+
+
+def test_a_registry_bit_past_what_a_consent_holds_is_refused() -> None:
+    """The bridge's mapping is bound by the one limit (`ledger.types.ATTRIBUTE_BITS`), as the API is."""
+    bridge = Bridge(PSEUDONYMS, DIDS, MemoryLog())
+    for bit in (ATTRIBUTE_BITS, -1):
+        with pytest.raises(MappingError, match=f"attribute bits are 0 to {ATTRIBUTE_BITS - 1}"):
+            Export(bridge, [], MAPPING, partner="0x", purpose=bytes(32), purpose_key="p",
+                   attribute_bits={**BITS, "user.demographic": bit}, permissions={})  # fmt: skip

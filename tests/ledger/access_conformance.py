@@ -10,7 +10,7 @@ import pytest
 from ledger import eip712
 from ledger.access import ACCESSOR_ROLE, GAS_PER_ENTRY, ZERO_HEAD, Access, fetch_events, link
 from ledger.errors import AccessRejected, Unauthorized
-from ledger.types import Subject
+from ledger.types import Purpose, Subject
 from tests.ledger.conftest import Ledger
 
 ANALYTICS = eip712.purpose_id("analytics.reporting")
@@ -21,7 +21,7 @@ REQUEST = os.urandom(32)
 
 
 def access(ledger: Ledger, attributes: int, *, subject: bytes | None = None, purpose: bytes | None = None) -> Access:
-    return Access(subject or ledger.subject, ledger.partner, purpose or ledger.purpose, attributes, REQUEST)
+    return Access(subject or ledger.subject, ledger.partner, Purpose(purpose or ledger.purpose), attributes, REQUEST)
 
 
 class AccessLogConformance:

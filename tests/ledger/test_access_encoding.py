@@ -26,10 +26,11 @@ from ledger.access import (
     max_record_entries,
 )
 from ledger.tx import MAX_TX_DATA_BYTES, TxRequest, TxSender
+from ledger.types import Purpose
 
 
 def _entries(count: int) -> list[Access]:
-    partner, purpose, request_id = Account.create().address, os.urandom(32), os.urandom(32)
+    partner, purpose, request_id = Account.create().address, Purpose(os.urandom(32)), os.urandom(32)
     return [Access(os.urandom(32), partner, purpose, i * 2**200 + 7, request_id) for i in range(count)]
 
 
@@ -47,7 +48,7 @@ def test_the_request_encoding_is_the_abi_encoding() -> None:
 
 def test_a_batch_is_one_access_request() -> None:
     entries = _entries(2)
-    other = Access(os.urandom(32), entries[0].partner, os.urandom(32), 1, entries[0].request_id)
+    other = Access(os.urandom(32), entries[0].partner, Purpose(os.urandom(32)), 1, entries[0].request_id)
     with pytest.raises(ValueError, match="share partner, purpose and request id"):
         encode_request([*entries, other])
 
