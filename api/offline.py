@@ -29,15 +29,14 @@ from identity.pseudonym import Pseudonymizer
 from identity.settings import IdentitySettings
 from identity.types import Subject
 from ledger.access import AccessLogClient, Verification, verify
-from ledger.backends import durable_wait, http_provider, node_url
-from ledger.compiler import compile_contracts
-from ledger.contracts import Deployment, RevertDecoder
+from ledger.assembly import Keys, open_contracts
+from ledger.backends import durable_wait, node_url
+from ledger.contracts import Deployment
 from ledger.eip712 import purpose_id
 from ledger.errors import ChainError
 from ledger.outbox import Outbox
 from ledger.settings import ChainSettings, ToolchainSettings
 from ledger.store import make_engine, sessions
-from ledger.tx import TxSender
 
 
 def chain_url(service: ServiceSettings, chain: ChainSettings) -> str:
@@ -68,30 +67,14 @@ class Offline:
         if service is None:
             service = ServiceSettings(data_dir=data_dir) if data_dir else ServiceSettings()
         chain, identity = chain or ChainSettings(), IdentitySettings()
-        record = service.data_dir / "deployment.json"
-        if not record.is_file():
-            raise ToolError(f"{record} does not exist: run `consent-ledger serve` once to deploy the contracts")
-        deployment = Deployment.load(record)
-        if "AccessLog" not in deployment.contracts:
-            raise ToolError("the deployment has no AccessLog yet: start `consent-ledger serve` once to deploy it")
         secrets = load_secrets(service, chain, identity)
-        w3 = Web3(http_provider(chain_url(service, chain), chain.rpc_timeout))
-        try:
-            chain_id = w3.eth.chain_id
-        except (OSError, ValueError) as exc:
-            raise ChainError(f"the chain node does not answer: {exc.__class__.__name__}") from exc
-        if chain_id != deployment.chain_id:
-            raise ToolError(f"the node is chain {chain_id}, the deployment record is for chain {deployment.chain_id}")
-        artifacts = compile_contracts(ToolchainSettings())
-        access_log = AccessLogClient(
-            w3,
-            deployment.address("AccessLog"),
-            artifacts["AccessLog"],
-            TxSender(w3, secrets.accessor, receipt_timeout=chain.receipt_timeout),
-            RevertDecoder(list(artifacts.values())),
+        keys = Keys(secrets.operator, secrets.accessor)
+        # The accessor signs the access records of `bridge export`; nothing here signs with the operator.
+        contracts = open_contracts(
+            chain, ToolchainSettings(), service.data_dir, keys=keys, node_url=chain_url(service, chain)
         )
         engine = make_engine(service.database_url or f"sqlite:///{(service.data_dir / 'service.db').resolve()}")
-        return cls(service, chain, secrets, identity, engine, deployment, w3, access_log)
+        return cls(service, chain, secrets, identity, engine, contracts.deployment, contracts.w3, contracts.access_log)
 
     def close(self) -> None:
         self.engine.dispose()

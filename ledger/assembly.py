@@ -34,6 +34,7 @@ from ledger.bindings import Bindings
 from ledger.compiler import Artifact, compile_contracts
 from ledger.consent import ConsentRegistryClient
 from ledger.contracts import ContractClient, Deployment, RevertDecoder, ensure_deployed, ledger_plan
+from ledger.errors import DeploymentError
 from ledger.indexer import Indexer
 from ledger.loyalty import LoyaltyPointsClient
 from ledger.outbox import Outbox, OutboxWriter
@@ -60,8 +61,8 @@ class Keys:
 
 
 @dataclass
-class Ledger:
-    """What every role has once the ledger is open."""
+class Contracts:
+    """The chain and the deployed contracts' clients."""
 
     backend: ChainBackend
     deployment: Deployment
@@ -70,49 +71,71 @@ class Ledger:
     consent: ConsentRegistryClient
     points: LoyaltyPointsClient
     access_log: AccessLogClient
-    outbox: Outbox
-    writer: OutboxWriter  # consent requests, batched into few commits
-    inserts: GroupCommit  # new points requests, likewise
-    points_reader: PointsReader
-    access_reader: AccessReader
 
     @property
     def w3(self) -> Web3:
         return self.backend.w3
 
     def close(self) -> None:
-        """Stop the writers' threads and the chain backend (a managed node stops)."""
-        self.writer.close()
-        self.inserts.close()
+        """Stop the chain backend (a managed node stops; a remote one is let go)."""
         self.backend.stop()
 
 
-def open_ledger(
+@dataclass
+class Ledger(Contracts):
+    """What every role of the service has once the ledger is open: the contracts, and over the service
+    database the request tables' writers and the read models' readers."""
+
+    outbox: Outbox
+    writer: OutboxWriter  # consent requests, batched into few commits
+    inserts: GroupCommit  # new points requests, likewise
+    points_reader: PointsReader
+    access_reader: AccessReader
+
+    def close(self) -> None:
+        """Stop the writers' threads and the chain backend."""
+        self.writer.close()
+        self.inserts.close()
+        super().close()
+
+
+def open_contracts(
     chain: ChainSettings,
     toolchain: ToolchainSettings,
-    engine: Engine,
     data_dir: Path,
     *,
     keys: Keys,
-    tiers: dict[str, int],
     node_url: str | None = None,
-) -> Ledger:
-    """Start or reach the chain and open the contracts' clients over `engine`.
+    read_only: bool = False,
+) -> Contracts:
+    """Start or reach the chain and open the contracts' clients.
 
-    With `node_url` (an API worker), the chain is the supervisor's node at that URL and the deployment
-    its `deployment.json`; the clients' senders are read-only. Otherwise the chain is `chain.backend`
-    (a managed node starts), the contracts are deployed where missing, and the configured keys are
-    made the ones the contracts authorise (or the start is refused)."""
+    With `node_url` (an API worker, a command-line tool), the chain is the node at that URL, run by
+    `serve` or external, and the deployment the data dir's `deployment.json` (DeploymentError when
+    there is none, or it is of another chain); `read_only` senders refuse to sign (a worker: the
+    supervisor sends). Otherwise the chain is `chain.backend` (a managed node starts), the contracts
+    are deployed where missing, and the configured keys are made the ones the contracts authorise (or
+    the start is refused)."""
     artifacts = compile_contracts(toolchain)
     decoder = RevertDecoder(list(artifacts.values()))
     record = data_dir / "deployment.json"
     backend: ChainBackend
     if node_url is not None:
-        backend = remote_backend(node_url, keys.operator)
-        w3 = backend.start()
+        if not record.is_file():
+            raise DeploymentError(f"{record} does not exist: run `consent-ledger serve` once to deploy the contracts")
         deployment = Deployment.load(record)
-        sender = TxSender(w3, keys.operator, read_only=True)
-        accessor = TxSender(w3, keys.accessor, read_only=True)
+        if "AccessLog" not in deployment.contracts:
+            raise DeploymentError("the deployment has no AccessLog yet: start `consent-ledger serve` once to deploy it")
+        backend = remote_backend(node_url, keys.operator, timeout=chain.rpc_timeout)
+        w3 = backend.start()
+        if (chain_id := w3.eth.chain_id) != deployment.chain_id:
+            backend.stop()
+            raise DeploymentError(
+                f"the node is chain {chain_id}, the deployment record is for chain {deployment.chain_id}"
+            )
+        timeout = chain.receipt_timeout
+        sender = TxSender(w3, keys.operator, read_only=read_only, receipt_timeout=timeout)
+        accessor = TxSender(w3, keys.accessor, read_only=read_only, receipt_timeout=timeout)
     else:
         backend = create_backend(chain, keys.operator, data_dir)
         w3 = backend.start()
@@ -134,21 +157,39 @@ def open_ledger(
         except BaseException:
             backend.stop()
             raise
-    consent = ConsentRegistryClient(
-        w3, deployment.address("ConsentRegistry"), artifacts["ConsentRegistry"], sender, decoder
-    )
-    return Ledger(
+    return Contracts(
         backend=backend,
         deployment=deployment,
         artifacts=artifacts,
         decoder=decoder,
-        consent=consent,
+        consent=ConsentRegistryClient(
+            w3, deployment.address("ConsentRegistry"), artifacts["ConsentRegistry"], sender, decoder
+        ),
         points=LoyaltyPointsClient(
             w3, deployment.address("LoyaltyPoints"), artifacts["LoyaltyPoints"], sender, decoder
         ),
         access_log=AccessLogClient(w3, deployment.address("AccessLog"), artifacts["AccessLog"], accessor, decoder),
+    )
+
+
+def open_ledger(
+    chain: ChainSettings,
+    toolchain: ToolchainSettings,
+    engine: Engine,
+    data_dir: Path,
+    *,
+    keys: Keys,
+    tiers: dict[str, int],
+    node_url: str | None = None,
+) -> Ledger:
+    """`open_contracts` (an API worker: `node_url`, read-only), and over `engine` the request writers and
+    the read models' readers."""
+    contracts = open_contracts(chain, toolchain, data_dir, keys=keys, node_url=node_url, read_only=node_url is not None)
+    parts = {name: getattr(contracts, name) for name in Contracts.__dataclass_fields__}
+    return Ledger(
+        **parts,
         outbox=Outbox(engine),
-        writer=OutboxWriter(engine, chain_nonces=consent.nonces_of),
+        writer=OutboxWriter(engine, chain_nonces=contracts.consent.nonces_of),
         inserts=GroupCommit(engine, name="points-inserts"),
         points_reader=PointsReader(engine, tiers),
         access_reader=AccessReader(engine),

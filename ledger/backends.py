@@ -396,9 +396,13 @@ def durable_wait(settings: ChainSettings, data_dir: Path) -> Callable[[int], Non
     return None if node is None else node.durable_wait
 
 
-def remote_backend(url: str, operator: LocalAccount) -> ChainBackend:
-    """The chain another process of the service runs, at `url` (an API worker's view of its supervisor's)."""
-    return RpcBackend(ChainSettings(backend="rpc", rpc_url=url), operator)
+def remote_backend(url: str, operator: LocalAccount, *, timeout: float | None = None) -> ChainBackend:
+    """The chain at `url`, run by another process (`serve`'s managed node, seen from an API worker or a
+    tool) or external; calls time out after `timeout` seconds (default: `rpc_timeout`'s)."""
+    settings = ChainSettings(backend="rpc", rpc_url=url)
+    if timeout is not None:
+        settings = settings.model_copy(update={"rpc_timeout": timeout})
+    return RpcBackend(settings, operator)
 
 
 def create_backend(settings: ChainSettings, operator: LocalAccount, data_dir: Path) -> ChainBackend:
