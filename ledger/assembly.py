@@ -6,13 +6,14 @@ request tables' writers and the read models' readers. The roles that run the cha
 consent and points lanes. An API worker (`worker`) reaches its supervisor's node and deployment and
 never sends a transaction.
 
-    ledger = open_ledger(chain, toolchain, engine, data_dir, keys=Keys(operator, accessor))
-    writers = start_writers(ledger, engine, lanes, hooks)   # all / supervisor only
+    ledger = open_ledger(chain, toolchain, engine, data_dir, keys=Keys(operator, accessor), tiers=tiers)
+    writers = chain_writers(ledger, engine, lanes, hooks)   # all / supervisor only
     ...
     ledger.close()
 
-`api.runtime.Runtime` assembles the service from these; the command-line tools and the benchmarks open
-the same parts rather than wiring clients of their own.
+`api.runtime.Runtime` assembles the service from these, and the command-line tools open the contracts
+with `open_contracts` (the running node's URL) rather than wiring clients of their own. (The benchmarks
+under `scripts/` still wire theirs.)
 """
 
 from __future__ import annotations
