@@ -23,7 +23,8 @@ from identity.did import DidWeb
 from identity.normalize import PII, normalize_email
 from identity.pseudonym import PepperRing, Pseudonymizer
 from identity.types import Subject
-from ledger.access import RECORD_SELECTOR, Access, AccessBatch, encode_entries, max_record_entries
+from ledger.access import Access, AccessBatch, max_record_entries
+from ledger.access.client import RECORD_SELECTOR, encode_entries
 from ledger.anvil import NotDurable
 from ledger.errors import TransactionFailed
 from ledger.tx import MAX_TX_DATA_BYTES, Receipt

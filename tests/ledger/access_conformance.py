@@ -8,7 +8,8 @@ from dataclasses import replace
 import pytest
 
 from ledger import eip712
-from ledger.access import ACCESSOR_ROLE, GAS_PER_ENTRY, ZERO_HEAD, Access, fetch_events, link
+from ledger.access import ACCESSOR_ROLE, Access, fetch_events
+from ledger.access.client import GAS_PER_ENTRY, ZERO_HEAD, link
 from ledger.errors import AccessRejected, Unauthorized
 from ledger.types import Purpose, Subject
 from tests.ledger.conftest import Ledger

@@ -11,7 +11,7 @@ from eth_abi.abi import encode as abi_encode
 from eth_account import Account
 from eth_utils.crypto import keccak
 
-from ledger.access import (
+from ledger.access.client import (
     ENTRY_BYTES,
     RECORD_HEAD_BYTES,
     RECORD_SELECTOR,

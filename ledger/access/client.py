@@ -1,30 +1,27 @@
-"""The access log: typed client of `AccessLog`, its events, the hash chain, the indexer's follower
-and the auditor's verification.
+"""The access log's client: typed client of `AccessLog`, the encoding of `record`, the hash chain's
+step and the decoding of its `AccessBatchRecorded` events.
 
 The contract hashes every entry into a running chain (see `contracts/IAccessLog.sol`); `link`
 computes the same step here, so an auditor can recompute the head from the chain's own events and
-compare the read model, entry by entry, with them.
+compare the read model, entry by entry, with them (`ledger.access.verification`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from eth_typing import ChecksumAddress, HexStr
 from eth_utils.crypto import keccak
 from requests.exceptions import RequestException
-from sqlalchemy import BigInteger, Boolean, Engine, Index, Integer, LargeBinary, String, delete, insert, select
-from sqlalchemy.orm import Mapped, Session, mapped_column
 from web3 import Web3
 from web3.types import RPCEndpoint
 
 from ledger.contracts import ContractClient
 from ledger.errors import ChainError, TransactionFailed
 from ledger.events import _bytes, _hex, _int
-from ledger.store import Base, IndexerCursor, sessions
 from ledger.tx import MAX_TX_DATA_BYTES, Receipt, TxRequest, items_per_transaction
 from ledger.types import Purpose, checksummed
 
@@ -369,240 +366,3 @@ def fetch_events(
     """Every entry the contract logged in [from_block, to_block], in log order."""
     for batch in fetch_batches(w3, address, from_block, to_block, chunk=chunk):
         yield from batch.events()
-
-
-# read model ----------------------------------------------------------------------------------------
-
-
-class AccessEntry(Base):
-    """An entry of an `AccessBatchRecorded` log as indexed: the auditor's and the customer's view of the
-    access log."""
-
-    __tablename__ = "access_entries"
-    __table_args__ = (
-        Index("ix_access_subject", "subject", "index"),
-        Index("ix_access_partner_purpose", "partner", "purpose", "block_time"),
-        Index("ix_access_block", "block_number"),
-        Index("ix_access_time", "block_time"),
-    )
-
-    index: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    subject: Mapped[bytes] = mapped_column(LargeBinary(32))
-    partner: Mapped[str] = mapped_column(String(42))
-    purpose: Mapped[bytes] = mapped_column(LargeBinary(32))
-    attributes: Mapped[str] = mapped_column(String(80))  # uint256 as decimal
-    request_id: Mapped[bytes] = mapped_column(LargeBinary(32))
-    permitted: Mapped[bool] = mapped_column(Boolean)
-    head: Mapped[bytes] = mapped_column(LargeBinary(32))
-    block_number: Mapped[int] = mapped_column(BigInteger)
-    block_hash: Mapped[str] = mapped_column(String(66))
-    log_index: Mapped[int] = mapped_column(Integer)
-    tx_hash: Mapped[str] = mapped_column(String(66))
-    block_time: Mapped[int] = mapped_column(BigInteger)
-
-    def event(self) -> AccessEvent:
-        return AccessEvent(
-            index=self.index,
-            subject=bytes(self.subject),
-            partner=self.partner,
-            purpose=Purpose(bytes(self.purpose)),
-            attributes=int(self.attributes),
-            request_id=bytes(self.request_id),
-            permitted=self.permitted,
-            head=bytes(self.head),
-            block_number=self.block_number,
-            block_hash=self.block_hash,
-            log_index=self.log_index,
-            tx_hash=self.tx_hash,
-        )
-
-
-class AccessFollower:
-    """Indexer follower for `AccessLog` (see `ledger.indexer.Follower`)."""
-
-    def __init__(self, address: str) -> None:
-        self.address: str = Web3.to_checksum_address(address)
-        self.topics = [RECORDED]
-
-    def apply(self, session: Session, logs: Sequence[dict[str, Any]], times: dict[int, int]) -> int:
-        batches = [b for b in (decode(dict(item)) for item in logs) if b is not None]
-        decoded = [e for batch in batches for e in batch.events()]
-        if decoded:
-            session.execute(
-                insert(AccessEntry),
-                [
-                    {
-                        "index": e.index,
-                        "subject": e.subject,
-                        "partner": e.partner,
-                        "purpose": e.purpose,
-                        "attributes": str(e.attributes),
-                        "request_id": e.request_id,
-                        "permitted": e.permitted,
-                        "head": e.head,
-                        "block_number": e.block_number,
-                        "block_hash": e.block_hash,
-                        "log_index": e.log_index,
-                        "tx_hash": e.tx_hash,
-                        "block_time": times[e.block_number],
-                    }
-                    for e in decoded
-                ],
-            )
-        return len(decoded)
-
-    def rollback(self, session: Session, ancestor: int) -> None:
-        session.execute(delete(AccessEntry).where(AccessEntry.block_number > ancestor))
-
-
-# verification --------------------------------------------------------------------------------------
-
-
-DivergenceCode = Literal[
-    "chain_link", "chain_head", "chain_count", "missing_in_read_model", "field_mismatch", "extra_in_read_model"
-]
-
-
-@dataclass(frozen=True)
-class Divergence:
-    index: int
-    what: DivergenceCode
-    detail: str
-
-
-@dataclass(frozen=True)
-class Verification:
-    ok: bool
-    block_number: int  # the chain block the check was made at
-    chain_count: int
-    chain_head: str
-    recomputed_head: str
-    read_model_count: int
-    divergence: Divergence | None
-
-
-_FIELDS = ("subject", "partner", "purpose", "attributes", "request_id", "permitted", "head", "tx_hash", "block_number")
-
-
-def _first_field_mismatch(chain: AccessEvent, stored: AccessEvent) -> str | None:
-    for name in _FIELDS:
-        if getattr(chain, name) != getattr(stored, name):
-            return name
-    return None
-
-
-def verify(
-    w3: Web3,
-    client: AccessLogClient,
-    engine: Engine,
-    deploy_block: int,
-    *,
-    indexer_cursor: str = "consent_registry",
-) -> Verification:
-    """Recompute the hash chain from the chain's events, compare it with the contract's head and
-    count, and compare the read model entry by entry; report the first divergence.
-
-    Entries mined after the indexer's cursor are not yet expected in the read model; every entry up
-    to it must be there exactly as the chain has it, and nothing more.
-    """
-    block = int(w3.eth.block_number)
-    chain_head, chain_count = client.head(block), client.count(block)
-    with sessions(engine)() as session:
-        cursor_row = session.get(IndexerCursor, indexer_cursor)
-        cursor = cursor_row.block_number if cursor_row else deploy_block - 1
-        stored_rows: Iterable[AccessEntry] = session.scalars(select(AccessEntry).order_by(AccessEntry.index))
-        stored = iter([row.event() for row in stored_rows])
-
-    head, expected = ZERO_HEAD, 0
-    found: list[Divergence] = []  # only the first is reported; later ones follow from it
-    read_model_count = 0
-    pending = next(stored, None)
-    for batch in fetch_batches(w3, client.address, deploy_block, block):
-        if found:
-            break
-        if batch.first_index != expected:
-            found.append(Divergence(expected, "chain_link", f"the chain's entry {expected} is missing"))
-        elif batch.previous_head != head:
-            found.append(
-                Divergence(batch.first_index, "chain_link", "the batch's previous head is not the recomputed one")
-            )
-        events = batch.events()  # each entry's head computed from the batch's previous head
-        if not found and (not events or events[-1].head != batch.head):
-            found.append(
-                Divergence(batch.first_index, "chain_link", "the batch's head is not the one recomputed over it")
-            )
-        if found:
-            break
-        head, expected = batch.head, batch.first_index + len(events)
-        if batch.block_number > cursor:
-            continue  # not indexed yet
-        for event in events:
-            while pending is not None and pending.index < event.index:
-                found.append(
-                    Divergence(pending.index, "extra_in_read_model", "the read model has an entry the chain lacks")
-                )
-                pending = next(stored, None)
-            if pending is None or pending.index != event.index:
-                found.append(Divergence(event.index, "missing_in_read_model", "the read model lacks this entry"))
-                break
-            read_model_count += 1
-            mismatch = _first_field_mismatch(event, pending)
-            if mismatch is not None:
-                found.append(Divergence(event.index, "field_mismatch", f"{mismatch} differs from the chain"))
-                break
-            pending = next(stored, None)
-    if pending is not None:
-        found.append(Divergence(pending.index, "extra_in_read_model", "the read model has an entry the chain lacks"))
-    divergence = found[0] if found else None
-    if divergence is None and expected != chain_count:
-        divergence = Divergence(
-            expected, "chain_count", f"the contract counts {chain_count} entries, the logs {expected}"
-        )
-    if divergence is None and head != chain_head:
-        divergence = Divergence(expected, "chain_head", "the recomputed head is not the contract's head")
-    return Verification(
-        ok=divergence is None,
-        block_number=block,
-        chain_count=chain_count,
-        chain_head="0x" + chain_head.hex(),
-        recomputed_head="0x" + head.hex(),
-        read_model_count=read_model_count,
-        divergence=divergence,
-    )
-
-
-class AccessReader:
-    """Queries of the indexed access log (auditors, customers)."""
-
-    def __init__(self, engine: Engine) -> None:
-        self._sessions = sessions(engine)
-
-    def entries(
-        self,
-        *,
-        subject: bytes | None = None,
-        partner: str | None = None,
-        purpose: bytes | None = None,
-        start: int | None = None,
-        end: int | None = None,
-        permitted: bool | None = None,
-        after: int = -1,
-        limit: int = 1_000,
-    ) -> list[AccessEntry]:
-        """Entries in log order matching every filter given; `start`/`end` are block times (end
-        exclusive); `after` is the last index of the previous page."""
-        query = select(AccessEntry).where(AccessEntry.index > after)
-        if subject is not None:
-            query = query.where(AccessEntry.subject == subject)
-        if partner is not None:
-            query = query.where(AccessEntry.partner == partner)
-        if purpose is not None:
-            query = query.where(AccessEntry.purpose == purpose)
-        if start is not None:
-            query = query.where(AccessEntry.block_time >= start)
-        if end is not None:
-            query = query.where(AccessEntry.block_time < end)
-        if permitted is not None:
-            query = query.where(AccessEntry.permitted.is_(permitted))
-        with self._sessions() as session:
-            return list(session.scalars(query.order_by(AccessEntry.index).limit(limit)))

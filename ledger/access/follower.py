@@ -1,0 +1,52 @@
+"""The access log's follower: the indexer's part for `AccessLog` (see `ledger.indexer.Follower`), which
+writes each logged entry into the read model (`ledger.access.tables`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import delete, insert
+from sqlalchemy.orm import Session
+from web3 import Web3
+
+from ledger.access.client import RECORDED, decode
+from ledger.access.tables import AccessEntry
+
+
+class AccessFollower:
+    """Indexer follower for `AccessLog` (see `ledger.indexer.Follower`)."""
+
+    def __init__(self, address: str) -> None:
+        self.address: str = Web3.to_checksum_address(address)
+        self.topics = [RECORDED]
+
+    def apply(self, session: Session, logs: Sequence[dict[str, Any]], times: dict[int, int]) -> int:
+        batches = [b for b in (decode(dict(item)) for item in logs) if b is not None]
+        decoded = [e for batch in batches for e in batch.events()]
+        if decoded:
+            session.execute(
+                insert(AccessEntry),
+                [
+                    {
+                        "index": e.index,
+                        "subject": e.subject,
+                        "partner": e.partner,
+                        "purpose": e.purpose,
+                        "attributes": str(e.attributes),
+                        "request_id": e.request_id,
+                        "permitted": e.permitted,
+                        "head": e.head,
+                        "block_number": e.block_number,
+                        "block_hash": e.block_hash,
+                        "log_index": e.log_index,
+                        "tx_hash": e.tx_hash,
+                        "block_time": times[e.block_number],
+                    }
+                    for e in decoded
+                ],
+            )
+        return len(decoded)
+
+    def rollback(self, session: Session, ancestor: int) -> None:
+        session.execute(delete(AccessEntry).where(AccessEntry.block_number > ancestor))
