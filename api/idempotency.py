@@ -27,7 +27,7 @@ from sqlalchemy.exc import IntegrityError
 
 from api.errors import ApiError
 from api.runtime import Runtime
-from ledger.points_store import IDEMPOTENCY_RECORD, IdempotencyRecord, PointsRequest
+from ledger.points import IDEMPOTENCY_RECORD, IdempotencyRecord, PointsRequest
 
 MAX_ATTEMPTS = 5
 INSERT_TIMEOUT = 30.0  # seconds
@@ -79,7 +79,7 @@ async def start(
     commit is awaited; a thread-pool hop per request was ~7 % of an API worker's CPU.
 
     `build` only reads (it checks signatures and looks rows up, on a read connection: Core statements
-    built once, see `ledger.points_store`), so it runs outside the write lock;
+    built once, see `ledger.points.tables`), so it runs outside the write lock;
     the inserts go to the runtime's group commit, which stores concurrent requests' rows in one
     transaction. A concurrent duplicate that got in between is caught by the unique indexes (key,
     and the on-chain id) and handled below."""

@@ -22,7 +22,7 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 import api.models  # noqa: F401 - registers the API's tables on the shared metadata
-import ledger.points_store  # noqa: F401 - registers the points tables on the shared metadata
+import ledger.points.tables  # noqa: F401 - registers the points tables on the shared metadata
 from api import reference
 from api.auth import challenge_key, prune_expired
 from api.did_host import did_web
@@ -38,8 +38,7 @@ from ledger.assembly import Hooks, Keys, Lanes, Ledger, Role, Writers, chain_wri
 from ledger.bindings import UNKNOWN_PARTNER
 from ledger.consent import PARTNER_ROLE
 from ledger.errors import ConsentRejected, LedgerError
-from ledger.points import FINAL, Completions
-from ledger.points_store import prune_idempotency_records
+from ledger.points import FINAL, Completions, prune_idempotency_records
 from ledger.relayer import BlockCadence, run_lanes
 from ledger.settings import ChainSettings, ToolchainSettings
 from ledger.store import Checkpointer, ControllerState, create_schema, make_engine, sessions

@@ -37,9 +37,8 @@ from ledger.consent import ConsentRegistryClient
 from ledger.contracts import ContractClient, Deployment, RevertDecoder, ensure_deployed, ledger_plan
 from ledger.errors import DeploymentError
 from ledger.indexer import Indexer
-from ledger.loyalty import LoyaltyPointsClient
 from ledger.outbox import Outbox, OutboxWriter
-from ledger.points import Completions, PointsFollower, PointsReader, PointsRelayer
+from ledger.points import Completions, LoyaltyPointsClient, PointsFollower, PointsReader, PointsRelayer
 from ledger.relayer import Relayer
 from ledger.roles import OPERATOR_ROLES, check_keys
 from ledger.settings import ChainSettings, ToolchainSettings

@@ -26,7 +26,7 @@ from ledger.access import ACCESSOR_ROLE
 from ledger.consent import DEFAULT_ADMIN_ROLE, OPERATOR_ROLE
 from ledger.contracts import ContractClient
 from ledger.errors import LedgerError
-from ledger.loyalty import ISSUER_ROLE, RELAYER_ROLE
+from ledger.points import ISSUER_ROLE, RELAYER_ROLE
 from ledger.tx import TxSender
 
 log = logging.getLogger(__name__)

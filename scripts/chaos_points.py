@@ -41,7 +41,7 @@ from sqlalchemy import create_engine, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ledger import loyalty
+from ledger.points.client import REDEEMED
 from scripts.bench_api import Service
 from scripts.bench_loyalty import POINTS_EACH, presign, set_up, start_partners
 from scripts.loadgen import Outcome
@@ -137,7 +137,7 @@ def run(customers: int, partners: int, tills: int, per_pair: int, kills: int, in
             settle(data_dir)
 
             url = node_url(data_dir)
-            logs = rpc(url, "eth_getLogs", [{"address": address, "fromBlock": "0x0", "topics": [loyalty.REDEEMED]}])
+            logs = rpc(url, "eth_getLogs", [{"address": address, "fromBlock": "0x0", "topics": [REDEEMED]}])
             on_chain = Counter(entry["topics"][3] for entry in logs)
             answers = [json.loads(a) for a in outcome.answers]
             # Every redemption sent (its id: its customer's subject). A partner told "still pending" (503:

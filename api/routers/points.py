@@ -52,9 +52,7 @@ from identity.types import Subject
 from ledger import eip712
 from ledger.bindings import CONTROLLER_OF
 from ledger.eip712 import Redemption
-from ledger.loyalty import EventKind
-from ledger.points import FINAL, LOST_AFTER_ANSWER, PointsReader
-from ledger.points_store import REQUEST_BY_REF, PointsRequest, PointsStatus
+from ledger.points import FINAL, LOST_AFTER_ANSWER, REQUEST_BY_REF, EventKind, PointsReader, PointsRequest, PointsStatus
 from ledger.types import MAX_POINTS
 
 router = APIRouter(tags=["points"], responses=responses(401, 403))

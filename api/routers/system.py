@@ -16,7 +16,7 @@ from api.runtime import Runtime
 from ledger import outbox, points
 from ledger.errors import LedgerError
 from ledger.indexer import CURSOR
-from ledger.points_store import PointsRequest
+from ledger.points import PointsRequest
 from ledger.store import ConsentRequest, IndexerCursor, as_utc, utcnow
 
 router = APIRouter(tags=["system"])

@@ -12,7 +12,7 @@ from eth_account import Account
 
 from ledger.access import ACCESSOR_ROLE
 from ledger.consent import DEFAULT_ADMIN_ROLE, OPERATOR_ROLE, PARTNER_ROLE
-from ledger.loyalty import ISSUER_ROLE, RELAYER_ROLE
+from ledger.points import ISSUER_ROLE, RELAYER_ROLE
 from ledger.roles import KeyNotAuthorised, _holders
 from tests.api.conftest import Service, running_service, start_service
 

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 
 from api.auth import create_principal
 from ledger.eip712 import purpose_id
-from ledger.points_store import PointsRequest
+from ledger.points import PointsRequest
 from ledger.store import ConsentRequest
 from ledger.types import Subject
 from tests.api.conftest import Customer, Service, q

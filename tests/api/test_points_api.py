@@ -18,7 +18,7 @@ from sqlalchemy import delete, select, update
 from api.auth import create_principal
 from api.models import Partner
 from ledger.bindings import CONTROLLER_OF
-from ledger.points_store import IdempotencyRecord, PointsRequest
+from ledger.points import IdempotencyRecord, PointsRequest
 from ledger.store import ControllerState, utcnow
 from ledger.types import Subject
 from tests.api.conftest import Customer, Service, q

@@ -22,8 +22,8 @@ from eth_account.messages import encode_typed_data
 from eth_utils.crypto import keccak
 from sqlalchemy import func, select
 
-from ledger import loyalty
-from ledger.points_store import PointsRequest, PointsStatus
+from ledger.points import PointsRequest, PointsStatus
+from ledger.points.client import REDEEMED
 from ledger.store import IndexedBlock, make_engine, sessions
 from tests.api.conftest import q
 from tests.api.test_crash import Serve, _customer, principal
@@ -142,7 +142,7 @@ def _never_spends_twice(serve: Serve, victim: str) -> None:
                 "jsonrpc": "2.0",
                 "id": 1,
                 "method": "eth_getLogs",
-                "params": [{"address": address, "fromBlock": "0x0", "toBlock": "latest", "topics": [loyalty.REDEEMED]}],
+                "params": [{"address": address, "fromBlock": "0x0", "toBlock": "latest", "topics": [REDEEMED]}],
             },
         ).json()["result"]
         ids = Counter(entry["topics"][3] for entry in logs)

@@ -20,7 +20,7 @@ from ledger.compiler import Artifact, compile_contracts
 from ledger.consent import ConsentRegistryClient, SignedChange
 from ledger.contracts import Deployment, RevertDecoder, ensure_deployed, ledger_plan
 from ledger.eip712 import ChangeKind, ConsentChange, Domain
-from ledger.loyalty import LoyaltyPointsClient
+from ledger.points import LoyaltyPointsClient
 from ledger.store import Base, create_schema, make_engine
 from ledger.tx import TxSender
 from ledger.types import Purpose, Subject

@@ -20,7 +20,7 @@ from ledger.errors import (
     SignatureExpired,
     Unauthorized,
 )
-from ledger.loyalty import EventKind, Issuance, PointsEvent, SignedRedemption
+from ledger.points import EventKind, Issuance, PointsEvent, SignedRedemption
 from ledger.tx import TxSender
 from ledger.types import Subject
 from tests.ledger.conftest import Ledger

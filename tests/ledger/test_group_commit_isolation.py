@@ -13,7 +13,7 @@ from pathlib import Path
 from sqlalchemy import event, func, select
 from sqlalchemy.exc import OperationalError
 
-from ledger.points_store import PointsRequest
+from ledger.points import PointsRequest
 from ledger.store import Base, GroupCommit, make_engine, sessions
 
 

@@ -10,17 +10,16 @@ import pytest
 from eth_abi.abi import encode as abi_encode
 from eth_account import Account
 
-from ledger import loyalty
 from ledger.contracts import RevertDecoder
-from ledger.points import Completions, PointsFollower
-from ledger.points_store import PointsRequest, PointsStatus
+from ledger.points import Completions, PointsFollower, PointsRequest, PointsStatus
+from ledger.points.client import REDEEMED
 from ledger.store import Base, make_engine, sessions
 
 
 def _redeemed_log(subject: bytes, partner: str, ref: bytes, amount: int, balance: int) -> dict[str, object]:
     return {
         "topics": [
-            loyalty.REDEEMED,
+            REDEEMED,
             "0x" + subject.hex(),
             "0x" + bytes(12).hex() + partner[2:].lower(),
             "0x" + ref.hex(),

@@ -18,7 +18,7 @@ from ledger import eip712
 from ledger.backends import InProcessBackend
 from ledger.compiler import Artifact
 from ledger.eip712 import Redemption
-from ledger.loyalty import EventKind, Issuance, SignedRedemption
+from ledger.points import EventKind, Issuance, SignedRedemption
 from ledger.settings import ChainSettings
 from ledger.types import Subject
 from tests.ledger.conftest import Accounts, Ledger, make_ledger

@@ -28,9 +28,18 @@ from ledger.contracts import ledger_plan
 from ledger.eip712 import Redemption
 from ledger.errors import ChainError
 from ledger.indexer import Indexer
-from ledger.loyalty import EventKind, LoyaltyPointsClient
-from ledger.points import LOST_AFTER_ANSWER, PointsFollower, PointsReader, PointsRelayer
-from ledger.points_store import PointsBatch, PointsHistory, PointsRequest, PointsStatus
+from ledger.points import (
+    LOST_AFTER_ANSWER,
+    EventKind,
+    LoyaltyPointsClient,
+    PointsBatch,
+    PointsFollower,
+    PointsHistory,
+    PointsReader,
+    PointsRelayer,
+    PointsRequest,
+    PointsStatus,
+)
 from ledger.store import sessions
 from ledger.tx import TxRequest
 from ledger.types import Subject

@@ -148,7 +148,7 @@ def test_an_older_database_gets_the_indexes_declared_since(tmp_path: Path) -> No
 def test_queries_made_under_the_write_lock_use_an_index(tmp_path: Path, query: str, index: str) -> None:
     """Each runs with every process's writers waiting (or as often as the relayer settles a batch):
     a scan of a table that grows with every request would stall them more as the service ages."""
-    import ledger.points_store  # noqa: F401 - its tables
+    import ledger.points.tables  # noqa: F401 - its tables
     from ledger.store import create_schema
 
     engine = make_engine(f"sqlite:///{tmp_path / 'service.db'}")

@@ -1,5 +1,5 @@
-"""Loyalty points tables in the service database: the relay queue (issuances and redemptions, with
-their idempotency records) and the read model the indexer builds from `LoyaltyPoints` events."""
+"""The points tables in the service database: the lane's queue (issuances and redemptions, with their
+idempotency records) and the read model the follower builds from `LoyaltyPoints` events."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from ledger.points.client import EventKind, PointsEvent
 from ledger.store import Base, delete_in_batches, utcnow
 
 
@@ -30,6 +31,10 @@ class PointsStatus(enum.StrEnum):
     SUBMITTED = "submitted"  # in a sent batch transaction
     DONE = "done"  # applied on-chain (settled from its transaction's receipt)
     FAILED = "failed"  # the chain refused it; `error_code` says why
+
+
+LIVE = (PointsStatus.PENDING, PointsStatus.SUBMITTED)
+FINAL = (PointsStatus.DONE, PointsStatus.FAILED)
 
 
 class PointsRequest(Base):
@@ -145,7 +150,7 @@ class PointsHistory(Base):
     log_index: Mapped[int] = mapped_column(Integer)
     tx_hash: Mapped[str] = mapped_column(String(66))
     block_time: Mapped[int] = mapped_column(BigInteger)
-    kind: Mapped[int] = mapped_column(Integer)  # ledger.loyalty.EventKind
+    kind: Mapped[int] = mapped_column(Integer)  # ledger.points.client.EventKind
     subject: Mapped[bytes] = mapped_column(LargeBinary(32))
     ref: Mapped[bytes] = mapped_column(LargeBinary(32))
     partner: Mapped[str | None] = mapped_column(String(42), default=None)
@@ -154,6 +159,19 @@ class PointsHistory(Base):
     balance: Mapped[int] = mapped_column(BigInteger, default=0)
     expires_at: Mapped[int] = mapped_column(BigInteger, default=0)
     reason: Mapped[str | None] = mapped_column(String(100), default=None)
+
+
+def finish(request: PointsRequest, event: PointsEvent) -> None:
+    """Mark a request done by the event that applied it (the lane from its batch's receipt, the follower
+    from the chain's logs when it sees the event first)."""
+    request.status = PointsStatus.DONE
+    request.tx_hash = event.tx_hash
+    request.block_number = event.block_number
+    request.lot_id = event.lot_id if event.kind is EventKind.ISSUED else None
+    request.balance = event.balance if event.kind is EventKind.REDEEMED else None
+    request.error_code = None
+    request.error_detail = None
+    request.updated_at = utcnow()
 
 
 # The redemption route's reads, built once and run on a Core connection: measured on SQLite, a

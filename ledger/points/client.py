@@ -1,4 +1,5 @@
-"""Typed client of `LoyaltyPoints`: issuance and redemption (single or batched), reads, and its logs."""
+"""The points client: typed client of `LoyaltyPoints` (issuance and redemption, single or batched,
+and reads), the encoding of its batches, and the decoding of its events."""
 
 from __future__ import annotations
 
