@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,30 @@ def test_no_branch_on_the_chain_backend_outside_ledger(package: str) -> None:
     `copy_chain`): adding a backend is a change to `ledger` alone."""
     violations = set().union(*(_backend_branches(path) for path in (PROJECT_ROOT / package).rglob("*.py")))
     assert not violations
+
+
+# The pipelines' packages have the same parts under the same names (docs/architecture.md, "The
+# pipelines' parts"): a newcomer who knows one finds their way in the other.
+PIPELINE_PARTS = {"client", "tables", "lane", "follower", "reads"}
+PIPELINES = {
+    # part names it lacks, and why
+    "points": ({}, {"completions"}),
+    "access": ({"lane": "the bridge records each access request itself, synchronously"}, {"verification"}),
+}
+
+
+@pytest.mark.parametrize("pipeline", sorted(PIPELINES))
+def test_each_pipeline_has_the_common_parts(pipeline: str) -> None:
+    """Each pipeline package has the common parts (but those it lacks, for a stated reason) and its own
+    named extras, nothing else; each part says in its docstring what it is; the package exports names
+    that exist."""
+    missing, extras = PIPELINES[pipeline]
+    folder = PROJECT_ROOT / "ledger" / pipeline
+    assert not (PROJECT_ROOT / "ledger" / f"{pipeline}.py").exists()  # no module shadowed by the package
+    modules = {path.stem for path in folder.glob("*.py")} - {"__init__"}
+    assert modules == (PIPELINE_PARTS - set(missing)) | extras
+    for name in modules | {"__init__"}:
+        tree = ast.parse((folder / f"{name}.py").read_text(encoding="utf-8"))
+        assert ast.get_docstring(tree), f"ledger/{pipeline}/{name}.py says what it is"
+    package = importlib.import_module(f"ledger.{pipeline}")
+    assert all(hasattr(package, name) for name in package.__all__)
