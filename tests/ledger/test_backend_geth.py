@@ -257,8 +257,8 @@ def test_a_state_dir_too_deep_for_a_socket_path_gets_its_socket_in_a_private_dir
 @pytest.mark.geth
 def test_the_node_builds_no_state_snapshot(tmp_path: Path) -> None:
     """geth's state snapshot is built in the background and, with millions of customers' state, was
-    regenerated around every block: 0.8-0.95 of a core on an idle node (README, "How far the embedded
-    ledger goes"). The node must not build one; geth says in its log (at the start-up verbosity) when
+    regenerated around every block: 0.8-0.95 of a core on an idle node (README, "The embedded chain and
+    how far it serves"). The node must not build one; geth says in its log (at the start-up verbosity) when
     it does."""
     with GethBackend(geth_settings(), Accounts().operator, tmp_path) as backend:
         node = backend.node
