@@ -441,9 +441,10 @@ class Runtime:
             ledger.backend.stop()
         if self.writers is not None:
             self.writers.close()
-        for part in ("engine", "vault"):
-            if part in started:
-                (started[part] if part == "engine" else started[part].engine).dispose()
+        if "engine" in started:
+            self.engine.dispose()
+        if "vault" in started:
+            self.vault.engine.dispose()
 
 
 def _classify(exc: BaseException) -> tuple[str, str, Any]:

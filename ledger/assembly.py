@@ -185,9 +185,8 @@ def open_ledger(
     """`open_contracts` (an API worker: `node_url`, read-only), and over `engine` the request writers and
     the read models' readers."""
     contracts = open_contracts(chain, toolchain, data_dir, keys=keys, node_url=node_url, read_only=node_url is not None)
-    parts = {name: getattr(contracts, name) for name in Contracts.__dataclass_fields__}
     return Ledger(
-        **parts,
+        **vars(contracts),
         outbox=Outbox(engine),
         writer=OutboxWriter(engine, chain_nonces=contracts.consent.nonces_of),
         inserts=GroupCommit(engine, name="points-inserts"),

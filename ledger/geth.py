@@ -329,8 +329,7 @@ class GethNode(ManagedProcess):
             raise ChainError(f"{self.genesis_file} is missing: the managed node has not started yet")
         dest.mkdir()
         shutil.copyfile(self.genesis_file, dest / self.genesis_file.name)
-        if self.running_node() is not None:
-            self._running_head()  # its port, and an error in words when it does not answer
+        if self._running_head() is not None:  # running (its port is now set), and it answers
             try:
                 block = self.export_blocks(dest / self.import_file.name)
             except (OSError, NodeStartError) as exc:
