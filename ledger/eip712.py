@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from operator import attrgetter
+from typing import Any, ClassVar
 
 from coincurve import PrivateKey, PublicKey
 from eth_abi.abi import encode as abi_encode
@@ -35,54 +37,6 @@ EIP712_DOMAIN_FIELDS = [
 ]
 _DOMAIN_TYPEHASH = keccak(b"EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)")
 
-MESSAGE_FIELDS: dict[str, list[tuple[str, str]]] = {
-    "ConsentGrant": [
-        ("subject", "bytes32"),
-        ("partner", "address"),
-        ("purpose", "bytes32"),
-        ("attributes", "uint256"),
-        ("validUntil", "uint64"),
-        ("nonce", "uint256"),
-        ("deadline", "uint256"),
-    ],
-    "ConsentRevoke": [
-        ("subject", "bytes32"),
-        ("partner", "address"),
-        ("purpose", "bytes32"),
-        ("attributes", "uint256"),
-        ("nonce", "uint256"),
-        ("deadline", "uint256"),
-    ],
-    "ControllerChange": [
-        ("subject", "bytes32"),
-        ("newController", "address"),
-        ("nonce", "uint256"),
-        ("deadline", "uint256"),
-    ],
-    "Redemption": [
-        ("subject", "bytes32"),
-        ("partner", "address"),
-        ("amount", "uint256"),
-        ("redemptionId", "bytes32"),
-        ("nonce", "uint256"),
-        ("deadline", "uint256"),
-    ],
-    # Off-chain only: a new customer proves they hold the key they bind, with their claim code.
-    "ControllerBinding": [
-        ("subject", "bytes32"),
-        ("controller", "address"),
-        ("claim", "bytes32"),
-        ("deadline", "uint256"),
-    ],
-}
-
-
-def _type_string(primary: str) -> str:
-    return primary + "(" + ",".join(f"{kind} {name}" for name, kind in MESSAGE_FIELDS[primary]) + ")"
-
-
-TYPEHASHES = {primary: keccak(text=_type_string(primary)) for primary in MESSAGE_FIELDS}
-
 
 # Every field of our messages is a static type, so a struct's ABI encoding is its 32-byte words one
 # after another; built directly, as eth_abi's general encoder took about a third of a signature check.
@@ -98,10 +52,142 @@ def _bytes32_word(value: bytes) -> bytes:
     return bytes(value)
 
 
-def _uint_word(value: int, bits: int = 256) -> bytes:
-    if not 0 <= value < 1 << bits:
-        raise ValueError(f"{value} is out of range for uint{bits}")
-    return value.to_bytes(32, "big")
+def _uint_encoder(bits: int) -> Callable[[int], bytes]:
+    """The word of a `uint<bits>` (a closure per width: a partial with a keyword cost a microsecond a message)."""
+    end = 1 << bits
+
+    def word(value: int) -> bytes:
+        if not 0 <= value < end:
+            raise ValueError(f"{value} is out of range for uint{bits}")
+        return value.to_bytes(32, "big")
+
+    return word
+
+
+# The messages customers sign, one specification each (`MessageType`): the EIP-712 type string and
+# typehash, the typed data a wallet is given, the struct hash, and the parsing and validation of
+# submitted typed data all come from it. The contracts' TYPEHASH constants and their structs' ABI are
+# checked against it (tests/ledger/test_eip712.py).
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field of a signed message: its EIP-712 name and Solidity type (`bytes32`, `address` or
+    `uint<N>`), the attribute of the Python message that holds it, and the largest value the service
+    accepts where tighter than the type (what the service stores is a signed 64-bit INTEGER)."""
+
+    name: str
+    type: str
+    attr: str = ""  # when it differs from `name`
+    maximum: int | None = None
+    bits: int = field(init=False)  # of a `uint<N>`
+    # The field's 32-byte ABI word (every type here is static), refusing a value not of its type.
+    word: Callable[[Any], bytes] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.attr:
+            object.__setattr__(self, "attr", self.name)
+        bits = int(self.type[4:]) if self.type.startswith("uint") else 0
+        if not (self.type in ("bytes32", "address") or (8 <= bits <= 256 and bits % 8 == 0)):
+            raise ValueError(f"{self.name}: {self.type} is not a type a message of ours has")
+        object.__setattr__(self, "bits", bits)
+        word = {"bytes32": _bytes32_word, "address": _address_word}.get(self.type)
+        object.__setattr__(self, "word", word or _uint_encoder(bits))
+
+    def to_json(self, value: Any) -> Any:
+        return "0x" + bytes(value).hex() if self.type == "bytes32" else value
+
+    def read(self, value: Any) -> Any:
+        """The submitted JSON value as the Python value, or TypedDataError naming the field."""
+        if self.type == "bytes32":
+            return _bytes32(value, self.name)
+        if self.type == "address":
+            return _address(value, self.name)
+        return _uint(value, self.bits, self.name, maximum=self.maximum)
+
+
+@dataclass(frozen=True)
+class MessageType:
+    """The specification of one EIP-712 message type."""
+
+    primary: str
+    fields: tuple[Field, ...]
+    type_string: str = field(init=False)  # as the contracts' `..._TYPEHASH` constants spell it
+    typehash: bytes = field(init=False)
+    _values: Callable[[Any], tuple[Any, ...]] = field(init=False, repr=False, compare=False)
+    _words: tuple[Callable[[Any], bytes], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        type_string = self.primary + "(" + ",".join(f"{f.type} {f.name}" for f in self.fields) + ")"
+        object.__setattr__(self, "type_string", type_string)
+        object.__setattr__(self, "typehash", keccak(text=type_string))
+        object.__setattr__(self, "_values", attrgetter(*(f.attr for f in self.fields)))
+        object.__setattr__(self, "_words", tuple(f.word for f in self.fields))
+
+    def types(self) -> dict[str, list[dict[str, str]]]:
+        """The `types` of the typed data (a new object each time: callers may hand it out)."""
+        return {
+            "EIP712Domain": EIP712_DOMAIN_FIELDS,
+            self.primary: [{"name": f.name, "type": f.type} for f in self.fields],
+        }
+
+    def message(self, values: Any) -> dict[str, Any]:
+        return {f.name: f.to_json(getattr(values, f.attr)) for f in self.fields}
+
+    def struct_hash(self, values: Any) -> bytes:
+        words = [word(value) for word, value in zip(self._words, self._values(values), strict=True)]
+        return keccak256(self.typehash + b"".join(words))
+
+    def read(self, message: Any) -> dict[str, Any]:
+        """The submitted message's fields by attribute, each checked against its type; exactly the
+        fields of this type, no more and no fewer."""
+        if not isinstance(message, dict) or set(message) != {f.name for f in self.fields}:
+            raise TypedDataError(f"message must have exactly the fields of {self.primary}")
+        return {f.attr: f.read(message[f.name]) for f in self.fields}
+
+
+_STORED = INT64_MAX  # a signed 64-bit INTEGER column: amounts, unix times, consent nonces
+_CONSENT_HEAD = (
+    Field("subject", "bytes32"),
+    Field("partner", "address"),
+    Field("purpose", "bytes32"),
+    # The whole word is signed; the registry keeps its low `ATTRIBUTE_BITS` (the routes check the rest).
+    Field("attributes", "uint256"),
+)
+_NONCE_DEADLINE = (Field("nonce", "uint256", maximum=_STORED), Field("deadline", "uint256", maximum=_STORED))
+CONSENT_GRANT = MessageType(
+    "ConsentGrant",
+    (*_CONSENT_HEAD, Field("validUntil", "uint64", "valid_until", maximum=_STORED), *_NONCE_DEADLINE),
+)
+CONSENT_REVOKE = MessageType("ConsentRevoke", (*_CONSENT_HEAD, *_NONCE_DEADLINE))
+CONTROLLER_CHANGE = MessageType(
+    "ControllerChange",
+    (Field("subject", "bytes32"), Field("newController", "address", "new_controller"), *_NONCE_DEADLINE),
+)
+REDEMPTION = MessageType(
+    "Redemption",
+    (
+        Field("subject", "bytes32"),
+        Field("partner", "address"),
+        Field("amount", "uint256", maximum=_STORED),
+        Field("redemptionId", "bytes32", "redemption_id"),
+        Field("nonce", "uint256"),  # keyed (partner above, sequence below): stored as decimal text
+        Field("deadline", "uint256", maximum=_STORED),
+    ),
+)
+# Off-chain only: a new customer proves they hold the key they bind, with their claim code.
+CONTROLLER_BINDING = MessageType(
+    "ControllerBinding",
+    (
+        Field("subject", "bytes32"),
+        Field("controller", "address"),
+        Field("claim", "bytes32"),
+        Field("deadline", "uint256", maximum=_STORED),
+    ),
+)
+MESSAGE_TYPES = {
+    t.primary: t for t in (CONSENT_GRANT, CONSENT_REVOKE, CONTROLLER_CHANGE, REDEMPTION, CONTROLLER_BINDING)
+}
 
 
 @dataclass(frozen=True)
@@ -166,8 +252,28 @@ class Signature:
         return self.r + self.s + bytes([self.v])
 
 
+class Signed:
+    """What every message has from its specification (`spec()`): its primary type, its JSON
+    message, and its struct hash."""
+
+    SPEC: ClassVar[MessageType]
+
+    def spec(self) -> MessageType:
+        return self.SPEC
+
+    @property
+    def primary_type(self) -> str:
+        return self.spec().primary
+
+    def message(self) -> dict[str, Any]:
+        return self.spec().message(self)
+
+    def struct_hash(self) -> bytes:
+        return self.spec().struct_hash(self)
+
+
 @dataclass(frozen=True)
-class ConsentChange:
+class ConsentChange(Signed):
     """A `ConsentGrant` or `ConsentRevoke` message (a revocation has `valid_until` 0)."""
 
     kind: ChangeKind
@@ -179,94 +285,34 @@ class ConsentChange:
     deadline: int
     valid_until: int = 0
 
-    @property
-    def primary_type(self) -> str:
-        return "ConsentGrant" if self.kind is ChangeKind.GRANT else "ConsentRevoke"
-
-    def message(self) -> dict[str, Any]:
-        values: dict[str, Any] = {
-            "subject": "0x" + bytes(self.subject).hex(),
-            "partner": self.partner,
-            "purpose": "0x" + bytes(self.purpose).hex(),
-            "attributes": self.attributes,
-            "validUntil": self.valid_until,
-            "nonce": self.nonce,
-            "deadline": self.deadline,
-        }
-        return {name: values[name] for name, _ in MESSAGE_FIELDS[self.primary_type]}
-
-    def struct_hash(self) -> bytes:
-        grant = self.kind is ChangeKind.GRANT
-        words = (
-            TYPEHASHES["ConsentGrant" if grant else "ConsentRevoke"]
-            + _bytes32_word(self.subject)
-            + _address_word(self.partner)
-            + _bytes32_word(self.purpose)
-            + _uint_word(self.attributes)
-        )
-        if grant:
-            words += _uint_word(self.valid_until, 64)
-        return keccak256(words + _uint_word(self.nonce) + _uint_word(self.deadline))
+    def spec(self) -> MessageType:
+        return CONSENT_GRANT if self.kind is ChangeKind.GRANT else CONSENT_REVOKE
 
 
 @dataclass(frozen=True)
-class ControllerChange:
+class ControllerChange(Signed):
     """A `ControllerChange` message: the current controller hands a subject to a new key."""
 
     subject: Subject
     new_controller: ChecksumAddress
     nonce: int
     deadline: int
-    primary_type = "ControllerChange"
-
-    def message(self) -> dict[str, Any]:
-        return {
-            "subject": "0x" + bytes(self.subject).hex(),
-            "newController": self.new_controller,
-            "nonce": self.nonce,
-            "deadline": self.deadline,
-        }
-
-    def struct_hash(self) -> bytes:
-        return keccak256(
-            TYPEHASHES["ControllerChange"]
-            + _bytes32_word(self.subject)
-            + _address_word(self.new_controller)
-            + _uint_word(self.nonce)
-            + _uint_word(self.deadline)
-        )
+    SPEC = CONTROLLER_CHANGE
 
 
 @dataclass(frozen=True)
-class ControllerBinding:
+class ControllerBinding(Signed):
     """`ControllerBinding`: signed off-chain by a new customer's key; `claim` is keccak256 of the claim code."""
 
     subject: Subject
     controller: ChecksumAddress
     claim: bytes
     deadline: int
-    primary_type = "ControllerBinding"
-
-    def message(self) -> dict[str, Any]:
-        return {
-            "subject": "0x" + bytes(self.subject).hex(),
-            "controller": self.controller,
-            "claim": "0x" + self.claim.hex(),
-            "deadline": self.deadline,
-        }
-
-    def struct_hash(self) -> bytes:
-        return keccak256(
-            TYPEHASHES["ControllerBinding"]
-            + _bytes32_word(self.subject)
-            + _address_word(self.controller)
-            + _bytes32_word(self.claim)
-            + _uint_word(self.deadline)
-        )
+    SPEC = CONTROLLER_BINDING
 
 
 @dataclass(frozen=True)
-class Redemption:
+class Redemption(Signed):
     """A `Redemption` message: the customer lets `partner` spend `amount` points, once (`redemption_id`).
 
     `nonce` is keyed by the partner (see `redemption_nonce`), so authorisations at different partners
@@ -279,28 +325,7 @@ class Redemption:
     redemption_id: bytes
     nonce: int
     deadline: int
-    primary_type = "Redemption"
-
-    def message(self) -> dict[str, Any]:
-        return {
-            "subject": "0x" + bytes(self.subject).hex(),
-            "partner": self.partner,
-            "amount": self.amount,
-            "redemptionId": "0x" + self.redemption_id.hex(),
-            "nonce": self.nonce,
-            "deadline": self.deadline,
-        }
-
-    def struct_hash(self) -> bytes:
-        return keccak256(
-            TYPEHASHES["Redemption"]
-            + _bytes32_word(self.subject)
-            + _address_word(self.partner)
-            + _uint_word(self.amount)
-            + _bytes32_word(self.redemption_id)
-            + _uint_word(self.nonce)
-            + _uint_word(self.deadline)
-        )
+    SPEC = REDEMPTION
 
 
 def redemption_nonce(partner: str, sequence: int) -> int:
@@ -366,44 +391,8 @@ def parse(typed: Any, domain: Domain, allowed: tuple[str, ...]) -> Message:
     primary = typed.get("primaryType")
     if primary not in allowed:
         raise TypedDataError(f"primaryType must be one of {', '.join(allowed)}")
-    message = typed.get("message")
-    if not isinstance(message, dict) or set(message) != {n for n, _ in MESSAGE_FIELDS[primary]}:
-        raise TypedDataError(f"message must have exactly the fields of {primary}")
-    parsed: Message
-    if primary in ("ConsentGrant", "ConsentRevoke"):
-        parsed = ConsentChange(
-            kind=ChangeKind.GRANT if primary == "ConsentGrant" else ChangeKind.REVOKE,
-            subject=Subject(_bytes32(message["subject"], "subject")),
-            partner=_address(message["partner"], "partner"),
-            purpose=Purpose(_bytes32(message["purpose"], "purpose")),
-            attributes=_uint(message["attributes"], 256, "attributes"),
-            nonce=_uint(message["nonce"], 256, "nonce", maximum=INT64_MAX),  # the outbox stores it
-            deadline=_uint(message["deadline"], 256, "deadline", maximum=INT64_MAX),
-            valid_until=_uint(message.get("validUntil", 0), 64, "validUntil", maximum=INT64_MAX),
-        )
-    elif primary == "Redemption":
-        parsed = Redemption(
-            subject=Subject(_bytes32(message["subject"], "subject")),
-            partner=_address(message["partner"], "partner"),
-            amount=_uint(message["amount"], 256, "amount", maximum=INT64_MAX),
-            redemption_id=_bytes32(message["redemptionId"], "redemptionId"),
-            nonce=_uint(message["nonce"], 256, "nonce"),  # keyed: stored as decimal text
-            deadline=_uint(message["deadline"], 256, "deadline", maximum=INT64_MAX),
-        )
-    elif primary == "ControllerBinding":
-        parsed = ControllerBinding(
-            subject=Subject(_bytes32(message["subject"], "subject")),
-            controller=_address(message["controller"], "controller"),
-            claim=_bytes32(message["claim"], "claim"),
-            deadline=_uint(message["deadline"], 256, "deadline", maximum=INT64_MAX),
-        )
-    else:
-        parsed = ControllerChange(
-            subject=Subject(_bytes32(message["subject"], "subject")),
-            new_controller=_address(message["newController"], "newController"),
-            nonce=_uint(message["nonce"], 256, "nonce", maximum=INT64_MAX),
-            deadline=_uint(message["deadline"], 256, "deadline", maximum=INT64_MAX),
-        )
+    values = MESSAGE_TYPES[primary].read(typed.get("message"))
+    parsed = _BUILD[primary](values)
     # Compared with what `typed_data` would give, built once per domain and message type.
     submitted_domain = typed.get("domain")
     if not isinstance(submitted_domain, dict) or {
@@ -420,14 +409,14 @@ def _lowered_domain(domain: Domain) -> dict[str, str]:
     return {k: str(v).lower() for k, v in domain.as_json().items()}
 
 
-def _types(primary: str) -> dict[str, list[dict[str, str]]]:
-    return {
-        "EIP712Domain": EIP712_DOMAIN_FIELDS,
-        primary: [{"name": name, "type": kind} for name, kind in MESSAGE_FIELDS[primary]],
-    }
-
-
-_TYPES = {primary: _types(primary) for primary in MESSAGE_FIELDS}  # for comparison only: never handed out
+_TYPES = {primary: t.types() for primary, t in MESSAGE_TYPES.items()}  # for comparison only: never handed out
+_BUILD: dict[str, Callable[[dict[str, Any]], Message]] = {
+    "ConsentGrant": lambda values: ConsentChange(kind=ChangeKind.GRANT, **values),
+    "ConsentRevoke": lambda values: ConsentChange(kind=ChangeKind.REVOKE, **values),
+    "ControllerChange": lambda values: ControllerChange(**values),
+    "Redemption": lambda values: Redemption(**values),
+    "ControllerBinding": lambda values: ControllerBinding(**values),
+}
 
 
 def digest(domain: Domain, message: Message) -> bytes:
@@ -439,7 +428,7 @@ def typed_data(domain: Domain, message: Message) -> dict[str, Any]:
     """The complete typed data, as `eth_signTypedData_v4` takes it."""
     primary = message.primary_type
     return {
-        "types": _types(primary),
+        "types": message.spec().types(),
         "primaryType": primary,
         "domain": domain.as_json(),
         "message": message.message(),

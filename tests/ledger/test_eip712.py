@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+from pathlib import Path
+
 import pytest
 from eth_account import Account
 from eth_account.messages import _hash_eip191_message, encode_typed_data
@@ -11,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ledger import eip712
+from ledger.compiler import Artifact
 from ledger.eip712 import (
     ChangeKind,
     ConsentChange,
@@ -219,3 +224,63 @@ def test_a_redemption_integer_must_be_an_integer_the_service_can_store(field: st
         parsed = eip712.parse(typed, domain, ("Redemption",))
         assert isinstance(parsed, Redemption)
         assert getattr(parsed, field) == int(str(accepted), 0)
+
+
+# One specification per message (`eip712.MessageType`): the contracts must sign the same thing.
+SOURCES = Path(__file__).resolve().parents[2] / "contracts"
+SIGNATURE_FIELDS = [("v", "uint8"), ("r", "bytes32"), ("s", "bytes32")]
+
+
+def test_every_message_the_contracts_check_is_specified_once_and_spelled_alike() -> None:
+    """Each `keccak256("Type(...)")` typehash in the contracts is the type string of the message type
+    of that name, and every message type but the off-chain `ControllerBinding` is one of them."""
+    found = {
+        match.group(2): match.group(1)
+        for path in SOURCES.glob("*.sol")
+        for match in re.finditer(r'keccak256\(\s*"((\w+)\([^"]*\))"\s*\)', path.read_text(encoding="utf-8"))
+    }
+    assert set(found) == set(eip712.MESSAGE_TYPES) - {"ControllerBinding"}
+    for primary, type_string in found.items():
+        assert eip712.MESSAGE_TYPES[primary].type_string == type_string
+        assert eip712.MESSAGE_TYPES[primary].typehash == keccak(text=type_string)
+
+
+def test_the_signed_structs_carry_the_messages_fields(artifacts: dict[str, Artifact]) -> None:
+    """The structs a batch carries are the message's fields (the grant's, for the one struct of both
+    kinds) between the kind and the signature, in the message's order."""
+
+    def struct(contract: str, function: str) -> list[tuple[str, str]]:
+        (abi,) = [f for f in artifacts[contract].abi if f.get("name") == function]
+        return [(c["name"], c["type"]) for c in abi["inputs"][0]["components"]]
+
+    def fields(message_type: eip712.MessageType) -> list[tuple[str, str]]:
+        return [(f.name, f.type) for f in message_type.fields]
+
+    assert struct("ConsentRegistry", "applyBatch") == [
+        ("kind", "uint8"),
+        *fields(eip712.CONSENT_GRANT),
+        *SIGNATURE_FIELDS,
+    ]
+    assert fields(eip712.CONSENT_REVOKE) == [f for f in fields(eip712.CONSENT_GRANT) if f[0] != "validUntil"]
+    assert struct("LoyaltyPoints", "redeemBatch") == [*fields(eip712.REDEMPTION), *SIGNATURE_FIELDS]
+
+
+def test_each_message_class_names_every_field_of_its_type() -> None:
+    """The dataclass and the specification agree: every field of the type is an attribute of the
+    class, and every attribute but a consent change's kind is a field of one of its types."""
+    classes = {
+        ConsentChange: (eip712.CONSENT_GRANT, eip712.CONSENT_REVOKE),
+        ControllerChange: (eip712.CONTROLLER_CHANGE,),
+        ControllerBinding: (eip712.CONTROLLER_BINDING,),
+        Redemption: (eip712.REDEMPTION,),
+    }
+    assert {t for types in classes.values() for t in types} == set(eip712.MESSAGE_TYPES.values())
+    for cls, types in classes.items():
+        attributes = {f.name for f in dataclasses.fields(cls)} - {"kind"}
+        assert attributes == {f.attr for t in types for f in t.fields}
+
+
+@pytest.mark.parametrize("kind", ["string", "uint7", "uint264", "bytes31", "int256"])
+def test_a_field_of_a_type_no_message_has_is_refused_where_it_is_written(kind: str) -> None:
+    with pytest.raises(ValueError, match="not a type"):
+        eip712.Field("x", kind)
