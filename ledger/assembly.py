@@ -12,8 +12,8 @@ never sends a transaction.
     ledger.close()
 
 `api.runtime.Runtime` assembles the service from these, and the command-line tools open the contracts
-with `open_contracts` (the running node's URL) rather than wiring clients of their own. (The benchmarks
-under `scripts/` still wire theirs.)
+and the benchmarks under `scripts/` open the contracts with `open_contracts` (the tools: the running node's
+URL) rather than wiring clients of their own.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
 from eth_account.signers.local import LocalAccount
 from sqlalchemy import Engine
@@ -79,6 +79,12 @@ class Contracts:
     def close(self) -> None:
         """Stop the chain backend (a managed node stops; a remote one is let go)."""
         self.backend.stop()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
 
 @dataclass

@@ -30,11 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from eth_utils.crypto import keccak
 
 from ledger import eip712
-from ledger.backends import AnvilBackend
-from ledger.compiler import compile_contracts
+from ledger.assembly import Keys, open_contracts
 from ledger.consent import ConsentRegistryClient, SignedChange, batch_gas
-from ledger.contracts import RevertDecoder, ensure_deployed
-from ledger.settings import ChainSettings
+from ledger.settings import ChainSettings, ToolchainSettings
 from ledger.tx import TxRequest, TxSender
 from ledger.types import Subject
 
@@ -126,25 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     operator = Account.create()
     with tempfile.TemporaryDirectory() as data_dir:
-        settings = ChainSettings(backend="anvil", block_time=args.block_time, gas_limit=30_000_000_000)
-        with AnvilBackend(settings, operator, Path(data_dir)) as backend:
-            w3 = backend.w3
-            artifacts = compile_contracts()
-            sender = TxSender(w3, operator, receipt_timeout=300)
-            deployment = ensure_deployed(
-                w3,
-                sender,
-                artifacts,
-                [("ConsentRegistry", lambda _d: [operator.address, operator.address])],
-                None,
-            )
-            registry = ConsentRegistryClient(
-                w3,
-                deployment.address("ConsentRegistry"),
-                artifacts["ConsentRegistry"],
-                sender,
-                RevertDecoder(list(artifacts.values())),
-            )
+        settings = ChainSettings(
+            backend="anvil", block_time=args.block_time, gas_limit=30_000_000_000, receipt_timeout=300
+        )
+        keys = Keys(operator, Account.create())
+        with open_contracts(settings, ToolchainSettings(), Path(data_dir), keys=keys) as contracts:
+            w3, registry, sender = contracts.w3, contracts.consent, contracts.consent.sender
             partner = Account.create().address
             registry.add_partner(partner)
             print(f"set-up: binding {args.grants + args.baseline} customers and signing their grants ...")

@@ -50,13 +50,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ledger.access import Access, AccessLogClient, max_record_entries
 from ledger.anvil import Checkpoints
-from ledger.backends import AnvilBackend, GethBackend, ManagedBackend
-from ledger.compiler import Artifact, compile_contracts
+from ledger.assembly import Keys, open_contracts
+from ledger.backends import ManagedBackend
 from ledger.consent import ConsentRegistryClient
-from ledger.contracts import RevertDecoder, ensure_deployed, ledger_plan
 from ledger.geth import GethNode
 from ledger.relayer import max_changes_per_batch
-from ledger.settings import ChainSettings
+from ledger.settings import ChainSettings, ToolchainSettings
 from ledger.tx import MAX_TX_DATA_BYTES, TxRequest, TxSender
 from ledger.types import Subject
 from scripts import bench_api
@@ -118,29 +117,20 @@ def disk_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
 
 
-def start_chain(kind: str, root: Path, artifacts: dict[str, Artifact]) -> Chain:
+def start_chain(kind: str, root: Path) -> Chain:
+    """The managed node of `kind` in `root`, with the contracts deployed as `serve` deploys them."""
     operator, accessor = Account.create(), Account.create()
-    settings = ChainSettings(backend=kind, block_time=0.2, start_timeout=600, rpc_timeout=300)  # type: ignore[arg-type]
-    backend: ManagedBackend = (
-        GethBackend(settings, operator, root) if kind == "geth" else AnvilBackend(settings, operator, root)
+    settings = ChainSettings(
+        backend=kind,  # type: ignore[arg-type]
+        block_time=0.2,
+        start_timeout=600,
+        rpc_timeout=300,
+        receipt_timeout=900,
     )
-    backend.start()
-    backend.prepare_account(accessor.address)
-    w3 = backend.w3
-    sender = TxSender(w3, operator, receipt_timeout=900)
-    plan = ledger_plan(operator.address, operator.address, accessor.address)
-    deployment = ensure_deployed(w3, sender, artifacts, plan, None)
-    decoder = RevertDecoder(list(artifacts.values()))
-    registry = ConsentRegistryClient(
-        w3, deployment.address("ConsentRegistry"), artifacts["ConsentRegistry"], sender, decoder
-    )
-    access_log = AccessLogClient(
-        w3,
-        deployment.address("AccessLog"),
-        artifacts["AccessLog"],
-        TxSender(w3, accessor, receipt_timeout=900),
-        decoder,
-    )
+    contracts = open_contracts(settings, ToolchainSettings(), root, keys=Keys(operator, accessor))
+    backend = contracts.backend
+    assert isinstance(backend, ManagedBackend), f"{kind} is not a managed node"
+    registry, access_log, sender = contracts.consent, contracts.access_log, contracts.consent.sender
     partner = Account.create().address
     registry.add_partner(partner)
     (tx,) = sender.send([TxRequest(to=None, data=FILLER_INIT, gas=200_000)])
@@ -448,14 +438,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.api_changes, args.api_customers = 400, 20
     sizes = [int(s) for s in args.sizes.split(",")]
     baseline_sizes = [int(s) for s in args.baseline_sizes.split(",") if s]
-    artifacts = compile_contracts()
     results: dict[str, Any] = {"sizes": sizes, "real_customers": args.real, "max_tx_data_bytes": MAX_TX_DATA_BYTES}
     root = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     try:
         for kind, kind_sizes in (("geth", sizes), ("anvil", baseline_sizes)):
             if not kind_sizes:
                 continue
-            chain = start_chain(kind, root / kind, artifacts)
+            chain = start_chain(kind, root / kind)
             try:
                 per_customer = results.setdefault("slots_per_customer", slots_per_customer(chain))
                 print(f"{kind}: {per_customer} storage slots per customer", flush=True)
