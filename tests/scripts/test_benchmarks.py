@@ -156,6 +156,7 @@ def test_bench_scale_quick_reports_its_figures() -> None:
         (at_10k,) = figures[node]
         assert at_10k["customers"] == 10_000
         assert at_10k["empty_block_cpu_ms"] > 0
+        assert at_10k["empty_block_resolution_ms"] == round(1000 / os.sysconf("SC_CLK_TCK") / 10, 3)  # 10 blocks
         assert at_10k["grants_per_s"] > 0
         assert at_10k["sigkill_acknowledged_txs"] > 0
         # through `serve` on the same chain: every change posted was accepted and confirmed
