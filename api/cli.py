@@ -243,7 +243,7 @@ def _principals_db(args: argparse.Namespace) -> Iterator[sessionmaker[Session]]:
 
     service = _service_settings(args)
     service.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(service.database_url or f"sqlite:///{(service.data_dir / 'service.db').resolve()}")
+    engine = make_engine(service.service_database_url)
     try:
         create_schema(engine)
         yield sessions(engine)

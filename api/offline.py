@@ -73,7 +73,7 @@ class Offline:
         contracts = open_contracts(
             chain, ToolchainSettings(), service.data_dir, keys=keys, node_url=chain_url(service, chain)
         )
-        engine = make_engine(service.database_url or f"sqlite:///{(service.data_dir / 'service.db').resolve()}")
+        engine = make_engine(service.service_database_url)
         return cls(service, chain, secrets, identity, engine, contracts.deployment, contracts.w3, contracts.access_log)
 
     def close(self) -> None:

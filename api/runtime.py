@@ -108,9 +108,7 @@ class Runtime:
             self.vault.create_schema()
 
         # The supervisor checkpoints the log in the background (`Checkpointer`): no commit does it.
-        self.engine = make_engine(
-            self.service.database_url or f"sqlite:///{(data_dir / 'service.db').resolve()}", checkpoints=False
-        )
+        self.engine = make_engine(self.service.service_database_url, checkpoints=False)
         self._sessions = sessions(self.engine)
         if not worker:
             create_schema(self.engine)

@@ -138,6 +138,11 @@ class ServiceSettings(BaseSettings):
     def development(self) -> bool:
         return self.mode == "development"
 
+    @property
+    def service_database_url(self) -> str:
+        """The service database: `database_url`, else SQLite in the data dir (`service.db`)."""
+        return self.database_url or f"sqlite:///{(self.data_dir / 'service.db').resolve()}"
+
 
 @lru_cache
 def get_service_settings() -> ServiceSettings:
