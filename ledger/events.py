@@ -7,6 +7,7 @@ from typing import Any
 
 from eth_utils.crypto import keccak
 
+from ledger.logs import bytes_of, hex_of, int_of
 from ledger.types import AttributeMask, Purpose, checksummed
 
 GRANTED = "0x" + keccak(text="ConsentGranted(bytes32,address,bytes32,uint256,uint256,uint64,uint256)").hex()
@@ -33,29 +34,17 @@ class RegistryEvent:
     nonce: int
 
 
-def _hex(value: Any) -> str:
-    return value if isinstance(value, str) else "0x" + bytes(value).hex()
-
-
-def _int(value: Any) -> int:
-    return int(value, 16) if isinstance(value, str) else int(value)
-
-
-def _bytes(value: Any) -> bytes:
-    return bytes.fromhex(value[2:]) if isinstance(value, str) else bytes(value)
-
-
 def decode(log: dict[str, Any]) -> RegistryEvent | None:
-    topics = [_hex(t) for t in log["topics"]]
+    topics = [hex_of(t) for t in log["topics"]]
     if not topics or topics[0] not in TOPICS:
         return None
-    data = _bytes(log["data"])
+    data = bytes_of(log["data"])
     words = [int.from_bytes(data[i : i + 32], "big") for i in range(0, len(data), 32)]
     common: dict[str, Any] = {
-        "block_number": _int(log["blockNumber"]),
-        "block_hash": _hex(log["blockHash"]),
-        "log_index": _int(log["logIndex"]),
-        "tx_hash": _hex(log["transactionHash"]),
+        "block_number": int_of(log["blockNumber"]),
+        "block_hash": hex_of(log["blockHash"]),
+        "log_index": int_of(log["logIndex"]),
+        "tx_hash": hex_of(log["transactionHash"]),
         "subject": bytes.fromhex(topics[1][2:]),
     }
     if topics[0] == BOUND:

@@ -25,6 +25,7 @@ from web3.types import RPCEndpoint
 from ledger import events
 from ledger.errors import ChainError
 from ledger.events import KIND_BIND, RegistryEvent
+from ledger.logs import hex_of, int_of
 from ledger.store import (
     Bulk,
     ConsentEvent,
@@ -109,7 +110,7 @@ class Indexer:
         block = self._block(number)
         if block is None:
             raise ChainError(f"block {number} vanished while indexing it")
-        return events._int(block["timestamp"])
+        return int_of(block["timestamp"])
 
     def _times(self, logs: Sequence[dict[str, Any]]) -> dict[int, int]:
         """The timestamp of each block the logs are from: from the logs themselves where the node
@@ -117,18 +118,18 @@ class Indexer:
         times: dict[int, int] = {}
         unstamped: set[int] = set()
         for item in logs:
-            number, stamp = events._int(item["blockNumber"]), item.get("blockTimestamp")
+            number, stamp = int_of(item["blockNumber"]), item.get("blockTimestamp")
             if stamp is None:
                 unstamped.add(number)
             else:
-                times[number] = events._int(stamp)
+                times[number] = int_of(stamp)
         for number in unstamped - times.keys():
             times[number] = self._timestamp(number)
         return times
 
     def _hash_of(self, number: int) -> str | None:
         block = self._block(number)
-        return events._hex(block["hash"]) if block else None
+        return hex_of(block["hash"]) if block else None
 
     # state ---------------------------------------------------------------------------------------
 
@@ -397,7 +398,7 @@ def _confirmation(e: RegistryEvent, at: datetime) -> dict[str, Any]:
 def _whole_blocks(logs: Sequence[dict[str, Any]], most: int) -> tuple[list[dict[str, Any]], int]:
     """The first blocks' logs, `most` at most unless the first block alone has more, and the last of
     those blocks. `logs` are in chain order, as eth_getLogs returns them."""
-    numbers = [events._int(item["blockNumber"]) for item in logs]
+    numbers = [int_of(item["blockNumber"]) for item in logs]
     first_left_out = numbers[most]
     last = first_left_out - 1 if first_left_out > numbers[0] else numbers[0]
     return [item for item, number in zip(logs, numbers, strict=True) if number <= last], last
