@@ -38,8 +38,8 @@ from ledger.assembly import Hooks, Keys, Lanes, Ledger, Role, Writers, chain_wri
 from ledger.bindings import UNKNOWN_PARTNER
 from ledger.consent import PARTNER_ROLE
 from ledger.errors import ConsentRejected, LedgerError
+from ledger.lanes import BlockCadence, run_lanes
 from ledger.points import FINAL, Completions, prune_idempotency_records
-from ledger.relayer import BlockCadence, run_lanes
 from ledger.settings import ChainSettings, ToolchainSettings
 from ledger.store import Checkpointer, ControllerState, create_schema, make_engine, sessions
 from ledger.types import Subject, checksummed

@@ -251,7 +251,7 @@ class Hooks:
 @dataclass
 class Writers:
     """The chain's single writers (roles `all` and `supervisor`), not yet running: the caller runs the
-    indexer and the lanes in its threads (`ledger.relayer.run_lanes`)."""
+    indexer and the lanes in its threads (`ledger.lanes.run_lanes`)."""
 
     bindings: Bindings
     indexer: Indexer

@@ -426,7 +426,7 @@ def test_a_batch_held_back_behind_nonces_the_node_lost_is_unstuck(
     redemption = points.redeem(30, 0)
     operator = points.relayer.sender.account.address
     chain_nonce = points.backend.w3.eth.get_transaction_count(operator)
-    with caplog.at_level("WARNING", logger="ledger.relayer"):
+    with caplog.at_level("WARNING", logger="ledger.lanes"):
         points.settle(points.done(lost, redemption), timeout=10)
     assert "operator nonces the node had lost; filled them" in caplog.text
     assert len(points.applied_on_chain(lost)) == 1
