@@ -21,7 +21,7 @@ from sqlalchemy import BigInteger, Engine, String, bindparam, func, insert, sele
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.types import LargeBinary
 
-from ledger.consent import ConsentRegistryClient
+from ledger.consent.client import ConsentRegistryClient
 from ledger.store import Base, ControllerState, sessions
 from ledger.tx import Receipt
 from ledger.types import Subject, checksummed

@@ -22,9 +22,8 @@ from sqlalchemy.orm import Session
 from web3 import Web3
 from web3.types import RPCEndpoint
 
-from ledger import events
+from ledger.consent.client import KIND_BIND, KIND_GRANT, TOPICS, RegistryEvent, decode
 from ledger.errors import ChainError
-from ledger.events import KIND_BIND, RegistryEvent
 from ledger.logs import hex_of, int_of
 from ledger.store import (
     Bulk,
@@ -151,7 +150,7 @@ class Indexer:
             return 0
         to = min(head, cursor + self.chunk)
         addresses = [self.registry, *(Web3.to_checksum_address(f.address) for f in self.followers)]
-        topics = [t for f in self.followers for t in f.topics] + events.TOPICS
+        topics = [t for f in self.followers for t in f.topics] + TOPICS
         logs = self._rpc(
             "eth_getLogs",
             [{"address": addresses, "fromBlock": hex(cursor + 1), "toBlock": hex(to), "topics": [topics]}],
@@ -161,7 +160,7 @@ class Indexer:
         by_address: dict[str, list[dict[str, Any]]] = {}
         for item in logs:
             by_address.setdefault(checksummed(item["address"]), []).append(dict(item))
-        decoded = [e for e in (events.decode(item) for item in by_address.get(self.registry, [])) if e is not None]
+        decoded = [e for e in (decode(item) for item in by_address.get(self.registry, [])) if e is not None]
         times = self._times(logs)
         to_hash = self._hash_of(to)
         if to_hash is None:
@@ -223,7 +222,7 @@ class Indexer:
                 "partner": e.partner,
                 "purpose": e.purpose,
                 "attributes": str(e.attributes),
-                "valid_until": e.valid_until if e.kind == events.KIND_GRANT else previous_until,
+                "valid_until": e.valid_until if e.kind == KIND_GRANT else previous_until,
                 "block_number": e.block_number,
                 "tx_hash": e.tx_hash,
             }
@@ -301,7 +300,7 @@ class Indexer:
             )
             state: ConsentState | None = None
             for e in remaining:
-                valid_until = e.valid_until if e.kind == events.KIND_GRANT else (state.valid_until if state else 0)
+                valid_until = e.valid_until if e.kind == KIND_GRANT else (state.valid_until if state else 0)
                 state = ConsentState(
                     subject=subject,
                     partner=partner,

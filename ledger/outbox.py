@@ -23,7 +23,7 @@ from sqlalchemy import Engine, Integer, Select, Table, func, insert, literal, nu
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from ledger.consent import SignedChange
+from ledger.consent.client import SignedChange
 from ledger.eip712 import ChangeKind
 from ledger.errors import LedgerError
 from ledger.store import (

@@ -22,13 +22,20 @@ from typing import Protocol, cast
 from sqlalchemy import Engine, Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
-from ledger import events
-from ledger.consent import ConsentRegistryClient, SignedChange, batch_gas
+from ledger.consent.client import (
+    GRANTED,
+    REVOKED,
+    ConsentRegistryClient,
+    SignedChange,
+    batch_gas,
+    decode,
+    max_changes_per_batch,
+)
 from ledger.eip712 import ChangeKind, ConsentChange, Signature
 from ledger.errors import BatchItemFailed, ContractRevert, LedgerError, NonceMismatch
 from ledger.lanes import BatchLane, Holds
 from ledger.store import ConsentEvent, ConsentRequest, ConsentState, RelayBatch, RequestStatus, as_utc, sessions, utcnow
-from ledger.tx import Receipt, TxRequest, items_per_transaction
+from ledger.tx import Receipt, TxRequest
 from ledger.types import Purpose, Subject
 
 log = logging.getLogger(__name__)
@@ -43,14 +50,6 @@ ERROR_CODES = {
     "ConsentRegistryInvalidValidity": "invalid_validity",
     "ConsentRegistryUnboundSubject": "unbound_subject",
 }
-
-
-CHANGE_BYTES = 11 * 32  # one SignedChange in `applyBatch`'s call data (`ledger.consent.encode_changes`)
-
-
-def max_changes_per_batch(max_batch: int) -> int:
-    """`max_batch`, or fewer if that many changes would not fit one transaction (`MAX_TX_DATA_BYTES`)."""
-    return items_per_transaction(max_batch, CHANGE_BYTES)
 
 
 class _Raced(LedgerError):
@@ -308,10 +307,10 @@ class Relayer(BatchLane):
                 "address": self.registry.address,
                 "fromBlock": 0,
                 "toBlock": "latest",
-                "topics": [[events.GRANTED, events.REVOKED], "0x" + bytes(subject).hex()],
+                "topics": [[GRANTED, REVOKED], "0x" + bytes(subject).hex()],
             }
         )
-        decoded = (events.decode(dict(entry)) for entry in logs)
+        decoded = (decode(dict(entry)) for entry in logs)
         return [(e.nonce, e.kind) for e in decoded if e is not None]
 
     def _logged(self, request: ConsentRequest) -> bool:

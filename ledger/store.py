@@ -48,7 +48,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, InstrumentedAttribute, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.sql.expression import UpdateBase
 
-from ledger.events import KIND_BIND
+from ledger.consent.client import KIND_BIND
 
 log = logging.getLogger(__name__)
 

@@ -52,10 +52,9 @@ from ledger.access import Access, AccessLogClient, max_record_entries
 from ledger.anvil import Checkpoints
 from ledger.backends import AnvilBackend, GethBackend, ManagedBackend
 from ledger.compiler import Artifact, compile_contracts
-from ledger.consent import ConsentRegistryClient
+from ledger.consent import ConsentRegistryClient, max_changes_per_batch
 from ledger.contracts import RevertDecoder, ensure_deployed, ledger_plan
 from ledger.geth import GethNode
-from ledger.relayer import max_changes_per_batch
 from ledger.settings import ChainSettings
 from ledger.tx import MAX_TX_DATA_BYTES, TxRequest, TxSender
 from ledger.types import Subject
