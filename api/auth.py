@@ -25,8 +25,8 @@ from api.models import CustomerSession, Principal, SignInChallenge
 from api.service_errors import ServiceError
 from identity.pseudonym import PepperRing
 from ledger import eip712
-from ledger.bindings import BoundController
-from ledger.store import ControllerState, as_utc, delete_in_batches
+from ledger.consent.tables import BoundController, ControllerState
+from ledger.store import as_utc, delete_in_batches
 
 
 class Scope(StrEnum):

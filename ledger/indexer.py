@@ -23,22 +23,17 @@ from web3 import Web3
 from web3.types import RPCEndpoint
 
 from ledger.consent.client import KIND_BIND, KIND_GRANT, TOPICS, RegistryEvent, decode
-from ledger.errors import ChainError
-from ledger.logs import hex_of, int_of
-from ledger.store import (
-    Bulk,
+from ledger.consent.tables import (
     ConsentEvent,
     ConsentRequest,
     ConsentState,
     ControllerState,
-    IndexedBlock,
-    IndexerCursor,
     RequestStatus,
-    event_position,
     latest_binding,
-    sessions,
-    utcnow,
 )
+from ledger.errors import ChainError
+from ledger.logs import hex_of, int_of
+from ledger.store import Bulk, IndexedBlock, IndexerCursor, event_position, sessions, utcnow
 from ledger.types import checksummed
 
 log = logging.getLogger(__name__)

@@ -24,20 +24,10 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from ledger.consent.client import SignedChange
+from ledger.consent.tables import ConsentEvent, ConsentRequest, ConsentState, RequestStatus
 from ledger.eip712 import ChangeKind
 from ledger.errors import LedgerError
-from ledger.store import (
-    ConsentEvent,
-    ConsentRequest,
-    ConsentState,
-    RequestStatus,
-    drain,
-    fail_unsettled,
-    next_batch,
-    sessions,
-    utcnow,
-    waiting,
-)
+from ledger.store import drain, fail_unsettled, next_batch, sessions, utcnow, waiting
 from ledger.types import AttributeMask, Purpose
 
 log = logging.getLogger(__name__)

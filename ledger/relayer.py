@@ -31,10 +31,11 @@ from ledger.consent.client import (
     decode,
     max_changes_per_batch,
 )
+from ledger.consent.tables import ConsentEvent, ConsentRequest, ConsentState, RelayBatch, RequestStatus
 from ledger.eip712 import ChangeKind, ConsentChange, Signature
 from ledger.errors import BatchItemFailed, ContractRevert, LedgerError, NonceMismatch
 from ledger.lanes import BatchLane, Holds
-from ledger.store import ConsentEvent, ConsentRequest, ConsentState, RelayBatch, RequestStatus, as_utc, sessions, utcnow
+from ledger.store import as_utc, sessions, utcnow
 from ledger.tx import Receipt, TxRequest
 from ledger.types import Purpose, Subject
 

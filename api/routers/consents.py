@@ -19,10 +19,10 @@ from api.schemas import ConsentAccepted, ConsentPrepare, ConsentPreparePublic, C
 from identity.types import Subject
 from ledger import eip712
 from ledger.consent import SignedChange
+from ledger.consent.tables import ConsentRequest, RequestStatus
 from ledger.eip712 import ChangeKind, ConsentChange
 from ledger.errors import UnknownAttributes
 from ledger.outbox import NonceConflict
-from ledger.store import ConsentRequest, RequestStatus
 from ledger.types import attribute_mask
 
 router = APIRouter(prefix="/consents", tags=["consents"], responses=responses(401, 403))

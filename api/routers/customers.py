@@ -31,9 +31,10 @@ from identity.errors import InvalidDid, InvalidPII, SubjectErased, UnknownSubjec
 from identity.normalize import normalize_pii
 from identity.types import Subject
 from ledger import eip712
-from ledger.bindings import BoundController, record_binding
+from ledger.bindings import record_binding
+from ledger.consent.tables import BoundController, latest_binding
 from ledger.errors import ConsentRejected, ContractRevert, LedgerError
-from ledger.store import as_utc, latest_binding
+from ledger.store import as_utc
 
 # 401 is documented by `api.main.document` on the routes that check credentials (not the claim-code ones).
 router = APIRouter(prefix="/customers", tags=["customers"], responses=responses(403))

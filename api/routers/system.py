@@ -14,10 +14,11 @@ from sqlalchemy.orm import Session
 from api.errors import ApiError, responses
 from api.runtime import Runtime
 from ledger import outbox, points
+from ledger.consent.tables import ConsentRequest
 from ledger.errors import LedgerError
 from ledger.indexer import CURSOR
 from ledger.points import PointsRequest
-from ledger.store import ConsentRequest, IndexerCursor, as_utc, utcnow
+from ledger.store import IndexerCursor, as_utc, utcnow
 
 router = APIRouter(tags=["system"])
 

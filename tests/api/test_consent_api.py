@@ -21,9 +21,9 @@ from api.errors import request_path
 from api.models import ClaimCode, CustomerSession, SignInChallenge
 from identity.errors import SubjectErased
 from ledger.backends import AnvilBackend
-from ledger.bindings import BoundController
+from ledger.consent.tables import BoundController, ControllerState
 from ledger.eip712 import purpose_id
-from ledger.store import ControllerState, _write_lock, create_schema, make_engine, sessions
+from ledger.store import _write_lock, create_schema, make_engine, sessions
 from tests.api.conftest import Customer, Service, q, running_service, siwe_signed
 
 PROBLEM = "application/problem+json"

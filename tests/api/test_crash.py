@@ -28,12 +28,12 @@ from sqlalchemy import select
 
 from ledger.anvil import Checkpoints, free_port
 from ledger.backends import create_backend
-from ledger.bindings import BoundController
 from ledger.compiler import compile_contracts
 from ledger.consent.client import GRANTED, REVOKED, ConsentRegistryClient, decode
+from ledger.consent.tables import BoundController, ConsentRequest, ConsentState, RequestStatus
 from ledger.contracts import Deployment, RevertDecoder
 from ledger.settings import ChainSettings
-from ledger.store import ConsentRequest, ConsentState, RequestStatus, make_engine, sessions
+from ledger.store import make_engine, sessions
 from ledger.tx import TxSender
 from ledger.types import Subject
 from scripts import generate_crm

@@ -6,8 +6,9 @@ import time
 from pathlib import Path
 
 from crm_bridge.bridge import permitted
+from ledger.consent.tables import ConsentState
 from ledger.outbox import Outbox
-from ledger.store import ConsentState, create_schema, make_engine, sessions
+from ledger.store import create_schema, make_engine, sessions
 
 PARTNER = "0x" + "ab" * 20
 OTHER = "0x" + "cd" * 20

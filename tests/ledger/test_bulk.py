@@ -11,7 +11,8 @@ import pytest
 from sqlalchemy import Engine, Table, bindparam, insert, select, update
 
 from ledger import indexer
-from ledger.store import Base, Bulk, ConsentEvent, ConsentRequest, RequestStatus, create_schema
+from ledger.consent.tables import ConsentEvent, ConsentRequest, RequestStatus
+from ledger.store import Base, Bulk, create_schema
 
 REQUESTS = cast(Table, ConsentRequest.__table__)
 EVENTS = cast(Table, ConsentEvent.__table__)

@@ -20,9 +20,17 @@ from sqlalchemy import event as sa_event
 
 from ledger import eip712
 from ledger.backends import AnvilBackend
-from ledger.bindings import Bindings, BoundController
+from ledger.bindings import Bindings
 from ledger.compiler import Artifact
 from ledger.consent import ConsentRegistryClient, SignedChange
+from ledger.consent.tables import (
+    BoundController,
+    ConsentEvent,
+    ConsentRequest,
+    ControllerState,
+    RelayBatch,
+    RequestStatus,
+)
 from ledger.contracts import ConstructorArgs, Deployment, RevertDecoder, ensure_deployed
 from ledger.eip712 import ChangeKind, ConsentChange
 from ledger.errors import ChainError
@@ -30,16 +38,7 @@ from ledger.indexer import Indexer, _whole_blocks
 from ledger.outbox import NonceConflict, Outbox, OutboxWriter
 from ledger.relayer import Relayer, signed_change
 from ledger.settings import ChainSettings
-from ledger.store import (
-    Base,
-    ConsentEvent,
-    ConsentRequest,
-    ControllerState,
-    RelayBatch,
-    RequestStatus,
-    make_engine,
-    sessions,
-)
+from ledger.store import Base, make_engine, sessions
 from ledger.tx import TxSender
 from ledger.types import Subject
 
