@@ -31,15 +31,12 @@ from web3 import Web3
 
 from ledger.access import AccessFollower, AccessLogClient, AccessReader
 from ledger.backends import ChainBackend, create_backend, remote_backend
-from ledger.bindings import Bindings
 from ledger.compiler import Artifact, compile_contracts
-from ledger.consent import ConsentRegistryClient
+from ledger.consent import Bindings, ConsentReader, ConsentRegistryClient, Outbox, OutboxWriter, Relayer
 from ledger.contracts import ContractClient, Deployment, RevertDecoder, ensure_deployed, ledger_plan
 from ledger.errors import DeploymentError
 from ledger.indexer import Indexer
-from ledger.outbox import Outbox, OutboxWriter
 from ledger.points import Completions, LoyaltyPointsClient, PointsFollower, PointsReader, PointsRelayer
-from ledger.relayer import Relayer
 from ledger.roles import OPERATOR_ROLES, check_keys
 from ledger.settings import ChainSettings, ToolchainSettings
 from ledger.store import GroupCommit, make_engine
@@ -89,6 +86,7 @@ class Ledger(Contracts):
     outbox: Outbox
     writer: OutboxWriter  # consent requests, batched into few commits
     inserts: GroupCommit  # new points requests, likewise
+    consent_reader: ConsentReader
     points_reader: PointsReader
     access_reader: AccessReader
 
@@ -190,6 +188,7 @@ def open_ledger(
         outbox=Outbox(engine),
         writer=OutboxWriter(engine, chain_nonces=contracts.consent.nonces_of),
         inserts=GroupCommit(engine, name="points-inserts"),
+        consent_reader=ConsentReader(engine),
         points_reader=PointsReader(engine, tiers),
         access_reader=AccessReader(engine),
     )

@@ -127,7 +127,7 @@ def run_lanes(
 
 
 # Whether a request rejected with (error, subject, partner) is to be queued again rather than failed:
-# the chain lost a precondition the service made and is putting back (see `ledger.bindings`).
+# the chain lost a precondition the service made and is putting back (see `ledger.consent.bindings`).
 Holds = Callable[[str, bytes, "str | None"], bool]
 
 

@@ -75,7 +75,7 @@ def _b32(value: bytes, name: str) -> bytes:
 
 def encode_issuances(issuances: Sequence[Issuance]) -> bytes:
     """ABI encoding of an `Issuance[]` argument: all fields static, four words per item (as in
-    `ledger.consent.encode_changes`; tests compare it with eth_abi)."""
+    `ledger.consent.client.encode_changes`; tests compare it with eth_abi)."""
     parts = [_word(0x20), _word(len(issuances))]
     for i in issuances:
         if not (0 <= i.amount < 2**128 and 0 <= i.expires_at < 2**64):

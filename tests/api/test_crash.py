@@ -29,8 +29,8 @@ from sqlalchemy import select
 from ledger.anvil import Checkpoints, free_port
 from ledger.backends import create_backend
 from ledger.compiler import compile_contracts
-from ledger.consent.client import GRANTED, REVOKED, ConsentRegistryClient, decode
-from ledger.consent.tables import BoundController, ConsentRequest, ConsentState, RequestStatus
+from ledger.consent import BoundController, ConsentRegistryClient, ConsentRequest, ConsentState, RequestStatus
+from ledger.consent.client import GRANTED, REVOKED, decode
 from ledger.contracts import Deployment, RevertDecoder
 from ledger.settings import ChainSettings
 from ledger.store import make_engine, sessions

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import func, select
 
 from api.auth import create_principal
-from ledger.consent.tables import ConsentRequest
+from ledger.consent import ConsentRequest
 from ledger.eip712 import purpose_id
 from ledger.points import PointsRequest
 from ledger.types import Subject

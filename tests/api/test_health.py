@@ -8,7 +8,7 @@ from pathlib import Path
 from sqlalchemy import update
 
 from ledger.backends import AnvilBackend
-from ledger.consent.tables import ConsentRequest
+from ledger.consent import ConsentRequest
 from ledger.store import utcnow
 from tests.api.conftest import Service, running_service
 

@@ -17,8 +17,7 @@ from sqlalchemy import delete, select, update
 
 from api.auth import create_principal
 from api.models import Partner
-from ledger.bindings import CONTROLLER_OF
-from ledger.consent.tables import ControllerState
+from ledger.consent import CONTROLLER_OF, ControllerState
 from ledger.points import IdempotencyRecord, PointsRequest
 from ledger.store import utcnow
 from ledger.types import Subject

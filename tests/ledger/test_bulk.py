@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import Engine, Table, bindparam, insert, select, update
 
 from ledger import indexer
-from ledger.consent.tables import ConsentEvent, ConsentRequest, RequestStatus
+from ledger.consent import ConsentEvent, ConsentRequest, RequestStatus
 from ledger.store import Base, Bulk, create_schema
 
 REQUESTS = cast(Table, ConsentRequest.__table__)

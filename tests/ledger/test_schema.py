@@ -11,7 +11,8 @@ import pytest
 from sqlalchemy import Engine, Table, column, insert, inspect, select, table, text
 from sqlalchemy.exc import IntegrityError
 
-from ledger.consent.tables import LIVE_NONCE_INDEX, ConsentRequest, RequestStatus
+from ledger.consent import ConsentRequest, RequestStatus
+from ledger.consent.tables import LIVE_NONCE_INDEX
 from ledger.store import create_schema
 
 REQUESTS = cast(Table, ConsentRequest.__table__)

@@ -1,4 +1,5 @@
-"""The relayer: the single writer for the operator key, putting accepted consent requests on-chain.
+"""The consent lane: the relayer's lane (`Relayer`) that puts accepted consent requests on-chain, in
+`applyBatch` transactions sent by the single writer for the operator key (`ledger.lanes.run_lanes`).
 
 Group commit: requests that arrive within `linger` seconds of each other, up to `max_batch`, share
 one `applyBatch` transaction; several batches may be in flight at once (local nonce, no waiting).
