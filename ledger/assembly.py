@@ -32,7 +32,15 @@ from web3 import Web3
 from ledger.access import AccessFollower, AccessLogClient, AccessReader
 from ledger.backends import ChainBackend, create_backend, remote_backend
 from ledger.compiler import Artifact, compile_contracts
-from ledger.consent import Bindings, ConsentReader, ConsentRegistryClient, Outbox, OutboxWriter, Relayer
+from ledger.consent import (
+    Bindings,
+    ConsentFollower,
+    ConsentReader,
+    ConsentRegistryClient,
+    Outbox,
+    OutboxWriter,
+    Relayer,
+)
 from ledger.contracts import ContractClient, Deployment, RevertDecoder, ensure_deployed, ledger_plan
 from ledger.errors import DeploymentError
 from ledger.indexer import Indexer
@@ -264,8 +272,8 @@ class Writers:
 
 
 def chain_writers(ledger: Ledger, engine: Engine, lanes: Lanes, hooks: Hooks) -> Writers:
-    """The key bindings (adopting what the read model holds), the indexer with the points and access
-    followers, and the consent and points relayers."""
+    """The key bindings (adopting what the read model holds), the indexer with the consent, points and
+    access followers, and the consent and points relayers."""
     # The read model is derived from the chain: its writes need not wait for the disk (see make_engine).
     derived = None
     if engine.dialect.name == "sqlite":
@@ -277,9 +285,9 @@ def chain_writers(ledger: Ledger, engine: Engine, lanes: Lanes, hooks: Hooks) ->
     indexer = Indexer(
         ledger.w3,
         derived or engine,
-        ledger.consent.address,
         ledger.deployment.deploy_block,
         followers=[
+            ConsentFollower(ledger.consent.address, (derived or engine).dialect),
             PointsFollower(ledger.points.address, ledger.decoder, hooks.completions),
             AccessFollower(ledger.access_log.address),
         ],

@@ -63,7 +63,7 @@ from ledger.access import Access, AccessLogClient, max_record_entries
 from ledger.anvil import Checkpoints
 from ledger.backends import AnvilBackend
 from ledger.compiler import compile_contracts
-from ledger.consent import ConsentReader, ConsentRegistryClient, SignedChange, batch_gas
+from ledger.consent import ConsentFollower, ConsentReader, ConsentRegistryClient, SignedChange, batch_gas
 from ledger.contracts import RevertDecoder, ensure_deployed, ledger_plan
 from ledger.indexer import Indexer
 from ledger.settings import ChainSettings
@@ -289,7 +289,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             db_url = f"sqlite:///{root / 'service.db'}"
             engine = make_engine(db_url)
             Base.metadata.create_all(engine)
-            indexer = Indexer(w3, engine, registry.address, deployment.deploy_block, chunk=100_000)
+            indexer = Indexer(
+                w3,
+                engine,
+                deployment.deploy_block,
+                followers=[ConsentFollower(registry.address, engine.dialect)],
+                chunk=100_000,
+            )
             while indexer.step() > 0:
                 pass
             permissions = ConsentReader(engine).permissions(partner, PURPOSE)

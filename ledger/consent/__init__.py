@@ -31,6 +31,7 @@ from ledger.consent.client import (
     batch_gas,
     max_changes_per_batch,
 )
+from ledger.consent.follower import ConsentFollower
 from ledger.consent.lane import ERROR_CODES, Relayer, signed_change
 from ledger.consent.outbox import NonceConflict, Outbox, OutboxWriter
 from ledger.consent.reads import ConsentReader, ConsentStatus
@@ -58,6 +59,7 @@ __all__ = [
     "Bindings",
     "BoundController",
     "ConsentEvent",
+    "ConsentFollower",
     "ConsentReader",
     "ConsentRegistryClient",
     "ConsentRequest",

@@ -25,6 +25,7 @@ from ledger.consent import (
     Bindings,
     BoundController,
     ConsentEvent,
+    ConsentFollower,
     ConsentReader,
     ConsentRegistryClient,
     ConsentRequest,
@@ -165,7 +166,12 @@ def pipeline(tmp_path: Path, artifacts: dict[str, Artifact]) -> Iterator[Pipelin
         relayer=Relayer(engine, registry, linger=0),
         partner=chain.partner,
         artifacts=artifacts,
-        indexer=Indexer(chain.backend.w3, engine, registry.address, chain.deployment.deploy_block),
+        indexer=Indexer(
+            chain.backend.w3,
+            engine,
+            chain.deployment.deploy_block,
+            followers=[ConsentFollower(registry.address, engine.dialect)],
+        ),
         deploy_block=chain.deployment.deploy_block,
     )
     chain.close()
@@ -367,7 +373,12 @@ def test_the_indexer_resumes_where_it_stopped(pipeline: Pipeline) -> None:
     first = pipeline.accept(account, subject, ChangeKind.GRANT, EMAIL)
     pipeline.settle(lambda: pipeline.statuses(first) == [RequestStatus.CONFIRMED])
     cursor = pipeline.indexer.cursor()
-    pipeline.indexer = Indexer(pipeline.backend.w3, pipeline.engine, pipeline.registry.address, pipeline.deploy_block)
+    pipeline.indexer = Indexer(
+        pipeline.backend.w3,
+        pipeline.engine,
+        pipeline.deploy_block,
+        followers=[ConsentFollower(pipeline.registry.address, pipeline.engine.dialect)],
+    )
     assert pipeline.indexer.cursor() == cursor
     second = pipeline.accept(account, subject, ChangeKind.GRANT, PHONE)
     pipeline.settle(lambda: pipeline.statuses(second) == [RequestStatus.CONFIRMED])

@@ -23,7 +23,7 @@ from sqlalchemy import Engine, select
 from ledger import eip712
 from ledger.backends import AnvilBackend
 from ledger.compiler import Artifact
-from ledger.consent import ConsentRegistryClient
+from ledger.consent import ConsentFollower, ConsentRegistryClient
 from ledger.contracts import ledger_plan
 from ledger.eip712 import Redemption
 from ledger.errors import ChainError
@@ -163,9 +163,8 @@ def points(tmp_path: Path, artifacts: dict[str, Artifact]) -> Iterator[Points]:
         indexer=Indexer(
             backend.w3,
             engine,
-            registry.address,
             chain.deployment.deploy_block,
-            followers=[PointsFollower(client.address, decoder)],
+            followers=[ConsentFollower(registry.address, engine.dialect), PointsFollower(client.address, decoder)],
         ),
         reader=PointsReader(engine, {"member": 0}),
         partner=chain.partner,
