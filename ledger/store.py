@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 
 class LoggedEvent(Protocol):
-    """Where a contract event sits in the chain (both contracts' decoded events have this)."""
+    """Where a contract event sits in the chain (every contract's decoded events have this)."""
 
     @property
     def block_number(self) -> int: ...

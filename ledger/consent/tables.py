@@ -36,6 +36,8 @@ class RequestStatus(enum.StrEnum):
     FAILED = "failed"  # the chain refused it; `error_code` says why
 
 
+LIVE = (RequestStatus.PENDING, RequestStatus.SUBMITTED)  # not yet confirmed or failed
+
 LIVE_NONCE_INDEX = "uq_live_nonce"
 
 
@@ -166,9 +168,6 @@ def latest_binding(session: Session, subject: bytes) -> ConsentEvent | None:
         .order_by(ConsentEvent.block_number.desc(), ConsentEvent.log_index.desc())
         .limit(1)
     ).first()
-
-
-LIVE = (RequestStatus.PENDING, RequestStatus.SUBMITTED)
 
 
 def _mark_failed(connection: Connection) -> None:
