@@ -25,8 +25,8 @@ from api.models import CustomerSession, Principal, SignInChallenge
 from api.service_errors import ServiceError
 from identity.pseudonym import PepperRing
 from ledger import eip712
-from ledger.bindings import BoundController
-from ledger.store import ControllerState, as_utc, delete_in_batches
+from ledger.consent import BoundController, ControllerState
+from ledger.store import as_utc, delete_in_batches
 
 
 class Scope(StrEnum):
@@ -285,7 +285,7 @@ def sign_in(session: Session, key: bytes, message: str, signature: bytes, origin
     subject = session.scalar(select(ControllerState.subject).where(ControllerState.controller == signer))
     if subject is None:
         # The read model may have rolled back a binding the node lost, which the service is putting back
-        # (as `ledger.bindings.CONTROLLER_OF`): its own record of the bindings it made answers meanwhile.
+        # (as `ledger.consent.bindings.CONTROLLER_OF`): its own record of the bindings it made answers meanwhile.
         subject = session.scalar(select(BoundController.subject).where(BoundController.controller == signer))
     if subject is None:
         raise SignInFailed("this key is not bound to any customer")

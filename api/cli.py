@@ -239,6 +239,7 @@ def _service_settings(args: argparse.Namespace) -> ServiceSettings:
 def _principals_db(args: argparse.Namespace) -> Iterator[sessionmaker[Session]]:
     """The service database of `--data-dir` (made or brought up to date), for the `principals` commands."""
     import api.models  # noqa: F401 - the principals table
+    import ledger.consent.tables  # noqa: F401 - the consent tables (created, or brought up to date)
     from ledger.store import create_schema, make_engine, sessions
 
     service = _service_settings(args)

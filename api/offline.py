@@ -31,10 +31,10 @@ from identity.types import Subject
 from ledger.access import AccessLogClient, Verification, verify
 from ledger.assembly import Keys, open_contracts
 from ledger.backends import durable_wait, node_url
+from ledger.consent import ConsentReader
 from ledger.contracts import Deployment
 from ledger.eip712 import purpose_id
 from ledger.errors import ChainError
-from ledger.outbox import Outbox
 from ledger.settings import ChainSettings, ToolchainSettings
 from ledger.store import make_engine, sessions
 
@@ -138,7 +138,7 @@ def export(
     if purpose not in catalogue.purposes:
         raise ToolError(f"no purpose {purpose!r} (see GET /api/v1/purposes)")
     pid = bytes(purpose_id(purpose))
-    permissions = permitted(Outbox(offline.engine), partner_address, pid, offline.erased())
+    permissions = permitted(ConsentReader(offline.engine), partner_address, pid, offline.erased())
     text_columns = tuple(mapping.pii.columns().values())
     if not is_database_url(source) and not os.path.exists(source):
         raise ToolError(f"no such input file: {source}")

@@ -35,13 +35,12 @@ from identity.settings import IdentitySettings
 from identity.vault import Vault
 from ledger.access import Verification, verify
 from ledger.assembly import Hooks, Keys, Lanes, Ledger, Role, Writers, chain_writers, open_ledger
-from ledger.bindings import UNKNOWN_PARTNER
-from ledger.consent import PARTNER_ROLE
+from ledger.consent import PARTNER_ROLE, UNKNOWN_PARTNER, ControllerState
 from ledger.errors import ConsentRejected, LedgerError
+from ledger.lanes import BlockCadence, run_lanes
 from ledger.points import FINAL, Completions, prune_idempotency_records
-from ledger.relayer import BlockCadence, run_lanes
 from ledger.settings import ChainSettings, ToolchainSettings
-from ledger.store import Checkpointer, ControllerState, create_schema, make_engine, sessions
+from ledger.store import Checkpointer, create_schema, make_engine, sessions
 from ledger.types import Subject, checksummed
 
 log = logging.getLogger(__name__)

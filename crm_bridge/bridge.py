@@ -53,8 +53,8 @@ from identity.normalize import normalize_emails, normalize_phone
 from identity.pseudonym import Pseudonymizer
 from identity.types import Subject
 from ledger.access import Access, AccessBatch, max_record_entries
+from ledger.consent import ConsentReader
 from ledger.errors import LedgerError
-from ledger.outbox import Outbox
 from ledger.tx import Receipt
 from ledger.types import ATTRIBUTE_BITS, AttributeMask, Purpose
 
@@ -253,10 +253,10 @@ class _Subjects:
 
 
 def permitted(
-    consents: Outbox, partner: str, purpose: bytes, erased: Collection[bytes] = ()
+    consents: ConsentReader, partner: str, purpose: bytes, erased: Collection[bytes] = ()
 ) -> dict[bytes, AttributeMask]:
     """The consent filter of a release to `partner` for `purpose`: each customer's attributes it may use
-    now (`Outbox.permissions`: what the chain holds, less what a pending revocation takes away), without
+    now (`ConsentReader.permissions`: what the chain holds, less what a pending revocation takes away), without
     the customers in `erased` (their personal data was erased: their consent stays on-chain, but the
     company no longer uses their data). `Export` releases by it."""
     return {

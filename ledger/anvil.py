@@ -481,7 +481,7 @@ class AnvilNode(ManagedProcess):
 
     def _mine(self) -> None:
         """A block every `block_time`. `before_block` runs first, inside the same pause of checkpoints,
-        so that what it sends (the relayer's batches: `ledger.relayer.BlockCadence`) is in the block;
+        so that what it sends (the relayer's batches: `ledger.lanes.BlockCadence`) is in the block;
         `after_block` runs once it is mined."""
         due = time.monotonic() + self.block_time
         while not self._stop_workers.wait(max(0.0, due - time.monotonic())):

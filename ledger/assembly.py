@@ -31,15 +31,20 @@ from web3 import Web3
 
 from ledger.access import AccessFollower, AccessLogClient, AccessReader
 from ledger.backends import ChainBackend, create_backend, remote_backend
-from ledger.bindings import Bindings
 from ledger.compiler import Artifact, compile_contracts
-from ledger.consent import ConsentRegistryClient
+from ledger.consent import (
+    Bindings,
+    ConsentFollower,
+    ConsentReader,
+    ConsentRegistryClient,
+    Outbox,
+    OutboxWriter,
+    Relayer,
+)
 from ledger.contracts import ContractClient, Deployment, RevertDecoder, ensure_deployed, ledger_plan
 from ledger.errors import DeploymentError
 from ledger.indexer import Indexer
-from ledger.outbox import Outbox, OutboxWriter
 from ledger.points import Completions, LoyaltyPointsClient, PointsFollower, PointsReader, PointsRelayer
-from ledger.relayer import Relayer
 from ledger.roles import OPERATOR_ROLES, check_keys
 from ledger.settings import ChainSettings, ToolchainSettings
 from ledger.store import GroupCommit, make_engine
@@ -95,6 +100,7 @@ class Ledger(Contracts):
     outbox: Outbox
     writer: OutboxWriter  # consent requests, batched into few commits
     inserts: GroupCommit  # new points requests, likewise
+    consent_reader: ConsentReader
     points_reader: PointsReader
     access_reader: AccessReader
 
@@ -196,6 +202,7 @@ def open_ledger(
         outbox=Outbox(engine),
         writer=OutboxWriter(engine, chain_nonces=contracts.consent.nonces_of),
         inserts=GroupCommit(engine, name="points-inserts"),
+        consent_reader=ConsentReader(engine),
         points_reader=PointsReader(engine, tiers),
         access_reader=AccessReader(engine),
     )
@@ -257,7 +264,7 @@ class Hooks:
 @dataclass
 class Writers:
     """The chain's single writers (roles `all` and `supervisor`), not yet running: the caller runs the
-    indexer and the lanes in its threads (`ledger.relayer.run_lanes`)."""
+    indexer and the lanes in its threads (`ledger.lanes.run_lanes`)."""
 
     bindings: Bindings
     indexer: Indexer
@@ -271,8 +278,8 @@ class Writers:
 
 
 def chain_writers(ledger: Ledger, engine: Engine, lanes: Lanes, hooks: Hooks) -> Writers:
-    """The key bindings (adopting what the read model holds), the indexer with the points and access
-    followers, and the consent and points relayers."""
+    """The key bindings (adopting what the read model holds), the indexer with the consent, points and
+    access followers, and the consent and points relayers."""
     # The read model is derived from the chain: its writes need not wait for the disk (see make_engine).
     derived = None
     if engine.dialect.name == "sqlite":
@@ -284,9 +291,9 @@ def chain_writers(ledger: Ledger, engine: Engine, lanes: Lanes, hooks: Hooks) ->
     indexer = Indexer(
         ledger.w3,
         derived or engine,
-        ledger.consent.address,
         ledger.deployment.deploy_block,
         followers=[
+            ConsentFollower(ledger.consent.address, (derived or engine).dialect),
             PointsFollower(ledger.points.address, ledger.decoder, hooks.completions),
             AccessFollower(ledger.access_log.address),
         ],

@@ -1,10 +1,13 @@
-"""The event indexer: follows ConsentRegistry's logs (and its followers' contracts, such as
-LoyaltyPoints) from the deploy block into the read model.
+"""The event indexer: follows its followers' contracts (`ConsentRegistry`, `LoyaltyPoints`, `AccessLog`)
+from the deploy block into the read model, every follower's part of a range in one transaction.
 
-It resumes from its cursor after a restart, and tolerates reorganisations up to `reorg_depth`
-blocks: before going on it checks that the block it stopped at is still on the chain, and if not it
-rolls the read model back to the last block both agree on and re-indexes from there. Requests whose
-confirming event was rolled back go back to the relayer's queue.
+Each step asks the node for the range's logs of every followed contract at once (one eth_getLogs),
+in chunks of whole blocks, and each follower makes its rows before the write lock is taken
+(`Follower.prepare`). The indexer resumes from its cursor after a restart, and tolerates
+reorganisations up to `reorg_depth` blocks: before going on it checks that the block it stopped at
+is still on the chain, and if not it rolls every follower back to the last block both agree on and
+re-indexes from there (the consent follower queues again the requests whose confirming event was
+rolled back).
 """
 
 from __future__ import annotations
@@ -13,47 +16,40 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime
-from typing import Any, Protocol, cast
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
-from sqlalchemy import Engine, Table, bindparam, delete, insert, select, update
+from sqlalchemy import Engine, delete, select
 from sqlalchemy.orm import Session
 from web3 import Web3
 from web3.types import RPCEndpoint
 
-from ledger import events
 from ledger.errors import ChainError
-from ledger.events import KIND_BIND, RegistryEvent
-from ledger.store import (
-    Bulk,
-    ConsentEvent,
-    ConsentRequest,
-    ConsentState,
-    ControllerState,
-    IndexedBlock,
-    IndexerCursor,
-    RequestStatus,
-    event_position,
-    latest_binding,
-    sessions,
-    utcnow,
-)
+from ledger.logs import hex_of, int_of
+from ledger.store import IndexedBlock, IndexerCursor, sessions
 from ledger.types import checksummed
 
 log = logging.getLogger(__name__)
+# The cursor's row (named when the indexer followed ConsentRegistry alone; databases hold that name).
 CURSOR = "consent_registry"
 
 
 class Follower(Protocol):
-    """Another contract's logs, indexed in the same pass and rolled back with the same reorganisation."""
+    """A contract's logs made into the read model. The followers of one indexer are indexed in the same
+    pass (one eth_getLogs), written in the same transaction and rolled back with the same
+    reorganisation."""
 
     address: str
     topics: list[str]
 
-    def apply(self, session: Session, logs: Sequence[dict[str, Any]], times: dict[int, int]) -> int: ...
+    def prepare(self, logs: Sequence[dict[str, Any]], times: dict[int, int]) -> Callable[[Session], int]:
+        """Before the write lock: what to write for this contract's logs of a range (decoded, rows made);
+        the indexer calls it in the range's transaction, and it returns how many events it applied."""
+        ...
 
-    def rollback(self, session: Session, ancestor: int) -> None: ...
+    def rollback(self, session: Session, ancestor: int) -> None:
+        """Take back what was made from blocks after `ancestor` (in the rollback's transaction)."""
+        ...
 
 
 class Indexer:
@@ -61,19 +57,19 @@ class Indexer:
         self,
         w3: Web3,
         engine: Engine,
-        registry: str,
         deploy_block: int,
         *,
+        followers: Sequence[Follower],
         reorg_depth: int = 64,
         chunk: int = 5_000,
         max_events: int = 1_000,
         on_change: Callable[[], None] | None = None,
         on_rollback: Callable[[int], None] | None = None,
-        followers: Sequence[Follower] = (),
     ) -> None:
+        if not followers:
+            raise ValueError("the indexer needs a contract to follow")  # eth_getLogs of no address: every log
         self.w3 = w3
         self.followers = list(followers)
-        self.registry = Web3.to_checksum_address(registry)
         self.deploy_block = deploy_block
         self.reorg_depth = reorg_depth
         self.chunk = chunk
@@ -87,10 +83,6 @@ class Indexer:
         # relayers wait for one that began after a restart of the node (`BatchLane.node_restarted`).
         self.checked_at = -math.inf
         self._sessions = sessions(engine)
-        self._insert_events = Bulk(_INSERT_EVENTS, engine.dialect)
-        self._delete_states = Bulk(_DELETE_STATES, engine.dialect)
-        self._insert_states = Bulk(_INSERT_STATES, engine.dialect)
-        self._confirm = Bulk(_CONFIRM, engine.dialect)
         self.wake = threading.Event()
 
     # chain access --------------------------------------------------------------------------------
@@ -109,7 +101,7 @@ class Indexer:
         block = self._block(number)
         if block is None:
             raise ChainError(f"block {number} vanished while indexing it")
-        return events._int(block["timestamp"])
+        return int_of(block["timestamp"])
 
     def _times(self, logs: Sequence[dict[str, Any]]) -> dict[int, int]:
         """The timestamp of each block the logs are from: from the logs themselves where the node
@@ -117,18 +109,18 @@ class Indexer:
         times: dict[int, int] = {}
         unstamped: set[int] = set()
         for item in logs:
-            number, stamp = events._int(item["blockNumber"]), item.get("blockTimestamp")
+            number, stamp = int_of(item["blockNumber"]), item.get("blockTimestamp")
             if stamp is None:
                 unstamped.add(number)
             else:
-                times[number] = events._int(stamp)
+                times[number] = int_of(stamp)
         for number in unstamped - times.keys():
             times[number] = self._timestamp(number)
         return times
 
     def _hash_of(self, number: int) -> str | None:
         block = self._block(number)
-        return events._hex(block["hash"]) if block else None
+        return hex_of(block["hash"]) if block else None
 
     # state ---------------------------------------------------------------------------------------
 
@@ -149,8 +141,8 @@ class Indexer:
         if head <= cursor:
             return 0
         to = min(head, cursor + self.chunk)
-        addresses = [self.registry, *(Web3.to_checksum_address(f.address) for f in self.followers)]
-        topics = [t for f in self.followers for t in f.topics] + events.TOPICS
+        addresses = [Web3.to_checksum_address(f.address) for f in self.followers]
+        topics = [t for f in self.followers for t in f.topics]
         logs = self._rpc(
             "eth_getLogs",
             [{"address": addresses, "fromBlock": hex(cursor + 1), "toBlock": hex(to), "topics": [topics]}],
@@ -160,19 +152,14 @@ class Indexer:
         by_address: dict[str, list[dict[str, Any]]] = {}
         for item in logs:
             by_address.setdefault(checksummed(item["address"]), []).append(dict(item))
-        decoded = [e for e in (events.decode(item) for item in by_address.get(self.registry, [])) if e is not None]
         times = self._times(logs)
         to_hash = self._hash_of(to)
         if to_hash is None:
             return 0  # the head moved back under us; the next step sees the reorg
-        applied = len(decoded)
-        new_events = self._insert_events.prepare(_event_row(e, times) for e in decoded)  # before the lock
-        now = utcnow()
-        confirmations = self._confirm.prepare(_confirmation(e, now) for e in decoded if e.kind != KIND_BIND)
+        # Each follower decodes its logs and makes its rows before the write lock; then all write in one transaction.
+        writes = [f.prepare(by_address.get(checksummed(f.address), []), times) for f in self.followers]
         with self._sessions.begin() as session:
-            self._apply(session, decoded, new_events, confirmations)
-            for follower in self.followers:
-                applied += follower.apply(session, by_address.get(checksummed(follower.address), []), times)
+            applied = sum(write(session) for write in writes)
             self._set_cursor(session, to, to_hash)
         if applied and self.on_change is not None:
             self.on_change()
@@ -182,58 +169,6 @@ class Indexer:
         session.merge(IndexerCursor(name=CURSOR, block_number=number))
         session.merge(IndexedBlock(number=number, hash=block_hash))
         session.execute(delete(IndexedBlock).where(IndexedBlock.number < number - self.reorg_depth))
-
-    def _apply(
-        self, session: Session, decoded: list[RegistryEvent], new_events: list[Any], confirmations: list[Any]
-    ) -> None:
-        """Apply a range's events in bulk: driver-level statements with their rows made before the write
-        lock was taken (`Bulk`; the ORM per row, then SQLAlchemy's per-row parameters, were the
-        indexer's cost, and it holds the lock every request's commit waits on)."""
-        if not decoded:
-            return
-        connection = session.connection()
-        self._insert_events.execute(connection, new_events)
-        for number, block_hash in {e.block_number: e.block_hash for e in decoded}.items():
-            session.merge(IndexedBlock(number=number, hash=block_hash))
-        for bound in (e for e in decoded if e.kind == KIND_BIND):
-            session.merge(
-                ControllerState(subject=bound.subject, controller=bound.partner, block_number=bound.block_number)
-            )
-        changes = [e for e in decoded if e.kind != KIND_BIND]
-        if not changes:
-            return
-        # Fold the range into the latest state per key, starting from what is stored.
-        keys = {(e.subject, e.partner, e.purpose) for e in changes}
-        states = _STATES
-        stored = {
-            (s.subject, s.partner, s.purpose): s.valid_until
-            for s in connection.execute(
-                select(states.c.subject, states.c.partner, states.c.purpose, states.c.valid_until).where(
-                    states.c.subject.in_({k[0] for k in keys})
-                )
-            )
-        }
-        latest: dict[tuple[bytes, str, bytes], dict[str, object]] = {}
-        for e in changes:
-            key = (e.subject, e.partner, e.purpose)
-            previous_until = latest[key]["valid_until"] if key in latest else stored.get(key, 0)
-            latest[key] = {
-                "subject": e.subject,
-                "partner": e.partner,
-                "purpose": e.purpose,
-                "attributes": str(e.attributes),
-                "valid_until": e.valid_until if e.kind == events.KIND_GRANT else previous_until,
-                "block_number": e.block_number,
-                "tx_hash": e.tx_hash,
-            }
-        replaced = keys & set(stored)
-        self._delete_states.execute(
-            connection,
-            self._delete_states.prepare({"k_subject": k[0], "k_partner": k[1], "k_purpose": k[2]} for k in replaced),
-        )
-        self._insert_states.execute(connection, self._insert_states.prepare(latest.values()))
-        # Requests are confirmed by the chain's own event (`_CONFIRM`).
-        self._confirm.execute(connection, confirmations)
 
     # reorganisations ----------------------------------------------------------------------------
 
@@ -262,61 +197,14 @@ class Indexer:
 
     def rollback(self, ancestor: int) -> None:
         with self._sessions.begin() as session:
-            gone = list(session.scalars(select(ConsentEvent).where(ConsentEvent.block_number > ancestor)))
-            session.execute(delete(ConsentEvent).where(ConsentEvent.block_number > ancestor))
             session.execute(delete(IndexedBlock).where(IndexedBlock.number > ancestor))
             session.merge(IndexerCursor(name=CURSOR, block_number=ancestor))
-            self._refold(session, gone)
             for follower in self.followers:
                 follower.rollback(session, ancestor)
-            # What the chain no longer has must be sent again (the signatures are still valid).
-            session.execute(
-                update(ConsentRequest)
-                .where(ConsentRequest.status == RequestStatus.CONFIRMED, ConsentRequest.block_number > ancestor)
-                .values(
-                    status=RequestStatus.PENDING, tx_hash=None, block_number=None, batch_id=None, updated_at=utcnow()
-                )
-            )
         if self.on_rollback is not None:
             self.on_rollback(ancestor)
         if self.on_change is not None:
             self.on_change()
-
-    def _refold(self, session: Session, gone: Iterable[ConsentEvent]) -> None:
-        keys = {(e.subject, e.partner, e.purpose) for e in gone if e.kind != KIND_BIND}
-        subjects = {e.subject for e in gone if e.kind == KIND_BIND}
-        for subject, partner, purpose in keys:
-            session.execute(
-                delete(ConsentState).where(
-                    ConsentState.subject == subject, ConsentState.partner == partner, ConsentState.purpose == purpose
-                )
-            )
-            remaining = session.scalars(
-                select(ConsentEvent)
-                .where(
-                    ConsentEvent.subject == subject, ConsentEvent.partner == partner, ConsentEvent.purpose == purpose
-                )
-                .order_by(ConsentEvent.block_number, ConsentEvent.log_index)
-            )
-            state: ConsentState | None = None
-            for e in remaining:
-                valid_until = e.valid_until if e.kind == events.KIND_GRANT else (state.valid_until if state else 0)
-                state = ConsentState(
-                    subject=subject,
-                    partner=partner,
-                    purpose=purpose,
-                    attributes=e.attributes,
-                    valid_until=valid_until,
-                    block_number=e.block_number,
-                    tx_hash=e.tx_hash,
-                )
-            if state is not None:
-                session.add(state)
-        for subject in subjects:
-            session.execute(delete(ControllerState).where(ControllerState.subject == subject))
-            last = latest_binding(session, subject)
-            if last is not None:
-                session.add(ControllerState(subject=subject, controller=last.partner, block_number=last.block_number))
 
     # running -------------------------------------------------------------------------------------
 
@@ -332,72 +220,10 @@ class Indexer:
             self.wake.clear()
 
 
-def _bound_row(table: Table, names: Iterable[str]) -> dict[str, Any]:
-    return {name: bindparam(name, type_=table.c[name].type) for name in names}
-
-
-_EVENTS = cast(Table, ConsentEvent.__table__)
-_STATES = cast(Table, ConsentState.__table__)
-_REQUESTS = cast(Table, ConsentRequest.__table__)
-_EVENT_COLUMNS = [c.name for c in _EVENTS.columns if c.name != "id"]
-_INSERT_EVENTS = insert(_EVENTS).values(_bound_row(_EVENTS, _EVENT_COLUMNS))
-_INSERT_STATES = insert(_STATES).values(_bound_row(_STATES, [c.name for c in _STATES.columns]))
-_DELETE_STATES = delete(_STATES).where(
-    _STATES.c.subject == bindparam("k_subject"),
-    _STATES.c.partner == bindparam("k_partner"),
-    _STATES.c.purpose == bindparam("k_purpose"),
-)
-# (subject, nonce, kind) names one live change (found by the live nonce index). A failed one that held
-# the nonce before is not it (and two live rows cannot share a nonce).
-_CONFIRM = (
-    update(_REQUESTS)
-    .where(
-        _REQUESTS.c.subject == bindparam("e_subject"),
-        _REQUESTS.c.nonce == bindparam("e_nonce"),
-        _REQUESTS.c.kind == bindparam("e_kind"),
-        _REQUESTS.c.failed_at.is_(None),
-        _REQUESTS.c.status != RequestStatus.CONFIRMED,
-    )
-    .values(
-        status=RequestStatus.CONFIRMED,
-        tx_hash=bindparam("e_tx"),
-        block_number=bindparam("e_block"),
-        error_code=None,
-        error_detail=None,
-        updated_at=bindparam("e_at", type_=_REQUESTS.c.updated_at.type),
-    )
-)
-
-
-def _event_row(e: RegistryEvent, times: dict[int, int]) -> dict[str, Any]:
-    return {
-        **event_position(e, times),
-        "kind": e.kind,
-        "subject": e.subject,
-        "partner": e.partner,
-        "purpose": e.purpose,
-        "changed": str(e.changed),
-        "attributes": str(e.attributes),
-        "valid_until": e.valid_until,
-        "nonce": e.nonce,
-    }
-
-
-def _confirmation(e: RegistryEvent, at: datetime) -> dict[str, Any]:
-    return {
-        "e_subject": e.subject,
-        "e_nonce": e.nonce,
-        "e_kind": e.kind,
-        "e_tx": e.tx_hash,
-        "e_block": e.block_number,
-        "e_at": at,
-    }
-
-
 def _whole_blocks(logs: Sequence[dict[str, Any]], most: int) -> tuple[list[dict[str, Any]], int]:
     """The first blocks' logs, `most` at most unless the first block alone has more, and the last of
     those blocks. `logs` are in chain order, as eth_getLogs returns them."""
-    numbers = [events._int(item["blockNumber"]) for item in logs]
+    numbers = [int_of(item["blockNumber"]) for item in logs]
     first_left_out = numbers[most]
     last = first_left_out - 1 if first_left_out > numbers[0] else numbers[0]
     return [item for item, number in zip(logs, numbers, strict=True) if number <= last], last

@@ -23,7 +23,7 @@ from eth_utils.crypto import keccak
 from web3 import Web3
 
 from ledger.access import ACCESSOR_ROLE
-from ledger.consent import DEFAULT_ADMIN_ROLE, OPERATOR_ROLE
+from ledger.consent.client import DEFAULT_ADMIN_ROLE, OPERATOR_ROLE
 from ledger.contracts import ContractClient
 from ledger.errors import LedgerError
 from ledger.points import ISSUER_ROLE, RELAYER_ROLE

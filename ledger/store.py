@@ -1,13 +1,15 @@
-"""The relayer's outbox and the indexer's read model, in one service database (SQLAlchemy).
+"""The service database's shared machinery (SQLAlchemy): engines, sessions and the write lock, bulk
+statements and group commit, the checkpointer, schema creation, and the indexer's own tables.
 
-SQLite by default (WAL, one writer at a time), PostgreSQL by URL. Accepted consent requests are
-committed here before the API acknowledges them; the relayer puts them on-chain; the indexer
-records what the chain says and is the only writer of the read model.
+SQLite by default (WAL, one writer at a time), PostgreSQL by URL. Each pipeline's tables are its own
+(`ledger.consent.tables`, `ledger.points.tables`, `ledger.access.tables`), declared on `Base`:
+importing them registers them for `create_schema`. Accepted requests are committed here before the
+API acknowledges them; the relayers put them on-chain; the indexer records what the chain says and
+is the only writer of the read models.
 """
 
 from __future__ import annotations
 
-import enum
 import fcntl
 import logging
 import os
@@ -20,20 +22,15 @@ from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
     Connection,
-    DateTime,
     Engine,
-    Index,
     Integer,
-    LargeBinary,
     String,
-    Table,
-    UniqueConstraint,
     create_engine,
     delete,
     event,
@@ -41,20 +38,17 @@ from sqlalchemy import (
     inspect,
     select,
     text,
-    update,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, InstrumentedAttribute, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.sql.expression import UpdateBase
 
-from ledger.events import KIND_BIND
-
 log = logging.getLogger(__name__)
 
 
 class LoggedEvent(Protocol):
-    """Where a contract event sits in the chain (both contracts' decoded events have this)."""
+    """Where a contract event sits in the chain (every contract's decoded events have this)."""
 
     @property
     def block_number(self) -> int: ...
@@ -86,142 +80,24 @@ def as_utc(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
+class IndexedEvent:
+    """The columns every event table of the read model begins with: a row id, then the event's place in
+    the chain and its block's time (what `event_position` gives). A mixin: its columns come before the
+    table's own (`sort_order`), as each table declared them itself before."""
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True, sort_order=-1)
+    block_number: Mapped[int] = mapped_column(BigInteger, sort_order=-1)
+    block_hash: Mapped[str] = mapped_column(String(66), sort_order=-1)
+    log_index: Mapped[int] = mapped_column(Integer, sort_order=-1)
+    tx_hash: Mapped[str] = mapped_column(String(66), sort_order=-1)
+    block_time: Mapped[int] = mapped_column(BigInteger, sort_order=-1)
+
+
 T = TypeVar("T")
 
 
 class Base(DeclarativeBase):
     pass
-
-
-class RequestStatus(enum.StrEnum):
-    PENDING = "pending"  # accepted, not yet sent
-    SUBMITTED = "submitted"  # in a sent batch transaction
-    CONFIRMED = "confirmed"  # its event is on-chain (read model)
-    FAILED = "failed"  # the chain refused it; `error_code` says why
-
-
-LIVE_NONCE_INDEX = "uq_live_nonce"
-
-
-class ConsentRequest(Base):
-    """One accepted, signed consent change (the outbox)."""
-
-    __tablename__ = "consent_requests"
-    __table_args__ = (
-        # A subject's nonce is used by one live request at most (the outbox no longer gives a failed
-        # one's nonce again, see `outbox._highest_nonce`; rows from before may share it). Live means
-        # not failed, told by `failed_at`, which only the failure itself writes: with
-        # `status` in the index's WHERE, as before, every status change (claimed, confirmed) rewrote the
-        # row's entry, a random page of the index, under the write lock (4.6 ms of the indexer's 7 ms
-        # for a 300-row confirmation, measured).
-        Index(
-            LIVE_NONCE_INDEX,
-            "subject",
-            "nonce",
-            unique=True,
-            sqlite_where=text("failed_at IS NULL"),
-            postgresql_where=text("failed_at IS NULL"),
-        ),
-        Index("ix_requests_status_seq", "status", "seq"),
-        # Serves a subject's requests, failed ones included (which the partial index above leaves out).
-        Index("ix_requests_subject_nonce", "subject", "nonce"),
-    )
-
-    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    id: Mapped[str] = mapped_column(String(36), unique=True)
-    kind: Mapped[int] = mapped_column(Integer)
-    subject: Mapped[bytes] = mapped_column(LargeBinary(32))
-    partner: Mapped[str] = mapped_column(String(42))
-    purpose: Mapped[bytes] = mapped_column(LargeBinary(32))
-    attributes: Mapped[str] = mapped_column(String(80))  # uint256 as decimal
-    valid_until: Mapped[int] = mapped_column(BigInteger)
-    nonce: Mapped[int] = mapped_column(BigInteger)
-    deadline: Mapped[int] = mapped_column(BigInteger)
-    controller: Mapped[str] = mapped_column(String(42))
-    v: Mapped[int] = mapped_column(Integer)
-    r: Mapped[bytes] = mapped_column(LargeBinary(32))
-    s: Mapped[bytes] = mapped_column(LargeBinary(32))
-    status: Mapped[str] = mapped_column(String(16), default=RequestStatus.PENDING)
-    batch_id: Mapped[int | None] = mapped_column(Integer, default=None)
-    tx_hash: Mapped[str | None] = mapped_column(String(66), default=None)
-    block_number: Mapped[int | None] = mapped_column(BigInteger, default=None)
-    error_code: Mapped[str | None] = mapped_column(String(64), default=None)
-    error_detail: Mapped[str | None] = mapped_column(String(500), default=None)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)  # see the index
-
-
-class RelayBatch(Base):
-    """A batch transaction the relayer signed: written before it is sent, so a restart can find it."""
-
-    __tablename__ = "relay_batches"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    # Not unique: after a reorganisation the same signed transaction may be sent again.
-    tx_hash: Mapped[str] = mapped_column(String(66), index=True)
-    operator_nonce: Mapped[int] = mapped_column(BigInteger)
-    size: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(16), default="sent")  # sent, mined, reverted, dropped
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-
-
-class ConsentEvent(Base):
-    """A ConsentGranted / ConsentRevoked log as indexed (the read model's history)."""
-
-    __tablename__ = "consent_events"
-    __table_args__ = (
-        UniqueConstraint("block_hash", "log_index", name="uq_event_position"),
-        Index("ix_events_key", "subject", "partner", "purpose"),
-        Index("ix_events_block", "block_number"),
-    )
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    block_number: Mapped[int] = mapped_column(BigInteger)
-    block_hash: Mapped[str] = mapped_column(String(66))
-    log_index: Mapped[int] = mapped_column(Integer)
-    tx_hash: Mapped[str] = mapped_column(String(66))
-    block_time: Mapped[int] = mapped_column(BigInteger)
-    kind: Mapped[int] = mapped_column(Integer)
-    subject: Mapped[bytes] = mapped_column(LargeBinary(32))
-    partner: Mapped[str] = mapped_column(String(42))
-    purpose: Mapped[bytes] = mapped_column(LargeBinary(32))
-    changed: Mapped[str] = mapped_column(String(80))
-    attributes: Mapped[str] = mapped_column(String(80))
-    valid_until: Mapped[int] = mapped_column(BigInteger)
-    nonce: Mapped[int] = mapped_column(BigInteger)
-
-
-class ConsentState(Base):
-    """Current on-chain consent per (subject, partner, purpose), as of the indexed head."""
-
-    __tablename__ = "consent_state"
-
-    subject: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
-    partner: Mapped[str] = mapped_column(String(42), primary_key=True)
-    purpose: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
-    attributes: Mapped[str] = mapped_column(String(80))
-    valid_until: Mapped[int] = mapped_column(BigInteger)
-    block_number: Mapped[int] = mapped_column(BigInteger)
-    tx_hash: Mapped[str] = mapped_column(String(66))
-
-
-class ControllerState(Base):
-    __tablename__ = "controller_state"
-
-    subject: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
-    controller: Mapped[str] = mapped_column(String(42), index=True)
-    block_number: Mapped[int] = mapped_column(BigInteger)
-
-
-def latest_binding(session: Session, subject: bytes) -> ConsentEvent | None:
-    """The read model's newest event binding `subject`'s key (the key is in its `partner`), if any."""
-    return session.scalars(
-        select(ConsentEvent)
-        .where(ConsentEvent.subject == subject, ConsentEvent.kind == KIND_BIND)
-        .order_by(ConsentEvent.block_number.desc(), ConsentEvent.log_index.desc())
-        .limit(1)
-    ).first()
 
 
 class IndexedBlock(Base):
@@ -247,16 +123,22 @@ def create_schema(engine: Engine) -> None:
     would find a column or index missing, and the second to add it would fail)."""
     with _schema_lock(engine):
         Base.metadata.create_all(engine)
-        added = _add_columns(engine)
-        if "consent_requests.failed_at" in added:
-            _mark_failed(engine)
+        for column in sorted(_add_columns(engine) & BACKFILLS.keys()):
+            with engine.begin() as connection:
+                BACKFILLS[column](connection)
         for table in Base.metadata.sorted_tables:
             for index in table.indexes:
                 index.create(engine, checkfirst=True)
         with engine.begin() as connection:
-            for name in RETIRED_INDEXES:
+            for name in sorted(RETIRED_INDEXES):
                 connection.execute(text(f"DROP INDEX IF EXISTS {name}"))
 
+
+# What the tables' modules register for `create_schema` to bring an older database up to date: how to
+# fill a column it adds, for the rows already there ("table.column" -> the statement, run once the column
+# is added), and the indexes no longer declared, to drop.
+BACKFILLS: dict[str, Callable[[Connection], None]] = {}
+RETIRED_INDEXES: set[str] = set()
 
 SCHEMA_LOCK = 0x636F6E73656E74  # a PostgreSQL advisory lock key of this service's schema changes
 
@@ -278,10 +160,6 @@ def _schema_lock(engine: Engine) -> Iterator[None]:
         yield
 
 
-# The partial unique index on (subject, nonce) WHERE status != 'failed', which `LIVE_NONCE_INDEX` replaced.
-RETIRED_INDEXES = ("uq_live_subject_nonce",)
-
-
 def _add_columns(engine: Engine) -> set[str]:
     """Add the columns declared since a database was made to its tables; returns them ("table.column").
     Only nullable ones can be added (old rows get NULL): a column that must hold a value needs its own
@@ -300,16 +178,6 @@ def _add_columns(engine: Engine) -> set[str]:
                 connection.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
             added.add(f"{table.name}.{column.name}")
     return added
-
-
-def _mark_failed(engine: Engine) -> None:
-    """`consent_requests.failed_at` (added with `LIVE_NONCE_INDEX`), set for the requests that had failed
-    before it existed, so that the index sees them as failed."""
-    table = cast(Table, ConsentRequest.__table__)
-    with engine.begin() as connection:
-        connection.execute(
-            update(table).where(table.c.status == RequestStatus.FAILED).values(failed_at=table.c.updated_at)
-        )
 
 
 def delete_in_batches(

@@ -63,10 +63,9 @@ from ledger.access import Access, AccessLogClient, max_record_entries
 from ledger.anvil import Checkpoints
 from ledger.backends import AnvilBackend
 from ledger.compiler import compile_contracts
-from ledger.consent import ConsentRegistryClient, SignedChange, batch_gas
+from ledger.consent import ConsentFollower, ConsentReader, ConsentRegistryClient, SignedChange, batch_gas
 from ledger.contracts import RevertDecoder, ensure_deployed, ledger_plan
 from ledger.indexer import Indexer
-from ledger.outbox import Outbox
 from ledger.settings import ChainSettings
 from ledger.store import Base, make_engine
 from ledger.tx import TxRequest, TxSender
@@ -173,7 +172,7 @@ def export_process(config: dict[str, Any], results: Any) -> None:
         RevertDecoder(list(artifacts.values())),
     )
     engine = create_engine(config["db_url"])
-    permissions = Outbox(engine).permissions(config["partner"], PURPOSE)
+    permissions = ConsentReader(engine).permissions(config["partner"], PURPOSE)
     mapping = Mapping.load(Path(config["mapping"]))
     bridge = Bridge(
         Pseudonymizer(PEPPER),
@@ -290,10 +289,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             db_url = f"sqlite:///{root / 'service.db'}"
             engine = make_engine(db_url)
             Base.metadata.create_all(engine)
-            indexer = Indexer(w3, engine, registry.address, deployment.deploy_block, chunk=100_000)
+            indexer = Indexer(
+                w3,
+                engine,
+                deployment.deploy_block,
+                followers=[ConsentFollower(registry.address, engine.dialect)],
+                chunk=100_000,
+            )
             while indexer.step() > 0:
                 pass
-            permissions = Outbox(engine).permissions(partner, PURPOSE)
+            permissions = ConsentReader(engine).permissions(partner, PURPOSE)
             engine.dispose()
             overhead = block_overhead_ms(backend)
             print(

@@ -52,9 +52,8 @@ from ledger.access import Access, AccessLogClient, max_record_entries
 from ledger.anvil import Checkpoints
 from ledger.assembly import Keys, open_contracts
 from ledger.backends import ManagedBackend
-from ledger.consent import ConsentRegistryClient
+from ledger.consent import ConsentRegistryClient, max_changes_per_batch
 from ledger.geth import GethNode
-from ledger.relayer import max_changes_per_batch
 from ledger.settings import ChainSettings, ToolchainSettings
 from ledger.tx import MAX_TX_DATA_BYTES, TxRequest, TxSender
 from ledger.types import Subject

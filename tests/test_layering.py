@@ -112,6 +112,7 @@ PIPELINES = {
     # part names it lacks, and why
     "points": ({}, {"completions"}),
     "access": ({"lane": "the bridge records each access request itself, synchronously"}, {"verification"}),
+    "consent": ({}, {"outbox", "bindings"}),
 }
 
 

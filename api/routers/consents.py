@@ -18,11 +18,9 @@ from api.runtime import Runtime
 from api.schemas import ConsentAccepted, ConsentPrepare, ConsentPreparePublic, ConsentRequestPublic, TypedDataSubmission
 from identity.types import Subject
 from ledger import eip712
-from ledger.consent import SignedChange
+from ledger.consent import ConsentRequest, NonceConflict, RequestStatus, SignedChange
 from ledger.eip712 import ChangeKind, ConsentChange
 from ledger.errors import UnknownAttributes
-from ledger.outbox import NonceConflict
-from ledger.store import ConsentRequest, RequestStatus
 from ledger.types import attribute_mask
 
 router = APIRouter(prefix="/consents", tags=["consents"], responses=responses(401, 403))

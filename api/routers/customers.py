@@ -31,9 +31,9 @@ from identity.errors import InvalidDid, InvalidPII, SubjectErased, UnknownSubjec
 from identity.normalize import normalize_pii
 from identity.types import Subject
 from ledger import eip712
-from ledger.bindings import BoundController, record_binding
+from ledger.consent import BoundController, latest_binding, record_binding
 from ledger.errors import ConsentRejected, ContractRevert, LedgerError
-from ledger.store import as_utc, latest_binding
+from ledger.store import as_utc
 
 # 401 is documented by `api.main.document` on the routes that check credentials (not the claim-code ones).
 router = APIRouter(prefix="/customers", tags=["customers"], responses=responses(403))
@@ -221,5 +221,5 @@ def consents(did: str, runtime: RuntimeDep, caller: OwnConsentsReader) -> list[C
             tx_hash=c.tx_hash,
             block_number=c.block_number,
         )
-        for c in runtime.ledger.outbox.consents_of(subject)
+        for c in runtime.ledger.consent_reader.consents_of(subject)
     ]

@@ -50,7 +50,7 @@ from api.schemas import (
 )
 from identity.types import Subject
 from ledger import eip712
-from ledger.bindings import CONTROLLER_OF
+from ledger.consent import CONTROLLER_OF
 from ledger.eip712 import Redemption
 from ledger.points import FINAL, LOST_AFTER_ANSWER, REQUEST_BY_REF, EventKind, PointsReader, PointsRequest, PointsStatus
 from ledger.types import MAX_POINTS

@@ -13,11 +13,12 @@ from sqlalchemy.orm import Session
 
 from api.errors import ApiError, responses
 from api.runtime import Runtime
-from ledger import outbox, points
+from ledger import consent, points
+from ledger.consent import ConsentRequest
 from ledger.errors import LedgerError
 from ledger.indexer import CURSOR
 from ledger.points import PointsRequest
-from ledger.store import ConsentRequest, IndexerCursor, as_utc, utcnow
+from ledger.store import IndexerCursor, as_utc, utcnow
 
 router = APIRouter(tags=["system"])
 
@@ -73,7 +74,7 @@ def health(request: Request) -> HealthPublic:
     with runtime.reads() as session:
         cursor = session.get(IndexerCursor, CURSOR)
         ages = {
-            "consent": _oldest_unsettled(session, ConsentRequest, outbox.LIVE),
+            "consent": _oldest_unsettled(session, ConsentRequest, consent.LIVE),
             "points": _oldest_unsettled(session, PointsRequest, points.LIVE),
         }
     indexed = None if cursor is None else cursor.block_number

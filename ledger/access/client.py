@@ -21,7 +21,7 @@ from web3.types import RPCEndpoint
 
 from ledger.contracts import ContractClient
 from ledger.errors import ChainError, TransactionFailed
-from ledger.events import _bytes, _hex, _int
+from ledger.logs import bytes_of, hex_of, int_of
 from ledger.tx import MAX_TX_DATA_BYTES, Receipt, TxRequest, items_per_transaction
 from ledger.types import Purpose, checksummed
 
@@ -237,10 +237,10 @@ def decode(log: dict[str, Any]) -> AccessBatch | None:
     topics = log["topics"]
     if not topics:
         return None
-    topics = topics if isinstance(topics[0], str) else [_hex(t) for t in topics]
+    topics = topics if isinstance(topics[0], str) else [hex_of(t) for t in topics]
     if topics[0] != RECORDED:
         return None
-    data = _bytes(log["data"])
+    data = bytes_of(log["data"])
     entries_at = int.from_bytes(data[96:128], "big")
     denied_at = int.from_bytes(data[128:160], "big")
     count = int.from_bytes(data[entries_at : entries_at + 32], "big")
@@ -256,9 +256,9 @@ def decode(log: dict[str, Any]) -> AccessBatch | None:
         encoded_entries=data[entries_at + 32 : entries_at + 32 + count * ENTRY_BYTES],
         denied=data[denied_at + 32 : denied_at + 32 + denied_length],
         block_number=int(number, 16) if isinstance(number, str) else int(number),
-        block_hash=_hex(log["blockHash"]),
-        log_index=_int(log["logIndex"]),
-        tx_hash=_hex(log["transactionHash"]),
+        block_hash=hex_of(log["blockHash"]),
+        log_index=int_of(log["logIndex"]),
+        tx_hash=hex_of(log["transactionHash"]),
     )
 
 
@@ -324,7 +324,7 @@ class AccessLogClient(ContractClient):
                 block = self.w3.provider.make_request(
                     RPCEndpoint("eth_getBlockByNumber"), [hex(receipt.block_number), False]
                 ).get("result")
-                canonical = _hex(block["hash"]) if block else None
+                canonical = hex_of(block["hash"]) if block else None
                 if canonical != receipt.block_hash:
                     raise TransactionFailed(
                         f"{receipt.tx_hash} left the chain before it was final", tx_hash=receipt.tx_hash

@@ -3,7 +3,7 @@ writes each logged entry into the read model (`ledger.access.tables`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import delete, insert
@@ -20,6 +20,10 @@ class AccessFollower:
     def __init__(self, address: str) -> None:
         self.address: str = Web3.to_checksum_address(address)
         self.topics = [RECORDED]
+
+    def prepare(self, logs: Sequence[dict[str, Any]], times: dict[int, int]) -> Callable[[Session], int]:
+        """Nothing is made before the write lock: `apply` decodes and writes in the range's transaction."""
+        return lambda session: self.apply(session, logs, times)
 
     def apply(self, session: Session, logs: Sequence[dict[str, Any]], times: dict[int, int]) -> int:
         batches = [b for b in (decode(dict(item)) for item in logs) if b is not None]

@@ -15,7 +15,7 @@ from web3 import Web3
 from ledger.compiler import Artifact
 from ledger.contracts import ContractClient, RevertDecoder
 from ledger.eip712 import Domain, Redemption, Signature, redemption_nonce
-from ledger.events import _bytes, _hex, _int
+from ledger.logs import bytes_of, hex_of, int_of
 from ledger.tx import Receipt, TxSender
 from ledger.types import Subject, checksummed
 
@@ -75,7 +75,7 @@ def _b32(value: bytes, name: str) -> bytes:
 
 def encode_issuances(issuances: Sequence[Issuance]) -> bytes:
     """ABI encoding of an `Issuance[]` argument: all fields static, four words per item (as in
-    `ledger.consent.encode_changes`; tests compare it with eth_abi)."""
+    `ledger.consent.client.encode_changes`; tests compare it with eth_abi)."""
     parts = [_word(0x20), _word(len(issuances))]
     for i in issuances:
         if not (0 <= i.amount < 2**128 and 0 <= i.expires_at < 2**64):
@@ -154,18 +154,18 @@ class PointsEvent:
 
 
 def decode(log: dict[str, Any]) -> PointsEvent | None:
-    topics = [_hex(t) for t in log["topics"]]
+    topics = [hex_of(t) for t in log["topics"]]
     kind = _KINDS.get(topics[0]) if topics else None
     if kind is None:
         return None
-    data = _bytes(log["data"])
+    data = bytes_of(log["data"])
     words = [int.from_bytes(data[i : i + 32], "big") for i in range(0, len(data), 32)]
     common: dict[str, Any] = {
         "kind": kind,
-        "block_number": _int(log["blockNumber"]),
-        "block_hash": _hex(log["blockHash"]),
-        "log_index": _int(log["logIndex"]),
-        "tx_hash": _hex(log["transactionHash"]),
+        "block_number": int_of(log["blockNumber"]),
+        "block_hash": hex_of(log["blockHash"]),
+        "log_index": int_of(log["logIndex"]),
+        "tx_hash": hex_of(log["transactionHash"]),
         "subject": bytes.fromhex(topics[1][2:]),
     }
     if kind is EventKind.ISSUED:

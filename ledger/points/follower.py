@@ -4,7 +4,7 @@ marks the requests they applied as indexed (and done, if the lane has not settle
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from sqlalchemy import Table, delete, insert, select, update
@@ -26,6 +26,10 @@ class PointsFollower:
         self.topics = TOPICS
         self.decoder = decoder
         self.completions = completions
+
+    def prepare(self, logs: Sequence[dict[str, Any]], times: dict[int, int]) -> Callable[[Session], int]:
+        """Nothing is made before the write lock: `apply` decodes and writes in the range's transaction."""
+        return lambda session: self.apply(session, logs, times)
 
     def apply(self, session: Session, logs: Sequence[dict[str, Any]], times: dict[int, int]) -> int:
         decoded = [e for e in (decode(dict(item)) for item in logs) if e is not None]

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from ledger.eip712 import Redemption, Signature
 from ledger.errors import ContractRevert, NonceMismatch
+from ledger.lanes import BatchLane, Holds
 from ledger.points.client import (
     ISSUED,
     REDEEMED,
@@ -33,7 +34,6 @@ from ledger.points.client import (
 )
 from ledger.points.completions import Completions
 from ledger.points.tables import PointsBatch, PointsRequest, PointsStatus, finish
-from ledger.relayer import BatchLane, Holds
 from ledger.store import as_utc, sessions, utcnow
 from ledger.tx import Receipt, TxRequest, items_per_transaction
 from ledger.types import Subject
@@ -78,7 +78,7 @@ def issuance(request: PointsRequest) -> Issuance:
 
 class PointsRelayer(BatchLane):
     """The points lane of the relayer. It shares the operator key with the consent relayer and runs in
-    the same thread (see `ledger.relayer.run_lanes`), so the local nonce has one writer."""
+    the same thread (see `ledger.lanes.run_lanes`), so the local nonce has one writer."""
 
     def __init__(
         self,

@@ -23,7 +23,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from ledger.points.client import EventKind, PointsEvent
-from ledger.store import Base, delete_in_batches, utcnow
+from ledger.store import Base, IndexedEvent, delete_in_batches, utcnow
 
 
 class PointsStatus(enum.StrEnum):
@@ -132,8 +132,9 @@ class PointsLot(Base):
     remaining: Mapped[int] = mapped_column(BigInteger)
 
 
-class PointsHistory(Base):
-    """A `LoyaltyPoints` log as indexed: issued, redeemed, expired, or a rejected batch item."""
+class PointsHistory(IndexedEvent, Base):
+    """A `LoyaltyPoints` log as indexed: issued, redeemed, expired, or a rejected batch item (its id and
+    place in the chain are `IndexedEvent`'s columns)."""
 
     __tablename__ = "points_history"
     __table_args__ = (
@@ -144,12 +145,6 @@ class PointsHistory(Base):
         Index("ix_points_history_ref", "ref"),
     )
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    block_number: Mapped[int] = mapped_column(BigInteger)
-    block_hash: Mapped[str] = mapped_column(String(66))
-    log_index: Mapped[int] = mapped_column(Integer)
-    tx_hash: Mapped[str] = mapped_column(String(66))
-    block_time: Mapped[int] = mapped_column(BigInteger)
     kind: Mapped[int] = mapped_column(Integer)  # ledger.points.client.EventKind
     subject: Mapped[bytes] = mapped_column(LargeBinary(32))
     ref: Mapped[bytes] = mapped_column(LargeBinary(32))

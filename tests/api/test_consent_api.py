@@ -21,9 +21,9 @@ from api.errors import request_path
 from api.models import ClaimCode, CustomerSession, SignInChallenge
 from identity.errors import SubjectErased
 from ledger.backends import AnvilBackend
-from ledger.bindings import BoundController
+from ledger.consent import BoundController, ControllerState
 from ledger.eip712 import purpose_id
-from ledger.store import ControllerState, _write_lock, create_schema, make_engine, sessions
+from ledger.store import _write_lock, create_schema, make_engine, sessions
 from tests.api.conftest import Customer, Service, q, running_service, siwe_signed
 
 PROBLEM = "application/problem+json"
@@ -656,7 +656,7 @@ def test_an_accepted_revocation_survives_an_outage_longer_than_a_grants_deadline
         head = backend.w3.eth.get_block("latest")["timestamp"]
         while backend.w3.eth.get_block("latest")["timestamp"] <= head:
             time.sleep(0.05)
-        with caplog.at_level("ERROR", logger="ledger.relayer"):
+        with caplog.at_level("ERROR", logger="ledger.consent.lane"):
             accepted = service.client.post(
                 "/api/v1/consents",
                 json={"typed_data": typed, "signature": service.sign_typed(revoking.account, typed)},

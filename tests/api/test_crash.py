@@ -26,15 +26,14 @@ from eth_account.signers.local import LocalAccount
 from eth_utils.crypto import keccak
 from sqlalchemy import select
 
-from ledger import events
 from ledger.anvil import Checkpoints, free_port
 from ledger.backends import create_backend
-from ledger.bindings import BoundController
 from ledger.compiler import compile_contracts
-from ledger.consent import ConsentRegistryClient
+from ledger.consent import BoundController, ConsentRegistryClient, ConsentRequest, ConsentState, RequestStatus
+from ledger.consent.client import GRANTED, REVOKED, decode
 from ledger.contracts import Deployment, RevertDecoder
 from ledger.settings import ChainSettings
-from ledger.store import ConsentRequest, ConsentState, RequestStatus, make_engine, sessions
+from ledger.store import make_engine, sessions
 from ledger.tx import TxSender
 from ledger.types import Subject
 from scripts import generate_crm
@@ -210,12 +209,12 @@ def _verify_exactly_once(serve: Serve, acknowledged: list[str], *, node_crashed:
                 "address": registry_address,
                 "fromBlock": deployment.deploy_block,
                 "toBlock": "latest",
-                "topics": [[events.GRANTED, events.REVOKED]],
+                "topics": [[GRANTED, REVOKED]],
             }
         )
         on_chain: Counter[tuple[bytes, int]] = Counter()
         for log in logs:
-            event = events.decode(dict(log))
+            event = decode(dict(log))
             assert event is not None
             on_chain[(event.subject, event.nonce)] += 1
         artifacts = compile_contracts()

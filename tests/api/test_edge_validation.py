@@ -15,9 +15,9 @@ import pytest
 from sqlalchemy import func, select
 
 from api.auth import create_principal
+from ledger.consent import ConsentRequest
 from ledger.eip712 import purpose_id
 from ledger.points import PointsRequest
-from ledger.store import ConsentRequest
 from ledger.types import Subject
 from tests.api.conftest import Customer, Service, q
 from tests.api.test_consent_api import _problem

@@ -8,7 +8,8 @@ from pathlib import Path
 from sqlalchemy import update
 
 from ledger.backends import AnvilBackend
-from ledger.store import ConsentRequest, utcnow
+from ledger.consent import ConsentRequest
+from ledger.store import utcnow
 from tests.api.conftest import Service, running_service
 
 

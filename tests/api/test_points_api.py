@@ -17,9 +17,9 @@ from sqlalchemy import delete, select, update
 
 from api.auth import create_principal
 from api.models import Partner
-from ledger.bindings import CONTROLLER_OF
+from ledger.consent import CONTROLLER_OF, ControllerState
 from ledger.points import IdempotencyRecord, PointsRequest
-from ledger.store import ControllerState, utcnow
+from ledger.store import utcnow
 from ledger.types import Subject
 from tests.api.conftest import Customer, Service, q
 from tests.api.test_consent_api import _problem

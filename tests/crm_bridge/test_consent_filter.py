@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 
 from crm_bridge.bridge import permitted
-from ledger.outbox import Outbox
-from ledger.store import ConsentState, create_schema, make_engine, sessions
+from ledger.consent import ConsentReader, ConsentState
+from ledger.store import create_schema, make_engine, sessions
 
 PARTNER = "0x" + "ab" * 20
 OTHER = "0x" + "cd" * 20
@@ -37,7 +37,7 @@ def test_a_release_carries_what_each_customer_permits_and_no_erased_customer(tmp
                     tx_hash="0x" + "00" * 32,
                 )
             )
-    consents = Outbox(engine)
+    consents = ConsentReader(engine)
     assert permitted(consents, PARTNER, PURPOSE) == {alice: 0b101, bob: 0b011}
     assert permitted(consents, PARTNER, PURPOSE, erased={bob}) == {alice: 0b101}
     assert permitted(consents, PARTNER, bytes(32)) == {}  # another purpose

@@ -12,7 +12,7 @@ from eth_utils.crypto import keccak
 from web3 import Web3
 
 from ledger import eip712
-from ledger.consent import PARTNER_ROLE, SignedChange, batch_gas
+from ledger.consent import PARTNER_ROLE, SignedChange, batch_gas, max_changes_per_batch
 from ledger.contracts import ensure_deployed, missing_functions
 from ledger.eip712 import ChangeKind, ControllerChange, Domain, Signature
 from ledger.errors import (
@@ -24,7 +24,6 @@ from ledger.errors import (
     SignatureExpired,
     Unauthorized,
 )
-from ledger.relayer import max_changes_per_batch
 from ledger.tx import MAX_TX_DATA_BYTES
 from ledger.types import ATTRIBUTE_BITS, Purpose, Subject
 from tests.ledger.conftest import Accounts, Ledger, registry_plan

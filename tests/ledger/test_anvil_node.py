@@ -285,7 +285,7 @@ def test_a_block_someone_waits_for_is_checkpointed_soon_and_survives_a_crash(tmp
 
 
 def test_block_hooks_run_just_before_and_after_each_block(tmp_path: Path) -> None:
-    """The relayer's batches are sent from `before_block` (ledger.relayer.BlockCadence): what it sends
+    """The relayer's batches are sent from `before_block` (ledger.lanes.BlockCadence): what it sends
     must be in the block mined right after it, and `after_block` must see that block."""
     anvil = node(tmp_path)
     calls: list[tuple[str, int]] = []

@@ -10,8 +10,8 @@ from typing import Any, cast
 import pytest
 from sqlalchemy import Engine, Table, bindparam, insert, select, update
 
-from ledger import indexer
-from ledger.store import Base, Bulk, ConsentEvent, ConsentRequest, RequestStatus, create_schema
+from ledger.consent import ConsentEvent, ConsentRequest, RequestStatus, follower
+from ledger.store import Base, Bulk, create_schema
 
 REQUESTS = cast(Table, ConsentRequest.__table__)
 EVENTS = cast(Table, ConsentEvent.__table__)
@@ -91,8 +91,8 @@ def test_bulk_writes_exactly_what_sqlalchemy_writes(service_db: Engine) -> None:
     engine = service_db
     with engine.begin() as connection:
         connection.execute(insert(REQUESTS), requests())
-        connection.execute(indexer._INSERT_EVENTS, events())
-        connection.execute(indexer._CONFIRM, confirmations())
+        connection.execute(follower._INSERT_EVENTS, events())
+        connection.execute(follower._CONFIRM, confirmations())
     expected = snapshot(engine)
     with engine.connect() as connection:
         statuses = connection.execute(select(ConsentRequest.status).order_by(ConsentRequest.seq)).scalars().all()
@@ -101,7 +101,7 @@ def test_bulk_writes_exactly_what_sqlalchemy_writes(service_db: Engine) -> None:
     Base.metadata.drop_all(engine)
     create_schema(engine)
 
-    new_events, confirmed = Bulk(indexer._INSERT_EVENTS, engine.dialect), Bulk(indexer._CONFIRM, engine.dialect)
+    new_events, confirmed = Bulk(follower._INSERT_EVENTS, engine.dialect), Bulk(follower._CONFIRM, engine.dialect)
     prepared = new_events.prepare(events()), confirmed.prepare(confirmations())
     with engine.begin() as connection:
         connection.execute(insert(REQUESTS), requests())

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from web3 import Web3
 
 from ledger.compiler import Artifact
-from ledger.consent import APPLY_BATCH_SELECTOR, SignedChange, encode_changes
+from ledger.consent import SignedChange
+from ledger.consent.client import APPLY_BATCH_SELECTOR, encode_changes
 from ledger.eip712 import ChangeKind, ConsentChange, Signature
 from ledger.types import Purpose, Subject
 

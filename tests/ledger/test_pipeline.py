@@ -20,26 +20,31 @@ from sqlalchemy import event as sa_event
 
 from ledger import eip712
 from ledger.backends import AnvilBackend
-from ledger.bindings import Bindings, BoundController
 from ledger.compiler import Artifact
-from ledger.consent import ConsentRegistryClient, SignedChange
+from ledger.consent import (
+    Bindings,
+    BoundController,
+    ConsentEvent,
+    ConsentFollower,
+    ConsentReader,
+    ConsentRegistryClient,
+    ConsentRequest,
+    ControllerState,
+    NonceConflict,
+    Outbox,
+    OutboxWriter,
+    RelayBatch,
+    Relayer,
+    RequestStatus,
+    SignedChange,
+    signed_change,
+)
 from ledger.contracts import ConstructorArgs, Deployment, RevertDecoder, ensure_deployed
 from ledger.eip712 import ChangeKind, ConsentChange
 from ledger.errors import ChainError
 from ledger.indexer import Indexer, _whole_blocks
-from ledger.outbox import NonceConflict, Outbox, OutboxWriter
-from ledger.relayer import Relayer, signed_change
 from ledger.settings import ChainSettings
-from ledger.store import (
-    Base,
-    ConsentEvent,
-    ConsentRequest,
-    ControllerState,
-    RelayBatch,
-    RequestStatus,
-    make_engine,
-    sessions,
-)
+from ledger.store import Base, make_engine, sessions
 from ledger.tx import TxSender
 from ledger.types import Subject
 
@@ -54,6 +59,7 @@ class Pipeline:
     registry: ConsentRegistryClient
     engine: Engine
     outbox: Outbox
+    reader: ConsentReader
     relayer: Relayer
     indexer: Indexer
     partner: ChecksumAddress
@@ -156,10 +162,16 @@ def pipeline(tmp_path: Path, artifacts: dict[str, Artifact]) -> Iterator[Pipelin
         registry=registry,
         engine=engine,
         outbox=Outbox(engine),
+        reader=ConsentReader(engine),
         relayer=Relayer(engine, registry, linger=0),
         partner=chain.partner,
         artifacts=artifacts,
-        indexer=Indexer(chain.backend.w3, engine, registry.address, chain.deployment.deploy_block),
+        indexer=Indexer(
+            chain.backend.w3,
+            engine,
+            chain.deployment.deploy_block,
+            followers=[ConsentFollower(registry.address, engine.dialect)],
+        ),
         deploy_block=chain.deployment.deploy_block,
     )
     chain.close()
@@ -186,7 +198,7 @@ def test_accepted_changes_are_confirmed_exactly_once_in_shared_batches(pipeline:
         assert stored.block_number is not None
     for account, subject in customers:
         assert pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, EMAIL | PHONE | 4)
-        assert pipeline.outbox.effective(subject, pipeline.partner, PURPOSE) == EMAIL | PHONE | 4
+        assert pipeline.reader.effective(subject, pipeline.partner, PURPOSE) == EMAIL | PHONE | 4
         del account
 
 
@@ -215,17 +227,17 @@ def test_a_bad_request_fails_alone_with_its_reason(pipeline: Pipeline) -> None:
 def test_a_revocation_takes_effect_when_accepted_and_a_grant_when_on_chain(pipeline: Pipeline) -> None:
     account, subject = pipeline.customer()
     grant = pipeline.accept(account, subject, ChangeKind.GRANT, EMAIL | PHONE)
-    assert pipeline.outbox.effective(subject, pipeline.partner, PURPOSE) == 0  # not on-chain yet
-    (status,) = pipeline.outbox.consents_of(subject)
+    assert pipeline.reader.effective(subject, pipeline.partner, PURPOSE) == 0  # not on-chain yet
+    (status,) = pipeline.reader.consents_of(subject)
     assert (status.status, status.pending_grant) == ("pending", EMAIL | PHONE)
     pipeline.settle(lambda: pipeline.statuses(grant) == [RequestStatus.CONFIRMED])
-    assert pipeline.outbox.effective(subject, pipeline.partner, PURPOSE) == EMAIL | PHONE
+    assert pipeline.reader.effective(subject, pipeline.partner, PURPOSE) == EMAIL | PHONE
     revoke = pipeline.accept(account, subject, ChangeKind.REVOKE, PHONE)
-    assert pipeline.outbox.effective(subject, pipeline.partner, PURPOSE) == EMAIL  # deny wins while pending
+    assert pipeline.reader.effective(subject, pipeline.partner, PURPOSE) == EMAIL  # deny wins while pending
     assert pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, PHONE)
     pipeline.settle(lambda: pipeline.statuses(revoke) == [RequestStatus.CONFIRMED])
     assert not pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, PHONE)
-    (status,) = pipeline.outbox.consents_of(subject)
+    (status,) = pipeline.reader.consents_of(subject)
     assert (status.status, status.attributes, status.on_chain) == ("active", EMAIL, EMAIL)
 
 
@@ -240,7 +252,7 @@ def test_an_accepted_revocation_takes_effect_though_an_earlier_change_failed_on_
     late = pipeline.accept(account, subject, ChangeKind.GRANT, 4, lifetime=1)
     revoke = pipeline.accept(account, subject, ChangeKind.REVOKE, EMAIL | PHONE)
     assert revoke.nonce == late.nonce + 1
-    assert pipeline.outbox.effective(subject, pipeline.partner, PURPOSE) == 0  # deny wins while pending
+    assert pipeline.reader.effective(subject, pipeline.partner, PURPOSE) == 0  # deny wins while pending
     time.sleep(2.2)  # the grant's deadline passes before the relayer gets to it
     pipeline.settle_all(late, revoke)
     failed = pipeline.outbox.request(late.id)
@@ -249,13 +261,13 @@ def test_an_accepted_revocation_takes_effect_though_an_earlier_change_failed_on_
     assert pipeline.statuses(revoke) == [RequestStatus.CONFIRMED]
     assert not pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, EMAIL)
     assert not pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, PHONE)
-    (status,) = pipeline.outbox.consents_of(subject)
+    (status,) = pipeline.reader.consents_of(subject)
     assert (status.status, status.attributes, status.on_chain) == ("revoked", 0, 0)
     # The customer goes on from the chain's nonce: the failed grant's is passed for good.
     again = pipeline.accept(account, subject, ChangeKind.GRANT, EMAIL)
     assert again.nonce == revoke.nonce + 1
     pipeline.settle(lambda: pipeline.statuses(again) == [RequestStatus.CONFIRMED])
-    assert pipeline.outbox.effective(subject, pipeline.partner, PURPOSE) == EMAIL
+    assert pipeline.reader.effective(subject, pipeline.partner, PURPOSE) == EMAIL
 
 
 def test_a_subjects_later_change_waits_while_an_earlier_one_is_on_its_way(pipeline: Pipeline) -> None:
@@ -276,7 +288,7 @@ def test_a_subjects_later_change_waits_while_an_earlier_one_is_on_its_way(pipeli
     assert pipeline.statuses(bad, grant) == [RequestStatus.FAILED, RequestStatus.CONFIRMED]
     assert pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, EMAIL)
     assert not pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, PHONE)
-    assert pipeline.outbox.effective(subject, pipeline.partner, PURPOSE) == EMAIL
+    assert pipeline.reader.effective(subject, pipeline.partner, PURPOSE) == EMAIL
 
 
 @pytest.mark.parametrize("read", ["permissions", "consents_of"])
@@ -309,14 +321,14 @@ def test_consent_reads_are_one_moment_though_the_indexer_commits_while_they_read
     sa_event.listen(pipeline.engine, "after_cursor_execute", index_meanwhile)
     try:
         if read == "permissions":
-            assert pipeline.outbox.permissions(pipeline.partner, PURPOSE) == {bytes(subject): EMAIL}
+            assert pipeline.reader.permissions(pipeline.partner, PURPOSE) == {bytes(subject): EMAIL}
         else:
-            (status,) = pipeline.outbox.consents_of(subject)
+            (status,) = pipeline.reader.consents_of(subject)
             assert status.attributes == EMAIL
     finally:
         sa_event.remove(pipeline.engine, "after_cursor_execute", index_meanwhile)
     assert interleaved  # the indexer did commit while the read was under way
-    assert pipeline.outbox.permissions(pipeline.partner, PURPOSE) == {bytes(subject): EMAIL}
+    assert pipeline.reader.permissions(pipeline.partner, PURPOSE) == {bytes(subject): EMAIL}
 
 
 def test_a_change_the_chain_passed_over_fails_and_is_not_taken_for_applied(pipeline: Pipeline) -> None:
@@ -336,7 +348,7 @@ def test_a_change_the_chain_passed_over_fails_and_is_not_taken_for_applied(pipel
     assert (failed.status, failed.error_code) == (RequestStatus.FAILED, "superseded")
     assert pipeline.statuses(revoke) == [RequestStatus.CONFIRMED]
     assert not pipeline.registry.is_permitted(subject, pipeline.partner, PURPOSE, EMAIL)
-    assert pipeline.outbox.effective(subject, pipeline.partner, PURPOSE) == 0
+    assert pipeline.reader.effective(subject, pipeline.partner, PURPOSE) == 0
 
 
 def test_a_replayed_or_out_of_order_nonce_is_refused_at_acceptance(pipeline: Pipeline) -> None:
@@ -361,7 +373,12 @@ def test_the_indexer_resumes_where_it_stopped(pipeline: Pipeline) -> None:
     first = pipeline.accept(account, subject, ChangeKind.GRANT, EMAIL)
     pipeline.settle(lambda: pipeline.statuses(first) == [RequestStatus.CONFIRMED])
     cursor = pipeline.indexer.cursor()
-    pipeline.indexer = Indexer(pipeline.backend.w3, pipeline.engine, pipeline.registry.address, pipeline.deploy_block)
+    pipeline.indexer = Indexer(
+        pipeline.backend.w3,
+        pipeline.engine,
+        pipeline.deploy_block,
+        followers=[ConsentFollower(pipeline.registry.address, pipeline.engine.dialect)],
+    )
     assert pipeline.indexer.cursor() == cursor
     second = pipeline.accept(account, subject, ChangeKind.GRANT, PHONE)
     pipeline.settle(lambda: pipeline.statuses(second) == [RequestStatus.CONFIRMED])
@@ -380,7 +397,7 @@ def test_a_reorganisation_is_rolled_back_and_the_change_sent_again(pipeline: Pip
     pipeline.backend.rpc("anvil_mine", hex(30))
     assert pipeline.indexer.step() < 0  # rolled back
     assert pipeline.statuses(request) == [RequestStatus.PENDING]
-    assert pipeline.outbox.effective(subject, pipeline.partner, PURPOSE) == 0
+    assert pipeline.reader.effective(subject, pipeline.partner, PURPOSE) == 0
     pipeline.settle(lambda: pipeline.statuses(request) == [RequestStatus.CONFIRMED])
     (again,) = pipeline.events()  # exactly once, in a block of the new chain
     assert (again.subject, again.nonce) == (subject, 0)

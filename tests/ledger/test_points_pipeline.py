@@ -23,7 +23,7 @@ from sqlalchemy import Engine, select
 from ledger import eip712
 from ledger.backends import AnvilBackend
 from ledger.compiler import Artifact
-from ledger.consent import ConsentRegistryClient
+from ledger.consent import ConsentFollower, ConsentRegistryClient
 from ledger.contracts import ledger_plan
 from ledger.eip712 import Redemption
 from ledger.errors import ChainError
@@ -163,9 +163,8 @@ def points(tmp_path: Path, artifacts: dict[str, Artifact]) -> Iterator[Points]:
         indexer=Indexer(
             backend.w3,
             engine,
-            registry.address,
             chain.deployment.deploy_block,
-            followers=[PointsFollower(client.address, decoder)],
+            followers=[ConsentFollower(registry.address, engine.dialect), PointsFollower(client.address, decoder)],
         ),
         reader=PointsReader(engine, {"member": 0}),
         partner=chain.partner,
@@ -426,7 +425,7 @@ def test_a_batch_held_back_behind_nonces_the_node_lost_is_unstuck(
     redemption = points.redeem(30, 0)
     operator = points.relayer.sender.account.address
     chain_nonce = points.backend.w3.eth.get_transaction_count(operator)
-    with caplog.at_level("WARNING", logger="ledger.relayer"):
+    with caplog.at_level("WARNING", logger="ledger.lanes"):
         points.settle(points.done(lost, redemption), timeout=10)
     assert "operator nonces the node had lost; filled them" in caplog.text
     assert len(points.applied_on_chain(lost)) == 1

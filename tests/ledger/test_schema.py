@@ -11,7 +11,9 @@ import pytest
 from sqlalchemy import Engine, Table, column, insert, inspect, select, table, text
 from sqlalchemy.exc import IntegrityError
 
-from ledger.store import LIVE_NONCE_INDEX, ConsentRequest, RequestStatus, create_schema
+from ledger.consent import ConsentRequest, RequestStatus
+from ledger.consent.tables import LIVE_NONCE_INDEX
+from ledger.store import create_schema
 
 REQUESTS = cast(Table, ConsentRequest.__table__)
 SUBJECT = os.urandom(32)

@@ -138,7 +138,7 @@ def test_an_older_database_gets_the_indexes_declared_since(tmp_path: Path) -> No
         ("SELECT * FROM points_requests WHERE batch_id = 3", "ix_points_requests_batch"),
         ("SELECT * FROM points_requests WHERE status = 'done' AND indexed = 0", "ix_points_requests_unindexed"),
         ("SELECT seq FROM consent_requests WHERE status = 'pending' ORDER BY seq LIMIT 500", "ix_requests_status_seq"),
-        (  # the indexer's confirmation (`ledger.indexer._CONFIRM`)
+        (  # the indexer's confirmation (`ledger.consent.follower._CONFIRM`)
             "SELECT seq FROM consent_requests WHERE subject = x'00' AND nonce = 1 AND kind = 1 "
             "AND failed_at IS NULL AND status != 'confirmed'",
             "uq_live_nonce",

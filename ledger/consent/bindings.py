@@ -17,12 +17,12 @@ from __future__ import annotations
 import logging
 import threading
 
-from sqlalchemy import BigInteger, Engine, String, bindparam, func, insert, select, update
-from sqlalchemy.orm import Mapped, Session, mapped_column
-from sqlalchemy.types import LargeBinary
+from sqlalchemy import Engine, bindparam, func, insert, select, update
+from sqlalchemy.orm import Session
 
-from ledger.consent import ConsentRegistryClient
-from ledger.store import Base, ControllerState, sessions
+from ledger.consent.client import ConsentRegistryClient
+from ledger.consent.tables import BoundController, ControllerState
+from ledger.store import sessions
 from ledger.tx import Receipt
 from ledger.types import Subject, checksummed
 
@@ -32,17 +32,6 @@ log = logging.getLogger(__name__)
 UNBOUND = frozenset({"ConsentRegistryUnboundSubject", "LoyaltyPointsUnboundSubject"})
 # ... and of one naming a partner without the partner role.
 UNKNOWN_PARTNER = frozenset({"ConsentRegistryUnknownPartner", "LoyaltyPointsUnknownPartner"})
-
-
-class BoundController(Base):
-    """A binding the service made and acknowledged: what the chain must hold."""
-
-    __tablename__ = "bound_controllers"
-
-    subject: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
-    controller: Mapped[str] = mapped_column(String(42))
-    tx_hash: Mapped[str] = mapped_column(String(66))  # of the last transaction that bound it
-    block_number: Mapped[int] = mapped_column(BigInteger)
 
 
 # A subject's key: the chain's as the read model has it, else the one the service bound. After the node
