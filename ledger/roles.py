@@ -22,11 +22,11 @@ from eth_typing import ChecksumAddress
 from eth_utils.crypto import keccak
 from web3 import Web3
 
-from ledger.access import ACCESSOR_ROLE
+from ledger.access.client import ACCESSOR_ROLE
 from ledger.consent.client import DEFAULT_ADMIN_ROLE, OPERATOR_ROLE
 from ledger.contracts import ContractClient
 from ledger.errors import LedgerError
-from ledger.points import ISSUER_ROLE, RELAYER_ROLE
+from ledger.points.client import ISSUER_ROLE, RELAYER_ROLE
 from ledger.tx import TxSender
 
 log = logging.getLogger(__name__)
