@@ -11,9 +11,9 @@ never sends a transaction.
     ...
     ledger.close()
 
-`api.runtime.Runtime` assembles the service from these, and the command-line tools open the contracts
-and the benchmarks under `scripts/` open the contracts with `open_contracts` (the tools: the running node's
-URL) rather than wiring clients of their own.
+`api.runtime.Runtime` assembles the service from these; the command-line tools (with the running node's
+URL) and the benchmarks that drive the chain directly (`scripts/bench_consent.py`, `bench_bridge.py`,
+`bench_scale.py`) open the contracts with `open_contracts` rather than wiring clients of their own.
 """
 
 from __future__ import annotations

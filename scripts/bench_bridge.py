@@ -61,12 +61,13 @@ from identity.pseudonym import PepperRing, Pseudonymizer
 from ledger import eip712
 from ledger.access import Access, AccessLogClient, max_record_entries
 from ledger.anvil import Checkpoints
+from ledger.assembly import Keys, open_contracts
 from ledger.backends import AnvilBackend
 from ledger.compiler import compile_contracts
 from ledger.consent import ConsentFollower, ConsentReader, ConsentRegistryClient, SignedChange, batch_gas
-from ledger.contracts import RevertDecoder, ensure_deployed, ledger_plan
+from ledger.contracts import RevertDecoder
 from ledger.indexer import Indexer
-from ledger.settings import ChainSettings
+from ledger.settings import ChainSettings, ToolchainSettings
 from ledger.store import Base, make_engine
 from ledger.tx import TxRequest, TxSender
 from scripts import generate_crm
@@ -269,18 +270,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         root = Path(tmp)
         counts = generate_crm.write(root / "crm", rows, seed=42)
         operator, accessor, partner = Account.create(), Account.create(), Account.create().address
-        settings = ChainSettings(backend="anvil", block_time=0.2, gas_limit=2_000_000_000, state_interval=3600)
-        with AnvilBackend(settings, operator, root / "chain") as backend:
-            backend.prepare_account(accessor.address)
-            w3 = backend.w3
-            sender = TxSender(w3, operator, receipt_timeout=600)
-            artifacts = compile_contracts()
-            decoder = RevertDecoder(list(artifacts.values()))
-            deployment = ensure_deployed(
-                w3, sender, artifacts, ledger_plan(operator.address, operator.address, accessor.address), None
-            )
-            registry = ConsentRegistryClient(
-                w3, deployment.address("ConsentRegistry"), artifacts["ConsentRegistry"], sender, decoder
+        settings = ChainSettings(
+            backend="anvil", block_time=0.2, gas_limit=2_000_000_000, state_interval=3600, receipt_timeout=600
+        )
+        keys = Keys(operator, accessor)
+        with open_contracts(settings, ToolchainSettings(), root / "chain", keys=keys) as contracts:
+            backend = contracts.backend
+            assert isinstance(backend, AnvilBackend), "the baseline's figures are the managed anvil node's"
+            w3, deployment, registry, sender = (
+                contracts.w3,
+                contracts.deployment,
+                contracts.consent,
+                contracts.consent.sender,
             )
             registry.add_partner(partner)
             print("generated; binding and granting ...", file=sys.stderr)
@@ -337,13 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sample = min(rows, 20_000 if not args.quick else 5_000)
             base_rows = baseline_rows_per_s(root / "crm" / "orders.csv", mapping, permissions, sample, root / "b.csv")
 
-            access_log = AccessLogClient(
-                w3,
-                deployment.address("AccessLog"),
-                artifacts["AccessLog"],
-                TxSender(w3, accessor, receipt_timeout=600),
-                decoder,
-            )
+            access_log = contracts.access_log
+            access_log.sender.resync_nonce()  # the export processes sent as the accessor meanwhile
             print("baseline bridge done; access entries ...", file=sys.stderr)
             batched_entries = entries_per_s(access_log, partner, entry_count, max_record_entries())
             print(f"access entries: {entry_count:,} batched ...", file=sys.stderr)
