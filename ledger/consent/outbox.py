@@ -70,17 +70,6 @@ class Outbox:
                 )
             )
 
-    def requests_of(self, subject: bytes, limit: int = 200) -> list[ConsentRequest]:
-        with self._sessions() as session:
-            return list(
-                session.scalars(
-                    select(ConsentRequest)
-                    .where(ConsentRequest.subject == subject)
-                    .order_by(ConsentRequest.seq.desc())
-                    .limit(limit)
-                )
-            )
-
 
 @dataclass
 class _Pending:
