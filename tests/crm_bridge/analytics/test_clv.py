@@ -103,6 +103,10 @@ def test_expected_purchases_stay_exact_for_heavy_buyers() -> None:
             if case[0] == t:
                 assert got[i] == pytest.approx(_expected_purchases_by_the_series(params, *case), rel=1e-9)
     assert published.expected_purchases(104.0, x[:1], t_x[:1], T[:1])[0] == pytest.approx(1246.126, abs=1e-3)
+    # The 1,245.1 (it gave no t_x and T) is the customer whose 3,000th repeat day is today,
+    # 208.2 weeks after the first.
+    heavy = np.array([208.2])
+    assert published.expected_purchases(104.0, x[:1], heavy, heavy)[0] == pytest.approx(1245.1, abs=0.05)
 
 
 def test_discounting_at_zero_is_the_expected_purchases_and_lowers_them_otherwise() -> None:
