@@ -327,6 +327,33 @@ def test_all_customers_with_one_order_is_said_as_such() -> None:
     assert "rfm" in built
 
 
+def test_a_history_shorter_than_the_churn_windows_is_said_as_such() -> None:
+    # 60 customers, two orders each, all within 60 days: churn needs a training and a test window of
+    # 90 days each before the analysis date, CHAID customers known 90 days before it. Before: both
+    # said "0 customers, fewer than k = 5", as if the customers were too few.
+    day = _epoch("2022-01-01")
+    table = _release(
+        {
+            "did": pa.array([f"c{i}" for i in range(60) for _ in range(2)]),
+            "order_ts": pa.array([day + (i % 30 + 30 * j) * DAY for i in range(60) for j in range(2)], pa.int64()),
+            "amount": pa.array([10.0 + i % 7 for i in range(120)]),
+            "age_band": pa.array(["18-24" if i % 3 else "65+" for i in range(120)]),
+        }
+    )
+    info = ReleaseInfo.of(table.schema)
+    assert info is not None
+    columns = info.columns | {"age_band": "user.demographic"}
+    table = table.replace_schema_metadata(info.model_copy(update={"columns": columns}).metadata())
+    built = build(Released(table), AnalyticsSettings(k=5, churn_days=90))
+    reasons = {r["method"]: r["reason"] for r in built["refused"]}
+    assert "0 customers" not in reasons["churn"], reasons
+    assert "0 customers" not in reasons["chaid"], reasons
+    # (A bound, not the span: the first order's day is one customer's.)
+    assert "fewer than twice 90 = 180 days of orders before the analysis date" in reasons["churn"]
+    assert "fewer than 90 days of orders before the analysis date" in reasons["chaid"]
+    assert "rfm" in built
+
+
 def test_a_degenerate_gamma_gamma_fit_is_shown_with_a_caveat(generated: pa.Table) -> None:
     # Every order is worth the same: no spread around any mean, p runs off (the case: p = 952,300
     # shown without a caveat).
