@@ -35,8 +35,8 @@ from crm_bridge.analytics.settings import AnalyticsSettings
 from scripts import generate_crm
 from tests.crm_bridge.analytics.releases import PURCHASES, released
 
-# (section, table) → the figure of the section that the table's rows add up to.
-PARTITIONS = {
+# (section, [subsection,] table) → the figure of the section that the table's rows add up to.
+PARTITIONS: dict[tuple[str, ...], str] = {
     ("rfm", "segments"): "customers",
     ("rfm", "heatmap"): "customers",
     ("clv", "distribution"): "customers",
