@@ -376,8 +376,9 @@ class Released:
         else:
             order = np.lexsort((ts, codes))
         codes, ts, amount, rows = codes[order], ts[order], amount[order], rows[order]
-        order = _untie(codes, ts, amount)
-        codes, ts, amount, rows = codes[order], ts[order], amount[order], rows[order]
+        tied, source = _untie(codes, ts, amount)
+        for column in (codes, ts, amount, rows):  # in place: only the tied rows move
+            column[tied] = column[source]
         order_ids = None
         if (amount < 0).any() and self.released(f.order_id, PURCHASES):
             order_ids = order_keys(self._column(f.order_id))[rows]
@@ -412,16 +413,14 @@ class Released:
         return codes[self.orders.rows], dictionary
 
 
-def _untie(codes: np.ndarray, ts: np.ndarray, amount: np.ndarray) -> np.ndarray:
-    """A permutation of rows sorted by (customer, time) that puts a customer's orders of the same
-    second in a fixed order, the larger amount first (so a same-second return after its purchase),
-    instead of the rows' order. Only the tied rows are sorted again."""
+def _untie(codes: np.ndarray, ts: np.ndarray, amount: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For rows sorted by (customer, time): (tied rows, the row each takes its values from) so that a
+    customer's orders of the same second are in a fixed order, the larger amount first (a same-second
+    return after its purchase), instead of the order of the released rows."""
     tied = np.flatnonzero((codes[1:] == codes[:-1]) & (ts[1:] == ts[:-1]))
-    order = np.arange(len(codes))
-    if len(tied):
-        rows = np.unique(np.concatenate([tied, tied + 1]))
-        order[rows] = rows[np.lexsort((-amount[rows], ts[rows], codes[rows]))]
-    return order
+    rows = np.unique(np.concatenate([tied, tied + 1]))
+    source: np.ndarray = rows[np.lexsort((-amount[rows], ts[rows], codes[rows]))]
+    return rows, source
 
 
 def figure(value: float, digits: int = 4) -> float:

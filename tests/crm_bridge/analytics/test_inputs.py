@@ -179,6 +179,21 @@ def test_returns_are_netted_into_their_order_and_free_orders_kept() -> None:
     assert no_ids.counts.tolist() == [1, 2, 1]
 
 
+def test_orders_of_the_same_second_are_read_alike_in_any_row_order() -> None:
+    # A purchase and its return in the same second (no order id): whichever row comes first, the
+    # return nets into the purchase. Before, the rows' order decided: return first was unmatched.
+    day = _epoch("2022-03-01")
+    rows = {"did": ["a", "a", "b", "b"], "order_ts": [day, day, day, day + DAY], "amount": [30.0, -30.0, 5.0, 7.0]}
+    read = []
+    for order in ([0, 1, 2, 3], [1, 0, 3, 2]):
+        columns = {c: pa.array([v[i] for i in order]) for c, v in rows.items()}
+        orders = Released(_release(columns)).orders
+        read.append((orders.dids.to_pylist(), orders.amount.tolist(), orders.preparation))
+    assert read[0] == read[1]
+    assert read[0][0] == ["b"]  # a's order was returned in full
+    assert read[0][2]["returns_matched"] == 1
+
+
 def test_missing_amounts_are_left_out_and_counted_and_the_json_stays_json() -> None:
     # Before: a NaN amount made the customer's total NaN, ranked highest (M = 5), and wrote a bare NaN.
     rng = np.random.default_rng(3)
