@@ -183,8 +183,12 @@ def test_orders_of_the_same_second_are_read_alike_in_any_row_order() -> None:
     # A purchase and its return in the same second (no order id): whichever row comes first, the
     # return nets into the purchase. Before, the rows' order decided: return first was unmatched.
     day = _epoch("2022-03-01")
-    rows = {"did": ["a", "a", "b", "b"], "order_ts": [day, day, day, day + DAY], "amount": [30.0, -30.0, 5.0, 7.0]}
-    read = []
+    rows: dict[str, list[Any]] = {
+        "did": ["a", "a", "b", "b"],
+        "order_ts": [day, day, day, day + DAY],
+        "amount": [30.0, -30.0, 5.0, 7.0],
+    }
+    read: list[tuple[list[Any], list[float], dict[str, int]]] = []
     for order in ([0, 1, 2, 3], [1, 0, 3, 2]):
         columns = {c: pa.array([v[i] for i in order]) for c, v in rows.items()}
         orders = Released(_release(columns)).orders
