@@ -221,6 +221,12 @@ def analyse(
     orders = released.orders
     profile = attributes(released, orders)
     known, outcome = lapsed(orders, days)
+    if not known.any():  # not too few customers: too short a history
+        raise AnalyticsError(
+            f"{METHOD}: the release holds fewer than {days} days of orders before the analysis date;"
+            f" whether a customer lapsed (no order in the last {days} days) is known only for customers"
+            " who ordered before that"
+        )
     profile, outcome = profile[known].reset_index(drop=True), outcome[known]
     n = len(outcome)
     disclosure.population(METHOD, n)

@@ -115,6 +115,12 @@ def analyse(
     profile, profile_columns = _profile(released, orders)
     test_cutoff = orders.as_of - days * DAY
     train_cutoff = test_cutoff - days * DAY
+    if int(orders.ts.min()) >= train_cutoff:  # not too few customers: too short a history
+        raise AnalyticsError(
+            f"churn risk: the release holds fewer than twice {days} = {2 * days} days of orders before the"
+            f" analysis date; the model is trained on a {days}-day window and tested on the next, each"
+            " after orders to learn from"
+        )
     train = window(orders, profile, train_cutoff, days, active_only=active_only)
     test = window(orders, profile, test_cutoff, days, active_only=active_only)
     disclosure.population("churn risk (training window)", len(train.customers))

@@ -131,6 +131,19 @@ def dictionary_codes(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa
     return codes, dictionary
 
 
+def sorted_codes(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """As `dictionary_codes`, with the distinct values sorted: a row's code depends on its value and
+    the set of values, not on the order of the rows (which value happened to come first)."""
+    codes, dictionary = dictionary_codes(column)
+    if len(dictionary) == 0:
+        return codes, dictionary
+    order = pc.array_sort_indices(dictionary).to_numpy(zero_copy_only=False)
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    ranked: np.ndarray = np.where(codes >= 0, rank[np.maximum(codes, 0)], -1)
+    return ranked, dictionary.take(pa.array(order))
+
+
 def order_keys(column: pa.ChunkedArray) -> np.ndarray:
     """Per row, an int64 key that is equal for equal order ids (−1: no id). Integer ids are their own
     keys (shifted to start at 0); others are dictionary codes. Dictionary-encoding twelve million
@@ -341,7 +354,10 @@ class Released:
         amount, known = amounts(self._column(f.amount), f.amount)
         prep["missing_amount"] = int((valid & ~known).sum())
         valid &= known
-        codes, dictionary = dictionary_codes(self._column(DID))
+        # Customers numbered in DID order, not in the order they first appear: every seeded sample or
+        # split over customers (churn's fit/calibration split, the cluster and Pareto/NBD samples)
+        # then picks the same customers whatever the order of the rows.
+        codes, dictionary = sorted_codes(self._column(DID))
         valid &= codes >= 0
         if self._as_of is not None:
             prep["after_as_of"] = int((valid & (ts >= self._as_of)).sum())
@@ -360,6 +376,9 @@ class Released:
         else:
             order = np.lexsort((ts, codes))
         codes, ts, amount, rows = codes[order], ts[order], amount[order], rows[order]
+        tied, source = _untie(codes, ts, amount)
+        for column in (codes, ts, amount, rows):  # in place: only the tied rows move
+            column[tied] = column[source]
         order_ids = None
         if (amount < 0).any() and self.released(f.order_id, PURCHASES):
             order_ids = order_keys(self._column(f.order_id))[rows]
@@ -388,9 +407,20 @@ class Released:
 
     def codes_for_orders(self, name: str) -> tuple[np.ndarray, pa.Array]:
         """A released column aligned with `orders` (one value per order, in its order), as
-        (per-order code into the distinct values, distinct values); -1 for a null."""
-        codes, dictionary = dictionary_codes(self._column(name))
+        (per-order code into the distinct values, distinct values, sorted: codes are the same whatever
+        the row order); -1 for a null."""
+        codes, dictionary = sorted_codes(self._column(name))
         return codes[self.orders.rows], dictionary
+
+
+def _untie(codes: np.ndarray, ts: np.ndarray, amount: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For rows sorted by (customer, time): (tied rows, the row each takes its values from) so that a
+    customer's orders of the same second are in a fixed order, the larger amount first (a same-second
+    return after its purchase), instead of the order of the released rows."""
+    tied = np.flatnonzero((codes[1:] == codes[:-1]) & (ts[1:] == ts[:-1]))
+    rows = np.unique(np.concatenate([tied, tied + 1]))
+    source: np.ndarray = rows[np.lexsort((-amount[rows], ts[rows], codes[rows]))]
+    return rows, source
 
 
 def figure(value: float, digits: int = 4) -> float:

@@ -91,3 +91,12 @@ def test_clv_deciles_keep_equal_values_together_and_ignore_row_order() -> None:
     assert len(set(decile[95:105].tolist())) == 1
     order = np.random.default_rng(3).permutation(1000)
     assert (deciles_of(value[order]) == decile[order]).all()
+
+
+def test_shuffling_the_rows_changes_no_figure_of_the_churn_model(generated: pa.Table) -> None:
+    # Before: the 80/20 fit/calibration split was drawn over the customers in the order they first
+    # appeared in the rows, so the same release in another row order gave another model (AUC 0.8818
+    # against 0.8799, every calibration row different). Customers are numbered by DID now.
+    shuffled = generated.take(pa.array(np.random.default_rng(1).permutation(len(generated))))
+    one, two = (churn.analyse(Released(t), Disclosure(25), days=90) for t in (generated, shuffled))
+    assert one == two

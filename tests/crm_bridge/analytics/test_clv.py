@@ -9,6 +9,7 @@ from decimal import Decimal, getcontext
 import numpy as np
 import pyarrow as pa
 import pytest
+from scipy.special import gammaln
 
 from crm_bridge.analytics import clv, pareto_nbd
 from crm_bridge.analytics.data import Released
@@ -103,6 +104,10 @@ def test_expected_purchases_stay_exact_for_heavy_buyers() -> None:
             if case[0] == t:
                 assert got[i] == pytest.approx(_expected_purchases_by_the_series(params, *case), rel=1e-9)
     assert published.expected_purchases(104.0, x[:1], t_x[:1], T[:1])[0] == pytest.approx(1246.126, abs=1e-3)
+    # The issue's 1,245.1 (it gave no t_x and T) is the customer whose 3,000th repeat day is today,
+    # 208.2 weeks after the first.
+    heavy = np.array([208.2])
+    assert published.expected_purchases(104.0, x[:1], heavy, heavy)[0] == pytest.approx(1245.1, abs=0.05)
 
 
 def test_discounting_at_zero_is_the_expected_purchases_and_lowers_them_otherwise() -> None:
@@ -127,6 +132,55 @@ def test_gamma_gamma_on_cdnow_matches_fader_hardie_lee(cdnow: Released) -> None:
     assert round(fit.gamma, 2) == 15.44
     assert fit.customers == 946
     assert not fit.degenerate
+
+
+def _gamma_gamma_log_likelihood(theta: np.ndarray, x: np.ndarray, m: np.ndarray) -> float:
+    """Fader and Hardie's ("The Gamma-Gamma Model of Monetary Value", 2013, eq. 5), written out."""
+    p, q, g = theta
+    return float(
+        np.sum(
+            gammaln(p * x + q) - gammaln(p * x) - gammaln(q) + q * np.log(g)
+            + (p * x - 1) * np.log(m) + p * x * np.log(x) - (p * x + q) * np.log(g + m * x)
+        )
+    )  # fmt: skip
+
+
+def test_gamma_gamma_standard_errors_are_the_observed_informations(cdnow: Released) -> None:
+    # The BG/NBD and Pareto/NBD errors are pinned to lifetimes' and CLVTools' published ones; the
+    # spend model's are checked against the inverse Hessian of the textbook likelihood, by
+    # central differences here.
+    s = clv.summarise(cdnow.orders)
+    repeat = s.x > 0
+    x, m = s.x[repeat], s.monetary[repeat]
+    fit = clv.GammaGamma.fit(x, m)
+    theta = np.array(fit.params)
+    step = 1e-4 * theta
+    hessian = np.empty((3, 3))
+    for i in range(3):
+        for j in range(3):
+            ei, ej = np.eye(3)[i] * step[i], np.eye(3)[j] * step[j]
+            ll = [
+                _gamma_gamma_log_likelihood(theta + a * ei + b * ej, x, m)
+                for a, b in ((1, 1), (1, -1), (-1, 1), (-1, -1))
+            ]
+            hessian[i, j] = (ll[0] - ll[1] - ll[2] + ll[3]) / (4 * step[i] * step[j])
+    expected = np.sqrt(np.diag(np.linalg.inv(-hessian)))
+    assert fit.uncertainty.se == pytest.approx(tuple(expected), rel=1e-2)
+    for value, low, high in zip(fit.params, fit.uncertainty.low, fit.uncertainty.high, strict=True):
+        assert low < value < high
+
+
+def test_every_fitted_parameter_in_the_report_has_a_standard_error_and_an_interval(cdnow: Released) -> None:
+    section = clv.analyse(cdnow, Disclosure(10), horizon_weeks=39)
+    named = {(row["model"], row["parameter"]) for row in section["parameters"]}
+    assert named == {
+        *(("BG/NBD", p) for p in ("r", "alpha", "a", "b")),
+        *(("Pareto/NBD", p) for p in ("r", "alpha", "s", "beta")),
+        *(("Gamma-Gamma", p) for p in ("p", "q", "gamma")),
+    }
+    for row in section["parameters"]:
+        assert row["se"] > 0, row
+        assert row["low_95"] < row["estimate"] < row["high_95"], row
 
 
 def test_the_report_section_carries_the_fitted_figures(cdnow: Released) -> None:

@@ -179,6 +179,25 @@ def test_returns_are_netted_into_their_order_and_free_orders_kept() -> None:
     assert no_ids.counts.tolist() == [1, 2, 1]
 
 
+def test_orders_of_the_same_second_are_read_alike_in_any_row_order() -> None:
+    # A purchase and its return in the same second (no order id): whichever row comes first, the
+    # return nets into the purchase. Before, the rows' order decided: return first was unmatched.
+    day = _epoch("2022-03-01")
+    rows: dict[str, list[Any]] = {
+        "did": ["a", "a", "b", "b"],
+        "order_ts": [day, day, day, day + DAY],
+        "amount": [30.0, -30.0, 5.0, 7.0],
+    }
+    read: list[tuple[list[Any], list[float], dict[str, int]]] = []
+    for order in ([0, 1, 2, 3], [1, 0, 3, 2]):
+        columns = {c: pa.array([v[i] for i in order]) for c, v in rows.items()}
+        orders = Released(_release(columns)).orders
+        read.append((orders.dids.to_pylist(), orders.amount.tolist(), orders.preparation))
+    assert read[0] == read[1]
+    assert read[0][0] == ["b"]  # a's order was returned in full
+    assert read[0][2]["returns_matched"] == 1
+
+
 def test_missing_amounts_are_left_out_and_counted_and_the_json_stays_json() -> None:
     # Before: a NaN amount made the customer's total NaN, ranked highest (M = 5), and wrote a bare NaN.
     rng = np.random.default_rng(3)
@@ -324,6 +343,33 @@ def test_all_customers_with_one_order_is_said_as_such() -> None:
     assert f"all {built['input']['customers']} customers" in refusal["reason"]
     assert built["input"]["customers"] >= 25
     assert "one purchase day" in refusal["reason"]
+    assert "rfm" in built
+
+
+def test_a_history_shorter_than_the_churn_windows_is_said_as_such() -> None:
+    # 60 customers, two orders each, all within 60 days: churn needs a training and a test window of
+    # 90 days each before the analysis date, CHAID customers known 90 days before it. Before: both
+    # said "0 customers, fewer than k = 5", as if the customers were too few.
+    day = _epoch("2022-01-01")
+    table = _release(
+        {
+            "did": pa.array([f"c{i}" for i in range(60) for _ in range(2)]),
+            "order_ts": pa.array([day + (i % 30 + 30 * j) * DAY for i in range(60) for j in range(2)], pa.int64()),
+            "amount": pa.array([10.0 + i % 7 for i in range(120)]),
+            "age_band": pa.array(["18-24" if i % 3 else "65+" for i in range(120)]),
+        }
+    )
+    info = ReleaseInfo.of(table.schema)
+    assert info is not None
+    columns = info.columns | {"age_band": "user.demographic"}
+    table = table.replace_schema_metadata(info.model_copy(update={"columns": columns}).metadata())
+    built = build(Released(table), AnalyticsSettings(k=5, churn_days=90))
+    reasons = {r["method"]: r["reason"] for r in built["refused"]}
+    assert "0 customers" not in reasons["churn"], reasons
+    assert "0 customers" not in reasons["chaid"], reasons
+    # (A bound, not the span: the first order's day is one customer's.)
+    assert "fewer than twice 90 = 180 days of orders before the analysis date" in reasons["churn"]
+    assert "fewer than 90 days of orders before the analysis date" in reasons["chaid"]
     assert "rfm" in built
 
 

@@ -35,8 +35,8 @@ from crm_bridge.analytics.settings import AnalyticsSettings
 from scripts import generate_crm
 from tests.crm_bridge.analytics.releases import PURCHASES, released
 
-# (section, table) → the figure of the section that the table's rows add up to.
-PARTITIONS = {
+# (section, [subsection,] table) → the figure of the section that the table's rows add up to.
+PARTITIONS: dict[tuple[str, ...], str] = {
     ("rfm", "segments"): "customers",
     ("rfm", "heatmap"): "customers",
     ("clv", "distribution"): "customers",
@@ -45,18 +45,33 @@ PARTITIONS = {
     ("clusters", "clusters"): "customers",  # a cluster below k is merged into others: none is hidden
 }
 RUNNING = {("churn", "gains")}  # cumulative rows: neighbours differ by one group
+# The holdout check (nested in the CLV section): its frequency groups partition the calibration
+# cohort (pooled until each holds k, none hidden); its tracking rows are cumulative repeat purchases,
+# so two shown rows differ by the purchases of the weeks between them, made by at least the later
+# row's buyers ("customers", k or more: a week with fewer is withheld).
+PARTITIONS[("clv", "holdout", "by_frequency")] = "customers"
+CUMULATIVE = {("clv", "holdout", "tracking")}
 # Rows that no published figure adds up with a hidden remainder: each rule is floored at k; a CHAID
 # split is shown only with every child at k or more, so a node minus its children is nothing (and the
 # two CHAID trees' nodes are attacked together by the audit's integer program: "CHAID customers").
 ROWS_ONLY = {("rules", "rules"), ("chaid", "tree"), ("chaid", "high_clv_tree")}
 
 
-def tables(report: dict[str, Any]) -> Iterator[tuple[tuple[str, str], dict[str, Any]]]:
-    for section, body in report.items():
+def tables(report: dict[str, Any], path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], dict[str, Any]]]:
+    """Every published table, by its path in the report (sections nest: the CLV section's holdout check)."""
+    for name, body in report.items():
         if isinstance(body, dict):
-            for name, table in body.items():
-                if isinstance(table, dict) and "rows" in table and "columns" in table:
-                    yield (section, name), table
+            if "rows" in body and "columns" in body:
+                if path:
+                    yield (*path, name), body
+            else:
+                yield from tables(body, (*path, name))
+
+
+def _at(report: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for name in path:
+        report = report[name]
+    return report
 
 
 def residual_ok(hidden: float, k: int) -> bool:
@@ -67,12 +82,12 @@ def attack_published(report: dict[str, Any], k: int) -> list[str]:
     """The differencing attacks an analyst can make with the report's own numbers; what they expose."""
     exposed = []
     for key, table in tables(report):
-        section = key[0]
+        section = _at(report, key[:-1])
         rows = table["rows"]
         exposed += [f"{key}: a row of {r['customers']}" for r in rows if r["customers"] < k]
         exposed += [f"{key}: {c} is one customer's value" for c in table["columns"] if c.startswith(("min_", "max_"))]
         if key in PARTITIONS:
-            hidden = report[section][PARTITIONS[key]] - sum(r["customers"] for r in rows)
+            hidden = section[PARTITIONS[key]] - sum(r["customers"] for r in rows)
             if not residual_ok(hidden, k):
                 exposed.append(f"{key}: the total minus the shown rows is {hidden} customers")
         if key in RUNNING:
@@ -271,7 +286,8 @@ def test_every_published_table_is_attacked() -> None:
     report = build(released, AnalyticsSettings(k=k, rules_sample=20_000, min_support=0.05), disclosure)
     published = {key for key, _ in tables(report)}
     assert {("rfm", "segments"), ("rfm", "heatmap"), ("rules", "rules")} <= published
-    unknown = published - set(PARTITIONS) - RUNNING - ROWS_ONLY
+    assert ("clv", "holdout", "tracking") in published
+    unknown = published - set(PARTITIONS) - RUNNING - ROWS_ONLY - CUMULATIVE
     assert not unknown, f"register these tables' differencing attacks in test_privacy.py: {unknown}"
     assert attack_published(report, k) == []
     # Across tables: RFM and CLV describe the same customers, so their figures are attacked together.
