@@ -20,7 +20,9 @@ restating their own assumptions):
 - products: themed baskets (co-purchase rules exist) plus a long tail of 240 products bought now
   and then, with Zipf popularity;
 - free orders (vouchers, 0.00) and refunds (a later row with the order's id and a negative amount,
-  whole or half the order), as real exports hold them; `returns=False` (`--no-returns`) leaves them out.
+  whole or half the order), as real exports hold them; `returns=False` (`--no-returns`) leaves them out;
+- dissatisfaction: after a refund a customer often (DISSATISFIED) leaves within a few weeks, behaviour
+  a purchase-only model (BG/NBD) cannot see, as real customers have it.
 `textbook=True` (`--textbook`) draws the old population instead (purchases exactly BG/NBD and spend
 exactly Gamma-Gamma, no returns), for tests that check a fit recovers the parameters it was drawn from.
 Order times are UTC instants (`timestamp[s, UTC]`) spread over the whole day.
@@ -89,18 +91,20 @@ TAIL_KINDS = [
 TAIL = [f"{kind} no. {i}" for kind in TAIL_KINDS for i in range(1, 21)]  # the long tail: 240 products
 PRODUCTS = THEMED + TAIL
 # Per age band: purchase-rate multiplier, lapse hazard (per year, mean), spend multiplier, the themes
-# bought more and the preferred channel.
+# bought more and the preferred channel. (Refunds add lapses of their own, see DISSATISFIED: the hazards
+# were lowered with them, so about as many customers are long gone as before.)
 AGE_EFFECTS: dict[str, tuple[float, float, float, tuple[str, ...], str]] = {
-    "18-24": (0.75, 1.2, 0.7, ("movie night", "barbecue"), "app"),
-    "25-34": (1.0, 0.8, 0.9, ("baby", "healthy"), "app"),
-    "35-44": (1.4, 0.45, 1.2, ("baby", "breakfast"), "web"),
-    "45-54": (1.25, 0.4, 1.25, ("pasta night", "cleaning"), "web"),
-    "55-64": (1.0, 0.35, 1.1, ("baking", "pasta night"), "store"),
-    "65+": (0.8, 0.25, 1.0, ("baking", "breakfast"), "store"),
+    "18-24": (0.75, 0.8, 0.7, ("movie night", "barbecue"), "app"),
+    "25-34": (1.0, 0.45, 0.9, ("baby", "healthy"), "app"),
+    "35-44": (1.4, 0.25, 1.2, ("baby", "breakfast"), "web"),
+    "45-54": (1.25, 0.22, 1.25, ("pasta night", "cleaning"), "web"),
+    "55-64": (1.0, 0.18, 1.1, ("baking", "pasta night"), "store"),
+    "65+": (0.8, 0.12, 1.0, ("baking", "breakfast"), "store"),
 }
 REGION_SPEND = {"London": 1.35, "South East": 1.15, "Scotland": 0.95, "Wales": 0.9, "North West": 0.95}
 SEASON_PEAK = 1.4  # the highest seasonal purchase-rate multiplier (December)
 FREE_SHARE, REFUND_SHARE = 0.02, 0.04  # of orders (unless returns=False)
+DISSATISFIED = 0.8  # the chance a refund makes the customer leave (within a few weeks)
 START = datetime(2022, 1, 1, tzinfo=UTC)
 WEEKS = 4 * 52  # four years of history
 MAPPING = """\
@@ -286,6 +290,18 @@ def make_orders(rng: np.random.Generator, customers: Customers, first_order: int
         refund_when = when[refunded] + rng.exponential(1.0, len(refunded))  # about a week later
         keep = refund_when < WEEKS
         refunded, refund_when = refunded[keep], refund_when[keep]
+        # Dissatisfaction: after a refund, a customer often leaves within a few weeks (a hazard BG/NBD,
+        # which sees purchases only, cannot see). Their later orders, and the refunds of those, go.
+        leaves = rng.random(len(refunded)) < DISSATISFIED
+        quits = np.full(n, np.inf)
+        np.minimum.at(quits, who[refunded[leaves]], refund_when[leaves] + rng.exponential(3.0, int(leaves.sum())))
+        stays = when < quits[who]
+        refunded, refund_when = refunded[stays[refunded]], refund_when[stays[refunded]]
+        kept = np.flatnonzero(stays)
+        renumber = np.cumsum(stays) - 1
+        refunded = renumber[refunded]
+        who, when, amount, chosen, channel = who[kept], when[kept], amount[kept], chosen[kept], channel[kept]
+        order_id = order_id[kept]
         share = np.where(rng.random(len(refunded)) < 0.7, 1.0, 0.5)
         who = np.concatenate([who, who[refunded]])
         when = np.concatenate([when, refund_when])

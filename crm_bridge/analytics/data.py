@@ -12,7 +12,8 @@ counted in `Orders.preparation` and stated in the report):
   A negative amount is a return: netted into its order when an order id column is released (the
   order keeps its own time), else into the customer's latest earlier order; a return with nothing to
   match is left out. An order refunded in full (net <= 0) was no purchase and is left out; a free
-  order (0, nothing returned) is a purchase worth 0.
+  order (0, nothing returned) is a purchase worth 0. The returns are kept beside the orders too (who,
+  when: `Orders.return_customer`, `return_ts`), as behaviour (churn counts them before its cutoff).
 """
 
 from __future__ import annotations
@@ -76,6 +77,10 @@ class Orders:
     as_of: int  # analysis time (seconds): the end of the last day with an order, unless given
     # What preparing the rows did (counts of rows/orders left out or changed): stated in the report.
     preparation: dict[str, int] = field(default_factory=dict)
+    # The returns (rows with a negative amount) of these customers: per return, customer code and time.
+    # Netted into their orders above, they are kept here too: a refund is behaviour (churn reads it).
+    return_customer: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    return_ts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     starts: np.ndarray = field(init=False)  # customer code → index of its first order
     counts: np.ndarray = field(init=False)  # customer code → number of orders
 
@@ -384,15 +389,19 @@ class Released:
             order_ids = order_keys(self._column(f.order_id))[rows]
             no_id = order_ids < 0  # a row without an order id is an order of its own
             order_ids[no_id] = order_ids.max() + 1 + np.arange(int(no_id.sum()))
+        is_return = amount < 0
         purchase, returns = net_returns(codes, ts, amount, order_ids)
         prep.update(returns)
         prep["free_orders"] = int((purchase & (amount == 0)).sum())
         keep = np.flatnonzero(purchase)
         if len(keep) == 0:
             raise NoOrders(f"the released table holds no purchase: all {len(rows)} orders were returned in full")
+        return_codes, return_ts = codes[is_return], ts[is_return]
         codes, ts, amount, rows = codes[keep], ts[keep], amount[keep], rows[keep]
         # Renumber the customers present (a customer whose cells were all withheld is not one here).
         present, codes = np.unique(codes, return_inverse=True)
+        at = np.minimum(np.searchsorted(present, return_codes), len(present) - 1)
+        kept_returns = present[at] == return_codes  # a customer with no purchase left is not one
         as_of = self._as_of if self._as_of is not None else (int(ts.max()) // DAY + 1) * DAY
         prep["orders"] = len(ts)
         return Orders(
@@ -403,6 +412,8 @@ class Released:
             rows=rows,
             as_of=as_of,
             preparation=prep,
+            return_customer=at[kept_returns].astype(np.int64),
+            return_ts=return_ts[kept_returns],
         )
 
     def codes_for_orders(self, name: str) -> tuple[np.ndarray, pa.Array]:

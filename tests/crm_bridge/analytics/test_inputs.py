@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from crm_bridge.analytics import clv, report, rfm
+from crm_bridge.analytics import churn, clv, report, rfm
 from crm_bridge.analytics.data import DAY, Released, dictionary_codes
 from crm_bridge.analytics.errors import ColumnMissing, NoOrders, UnreadableColumn
 from crm_bridge.analytics.report import build, render
@@ -173,6 +173,14 @@ def test_returns_are_netted_into_their_order_and_free_orders_kept() -> None:
         "free_orders": 1,
         "orders": 4,
     }
+    # The returns are kept as behaviour too (churn reads them): customer and time, matched or not.
+    assert orders.return_customer.tolist() == [0, 2]
+    assert orders.return_ts.tolist() == [day + 3 * DAY, day + DAY]
+    window = churn.window(orders, np.zeros((3, 0)), day + 2 * DAY, 90)
+    returns = churn.BEHAVIOUR.index("returns")
+    assert window.features[:, returns].tolist() == [0, 0, 1]  # a's return is after the cutoff: unseen
+    assert window.features[2, returns + 1] == 1.0  # c's, a day before it
+    assert window.features[0, returns + 1] == churn.NO_RETURN_DAYS  # none seen
     # Without an order id a return is netted into the customer's latest earlier paid order.
     no_ids = Released(_release({c: table.column(c) for c in ("did", "order_ts", "amount")})).orders
     assert no_ids.amount.tolist() == [20.0, 20.0, 0.0, 40.0]  # a's 30 is refunded, c's 50 nets 40

@@ -66,8 +66,9 @@ def test_every_method_runs_and_the_json_is_the_report(
     assert report["refused"] == []
     for method in ("rfm", "rules", "clv", "churn", "clusters", "chaid"):
         assert method in report
-    # 5,000 generated customers, less the few whose every order was refunded in full (no purchase).
-    assert report["input"]["customers"] == pc.count_distinct(purchases(generated).column("did")).as_py() > 4_950
+    # 5,000 generated customers, less the few whose every order was refunded in full (no purchase; a
+    # refunded first order often ends a customer, the generator's dissatisfaction).
+    assert report["input"]["customers"] == pc.count_distinct(purchases(generated).column("did")).as_py() > 4_900
     assert report["release"]["purpose"] == "analytics.reporting"
     assert report["clv"]["caveats"] == []  # the generator's spend is no degenerate Gamma-Gamma case
 
