@@ -154,6 +154,10 @@ class ContractClient:
         except (RequestException, OSError) as exc:
             raise ChainError(f"the node did not answer {function}: {exc.__class__.__name__}") from exc
 
+    def has_role(self, role: bytes, account: ChecksumAddress) -> bool:
+        """Whether `account` holds `role` (every contract of ours is an OpenZeppelin AccessControl)."""
+        return bool(self.call("hasRole", role, account))
+
     def estimate(self, data: bytes) -> int:
         """Gas for `data` from the operator; raises the decoded revert if it would fail."""
         try:

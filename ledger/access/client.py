@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from eth_typing import ChecksumAddress, HexStr
+from eth_typing import HexStr
 from eth_utils.crypto import keccak
 from requests.exceptions import RequestException
 from web3 import Web3
@@ -270,9 +270,6 @@ class AccessLogClient(ContractClient):
 
     def count(self, block: int | None = None) -> int:
         return int(self.contract.functions.count().call(block_identifier=block))
-
-    def has_role(self, role: bytes, account: ChecksumAddress) -> bool:
-        return bool(self.call("hasRole", role, account))
 
     def encode_record(self, entries: Sequence[Access]) -> bytes:
         """`record`'s call data for one batch of at most `max_record_entries()` entries."""

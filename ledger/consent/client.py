@@ -162,9 +162,6 @@ class ConsentRegistryClient(ContractClient):
     def is_permitted(self, subject: Subject, partner: ChecksumAddress, purpose: Purpose, attributes: int) -> bool:
         return bool(self.call("isPermitted", subject, partner, purpose, attributes))
 
-    def has_role(self, role: bytes, account: ChecksumAddress) -> bool:
-        return bool(self.call("hasRole", role, account))
-
     # messages for customers to sign ------------------------------------------------------------
 
     def grant_message(
@@ -296,25 +293,16 @@ def decode(log: dict[str, Any]) -> RegistryEvent | None:
     partner = checksummed("0x" + topics[2][-40:])
     purpose = Purpose(bytes.fromhex(topics[3][2:]))
     if topics[0] == GRANTED:
-        changed, attributes, valid_until, nonce = words
-        return RegistryEvent(
-            KIND_GRANT,
-            partner=partner,
-            purpose=purpose,
-            changed=changed,
-            attributes=AttributeMask(attributes),
-            valid_until=valid_until,
-            nonce=nonce,
-            **common,
-        )
-    changed, attributes, nonce = words
+        kind, (changed, attributes, valid_until, nonce) = KIND_GRANT, words
+    else:
+        kind, (changed, attributes, nonce), valid_until = KIND_REVOKE, words, 0
     return RegistryEvent(
-        KIND_REVOKE,
+        kind,
         partner=partner,
         purpose=purpose,
         changed=changed,
         attributes=AttributeMask(attributes),
-        valid_until=0,
+        valid_until=valid_until,
         nonce=nonce,
         **common,
     )

@@ -229,9 +229,6 @@ class LoyaltyPointsClient(ContractClient):
     def redemption_used(self, redemption_id: bytes) -> bool:
         return bool(self.call("redemptionUsed", redemption_id))
 
-    def has_role(self, role: bytes, account: ChecksumAddress) -> bool:
-        return bool(self.call("hasRole", role, account))
-
     def redemption_message(
         self,
         subject: Subject,
