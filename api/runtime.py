@@ -61,6 +61,7 @@ class Runtime:
     supervisor_on_blocks: bool = False  # worker: the supervisor's relayer sends at each block (no wake-ups)
     on_control_lost: Callable[[], None] | None = None  # worker: called when the supervisor is gone
     prune_interval: float = 60.0  # seconds between prunes (`prune`)
+    index_wait: float = 30.0  # seconds a binding's request waits for the indexer to read it from the chain
     completions: Completions = field(default_factory=Completions)
     relay_wake: threading.Event = field(default_factory=threading.Event)
 
@@ -397,9 +398,10 @@ class Runtime:
                 self._check_partners.set()  # verify again next round
             raise
 
-    def wait_for_controller(self, subject: bytes, timeout: float = 30.0) -> None:
-        """Block until the indexer has seen the subject's controller binding."""
-        deadline = time.monotonic() + timeout
+    def wait_for_controller(self, subject: bytes) -> None:
+        """Block until the indexer has seen the subject's controller binding (TimeoutError after
+        `index_wait` s)."""
+        deadline = time.monotonic() + self.index_wait
         while time.monotonic() < deadline:
             with self.reads() as session:
                 if session.get(ControllerState, subject) is not None:

@@ -162,6 +162,21 @@ def describe_cpu(label: str, figures: dict[str, Any]) -> str:
     )
 
 
+def answered(
+    client: httpx.Client, url: str, body: Any, headers: dict[str, str] | None = None, patience: float = 600
+) -> httpx.Response:
+    """POST as a client should: asked again (the same request; with the same Idempotency-Key if it has one)
+    while the answer is 503 `still_pending`, for `patience` seconds at most (a loaded machine's indexer or
+    a slow relayer can take longer than the service waits before answering)."""
+    deadline = time.monotonic() + patience
+    while True:
+        response = client.post(url, json=body, headers=headers, timeout=120)
+        pending = response.status_code == 503 and response.json().get("code") == "still_pending"
+        if not pending or time.monotonic() > deadline:
+            return response
+        time.sleep(0.2)
+
+
 def enrol(service: Service, n: int) -> dict[str, Any]:
     account = Account.create()
     client = httpx.Client(base_url=service.url, timeout=60)
@@ -172,9 +187,10 @@ def enrol(service: Service, n: int) -> dict[str, Any]:
         json={"claim_code": claim, "address": account.address},
     ).json()["typed_data"]
     signature = "0x" + bytes(account.sign_message(encode_typed_data(full_message=typed)).signature).hex()
-    bound = client.post(
+    bound = answered(
+        client,
         f"/api/v1/customers/{quote(did, safe='')}/controller",
-        json={"claim_code": claim, "typed_data": typed, "signature": signature},
+        {"claim_code": claim, "typed_data": typed, "signature": signature},
     )
     assert bound.status_code == 200, bound.text
     message = client.post("/api/v1/auth/siwe/challenge", json={"address": account.address}).json()["message"]

@@ -86,6 +86,24 @@ def _claim(runtime: Runtime, subject: Subject, code: str, *, used: bool = False)
         return claim.used_at is not None
 
 
+def _not_indexed() -> ApiError:
+    return ApiError(
+        503,
+        "still_pending",
+        "The key is bound on-chain and the service has not read it back yet",
+        "send the same request again for the answer",
+    )
+
+
+def _wait_indexed(runtime: Runtime, subject: Subject) -> None:
+    """Wait for the indexer to read the subject's binding; 503 `still_pending` if it has not in time (the
+    binding is on-chain: the same request asked again gets the answer, see `_bound_already`)."""
+    try:
+        runtime.wait_for_controller(subject)
+    except TimeoutError as exc:
+        raise _not_indexed() from exc
+
+
 def _bound_already(runtime: Runtime, did: str, subject: Subject, controller: str) -> ControllerPublic:
     """The answer to a binding request whose claim code was used: the same answer as the first time,
     if the chain binds the subject to the key this request signed for. That is a repeat (the client
@@ -97,14 +115,11 @@ def _bound_already(runtime: Runtime, did: str, subject: Subject, controller: str
         raise ApiError(503, "chain_unavailable", "The ledger could not be read", str(exc)) from exc
     if held != controller:
         raise ApiError(403, "invalid_claim_code", "The claim code is not valid for this customer")
-    try:
-        runtime.wait_for_controller(subject)
-    except TimeoutError as exc:
-        raise ApiError(503, "chain_unavailable", "The binding is not indexed yet; try again", str(exc)) from exc
+    _wait_indexed(runtime, subject)
     with runtime.reads() as session:
         event = latest_binding(session, bytes(subject))
     if event is None:
-        raise ApiError(503, "chain_unavailable", "The binding is not indexed yet; try again")
+        raise _not_indexed()
     with runtime.sessions() as session:
         if session.get(BoundController, bytes(subject)) is None:
             record_binding(session, subject, controller, event.tx_hash, event.block_number)
@@ -188,7 +203,7 @@ def bind(did: str, body: ControllerSubmit, runtime: RuntimeDep) -> ControllerPub
             raise  # a refusal, answered in plain words by api.errors (not with the revert's facts)
         raise ApiError(503, "chain_unavailable", "The ledger could not record the binding", str(exc)) from exc
     runtime.vault.set_controller(subject, binding.controller, runtime.ledger.deployment.chain_id)
-    runtime.wait_for_controller(subject)
+    _wait_indexed(runtime, subject)
     return ControllerPublic(did=did, controller=binding.controller, tx_hash=tx_hash, block_number=block_number)
 
 

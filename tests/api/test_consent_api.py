@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gzip
 import re
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -436,6 +437,46 @@ def test_an_expired_sign_in_message_is_refused(service: Service, monkeypatch: py
         "sign_in_failed",
     )
     assert refused["detail"] == "the message has expired; ask for a new one"
+
+
+def test_a_binding_the_indexer_has_not_read_in_time_is_still_pending_and_answered_when_asked_again(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under load the indexer can be late: the binding is mined, the request's wait for the read model ends.
+    That is 503 `still_pending` in plain words (not a 500), and the same request asked again gets the answer
+    of the binding mined the first time, sending nothing."""
+    runtime = service.runtime
+    assert runtime.writers is not None
+    indexer = runtime.writers.indexer
+    gate = threading.Event()
+    step = indexer.step
+
+    def stalled() -> int:
+        gate.wait(30)
+        return step()
+
+    did, claim = service.enrol("late-indexer@example.com")
+    key = Account.create()
+    typed = service.client.post(
+        f"/api/v1/customers/{q(did)}/controller/prepare", json={"claim_code": claim, "address": key.address}
+    ).json()["typed_data"]
+    submitted = {"claim_code": claim, "typed_data": typed, "signature": service.sign_typed(key, typed)}
+    monkeypatch.setattr(runtime, "index_wait", 0.5)
+    monkeypatch.setattr(indexer, "step", stalled)
+    try:
+        late = _problem(
+            service.client.post(f"/api/v1/customers/{q(did)}/controller", json=submitted), 503, "still_pending"
+        )
+        assert late["detail"] == "send the same request again for the answer"
+        subject = runtime.dids.subject(did)
+        assert runtime.ledger.consent.controller_of(subject) == key.address  # bound on-chain all the same
+    finally:
+        gate.set()
+    monkeypatch.setattr(runtime, "index_wait", 30.0)
+    answered = service.client.post(f"/api/v1/customers/{q(did)}/controller", json=submitted)
+    assert answered.status_code == 200, answered.text
+    assert answered.json()["controller"] == key.address
+    assert service.sign_in(key).status_code == 200
 
 
 def test_sign_in_works_while_the_read_model_has_rolled_back_the_customers_binding(service: Service) -> None:

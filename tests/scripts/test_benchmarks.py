@@ -24,8 +24,13 @@ def quick_figures(script: str, timeout: int) -> dict[str, Any]:
         capture_output=True,
         text=True,
         timeout=timeout,
-        check=True,
+        check=False,
         cwd=PROJECT_ROOT,
+    )
+    # A failure shows what the script said: the exit status alone names no cause.
+    assert result.returncode == 0, (
+        f"{script} --quick exited {result.returncode}\n--- stdout (end)\n{result.stdout[-3000:]}"
+        f"\n--- stderr (end)\n{result.stderr[-6000:]}"
     )
     figures: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
     return figures
