@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import pytest
@@ -33,6 +32,7 @@ from api.secrets import load_secrets
 from api.settings import ServiceSettings
 from identity.settings import IdentitySettings
 from ledger.settings import ChainSettings, ToolchainSettings
+from scripts.served import q as q  # re-exported: the tests take it from here
 
 CLI = [sys.executable, "-m", "api.cli"]
 
@@ -64,11 +64,6 @@ def interrupt(process: subprocess.Popen[str]) -> str:
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=60)
     return output
-
-
-def q(did: str) -> str:
-    """A DID in a URL path is percent-encoded (did:web DIDs contain %3A themselves)."""
-    return quote(did, safe="")
 
 
 @dataclass

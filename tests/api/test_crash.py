@@ -3,16 +3,13 @@ after a restart every acknowledged change is on-chain exactly once and the read 
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
@@ -23,119 +20,19 @@ import pytest
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
-from eth_utils.crypto import keccak
 from sqlalchemy import select
 
-from ledger.anvil import Checkpoints, free_port
-from ledger.backends import create_backend
-from ledger.compiler import compile_contracts
-from ledger.consent import BoundController, ConsentRegistryClient, ConsentRequest, ConsentState, RequestStatus
-from ledger.consent.client import GRANTED, REVOKED, decode
-from ledger.contracts import Deployment, RevertDecoder
-from ledger.settings import ChainSettings
+from ledger.anvil import Checkpoints
+from ledger.consent import BoundController
+from ledger.contracts import Deployment
 from ledger.store import make_engine, sessions
-from ledger.tx import TxSender
-from ledger.types import Subject
 from scripts import generate_crm
-from tests.api.conftest import q, siwe_signed
+from scripts.served import CLI, Serve, balance_on_chain, consent_findings, customer
 
 pytestmark = [pytest.mark.anvil, pytest.mark.geth, pytest.mark.slow]
-CLI = [sys.executable, "-m", "api.cli"]
-ENV = {k: v for k, v in os.environ.items() if not k.startswith("CONSENT_LEDGER_")} | {
-    "CONSENT_LEDGER_CHAIN_BLOCK_TIME": "0.1",
-    "CONSENT_LEDGER_CHAIN_MAX_CLOCK_LEAD": "3600",  # geth: blocks every 0.1 s (see tests/api/conftest.py)
-}
 # The managed nodes: geth (the default: every block on disk when made) and anvil (its chain in memory,
 # dumped: a crash loses the blocks since the last dump, which the relayer sends again).
 NODES = ["geth", "anvil"]
-
-
-class Serve:
-    def __init__(self, data_dir: Path, node: str = "geth", **env: str) -> None:
-        self.data_dir = data_dir
-        self.node = node
-        self.port = free_port()
-        self.env = ENV | {"CONSENT_LEDGER_PORT": str(self.port), "CONSENT_LEDGER_CHAIN_BACKEND": node} | env
-        out = subprocess.run(
-            [*CLI, "principals", "add", "--role", "operator", "--name", "op", "--data-dir", str(data_dir)],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        self.operator_key = next(line.split()[2] for line in out.splitlines() if line.startswith("api key:"))
-        self.process: subprocess.Popen[bytes] | None = None
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
-
-    def start(self) -> None:
-        with (self.data_dir / "serve.log").open("ab") as log:
-            self.process = subprocess.Popen(
-                [*CLI, "serve", "--data-dir", str(self.data_dir)], env=self.env, stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + 60
-        while True:
-            assert self.process.poll() is None, "serve exited"
-            try:
-                if self.client.get("/api/v1/health").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "serve did not come up"
-            time.sleep(0.1)
-
-    def stop(self, sig: int = signal.SIGINT) -> None:
-        assert self.process is not None
-        self.process.send_signal(sig)
-        self.process.wait(timeout=60)
-
-    def node_pid(self) -> int:
-        return int((self.data_dir / "chain" / f"{self.node}.pid").read_text().split()[0])
-
-    def node_port(self) -> int:
-        return int((self.data_dir / "chain" / f"{self.node}.pid").read_text().split()[1])
-
-    def close(self) -> None:
-        """However the test ended: the service stopped (gracefully if it will), and no node of it left
-        running (a service killed with SIGKILL leaves its node for the next start to adopt). A failed
-        test had left whole services running, a core's worth of them after a few runs."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        try:
-            pid = self.node_pid()
-            command = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError, IndexError):
-            command = b""
-        if self.node.encode() in command and str(self.data_dir).encode() in command:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.client.close()
-
-
-def _customer(serve: Serve, n: int, email: str | None = None) -> tuple[LocalAccount, str, dict[str, str]]:
-    account = Account.create()
-    enrolled = serve.client.post(
-        "/api/v1/customers",
-        json={"email": email or f"crash{n}@example.com"},
-        headers={"X-API-Key": serve.operator_key},
-    ).json()
-    did, claim = enrolled["did"], enrolled["claim_code"]
-    typed = serve.client.post(
-        f"/api/v1/customers/{q(did)}/controller/prepare", json={"claim_code": claim, "address": account.address}
-    ).json()["typed_data"]
-    signature = "0x" + bytes(account.sign_message(encode_typed_data(full_message=typed)).signature).hex()
-    bound = serve.client.post(
-        f"/api/v1/customers/{q(did)}/controller",
-        json={"claim_code": claim, "typed_data": typed, "signature": signature},
-    )
-    assert bound.status_code == 200, bound.text
-    message = serve.client.post("/api/v1/auth/siwe/challenge", json={"address": account.address}).json()["message"]
-    token = serve.client.post("/api/v1/auth/siwe", json=siwe_signed(account, message)).json()
-    return account, did, {"Authorization": f"Bearer {token['access_token']}"}
 
 
 def _load(
@@ -182,82 +79,8 @@ def _load(
 
 
 def _verify_exactly_once(serve: Serve, acknowledged: list[str], *, node_crashed: bool = False) -> None:
-    """Every acknowledged change applied on-chain exactly once: no change is logged twice, each is logged
-    once unless the node itself crashed and lost the block (then the request says so); only changes the
-    service accepted are on-chain, each subject's with consecutive nonces up to its on-chain nonce (at
-    or past its highest acknowledged one); and the read model equals the contract's state."""
-    engine = make_engine(f"sqlite:///{serve.data_dir / 'service.db'}")
-    deadline = time.monotonic() + 120
-    while True:
-        with sessions(engine)() as session:
-            rows = list(session.scalars(select(ConsentRequest).where(ConsentRequest.id.in_(acknowledged))))
-        statuses = Counter(r.status for r in rows)
-        if statuses == Counter({RequestStatus.CONFIRMED: len(acknowledged)}):
-            break
-        assert time.monotonic() < deadline, f"not all acknowledged changes were confirmed: {statuses}"
-        time.sleep(0.2)
-    assert len(rows) == len(acknowledged)
-    serve.stop()  # graceful: the node writes its state; now read the chain itself
-    settings = ChainSettings(backend=serve.node, block_time=0.1)  # type: ignore[arg-type]
-    backend = create_backend(settings, Account.create(), serve.data_dir)
-    w3 = backend.start()
-    try:
-        deployment = Deployment.load(serve.data_dir / "deployment.json")
-        registry_address = deployment.address("ConsentRegistry")
-        logs = w3.eth.get_logs(
-            {
-                "address": registry_address,
-                "fromBlock": deployment.deploy_block,
-                "toBlock": "latest",
-                "topics": [[GRANTED, REVOKED]],
-            }
-        )
-        on_chain: Counter[tuple[bytes, int]] = Counter()
-        for log in logs:
-            event = decode(dict(log))
-            assert event is not None
-            on_chain[(event.subject, event.nonce)] += 1
-        artifacts = compile_contracts()
-        registry = ConsentRegistryClient(
-            w3,
-            registry_address,
-            artifacts["ConsentRegistry"],
-            TxSender(w3, Account.create()),
-            RevertDecoder(list(artifacts.values())),
-        )
-        highest: dict[bytes, int] = {}
-        for row in rows:
-            highest[row.subject] = max(highest.get(row.subject, -1), row.nonce)
-            logged = on_chain[(row.subject, row.nonce)]
-            assert logged <= 1, "an acknowledged change must never be applied twice"
-            if row.error_code == "history_lost":
-                assert node_crashed, "only a crashed node can lose a block"
-                assert serve.node == "anvil", "geth writes each block to its disk as it makes it"
-            else:
-                assert logged == 1, "an acknowledged change must be on-chain (logged) once"
-        with sessions(engine)() as session:
-            accepted = {
-                (subject, nonce)
-                for subject, nonce in session.execute(
-                    select(ConsentRequest.subject, ConsentRequest.nonce).where(
-                        ConsentRequest.status != RequestStatus.FAILED
-                    )
-                )
-            }
-        assert set(on_chain) <= accepted, "only changes the service accepted are on-chain"
-        for subject, nonce in highest.items():
-            # Its changes on-chain: each nonce once, none skipped, up to its highest acknowledged one or
-            # past it (a change stored and then applied whose answer a kill of the service cut off).
-            applied = sorted(n for s, n in on_chain if s == subject)
-            assert applied == list(range(len(applied)))
-            assert registry.nonce_of(Subject(subject)) == len(applied) > nonce
-        with sessions(engine)() as session:
-            for state in session.scalars(select(ConsentState)):
-                consent = registry.consent_of(state.subject, state.partner, state.purpose)  # type: ignore[arg-type]
-                assert (consent.attributes, consent.valid_until) == (int(state.attributes), state.valid_until)
-    finally:
-        backend.stop()
-        engine.dispose()
+    """See `consent_findings`: every acknowledged change on-chain exactly once, the read model the chain's."""
+    assert consent_findings(serve, acknowledged, node_crashed=node_crashed) == []
 
 
 @pytest.fixture(params=NODES)
@@ -275,7 +98,7 @@ def _prepare(serve: Serve) -> list[tuple[LocalAccount, str, dict[str, str]]]:
         headers={"X-API-Key": serve.operator_key},
     )
     assert created.status_code == 201, created.text
-    return [_customer(serve, n) for n in range(12)]
+    return [customer(serve, n) for n in range(12)]
 
 
 def test_kill_9_of_the_service_loses_no_acknowledged_change(serve: Serve) -> None:
@@ -329,7 +152,7 @@ def test_the_service_restarts_a_killed_node_by_itself(serve: Serve) -> None:
     stop, acknowledged = threading.Event(), []  # type: ignore[var-annotated]
     threads = _load(serve, customers, stop, acknowledged)
     time.sleep(2.0)
-    _kill_node_and_wait_for_its_restart(serve)
+    serve.kill_node_and_wait_for_its_restart()
     time.sleep(2.0)  # load goes on against the restarted node
     stop.set()
     for thread in threads:
@@ -348,63 +171,21 @@ def test_contracts_deployed_at_the_first_start_survive_a_node_crash_before_any_p
     serve = Serve(tmp_path, "anvil", CONSENT_LEDGER_CHAIN_STATE_INTERVAL="3600")
     try:
         serve.start()
-        _kill_node_and_wait_for_its_restart(serve)
+        serve.kill_node_and_wait_for_its_restart()
         deployment = Deployment.load(serve.data_dir / "deployment.json")
         for name, contract in deployment.contracts.items():
             deadline = time.monotonic() + 30
             while True:
                 try:
-                    code = _rpc(serve, "eth_getCode", [contract.address, "latest"])
+                    code = serve.rpc("eth_getCode", [contract.address, "latest"])
                     break
                 except httpx.TransportError:  # the new node is not answering yet
                     assert time.monotonic() < deadline, "the restarted node does not answer"
                     time.sleep(0.1)
             assert code not in (None, "0x"), f"{name} is gone from the restarted node"
-        _customer(serve, 0)  # and the service works on: enrol, bind a key on-chain, sign in
+        customer(serve, 0)  # and the service works on: enrol, bind a key on-chain, sign in
     finally:
         serve.close()
-
-
-def _kill_node_and_wait_for_its_restart(serve: Serve) -> None:
-    """SIGKILL the managed node; the supervisor starts a new one (same port, same state file). Waits
-    until the new node answers: its pid file is written as it is started, before it listens (under
-    load a request right after the pid changed met a refused connection)."""
-    killed = serve.node_pid()
-    os.kill(killed, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while True:
-        assert time.monotonic() < deadline, "the service did not restart its node"
-        if serve.node_pid() != killed:
-            with contextlib.suppress(httpx.TransportError):
-                _rpc(serve, "eth_blockNumber", [])
-                return
-        time.sleep(0.1)
-
-
-def _rpc(serve: Serve, method: str, params: list[object]) -> object:
-    port = serve.node_port()
-    answer = httpx.post(
-        f"http://127.0.0.1:{port}", json={"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
-    )
-    return answer.json()["result"]
-
-
-def principal(serve: Serve, role: str, name: str) -> str:
-    """A new API key of `role` (for a partner, a partner of that name too)."""
-    out = subprocess.run(
-        [*CLI, "principals", "add", "--role", role, "--name", name, "--data-dir", str(serve.data_dir)],
-        env=serve.env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return next(line.split()[2] for line in out.splitlines() if line.startswith("api key:"))
-
-
-def _balance_on_chain(serve: Serve, did: str) -> int:
-    address = Deployment.load(serve.data_dir / "deployment.json").address("LoyaltyPoints")
-    data = "0x" + keccak(text="balanceOf(bytes32)")[:4].hex() + did.rsplit(":", 1)[1]
-    return int(str(_rpc(serve, "eth_call", [{"to": address, "data": data}, "latest"])), 16)
 
 
 def _latest_binding(serve: Serve) -> str:
@@ -439,8 +220,8 @@ def test_a_key_bound_and_a_partner_added_just_before_the_node_dies_are_put_back(
     # Checkpoints 5 s apart, so that the binding, the partner's role and the changes below fall between two.
     serve = Serve(tmp_path, "anvil", CONSENT_LEDGER_CHAIN_STATE_INTERVAL="5")
     try:
-        issuer = {"X-API-Key": principal(serve, "issuer", "issuer")}
-        redeemer = {"X-API-Key": principal(serve, "partner", "globex")}
+        issuer = {"X-API-Key": serve.principal("issuer", "issuer")}
+        redeemer = {"X-API-Key": serve.principal("partner", "globex")}
         _prepare(serve)
         state = tmp_path / "chain" / "state.json"
         written = state.stat().st_mtime_ns if state.exists() else 0
@@ -448,7 +229,7 @@ def test_a_key_bound_and_a_partner_added_just_before_the_node_dies_are_put_back(
         while not state.exists() or state.stat().st_mtime_ns == written:  # a checkpoint was just written
             assert time.monotonic() < deadline, "no checkpoint was written"
             time.sleep(0.02)
-        account, did, headers = _customer(serve, 99)
+        account, did, headers = customer(serve, 99)
         added = serve.client.post(
             "/api/v1/partners",
             json={"name": "initech", "address": Account.create().address},
@@ -471,14 +252,14 @@ def test_a_key_bound_and_a_partner_added_just_before_the_node_dies_are_put_back(
         )
         assert (redeemed.status_code, redeemed.json()["balance"]) == (200, 70), redeemed.text
         binding_tx = _latest_binding(serve)
-        assert _rpc(serve, "eth_getTransactionByHash", [binding_tx]) is not None
-        _kill_node_and_wait_for_its_restart(serve)  # before the next checkpoint: the binding's block is lost
+        assert serve.rpc("eth_getTransactionByHash", [binding_tx]) is not None
+        serve.kill_node_and_wait_for_its_restart()  # before the next checkpoint: the binding's block is lost
         # The binding left with its block (else this test proves nothing), and the service bound the key again.
-        assert _rpc(serve, "eth_getTransactionByHash", [binding_tx]) is None
+        assert serve.rpc("eth_getTransactionByHash", [binding_tx]) is None
         after = _grant(serve, account, headers)  # the customer goes on as if nothing happened
         # The issuance and the redemption are sent again, and the redemption is not refused as unbound.
         deadline = time.monotonic() + 60
-        while _balance_on_chain(serve, did) != 70:
+        while balance_on_chain(serve, did) != 70:
             assert time.monotonic() < deadline, "the lost issuance and redemption were not applied again"
             time.sleep(0.2)
         again = serve.client.post(
@@ -489,8 +270,8 @@ def test_a_key_bound_and_a_partner_added_just_before_the_node_dies_are_put_back(
         assert {k: v for k, v in again.json().items() if k not in moved} == {
             k: v for k, v in redeemed.json().items() if k not in moved
         }
-        receipt = _rpc(serve, "eth_getTransactionReceipt", [again.json()["tx_hash"]])
-        assert int(receipt["blockNumber"], 16) == again.json()["block_number"]  # type: ignore[index]
+        receipt = serve.rpc("eth_getTransactionReceipt", [again.json()["tx_hash"]])
+        assert int(receipt["blockNumber"], 16) == again.json()["block_number"]
         _verify_exactly_once(serve, [first, second, after], node_crashed=True)
         log = (tmp_path / "serve.log").read_text()
         assert "the chain had lost 1 key bindings; bound them again" in log
@@ -511,7 +292,7 @@ def test_an_access_the_bridge_released_on_survives_a_crash_of_the_node(tmp_path:
             buyers = {row["customer_id"] for row in csv.DictReader(handle)}
         with (tmp_path / "crm" / "customers.csv").open(encoding="utf-8") as handle:
             person = next(r for r in csv.DictReader(handle) if r["email"] and r["customer_id"] in buyers)
-        account, did, headers = _customer(serve, 100, person["email"])
+        account, did, headers = customer(serve, 100, person["email"])
         granted = _grant(serve, account, headers, attribute="user.behavior.purchase_history")
         deadline = time.monotonic() + 30
         while serve.client.get(f"/api/v1/consents/{granted}", headers=headers).json()["status"] != "active":
@@ -532,11 +313,11 @@ def test_an_access_the_bridge_released_on_survives_a_crash_of_the_node(tmp_path:
         assert set(pq.read_table(out).column("did").to_pylist()) == {did}
         (access_tx,) = stats["transactions"]
         assert stats["seconds"] >= stats["durable_wait_seconds"] > 0  # it says how long it waited for a dump
-        receipt = cast(dict[str, str], _rpc(serve, "eth_getTransactionReceipt", [access_tx]))
+        receipt = cast(dict[str, str], serve.rpc("eth_getTransactionReceipt", [access_tx]))
         # The export waited for a checkpoint (the first since the service started) to hold its block.
         assert before < int(receipt["blockNumber"], 16) <= checkpoints.durable_block()
-        _kill_node_and_wait_for_its_restart(serve)
-        kept = cast(dict[str, str] | None, _rpc(serve, "eth_getTransactionReceipt", [access_tx]))
+        serve.kill_node_and_wait_for_its_restart()
+        kept = cast(dict[str, str] | None, serve.rpc("eth_getTransactionReceipt", [access_tx]))
         assert kept is not None
         assert kept["blockHash"] == receipt["blockHash"]
         audited = subprocess.run(

@@ -6,7 +6,6 @@ holds it."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -19,14 +18,8 @@ from typing import Any
 import httpx
 import pytest
 from eth_account.messages import encode_typed_data
-from eth_utils.crypto import keccak
-from sqlalchemy import func, select
 
-from ledger.points import PointsRequest, PointsStatus
-from ledger.points.client import REDEEMED
-from ledger.store import IndexedBlock, make_engine, sessions
-from tests.api.conftest import q
-from tests.api.test_crash import Serve, _customer, principal
+from scripts.served import Serve, customer, points_settled, read_model_balance_findings, redemption_findings
 
 pytestmark = [pytest.mark.geth, pytest.mark.slow]
 CUSTOMERS = 8
@@ -43,11 +36,11 @@ def test_a_retry_after_a_crash_never_spends_twice(tmp_path: Path, victim: str) -
 
 
 def _never_spends_twice(serve: Serve, victim: str) -> None:
-    issuer = {"X-API-Key": principal(serve, "issuer", "issuer")}
-    partner = {"X-API-Key": principal(serve, "partner", "acme")}
+    issuer = {"X-API-Key": serve.principal("issuer", "issuer")}
+    partner = {"X-API-Key": serve.principal("partner", "acme")}
     serve.start()
     try:
-        customers = [_customer(serve, n) for n in range(CUSTOMERS)]
+        customers = [customer(serve, n) for n in range(CUSTOMERS)]
         issued = serve.client.post(
             "/api/v1/points/issuances",
             json={"issuances": [{"did": did, "amount": START} for _, did, _ in customers]},
@@ -132,92 +125,25 @@ def _never_spends_twice(serve: Serve, victim: str) -> None:
         allowed = (200, 409) if victim == "service" else (200,)
         assert all(r.status_code in allowed for r in finals.values()), {r.text for r in finals.values()}
 
-        # On-chain: each redemption id applied at most once, and balances agree with the answers.
-        address = json.loads((serve.data_dir / "deployment.json").read_text())["contracts"]["LoyaltyPoints"]["address"]
-        node_port = str(serve.node_port())
-        w3 = httpx.Client(base_url=f"http://127.0.0.1:{node_port}")
-        logs = w3.post(
-            "/",
-            json={
-                "jsonrpc": "2.0",
-                "id": 1,
-                "method": "eth_getLogs",
-                "params": [{"address": address, "fromBlock": "0x0", "toBlock": "latest", "topics": [REDEEMED]}],
-            },
-        ).json()["result"]
-        ids = Counter(entry["topics"][3] for entry in logs)
-        assert ids, "no redemption reached the chain"
-        assert max(ids.values()) == 1
-        redeemed_ok = {finals[k].json()["redemption_id"] for k in finals if finals[k].status_code == 200}
-        assert set(ids) == redeemed_ok
-        redeemed_keys = [k for k in finals if finals[k].status_code == 200]
-        for n, (_account, did, headers) in enumerate(customers):
-            mine = [k for k, (who, _) in sent.items() if who == n and finals[k].status_code == 200]
-            chain = w3.post(
-                "/",
-                json={
-                    "jsonrpc": "2.0",
-                    "id": 1,
-                    "method": "eth_call",
-                    "params": [
-                        {
-                            "to": address,
-                            "data": "0x" + keccak(text="balanceOf(bytes32)")[:4].hex() + did.rsplit(":", 1)[1],
-                        },
-                        "latest",
-                    ],
-                },
-            ).json()["result"]
-            assert int(chain, 16) == START - 7 * len(mine)
-            points = serve.client.get(f"/api/v1/customers/{q(did)}/points", headers=headers)
-            assert points.json()["balance"] == int(chain, 16)  # the read model follows the chain
-        # Each answer names the transaction that holds the redemption on the chain as it is now.
-        for key in redeemed_keys:
-            answer = finals[key].json()
-            receipt = w3.post(
-                "/",
-                json={"jsonrpc": "2.0", "id": 1, "method": "eth_getTransactionReceipt", "params": [answer["tx_hash"]]},
-            ).json()["result"]
-            assert receipt is not None, f"{key}: answered with a transaction the chain does not hold"
-            assert int(receipt["blockNumber"], 16) == answer["block_number"]
+        # On-chain: each redemption id applied at most once, exactly those answered 200, balances agree
+        # with the answers (on-chain and in the read model), and each answer names its transaction.
+        assert any(r.status_code == 200 for r in finals.values()), "no redemption reached the chain"
+        spent = Counter(customers[sent[k][0]][1] for k, r in finals.items() if r.status_code == 200)
+        start = {did: START for _account, did, _headers in customers}
+        assert redemption_findings(serve, finals, {did: 7 * n for did, n in spent.items()}, start) == []
+        # ... and the check says so when the answers and the chain disagree: one answered redemption left out.
+        left_out = next(k for k, r in finals.items() if r.status_code == 200)
+        fewer = {k: r for k, r in finals.items() if k != left_out}
+        spent[customers[sent[left_out][0]][1]] -= 1
+        assert redemption_findings(serve, fewer, {did: 7 * n for did, n in spent.items()}, start) == [
+            "the redemptions on-chain are not the ones answered 200",
+            f"a customer holds {START - 7 * (spent[customers[sent[left_out][0]][1]] + 1)} points on-chain, "
+            f"{START - 7 * spent[customers[sent[left_out][0]][1]]} by the answers",
+        ]
+        assert read_model_balance_findings(serve, customers) == []
     finally:
         serve.stop()
 
 
 def _settled(serve: Serve, timeout: float = 90) -> None:
-    """Until the read model follows the chain as it is now (its newest indexed block is the node's block
-    of that number), every redemption is final, and every one done is indexed. After a node crash, those
-    in the lost blocks go back to the relayer (by the indexer's rollback, or the relayer's check of
-    requests settled but never indexed) and are applied again; until the service has noticed the
-    crash, its rows still show the lost chain."""
-    engine = make_engine(f"sqlite:///{serve.data_dir / 'service.db'}")
-    unsettled = (PointsRequest.status.not_in([PointsStatus.DONE, PointsStatus.FAILED])) | (
-        (PointsRequest.status == PointsStatus.DONE) & PointsRequest.indexed.is_(False)
-    )
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            with sessions(engine)() as session:
-                left = session.scalar(select(func.count()).select_from(PointsRequest).where(unsettled))
-                newest = session.execute(
-                    select(IndexedBlock.number, IndexedBlock.hash).order_by(IndexedBlock.number.desc()).limit(1)
-                ).first()
-            if not left and newest is not None and _node_block_hash(serve, newest.number) == newest.hash:
-                return
-            assert time.monotonic() < deadline, f"{left} points requests did not settle"
-            time.sleep(0.2)
-    finally:
-        engine.dispose()
-
-
-def _node_block_hash(serve: Serve, number: int) -> str | None:
-    """The hash of the node's block `number`; None if it has none, or is down."""
-    port = str(serve.node_port())
-    try:
-        block = httpx.post(
-            f"http://127.0.0.1:{port}",
-            json={"jsonrpc": "2.0", "id": 1, "method": "eth_getBlockByNumber", "params": [hex(number), False]},
-        ).json()["result"]
-    except httpx.TransportError:
-        return None
-    return block["hash"] if block else None
+    assert points_settled(serve, timeout) == []

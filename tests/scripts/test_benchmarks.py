@@ -186,3 +186,19 @@ def test_soak_quick_reports_its_figures() -> None:
     assert figures["first_blocks"] > 0
     assert figures["last_blocks"] > 0
     assert figures["max_clock_lead_s"] <= 2 + 1  # the default lead, and the second a timestamp rounds down
+
+
+@pytest.mark.geth
+@pytest.mark.slow
+def test_chaos_quick_kills_the_service_and_the_node_under_load_and_finds_nothing_lost() -> None:
+    figures = quick_figures("chaos.py", timeout=1200)
+    assert figures["findings"] == []  # the script exits 1 with findings: this names them if it did not
+    # Both kinds of fault happened under a load that was acknowledged throughout.
+    assert figures["faults_service"] >= 1
+    assert figures["faults_node"] >= 1
+    assert figures["consents_acknowledged"] > 100
+    assert figures["redemptions_acknowledged"] > 100
+    assert figures["redemptions_final_200"] >= figures["redemptions_acknowledged"]
+    assert figures["exports_done"] >= 1
+    assert figures["reads"]["2xx"] > 0
+    assert set(figures["flat"]) == {"service_rss_mb", "service_files", "node_rss_mb", "node_files"}
