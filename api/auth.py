@@ -7,7 +7,7 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -45,6 +45,7 @@ class Scope(StrEnum):
     REFERENCE_READ = "reference:read"
     REFERENCE_WRITE = "reference:write"
     AUDIT_READ = "audit:read"
+    CONSENTS_FORWARD = "consents:forward"
 
 
 _SCOPES = {scope.value: scope for scope in Scope}
@@ -55,6 +56,8 @@ ROLE_SCOPES: dict[str, frozenset[Scope]] = {
     "issuer": frozenset({Scope.POINTS_ISSUE, Scope.REFERENCE_READ}),
     "partner": frozenset({Scope.POINTS_REDEEM, Scope.REDEMPTIONS_READ, Scope.REFERENCE_READ}),
     "auditor": frozenset({Scope.AUDIT_READ, Scope.REFERENCE_READ}),
+    # A back end that forwards changes its customers signed elsewhere (a mobile app's, a CRM import's).
+    "forwarder": frozenset({Scope.CONSENTS_FORWARD, Scope.REFERENCE_READ}),
 }
 # A customer reads their own consents, points and accesses by being their subject, not by a scope.
 CUSTOMER_SCOPES = frozenset({Scope.CONSENT_WRITE, Scope.POINTS_AUTHORISE, Scope.REFERENCE_READ})
@@ -298,6 +301,20 @@ def sign_in(session: Session, key: bytes, message: str, signature: bytes, origin
     row = CustomerSession(token_hash=digest(token), subject=subject, address=signer, expires_at=now() + TOKEN_LIFETIME)
     session.add(row)
     return token, row
+
+
+def controllers_of(session: Session, subjects: Collection[bytes]) -> dict[bytes, str]:
+    """Each of `subjects`' bound key, as sign-in finds it: the read model's, else the service's own record
+    of the bindings it made (see `sign_in`). One query each for many subjects; those with none are absent."""
+    wanted = set(subjects)
+    state = select(ControllerState.subject, ControllerState.controller).where(ControllerState.subject.in_(wanted))
+    found = {bytes(subject): controller for subject, controller in session.execute(state)}
+    if missing := wanted - found.keys():
+        recorded = select(BoundController.subject, BoundController.controller).where(
+            BoundController.subject.in_(missing)
+        )
+        found |= {bytes(subject): controller for subject, controller in session.execute(recorded)}
+    return found
 
 
 def prune_expired(sessions: Callable[[], AbstractContextManager[Session]], *, batch: int = PRUNE_BATCH) -> int:

@@ -44,6 +44,7 @@ MATRIX: dict[tuple[str, str], Access] = {
     # consents
     ("POST", f"{V1}/consents/prepare"): Scope.CONSENT_WRITE,
     ("POST", f"{V1}/consents"): Scope.CONSENT_WRITE,
+    ("POST", f"{V1}/consents/batch"): Scope.CONSENTS_FORWARD,
     ("GET", f"{V1}/consents/{{request_id}}"): OwnOr(Scope.CONSENTS_READ),
     # points
     ("POST", f"{V1}/points/issuances"): Scope.POINTS_ISSUE,

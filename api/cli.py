@@ -510,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     state = argparse.ArgumentParser(add_help=False)
     state.add_argument("--data-dir", type=Path, help="state directory (default ./var)")
     add = principal_commands.add_parser("add", parents=[state], help="create a principal and print its API key once")
-    add.add_argument("--role", required=True, choices=["operator", "issuer", "partner", "auditor"])
+    add.add_argument("--role", required=True, choices=["operator", "issuer", "partner", "auditor", "forwarder"])
     add.add_argument("--name", required=True)
     add.add_argument("--address", help="partner's own address (default: a new one is made)")
     add.set_defaults(handler=_principals_add)

@@ -96,6 +96,33 @@ class ConsentAccepted(BaseModel):
     status: str
 
 
+class ErrorPublic(BaseModel):
+    code: str
+    detail: str = ""
+
+
+class ConsentBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    changes: list[TypedDataSubmission] = Field(
+        min_length=1, max_length=500, description="changes signed by their customers' bound keys, any customers"
+    )
+
+
+class ConsentBatchItem(BaseModel):
+    index: int = Field(description="the change's place in the request's `changes`, from 0")
+    status: int = Field(
+        description="202: accepted, as `POST /consents` answers it (stored durably; on-chain shortly); "
+        "otherwise the status that route would have answered for this change alone, with `error`"
+    )
+    id: str | None = Field(default=None, description="the consent request's id (for `GET /consents/{id}`)")
+    error: ErrorPublic | None = None
+
+
+class ConsentBatchPublic(BaseModel):
+    accepted: int = Field(description="how many changes were accepted")
+    results: list[ConsentBatchItem] = Field(description="one per change, in the request's order")
+
+
 class ConsentRequestPublic(BaseModel):
     id: str
     action: Literal["grant", "revoke"]
@@ -172,11 +199,6 @@ class IssuanceItem(BaseModel):
 class IssuanceCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     issuances: list[IssuanceItem] = Field(min_length=1, max_length=1000)
-
-
-class ErrorPublic(BaseModel):
-    code: str
-    detail: str = ""
 
 
 class IssuancePublic(BaseModel):

@@ -250,13 +250,14 @@ def consent_findings(serve: Serve, acknowledged: list[str], *, node_crashed: boo
             elif logged == 0:
                 found.append(f"acknowledged change {row.id} is not on-chain")
         with sessions(engine)() as session:
-            accepted = set(
-                session.execute(
+            accepted = {
+                (subject, nonce)
+                for subject, nonce in session.execute(
                     select(ConsentRequest.subject, ConsentRequest.nonce).where(
                         ConsentRequest.status != RequestStatus.FAILED
                     )
-                ).tuples()
-            )
+                )
+            }
         if unaccepted := set(on_chain) - accepted:
             found.append(f"{len(unaccepted)} changes on-chain that the service did not accept")
         for subject, nonce in highest.items():

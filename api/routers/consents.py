@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, status
 from starlette.concurrency import run_in_threadpool
 
-from api.auth import Caller, Scope
-from api.deps import ConsentWriter, OwnConsentsReader, RuntimeDep
+from api.auth import Caller, Scope, controllers_of
+from api.deps import ConsentForwarder, ConsentWriter, OwnConsentsReader, RuntimeDep
 from api.errors import ApiError, problem, responses
 from api.reference import Catalogue
 from api.runtime import Runtime
-from api.schemas import ConsentAccepted, ConsentPrepare, ConsentPreparePublic, ConsentRequestPublic, TypedDataSubmission
+from api.schemas import (
+    ConsentAccepted,
+    ConsentBatch,
+    ConsentBatchItem,
+    ConsentBatchPublic,
+    ConsentPrepare,
+    ConsentPreparePublic,
+    ConsentRequestPublic,
+    ErrorPublic,
+    TypedDataSubmission,
+)
 from identity.types import Subject
 from ledger import eip712
 from ledger.consent import ConsentRequest, NonceConflict, RequestStatus, SignedChange
@@ -76,13 +87,9 @@ def prepare(body: ConsentPrepare, runtime: RuntimeDep, caller: ConsentWriter) ->
     )
 
 
-@router.post("", response_model=ConsentAccepted, status_code=status.HTTP_202_ACCEPTED, responses=responses(409, 422))
-async def submit(body: TypedDataSubmission, runtime: RuntimeDep, caller: ConsentWriter) -> ConsentAccepted:
-    """Check the customer's signature and store the change durably; it is on-chain shortly after.
-
-    On the event loop: the checks are CPU work of a fraction of a millisecond (no database), and the
-    outbox writer's group commit is awaited, not waited for in a pool thread (a thread hop and a
-    blocked thread per request were most of this route's cost)."""
+def _parsed(runtime: Runtime, body: TypedDataSubmission) -> tuple[ConsentChange, eip712.Signature, str]:
+    """The signed change, its signature and who signed it (422 `invalid_typed_data` if it is none of this
+    ledger's consent changes)."""
     try:
         change = eip712.parse(body.typed_data, runtime.ledger.consent.domain, ("ConsentGrant", "ConsentRevoke"))
         signature = eip712.Signature.from_bytes(bytes.fromhex(body.signature[2:]))
@@ -92,27 +99,18 @@ async def submit(body: TypedDataSubmission, runtime: RuntimeDep, caller: Consent
             422, "invalid_typed_data", "The signed data is not a consent change of this ledger", str(exc)
         ) from exc
     assert isinstance(change, ConsentChange)
-    if change.subject != caller.subject:
-        raise ApiError(403, "not_your_data", "Customers change only their own consent")
-    controller = _controller(caller)
-    if signer != controller:
-        raise ApiError(
-            422,
-            "invalid_signature",
-            "The change was not signed by your bound key",
-            f"signed by {signer}, bound key is {controller}",
-        )
+    return change, signature, signer
+
+
+def _acceptable(change: ConsentChange, catalogue: Catalogue) -> None:
+    """What `prepare` checks by name, checked on the signed values: the signature makes a change authentic,
+    not acceptable, and what is accepted is applied (a 202 says so). Raises the ApiError that says why not."""
     if change.deadline <= time.time():
         raise ApiError(422, "signature_expired", "The signed change has expired; prepare it again")
-    catalogue = runtime.cached_catalogue()
-    if catalogue is None:
-        catalogue = await run_in_threadpool(runtime.catalogue)
     if change.partner not in catalogue.partners:
         raise ApiError(422, "unknown_partner", "No such partner", change.partner)
     if change.kind == ChangeKind.GRANT and change.partner in catalogue.retired:
         raise _partner_retired()
-    # What `prepare` checks by name, checked here on the signed values: the signature makes a change
-    # authentic, not acceptable, and what is accepted here is applied (a 202 says so).
     if bytes(change.purpose) not in catalogue.purpose_by_id:
         raise ApiError(422, "unknown_purpose", "No such purpose", "purpose: 0x" + bytes(change.purpose).hex())
     if change.attributes == 0:
@@ -123,16 +121,119 @@ async def submit(body: TypedDataSubmission, runtime: RuntimeDep, caller: Consent
         raise problem(exc) from exc
     if change.valid_until and change.valid_until <= time.time():
         raise ApiError(422, "invalid_validity", "validUntil is in the past")
+
+
+async def _catalogue(runtime: Runtime) -> Catalogue:
+    catalogue = runtime.cached_catalogue()
+    return catalogue if catalogue is not None else await run_in_threadpool(runtime.catalogue)
+
+
+def _store(
+    runtime: Runtime, change: ConsentChange, signature: eip712.Signature, controller: str
+) -> Future[ConsentRequest]:
+    """Hand a checked change to the outbox's group commit; the future is done when it is durable."""
     registry = runtime.ledger.consent
-    pending = runtime.ledger.writer.accept(
+    return runtime.ledger.writer.accept(
         SignedChange(change, signature), controller, lambda: registry.nonce_of(change.subject)
     )
+
+
+async def _stored(pending: Future[ConsentRequest]) -> ConsentRequest:
     try:
-        accepted = await asyncio.wait_for(asyncio.wrap_future(pending), 30)  # durable (committed) when this returns
+        return await asyncio.wait_for(asyncio.wrap_future(pending), 30)  # durable (committed) when this returns
     except NonceConflict as exc:
         raise ApiError(409, "nonce_mismatch", "The change's nonce is not the next one", str(exc)) from exc
+
+
+@router.post("", response_model=ConsentAccepted, status_code=status.HTTP_202_ACCEPTED, responses=responses(409, 422))
+async def submit(body: TypedDataSubmission, runtime: RuntimeDep, caller: ConsentWriter) -> ConsentAccepted:
+    """Check the customer's signature and store the change durably; it is on-chain shortly after.
+
+    On the event loop: the checks are CPU work of a fraction of a millisecond (no database), and the
+    outbox writer's group commit is awaited, not waited for in a pool thread (a thread hop and a
+    blocked thread per request were most of this route's cost)."""
+    change, signature, signer = _parsed(runtime, body)
+    if change.subject != caller.subject:
+        raise ApiError(403, "not_your_data", "Customers change only their own consent")
+    controller = _controller(caller)
+    if signer != controller:
+        raise ApiError(
+            422,
+            "invalid_signature",
+            "The change was not signed by your bound key",
+            f"signed by {signer}, bound key is {controller}",
+        )
+    _acceptable(change, await _catalogue(runtime))
+    accepted = await _stored(_store(runtime, change, signature, controller))
     runtime.wake_relayer()
     return ConsentAccepted(id=accepted.id, status=RequestStatus.PENDING)
+
+
+@router.post("/batch", response_model=ConsentBatchPublic, responses=responses(422))
+async def submit_batch(body: ConsentBatch, runtime: RuntimeDep, _caller: ConsentForwarder) -> ConsentBatchPublic:
+    """Up to 500 changes, of any customers, each signed by its customer's bound key: for a back end that
+    forwards what its customers signed elsewhere (a mobile app's, a CRM import of consents signed in another
+    channel). Each change is checked and answered alone, as `POST /consents` would answer it (202 with its
+    request's id, or the status and code it would have got): one failing change fails alone, and those
+    accepted are stored durably, with the same guarantees, before the answer. A customer's changes in one
+    request are taken in order (nonce after nonce)."""
+    catalogue = await _catalogue(runtime)
+    results: dict[int, ConsentBatchItem] = {}
+    checked: list[tuple[int, ConsentChange, eip712.Signature, str]] = []
+    for index, item in enumerate(body.changes):
+        try:
+            change, signature, signer = _parsed(runtime, item)
+            _acceptable(change, catalogue)
+        except ApiError as exc:
+            results[index] = _refused(index, exc)
+            continue
+        checked.append((index, change, signature, signer))
+    subjects = [Subject(bytes(change.subject)) for _, change, _, _ in checked]
+    controllers, erased = await run_in_threadpool(_keys_of, runtime, subjects)
+    pending: list[tuple[int, Future[ConsentRequest]]] = []
+    for index, change, signature, signer in checked:
+        subject = bytes(change.subject)
+        if erased.get(Subject(subject)):
+            results[index] = _refused(index, ApiError(409, "customer_erased", "This customer's data was erased"))
+        elif subject not in controllers:
+            results[index] = _refused(
+                index, ApiError(422, "no_bound_key", "The customer has not bound a key: nothing they sign counts yet")
+            )
+        elif signer != controllers[subject]:
+            results[index] = _refused(
+                index,
+                ApiError(
+                    422,
+                    "invalid_signature",
+                    "The change was not signed by the customer's bound key",
+                    f"signed by {signer}, bound key is {controllers[subject]}",
+                ),
+            )
+        else:
+            pending.append((index, _store(runtime, change, signature, controllers[subject])))
+    for index, future in pending:
+        try:
+            accepted = await _stored(future)
+        except ApiError as exc:
+            results[index] = _refused(index, exc)
+        else:
+            results[index] = ConsentBatchItem(index=index, status=status.HTTP_202_ACCEPTED, id=accepted.id)
+    if pending:
+        runtime.wake_relayer()
+    ordered = [results[i] for i in range(len(body.changes))]
+    return ConsentBatchPublic(accepted=sum(r.status == status.HTTP_202_ACCEPTED for r in ordered), results=ordered)
+
+
+def _keys_of(runtime: Runtime, subjects: list[Subject]) -> tuple[dict[bytes, str], dict[Subject, bool]]:
+    """The subjects' bound keys (as sign-in finds them) and which the vault says were erased."""
+    with runtime.reads() as session:
+        controllers = controllers_of(session, [bytes(s) for s in subjects])
+    return controllers, runtime.vault.erased_of(subjects)
+
+
+def _refused(index: int, exc: ApiError) -> ConsentBatchItem:
+    detail = f"{exc.title}: {exc.detail}" if exc.detail else exc.title
+    return ConsentBatchItem(index=index, status=exc.status, error=ErrorPublic(code=exc.code, detail=detail))
 
 
 def public_status(request: ConsentRequest) -> str:

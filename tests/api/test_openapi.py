@@ -31,6 +31,7 @@ SECURITY: dict[tuple[str, str], set[str]] = {
     ("get", "/api/v1/customers/{did}/accesses"): {KEY, BEARER},
     ("post", "/api/v1/consents/prepare"): {BEARER},
     ("post", "/api/v1/consents"): {BEARER},
+    ("post", "/api/v1/consents/batch"): {KEY},  # a forwarding back end
     ("get", "/api/v1/consents/{request_id}"): {KEY, BEARER},
     ("post", "/api/v1/points/issuances"): {KEY},
     ("post", "/api/v1/points/redemptions/prepare"): {BEARER},

@@ -4,8 +4,11 @@ members; the principals table keeps their names, space-separated, as before."""
 
 from __future__ import annotations
 
+import argparse
+
 import api.main  # noqa: F401 - every router, so that every scope a route checks is recorded
 from api.auth import CUSTOMER_SCOPES, ROLE_SCOPES, Scope, parse_scopes, stored_scopes
+from api.cli import build_parser
 from api.deps import CHECKED_SCOPES
 
 
@@ -29,3 +32,19 @@ def test_stored_scopes_are_their_names_and_read_back_as_scopes() -> None:
     assert all(type(s) is Scope for s in parsed)
     # A name that is no scope (retired since the row was written) grants nothing.
     assert parse_scopes("audit:read consent:read") == {Scope.AUDIT_READ}
+
+
+def test_the_command_line_adds_principals_of_every_role_and_no_other() -> None:
+    add = build_parser().parse_args(["principals", "add", "--role", "forwarder", "--name", "x"])
+    assert add.role == "forwarder"
+    roles = next(
+        action.choices for action in _subcommand(build_parser(), "principals", "add")._actions if action.dest == "role"
+    )
+    assert set(roles or ()) == set(ROLE_SCOPES)
+
+
+def _subcommand(parser: argparse.ArgumentParser, *names: str) -> argparse.ArgumentParser:
+    for name in names:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    return parser
