@@ -258,7 +258,7 @@ def faults(
 
 def run(data_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
-    serve = Serve(data_dir, args.node)
+    serve = Serve(data_dir, args.node, fast_chain=False)  # as deployed: the chain's clock keeps to the machine's
     try:
         return _run(serve, rng, args)
     finally:

@@ -47,15 +47,19 @@ def q(did: str) -> str:
 
 
 class Serve:
-    """One `serve` in `data_dir` on a free port, with an operator's API key; `node` is the managed node."""
+    """One `serve` in `data_dir` on a free port, with an operator's API key; `node` is the managed node.
+    `fast_chain`: the tests' chain, a block every 0.1 s whatever the clock (geth's timestamps then run ahead
+    of it, a second a block: hours ahead after minutes, and signed deadlines pass early); otherwise the
+    service's defaults, as it is deployed."""
 
-    def __init__(self, data_dir: Path, node: str = "geth", **env: str) -> None:
+    def __init__(self, data_dir: Path, node: str = "geth", *, fast_chain: bool = True, **env: str) -> None:
         from ledger.anvil import free_port
 
         self.data_dir = data_dir
         self.node = node
         self.port = free_port()
-        self.env = ENV | {"CONSENT_LEDGER_PORT": str(self.port), "CONSENT_LEDGER_CHAIN_BACKEND": node} | env
+        base = ENV if fast_chain else {k: v for k, v in os.environ.items() if not k.startswith("CONSENT_LEDGER_")}
+        self.env = base | {"CONSENT_LEDGER_PORT": str(self.port), "CONSENT_LEDGER_CHAIN_BACKEND": node} | env
         self.process: subprocess.Popen[bytes] | None = None
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
         self.operator_key = self.principal("operator", "op")

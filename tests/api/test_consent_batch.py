@@ -43,7 +43,8 @@ def test_five_hundred_changes_of_many_customers_are_each_answered_and_the_good_o
 ) -> None:
     customers = [service.new_customer() for _ in range(5)]
     stranger = Account.create()
-    changes, expected = [], []
+    changes: list[dict[str, Any]] = []
+    expected: list[tuple[int, str | None]] = []
     for customer in customers:
         grant, revoke = _template(service, customer), _template(service, customer, "revoke")
         first = int(grant["message"]["nonce"])
