@@ -66,6 +66,7 @@ MATRIX: dict[tuple[str, str], Access] = {
     ("GET", "/"): PUBLIC,
     ("GET", "/auditor"): PUBLIC,
     ("GET", "/static/vendor/ethers.min.js"): PUBLIC,
+    ("GET", "/static/vendor/swagger-ui/{name}"): PUBLIC,
     ("GET", f"{V1}/openapi.json"): PUBLIC,
     ("GET", f"{V1}/docs"): PUBLIC,
     ("GET", "/docs/oauth2-redirect"): PUBLIC,

@@ -9,11 +9,12 @@ from fastapi.dependencies.utils import get_flat_params
 from fastapi.routing import APIRoute
 
 from api import deps, errors
+from api.authz import V1
 from api.limits import RequestLimits
 from api.routers import audit, auth, consents, customers, dids, pages, points, reference, system
 from api.runtime import Runtime
 
-API_PREFIX = "/api/v1"
+API_PREFIX = V1
 
 # Each router is included into the app itself, the busiest first. FastAPI matches a request against
 # every route before the one it wants, once per level of router nesting: measured in-process, the
@@ -37,7 +38,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         title="Consent & loyalty ledger",
         version="0.1.0",
         openapi_url=f"{API_PREFIX}/openapi.json",
-        docs_url=f"{API_PREFIX}/docs",
+        docs_url=None,  # api.routers.pages serves the reference from the set-up's own Swagger UI
         redoc_url=None,
         openapi_tags=[{"name": tag} for tag in TAGS],
     )

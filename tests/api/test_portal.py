@@ -508,3 +508,42 @@ def test_the_ledger_away_is_said_beside_the_switch_and_the_claim_form(
         _fits(page)
     _shot(page, f"customer-ledger-away-claim-{size}")
     page.context.close()
+
+
+@pytest.mark.parametrize("phone", [False, True], ids=["desktop", "phone"])
+def test_the_api_reference_renders_offline_from_this_service_alone(
+    service: Served, browser: Browser, phone: bool
+) -> None:
+    """`/api/v1/docs` loaded Swagger UI from a CDN: blank on a machine without internet. Every request the
+    page makes is answered by this service (anything else is refused here, and recorded), no script or
+    policy error is logged, and every operation of the OpenAPI document is listed."""
+    page = _page(browser, service, phone=phone)
+    origin = str(service.client.base_url).rstrip("/")
+    elsewhere: list[str] = []
+    errors: list[str] = []
+
+    def only_here(route: Route) -> None:
+        if route.request.url.startswith(origin + "/"):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_here)
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto("/api/v1/docs")
+    operations = sum(
+        1
+        for item in service.client.get("/api/v1/openapi.json").json()["paths"].values()
+        for method in item
+        if method in {"get", "post", "put", "patch", "delete"}
+    )
+    expect(page.locator(".opblock")).to_have_count(operations)
+    expect(page.locator(".opblock-summary-path", has_text="/api/v1/consents/batch")).to_be_visible()
+    page.locator(".opblock-summary", has_text="/api/v1/consents/batch").click()  # an operation opened
+    expect(page.locator(".opblock-body").first).to_be_visible()
+    _shot(page, f"api-reference-{'phone' if phone else 'desktop'}")
+    assert elsewhere == []
+    assert errors == []
+    page.context.close()
