@@ -256,9 +256,10 @@ async def issue(
 # redemption ----------------------------------------------------------------------------------------
 
 
-@router.post("/points/redemptions/prepare", response_model=RedemptionPreparePublic, responses=responses(422))
+@router.post("/points/redemptions/prepare", response_model=RedemptionPreparePublic, responses=responses(409, 422))
 def prepare(body: RedemptionPrepare, runtime: RuntimeDep, caller: PointsAuthoriser) -> RedemptionPreparePublic:
-    """The EIP-712 `Redemption` the customer signs to let a partner spend points, once."""
+    """The EIP-712 `Redemption` the customer signs to let a partner spend points, once. Not for more points
+    than the customer holds now (409 `insufficient_points`): a code the till would refuse helps nobody."""
     assert caller.subject is not None
     catalogue = runtime.catalogue()
     partner = catalogue.partner(body.partner)
@@ -266,6 +267,11 @@ def prepare(body: RedemptionPrepare, runtime: RuntimeDep, caller: PointsAuthoris
         if catalogue.partner(body.partner, retired=True) is not None:
             raise ApiError(422, "partner_retired", "The partner has left the programme")
         raise ApiError(422, "unknown_partner", "No such partner", body.partner)
+    balance = runtime.ledger.points.balance_of(Subject(caller.subject))  # unexpired, as the chain has it now
+    if body.amount > balance:
+        raise ApiError(
+            409, "insufficient_points", "Not enough unexpired points", f"{body.amount} asked, {balance} held"
+        )
     controller = caller.address
     assert controller is not None
     sequence = runtime.ledger.points_reader.next_sequence(
@@ -448,13 +454,25 @@ def customer_points(did: str, runtime: RuntimeDep, caller: OwnPointsReader) -> P
 def statement(
     runtime: RuntimeDep,
     caller: StatementReader,
-    start: Annotated[datetime, Query(alias="from", description="period start (inclusive), ISO 8601")],
-    end: Annotated[datetime, Query(alias="to", description="period end (exclusive), ISO 8601")],
+    start: Annotated[
+        datetime | None,
+        Query(
+            alias="from",
+            description="period start (inclusive), ISO 8601, UTC unless it says; default: "
+            "the start of this month (UTC)",
+        ),
+    ] = None,
+    end: Annotated[
+        datetime | None,
+        Query(alias="to", description="period end (exclusive), ISO 8601, UTC unless it says; default: now"),
+    ] = None,
     format: Annotated[Literal["json", "csv"], Query(description="json (default) or csv")] = "json",
 ) -> Any:
-    """The calling partner's redemptions in a period, for settlement."""
+    """The calling partner's redemptions in a period, for settlement (by default this month so far)."""
     partner = _partner(caller)
-    first, last = _epoch(start), _epoch(end)
+    now = datetime.now(UTC)
+    first = _epoch(start or now.replace(day=1, hour=0, minute=0, second=0, microsecond=0))
+    last = _epoch(end) if end is not None else int(now.timestamp()) + 1
     if last <= first:
         raise ApiError(422, "invalid_period", "`to` must be after `from`")
     rows = runtime.ledger.points_reader.statement(partner, first, last)

@@ -7,7 +7,7 @@ import io
 import threading
 import time
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -205,11 +205,24 @@ def test_fifty_concurrent_identical_requests_spend_once(service: Service, issuer
         assert session.scalar(select(func.count()).where(IdempotencyRecord.key == key)) == 1
 
 
-def test_insufficient_points_is_a_clear_error_that_changes_nothing(service: Service, issuer: dict[str, str]) -> None:
+def prepare(service: Service, customer: Customer, amount: int) -> httpx.Response:
+    return service.client.post(
+        "/api/v1/points/redemptions/prepare", json={"partner": "acme", "amount": amount}, headers=customer.headers
+    )
+
+
+def test_insufficient_points_is_a_clear_error_that_changes_nothing(
+    service: Service, issuer: dict[str, str], other_partner: dict[str, str]
+) -> None:
     customer = service.new_customer()
     assert issue(service, issuer, customer, 10).status_code == 201
+    # A code for more than the customer holds is refused when it is asked for, in plain words.
+    asked = _problem(prepare(service, customer, 11), 409, "insufficient_points")
+    assert (asked["title"], asked["detail"]) == ("Not enough unexpired points", "11 asked, 10 held")
+    # Two codes for the whole balance (at two partners): the second redeemed finds it spent, on-chain.
     key = str(uuid.uuid4())
-    body = authorise(service, customer, 11)
+    body = authorise(service, customer, 10)
+    assert redeem(service, authorise(service, customer, 10, "globex"), headers=other_partner).json()["balance"] == 0
     refused = redeem(service, body, key)
     problem = _problem(refused, 409, "insufficient_points")
     # Plain words to the partner: not the revert's facts (the customer's pseudonym and balance).
@@ -217,11 +230,12 @@ def test_insufficient_points_is_a_clear_error_that_changes_nothing(service: Serv
     assert set(problem) == {"type", "title", "status", "code", "instance", "request_id"}
     assert body["typed_data"]["message"]["subject"][2:].lower() not in refused.text.lower()
     assert "balance" not in refused.text.lower()
-    assert chain_balance(service, customer) == 10
+    assert chain_balance(service, customer) == 0
     # Errors are replayed too.
     assert redeem(service, body, key).json() == refused.json()
     # The failed authorisation used no nonce: the next one works.
-    assert redeem(service, authorise(service, customer, 10)).json()["balance"] == 0
+    assert issue(service, issuer, customer, 5).status_code == 201
+    assert redeem(service, authorise(service, customer, 5)).json()["balance"] == 0
 
 
 def test_bad_authorisations_are_refused_before_the_chain(
@@ -254,9 +268,11 @@ def test_expired_points_cannot_be_spent(service: Service, issuer: dict[str, str]
     customer = service.new_customer()
     assert issue(service, issuer, customer, 30, expires_at=int(time.time()) + 3).status_code == 201
     assert issue(service, issuer, customer, 5).status_code == 201
+    before = authorise(service, customer, 35)  # all of it, while it lasts
     time.sleep(4)
     assert points(service, customer)["balance"] == 5
-    _problem(redeem(service, authorise(service, customer, 6)), 409, "insufficient_points")
+    _problem(redeem(service, before), 409, "insufficient_points")  # the chain counts only unexpired lots
+    _problem(prepare(service, customer, 6), 409, "insufficient_points")
     assert redeem(service, authorise(service, customer, 5)).json()["balance"] == 0
     seen = settled_points(service, customer, 0)
     assert ("expired", 30) in [(h["kind"], h["amount"]) for h in seen["history"]]
@@ -324,6 +340,22 @@ def test_partner_statement_for_settlement(service: Service, issuer: dict[str, st
         "/api/v1/partners/me/redemptions", params={"from": end, "to": start}, headers=partner(service)
     )
     _problem(backwards, 422, "invalid_period")
+    # Without a period: this month so far (UTC).
+    months = {_month_start()}
+    default = service.client.get("/api/v1/partners/me/redemptions", headers=partner(service))
+    months.add(_month_start())  # the month may have turned meanwhile
+    assert default.status_code == 200, default.text
+    assert default.json()["start"] in months
+    assert abs(default.json()["end"] - time.time()) < 60
+    this_month = [(r["redemption_id"], r["amount"]) for r in mine if r["block_time"] >= default.json()["start"]]
+    assert [(r["redemption_id"], r["amount"]) for r in default.json()["redemptions"] if r["did"] == customer.did] == (
+        this_month
+    )
+
+
+def _month_start() -> int:
+    now = datetime.now(UTC)
+    return int(now.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp())
 
 
 def test_the_read_model_matches_the_chain(service: Service) -> None:
