@@ -69,6 +69,8 @@ MATRIX: dict[tuple[str, str], Access] = {
     ("GET", "/static/vendor/swagger-ui/{name}"): PUBLIC,
     ("GET", f"{V1}/openapi.json"): PUBLIC,
     ("GET", f"{V1}/docs"): PUBLIC,
+    ("GET", f"{V1}/problems"): PUBLIC,
+    ("GET", f"{V1}/problems/{{code}}"): PUBLIC,
     ("GET", "/docs/oauth2-redirect"): PUBLIC,
     ("GET", "/static"): PUBLIC,  # a mount: the portals' files
 }

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import SignInFailed, WrongOrigin
+from api.problems import type_of
 from identity.errors import InvalidDid, InvalidPII, SubjectErased, UnknownSubject
 from ledger.eip712 import TypedDataError
 from ledger.errors import (
@@ -75,7 +76,7 @@ def problem_response(
     request: Request, status: int, code: str, title: str, detail: str | None = None, **extra: Any
 ) -> JSONResponse:
     body = {
-        "type": f"urn:consent-ledger:problem:{code}",
+        "type": type_of(code),
         "title": title,
         "status": status,
         "code": code,

@@ -26,6 +26,7 @@ from sqlalchemy import Connection, select
 from sqlalchemy.exc import IntegrityError
 
 from api.errors import ApiError
+from api.problems import type_of
 from api.runtime import Runtime
 from ledger.points import IDEMPOTENCY_RECORD, IdempotencyRecord, PointsRequest
 
@@ -50,7 +51,7 @@ class Started:
 
 def problem_body(error: ApiError, path: str) -> dict[str, Any]:
     body = {
-        "type": f"urn:consent-ledger:problem:{error.code}",
+        "type": type_of(error.code),
         "title": error.title,
         "status": error.status,
         "code": error.code,

@@ -197,7 +197,8 @@ async def submit_batch(body: ConsentBatch, runtime: RuntimeDep, _caller: Consent
             results[index] = _refused(index, ApiError(409, "customer_erased", "This customer's data was erased"))
         elif subject not in controllers:
             results[index] = _refused(
-                index, ApiError(422, "no_bound_key", "The customer has not bound a key: nothing they sign counts yet")
+                index,
+                ApiError(422, "unbound_subject", "The customer has not bound a key: nothing they sign counts yet"),
             )
         elif signer != controllers[subject]:
             results[index] = _refused(

@@ -5,14 +5,16 @@ set-up, served from here (no CDN: the pages work on a machine with no internet).
 
 from __future__ import annotations
 
+from html import escape
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from api.authz import V1
 from api.errors import ApiError
+from api.problems import PAGES, PROBLEMS, type_of
 from ledger.settings import PROJECT_ROOT
 
 WEB = Path(__file__).resolve().parent.parent / "web"
@@ -71,6 +73,52 @@ def swagger_ui(name: str) -> Response:
     if not (SWAGGER_UI / name).is_file():
         raise ApiError(503, "frontend_not_installed", "Swagger UI is not installed: run `make setup` (npm install)")
     return FileResponse(SWAGGER_UI / name, media_type=media_type, headers={"Cache-Control": "public, max-age=3600"})
+
+
+def _document(title: str, body: str) -> Response:
+    page = (
+        '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{escape(title)}</title>\n"
+        '<link rel="stylesheet" href="/static/portal.css">\n</head>\n<body>\n'
+        f'<main id="main">\n{body}\n</main>\n</body>\n</html>\n'
+    )
+    return HTMLResponse(page, headers={**SECURITY_HEADERS, "Cache-Control": "public, max-age=3600"})
+
+
+@router.get(PAGES)
+def problem_types() -> Response:
+    """Every problem code the API sends, with its usual status and title."""
+    rows = "\n".join(
+        f'<tr><td><a href="{escape(type_of(code))}"><code>{escape(code)}</code></a></td>'
+        f"<td>{kind.status}</td><td>{escape(kind.title)}</td></tr>"
+        for code, kind in sorted(PROBLEMS.items())
+    )
+    return _document(
+        "Problems the API answers with",
+        "<h1>Problems the API answers with</h1>\n"
+        "<p>Every error is an RFC 9457 <code>application/problem+json</code> body whose <code>code</code> is one "
+        "of these and whose <code>type</code> is this list's link for it. The API reference is at "
+        f'<a href="{V1}/docs">{V1}/docs</a>.</p>\n'
+        '<div class="scroll"><table>\n<thead><tr><th scope="col">code</th><th scope="col">status</th>'
+        f'<th scope="col">title</th></tr></thead>\n<tbody>\n{rows}\n</tbody></table></div>',
+    )
+
+
+@router.get(PAGES + "/{code}")
+def problem_type(code: str) -> Response:
+    """What the problem `code` means and what to do about it."""
+    kind = PROBLEMS.get(code)
+    if kind is None:
+        raise ApiError(404, "not_found", "No such problem type", f"see {PAGES} for every code")
+    return _document(
+        f"{code} — {kind.title}",
+        f'<p><a href="{PAGES}">All problems</a></p>\n'
+        f"<h1><code>{escape(code)}</code></h1>\n<p>{escape(kind.title)} (HTTP {kind.status})</p>\n"
+        f"<p>{escape(kind.about)}</p>\n"
+        "<p>The answer's <code>detail</code> says more about this request, and its <code>request_id</code> finds "
+        "it in the service's log.</p>",
+    )
 
 
 def install(app: FastAPI) -> None:

@@ -39,7 +39,7 @@ def _problem(response: object, status: int, code: str) -> dict[str, object]:
     body = dict(response.json())
     assert body["code"] == code
     assert body["status"] == status
-    assert body["type"] == f"urn:consent-ledger:problem:{code}"
+    assert body["type"] == f"/api/v1/problems/{code}"
     return body
 
 

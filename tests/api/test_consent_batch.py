@@ -116,7 +116,7 @@ def test_a_customer_without_a_bound_key_or_erased_is_refused_alone(service: Serv
     results = answer.json()["results"]
     assert [(r["status"], r["error"] and r["error"]["code"]) for r in results] == [
         (202, None),
-        (422, "no_bound_key"),
+        (422, "unbound_subject"),
         (409, "customer_erased"),
     ]
     assert answer.json()["accepted"] == 1

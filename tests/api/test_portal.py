@@ -456,7 +456,7 @@ def test_a_claim_cut_off_half_way_is_finished_after_a_reload(service: Served, br
 def _chain_away(route: Route) -> None:
     """The API's answer while the node is paused."""
     problem = {
-        "type": "urn:consent-ledger:problem:chain_unavailable",
+        "type": "/api/v1/problems/chain_unavailable",
         "title": "The chain does not answer",
         "status": 503,
         "code": "chain_unavailable",
@@ -544,6 +544,13 @@ def test_the_api_reference_renders_offline_from_this_service_alone(
     page.locator(".opblock-summary", has_text="/api/v1/consents/batch").click()  # an operation opened
     expect(page.locator(".opblock-body").first).to_be_visible()
     _shot(page, f"api-reference-{'phone' if phone else 'desktop'}")
+    # A problem's `type` is a page a person can read: on a phone too, and accessible.
+    page.goto("/api/v1/problems/insufficient_points")
+    expect(page.get_by_role("heading", name="insufficient_points")).to_be_visible()
+    expect(page.get_by_text("Not enough unexpired points (HTTP 409)")).to_be_visible()
+    _fits(page)
+    assert accessibility_violations(page) == []
+    _shot(page, f"problem-page-{'phone' if phone else 'desktop'}")
     assert elsewhere == []
     assert errors == []
     page.context.close()
