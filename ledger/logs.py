@@ -36,9 +36,10 @@ def bytes_of(value: Any) -> bytes:
 MAX_LOGS_RANGE = 5_000
 
 # How nodes word "that range is too large" (Besu: "Requested range exceeds maximum RPC range limit";
-# geth and hosted nodes: "query returned more than 10000 results", "block range is too wide", "limit
-# exceeded"). Another error of eth_getLogs is not made better by a smaller range, and is raised.
-_RANGE_REFUSED = re.compile(r"range|more than \d+|too (many|large|wide)|limit", re.IGNORECASE)
+# others: "query returned more than 10000 results", "block range is too wide", "response size
+# exceeded"). Another error of eth_getLogs (a rate limit, a node that is down) is not made better by a
+# smaller range, and is raised.
+_RANGE_REFUSED = re.compile(r"range|more than \d+ results|too (many|large|wide)|response size", re.IGNORECASE)
 
 
 class LogFetcher:
