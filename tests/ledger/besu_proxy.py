@@ -96,15 +96,26 @@ class BesuProxy:
 
     async def _serve(self, request: Request) -> Response:
         body = json.loads(await request.body())
-        if isinstance(body, list):
-            self.batches.append(len(body))
-            if len(body) > self.max_batch:
-                self.refused["batch"] += 1
-                return JSONResponse({"jsonrpc": "2.0", "id": None, "error": BATCH_ERROR})
-            return JSONResponse([await self._one(call) for call in body])
-        return JSONResponse(await self._one(body))
+        if not isinstance(body, list):
+            return JSONResponse((await self._batch([body]))[0])
+        self.batches.append(len(body))
+        if len(body) > self.max_batch:
+            self.refused["batch"] += 1
+            return JSONResponse({"jsonrpc": "2.0", "id": None, "error": BATCH_ERROR})
+        return JSONResponse(await self._batch(body))
 
-    async def _one(self, call: dict[str, Any]) -> dict[str, Any]:
+    async def _batch(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Answers to `calls`, in order: those the proxy answers itself, the others from the node in one
+        batch (one round trip, as the caller made it), rewritten as Besu would have them."""
+        answers: list[dict[str, Any] | None] = [await self._answer_here(call) for call in calls]
+        forwarded = [call for call, answer in zip(calls, answers, strict=True) if answer is None]
+        from_node = iter(await self._forward_all(forwarded) if forwarded else [])
+        done: list[dict[str, Any]] = []
+        for call, answer in zip(calls, answers, strict=True):
+            done.append(answer if answer is not None else self._as_besu(call, next(from_node)))
+        return done
+
+    async def _answer_here(self, call: dict[str, Any]) -> dict[str, Any] | None:
         method = call.get("method", "")
         self.calls[method] += 1
         if method == "eth_gasPrice":
@@ -117,8 +128,11 @@ class BesuProxy:
                 self.refused["eth_getLogs"] += 1
                 return {"jsonrpc": "2.0", "id": call.get("id"), "error": RANGE_ERROR}
             self.log_ranges.append(span + 1)
-        answer = await self._forward(call)
-        result = answer.get("result")
+        return None
+
+    @staticmethod
+    def _as_besu(call: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:
+        method, result = call.get("method", ""), answer.get("result")
         if method in ("eth_getBlockByNumber", "eth_getBlockByHash") and isinstance(result, dict):
             result["extraData"] = "0x" + POA_EXTRA_DATA.hex()
         elif method == "eth_getTransactionReceipt" and isinstance(result, dict):
@@ -148,8 +162,13 @@ class BesuProxy:
         return await number(query.get("toBlock", "latest")) - await number(query.get("fromBlock", "latest"))
 
     async def _forward(self, call: dict[str, Any]) -> dict[str, Any]:
+        (answer,) = await self._forward_all([call])
+        return answer
+
+    async def _forward_all(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if self._client is None:
             self._client = httpx.AsyncClient(trust_env=False, timeout=60)
-        response = await self._client.post(self.upstream, json={"params": [], **call})
-        answer: dict[str, Any] = response.json()
-        return answer
+        numbered = [{"params": [], **call, "jsonrpc": "2.0", "id": n} for n, call in enumerate(calls)]
+        response = await self._client.post(self.upstream, json=numbered)
+        by_id = {answer["id"]: answer for answer in response.json()}
+        return [{**by_id[n], "id": call.get("id")} for n, call in enumerate(calls)]

@@ -212,7 +212,7 @@ def test_a_node_with_a_lower_logs_range_is_asked_for_half_ranges(besu: Besu, tmp
 
 
 def test_json_rpc_batches_stay_within_the_nodes_limit(besu: Besu) -> None:
-    backend = RpcBackend(besu.settings(), Account.create())
+    backend = RpcBackend(besu.settings(rpc_timeout=30), Account.create())  # 1,024 transactions a call
     with backend:
         sender = TxSender(backend.w3, backend.operator)
         asked, refused = len(besu.proxy.batches), besu.proxy.refused["batch"]
