@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 from eth_account.signers.local import LocalAccount
 from sqlalchemy import Engine
@@ -131,6 +131,9 @@ def open_contracts(
     artifacts = compile_contracts(toolchain)
     decoder = RevertDecoder(list(artifacts.values()))
     record = data_dir / "deployment.json"
+    # What nodes limit (Besu: 1,024 calls per JSON-RPC batch, 5,000 blocks per eth_getLogs), from settings.
+    sending: dict[str, Any] = {"receipt_timeout": chain.receipt_timeout, "max_batch": chain.rpc_max_batch}
+    logs_range = chain.max_logs_range
     backend: ChainBackend
     if node_url is not None:
         if not record.is_file():
@@ -145,15 +148,14 @@ def open_contracts(
             raise DeploymentError(
                 f"the node is chain {chain_id}, the deployment record is for chain {deployment.chain_id}"
             )
-        timeout = chain.receipt_timeout
-        sender = TxSender(w3, keys.operator, read_only=read_only, receipt_timeout=timeout)
-        accessor = TxSender(w3, keys.accessor, read_only=read_only, receipt_timeout=timeout)
+        sender = TxSender(w3, keys.operator, read_only=read_only, **sending)
+        accessor = TxSender(w3, keys.accessor, read_only=read_only, **sending)
     else:
         backend = create_backend(chain, keys.operator, data_dir)
         w3 = backend.start()
         try:
             backend.prepare_account(keys.accessor.address)
-            sender = TxSender(w3, keys.operator, receipt_timeout=chain.receipt_timeout)
+            sender = TxSender(w3, keys.operator, **sending)
             deployed = record.read_bytes() if record.is_file() else None
             operator = keys.operator.address
             plan = ledger_plan(operator, operator, keys.accessor.address)
@@ -164,7 +166,7 @@ def open_contracts(
                 # the service could then neither go on nor start again (a chaos run with a long
                 # CONSENT_LEDGER_CHAIN_STATE_INTERVAL showed it).
                 backend.checkpoint()
-            accessor = TxSender(w3, keys.accessor, receipt_timeout=chain.receipt_timeout)
+            accessor = TxSender(w3, keys.accessor, **sending)
             _check_keys(backend, chain, deployment, artifacts, decoder, sender, keys, record)
         except BaseException:
             backend.stop()
@@ -175,12 +177,19 @@ def open_contracts(
         artifacts=artifacts,
         decoder=decoder,
         consent=ConsentRegistryClient(
-            w3, deployment.address("ConsentRegistry"), artifacts["ConsentRegistry"], sender, decoder
+            w3,
+            deployment.address("ConsentRegistry"),
+            artifacts["ConsentRegistry"],
+            sender,
+            decoder,
+            logs_range=logs_range,
         ),
         points=LoyaltyPointsClient(
-            w3, deployment.address("LoyaltyPoints"), artifacts["LoyaltyPoints"], sender, decoder
+            w3, deployment.address("LoyaltyPoints"), artifacts["LoyaltyPoints"], sender, decoder, logs_range=logs_range
         ),
-        access_log=AccessLogClient(w3, deployment.address("AccessLog"), artifacts["AccessLog"], accessor, decoder),
+        access_log=AccessLogClient(
+            w3, deployment.address("AccessLog"), artifacts["AccessLog"], accessor, decoder, logs_range=logs_range
+        ),
     )
 
 
@@ -224,14 +233,18 @@ def _check_keys(
 
     def clients(signer: TxSender) -> dict[str, ContractClient]:
         return {
-            name: ContractClient(w3, deployment.address(name), artifacts[name], signer, decoder)
+            name: ContractClient(
+                w3, deployment.address(name), artifacts[name], signer, decoder, logs_range=chain.max_logs_range
+            )
             for name in OPERATOR_ROLES
         }
 
     previous = None
     if keys.previous_operator is not None:
         backend.prepare_account(keys.previous_operator.address)
-        previous = clients(TxSender(w3, keys.previous_operator, receipt_timeout=chain.receipt_timeout))
+        previous = clients(
+            TxSender(w3, keys.previous_operator, receipt_timeout=chain.receipt_timeout, max_batch=chain.rpc_max_batch)
+        )
     since = deployment.contracts["AccessLog"].block_number
     if check_keys(clients(sender), keys.accessor.address, previous, from_block=since) and previous:
         deployment.operator = keys.operator.address
@@ -292,6 +305,7 @@ def chain_writers(ledger: Ledger, engine: Engine, lanes: Lanes, hooks: Hooks) ->
         ledger.w3,
         derived or engine,
         ledger.deployment.deploy_block,
+        chunk=ledger.backend.settings.max_logs_range,
         followers=[
             ConsentFollower(ledger.consent.address, (derived or engine).dialect),
             PointsFollower(ledger.points.address, ledger.decoder, hooks.completions),

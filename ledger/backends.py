@@ -27,6 +27,7 @@ from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
 from requests.exceptions import RequestException
 from web3 import EthereumTesterProvider, Web3
+from web3.middleware import ExtraDataToPOAMiddleware
 from web3.providers.rpc import HTTPProvider
 from web3.providers.rpc.utils import ExceptionRetryConfiguration
 from web3.types import RPCEndpoint, Wei
@@ -338,6 +339,11 @@ class RpcBackend(ChainBackend):
         if not self.settings.rpc_url:
             raise ChainError("backend rpc needs CONSENT_LEDGER_CHAIN_RPC_URL")
         w3 = Web3(http_provider(self.settings.rpc_url, self.settings.rpc_timeout))
+        # QBFT/IBFT and Clique blocks carry the validators and their seals in `extraData` (97 bytes and
+        # more on Besu's QBFT), past the 32 bytes web3's block formatter allows: it refuses such a block.
+        # The middleware moves the field to `proofOfAuthorityData` for any block, so it is harmless on
+        # other chains (nothing here reads `extraData`).
+        w3.middleware_onion.inject(ExtraDataToPOAMiddleware, layer=0)
         try:
             chain_id = w3.eth.chain_id
         except Exception as exc:

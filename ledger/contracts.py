@@ -15,14 +15,17 @@ from eth_tester.exceptions import TransactionFailed as TesterTransactionFailed
 from eth_typing import ChecksumAddress
 from eth_utils.abi import function_abi_to_4byte_selector
 from eth_utils.crypto import keccak
+from hexbytes import HexBytes
 from requests.exceptions import RequestException
 from web3 import Web3
 from web3.exceptions import ContractLogicError
+from web3.types import TxParams
 
 from ledger import errors
 from ledger.compiler import Artifact
 from ledger.errors import ChainError, ContractRevert, DeploymentError, TransactionFailed
 from ledger.files import write_atomically
+from ledger.logs import MAX_LOGS_RANGE, LogFetcher
 from ledger.tx import Receipt, TxRequest, TxSender
 
 # web3 raises ContractLogicError (revert data in `.data`); eth-tester, the in-process backend, its own class.
@@ -135,13 +138,26 @@ class ContractClient:
     """Base of the typed clients: encodes calls, pre-flights them, sends, and decodes failures."""
 
     def __init__(
-        self, w3: Web3, address: ChecksumAddress, artifact: Artifact, sender: TxSender, decoder: RevertDecoder
+        self,
+        w3: Web3,
+        address: ChecksumAddress,
+        artifact: Artifact,
+        sender: TxSender,
+        decoder: RevertDecoder,
+        *,
+        logs_range: int = MAX_LOGS_RANGE,
     ) -> None:
         self.w3 = w3
         self.address = address
         self.sender = sender
         self.decoder = decoder
         self.contract = w3.eth.contract(address=address, abi=artifact.abi)
+        self.log_fetcher = LogFetcher(w3, logs_range)
+
+    def get_logs(self, topics: list[Any], from_block: int = 0, to_block: int | None = None) -> list[dict[str, Any]]:
+        """This contract's logs matching `topics` in [from_block, to_block] (None: the head), as the node
+        sends them, in ranges the node accepts (`ledger.logs.LogFetcher`)."""
+        return self.log_fetcher.fetch({"address": self.address, "topics": topics}, from_block, to_block)
 
     def encode(self, function: str, *args: Any) -> bytes:
         return bytes.fromhex(self.contract.encode_abi(function, args=list(args))[2:])
@@ -180,21 +196,27 @@ class ContractClient:
         return receipt
 
     def revert_reason(self, data: bytes, receipt: Receipt) -> Exception:
-        """Replay a failed transaction against the state before its block to learn why it reverted."""
-        try:
-            self.w3.eth.call(
-                {
-                    "from": self.sender.account.address,
-                    "to": self.address,
-                    "data": data,
-                    "gas": receipt.gas_used * 2 + 100_000,
-                },
-                block_identifier=receipt.block_number - 1,
-            )
-        except _REVERTS as exc:
-            decoded = self._translate(exc)
-            decoded.tx_hash = receipt.tx_hash  # type: ignore[attr-defined]
-            return decoded
+        """Why a mined transaction reverted, by calling it again (`eth_call`): receipts do not say (Besu
+        puts a `revertReason` in them only with `--revert-reason-enabled`; geth and anvil never do).
+
+        First against the state before its block. A transaction that failed only because of one before
+        it in the same block (a nonce that one used) passes there; then against the state after its
+        block, where that earlier one has applied (the failed one changed nothing)."""
+        call: TxParams = {
+            "from": self.sender.account.address,
+            "to": self.address,
+            "data": HexBytes(data),
+            "gas": receipt.gas_used * 2 + 100_000,
+        }
+        for block in (receipt.block_number - 1, receipt.block_number):
+            try:
+                self.w3.eth.call(call, block_identifier=block)
+            except _REVERTS as exc:
+                decoded = self._translate(exc)
+                decoded.tx_hash = receipt.tx_hash  # type: ignore[attr-defined]
+                return decoded
+            except (RequestException, OSError) as exc:
+                raise ChainError(f"the node did not answer eth_call: {exc.__class__.__name__}") from exc
         return TransactionFailed(f"transaction {receipt.tx_hash} reverted", tx_hash=receipt.tx_hash)
 
     def _translate(self, exc: BaseException) -> Exception:

@@ -1,13 +1,13 @@
 """The event indexer: follows its followers' contracts (`ConsentRegistry`, `LoyaltyPoints`, `AccessLog`)
 from the deploy block into the read model, every follower's part of a range in one transaction.
 
-Each step asks the node for the range's logs of every followed contract at once (one eth_getLogs),
-in chunks of whole blocks, and each follower makes its rows before the write lock is taken
-(`Follower.prepare`). The indexer resumes from its cursor after a restart, and tolerates
-reorganisations up to `reorg_depth` blocks: before going on it checks that the block it stopped at
-is still on the chain, and if not it rolls every follower back to the last block both agree on and
-re-indexes from there (the consent follower queues again the requests whose confirming event was
-rolled back).
+Each step asks the node for the range's logs of every followed contract at once (one eth_getLogs,
+over no more blocks than the node answers for: `ledger.logs.LogFetcher`), in chunks of whole blocks,
+and each follower makes its rows before the write lock is taken (`Follower.prepare`). The indexer
+resumes from its cursor after a restart, and tolerates reorganisations up to `reorg_depth` blocks:
+before going on it checks that the block it stopped at is still on the chain, and if not it rolls
+every follower back to the last block both agree on and re-indexes from there (the consent follower
+queues again the requests whose confirming event was rolled back).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from web3 import Web3
 from web3.types import RPCEndpoint
 
 from ledger.errors import ChainError
-from ledger.logs import hex_of, int_of
+from ledger.logs import MAX_LOGS_RANGE, LogFetcher, hex_of, int_of
 from ledger.store import IndexedBlock, IndexerCursor, sessions
 from ledger.types import checksummed
 
@@ -61,7 +61,7 @@ class Indexer:
         *,
         followers: Sequence[Follower],
         reorg_depth: int = 64,
-        chunk: int = 5_000,
+        chunk: int = MAX_LOGS_RANGE,
         max_events: int = 1_000,
         on_change: Callable[[], None] | None = None,
         on_rollback: Callable[[int], None] | None = None,
@@ -72,7 +72,9 @@ class Indexer:
         self.followers = list(followers)
         self.deploy_block = deploy_block
         self.reorg_depth = reorg_depth
-        self.chunk = chunk
+        # Blocks per step: eth_getLogs' range per call (`ChainSettings.max_logs_range`: Besu refuses more
+        # than 5,000 by default), halved where the node refuses a range as too large.
+        self.log_fetcher = LogFetcher(w3, chunk)
         # Logs applied in one transaction at most (whole blocks; a bigger block alone). Catching up after
         # a pause in one transaction held the write lock, which every request's commit waits on, for
         # a hundred milliseconds and more.
@@ -140,13 +142,10 @@ class Indexer:
         head = int(self._rpc("eth_blockNumber", []), 16)
         if head <= cursor:
             return 0
-        to = min(head, cursor + self.chunk)
+        to = min(head, cursor + self.log_fetcher.span)  # one eth_getLogs, unless the node refuses so many
         addresses = [Web3.to_checksum_address(f.address) for f in self.followers]
         topics = [t for f in self.followers for t in f.topics]
-        logs = self._rpc(
-            "eth_getLogs",
-            [{"address": addresses, "fromBlock": hex(cursor + 1), "toBlock": hex(to), "topics": [topics]}],
-        )
+        logs = self.log_fetcher.fetch({"address": addresses, "topics": [topics]}, cursor + 1, to)
         if len(logs) > self.max_events:
             logs, to = _whole_blocks(logs, self.max_events)
         by_address: dict[str, list[dict[str, Any]]] = {}

@@ -26,6 +26,7 @@ from ledger.access.client import ACCESSOR_ROLE
 from ledger.consent.client import DEFAULT_ADMIN_ROLE, OPERATOR_ROLE
 from ledger.contracts import ContractClient
 from ledger.errors import LedgerError
+from ledger.logs import bytes_of
 from ledger.points.client import ISSUER_ROLE, RELAYER_ROLE
 from ledger.tx import TxSender
 
@@ -118,14 +119,10 @@ def _wait_for_pending(sender: TxSender) -> None:
         time.sleep(0.2)
 
 
-def _holders(client: ContractClient, role: bytes, from_block: int, *, chunk: int = 5_000) -> set[ChecksumAddress]:
-    """Every account ever granted `role` on the contract (its RoleGranted events), read in windows of
-    `chunk` blocks (nodes limit the range of one eth_getLogs: Besu to 5,000 by default)."""
+def _holders(client: ContractClient, role: bytes, from_block: int) -> set[ChecksumAddress]:
+    """Every account ever granted `role` on the contract (its RoleGranted events), read in ranges the
+    node accepts (`ContractClient.get_logs`: Besu answers 5,000 blocks per eth_getLogs by default)."""
     topics: list[Any] = ["0x" + ROLE_GRANTED.hex(), "0x" + role.hex()]
-    head = int(client.w3.eth.block_number)
-    holders: set[ChecksumAddress] = set()
-    for start in range(from_block, head + 1, chunk):
-        window = {"address": client.address, "fromBlock": start, "toBlock": min(head, start + chunk - 1)}
-        for entry in client.w3.eth.get_logs({**window, "topics": topics}):  # type: ignore[typeddict-item]
-            holders.add(Web3.to_checksum_address(bytes(entry["topics"][2])[-20:]))
-    return holders
+    return {
+        Web3.to_checksum_address(bytes_of(entry["topics"][2])[-20:]) for entry in client.get_logs(topics, from_block)
+    }

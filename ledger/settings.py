@@ -73,9 +73,23 @@ class ChainSettings(BaseSettings):
     )
     confirmations: int = Field(
         default=1,
-        ge=1,
+        ge=0,
         description="Blocks (counting its own) after which a transaction is final: the bridge releases "
-        "data only then. 1 suits QBFT/IBFT chains, whose blocks are final when made.",
+        "data only then. 0 and 1 both mean final on inclusion, which suits QBFT/IBFT chains (Besu, GoQuorum), "
+        "whose blocks are final when made.",
+    )
+    max_logs_range: int = Field(
+        default=5_000,
+        ge=1,
+        description="Most blocks one eth_getLogs call spans (Besu refuses more than its --rpc-max-logs-range, "
+        "5,000 by default). Longer ranges are asked in parts; a node that refuses a range as too large is "
+        "asked again with half of it.",
+    )
+    rpc_max_batch: int = Field(
+        default=1_024,
+        ge=1,
+        description="Most calls in one JSON-RPC batch (Besu refuses more than its --rpc-http-max-batch-size, "
+        "1,024 by default); longer batches are sent in parts.",
     )
     chain_id: int = Field(default=31337, description="Chain id of the managed node.")
     block_time: float = Field(

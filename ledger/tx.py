@@ -29,6 +29,11 @@ NO_OP_GAS = 21_000  # a transfer of nothing: what a transaction that only takes 
 # transaction over 128 KiB ("oversized data"); 1 KiB is left for the rest of the signed envelope.
 MAX_TX_DATA_BYTES = 128 * 1024 - 1024
 
+# The most calls one JSON-RPC batch carries where not set (`ChainSettings.rpc_max_batch`): Besu refuses
+# a longer one (`--rpc-http-max-batch-size`, 1,024 by default; geth's default is 1,000, but the managed
+# geth is started with a higher limit).
+MAX_RPC_BATCH = 1_024
+
 
 def items_per_transaction(max_batch: int, item_bytes: int, head_bytes: int = 4 + 64) -> int:
     """How many items of `item_bytes` each fit one transaction's call data with a `head_bytes` header
@@ -78,12 +83,21 @@ class TxSender:
     """Signs with `account`, tracks its nonce locally, and sends in batches."""
 
     def __init__(
-        self, w3: Web3, account: LocalAccount, *, receipt_timeout: float = 60.0, read_only: bool = False
+        self,
+        w3: Web3,
+        account: LocalAccount,
+        *,
+        receipt_timeout: float = 60.0,
+        read_only: bool = False,
+        max_batch: int = MAX_RPC_BATCH,
     ) -> None:
+        if max_batch < 1:
+            raise ValueError("a JSON-RPC batch holds at least one call")
         self.w3 = w3
         self.read_only = read_only  # for processes that only read (API workers): signing is refused
         self.account = account
         self.receipt_timeout = receipt_timeout
+        self.max_batch = max_batch
         self.chain_id = w3.eth.chain_id
         self._lock = threading.Lock()
         self._nonce: int = w3.eth.get_transaction_count(account.address, "pending")
@@ -91,8 +105,24 @@ class TxSender:
         self._batching = isinstance(w3.provider, HTTPProvider)
 
     def _fetch_gas_price(self) -> int:
-        # Private chains run with free or fixed gas; twice the node's price leaves room for base-fee drift.
-        return 2 * int(self.w3.eth.gas_price)
+        """Where the network's base fee is 0 (a QBFT network with `zeroBaseFee`; the managed nodes), the
+        least of the node's suggested price and suggested tip (a legacy transaction's whole price is its
+        tip there): 0 on a free-gas network, whose accounts hold no ether to pay with. Neither suggestion
+        alone says so: Besu's eth_gasPrice answers its `--min-gas-price` (1,000 wei by default) or what
+        recent transactions paid, and its eth_maxPriorityFeePerGas its `--min-priority-fee` (0); anvil
+        suggests a tip of 1 gwei and a price of 0; geth's development chain asks 1 wei for both.
+        Elsewhere twice the node's price, which leaves room for the base fee to drift."""
+        try:
+            price = int(self.w3.eth.gas_price)
+            if self.w3.eth.get_block("latest").get("baseFeePerGas") != 0:
+                return 2 * price
+            answer = self.w3.provider.make_request(RPCEndpoint("eth_maxPriorityFeePerGas"), [])
+        except (RequestException, OSError) as exc:
+            raise ChainError(f"the node did not answer for the gas price: {exc.__class__.__name__}") from exc
+        tip = answer.get("result")
+        if tip is None:  # a node without the method
+            return price
+        return min(price, int(tip, 16) if isinstance(tip, str) else int(tip))
 
     @property
     def next_nonce(self) -> int:
@@ -242,10 +272,17 @@ class TxSender:
             return [dict(provider.make_request(RPCEndpoint(method), params))]
         if self._batching and len(calls) > 1:
             assert isinstance(provider, HTTPProvider)
-            batch = provider.make_batch_request([(RPCEndpoint(m), p) for m, p in calls])
-            if not isinstance(batch, list):
-                raise ChainError(f"the node refused a JSON-RPC batch: {batch.get('error')}")
-            return [dict(r) for r in batch]
+            answers: list[dict[str, Any]] = []
+            for start in range(0, len(calls), self.max_batch):  # nodes cap a batch (Besu: 1,024 calls)
+                part = calls[start : start + self.max_batch]
+                if len(part) == 1:
+                    answers.append(dict(provider.make_request(RPCEndpoint(part[0][0]), part[0][1])))
+                    continue
+                batch = provider.make_batch_request([(RPCEndpoint(m), p) for m, p in part])
+                if not isinstance(batch, list):
+                    raise ChainError(f"the node refused a JSON-RPC batch of {len(part)} calls: {batch.get('error')}")
+                answers.extend(dict(r) for r in batch)
+            return answers
         # eth-tester's provider speaks Python, not JSON-RPC: go through web3's formatters one by one.
         responses: list[dict[str, Any]] = []
         for method, params in calls:

@@ -15,13 +15,12 @@ from typing import Any
 
 from eth_typing import HexStr
 from eth_utils.crypto import keccak
-from requests.exceptions import RequestException
 from web3 import Web3
 from web3.types import RPCEndpoint
 
 from ledger.contracts import ContractClient
-from ledger.errors import ChainError, TransactionFailed
-from ledger.logs import bytes_of, hex_of, int_of
+from ledger.errors import TransactionFailed
+from ledger.logs import LogFetcher, bytes_of, hex_of, int_of
 from ledger.tx import MAX_TX_DATA_BYTES, Receipt, TxRequest, items_per_transaction
 from ledger.types import Purpose, checksummed
 
@@ -333,33 +332,25 @@ class AccessLogClient(ContractClient):
 
 
 def fetch_batches(
-    w3: Web3, address: str, from_block: int, to_block: int, *, chunk: int = 5_000
+    w3: Web3, address: str, from_block: int, to_block: int, *, logs: LogFetcher | None = None
 ) -> Iterator[AccessBatch]:
-    """Every `AccessBatchRecorded` log of the contract in [from_block, to_block], in chain order."""
+    """Every `AccessBatchRecorded` log of the contract in [from_block, to_block], in chain order, read
+    one eth_getLogs range at a time (`logs`: the contract client's, which knows the node's limit)."""
+    logs = logs or LogFetcher(w3)
+    query: dict[str, Any] = {"address": Web3.to_checksum_address(address), "topics": [HexStr(RECORDED)]}
     start = from_block
     while start <= to_block:
-        end = min(to_block, start + chunk - 1)
-        try:
-            logs = w3.eth.get_logs(
-                {
-                    "address": Web3.to_checksum_address(address),
-                    "fromBlock": start,
-                    "toBlock": end,
-                    "topics": [HexStr(RECORDED)],
-                }
-            )
-        except (RequestException, OSError, ValueError) as exc:
-            raise ChainError(f"eth_getLogs failed: {exc}") from exc
-        for item in logs:
-            batch = decode(dict(item))
+        end = min(to_block, start + logs.span - 1)
+        for item in logs.fetch(query, start, end):
+            batch = decode(item)
             if batch is not None:
                 yield batch
         start = end + 1
 
 
 def fetch_events(
-    w3: Web3, address: str, from_block: int, to_block: int, *, chunk: int = 5_000
+    w3: Web3, address: str, from_block: int, to_block: int, *, logs: LogFetcher | None = None
 ) -> Iterator[AccessEvent]:
     """Every entry the contract logged in [from_block, to_block], in log order."""
-    for batch in fetch_batches(w3, address, from_block, to_block, chunk=chunk):
+    for batch in fetch_batches(w3, address, from_block, to_block, logs=logs):
         yield from batch.events()

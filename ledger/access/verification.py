@@ -73,7 +73,7 @@ def verify(
     found: list[Divergence] = []  # only the first is reported; later ones follow from it
     read_model_count = 0
     pending = next(stored, None)
-    for batch in fetch_batches(w3, client.address, deploy_block, block):
+    for batch in fetch_batches(w3, client.address, deploy_block, block, logs=client.log_fetcher):
         if found:
             break
         if batch.first_index != expected:

@@ -16,7 +16,7 @@ from ledger.compiler import Artifact
 from ledger.contracts import ContractClient, RevertDecoder
 from ledger.eip712 import ChangeKind, ConsentChange, ControllerChange, Domain, Signature
 from ledger.errors import ChainError
-from ledger.logs import bytes_of, hex_of, int_of
+from ledger.logs import MAX_LOGS_RANGE, bytes_of, hex_of, int_of
 from ledger.tx import Receipt, TxRequest, TxSender, items_per_transaction
 from ledger.types import AttributeMask, Purpose, Subject, checksummed
 
@@ -115,9 +115,16 @@ class ConsentRegistryClient(ContractClient):
     """Operator-side client. Customers sign; the operator relays."""
 
     def __init__(
-        self, w3: Web3, address: ChecksumAddress, artifact: Artifact, sender: TxSender, decoder: RevertDecoder
+        self,
+        w3: Web3,
+        address: ChecksumAddress,
+        artifact: Artifact,
+        sender: TxSender,
+        decoder: RevertDecoder,
+        *,
+        logs_range: int = MAX_LOGS_RANGE,
     ) -> None:
-        super().__init__(w3, address, artifact, sender, decoder)
+        super().__init__(w3, address, artifact, sender, decoder, logs_range=logs_range)
         self.domain = Domain(name=CONTRACT_NAME, chain_id=sender.chain_id, verifying_contract=address)
 
     # reads -------------------------------------------------------------------------------------

@@ -304,15 +304,8 @@ class Relayer(BatchLane):
 
     def _changes_logged(self, subject: bytes) -> list[tuple[int, int]]:
         """(nonce, kind) of every change of `subject` the chain's history holds."""
-        logs = self.registry.w3.eth.get_logs(
-            {
-                "address": self.registry.address,
-                "fromBlock": 0,
-                "toBlock": "latest",
-                "topics": [[GRANTED, REVOKED], "0x" + bytes(subject).hex()],
-            }
-        )
-        decoded = (decode(dict(entry)) for entry in logs)
+        logs = self.registry.get_logs([[GRANTED, REVOKED], "0x" + bytes(subject).hex()])
+        decoded = (decode(entry) for entry in logs)
         return [(e.nonce, e.kind) for e in decoded if e is not None]
 
     def _logged(self, request: ConsentRequest) -> bool:

@@ -15,7 +15,7 @@ from web3 import Web3
 from ledger.compiler import Artifact
 from ledger.contracts import ContractClient, RevertDecoder
 from ledger.eip712 import Domain, Redemption, Signature, redemption_nonce
-from ledger.logs import bytes_of, hex_of, int_of
+from ledger.logs import MAX_LOGS_RANGE, bytes_of, hex_of, int_of
 from ledger.tx import Receipt, TxSender
 from ledger.types import Subject, checksummed
 
@@ -204,9 +204,16 @@ class LoyaltyPointsClient(ContractClient):
     """Operator-side client: the operator issues and relays; customers sign redemptions."""
 
     def __init__(
-        self, w3: Web3, address: ChecksumAddress, artifact: Artifact, sender: TxSender, decoder: RevertDecoder
+        self,
+        w3: Web3,
+        address: ChecksumAddress,
+        artifact: Artifact,
+        sender: TxSender,
+        decoder: RevertDecoder,
+        *,
+        logs_range: int = MAX_LOGS_RANGE,
     ) -> None:
-        super().__init__(w3, address, artifact, sender, decoder)
+        super().__init__(w3, address, artifact, sender, decoder, logs_range=logs_range)
         self.domain = Domain(name=CONTRACT_NAME, chain_id=sender.chain_id, verifying_contract=address)
 
     # reads -------------------------------------------------------------------------------------

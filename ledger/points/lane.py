@@ -230,19 +230,15 @@ class PointsRelayer(BatchLane):
 
     def first_result(self, request: PointsRequest) -> PointsEvent | None:
         """The event that applied this request's id the first time, from the chain's logs."""
-        decoded = [decode(dict(entry)) for entry in self.applied_logs(request)]
+        decoded = [decode(entry) for entry in self.applied_logs(request)]
         return next((e for e in decoded if e is not None), None)
 
-    def applied_logs(self, request: PointsRequest) -> list[Any]:
+    def applied_logs(self, request: PointsRequest) -> list[dict[str, Any]]:
         """The chain's logs of events applying this request's id (`Issued` or `Redeemed`), oldest first."""
         kind, position = (ISSUED, 2) if request.kind == "issue" else (REDEEMED, 3)
         topics: list[Any] = [kind, None, None, None][: position + 1]
         topics[position] = "0x" + request.ref.hex()
-        return list(
-            self.points.w3.eth.get_logs(
-                {"address": self.points.address, "fromBlock": 0, "toBlock": "latest", "topics": topics}
-            )
-        )
+        return self.points.get_logs(topics)
 
     def audit(self, older_than: float | None = None) -> int:
         """Requeue done requests whose block the node lost before the indexer saw it (a node crash

@@ -76,4 +76,6 @@ def test_a_new_accessor_key_gets_the_role_and_the_old_one_loses_it(tmp_path: Pat
         assert second.runtime.ledger.access_log is not None
         assert second.runtime.ledger.access_log.sender.account.address == new.address
         # Found by their RoleGranted events, read in windows of a few blocks as a node may require.
-        assert _holders(second.runtime.ledger.access_log, ACCESSOR_ROLE, 0, chunk=3) == {old, new.address}
+        access_log = second.runtime.ledger.access_log
+        access_log.log_fetcher.span = 3
+        assert _holders(access_log, ACCESSOR_ROLE, 0) == {old, new.address}

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from eth_account import Account
@@ -494,7 +494,14 @@ def test_the_indexer_takes_block_times_from_the_logs_and_asks_only_where_they_la
         calls.append(method)
         return rpc(method, params)
 
+    fetch = pipeline.indexer.log_fetcher._get_logs
+
+    def counted_logs(query: dict[str, Any], start: int, end: int) -> dict[str, Any]:
+        calls.append("eth_getLogs")
+        return fetch(query, start, end)
+
     pipeline.indexer._rpc = counted  # type: ignore[method-assign]
+    pipeline.indexer.log_fetcher._get_logs = counted_logs  # type: ignore[method-assign]
     while pipeline.indexer.step() > 0:
         pass
     w3 = pipeline.backend.w3

@@ -28,6 +28,7 @@ from ledger.contracts import ledger_plan
 from ledger.eip712 import Redemption
 from ledger.errors import ChainError
 from ledger.indexer import Indexer
+from ledger.logs import hex_of
 from ledger.points import (
     LOST_AFTER_ANSWER,
     EventKind,
@@ -141,7 +142,7 @@ class Points:
 
     def applied_on_chain(self, request: PointsRequest) -> list[str]:
         """The blocks (hashes) of the chain's events applying `request` (`Issued` or `Redeemed` with its id)."""
-        return [entry["blockHash"].to_0x_hex() for entry in self.relayer.applied_logs(request)]
+        return [hex_of(entry["blockHash"]) for entry in self.relayer.applied_logs(request)]
 
 
 @pytest.fixture
