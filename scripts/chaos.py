@@ -22,7 +22,8 @@ acknowledged consent change on-chain exactly once and the read model equal to th
 redemption asked again with its key gets its one answer, those answered 200 before still 200, each on-chain
 once, balances on-chain and in the read model as the answers say; every export's access records on-chain;
 RSS and open files in the second half at most 1.5x the first half's (the most of each half's samples).
-Ends with one line of JSON; exit status 1 if anything was found.
+Ends with one line of JSON; exit status 1 if anything was found. (`chaos_points.py` is the narrower
+check at a higher rate: redemptions only, presigned, while the node alone is killed.)
 """
 
 from __future__ import annotations
