@@ -4,12 +4,13 @@ import { $, api, el, fail, nameOf, onClick, onSubmit, say, short, verdict, when 
 
 const KEY = "consent-ledger.auditor-key";
 const PAGE = 50;
-// Verifying recomputes the whole hash chain from the chain's events and an export may hold 10,000
-// rows: both may take far longer than a search.
+// Verifying recomputes the whole hash chain from the chain's events and an export page holds up to
+// 10,000 rows: both may take far longer than a search.
 const SLOW_MS = 120000;
 let apiKey = sessionStorage.getItem(KEY);
 let nextAfter = null;
 let purposes = [];
+let attributes = [];
 
 function query(extra = {}) {
   const form = new FormData($("filters"));
@@ -19,8 +20,8 @@ function query(extra = {}) {
     if (value) params.set(name, value);
   }
   for (const name of ["from", "to"]) {
-    const value = form.get(name);
-    if (value) params.set(name, new Date(value).toISOString());
+    const value = form.get(name); // UTC, as the table shows times (the labels say so)
+    if (value) params.set(name, new Date(`${value}Z`).toISOString());
   }
   for (const [name, value] of Object.entries(extra)) params.set(name, String(value));
   return params.toString();
@@ -35,7 +36,7 @@ function row(entry) {
     el("td", {}, el("code", { title: entry.did }, short(entry.did.split(":").pop()))),
     el("td", {}, entry.partner_name ?? short(entry.partner)),
     el("td", {}, nameOf(purposes, entry.purpose)),
-    el("td", {}, entry.attributes.join(", ")),
+    el("td", {}, entry.attributes.map((key) => nameOf(attributes, key)).join(", ")),
     el("td", {}, verdict(entry.permitted)),
     el("td", {}, el("code", { title: entry.tx_hash }, short(entry.tx_hash)), ` (block ${entry.block_number})`),
   );
@@ -95,18 +96,43 @@ async function verify() {
   say(result.ok ? "The log verifies against the chain." : "The log does not verify: see the divergence.", result.ok ? "ok" : "error");
 }
 
+// The whole filtered log, however long: page after page (the API gives at most `data-page` rows, 10,000,
+// at a time), each page's rows after the last one's index, in one file with one header line.
 async function exportCsv() {
-  const text = await api(`/audit/accesses?${query({ format: "csv", limit: 10000 })}`, { apiKey, raw: true, timeout: SLOW_MS });
-  const link = el("a", { href: URL.createObjectURL(new Blob([text], { type: "text/csv" })), download: "accesses.csv" });
+  const size = Number($("export").dataset.page);
+  const parts = [];
+  let after = -1;
+  let rows = 0;
+  for (;;) {
+    const text = await api(`/audit/accesses?${query({ format: "csv", limit: size, after })}`, {
+      apiKey,
+      raw: true,
+      timeout: SLOW_MS,
+    });
+    const lines = text.split("\r\n").filter((line) => line !== "");
+    const [header, ...page] = lines;
+    if (!parts.length) parts.push(`${header}\r\n`);
+    if (page.length) parts.push(`${page.join("\r\n")}\r\n`);
+    rows += page.length;
+    if (page.length < size) break;
+    after = Number(page[page.length - 1].split(",", 1)[0]); // the index column
+    say(`Exporting: ${rows} rows so far …`);
+  }
+  const link = el("a", { href: URL.createObjectURL(new Blob(parts, { type: "text/csv" })), download: "accesses.csv" });
   document.body.append(link);
   link.click();
   link.remove();
-  say("CSV exported.");
+  say(`CSV exported: ${rows} row${rows === 1 ? "" : "s"}.`);
 }
 
 async function enter() {
-  const [partners, purposeList] = await Promise.all([api("/partners", { apiKey }), api("/purposes", { apiKey })]);
+  const [partners, purposeList, attributeList] = await Promise.all([
+    api("/partners", { apiKey }),
+    api("/purposes", { apiKey }),
+    api("/attributes", { apiKey }),
+  ]);
   purposes = purposeList;
+  attributes = attributeList;
   $("filter-partner").replaceChildren(
     el("option", { value: "" }, "any"),
     ...partners.map((p) => el("option", { value: p.name }, p.name)),

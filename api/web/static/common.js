@@ -90,10 +90,12 @@ export function say(text, kind = "ok") {
 // stays out of the text (in `data-code`, for support and tests).
 export function plain(error) {
   if (error instanceof ApiProblem) {
+    // A failure of the service's: its reference finds the request in the service's log (for support).
+    const reference = error.problem.request_id ? ` Reference: ${error.problem.request_id}.` : "";
     if (error.code === "chain_unavailable") {
-      return "The ledger is not answering right now. Please try again in a few minutes.";
+      return `The ledger is not answering right now. Please try again in a few minutes.${reference}`;
     }
-    if (error.status >= 500) return "The service ran into a problem. Please try again in a few minutes.";
+    if (error.status >= 500) return `The service ran into a problem. Please try again in a few minutes.${reference}`;
     return error.problem.title || error.message;
   }
   if (error instanceof NoAnswer) return `${error.message} Please try again in a few minutes.`;
