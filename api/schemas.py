@@ -27,6 +27,10 @@ class CustomerCreate(BaseModel):
 class CustomerCreated(BaseModel):
     did: str
     claim_code: str = Field(description="one-time code the customer uses to bind their key")
+    claim_url: str = Field(
+        description="the portal with the DID and the claim code filled in, to send the customer (both ride in "
+        "the URL's fragment, which browsers never send to a server)"
+    )
 
 
 class CustomerErased(BaseModel):

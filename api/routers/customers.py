@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import time
 from datetime import timedelta
+from urllib.parse import urlencode
 
 from eth_utils.crypto import keccak
 from fastapi import APIRouter, status
@@ -72,7 +73,9 @@ def enrol(body: CustomerCreate, runtime: RuntimeDep, _caller: OperatorWrite) -> 
     with runtime.sessions() as session:
         _retire_claim_codes(session, subject)  # one live code per customer
         session.add(ClaimCode(code_hash=auth.digest(code), subject=subject, expires_at=auth.now() + CLAIM_LIFETIME))
-    return CustomerCreated(did=runtime.dids.did(subject), claim_code=code)
+    did = runtime.dids.did(subject)
+    link = f"{runtime.service.origin}/#{urlencode({'did': did, 'claim': code})}"
+    return CustomerCreated(did=did, claim_code=code, claim_url=link)
 
 
 def _claim(runtime: Runtime, subject: Subject, code: str, *, used: bool = False) -> bool:

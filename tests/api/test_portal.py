@@ -301,6 +301,34 @@ def _accessed(service: Served, tmp_path: Path) -> str:
     return did
 
 
+@pytest.mark.parametrize("phone", [False, True], ids=["desktop", "phone"])
+def test_the_claim_link_fills_in_the_did_and_the_code(service: Served, browser: Browser, phone: bool) -> None:
+    """Claiming needed a 90-character DID pasted beside the code: the enrolment's `claim_url` opens the portal
+    with both filled in (in the fragment: never sent to a server), and leaves nothing in the address bar."""
+    enrolled = service.client.post(
+        "/api/v1/customers", json={"email": f"link.{uuid.uuid4().hex[:8]}@example.com"}, headers=service.operator()
+    ).json()
+    link = enrolled["claim_url"]
+    assert link.startswith(str(service.client.base_url).rstrip("/") + "/#")
+    page = _page(browser, service, phone=phone)
+    page.goto(link)
+    form = page.locator("#claim-form")
+    expect(form.get_by_label("Your DID")).to_have_value(enrolled["did"])
+    expect(form.get_by_label("Claim code")).to_have_value(enrolled["claim_code"])
+    expect(form.locator(".note.ok")).to_have_text(
+        "Your DID and claim code are filled in: choose a passphrase to finish."
+    )
+    expect(form.get_by_label("New passphrase")).to_be_focused()
+    assert page.evaluate("location.hash") == ""
+    if phone:
+        _fits(page)
+    _shot(page, f"claim-link-{'phone' if phone else 'desktop'}")
+    form.get_by_label("New passphrase").fill(PASSPHRASE)
+    form.get_by_role("button", name="Create my key and claim").click()
+    expect(page.locator("#did")).to_have_text(enrolled["did"])
+    page.context.close()
+
+
 def test_an_auditor_searches_verifies_and_exports(service: Served, browser: Browser, tmp_path: Path) -> None:
     did = _accessed(service, tmp_path)
 

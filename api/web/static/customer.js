@@ -491,8 +491,22 @@ function base64url(text) {
     .replace(/=+$/, "");
 }
 
+// A claim link (`claim_url` of the enrolment) carries the DID and the claim code in its fragment: fill
+// them in, and take them out of the address bar and the history (the code works once; it need not stay).
+function claimFromLink() {
+  const given = new URLSearchParams(location.hash.slice(1));
+  if (!given.has("did") || !given.has("claim")) return;
+  const form = $("claim-form");
+  form.elements.did.value = given.get("did");
+  form.elements.claim.value = given.get("claim");
+  history.replaceState(null, "", location.pathname + location.search);
+  tell(form, "Your DID and claim code are filled in: choose a passphrase to finish.", "ok");
+  form.elements.passphrase.focus();
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   showSetup();
+  claimFromLink();
 
   onSubmit($("claim-form"), async (data) => {
     const form = $("claim-form");
