@@ -182,6 +182,23 @@ def _bridge_export(service: Served, email: str, tmp_path: Path) -> None:
     assert stats["rows_released"] == 2
 
 
+def _revocation_on_its_way(purpose: str, attribute: str) -> Any:
+    """A route handler for the customer's consent listing that answers as the service does while a
+    revocation of `attribute` for `purpose` is accepted and not yet on-chain: no longer permitted
+    (deny wins), listed in pending_revoke."""
+
+    def handle(route: Route) -> None:
+        answer = route.fetch()
+        consents = answer.json()
+        for consent in consents:
+            if consent["purpose"] == purpose:
+                consent["pending_revoke"] = sorted({*consent["pending_revoke"], attribute})
+                consent["attributes"] = [a for a in consent["attributes"] if a != attribute]
+        route.fulfill(response=answer, json=consents)
+
+    return handle
+
+
 def test_a_customer_claims_grants_revokes_sees_accesses_and_authorises_a_redemption(
     service: Served, browser: Browser, tmp_path: Path
 ) -> None:
@@ -213,10 +230,17 @@ def test_a_customer_claims_grants_revokes_sees_accesses_and_authorises_a_redempt
     expect(_toggle(page, "Demographic data")).to_be_checked()
     _shot(page, "customer-consents-active")
 
-    # Revoke one: in effect at once (deny wins while pending), then on-chain.
+    # Revoke one: in effect at once (deny wins while pending), then on-chain. While it is being recorded
+    # the switch says so, not "pending" (held here: the listing shows the revocation still on its way).
+    page.route("**/api/v1/customers/*/consents", _revocation_on_its_way("analytics.reporting", "user.demographic"))
     _toggle(page, "Demographic data").uncheck()
     expect(page.locator("#status")).to_contain_text("In effect now")
-    expect(row.locator(".badge.pending")).to_have_count(0, timeout=30_000)
+    cell = row.locator("td.toggle", has=_toggle(page, "Demographic data"))
+    expect(cell.locator(".badge")).to_have_text("stopped; being recorded")
+    expect(row.locator(".badge.pending")).to_have_count(0)
+    _shot(page, "customer-revocation-recording")
+    page.unroute("**/api/v1/customers/*/consents")
+    expect(cell.locator(".badge")).to_have_count(0, timeout=30_000)
     expect(_toggle(page, "Demographic data")).not_to_be_checked()
     (consent,) = [c for c in _consents(service, did) if c["purpose"] == "analytics.reporting"]
     assert consent["attributes"] == ["user.behavior.purchase_history"]

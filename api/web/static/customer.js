@@ -347,9 +347,13 @@ async function loadConsents() {
           "td",
           { class: "toggle", "data-label": attribute.name },
           input,
-          granting || revoking || queued
+          // A grant counts once it is on the ledger; a revocation the moment it is accepted (its
+          // recording on the ledger follows): not "pending" beside the "In effect now" it was told.
+          granting || queued
             ? el("div", { class: "badge pending", id: `pending-${i}-${j}-${attribute.bit}` }, "pending")
-            : null,
+            : revoking
+              ? el("div", { class: "badge ok", id: `pending-${i}-${j}-${attribute.bit}` }, "stopped; being recorded")
+              : null,
           note
             ? el("p", { class: "note error", id: `note-${id}`, role: note.fresh ? "alert" : null }, note.text)
             : null,
