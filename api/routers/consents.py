@@ -21,6 +21,7 @@ from ledger import eip712
 from ledger.consent import ConsentRequest, NonceConflict, RequestStatus, SignedChange
 from ledger.eip712 import ChangeKind, ConsentChange
 from ledger.errors import UnknownAttributes
+from ledger.metrics import count_consent
 from ledger.types import attribute_mask
 
 router = APIRouter(prefix="/consents", tags=["consents"], responses=responses(401, 403))
@@ -132,6 +133,7 @@ async def submit(body: TypedDataSubmission, runtime: RuntimeDep, caller: Consent
     except NonceConflict as exc:
         raise ApiError(409, "nonce_mismatch", "The change's nonce is not the next one", str(exc)) from exc
     runtime.wake_relayer()
+    count_consent("accepted")
     return ConsentAccepted(id=accepted.id, status=RequestStatus.PENDING)
 
 
