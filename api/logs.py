@@ -14,8 +14,9 @@ is one format and one set of processors, whoever wrote the line:
   them) are replaced in every string of a line, the exception's text included (a library's error can
   quote its input). A name cannot be told from other words: the rule that no code logs one is held by
   `tests/api/test_observability.py`, which looks for a customer's name, e-mail and phone in the log.
-- uvicorn's access log (`CONSENT_LEDGER_ACCESS_LOG`) becomes fields (`method`, `path`, `status`); the
-  client's address, personal data under the GDPR, is left out.
+- uvicorn's access log (`CONSENT_LEDGER_ACCESS_LOG`) becomes fields (`method`, `path`, `status`), the
+  path percent-decoded before it is scrubbed (an e-mail in a query is `%40`-encoded); the client's
+  address, personal data under the GDPR, is left out.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import re
 import sys
 from contextvars import ContextVar
 from typing import Literal
+from urllib.parse import unquote_plus
 
 import structlog
 from structlog.types import EventDict, Processor, WrappedLogger
@@ -63,9 +65,10 @@ def add_request_id(_logger: WrappedLogger, _method: str, event: EventDict) -> Ev
 def _access_fields(_logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:
     """uvicorn's access line (`'%s - "%s %s HTTP/%s" %d'` with the client's address first) as fields."""
     record = event.get("_record")
-    if isinstance(record, logging.LogRecord) and record.name == "uvicorn.access" and len(record.args or ()) == 5:
-        assert isinstance(record.args, tuple)
-        _client, method, path, version, status = record.args
+    args = event.pop("positional_args", ())  # the record's (`pass_foreign_args`): only an access line's are used
+    if isinstance(record, logging.LogRecord) and record.name == "uvicorn.access" and len(args) == 5:
+        _client, method, quoted, version, status = args
+        path = scrub(unquote_plus(str(quoted)))  # PII percent-encoded in a path or query is PII still
         event["event"] = f"{method} {path} HTTP/{version} {status}"
         event.update(method=method, path=path, status=status)
     return event
@@ -88,6 +91,7 @@ def configure(log_format: Literal["json", "text"] = "json", level: int = logging
         handler.setFormatter(
             structlog.stdlib.ProcessorFormatter(
                 foreign_pre_chain=pre_chain,
+                pass_foreign_args=True,
                 processors=[
                     structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                     structlog.processors.format_exc_info,

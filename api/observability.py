@@ -77,9 +77,17 @@ ERASURES = Counter("consent_ledger_vault_erasures", "Customers whose personal da
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
-def route_label(scope: Scope) -> str:
-    """The template of the route that served the request (`/api/v1/customers/{did}`), never its path."""
+def route_label(scope: Scope, templates: dict[int, str]) -> str:
+    """The template of the route that served the request (`/api/v1/customers/{did}`), never its path.
+    FastAPI puts the route as its router declared it in the scope, its path without the prefix the
+    router was included under: `templates` has the whole template of each route included with one
+    (by `id`: the routes, which live as long as the app, compare by value and are not hashable)."""
     route = scope.get("route")
+    if route is None:
+        return UNMATCHED
+    template = templates.get(id(route))
+    if template is not None:
+        return template
     path = getattr(route, "path", None)
     return path if isinstance(path, str) else UNMATCHED
 
@@ -89,9 +97,10 @@ class Observe:
     token of at most 64 characters, else a new one), answers with it, binds it for the log
     (`api.logs.REQUEST_ID`), and counts the request by route template and status."""
 
-    def __init__(self, app: ASGIApp, *, metrics: bool = True) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: bool = True, templates: dict[int, str] | None = None) -> None:
         self.app = app
         self.metrics = metrics
+        self.templates = templates if templates is not None else {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -121,7 +130,7 @@ class Observe:
         finally:
             REQUEST_ID.reset(token)
             if self.metrics:
-                route = route_label(scope)
+                route = route_label(scope, self.templates)
                 method = scope["method"]
                 HTTP_REQUESTS.labels(method, route, str(status)).inc()
                 HTTP_DURATION.labels(method, route).observe(time.perf_counter() - started)
