@@ -141,7 +141,7 @@ def readyz(request: Request) -> ReadyPublic:
     },
 )
 async def metrics(request: Request) -> Response:
-    """Prometheus metrics (text format 0.0.4): every process's counters and the state read now (the
+    """Prometheus metrics (the text exposition format): every process's counters and the state read now (the
     README lists them). 404 `metrics_disabled` when `CONSENT_LEDGER_METRICS` is off."""
     runtime: Runtime = request.app.state.runtime
     if not runtime.service.metrics:
