@@ -111,13 +111,20 @@ GC_YOUNG_THRESHOLD = 10_000  # Python's default is 700
 
 
 def _metrics_dir(data_dir: Path) -> Path:
-    """This service run's Prometheus multiprocess directory (`metrics/` in the data dir), emptied: an
-    earlier run's counters would be summed with this one's. Set in the environment before any metric
-    exists in this process (it is the value class prometheus_client picks when first imported), and
-    inherited by the API workers (`api.observability` says how the processes' counters are summed)."""
-    path = (data_dir / "metrics").resolve()
+    """This service run's Prometheus multiprocess directory, `metrics/<pid>` in the data dir, new: an
+    earlier run's counters would be summed with this one's. Earlier runs' directories go, but not one
+    whose process still runs (a second start on the same data dir, refused later, must not take a
+    running service's counters away). Set in the environment before any metric exists in this process
+    (it is the value class prometheus_client picks when first imported), and inherited by the API
+    workers (`api.observability` says how the processes' counters are summed)."""
+    root = (data_dir / "metrics").resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.iterdir():
+        if not (old.name.isdigit() and _running(int(old.name))):
+            shutil.rmtree(old, ignore_errors=True)
+    path = root / str(os.getpid())
     shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
+    path.mkdir()
     os.environ[MULTIPROC_ENV] = str(path)
     if "prometheus_client.values" in sys.modules:  # imported already: choose its value class again
         from prometheus_client import values
@@ -127,6 +134,16 @@ def _metrics_dir(data_dir: Path) -> Path:
 
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -3,8 +3,8 @@
 Several processes serve one port (`serve`: a supervisor and API workers). A counter is counted by the
 process where its event happens (an API worker: HTTP requests, accepted consent changes, redemptions,
 erasures; the supervisor: confirmations, failures, access entries, `ledger.metrics`) in
-prometheus-client's multiprocess mode: `serve` makes `PROMETHEUS_MULTIPROC_DIR` (`metrics/` in the data
-dir, emptied at each start: `api.cli`) before any metric exists, every process writes its values to files there,
+prometheus-client's multiprocess mode: `serve` makes `PROMETHEUS_MULTIPROC_DIR` (`metrics/<pid>` in the
+data dir, new at each start: `api.cli`) before any metric exists, every process writes its values to files there,
 and `/metrics`, in whichever worker answers, sums every process's files (`MultiProcessCollector`),
 those of workers that died and were started again included (a counter must not go back).
 

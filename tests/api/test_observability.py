@@ -165,7 +165,7 @@ def test_metrics_sum_consent_counts_over_every_process(running: Running) -> None
     assert _value(after.text, name, outcome="failed") == 0
     # The sum is over processes: each worker accepted some (its own file says so), the supervisor,
     # which serves no request, confirmed them all.
-    metrics_dir = running.data_dir / "metrics"
+    metrics_dir = running.data_dir / "metrics" / str(running.process.pid)  # this run's
     workers = serve_workers(running.process.pid)
     by_worker = [_per_process(metrics_dir, pid, name, outcome="accepted") for pid in workers]
     assert all(n > 0 for n in by_worker), by_worker
