@@ -16,6 +16,9 @@ reads it from the database and the node when it is scraped.
 
 from __future__ import annotations
 
+from functools import cache
+from typing import Any
+
 from prometheus_client import Counter
 
 CONSENT_CHANGES = Counter(
@@ -31,9 +34,14 @@ ACCESS_ENTRIES = Counter(
 )
 
 
+@cache  # made when first counted, not at import: `serve` sets the multiprocess directory before that
+def _consent(outcome: str) -> Any:
+    return CONSENT_CHANGES.labels(outcome=outcome)
+
+
 def count_consent(outcome: str, n: int = 1) -> None:
     if n > 0:
-        CONSENT_CHANGES.labels(outcome=outcome).inc(n)
+        _consent(outcome).inc(n)
 
 
 def count_access(permitted: int, denied: int) -> None:
