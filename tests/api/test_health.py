@@ -101,3 +101,14 @@ def test_readyz_fails_on_a_backlog_over_its_limit_and_a_head_that_stopped_while_
         assert "while requests have waited 12" in body["failing"][0]["problem"]
         health = service.client.get("/api/v1/health")
         assert (health.status_code, health.json()["status"]) == (200, "degraded")  # still accepting
+
+
+def test_metrics_off_answers_404_and_the_probes_still_serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONSENT_LEDGER_METRICS", "false")
+    with running_service(tmp_path) as service:
+        off = service.client.get("/metrics")
+        assert off.status_code == 404, off.text
+        assert off.json()["code"] == "metrics_disabled"
+        live = service.client.get("/livez")
+        assert (live.status_code, live.json()) == (200, {"status": "alive"})
+        assert live.headers["x-request-id"]  # the id is given whether or not requests are counted
