@@ -29,6 +29,9 @@ V1 = "/api/v1"
 MATRIX: dict[tuple[str, str], Access] = {
     # system, DIDs, sign-in: public
     ("GET", f"{V1}/health"): PUBLIC,
+    ("GET", "/livez"): PUBLIC,
+    ("GET", "/readyz"): PUBLIC,
+    ("GET", "/metrics"): PUBLIC,  # what a scraper reads; no personal data (restrict it at the proxy if wanted)
     ("GET", f"{V1}/dids/{{did}}"): PUBLIC,
     ("GET", "/dids/{subject_hex}/did.json"): PUBLIC,
     ("POST", f"{V1}/auth/siwe/challenge"): PUBLIC,

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from api import logs
 from api.secrets import load_secrets
 from api.service_errors import ServiceError, ToolError
 from api.settings import ServiceSettings
@@ -90,7 +91,10 @@ def _uvicorn_config(runtime: Runtime, service: ServiceSettings) -> uvicorn.Confi
 
     from api.main import create_app
 
-    return uvicorn.Config(create_app(runtime), log_level="info", lifespan="off", access_log=service.access_log)
+    # log_config=None: uvicorn's loggers go to the root logger, in the service's format (`api.logs`).
+    return uvicorn.Config(
+        create_app(runtime), log_level="info", log_config=None, lifespan="off", access_log=service.access_log
+    )
 
 
 def _settle_gc() -> None:
@@ -106,7 +110,48 @@ def _settle_gc() -> None:
 GC_YOUNG_THRESHOLD = 10_000  # Python's default is 700
 
 
+def _metrics_dir(data_dir: Path) -> Path:
+    """This service run's Prometheus multiprocess directory, `metrics/<pid>` in the data dir, new: an
+    earlier run's counters would be summed with this one's. Earlier runs' directories go, but not one
+    whose process still runs (a second start on the same data dir, refused later, must not take a
+    running service's counters away). Set in the environment before any metric exists in this process
+    (it is the value class prometheus_client picks when first imported), and inherited by the API
+    workers (`api.observability` says how the processes' counters are summed)."""
+    root = (data_dir / "metrics").resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.iterdir():
+        if not (old.name.isdigit() and _running(int(old.name))):
+            shutil.rmtree(old, ignore_errors=True)
+    path = root / str(os.getpid())
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir()
+    os.environ[MULTIPROC_ENV] = str(path)
+    if "prometheus_client.values" in sys.modules:  # imported already: choose its value class again
+        from prometheus_client import values
+
+        values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+    return path
+
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _serve(args: argparse.Namespace) -> int:
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "data_dir": args.data_dir}.items() if v}
+    service = ServiceSettings(**overrides)
+    logs.configure(service.log_format, logging.DEBUG if args.verbose else logging.INFO)
+    _metrics_dir(service.data_dir)  # before the imports below make any metric
+
     import uvicorn
 
     from api.runtime import Runtime
@@ -116,8 +161,6 @@ def _serve(args: argparse.Namespace) -> int:
     # Requests hop between the event loop, the thread pool and the outbox writer; with the default 5 ms
     # GIL switch interval each hop can wait that long behind the relayer or indexer threads.
     sys.setswitchinterval(0.0005)
-    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "data_dir": args.data_dir}.items() if v}
-    service = ServiceSettings(**overrides)
     workers = args.workers or service.api_workers
     chain = ChainSettings()
     if backend_class(chain).in_process and workers > 1:  # nobody else can reach its chain
@@ -194,6 +237,7 @@ def _serve_worker(args: argparse.Namespace) -> int:
 
     sys.setswitchinterval(0.0005)
     service = ServiceSettings(host=args.host, port=args.port, data_dir=args.data_dir)  # niced by the supervisor
+    logs.configure(service.log_format, logging.DEBUG if args.verbose else logging.INFO)
     chain = ChainSettings()
     runtime = Runtime(
         service=service,

@@ -11,6 +11,7 @@ from fastapi.routing import APIRoute
 from api import deps, errors
 from api.authz import V1
 from api.limits import RequestLimits
+from api.observability import Observe
 from api.routers import audit, auth, consents, customers, dids, pages, points, reference, system
 from api.runtime import Runtime
 
@@ -46,11 +47,18 @@ def create_app(runtime: Runtime) -> FastAPI:
     errors.install(app)
     limits = runtime.service
     app.add_middleware(RequestLimits, max_body=limits.max_body_bytes, max_depth=limits.max_json_depth)
+    # Outermost (added last): every answer, a refusal by the limits or an unexpected error included,
+    # carries its request id and is counted.
+    templates: dict[int, str] = {}  # id of each route under /api/v1: its whole path template, for the metrics
+    app.add_middleware(Observe, metrics=limits.metrics, templates=templates)
     for router in ROUTERS:
         document(router)
         app.include_router(router, prefix=API_PREFIX)
+        templates.update({id(route): API_PREFIX + route.path for route in router.routes if isinstance(route, APIRoute)})
     document(dids.did_web)
     app.include_router(dids.did_web)
+    document(system.probes)
+    app.include_router(system.probes)
     pages.install(app)
     _add_components(app)
     return app

@@ -55,6 +55,27 @@ class ServiceSettings(BaseSettings):
         description="Log every HTTP request (uvicorn's access log). Off by default, as in gunicorn: a line per "
         "request cost ~3 % of an API process's CPU under load, and a reverse proxy usually logs them.",
     )
+    metrics: bool = Field(
+        default=True,
+        description="Count requests and domain events for Prometheus and serve them at /metrics (off: /metrics "
+        "answers 404 and requests are not counted).",
+    )
+    log_format: Literal["json", "text"] = Field(
+        default="json",
+        description="How `serve` writes its log: one JSON object a line (with the request id of the request "
+        "being served), or plain text for a terminal.",
+    )
+    ready_max_head_age: float = Field(
+        default=60.0,
+        gt=0,
+        description="/readyz fails when the chain's newest block is older than this (seconds) while requests "
+        "have waited for a block as long (a managed node makes blocks only when there is work).",
+    )
+    ready_max_backlog: int = Field(
+        default=10_000,
+        ge=1,
+        description="/readyz fails when more accepted requests (consent and points) than this wait to be settled.",
+    )
     max_body_bytes: int = Field(
         default=1_048_576,
         ge=1024,

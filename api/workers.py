@@ -239,6 +239,15 @@ class ControlClient:
         self._peer.close()
 
 
+def _mark_dead(pid: int) -> None:
+    """A worker exited: prometheus_client's bookkeeping for it (its live gauges go; its counters stay in
+    the multiprocess directory and are summed as before: a counter must not go back)."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
 class WorkerPool:
     """The supervisor's API worker processes (`consent-ledger serve-worker`), each listening on the
     service's port beside it and connected to its control socket; one that exits while the service runs
@@ -275,6 +284,7 @@ class WorkerPool:
                 for index, process in enumerate(self._processes):
                     if process.poll() is not None and not self._stop.is_set():
                         log.warning("API worker %s exited with %s; starting it again", index, process.returncode)
+                        _mark_dead(process.pid)
                         self._processes[index] = self._spawn(index)
 
     @property

@@ -127,17 +127,32 @@ class ChainBackend(ABC):
     def head(self) -> int:
         """The newest block, asked with a timeout of `PROBE_TIMEOUT` seconds whatever `rpc_timeout` is:
         health checks must answer while the node stalls. Raises ChainError when it does not answer."""
+        try:
+            return int(self._probing().eth.block_number)
+        except (RequestException, OSError) as exc:
+            raise ChainError(
+                f"the chain node did not answer within {PROBE_TIMEOUT:g} s ({type(exc).__name__})"
+            ) from exc
+
+    def head_block(self) -> tuple[int, int]:
+        """The newest block's number and timestamp (seconds), asked as `head` asks: readiness and metrics
+        judge whether the chain moves on by how old its newest block is."""
+        try:
+            block = self._probing().eth.get_block("latest")
+        except (RequestException, OSError) as exc:
+            raise ChainError(
+                f"the chain node did not answer within {PROBE_TIMEOUT:g} s ({type(exc).__name__})"
+            ) from exc
+        return int(block["number"]), int(block["timestamp"])
+
+    def _probing(self) -> Web3:
+        """A connection whose calls wait at most `PROBE_TIMEOUT` (the node's own for an in-process chain)."""
         w3 = self.w3
         if isinstance(w3.provider, HTTPProvider):
             if self._probe is None:
                 self._probe = Web3(http_provider(str(w3.provider.endpoint_uri), PROBE_TIMEOUT, retry=False))
             w3 = self._probe
-        try:
-            return int(w3.eth.block_number)
-        except (RequestException, OSError) as exc:
-            raise ChainError(
-                f"the chain node did not answer within {PROBE_TIMEOUT:g} s ({type(exc).__name__})"
-            ) from exc
+        return w3
 
     def prepare_account(self, address: ChecksumAddress) -> None:  # noqa: B027 - optional hook
         """Make sure a service account (operator, accessor) can pay for gas: development chains fund

@@ -22,7 +22,7 @@ from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -39,7 +39,7 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import CursorResult, Dialect, Result
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, InstrumentedAttribute, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.sql.expression import UpdateBase
@@ -358,6 +358,11 @@ _WRITE_LOCKS: dict[str, WriteLock] = {}
 _WRITE_LOCKS_GUARD = threading.Lock()
 
 
+def rowcount(result: Result[Any]) -> int:
+    """The rows an UPDATE or DELETE executed in a session changed (its result is a cursor's)."""
+    return int(cast(CursorResult[Any], result).rowcount)
+
+
 class Bulk:
     """A Core statement run for many rows by the driver's `executemany`, with the rows' parameters made
     ready beforehand (`prepare`, before the write lock is taken where the caller can).
@@ -395,9 +400,11 @@ class Bulk:
             prepared.append(tuple(values) if self._positional else dict(zip(self._names, values, strict=True)))
         return prepared
 
-    def execute(self, connection: Connection, prepared: Sequence[Any]) -> None:
-        if prepared:
-            connection.exec_driver_sql(self.sql, list(prepared))
+    def execute(self, connection: Connection, prepared: Sequence[Any]) -> int:
+        """Run the statement for every prepared row; the rows it changed (for an UPDATE or DELETE)."""
+        if not prepared:
+            return 0
+        return int(connection.exec_driver_sql(self.sql, list(prepared)).rowcount)
 
 
 def sessions(engine: Engine) -> Sessions:

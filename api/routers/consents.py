@@ -32,6 +32,7 @@ from ledger import eip712
 from ledger.consent import ConsentRequest, NonceConflict, RequestStatus, SignedChange
 from ledger.eip712 import ChangeKind, ConsentChange
 from ledger.errors import UnknownAttributes
+from ledger.metrics import count_consent
 from ledger.types import attribute_mask
 
 router = APIRouter(prefix="/consents", tags=["consents"], responses=responses(401, 403))
@@ -166,6 +167,7 @@ async def submit(body: TypedDataSubmission, runtime: RuntimeDep, caller: Consent
     _acceptable(change, await _catalogue(runtime))
     accepted = await _stored(_store(runtime, change, signature, controller))
     runtime.wake_relayer()
+    count_consent("accepted")
     return ConsentAccepted(id=accepted.id, status=RequestStatus.PENDING)
 
 

@@ -17,6 +17,7 @@ from api import auth
 from api.deps import OperatorWrite, OwnConsentsReader, RuntimeDep
 from api.errors import ApiError, problem, responses
 from api.models import ClaimCode
+from api.observability import ERASURES
 from api.runtime import Runtime
 from api.schemas import (
     ConsentPublic,
@@ -138,7 +139,8 @@ def erase(did: str, runtime: RuntimeDep, _caller: OperatorWrite) -> CustomerEras
     (no personal data is there); a bound key still signs in, and can still revoke consent. The same
     PII cannot be enrolled again. Erasing again answers the same."""
     subject = subject_of(runtime, did)
-    if runtime.vault.record(subject) is None:
+    record = runtime.vault.record(subject)
+    if record is None:
         raise ApiError(404, "unknown_customer", "No such customer")
     with runtime.sessions() as session:  # first: a crash after it leaves a retry to erase
         _retire_claim_codes(session, subject)
@@ -146,6 +148,8 @@ def erase(did: str, runtime: RuntimeDep, _caller: OperatorWrite) -> CustomerEras
         erased_at = runtime.vault.erase(subject)
     except UnknownSubject as exc:
         raise problem(exc) from exc
+    if record.erased_at is None:  # erasing again is no new erasure
+        ERASURES.inc()
     return CustomerErased(did=did, erased_at=erased_at.isoformat())
 
 

@@ -30,6 +30,7 @@ from api.deps import (
     StatementReader,
 )
 from api.errors import PROBLEM_MEDIA_TYPE, ApiError, request_path, responses
+from api.observability import REDEMPTIONS
 from api.routers.customers import own_subject, subject_of
 from api.runtime import Runtime
 from api.schemas import (
@@ -395,6 +396,8 @@ async def redeem(
         status_code, answer = 200, _redemption_public(runtime, row)
     else:
         status_code, answer = row_failure(row, request_path(request))
+    if started.created:  # a retry answers again what was counted once
+        REDEMPTIONS.labels(outcome="done" if status_code == 200 else "refused").inc()
     return _answer(status_code, answer)
 
 

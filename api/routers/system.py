@@ -1,26 +1,33 @@
-"""Liveness, what the service is connected to, and whether its pipeline keeps up."""
+"""Liveness, readiness, metrics, what the service is connected to, and whether its pipeline keeps up.
+
+Three questions, three routes. `/livez`: does this process serve (a restart is the cure when not)?
+`/readyz`: should traffic come here (database, vault key, node, chain moving on, backlog), 503 naming
+each failing check? `/api/v1/health`: what is the service connected to and how far behind is it, for a
+person (it says 200 `degraded` while the API still accepts requests, and 503 only when the node does
+not answer). `/livez`, `/readyz` and `/metrics` are at the root, where probes and scrapers look."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from datetime import datetime
 from typing import Literal
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
 from pydantic import BaseModel, Field
-from sqlalchemy import Select, select
-from sqlalchemy.orm import Session
 
+from api import observability
 from api.errors import ApiError, responses
+from api.observability import oldest_unsettled
 from api.runtime import Runtime
 from ledger import consent, points
 from ledger.consent import ConsentRequest
 from ledger.errors import LedgerError
 from ledger.indexer import CURSOR
 from ledger.points import PointsRequest
-from ledger.store import IndexerCursor, as_utc, utcnow
+from ledger.store import IndexerCursor
 
 router = APIRouter(tags=["system"])
+probes = APIRouter(tags=["system"])  # at the root (`api.main`)
 
 # Accepted requests normally settle within a block or two, and after a node restart within seconds.
 # One whose state has not changed for this long means a stuck relayer or indexer: worth a look.
@@ -51,19 +58,6 @@ class HealthPublic(BaseModel):
     contracts: list[ContractPublic]
 
 
-Requests = type[ConsentRequest] | type[PointsRequest]
-
-
-def _head_of(table: Requests, status: str) -> Select[datetime]:
-    """When the first request (by acceptance order) in `status` last moved: one index seek (status, seq)."""
-    return select(table.updated_at).where(table.status == status).order_by(table.seq).limit(1)
-
-
-def _oldest_unsettled(session: Session, table: Requests, statuses: Iterable[str]) -> float | None:
-    moved = [t for status in statuses if (t := session.scalar(_head_of(table, status))) is not None]
-    return None if not moved else max(0.0, (utcnow() - min(as_utc(t) for t in moved)).total_seconds())
-
-
 @router.get("/health", response_model=HealthPublic, responses=responses(503))
 def health(request: Request) -> HealthPublic:
     runtime: Runtime = request.app.state.runtime
@@ -74,8 +68,8 @@ def health(request: Request) -> HealthPublic:
     with runtime.reads() as session:
         cursor = session.get(IndexerCursor, CURSOR)
         ages = {
-            "consent": _oldest_unsettled(session, ConsentRequest, consent.LIVE),
-            "points": _oldest_unsettled(session, PointsRequest, points.LIVE),
+            "consent": oldest_unsettled(session, ConsentRequest, consent.LIVE),
+            "points": oldest_unsettled(session, PointsRequest, points.LIVE),
         }
     indexed = None if cursor is None else cursor.block_number
     problems = [
@@ -98,3 +92,59 @@ def health(request: Request) -> HealthPublic:
             for name, c in runtime.ledger.deployment.contracts.items()
         ],
     )
+
+
+class LivePublic(BaseModel):
+    status: Literal["alive"]
+
+
+class ReadyPublic(BaseModel):
+    status: Literal["ready"]
+    checks: dict[str, Literal["ok"]] = Field(
+        description="Each check and its result: database, vault_key, node, head, backlog"
+    )
+
+
+@probes.get("/livez", response_model=LivePublic)
+async def livez() -> LivePublic:
+    """200 while this process serves: it asks nothing else (a process that answers is alive)."""
+    return LivePublic(status="alive")
+
+
+@probes.get("/readyz", response_model=ReadyPublic, responses=responses(503))
+def readyz(request: Request) -> ReadyPublic:
+    """200 when every check passes: the service database answers a trivial query, the vault's master key
+    wraps and unwraps, the node answers within 1.5 s, the chain moves on (its newest block is not older
+    than `CONSENT_LEDGER_READY_MAX_HEAD_AGE` while requests have waited as long) and fewer requests than
+    `CONSENT_LEDGER_READY_MAX_BACKLOG` wait. Else 503 `not_ready`, whose `failing` names each failing
+    check with its problem in words."""
+    runtime: Runtime = request.app.state.runtime
+    checks = observability.readiness(runtime)
+    failing = [{"check": name, "problem": problem} for name, problem in checks.items() if problem is not None]
+    if failing:
+        raise ApiError(
+            503,
+            "not_ready",
+            "The service is not ready",
+            "; ".join(f"{f['check']}: {f['problem']}" for f in failing),
+            failing=failing,
+        )
+    return ReadyPublic(status="ready", checks=dict.fromkeys(checks, "ok"))
+
+
+@probes.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {"content": {observability.CONTENT_TYPE: {"schema": {"type": "string"}}}, "description": "Metrics"},
+        **responses(404),
+    },
+)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics (the text exposition format): every process's counters and the state read now (the
+    README lists them). 404 `metrics_disabled` when `CONSENT_LEDGER_METRICS` is off."""
+    runtime: Runtime = request.app.state.runtime
+    if not runtime.service.metrics:
+        raise ApiError(404, "metrics_disabled", "Metrics are off (CONSENT_LEDGER_METRICS)")
+    body = await run_in_threadpool(observability.render, runtime)
+    return Response(body, media_type=observability.CONTENT_TYPE)

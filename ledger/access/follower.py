@@ -12,6 +12,7 @@ from web3 import Web3
 
 from ledger.access.client import RECORDED, decode
 from ledger.access.tables import AccessEntry
+from ledger.metrics import count_access
 
 
 class AccessFollower:
@@ -29,6 +30,8 @@ class AccessFollower:
         batches = [b for b in (decode(dict(item)) for item in logs) if b is not None]
         decoded = [e for batch in batches for e in batch.events()]
         if decoded:
+            permitted = sum(1 for e in decoded if e.permitted)
+            count_access(permitted, len(decoded) - permitted)
             session.execute(
                 insert(AccessEntry),
                 [

@@ -24,6 +24,7 @@ from ledger.consent.tables import (
     RequestStatus,
     latest_binding,
 )
+from ledger.metrics import count_consent
 from ledger.store import Bulk, IndexedBlock, event_position, utcnow
 
 
@@ -105,7 +106,7 @@ class ConsentFollower:
         )
         self._insert_states.execute(connection, self._insert_states.prepare(latest.values()))
         # Requests are confirmed by the chain's own event (`_CONFIRM`).
-        self._confirm.execute(connection, confirmations)
+        count_consent("confirmed", self._confirm.execute(connection, confirmations))
 
     def rollback(self, session: Session, ancestor: int) -> None:
         gone = list(session.scalars(select(ConsentEvent).where(ConsentEvent.block_number > ancestor)))

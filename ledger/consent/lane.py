@@ -36,7 +36,8 @@ from ledger.consent.tables import ConsentEvent, ConsentRequest, ConsentState, Re
 from ledger.eip712 import ChangeKind, ConsentChange, Signature
 from ledger.errors import BatchItemFailed, ContractRevert, LedgerError, NonceMismatch
 from ledger.lanes import BatchLane, Holds
-from ledger.store import as_utc, sessions, utcnow
+from ledger.metrics import count_consent
+from ledger.store import as_utc, rowcount, sessions, utcnow
 from ledger.tx import Receipt, TxRequest
 from ledger.types import Purpose, Subject
 
@@ -286,7 +287,7 @@ class Relayer(BatchLane):
                     )
                 )
                 if event is not None:
-                    session.execute(
+                    changed = session.execute(
                         update(ConsentRequest)
                         .where(ConsentRequest.seq == request.seq, ConsentRequest.status == RequestStatus.SUBMITTED)
                         .values(
@@ -296,6 +297,7 @@ class Relayer(BatchLane):
                             updated_at=utcnow(),
                         )
                     )
+                    count_consent("confirmed", rowcount(changed))
                 elif not self._logged(request):
                     self._history_lost(session, request)
         if lost:
@@ -339,7 +341,7 @@ class Relayer(BatchLane):
                 tx_hash="",
             )
         )
-        session.execute(
+        changed = session.execute(
             update(ConsentRequest)
             .where(ConsentRequest.seq == request.seq, ConsentRequest.status == RequestStatus.SUBMITTED)
             .values(
@@ -349,6 +351,7 @@ class Relayer(BatchLane):
                 error_detail="applied on-chain (the controller's nonce is used) but the node lost the block",
             )
         )
+        count_consent("confirmed", rowcount(changed))
         log.error(
             "consent request %s: applied on-chain but the node lost its block; state taken from the contract",
             request.id,
@@ -428,7 +431,7 @@ class Relayer(BatchLane):
                 )
                 return
         now = utcnow()
-        session.execute(
+        changed = session.execute(
             update(ConsentRequest)
             .where(ConsentRequest.seq == request.seq, ConsentRequest.status == RequestStatus.SUBMITTED)
             .values(
@@ -440,6 +443,7 @@ class Relayer(BatchLane):
                 failed_at=now,  # leaves the live nonce index
             )
         )
+        count_consent("failed", rowcount(changed))
         if request.kind == ChangeKind.REVOKE:
             # Accepted (202) and now not on-chain: the read model stops denying what the customer withdrew.
             log.error(

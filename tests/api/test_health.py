@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from sqlalchemy import update
 
 from ledger.backends import AnvilBackend
@@ -58,3 +59,56 @@ def test_a_node_that_does_not_answer_gives_503_chain_unavailable(tmp_path: Path)
         assert health.status_code == 503, health.text
         assert health.headers["content-type"] == "application/problem+json"
         assert health.json()["code"] == "chain_unavailable"
+
+
+def test_readyz_fails_on_a_backlog_over_its_limit_and_a_head_that_stopped_while_requests_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/readyz beside /health: the same stuck relayer, judged against the settings' limits."""
+    with running_service(tmp_path) as service:
+        customer = service.new_customer()
+        assert service.runtime.writers is not None
+        relayer = service.runtime.writers.relayer
+        relayer.lost_after = 3600
+        relayer.node_restarted(lambda: False)
+        accepted = service.change(customer, action="grant", attributes=["user.contact.email"])
+        assert accepted.status_code == 202, accepted.text
+        ready = service.client.get("/readyz")
+        assert ready.status_code == 200, ready.text  # one request waiting a moment: ready
+
+        backend = service.runtime.ledger.backend
+        number, stamp = backend.head_block()
+        monkeypatch.setattr(backend, "head_block", lambda: (number, stamp - 3600))  # no block for an hour
+        ready = service.client.get("/readyz")
+        assert ready.status_code == 200, ready.text  # an idle managed node makes no blocks: no stall alone
+        with service.runtime.sessions() as session:  # ... but a request has waited past the limit
+            session.execute(
+                update(ConsentRequest)
+                .where(ConsentRequest.id == accepted.json()["id"])
+                .values(updated_at=utcnow() - timedelta(seconds=120))
+            )
+        monkeypatch.setattr(service.runtime.service, "ready_max_backlog", 0)
+        stalled = service.client.get("/readyz")
+        assert stalled.status_code == 503, stalled.text
+        assert stalled.headers["content-type"] == "application/problem+json"
+        body = stalled.json()
+        assert body["code"] == "not_ready"
+        assert body["failing"] == [
+            {"check": "head", "problem": body["failing"][0]["problem"]},
+            {"check": "backlog", "problem": "1 accepted requests wait to be settled (the limit is 0)"},
+        ]
+        assert body["failing"][0]["problem"].startswith("the chain's newest block is 36")
+        assert "while requests have waited 12" in body["failing"][0]["problem"]
+        health = service.client.get("/api/v1/health")
+        assert (health.status_code, health.json()["status"]) == (200, "degraded")  # still accepting
+
+
+def test_metrics_off_answers_404_and_the_probes_still_serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONSENT_LEDGER_METRICS", "false")
+    with running_service(tmp_path) as service:
+        off = service.client.get("/metrics")
+        assert off.status_code == 404, off.text
+        assert off.json()["code"] == "metrics_disabled"
+        live = service.client.get("/livez")
+        assert (live.status_code, live.json()) == (200, {"status": "alive"})
+        assert live.headers["x-request-id"]  # the id is given whether or not requests are counted

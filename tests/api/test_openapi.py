@@ -18,6 +18,9 @@ KEY, BEARER = "APIKeyHeader", "HTTPBearer"
 # Who can call each operation: services by API key (a role holds the scope), customers by bearer token.
 SECURITY: dict[tuple[str, str], set[str]] = {
     ("get", "/api/v1/health"): set(),
+    ("get", "/livez"): set(),
+    ("get", "/readyz"): set(),
+    ("get", "/metrics"): set(),
     ("get", "/api/v1/dids/{did}"): set(),
     ("get", "/dids/{subject_hex}/did.json"): set(),
     ("post", "/api/v1/auth/siwe/challenge"): set(),

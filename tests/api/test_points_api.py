@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from eth_account import Account
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import delete, select, update
 
 from api.auth import create_principal
@@ -396,3 +397,40 @@ def test_a_redemption_is_accepted_while_the_read_model_has_rolled_back_its_custo
     stranger = Subject(bytes(32))
     with service.runtime.sessions() as session:
         assert session.execute(CONTROLLER_OF, {"subject": bytes(stranger)}).scalar() is None
+
+
+def _metric(service: Service, name: str, **labels: str) -> float:
+    text = service.client.get("/metrics").text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0
+
+
+def test_metrics_count_each_redemption_once_and_read_the_liability(service: Service, issuer: dict[str, str]) -> None:
+    """`/metrics`: a retry with the same Idempotency-Key is no second redemption; the liability and what
+    expires within 30 days are the read model's lots, read when scraped."""
+    done = refused = "consent_ledger_redemptions_total"
+    before = {
+        "done": _metric(service, done, outcome="done"),
+        "refused": _metric(service, refused, outcome="refused"),
+        "liability": _metric(service, "consent_ledger_points_liability"),
+        "expiring": _metric(service, "consent_ledger_points_expiring_30d"),
+    }
+    customer = service.new_customer()
+    assert issue(service, issuer, customer, 40, expires_at=int(time.time()) + 10 * 86400).status_code == 201
+    assert issue(service, issuer, customer, 100).status_code == 201  # a year
+    settled_points(service, customer, 140)
+    assert _metric(service, "consent_ledger_points_liability") - before["liability"] == 140
+    assert _metric(service, "consent_ledger_points_expiring_30d") - before["expiring"] == 40
+
+    body, key = authorise(service, customer, 30), str(uuid.uuid4())
+    assert redeem(service, body, key).status_code == 200
+    assert redeem(service, body, key).status_code == 200  # the first answer again
+    _problem(redeem(service, authorise(service, customer, 1000)), 409, "insufficient_points")
+    assert _metric(service, done, outcome="done") - before["done"] == 1
+    assert _metric(service, refused, outcome="refused") - before["refused"] == 1
+    settled_points(service, customer, 110)
+    assert _metric(service, "consent_ledger_points_liability") - before["liability"] == 110
+    assert _metric(service, "consent_ledger_points_expiring_30d") - before["expiring"] == 10  # soonest spent first
