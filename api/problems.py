@@ -264,6 +264,15 @@ PROBLEMS: dict[str, ProblemType] = {
     "points_rejected": ProblemType(422, "The ledger refused the points request", "The contract refused it."),
     "access_rejected": ProblemType(422, "The ledger refused the access record", "The contract refused it."),
     # the service
+    "not_ready": ProblemType(
+        503, "Not ready to serve",
+        "One or more of the readiness checks failed (`failing` names each: the database, the vault key, the "
+        "node answering, the chain's head moving, the relayer's backlog). A load balancer sends requests "
+        "elsewhere until it passes again.",
+    ),
+    "metrics_disabled": ProblemType(
+        404, "Metrics are off", "The operator turned metrics off (CONSENT_LEDGER_METRICS=false)."
+    ),
     "not_found": ProblemType(404, "Not found", "No such route or resource. The reference is at /api/v1/docs."),
     "method_not_allowed": ProblemType(405, "Method not allowed", "The route exists; not with this HTTP method."),
     "frontend_not_installed": ProblemType(
