@@ -265,7 +265,8 @@ PROBLEMS: dict[str, ProblemType] = {
     "access_rejected": ProblemType(422, "The ledger refused the access record", "The contract refused it."),
     # the service
     "not_ready": ProblemType(
-        503, "Not ready to serve",
+        503,
+        "Not ready to serve",
         "One or more of the readiness checks failed (`failing` names each: the database, the vault key, the "
         "node answering, the chain's head moving, the relayer's backlog). A load balancer sends requests "
         "elsewhere until it passes again.",
