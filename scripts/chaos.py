@@ -61,6 +61,8 @@ from scripts.served import (
     q,
     read_model_balance_findings,
     redemption_findings,
+    renewed,
+    sign_in,
     sign_typed,
 )
 
@@ -137,6 +139,8 @@ def consent_load(serve: Serve, person: Customer, stop: threading.Event, tally: T
             except httpx.TransportError:
                 stop.wait(0.2)  # the service is down: nothing acknowledged; try again later
                 continue
+            if _renewed(client, account, headers, answer):
+                continue
             with tally.lock:
                 if answer.status_code == 202:
                     tally.consents.append((answer.json()["id"], headers))
@@ -156,6 +160,8 @@ def redemption_load(
                 prepared = client.post(
                     "/api/v1/points/redemptions/prepare", json={"partner": "acme", "amount": 1}, headers=headers
                 )
+                if _renewed(client, account, headers, prepared):
+                    continue
                 if prepared.status_code != 200:
                     with tally.lock:
                         tally.refused[f"redemption prepare {prepared.status_code} {_code(prepared)}"] += 1
@@ -209,6 +215,7 @@ def read_load(serve: Serve, auditor_key: str, people: list[Customer], stop: thre
                     answer = client.get(f"/api/v1/consents/{request_id}", headers=owner)
                 elif rng.random() < 0.5:
                     answer = client.get(f"/api/v1/customers/{q(did)}/points", headers=headers)
+                    _renewed(client, _account, headers, answer)
                 else:
                     answer = client.get(
                         "/api/v1/audit/accesses", params={"limit": 50}, headers={"X-API-Key": auditor_key}
@@ -218,6 +225,14 @@ def read_load(serve: Serve, auditor_key: str, people: list[Customer], stop: thre
                 kind = "down"
             with tally.lock:
                 tally.reads[kind] += 1
+
+
+def _renewed(client: httpx.Client, account: LocalAccount, headers: dict[str, str], answer: httpx.Response) -> bool:
+    """Signed in again if `answer` says the token expired (the load runs longer than a token lasts)."""
+    try:
+        return renewed(client, account, headers, answer)
+    except (httpx.TransportError, AssertionError):
+        return False  # the service went away meanwhile: the next round tries again
 
 
 def _code(answer: httpx.Response) -> str:
@@ -349,6 +364,8 @@ def _check(
     began: float,
 ) -> dict[str, Any]:
     found: list[str] = []
+    for account, _did, headers in people:  # the run outlasted their tokens
+        headers["Authorization"] = f"Bearer {sign_in(serve.client, account)}"
     # Redemptions: each asked again with its key (as its client would) gets its one answer.
     found += points_settled(serve, timeout=180)
     finals: dict[str, httpx.Response] = {}
@@ -388,6 +405,11 @@ def _check(
         flat[what] = [early, late]
         if late > FLAT * early:
             found.append(f"{what} grew from {early} to {late} (the most of each half of the run)")
+    # The load went on to the end: acknowledgements in the last two sample periods (a client that stops
+    # being answered, as when its customers' tokens expired unrenewed, is a finding, not a quiet run).
+    for what in ("consents", "redemptions"):
+        if len(samples) >= 3 and samples[-1][what] == samples[-3][what]:
+            found.append(f"no {what} were acknowledged after minute {samples[-3]['minute']}")
     # Consent changes last: the check stops the service to read the chain through a node of its own.
     acknowledged = [request_id for request_id, _headers in tally.consents]
     found += consent_findings(serve, acknowledged, node_crashed=True)

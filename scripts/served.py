@@ -172,10 +172,25 @@ def customer(serve: Serve, n: int, email: str | None = None) -> tuple[LocalAccou
         if bound.status_code != 503 or bound.json()["code"] != "still_pending" or time.monotonic() > deadline:
             break
     assert bound.status_code == 200, bound.text
-    message = serve.client.post("/api/v1/auth/siwe/challenge", json={"address": account.address}).json()["message"]
+    return account, did, {"Authorization": f"Bearer {sign_in(serve.client, account)}"}
+
+
+def sign_in(client: httpx.Client, account: LocalAccount) -> str:
+    """A bearer token for the key's customer (Sign-In with Ethereum); it lasts 15 minutes."""
+    message = client.post("/api/v1/auth/siwe/challenge", json={"address": account.address}).json()["message"]
     signature = "0x" + bytes(account.sign_message(encode_defunct(text=message)).signature).hex()
-    token = serve.client.post("/api/v1/auth/siwe", json={"message": message, "signature": signature}).json()
-    return account, did, {"Authorization": f"Bearer {token['access_token']}"}
+    signed_in = client.post("/api/v1/auth/siwe", json={"message": message, "signature": signature})
+    assert signed_in.status_code == 200, signed_in.text
+    return str(signed_in.json()["access_token"])
+
+
+def renewed(client: httpx.Client, account: LocalAccount, headers: dict[str, str], answer: httpx.Response) -> bool:
+    """As a customer's client does when its token has expired (401 `invalid_token`): sign in again, in
+    `headers` itself (every holder of them sees the new token); whether it did."""
+    if answer.status_code != 401 or answer.json().get("code") != "invalid_token":
+        return False
+    headers["Authorization"] = f"Bearer {sign_in(client, account)}"
+    return True
 
 
 def service_engine(serve: Serve) -> Any:

@@ -408,7 +408,9 @@ def _metric(service: Service, name: str, **labels: str) -> float:
     return 0.0
 
 
-def test_metrics_count_each_redemption_once_and_read_the_liability(service: Service, issuer: dict[str, str]) -> None:
+def test_metrics_count_each_redemption_once_and_read_the_liability(
+    service: Service, issuer: dict[str, str], other_partner: dict[str, str]
+) -> None:
     """`/metrics`: a retry with the same Idempotency-Key is no second redemption; the liability and what
     expires within 30 days are the read model's lots, read when scraped."""
     done = refused = "consent_ledger_redemptions_total"
@@ -428,9 +430,12 @@ def test_metrics_count_each_redemption_once_and_read_the_liability(service: Serv
     body, key = authorise(service, customer, 30), str(uuid.uuid4())
     assert redeem(service, body, key).status_code == 200
     assert redeem(service, body, key).status_code == 200  # the first answer again
-    _problem(redeem(service, authorise(service, customer, 1000)), 409, "insufficient_points")
-    assert _metric(service, done, outcome="done") - before["done"] == 1
+    # A code for 100 of the 110 held; 20 spent at another partner first: the chain refuses the 100.
+    too_much = authorise(service, customer, 100)
+    assert redeem(service, authorise(service, customer, 20, "globex"), headers=other_partner).status_code == 200
+    _problem(redeem(service, too_much), 409, "insufficient_points")
+    assert _metric(service, done, outcome="done") - before["done"] == 2
     assert _metric(service, refused, outcome="refused") - before["refused"] == 1
-    settled_points(service, customer, 110)
-    assert _metric(service, "consent_ledger_points_liability") - before["liability"] == 110
-    assert _metric(service, "consent_ledger_points_expiring_30d") - before["expiring"] == 10  # soonest spent first
+    settled_points(service, customer, 90)
+    assert _metric(service, "consent_ledger_points_liability") - before["liability"] == 90
+    assert _metric(service, "consent_ledger_points_expiring_30d") - before["expiring"] == 0  # soonest spent first
