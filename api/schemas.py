@@ -5,20 +5,66 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.config import JsonDict
 
 from api.fields import Description, Key, Name, Points, Reference, Title, UnixTime
 from ledger.access import DivergenceCode
 
+# What the reference shows in its examples: shapes only (no real key, DID or signature).
+ADDRESS = "0x5B38Da6a701c568545dCfcB03FcB875f56beddC4"
+DID = "did:web:ledger.example.com:dids:3f1c9a2b7d6e45f08a1b2c3d4e5f60718293a4b5c6d7e8f9011223344556677"
+SIGNATURE = "0x" + "ab" * 65
+SIGNED: JsonDict = {
+    "typed_data": {
+        "types": {
+            "EIP712Domain": [
+                {"name": "name", "type": "string"},
+                {"name": "version", "type": "string"},
+                {"name": "chainId", "type": "uint256"},
+                {"name": "verifyingContract", "type": "address"},
+            ],
+            "ConsentGrant": [
+                {"name": "subject", "type": "bytes32"},
+                {"name": "partner", "type": "address"},
+                {"name": "purpose", "type": "bytes32"},
+                {"name": "attributes", "type": "uint256"},
+                {"name": "validUntil", "type": "uint64"},
+                {"name": "nonce", "type": "uint256"},
+                {"name": "deadline", "type": "uint256"},
+            ],
+        },
+        "primaryType": "ConsentGrant",
+        "domain": {"name": "ConsentRegistry", "version": "1", "chainId": 31337, "verifyingContract": ADDRESS},
+        "message": {
+            "subject": "0x3f1c9a2b7d6e45f08a1b2c3d4e5f60718293a4b5c6d7e8f9011223344556677",
+            "partner": ADDRESS,
+            "purpose": "0x637984d116b942a8438c0eff01d86754cf70982294ee461859e8b81f825f34c6",
+            "attributes": 1,
+            "validUntil": 0,
+            "nonce": 0,
+            "deadline": 1796684870,
+        },
+    },
+    "signature": SIGNATURE,
+}
+
 
 class TypedDataSubmission(BaseModel):
     """What a wallet signed: the typed data exactly as prepared, and its 65-byte signature (0x-hex)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [SIGNED]})
 
     typed_data: dict[str, Any]
     signature: str = Field(pattern=r"^0x[0-9a-fA-F]{130}$")
 
 
 class CustomerCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"email": "ada.lovelace@example.com", "phone": "+44 20 7946 0000", "name": "Ada Lovelace"}]
+        },
+    )
     email: str | None = Field(default=None, max_length=320)
     phone: str | None = Field(default=None, max_length=40)
     name: str | None = Field(default=None, max_length=200)
@@ -39,6 +85,7 @@ class CustomerErased(BaseModel):
 
 
 class ControllerPrepare(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"claim_code": "Jx3kP9qLm2Va", "address": ADDRESS}]})
     claim_code: str = Field(min_length=8, max_length=64)
     address: str = Field(pattern=r"^0x[0-9a-fA-F]{40}$", description="the customer's key address")
 
@@ -48,6 +95,7 @@ class TypedDataPublic(BaseModel):
 
 
 class ControllerSubmit(TypedDataSubmission):
+    model_config = ConfigDict(json_schema_extra={"examples": [{**SIGNED, "claim_code": "Jx3kP9qLm2Va"}]})
     claim_code: str = Field(min_length=8, max_length=64)
 
 
@@ -59,6 +107,7 @@ class ControllerPublic(BaseModel):
 
 
 class ChallengeCreate(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"address": ADDRESS}]})
     address: str = Field(pattern=r"^0x[0-9a-fA-F]{40}$")
 
 
@@ -68,6 +117,16 @@ class ChallengePublic(BaseModel):
 
 
 class SignIn(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "message": "127.0.0.1:8000 wants you to sign in with your Ethereum account:\n" + ADDRESS + "\n…",
+                    "signature": SIGNATURE,
+                }
+            ]
+        }
+    )
     message: str = Field(max_length=2000)
     signature: str = Field(pattern=r"^0x[0-9a-fA-F]{130}$")
 
@@ -80,7 +139,20 @@ class TokenPublic(BaseModel):
 
 
 class ConsentPrepare(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "action": "grant",
+                    "partner": "acme",
+                    "purpose": "analytics.reporting",
+                    "attributes": ["user.behavior.purchase_history"],
+                    "valid_until": 0,
+                }
+            ]
+        },
+    )
     action: Literal["grant", "revoke"]
     partner: Name = Field(description="partner name or address")
     purpose: Key = Field(description="purpose key (Fideslang data use)")
@@ -106,7 +178,7 @@ class ErrorPublic(BaseModel):
 
 
 class ConsentBatch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"changes": [SIGNED]}]})
     changes: list[TypedDataSubmission] = Field(
         min_length=1, max_length=500, description="changes signed by their customers' bound keys, any customers"
     )
@@ -155,6 +227,7 @@ class ConsentPublic(BaseModel):
 
 
 class PartnerCreate(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"name": "acme", "address": ADDRESS}]})
     name: Name
     address: str = Field(pattern=r"^0x[0-9a-fA-F]{40}$")
 
@@ -166,6 +239,17 @@ class PartnerPublic(BaseModel):
 
 
 class PurposeCreate(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "key": "analytics.reporting",
+                    "name": "Analytics reporting",
+                    "description": "Aggregate reports on purchases",
+                }
+            ]
+        }
+    )
     key: Key
     name: Title
     description: Description = ""
@@ -179,6 +263,9 @@ class PurposePublic(BaseModel):
 
 
 class AttributeCreate(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"key": "user.behavior.purchase_history", "name": "Purchase history"}]}
+    )
     key: Key
     name: Title
 
@@ -201,7 +288,10 @@ class IssuanceItem(BaseModel):
 
 
 class IssuanceCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"issuances": [{"did": DID, "amount": 250, "reference": "order-10293"}]}]},
+    )
     issuances: list[IssuanceItem] = Field(min_length=1, max_length=1000)
 
 
@@ -223,7 +313,7 @@ class IssuancesPublic(BaseModel):
 
 
 class RedemptionPrepare(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"partner": "acme", "amount": 120}]})
     partner: Name = Field(description="partner name or address")
     amount: Points
 
