@@ -8,7 +8,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.dependencies.utils import get_flat_params
 from fastapi.routing import APIRoute
 
-from api import deps, errors
+from api import deps, errors, glossary
 from api.authz import V1
 from api.limits import RequestLimits
 from api.observability import Observe
@@ -95,6 +95,7 @@ def _add_components(app: FastAPI) -> None:
         components.setdefault("schemas", {})["Problem"] = errors.Problem.model_json_schema(
             ref_template="#/components/schemas/{model}"
         )
+        glossary.describe(schema)
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -196,3 +196,15 @@ def test_every_request_body_has_an_example_the_route_accepts_as_valid(spec: dict
         for example in examples:
             model.model_validate(example)
     assert bodies >= 12
+
+
+def test_every_property_of_every_schema_says_what_it_is(spec: dict[str, Any]) -> None:
+    """33 of 197 had a description: the reference listed names only. `api.glossary` gives a meaning per field
+    name (per schema where a name means different things), beside the models' own."""
+    missing = [
+        f"{name}.{field}"
+        for name, schema in spec["components"]["schemas"].items()
+        for field, property_ in schema.get("properties", {}).items()
+        if not property_.get("description")
+    ]
+    assert missing == []
