@@ -74,6 +74,5 @@ MATRIX: dict[tuple[str, str], Access] = {
     ("GET", f"{V1}/docs"): PUBLIC,
     ("GET", f"{V1}/problems"): PUBLIC,
     ("GET", f"{V1}/problems/{{code}}"): PUBLIC,
-    ("GET", "/docs/oauth2-redirect"): PUBLIC,
     ("GET", "/static"): PUBLIC,  # a mount: the portals' files
 }

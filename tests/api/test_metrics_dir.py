@@ -17,7 +17,10 @@ from api.cli import MULTIPROC_ENV, _metrics_dir
 def test_each_run_counts_afresh_and_leaves_a_running_services_counters(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv(MULTIPROC_ENV, raising=False)
+    # Recorded as it is now (set or not) and put back after the test: `_metrics_dir` sets it in os.environ
+    # itself, and left set it sent every later in-process service's /metrics to an empty directory.
+    monkeypatch.setenv(MULTIPROC_ENV, "")
+    monkeypatch.delenv(MULTIPROC_ENV)
     monkeypatch.setattr(values, "ValueClass", values.ValueClass)  # put back after the test
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = tmp_path / "metrics" / ended.stdout.strip()
