@@ -6,18 +6,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from eth_typing import ChecksumAddress
 from eth_utils.crypto import keccak
 from web3 import Web3
 
-from ledger.compiler import Artifact
-from ledger.contracts import ContractClient, RevertDecoder
+from ledger.contracts import ContractClient
 from ledger.eip712 import ChangeKind, ConsentChange, ControllerChange, Domain, Signature
 from ledger.errors import ChainError
-from ledger.logs import MAX_LOGS_RANGE, bytes_of, hex_of, int_of
-from ledger.tx import Receipt, TxRequest, TxSender, items_per_transaction
+from ledger.logs import bytes_of, hex_of, int_of
+from ledger.tx import Receipt, TxRequest, items_per_transaction
 from ledger.types import AttributeMask, Purpose, Subject, checksummed
 
 CONTRACT_NAME = "ConsentRegistry"
@@ -114,18 +114,10 @@ def max_changes_per_batch(max_batch: int) -> int:
 class ConsentRegistryClient(ContractClient):
     """Operator-side client. Customers sign; the operator relays."""
 
-    def __init__(
-        self,
-        w3: Web3,
-        address: ChecksumAddress,
-        artifact: Artifact,
-        sender: TxSender,
-        decoder: RevertDecoder,
-        *,
-        logs_range: int = MAX_LOGS_RANGE,
-    ) -> None:
-        super().__init__(w3, address, artifact, sender, decoder, logs_range=logs_range)
-        self.domain = Domain(name=CONTRACT_NAME, chain_id=sender.chain_id, verifying_contract=address)
+    @cached_property
+    def domain(self) -> Domain:
+        """The EIP-712 domain of the messages the contract checks (the chain id is the sender's)."""
+        return Domain(name=CONTRACT_NAME, chain_id=self.sender.chain_id, verifying_contract=self.address)
 
     # reads -------------------------------------------------------------------------------------
 

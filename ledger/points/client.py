@@ -6,17 +6,16 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from eth_typing import ChecksumAddress
 from eth_utils.crypto import keccak
-from web3 import Web3
 
-from ledger.compiler import Artifact
-from ledger.contracts import ContractClient, RevertDecoder
+from ledger.contracts import ContractClient
 from ledger.eip712 import Domain, Redemption, Signature, redemption_nonce
-from ledger.logs import MAX_LOGS_RANGE, bytes_of, hex_of, int_of
-from ledger.tx import Receipt, TxSender
+from ledger.logs import bytes_of, hex_of, int_of
+from ledger.tx import Receipt
 from ledger.types import Subject, checksummed
 
 CONTRACT_NAME = "LoyaltyPoints"
@@ -203,18 +202,10 @@ def decode(log: dict[str, Any]) -> PointsEvent | None:
 class LoyaltyPointsClient(ContractClient):
     """Operator-side client: the operator issues and relays; customers sign redemptions."""
 
-    def __init__(
-        self,
-        w3: Web3,
-        address: ChecksumAddress,
-        artifact: Artifact,
-        sender: TxSender,
-        decoder: RevertDecoder,
-        *,
-        logs_range: int = MAX_LOGS_RANGE,
-    ) -> None:
-        super().__init__(w3, address, artifact, sender, decoder, logs_range=logs_range)
-        self.domain = Domain(name=CONTRACT_NAME, chain_id=sender.chain_id, verifying_contract=address)
+    @cached_property
+    def domain(self) -> Domain:
+        """The EIP-712 domain of the messages the contract checks (the chain id is the sender's)."""
+        return Domain(name=CONTRACT_NAME, chain_id=self.sender.chain_id, verifying_contract=self.address)
 
     # reads -------------------------------------------------------------------------------------
 
