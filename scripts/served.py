@@ -33,6 +33,7 @@ from ledger.settings import ChainSettings
 from ledger.store import IndexedBlock, make_engine, sessions
 from ledger.tx import TxSender
 from ledger.types import Subject
+from scripts.bench_api import answered
 
 CLI = [sys.executable, "-m", "api.cli"]
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("CONSENT_LEDGER_")} | {
@@ -166,11 +167,8 @@ def customer(serve: Serve, n: int, email: str | None = None) -> tuple[LocalAccou
         f"/api/v1/customers/{q(did)}/controller/prepare", json={"claim_code": claim, "address": account.address}
     ).json()["typed_data"]
     body = {"claim_code": claim, "typed_data": typed, "signature": sign_typed(account, typed)}
-    deadline = time.monotonic() + 120
-    while True:  # asked again while the service has not read the binding back yet (503 still_pending)
-        bound = serve.client.post(f"/api/v1/customers/{q(did)}/controller", json=body)
-        if bound.status_code != 503 or bound.json()["code"] != "still_pending" or time.monotonic() > deadline:
-            break
+    # Asked again while the service has not read the binding back yet (503 still_pending).
+    bound = answered(serve.client, f"/api/v1/customers/{q(did)}/controller", body, patience=120)
     assert bound.status_code == 200, bound.text
     return account, did, {"Authorization": f"Bearer {sign_in(serve.client, account)}"}
 

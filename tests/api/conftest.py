@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -45,6 +46,17 @@ def serve_env(**extra: str) -> dict[str, str]:
     # a second (`tests/ledger/test_backend_geth.py` tests that lead).
     env.update({"CONSENT_LEDGER_CHAIN_BLOCK_TIME": "0.1", "CONSENT_LEDGER_CHAIN_MAX_CLOCK_LEAD": "3600", **extra})
     return env
+
+
+def add_principal(data_dir: Path, role: str, name: str) -> str:
+    """A new principal of `role` in `data_dir`, made with the command line as an operator would; its API key."""
+    added = subprocess.run(
+        [*CLI, "principals", "add", "--role", role, "--name", name, "--data-dir", str(data_dir)],
+        env=serve_env(), capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    found = re.search(r"api key: (\S+)", added.stdout)
+    assert found is not None, added.stdout
+    return found.group(1)
 
 
 def wait_healthy(port: int, process: subprocess.Popen[str], timeout: float = 60) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import update
 
@@ -25,17 +26,24 @@ def test_a_healthy_service_says_ok(service: Service) -> None:
     assert set(body["oldest_unsettled_s"]) == {"consent", "points"}
 
 
+def _stuck_change(service: Service) -> httpx.Response:
+    """A consent change accepted while the relayer holds its sends for an hour (as after a restart the
+    indexer never checks): it stays pending."""
+    customer = service.new_customer()
+    assert service.runtime.writers is not None
+    relayer = service.runtime.writers.relayer
+    relayer.lost_after = 3600
+    relayer.node_restarted(lambda: False)
+    accepted = service.change(customer, action="grant", attributes=["user.contact.email"])
+    assert accepted.status_code == 202, accepted.text
+    return accepted
+
+
 def test_requests_that_stop_moving_make_the_service_degraded(tmp_path: Path) -> None:
     """A stuck relayer (here: holding its sends for an hour, as after a restart the indexer never
     checks) leaves accepted changes pending. The API still accepts them; health says what is wrong."""
     with running_service(tmp_path) as service:
-        customer = service.new_customer()
-        assert service.runtime.writers is not None
-        relayer = service.runtime.writers.relayer
-        relayer.lost_after = 3600
-        relayer.node_restarted(lambda: False)
-        accepted = service.change(customer, action="grant", attributes=["user.contact.email"])
-        assert accepted.status_code == 202, accepted.text
+        accepted = _stuck_change(service)
         with service.runtime.sessions() as session:  # accepted a minute ago, not moved since
             session.execute(
                 update(ConsentRequest)
@@ -66,13 +74,7 @@ def test_readyz_fails_on_a_backlog_over_its_limit_and_a_head_that_stopped_while_
 ) -> None:
     """/readyz beside /health: the same stuck relayer, judged against the settings' limits."""
     with running_service(tmp_path) as service:
-        customer = service.new_customer()
-        assert service.runtime.writers is not None
-        relayer = service.runtime.writers.relayer
-        relayer.lost_after = 3600
-        relayer.node_restarted(lambda: False)
-        accepted = service.change(customer, action="grant", attributes=["user.contact.email"])
-        assert accepted.status_code == 202, accepted.text
+        accepted = _stuck_change(service)
         ready = service.client.get("/readyz")
         assert ready.status_code == 200, ready.text  # one request waiting a moment: ready
 

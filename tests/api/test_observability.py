@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
 from ledger.anvil import free_port
-from tests.api.conftest import CLI, ApiClient, Customer, q, serve_env, serve_workers
+from tests.api.conftest import CLI, ApiClient, Customer, add_principal, q, serve_env, serve_workers
 
 pytestmark = [pytest.mark.geth, pytest.mark.slow]
 
@@ -57,15 +57,10 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     """`serve` with two API workers and the access log on, an operator and a partner ("acme"); its log
     in a file the tests read."""
     data_dir = tmp_path_factory.mktemp("observed")
-    keys = {}
-    for role, name in (("operator", "crm-operator"), ("partner", "acme")):
-        added = subprocess.run(
-            [*CLI, "principals", "add", "--role", role, "--name", name, "--data-dir", str(data_dir)],
-            env=serve_env(), capture_output=True, text=True, timeout=120, check=True,
-        )  # fmt: skip
-        found = re.search(r"api key: (\S+)", added.stdout)
-        assert found is not None, added.stdout
-        keys[role] = found.group(1)
+    keys = {
+        "operator": add_principal(data_dir, "operator", "crm-operator"),
+        "partner": add_principal(data_dir, "partner", "acme"),
+    }
     port = free_port()
     log = data_dir / "serve.log"
     with log.open("ab") as out:

@@ -5,7 +5,6 @@ once the node answers again so does everything, the relayer and indexer included
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import time
@@ -17,7 +16,7 @@ import pytest
 from eth_account import Account
 
 from ledger.anvil import free_port
-from tests.api.conftest import CLI, ApiClient, q, serve_env, serve_workers, serving
+from tests.api.conftest import ApiClient, add_principal, q, serve_workers, serving
 
 pytestmark = pytest.mark.geth
 
@@ -28,15 +27,10 @@ RPC_TIMEOUT = 5.0  # CONSENT_LEDGER_CHAIN_RPC_TIMEOUT's default
 def stalling(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ApiClient, subprocess.Popen[str], Path]]:
     """A real `serve` with two API workers, an operator and a partner ("acme")."""
     data_dir = tmp_path_factory.mktemp("stall")
-    keys = {}
-    for role, name in (("operator", "crm-operator"), ("partner", "acme")):
-        added = subprocess.run(
-            [*CLI, "principals", "add", "--role", role, "--name", name, "--data-dir", str(data_dir)],
-            env=serve_env(), capture_output=True, text=True, timeout=120, check=True,
-        )  # fmt: skip
-        found = re.search(r"api key: (\S+)", added.stdout)
-        assert found is not None, added.stdout
-        keys[role] = found.group(1)
+    keys = {
+        "operator": add_principal(data_dir, "operator", "crm-operator"),
+        "partner": add_principal(data_dir, "partner", "acme"),
+    }
     port = free_port()
     with (
         serving(data_dir, port, workers=2) as process,
