@@ -42,17 +42,27 @@ class BlockCadence:
     receipt and settlement. Instead the miner calls `before_block` just before each block: the relayer
     sends everything pending (one transaction per lane, or several of `max_batch`) and says so, and
     the miner mines. No request waits longer for its block than before. `after_block` tells the
-    relayer that receipts are there to collect. The miner waits at most `timeout` for the relayer
-    (busy or gone: the block is not held up further; what was not sent goes in the next one).
+    relayer that receipts are there to collect.
+
+    The miner waits at most `timeout` for the relayer to start (busy or gone: the block is not held
+    up further). A relayer that started is waited for up to `patience`, so that a send slowed down by
+    a loaded machine still makes this block rather than sharing the next with the next batch. A
+    relayer that wakes after the miner gave up on a block sends nothing for it: whatever it sent now
+    could only land in the next block, which it sends for anyway (once: it does not skip two in a
+    row, so a relayer that is always late still sends). Either way a block holds one batch per lane.
     """
 
-    def __init__(self, *, timeout: float = 0.05, fallback: float = 0.25) -> None:
+    def __init__(self, *, timeout: float = 0.05, patience: float = 0.5, fallback: float = 0.25) -> None:
         self.timeout = timeout
+        self.patience = patience
         self.fallback = fallback  # the relayer polls at least this often without a signal
         self.signal = threading.Event()  # the relayer's wake-up: a block is due, or was mined
         self._state = threading.Condition()
         self._due = 0  # blocks announced by the miner
+        self._taken = 0  # the last of them the relayer has started on
         self._served = 0  # the last of them the relayer has sent for
+        self._missed = 0  # the last of them the miner made without waiting any longer
+        self._skipped = False  # the relayer's last `take` passed over a missed block
         self._mined = False
 
     # the miner's side
@@ -62,7 +72,10 @@ class BlockCadence:
             due = self._due
             self.signal.set()
             # Numbered, so that a relayer still busy with an earlier block does not release this one.
-            self._state.wait_for(lambda: self._served >= due, self.timeout)
+            if not self._state.wait_for(lambda: self._taken >= due, self.timeout):
+                self._missed = due
+            else:
+                self._state.wait_for(lambda: self._served >= due, self.patience)
 
     def after_block(self) -> None:
         with self._state:
@@ -75,6 +88,12 @@ class BlockCadence:
         self.signal.clear()
         with self._state:
             due = self._due if self._due > self._served else None
+            if due is not None and due <= self._missed and not self._skipped:
+                self._served = due  # made without us: what is pending goes with the next block's batch
+                due, self._skipped = None, True
+            elif due is not None:
+                self._taken, self._skipped = due, False
+                self._state.notify_all()
             mined, self._mined = self._mined, False
         return due, mined
 
