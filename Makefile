@@ -19,8 +19,9 @@ setup: $(PY_STAMP) $(NPM_STAMP) $(GETH_STAMP) system-deps
 
 # System packages the tests use, installed where missing (as root, as CI runs): PostgreSQL's server
 # binaries (the vault is tested on a real PostgreSQL as well as on SQLite) and Debian's Chromium (the
-# portal's end-to-end tests drive it with Playwright; Playwright's own browser download is not used).
-SYSTEM_PACKAGES := $(if $(wildcard /usr/lib/postgresql/*/bin/initdb),,postgresql) $(if $(wildcard /usr/bin/chromium),,chromium)
+# portal's end-to-end tests drive it with Playwright; Playwright's own browser download is not used) and wrk
+# (the benchmarks' load generator: C, so that the client takes little of the cores the service is measured on).
+SYSTEM_PACKAGES := $(if $(wildcard /usr/lib/postgresql/*/bin/initdb),,postgresql) $(if $(wildcard /usr/bin/chromium),,chromium) $(if $(wildcard /usr/bin/wrk),,wrk)
 system-deps:
 	@if [ -n "$(strip $(SYSTEM_PACKAGES))" ]; then \
 	  echo "installing $(strip $(SYSTEM_PACKAGES))"; \

@@ -49,10 +49,11 @@ from ledger import eip712
 from ledger.anvil import free_port
 from ledger.eip712 import ChangeKind, ConsentChange, Domain
 from ledger.types import Subject
-from scripts.loadgen import Call, Outcome, drive
+from scripts.loadgen import Call, Outcome, drive, wrk_path
 
 CLI = [sys.executable, "-m", "api.cli"]
 PURPOSE = "analytics.reporting"
+ROUTE, BATCH_ROUTE = "/api/v1/consents", "/api/v1/consents/batch"
 
 
 class Service:
@@ -69,6 +70,16 @@ class Service:
             check=True,
         ).stdout
         self.operator = {"X-API-Key": next(line.split()[2] for line in out.splitlines() if line.startswith("api key:"))}
+        out = subprocess.run(
+            [*CLI, "principals", "add", "--role", "forwarder", "--name", "bench-forwarder"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        self.forwarder = {
+            "X-API-Key": next(line.split()[2] for line in out.splitlines() if line.startswith("api key:"))
+        }
         self.log = (data_dir / "serve.log").open("ab")
         self.process = subprocess.Popen([*CLI, "serve"], env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -226,20 +237,45 @@ def presign(customers: list[dict[str, Any]], per_customer: int, domain: Domain, 
     return bodies
 
 
-def client_process(url: str, work: list[tuple[str, list[str]]], lanes: int, start_at: float, results: Any) -> None:
+def client_process(
+    url: str,
+    work: list[tuple[str, list[str]]],
+    lanes: int,
+    start_at: float,
+    results: Any,
+    batch: int = 0,
+    forwarder: dict[str, str] | None = None,
+) -> None:
     """Post each customer's changes in order; customers spread over `lanes` connections, each of
-    which takes its customers' changes in turn."""
+    which takes its customers' changes in turn. With `batch`, each connection posts its sequence in
+    requests of `batch` changes to the batch route, as the `forwarder` principal."""
     plan: list[list[Call]] = []
     for i in range(lanes):
         share = work[i::lanes]
-        calls: list[Call] = []
+        sequence: list[tuple[str, str]] = []
         for step in range(max((len(bodies) for _, bodies in share), default=0)):
-            for token, bodies in share:
-                if step < len(bodies):
-                    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-                    calls.append(Call("/api/v1/consents", bodies[step].encode(), headers))
-        plan.append(calls)
-    results.put(drive(url, plan, start_at, expect=202))
+            sequence += [(token, bodies[step]) for token, bodies in share if step < len(bodies)]
+        if batch:
+            assert forwarder is not None
+            headers = {**forwarder, "Content-Type": "application/json"}
+            plan.append(
+                [
+                    Call(
+                        BATCH_ROUTE,
+                        ('{"changes":[' + ",".join(b for _, b in sequence[j : j + batch]) + "]}").encode(),
+                        headers,
+                    )
+                    for j in range(0, len(sequence), batch)
+                ]
+            )
+        else:
+            plan.append(
+                [
+                    Call(ROUTE, body.encode(), {"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+                    for token, body in sequence
+                ]
+            )
+    results.put(drive(url, plan, start_at, expect=200 if batch else 202))
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -254,10 +290,12 @@ def run(
     processes: int,
     lanes: int,
     data_dir: Path | None = None,
+    batch: int = 0,
     **settings: str,
 ) -> dict[str, Any]:
     """`data_dir`: the service's (`bench_scale` hands one whose chain holds its customers); a fresh one
-    removed afterwards if not given."""
+    removed afterwards if not given. `batch`: changes per request to the batch route (0: one change
+    per request to `POST /consents`, as a customer's app sends them)."""
     with (
         contextlib.nullcontext(str(data_dir))
         if data_dir
@@ -280,12 +318,14 @@ def run(
             bodies = presign(people, per_customer, domain, partner)
             total = per_customer * customers
             work = [(p["token"], b) for p, b in zip(people, bodies, strict=True)]
-            print(f"[{label}] posting {total} signed changes from {processes}x{lanes} connections ...", flush=True)
+            how = f"in requests of {batch} " if batch else ""
+            print(f"[{label}] posting {total} signed changes {how}from {processes}x{lanes} connections ...", flush=True)
             queue: Any = multiprocessing.Queue()
             start_at = time.time() + 1.0
             procs = [
                 multiprocessing.Process(
-                    target=client_process, args=(service.url, work[i::processes], lanes, start_at, queue)
+                    target=client_process,
+                    args=(service.url, work[i::processes], lanes, start_at, queue, batch, service.forwarder),
                 )
                 for i in range(processes)
             ]
@@ -296,10 +336,18 @@ def run(
             outcomes = [queue.get() for _ in procs]
             for proc in procs:
                 proc.join()
-            posted_done = time.time()
             outcome = Outcome.merged(outcomes, label)
+            posted_done = outcome.finished_at
             latencies, errors = outcome.latencies, outcome.errors
-            ids = [json.loads(answer)["id"] for answer in outcome.answers]
+            if batch:
+                answers = [json.loads(answer) for answer in outcome.answers]
+                ids = [item["id"] for answer in answers for item in answer["results"] if item["status"] == 202]
+                refused = [item for answer in answers for item in answer["results"] if item["status"] != 202]
+                errors += len(refused)
+                if refused:
+                    print(f"[{label}] refused in a batch: {refused[0]}", flush=True)
+            else:
+                ids = [json.loads(answer)["id"] for answer in outcome.answers]
             engine = create_engine(f"sqlite:///{tmp}/service.db")
             deadline = time.time() + 600
             while True:
@@ -331,6 +379,7 @@ def run(
     return {
         "requests": total,
         "accepted": len(ids),
+        "http_requests": len(latencies) + outcome.errors,
         "rejected": errors,
         "confirmed": len(rows),
         "accepted_per_s": round(len(ids) / ack_span, 1),
@@ -375,7 +424,7 @@ def http_ceiling(requests: int, lanes: int) -> float:
         calls = [Call("/api/v1/consents", body.encode(), headers)] * requests
         start_at = time.time() + 0.5
         outcome = drive(url, [calls[i::lanes] for i in range(lanes)], start_at, expect=202)
-        elapsed = time.time() - start_at
+        elapsed = outcome.finished_at - start_at
         if outcome.errors:
             raise SystemExit(f"the null app refused {outcome.errors} requests: {outcome.first_error}")
         return round(len(outcome.latencies) / elapsed, 1)
@@ -393,6 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lanes", type=int, default=32, help="connections per client process")
     parser.add_argument("--ceiling-requests", type=int, default=20_000, help="requests to the null app")
     parser.add_argument("--backend", default="geth", choices=["geth", "anvil"], help="the managed node")
+    parser.add_argument("--batch-size", type=int, default=100, help="changes per request to the batch route")
     parser.add_argument("--quick", action="store_true", help="a small run (CI)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -408,23 +458,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         CONSENT_LEDGER_RELAYER_MAX_BATCH="1",
         **node,
     )
-    for label, figures in (("batched", batched), ("baseline (one tx per change)", baseline)):
+    batch_route = run(
+        "batch-route",
+        args.requests,
+        args.customers,
+        args.processes,
+        args.lanes,
+        batch=args.batch_size,
+        **node,
+    )
+    runs = (
+        ("batched", batched),
+        ("baseline (one tx per change)", baseline),
+        (f"batch route ({args.batch_size} per request)", batch_route),
+    )
+    for label, figures in runs:
         print(
             f"{label:>30}: {figures['accepted']} accepted at {figures['accepted_per_s']:,}/s, "
             f"{figures['confirmed']} confirmed at {figures['confirmed_per_s']:,}/s; ack p50/p99 "
             f"{figures['ack_p50_ms']}/{figures['ack_p99_ms']} ms; confirmation p50/p99 "
             f"{figures['confirm_p50_s']}/{figures['confirm_p99_s']} s"
         )
-    for label, figures in (("batched", batched), ("baseline (one tx per change)", baseline)):
+    for label, figures in runs:
         print(describe_cpu(label, figures))
     print(f"[ceiling] posting {args.ceiling_requests} requests to uvicorn serving an app that does nothing ...")
     ceiling = http_ceiling(args.ceiling_requests, args.processes * args.lanes)
     share = batched["accepted_per_s"] / ceiling
+    batch_share = batch_route["accepted_per_s"] / ceiling
     print(
         f"{'HTTP stack alone (null app)':>30}: {ceiling:,} requests/s; the service acknowledges at "
-        f"{100 * share:.1f} % of that"
+        f"{100 * share:.1f} % of that one change per request, and at {100 * batch_share:.1f} % counted in "
+        f"changes through the batch route"
     )
     result = {f"batched_{k}": v for k, v in batched.items()} | {f"baseline_{k}": v for k, v in baseline.items()}
+    result |= {f"batch_route_{k}": v for k, v in batch_route.items()}
+    result["batch_size"] = args.batch_size
+    result["batch_route_share_of_http_ceiling"] = round(batch_share, 3)
+    result["load_generator"] = "wrk" if wrk_path() else "aiohttp"
     result["ratio_confirmed"] = round(batched["confirmed_per_s"] / baseline["confirmed_per_s"], 1)
     result["http_ceiling_per_s"] = ceiling
     result["backend"] = args.backend

@@ -35,7 +35,7 @@ from ledger import eip712
 from ledger.eip712 import Domain, Redemption
 from ledger.types import Subject
 from scripts.bench_api import CLI, CpuMeter, Service, answered, describe_cpu, enrol, percentile
-from scripts.loadgen import Call, Outcome, drive
+from scripts.loadgen import Call, Outcome, drive, wrk_path
 
 POINTS_EACH = 10**9
 
@@ -165,14 +165,13 @@ def run(label: str, redemptions: int, customers: int, partners: int, lanes: int,
             cpu = CpuMeter(service)
             cpu.start(at=start_at)
             outcomes = [queue.get() for _ in procs]
-            finished = time.time()
             cpu.stop()  # a redemption is answered once on-chain: each one's whole cost
             for proc in procs:
                 proc.join()
         finally:
             service.stop()
     outcome = Outcome.merged(outcomes, label)
-    latencies, errors = outcome.latencies, outcome.errors
+    latencies, errors, finished = outcome.latencies, outcome.errors, outcome.finished_at
     return {
         "redemptions": total,
         "redeemed": len(latencies),
@@ -214,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(describe_cpu(label, figures))
     result = {f"batched_{k}": v for k, v in batched.items()} | {f"baseline_{k}": v for k, v in baseline.items()}
     result["ratio"] = round(batched["per_s"] / baseline["per_s"], 1)
+    result["load_generator"] = "wrk" if wrk_path() else "aiohttp"
     print(json.dumps(result))
     return 0
 
