@@ -207,3 +207,13 @@ def test_chaos_quick_kills_the_service_and_the_node_under_load_and_finds_nothing
     assert figures["exports_done"] >= 1
     assert figures["reads"]["2xx"] > 0
     assert set(figures["flat"]) == {"service_rss_mb", "service_files", "node_rss_mb", "node_files"}
+
+
+def test_bench_metrics_quick_reports_its_figures() -> None:
+    figures = quick_figures("bench_metrics.py", timeout=600)
+    for name in ("accepted_per_s", "confirmed_per_s", "cpu_ms_api_workers", "cpu_ms_total"):
+        assert figures[f"on_{name}"] > 0
+        assert figures[f"off_{name}"] > 0
+        # Rounded to 3 decimals from unrounded medians: allow that rounding.
+        expected = figures[f"on_{name}"] / figures[f"off_{name}"] - 1
+        assert figures[f"overhead_{name}"] == pytest.approx(expected, abs=0.01)
