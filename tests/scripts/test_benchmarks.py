@@ -106,11 +106,14 @@ def test_bench_bridge_quick_reports_its_figures() -> None:
     assert figures["peak_rss_mb"] > 0
     assert figures["node_block_ms"] > 0
     assert figures["bridge_runs_seconds"] == [figures["bridge_seconds"]]  # --quick times one run
-    assert figures["checkpoint_wait_s"] > 0  # the release waited for a dump of the node to hold its records
+    # On geth (the default node) each block is on disk once made: the release waits for the last block at
+    # most, not for a dump of the whole chain (`--backend anvil`'s wait, which grows with the chain).
+    assert figures["backend"] == "geth"
+    assert 0 <= figures["checkpoint_wait_s"] < 2
     assert figures["durable_rows_per_s"] == pytest.approx(
         figures["rows"] / (figures["bridge_seconds"] + figures["checkpoint_wait_s"]), rel=0.02
     )
-    assert figures["durable_rows_per_s"] < figures["bridge_rows_per_s"]
+    assert figures["durable_rows_per_s"] <= figures["bridge_rows_per_s"]
     assert figures["rows_ratio"] == pytest.approx(
         figures["bridge_rows_per_s"] / figures["baseline_rows_per_s"], abs=0.06
     )
