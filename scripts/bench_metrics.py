@@ -52,9 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise SystemExit(f"metrics {setting}: not every change was accepted and confirmed: {figures}")
             runs[setting].append(figures)
     result: dict[str, Any] = {"rounds": args.rounds, "requests": args.requests}
-    for setting, figures in runs.items():
+    for setting, measured in runs.items():
         for name in FIGURES:
-            result[f"{setting}_{name}"] = round(statistics.median(f[name] for f in figures), 3)
+            result[f"{setting}_{name}"] = round(statistics.median(f[name] for f in measured), 3)
     for name in FIGURES:
         result[f"overhead_{name}"] = round(result[f"on_{name}"] / result[f"off_{name}"] - 1, 3)
     print(
