@@ -1,0 +1,167 @@
+"""Two instances of `serve` on one PostgreSQL database and one chain node: both serve the API, one runs the
+chain's writers (the leader lock, `ledger.leader`), and when it is killed with SIGKILL mid-load the other
+takes over within 10 s; every acknowledged consent change is on-chain exactly once, the read model the
+chain's. Real processes, a real PostgreSQL server, a real node (anvil, mined by this test as an external
+network makes its own blocks)."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from eth_account import Account
+from eth_account.messages import encode_typed_data
+from eth_account.signers.local import LocalAccount
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from ledger.backends import AnvilBackend
+from ledger.settings import ChainSettings
+from scripts.served import Serve, consent_findings, customer
+
+pytestmark = [pytest.mark.anvil, pytest.mark.slow]
+
+FAILOVER_LIMIT = 10.0  # seconds from the leader's SIGKILL until the other instance leads
+
+
+@pytest.fixture
+def database(postgres_url: str) -> Iterator[str]:
+    """A new database of its own on the session's PostgreSQL server."""
+    name = f"ha_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    try:
+        yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+
+
+def _leader(serve: Serve) -> str | None:
+    answer = serve.client.get("/api/v1/health")
+    assert answer.status_code == 200, answer.text
+    return answer.json()["leader"]  # type: ignore[no-any-return]
+
+
+def _load(
+    urls: list[str],
+    customers: list[tuple[LocalAccount, str, dict[str, str]]],
+    stop: threading.Event,
+    acknowledged: list[str],
+) -> list[threading.Thread]:
+    """Each customer's changes in turn, half of the customers through each instance; a customer whose
+    instance does not answer goes to the other, as a load balancer would send it."""
+
+    def one(n: int, account: LocalAccount, headers: dict[str, str]) -> None:
+        clients = [httpx.Client(base_url=url, timeout=10) for url in urls]
+        at, i = n % len(clients), 0
+        while not stop.is_set():
+            client = clients[at]
+            action = "grant" if i % 2 == 0 else "revoke"
+            try:
+                prepared = client.post(
+                    "/api/v1/consents/prepare",
+                    headers=headers,
+                    json={
+                        "action": action,
+                        "partner": "acme",
+                        "purpose": "analytics.reporting",
+                        "attributes": ["user.contact.email"],
+                    },
+                )
+                if prepared.status_code != 200:
+                    time.sleep(0.05)
+                    continue
+                typed = prepared.json()["typed_data"]
+                signature = "0x" + bytes(account.sign_message(encode_typed_data(full_message=typed)).signature).hex()
+                response = client.post(
+                    "/api/v1/consents", headers=headers, json={"typed_data": typed, "signature": signature}
+                )
+            except httpx.TransportError:
+                at = (at + 1) % len(clients)  # not acknowledged: try the other instance
+                continue
+            if response.status_code == 202:
+                acknowledged.append(response.json()["id"])
+                i += 1
+            time.sleep(0.02)
+        for c in clients:
+            c.close()
+
+    threads = [threading.Thread(target=one, args=(n, a, h), daemon=True) for n, (a, _, h) in enumerate(customers)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def test_the_standby_takes_over_when_the_leader_is_killed(tmp_path: Path, database: str) -> None:
+    node = AnvilBackend(
+        ChainSettings(backend="anvil", block_time=0.2, state_interval=3600), Account.create(), tmp_path / "node"
+    )
+    node.start()
+    assert node.url is not None
+    shared = {
+        "CONSENT_LEDGER_CHAIN_RPC_URL": node.url,
+        "CONSENT_LEDGER_CHAIN_CONFIRMATIONS": "0",
+        "CONSENT_LEDGER_DATABASE_URL": database,
+        "CONSENT_LEDGER_IDENTITY_DATABASE_URL": database,
+        "CONSENT_LEDGER_API_WORKERS": "1",
+    }
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = Serve(tmp_path / "a", "rpc", CONSENT_LEDGER_INSTANCE="a", **shared)
+    b: Serve | None = None
+    try:
+        a.start()
+        # What the instances share besides the database: the secrets and the deployment record.
+        shutil.copytree(tmp_path / "a" / "secrets", tmp_path / "b" / "secrets")
+        shutil.copy(tmp_path / "a" / "deployment.json", tmp_path / "b" / "deployment.json")
+        b = Serve(tmp_path / "b", "rpc", operator="op-b", CONSENT_LEDGER_INSTANCE="b", **shared)
+        b.start()
+        assert (_leader(a), _leader(b)) == ("a", "a")
+        created = a.client.post(
+            "/api/v1/partners",
+            json={"name": "acme", "address": Account.create().address},
+            headers={"X-API-Key": a.operator_key},
+        )
+        assert created.status_code == 201, created.text
+        customers = [customer(a, n, f"ha{n}@example.com") for n in range(8)]
+        metrics = b.client.get("/metrics").text
+        assert "consent_ledger_leader 0.0" in metrics, "the standby says it leads"
+
+        stop, acknowledged = threading.Event(), []  # type: ignore[var-annotated]
+        threads = _load([str(a.client.base_url), str(b.client.base_url)], customers, stop, acknowledged)
+        time.sleep(3.0)
+        standby_log = (tmp_path / "b" / "serve.log").read_text()
+        assert "relayer recovered" not in standby_log, "the standby ran a relayer while the leader lived"
+        before_kill = len(acknowledged)
+        killed_at = time.monotonic()
+        a.stop(signal.SIGKILL)  # mid-load: requests accepted, batches unsent, sent, or mined
+        while (leader := _leader(b)) != "b":
+            assert time.monotonic() - killed_at < FAILOVER_LIMIT, f"no take-over within {FAILOVER_LIMIT} s: {leader}"
+            time.sleep(0.05)
+        failover = time.monotonic() - killed_at
+        print(f"\nfailover: instance b leads {failover:.2f} s after the SIGKILL of instance a")
+        time.sleep(3.0)  # the load goes on through b alone
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert before_kill > 20, "the load did not get going before the kill"
+        assert len(acknowledged) > before_kill + 10, "the survivor did not take the load"
+        assert "consent_ledger_leader 1.0" in b.client.get("/metrics").text
+        assert consent_findings(b, acknowledged) == []
+    finally:
+        a.close()
+        if b is not None:
+            b.close()
+        with contextlib.suppress(Exception):
+            node.stop()
