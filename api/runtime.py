@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import cached_property
@@ -38,7 +38,7 @@ from ledger.assembly import Hooks, Keys, Lanes, Ledger, Role, Writers, chain_wri
 from ledger.consent import PARTNER_ROLE, UNKNOWN_PARTNER, ControllerState
 from ledger.errors import ConsentRejected, LedgerError
 from ledger.lanes import BlockCadence, run_lanes
-from ledger.leader import Leadership
+from ledger.leader import Leadership, shared_deployment
 from ledger.points import FINAL, Completions, prune_idempotency_records
 from ledger.settings import ChainSettings, ToolchainSettings
 from ledger.store import Checkpointer, create_schema, make_engine, sessions
@@ -127,15 +127,18 @@ class Runtime:
         keys = Keys(self.secrets.operator, self.secrets.accessor, self.secrets.previous_operator)
         if worker:  # the supervisor's node and deployment; this process never sends a transaction
             assert self.node_url is not None, "a worker needs the supervisor's node URL"
-        self.ledger = open_ledger(
-            self.chain,
-            self.toolchain,
-            self.engine,
-            data_dir,
-            keys=keys,
-            tiers=self.service.tiers,
-            node_url=self.node_url,
-        )
+        # On PostgreSQL other instances may share the database: the contracts are the ones it records.
+        shared = not worker and self.engine.dialect.name == "postgresql"
+        with shared_deployment(self.engine, data_dir / "deployment.json") if shared else nullcontext():
+            self.ledger = open_ledger(
+                self.chain,
+                self.toolchain,
+                self.engine,
+                data_dir,
+                keys=keys,
+                tiers=self.service.tiers,
+                node_url=self.node_url,
+            )
         if worker:
             assert self.control_address is not None and self.control_key is not None
             self.control = ControlClient(

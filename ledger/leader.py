@@ -22,21 +22,26 @@ nonce, and the contracts apply each subject's nonce and each redemption id once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
-from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy import Connection, Engine, String, Text, create_engine, text
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.pool import NullPool
 
-from ledger.store import SCHEMA_LOCK
+from ledger.files import write_atomically
+from ledger.store import SCHEMA_LOCK, Base, sessions
 
 log = logging.getLogger(__name__)
 
 LEADER_LOCK = SCHEMA_LOCK + 1  # the advisory lock key of the chain's writers
+DEPLOYMENT_LOCK = SCHEMA_LOCK + 2  # ... of reading, making and recording the deployment
 APPLICATION_PREFIX = "consent-ledger leader "  # the lock session's application_name: prefix and instance
 
 # The lock session's TCP settings, on both ends: a peer that stops answering ends the session after
@@ -142,7 +147,11 @@ class Leadership:
                 connection.invalidate()
 
     def close(self) -> None:
-        """Let the lock go (its session ends) and the engine."""
+        """Let the lock go, at once (a closed session's locks go when the server has ended it), and the
+        engine."""
+        if self._leading and self._connection is not None:
+            with contextlib.suppress(SQLAlchemyError):  # the session is gone, and its locks with it
+                self._connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": LEADER_LOCK})
         self._drop()
         self._engine.dispose()
 
@@ -160,3 +169,40 @@ def leader_of(connection: Connection) -> str | None:
     if name is None:
         return None
     return str(name).removeprefix(APPLICATION_PREFIX)
+
+
+class SharedDeployment(Base):
+    """The deployment record (`deployment.json`) as the instances sharing this database know it."""
+
+    __tablename__ = "shared_deployment"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    record: Mapped[str] = mapped_column(Text)
+
+
+@contextlib.contextmanager
+def shared_deployment(engine: Engine, path: Path) -> Iterator[None]:
+    """Around opening the ledger (which deploys what is missing and records it in `path`) in an instance on
+    PostgreSQL: the database's record is written to `path` first, and `path` back to the database after,
+    one instance at a time. So a second instance, or a new machine, starts on the contracts the first
+    deployed, never deploying its own."""
+    with engine.connect() as connection:
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": DEPLOYMENT_LOCK})
+        connection.commit()
+        try:
+            with sessions(engine).begin() as session:
+                row = session.get(SharedDeployment, "current")
+                if row is not None and (not path.is_file() or path.read_text(encoding="utf-8") != row.record):
+                    log.info("the deployment record of the shared database written to %s", path)
+                    write_atomically(path, row.record)
+            yield
+            record = path.read_text(encoding="utf-8")
+            with sessions(engine).begin() as session:
+                row = session.get(SharedDeployment, "current")
+                if row is None:
+                    session.add(SharedDeployment(name="current", record=record))
+                elif row.record != record:  # a rotated operator key is recorded in it
+                    row.record = record
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": DEPLOYMENT_LOCK})
+            connection.commit()

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -25,7 +26,7 @@ from sqlalchemy.engine import make_url
 
 from ledger.backends import AnvilBackend
 from ledger.settings import ChainSettings
-from scripts.served import Serve, consent_findings, customer
+from scripts.served import Serve, consent_findings, customer, wait_confirmed
 
 pytestmark = [pytest.mark.anvil, pytest.mark.slow]
 
@@ -109,7 +110,7 @@ def test_the_standby_takes_over_when_the_leader_is_killed(tmp_path: Path, databa
     )
     node.start()
     assert node.url is not None
-    shared = {
+    shared: dict[str, Any] = {  # every instance's environment alike
         "CONSENT_LEDGER_CHAIN_RPC_URL": node.url,
         "CONSENT_LEDGER_CHAIN_CONFIRMATIONS": "0",
         "CONSENT_LEDGER_DATABASE_URL": database,
@@ -122,12 +123,13 @@ def test_the_standby_takes_over_when_the_leader_is_killed(tmp_path: Path, databa
     b: Serve | None = None
     try:
         a.start()
-        # What the instances share besides the database: the secrets and the deployment record.
+        # What the instances share besides the database and the node: the secrets (the environment's in
+        # production). The deployment record comes from the database.
         shutil.copytree(tmp_path / "a" / "secrets", tmp_path / "b" / "secrets")
-        shutil.copy(tmp_path / "a" / "deployment.json", tmp_path / "b" / "deployment.json")
         b = Serve(tmp_path / "b", "rpc", operator="op-b", CONSENT_LEDGER_INSTANCE="b", **shared)
         b.start()
         assert (_leader(a), _leader(b)) == ("a", "a")
+        assert (tmp_path / "b" / "deployment.json").read_text() == (tmp_path / "a" / "deployment.json").read_text()
         created = a.client.post(
             "/api/v1/partners",
             json={"name": "acme", "address": Account.create().address},
@@ -143,15 +145,21 @@ def test_the_standby_takes_over_when_the_leader_is_killed(tmp_path: Path, databa
         time.sleep(3.0)
         standby_log = (tmp_path / "b" / "serve.log").read_text()
         assert "relayer recovered" not in standby_log, "the standby ran a relayer while the leader lived"
-        before_kill = len(acknowledged)
+        answered_before = list(acknowledged)
+        before_kill = len(answered_before)
         killed_at = time.monotonic()
         a.stop(signal.SIGKILL)  # mid-load: requests accepted, batches unsent, sent, or mined
         while (leader := _leader(b)) != "b":
             assert time.monotonic() - killed_at < FAILOVER_LIMIT, f"no take-over within {FAILOVER_LIMIT} s: {leader}"
             time.sleep(0.05)
         failover = time.monotonic() - killed_at
-        print(f"\nfailover: instance b leads {failover:.2f} s after the SIGKILL of instance a")
-        time.sleep(3.0)  # the load goes on through b alone
+        assert wait_confirmed(b, answered_before, timeout=FAILOVER_LIMIT) == []
+        settled = time.monotonic() - killed_at
+        print(
+            f"\nfailover: instance b leads {failover:.2f} s after the SIGKILL of instance a; the {before_kill} "
+            f"changes acknowledged before it are all confirmed {settled:.2f} s after it"
+        )
+        time.sleep(max(0.0, 3.0 - settled))  # the load goes on through b alone
         stop.set()
         for thread in threads:
             thread.join(timeout=30)
