@@ -38,7 +38,7 @@ from ledger.assembly import Hooks, Keys, Lanes, Ledger, Role, Writers, chain_wri
 from ledger.consent import PARTNER_ROLE, UNKNOWN_PARTNER, ControllerState
 from ledger.errors import ConsentRejected, LedgerError
 from ledger.lanes import BlockCadence, run_lanes
-from ledger.leader import Leadership, shared_deployment
+from ledger.leader import LeaderCallFailed, Leadership, ask_leader, serve_calls, shared_deployment
 from ledger.points import FINAL, Completions, prune_idempotency_records
 from ledger.settings import ChainSettings, ToolchainSettings
 from ledger.store import Checkpointer, create_schema, make_engine, sessions
@@ -210,6 +210,9 @@ class Runtime:
             self._spawn("relayer", self._relay)
             self._spawn("checkpointer", Checkpointer(self.engine).run)
             self._spawn("maintenance", self._maintain)
+            if self.leadership is not None:  # what standbys ask of the leader
+                calls = {"bind_controller": lambda s, c: self._bind_controller(bytes.fromhex(s), c)}
+                self._spawn("leader-calls", lambda stop: serve_calls(self.sessions, calls, _classify, stop))
 
     def _take_over(self) -> None:
         """This instance got the leader lock (another instance's leader died): start its writers."""
@@ -275,12 +278,23 @@ class Runtime:
         return str(tx_hash), int(block_number)
 
     def _bind_controller(self, subject: bytes, controller: str) -> tuple[str, int]:
-        if self.writers is None:  # a standby: the leader instance holds the operator key's sends
-            raise LedgerError("this instance stands by while another runs the chain's writers: try again")
+        if self.writers is None:  # a standby: the leader instance sends with the operator key
+            return self._bind_through_leader(subject, controller)
         writers = self.writers
         receipt = writers.bindings.bind(Subject(subject), controller)
         writers.indexer.wake.set()
         return receipt.tx_hash, receipt.block_number
+
+    def _bind_through_leader(self, subject: bytes, controller: str) -> tuple[str, int]:
+        """A standby's binding: asked of the leader through the database (`ledger.leader.ask_leader`)."""
+        try:
+            tx_hash, block_number = ask_leader(self.sessions, "bind_controller", [subject.hex(), controller])
+        except LeaderCallFailed as exc:
+            if exc.kind == "rejected":
+                error, args = exc.extra
+                raise ConsentRejected(error, args) from exc
+            raise LedgerError(str(exc)) from exc
+        return str(tx_hash), int(block_number)
 
     def _relay(self, stop: threading.Event) -> None:
         writers = self._writers()

@@ -23,20 +23,24 @@ nonce, and the contracts apply each subject's nonce and each redemption id once.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Connection, Engine, String, Text, create_engine, text
+from sqlalchemy import Boolean, Connection, Engine, Integer, String, Text, create_engine, delete, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.pool import NullPool
 
+from ledger.errors import LedgerError
 from ledger.files import write_atomically
-from ledger.store import SCHEMA_LOCK, Base, sessions
+from ledger.store import SCHEMA_LOCK, Base, rowcount, sessions
 
 log = logging.getLogger(__name__)
 
@@ -206,3 +210,111 @@ def shared_deployment(engine: Engine, path: Path) -> Iterator[None]:
         finally:
             connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": DEPLOYMENT_LOCK})
             connection.commit()
+
+
+class LeaderCall(Base):
+    """A call a standby instance asks the leader to make (what needs the operator key at once: a key
+    binding), and its outcome; deleted by the asker once answered."""
+
+    __tablename__ = "leader_calls"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64))
+    args: Mapped[str] = mapped_column(Text)  # JSON
+    taken: Mapped[bool] = mapped_column(Boolean, default=False)
+    outcome: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: [failure or null, value]
+
+
+class LeaderCallFailed(LedgerError):
+    """Raised when a call the leader made for this standby failed: `kind`, `message` and `extra` as the
+    leader classified its exception (see `serve_calls`)."""
+
+    def __init__(self, kind: str, message: str, extra: Any) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.extra = extra
+
+
+Classify = Callable[[BaseException], tuple[str, str, Any]]
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, default=lambda v: "0x" + v.hex() if isinstance(v, bytes) else str(v))
+
+
+def ask_leader(
+    sessions: Callable[[], AbstractContextManager[Session]],
+    name: str,
+    args: list[Any],
+    *,
+    timeout: float = 30.0,
+    poll: float = 0.05,
+) -> Any:
+    """Have the leader instance make the call `name(*args)` (JSON values) and return its value; raises
+    LeaderCallFailed with what it raised, or LedgerError when no leader took it within `timeout`."""
+    with sessions() as session:
+        call = LeaderCall(name=name, args=_json(args))
+        session.add(call)
+        session.flush()
+        call_id = call.id
+    deadline = time.monotonic() + timeout
+    while True:
+        with sessions() as session:
+            row = session.get(LeaderCall, call_id)
+            assert row is not None, "a leader call's row goes only when its asker has read it"
+            outcome = row.outcome
+            if outcome is not None:
+                session.delete(row)  # raised only once this is committed
+                answered = True
+            elif not row.taken and time.monotonic() > deadline:  # withdrawn, unless a leader took it meanwhile
+                withdrawn = session.execute(
+                    delete(LeaderCall).where(LeaderCall.id == call_id, LeaderCall.taken.is_(False))
+                )
+                answered = rowcount(withdrawn) == 1
+            else:
+                answered = False
+        if answered:
+            if outcome is None:
+                raise LedgerError(f"no instance runs the chain's writers: {name} was not made")
+            failure, value = json.loads(outcome)
+            if failure is not None:
+                raise LeaderCallFailed(*failure)
+            return value
+        # A call the leader took is waited for: it may be on its way to the chain.
+        if time.monotonic() > deadline + timeout:
+            raise LedgerError(f"the leader did not finish {name} in time")
+        time.sleep(poll)
+
+
+def serve_calls(
+    sessions: Callable[[], AbstractContextManager[Session]],
+    calls: dict[str, Callable[..., Any]],
+    classify: Classify,
+    stop: threading.Event,
+    *,
+    poll: float = 0.05,
+) -> None:
+    """The leader's side of `ask_leader`, in a thread of its own: take each call asked, make it, record
+    its outcome (a failure as `classify` tells it)."""
+    while not stop.wait(poll):
+        try:
+            with sessions() as session:
+                asked = list(session.scalars(select(LeaderCall).where(LeaderCall.taken.is_(False))))
+            for call in asked:
+                with sessions() as session:  # one leader: the claim only guards against a stale one
+                    claimed = session.execute(
+                        update(LeaderCall)
+                        .where(LeaderCall.id == call.id, LeaderCall.taken.is_(False))
+                        .values(taken=True)
+                    )
+                if rowcount(claimed) != 1:
+                    continue
+                try:
+                    outcome = [None, calls[call.name](*json.loads(call.args))]
+                except Exception as exc:
+                    outcome = [list(classify(exc)), None]
+                with sessions() as session:
+                    session.execute(update(LeaderCall).where(LeaderCall.id == call.id).values(outcome=_json(outcome)))
+        except Exception:  # the database may be away for a while; this thread must not die
+            log.exception("serving the standbys' calls failed")
+            stop.wait(0.5)

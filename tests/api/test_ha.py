@@ -136,7 +136,8 @@ def test_the_standby_takes_over_when_the_leader_is_killed(tmp_path: Path, databa
             headers={"X-API-Key": a.operator_key},
         )
         assert created.status_code == 201, created.text
-        customers = [customer(a, n, f"ha{n}@example.com") for n in range(8)]
+        # Enrolled and bound through either: the standby asks the leader for the binding (the operator key's).
+        customers = [customer(a if n % 2 else b, n, f"ha{n}@example.com") for n in range(8)]
         metrics = b.client.get("/metrics").text
         assert "consent_ledger_leader 0.0" in metrics, "the standby says it leads"
 

@@ -1,16 +1,20 @@
 """The leader lock on a real PostgreSQL server: one holder at a time, a standby takes over when the
-leader's session ends, and a leader whose session is gone stops acting as the leader (fencing)."""
+leader's session ends, and a leader whose session is gone stops acting as the leader (fencing); and the
+calls a standby asks the leader to make through the database."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, create_engine, delete, func, select, text
 
-from ledger.leader import Leadership, leader_of
+from ledger.errors import ConsentRejected, LedgerError
+from ledger.leader import LeaderCall, LeaderCallFailed, Leadership, ask_leader, leader_of, serve_calls
+from ledger.store import sessions
 
 
 @pytest.fixture
@@ -105,3 +109,56 @@ def test_a_leader_that_cannot_confirm_its_session_is_not_fresh_after_its_lease(p
         assert leader.fresh()
     finally:
         leader.close()
+
+
+@pytest.fixture
+def calls_db(postgres_url: str) -> Iterator[Engine]:
+    engine = create_engine(postgres_url)
+    LeaderCall.__table__.create(engine, checkfirst=True)  # type: ignore[attr-defined]
+    yield engine
+    with engine.begin() as connection:
+        connection.execute(delete(LeaderCall))
+    engine.dispose()
+
+
+def _classify(exc: BaseException) -> tuple[str, str, Any]:
+    if isinstance(exc, ConsentRejected):
+        return "rejected", str(exc), (exc.error, exc.args_by_name)
+    return "error", str(exc), None
+
+
+def test_a_standby_call_is_made_by_the_leader_with_its_value_or_its_refusal(calls_db: Engine) -> None:
+    made: list[tuple[str, str]] = []
+
+    def bind(subject: str, controller: str) -> tuple[str, int]:
+        if controller == "taken":
+            raise ConsentRejected("ConsentRegistryControllerAlreadySet", {"subject": bytes.fromhex(subject)})
+        made.append((subject, controller))
+        return "0xabc", 7
+
+    stop = threading.Event()
+    leader = threading.Thread(
+        target=serve_calls, args=(sessions(calls_db).begin, {"bind_controller": bind}, _classify, stop), daemon=True
+    )
+    leader.start()
+    try:
+        ask = sessions(calls_db).begin
+        assert ask_leader(ask, "bind_controller", ["01ff", "0xC0"]) == ["0xabc", 7]
+        assert made == [("01ff", "0xC0")]
+        with pytest.raises(LeaderCallFailed) as refused:
+            ask_leader(ask, "bind_controller", ["02", "taken"])
+        assert refused.value.kind == "rejected"
+        assert refused.value.extra == ["ConsentRegistryControllerAlreadySet", {"subject": "0x02"}]
+        assert made == [("01ff", "0xC0")]
+    finally:
+        stop.set()
+        leader.join(timeout=5)
+    with sessions(calls_db)() as session:
+        assert session.scalar(select(func.count()).select_from(LeaderCall)) == 0  # the asker deletes what it read
+
+
+def test_a_call_no_leader_takes_fails_and_is_withdrawn(calls_db: Engine) -> None:
+    with pytest.raises(LedgerError, match="no instance runs the chain's writers"):
+        ask_leader(sessions(calls_db).begin, "bind_controller", ["01", "0xC0"], timeout=0.3)
+    with sessions(calls_db)() as session:
+        assert session.scalar(select(func.count()).select_from(LeaderCall)) == 0  # a later leader will not make it
