@@ -108,8 +108,10 @@ class Serve:
         return int((self.data_dir / "chain" / f"{self.node}.pid").read_text().split()[1])
 
     def rpc(self, method: str, params: list[object]) -> Any:
+        """A JSON-RPC call to the chain: the external node (`rpc`), else the managed one."""
+        external = self.env.get("CONSENT_LEDGER_CHAIN_RPC_URL") if self.node == "rpc" else None
         answer = httpx.post(
-            f"http://127.0.0.1:{self.node_port()}",
+            external or f"http://127.0.0.1:{self.node_port()}",
             json={"jsonrpc": "2.0", "id": 1, "method": method, "params": params},
             timeout=30,
         )

@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,22 @@ from sqlalchemy.engine import make_url
 
 from ledger.backends import AnvilBackend
 from ledger.settings import ChainSettings
-from scripts.served import Serve, consent_findings, customer, wait_confirmed
+from scripts.served import (
+    Serve,
+    consent_findings,
+    customer,
+    points_settled,
+    read_model_balance_findings,
+    redemption_findings,
+    wait_confirmed,
+)
 
 pytestmark = [pytest.mark.anvil, pytest.mark.slow]
 
+Customer = tuple[LocalAccount, str, dict[str, str]]  # key, DID, bearer header (`scripts.served.customer`)
 FAILOVER_LIMIT = 10.0  # seconds from the leader's SIGKILL until the other instance leads
+SPENDERS = 4  # customers redeeming points
+START = 1000  # points each of them is issued
 
 
 @pytest.fixture
@@ -56,7 +68,7 @@ def _leader(serve: Serve) -> str | None:
 
 def _load(
     urls: list[str],
-    customers: list[tuple[LocalAccount, str, dict[str, str]]],
+    customers: list[Customer],
     stop: threading.Event,
     acknowledged: list[str],
 ) -> list[threading.Thread]:
@@ -104,6 +116,56 @@ def _load(
     return threads
 
 
+class Redemptions:
+    """Partners redeeming for some customers, through either instance (the other when one does not answer),
+    each redemption with an Idempotency-Key of its own: what was sent and what was answered."""
+
+    def __init__(self, urls: list[str], partner: dict[str, str]) -> None:
+        self.urls, self.partner = urls, partner
+        self.sent: dict[str, tuple[int, dict[str, Any]]] = {}  # key -> (customer, body)
+        self.answered: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def start(self, customers: list[Customer], stop: threading.Event) -> list[threading.Thread]:
+        threads = [
+            threading.Thread(target=self._spend, args=(n, customer, stop), daemon=True)
+            for n, customer in enumerate(customers)
+        ]
+        for thread in threads:
+            thread.start()
+        return threads
+
+    def _spend(self, n: int, customer: Customer, stop: threading.Event) -> None:
+        account, _did, headers = customer
+        clients = [httpx.Client(base_url=url, timeout=30) for url in self.urls]
+        at = n % len(clients)
+        while not stop.is_set():
+            client = clients[at]
+            try:
+                prepared = client.post(
+                    "/api/v1/points/redemptions/prepare", json={"partner": "acme", "amount": 7}, headers=headers
+                )
+                if prepared.status_code != 200:
+                    break
+                typed = prepared.json()["typed_data"]
+                signature = "0x" + bytes(account.sign_message(encode_typed_data(full_message=typed)).signature).hex()
+                body, key = {"typed_data": typed, "signature": signature}, str(uuid.uuid4())
+                with self._lock:
+                    self.sent[key] = (n, body)
+                response = client.post(
+                    "/api/v1/points/redemptions", json=body, headers={**self.partner, "Idempotency-Key": key}
+                )
+            except httpx.TransportError:
+                at = (at + 1) % len(clients)  # unanswered: retried with its key at the end
+                continue
+            with self._lock:
+                self.answered[key] = response.status_code
+            if response.status_code != 200:
+                break
+        for c in clients:
+            c.close()
+
+
 def test_the_standby_takes_over_when_the_leader_is_killed(tmp_path: Path, database: str) -> None:
     node = AnvilBackend(
         ChainSettings(backend="anvil", block_time=0.2, state_interval=3600), Account.create(), tmp_path / "node"
@@ -122,6 +184,8 @@ def test_the_standby_takes_over_when_the_leader_is_killed(tmp_path: Path, databa
     a = Serve(tmp_path / "a", "rpc", CONSENT_LEDGER_INSTANCE="a", **shared)
     b: Serve | None = None
     try:
+        issuer = {"X-API-Key": a.principal("issuer", "issuer")}
+        partner = {"X-API-Key": a.principal("partner", "acme")}
         a.start()
         # What the instances share besides the database and the node: the secrets (the environment's in
         # production). The deployment record comes from the database.
@@ -130,19 +194,23 @@ def test_the_standby_takes_over_when_the_leader_is_killed(tmp_path: Path, databa
         b.start()
         assert (_leader(a), _leader(b)) == ("a", "a")
         assert (tmp_path / "b" / "deployment.json").read_text() == (tmp_path / "a" / "deployment.json").read_text()
-        created = a.client.post(
-            "/api/v1/partners",
-            json={"name": "acme", "address": Account.create().address},
-            headers={"X-API-Key": a.operator_key},
-        )
-        assert created.status_code == 201, created.text
         # Enrolled and bound through either: the standby asks the leader for the binding (the operator key's).
-        customers = [customer(a if n % 2 else b, n, f"ha{n}@example.com") for n in range(8)]
+        customers = [customer(a if n % 2 else b, n, f"ha{n}@example.com") for n in range(8 + SPENDERS)]
+        customers, spenders = customers[:8], customers[8:]
+        issued = b.client.post(
+            "/api/v1/points/issuances",
+            json={"issuances": [{"did": did, "amount": START} for _, did, _ in spenders]},
+            headers=issuer,
+        )
+        assert issued.status_code == 201, issued.text
         metrics = b.client.get("/metrics").text
         assert "consent_ledger_leader 0.0" in metrics, "the standby says it leads"
 
         stop, acknowledged = threading.Event(), []  # type: ignore[var-annotated]
-        threads = _load([str(a.client.base_url), str(b.client.base_url)], customers, stop, acknowledged)
+        urls = [str(a.client.base_url), str(b.client.base_url)]
+        threads = _load(urls, customers, stop, acknowledged)
+        redemptions = Redemptions(urls, partner)
+        threads += redemptions.start(spenders, stop)
         time.sleep(3.0)
         standby_log = (tmp_path / "b" / "serve.log").read_text()
         assert "relayer recovered" not in standby_log, "the standby ran a relayer while the leader lived"
@@ -167,6 +235,11 @@ def test_the_standby_takes_over_when_the_leader_is_killed(tmp_path: Path, databa
         assert before_kill > 20, "the load did not get going before the kill"
         assert len(acknowledged) > before_kill + 10, "the survivor did not take the load"
         assert "consent_ledger_leader 1.0" in b.client.get("/metrics").text
+        print(
+            f"{len(acknowledged)} consent changes acknowledged in all; redemptions answered: "
+            f"{dict(Counter(redemptions.answered.values()))}, {len(redemptions.sent)} sent"
+        )
+        _check_redemptions(b, redemptions, partner, spenders)
         assert consent_findings(b, acknowledged) == []
     finally:
         a.close()
@@ -174,3 +247,31 @@ def test_the_standby_takes_over_when_the_leader_is_killed(tmp_path: Path, databa
             b.close()
         with contextlib.suppress(Exception):
             node.stop()
+
+
+def _check_redemptions(
+    survivor: Serve,
+    redemptions: Redemptions,
+    partner: dict[str, str],
+    spenders: list[Customer],
+) -> None:
+    """Every redemption sent, answered or not, retried with its key through the survivor gets one answer,
+    an acknowledged one (200) the same; on-chain each is applied at most once, exactly those answered 200,
+    and balances (on-chain and in the read model) agree with the answers."""
+    assert points_settled(survivor) == []
+    assert [s for s in redemptions.answered.values() if s == 200], "no redemption was answered"
+    finals = {
+        key: survivor.client.post(
+            "/api/v1/points/redemptions", json=body, headers={**partner, "Idempotency-Key": key}, timeout=60
+        )
+        for key, (_n, body) in redemptions.sent.items()
+    }
+    for key, status in redemptions.answered.items():
+        if status == 200:
+            assert finals[key].status_code == 200, finals[key].text
+    # A redemption whose answer the kill cut off may have lost its nonce to the customer's next one: 409.
+    assert all(r.status_code in (200, 409) for r in finals.values()), {r.text for r in finals.values()}
+    spent = Counter(spenders[redemptions.sent[k][0]][1] for k, r in finals.items() if r.status_code == 200)
+    start = {did: START for _account, did, _headers in spenders}
+    assert redemption_findings(survivor, finals, {did: 7 * n for did, n in spent.items()}, start) == []
+    assert read_model_balance_findings(survivor, spenders) == []
