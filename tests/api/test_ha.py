@@ -177,11 +177,11 @@ def test_the_standby_takes_over_when_the_leader_is_killed(tmp_path: Path, databa
         "CONSENT_LEDGER_CHAIN_CONFIRMATIONS": "0",
         "CONSENT_LEDGER_DATABASE_URL": database,
         "CONSENT_LEDGER_IDENTITY_DATABASE_URL": database,
-        "CONSENT_LEDGER_API_WORKERS": "1",
     }
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    a = Serve(tmp_path / "a", "rpc", CONSENT_LEDGER_INSTANCE="a", **shared)
+    # a serves from one process; b from a supervisor and two API workers, which reach the leader through it.
+    a = Serve(tmp_path / "a", "rpc", CONSENT_LEDGER_INSTANCE="a", CONSENT_LEDGER_API_WORKERS="1", **shared)
     b: Serve | None = None
     try:
         issuer = {"X-API-Key": a.principal("issuer", "issuer")}
@@ -190,7 +190,8 @@ def test_the_standby_takes_over_when_the_leader_is_killed(tmp_path: Path, databa
         # What the instances share besides the database and the node: the secrets (the environment's in
         # production). The deployment record comes from the database.
         shutil.copytree(tmp_path / "a" / "secrets", tmp_path / "b" / "secrets")
-        b = Serve(tmp_path / "b", "rpc", operator="op-b", CONSENT_LEDGER_INSTANCE="b", **shared)
+        b_env: dict[str, Any] = {"CONSENT_LEDGER_INSTANCE": "b", "CONSENT_LEDGER_API_WORKERS": "2"}
+        b = Serve(tmp_path / "b", "rpc", operator="op-b", **b_env, **shared)
         b.start()
         assert (_leader(a), _leader(b)) == ("a", "a")
         assert (tmp_path / "b" / "deployment.json").read_text() == (tmp_path / "a" / "deployment.json").read_text()
