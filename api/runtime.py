@@ -4,7 +4,9 @@ database, relayer and indexer threads.
 A runtime has a role: `all` runs every part in one process (tests, `serve` with one API worker);
 `supervisor` is that plus the control server for API worker processes; `worker` serves the API only,
 over the supervisor's node and database, and asks the supervisor for what needs the operator key
-(see `api.workers`)."""
+(see `api.workers`). On PostgreSQL several instances may share the database: an `all` or `supervisor`
+runtime starts the chain's writers only while it holds the leader lock, and stands by otherwise,
+asking the leader for what needs the operator key (see `ledger.leader`)."""
 
 from __future__ import annotations
 
