@@ -180,6 +180,15 @@ def _serve(args: argparse.Namespace) -> int:
         control_address=str(control_dir / "control.sock"),
         control_key=os.urandom(32),
     )
+
+    def leadership_lost() -> None:
+        # Another instance may be taking over the chain's writers: nothing more may be sent from here.
+        # The process exits (its API workers follow, as their control connection breaks), and its service
+        # manager starts it again as a standby. What was acknowledged is in the database already.
+        logging.shutdown()
+        os._exit(LEADERSHIP_LOST_EXIT)
+
+    runtime.on_leadership_lost = leadership_lost
     pool: WorkerPool | None = None
     sock: socket.socket | None = None
     try:
@@ -223,6 +232,9 @@ def _serve(args: argparse.Namespace) -> int:
         shutil.rmtree(control_dir, ignore_errors=True)
         log.info("stopped; all state is in %s", service.data_dir.resolve())
     return 0
+
+
+LEADERSHIP_LOST_EXIT = 75  # EX_TEMPFAIL: start again (as a standby)
 
 
 def _cli() -> list[str]:

@@ -40,6 +40,7 @@ from ledger import consent, points
 from ledger.consent import ConsentRequest
 from ledger.errors import LedgerError
 from ledger.indexer import CURSOR
+from ledger.leader import leader_of
 from ledger.points import PointsLot, PointsRequest
 from ledger.store import IndexerCursor, as_utc, utcnow
 
@@ -197,6 +198,12 @@ class DomainCollector(Collector):
             "Seconds since the oldest unsettled request last moved, per pipeline (0: none waits)",
             labels=["pipeline"],
         )
+        yield GaugeMetricFamily(
+            "consent_ledger_leader",
+            "1 when this instance runs the chain's writers (relayer, indexer: the leader lock's holder), 0 when it "
+            "stands by",
+            value=int(leader(runtime) == runtime.service.instance_name),
+        )
         with runtime.reads() as session:
             for pipeline, (table, statuses) in PIPELINES.items():
                 backlog_g.add_metric([pipeline], backlog(session, table, statuses))
@@ -229,6 +236,15 @@ class DomainCollector(Collector):
                 "Blocks the read model is behind the chain",
                 value=max(0, head - cursor.block_number),
             )
+
+
+def leader(runtime: Runtime) -> str | None:
+    """The instance that runs the chain's writers: on PostgreSQL the leader lock's holder (`ledger.leader`),
+    read from the database, the same in every process of every instance; otherwise this instance."""
+    if runtime.engine.dialect.name != "postgresql":
+        return runtime.service.instance_name
+    with runtime.engine.connect() as connection:
+        return leader_of(connection)
 
 
 def render(runtime: Runtime) -> bytes:

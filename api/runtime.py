@@ -4,7 +4,9 @@ database, relayer and indexer threads.
 A runtime has a role: `all` runs every part in one process (tests, `serve` with one API worker);
 `supervisor` is that plus the control server for API worker processes; `worker` serves the API only,
 over the supervisor's node and database, and asks the supervisor for what needs the operator key
-(see `api.workers`)."""
+(see `api.workers`). On PostgreSQL several instances may share the database: an `all` or `supervisor`
+runtime starts the chain's writers only while it holds the leader lock, and stands by otherwise,
+asking the leader for what needs the operator key (see `ledger.leader`)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import cached_property
@@ -38,12 +40,15 @@ from ledger.assembly import Hooks, Keys, Lanes, Ledger, Role, Writers, chain_wri
 from ledger.consent import PARTNER_ROLE, UNKNOWN_PARTNER, ControllerState
 from ledger.errors import ConsentRejected, LedgerError
 from ledger.lanes import BlockCadence, run_lanes
+from ledger.leader import LeaderCallFailed, Leadership, ask_leader, serve_calls, shared_deployment
 from ledger.points import FINAL, Completions, prune_idempotency_records
 from ledger.settings import ChainSettings, ToolchainSettings
 from ledger.store import Checkpointer, create_schema, make_engine, sessions
 from ledger.types import Subject, checksummed
 
 log = logging.getLogger(__name__)
+
+SHARED_CATALOGUE_SECONDS = 2.0  # how long reference data is cached when other instances may change it
 
 
 @dataclass
@@ -77,8 +82,11 @@ class Runtime:
     cadence: BlockCadence | None = None  # batches timed to the managed node's blocks (see BlockCadence)
     control: ControlClient | None = None  # worker
     control_server: ControlServer | None = None  # supervisor
+    leadership: Leadership | None = None  # all, supervisor on PostgreSQL: the leader lock (see ledger.leader)
+    on_leadership_lost: Callable[[], None] | None = None  # called when the leader lock is gone (default: stop writers)
 
     _catalogue: Catalogue | None = None
+    _catalogue_at: float = 0.0  # when it was read (monotonic)
     _check_partners: threading.Event = field(default_factory=threading.Event)  # set: verify every role
     _sessions: sessionmaker[Session] | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -121,21 +129,50 @@ class Runtime:
         keys = Keys(self.secrets.operator, self.secrets.accessor, self.secrets.previous_operator)
         if worker:  # the supervisor's node and deployment; this process never sends a transaction
             assert self.node_url is not None, "a worker needs the supervisor's node URL"
-        self.ledger = open_ledger(
-            self.chain,
-            self.toolchain,
-            self.engine,
-            data_dir,
-            keys=keys,
-            tiers=self.service.tiers,
-            node_url=self.node_url,
-        )
+        # On PostgreSQL other instances may share the database: the contracts are the ones it records.
+        shared = not worker and self.engine.dialect.name == "postgresql"
+        with shared_deployment(self.engine, data_dir / "deployment.json") if shared else nullcontext():
+            self.ledger = open_ledger(
+                self.chain,
+                self.toolchain,
+                self.engine,
+                data_dir,
+                keys=keys,
+                tiers=self.service.tiers,
+                node_url=self.node_url,
+            )
         if worker:
             assert self.control_address is not None and self.control_key is not None
             self.control = ControlClient(
                 self.control_address, self.control_key, on_message=self._on_control, on_lost=self._control_lost
             )
             return
+        if self.role == "supervisor":
+            assert self.control_address is not None and self.control_key is not None
+            self.control_server = ControlServer(
+                self.control_address,
+                self.control_key,
+                on_wake=self.relay_wake.set,
+                on_invalidate=self.invalidate_catalogue,
+                calls={"bind_controller": self._bind_controller, "sync_partners": self.sync_partners},
+                classify=_classify,
+            )
+            server = self.control_server
+            self.completions.listeners.append(lambda ids: server.broadcast(("done", ids)))
+        if workers and self.engine.dialect.name == "postgresql":
+            # Other instances may serve this database: the chain's writers run in the one holding the
+            # leader lock (`ledger.leader`); the others serve the API and stand by.
+            leadership = self.leadership = Leadership(self.service.service_database_url, self.service.instance_name)
+            if leadership.try_acquire():
+                self._lead(workers=True)
+            else:
+                log.info("instance %s stands by: another instance runs the chain's writers", leadership.instance)
+            self._spawn("leadership", lambda stop: leadership.run(stop, on_gained=self._take_over, on_lost=self._lost))
+        else:
+            self._lead(workers)
+
+    def _lead(self, workers: bool) -> None:
+        """Start the chain's single writers: key bindings, indexer, relayers, housekeeping."""
         self._check_partners.set()  # the node may have restarted from an older state while we were down
         lanes = Lanes(
             max_batch=self.service.relayer_max_batch,
@@ -152,18 +189,6 @@ class Runtime:
             self.ledger.consent.address,
             self.ledger.deployment.deploy_block,
         )
-        if self.role == "supervisor":
-            assert self.control_address is not None and self.control_key is not None
-            self.control_server = ControlServer(
-                self.control_address,
-                self.control_key,
-                on_wake=self.relay_wake.set,
-                on_invalidate=self.invalidate_catalogue,
-                calls={"bind_controller": self._bind_controller, "sync_partners": self.sync_partners},
-                classify=_classify,
-            )
-            server = self.control_server
-            self.completions.listeners.append(lambda ids: server.broadcast(("done", ids)))
         if workers:
             writers = self.writers
             writers.relayer.recover()
@@ -187,6 +212,26 @@ class Runtime:
             self._spawn("relayer", self._relay)
             self._spawn("checkpointer", Checkpointer(self.engine).run)
             self._spawn("maintenance", self._maintain)
+            if self.leadership is not None:  # what standbys ask of the leader
+                calls = {"bind_controller": lambda s, c: self._bind_controller(bytes.fromhex(s), c)}
+                self._spawn("leader-calls", lambda stop: serve_calls(self.sessions, calls, _classify, stop))
+
+    def _take_over(self) -> None:
+        """This instance got the leader lock (another instance's leader died): start its writers."""
+        try:
+            self._lead(workers=True)
+        except Exception:
+            log.exception("taking over the chain's writers failed")
+            self._lost()
+
+    def _lost(self) -> None:
+        """The leader lock is gone (or the take-over failed): stop writing to the chain at once. `serve`
+        exits (`on_leadership_lost`), to be started again as a standby; otherwise the writers stop."""
+        log.critical("this instance no longer holds the leader lock: its chain writers stop")
+        if self.on_leadership_lost is not None:
+            self.on_leadership_lost()
+            return
+        self._stop.set()
 
     # the control connection (role `worker`) ------------------------------------------------------
 
@@ -235,10 +280,23 @@ class Runtime:
         return str(tx_hash), int(block_number)
 
     def _bind_controller(self, subject: bytes, controller: str) -> tuple[str, int]:
-        writers = self._writers()
+        if self.writers is None:  # a standby: the leader instance sends with the operator key
+            return self._bind_through_leader(subject, controller)
+        writers = self.writers
         receipt = writers.bindings.bind(Subject(subject), controller)
         writers.indexer.wake.set()
         return receipt.tx_hash, receipt.block_number
+
+    def _bind_through_leader(self, subject: bytes, controller: str) -> tuple[str, int]:
+        """A standby's binding: asked of the leader through the database (`ledger.leader.ask_leader`)."""
+        try:
+            tx_hash, block_number = ask_leader(self.sessions, "bind_controller", [subject.hex(), controller])
+        except LeaderCallFailed as exc:
+            if exc.kind == "rejected":
+                error, args = exc.extra
+                raise ConsentRejected(error, args) from exc
+            raise LedgerError(str(exc)) from exc
+        return str(tx_hash), int(block_number)
 
     def _relay(self, stop: threading.Event) -> None:
         writers = self._writers()
@@ -248,6 +306,7 @@ class Runtime:
             stop,
             linger=self.service.relayer_linger,
             cadence=self.cadence,
+            may_run=None if self.leadership is None else self.leadership.fresh,
         )
 
     def _maintain(self, stop: threading.Event) -> None:
@@ -341,15 +400,25 @@ class Runtime:
 
     def catalogue(self) -> Catalogue:
         """Reference data, cached until an operator changes it."""
-        catalogue = self._catalogue
+        catalogue = self.cached_catalogue()
         if catalogue is None:
             with self.reads() as session:  # no write lock for a read
                 catalogue = self._catalogue = Catalogue(session)
+                self._catalogue_at = time.monotonic()
         return catalogue
 
     def cached_catalogue(self) -> Catalogue | None:
-        """The reference data if cached (no database read: for the event loop)."""
-        return self._catalogue
+        """The reference data if cached (no database read: for the event loop). On PostgreSQL another
+        instance may change it, and its invalidation reaches this instance's processes only: read it
+        again after `SHARED_CATALOGUE_SECONDS`."""
+        catalogue = self._catalogue
+        if (
+            catalogue is not None
+            and self.engine.dialect.name == "postgresql"
+            and time.monotonic() - self._catalogue_at > SHARED_CATALOGUE_SECONDS
+        ):
+            return None
+        return catalogue
 
     def invalidate_catalogue(self) -> None:
         """Forget the cached reference data, in every process of the service."""
@@ -367,6 +436,8 @@ class Runtime:
 
         if self.control is not None:
             self.control.call("sync_partners")
+            return
+        if self.writers is None:  # a standby: the leader's housekeeping does it within a second
             return
         consent = self.ledger.consent
         if verify:
@@ -436,6 +507,8 @@ class Runtime:
         for thread in self._threads:
             thread.join(timeout=10)
         self._threads.clear()
+        if self.leadership is not None:  # after the writers stopped: another instance may take over now
+            self.leadership.close()
         if ledger is not None:
             ledger.backend.stop()
         if self.writers is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -34,6 +35,11 @@ class ServiceSettings(BaseSettings):
     )
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL of the service database (default: SQLite in the data dir)."
+    )
+    instance: str | None = Field(
+        default=None,
+        description="This instance's name where several serve one PostgreSQL database (/health names the one "
+        "that runs the chain's writers by it). Default: the host's name and PORT.",
     )
     api_workers: int = Field(
         default_factory=lambda: default_api_workers(),
@@ -158,6 +164,10 @@ class ServiceSettings(BaseSettings):
     @property
     def development(self) -> bool:
         return self.mode == "development"
+
+    @property
+    def instance_name(self) -> str:
+        return self.instance or f"{socket.gethostname()}:{self.port}"
 
     @property
     def service_database_url(self) -> str:

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from web3 import Web3
 from web3.types import RPCEndpoint
 
-from ledger.errors import ChainError
+from ledger.errors import ChainError, LedgerError
 from ledger.logs import MAX_LOGS_RANGE, LogFetcher, hex_of, int_of
 from ledger.store import IndexedBlock, IndexerCursor, sessions
 from ledger.types import checksummed
@@ -157,12 +157,26 @@ class Indexer:
             return 0  # the head moved back under us; the next step sees the reorg
         # Each follower decodes its logs and makes its rows before the write lock; then all write in one transaction.
         writes = [f.prepare(by_address.get(checksummed(f.address), []), times) for f in self.followers]
-        with self._sessions.begin() as session:
-            applied = sum(write(session) for write in writes)
-            self._set_cursor(session, to, to_hash)
+        try:
+            with self._sessions.begin() as session:
+                self._still_at(session, cursor)
+                applied = sum(write(session) for write in writes)
+                self._set_cursor(session, to, to_hash)
+        except _CursorMoved as moved:
+            log.warning("%s: not indexed again", moved)
+            return 0
         if applied and self.on_change is not None:
             self.on_change()
         return applied
+
+    def _still_at(self, session: Session, cursor: int) -> None:
+        """Raise _CursorMoved unless the cursor is where this step read it, and hold its row (PostgreSQL:
+        FOR UPDATE) until the step commits. One indexer runs at a time, but an instance that has just lost
+        the leader lock may finish a step while the next leader's indexer begins (`ledger.leader`):
+        the second to write finds the cursor moved and writes nothing, so no event is recorded twice."""
+        at = session.scalar(select(IndexerCursor.block_number).where(IndexerCursor.name == CURSOR).with_for_update())
+        if at is not None and at != cursor:
+            raise _CursorMoved(f"the indexer's cursor moved from {cursor} to {at} under this step")
 
     def _set_cursor(self, session: Session, number: int, block_hash: str) -> None:
         session.merge(IndexerCursor(name=CURSOR, block_number=number))
@@ -217,6 +231,10 @@ class Indexer:
                 stop.wait(1.0)
             self.wake.wait(interval)
             self.wake.clear()
+
+
+class _CursorMoved(LedgerError):
+    """Another indexer moved the cursor while this one read the chain (see `Indexer._still_at`)."""
 
 
 def _whole_blocks(logs: Sequence[dict[str, Any]], most: int) -> tuple[list[dict[str, Any]], int]:

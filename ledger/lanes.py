@@ -111,14 +111,19 @@ def run_lanes(
     idle: float = 0.02,
     linger: float = 0.005,
     cadence: BlockCadence | None = None,
+    may_run: Callable[[], bool] | None = None,
 ) -> None:
     """The relayer thread: every lane in turn, in one thread, so the operator's local nonce has one
     writer. With a `cadence`, lanes send only when a block is due and poll receipts when one was
     mined (or every `cadence.fallback` seconds). Without one (a node that mines on its own), idle it
     sleeps until a request arrives (`wake`) and then `linger`s so that requests arriving together
-    share a batch (group commit)."""
+    share a batch (group commit). `may_run`: asked before each round, which is skipped while it says
+    no (an instance unsure that it still leads: `ledger.leader.Leadership.fresh`)."""
     next_poll = 0.0
     while not stop.is_set():
+        if may_run is not None and not may_run():
+            stop.wait(0.1)
+            continue
         send = poll = True
         due: int | None = None
         if cadence is not None:

@@ -51,9 +51,11 @@ class Serve:
     """One `serve` in `data_dir` on a free port, with an operator's API key; `node` is the managed node.
     `fast_chain`: the tests' chain, a block every 0.1 s whatever the clock (geth's timestamps then run ahead
     of it, a second a block: hours ahead after minutes, and signed deadlines pass early); otherwise the
-    service's defaults, as it is deployed."""
+    service's defaults, as it is deployed. `operator`: the name of its operator's principal."""
 
-    def __init__(self, data_dir: Path, node: str = "geth", *, fast_chain: bool = True, **env: str) -> None:
+    def __init__(
+        self, data_dir: Path, node: str = "geth", *, fast_chain: bool = True, operator: str = "op", **env: str
+    ) -> None:
         from ledger.anvil import free_port
 
         self.data_dir = data_dir
@@ -63,7 +65,7 @@ class Serve:
         self.env = base | {"CONSENT_LEDGER_PORT": str(self.port), "CONSENT_LEDGER_CHAIN_BACKEND": node} | env
         self.process: subprocess.Popen[bytes] | None = None
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
-        self.operator_key = self.principal("operator", "op")
+        self.operator_key = self.principal("operator", operator)  # a name of its own per instance of a database
 
     def principal(self, role: str, name: str) -> str:
         """A new API key of `role` (for a partner, a partner of that name too)."""
@@ -106,8 +108,10 @@ class Serve:
         return int((self.data_dir / "chain" / f"{self.node}.pid").read_text().split()[1])
 
     def rpc(self, method: str, params: list[object]) -> Any:
+        """A JSON-RPC call to the chain: the external node (`rpc`), else the managed one."""
+        external = self.env.get("CONSENT_LEDGER_CHAIN_RPC_URL") if self.node == "rpc" else None
         answer = httpx.post(
-            f"http://127.0.0.1:{self.node_port()}",
+            external or f"http://127.0.0.1:{self.node_port()}",
             json={"jsonrpc": "2.0", "id": 1, "method": method, "params": params},
             timeout=30,
         )
@@ -192,7 +196,9 @@ def renewed(client: httpx.Client, account: LocalAccount, headers: dict[str, str]
 
 
 def service_engine(serve: Serve) -> Any:
-    return make_engine(f"sqlite:///{serve.data_dir / 'service.db'}")
+    """The service's database: the one its environment names (PostgreSQL), else SQLite in its data dir."""
+    url = serve.env.get("CONSENT_LEDGER_DATABASE_URL")
+    return make_engine(url or f"sqlite:///{serve.data_dir / 'service.db'}")
 
 
 def wait_confirmed(serve: Serve, acknowledged: list[str], timeout: float = 120) -> list[str]:
@@ -226,7 +232,11 @@ def consent_findings(serve: Serve, acknowledged: list[str], *, node_crashed: boo
     with sessions(engine)() as session:
         rows = list(session.scalars(select(ConsentRequest).where(ConsentRequest.id.in_(acknowledged))))
     serve.stop()  # graceful: the node writes its state; now read the chain itself
-    settings = ChainSettings(backend=serve.node, block_time=0.1)  # type: ignore[arg-type]
+    settings = ChainSettings(
+        backend=serve.node,  # type: ignore[arg-type]
+        block_time=0.1,
+        rpc_url=serve.env.get("CONSENT_LEDGER_CHAIN_RPC_URL"),
+    )
     backend = create_backend(settings, Account.create(), serve.data_dir)
     w3 = backend.start()
     try:

@@ -56,6 +56,11 @@ class HealthPublic(BaseModel):
         "moved (accepted, sent, or queued again); null when none is unsettled"
     )
     contracts: list[ContractPublic]
+    instance: str = Field(description="This instance's name (CONSENT_LEDGER_INSTANCE)")
+    leader: str | None = Field(
+        description="The instance that runs the chain's writers (relayer, indexer): on PostgreSQL the holder of "
+        "the leader lock, which several instances may compete for; null while none holds it"
+    )
 
 
 @router.get("/health", response_model=HealthPublic, responses=responses(503))
@@ -87,6 +92,8 @@ def health(request: Request) -> HealthPublic:
         block_number=block_number,
         indexed_block=indexed,
         oldest_unsettled_s=ages,
+        instance=runtime.service.instance_name,
+        leader=observability.leader(runtime),
         contracts=[
             ContractPublic(name=name, address=c.address, deploy_block=c.block_number)
             for name, c in runtime.ledger.deployment.contracts.items()

@@ -886,3 +886,22 @@ def test_whole_blocks_take_a_block_too_big_alone_and_never_split_one() -> None:
     assert _whole_blocks(logs, 2) == (logs[:3], 5)  # the first block alone has more
     assert _whole_blocks(logs, 4) == (logs[:4], 6)
     assert _whole_blocks(logs, 5) == (logs[:4], 6)  # not half of block 7
+
+
+def test_an_indexer_whose_cursor_moved_under_it_records_nothing_twice(pipeline: Pipeline) -> None:
+    # A leader that lost its lock may finish an indexer step after the next leader's indexer has moved on.
+    account, subject = pipeline.customer()
+    stale = Indexer(
+        pipeline.backend.w3,
+        pipeline.engine,
+        pipeline.deploy_block,
+        followers=[ConsentFollower(pipeline.registry.address, pipeline.engine.dialect)],
+    )
+    read_before = stale.cursor()
+    request = pipeline.accept(account, subject, ChangeKind.GRANT, EMAIL)
+    pipeline.settle(lambda: pipeline.statuses(request) == [RequestStatus.CONFIRMED])
+    assert len(pipeline.events()) == 1
+    stale.cursor = lambda: read_before  # type: ignore[method-assign]  # read before the other's step
+    assert stale.step() == 0
+    assert len(pipeline.events()) == 1  # not recorded again
+    assert pipeline.indexer.cursor() > read_before
