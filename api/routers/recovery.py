@@ -11,9 +11,7 @@ lost key".
 from __future__ import annotations
 
 import contextlib
-import secrets
 import time
-from datetime import timedelta
 from urllib.parse import urlencode
 
 from eth_utils.crypto import keccak
@@ -25,6 +23,7 @@ from api import auth
 from api.deps import ConsentWriter, OperatorWrite, OwnConsentsReader, RuntimeDep
 from api.errors import ApiError, responses
 from api.models import CustomerSession, RecoveryClaim
+from api.recovery import issue_claim, refusal
 from api.routers.customers import BIND_DEADLINE, own_subject, subject_of
 from api.runtime import Runtime
 from api.schemas import (
@@ -45,7 +44,6 @@ from ledger.errors import ContractRevert, LedgerError, RecoveryRejected
 from ledger.store import as_utc
 
 router = APIRouter(prefix="/customers", tags=["customers"], responses=responses(403))
-RECOVERY_CLAIM_LIFETIME = timedelta(days=7)
 CANCEL_DEADLINE = 15 * 60
 CONSENTS_READ = auth.Scope.CONSENTS_READ
 _KEY_EVENT_NAMES = {KIND_BIND: "bound", KIND_RECOVERY_STARTED: "recovery_started"}
@@ -96,24 +94,16 @@ def _refused(exc: ContractRevert) -> ApiError:
     status_code=status.HTTP_201_CREATED,
     responses=responses(404, 409),
 )
-def issue_claim(did: str, runtime: RuntimeDep, _caller: OperatorWrite) -> RecoveryClaimCreated:
+def issue_recovery_claim(did: str, runtime: RuntimeDep, _caller: OperatorWrite) -> RecoveryClaimCreated:
     """Issue a recovery claim code for a customer who lost their key, once the operator has verified
     the person out of band. It lets one new key start a recovery, which takes effect after the
     ledger's recovery delay unless the current key vetoes it. An earlier unused code stops working."""
     subject = subject_of(runtime, did)
-    record = runtime.vault.record(subject)
-    if record is None:
-        raise ApiError(404, "unknown_customer", "No such customer")
-    if record.erased_at is not None:
-        raise ApiError(409, "customer_erased", "This customer's data was erased")
-    if not record.controller:
-        raise ApiError(409, "not_bound", "This customer has not bound a key yet; their enrolment claim code binds one")
-    code = secrets.token_urlsafe(12)
-    expires_at = auth.now() + RECOVERY_CLAIM_LIFETIME
+    refused = refusal(runtime.vault.record(subject))
+    if refused is not None:
+        raise ApiError(*refused)
     with runtime.sessions() as session:
-        live = update(RecoveryClaim).where(RecoveryClaim.subject == subject, RecoveryClaim.used_at.is_(None))
-        session.execute(live.values(used_at=auth.now()))  # one live code per customer
-        session.add(RecoveryClaim(code_hash=auth.digest(code), subject=subject, expires_at=expires_at))
+        code, expires_at = issue_claim(session, subject)
     link = f"{runtime.service.origin}/#{urlencode({'did': did, 'recovery': code})}"
     return RecoveryClaimCreated(did=did, claim_code=code, claim_url=link, expires_at=expires_at.isoformat())
 

@@ -3,6 +3,7 @@ the old key's veto, and completion after the ledger's delay, on a real service a
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -13,6 +14,7 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from sqlalchemy import select
 
+from api import cli
 from api.models import CustomerSession
 from tests.api.conftest import Customer, Service, q, running_service
 
@@ -68,6 +70,22 @@ def test_only_the_operator_issues_recovery_claims(service: Service) -> None:
     unbound, _claim = service.enrol("not-bound-yet@example.com")
     refused = service.client.post(f"/api/v1/customers/{q(unbound)}/recovery-claims", headers=service.operator())
     assert (refused.status_code, refused.json()["code"]) == (409, "not_bound")
+
+
+def test_the_operator_issues_a_recovery_claim_at_the_command_line(
+    service: Service, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    customer = service.new_customer()
+    monkeypatch.setenv("CONSENT_LEDGER_CHAIN_BACKEND", "anvil")  # the test service's chain
+    data_dir = str(service.runtime.service.data_dir)
+    assert cli.main(["customers", "recovery-claim", customer.did, "--data-dir", data_dir]) == 0
+    found = re.search(r"recovery code: (\S+)", capsys.readouterr().out)
+    assert found is not None
+    started = start(service, customer.did, found.group(1), Account.create())
+    assert started.status_code == 200, started.text
+    unbound, _claim = service.enrol("cli-not-bound@example.com")
+    assert cli.main(["customers", "recovery-claim", unbound, "--data-dir", data_dir]) == 2
+    assert "has not bound a key yet" in capsys.readouterr().err
 
 
 def test_a_recovery_waits_and_the_old_key_sees_it_and_vetoes_it(service: Service) -> None:
