@@ -50,7 +50,7 @@ MATRIX: dict[tuple[str, str], Access] = {
     ("GET", f"{V1}/customers/{{did}}/recovery"): OwnOr(Scope.CONSENTS_READ),
     ("POST", f"{V1}/customers/{{did}}/recovery/cancel/prepare"): Scope.CONSENT_WRITE,
     ("POST", f"{V1}/customers/{{did}}/recovery/cancel"): Scope.CONSENT_WRITE,
-    ("GET", f"{V1}/customers/{{did}}/keys"): OwnOr(Scope.CONSENTS_READ),
+    ("GET", f"{V1}/customers/{{did}}/keys"): OwnOr(Scope.AUDIT_READ),  # the customer, and auditors
     ("GET", f"{V1}/customers/{{did}}/points"): OwnOr(Scope.POINTS_READ),
     ("GET", f"{V1}/customers/{{did}}/accesses"): OwnOr(Scope.AUDIT_READ),
     # consents

@@ -20,7 +20,7 @@ from sqlalchemy import delete, select, update
 from web3 import Web3
 
 from api import auth
-from api.deps import ConsentWriter, OperatorWrite, OwnConsentsReader, RuntimeDep
+from api.deps import ConsentWriter, OperatorWrite, OwnAccessesReader, OwnConsentsReader, RuntimeDep
 from api.errors import ApiError, responses
 from api.models import CustomerSession, RecoveryClaim
 from api.recovery import issue_claim, refusal
@@ -300,10 +300,11 @@ def cancel_recovery(did: str, body: TypedDataSubmission, runtime: RuntimeDep, ca
 
 
 @router.get("/{did}/keys", response_model=list[KeyEventPublic], responses=responses(404))
-def key_history(did: str, runtime: RuntimeDep, caller: OwnConsentsReader) -> list[KeyEventPublic]:
+def key_history(did: str, runtime: RuntimeDep, caller: OwnAccessesReader) -> list[KeyEventPublic]:
     """The customer's key history from the ledger, oldest first: bindings (the first, a change the key
-    signed, a completed recovery), recoveries started and recoveries cancelled."""
-    subject = own_subject(runtime, caller, did, CONSENTS_READ)
+    signed, a completed recovery), recoveries started and recoveries cancelled. For the customer and
+    for auditors (who check that every change of key was announced and waited its delay)."""
+    subject = own_subject(runtime, caller, did, auth.Scope.AUDIT_READ)
     with runtime.reads() as session:
         events = session.scalars(
             select(ConsentEvent)

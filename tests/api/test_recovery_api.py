@@ -54,7 +54,8 @@ def complete(service: Service, did: str, code: str) -> httpx.Response:
 def keys(service: Service, customer: Customer) -> list[dict[str, Any]]:
     deadline = time.monotonic() + 10
     while True:
-        response = service.client.get(f"/api/v1/customers/{q(customer.did)}/keys", headers=service.operator())
+        auditor = {"X-API-Key": service.auditor_key}
+        response = service.client.get(f"/api/v1/customers/{q(customer.did)}/keys", headers=auditor)
         assert response.status_code == 200, response.text
         if time.monotonic() > deadline or response.json()[-1]["event"] != "bound" or len(response.json()) > 1:
             return list(response.json())
@@ -150,6 +151,10 @@ def test_another_customer_cannot_see_or_veto_a_recovery(service: Service) -> Non
     path = f"/api/v1/customers/{q(customer.did)}/recovery"
     assert service.client.get(path, headers=other.headers).json()["code"] == "not_your_data"
     assert service.client.post(path + "/cancel/prepare", headers=other.headers).json()["code"] == "not_your_data"
+    history = f"/api/v1/customers/{q(customer.did)}/keys"
+    assert service.client.get(history, headers=other.headers).json()["code"] == "not_your_data"
+    assert service.client.get(history, headers=service.operator()).json()["code"] == "insufficient_scope"
+    assert [e["event"] for e in service.client.get(history, headers=customer.headers).json()][0] == "bound"
 
 
 def test_a_completed_recovery_hands_the_customer_to_the_new_key(service: Service) -> None:
