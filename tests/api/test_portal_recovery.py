@@ -157,6 +157,26 @@ def test_the_old_key_sees_a_recovery_and_vetoes_it(service: Service, browser: Br
     assert service.runtime.ledger.consent.controller_of(service.runtime.dids.subject(did)) == address
     page.context.close()
 
+    # An auditor sees the same from the ledger's events: bound, recovery started, vetoed.
+    auditor = _page(browser, service, phone=False)
+    auditor.goto("/auditor")
+    auditor.get_by_label("API key").fill(service.auditor_key)
+    auditor.get_by_role("button", name="Sign in").click()
+    auditor.get_by_label("Key history of DID").fill(did)
+    auditor.get_by_role("button", name="Show").click()
+    events = auditor.locator("#key-history li")
+    expect(events).to_have_count(3)
+    assert [events.nth(i).get_attribute("data-event") for i in range(3)] == [
+        "bound",
+        "recovery_started",
+        "recovery_cancelled",
+    ]
+    expect(events.nth(1)).to_contain_text(hostile.address)
+    expect(events.nth(1)).to_contain_text("effective from")
+    assert accessibility_violations(auditor) == []
+    _shot(auditor, "auditor-key-history", False)
+    auditor.context.close()
+
 
 @SIZES
 def test_a_lost_key_is_recovered_with_the_operators_code(service: Service, browser: Browser, phone: bool) -> None:

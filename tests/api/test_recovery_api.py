@@ -89,6 +89,20 @@ def test_the_operator_issues_a_recovery_claim_at_the_command_line(
     assert "has not bound a key yet" in capsys.readouterr().err
 
 
+def test_erasure_retires_an_unused_recovery_code(service: Service) -> None:
+    customer = service.new_customer()
+    code = issue(service, customer)
+    erased = service.client.delete(f"/api/v1/customers/{q(customer.did)}", headers=service.operator())
+    assert erased.status_code == 200, erased.text
+    refused = service.client.post(
+        f"/api/v1/customers/{q(customer.did)}/recovery/prepare",
+        json={"claim_code": code, "address": Account.create().address},
+    )
+    assert (refused.status_code, refused.json()["code"]) == (403, "invalid_claim_code")
+    again = service.client.post(f"/api/v1/customers/{q(customer.did)}/recovery-claims", headers=service.operator())
+    assert (again.status_code, again.json()["code"]) == (409, "customer_erased")
+
+
 def test_a_recovery_waits_and_the_old_key_sees_it_and_vetoes_it(service: Service) -> None:
     customer = service.new_customer()
     code = issue(service, customer)
@@ -154,7 +168,7 @@ def test_another_customer_cannot_see_or_veto_a_recovery(service: Service) -> Non
     history = f"/api/v1/customers/{q(customer.did)}/keys"
     assert service.client.get(history, headers=other.headers).json()["code"] == "not_your_data"
     assert service.client.get(history, headers=service.operator()).json()["code"] == "insufficient_scope"
-    assert [e["event"] for e in service.client.get(history, headers=customer.headers).json()][0] == "bound"
+    assert next(e["event"] for e in service.client.get(history, headers=customer.headers).json()) == "bound"
 
 
 def test_a_completed_recovery_hands_the_customer_to_the_new_key(service: Service) -> None:

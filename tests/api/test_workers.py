@@ -114,7 +114,8 @@ def test_a_recovery_started_through_a_worker_is_sent_by_the_supervisor(pair: tup
     new_key = Account.create().address
     worker.runtime.recovery("start", subject, new_key)
     pending = supervisor.runtime.ledger.consent.recovery_of(subject)
-    assert pending is not None and pending.new_controller == new_key
+    assert pending is not None
+    assert pending.new_controller == new_key
     # Not due: the contract's refusal crosses the process boundary as its own class.
     with pytest.raises(RecoveryRejected, match="RecoveryNotDue"):
         worker.runtime.recovery("complete", subject)
