@@ -478,7 +478,7 @@ def _recovery_claim(args: argparse.Namespace) -> int:
         finally:
             vault.engine.dispose()
         if refused is not None:
-            raise ToolError(refused[2])
+            raise ToolError(refused.value)
         with sessions(offline.engine).begin() as session:
             code, expires_at = issue_claim(session, subject)
         link = f"{offline.service.origin}/#{urlencode({'did': args.did, 'recovery': code})}"

@@ -3,6 +3,7 @@ line (`consent-ledger customers recovery-claim`): one live code per customer, ke
 
 from __future__ import annotations
 
+import enum
 import secrets
 from datetime import datetime, timedelta
 
@@ -17,14 +18,22 @@ from identity.types import Subject
 RECOVERY_CLAIM_LIFETIME = timedelta(days=7)
 
 
-def refusal(record: SubjectRecord | None) -> tuple[int, str, str] | None:
-    """Why a recovery claim cannot be issued for this customer (status, problem code, title), or None."""
+class Refusal(enum.Enum):
+    """Why a recovery claim cannot be issued for a customer."""
+
+    UNKNOWN = "No such customer"
+    ERASED = "This customer's data was erased"
+    NOT_BOUND = "This customer has not bound a key yet; their enrolment claim code binds one"
+
+
+def refusal(record: SubjectRecord | None) -> Refusal | None:
+    """Why a recovery claim cannot be issued for this customer, or None."""
     if record is None:
-        return 404, "unknown_customer", "No such customer"
+        return Refusal.UNKNOWN
     if record.erased_at is not None:
-        return 409, "customer_erased", "This customer's data was erased"
+        return Refusal.ERASED
     if not record.controller:
-        return 409, "not_bound", "This customer has not bound a key yet; their enrolment claim code binds one"
+        return Refusal.NOT_BOUND
     return None
 
 

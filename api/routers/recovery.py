@@ -23,7 +23,7 @@ from api import auth
 from api.deps import ConsentWriter, OperatorWrite, OwnAccessesReader, OwnConsentsReader, RuntimeDep
 from api.errors import ApiError, responses
 from api.models import CustomerSession, RecoveryClaim
-from api.recovery import issue_claim, refusal
+from api.recovery import Refusal, issue_claim, refusal
 from api.routers.customers import BIND_DEADLINE, own_subject, subject_of
 from api.runtime import Runtime
 from api.schemas import (
@@ -100,8 +100,12 @@ def issue_recovery_claim(did: str, runtime: RuntimeDep, _caller: OperatorWrite) 
     ledger's recovery delay unless the current key vetoes it. An earlier unused code stops working."""
     subject = subject_of(runtime, did)
     refused = refusal(runtime.vault.record(subject))
-    if refused is not None:
-        raise ApiError(*refused)
+    if refused is Refusal.UNKNOWN:
+        raise ApiError(404, "unknown_customer", refused.value)
+    if refused is Refusal.ERASED:
+        raise ApiError(409, "customer_erased", refused.value)
+    if refused is Refusal.NOT_BOUND:
+        raise ApiError(409, "not_bound", refused.value)
     with runtime.sessions() as session:
         code, expires_at = issue_claim(session, subject)
     link = f"{runtime.service.origin}/#{urlencode({'did': did, 'recovery': code})}"
