@@ -175,6 +175,9 @@ def test_the_old_key_sees_a_recovery_and_vetoes_it(service: Service, browser: Br
     expect(events.nth(1)).to_contain_text("effective from")
     assert accessibility_violations(auditor) == []
     _shot(auditor, "auditor-key-history", False)
+    auditor.set_viewport_size(PHONE)
+    _checked(auditor, True)
+    _shot(auditor, "auditor-key-history", True)
     auditor.context.close()
 
 

@@ -325,7 +325,14 @@ async function call(path, options = {}) {
     return await api(path, { ...options, token: session.token });
   } catch (error) {
     if (!(error instanceof ApiProblem) || error.status !== 401 || !wallet) throw error;
-    await signIn();
+    try {
+      await signIn();
+    } catch (refused) {
+      if (refused instanceof ApiProblem && refused.code === "sign_in_failed") {
+        throw new Error("This key no longer speaks for your account (a recovery replaced it). Sign in with your new key.");
+      }
+      throw refused;
+    }
     return api(path, { ...options, token: session.token });
   }
 }
