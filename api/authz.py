@@ -42,6 +42,15 @@ MATRIX: dict[tuple[str, str], Access] = {
     ("POST", f"{V1}/customers/{{did}}/controller/prepare"): PUBLIC,  # the claim code authenticates
     ("POST", f"{V1}/customers/{{did}}/controller"): PUBLIC,
     ("GET", f"{V1}/customers/{{did}}/consents"): OwnOr(Scope.CONSENTS_READ),
+    # key recovery: the operator issues the code; the code authenticates the new key; the old key vetoes
+    ("POST", f"{V1}/customers/{{did}}/recovery-claims"): Scope.CUSTOMERS_WRITE,
+    ("POST", f"{V1}/customers/{{did}}/recovery/prepare"): PUBLIC,  # the recovery claim code authenticates
+    ("POST", f"{V1}/customers/{{did}}/recovery"): PUBLIC,
+    ("POST", f"{V1}/customers/{{did}}/recovery/complete"): PUBLIC,
+    ("GET", f"{V1}/customers/{{did}}/recovery"): OwnOr(Scope.CONSENTS_READ),
+    ("POST", f"{V1}/customers/{{did}}/recovery/cancel/prepare"): Scope.CONSENT_WRITE,
+    ("POST", f"{V1}/customers/{{did}}/recovery/cancel"): Scope.CONSENT_WRITE,
+    ("GET", f"{V1}/customers/{{did}}/keys"): OwnOr(Scope.AUDIT_READ),  # the customer, and auditors
     ("GET", f"{V1}/customers/{{did}}/points"): OwnOr(Scope.POINTS_READ),
     ("GET", f"{V1}/customers/{{did}}/accesses"): OwnOr(Scope.AUDIT_READ),
     # consents

@@ -468,6 +468,36 @@ def _audit_verify(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _recovery_claim(args: argparse.Namespace) -> int:
+    """Issue a recovery claim code (as `POST /customers/{did}/recovery-claims`), for an operator at the
+    service's machine who has verified the customer in person."""
+    from urllib.parse import urlencode
+
+    from api.offline import Offline
+    from api.recovery import issue_claim, refusal
+    from api.secrets import open_vault
+    from identity.errors import InvalidDid
+    from ledger.store import sessions
+
+    with Offline.open(args.data_dir) as offline:
+        try:
+            subject = offline.dids().subject(args.did)
+        except InvalidDid as exc:
+            raise ToolError(f"not a DID of this service: {exc}") from exc
+        vault = open_vault(offline.service, offline.identity, offline.secrets)
+        try:
+            refused = refusal(vault.record(subject))
+        finally:
+            vault.engine.dispose()
+        if refused is not None:
+            raise ToolError(refused.value)
+        with sessions(offline.engine).begin() as session:
+            code, expires_at = issue_claim(session, subject)
+        link = f"{offline.service.origin}/#{urlencode({'did': args.did, 'recovery': code})}"
+    print(f"recovery code: {code}   (shown once; valid until {expires_at.isoformat()})\nlink:          {link}")
+    return 0
+
+
 def _audit_accesses(args: argparse.Namespace) -> int:
     import json
 
@@ -611,6 +641,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, type=Path, help="Parquet file to write")
     export.add_argument("--data-dir", type=Path, help="state directory of the running service (default ./var)")
     export.set_defaults(handler=_bridge_export)
+
+    customers = commands.add_parser("customers", help="customers' keys")
+    customer_commands = customers.add_subparsers(dest="customer_command", required=True)
+    recovery = customer_commands.add_parser(
+        "recovery-claim",
+        help="issue a recovery code for a verified customer who lost their key (takes effect after the ledger's delay)",
+    )
+    recovery.add_argument("did", help="the customer's DID")
+    recovery.add_argument("--data-dir", type=Path, help="state directory of the running service (default ./var)")
+    recovery.set_defaults(handler=_recovery_claim)
 
     audit = commands.add_parser("audit", help="the on-chain access log")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)

@@ -12,7 +12,7 @@ from api import deps, errors, glossary
 from api.authz import V1
 from api.limits import RequestLimits
 from api.observability import Observe
-from api.routers import audit, auth, consents, customers, dids, pages, points, reference, system
+from api.routers import audit, auth, consents, customers, dids, pages, points, recovery, reference, system
 from api.runtime import Runtime
 
 API_PREFIX = V1
@@ -28,6 +28,7 @@ ROUTERS = (
     system.router,
     dids.router,
     customers.router,
+    recovery.router,
     audit.router,
     reference.router,
 )

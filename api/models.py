@@ -37,6 +37,19 @@ class ClaimCode(Base):
     used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
 
 
+class RecoveryClaim(Base):
+    """A one-time code the operator hands a verified customer who lost their key: it starts a recovery
+    to one new key (`new_controller`, set when used) and completes it once due."""
+
+    __tablename__ = "recovery_claims"
+
+    code_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    subject: Mapped[bytes] = mapped_column(LargeBinary(32), index=True)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    new_controller: Mapped[str | None] = mapped_column(String(42), default=None)
+
+
 class SignInChallenge(Base):
     """An EIP-4361 message that was used to sign in: kept until it expires, so that it works once.
     (Issued messages are not stored: `api.auth.issue_challenge`.)"""

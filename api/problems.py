@@ -164,6 +164,23 @@ PROBLEMS: dict[str, ProblemType] = {
     "already_bound": ProblemType(
         409, "This customer has bound a key already", "The customer's key is bound; sign in with it."
     ),
+    "not_bound": ProblemType(
+        409,
+        "This customer has not bound a key yet",
+        "A recovery replaces a bound key; a customer without one binds theirs with the enrolment claim code.",
+    ),
+    "no_recovery": ProblemType(
+        404,
+        "No recovery is pending for this customer",
+        "No key recovery is waiting (it was completed, vetoed by the customer's key, or never started).",
+    ),
+    "recovery_not_due": ProblemType(
+        409,
+        "The recovery takes effect later",
+        "A recovery waits the ledger's recovery delay, so that the customer's current key can veto it; "
+        "`detail` is the unix time from which it can be completed.",
+    ),
+    "recovery_refused": ProblemType(409, "The ledger refused the recovery", "The recovery cannot go on as asked."),
     "unbound_subject": ProblemType(
         422,
         "The customer has not bound a key",

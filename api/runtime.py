@@ -38,7 +38,8 @@ from identity.vault import Vault
 from ledger.access import Verification, verify
 from ledger.assembly import Hooks, Keys, Lanes, Ledger, Role, Writers, chain_writers, open_ledger
 from ledger.consent import PARTNER_ROLE, UNKNOWN_PARTNER, ControllerState
-from ledger.errors import ConsentRejected, LedgerError
+from ledger.contracts import revert_of
+from ledger.errors import BatchItemFailed, ContractRevert, LedgerError
 from ledger.lanes import BlockCadence, run_lanes
 from ledger.leader import LeaderCallFailed, Leadership, ask_leader, serve_calls, shared_deployment
 from ledger.points import FINAL, Completions, prune_idempotency_records
@@ -154,7 +155,11 @@ class Runtime:
                 self.control_key,
                 on_wake=self.relay_wake.set,
                 on_invalidate=self.invalidate_catalogue,
-                calls={"bind_controller": self._bind_controller, "sync_partners": self.sync_partners},
+                calls={
+                    "bind_controller": self._bind_controller,
+                    "recovery": self._recovery,
+                    "sync_partners": self.sync_partners,
+                },
                 classify=_classify,
             )
             server = self.control_server
@@ -213,8 +218,15 @@ class Runtime:
             self._spawn("checkpointer", Checkpointer(self.engine).run)
             self._spawn("maintenance", self._maintain)
             if self.leadership is not None:  # what standbys ask of the leader
-                calls = {"bind_controller": lambda s, c: self._bind_controller(bytes.fromhex(s), c)}
+                calls = self.leader_calls()
                 self._spawn("leader-calls", lambda stop: serve_calls(self.sessions, calls, _classify, stop))
+
+    def leader_calls(self) -> dict[str, Callable[..., Any]]:
+        """What a standby asks the leader to make (`_through_leader`), by name, taking JSON arguments."""
+        return {
+            "bind_controller": lambda s, c: self._bind_controller(bytes.fromhex(s), c),
+            "recovery": lambda action, s, *args: self._recovery(action, bytes.fromhex(s), *_from_wire(args)),
+        }
 
     def _take_over(self) -> None:
         """This instance got the leader lock (another instance's leader died): start its writers."""
@@ -270,14 +282,36 @@ class Runtime:
         returns the transaction hash and block. Raises ConsentRejected or LedgerError."""
         if self.control is None:
             return self._bind_controller(subject, controller)
+        tx_hash, block_number = self._control_call("bind_controller", subject, controller)
+        return str(tx_hash), int(block_number)
+
+    def _control_call(self, name: str, *args: Any) -> Any:
+        """Call `name` in the supervisor; its refusal by a contract is raised here again as its class."""
+        assert self.control is not None
         try:
-            tx_hash, block_number = self.control.call("bind_controller", subject, controller)
+            return self.control.call(name, *args)
         except ControlError as exc:
             if exc.kind == "rejected":
-                error, args = exc.extra
-                raise ConsentRejected(error, args) from exc
+                error, fields = exc.extra
+                raise revert_of(error, fields) from exc
             raise LedgerError(str(exc)) from exc
+
+    def recovery(self, action: str, subject: bytes, *args: Any) -> tuple[str, int]:
+        """A step of a key recovery with the operator key (the supervisor's, from a worker): `start`
+        (new key), `complete`, or `cancel` (new key, effective at, deadline, the 65-byte signature).
+        Returns the transaction hash and block; raises ContractRevert or LedgerError."""
+        if self.control is None:
+            return self._recovery(action, subject, *args)
+        tx_hash, block_number = self._control_call("recovery", action, subject, *args)
         return str(tx_hash), int(block_number)
+
+    def _recovery(self, action: str, subject: bytes, *args: Any) -> tuple[str, int]:
+        if self.writers is None:  # a standby: the leader instance sends with the operator key
+            return self._through_leader("recovery", [action, subject.hex(), *_to_wire(args)])
+        writers = self._writers()
+        receipt = writers.bindings.recovery(action, Subject(subject), *args)
+        writers.indexer.wake.set()
+        return receipt.tx_hash, receipt.block_number
 
     def _bind_controller(self, subject: bytes, controller: str) -> tuple[str, int]:
         if self.writers is None:  # a standby: the leader instance sends with the operator key
@@ -289,12 +323,17 @@ class Runtime:
 
     def _bind_through_leader(self, subject: bytes, controller: str) -> tuple[str, int]:
         """A standby's binding: asked of the leader through the database (`ledger.leader.ask_leader`)."""
+        return self._through_leader("bind_controller", [subject.hex(), controller])
+
+    def _through_leader(self, name: str, args: list[Any]) -> tuple[str, int]:
+        """A standby's call of `name` (JSON arguments), made by the leader; its refusal by a contract is
+        raised here again as its class."""
         try:
-            tx_hash, block_number = ask_leader(self.sessions, "bind_controller", [subject.hex(), controller])
+            tx_hash, block_number = ask_leader(self.sessions, name, args)
         except LeaderCallFailed as exc:
             if exc.kind == "rejected":
-                error, args = exc.extra
-                raise ConsentRejected(error, args) from exc
+                error, fields = exc.extra
+                raise revert_of(error, fields) from exc
             raise LedgerError(str(exc)) from exc
         return str(tx_hash), int(block_number)
 
@@ -469,13 +508,14 @@ class Runtime:
                 self._check_partners.set()  # verify again next round
             raise
 
-    def wait_for_controller(self, subject: bytes) -> None:
-        """Block until the indexer has seen the subject's controller binding (TimeoutError after
-        `index_wait` s)."""
+    def wait_for_controller(self, subject: bytes, controller: str | None = None) -> None:
+        """Block until the indexer has seen the subject's controller binding (to `controller`, if
+        given: a recovery's new key); TimeoutError after `index_wait` s."""
         deadline = time.monotonic() + self.index_wait
         while time.monotonic() < deadline:
             with self.reads() as session:
-                if session.get(ControllerState, subject) is not None:
+                state = session.get(ControllerState, subject)
+                if state is not None and (controller is None or state.controller == controller):
                     return
             if self.writers is not None:  # a worker's binding woke the supervisor's indexer
                 self.writers.indexer.wake.set()
@@ -521,8 +561,17 @@ class Runtime:
 
 def _classify(exc: BaseException) -> tuple[str, str, Any]:
     """How a failed control call is told to the worker: (kind, message, what it needs to raise it again)."""
-    if isinstance(exc, ConsentRejected):
+    if isinstance(exc, ContractRevert) and not isinstance(exc, BatchItemFailed):
         return "rejected", str(exc), (exc.error, exc.args_by_name)
     if isinstance(exc, LedgerError):
         return "ledger", str(exc), None
     return "error", f"{type(exc).__name__}: {exc}", None
+
+
+def _to_wire(args: tuple[Any, ...]) -> list[Any]:
+    """A recovery step's arguments as JSON for a call through the database (bytes as 0x-hex)."""
+    return [{"bytes": arg.hex()} if isinstance(arg, bytes) else arg for arg in args]
+
+
+def _from_wire(args: tuple[Any, ...]) -> list[Any]:
+    return [bytes.fromhex(arg["bytes"]) if isinstance(arg, dict) and "bytes" in arg else arg for arg in args]

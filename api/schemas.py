@@ -106,6 +106,41 @@ class ControllerPublic(BaseModel):
     block_number: int
 
 
+class RecoveryClaimCreated(BaseModel):
+    did: str
+    claim_code: str = Field(description="the one-time recovery code to hand the verified customer")
+    claim_url: str = Field(description="the portal's link that fills in the DID and the recovery code")
+    expires_at: str = Field(description="when the code stops starting a recovery (ISO 8601)")
+
+
+class RecoveryClaimUse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"claim_code": "Jx3kP9qLm2Va"}]})
+    claim_code: str = Field(min_length=8, max_length=64, description="the recovery code that started the recovery")
+
+
+class RecoveryPublic(BaseModel):
+    did: str
+    controller: str = Field(description="the key that controls the customer now (the old one until it completes)")
+    new_controller: str = Field(description="the key the recovery hands control to")
+    effective_at: int = Field(description="unix time from which the recovery can take effect")
+    status: Literal["waiting", "due", "completed", "cancelled"] = Field(
+        description="waiting: the old key can still veto it; due: it can be completed; completed; cancelled"
+    )
+    tx_hash: str | None = Field(default=None, description="the transaction of this step, when the request made one")
+
+
+class KeyEventPublic(BaseModel):
+    event: Literal["bound", "recovery_started", "recovery_cancelled"] = Field(
+        description="bound: the key controls the customer from then on; recovery_started: a recovery to it "
+        "began; recovery_cancelled: the recovery to it was vetoed"
+    )
+    key: str = Field(description="the key bound, or the key the recovery was to")
+    effective_at: int | None = Field(default=None, description="for a recovery started: when it can take effect")
+    tx_hash: str
+    block_number: int
+    block_time: int
+
+
 class ChallengeCreate(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"address": ADDRESS}]})
     address: str = Field(pattern=r"^0x[0-9a-fA-F]{40}$")

@@ -24,6 +24,14 @@ contract ConsentRegistry is IConsentRegistry, AccessControl, EIP712 {
     );
     bytes32 public constant CONTROLLER_CHANGE_TYPEHASH =
         keccak256("ControllerChange(bytes32 subject,address newController,uint256 nonce,uint256 deadline)");
+    bytes32 public constant RECOVERY_CANCEL_TYPEHASH =
+        keccak256("RecoveryCancel(bytes32 subject,address newController,uint64 effectiveAt,uint256 deadline)");
+
+    /// @dev How long a recovery waits on a new deployment: a long weekend, time for a customer to see it.
+    uint64 public constant DEFAULT_RECOVERY_DELAY = 72 hours;
+    /// @dev The admin cannot shorten it below an hour: the operator never changes a key at once.
+    uint64 public constant MIN_RECOVERY_DELAY = 1 hours;
+    uint64 private constant _MAX_RECOVERY_DELAY = 3650 days;
 
     /// @dev A subject's key and the nonce its next signed message must carry, in one storage slot.
     struct Controller {
@@ -31,8 +39,17 @@ contract ConsentRegistry is IConsentRegistry, AccessControl, EIP712 {
         uint96 nonce;
     }
 
+    /// @dev A pending recovery: the key that will control the subject, and from when; one slot.
+    struct Recovery {
+        address newController;
+        uint64 effectiveAt;
+    }
+
     mapping(bytes32 subject => Controller) private _controllers;
     mapping(bytes32 subject => mapping(address partner => mapping(bytes32 purpose => Consent))) private _consents;
+    // After the slots above, whose positions deployed tools and tests read.
+    mapping(bytes32 subject => Recovery) private _recoveries;
+    uint64 private _recoveryDelay = DEFAULT_RECOVERY_DELAY;
 
     /**
      * @dev Grants the admin role to `admin` and the operator role to `operator`.
@@ -76,6 +93,86 @@ contract ConsentRegistry is IConsentRegistry, AccessControl, EIP712 {
         if (signer != current.key) revert ConsentRegistryInvalidSigner(signer, current.key);
         _controllers[subject] = Controller(newController, current.nonce + 1);
         emit ControllerBound(subject, current.key, newController);
+        address recovering = _recoveries[subject].newController;
+        if (recovering != address(0)) {
+            delete _recoveries[subject];
+            emit ControllerRecoveryCancelled(subject, current.key, recovering);
+        }
+    }
+
+    /// @inheritdoc IConsentRegistry
+    function startRecovery(bytes32 subject, address newController) external onlyRole(OPERATOR_ROLE) {
+        address current = _controllers[subject].key;
+        if (current == address(0)) revert ConsentRegistryUnboundSubject(subject);
+        if (newController == address(0) || newController == current) {
+            revert ConsentRegistryInvalidController(newController);
+        }
+        uint64 effectiveAt = uint64(block.timestamp) + _recoveryDelay;
+        _recoveries[subject] = Recovery(newController, effectiveAt);
+        emit ControllerRecoveryStarted(subject, current, newController, effectiveAt);
+    }
+
+    /// @inheritdoc IConsentRegistry
+    function completeRecovery(bytes32 subject) external onlyRole(OPERATOR_ROLE) {
+        Recovery memory recovery = _recoveries[subject];
+        if (recovery.newController == address(0)) revert ConsentRegistryNoRecovery(subject);
+        // slither-disable-next-line timestamp: validators can shift it by seconds; the delay is at least an hour
+        if (block.timestamp < recovery.effectiveAt) {
+            revert ConsentRegistryRecoveryNotDue(subject, recovery.effectiveAt);
+        }
+        address previous = _controllers[subject].key;
+        delete _recoveries[subject];
+        // The nonce stays: every signature of the old key is refused from now on by the signer check,
+        // and the service's next nonce (after the changes it accepted) stays the chain's.
+        _controllers[subject].key = recovery.newController;
+        emit ControllerBound(subject, previous, recovery.newController);
+    }
+
+    /// @inheritdoc IConsentRegistry
+    function cancelRecovery(
+        bytes32 subject,
+        address newController,
+        uint64 effectiveAt,
+        uint256 deadline,
+        uint8 v,
+        bytes32 r,
+        bytes32 s
+    ) external onlyRole(OPERATOR_ROLE) {
+        // slither-disable-next-line timestamp: validators can shift it by seconds; deadlines are minutes or days away
+        if (block.timestamp > deadline) revert ConsentRegistryExpiredSignature(deadline);
+        Recovery memory recovery = _recoveries[subject];
+        bool pending = recovery.newController != address(0);
+        if (!pending || recovery.newController != newController || recovery.effectiveAt != effectiveAt) {
+            revert ConsentRegistryNoRecovery(subject);
+        }
+        address controller = _controllers[subject].key;
+        bytes32 structHash =
+            keccak256(abi.encode(RECOVERY_CANCEL_TYPEHASH, subject, newController, effectiveAt, deadline));
+        address signer = ECDSA.recover(_hashTypedDataV4(structHash), v, r, s);
+        if (signer != controller) revert ConsentRegistryInvalidSigner(signer, controller);
+        delete _recoveries[subject];
+        emit ControllerRecoveryCancelled(subject, controller, newController);
+    }
+
+    /// @inheritdoc IConsentRegistry
+    function setRecoveryDelay(uint64 delay) external onlyRole(DEFAULT_ADMIN_ROLE) {
+        if (delay < MIN_RECOVERY_DELAY || delay > _MAX_RECOVERY_DELAY) {
+            revert ConsentRegistryInvalidRecoveryDelay(delay, MIN_RECOVERY_DELAY);
+        }
+        uint64 previous = _recoveryDelay;
+        _recoveryDelay = delay;
+        emit RecoveryDelaySet(previous, delay);
+    }
+
+    /// @inheritdoc IConsentRegistry
+    function recoveryOf(bytes32 subject) external view returns (address newController, uint64 effectiveAt) {
+        Recovery memory recovery = _recoveries[subject];
+        return (recovery.newController, recovery.effectiveAt);
+    }
+
+    /// @inheritdoc IConsentRegistry
+    function recoveryDelay() external view returns (uint64) {
+        return _recoveryDelay;
     }
 
     /// @inheritdoc IConsentRegistry

@@ -9,6 +9,12 @@ pragma solidity ^0.8.30;
  * or stored by this contract. Each subject has one controller key; only EIP-712 signatures of that
  * key change the subject's consents. The operator relays the signed messages and pays for gas, so
  * it can delay a change but never forge one.
+ *
+ * A customer who lost their key gets a new one through a recovery: the operator, having verified the
+ * person out of band, starts it ({startRecovery}); it takes effect no sooner than {recoveryDelay}
+ * later ({completeRecovery}), and until then the current key can veto it with its signature
+ * ({cancelRecovery}). So the operator alone never changes who speaks for a subject at once, and a
+ * customer who still holds their key can always stop a recovery they did not ask for.
  */
 interface IConsentRegistry {
     /**
@@ -81,11 +87,39 @@ interface IConsentRegistry {
     /// @dev A grant's `validUntil` is already in the past.
     error ConsentRegistryInvalidValidity(uint64 validUntil);
 
+    /// @dev `subject` has no recovery pending.
+    error ConsentRegistryNoRecovery(bytes32 subject);
+
+    /// @dev The recovery of `subject` takes effect at `effectiveAt`, not before.
+    error ConsentRegistryRecoveryNotDue(bytes32 subject, uint64 effectiveAt);
+
+    /// @dev A recovery delay must be at least `minimum` seconds (and fit a uint64 timestamp).
+    error ConsentRegistryInvalidRecoveryDelay(uint64 delay, uint64 minimum);
+
     /// @dev Item `index` of a batch failed with `reason` (the inner revert data); nothing in the batch was applied.
     error ConsentRegistryBatchItemFailed(uint256 index, bytes reason);
 
     /// @dev `controller` now controls `subject` (`previous` is zero on the first binding).
     event ControllerBound(bytes32 indexed subject, address indexed previous, address indexed controller);
+
+    /**
+     * @dev The operator started moving control of `subject` from `controller` to `newController`; it
+     * can take effect at `effectiveAt` unless `controller` vetoes it before.
+     */
+    event ControllerRecoveryStarted(
+        bytes32 indexed subject, address indexed controller, address indexed newController, uint64 effectiveAt
+    );
+
+    /**
+     * @dev The recovery of `subject` to `newController` was vetoed by `controller` (or superseded by
+     * a key change it signed).
+     */
+    event ControllerRecoveryCancelled(
+        bytes32 indexed subject, address indexed controller, address indexed newController
+    );
+
+    /// @dev Recoveries started from now on wait `delay` seconds (was `previous`).
+    event RecoveryDelaySet(uint64 previous, uint64 delay);
 
     /// @dev `granted` bits were granted; `attributes` is the resulting set, valid until `validUntil`.
     event ConsentGranted(
@@ -119,7 +153,8 @@ interface IConsentRegistry {
 
     /**
      * @dev Moves control of `subject` to `newController`, authorised by the current controller's
-     * `ControllerChange` signature.
+     * `ControllerChange` signature. A pending recovery of the subject is dropped (its key holder
+     * has chosen the next key themselves).
      *
      * Requirements:
      * - the caller has the operator role;
@@ -135,6 +170,66 @@ interface IConsentRegistry {
         bytes32 r,
         bytes32 s
     ) external;
+
+    /**
+     * @dev Starts moving control of `subject` to `newController` without the current key (which the
+     * customer lost), after the operator verified the customer. It takes effect at
+     * `block.timestamp + recoveryDelay()` through {completeRecovery}; until then the current key still
+     * controls the subject and can veto it ({cancelRecovery}). Starting again replaces a pending
+     * recovery and restarts its wait.
+     *
+     * Requirements:
+     * - the caller has the operator role;
+     * - `subject` is bound, and `newController` is neither zero nor its current controller.
+     */
+    function startRecovery(bytes32 subject, address newController) external;
+
+    /**
+     * @dev Makes a pending recovery effective: `newController` controls the subject from now on, and
+     * every signature of the old key is refused. The subject's nonce is left as it is (the signer
+     * check already refuses the old key's messages; see the README, "Recovering a lost key").
+     *
+     * Requirements:
+     * - the caller has the operator role;
+     * - a recovery of `subject` is pending and its `effectiveAt` has come.
+     */
+    function completeRecovery(bytes32 subject) external;
+
+    /**
+     * @dev Drops the pending recovery of `subject`, vetoed by the current controller's
+     * `RecoveryCancel` signature. The message names the recovery (its new key and `effectiveAt`), so
+     * it cancels that one recovery only and needs no nonce: replaying it finds nothing to cancel.
+     *
+     * Requirements:
+     * - the caller has the operator role;
+     * - `deadline` has not passed;
+     * - the recovery of `subject` to `newController` effective at `effectiveAt` is pending;
+     * - the signature is the current controller's.
+     */
+    function cancelRecovery(
+        bytes32 subject,
+        address newController,
+        uint64 effectiveAt,
+        uint256 deadline,
+        uint8 v,
+        bytes32 r,
+        bytes32 s
+    ) external;
+
+    /**
+     * @dev Sets how long recoveries started from now on wait (pending ones keep their time).
+     *
+     * Requirements:
+     * - the caller has the admin role;
+     * - `delay` is at least {MIN_RECOVERY_DELAY} and at most 10 years.
+     */
+    function setRecoveryDelay(uint64 delay) external;
+
+    /// @dev The pending recovery of `subject`: its new key and when it can take effect (zeros if none).
+    function recoveryOf(bytes32 subject) external view returns (address newController, uint64 effectiveAt);
+
+    /// @dev How long a recovery started now waits before it can take effect, in seconds.
+    function recoveryDelay() external view returns (uint64);
 
     /**
      * @dev Applies one signed grant or revocation. A grant adds its bits to the subject's consent

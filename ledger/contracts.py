@@ -49,6 +49,9 @@ _ERROR_CLASSES: dict[str, type[ContractRevert]] = {
     "ConsentRegistryEmptyAttributes": errors.ConsentRejected,
     "ConsentRegistryAttributesOutOfRange": errors.ConsentRejected,
     "ConsentRegistryInvalidValidity": errors.ConsentRejected,
+    "ConsentRegistryNoRecovery": errors.RecoveryRejected,
+    "ConsentRegistryRecoveryNotDue": errors.RecoveryRejected,
+    "ConsentRegistryInvalidRecoveryDelay": errors.RecoveryRejected,
     "LoyaltyPointsInvalidSigner": errors.InvalidSignature,
     "LoyaltyPointsExpiredSignature": errors.SignatureExpired,
     "LoyaltyPointsInsufficientBalance": errors.InsufficientPoints,
@@ -68,6 +71,12 @@ def _abi_type(param: dict[str, Any]) -> str:
         inner = ",".join(_abi_type(c) for c in param["components"])
         return f"({inner}){param['type'][5:]}"
     return str(param["type"])
+
+
+def revert_of(error: str, args: dict[str, Any]) -> ContractRevert:
+    """The exception of a decoded custom error by its name (as `RevertDecoder` raises it): how a refusal
+    told across a process boundary (`api.workers`) is raised again."""
+    return _ERROR_CLASSES.get(error, ContractRevert)(error, args)
 
 
 class RevertDecoder:

@@ -164,6 +164,17 @@ CONTROLLER_CHANGE = MessageType(
     "ControllerChange",
     (Field("subject", "bytes32"), Field("newController", "address", "new_controller"), *_NONCE_DEADLINE),
 )
+# The current key's veto of a pending recovery (`ConsentRegistry.cancelRecovery`): names the recovery,
+# so it needs no nonce.
+RECOVERY_CANCEL = MessageType(
+    "RecoveryCancel",
+    (
+        Field("subject", "bytes32"),
+        Field("newController", "address", "new_controller"),
+        Field("effectiveAt", "uint64", "effective_at", maximum=_STORED),
+        Field("deadline", "uint256", maximum=_STORED),
+    ),
+)
 REDEMPTION = MessageType(
     "Redemption",
     (
@@ -186,7 +197,8 @@ CONTROLLER_BINDING = MessageType(
     ),
 )
 MESSAGE_TYPES = {
-    t.primary: t for t in (CONSENT_GRANT, CONSENT_REVOKE, CONTROLLER_CHANGE, REDEMPTION, CONTROLLER_BINDING)
+    t.primary: t
+    for t in (CONSENT_GRANT, CONSENT_REVOKE, CONTROLLER_CHANGE, RECOVERY_CANCEL, REDEMPTION, CONTROLLER_BINDING)
 }
 
 
@@ -301,6 +313,17 @@ class ControllerChange(Signed):
 
 
 @dataclass(frozen=True)
+class RecoveryCancel(Signed):
+    """A `RecoveryCancel` message: the current key vetoes the pending recovery to `new_controller`."""
+
+    subject: Subject
+    new_controller: ChecksumAddress
+    effective_at: int
+    deadline: int
+    SPEC = RECOVERY_CANCEL
+
+
+@dataclass(frozen=True)
 class ControllerBinding(Signed):
     """`ControllerBinding`: signed off-chain by a new customer's key; `claim` is keccak256 of the claim code."""
 
@@ -333,7 +356,7 @@ def redemption_nonce(partner: str, sequence: int) -> int:
     return (int(partner, 16) << 64) | sequence
 
 
-Message = ConsentChange | ControllerChange | ControllerBinding | Redemption
+Message = ConsentChange | ControllerChange | RecoveryCancel | ControllerBinding | Redemption
 
 
 class TypedDataError(LedgerError):
@@ -414,6 +437,7 @@ _BUILD: dict[str, Callable[[dict[str, Any]], Message]] = {
     "ConsentGrant": lambda values: ConsentChange(kind=ChangeKind.GRANT, **values),
     "ConsentRevoke": lambda values: ConsentChange(kind=ChangeKind.REVOKE, **values),
     "ControllerChange": lambda values: ControllerChange(**values),
+    "RecoveryCancel": lambda values: RecoveryCancel(**values),
     "Redemption": lambda values: Redemption(**values),
     "ControllerBinding": lambda values: ControllerBinding(**values),
 }

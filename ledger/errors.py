@@ -86,6 +86,11 @@ class ConsentRejected(ContractRevert):
     a validity in the past, an unbound subject, a controller already bound)."""
 
 
+class RecoveryRejected(ConsentRejected):
+    """Raised when a key recovery cannot go on: none is pending (or not the one named), it is not due
+    yet, or a recovery delay is out of range."""
+
+
 class PointsRejected(ContractRevert):
     """Raised when an issuance or redemption is well formed but not acceptable (unknown partner, used
     id, zero amount, an expiry in the past, an unbound subject, a submitter that is not the partner)."""

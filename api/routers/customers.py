@@ -16,7 +16,7 @@ from web3 import Web3
 from api import auth
 from api.deps import OperatorWrite, OwnConsentsReader, RuntimeDep
 from api.errors import ApiError, problem, responses
-from api.models import ClaimCode
+from api.models import ClaimCode, RecoveryClaim
 from api.observability import ERASURES
 from api.runtime import Runtime
 from api.schemas import (
@@ -51,10 +51,13 @@ def subject_of(runtime: Runtime, did: str) -> Subject:
         raise problem(exc) from exc
 
 
-def _retire_claim_codes(session: Session, subject: Subject) -> None:
-    """The customer's unused claim code no longer binds a key."""
+def _retire_claim_codes(session: Session, subject: Subject, *, recovery: bool = False) -> None:
+    """The customer's unused claim code no longer binds a key (with `recovery`, nor a recovery code)."""
     live = update(ClaimCode).where(ClaimCode.subject == subject, ClaimCode.used_at.is_(None))
     session.execute(live.values(used_at=auth.now()))
+    if recovery:
+        unused = update(RecoveryClaim).where(RecoveryClaim.subject == subject, RecoveryClaim.used_at.is_(None))
+        session.execute(unused.values(used_at=auth.now()))
 
 
 @router.post("", response_model=CustomerCreated, status_code=status.HTTP_201_CREATED, responses=responses(409, 422))
@@ -134,8 +137,8 @@ def _bound_already(runtime: Runtime, did: str, subject: Subject, controller: str
 @router.delete("/{did}", response_model=CustomerErased, responses=responses(404))
 def erase(did: str, runtime: RuntimeDep, _caller: OperatorWrite) -> CustomerErased:
     """Erase the customer's personal data (GDPR art. 17): the vault destroys their data key, ciphertexts
-    and lookup entries (crypto-shredding), the DID is deactivated, an unused claim code stops working,
-    and `bridge export` releases nothing of them any more. The chain keeps its pseudonymous records
+    and lookup entries (crypto-shredding), the DID is deactivated, an unused claim or recovery code
+    stops working, and `bridge export` releases nothing of them any more. The chain keeps its pseudonymous records
     (no personal data is there); a bound key still signs in, and can still revoke consent. The same
     PII cannot be enrolled again. Erasing again answers the same."""
     subject = subject_of(runtime, did)
@@ -143,7 +146,7 @@ def erase(did: str, runtime: RuntimeDep, _caller: OperatorWrite) -> CustomerEras
     if record is None:
         raise ApiError(404, "unknown_customer", "No such customer")
     with runtime.sessions() as session:  # first: a crash after it leaves a retry to erase
-        _retire_claim_codes(session, subject)
+        _retire_claim_codes(session, subject, recovery=True)
     try:
         erased_at = runtime.vault.erase(subject)
     except UnknownSubject as exc:

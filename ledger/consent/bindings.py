@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
 from sqlalchemy import Engine, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from ledger.consent.client import ConsentRegistryClient
 from ledger.consent.tables import BoundController, ControllerState
+from ledger.eip712 import RecoveryCancel, Signature
 from ledger.store import sessions
 from ledger.tx import Receipt
 from ledger.types import Subject, checksummed
@@ -71,6 +73,26 @@ class Bindings:
         receipt = self.registry.bind_controller(subject, checksummed(controller))
         with self._sessions.begin() as session:
             record_binding(session, subject, controller, receipt.tx_hash, receipt.block_number)
+        return receipt
+
+    def recovery(self, action: str, subject: Subject, *args: Any) -> Receipt:
+        """A step of a key recovery (`start` new_key; `complete`; `cancel` new_key, effective_at, deadline,
+        signature): raises its ContractRevert or LedgerError. A completed one is recorded as the
+        subject's binding, so that `restore` puts back the new key, not the lost one."""
+        if action == "start":
+            (new_controller,) = args
+            return self.registry.start_recovery(subject, checksummed(new_controller))
+        if action == "cancel":
+            new_controller, effective_at, deadline, signature = args
+            cancel = RecoveryCancel(subject, checksummed(new_controller), int(effective_at), int(deadline))
+            return self.registry.cancel_recovery(cancel, Signature.from_bytes(bytes(signature)))
+        if action != "complete":
+            raise ValueError(f"no recovery step {action!r}")
+        pending = self.registry.recovery_of(subject)
+        receipt = self.registry.complete_recovery(subject)
+        if pending is not None:  # else the call above raised: nothing is pending
+            with self._sessions.begin() as session:
+                record_binding(session, subject, pending.new_controller, receipt.tx_hash, receipt.block_number)
         return receipt
 
     def adopt_indexed(self) -> int:

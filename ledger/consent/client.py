@@ -14,7 +14,7 @@ from eth_utils.crypto import keccak
 from web3 import Web3
 
 from ledger.contracts import ContractClient
-from ledger.eip712 import ChangeKind, ConsentChange, ControllerChange, Domain, Signature
+from ledger.eip712 import ChangeKind, ConsentChange, ControllerChange, Domain, RecoveryCancel, Signature
 from ledger.errors import ChainError
 from ledger.logs import bytes_of, hex_of, int_of
 from ledger.tx import Receipt, TxRequest, items_per_transaction
@@ -50,6 +50,14 @@ class SignedChange:
             self.signature.r,
             self.signature.s,
         )
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """A pending key recovery of a subject: the key it hands control to, and from when (unix seconds)."""
+
+    new_controller: ChecksumAddress
+    effective_at: int
 
 
 @dataclass(frozen=True)
@@ -154,6 +162,17 @@ class ConsentRegistryClient(ContractClient):
             for subject, address in self._call_each("controllerOf", subjects).items()
         }
 
+    def recovery_of(self, subject: Subject) -> Recovery | None:
+        """The subject's pending key recovery, if any."""
+        new_controller, effective_at = self.call("recoveryOf", subject)
+        if int(new_controller, 16) == 0:
+            return None
+        return Recovery(Web3.to_checksum_address(new_controller), int(effective_at))
+
+    def recovery_delay(self) -> int:
+        """Seconds a recovery started now waits before it can take effect."""
+        return int(self.call("recoveryDelay"))
+
     def consent_of(self, subject: Subject, partner: ChecksumAddress, purpose: Purpose) -> Consent:
         attributes, valid_until = self.call("consentOf", subject, partner, purpose)
         return Consent(attributes=AttributeMask(int(attributes)), valid_until=int(valid_until))
@@ -216,6 +235,33 @@ class ConsentRegistryClient(ContractClient):
             )
         )
 
+    def start_recovery(self, subject: Subject, new_controller: ChecksumAddress) -> Receipt:
+        """Start handing `subject` to `new_controller` (the operator verified the customer); takes effect
+        after the recovery delay unless the current key vetoes it."""
+        return self.transact(self.encode("startRecovery", subject, new_controller))
+
+    def complete_recovery(self, subject: Subject) -> Receipt:
+        return self.transact(self.encode("completeRecovery", subject))
+
+    def cancel_recovery(self, cancel: RecoveryCancel, signature: Signature) -> Receipt:
+        """Relay the current key's veto of a pending recovery."""
+        return self.transact(
+            self.encode(
+                "cancelRecovery",
+                cancel.subject,
+                cancel.new_controller,
+                cancel.effective_at,
+                cancel.deadline,
+                signature.v,
+                signature.r,
+                signature.s,
+            )
+        )
+
+    def set_recovery_delay(self, seconds: int) -> Receipt:
+        """Set how long recoveries started from now on wait (the admin's)."""
+        return self.transact(self.encode("setRecoveryDelay", seconds))
+
     def add_partner(self, partner: ChecksumAddress) -> Receipt:
         return self.transact(self.encode("grantRole", PARTNER_ROLE, partner))
 
@@ -244,9 +290,15 @@ class ConsentRegistryClient(ContractClient):
 GRANTED = "0x" + keccak(text="ConsentGranted(bytes32,address,bytes32,uint256,uint256,uint64,uint256)").hex()
 REVOKED = "0x" + keccak(text="ConsentRevoked(bytes32,address,bytes32,uint256,uint256,uint256)").hex()
 BOUND = "0x" + keccak(text="ControllerBound(bytes32,address,address)").hex()
-TOPICS = [GRANTED, REVOKED, BOUND]
+RECOVERY_STARTED = "0x" + keccak(text="ControllerRecoveryStarted(bytes32,address,address,uint64)").hex()
+RECOVERY_CANCELLED = "0x" + keccak(text="ControllerRecoveryCancelled(bytes32,address,address)").hex()
+TOPICS = [GRANTED, REVOKED, BOUND, RECOVERY_STARTED, RECOVERY_CANCELLED]
 
-KIND_GRANT, KIND_REVOKE, KIND_BIND = 0, 1, 2
+# A recovery event's `partner` is the recovery's new key; a started one's `valid_until` is when it can
+# take effect. Only grants and revocations change consents (`CHANGE_KINDS`).
+KIND_GRANT, KIND_REVOKE, KIND_BIND, KIND_RECOVERY_STARTED, KIND_RECOVERY_CANCELLED = 0, 1, 2, 3, 4
+CHANGE_KINDS = frozenset({KIND_GRANT, KIND_REVOKE})
+KEY_KINDS = frozenset({KIND_BIND, KIND_RECOVERY_STARTED, KIND_RECOVERY_CANCELLED})
 
 
 @dataclass(frozen=True)
@@ -257,7 +309,7 @@ class RegistryEvent:
     log_index: int
     tx_hash: str
     subject: bytes
-    partner: str  # the controller for KIND_BIND
+    partner: str  # the controller for KIND_BIND, the new key for a recovery
     purpose: Purpose
     changed: int  # the signed word (a revocation may name bits above the range; they change nothing)
     attributes: AttributeMask  # the consent's bits after the change, as the registry holds them (uint192)
@@ -278,14 +330,15 @@ def decode(log: dict[str, Any]) -> RegistryEvent | None:
         "tx_hash": hex_of(log["transactionHash"]),
         "subject": bytes.fromhex(topics[1][2:]),
     }
-    if topics[0] == BOUND:
+    if topics[0] in (BOUND, RECOVERY_STARTED, RECOVERY_CANCELLED):
+        kind = {BOUND: KIND_BIND, RECOVERY_STARTED: KIND_RECOVERY_STARTED}.get(topics[0], KIND_RECOVERY_CANCELLED)
         return RegistryEvent(
-            KIND_BIND,
+            kind,
             partner=checksummed("0x" + topics[3][-40:]),
             purpose=Purpose(b""),
             changed=0,
             attributes=AttributeMask(0),
-            valid_until=0,
+            valid_until=words[0] if kind == KIND_RECOVERY_STARTED else 0,
             nonce=0,
             **common,
         )

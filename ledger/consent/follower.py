@@ -15,7 +15,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
 from web3 import Web3
 
-from ledger.consent.client import KIND_BIND, KIND_GRANT, TOPICS, RegistryEvent, decode
+from ledger.consent.client import CHANGE_KINDS, KIND_BIND, KIND_GRANT, TOPICS, RegistryEvent, decode
 from ledger.consent.tables import (
     ConsentEvent,
     ConsentRequest,
@@ -46,7 +46,7 @@ class ConsentFollower:
         decoded = [e for e in (decode(item) for item in logs) if e is not None]
         new_events = self._insert_events.prepare(_event_row(e, times) for e in decoded)
         now = utcnow()
-        confirmations = self._confirm.prepare(_confirmation(e, now) for e in decoded if e.kind != KIND_BIND)
+        confirmations = self._confirm.prepare(_confirmation(e, now) for e in decoded if e.kind in CHANGE_KINDS)
 
         def apply(session: Session) -> int:
             self._apply(session, decoded, new_events, confirmations)
@@ -72,7 +72,7 @@ class ConsentFollower:
             session.merge(
                 ControllerState(subject=bound.subject, controller=bound.partner, block_number=bound.block_number)
             )
-        changes = [e for e in decoded if e.kind != KIND_BIND]
+        changes = [e for e in decoded if e.kind in CHANGE_KINDS]  # recoveries are read from the history
         if not changes:
             return
         # Fold the range into the latest state per key, starting from what is stored.
@@ -122,7 +122,7 @@ class ConsentFollower:
 
 def _refold(session: Session, gone: Iterable[ConsentEvent]) -> None:
     """The consents and bound keys that `gone` events touched, folded again from the history left."""
-    keys = {(e.subject, e.partner, e.purpose) for e in gone if e.kind != KIND_BIND}
+    keys = {(e.subject, e.partner, e.purpose) for e in gone if e.kind in CHANGE_KINDS}
     subjects = {e.subject for e in gone if e.kind == KIND_BIND}
     for subject, partner, purpose in keys:
         session.execute(

@@ -30,6 +30,14 @@ SECURITY: dict[tuple[str, str], set[str]] = {
     ("post", "/api/v1/customers"): {KEY},
     ("delete", "/api/v1/customers/{did}"): {KEY},
     ("get", "/api/v1/customers/{did}/consents"): {KEY, BEARER},  # that customer, or the operator
+    ("post", "/api/v1/customers/{did}/recovery-claims"): {KEY},  # the operator, having verified the person
+    ("post", "/api/v1/customers/{did}/recovery/prepare"): set(),  # the recovery claim code authenticates
+    ("post", "/api/v1/customers/{did}/recovery"): set(),
+    ("post", "/api/v1/customers/{did}/recovery/complete"): set(),
+    ("get", "/api/v1/customers/{did}/recovery"): {KEY, BEARER},
+    ("post", "/api/v1/customers/{did}/recovery/cancel/prepare"): {BEARER},  # the current key's holder
+    ("post", "/api/v1/customers/{did}/recovery/cancel"): {BEARER},
+    ("get", "/api/v1/customers/{did}/keys"): {KEY, BEARER},
     ("get", "/api/v1/customers/{did}/points"): {KEY, BEARER},
     ("get", "/api/v1/customers/{did}/accesses"): {KEY, BEARER},
     ("post", "/api/v1/consents/prepare"): {BEARER},

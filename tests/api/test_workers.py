@@ -24,7 +24,7 @@ from api.routers import points as points_routes
 from api.workers import ControlClient, ControlError, ControlServer, WorkerPool
 from ledger.backends import AnvilBackend
 from ledger.consent import PARTNER_ROLE
-from ledger.errors import ChainError, ConsentRejected
+from ledger.errors import ChainError, ConsentRejected, RecoveryRejected
 from ledger.tx import TxRequest
 from tests.api.conftest import Service, start_service
 
@@ -105,6 +105,21 @@ def test_a_contract_refusal_of_a_workers_call_is_told_as_such(pair: tuple[Servic
     # raises what the route turns into 409 already_bound, as in one process.
     with pytest.raises(ConsentRejected, match="AlreadyBound"):
         worker.runtime.bind_controller(subject, Account.create().address)
+
+
+def test_a_recovery_started_through_a_worker_is_sent_by_the_supervisor(pair: tuple[Service, Service]) -> None:
+    supervisor, worker = pair
+    customer = worker.new_customer()
+    subject = supervisor.runtime.dids.subject(customer.did)
+    new_key = Account.create().address
+    worker.runtime.recovery("start", subject, new_key)
+    pending = supervisor.runtime.ledger.consent.recovery_of(subject)
+    assert pending is not None
+    assert pending.new_controller == new_key
+    # Not due: the contract's refusal crosses the process boundary as its own class.
+    with pytest.raises(RecoveryRejected, match="RecoveryNotDue"):
+        worker.runtime.recovery("complete", subject)
+    assert supervisor.runtime.ledger.consent.controller_of(subject) == customer.account.address
 
 
 def test_a_partner_added_through_a_worker_is_known_to_every_process(pair: tuple[Service, Service]) -> None:

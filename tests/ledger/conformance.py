@@ -8,25 +8,30 @@ from __future__ import annotations
 import pytest
 from eth_account import Account
 from eth_account.messages import encode_typed_data
+from eth_account.signers.local import LocalAccount
 from eth_utils.crypto import keccak
 from web3 import Web3
 
 from ledger import eip712
 from ledger.consent import PARTNER_ROLE, SignedChange, batch_gas, max_changes_per_batch
+from ledger.consent.client import Recovery
 from ledger.contracts import ensure_deployed, missing_functions
-from ledger.eip712 import ChangeKind, ControllerChange, Domain, Signature
+from ledger.eip712 import ChangeKind, ControllerChange, Domain, RecoveryCancel, Signature
 from ledger.errors import (
     BatchItemFailed,
     ConsentRejected,
     DeploymentError,
     InvalidSignature,
     NonceMismatch,
+    RecoveryRejected,
     SignatureExpired,
     Unauthorized,
 )
-from ledger.tx import MAX_TX_DATA_BYTES
-from ledger.types import ATTRIBUTE_BITS, Purpose, Subject
+from ledger.tx import MAX_TX_DATA_BYTES, Receipt
+from ledger.types import ATTRIBUTE_BITS, Purpose, Subject, checksummed
 from tests.ledger.conftest import Accounts, Ledger, registry_plan
+
+RECOVERY_DELAY = 72 * 3600  # `ConsentRegistry.DEFAULT_RECOVERY_DELAY`
 
 EMAIL, PHONE, NAME = 1 << 0, 1 << 1, 1 << 2
 
@@ -314,6 +319,174 @@ class ChainConformance:
         ledger.registry.apply(ledger.sign(ledger.change(ChangeKind.GRANT, EMAIL), key=bytes(new_key.key)))
         assert ledger.registry.is_permitted(ledger.subject, ledger.partner, ledger.purpose, EMAIL)
         assert ledger.registry.nonce_of(ledger.subject) == 2
+
+    # recovery of a lost key ---------------------------------------------------------------------
+
+    @staticmethod
+    def _block_time(ledger: Ledger, receipt: Receipt) -> int:
+        return int(ledger.backend.w3.eth.get_block(receipt.block_number)["timestamp"])
+
+    @staticmethod
+    def _until(ledger: Ledger, moment: int) -> None:
+        """Move the chain's clock to `moment` at least (a node whose blocks run ahead of its clock, as
+        the managed geth's do, moves less than asked at first)."""
+        for _ in range(10):
+            if ledger.now() >= moment:
+                return
+            ledger.backend.increase_time(moment - ledger.now())
+        raise AssertionError(f"the chain's clock did not reach {moment}")
+
+    def _start_recovery(self, ledger: Ledger) -> tuple[LocalAccount, int]:
+        new_key = Account.create()
+        receipt = ledger.registry.start_recovery(ledger.subject, new_key.address)
+        effective_at = self._block_time(ledger, receipt) + RECOVERY_DELAY
+        assert ledger.registry.events(receipt, "ControllerRecoveryStarted") == [
+            {
+                "subject": ledger.subject,
+                "controller": ledger.customer.address,
+                "newController": new_key.address,
+                "effectiveAt": effective_at,
+            }
+        ]
+        assert ledger.registry.recovery_of(ledger.subject) == Recovery(new_key.address, effective_at)
+        return new_key, effective_at
+
+    def _veto(self, ledger: Ledger, new_key: str, effective_at: int, *, key: bytes | None = None) -> Receipt:
+        cancel = RecoveryCancel(ledger.subject, checksummed(new_key), effective_at, deadline=ledger.now() + 600)
+        signature = eip712.sign(key or bytes(ledger.customer.key), ledger.registry.domain, cancel)
+        return ledger.registry.cancel_recovery(cancel, signature)
+
+    def test_a_recovery_waits_the_delay_then_hands_the_subject_to_the_new_key(self, ledger: Ledger) -> None:
+        ledger.registry.apply(ledger.grant(EMAIL))
+        assert ledger.registry.recovery_delay() == RECOVERY_DELAY  # 72 hours on a new deployment
+        new_key, effective_at = self._start_recovery(ledger)
+        # Until it takes effect the old key still controls the subject, and the operator cannot hurry it.
+        assert ledger.registry.controller_of(ledger.subject) == ledger.customer.address
+        with pytest.raises(RecoveryRejected) as refused:
+            ledger.registry.complete_recovery(ledger.subject)
+        assert refused.value.error == "ConsentRegistryRecoveryNotDue"
+        assert refused.value.args_by_name == {"subject": ledger.subject, "effectiveAt": effective_at}
+        ledger.backend.increase_time(RECOVERY_DELAY - 600)
+        with pytest.raises(RecoveryRejected):
+            ledger.registry.complete_recovery(ledger.subject)
+        assert ledger.registry.controller_of(ledger.subject) == ledger.customer.address
+        self._until(ledger, effective_at)
+        receipt = ledger.registry.complete_recovery(ledger.subject)
+        assert ledger.registry.events(receipt, "ControllerBound") == [
+            {"subject": ledger.subject, "previous": ledger.customer.address, "controller": new_key.address}
+        ]
+        assert ledger.registry.controller_of(ledger.subject) == new_key.address
+        assert ledger.registry.recovery_of(ledger.subject) is None
+        assert ledger.registry.nonce_of(ledger.subject) == 1  # kept: the service's next nonce stays the chain's
+        # The old key's signatures are refused from now on; the new key's apply; consents are kept.
+        with pytest.raises(InvalidSignature) as old:
+            ledger.registry.apply(ledger.revoke(EMAIL))
+        assert old.value.args_by_name == {"signer": ledger.customer.address, "expected": new_key.address}
+        assert ledger.registry.is_permitted(ledger.subject, ledger.partner, ledger.purpose, EMAIL)
+        ledger.registry.apply(ledger.sign(ledger.change(ChangeKind.REVOKE, EMAIL), key=bytes(new_key.key)))
+        assert not ledger.registry.is_permitted(ledger.subject, ledger.partner, ledger.purpose, EMAIL)
+        with pytest.raises(RecoveryRejected) as again:  # completed once
+            ledger.registry.complete_recovery(ledger.subject)
+        assert again.value.args_by_name == {"subject": ledger.subject}
+
+    def test_the_old_key_vetoes_a_recovery(self, ledger: Ledger) -> None:
+        new_key, effective_at = self._start_recovery(ledger)
+        with pytest.raises(InvalidSignature) as forged:  # the operator (or the new key) cannot veto for it
+            self._veto(ledger, new_key.address, effective_at, key=bytes(new_key.key))
+        assert forged.value.args_by_name == {"signer": new_key.address, "expected": ledger.customer.address}
+        with pytest.raises(RecoveryRejected):  # a veto names the recovery it stops
+            self._veto(ledger, new_key.address, effective_at + 1)
+        receipt = self._veto(ledger, new_key.address, effective_at)
+        assert ledger.registry.events(receipt, "ControllerRecoveryCancelled") == [
+            {"subject": ledger.subject, "controller": ledger.customer.address, "newController": new_key.address}
+        ]
+        assert ledger.registry.recovery_of(ledger.subject) is None
+        assert ledger.registry.nonce_of(ledger.subject) == 0  # the veto uses no nonce
+        ledger.backend.increase_time(RECOVERY_DELAY)
+        with pytest.raises(RecoveryRejected):
+            ledger.registry.complete_recovery(ledger.subject)
+        assert ledger.registry.controller_of(ledger.subject) == ledger.customer.address
+        with pytest.raises(RecoveryRejected):  # replayed: nothing to cancel
+            self._veto(ledger, new_key.address, effective_at)
+
+    def test_only_the_operator_recovers_and_only_the_admin_sets_the_delay(self, ledger: Ledger) -> None:
+        stranger = ledger.client(ledger.accounts.stranger)
+        with pytest.raises(Unauthorized):
+            stranger.start_recovery(ledger.subject, ledger.accounts.stranger.address)
+        assert ledger.registry.recovery_of(ledger.subject) is None
+        new_key, effective_at = self._start_recovery(ledger)
+        ledger.backend.increase_time(RECOVERY_DELAY)
+        with pytest.raises(Unauthorized):
+            stranger.complete_recovery(ledger.subject)
+        with pytest.raises(Unauthorized) as not_admin:  # the operator cannot shorten the wait
+            ledger.registry.set_recovery_delay(3600)
+        assert not_admin.value.args_by_name["neededRole"] == b"\x00" * 32
+        assert ledger.registry.controller_of(ledger.subject) == ledger.customer.address
+        assert ledger.registry.recovery_of(ledger.subject) == Recovery(new_key.address, effective_at)
+
+    def test_the_admin_sets_the_delay_within_bounds(self, ledger: Ledger) -> None:
+        with pytest.raises(RecoveryRejected) as short:
+            ledger.admin.set_recovery_delay(3599)
+        assert short.value.args_by_name == {"delay": 3599, "minimum": 3600}
+        receipt = ledger.admin.set_recovery_delay(3600)
+        assert ledger.registry.events(receipt, "RecoveryDelaySet") == [{"previous": RECOVERY_DELAY, "delay": 3600}]
+        new_key = Account.create()
+        started = ledger.registry.start_recovery(ledger.subject, new_key.address)
+        self._until(ledger, self._block_time(ledger, started) + 3600)
+        ledger.registry.complete_recovery(ledger.subject)
+        assert ledger.registry.controller_of(ledger.subject) == new_key.address
+
+    def test_a_recovery_needs_a_bound_subject_and_a_new_key(self, ledger: Ledger) -> None:
+        unbound = Subject(keccak(b"never bound"))
+        with pytest.raises(ConsentRejected) as refused:
+            ledger.registry.start_recovery(unbound, Account.create().address)
+        assert refused.value.args_by_name == {"subject": unbound}
+        for key in (ledger.customer.address, checksummed("0x" + "00" * 20)):
+            with pytest.raises(ConsentRejected) as same:
+                ledger.registry.start_recovery(ledger.subject, key)
+            assert same.value.args_by_name == {"controller": key}
+        assert ledger.registry.recovery_of(ledger.subject) is None
+
+    def test_starting_again_replaces_the_recovery_and_restarts_its_wait(self, ledger: Ledger) -> None:
+        first, _ = self._start_recovery(ledger)
+        ledger.backend.increase_time(RECOVERY_DELAY - 60)
+        second, effective_at = self._start_recovery(ledger)
+        ledger.backend.increase_time(120)
+        with pytest.raises(RecoveryRejected):
+            ledger.registry.complete_recovery(ledger.subject)
+        with pytest.raises(RecoveryRejected):  # the first one's veto no longer names a pending recovery
+            self._veto(ledger, first.address, effective_at)
+        assert ledger.registry.recovery_of(ledger.subject) == Recovery(second.address, effective_at)
+
+    def test_a_key_change_the_key_signed_drops_a_pending_recovery(self, ledger: Ledger) -> None:
+        recovering, _ = self._start_recovery(ledger)
+        chosen = Account.create()
+        change = ControllerChange(ledger.subject, chosen.address, nonce=0, deadline=ledger.now() + 600)
+        receipt = ledger.registry.rebind_controller(
+            change, eip712.sign(bytes(ledger.customer.key), ledger.registry.domain, change)
+        )
+        assert ledger.registry.events(receipt, "ControllerRecoveryCancelled") == [
+            {"subject": ledger.subject, "controller": ledger.customer.address, "newController": recovering.address}
+        ]
+        assert ledger.registry.recovery_of(ledger.subject) is None
+        ledger.backend.increase_time(RECOVERY_DELAY)
+        with pytest.raises(RecoveryRejected):
+            ledger.registry.complete_recovery(ledger.subject)
+        assert ledger.registry.controller_of(ledger.subject) == chosen.address
+
+    def test_recovery_gas(self, ledger: Ledger) -> None:
+        """What a recovery costs (README, "Recovering a lost key"): one new storage slot, written by the
+        start and cleared by the completion or the veto (a refund). Bounds over measured values."""
+        new_key = Account.create()
+        started = ledger.registry.start_recovery(ledger.subject, new_key.address)
+        vetoed = self._veto(ledger, new_key.address, self._block_time(ledger, started) + RECOVERY_DELAY)
+        again = ledger.registry.start_recovery(ledger.subject, new_key.address)
+        self._until(ledger, self._block_time(ledger, again) + RECOVERY_DELAY)
+        completed = ledger.registry.complete_recovery(ledger.subject)
+        print(f"recovery gas: start {started.gas_used}, veto {vetoed.gas_used}, complete {completed.gas_used}")
+        assert started.gas_used < 60_000
+        assert vetoed.gas_used < 45_000
+        assert completed.gas_used < 40_000
 
     def test_many_subjects_nonces_and_keys_are_read_in_one_go(self, ledger: Ledger) -> None:
         ledger.registry.apply(ledger.grant(EMAIL))

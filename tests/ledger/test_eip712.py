@@ -271,6 +271,7 @@ def test_each_message_class_names_every_field_of_its_type() -> None:
     classes = {
         ConsentChange: (eip712.CONSENT_GRANT, eip712.CONSENT_REVOKE),
         ControllerChange: (eip712.CONTROLLER_CHANGE,),
+        eip712.RecoveryCancel: (eip712.RECOVERY_CANCEL,),
         ControllerBinding: (eip712.CONTROLLER_BINDING,),
         Redemption: (eip712.REDEMPTION,),
     }

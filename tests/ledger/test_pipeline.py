@@ -29,6 +29,7 @@ from ledger.consent import (
     ConsentReader,
     ConsentRegistryClient,
     ConsentRequest,
+    ConsentState,
     ControllerState,
     NonceConflict,
     Outbox,
@@ -905,3 +906,43 @@ def test_an_indexer_whose_cursor_moved_under_it_records_nothing_twice(pipeline: 
     assert stale.step() == 0
     assert len(pipeline.events()) == 1  # not recorded again
     assert pipeline.indexer.cursor() > read_before
+
+
+def test_a_recovery_is_indexed_as_key_history_and_rolled_back_with_its_blocks(pipeline: Pipeline) -> None:
+    """Recovery events are kept in the history and move the bound key, never a consent; a
+    reorganisation that drops the completion puts the old key back in the read model."""
+    account, subject = pipeline.customer()
+    request = pipeline.accept(account, subject, ChangeKind.GRANT, EMAIL)
+    pipeline.settle(lambda: pipeline.statuses(request) == [RequestStatus.CONFIRMED])
+    new_key = Account.create()
+    pipeline.registry.start_recovery(subject, new_key.address)
+    before = pipeline.backend.rpc("evm_snapshot")
+    pipeline.backend.increase_time(72 * 3600)
+    pipeline.registry.complete_recovery(subject)
+
+    def controller() -> str | None:
+        with sessions(pipeline.engine)() as session:
+            state = session.get(ControllerState, bytes(subject))
+            return None if state is None else state.controller
+
+    def kinds() -> list[int]:
+        with sessions(pipeline.engine)() as session:
+            rows = session.scalars(
+                select(ConsentEvent.kind)
+                .where(ConsentEvent.subject == bytes(subject))
+                .order_by(ConsentEvent.block_number, ConsentEvent.log_index)
+            )
+            return list(rows)
+
+    pipeline.settle(lambda: controller() == new_key.address)
+    assert kinds() == [2, 0, 3, 2]  # bound, granted, recovery started, bound (the new key)
+    with sessions(pipeline.engine)() as session:  # one consent, as before: the recovery changed none
+        assert (
+            session.scalar(select(func.count()).select_from(ConsentState).where(ConsentState.subject == subject)) == 1
+        )
+    assert pipeline.reader.effective(subject, pipeline.partner, PURPOSE) == EMAIL
+    assert pipeline.backend.rpc("evm_revert", before) is True
+    pipeline.backend.rpc("anvil_mine", hex(30))
+    assert pipeline.indexer.step() < 0  # rolled back
+    assert controller() == account.address
+    assert kinds() == [2, 0, 3]

@@ -125,6 +125,31 @@ async function exportCsv() {
   say(`CSV exported: ${rows} row${rows === 1 ? "" : "s"}.`);
 }
 
+const KEY_EVENTS = {
+  bound: "key bound",
+  recovery_started: "recovery started to",
+  recovery_cancelled: "recovery cancelled (vetoed by the key, or replaced by a change it signed), was to",
+};
+
+async function keyHistory(did) {
+  const events = await api(`/customers/${encodeURIComponent(did)}/keys`, { apiKey });
+  $("key-history").replaceChildren(
+    ...(events.length
+      ? events.map((event) =>
+          el(
+            "li",
+            { "data-event": event.event },
+            el("time", { datetime: new Date(event.block_time * 1000).toISOString() }, when(event.block_time)),
+            ` — ${KEY_EVENTS[event.event]} `,
+            el("code", { title: event.key }, event.key),
+            event.effective_at ? `, effective from ${when(event.effective_at)}` : "",
+            el("div", { class: "muted" }, "transaction ", el("code", { title: event.tx_hash }, short(event.tx_hash))),
+          ),
+        )
+      : [el("li", {}, "No key was ever bound to this DID.")]),
+  );
+}
+
 async function enter() {
   const [partners, purposeList, attributeList] = await Promise.all([
     api("/partners", { apiKey }),
@@ -157,6 +182,7 @@ document.addEventListener("DOMContentLoaded", () => {
     await enter();
   });
   onSubmit($("filters"), () => search(false));
+  onSubmit($("keys-form"), (data) => keyHistory(String(data.get("did")).trim()));
   onClick($("more"), () => search(true));
   onClick($("verify"), verify);
   onClick($("export"), exportCsv);

@@ -30,6 +30,9 @@ const LEGACY = "consent-ledger.key"; // the single key that pages before kept; m
 // before the request is sent, so that a reload or a lost answer cannot lose a key the service bound.
 // It is promoted into KEYS once the binding is confirmed, and dropped once it is refused.
 const PENDING = "consent-ledger.pending";
+// A recovery under way (issue 32): the new key, sealed, with its DID and the recovery code that starts
+// and then completes it; written before the recovery is started, promoted into KEYS once it completes.
+const RECOVERING = "consent-ledger.recovering";
 const PBKDF2_ROUNDS = 600000; // OWASP's 2023 figure for PBKDF2-HMAC-SHA256
 // Binding waits for a transaction to be mined and indexed; a claim whose answer does not come in time
 // stays pending and is finished by sending the same request again.
@@ -206,6 +209,101 @@ function claimRefusal(error) {
   return error instanceof ApiProblem && CLAIM_WORDS[error.code] ? new Error(CLAIM_WORDS[error.code]) : error;
 }
 
+// backup and recovery -----------------------------------------------------------------------------
+
+// The key as a Web3 Secret Storage (keystore v3) file: scrypt and AES-128-CTR, what wallets import.
+async function downloadBackup(passphrase) {
+  const keystore = await wallet.encrypt(passphrase);
+  const link = el("a", {
+    href: URL.createObjectURL(new Blob([keystore], { type: "application/json" })),
+    download: `consent-ledger-key-${wallet.address}.json`,
+  });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 10000);
+}
+
+async function openBackup(file, passphrase) {
+  const text = await file.text();
+  try {
+    JSON.parse(text);
+  } catch {
+    throw new Error("That file is not a key backup (expected the .json file downloaded here).");
+  }
+  try {
+    return await ethers.Wallet.fromEncryptedJson(text, passphrase);
+  } catch (error) {
+    if (/password/i.test(String(error?.message))) throw new Error("That passphrase does not open this backup.");
+    throw new Error("That file is not a key backup this page can open.");
+  }
+}
+
+// Start a recovery with a new key made here; it is stored (sealed) before the request is sent.
+async function startRecovery(form, did, code, passphrase) {
+  const fresh = ethers.Wallet.createRandom();
+  tell(form, "Making your new key and starting the recovery…", "working");
+  const prepared = await api(`/customers/${enc(did)}/recovery/prepare`, {
+    method: "POST",
+    body: { claim_code: code, address: fresh.address },
+  });
+  const signature = await signTyped(fresh, prepared.typed_data);
+  const sealed = await seal(fresh.privateKey, passphrase);
+  localStorage.setItem(RECOVERING, JSON.stringify({ ...sealed, did, code }));
+  try {
+    const started = await api(`/customers/${enc(did)}/recovery`, {
+      method: "POST",
+      body: { claim_code: code, typed_data: prepared.typed_data, signature },
+      timeout: BIND_TIMEOUT_MS,
+    });
+    localStorage.setItem(RECOVERING, JSON.stringify({ ...sealed, did, code, effective_at: started.effective_at }));
+    return started;
+  } catch (error) {
+    if (error instanceof ApiProblem && error.status < 500 && error.status !== 429) localStorage.removeItem(RECOVERING);
+    throw error;
+  }
+}
+
+function showRecovering() {
+  const recovering = readJson(RECOVERING);
+  $("pending-recovery").hidden = !recovering;
+  if (!recovering) return;
+  $("recovery-did").textContent = recovering.did;
+  const at = $("recovery-when");
+  at.textContent = recovering.effective_at ? when(recovering.effective_at) : "the end of its waiting time";
+  if (recovering.effective_at) at.setAttribute("datetime", new Date(recovering.effective_at * 1000).toISOString());
+}
+
+// Complete the recovery under way: its key joins the stored keys. Returns the kept entry.
+async function finishRecovery() {
+  const recovering = readJson(RECOVERING);
+  if (!recovering) return null;
+  const { code, effective_at: _at, ...entry } = recovering;
+  try {
+    await api(`/customers/${enc(entry.did)}/recovery/complete`, {
+      method: "POST",
+      body: { claim_code: code },
+      timeout: BIND_TIMEOUT_MS,
+    });
+  } catch (error) {
+    if (error instanceof ApiProblem && error.code === "recovery_not_due") {
+      const due = Number(error.problem.detail);
+      throw new Error(`Your new key takes effect from ${when(due)}. Come back then to finish.`);
+    }
+    if (error instanceof ApiProblem && ["no_recovery", "invalid_claim_code"].includes(error.code)) {
+      localStorage.removeItem(RECOVERING);
+      showRecovering();
+      throw new Error(
+        "This recovery is no longer pending: your old key cancelled it, or it was replaced. Ask us for a new code.",
+      );
+    }
+    throw error;
+  }
+  keepKey(entry);
+  localStorage.removeItem(RECOVERING);
+  return entry;
+}
+
 // signing and calls -------------------------------------------------------------------------------
 
 async function signTyped(signer, typed) {
@@ -227,7 +325,14 @@ async function call(path, options = {}) {
     return await api(path, { ...options, token: session.token });
   } catch (error) {
     if (!(error instanceof ApiProblem) || error.status !== 401 || !wallet) throw error;
-    await signIn();
+    try {
+      await signIn();
+    } catch (refused) {
+      if (refused instanceof ApiProblem && refused.code === "sign_in_failed") {
+        throw new Error("This key no longer speaks for your account (a recovery replaced it). Sign in with your new key.");
+      }
+      throw refused;
+    }
     return api(path, { ...options, token: session.token });
   }
 }
@@ -257,6 +362,7 @@ function showSetup(chosen) {
 }
 
 function showPending() {
+  showRecovering();
   const pending = readJson(PENDING);
   $("pending-claim").hidden = !pending;
   if (pending) $("pending-did").textContent = pending.did;
@@ -296,7 +402,53 @@ async function loadAll() {
 }
 
 async function refresh() {
-  await Promise.all([loadConsents(), loadAccesses(), loadPoints()]);
+  await Promise.all([loadConsents(), loadAccesses(), loadPoints(), loadRecovery(), loadKeys()]);
+}
+
+// A recovery of this account to another key: shown with the time it can take effect, and a veto.
+async function loadRecovery() {
+  let pending = null;
+  try {
+    pending = await call(`/customers/${enc(session.did)}/recovery`);
+  } catch (error) {
+    if (!(error instanceof ApiProblem) || error.code !== "no_recovery") throw error;
+  }
+  const alert = $("recovery-alert");
+  if (!pending) {
+    alert.hidden = true;
+    return;
+  }
+  $("recovery-text").textContent =
+    `We started moving your account to a new key (${short(pending.new_controller)}), as someone who said they ` +
+    `were you and had lost this key asked us. It takes effect from ${when(pending.effective_at)}. If that was ` +
+    "not you, cancel it: your key stays in control.";
+  alert.hidden = false;
+}
+
+const KEY_EVENTS = {
+  bound: "Key bound: it speaks for you from then on",
+  recovery_started: "Recovery to this key started",
+  recovery_cancelled: "Recovery to this key cancelled",
+};
+
+async function loadKeys() {
+  const events = await call(`/customers/${enc(session.did)}/keys`);
+  $("key-history").replaceChildren(
+    ...events
+      .slice()
+      .reverse()
+      .map((event) =>
+        el(
+          "li",
+          { "data-event": event.event },
+          el("time", { datetime: new Date(event.block_time * 1000).toISOString() }, when(event.block_time)),
+          ` — ${KEY_EVENTS[event.event]}: `,
+          el("code", { title: event.key }, short(event.key)),
+          event.effective_at ? ` (can take effect from ${when(event.effective_at)})` : "",
+          el("div", { class: "muted" }, "transaction ", el("code", { title: event.tx_hash }, short(event.tx_hash))),
+        ),
+      ),
+  );
 }
 
 async function loadConsents() {
@@ -499,6 +651,16 @@ function base64url(text) {
 // them in, and take them out of the address bar and the history (the code works once; it need not stay).
 function claimFromLink() {
   const given = new URLSearchParams(location.hash.slice(1));
+  if (given.has("did") && given.has("recovery")) {
+    const form = $("recover-form");
+    $("recover").open = true;
+    form.elements.did.value = given.get("did");
+    form.elements.code.value = given.get("recovery");
+    history.replaceState(null, "", location.pathname + location.search);
+    tell(form, "Your DID and recovery code are filled in: choose a passphrase for your new key.", "ok");
+    form.elements.passphrase.focus();
+    return;
+  }
   if (!given.has("did") || !given.has("claim")) return;
   const form = $("claim-form");
   form.elements.did.value = given.get("did");
@@ -569,6 +731,63 @@ document.addEventListener("DOMContentLoaded", () => {
     }
   });
 
+  onSubmit($("restore-form"), async (data) => {
+    const form = $("restore-form");
+    tell(form, "Opening the backup…", "working");
+    const restored = await openBackup(data.get("file"), data.get("passphrase"));
+    const entry = await seal(restored.privateKey, data.get("passphrase"));
+    try {
+      await enter(entry, new ethers.Wallet(restored.privateKey), "Key restored from your backup; signed in.");
+    } catch (error) {
+      if (error instanceof ApiProblem && error.code === "sign_in_failed") {
+        throw new Error("No account here has this key bound to it any more, so it was not stored.");
+      }
+      throw error;
+    }
+    tell(form, "");
+  });
+
+  onSubmit($("recover-form"), async (data) => {
+    const form = $("recover-form");
+    const started = await startRecovery(form, data.get("did").trim(), data.get("code").trim(), data.get("passphrase"));
+    showRecovering();
+    tell(
+      form,
+      `Recovery started. Your new key takes effect from ${when(started.effective_at)}; come back then and ` +
+        "choose Finish recovery. Until then your old key, if anyone holds it, sees the recovery and can stop it.",
+      "ok",
+    );
+  });
+
+  onClick($("finish-recovery"), async () => {
+    const entry = await finishRecovery();
+    showSetup(entry?.address);
+    if (entry) {
+      tell($("unlock-form"), "Your new key is in effect and stored. Enter its passphrase to sign in.", "ok");
+      $("unlock-form").elements.passphrase.focus();
+    }
+  });
+
+  onSubmit($("backup-form"), async (data) => {
+    const form = $("backup-form");
+    tell(form, "Encrypting your key…", "working");
+    await downloadBackup(data.get("passphrase"));
+    form.reset();
+    tell(form, "Backup downloaded. Keep the file and its passphrase safe, and apart.", "ok");
+  });
+
+  onClick($("cancel-recovery"), async () => {
+    const prepared = await call(`/customers/${enc(session.did)}/recovery/cancel/prepare`, { method: "POST" });
+    const signature = await signTyped(wallet, prepared.typed_data);
+    await call(`/customers/${enc(session.did)}/recovery/cancel`, {
+      method: "POST",
+      body: { typed_data: prepared.typed_data, signature },
+      timeout: BIND_TIMEOUT_MS,
+    });
+    say("Recovery cancelled: your key stays in control.");
+    await Promise.all([loadRecovery(), loadKeys()]);
+  });
+
   onSubmit($("redeem-form"), async (data) => {
     const prepared = await call("/points/redemptions/prepare", {
       method: "POST",
@@ -596,7 +815,9 @@ document.addEventListener("DOMContentLoaded", () => {
   });
 
   setInterval(() => {
-    if (session && !document.hidden) (reference ? Promise.all([loadAccesses(), loadPoints()]) : loadAll()).catch(fail);
+    if (!session || document.hidden) return;
+    const loads = reference ? [loadAccesses(), loadPoints(), loadRecovery(), loadKeys()] : [loadAll()];
+    Promise.all(loads).catch(fail);
   }, 5000);
 
   if (readJson(PENDING)) $("finish-claim").click(); // a claim the last visit left half-way
