@@ -78,6 +78,8 @@ MATRIX: dict[tuple[str, str], Access] = {
     ("GET", "/"): PUBLIC,
     ("GET", "/auditor"): PUBLIC,
     ("GET", "/static/vendor/ethers.min.js"): PUBLIC,
+    ("GET", "/favicon.ico"): PUBLIC,
+    ("GET", "/static/company/logo"): PUBLIC,
     ("GET", "/static/vendor/swagger-ui/{name}"): PUBLIC,
     ("GET", f"{V1}/openapi.json"): PUBLIC,
     ("GET", f"{V1}/docs"): PUBLIC,

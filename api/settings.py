@@ -18,6 +18,16 @@ def default_api_workers() -> int:
     return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
+# A company logo's file types, and what each is served as.
+LOGO_TYPES = {
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".webp": "image/webp",
+}
+
+
 class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CONSENT_LEDGER_", extra="ignore")
 
@@ -125,8 +135,54 @@ class ServiceSettings(BaseSettings):
             "after that a retry is a new request, and one whose authorisation was used is refused (409)."
         ),
     )
-    company_name: str = Field(default="Example Retail Ltd", description="The data controller, named in receipts.")
-    company_contact: str = Field(default="privacy@example.com", description="The controller's privacy contact.")
+    company_name: str = Field(
+        default="Example Retail Ltd",
+        min_length=1,
+        max_length=120,
+        description="The data controller, named in receipts and at the top of every page.",
+    )
+    company_contact: str = Field(
+        default="privacy@example.com",
+        min_length=3,
+        max_length=254,
+        description="The controller's privacy contact (an email address), in receipts and on every page.",
+    )
+    company_privacy_url: str | None = Field(
+        default=None,
+        description="The privacy notice's address (https), linked from every page; none: no link.",
+    )
+    company_logo: Path | None = Field(
+        default=None,
+        description="A PNG, SVG, JPEG or WebP file shown beside the company's name on every page, and as its icon.",
+    )
+
+    @field_validator("company_name", "company_contact")
+    @classmethod
+    def _one_line(cls, value: str) -> str:
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ValueError("must be one line of text, without control characters")
+        return value.strip()
+
+    @field_validator("company_privacy_url")
+    @classmethod
+    def _privacy_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("https", "http") or not parts.hostname or parts.username or parts.password:
+            raise ValueError(f"not an http(s) address such as https://example.com/privacy: {value!r}")
+        return value.strip()
+
+    @field_validator("company_logo")
+    @classmethod
+    def _logo(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        if value.suffix.lower() not in LOGO_TYPES:
+            raise ValueError(f"a logo is a {', '.join(sorted(LOGO_TYPES))} file: {value}")
+        if not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
 
     @field_validator("public_origin")
     @classmethod

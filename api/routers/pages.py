@@ -13,8 +13,10 @@ from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from api.authz import V1
+from api.deps import RuntimeDep
 from api.errors import ApiError
 from api.problems import PAGES, PROBLEMS, type_of
+from api.settings import LOGO_TYPES, ServiceSettings
 from ledger.settings import PROJECT_ROOT
 
 WEB = Path(__file__).resolve().parent.parent / "web"
@@ -39,18 +41,70 @@ SECURITY_HEADERS = {
 router = APIRouter(include_in_schema=False)
 
 
-def _page(name: str) -> Response:
-    return FileResponse(WEB / name, media_type="text/html; charset=utf-8", headers=SECURITY_HEADERS)
+def _company(service: ServiceSettings) -> tuple[str, str, str]:
+    """The company's icon link, name (with its logo) and footer, as HTML (every value escaped)."""
+    name = escape(service.company_name)
+    icon = '<link rel="icon" href="/favicon.ico">\n'
+    logo = (
+        '<img class="company-logo" src="/static/company/logo" alt="" width="32" height="32">'
+        if service.company_logo
+        else ""
+    )
+    brand = f'<p class="company">{logo}<span>{name}</span></p>\n  '
+    contact = escape(service.company_contact)
+    links = [f'Privacy contact: <a href="mailto:{escape(service.company_contact, quote=True)}">{contact}</a>']
+    if service.company_privacy_url:
+        links.insert(0, f'<a href="{escape(service.company_privacy_url, quote=True)}">Privacy notice</a>')
+    footer = f'<footer class="company-footer"><p>{name} · {" · ".join(links)}</p></footer>\n'
+    return icon, brand, footer
+
+
+def _page(name: str, service: ServiceSettings) -> Response:
+    """A page with the company's name, logo, privacy notice and contact (`CONSENT_LEDGER_COMPANY_*`)."""
+    icon, brand, footer = _company(service)
+    html = (WEB / name).read_text(encoding="utf-8")
+    if 'rel="icon"' not in html:
+        html = html.replace("</head>", icon + "</head>", 1)
+    html = html.replace("<header>\n  ", "<header>\n  " + brand, 1)
+    html = html.replace("</body>", footer + "</body>", 1)
+    return HTMLResponse(html, headers=SECURITY_HEADERS)
 
 
 @router.get("/")
-def customer_portal() -> Response:
-    return _page("index.html")
+def customer_portal(runtime: RuntimeDep) -> Response:
+    return _page("index.html", runtime.service)
 
 
 @router.get("/auditor")
-def auditor_portal() -> Response:
-    return _page("auditor.html")
+def auditor_portal(runtime: RuntimeDep) -> Response:
+    return _page("auditor.html", runtime.service)
+
+
+@router.get("/favicon.ico")
+def favicon(runtime: RuntimeDep) -> Response:
+    """The company's logo where one is set, else the service's own icon."""
+    return (
+        company_logo(runtime)
+        if runtime.service.company_logo
+        else FileResponse(
+            WEB / "static" / "favicon.svg",
+            media_type="image/svg+xml",
+            headers={"Cache-Control": "public, max-age=3600"},
+        )
+    )
+
+
+@router.get("/static/company/logo")
+def company_logo(runtime: RuntimeDep) -> Response:
+    logo = runtime.service.company_logo
+    if logo is None:
+        raise ApiError(404, "not_found", "Not found")
+    # An SVG the operator gave is shown as an image; opened on its own it may run nothing.
+    headers = {
+        "Cache-Control": "public, max-age=3600",
+        "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+    }
+    return FileResponse(logo, media_type=LOGO_TYPES[logo.suffix.lower()], headers=headers)
 
 
 @router.get("/static/vendor/ethers.min.js")
@@ -61,8 +115,8 @@ def ethers() -> Response:
 
 
 @router.get(f"{V1}/docs")
-def api_reference() -> Response:
-    return _page("docs.html")
+def api_reference(runtime: RuntimeDep) -> Response:
+    return _page("docs.html", runtime.service)
 
 
 @router.get("/static/vendor/swagger-ui/{name}")
