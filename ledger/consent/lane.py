@@ -18,9 +18,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
-from sqlalchemy import Engine, Table, bindparam, insert, select, update
+from sqlalchemy import Engine, Select, Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from ledger.consent.client import (
@@ -71,29 +71,47 @@ _REQUESTS = cast(Table, ConsentRequest.__table__)
 # could never apply. Uncorrelated: the database reads the (few) submitted subjects once per statement.
 _SUBMITTED_SUBJECTS = select(ConsentRequest.subject).where(ConsentRequest.status == RequestStatus.SUBMITTED)
 
-# What a batch needs of its pending requests, oldest first (columns, not ORM objects: the relayer
-# reads up to 500 of them per batch).
-_PENDING = (
-    select(
-        ConsentRequest.seq,
-        ConsentRequest.kind,
-        ConsentRequest.subject,
-        ConsentRequest.partner,
-        ConsentRequest.purpose,
-        ConsentRequest.attributes,
-        ConsentRequest.nonce,
-        ConsentRequest.deadline,
-        ConsentRequest.valid_until,
-        ConsentRequest.v,
-        ConsentRequest.r,
-        ConsentRequest.s,
+# What a batch needs of its pending requests: whole subjects, oldest first. Each subject's pending
+# changes go in one batch (in seq order, which is its nonce order), the subjects ordered by their oldest
+# change, until the batch is full. Taking the oldest changes whatever their subject instead put every
+# busy customer's oldest change in the first batch of a block, and nothing was left for a second: one
+# transaction per block however much waited (~370 changes a block, the most one transaction holds).
+_ELIGIBLE = (ConsentRequest.status == RequestStatus.PENDING, ConsentRequest.subject.not_in(_SUBMITTED_SUBJECTS))
+
+
+def _pending(held: bool) -> Select[Any]:
+    eligible = (*_ELIGIBLE, _NOT_HELD) if held else _ELIGIBLE
+    oldest = (
+        select(ConsentRequest.subject, func.min(ConsentRequest.seq).label("oldest"))
+        .where(*eligible)
+        .group_by(ConsentRequest.subject)
+        .subquery()
     )
-    .where(ConsentRequest.status == RequestStatus.PENDING, ConsentRequest.subject.not_in(_SUBMITTED_SUBJECTS))
-    .order_by(ConsentRequest.seq)
-    .limit(bindparam("limit"))
-)
+    return (
+        select(
+            ConsentRequest.seq,
+            ConsentRequest.kind,
+            ConsentRequest.subject,
+            ConsentRequest.partner,
+            ConsentRequest.purpose,
+            ConsentRequest.attributes,
+            ConsentRequest.nonce,
+            ConsentRequest.deadline,
+            ConsentRequest.valid_until,
+            ConsentRequest.v,
+            ConsentRequest.r,
+            ConsentRequest.s,
+        )
+        .join(oldest, oldest.c.subject == ConsentRequest.subject)
+        .where(*eligible)
+        .order_by(oldest.c.oldest, ConsentRequest.seq)
+        .limit(bindparam("limit"))
+    )
+
+
 # Held back: subjects whose binding the chain lost, while it is put back (see `Relayer._fail`).
 _NOT_HELD = ConsentRequest.subject.not_in(bindparam("held", expanding=True))
+_PENDING, _PENDING_HELD = _pending(held=False), _pending(held=True)
 HOLD = 1.0  # seconds a held subject's requests stay out of batches before they are tried again
 
 
@@ -195,8 +213,8 @@ class Relayer(BatchLane):
     def _send_next(self) -> int:
         held = self._held_now()
         with self._sessions() as session:
-            pending = _PENDING.where(_NOT_HELD) if held else _PENDING
-            requests = list(session.execute(pending, {"limit": self.max_batch, "held": held}))
+            parameters: dict[str, Any] = {"limit": self.max_batch, **({"held": held} if held else {})}
+            requests = list(session.execute(_PENDING_HELD if held else _PENDING, parameters))
         if not requests:
             return 0
         data = self.registry.encode_batch([signed_change(r) for r in requests])
@@ -212,19 +230,21 @@ class Relayer(BatchLane):
                         .values(tx_hash=tx_hash, operator_nonce=nonce, size=len(requests))
                         .returning(_BATCHES.c.id)
                     ).scalar_one()
-                    # The pending requests in the batch's seq range are the batch (it took the lowest
-                    # pending seqs); a range, not an IN list of up to 500 parameters, which SQLAlchemy
-                    # built per batch under the write lock. Should another pending row be in the range,
-                    # or one of the batch's be gone, the count differs and nothing is claimed.
+                    # The batch's requests by their seqs (no longer one range: whole subjects, not the
+                    # oldest rows). Should one of them be gone, or its subject be submitted meanwhile, the
+                    # count differs and nothing is claimed.
                     claimed = connection.execute(
                         update(_REQUESTS)
                         .where(
-                            _REQUESTS.c.seq.between(requests[0].seq, requests[-1].seq),
+                            _REQUESTS.c.seq.in_(bindparam("seqs", expanding=True)),
                             _REQUESTS.c.status == RequestStatus.PENDING,
                             _REQUESTS.c.subject.not_in(_SUBMITTED_SUBJECTS),
                             *([_REQUESTS.c.subject.not_in(held)] if held else []),
                         )
-                        .values(status=RequestStatus.SUBMITTED, batch_id=batch_id, tx_hash=tx_hash, updated_at=utcnow())
+                        .values(
+                            status=RequestStatus.SUBMITTED, batch_id=batch_id, tx_hash=tx_hash, updated_at=utcnow()
+                        ),
+                        {"seqs": [r.seq for r in requests]},
                     ).rowcount
                     if claimed != len(requests):
                         raise _Raced  # something else moved them meanwhile (rolls the batch record back)

@@ -750,44 +750,67 @@ def test_the_outbox_writer_asks_the_chain_for_many_new_subjects_nonces_in_one_go
     assert batches == [[customers[1][1], customers[2][1]]]
 
 
-@pytest.mark.parametrize("change", ["one_left_the_queue", "another_joined_the_range"])
-def test_a_batch_whose_requests_changed_after_they_were_read_is_not_claimed_or_sent(
-    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch, change: str
+def test_a_batch_one_of_whose_requests_left_the_queue_after_it_was_read_is_not_claimed_or_sent(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The relayer claims a batch by its seq range among pending requests, checked by count: a
-    request that left the queue, or one in the range that became pending after the batch was read,
-    makes it claim nothing and send nothing (the batch is read again next step)."""
+    """The relayer claims a batch by its requests' seqs among pending requests, checked by count: a
+    request that left the queue between reading the batch and claiming it makes it claim nothing and
+    send nothing (the batch is read again next step)."""
     first, middle, last = (pipeline.accept(*pipeline.customer(), ChangeKind.GRANT, EMAIL) for _ in range(3))
-    table = cast(Table, ConsentRequest.__table__)
-
-    def set_status(request: ConsentRequest, status: RequestStatus) -> None:
-        with sessions(pipeline.engine).begin() as session:
-            session.execute(update(table).where(table.c.id == request.id).values(status=status))
-
-    if change == "another_joined_the_range":
-        set_status(middle, RequestStatus.SUBMITTED)  # not pending when the batch is read: first and last only
-    sign = pipeline.relayer.sender.sign_with_nonces
-    sent: list[object] = []
-
-    def sign_then_change(requests: object) -> object:
-        signed = sign(requests)  # type: ignore[arg-type]
-        # Between reading the batch and claiming it:
-        set_status(middle, RequestStatus.FAILED if change == "one_left_the_queue" else RequestStatus.PENDING)
-        return signed
-
-    monkeypatch.setattr(pipeline.relayer.sender, "sign_with_nonces", sign_then_change)
-    monkeypatch.setattr(pipeline.relayer.sender, "send_raw", sent.append)
+    sent = _change_between_read_and_claim(pipeline, monkeypatch, middle, RequestStatus.FAILED)
     assert pipeline.relayer.step() == 0
     monkeypatch.undo()
     assert sent == []
     with sessions(pipeline.engine)() as session:
         assert session.scalar(select(func.count()).select_from(RelayBatch)) == 0
-    expected_middle = RequestStatus.FAILED if change == "one_left_the_queue" else RequestStatus.PENDING
-    assert pipeline.statuses(first, middle, last) == [RequestStatus.PENDING, expected_middle, RequestStatus.PENDING]
+    assert pipeline.statuses(first, middle, last) == [
+        RequestStatus.PENDING,
+        RequestStatus.FAILED,
+        RequestStatus.PENDING,
+    ]
     # Read again, the batch is what is pending now, and goes on-chain once.
-    live = [first, last] if change == "one_left_the_queue" else [first, middle, last]
-    pipeline.settle(lambda: set(pipeline.statuses(*live)) == {RequestStatus.CONFIRMED})
-    assert sorted(e.subject for e in pipeline.events()) == sorted(r.subject for r in live)
+    pipeline.settle(lambda: set(pipeline.statuses(first, last)) == {RequestStatus.CONFIRMED})
+    assert sorted(e.subject for e in pipeline.events()) == sorted(r.subject for r in (first, last))
+
+
+def test_a_request_that_became_pending_after_the_batch_was_read_is_not_swept_into_it(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request between the batch's own (by seq) that became pending after the batch was read is not
+    claimed with it: the batch is claimed by its requests' seqs, not by their range; the newcomer
+    goes in a later batch, and every request reaches the chain once."""
+    first, middle, last = (pipeline.accept(*pipeline.customer(), ChangeKind.GRANT, EMAIL) for _ in range(3))
+    table = cast(Table, ConsentRequest.__table__)
+    with sessions(pipeline.engine).begin() as session:  # not pending when the batch is read: first and last only
+        session.execute(update(table).where(table.c.id == middle.id).values(status=RequestStatus.SUBMITTED))
+    sent = _change_between_read_and_claim(pipeline, monkeypatch, middle, RequestStatus.PENDING)
+    assert pipeline.relayer.step(poll=False) == 2
+    monkeypatch.undo()
+    assert len(sent) == 1
+    with sessions(pipeline.engine)() as session:
+        claimed = session.scalars(select(ConsentRequest.id).where(ConsentRequest.status == RequestStatus.SUBMITTED))
+        assert sorted(claimed) == sorted([first.id, last.id])
+    assert pipeline.statuses(middle) == [RequestStatus.PENDING]
+
+
+def _change_between_read_and_claim(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch, request: ConsentRequest, status: RequestStatus
+) -> list[object]:
+    """Set `request`'s status between the relayer's reading of a batch and its claim; sends nothing.
+    Returns the list the relayer's sends are put in."""
+    table = cast(Table, ConsentRequest.__table__)
+    sign = pipeline.relayer.sender.sign_with_nonces
+    sent: list[object] = []
+
+    def sign_then_change(requests: object) -> object:
+        signed = sign(requests)  # type: ignore[arg-type]
+        with sessions(pipeline.engine).begin() as session:
+            session.execute(update(table).where(table.c.id == request.id).values(status=status))
+        return signed
+
+    monkeypatch.setattr(pipeline.relayer.sender, "sign_with_nonces", sign_then_change)
+    monkeypatch.setattr(pipeline.relayer.sender, "send_raw", sent.append)
+    return sent
 
 
 def test_a_binding_the_chain_lost_is_bound_again_and_its_changes_wait_for_it(pipeline: Pipeline) -> None:
@@ -946,3 +969,30 @@ def test_a_recovery_is_indexed_as_key_history_and_rolled_back_with_its_blocks(pi
     assert pipeline.indexer.step() < 0  # rolled back
     assert controller() == account.address
     assert kinds() == [2, 0, 3]
+
+
+def test_a_batch_takes_whole_customers_so_that_the_next_batch_of_the_block_carries_others(pipeline: Pipeline) -> None:
+    """Four customers with two changes each, accepted in turn (a1 b1 c1 d1 a2 b2 c2 d2), and batches of
+    four: the first batch takes a and b whole, the second c and d, both sent at once. Taking the four
+    oldest changes (a1 b1 c1 d1) put every customer in the first batch, and left the rest waiting for it
+    to be confirmed: one transaction per block however much was pending."""
+    pipeline.relayer = Relayer(pipeline.engine, pipeline.registry, linger=0, max_batch=4)
+    customers = [pipeline.customer() for _ in range(4)]
+    requests = [
+        pipeline.accept(account, subject, kind, EMAIL)
+        for kind in (ChangeKind.GRANT, ChangeKind.REVOKE)
+        for account, subject in customers
+    ]
+    assert pipeline.relayer.step(poll=False) == 8  # all eight on their way, in two transactions
+    with sessions(pipeline.engine)() as session:
+        rows = session.execute(select(ConsentRequest.subject, ConsentRequest.batch_id, ConsentRequest.nonce)).all()
+    batches: dict[int, set[bytes]] = {}
+    for subject, batch_id, _nonce in rows:
+        batches.setdefault(batch_id, set()).add(subject)
+    assert len(batches) == 2
+    first, second = (batches[batch_id] for batch_id in sorted(batches))
+    assert first == {bytes(customers[0][1]), bytes(customers[1][1])}  # the oldest customers first
+    assert second == {bytes(customers[2][1]), bytes(customers[3][1])}
+    pipeline.settle_all(*requests)
+    assert pipeline.statuses(*requests) == [RequestStatus.CONFIRMED] * 8
+    assert all(pipeline.reader.effective(subject, pipeline.partner, PURPOSE) == 0 for _, subject in customers)
