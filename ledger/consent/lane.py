@@ -79,7 +79,7 @@ _SUBMITTED_SUBJECTS = select(ConsentRequest.subject).where(ConsentRequest.status
 _ELIGIBLE = (ConsentRequest.status == RequestStatus.PENDING, ConsentRequest.subject.not_in(_SUBMITTED_SUBJECTS))
 
 
-def _pending(held: bool) -> Select[Any]:
+def _pending(held: bool) -> Select[*tuple[Any, ...]]:
     eligible = (*_ELIGIBLE, _NOT_HELD) if held else _ELIGIBLE
     oldest = (
         select(ConsentRequest.subject, func.min(ConsentRequest.seq).label("oldest"))

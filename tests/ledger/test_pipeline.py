@@ -988,6 +988,7 @@ def test_a_batch_takes_whole_customers_so_that_the_next_batch_of_the_block_carri
         rows = session.execute(select(ConsentRequest.subject, ConsentRequest.batch_id, ConsentRequest.nonce)).all()
     batches: dict[int, set[bytes]] = {}
     for subject, batch_id, _nonce in rows:
+        assert batch_id is not None
         batches.setdefault(batch_id, set()).add(subject)
     assert len(batches) == 2
     first, second = (batches[batch_id] for batch_id in sorted(batches))
