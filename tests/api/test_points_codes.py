@@ -3,9 +3,10 @@ a code, the named partner redeems it (once) with its own reference, the customer
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -225,13 +226,16 @@ def test_malformed_codes_and_references_are_refused(
     assert "\x00" not in response.text
 
 
-def test_a_partner_that_guesses_is_locked_out_for_a_while(service: Service, issuer: dict[str, str]) -> None:
+def test_a_partner_that_guesses_is_locked_out_for_a_while(
+    service: Service, issuer: dict[str, str], other_partner: dict[str, str]
+) -> None:
     customer = funded(service, issuer, 50)
     code = make_code(service, customer, 10).json()["code"]
     for _ in range(codes.FailedLookups.LIMIT):
         problem(by_code(service, "0000-0000-00"), 404, "unknown_code")
     locked = problem(by_code(service, code), 429, "too_many_code_failures")
     assert "try again in" in locked["detail"]
+    problem(by_code(service, "0000-0000-00", headers=other_partner), 404, "unknown_code")  # per partner
     assert points(service, customer)["balance"] == 50
     codes.FAILED_LOOKUPS.clear()  # the window passed
     assert by_code(service, code).status_code == 200
@@ -246,3 +250,36 @@ def test_codes_are_unique_random_and_read_back_as_typed() -> None:
     assert codes.normalise("IL0O-0000-00") == "1100000000"
     assert codes.normalise("K7QX-3MZP-9U") is None
     assert codes.normalise("K7QX3MZP9") is None
+
+
+def test_a_cancel_and_redemptions_racing_for_one_code_have_one_winner(service: Service, issuer: dict[str, str]) -> None:
+    customer = funded(service, issuer, 50)
+    code = make_code(service, customer, 10).json()["code"]
+    answers: list[httpx.Response] = []
+    lock = threading.Lock()
+
+    def send(action: Callable[[], httpx.Response]) -> None:
+        answer = action()
+        with lock:
+            answers.append(answer)
+
+    def cancel() -> httpx.Response:
+        with httpx.Client(base_url=service.client.base_url, timeout=60) as client:
+            return client.delete(f"{CODES}/{code}", headers=customer.headers)
+
+    def spend() -> httpx.Response:
+        headers = {**partner(service), "Idempotency-Key": str(uuid.uuid4())}
+        with httpx.Client(base_url=service.client.base_url, timeout=60) as client:
+            return client.post("/api/v1/points/redemptions", json={"code": code}, headers=headers)
+
+    threads = [threading.Thread(target=send, args=(f,)) for f in (cancel, spend) * 4]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    won = [a for a in answers if a.status_code == 200]
+    assert len(won) == 1, [a.text for a in answers]
+    lost = {a.json()["code"] for a in answers if a.status_code != 200}
+    assert lost <= {"code_used", "code_cancelled"}, lost
+    spent = "balance" in won[0].json()  # a redemption's answer, not the codes still outstanding
+    assert settled_points(service, customer, 40 if spent else 50)["balance"] == (40 if spent else 50)
