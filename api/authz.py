@@ -62,6 +62,9 @@ MATRIX: dict[tuple[str, str], Access] = {
     ("POST", f"{V1}/points/issuances"): Scope.POINTS_ISSUE,
     ("POST", f"{V1}/points/redemptions/prepare"): Scope.POINTS_AUTHORISE,
     ("POST", f"{V1}/points/redemptions"): Scope.POINTS_REDEEM,
+    ("POST", f"{V1}/points/codes"): Scope.POINTS_AUTHORISE,
+    ("GET", f"{V1}/points/codes"): Scope.POINTS_AUTHORISE,
+    ("DELETE", f"{V1}/points/codes/{{code}}"): Scope.POINTS_AUTHORISE,
     ("GET", f"{V1}/partners/me/redemptions"): Scope.REDEMPTIONS_READ,
     # audit
     ("GET", f"{V1}/audit/accesses"): Scope.AUDIT_READ,

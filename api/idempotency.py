@@ -73,6 +73,7 @@ async def start(
     digest: str,
     build: Callable[[Connection], Sequence[PointsRequest]],
     conflict: Callable[[], ApiError],
+    companions: Sequence[object] = (),
 ) -> Started:
     """Queue the points requests `build` makes (checked first: it raises ApiError on bad input), under
     the idempotency key if there is one. On the event loop, as the consent route is: the reads are a
@@ -83,7 +84,8 @@ async def start(
     built once, see `ledger.points.tables`), so it runs outside the write lock;
     the inserts go to the runtime's group commit, which stores concurrent requests' rows in one
     transaction. A concurrent duplicate that got in between is caught by the unique indexes (key,
-    and the on-chain id) and handled below."""
+    and the on-chain id) and handled below. `companions` are rows `build` adds beside its requests (it
+    fills the sequence afresh each time it runs), stored in the same transaction: a redemption code's end."""
     for _ in range(MAX_ATTEMPTS):
         rows: list[PointsRequest] = []
         refusal: ApiError | None = None
@@ -114,6 +116,8 @@ async def start(
             outcome = {"request_ids": " ".join(r.id for r in rows)}
             started = Started([r.id for r in rows], created=True)
         objects: list[object] = list(rows)
+        if refusal is None:
+            objects.extend(companions)
         if key is not None:
             objects.append(IdempotencyRecord(principal=principal, key=key, route=route, request_hash=digest, **outcome))
         try:

@@ -12,7 +12,7 @@ from api import deps, errors, glossary
 from api.authz import V1
 from api.limits import RequestLimits
 from api.observability import Observe
-from api.routers import audit, auth, consents, customers, dids, pages, points, recovery, reference, system
+from api.routers import audit, auth, codes, consents, customers, dids, pages, points, recovery, reference, system
 from api.runtime import Runtime
 
 API_PREFIX = V1
@@ -24,6 +24,7 @@ API_PREFIX = V1
 ROUTERS = (
     consents.router,
     points.router,
+    codes.router,
     auth.router,
     system.router,
     dids.router,

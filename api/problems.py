@@ -240,6 +240,46 @@ PROBLEMS: dict[str, ProblemType] = {
         "Not enough unexpired points",
         "The customer holds fewer unexpired points than the amount. Nothing was spent.",
     ),
+    # short redemption codes
+    "invalid_code": ProblemType(
+        422,
+        "That is not a redemption code",
+        "A redemption code is 10 characters: digits and letters except I, L, O and U (any case; spaces and "
+        "hyphens are ignored). Check what the customer shows.",
+    ),
+    "unknown_code": ProblemType(
+        404,
+        "No such code",
+        "No outstanding code of this customer (on the customer's routes), or none for this partner (on the "
+        "redemption route). A partner whose lookups fail too often is refused for a while.",
+    ),
+    "code_cancelled": ProblemType(
+        409, "The customer cancelled this code", "Nothing was spent. Ask the customer for a new code."
+    ),
+    "code_used": ProblemType(
+        409,
+        "This code was used already",
+        "A code redeems once; a retry of that redemption with its Idempotency-Key gets its answer. Ask the "
+        "customer for a new code for another redemption.",
+    ),
+    "code_expired": ProblemType(
+        410,
+        "This code has expired",
+        "A code works until its authorisation's deadline (15 minutes after it was made). Nothing was spent: "
+        "the customer can make a new one.",
+    ),
+    "code_outstanding": ProblemType(
+        409,
+        "You have an outstanding code for this partner",
+        "The ledger takes a customer's authorisations at a partner one after another, so there is one "
+        "outstanding code per partner: use it or cancel it, then make a new one.",
+    ),
+    "too_many_code_failures": ProblemType(
+        429,
+        "Too many unknown codes; wait before trying again",
+        "This partner's code lookups failed 10 times in 15 minutes; lookups by code are refused until the "
+        "oldest failure is 15 minutes old (`detail` says when). Redemptions with typed data still work.",
+    ),
     "invalid_amount": ProblemType(422, "Invalid amount", "An amount of points must be a whole number above 0."),
     "invalid_expiry": ProblemType(422, "The expiry is in the past", "Points must expire after they are issued."),
     "invalid_period": ProblemType(

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 from pydantic.config import JsonDict
 
 from api.fields import Description, Key, Name, Points, Reference, Title, UnixTime
@@ -56,6 +56,71 @@ class TypedDataSubmission(BaseModel):
 
     typed_data: dict[str, Any]
     signature: str = Field(pattern=r"^0x[0-9a-fA-F]{130}$")
+
+
+# A partner's own order reference: printable ASCII, no leading or trailing space, bounded (it is stored
+# with the redemption and shown in statements; control characters would garble a CSV or a terminal).
+PARTNER_REFERENCE = r"^[!-~](?:[ -~]*[!-~])?$"
+PartnerReference = Annotated[
+    str | None,
+    Field(
+        max_length=64,
+        pattern=PARTNER_REFERENCE,
+        description="the partner's own order reference (printable ASCII, at most 64 characters), kept off-chain "
+        "with the redemption and shown in the partner's statement and the customer's history",
+    ),
+]
+
+
+class RedemptionSubmission(TypedDataSubmission):
+    """A partner's redemption with the customer's signed authorisation (typed data and signature)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{**SIGNED, "reference": "order-1042"}]})
+
+    reference: PartnerReference = None
+
+
+class CodeRedemption(BaseModel):
+    """A partner's redemption with the customer's short code (the service holds the signed authorisation)."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"code": "K7QX-3MZP-9D", "reference": "order-1042"}]}
+    )
+
+    code: str = Field(
+        max_length=32,
+        description="the customer's short code, as the customer shows it: 10 Crockford base32 characters, "
+        "any case, spaces and hyphens ignored (I and L read as 1, O as 0)",
+    )
+    reference: PartnerReference = None
+
+
+def _redemption_shape(body: Any) -> str:
+    return "code" if isinstance(body, dict) and "code" in body else "typed_data"
+
+
+# A redemption body is one of the two: told apart by its `code`, so a refusal names the fields of the
+# shape sent (as a plain union, pydantic listed what each shape lacked).
+RedemptionBody = Annotated[
+    Annotated[CodeRedemption, Tag("code")] | Annotated[RedemptionSubmission, Tag("typed_data")],
+    Discriminator(_redemption_shape),
+]
+
+
+class RedemptionCodePublic(BaseModel):
+    """An outstanding short code: what it lets which partner redeem, until when."""
+
+    code: str = Field(description="the short code (10 Crockford base32 characters), grouped for reading")
+    partner: str
+    partner_name: str | None = None
+    amount: int = Field(description="the points the partner may redeem with it, once")
+    expires_at: int = Field(description="unix time the code stops working (the authorisation's deadline)")
+    redemption_id: str
+    qr_svg: str = Field(description="the code as a QR code: an SVG image as a data: URI")
+
+
+class RedemptionCodesPublic(BaseModel):
+    codes: list[RedemptionCodePublic] = Field(description="the customer's outstanding codes, soonest to expire first")
 
 
 class CustomerCreate(BaseModel):
@@ -370,6 +435,7 @@ class RedemptionPublic(BaseModel):
     balance: int = Field(description="the customer's unexpired points after this redemption")
     tx_hash: str
     block_number: int
+    reference: str | None = Field(default=None, description="the partner's own order reference, as sent")
 
 
 class LotPublic(BaseModel):
@@ -386,6 +452,9 @@ class PointsEventPublic(BaseModel):
     lot_id: int | None = None
     balance: int | None = None
     reason: str | None = None
+    reference: str | None = Field(
+        default=None, description="the partner's own order reference of a redemption, when it sent one"
+    )
     tx_hash: str
     block_number: int
     block_time: int
@@ -410,6 +479,7 @@ class StatementLine(BaseModel):
     redemption_id: str
     did: str
     amount: int
+    reference: str | None = Field(default=None, description="the partner's own order reference, when it sent one")
     tx_hash: str
     block_number: int
     block_time: int

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy import Connection
+from sqlalchemy import Connection, select
 
 from api import idempotency
 from api.auth import Caller, Scope
@@ -31,9 +31,11 @@ from api.deps import (
 )
 from api.errors import PROBLEM_MEDIA_TYPE, ApiError, request_path, responses
 from api.observability import REDEMPTIONS
+from api.routers import codes
 from api.routers.customers import own_subject, subject_of
 from api.runtime import Runtime
 from api.schemas import (
+    CodeRedemption,
     ErrorPublic,
     IssuanceCreate,
     IssuancePublic,
@@ -41,19 +43,29 @@ from api.schemas import (
     LotPublic,
     PointsEventPublic,
     PointsPublic,
+    RedemptionBody,
     RedemptionPrepare,
     RedemptionPreparePublic,
     RedemptionPublic,
+    RedemptionSubmission,
     StatementLine,
     StatementPublic,
     TierPublic,
-    TypedDataSubmission,
 )
 from identity.types import Subject
 from ledger import eip712
 from ledger.consent import CONTROLLER_OF
 from ledger.eip712 import Redemption
-from ledger.points import FINAL, LOST_AFTER_ANSWER, REQUEST_BY_REF, EventKind, PointsReader, PointsRequest, PointsStatus
+from ledger.points import (
+    FINAL,
+    LOST_AFTER_ANSWER,
+    REQUEST_BY_REF,
+    EventKind,
+    PointsReader,
+    PointsRequest,
+    PointsStatus,
+    RedemptionCodeEnd,
+)
 from ledger.types import MAX_POINTS
 
 router = APIRouter(tags=["points"], responses=responses(401, 403))
@@ -309,74 +321,41 @@ def _redemption_public(runtime: Runtime, row: PointsRequest) -> dict[str, Any]:
         balance=row.balance,
         tx_hash=row.tx_hash,
         block_number=row.block_number,
+        reference=row.reference,
     ).model_dump(mode="json")
 
 
 @router.post(
     "/points/redemptions",
     response_model=RedemptionPublic,
-    responses=responses(400, 409, 422, 503),
+    responses=responses(400, 404, 409, 410, 422, 429, 503),
     openapi_extra=REQUIRED_IDEMPOTENCY_KEY,
 )
 async def redeem(
-    body: TypedDataSubmission,
+    body: RedemptionBody,
     request: Request,
     runtime: RuntimeDep,
     caller: PointsRedeemer,
     key: RequiredIdempotencyKey = None,
 ) -> JSONResponse:
-    """Redeem with the customer's signed authorisation. Answers when the redemption is on-chain, with
-    the customer's new balance. Send an `Idempotency-Key`: a retry with it gets the first answer."""
+    """Redeem with the customer's short code (`{code, reference}`), or with the customer's signed
+    authorisation itself (`{typed_data, signature, reference}`). Answers when the redemption is
+    on-chain, with the customer's new balance. Send an `Idempotency-Key`: a retry with it gets the first
+    answer. A partner whose code lookups fail too often is refused for a while (429)."""
     if not key:
         raise ApiError(400, "idempotency_key_required", "Send an Idempotency-Key header with each redemption")
     domain = runtime.ledger.points.domain
     partner = caller.address
+    by_code = isinstance(body, CodeRedemption)
+    if by_code and partner is not None:
+        codes.FAILED_LOOKUPS.check(partner)
+    ends: list[object] = []  # the code's end, stored with its request
 
     def build(connection: Connection) -> list[PointsRequest]:
-        try:
-            message = eip712.parse(body.typed_data, domain, ("Redemption",))
-            signature = eip712.Signature.from_bytes(bytes.fromhex(body.signature[2:]))
-            signer = eip712.recover(domain, message, signature)
-        except (eip712.TypedDataError, ValueError) as exc:  # the typed data, or the signature (ValueError)
-            raise ApiError(
-                422, "invalid_typed_data", "The signed data is not a redemption of this ledger", str(exc)
-            ) from exc
-        assert isinstance(message, Redemption)
-        if partner is None or message.partner != partner:
-            raise ApiError(403, "not_your_authorisation", "This authorisation is for another partner")
-        if not 0 < message.amount <= MAX_POINTS:
-            raise ApiError(422, "invalid_amount", "Invalid amount")
-        if message.deadline <= time.time():
-            raise ApiError(422, "signature_expired", "The authorisation has expired; authorise again")
-        controller = connection.execute(CONTROLLER_OF, {"subject": bytes(message.subject)}).scalar()
-        if controller is None:
-            raise ApiError(422, "unbound_subject", "The customer has not bound a key")
-        if signer != controller:
-            raise ApiError(
-                422,
-                "invalid_signature",
-                "The authorisation was not signed by the customer's bound key",
-                f"signed by {signer}",
-            )
-        if connection.execute(REQUEST_BY_REF, {"ref": message.redemption_id}).first() is not None:
-            raise ApiError(409, "authorisation_used", "This authorisation was used already")
-        return [
-            PointsRequest(
-                id=str(uuid.uuid4()),
-                kind="redeem",
-                ref=message.redemption_id,
-                subject=bytes(message.subject),
-                amount=message.amount,
-                partner=message.partner,
-                controller=controller,
-                nonce=str(message.nonce),
-                deadline=message.deadline,
-                v=signature.v,
-                r=signature.r,
-                s=signature.s,
-                principal=caller.name,
-            )
-        ]
+        ends.clear()
+        if isinstance(body, CodeRedemption):
+            return [_by_code(connection, body, partner, caller.name, ends)]
+        return [_by_typed_data(connection, body, domain, partner, caller.name, ends)]
 
     started = await idempotency.start(
         runtime,
@@ -386,7 +365,8 @@ async def redeem(
         path=request_path(request),
         digest=idempotency.body_hash(await request.body()),
         build=build,
-        conflict=lambda: ApiError(409, "authorisation_used", "This authorisation was used already"),
+        conflict=lambda: _conflict(runtime, ends),
+        companions=ends,
     )
     if started.status_code is not None:
         assert started.body is not None
@@ -399,6 +379,107 @@ async def redeem(
     if started.created:  # a retry answers again what was counted once
         REDEMPTIONS.labels(outcome="done" if status_code == 200 else "refused").inc()
     return _answer(status_code, answer)
+
+
+def _by_typed_data(
+    connection: Connection,
+    body: RedemptionSubmission,
+    domain: eip712.Domain,
+    partner: str | None,
+    principal: str,
+    ends: list[object],
+) -> PointsRequest:
+    try:
+        message = eip712.parse(body.typed_data, domain, ("Redemption",))
+        signature = eip712.Signature.from_bytes(bytes.fromhex(body.signature[2:]))
+        signer = eip712.recover(domain, message, signature)
+    except (eip712.TypedDataError, ValueError) as exc:  # the typed data, or the signature (ValueError)
+        raise ApiError(
+            422, "invalid_typed_data", "The signed data is not a redemption of this ledger", str(exc)
+        ) from exc
+    assert isinstance(message, Redemption)
+    if partner is None or message.partner != partner:
+        raise ApiError(403, "not_your_authorisation", "This authorisation is for another partner")
+    if not 0 < message.amount <= MAX_POINTS:
+        raise ApiError(422, "invalid_amount", "Invalid amount")
+    if message.deadline <= time.time():
+        raise ApiError(422, "signature_expired", "The authorisation has expired; authorise again")
+    controller = connection.execute(CONTROLLER_OF, {"subject": bytes(message.subject)}).scalar()
+    if controller is None:
+        raise ApiError(422, "unbound_subject", "The customer has not bound a key")
+    if signer != controller:
+        raise ApiError(
+            422,
+            "invalid_signature",
+            "The authorisation was not signed by the customer's bound key",
+            f"signed by {signer}",
+        )
+    if connection.execute(REQUEST_BY_REF, {"ref": message.redemption_id}).first() is not None:
+        raise ApiError(409, "authorisation_used", "This authorisation was used already")
+    # An authorisation the customer kept behind a code: cancelled, the service will not redeem it this
+    # way either; outstanding, its use ends the code as a redemption by the code would.
+    kept = codes.by_redemption_id(connection, message.redemption_id)
+    if kept is not None and kept[1] is not None:
+        raise codes.ended(kept[1])
+    request = PointsRequest(
+        id=str(uuid.uuid4()),
+        kind="redeem",
+        ref=message.redemption_id,
+        subject=bytes(message.subject),
+        amount=message.amount,
+        partner=message.partner,
+        controller=controller,
+        nonce=str(message.nonce),
+        deadline=message.deadline,
+        v=signature.v,
+        r=signature.r,
+        s=signature.s,
+        principal=principal,
+        reference=body.reference,
+    )
+    if kept is not None:
+        ends.append(RedemptionCodeEnd(code_id=kept[0], outcome="used", request_id=request.id))
+    return request
+
+
+def _by_code(
+    connection: Connection, body: CodeRedemption, partner: str | None, principal: str, ends: list[object]
+) -> PointsRequest:
+    code = codes.for_partner(connection, body.code, partner)
+    controller = connection.execute(CONTROLLER_OF, {"subject": code.subject}).scalar()
+    if controller != code.controller:  # the customer bound another key since: the signature is void
+        raise ApiError(422, "invalid_signature", "The authorisation was not signed by the customer's bound key")
+    if connection.execute(REQUEST_BY_REF, {"ref": code.redemption_id}).first() is not None:
+        raise codes.ended("used")  # redeemed with its typed data before the code's end was stored
+    request = PointsRequest(
+        id=str(uuid.uuid4()),
+        kind="redeem",
+        ref=code.redemption_id,
+        subject=code.subject,
+        amount=code.amount,
+        partner=code.partner,
+        controller=code.controller,
+        nonce=code.nonce,
+        deadline=code.deadline,
+        v=code.v,
+        r=code.r,
+        s=code.s,
+        principal=principal,
+        reference=body.reference,
+    )
+    ends.append(RedemptionCodeEnd(code_id=code.id, outcome="used", request_id=request.id))
+    return request
+
+
+def _conflict(runtime: Runtime, ends: list[object]) -> ApiError:
+    """What a lost race says: a code's end stored first (cancelled or used), or the on-chain id queued."""
+    for end in ends:
+        assert isinstance(end, RedemptionCodeEnd)
+        with runtime.reads() as session:
+            outcome = session.scalar(select(RedemptionCodeEnd.outcome).where(RedemptionCodeEnd.code_id == end.code_id))
+        if outcome is not None:
+            return codes.ended(outcome)
+    return ApiError(409, "authorisation_used", "This authorisation was used already")
 
 
 def row_failure(row: PointsRequest, path: str) -> tuple[int, dict[str, Any]]:
@@ -426,6 +507,8 @@ def customer_points(did: str, runtime: RuntimeDep, caller: OwnPointsReader) -> P
     lots = reader.lots(subject, now)
     tier = reader.tier(subject, now)
     partners = runtime.catalogue().partners
+    history = reader.history(subject)
+    references = reader.references([h.ref for h in history if h.kind == EventKind.REDEEMED])
     return PointsPublic(
         did=did,
         balance=sum(lot.remaining for lot in lots),
@@ -439,11 +522,12 @@ def customer_points(did: str, runtime: RuntimeDep, caller: OwnPointsReader) -> P
                 lot_id=h.lot_id or None,
                 balance=h.balance if h.kind == EventKind.REDEEMED else None,
                 reason=h.reason,
+                reference=references.get(h.ref) if h.kind == EventKind.REDEEMED else None,
                 tx_hash=h.tx_hash,
                 block_number=h.block_number,
                 block_time=h.block_time,
             )
-            for h in reader.history(subject)
+            for h in history
         ],
         tier=TierPublic(name=tier.name, earned_12m=tier.earned, next=tier.next, points_to_next=tier.to_next),
     )
@@ -479,11 +563,13 @@ def statement(
     if last <= first:
         raise ApiError(422, "invalid_period", "`to` must be after `from`")
     rows = runtime.ledger.points_reader.statement(partner, first, last)
+    references = runtime.ledger.points_reader.references([h.ref for h in rows])
     lines = [
         StatementLine(
             redemption_id="0x" + h.ref.hex(),
             did=runtime.dids.did(Subject(h.subject)),
             amount=h.amount,
+            reference=references.get(h.ref),
             tx_hash=h.tx_hash,
             block_number=h.block_number,
             block_time=h.block_time,
@@ -493,7 +579,7 @@ def statement(
     if format == "csv":
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\r\n")
-        writer.writerow(["redemption_id", "did", "amount", "block_time", "tx_hash", "block_number"])
+        writer.writerow(["redemption_id", "did", "amount", "block_time", "tx_hash", "block_number", "reference"])
         for line in lines:
             writer.writerow(
                 [
@@ -503,6 +589,7 @@ def statement(
                     datetime.fromtimestamp(line.block_time, UTC).isoformat(),
                     line.tx_hash,
                     line.block_number,
+                    line.reference or "",
                 ]
             )
         return Response(

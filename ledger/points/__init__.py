@@ -40,6 +40,8 @@ from ledger.points.tables import (
     PointsLot,
     PointsRequest,
     PointsStatus,
+    RedemptionCode,
+    RedemptionCodeEnd,
     prune_idempotency_records,
 )
 
@@ -66,6 +68,8 @@ __all__ = [
     "PointsRelayer",
     "PointsRequest",
     "PointsStatus",
+    "RedemptionCode",
+    "RedemptionCodeEnd",
     "SignedRedemption",
     "Tier",
     "prune_idempotency_records",

@@ -90,6 +90,18 @@ class PointsReader:
                 )
             )
 
+    def references(self, refs: Sequence[bytes]) -> dict[bytes, str]:
+        """The partners' own references of the redemptions with these on-chain ids, those that have one."""
+        if not refs:
+            return {}
+        with self._sessions() as session:
+            rows = session.execute(
+                select(PointsRequest.ref, PointsRequest.reference).where(
+                    PointsRequest.ref.in_(set(refs)), PointsRequest.reference.is_not(None)
+                )
+            )
+            return {ref: reference for ref, reference in rows if reference is not None}
+
     def next_sequence(self, controller: str, partner: str, chain_nonce: int) -> int:
         """The sequence a new authorisation at `partner` gets: after the chain's and any queued one's."""
         with self._sessions() as session:

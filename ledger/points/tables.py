@@ -75,8 +75,48 @@ class PointsRequest(Base):
     indexed: Mapped[bool] = mapped_column(default=False)  # the indexer has seen its event
     error_code: Mapped[str | None] = mapped_column(String(64), default=None)
     error_detail: Mapped[str | None] = mapped_column(String(500), default=None)
+    # The partner's own order reference of a redemption (printable, bounded by the API): off-chain only,
+    # shown in the partner's statement and the customer's history. Nullable: added to older databases.
+    reference: Mapped[str | None] = mapped_column(String(64), default=None)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class RedemptionCode(Base):
+    """A customer's signed `Redemption`, kept by the service behind a short code the partner types (see
+    `api.routers.codes`). The signature never leaves the service: the partner redeems by the code, and
+    only the partner the authorisation names can. Whether it is still outstanding is `RedemptionCodeEnd`'s
+    to say (used or cancelled), or its deadline's."""
+
+    __tablename__ = "redemption_codes"
+    __table_args__ = (Index("ix_redemption_codes_subject", "subject", "deadline"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    code: Mapped[str] = mapped_column(String(10), unique=True)  # Crockford base32, normalised
+    redemption_id: Mapped[bytes] = mapped_column(LargeBinary(32), unique=True)
+    subject: Mapped[bytes] = mapped_column(LargeBinary(32))
+    controller: Mapped[str] = mapped_column(String(42))
+    partner: Mapped[str] = mapped_column(String(42))
+    amount: Mapped[int] = mapped_column(BigInteger)
+    nonce: Mapped[str] = mapped_column(String(80))  # uint256 as decimal (keyed)
+    deadline: Mapped[int] = mapped_column(BigInteger)
+    v: Mapped[int] = mapped_column(Integer)
+    r: Mapped[bytes] = mapped_column(LargeBinary(32))
+    s: Mapped[bytes] = mapped_column(LargeBinary(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class RedemptionCodeEnd(Base):
+    """How a code ended: `used` (a partner's redemption was queued with it, in the same transaction as
+    the request) or `cancelled` (by the customer). The primary key makes the two race safely: whichever
+    commits first wins, the other gets an IntegrityError."""
+
+    __tablename__ = "redemption_code_ends"
+
+    code_id: Mapped[int] = mapped_column(Integer, primary_key=True)  # RedemptionCode.id
+    outcome: Mapped[str] = mapped_column(String(16))  # used, cancelled
+    request_id: Mapped[str | None] = mapped_column(String(36), default=None)  # the PointsRequest, when used
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class PointsBatch(Base):

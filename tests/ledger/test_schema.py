@@ -122,3 +122,26 @@ def test_a_column_that_must_hold_a_value_is_not_added_as_null(service_db: Engine
         connection.execute(text("ALTER TABLE consent_requests DROP COLUMN valid_until"))
     with pytest.raises(RuntimeError, match=r"consent_requests\.valid_until cannot be added"):
         create_schema(service_db)
+
+
+def test_a_database_made_before_redemption_codes_is_brought_up_to_date(service_db: Engine) -> None:
+    """The earlier schema: no partner reference on points requests, no code tables. Old rows keep theirs."""
+    with service_db.begin() as connection:
+        connection.execute(text("DROP TABLE redemption_code_ends"))
+        connection.execute(text("DROP TABLE redemption_codes"))
+        connection.execute(text("ALTER TABLE points_requests DROP COLUMN reference"))
+        connection.execute(
+            text(
+                "INSERT INTO points_requests (id, kind, ref, subject, amount, expires_at, deadline, v, r, s, "
+                "principal, status, indexed, created_at, updated_at) VALUES ('old', 'redeem', :ref, :subject, 5, "
+                "0, 0, 27, :r, :r, 'acme', 'done', :indexed, :at, :at)"
+            ),
+            {"ref": os.urandom(32), "subject": SUBJECT, "r": b"r" * 32, "at": AT, "indexed": True},
+        )
+    assert "reference" not in {c["name"] for c in inspect(service_db).get_columns("points_requests")}
+
+    create_schema(service_db)
+
+    assert {"redemption_codes", "redemption_code_ends"} <= set(inspect(service_db).get_table_names())
+    with service_db.connect() as connection:
+        assert connection.execute(text("SELECT id, reference FROM points_requests")).all() == [("old", None)]

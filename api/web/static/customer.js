@@ -630,22 +630,88 @@ async function loadPoints() {
             el("td", {}, when(event.block_time)),
             el("td", {}, event.kind.replace("_", " ")),
             el("td", {}, event.amount),
-            el("td", {}, event.partner_name ?? (event.partner ? short(event.partner) : "")),
+            el(
+              "td",
+              {},
+              event.partner_name ?? (event.partner ? short(event.partner) : ""),
+              event.reference ? el("div", { class: "muted" }, `their ref. ${event.reference}`) : "",
+            ),
             el("td", {}, event.balance ?? ""),
           ),
         ),
     ),
   );
+  await loadCodes();
+}
+
+// short redemption codes ------------------------------------------------------------------------------
+
+// What the code routes' refusals mean to the customer, beside the control that caused them.
+const CODE_WORDS = {
+  insufficient_points: "You do not have that many points. Choose fewer.",
+  code_outstanding: "You already have a code for this partner. Use it, or cancel it below, then make a new one.",
+  code_used: "The partner has used this code already.",
+  code_expired: "This code has expired already.",
+  code_cancelled: "This code was cancelled already.",
+  unknown_code: "This code is not yours or no longer exists.",
+};
+
+function codeFailure(error) {
+  return error instanceof ApiProblem && CODE_WORDS[error.code] ? new Error(CODE_WORDS[error.code]) : error;
+}
+
+let shownCodes = null; // the listing last drawn: redrawn only when it changes (a poll keeps buttons and notes)
+
+async function loadCodes() {
+  const { codes } = await call("/points/codes");
+  const drawn = JSON.stringify(codes.map((c) => c.code));
+  if (drawn === shownCodes) return;
+  shownCodes = drawn;
+  $("codes").replaceChildren(
+    el("caption", {}, "Codes a partner can still use"),
+    el(
+      "thead",
+      {},
+      el("tr", {}, ["Code", "Points", "Partner", "Works until", ""].map((h) => el("th", { scope: "col" }, h))),
+    ),
+    el(
+      "tbody",
+      {},
+      codes.length
+        ? codes.map((c) => {
+            const cancel = el(
+              "button",
+              { type: "button", class: "secondary", "aria-label": `Cancel code ${c.code}` },
+              "Cancel",
+            );
+            onClick(cancel, () => cancelCode(c));
+            return el(
+              "tr",
+              { "data-code": c.code },
+              el("td", {}, el("span", { class: "code" }, c.code)),
+              el("td", {}, c.amount),
+              el("td", {}, c.partner_name ?? short(c.partner)),
+              el("td", {}, when(c.expires_at)),
+              el("td", {}, cancel),
+            );
+          })
+        : el("tr", {}, el("td", { colspan: 5 }, "No outstanding codes.")),
+    ),
+  );
+}
+
+async function cancelCode(c) {
+  try {
+    await call(`/points/codes/${enc(c.code)}`, { method: "DELETE" });
+  } catch (error) {
+    throw codeFailure(error);
+  }
+  if ($("redemption-code").textContent === c.code) $("redeem-result").hidden = true;
+  say(`Code ${c.code} is cancelled: ${c.partner_name ?? "the partner"} can no longer use it.`);
+  await loadCodes();
 }
 
 // wiring ------------------------------------------------------------------------------------------
-
-function base64url(text) {
-  return btoa(String.fromCharCode(...new TextEncoder().encode(text)))
-    .replaceAll("+", "-")
-    .replaceAll("/", "_")
-    .replace(/=+$/, "");
-}
 
 // A claim link (`claim_url` of the enrolment) carries the DID and the claim code in its fragment: fill
 // them in, and take them out of the address bar and the history (the code works once; it need not stay).
@@ -789,21 +855,35 @@ document.addEventListener("DOMContentLoaded", () => {
   });
 
   onSubmit($("redeem-form"), async (data) => {
-    const prepared = await call("/points/redemptions/prepare", {
-      method: "POST",
-      body: { partner: data.get("partner"), amount: Number(data.get("amount")) },
-    });
-    const signature = await signTyped(wallet, prepared.typed_data);
-    $("redemption-code").value = base64url(JSON.stringify({ typed_data: prepared.typed_data, signature }));
-    $("code-label").textContent = `Show this code to ${data.get("partner")}. It works once, until ${when(prepared.deadline)}.`;
+    let code;
+    try {
+      const prepared = await call("/points/redemptions/prepare", {
+        method: "POST",
+        body: { partner: data.get("partner"), amount: Number(data.get("amount")) },
+      });
+      const signature = await signTyped(wallet, prepared.typed_data);
+      code = await call("/points/codes", { method: "POST", body: { typed_data: prepared.typed_data, signature } });
+    } catch (error) {
+      throw codeFailure(error);
+    }
+    const partner = code.partner_name ?? data.get("partner");
+    $("redemption-code").textContent = code.code;
+    $("redemption-qr").src = code.qr_svg;
+    $("redemption-qr").alt = `QR code of the code ${code.code}`;
+    $("code-label").textContent = `Show this code to ${partner}. It works once, for ${code.amount} points, until ${when(code.expires_at)}.`;
     $("redeem-result").hidden = false;
-    say(`Code created for ${data.get("amount")} points at ${data.get("partner")}; it works once, until ${when(prepared.deadline)}.`);
-    $("redemption-code").focus();
+    say(`Code ${code.code} created for ${code.amount} points at ${partner}; it works once, until ${when(code.expires_at)}.`);
+    await loadCodes();
   });
 
-  $("copy-code").addEventListener("click", async () => {
-    await navigator.clipboard.writeText($("redemption-code").value).catch(() => $("redemption-code").select());
-    say("Code copied.");
+  onClick($("copy-code"), async () => {
+    const code = $("redemption-code").textContent;
+    try {
+      await navigator.clipboard.writeText(code);
+    } catch {
+      throw new Error(`Copying is not allowed here: write the code down instead (${code}).`);
+    }
+    tell($("copy-code"), "Code copied.", "ok");
   });
 
   $("sign-out").addEventListener("click", () => {
