@@ -308,6 +308,7 @@ class Runtime:
     def _recovery(self, action: str, subject: bytes, *args: Any) -> tuple[str, int]:
         if self.writers is None:  # a standby: the leader instance sends with the operator key
             return self._through_leader("recovery", [action, subject.hex(), *_to_wire(args)])
+        self._still_leading()
         writers = self._writers()
         receipt = writers.bindings.recovery(action, Subject(subject), *args)
         writers.indexer.wake.set()
@@ -316,10 +317,18 @@ class Runtime:
     def _bind_controller(self, subject: bytes, controller: str) -> tuple[str, int]:
         if self.writers is None:  # a standby: the leader instance sends with the operator key
             return self._bind_through_leader(subject, controller)
+        self._still_leading()
         writers = self.writers
         receipt = writers.bindings.bind(Subject(subject), controller)
         writers.indexer.wake.set()
         return receipt.tx_hash, receipt.block_number
+
+    def _still_leading(self) -> None:
+        """Before a transaction signed with the operator key outside the relayer (which checks the same
+        itself): refused once this instance's hold on the leader lock is no longer known to be fresh, as
+        another instance may be the leader already (their operator nonces would collide)."""
+        if self.leadership is not None and not self.leadership.fresh():
+            raise LedgerError("this instance no longer runs the chain's writers; ask again")
 
     def _bind_through_leader(self, subject: bytes, controller: str) -> tuple[str, int]:
         """A standby's binding: asked of the leader through the database (`ledger.leader.ask_leader`)."""

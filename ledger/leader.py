@@ -29,18 +29,33 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Boolean, Connection, Engine, Integer, String, Text, create_engine, delete, select, text, update
+from sqlalchemy import (
+    Boolean,
+    Connection,
+    DateTime,
+    Engine,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    delete,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.pool import NullPool
 
 from ledger.errors import LedgerError
 from ledger.files import write_atomically
-from ledger.store import SCHEMA_LOCK, Base, rowcount, sessions
+from ledger.store import SCHEMA_LOCK, Base, rowcount, sessions, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +238,7 @@ class LeaderCall(Base):
     args: Mapped[str] = mapped_column(Text)  # JSON
     taken: Mapped[bool] = mapped_column(Boolean, default=False)
     outcome: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: [failure or null, value]
+    asked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class LeaderCallFailed(LedgerError):
@@ -286,6 +302,10 @@ def ask_leader(
         time.sleep(poll)
 
 
+CALL_WORKERS = 8  # calls a leader makes at once: each waits for its block, and standbys' callers wait too
+CALL_RETENTION = timedelta(minutes=10)  # a row whose asker or leader died is removed after this
+
+
 def serve_calls(
     sessions: Callable[[], AbstractContextManager[Session]],
     calls: dict[str, Callable[..., Any]],
@@ -293,28 +313,44 @@ def serve_calls(
     stop: threading.Event,
     *,
     poll: float = 0.05,
+    workers: int = CALL_WORKERS,
 ) -> None:
-    """The leader's side of `ask_leader`, in a thread of its own: take each call asked, make it, record
-    its outcome (a failure as `classify` tells it)."""
-    while not stop.wait(poll):
+    """The leader's side of `ask_leader`, in a thread of its own: take each call asked, make it (up to
+    `workers` at once: each waits for its transaction's block, and one at a time let a burst of
+    bindings on a standby outwait `ask_leader`'s timeout), record its outcome (a failure as `classify`
+    tells it). Rows older than `CALL_RETENTION` are removed: those of an asker that died before
+    reading its answer, or of a leader that died after taking a call (its asker gave up long before)."""
+
+    def make(call_id: int, name: str, args: str) -> None:
+        try:
+            outcome = [None, calls[name](*json.loads(args))]
+        except Exception as exc:
+            outcome = [list(classify(exc)), None]
         try:
             with sessions() as session:
-                asked = list(session.scalars(select(LeaderCall).where(LeaderCall.taken.is_(False))))
-            for call in asked:
-                with sessions() as session:  # one leader: the claim only guards against a stale one
-                    claimed = session.execute(
-                        update(LeaderCall)
-                        .where(LeaderCall.id == call.id, LeaderCall.taken.is_(False))
-                        .values(taken=True)
-                    )
-                if rowcount(claimed) != 1:
-                    continue
-                try:
-                    outcome = [None, calls[call.name](*json.loads(call.args))]
-                except Exception as exc:
-                    outcome = [list(classify(exc)), None]
+                session.execute(update(LeaderCall).where(LeaderCall.id == call_id).values(outcome=_json(outcome)))
+        except Exception:
+            log.exception("recording the outcome of a standby's %s failed", name)
+
+    next_prune = 0.0
+    with ThreadPoolExecutor(workers, thread_name_prefix="leader-call") as pool:
+        while not stop.wait(poll):
+            try:
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + 60
+                    with sessions() as session:
+                        session.execute(delete(LeaderCall).where(LeaderCall.asked_at < utcnow() - CALL_RETENTION))
                 with sessions() as session:
-                    session.execute(update(LeaderCall).where(LeaderCall.id == call.id).values(outcome=_json(outcome)))
-        except Exception:  # the database may be away for a while; this thread must not die
-            log.exception("serving the standbys' calls failed")
-            stop.wait(0.5)
+                    asked = list(session.scalars(select(LeaderCall).where(LeaderCall.taken.is_(False))))
+                for call in asked:
+                    with sessions() as session:  # one leader: the claim only guards against a stale one
+                        claimed = session.execute(
+                            update(LeaderCall)
+                            .where(LeaderCall.id == call.id, LeaderCall.taken.is_(False))
+                            .values(taken=True)
+                        )
+                    if rowcount(claimed) == 1:
+                        pool.submit(make, call.id, call.name, call.args)
+            except Exception:  # the database may be away for a while; this thread must not die
+                log.exception("serving the standbys' calls failed")
+                stop.wait(0.5)

@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, delete
 
 from api.runtime import Runtime, _classify
+from ledger.errors import LedgerError
 from ledger.leader import LeaderCall, serve_calls
 from ledger.store import sessions
 
@@ -48,6 +49,7 @@ def _runtime(engine: Engine, writers: _Writers | None) -> Runtime:
     runtime = Runtime.__new__(Runtime)
     runtime.sessions = sessions(engine).begin  # type: ignore[method-assign]
     runtime.writers = writers  # type: ignore[assignment]
+    runtime.leadership = None
     return runtime
 
 
@@ -76,3 +78,18 @@ def test_a_standby_s_binding_and_recovery_steps_are_made_by_the_leader_with_thei
         ("cancel", subject, key, 1_700_000_000, 1_700_000_600, signature),
         ("complete", subject),
     ]
+
+
+def test_a_leader_whose_lock_is_not_known_fresh_sends_no_binding_or_recovery(calls_db: Engine) -> None:
+    """Fencing outside the relayer: a leader whose lock session has not answered within its lease may no
+    longer be the leader (another instance may have taken over), so it signs nothing with the operator key."""
+    writers = _Writers()
+    leader = _runtime(calls_db, writers)
+    leader.leadership = type("Stale", (), {"fresh": lambda self: False})()
+    with pytest.raises(LedgerError, match="no longer runs the chain's writers"):
+        leader._bind_controller(bytes(32), "0x" + "ab" * 20)
+    with pytest.raises(LedgerError, match="no longer runs the chain's writers"):
+        leader._recovery("complete", bytes(32))
+    assert writers.made == []
+    leader.leadership = type("Fresh", (), {"fresh": lambda self: True})()
+    assert leader._bind_controller(bytes(32), "0x" + "ab" * 20) == ("0xb1", 3)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -162,3 +163,41 @@ def test_a_call_no_leader_takes_fails_and_is_withdrawn(calls_db: Engine) -> None
         ask_leader(sessions(calls_db).begin, "bind_controller", ["01", "0xC0"], timeout=0.3)
     with sessions(calls_db)() as session:
         assert session.scalar(select(func.count()).select_from(LeaderCall)) == 0  # a later leader will not make it
+
+
+def test_a_leader_makes_standbys_calls_at_once_and_removes_rows_left_by_the_dead(calls_db: Engine) -> None:
+    """Calls wait for their block: made one at a time, a burst of bindings on a standby outwaited the
+    asker's timeout. Four calls that each finish only when all four are being made (a barrier) finish.
+    And a row whose leader died after taking it (no outcome, asked long ago) is removed."""
+    barrier = threading.Barrier(4, timeout=10)
+
+    def bind(subject: str, controller: str) -> tuple[str, int]:
+        barrier.wait()  # BrokenBarrierError (the call fails) unless four are made at once
+        return "0x" + subject, 1
+
+    with sessions(calls_db).begin() as session:
+        session.add(
+            LeaderCall(name="bind_controller", args="[]", taken=True, asked_at=datetime.now(UTC) - timedelta(hours=1))
+        )
+    stop = threading.Event()
+    leader = threading.Thread(
+        target=serve_calls, args=(sessions(calls_db).begin, {"bind_controller": bind}, _classify, stop), daemon=True
+    )
+    leader.start()
+    try:
+        answers: list[Any] = [None] * 4
+
+        def ask(i: int) -> None:
+            answers[i] = ask_leader(sessions(calls_db).begin, "bind_controller", [f"0{i}", "0xC0"])
+
+        askers = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for asker in askers:
+            asker.start()
+        for asker in askers:
+            asker.join(timeout=30)
+        assert answers == [["0x00", 1], ["0x01", 1], ["0x02", 1], ["0x03", 1]]
+    finally:
+        stop.set()
+        leader.join(timeout=15)
+    with sessions(calls_db)() as session:
+        assert session.scalar(select(func.count()).select_from(LeaderCall)) == 0  # the dead leader's row too
