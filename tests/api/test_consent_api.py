@@ -593,7 +593,8 @@ def test_purposes_of_a_database_made_before_legal_bases_get_theirs(tmp_path: Pat
         )
     create_schema(engine)
     with engine.begin() as connection:
-        rows = dict(connection.execute(sql("SELECT key, legal_basis FROM purposes")).all())  # type: ignore[arg-type]
+        found = connection.execute(sql("SELECT key, legal_basis FROM purposes")).tuples()
+        rows: dict[str, str | None] = dict(found.all())
     assert rows == {"essential.service": "contract", "analytics.reporting": "consent"}
 
 

@@ -139,11 +139,12 @@ def _stored_addresses(page: Page) -> set[str]:
 
 def _toggle(page: Page, attribute: str, purpose: str = ANALYTICS) -> Any:
     """The switch of one kind of data, in its purpose's "Which data" disclosure (opened if it is closed)."""
-    box = page.get_by_role("checkbox", name=f"Share {attribute} with acme for {purpose}")
-    if not box.is_visible():
-        choice = page.locator(".choice", has=box)
-        choice.locator("summary").click()
-    return box
+    card = page.locator("li.purpose", has=page.get_by_role("heading", name=purpose, exact=True))
+    details = card.locator(".choice[data-partner='acme'] details")
+    expect(details).to_have_count(1)
+    if not details.evaluate("(details) => details.open"):
+        details.locator("summary").click()
+    return page.get_by_role("checkbox", name=f"Share {attribute} with acme for {purpose}")
 
 
 def _switch(page: Page, purpose: str = ANALYTICS, partner: str = "acme") -> Any:
@@ -600,7 +601,8 @@ def test_the_ledger_away_is_said_beside_the_switch_and_the_claim_form(
     )
     note = page.locator("#consents .note.error")
     expect(note).to_have_count(1)
-    assert note.evaluate("(note) => note.closest('.choice').contains(document.activeElement)")  # beside the switch
+    beside = note.evaluate("(note) => note.closest('.choice').contains(document.activeElement)")
+    assert beside, page.evaluate("document.activeElement.outerHTML")  # the note is beside the switch used
     expect(toggle).not_to_be_checked()
     expect(page.locator("body")).not_to_contain_text("chain_unavailable")
     assert _consents(service, did) == []

@@ -39,7 +39,7 @@ service = portal_service  # this module's own served ledger
 @pytest.fixture(scope="module")
 def beta(service: Served) -> str:
     """A second partner, so that a purpose can be refused to every partner at once."""
-    address = Account.create().address
+    address: str = Account.create().address
     made = service.client.post(
         "/api/v1/partners", json={"name": "beta", "address": address}, headers=service.operator()
     )

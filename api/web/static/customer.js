@@ -475,6 +475,14 @@ async function loadConsents() {
   if (pending) pollTimer = setTimeout(() => loadConsents().catch(fail), 1000);
 }
 
+// Signed out: nothing of this account's choices may show (or be used) when the next one signs in.
+function forgetConsents() {
+  for (const kept of [busy, notes, tracked, opened, confirming, bulkNotes]) kept.clear();
+  consentsByKey = new Map();
+  $("consent-partners").replaceChildren();
+  $("consents").replaceChildren();
+}
+
 // Accepted changes the ledger has since applied or refused: a refusal shows beside its choice.
 async function settleTracked() {
   for (const [id, request] of [...tracked]) {
@@ -790,6 +798,7 @@ document.addEventListener("DOMContentLoaded", () => {
     wallet = null;
     session = null;
     clearTimeout(pollTimer);
+    forgetConsents();
     say("Signed out. Your key stays in this browser, locked.");
     showSetup();
   });
