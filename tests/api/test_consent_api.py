@@ -593,8 +593,8 @@ def test_purposes_of_a_database_made_before_legal_bases_get_theirs(tmp_path: Pat
         )
     create_schema(engine)
     with engine.begin() as connection:
-        found = connection.execute(sql("SELECT key, legal_basis FROM purposes")).tuples()
-        rows: dict[str, str | None] = dict(found.all())
+        found = connection.execute(sql("SELECT key, legal_basis FROM purposes")).all()
+        rows: dict[str, str | None] = {str(key): basis for key, basis in found}
     assert rows == {"essential.service": "contract", "analytics.reporting": "consent"}
 
 

@@ -17,7 +17,7 @@ from playwright.sync_api import Browser, Page, Route, expect
 
 from tests.api.test_portal import Served, _claim, _consents, _enrol, _fits, _page, _shot, _switch
 from tests.api.test_portal import service as portal_service
-from tests.conftest import accessibility_violations
+from tests.conftest import AXE, accessibility_violations
 
 pytestmark = [pytest.mark.anvil, pytest.mark.slow]
 
@@ -75,6 +75,16 @@ def _fails_for_sms(route: Route) -> None:
         route.continue_()
 
 
+def _every_violation(page: Page) -> list[str]:
+    """axe-core's WCAG 2 A/AA violations of any impact (minor and moderate too) inside the consent section."""
+    page.evaluate(AXE.read_text(encoding="utf-8"))
+    found: list[str] = page.evaluate(
+        "async () => (await axe.run(document.querySelector('#consents').closest('section'),"
+        " {runOnly: ['wcag2a', 'wcag2aa', 'best-practice']})).violations.map(v => v.id + ': ' + v.help)"
+    )
+    return found
+
+
 def _choice(page: Page, purpose: str, partner: str = "acme") -> Any:
     return page.locator(f".choice[data-partner='{partner}'][data-purpose='{purpose}']")
 
@@ -115,6 +125,7 @@ def test_consent_is_chosen_per_purpose_with_its_basis_all_at_once_and_errors_bes
         _fits(page)
         assert height < PHONE_HEIGHT_BEFORE * 0.6, height
     assert accessibility_violations(page) == []
+    assert _every_violation(page) == []
     _shot(page, f"consent-purposes-{size}")
 
     # Allow all for acme, after one confirmation; the service fails the SMS purpose's change: that one
@@ -135,6 +146,7 @@ def test_consent_is_chosen_per_purpose_with_its_basis_all_at_once_and_errors_bes
         service, did, lambda shared: {k: len(v) for k, v in shared.items()} == dict.fromkeys(expected, EVERY_ATTRIBUTE)
     )
     assert accessibility_violations(page) == []
+    assert _every_violation(page) == []
     _shot(page, f"consent-error-beside-choice-{size}")
     page.unroute("**/api/v1/consents/prepare")
 
