@@ -112,6 +112,12 @@ BY_SCHEMA = {
     ("PurposePublic", "key"): "the purpose's key (a Fideslang data use)",
     ("PurposePublic", "name"): "what customers see",
     ("PurposePublic", "description"): "what the data is used for",
+    ("PurposeCreate", "legal_basis"): "the GDPR art. 6(1) basis of the processing: consent (a), contract (b), "
+    "legal_obligation (c) or legitimate_interests (f); only a consent purpose is the customer's to grant",
+    ("PurposePublic", "legal_basis"): "the GDPR art. 6(1) basis of the processing: consent (a), contract (b), "
+    "legal_obligation (c) or legitimate_interests (f); only a consent purpose is the customer's to grant",
+    ("PurposePublic", "legal_basis_article"): "the article of the basis, e.g. GDPR art. 6(1)(a)",
+    ("PurposePublic", "legal_basis_description"): "what the basis means for the customer, in plain words",
     ("AttributeCreate", "key"): "the attribute's key (a Fideslang data category), unique",
     ("AttributeCreate", "name"): "what customers see",
     ("AttributePublic", "key"): "the attribute's key (a Fideslang data category)",

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import DateTime, Integer, LargeBinary, String
+from sqlalchemy import DateTime, Integer, LargeBinary, String, text
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapped, mapped_column
 
-from ledger.store import Base, utcnow
+from ledger.store import BACKFILLS, Base, utcnow
 
 
 class Principal(Base):
@@ -94,6 +95,23 @@ class PurposeRow(Base):
     key: Mapped[str] = mapped_column(String(100), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
     description: Mapped[str] = mapped_column(String(500), default="")
+    # GDPR art. 6(1) basis (`api.reference.LEGAL_BASES`); NULL only in a database made before it existed,
+    # until `create_schema` backfills it (`api.reference`).
+    legal_basis: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+def _legal_bases(connection: Connection) -> None:
+    """Purposes made before the legal basis was recorded: the seeded "essential.service" is needed for the
+    contract (GDPR art. 6(1)(b)); every other purpose was offered for consent, so it stays consent."""
+    connection.execute(
+        text(
+            "UPDATE purposes SET legal_basis = CASE WHEN key = 'essential.service' THEN 'contract' "
+            "ELSE 'consent' END WHERE legal_basis IS NULL"
+        )
+    )
+
+
+BACKFILLS["purposes.legal_basis"] = _legal_bases
 
 
 class AttributeRow(Base):

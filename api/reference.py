@@ -7,17 +7,45 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.models import AttributeRow, PurposeRow
+from api.schemas import PurposePublic
 from ledger.eip712 import purpose_id
 from ledger.types import AttributeMask
 
-# Fideslang data uses.
+# The GDPR art. 6(1) bases a purpose can rest on: the article, and what it means for the customer. Only
+# a consent purpose is the customer's to grant and withdraw; the portal shows the others without a switch.
+LEGAL_BASES = {
+    "consent": ("GDPR art. 6(1)(a), consent", "Only with your consent, which you can give or withdraw at any time."),
+    "contract": ("GDPR art. 6(1)(b), contract", "Needed to provide the service you signed up for."),
+    "legal_obligation": ("GDPR art. 6(1)(c), legal obligation", "Required by law, for example tax records."),
+    "legitimate_interests": (
+        "GDPR art. 6(1)(f), legitimate interests",
+        "Used in our legitimate interests, weighed against yours; you can object to it by contacting us.",
+    ),
+}
+
+# Fideslang data uses, with their legal basis.
 DEFAULT_PURPOSES = [
-    ("marketing.communications.email", "E-mail marketing", "Sending marketing e-mails."),
-    ("marketing.communications.sms", "SMS marketing", "Sending marketing text messages."),
-    ("marketing.advertising.first_party.targeted", "Targeted advertising", "First-party targeted advertising."),
-    ("analytics.reporting", "Analytics reporting", "Aggregate analysis and reporting."),
-    ("personalize.content", "Personalised content", "Personalising content and offers."),
-    ("essential.service", "Essential service", "Providing the service the customer asked for."),
+    ("marketing.communications.email", "E-mail marketing", "Sending you offers and news by e-mail.", "consent"),
+    ("marketing.communications.sms", "SMS marketing", "Sending you offers and news by text message.", "consent"),
+    (
+        "marketing.advertising.first_party.targeted",
+        "Targeted advertising",
+        "Choosing which of our own adverts you see, from what you buy and browse.",
+        "consent",
+    ),
+    (
+        "analytics.reporting",
+        "Analytics reporting",
+        "Counting and comparing purchases in reports that name no one.",
+        "consent",
+    ),
+    ("personalize.content", "Personalised content", "Choosing the offers and content you see to suit you.", "consent"),
+    (
+        "essential.service",
+        "Essential service",
+        "Providing the service you asked for: your account, orders and points.",
+        "contract",
+    ),
 ]
 
 # Fideslang data categories; the position is the attribute's bit in a consent's bitmask.
@@ -35,9 +63,23 @@ DEFAULT_ATTRIBUTES = [
 
 def seed(session: Session) -> None:
     if session.scalar(select(PurposeRow).limit(1)) is None:
-        session.add_all(PurposeRow(key=k, name=n, description=d) for k, n, d in DEFAULT_PURPOSES)
+        session.add_all(PurposeRow(key=k, name=n, description=d, legal_basis=b) for k, n, d, b in DEFAULT_PURPOSES)
     if session.scalar(select(AttributeRow).limit(1)) is None:
         session.add_all(AttributeRow(bit=i, key=k, name=n) for i, (k, n) in enumerate(DEFAULT_ATTRIBUTES))
+
+
+def purpose_public(row: PurposeRow) -> PurposePublic:
+    basis = row.legal_basis or "consent"
+    article, meaning = LEGAL_BASES[basis]
+    return PurposePublic(
+        key=row.key,
+        id="0x" + bytes(purpose_id(row.key)).hex(),
+        name=row.name,
+        description=row.description,
+        legal_basis=basis,  # type: ignore[arg-type]
+        legal_basis_article=article,
+        legal_basis_description=meaning,
+    )
 
 
 class Catalogue:

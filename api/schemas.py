@@ -338,6 +338,10 @@ class PartnerPublic(BaseModel):
     retired_at: str | None = Field(default=None, description="set once the operator retired the partner")
 
 
+# GDPR art. 6(1): (a) consent, (b) contract, (c) legal obligation, (f) legitimate interests.
+LegalBasis = Literal["consent", "contract", "legal_obligation", "legitimate_interests"]
+
+
 class PurposeCreate(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -346,6 +350,7 @@ class PurposeCreate(BaseModel):
                     "key": "analytics.reporting",
                     "name": "Analytics reporting",
                     "description": "Aggregate reports on purchases",
+                    "legal_basis": "consent",
                 }
             ]
         }
@@ -353,6 +358,7 @@ class PurposeCreate(BaseModel):
     key: Key
     name: Title
     description: Description = ""
+    legal_basis: LegalBasis = "consent"
 
 
 class PurposePublic(BaseModel):
@@ -360,6 +366,9 @@ class PurposePublic(BaseModel):
     id: str = Field(description="keccak256 of the key, as on-chain")
     name: str
     description: str
+    legal_basis: LegalBasis
+    legal_basis_article: str
+    legal_basis_description: str
 
 
 class AttributeCreate(BaseModel):

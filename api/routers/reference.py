@@ -11,8 +11,8 @@ from sqlalchemy.exc import IntegrityError
 from api.deps import ReferenceRead, ReferenceWrite, RuntimeDep
 from api.errors import ApiError, responses
 from api.models import AttributeRow, Partner, Principal, PurposeRow
+from api.reference import purpose_public
 from api.schemas import AttributeCreate, AttributePublic, PartnerCreate, PartnerPublic, PurposeCreate, PurposePublic
-from ledger.eip712 import purpose_id
 from ledger.store import as_utc, utcnow
 from ledger.types import ATTRIBUTE_BITS
 
@@ -78,25 +78,21 @@ def create_partner(body: PartnerCreate, runtime: RuntimeDep, _caller: ReferenceW
 @router.get("/purposes", response_model=list[PurposePublic])
 def list_purposes(runtime: RuntimeDep, _caller: ReferenceRead) -> list[PurposePublic]:
     with runtime.reads() as session:
-        return [
-            PurposePublic(key=p.key, id="0x" + bytes(purpose_id(p.key)).hex(), name=p.name, description=p.description)
-            for p in session.scalars(select(PurposeRow).order_by(PurposeRow.key))
-        ]
+        return [purpose_public(p) for p in session.scalars(select(PurposeRow).order_by(PurposeRow.key))]
 
 
 @router.post(
     "/purposes", response_model=PurposePublic, status_code=status.HTTP_201_CREATED, responses=responses(409, 422)
 )
 def create_purpose(body: PurposeCreate, runtime: RuntimeDep, _caller: ReferenceWrite) -> PurposePublic:
+    row = PurposeRow(key=body.key, name=body.name, description=body.description, legal_basis=body.legal_basis)
     try:
         with runtime.sessions() as session:
-            session.add(PurposeRow(key=body.key, name=body.name, description=body.description))
+            session.add(row)
     except IntegrityError as exc:
         raise ApiError(409, "purpose_exists", "A purpose with that key exists") from exc
     runtime.invalidate_catalogue()
-    return PurposePublic(
-        key=body.key, id="0x" + bytes(purpose_id(body.key)).hex(), name=body.name, description=body.description
-    )
+    return purpose_public(row)
 
 
 @router.get("/attributes", response_model=list[AttributePublic])

@@ -14,6 +14,7 @@ from urllib.parse import quote
 import pytest
 from eth_account import Account
 from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy import text as sql
 from starlette.requests import Request
 
 from api import auth
@@ -556,6 +557,49 @@ def test_reference_data_uses_the_fideslang_taxonomy(service: Service) -> None:
     )
     assert created.status_code == 201
     assert created.json()["bit"] == len(attributes)
+
+
+def test_each_purpose_says_its_legal_basis(service: Service) -> None:
+    """Issue 32: "Essential service" was offered for consent. Each purpose carries its GDPR art. 6(1) basis
+    in plain words; only a consent purpose is the customer's to grant."""
+    headers = {"X-API-Key": service.auditor_key}
+    purposes = {p["key"]: p for p in service.client.get("/api/v1/purposes", headers=headers).json()}
+    essential = purposes["essential.service"]
+    assert (essential["legal_basis"], essential["legal_basis_article"]) == ("contract", "GDPR art. 6(1)(b), contract")
+    assert essential["legal_basis_description"] == "Needed to provide the service you signed up for."
+    assert purposes["analytics.reporting"]["legal_basis"] == "consent"
+    assert {p["legal_basis"] for k, p in purposes.items() if k != "essential.service"} == {"consent"}
+    created = service.client.post(
+        "/api/v1/purposes",
+        json={"key": "legal.tax_records", "name": "Tax records", "legal_basis": "legal_obligation"},
+        headers=service.operator(),
+    )
+    assert created.status_code == 201, created.text
+    assert created.json()["legal_basis_article"] == "GDPR art. 6(1)(c), legal obligation"
+    listed = {p["key"]: p for p in service.client.get("/api/v1/purposes", headers=headers).json()}
+    assert listed["legal.tax_records"] == created.json()
+    refused = service.client.post(
+        "/api/v1/purposes", json={"key": "x.y", "name": "X", "legal_basis": "whim"}, headers=service.operator()
+    )
+    assert refused.status_code == 422
+
+
+def test_purposes_of_a_database_made_before_legal_bases_get_theirs(tmp_path: Path) -> None:
+    """An older database has no `legal_basis` column: it is added, and the seeded essential service is
+    the contract's, every other purpose consent."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    with engine.begin() as connection:
+        connection.execute(
+            sql("CREATE TABLE purposes (key VARCHAR(100) PRIMARY KEY, name VARCHAR(200), description VARCHAR(500))")
+        )
+        connection.execute(
+            sql("INSERT INTO purposes VALUES ('essential.service', 'E', ''), ('analytics.reporting', 'A', '')")
+        )
+    create_schema(engine)
+    with engine.begin() as connection:
+        found = connection.execute(sql("SELECT key, legal_basis FROM purposes")).all()
+        rows: dict[str, str | None] = {str(key): basis for key, basis in found}
+    assert rows == {"essential.service": "contract", "analytics.reporting": "consent"}
 
 
 def test_no_pii_reaches_the_chain_or_the_service_database(service: Service) -> None:

@@ -137,7 +137,18 @@ def _stored_addresses(page: Page) -> set[str]:
 
 
 def _toggle(page: Page, attribute: str, purpose: str = ANALYTICS) -> Any:
+    """The switch of one kind of data, in its purpose's "Which data" disclosure (opened if it is closed)."""
+    card = page.locator("li.purpose", has=page.get_by_role("heading", name=purpose, exact=True))
+    details = card.locator(".choice[data-partner='acme'] details")
+    expect(details).to_have_count(1)
+    if not details.evaluate("(details) => details.open"):
+        details.locator("summary").click()
     return page.get_by_role("checkbox", name=f"Share {attribute} with acme for {purpose}")
+
+
+def _switch(page: Page, purpose: str = ANALYTICS, partner: str = "acme") -> Any:
+    """A purpose's switch for one partner: the default choice, all kinds of data at once."""
+    return page.get_by_role("switch", name=f"Share with {partner} for {purpose}")
 
 
 def _consents(service: Served, did: str) -> list[dict[str, Any]]:
@@ -216,30 +227,32 @@ def test_a_customer_claims_grants_revokes_sees_accesses_and_authorises_a_redempt
     assert _stored_addresses(page) == {address.lower()}  # nothing else is left beside it
     _shot(page, "customer-signed-in")
 
-    # Grant two kinds of data for analytics (the second with the keyboard): pending, then active.
+    # Grant two kinds of data for analytics (the second with the keyboard): turning on, then on.
     _toggle(page, "Purchase history").check()
     _toggle(page, "Demographic data").focus()
     page.keyboard.press("Space")
-    row = page.locator("tr[data-partner='acme'][data-purpose='analytics.reporting']")
+    row = page.locator(".choice[data-partner='acme'][data-purpose='analytics.reporting']")
     consent = _consent_once(service, did, "analytics.reporting", ["user.behavior.purchase_history", "user.demographic"])
     assert consent["tx_hash"].startswith("0x")
-    expect(row.locator(".badge.pending")).to_have_count(0, timeout=30_000)
-    expect(row.locator(".badge.active")).to_have_count(1)
+    expect(row.locator(".state")).to_have_text("On for 2 of 8 kinds of data", timeout=30_000)
+    expect(row.locator(".badge.pending")).to_have_count(0)
     expect(_toggle(page, "Purchase history")).to_be_checked()
     expect(_toggle(page, "Demographic data")).to_be_checked()
+    expect(_switch(page)).to_be_checked()
     _shot(page, "customer-consents-active")
 
     # Revoke one: in effect at once (deny wins while pending), then on-chain. While it is being recorded
-    # the switch says so, not "pending" (held here: the listing shows the revocation still on its way).
+    # the choice says what is in effect, and nothing "pending" beside the "In effect now" the page told
+    # (held here: the listing shows the revocation still on its way).
     page.route("**/api/v1/customers/*/consents", _revocation_on_its_way("analytics.reporting", "user.demographic"))
     _toggle(page, "Demographic data").uncheck()
     expect(page.locator("#status")).to_contain_text("In effect now")
-    cell = row.locator("td.toggle", has=_toggle(page, "Demographic data"))
-    expect(cell.locator(".badge")).to_have_text("stopped; being recorded")
+    expect(row.locator(".state")).to_have_text("On for 1 of 8 kinds of data")
     expect(row.locator(".badge.pending")).to_have_count(0)
+    expect(_toggle(page, "Demographic data")).not_to_be_checked()
     _shot(page, "customer-revocation-recording")
     page.unroute("**/api/v1/customers/*/consents")
-    expect(cell.locator(".badge")).to_have_count(0, timeout=30_000)
+    expect(row.locator(".state")).to_have_text("On for 1 of 8 kinds of data", timeout=30_000)
     expect(_toggle(page, "Demographic data")).not_to_be_checked()
     (consent,) = [c for c in _consents(service, did) if c["purpose"] == "analytics.reporting"]
     assert consent["attributes"] == ["user.behavior.purchase_history"]
@@ -297,8 +310,8 @@ def test_the_customer_pages_work_on_a_phone(service: Served, browser: Browser) -
     _claim(page, did, claim)
     expect(page.locator("#did")).to_have_text(did)
     _fits(page)
-    _toggle(page, "Purchase history", "Personalised content").check()
-    expect(page.locator("#status")).to_contain_text("Pending until it is on the ledger")
+    _switch(page, "Personalised content").check()
+    expect(page.locator("#status")).to_contain_text("On once it is on the ledger")
     _shot(page, "customer-phone")
     # A bad claim code is a clear error, not a silent failure.
     other = _page(browser, service, phone=True)
@@ -579,14 +592,15 @@ def test_the_ledger_away_is_said_beside_the_switch_and_the_claim_form(
     _unlock(page)
     expect(page.locator("#did")).to_have_text(did)
     page.route("**/api/v1/consents/prepare", _chain_away)  # the nonce comes from the chain
-    toggle = _toggle(page, "Purchase history")
+    toggle = _switch(page)
     toggle.click()
     expect(toggle).to_have_accessible_description(
-        "Not changed. The ledger is not answering right now. Please try again in a few minutes."
+        "Failed Not changed. The ledger is not answering right now. Please try again in a few minutes."
     )
     note = page.locator("#consents .note.error")
     expect(note).to_have_count(1)
-    assert note.evaluate("(note) => note.closest('td').contains(document.activeElement)")  # beside the switch
+    # Beside the switch used: the note is in the same choice as the focused switch.
+    expect(page.locator("#consents .choice", has=page.locator(".note.error")).locator("input:focus")).to_have_count(1)
     expect(toggle).not_to_be_checked()
     expect(page.locator("body")).not_to_contain_text("chain_unavailable")
     assert _consents(service, did) == []

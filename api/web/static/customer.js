@@ -49,11 +49,20 @@ let wallet = null;
 let session = null; // { token, did }
 let reference = null; // { partners, purposes, attributes }
 let pollTimer = null;
-// Consent changes are signed one after another: each takes the next nonce, so two prepared at once
-// would collide. Queued changes show as the customer set them until they are accepted.
+// Consent changes are signed one after another: each takes the next nonce (the customer's route takes
+// one signed change at a time, and `prepare` gives the next nonce after those already accepted), so
+// two prepared at once would collide. A choice shows what the customer set while it is queued.
 let queue = Promise.resolve();
-const intents = new Map(); // checkbox id -> checked, while queued or in flight
-const notes = new Map(); // checkbox id -> { text, fresh }: why that switch's last change was not made
+const busy = new Map(); // choice or category id -> "on" | "off", while queued or in flight
+const notes = new Map(); // choice id -> { text, fresh }: why its last change was not made
+const tracked = new Map(); // choice id -> accepted request id, until the ledger has applied or refused it
+const opened = new Set(); // the "Which data" disclosures the customer opened (kept across re-renders)
+// What a purpose that is not the customer's to grant shows instead of a switch, by legal basis.
+const FIXED = {
+  contract: "Always on: needed for the service",
+  legal_obligation: "Always on: required by law",
+  legitimate_interests: "On: our legitimate interests",
+};
 
 const enc = encodeURIComponent;
 const b64 = (bytes) => btoa(String.fromCharCode(...new Uint8Array(bytes)));
@@ -451,115 +460,313 @@ async function loadKeys() {
   );
 }
 
+// The purposes the customer chooses (consent); the others are shown with their basis, without a switch.
+const choosable = () => reference.purposes.filter((p) => p.legal_basis === "consent");
+const choiceId = (i, j) => `choice-${i}-${j}`;
+let consentsByKey = new Map();
+
+function consentOf(partner, purpose) {
+  return consentsByKey.get(`${partner.address.toLowerCase()}|${purpose.key}`);
+}
+
+// The kinds of data shared now or about to be (a revocation counts once accepted, a grant is on its way).
+function sharedOf(consent) {
+  if (!consent || consent.status === "expired") return new Set();
+  const shared = new Set([...consent.attributes, ...consent.pending_grant]);
+  consent.pending_revoke.forEach((key) => shared.delete(key));
+  return shared;
+}
+
+// One state per partner and purpose, never two that contradict each other.
+function stateOf(id, consent) {
+  const all = reference.attributes.length;
+  if (busy.has(id)) return busy.get(id) === "on" ? ["Turning on…", "pending"] : ["Turning off…", "pending"];
+  if (notes.has(id)) return ["Failed", "failed"];
+  if (consent?.pending_grant.length) return ["Turning on…", "pending"];
+  if (consent?.status === "expired") return ["Off (your consent expired)", "off"];
+  const shared = sharedOf(consent).size;
+  if (shared === 0) return ["Off", "off"];
+  return shared === all ? ["On", "on"] : [`On for ${shared} of ${all} kinds of data`, "on"];
+}
+
+function renderChoice(partner, i, purpose, j) {
+  const id = choiceId(i, j);
+  const consent = consentOf(partner, purpose);
+  const shared = sharedOf(consent);
+  const [state, kind] = stateOf(id, consent);
+  const note = notes.get(id);
+  const described = [`state-${id}`, note ? `note-${id}` : null].filter(Boolean).join(" ");
+  const intent = busy.get(id);
+  const on = intent ? intent === "on" : shared.size > 0;
+  const categories = reference.attributes.map((attribute) => {
+    const cid = `${id}-${attribute.bit}`;
+    return el(
+      "li",
+      {},
+      el(
+        "label",
+        { class: "check" },
+        el("input", {
+          type: "checkbox",
+          id: cid,
+          checked: busy.has(cid) ? busy.get(cid) === "on" : shared.has(attribute.key),
+          "aria-label": `Share ${attribute.name} with ${partner.name} for ${purpose.name}`,
+          "aria-describedby": described,
+          onchange: (event) =>
+            applyChanges(
+              [{ partner, purpose, i, j, action: event.target.checked ? "grant" : "revoke", attributes: [attribute] }],
+              null,
+              cid,
+            ),
+        }),
+        attribute.name,
+      ),
+    );
+  });
+  const input = el("input", {
+    type: "checkbox",
+    role: "switch",
+    id,
+    checked: on,
+    "aria-label": `Share with ${partner.name} for ${purpose.name}`,
+    "aria-describedby": described,
+    onchange: (event) => {
+      const granting = event.target.checked;
+      // Off: every kind shared (or on its way) stops; on: every kind is shared.
+      const attributes = granting ? reference.attributes : reference.attributes.filter((a) => shared.has(a.key));
+      applyChanges([{ partner, purpose, i, j, action: granting ? "grant" : "revoke", attributes }], null);
+    },
+  });
+  const details = el(
+    "details",
+    { id: `data-${id}`, open: opened.has(`data-${id}`) },
+    el("summary", {}, `Which data (${shared.size} of ${reference.attributes.length})`),
+    el("ul", { class: "categories" }, categories),
+  );
+  details.addEventListener("toggle", () =>
+    details.open ? opened.add(details.id) : opened.delete(details.id),
+  );
+  return el(
+    "div",
+    { class: "choice", "data-partner": partner.name, "data-purpose": purpose.key },
+    el("label", { class: "switch" }, input, partner.name),
+    el("span", { class: `badge state ${kind}`, id: `state-${id}` }, state),
+    note
+      ? el("p", { class: "note error", id: `note-${id}`, role: note.fresh ? "alert" : null }, note.text)
+      : null,
+    details,
+  );
+}
+
+// The changes that make every partner-and-purpose pair in `pairs` all on (grant) or all off (revoke).
+function changesFor(pairs, action) {
+  return pairs.flatMap(({ partner, i, purpose, j }) => {
+    const shared = sharedOf(consentOf(partner, purpose));
+    const attributes = reference.attributes.filter((a) => (action === "grant" ? true : shared.has(a.key)));
+    const pending = consentOf(partner, purpose)?.pending_grant.length;
+    const done = action === "grant" ? shared.size === reference.attributes.length && !pending : !attributes.length;
+    return done ? [] : [{ partner, purpose, i, j, action, attributes }];
+  });
+}
+
+// Allow all / refuse all for a group of choices (`id` names the group), after one confirmation beside
+// the buttons. What it asks and what it last said are kept across re-renders (the page polls).
+const confirming = new Map(); // group id -> "grant" | "revoke", while its question is open
+const bulkNotes = new Map(); // group id -> [text, kind]
+
+function bulk(id, label, pairs, where) {
+  const box = el("div", { class: "bulk", id, ...where.data }, el("span", { class: "bulk-label" }, where.title));
+  const ask = (action) => {
+    bulkNotes.delete(id);
+    if (changesFor(pairs, action).length) confirming.set(id, action);
+    else bulkNotes.set(id, [action === "grant" ? "Already all on." : "Already all off.", "ok"]);
+    renderConsents();
+    document.getElementById(`${id}-yes`)?.focus();
+  };
+  const allow = el("button", { type: "button", class: "secondary", id: `${id}-allow`, "aria-label": `Allow all ${where.name}` }, "Allow all");
+  const refuse = el("button", { type: "button", class: "secondary", id: `${id}-refuse`, "aria-label": `Refuse all ${where.name}` }, "Refuse all");
+  allow.addEventListener("click", () => ask("grant"));
+  refuse.addEventListener("click", () => ask("revoke"));
+  box.append(el("span", { class: "bulk-buttons" }, allow, refuse));
+  const action = confirming.get(id);
+  const changes = action ? changesFor(pairs, action) : [];
+  if (action && changes.length) {
+    const names = changes.map((c) => (where.byPartner ? c.purpose.name : c.partner.name)).join(", ");
+    const count = changes.length === 1 ? "One change" : `${changes.length} changes`;
+    const question =
+      action === "grant"
+        ? `Share every kind of data ${label} for: ${names}? ${count}, each signed with your key.`
+        : `Stop sharing ${label} for: ${names}? ${count}, each signed with your key; in effect at once.`;
+    const yes = el("button", { type: "button", id: `${id}-yes` }, action === "grant" ? "Yes, allow" : "Yes, refuse");
+    const no = el("button", { type: "button", class: "secondary", id: `${id}-no` }, "Cancel");
+    yes.addEventListener("click", () => {
+      confirming.delete(id);
+      applyChanges(changesFor(pairs, action), id);
+    });
+    no.addEventListener("click", () => {
+      confirming.delete(id);
+      renderConsents();
+      document.getElementById(`${id}-${action === "grant" ? "allow" : "refuse"}`)?.focus();
+    });
+    box.append(el("div", { class: "confirm", role: "group", "aria-label": "Confirm" }, el("p", {}, question), yes, no));
+  } else {
+    confirming.delete(id);
+  }
+  const said = bulkNotes.get(id);
+  if (said) box.append(el("p", { class: `note ${said[1]}`, role: said[1] === "error" ? "alert" : "status" }, said[0]));
+  return box;
+}
+
 async function loadConsents() {
   const consents = await call(`/customers/${enc(session.did)}/consents`);
-  const byKey = new Map(consents.map((c) => [`${c.partner.toLowerCase()}|${c.purpose}`, c]));
-  const focused = document.activeElement?.id;
-  const table = $("consents");
-  const head = el(
-    "tr",
-    {},
-    el("th", { scope: "col" }, "Partner"),
-    el("th", { scope: "col" }, "Purpose"),
-    reference.attributes.map((a) => el("th", { scope: "col" }, a.name)),
-    el("th", { scope: "col" }, "Status"),
-  );
-  const rows = [];
-  let pending = false;
-  reference.partners.forEach((partner, i) => {
-    reference.purposes.forEach((purpose, j) => {
-      const consent = byKey.get(`${partner.address.toLowerCase()}|${purpose.key}`);
-      const cells = reference.attributes.map((attribute) => {
-        const key = attribute.key;
-        const granted = consent?.attributes.includes(key) ?? false;
-        const granting = consent?.pending_grant.includes(key) ?? false;
-        const revoking = consent?.pending_revoke.includes(key) ?? false;
-        const id = `consent-${i}-${j}-${attribute.bit}`;
-        const queued = intents.has(id);
-        const note = notes.get(id);
-        pending ||= granting || revoking;
-        const described = [
-          granting || revoking || queued ? `pending-${i}-${j}-${attribute.bit}` : null,
-          note ? `note-${id}` : null,
-        ].filter(Boolean);
-        const input = el("input", {
-          type: "checkbox",
-          id,
-          checked: queued ? intents.get(id) : (granted || granting) && !revoking,
-          "aria-label": `Share ${attribute.name} with ${partner.name} for ${purpose.name}`,
-          "aria-describedby": described.length ? described.join(" ") : null,
-          onchange: (event) => {
-            notes.delete(id);
-            intents.set(id, event.target.checked);
-            const checked = event.target.checked;
-            queue = queue.then(() => toggle(id, checked, partner, purpose, attribute));
-          },
-        });
-        return el(
-          "td",
-          { class: "toggle", "data-label": attribute.name },
-          input,
-          // A grant counts once it is on the ledger; a revocation the moment it is accepted (its
-          // recording on the ledger follows): not "pending" beside the "In effect now" it was told.
-          granting || queued
-            ? el("div", { class: "badge pending", id: `pending-${i}-${j}-${attribute.bit}` }, "pending")
-            : revoking
-              ? el("div", { class: "badge ok", id: `pending-${i}-${j}-${attribute.bit}` }, "stopped; being recorded")
-              : null,
-          note
-            ? el("p", { class: "note error", id: `note-${id}`, role: note.fresh ? "alert" : null }, note.text)
-            : null,
-        );
-      });
-      const status = consent ? consent.status : "not shared";
-      rows.push(
-        el(
-          "tr",
-          { "data-partner": partner.name, "data-purpose": purpose.key },
-          el("th", { scope: "row" }, partner.name),
-          el("td", { "data-label": "Purpose" }, nameOf(reference.purposes, purpose.key)),
-          cells,
-          el("td", { "data-label": "Status" }, el("span", { class: `badge ${status.replace(" ", "-")}` }, status)),
-        ),
-      );
-    });
-  });
-  table.replaceChildren(
-    el("caption", {}, "Sharing by partner, purpose and kind of data"),
-    el("thead", {}, head),
-    el("tbody", {}, rows),
-  );
-  notes.forEach((note) => (note.fresh = false)); // announced once
-  if (focused) document.getElementById(focused)?.focus();
+  consentsByKey = new Map(consents.map((c) => [`${c.partner.toLowerCase()}|${c.purpose}`, c]));
+  await settleTracked();
+  renderConsents();
   clearTimeout(pollTimer);
+  const pending = consents.some((c) => c.pending_grant.length || c.pending_revoke.length) || tracked.size > 0;
   if (pending) pollTimer = setTimeout(() => loadConsents().catch(fail), 1000);
 }
 
-async function toggle(id, checked, partner, purpose, attribute) {
-  const action = checked ? "grant" : "revoke";
+// Signed out: nothing of this account's choices may show (or be used) when the next one signs in.
+function forgetConsents() {
+  for (const kept of [busy, notes, tracked, opened, confirming, bulkNotes]) kept.clear();
+  consentsByKey = new Map();
+  $("consent-partners").replaceChildren();
+  $("consents").replaceChildren();
+}
+
+// Accepted changes the ledger has since applied or refused: a refusal shows beside its choice.
+async function settleTracked() {
+  for (const [id, request] of [...tracked]) {
+    const found = await call(`/consents/${enc(request)}`).catch(() => null);
+    if (!found || found.status === "pending") continue;
+    tracked.delete(id);
+    if (found.status === "failed") {
+      notes.set(id, {
+        text: "Failed: the ledger did not apply this change, so nothing changed. Please try again.",
+        fresh: true,
+      });
+    }
+  }
+}
+
+function renderConsents() {
+  const focused = document.activeElement?.id;
+  const partners = reference.partners;
+  const purposes = choosable();
+  const pairsOf = (filter) =>
+    partners.flatMap((partner, i) =>
+      reference.purposes.map((purpose, j) => ({ partner, i, purpose, j })).filter((p) => choosable().includes(p.purpose) && filter(p)),
+    );
+  $("consent-partners").replaceChildren(
+    ...partners.map((partner, i) =>
+      bulk(`bulk-partner-${i}`, `with ${partner.name}`, pairsOf((p) => p.partner === partner), {
+        title: `Everything with ${partner.name}`,
+        name: `purposes for ${partner.name}`,
+        byPartner: true,
+        data: { "data-partner": partner.name },
+      }),
+    ),
+  );
+  $("consents").replaceChildren(
+    ...reference.purposes.map((purpose, j) => {
+      const consent = purpose.legal_basis === "consent";
+      return el(
+        "li",
+        { class: "purpose", "data-purpose": purpose.key },
+        el("h3", {}, purpose.name),
+        el("p", {}, purpose.description),
+        // What consent means is said once, above the cards; any other basis says why there is no switch.
+        el(
+          "p",
+          { class: "basis muted" },
+          consent ? "Legal basis: " : `${purpose.legal_basis_description} `,
+          el("span", { class: "article" }, consent ? purpose.legal_basis_article : `(${purpose.legal_basis_article})`),
+        ),
+        ...(consent
+          ? [
+              partners.length > 1 && purposes.length
+                ? bulk(`bulk-purpose-${j}`, "with every partner", pairsOf((p) => p.purpose === purpose), {
+                    title: "Every partner",
+                    name: `partners for ${purpose.name}`,
+                    byPartner: false,
+                    data: { "data-purpose": purpose.key },
+                  })
+                : null,
+              ...partners.map((partner, i) => renderChoice(partner, i, purpose, j)),
+            ]
+          : [
+              el("p", { class: "badge fixed" }, FIXED[purpose.legal_basis] ?? "Always on"),
+              // A grant earlier pages offered for it stays withdrawable.
+              ...partners.flatMap((partner, i) =>
+                sharedOf(consentOf(partner, purpose)).size ? [renderChoice(partner, i, purpose, j)] : [],
+              ),
+            ]),
+      );
+    }),
+  );
+  notes.forEach((note) => (note.fresh = false)); // announced once
+  if (focused) document.getElementById(focused)?.focus();
+}
+
+// Sign and send `changes` one after another (see `queue`). Each failure is said beside its choice (and
+// beside the bulk buttons, `where`, how many went through); `cid` is the category switch used, if any.
+function applyChanges(changes, where, cid = null) {
+  for (const c of changes) {
+    const id = choiceId(c.i, c.j);
+    notes.delete(id);
+    busy.set(id, c.action === "grant" ? "on" : "off");
+    if (cid) busy.set(cid, c.action === "grant" ? "on" : "off");
+  }
+  if (where) bulkNotes.set(where, [`Signing and sending ${changes.length === 1 ? "1 change" : `${changes.length} changes`}…`, "working"]);
+  renderConsents();
+  queue = queue.then(async () => {
+    let made = 0;
+    for (const c of changes) {
+      if (await change(c)) made += 1;
+      busy.delete(choiceId(c.i, c.j));
+      renderConsents();
+    }
+    if (cid) busy.delete(cid);
+    if (where) {
+      const failed = changes.length - made;
+      bulkNotes.set(where, [
+        failed
+          ? `${made} of ${changes.length} changes made; ${failed === 1 ? "the one not made says" : "those not made say"} why below.`
+          : `Done: ${changes.length === 1 ? "1 change" : `${changes.length} changes`} signed.`,
+        failed ? "error" : "ok",
+      ]);
+    }
+    await loadConsents().catch(fail);
+  });
+}
+
+async function change({ partner, purpose, i, j, action, attributes }) {
+  const id = choiceId(i, j);
   try {
     const prepared = await call("/consents/prepare", {
       method: "POST",
-      body: { action, partner: partner.name, purpose: purpose.key, attributes: [attribute.key] },
+      body: { action, partner: partner.name, purpose: purpose.key, attributes: attributes.map((a) => a.key) },
     });
     const signature = await signTyped(wallet, prepared.typed_data);
-    await call("/consents", { method: "POST", body: { typed_data: prepared.typed_data, signature } });
+    const accepted = await call("/consents", { method: "POST", body: { typed_data: prepared.typed_data, signature } });
+    tracked.set(id, accepted.id);
+    const what = attributes.length === reference.attributes.length ? "" : ` (${attributes.map((a) => a.name).join(", ")})`;
     say(
       action === "grant"
-        ? `Signed: share ${attribute.name} with ${partner.name} for ${purpose.name}. Pending until it is on the ledger.`
-        : `Signed: stop sharing ${attribute.name} with ${partner.name} for ${purpose.name}. In effect now.`,
+        ? `Signed: share with ${partner.name} for ${purpose.name}${what}. On once it is on the ledger.`
+        : `Signed: stop sharing with ${partner.name} for ${purpose.name}${what}. In effect now.`,
     );
+    return true;
   } catch (error) {
-    // Beside the switch, not at the top of the page; the switch then shows what the service has.
+    // Beside the choice, not at the top of the page; the choice then shows what the service has.
     const text =
       error instanceof NoAnswer
-        ? `${error.message} The change may not have been made: look at this switch again in a minute.`
+        ? `${error.message} The change may not have been made: look at this choice again in a minute.`
         : `Not changed. ${plain(error)}`;
     notes.set(id, { text, fresh: true });
-  } finally {
-    intents.delete(id);
+    return false;
   }
-  await loadConsents().catch(fail);
 }
 
 async function loadAccesses() {
@@ -890,6 +1097,7 @@ document.addEventListener("DOMContentLoaded", () => {
     wallet = null;
     session = null;
     clearTimeout(pollTimer);
+    forgetConsents();
     say("Signed out. Your key stays in this browser, locked.");
     showSetup();
   });
