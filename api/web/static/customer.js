@@ -848,6 +848,7 @@ async function loadPoints() {
         ),
     ),
   );
+  labelCells($("history"));
   await loadCodes();
 }
 
@@ -868,6 +869,17 @@ function codeFailure(error) {
 }
 
 let shownCodes = null; // the listing last drawn: redrawn only when it changes (a poll keeps buttons and notes)
+
+// A table of class "cards" becomes one card per row on a phone (portal.css): each cell is named by its
+// column's heading, which the card shows beside it.
+function labelCells(table) {
+  const headings = [...table.querySelectorAll("thead th")].map((th) => th.textContent);
+  for (const row of table.querySelectorAll("tbody tr")) {
+    [...row.children].forEach((cell, i) => {
+      if (headings[i]) cell.dataset.label = headings[i];
+    });
+  }
+}
 
 async function loadCodes() {
   const { codes } = await call("/points/codes");
@@ -905,6 +917,7 @@ async function loadCodes() {
         : el("tr", {}, el("td", { colspan: 5 }, "No outstanding codes.")),
     ),
   );
+  labelCells($("codes"));
 }
 
 async function cancelCode(c) {
