@@ -142,6 +142,10 @@ class CustomerCreated(BaseModel):
         description="the portal with the DID and the claim code filled in, to send the customer (both ride in "
         "the URL's fragment, which browsers never send to a server)"
     )
+    claim_qr: str = Field(
+        description="a QR code of `claim_url` (an SVG `data:` URI), to print on a letter or show on a screen; "
+        "a phone's camera opens the portal with both filled in"
+    )
 
 
 class CustomerErased(BaseModel):

@@ -7,6 +7,7 @@ import time
 from datetime import timedelta
 from urllib.parse import urlencode
 
+import segno
 from eth_utils.crypto import keccak
 from fastapi import APIRouter, status
 from sqlalchemy import update
@@ -79,7 +80,8 @@ def enrol(body: CustomerCreate, runtime: RuntimeDep, _caller: OperatorWrite) -> 
         session.add(ClaimCode(code_hash=auth.digest(code), subject=subject, expires_at=auth.now() + CLAIM_LIFETIME))
     did = runtime.dids.did(subject)
     link = f"{runtime.service.origin}/#{urlencode({'did': did, 'claim': code})}"
-    return CustomerCreated(did=did, claim_code=code, claim_url=link)
+    qr = segno.make(link, error="m").svg_data_uri(scale=4, border=2)
+    return CustomerCreated(did=did, claim_code=code, claim_url=link, claim_qr=str(qr))
 
 
 def _claim(runtime: Runtime, subject: Subject, code: str, *, used: bool = False) -> bool:

@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+import segno
 from eth_account import Account
 from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy import text as sql
@@ -755,3 +756,15 @@ def test_an_accepted_revocation_survives_an_outage_longer_than_a_grants_deadline
             service.wait_status(revoking, accepted.json()["id"], "failed")
         assert f"accepted revocation {accepted.json()['id']} failed on-chain" in caplog.text
         assert registry.is_permitted(subject, service.partner_address, purpose, 1)  # type: ignore[arg-type]
+
+
+def test_the_enrolment_answers_a_qr_code_of_the_claim_link(service: Service) -> None:
+    """The operator gives the customer a link or its QR code (printed, or on a screen): either opens the
+    portal with the DID and the claim code filled in."""
+    body = {"email": "qr.person@example.com"}
+    created = service.client.post("/api/v1/customers", json=body, headers=service.operator())
+    assert created.status_code == 201, created.text
+    answer = created.json()
+    assert answer["claim_qr"].startswith("data:image/svg+xml")
+    # The QR code holds the link itself (the same symbol segno makes of it), not the code or the DID alone.
+    assert answer["claim_qr"] == segno.make(answer["claim_url"], error="m").svg_data_uri(scale=4, border=2)
