@@ -137,7 +137,9 @@ contract ConsentRegistry is IConsentRegistry, AccessControl, EIP712 {
         uint8 v,
         bytes32 r,
         bytes32 s
-    ) external onlyRole(OPERATOR_ROLE) {
+    ) external {
+        // Anyone may send it: the current key's signature is what authorises the veto, so a customer
+        // whose operator will not relay it sends it themselves.
         // slither-disable-next-line timestamp: validators can shift it by seconds; deadlines are minutes or days away
         if (block.timestamp > deadline) revert ConsentRegistryExpiredSignature(deadline);
         Recovery memory recovery = _recoveries[subject];

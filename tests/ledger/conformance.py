@@ -409,6 +409,28 @@ class ChainConformance:
         with pytest.raises(RecoveryRejected):  # replayed: nothing to cancel
             self._veto(ledger, new_key.address, effective_at)
 
+    def test_anyone_can_send_a_veto_the_old_key_signed(self, ledger: Ledger) -> None:
+        # The customer does not depend on the operator to relay it: an account with no role sends it.
+        stranger = ledger.client(ledger.accounts.stranger)
+        new_key, effective_at = self._start_recovery(ledger)
+        cancel = RecoveryCancel(ledger.subject, new_key.address, effective_at, deadline=ledger.now() + 600)
+        forged = eip712.sign(bytes(new_key.key), ledger.registry.domain, cancel)
+        with pytest.raises(InvalidSignature) as refused:
+            stranger.cancel_recovery(cancel, forged)
+        assert refused.value.args_by_name == {"signer": new_key.address, "expected": ledger.customer.address}
+        assert ledger.registry.recovery_of(ledger.subject) == Recovery(new_key.address, effective_at)
+        receipt = stranger.cancel_recovery(
+            cancel, eip712.sign(bytes(ledger.customer.key), ledger.registry.domain, cancel)
+        )
+        assert ledger.registry.events(receipt, "ControllerRecoveryCancelled") == [
+            {"subject": ledger.subject, "controller": ledger.customer.address, "newController": new_key.address}
+        ]
+        assert ledger.registry.recovery_of(ledger.subject) is None
+        self._until(ledger, effective_at)
+        with pytest.raises(RecoveryRejected):
+            ledger.registry.complete_recovery(ledger.subject)
+        assert ledger.registry.controller_of(ledger.subject) == ledger.customer.address
+
     def test_only_the_operator_recovers_and_only_the_admin_sets_the_delay(self, ledger: Ledger) -> None:
         stranger = ledger.client(ledger.accounts.stranger)
         with pytest.raises(Unauthorized):
