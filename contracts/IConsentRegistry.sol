@@ -113,7 +113,7 @@ interface IConsentRegistry {
 
     /**
      * @dev The recovery of `subject` to `newController` was vetoed by `controller` (or superseded by
-     * a key change it signed).
+     * a key change it signed, or replaced by a new {startRecovery}).
      */
     event ControllerRecoveryCancelled(
         bytes32 indexed subject, address indexed controller, address indexed newController
@@ -177,7 +177,8 @@ interface IConsentRegistry {
      * customer lost), after the operator verified the customer. It takes effect at
      * `block.timestamp + recoveryDelay()` through {completeRecovery}; until then the current key still
      * controls the subject and can veto it ({cancelRecovery}). Starting again replaces a pending
-     * recovery and restarts its wait.
+     * recovery (announced with {ControllerRecoveryCancelled}) and restarts its wait, never ending
+     * before the replaced one's `effectiveAt`.
      *
      * Requirements:
      * - the caller has the operator role;

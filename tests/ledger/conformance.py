@@ -480,6 +480,32 @@ class ChainConformance:
             self._veto(ledger, first.address, effective_at)
         assert ledger.registry.recovery_of(ledger.subject) == Recovery(second.address, effective_at)
 
+    def test_starting_again_announces_the_replaced_recovery_and_never_shortens_the_wait(self, ledger: Ledger) -> None:
+        first, first_at = self._start_recovery(ledger)  # waits the 72 hours
+        ledger.admin.set_recovery_delay(3600)  # the admin shortens the delay; the pending one keeps its time
+        second = Account.create()
+        receipt = ledger.registry.start_recovery(ledger.subject, second.address)
+        controller = ledger.customer.address
+        assert ledger.registry.events(receipt, "ControllerRecoveryCancelled") == [
+            {"subject": ledger.subject, "controller": controller, "newController": first.address}
+        ]
+        assert ledger.registry.events(receipt, "ControllerRecoveryStarted") == [
+            {
+                "subject": ledger.subject,
+                "controller": controller,
+                "newController": second.address,
+                "effectiveAt": first_at,
+            }
+        ]
+        assert ledger.registry.recovery_of(ledger.subject) == Recovery(second.address, first_at)
+        self._until(ledger, self._block_time(ledger, receipt) + 3600)
+        with pytest.raises(RecoveryRejected) as early:  # not an hour after the restart: the first's time
+            ledger.registry.complete_recovery(ledger.subject)
+        assert early.value.error == "ConsentRegistryRecoveryNotDue"
+        self._until(ledger, first_at)
+        ledger.registry.complete_recovery(ledger.subject)
+        assert ledger.registry.controller_of(ledger.subject) == second.address
+
     def test_a_key_change_the_key_signed_drops_a_pending_recovery(self, ledger: Ledger) -> None:
         recovering, _ = self._start_recovery(ledger)
         chosen = Account.create()
