@@ -210,7 +210,11 @@ def complete_recovery(did: str, body: RecoveryClaimUse, runtime: RuntimeDep) -> 
     are refused, and its sign-ins end."""
     subject = subject_of(runtime, did)
     claim = _claim(runtime, subject, body.claim_code)
-    _controller, pending = _pending(runtime, subject)
+    controller, pending = _pending(runtime, subject)
+    if claim.new_controller is not None and controller == claim.new_controller:
+        # Completed already (a repeat whose first answer was lost): the same answer, and the follow-ups
+        # again, which are idempotent, in case the first request stopped before them.
+        return _completed(runtime, did, subject, claim.new_controller, _started_at(runtime, subject, controller))
     if pending is None or claim.new_controller is None or pending.new_controller != claim.new_controller:
         raise ApiError(404, "no_recovery", "No recovery of this claim code is pending")
     # Whether it is due is the chain's clock's to say (the contract's check, run before sending).
@@ -220,24 +224,41 @@ def complete_recovery(did: str, body: RecoveryClaimUse, runtime: RuntimeDep) -> 
         raise _refused(exc) from exc
     except LedgerError as exc:
         raise _chain("complete the recovery", exc) from exc
-    runtime.vault.set_controller(subject, pending.new_controller, runtime.ledger.deployment.chain_id)
+    return _completed(runtime, did, subject, pending.new_controller, pending.effective_at, tx_hash)
+
+
+def _started_at(runtime: Runtime, subject: Subject, key: str) -> int:
+    """When the newest recovery of `subject` to `key` took effect (its announced `effectiveAt`), from the
+    read model; 0 if the indexer has not read it."""
+    with runtime.reads() as session:
+        started = session.scalars(
+            select(ConsentEvent.valid_until)
+            .where(
+                ConsentEvent.subject == subject,
+                ConsentEvent.kind == KIND_RECOVERY_STARTED,
+                ConsentEvent.partner == key,
+            )
+            .order_by(ConsentEvent.block_number.desc(), ConsentEvent.log_index.desc())
+            .limit(1)
+        ).first()
+    return int(started or 0)
+
+
+def _completed(
+    runtime: Runtime, did: str, subject: Subject, key: str, effective_at: int, tx_hash: str | None = None
+) -> RecoveryPublic:
+    """The follow-ups of a completed recovery to `key` (each idempotent), and its answer."""
+    runtime.vault.set_controller(subject, key, runtime.ledger.deployment.chain_id)
     with runtime.sessions() as session:
         session.execute(
-            delete(CustomerSession).where(
-                CustomerSession.subject == subject, CustomerSession.address != pending.new_controller
-            )
+            delete(CustomerSession).where(CustomerSession.subject == subject, CustomerSession.address != key)
         )
     # Answered once the read model has the new key (sign-in and consent changes check it), or after
     # the wait: the change is on-chain either way, and the indexer reads it within a block.
     with contextlib.suppress(TimeoutError):
-        runtime.wait_for_controller(subject, pending.new_controller)
+        runtime.wait_for_controller(subject, key)
     return RecoveryPublic(
-        did=did,
-        controller=pending.new_controller,
-        new_controller=pending.new_controller,
-        effective_at=pending.effective_at,
-        status="completed",
-        tx_hash=tx_hash,
+        did=did, controller=key, new_controller=key, effective_at=effective_at, status="completed", tx_hash=tx_hash
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -208,4 +209,26 @@ def test_a_completed_recovery_hands_the_customer_to_the_new_key(service: Service
         .json()["didDocument"]["verificationMethod"][0]["blockchainAccountId"]
         .endswith(new_key.address)
     )
-    assert complete(service, customer.did, code).json()["code"] == "no_recovery"
+
+    # A repeat (the first answer was lost): the same "completed" answer, not `no_recovery` (on which the
+    # portal used to drop the new key), and the follow-ups again: an old key's session left over ends.
+    with service.runtime.sessions() as session:
+        session.add(
+            CustomerSession(
+                token_hash="0" * 64,
+                subject=subject,
+                address=customer.account.address,
+                expires_at=datetime.now(UTC) + timedelta(hours=1),
+            )
+        )
+    again = complete(service, customer.did, code)
+    assert again.status_code == 200, again.text
+    assert {k: again.json()[k] for k in ("controller", "new_controller", "status", "effective_at")} == {
+        "controller": new_key.address,
+        "new_controller": new_key.address,
+        "status": "completed",
+        "effective_at": done.json()["effective_at"],
+    }
+    with service.runtime.reads() as session:
+        left = session.scalars(select(CustomerSession.address).where(CustomerSession.subject == subject)).all()
+    assert customer.account.address not in left
