@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import Literal
 from urllib.parse import urlencode
 
 from eth_utils.crypto import keccak
@@ -45,6 +46,7 @@ from ledger.store import as_utc
 
 router = APIRouter(prefix="/customers", tags=["customers"], responses=responses(403))
 CANCEL_DEADLINE = 15 * 60
+REPEAT_WAIT = 30  # s a repeated start waits for the first one's transaction
 CONSENTS_READ = auth.Scope.CONSENTS_READ
 _KEY_EVENT_NAMES = {KIND_BIND: "bound", KIND_RECOVERY_STARTED: "recovery_started"}
 
@@ -62,18 +64,25 @@ def _pending(runtime: Runtime, subject: Subject) -> tuple[str | None, Recovery |
 
 
 def _public(
-    runtime: Runtime, did: str, controller: str | None, recovery: Recovery, tx_hash: str | None = None
+    runtime: Runtime,
+    did: str,
+    controller: str | None,
+    recovery: Recovery,
+    tx_hash: str | None = None,
+    status: Literal["completed"] | None = None,
 ) -> RecoveryPublic:
     try:
         _head, chain_time = runtime.ledger.backend.head_block()  # the contract's clock, not this machine's
     except LedgerError as exc:
         raise _chain("be read", exc) from exc
+    if status is None:
+        status = "due" if recovery.effective_at <= chain_time else "waiting"
     return RecoveryPublic(
         did=did,
         controller=controller or "",
         new_controller=recovery.new_controller,
         effective_at=recovery.effective_at,
-        status="due" if recovery.effective_at <= chain_time else "waiting",
+        status=status,
         tx_hash=tx_hash,
     )
 
@@ -142,7 +151,8 @@ def prepare_recovery(did: str, body: ControllerPrepare, runtime: RuntimeDep) -> 
 @router.post("/{did}/recovery", response_model=RecoveryPublic, responses=responses(404, 409, 422))
 def start_recovery(did: str, body: ControllerSubmit, runtime: RuntimeDep) -> RecoveryPublic:
     """Start the recovery to the new key, once it has signed the prepared typed data. The answer says
-    when it can take effect; a repeat of the request gets the pending recovery."""
+    when it can take effect; a repeat of the request (the same new key) gets the pending recovery, or
+    the completed one."""
     subject = subject_of(runtime, did)
     claim = _claim(runtime, subject, body.claim_code)
     try:
@@ -160,10 +170,7 @@ def start_recovery(did: str, body: ControllerSubmit, runtime: RuntimeDep) -> Rec
     if claim.new_controller is not None:  # used: a repeat of the request that started it
         if claim.new_controller != binding.controller:
             raise ApiError(409, "claim_code_used", "The claim code was used already")
-        controller, pending = _pending(runtime, subject)
-        if pending is None or pending.new_controller != binding.controller:
-            raise ApiError(404, "no_recovery", "No recovery is pending for this customer")
-        return _public(runtime, did, controller, pending)
+        return _repeat(runtime, did, subject, binding.controller)
     if binding.deadline < time.time():
         raise ApiError(422, "signature_expired", "The signed binding has expired; prepare it again")
     with runtime.sessions() as session:
@@ -172,8 +179,10 @@ def start_recovery(did: str, body: ControllerSubmit, runtime: RuntimeDep) -> Rec
             .where(RecoveryClaim.code_hash == claim.code_hash, RecoveryClaim.used_at.is_(None))
             .values(used_at=auth.now(), new_controller=binding.controller)
         ).rowcount  # type: ignore[attr-defined]
-    if used != 1:
-        raise ApiError(409, "claim_code_used", "The claim code was used already")
+    if used != 1:  # a concurrent request used it: the same start, or another key's
+        if _claim(runtime, subject, body.claim_code).new_controller != binding.controller:
+            raise ApiError(409, "claim_code_used", "The claim code was used already")
+        return _repeat(runtime, did, subject, binding.controller)
     try:
         tx_hash, _block = runtime.recovery("start", subject, binding.controller)
     except LedgerError as exc:
@@ -190,6 +199,23 @@ def start_recovery(did: str, body: ControllerSubmit, runtime: RuntimeDep) -> Rec
     if pending is None:
         raise ApiError(404, "no_recovery", "No recovery is pending for this customer")
     return _public(runtime, did, controller, pending, tx_hash)
+
+
+def _repeat(runtime: Runtime, did: str, subject: Subject, key: str) -> RecoveryPublic:
+    """The answer to a repeated start of the recovery to `key`: the pending recovery (waiting up to
+    `REPEAT_WAIT` s for the first request's transaction), or the completed one."""
+    deadline = time.monotonic() + REPEAT_WAIT
+    while True:
+        controller, pending = _pending(runtime, subject)
+        if controller == key:
+            return _public(
+                runtime, did, controller, Recovery(key, _started_at(runtime, subject, key)), status="completed"
+            )
+        if pending is not None and pending.new_controller == key:
+            return _public(runtime, did, controller, pending)
+        if time.monotonic() > deadline:
+            raise ApiError(404, "no_recovery", "No recovery is pending for this customer")
+        time.sleep(0.2)
 
 
 @router.get("/{did}/recovery", response_model=RecoveryPublic, responses=responses(404))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -160,6 +161,25 @@ def test_a_recovery_waits_and_the_old_key_sees_it_and_vetoes_it(service: Service
     assert service.runtime.ledger.consent.controller_of(subject) == customer.account.address
 
 
+def test_a_start_sent_twice_at_once_starts_one_recovery(service: Service) -> None:
+    """A retried start (the first answer lost, or a double click) with the same key gets the same
+    answer, not `claim_code_used`, and the chain sees one start."""
+    customer = service.new_customer()
+    code, new_key = issue(service, customer), Account.create()
+    path = f"/api/v1/customers/{q(customer.did)}/recovery"
+    prepared = service.client.post(path + "/prepare", json={"claim_code": code, "address": new_key.address})
+    typed = prepared.json()["typed_data"]
+    body = {"claim_code": code, "typed_data": typed, "signature": service.sign_typed(new_key, typed)}
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: service.client.post(path, json=body), range(2)))
+    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+    assert answers[0].json()["effective_at"] == answers[1].json()["effective_at"]
+    assert {a.json()["new_controller"] for a in answers} == {new_key.address}
+    again = service.client.post(path, json=body)
+    assert (again.status_code, again.json()["effective_at"]) == (200, answers[0].json()["effective_at"])
+    assert [e["event"] for e in keys(service, customer)] == ["bound", "recovery_started"]
+
+
 def test_another_customer_cannot_see_or_veto_a_recovery(service: Service) -> None:
     customer, other = service.new_customer(), service.new_customer()
     start(service, customer.did, issue(service, customer), Account.create())
@@ -229,6 +249,8 @@ def test_a_completed_recovery_hands_the_customer_to_the_new_key(service: Service
         "status": "completed",
         "effective_at": done.json()["effective_at"],
     }
+    restarted = start(service, customer.did, code, new_key)  # a start repeated after completion
+    assert (restarted.status_code, restarted.json()["status"]) == (200, "completed")
     with service.runtime.reads() as session:
         left = session.scalars(select(CustomerSession.address).where(CustomerSession.subject == subject)).all()
     assert customer.account.address not in left
