@@ -121,6 +121,13 @@ def issue_recovery_claim(did: str, runtime: RuntimeDep, _caller: OperatorWrite) 
     return RecoveryClaimCreated(did=did, claim_code=code, claim_url=link, expires_at=expires_at.isoformat())
 
 
+def _not_erased(runtime: Runtime, subject: Subject) -> None:
+    """An erased customer's recovery neither starts nor completes (their codes are retired too)."""
+    record = runtime.vault.record(subject)
+    if record is not None and record.erased_at is not None:
+        raise ApiError(409, "customer_erased", Refusal.ERASED.value)
+
+
 def _claim(runtime: Runtime, subject: Subject, code: str) -> RecoveryClaim:
     """The recovery claim of `code`, valid for `subject` (used ones too: they complete their recovery)."""
     with runtime.reads() as session:
@@ -154,6 +161,7 @@ def start_recovery(did: str, body: ControllerSubmit, runtime: RuntimeDep) -> Rec
     when it can take effect; a repeat of the request (the same new key) gets the pending recovery, or
     the completed one."""
     subject = subject_of(runtime, did)
+    _not_erased(runtime, subject)
     claim = _claim(runtime, subject, body.claim_code)
     try:
         binding = eip712.parse(body.typed_data, runtime.ledger.consent.domain, ("ControllerBinding",))
@@ -235,6 +243,7 @@ def complete_recovery(did: str, body: RecoveryClaimUse, runtime: RuntimeDep) -> 
     authenticates): the new key controls the customer's consents from now on, the old key's signatures
     are refused, and its sign-ins end."""
     subject = subject_of(runtime, did)
+    _not_erased(runtime, subject)
     claim = _claim(runtime, subject, body.claim_code)
     controller, pending = _pending(runtime, subject)
     if claim.new_controller is not None and controller == claim.new_controller:

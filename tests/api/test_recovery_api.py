@@ -17,10 +17,11 @@ from eth_account.signers.local import LocalAccount
 from sqlalchemy import select
 
 from api import cli
-from api.models import CustomerSession
+from api.models import CustomerSession, RecoveryClaim
 from tests.api.conftest import Customer, Service, q, running_service
 
 RECOVERY_DELAY = 72 * 3600  # the contract's default
+PREPARED: dict[str, Any] = {}  # the typed data last prepared for a new key, to send it again
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +38,15 @@ def issue(service: Service, customer: Customer) -> str:
     return str(response.json()["claim_code"])
 
 
-def start(service: Service, did: str, code: str, key: LocalAccount) -> httpx.Response:
-    prepared = service.client.post(
-        f"/api/v1/customers/{q(did)}/recovery/prepare", json={"claim_code": code, "address": key.address}
-    )
-    assert prepared.status_code == 200, prepared.text
-    typed = prepared.json()["typed_data"]
+def start(service: Service, did: str, code: str, key: LocalAccount, *, prepare: bool = True) -> httpx.Response:
+    if prepare:
+        prepared = service.client.post(
+            f"/api/v1/customers/{q(did)}/recovery/prepare", json={"claim_code": code, "address": key.address}
+        )
+        assert prepared.status_code == 200, prepared.text
+        typed = prepared.json()["typed_data"]
+        PREPARED[key.address] = typed
+    typed = PREPARED[key.address]
     return service.client.post(
         f"/api/v1/customers/{q(did)}/recovery",
         json={"claim_code": code, "typed_data": typed, "signature": service.sign_typed(key, typed)},
@@ -103,6 +107,25 @@ def test_erasure_retires_an_unused_recovery_code(service: Service) -> None:
     assert (refused.status_code, refused.json()["code"]) == (403, "invalid_claim_code")
     again = service.client.post(f"/api/v1/customers/{q(customer.did)}/recovery-claims", headers=service.operator())
     assert (again.status_code, again.json()["code"]) == (409, "customer_erased")
+
+
+def test_erasure_stops_a_pending_recovery(service: Service) -> None:
+    customer = service.new_customer()
+    code, new_key = issue(service, customer), Account.create()
+    assert start(service, customer.did, code, new_key).status_code == 200
+    erased = service.client.delete(f"/api/v1/customers/{q(customer.did)}", headers=service.operator())
+    assert erased.status_code == 200, erased.text
+    with service.runtime.reads() as session:  # the used code is retired too
+        claims = session.scalars(
+            select(RecoveryClaim.new_controller).where(RecoveryClaim.subject == erased_subject(service, customer))
+        ).all()
+    assert claims == [None]
+    for refused in (complete(service, customer.did, code), start(service, customer.did, code, new_key, prepare=False)):
+        assert (refused.status_code, refused.json()["code"]) == (409, "customer_erased")
+
+
+def erased_subject(service: Service, customer: Customer) -> bytes:
+    return bytes(service.runtime.dids.subject(customer.did))
 
 
 def test_a_recovery_waits_and_the_old_key_sees_it_and_vetoes_it(service: Service) -> None:
