@@ -11,6 +11,7 @@ lost key".
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Literal
 from urllib.parse import urlencode
@@ -44,6 +45,7 @@ from ledger.consent.client import KEY_KINDS, KIND_BIND, KIND_RECOVERY_STARTED, R
 from ledger.errors import ContractRevert, LedgerError, RecoveryRejected
 from ledger.store import as_utc
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/customers", tags=["customers"], responses=responses(403))
 CANCEL_DEADLINE = 15 * 60
 REPEAT_WAIT = 30  # s a repeated start waits for the first one's transaction
@@ -52,7 +54,9 @@ _KEY_EVENT_NAMES = {KIND_BIND: "bound", KIND_RECOVERY_STARTED: "recovery_started
 
 
 def _chain(what: str, exc: LedgerError) -> ApiError:
-    return ApiError(503, "chain_unavailable", f"The ledger could not {what}", str(exc))
+    """A 503 in plain words; the node's error (which may name addresses or node details) stays in the log."""
+    log.warning("recovery: the ledger could not %s: %s", what, type(exc).__name__, exc_info=exc)
+    return ApiError(503, "chain_unavailable", f"The ledger could not {what}", "Try again in a few minutes.")
 
 
 def _pending(runtime: Runtime, subject: Subject) -> tuple[str | None, Recovery | None]:

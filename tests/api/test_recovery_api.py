@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from api import cli
 from api.models import CustomerSession, RecoveryClaim
+from ledger.errors import LedgerError
 from tests.api.conftest import Customer, Service, q, running_service
 
 RECOVERY_DELAY = 72 * 3600  # the contract's default
@@ -201,6 +202,20 @@ def test_a_start_sent_twice_at_once_starts_one_recovery(service: Service) -> Non
     again = service.client.post(path, json=body)
     assert (again.status_code, again.json()["effective_at"]) == (200, answers[0].json()["effective_at"])
     assert [e["event"] for e in keys(service, customer)] == ["bound", "recovery_started"]
+
+
+def test_a_chain_failure_is_told_without_the_nodes_words(service: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    customer = service.new_customer()
+
+    def fail(_subject: bytes) -> None:
+        raise LedgerError("node http://10.0.0.7:8545 refused: internal detail")
+
+    monkeypatch.setattr(service.runtime.ledger.consent, "recovery_of", fail)
+    refused = service.client.get(f"/api/v1/customers/{q(customer.did)}/recovery", headers=customer.headers)
+    assert (refused.status_code, refused.json()["code"]) == (503, "chain_unavailable")
+    assert "10.0.0.7" not in refused.text
+    assert "internal detail" not in refused.text
+    assert refused.json()["detail"] == "Try again in a few minutes."
 
 
 def test_another_customer_cannot_see_or_veto_a_recovery(service: Service) -> None:
