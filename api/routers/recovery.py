@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Literal
 from urllib.parse import urlencode
 
 from eth_utils.crypto import keccak
@@ -73,20 +72,17 @@ def _public(
     controller: str | None,
     recovery: Recovery,
     tx_hash: str | None = None,
-    status: Literal["completed"] | None = None,
 ) -> RecoveryPublic:
     try:
         _head, chain_time = runtime.ledger.backend.head_block()  # the contract's clock, not this machine's
     except LedgerError as exc:
         raise _chain("be read", exc) from exc
-    if status is None:
-        status = "due" if recovery.effective_at <= chain_time else "waiting"
     return RecoveryPublic(
         did=did,
         controller=controller or "",
         new_controller=recovery.new_controller,
         effective_at=recovery.effective_at,
-        status=status,
+        status="due" if recovery.effective_at <= chain_time else "waiting",
         tx_hash=tx_hash,
     )
 
@@ -220,8 +216,9 @@ def _repeat(runtime: Runtime, did: str, subject: Subject, key: str) -> RecoveryP
     while True:
         controller, pending = _pending(runtime, subject)
         if controller == key:
-            return _public(
-                runtime, did, controller, Recovery(key, _started_at(runtime, subject, key)), status="completed"
+            effective_at = _started_at(runtime, subject, key)
+            return RecoveryPublic(
+                did=did, controller=key, new_controller=key, effective_at=effective_at, status="completed"
             )
         if pending is not None and pending.new_controller == key:
             return _public(runtime, did, controller, pending)
