@@ -108,6 +108,14 @@ contract ConsentRegistry is IConsentRegistry, AccessControl, EIP712 {
             revert ConsentRegistryInvalidController(newController);
         }
         uint64 effectiveAt = uint64(block.timestamp) + _recoveryDelay;
+        Recovery memory replaced = _recoveries[subject];
+        if (replaced.newController != address(0)) {
+            // Announced as cancelled, so the key history shows it; and the new one waits at least as
+            // long, so starting again (after the admin shortened the delay) never hurries a recovery.
+            // slither-disable-next-line timestamp: both are timestamps the contract set, compared exactly
+            if (replaced.effectiveAt > effectiveAt) effectiveAt = replaced.effectiveAt;
+            emit ControllerRecoveryCancelled(subject, current, replaced.newController);
+        }
         _recoveries[subject] = Recovery(newController, effectiveAt);
         emit ControllerRecoveryStarted(subject, current, newController, effectiveAt);
     }
@@ -137,7 +145,9 @@ contract ConsentRegistry is IConsentRegistry, AccessControl, EIP712 {
         uint8 v,
         bytes32 r,
         bytes32 s
-    ) external onlyRole(OPERATOR_ROLE) {
+    ) external {
+        // Anyone may send it: the current key's signature is what authorises the veto, so a customer
+        // whose operator will not relay it sends it themselves.
         // slither-disable-next-line timestamp: validators can shift it by seconds; deadlines are minutes or days away
         if (block.timestamp > deadline) revert ConsentRegistryExpiredSignature(deadline);
         Recovery memory recovery = _recoveries[subject];

@@ -13,8 +13,9 @@ pragma solidity ^0.8.30;
  * A customer who lost their key gets a new one through a recovery: the operator, having verified the
  * person out of band, starts it ({startRecovery}); it takes effect no sooner than {recoveryDelay}
  * later ({completeRecovery}), and until then the current key can veto it with its signature
- * ({cancelRecovery}). So the operator alone never changes who speaks for a subject at once, and a
- * customer who still holds their key can always stop a recovery they did not ask for.
+ * ({cancelRecovery}), which anyone may submit, not only the operator. So the operator alone never
+ * changes who speaks for a subject at once, and a customer who still holds their key can always stop
+ * a recovery they did not ask for, even if the operator will not relay their veto.
  */
 interface IConsentRegistry {
     /**
@@ -112,7 +113,7 @@ interface IConsentRegistry {
 
     /**
      * @dev The recovery of `subject` to `newController` was vetoed by `controller` (or superseded by
-     * a key change it signed).
+     * a key change it signed, or replaced by a new {startRecovery}).
      */
     event ControllerRecoveryCancelled(
         bytes32 indexed subject, address indexed controller, address indexed newController
@@ -176,7 +177,8 @@ interface IConsentRegistry {
      * customer lost), after the operator verified the customer. It takes effect at
      * `block.timestamp + recoveryDelay()` through {completeRecovery}; until then the current key still
      * controls the subject and can veto it ({cancelRecovery}). Starting again replaces a pending
-     * recovery and restarts its wait.
+     * recovery (announced with {ControllerRecoveryCancelled}) and restarts its wait, never ending
+     * before the replaced one's `effectiveAt`.
      *
      * Requirements:
      * - the caller has the operator role;
@@ -199,9 +201,10 @@ interface IConsentRegistry {
      * @dev Drops the pending recovery of `subject`, vetoed by the current controller's
      * `RecoveryCancel` signature. The message names the recovery (its new key and `effectiveAt`), so
      * it cancels that one recovery only and needs no nonce: replaying it finds nothing to cancel.
+     * Anyone may send it (the signature is what authorises it): the operator relays it, and a customer
+     * whose operator will not can send it from any funded account of their own.
      *
      * Requirements:
-     * - the caller has the operator role;
      * - `deadline` has not passed;
      * - the recovery of `subject` to `newController` effective at `effectiveAt` is pending;
      * - the signature is the current controller's.

@@ -53,12 +53,15 @@ def subject_of(runtime: Runtime, did: str) -> Subject:
 
 
 def _retire_claim_codes(session: Session, subject: Subject, *, recovery: bool = False) -> None:
-    """The customer's unused claim code no longer binds a key (with `recovery`, nor a recovery code)."""
+    """The customer's unused claim code no longer binds a key (with `recovery`, no recovery code starts
+    or completes a recovery, the used ones included)."""
     live = update(ClaimCode).where(ClaimCode.subject == subject, ClaimCode.used_at.is_(None))
     session.execute(live.values(used_at=auth.now()))
     if recovery:
         unused = update(RecoveryClaim).where(RecoveryClaim.subject == subject, RecoveryClaim.used_at.is_(None))
         session.execute(unused.values(used_at=auth.now()))
+        used = update(RecoveryClaim).where(RecoveryClaim.subject == subject, RecoveryClaim.new_controller.is_not(None))
+        session.execute(used.values(new_controller=None))
 
 
 @router.post("", response_model=CustomerCreated, status_code=status.HTTP_201_CREATED, responses=responses(409, 422))
@@ -139,8 +142,9 @@ def _bound_already(runtime: Runtime, did: str, subject: Subject, controller: str
 @router.delete("/{did}", response_model=CustomerErased, responses=responses(404))
 def erase(did: str, runtime: RuntimeDep, _caller: OperatorWrite) -> CustomerErased:
     """Erase the customer's personal data (GDPR art. 17): the vault destroys their data key, ciphertexts
-    and lookup entries (crypto-shredding), the DID is deactivated, an unused claim or recovery code
-    stops working, and `bridge export` releases nothing of them any more. The chain keeps its pseudonymous records
+    and lookup entries (crypto-shredding), the DID is deactivated, an unused claim code and every
+    recovery code stop working (a pending recovery is never completed), and `bridge export` releases
+    nothing of them any more. The chain keeps its pseudonymous records
     (no personal data is there); a bound key still signs in, and can still revoke consent. The same
     PII cannot be enrolled again. Erasing again answers the same."""
     subject = subject_of(runtime, did)

@@ -11,6 +11,7 @@ lost key".
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from urllib.parse import urlencode
 
@@ -43,14 +44,18 @@ from ledger.consent.client import KEY_KINDS, KIND_BIND, KIND_RECOVERY_STARTED, R
 from ledger.errors import ContractRevert, LedgerError, RecoveryRejected
 from ledger.store import as_utc
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/customers", tags=["customers"], responses=responses(403))
 CANCEL_DEADLINE = 15 * 60
+REPEAT_WAIT = 30  # s a repeated start waits for the first one's transaction
 CONSENTS_READ = auth.Scope.CONSENTS_READ
 _KEY_EVENT_NAMES = {KIND_BIND: "bound", KIND_RECOVERY_STARTED: "recovery_started"}
 
 
 def _chain(what: str, exc: LedgerError) -> ApiError:
-    return ApiError(503, "chain_unavailable", f"The ledger could not {what}", str(exc))
+    """A 503 in plain words; the node's error (which may name addresses or node details) stays in the log."""
+    log.warning("recovery: the ledger could not %s: %s", what, type(exc).__name__, exc_info=exc)
+    return ApiError(503, "chain_unavailable", f"The ledger could not {what}", "Try again in a few minutes.")
 
 
 def _pending(runtime: Runtime, subject: Subject) -> tuple[str | None, Recovery | None]:
@@ -62,7 +67,11 @@ def _pending(runtime: Runtime, subject: Subject) -> tuple[str | None, Recovery |
 
 
 def _public(
-    runtime: Runtime, did: str, controller: str | None, recovery: Recovery, tx_hash: str | None = None
+    runtime: Runtime,
+    did: str,
+    controller: str | None,
+    recovery: Recovery,
+    tx_hash: str | None = None,
 ) -> RecoveryPublic:
     try:
         _head, chain_time = runtime.ledger.backend.head_block()  # the contract's clock, not this machine's
@@ -112,6 +121,13 @@ def issue_recovery_claim(did: str, runtime: RuntimeDep, _caller: OperatorWrite) 
     return RecoveryClaimCreated(did=did, claim_code=code, claim_url=link, expires_at=expires_at.isoformat())
 
 
+def _not_erased(runtime: Runtime, subject: Subject) -> None:
+    """An erased customer's recovery neither starts nor completes (their codes are retired too)."""
+    record = runtime.vault.record(subject)
+    if record is not None and record.erased_at is not None:
+        raise ApiError(409, "customer_erased", Refusal.ERASED.value)
+
+
 def _claim(runtime: Runtime, subject: Subject, code: str) -> RecoveryClaim:
     """The recovery claim of `code`, valid for `subject` (used ones too: they complete their recovery)."""
     with runtime.reads() as session:
@@ -142,8 +158,10 @@ def prepare_recovery(did: str, body: ControllerPrepare, runtime: RuntimeDep) -> 
 @router.post("/{did}/recovery", response_model=RecoveryPublic, responses=responses(404, 409, 422))
 def start_recovery(did: str, body: ControllerSubmit, runtime: RuntimeDep) -> RecoveryPublic:
     """Start the recovery to the new key, once it has signed the prepared typed data. The answer says
-    when it can take effect; a repeat of the request gets the pending recovery."""
+    when it can take effect; a repeat of the request (the same new key) gets the pending recovery, or
+    the completed one."""
     subject = subject_of(runtime, did)
+    _not_erased(runtime, subject)
     claim = _claim(runtime, subject, body.claim_code)
     try:
         binding = eip712.parse(body.typed_data, runtime.ledger.consent.domain, ("ControllerBinding",))
@@ -160,10 +178,7 @@ def start_recovery(did: str, body: ControllerSubmit, runtime: RuntimeDep) -> Rec
     if claim.new_controller is not None:  # used: a repeat of the request that started it
         if claim.new_controller != binding.controller:
             raise ApiError(409, "claim_code_used", "The claim code was used already")
-        controller, pending = _pending(runtime, subject)
-        if pending is None or pending.new_controller != binding.controller:
-            raise ApiError(404, "no_recovery", "No recovery is pending for this customer")
-        return _public(runtime, did, controller, pending)
+        return _repeat(runtime, did, subject, binding.controller)
     if binding.deadline < time.time():
         raise ApiError(422, "signature_expired", "The signed binding has expired; prepare it again")
     with runtime.sessions() as session:
@@ -172,8 +187,10 @@ def start_recovery(did: str, body: ControllerSubmit, runtime: RuntimeDep) -> Rec
             .where(RecoveryClaim.code_hash == claim.code_hash, RecoveryClaim.used_at.is_(None))
             .values(used_at=auth.now(), new_controller=binding.controller)
         ).rowcount  # type: ignore[attr-defined]
-    if used != 1:
-        raise ApiError(409, "claim_code_used", "The claim code was used already")
+    if used != 1:  # a concurrent request used it: the same start, or another key's
+        if _claim(runtime, subject, body.claim_code).new_controller != binding.controller:
+            raise ApiError(409, "claim_code_used", "The claim code was used already")
+        return _repeat(runtime, did, subject, binding.controller)
     try:
         tx_hash, _block = runtime.recovery("start", subject, binding.controller)
     except LedgerError as exc:
@@ -190,6 +207,24 @@ def start_recovery(did: str, body: ControllerSubmit, runtime: RuntimeDep) -> Rec
     if pending is None:
         raise ApiError(404, "no_recovery", "No recovery is pending for this customer")
     return _public(runtime, did, controller, pending, tx_hash)
+
+
+def _repeat(runtime: Runtime, did: str, subject: Subject, key: str) -> RecoveryPublic:
+    """The answer to a repeated start of the recovery to `key`: the pending recovery (waiting up to
+    `REPEAT_WAIT` s for the first request's transaction), or the completed one."""
+    deadline = time.monotonic() + REPEAT_WAIT
+    while True:
+        controller, pending = _pending(runtime, subject)
+        if controller == key:
+            effective_at = _started_at(runtime, subject, key)
+            return RecoveryPublic(
+                did=did, controller=key, new_controller=key, effective_at=effective_at, status="completed"
+            )
+        if pending is not None and pending.new_controller == key:
+            return _public(runtime, did, controller, pending)
+        if time.monotonic() > deadline:
+            raise ApiError(404, "no_recovery", "No recovery is pending for this customer")
+        time.sleep(0.2)
 
 
 @router.get("/{did}/recovery", response_model=RecoveryPublic, responses=responses(404))
@@ -209,8 +244,13 @@ def complete_recovery(did: str, body: RecoveryClaimUse, runtime: RuntimeDep) -> 
     authenticates): the new key controls the customer's consents from now on, the old key's signatures
     are refused, and its sign-ins end."""
     subject = subject_of(runtime, did)
+    _not_erased(runtime, subject)
     claim = _claim(runtime, subject, body.claim_code)
-    _controller, pending = _pending(runtime, subject)
+    controller, pending = _pending(runtime, subject)
+    if claim.new_controller is not None and controller == claim.new_controller:
+        # Completed already (a repeat whose first answer was lost): the same answer, and the follow-ups
+        # again, which are idempotent, in case the first request stopped before them.
+        return _completed(runtime, did, subject, claim.new_controller, _started_at(runtime, subject, controller))
     if pending is None or claim.new_controller is None or pending.new_controller != claim.new_controller:
         raise ApiError(404, "no_recovery", "No recovery of this claim code is pending")
     # Whether it is due is the chain's clock's to say (the contract's check, run before sending).
@@ -220,24 +260,41 @@ def complete_recovery(did: str, body: RecoveryClaimUse, runtime: RuntimeDep) -> 
         raise _refused(exc) from exc
     except LedgerError as exc:
         raise _chain("complete the recovery", exc) from exc
-    runtime.vault.set_controller(subject, pending.new_controller, runtime.ledger.deployment.chain_id)
+    return _completed(runtime, did, subject, pending.new_controller, pending.effective_at, tx_hash)
+
+
+def _started_at(runtime: Runtime, subject: Subject, key: str) -> int:
+    """When the newest recovery of `subject` to `key` took effect (its announced `effectiveAt`), from the
+    read model; 0 if the indexer has not read it."""
+    with runtime.reads() as session:
+        started = session.scalars(
+            select(ConsentEvent.valid_until)
+            .where(
+                ConsentEvent.subject == subject,
+                ConsentEvent.kind == KIND_RECOVERY_STARTED,
+                ConsentEvent.partner == key,
+            )
+            .order_by(ConsentEvent.block_number.desc(), ConsentEvent.log_index.desc())
+            .limit(1)
+        ).first()
+    return int(started or 0)
+
+
+def _completed(
+    runtime: Runtime, did: str, subject: Subject, key: str, effective_at: int, tx_hash: str | None = None
+) -> RecoveryPublic:
+    """The follow-ups of a completed recovery to `key` (each idempotent), and its answer."""
+    runtime.vault.set_controller(subject, key, runtime.ledger.deployment.chain_id)
     with runtime.sessions() as session:
         session.execute(
-            delete(CustomerSession).where(
-                CustomerSession.subject == subject, CustomerSession.address != pending.new_controller
-            )
+            delete(CustomerSession).where(CustomerSession.subject == subject, CustomerSession.address != key)
         )
     # Answered once the read model has the new key (sign-in and consent changes check it), or after
     # the wait: the change is on-chain either way, and the indexer reads it within a block.
     with contextlib.suppress(TimeoutError):
-        runtime.wait_for_controller(subject, pending.new_controller)
+        runtime.wait_for_controller(subject, key)
     return RecoveryPublic(
-        did=did,
-        controller=pending.new_controller,
-        new_controller=pending.new_controller,
-        effective_at=pending.effective_at,
-        status="completed",
-        tx_hash=tx_hash,
+        did=did, controller=key, new_controller=key, effective_at=effective_at, status="completed", tx_hash=tx_hash
     )
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -15,10 +17,12 @@ from eth_account.signers.local import LocalAccount
 from sqlalchemy import select
 
 from api import cli
-from api.models import CustomerSession
+from api.models import CustomerSession, RecoveryClaim
+from ledger.errors import LedgerError
 from tests.api.conftest import Customer, Service, q, running_service
 
 RECOVERY_DELAY = 72 * 3600  # the contract's default
+PREPARED: dict[str, Any] = {}  # the typed data last prepared for a new key, to send it again
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +39,15 @@ def issue(service: Service, customer: Customer) -> str:
     return str(response.json()["claim_code"])
 
 
-def start(service: Service, did: str, code: str, key: LocalAccount) -> httpx.Response:
-    prepared = service.client.post(
-        f"/api/v1/customers/{q(did)}/recovery/prepare", json={"claim_code": code, "address": key.address}
-    )
-    assert prepared.status_code == 200, prepared.text
-    typed = prepared.json()["typed_data"]
+def start(service: Service, did: str, code: str, key: LocalAccount, *, prepare: bool = True) -> httpx.Response:
+    if prepare:
+        prepared = service.client.post(
+            f"/api/v1/customers/{q(did)}/recovery/prepare", json={"claim_code": code, "address": key.address}
+        )
+        assert prepared.status_code == 200, prepared.text
+        typed = prepared.json()["typed_data"]
+        PREPARED[key.address] = typed
+    typed = PREPARED[key.address]
     return service.client.post(
         f"/api/v1/customers/{q(did)}/recovery",
         json={"claim_code": code, "typed_data": typed, "signature": service.sign_typed(key, typed)},
@@ -103,6 +110,25 @@ def test_erasure_retires_an_unused_recovery_code(service: Service) -> None:
     assert (again.status_code, again.json()["code"]) == (409, "customer_erased")
 
 
+def test_erasure_stops_a_pending_recovery(service: Service) -> None:
+    customer = service.new_customer()
+    code, new_key = issue(service, customer), Account.create()
+    assert start(service, customer.did, code, new_key).status_code == 200
+    erased = service.client.delete(f"/api/v1/customers/{q(customer.did)}", headers=service.operator())
+    assert erased.status_code == 200, erased.text
+    with service.runtime.reads() as session:  # the used code is retired too
+        claims = session.scalars(
+            select(RecoveryClaim.new_controller).where(RecoveryClaim.subject == erased_subject(service, customer))
+        ).all()
+    assert claims == [None]
+    for refused in (complete(service, customer.did, code), start(service, customer.did, code, new_key, prepare=False)):
+        assert (refused.status_code, refused.json()["code"]) == (409, "customer_erased")
+
+
+def erased_subject(service: Service, customer: Customer) -> bytes:
+    return bytes(service.runtime.dids.subject(customer.did))
+
+
 def test_a_recovery_waits_and_the_old_key_sees_it_and_vetoes_it(service: Service) -> None:
     customer = service.new_customer()
     code = issue(service, customer)
@@ -159,6 +185,39 @@ def test_a_recovery_waits_and_the_old_key_sees_it_and_vetoes_it(service: Service
     assert service.runtime.ledger.consent.controller_of(subject) == customer.account.address
 
 
+def test_a_start_sent_twice_at_once_starts_one_recovery(service: Service) -> None:
+    """A retried start (the first answer lost, or a double click) with the same key gets the same
+    answer, not `claim_code_used`, and the chain sees one start."""
+    customer = service.new_customer()
+    code, new_key = issue(service, customer), Account.create()
+    path = f"/api/v1/customers/{q(customer.did)}/recovery"
+    prepared = service.client.post(path + "/prepare", json={"claim_code": code, "address": new_key.address})
+    typed = prepared.json()["typed_data"]
+    body = {"claim_code": code, "typed_data": typed, "signature": service.sign_typed(new_key, typed)}
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: service.client.post(path, json=body), range(2)))
+    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+    assert answers[0].json()["effective_at"] == answers[1].json()["effective_at"]
+    assert {a.json()["new_controller"] for a in answers} == {new_key.address}
+    again = service.client.post(path, json=body)
+    assert (again.status_code, again.json()["effective_at"]) == (200, answers[0].json()["effective_at"])
+    assert [e["event"] for e in keys(service, customer)] == ["bound", "recovery_started"]
+
+
+def test_a_chain_failure_is_told_without_the_nodes_words(service: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    customer = service.new_customer()
+
+    def fail(_subject: bytes) -> None:
+        raise LedgerError("node http://10.0.0.7:8545 refused: internal detail")
+
+    monkeypatch.setattr(service.runtime.ledger.consent, "recovery_of", fail)
+    refused = service.client.get(f"/api/v1/customers/{q(customer.did)}/recovery", headers=customer.headers)
+    assert (refused.status_code, refused.json()["code"]) == (503, "chain_unavailable")
+    assert "10.0.0.7" not in refused.text
+    assert "internal detail" not in refused.text
+    assert refused.json()["detail"] == "Try again in a few minutes."
+
+
 def test_another_customer_cannot_see_or_veto_a_recovery(service: Service) -> None:
     customer, other = service.new_customer(), service.new_customer()
     start(service, customer.did, issue(service, customer), Account.create())
@@ -208,4 +267,28 @@ def test_a_completed_recovery_hands_the_customer_to_the_new_key(service: Service
         .json()["didDocument"]["verificationMethod"][0]["blockchainAccountId"]
         .endswith(new_key.address)
     )
-    assert complete(service, customer.did, code).json()["code"] == "no_recovery"
+
+    # A repeat (the first answer was lost): the same "completed" answer, not `no_recovery` (on which the
+    # portal used to drop the new key), and the follow-ups again: an old key's session left over ends.
+    with service.runtime.sessions() as session:
+        session.add(
+            CustomerSession(
+                token_hash="0" * 64,
+                subject=subject,
+                address=customer.account.address,
+                expires_at=datetime.now(UTC) + timedelta(hours=1),
+            )
+        )
+    again = complete(service, customer.did, code)
+    assert again.status_code == 200, again.text
+    assert {k: again.json()[k] for k in ("controller", "new_controller", "status", "effective_at")} == {
+        "controller": new_key.address,
+        "new_controller": new_key.address,
+        "status": "completed",
+        "effective_at": done.json()["effective_at"],
+    }
+    restarted = start(service, customer.did, code, new_key)  # a start repeated after completion
+    assert (restarted.status_code, restarted.json()["status"]) == (200, "completed")
+    with service.runtime.reads() as session:
+        left = session.scalars(select(CustomerSession.address).where(CustomerSession.subject == subject)).all()
+    assert customer.account.address not in left

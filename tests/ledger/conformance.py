@@ -409,6 +409,28 @@ class ChainConformance:
         with pytest.raises(RecoveryRejected):  # replayed: nothing to cancel
             self._veto(ledger, new_key.address, effective_at)
 
+    def test_anyone_can_send_a_veto_the_old_key_signed(self, ledger: Ledger) -> None:
+        # The customer does not depend on the operator to relay it: an account with no role sends it.
+        stranger = ledger.client(ledger.accounts.stranger)
+        new_key, effective_at = self._start_recovery(ledger)
+        cancel = RecoveryCancel(ledger.subject, new_key.address, effective_at, deadline=ledger.now() + 600)
+        forged = eip712.sign(bytes(new_key.key), ledger.registry.domain, cancel)
+        with pytest.raises(InvalidSignature) as refused:
+            stranger.cancel_recovery(cancel, forged)
+        assert refused.value.args_by_name == {"signer": new_key.address, "expected": ledger.customer.address}
+        assert ledger.registry.recovery_of(ledger.subject) == Recovery(new_key.address, effective_at)
+        receipt = stranger.cancel_recovery(
+            cancel, eip712.sign(bytes(ledger.customer.key), ledger.registry.domain, cancel)
+        )
+        assert ledger.registry.events(receipt, "ControllerRecoveryCancelled") == [
+            {"subject": ledger.subject, "controller": ledger.customer.address, "newController": new_key.address}
+        ]
+        assert ledger.registry.recovery_of(ledger.subject) is None
+        self._until(ledger, effective_at)
+        with pytest.raises(RecoveryRejected):
+            ledger.registry.complete_recovery(ledger.subject)
+        assert ledger.registry.controller_of(ledger.subject) == ledger.customer.address
+
     def test_only_the_operator_recovers_and_only_the_admin_sets_the_delay(self, ledger: Ledger) -> None:
         stranger = ledger.client(ledger.accounts.stranger)
         with pytest.raises(Unauthorized):
@@ -457,6 +479,32 @@ class ChainConformance:
         with pytest.raises(RecoveryRejected):  # the first one's veto no longer names a pending recovery
             self._veto(ledger, first.address, effective_at)
         assert ledger.registry.recovery_of(ledger.subject) == Recovery(second.address, effective_at)
+
+    def test_starting_again_announces_the_replaced_recovery_and_never_shortens_the_wait(self, ledger: Ledger) -> None:
+        first, first_at = self._start_recovery(ledger)  # waits the 72 hours
+        ledger.admin.set_recovery_delay(3600)  # the admin shortens the delay; the pending one keeps its time
+        second = Account.create()
+        receipt = ledger.registry.start_recovery(ledger.subject, second.address)
+        controller = ledger.customer.address
+        assert ledger.registry.events(receipt, "ControllerRecoveryCancelled") == [
+            {"subject": ledger.subject, "controller": controller, "newController": first.address}
+        ]
+        assert ledger.registry.events(receipt, "ControllerRecoveryStarted") == [
+            {
+                "subject": ledger.subject,
+                "controller": controller,
+                "newController": second.address,
+                "effectiveAt": first_at,
+            }
+        ]
+        assert ledger.registry.recovery_of(ledger.subject) == Recovery(second.address, first_at)
+        self._until(ledger, self._block_time(ledger, receipt) + 3600)
+        with pytest.raises(RecoveryRejected) as early:  # not an hour after the restart: the first's time
+            ledger.registry.complete_recovery(ledger.subject)
+        assert early.value.error == "ConsentRegistryRecoveryNotDue"
+        self._until(ledger, first_at)
+        ledger.registry.complete_recovery(ledger.subject)
+        assert ledger.registry.controller_of(ledger.subject) == second.address
 
     def test_a_key_change_the_key_signed_drops_a_pending_recovery(self, ledger: Ledger) -> None:
         recovering, _ = self._start_recovery(ledger)

@@ -248,29 +248,28 @@ async function openBackup(file, passphrase) {
   }
 }
 
-// Start a recovery with a new key made here; it is stored (sealed) before the request is sent.
+// Start a recovery with a new key made here; it is stored (sealed) before the request is sent. A retry
+// (same DID and code) reuses the stored key, so the service sees the same start again and answers it;
+// the stored key is never dropped on an error (it may already be the one the ledger is moving to).
 async function startRecovery(form, did, code, passphrase) {
-  const fresh = ethers.Wallet.createRandom();
-  tell(form, "Making your new key and starting the recovery…", "working");
+  const stored = readJson(RECOVERING);
+  const retry = stored && stored.did === did && stored.code === code;
+  const fresh = retry ? await unlock(stored, passphrase) : ethers.Wallet.createRandom();
+  tell(form, retry ? "Starting the recovery with your new key…" : "Making your new key and starting the recovery…", "working");
   const prepared = await api(`/customers/${enc(did)}/recovery/prepare`, {
     method: "POST",
     body: { claim_code: code, address: fresh.address },
   });
   const signature = await signTyped(fresh, prepared.typed_data);
-  const sealed = await seal(fresh.privateKey, passphrase);
-  localStorage.setItem(RECOVERING, JSON.stringify({ ...sealed, did, code }));
-  try {
-    const started = await api(`/customers/${enc(did)}/recovery`, {
-      method: "POST",
-      body: { claim_code: code, typed_data: prepared.typed_data, signature },
-      timeout: BIND_TIMEOUT_MS,
-    });
-    localStorage.setItem(RECOVERING, JSON.stringify({ ...sealed, did, code, effective_at: started.effective_at }));
-    return started;
-  } catch (error) {
-    if (error instanceof ApiProblem && error.status < 500 && error.status !== 429) localStorage.removeItem(RECOVERING);
-    throw error;
-  }
+  const sealed = retry ? stored : { ...(await seal(fresh.privateKey, passphrase)), did, code };
+  if (!retry) localStorage.setItem(RECOVERING, JSON.stringify(sealed));
+  const started = await api(`/customers/${enc(did)}/recovery`, {
+    method: "POST",
+    body: { claim_code: code, typed_data: prepared.typed_data, signature },
+    timeout: BIND_TIMEOUT_MS,
+  });
+  localStorage.setItem(RECOVERING, JSON.stringify({ ...sealed, effective_at: started.effective_at }));
+  return started;
 }
 
 function showRecovering() {
@@ -288,8 +287,9 @@ async function finishRecovery() {
   const recovering = readJson(RECOVERING);
   if (!recovering) return null;
   const { code, effective_at: _at, ...entry } = recovering;
+  let done;
   try {
-    await api(`/customers/${enc(entry.did)}/recovery/complete`, {
+    done = await api(`/customers/${enc(entry.did)}/recovery/complete`, {
       method: "POST",
       body: { claim_code: code },
       timeout: BIND_TIMEOUT_MS,
@@ -300,15 +300,15 @@ async function finishRecovery() {
       throw new Error(`Your new key takes effect from ${when(due)}. Come back then to finish.`);
     }
     if (error instanceof ApiProblem && ["no_recovery", "invalid_claim_code"].includes(error.code)) {
-      localStorage.removeItem(RECOVERING);
-      showRecovering();
+      // The new key stays stored: only the service's "completed" answer says it is no longer needed.
       throw new Error(
         "This recovery is no longer pending: your old key cancelled it, or it was replaced. Ask us for a new code.",
       );
     }
     throw error;
   }
-  keepKey(entry);
+  if (done?.status !== "completed") throw new Error("The service did not confirm the recovery; try again.");
+  keepKey(entry); // bound: the service answered "completed"
   localStorage.removeItem(RECOVERING);
   return entry;
 }
