@@ -62,24 +62,8 @@ class Service:
         self.port = free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CONSENT_LEDGER_")}
         self.env |= {"CONSENT_LEDGER_PORT": str(self.port), "CONSENT_LEDGER_DATA_DIR": str(data_dir), **settings}
-        out = subprocess.run(
-            [*CLI, "principals", "add", "--role", "operator", "--name", "bench"],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        self.operator = {"X-API-Key": next(line.split()[2] for line in out.splitlines() if line.startswith("api key:"))}
-        out = subprocess.run(
-            [*CLI, "principals", "add", "--role", "forwarder", "--name", "bench-forwarder"],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        self.forwarder = {
-            "X-API-Key": next(line.split()[2] for line in out.splitlines() if line.startswith("api key:"))
-        }
+        self.operator = self._principal("operator", "bench")
+        self.forwarder = self._principal("forwarder", "bench-forwarder")
         self.log = (data_dir / "serve.log").open("ab")
         self.process = subprocess.Popen([*CLI, "serve"], env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -96,6 +80,17 @@ class Service:
             if time.monotonic() > deadline:
                 raise SystemExit("serve did not start")
             time.sleep(0.2)
+
+    def _principal(self, role: str, name: str) -> dict[str, str]:
+        """A new principal's API key header, made with the CLI before `serve` starts."""
+        out = subprocess.run(
+            [*CLI, "principals", "add", "--role", role, "--name", name],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return {"X-API-Key": next(line.split()[2] for line in out.splitlines() if line.startswith("api key:"))}
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGINT)
