@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
+from sqlalchemy import Engine, create_engine, delete
 
+from ledger.leader import LeaderCall
 from ledger.settings import PROJECT_ROOT
 from tests import postgres
 
@@ -31,6 +33,17 @@ def postgres_url() -> Iterator[str]:
         pytest.skip("PostgreSQL server binaries are not installed")
     with postgres.postgres_server() as url:
         yield url
+
+
+@pytest.fixture
+def calls_db(postgres_url: str) -> Iterator[Engine]:
+    """A PostgreSQL database with the table of the calls a standby asks the leader to make (emptied after)."""
+    engine = create_engine(postgres_url)
+    LeaderCall.__table__.create(engine, checkfirst=True)  # type: ignore[attr-defined]
+    yield engine
+    with engine.begin() as connection:
+        connection.execute(delete(LeaderCall))
+    engine.dispose()
 
 
 # Pages are tested in a real browser: Debian's Chromium, driven by Playwright (its own download is not used).

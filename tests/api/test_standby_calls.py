@@ -5,26 +5,15 @@ each step of a key recovery (the veto's signature as bytes, not the JSON text th
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, delete
+from sqlalchemy import Engine
 
 from api.runtime import Runtime, _classify
 from ledger.errors import LedgerError
-from ledger.leader import LeaderCall, serve_calls
+from ledger.leader import serve_calls
 from ledger.store import sessions
-
-
-@pytest.fixture
-def calls_db(postgres_url: str) -> Iterator[Engine]:
-    engine = create_engine(postgres_url)
-    LeaderCall.__table__.create(engine, checkfirst=True)  # type: ignore[attr-defined]
-    yield engine
-    with engine.begin() as connection:
-        connection.execute(delete(LeaderCall))
-    engine.dispose()
 
 
 class _Writers:

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, delete, func, select, text
+from sqlalchemy import Engine, create_engine, func, select, text
 
 from ledger.errors import ConsentRejected, LedgerError
 from ledger.leader import LeaderCall, LeaderCallFailed, Leadership, ask_leader, leader_of, serve_calls
@@ -110,16 +110,6 @@ def test_a_leader_that_cannot_confirm_its_session_is_not_fresh_after_its_lease(p
         assert leader.fresh()
     finally:
         leader.close()
-
-
-@pytest.fixture
-def calls_db(postgres_url: str) -> Iterator[Engine]:
-    engine = create_engine(postgres_url)
-    LeaderCall.__table__.create(engine, checkfirst=True)  # type: ignore[attr-defined]
-    yield engine
-    with engine.begin() as connection:
-        connection.execute(delete(LeaderCall))
-    engine.dispose()
 
 
 def _classify(exc: BaseException) -> tuple[str, str, Any]:
