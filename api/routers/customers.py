@@ -162,11 +162,9 @@ def erase(did: str, runtime: RuntimeDep, _caller: OperatorWrite) -> CustomerEras
     return CustomerErased(did=did, erased_at=erased_at.isoformat())
 
 
-@router.post("/{did}/controller/prepare", response_model=TypedDataPublic, responses=responses(404, 409, 422))
-def prepare_binding(did: str, body: ControllerPrepare, runtime: RuntimeDep) -> TypedDataPublic:
-    """Typed data binding `address` to the customer, for their key to sign (the claim code authenticates)."""
-    subject = subject_of(runtime, did)
-    _claim(runtime, subject, body.claim_code)
+def binding_typed_data(runtime: Runtime, subject: Subject, body: ControllerPrepare) -> TypedDataPublic:
+    """The `ControllerBinding` the key `body.address` signs, tied to the claim (or recovery) code that
+    authenticated the request: the answer of both prepare routes."""
     binding = eip712.ControllerBinding(
         subject=subject,
         controller=Web3.to_checksum_address(body.address),
@@ -174,6 +172,14 @@ def prepare_binding(did: str, body: ControllerPrepare, runtime: RuntimeDep) -> T
         deadline=int(time.time()) + BIND_DEADLINE,
     )
     return TypedDataPublic(typed_data=eip712.typed_data(runtime.ledger.consent.domain, binding))
+
+
+@router.post("/{did}/controller/prepare", response_model=TypedDataPublic, responses=responses(404, 409, 422))
+def prepare_binding(did: str, body: ControllerPrepare, runtime: RuntimeDep) -> TypedDataPublic:
+    """Typed data binding `address` to the customer, for their key to sign (the claim code authenticates)."""
+    subject = subject_of(runtime, did)
+    _claim(runtime, subject, body.claim_code)
+    return binding_typed_data(runtime, subject, body)
 
 
 @router.post("/{did}/controller", response_model=ControllerPublic, responses=responses(404, 409, 422))

@@ -18,14 +18,13 @@ from urllib.parse import urlencode
 from eth_utils.crypto import keccak
 from fastapi import APIRouter, status
 from sqlalchemy import delete, select, update
-from web3 import Web3
 
 from api import auth
 from api.deps import ConsentWriter, OperatorWrite, OwnAccessesReader, OwnConsentsReader, RuntimeDep
 from api.errors import ApiError, responses
 from api.models import CustomerSession, RecoveryClaim
 from api.recovery import Refusal, issue_claim, refusal
-from api.routers.customers import BIND_DEADLINE, own_subject, subject_of
+from api.routers.customers import binding_typed_data, own_subject, subject_of
 from api.runtime import Runtime
 from api.schemas import (
     ControllerPrepare,
@@ -146,13 +145,7 @@ def prepare_recovery(did: str, body: ControllerPrepare, runtime: RuntimeDep) -> 
     claim code authenticates)."""
     subject = subject_of(runtime, did)
     _claim(runtime, subject, body.claim_code)
-    binding = eip712.ControllerBinding(
-        subject=subject,
-        controller=Web3.to_checksum_address(body.address),
-        claim=keccak(text=body.claim_code),
-        deadline=int(time.time()) + BIND_DEADLINE,
-    )
-    return TypedDataPublic(typed_data=eip712.typed_data(runtime.ledger.consent.domain, binding))
+    return binding_typed_data(runtime, subject, body)
 
 
 @router.post("/{did}/recovery", response_model=RecoveryPublic, responses=responses(404, 409, 422))
